@@ -1,0 +1,151 @@
+//! Criterion micro benchmarks of the engine's hot paths.
+//!
+//! `wire/*` measures [`extract`], the zero-copy scan that reads the request
+//! fields rules test straight from the protobuf bytes, on a realistic request
+//! of about 200 bytes and eight top-level fields. Each bench checks its result
+//! once before measuring, so that it cannot silently time a failing scan.
+//!
+//! Run with `cargo bench -p wirestub-benches --bench micro`.
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use std::hint::black_box;
+use wirestub_engine::wire::{extract, PathSpec, Raw};
+
+// ---- a hand-encoded request -------------------------------------------------
+
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push(v as u8 | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn put_key(out: &mut Vec<u8>, field: u32, wire_type: u8) {
+    put_varint(out, u64::from(field) << 3 | u64::from(wire_type));
+}
+
+fn put_varint_field(out: &mut Vec<u8>, field: u32, v: u64) {
+    put_key(out, field, 0);
+    put_varint(out, v);
+}
+
+fn put_bytes_field(out: &mut Vec<u8>, field: u32, bytes: &[u8]) {
+    put_key(out, field, 2);
+    put_varint(out, bytes.len() as u64);
+    out.extend_from_slice(bytes);
+}
+
+fn put_fixed64_field(out: &mut Vec<u8>, field: u32, v: u64) {
+    put_key(out, field, 1);
+    out.extend_from_slice(&v.to_le_bytes());
+}
+
+/// A request shaped like
+///
+/// ```text
+/// message Request {
+///   string request_id = 1;  int64 created_at = 2;  User user = 3;
+///   repeated int32 tags = 4 [packed];  double score = 5;  bool dry_run = 6;
+///   bytes token = 7;  string name = 8;
+/// }
+/// message User { string id = 1; Address address = 2; int32 age = 3; }
+/// message Address { string city = 1; int32 zip = 2; }
+/// ```
+///
+/// with `name`, the field the first bench wants, encoded last.
+fn request() -> Vec<u8> {
+    let mut address = Vec::new();
+    put_bytes_field(&mut address, 1, b"Amsterdam");
+    put_varint_field(&mut address, 2, 1017);
+
+    let mut user = Vec::new();
+    put_bytes_field(&mut user, 1, b"user-7f3a9c2e-41d8-4b6f");
+    put_bytes_field(&mut user, 2, &address);
+    put_varint_field(&mut user, 3, 42);
+
+    let mut tags = Vec::new();
+    for tag in [3u64, 17, 250, 4096, 70_000, 12, 9, 1] {
+        put_varint(&mut tags, tag);
+    }
+
+    let mut msg = Vec::new();
+    put_bytes_field(&mut msg, 1, b"9b2f1c7e-5d3a-4e8b-a6f0-2c4d8e1b3a5f");
+    put_varint_field(&mut msg, 2, 1_732_000_000_123);
+    put_bytes_field(&mut msg, 3, &user);
+    put_bytes_field(&mut msg, 4, &tags);
+    put_fixed64_field(&mut msg, 5, 0.875f64.to_bits());
+    put_varint_field(&mut msg, 6, 1);
+    put_bytes_field(&mut msg, 7, b"eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiI3ZjNhIn0.c2ln");
+    put_bytes_field(&mut msg, 8, b"checkout-service-primary-eu-west");
+    msg
+}
+
+// ---- benches --------------------------------------------------------------
+
+/// Runs `extract` once outside the timing loop and checks what it finds.
+fn check(msg: &[u8], paths: &[PathSpec<'_>], want: &[Option<Raw<'_>>]) {
+    let mut out = vec![None; paths.len()];
+    extract(msg, paths, &mut out).expect("the bench request is well-formed");
+    assert_eq!(out, want, "the bench request does not hold the expected values");
+}
+
+fn wire(c: &mut Criterion) {
+    let msg = request();
+    assert!((180..=230).contains(&msg.len()), "request is {} bytes, meant to be about 200", msg.len());
+
+    let mut group = c.benchmark_group("wire");
+    group.throughput(Throughput::Bytes(msg.len() as u64));
+
+    let paths = [PathSpec { numbers: &[8], wire_type: 2 }];
+    check(&msg, &paths, &[Some(Raw::Len(b"checkout-service-primary-eu-west"))]);
+    group.bench_function("extract_one_top_level_string", |b| {
+        let mut out = [None; 1];
+        b.iter(|| {
+            extract(black_box(&msg), black_box(&paths), &mut out).unwrap();
+            black_box(out[0])
+        })
+    });
+
+    // request.user.address.zip
+    let paths = [PathSpec { numbers: &[3, 2, 2], wire_type: 0 }];
+    check(&msg, &paths, &[Some(Raw::Varint(1017))]);
+    group.bench_function("extract_nested_2_levels", |b| {
+        let mut out = [None; 1];
+        b.iter(|| {
+            extract(black_box(&msg), black_box(&paths), &mut out).unwrap();
+            black_box(out[0])
+        })
+    });
+
+    // name, created_at, user.id, user.address.city: two of them share the
+    // embedded `user`, which is walked once for both.
+    let paths = [
+        PathSpec { numbers: &[8], wire_type: 2 },
+        PathSpec { numbers: &[2], wire_type: 0 },
+        PathSpec { numbers: &[3, 1], wire_type: 2 },
+        PathSpec { numbers: &[3, 2, 1], wire_type: 2 },
+    ];
+    check(
+        &msg,
+        &paths,
+        &[
+            Some(Raw::Len(b"checkout-service-primary-eu-west")),
+            Some(Raw::Varint(1_732_000_000_123)),
+            Some(Raw::Len(b"user-7f3a9c2e-41d8-4b6f")),
+            Some(Raw::Len(b"Amsterdam")),
+        ],
+    );
+    group.bench_function("extract_4_paths", |b| {
+        let mut out = [None; 4];
+        b.iter(|| {
+            extract(black_box(&msg), black_box(&paths), &mut out).unwrap();
+            black_box(out)
+        })
+    });
+
+    group.finish();
+}
+
+criterion_group!(benches, wire);
+criterion_main!(benches);

@@ -1,0 +1,90 @@
+//! The wirestub compiler: turns .proto files and rule files into a plan.
+//!
+//! The pipeline is `protos` (schema) → `yaml` + `rules` (checked rule
+//! documents, with spans) → `lower` (the flat plan). Every pass reports into
+//! one [`Diagnostics`], so a run shows every problem at once.
+
+pub mod diag;
+mod lower;
+pub mod protos;
+pub mod rules;
+pub mod values;
+pub mod yaml;
+
+pub use diag::{Diagnostic, Diagnostics, Severity};
+use std::path::PathBuf;
+pub use wirestub_plan::Plan;
+
+/// What to compile.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub protos: Vec<PathBuf>,
+    pub rules: Vec<PathBuf>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options { protos: vec![PathBuf::from("protos")], rules: vec![PathBuf::from("rules")] }
+    }
+}
+
+/// A successful compilation: the plan, any warnings, and counts for the
+/// summary line.
+pub struct Output {
+    pub plan: Plan,
+    pub warnings: Diagnostics,
+    pub proto_files: usize,
+    pub rule_docs: usize,
+}
+
+impl Output {
+    pub fn summary(&self) -> String {
+        let rules: usize = self.plan.methods.iter().map(|m| m.rules.len()).sum();
+        let with_rules = self.plan.methods.iter().filter(|m| !m.rules.is_empty()).count();
+        format!(
+            "{} proto files, {} rule documents: {} methods ({} with rules), {} rules",
+            self.proto_files,
+            self.rule_docs,
+            self.plan.methods.len(),
+            with_rules,
+            rules
+        )
+    }
+}
+
+/// Compiles protos and rules. On failure, the diagnostics hold at least one
+/// error (and every other problem found).
+pub fn compile(options: &Options) -> Result<Output, Diagnostics> {
+    let mut diags = Diagnostics::default();
+    let schema = protos::compile(&options.protos, &mut diags);
+    let Some(schema) = schema else {
+        diags.sort();
+        return Err(diags);
+    };
+    for dir in &options.rules {
+        if !dir.is_dir() {
+            diags.error(None, format!("rules directory `{}` does not exist", dir.display()));
+        }
+    }
+    let docs = rules::load(&options.rules, &schema.pool, &mut diags);
+    diags.sort();
+    if diags.has_errors() {
+        return Err(diags);
+    }
+    let rule_docs = docs.len();
+    let plan = lower::lower(&schema.pool, schema.encoded, docs);
+    Ok(Output { plan, warnings: diags, proto_files: schema.files, rule_docs })
+}
+
+/// Renders a plan readably, decoding each response body to protobuf JSON
+/// with the plan's own descriptors.
+pub fn dump(plan: &Plan) -> String {
+    let pool = prost_reflect::DescriptorPool::decode(plan.descriptors.as_slice()).ok();
+    plan.dump_with(&|method, body| {
+        let desc = pool.as_ref().and_then(|p| p.get_message_by_name(&method.output_type));
+        match desc.and_then(|d| prost_reflect::DynamicMessage::decode(d, body).ok()) {
+            Some(msg) => serde_json::to_string(&msg).unwrap_or_else(|e| format!("<{e}>")),
+            None => format!("<{} bytes not decodable as {}>", body.len(), method.output_type),
+        }
+    })
+}

@@ -1,0 +1,702 @@
+//! Rule files: reading Wishmock-format documents, type-checking them against
+//! the descriptors, and producing the compiler's intermediate form
+//! ([`RuleDoc`]), which still carries source spans for diagnostics.
+//!
+//! A rule document is one YAML (or JSON) document:
+//!
+//! ```yaml
+//! service: pkg.Service      # optional: else the file name names the method,
+//! method: Method            # `package.service.method.yaml`, any case
+//! match:                    # the gate: every entry must hold
+//!   request: { field.path: value }
+//!   metadata: { key: value }
+//! responses:
+//!   - when: { request.field.path: value, metadata.key: value }
+//!     body: { ... }         # the response message, protobuf JSON mapping
+//!     metadata: { ... }     # initial metadata
+//!     trailers: { grpc-status: 5, grpc-message: "...", other: "..." }
+//!     delay_ms: 100
+//!     priority: 10
+//! ```
+
+use crate::diag::{suggest, Diagnostic, Diagnostics, SourceFile, Span};
+use crate::values::{self, find_field, kind_name};
+use crate::yaml::{self, Node, NodeKind};
+use prost::Message as _;
+use prost_reflect::{DescriptorPool, Kind, MethodDescriptor};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use wirestub_plan as plan;
+
+/// One rule document after checking.
+pub struct RuleDoc {
+    pub method: MethodDescriptor,
+    /// The `match` gate.
+    pub gate: Vec<Cond>,
+    pub responses: Vec<Resp>,
+}
+
+/// A checked condition.
+pub struct Cond {
+    pub source: CondSource,
+    pub value: plan::Value,
+}
+
+pub enum CondSource {
+    Field(plan::FieldPath),
+    Metadata(String),
+}
+
+/// A checked response entry.
+pub struct Resp {
+    pub when: Option<Vec<Cond>>,
+    pub priority: i64,
+    pub response: plan::Response,
+    pub origin: String,
+}
+
+const DOC_KEYS: &[&str] = &["service", "method", "match", "responses", "description"];
+const MATCH_KEYS: &[&str] = &["request", "metadata"];
+const RESPONSE_KEYS: &[&str] = &["when", "body", "metadata", "trailers", "delay_ms", "priority"];
+const STREAM_KEYS: &[&str] = &["stream_items", "stream_delay_ms", "stream_loop", "stream_random_order"];
+/// Operators of the rule language that this version does not compile yet.
+const LATER_OPERATORS: &[&str] =
+    &["ne", "regex", "flags", "contains", "in", "exists", "gt", "gte", "lt", "lte", "not", "prefix", "suffix"];
+/// Header names a rule may not set: HTTP/2 connection headers and the ones
+/// the engine writes itself.
+const RESERVED_HEADERS: &[&str] = &[
+    "connection",
+    "content-length",
+    "content-type",
+    "host",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Reads every rule file below the given directories.
+pub fn load(dirs: &[PathBuf], pool: &DescriptorPool, diags: &mut Diagnostics) -> Vec<RuleDoc> {
+    let methods = MethodIndex::new(pool);
+    let mut docs = Vec::new();
+    for dir in dirs {
+        let files = match crate::protos::list_files(dir, &["yaml", "yml", "json"]) {
+            Ok(f) => f,
+            Err(e) => {
+                diags.error(None, format!("cannot read rules directory `{}`: {e}", dir.display()));
+                continue;
+            }
+        };
+        for path in files {
+            let text = match std::fs::read_to_string(&path) {
+                Ok(t) => t,
+                Err(e) => {
+                    diags.error(None, format!("cannot read rule file `{}`: {e}", path.display()));
+                    continue;
+                }
+            };
+            let file = SourceFile::new(&path, text);
+            let nodes = match yaml::parse(&file) {
+                Ok(n) => n,
+                Err(d) => {
+                    diags.push(d);
+                    continue;
+                }
+            };
+            let stem = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            let stem = stem.rsplit_once('.').map(|(s, _)| s).unwrap_or(stem).to_string();
+            for node in &nodes {
+                let mut cx = DocCx { stem: &stem, methods: &methods, diags };
+                if let Some(doc) = cx.doc(node) {
+                    docs.push(doc);
+                }
+            }
+        }
+    }
+    docs
+}
+
+struct MethodIndex {
+    /// Lower-case `package.service.method` to method.
+    by_dotted: HashMap<String, MethodDescriptor>,
+    /// Full service name to its methods.
+    services: HashMap<String, prost_reflect::ServiceDescriptor>,
+}
+
+impl MethodIndex {
+    fn new(pool: &DescriptorPool) -> Self {
+        let mut by_dotted = HashMap::new();
+        let mut services = HashMap::new();
+        for s in pool.services() {
+            for m in s.methods() {
+                by_dotted.insert(format!("{}.{}", s.full_name(), m.name()).to_ascii_lowercase(), m);
+            }
+            services.insert(s.full_name().to_string(), s);
+        }
+        MethodIndex { by_dotted, services }
+    }
+
+    fn dotted_names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .services
+            .values()
+            .flat_map(|s| s.methods().map(|m| format!("{}.{}", s.full_name(), m.name())))
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+struct DocCx<'a> {
+    stem: &'a str,
+    methods: &'a MethodIndex,
+    diags: &'a mut Diagnostics,
+}
+
+impl DocCx<'_> {
+    fn err(&mut self, span: &Span, msg: impl Into<String>) -> Diagnostic {
+        Diagnostic::error(Some(span.clone()), msg)
+    }
+
+    fn origin(&self, span: &Span) -> String {
+        format!("{}:{}:{}", span.file.name, span.line, span.col)
+    }
+
+    fn doc(&mut self, node: &Node) -> Option<RuleDoc> {
+        if node.is_null() {
+            return None; // an empty document, e.g. after a trailing `---`
+        }
+        let Some(entries) = node.map() else {
+            let d = self.err(&node.span, format!("a rule document must be a mapping, found {}", node.describe()));
+            self.diags.push(d);
+            return None;
+        };
+        let get = |k: &str| entries.iter().find(|(key, _)| key.scalar() == Some(k));
+        for (key, _) in entries {
+            let name = key.scalar().unwrap_or_default();
+            if !DOC_KEYS.contains(&name) {
+                let d = self
+                    .err(&key.span, format!("unknown key `{name}` in rule document"))
+                    .with_help(suggest(name, DOC_KEYS.iter().copied()));
+                self.diags.push(d);
+            }
+        }
+        let method = self.resolve_method(node, get("service"), get("method"))?;
+        let input = method.input();
+        let mut gate = Vec::new();
+        if let Some((_, m)) = get("match") {
+            if let Some(m_entries) = self.expect_map(m, "`match`") {
+                for (key, value) in m_entries {
+                    match key.scalar().unwrap_or_default() {
+                        "request" => {
+                            for (k, v) in self.expect_map(value, "`match.request`").unwrap_or_default() {
+                                let path = k.scalar().unwrap_or_default().to_string();
+                                if let Some(c) = self.field_cond(&input, &path, k, v) {
+                                    gate.push(c);
+                                }
+                            }
+                        }
+                        "metadata" => {
+                            for (k, v) in self.expect_map(value, "`match.metadata`").unwrap_or_default() {
+                                let name = k.scalar().unwrap_or_default().to_string();
+                                if let Some(c) = self.metadata_cond(&name, k, v) {
+                                    gate.push(c);
+                                }
+                            }
+                        }
+                        other => {
+                            let d = self
+                                .err(&key.span, format!("unknown key `{other}` in `match`"))
+                                .with_help(suggest(other, MATCH_KEYS.iter().copied()));
+                            self.diags.push(d);
+                        }
+                    }
+                }
+            }
+        }
+        let mut responses = Vec::new();
+        match get("responses") {
+            None => {
+                let d = self.err(&doc_span(node), "rule document has no `responses`");
+                self.diags.push(d.with_help("add `responses:` with at least one entry"));
+            }
+            Some((_, list)) => match &list.kind {
+                NodeKind::Seq(items) => {
+                    for item in items {
+                        if let Some(r) = self.response(&method, item) {
+                            responses.push(r);
+                        }
+                    }
+                }
+                _ => {
+                    let d = self.err(&list.span, format!("`responses` must be a list, found {}", list.describe()));
+                    self.diags.push(d);
+                }
+            },
+        }
+        if method.is_client_streaming() || method.is_server_streaming() {
+            let kind = plan::MethodKind::from_streaming(method.is_client_streaming(), method.is_server_streaming());
+            let d = Diagnostic::warning(
+                Some(doc_span(node)),
+                format!(
+                    "`{}` is a {} method; this version serves unary methods only, so these rules are ignored and calls get UNIMPLEMENTED",
+                    method.full_name(),
+                    kind.name().replace('_', " ")
+                ),
+            );
+            self.diags.push(d);
+            return None;
+        }
+        Some(RuleDoc { method, gate, responses })
+    }
+
+    fn expect_map<'n>(&mut self, node: &'n Node, what: &str) -> Option<&'n [(Node, Node)]> {
+        match &node.kind {
+            NodeKind::Map(m) => Some(m),
+            NodeKind::Null => Some(&[]),
+            _ => {
+                let d = self.err(&node.span, format!("{what} must be a mapping, found {}", node.describe()));
+                self.diags.push(d);
+                None
+            }
+        }
+    }
+
+    fn resolve_method(
+        &mut self,
+        doc: &Node,
+        service: Option<&(Node, Node)>,
+        method: Option<&(Node, Node)>,
+    ) -> Option<MethodDescriptor> {
+        let text = |n: Option<&(Node, Node)>| n.and_then(|(_, v)| v.scalar()).map(str::to_string);
+        let (svc, meth) = (text(service), text(method));
+        let (wanted, mut span, from_name) = match (&svc, &meth) {
+            (Some(s), Some(m)) => (format!("{s}.{m}"), method.unwrap().1.span.clone(), false),
+            (None, Some(m)) if m.contains('/') => (m.replace('/', "."), method.unwrap().1.span.clone(), false),
+            (Some(_), None) | (None, Some(_)) => {
+                let (k, _) = service.or(method).unwrap();
+                let d = self
+                    .err(&k.span, "`service` and `method` go together")
+                    .with_help("give both, e.g. `service: helloworld.Greeter` and `method: SayHello`");
+                self.diags.push(d);
+                return None;
+            }
+            (None, None) => (self.stem.to_string(), doc_span(doc), true),
+        };
+        if let Some(m) = self.methods.by_dotted.get(&wanted.to_ascii_lowercase()) {
+            return Some(m.clone());
+        }
+        let names = self.methods.dotted_names();
+        let message = if from_name {
+            format!(
+                "rule file name `{}` does not name a method: expected `package.service.method.yaml` or `service:`/`method:` keys",
+                self.stem
+            )
+        } else if let Some(s) = svc.as_deref().filter(|s| !self.methods.services.contains_key(*s)) {
+            span = service.unwrap().1.span.clone();
+            format!("unknown service `{s}`")
+        } else {
+            format!("unknown method `{wanted}`")
+        };
+        let d = self.err(&span, message).with_help(suggest(&wanted, names.iter().map(String::as_str)));
+        self.diags.push(d);
+        None
+    }
+
+    fn response(&mut self, method: &MethodDescriptor, node: &Node) -> Option<Resp> {
+        let entries = self.expect_map(node, "a response entry")?;
+        let mut ok = true;
+        let mut when = None;
+        let mut body_node = None;
+        let mut response = plan::Response::default();
+        let mut priority = 0i64;
+        let errors_before = self.diags.error_count();
+        for (key, value) in entries {
+            let name = key.scalar().unwrap_or_default();
+            match name {
+                "when" => {
+                    let mut conds = Vec::new();
+                    for (k, v) in self.expect_map(value, "`when`").unwrap_or_default() {
+                        let full = k.scalar().unwrap_or_default();
+                        if let Some(path) = full.strip_prefix("request.") {
+                            if let Some(c) = self.field_cond(&method.input(), path, k, v) {
+                                conds.push(c);
+                            }
+                        } else if let Some(meta) = full.strip_prefix("metadata.") {
+                            if let Some(c) = self.metadata_cond(meta, k, v) {
+                                conds.push(c);
+                            }
+                        } else {
+                            let d = self
+                                .err(&k.span, format!("condition `{full}` must start with `request.` or `metadata.`"))
+                                .with_help(format!("e.g. `request.{full}`"));
+                            self.diags.push(d);
+                        }
+                    }
+                    when = Some(conds);
+                }
+                "body" => body_node = Some(value),
+                "metadata" => response.headers = self.metadata_pairs(value, "`metadata`"),
+                "trailers" => {
+                    for (k, v) in self.expect_map(value, "`trailers`").unwrap_or_default() {
+                        match k.scalar().unwrap_or_default() {
+                            "grpc-status" => match read_status(v) {
+                                Ok(s) => response.status = s,
+                                Err(e) => {
+                                    let d = self
+                                        .err(&v.span, e)
+                                        .with_help("use a code from 0 to 16 or its name, e.g. 5 or NOT_FOUND");
+                                    self.diags.push(d);
+                                }
+                            },
+                            "grpc-message" => match values::read_string(v) {
+                                Ok(s) => response.message = plan::percent_encode_message(&s),
+                                Err(e) => {
+                                    let d = self.err(&v.span, e);
+                                    self.diags.push(d);
+                                }
+                            },
+                            _ => {
+                                if let Some(pair) = self.metadata_pair(k, v) {
+                                    response.trailers.push(pair);
+                                }
+                            }
+                        }
+                    }
+                }
+                "delay_ms" => match values::read_int(value, 0, u32::MAX as i128, "delay_ms") {
+                    Ok(v) => response.delay_ms = v as u32,
+                    Err(e) => {
+                        let d = self.err(&value.span, e);
+                        self.diags.push(d);
+                    }
+                },
+                "priority" => match values::read_int(value, i64::MIN as i128, i64::MAX as i128, "priority") {
+                    Ok(v) => priority = v as i64,
+                    Err(e) => {
+                        let d = self.err(&value.span, e);
+                        self.diags.push(d);
+                    }
+                },
+                _ if STREAM_KEYS.contains(&name) => {
+                    let d = Diagnostic::warning(
+                        Some(key.span.clone()),
+                        format!(
+                            "`{name}` applies to streaming responses; `{}` is unary, so it is ignored",
+                            method.full_name()
+                        ),
+                    );
+                    self.diags.push(d);
+                }
+                _ => {
+                    let all = RESPONSE_KEYS.iter().chain(STREAM_KEYS).copied();
+                    let d = self
+                        .err(&key.span, format!("unknown key `{name}` in response entry"))
+                        .with_help(suggest(name, all));
+                    self.diags.push(d);
+                }
+            }
+        }
+        // The body is checked even for errors (where it is not sent) so that
+        // mistakes in it never go unnoticed.
+        let output = method.output();
+        let body = match body_node {
+            Some(b) => values::read_message(b, &output, self.diags),
+            None => Some(prost_reflect::DynamicMessage::new(output)),
+        };
+        if response.status == 0 {
+            if let Some(b) = body {
+                response.body = plan::grpc_frame(&b.encode_to_vec());
+            }
+        }
+        ok &= self.diags.error_count() == errors_before;
+        ok.then(|| Resp { when, priority, response, origin: self.origin(&node.span) })
+    }
+
+    fn metadata_pairs(&mut self, node: &Node, what: &str) -> Vec<(String, Vec<u8>)> {
+        let mut out = Vec::new();
+        for (k, v) in self.expect_map(node, what).unwrap_or_default() {
+            if let Some(p) = self.metadata_pair(k, v) {
+                out.push(p);
+            }
+        }
+        out
+    }
+
+    fn metadata_pair(&mut self, key: &Node, value: &Node) -> Option<(String, Vec<u8>)> {
+        let raw = key.scalar().unwrap_or_default();
+        let name = raw.to_ascii_lowercase();
+        if !plan::is_valid_metadata_key(&name) {
+            let d = self
+                .err(&key.span, format!("`{raw}` is not a valid metadata key"))
+                .with_help("keys are letters, digits, `-`, `_` and `.`");
+            self.diags.push(d);
+            return None;
+        }
+        if name.starts_with("grpc-") || RESERVED_HEADERS.contains(&name.as_str()) {
+            let d = self
+                .err(&key.span, format!("metadata key `{name}` is reserved"))
+                .with_help("`grpc-` keys and HTTP/2 connection headers are written by the engine; in `trailers` only `grpc-status` and `grpc-message` may be set");
+            self.diags.push(d);
+            return None;
+        }
+        let text = match &value.kind {
+            NodeKind::Scalar { text, .. } => text.clone(),
+            _ => {
+                let d = self.err(&value.span, format!("metadata values must be scalars, found {}", value.describe()));
+                self.diags.push(d);
+                return None;
+            }
+        };
+        if name.ends_with("-bin") {
+            if values::read_bytes(value).is_err() {
+                let d = self
+                    .err(&value.span, format!("`{name}` is a binary key, so its value must be base64"))
+                    .with_help("binary metadata is written base64-encoded in rules, as it travels on the wire");
+                self.diags.push(d);
+                return None;
+            }
+            return Some((name, text.trim_end_matches('=').as_bytes().to_vec()));
+        }
+        if !plan::is_valid_metadata_value(text.as_bytes()) {
+            let d = self
+                .err(&value.span, format!("the value of `{name}` must be printable ASCII"))
+                .with_help("use a `-bin` key for binary or non-ASCII values");
+            self.diags.push(d);
+            return None;
+        }
+        Some((name, text.into_bytes()))
+    }
+
+    /// Rejects operator objects this version does not compile, and unwraps
+    /// an explicit `{ eq: value }`.
+    fn equality_operand<'n>(&mut self, value: &'n Node) -> Option<&'n Node> {
+        let Some(entries) = value.map() else {
+            if let NodeKind::Seq(_) = value.kind {
+                let d = self.err(&value.span, "expected a single value to compare with, found a list");
+                self.diags.push(d.with_help("lists are for repeated fields, which equality matchers do not read"));
+                return None;
+            }
+            return Some(value);
+        };
+        if let [(k, v)] = entries {
+            if k.scalar() == Some("eq") {
+                return Some(v);
+            }
+        }
+        let op = entries.first().and_then(|(k, _)| k.scalar()).unwrap_or_default();
+        let d = if LATER_OPERATORS.contains(&op) {
+            self.err(&value.span, format!("operator `{op}` is not supported by this version"))
+                .with_help("this version matches by equality: write the value itself, or `{ eq: value }`")
+        } else {
+            self.err(&value.span, format!("unknown operator `{op}`"))
+                .with_help("write the value itself to match by equality, or `{ eq: value }`")
+        };
+        self.diags.push(d);
+        None
+    }
+
+    fn metadata_cond(&mut self, raw: &str, key: &Node, value: &Node) -> Option<Cond> {
+        let name = raw.to_ascii_lowercase();
+        if !plan::is_valid_metadata_key(&name) {
+            let d = self
+                .err(&key.span, format!("`{raw}` is not a valid metadata key"))
+                .with_help("keys are letters, digits, `-`, `_` and `.`");
+            self.diags.push(d);
+            return None;
+        }
+        let value = self.equality_operand(value)?;
+        match values::read_string(value) {
+            Ok(s) => Some(Cond { source: CondSource::Metadata(name), value: plan::Value::Bytes(s.into_bytes()) }),
+            Err(e) => {
+                let d = self.err(&value.span, format!("metadata `{name}`: {e}"));
+                self.diags.push(d);
+                None
+            }
+        }
+    }
+
+    fn field_cond(
+        &mut self,
+        input: &prost_reflect::MessageDescriptor,
+        path: &str,
+        key: &Node,
+        value: &Node,
+    ) -> Option<Cond> {
+        let mut desc = input.clone();
+        let mut numbers = Vec::new();
+        let segments: Vec<&str> = path.split('.').collect();
+        let mut leaf = None;
+        for (i, seg) in segments.iter().enumerate() {
+            let Some(field) = find_field(&desc, seg) else {
+                let names = values::field_names(&desc);
+                let d = self
+                    .err(
+                        &key.span,
+                        format!("unknown field `{seg}` in message `{}` (in path `{path}`)", desc.full_name()),
+                    )
+                    .with_help(suggest(seg, names.iter().map(String::as_str)));
+                self.diags.push(d);
+                return None;
+            };
+            numbers.push(field.number());
+            let last = i + 1 == segments.len();
+            if field.is_list() || field.is_map() {
+                let d = self
+                    .err(&key.span, format!("field `{seg}` in path `{path}` is repeated"))
+                    .with_help("this version matches singular fields only");
+                self.diags.push(d);
+                return None;
+            }
+            match field.kind() {
+                Kind::Message(m) if last => {
+                    let names = values::field_names(&m);
+                    let example = names.first().cloned().unwrap_or_default();
+                    let d = self
+                        .err(
+                            &key.span,
+                            format!("field `{path}` is a message (`{}`); compare one of its fields", m.full_name()),
+                        )
+                        .with_help(format!("e.g. `{path}.{example}`"));
+                    self.diags.push(d);
+                    return None;
+                }
+                Kind::Message(m) => desc = m,
+                _ if !last => {
+                    let d = self.err(
+                        &key.span,
+                        format!("field `{seg}` in path `{path}` is {}, not a message", kind_name(&field.kind())),
+                    );
+                    self.diags.push(d);
+                    return None;
+                }
+                _ => leaf = Some(field),
+            }
+        }
+        let field = leaf?;
+        let kind = field.kind();
+        let scalar = scalar_kind(&kind);
+        let default = to_plan_value(&field.default_value(), scalar);
+        let value = self.equality_operand(value)?;
+        let expected = if value.is_null() { Ok(default.clone()) } else { read_plan_value(value, &kind, scalar) };
+        match expected {
+            Ok(v) => Some(Cond {
+                source: CondSource::Field(plan::FieldPath { name: path.to_string(), numbers, kind: scalar, default }),
+                value: v,
+            }),
+            Err((e, help)) => {
+                let mut d = self.err(&value.span, format!("`{path}` is {}: {e}", kind_name(&kind)));
+                d.help = help;
+                self.diags.push(d);
+                None
+            }
+        }
+    }
+}
+
+/// Where to point for a whole document: its first key.
+fn doc_span(doc: &Node) -> Span {
+    match doc.map().and_then(|m| m.first()) {
+        Some((k, _)) => k.span.clone(),
+        None => doc.span.clone(),
+    }
+}
+
+fn read_status(node: &Node) -> Result<u8, String> {
+    let text = node.scalar().ok_or_else(|| format!("expected a status code, found {}", node.describe()))?;
+    if let Ok(n) = text.trim().parse::<u8>() {
+        if n <= 16 {
+            return Ok(n);
+        }
+    }
+    let upper = text.trim().to_ascii_uppercase();
+    plan::STATUS_NAMES
+        .iter()
+        .position(|n| *n == upper)
+        .map(|p| p as u8)
+        .ok_or_else(|| format!("`{text}` is not a gRPC status code"))
+}
+
+pub fn scalar_kind(kind: &Kind) -> plan::ScalarKind {
+    use plan::ScalarKind as S;
+    match kind {
+        Kind::Double => S::Double,
+        Kind::Float => S::Float,
+        Kind::Int32 => S::Int32,
+        Kind::Int64 => S::Int64,
+        Kind::Uint32 => S::Uint32,
+        Kind::Uint64 => S::Uint64,
+        Kind::Sint32 => S::Sint32,
+        Kind::Sint64 => S::Sint64,
+        Kind::Fixed32 => S::Fixed32,
+        Kind::Fixed64 => S::Fixed64,
+        Kind::Sfixed32 => S::Sfixed32,
+        Kind::Sfixed64 => S::Sfixed64,
+        Kind::Bool => S::Bool,
+        Kind::String => S::String,
+        Kind::Bytes => S::Bytes,
+        Kind::Enum(_) => S::Enum,
+        Kind::Message(_) => unreachable!("message fields are rejected before"),
+    }
+}
+
+fn to_plan_value(v: &prost_reflect::Value, kind: plan::ScalarKind) -> plan::Value {
+    use prost_reflect::Value as V;
+    match v {
+        V::Bool(b) => plan::Value::Bool(*b),
+        V::I32(i) => plan::Value::I64(*i as i64),
+        V::I64(i) => plan::Value::I64(*i),
+        V::U32(u) => plan::Value::U64(*u as u64),
+        V::U64(u) => plan::Value::U64(*u),
+        V::F32(f) => plan::Value::F64(*f as f64),
+        V::F64(f) => plan::Value::F64(*f),
+        V::String(s) => plan::Value::Bytes(s.as_bytes().to_vec()),
+        V::Bytes(b) => plan::Value::Bytes(b.to_vec()),
+        V::EnumNumber(n) => plan::Value::I64(*n as i64),
+        _ => match kind.value_class() {
+            plan::ValueClass::I64 => plan::Value::I64(0),
+            plan::ValueClass::U64 => plan::Value::U64(0),
+            plan::ValueClass::F64 => plan::Value::F64(0.0),
+            plan::ValueClass::Bool => plan::Value::Bool(false),
+            plan::ValueClass::Bytes => plan::Value::Bytes(Vec::new()),
+        },
+    }
+}
+
+/// Reads the value a field is compared with, normalised as the engine will
+/// normalise the wire value (floats are rounded to f32 first, since that is
+/// all the wire can carry).
+fn read_plan_value(
+    node: &Node,
+    kind: &Kind,
+    scalar: plan::ScalarKind,
+) -> Result<plan::Value, (String, Option<String>)> {
+    use plan::ScalarKind as S;
+    let plain = |e: String| (e, None);
+    let name = kind_name(kind);
+    Ok(match scalar {
+        S::Int32 | S::Sint32 | S::Sfixed32 => {
+            plan::Value::I64(values::read_int(node, i32::MIN as i128, i32::MAX as i128, &name).map_err(plain)? as i64)
+        }
+        S::Int64 | S::Sint64 | S::Sfixed64 => {
+            plan::Value::I64(values::read_int(node, i64::MIN as i128, i64::MAX as i128, &name).map_err(plain)? as i64)
+        }
+        S::Uint32 | S::Fixed32 => {
+            plan::Value::U64(values::read_int(node, 0, u32::MAX as i128, &name).map_err(plain)? as u64)
+        }
+        S::Uint64 | S::Fixed64 => {
+            plan::Value::U64(values::read_int(node, 0, u64::MAX as i128, &name).map_err(plain)? as u64)
+        }
+        S::Float => plan::Value::F64(values::read_float(node, &name).map_err(plain)? as f32 as f64),
+        S::Double => plan::Value::F64(values::read_float(node, &name).map_err(plain)?),
+        S::Bool => plan::Value::Bool(values::read_bool(node).map_err(plain)?),
+        S::String => plan::Value::Bytes(values::read_string(node).map_err(plain)?.into_bytes()),
+        S::Bytes => plan::Value::Bytes(values::read_bytes(node).map_err(plain)?),
+        S::Enum => {
+            let Kind::Enum(e) = kind else { unreachable!() };
+            plan::Value::I64(values::read_enum(node, e)? as i64)
+        }
+    })
+}

@@ -1,0 +1,130 @@
+//! gRPC-over-HTTP/2 protocol details that do not depend on the HTTP/2
+//! library: status codes, `grpc-timeout`, and request message framing.
+
+use std::time::Duration;
+
+/// The gRPC status codes the engine produces itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Code {
+    Ok = 0,
+    DeadlineExceeded = 4,
+    NotFound = 5,
+    ResourceExhausted = 8,
+    Unimplemented = 12,
+    Internal = 13,
+}
+
+/// A status the engine answers with when no rule is involved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Status {
+    pub code: Code,
+    pub message: String,
+}
+
+impl Status {
+    pub fn new(code: Code, message: impl Into<String>) -> Self {
+        Status { code, message: message.into() }
+    }
+}
+
+/// Parses a `grpc-timeout` value: 1 to 8 ASCII digits and a unit (H, M, S,
+/// m, u, n). Returns None when malformed.
+pub fn parse_timeout(v: &[u8]) -> Option<Duration> {
+    let (&unit, digits) = v.split_last()?;
+    if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let n: u64 = std::str::from_utf8(digits).ok()?.parse().ok()?;
+    Some(match unit {
+        b'H' => Duration::from_secs(n * 3600),
+        b'M' => Duration::from_secs(n * 60),
+        b'S' => Duration::from_secs(n),
+        b'm' => Duration::from_millis(n),
+        b'u' => Duration::from_micros(n),
+        b'n' => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// Incremental checks on a unary request body as it arrives, so that an
+/// oversized or second message is refused from its 5-byte prefix, before the
+/// rest is buffered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// Fewer than one full message so far.
+    Incomplete,
+    /// Exactly one complete message.
+    One,
+}
+
+/// Inspects the bytes received so far (`prefix` is at least the first
+/// five bytes if `total >= 5`).
+pub fn check_unary(prefix: &[u8], total: usize, max_len: usize) -> Result<Framing, Status> {
+    if total < 5 {
+        return Ok(Framing::Incomplete);
+    }
+    let compressed = prefix[0];
+    if compressed > 1 {
+        return Err(Status::new(Code::Internal, format!("invalid gRPC message flag {compressed}")));
+    }
+    let len = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]) as usize;
+    if len > max_len {
+        return Err(Status::new(
+            Code::ResourceExhausted,
+            format!("request message of {len} bytes is larger than the limit of {max_len} bytes"),
+        ));
+    }
+    let end = 5 + len;
+    if total < end {
+        return Ok(Framing::Incomplete);
+    }
+    if total > end {
+        // Anything after the first message is the start of another one.
+        return Err(Status::new(Code::Unimplemented, "unary method received more than one request message"));
+    }
+    Ok(Framing::One)
+}
+
+/// The final verdict once the client has half-closed.
+pub fn finish_unary(prefix: &[u8], total: usize, max_len: usize) -> Result<(), Status> {
+    match check_unary(prefix, total, max_len)? {
+        Framing::One => Ok(()),
+        Framing::Incomplete if total == 0 => {
+            Err(Status::new(Code::Unimplemented, "unary method received no request message"))
+        }
+        Framing::Incomplete => Err(Status::new(Code::Internal, "request message is truncated")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timeouts() {
+        assert_eq!(parse_timeout(b"100m"), Some(Duration::from_millis(100)));
+        assert_eq!(parse_timeout(b"2S"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_timeout(b"1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_timeout(b"99999999n"), Some(Duration::from_nanos(99_999_999)));
+        assert_eq!(parse_timeout(b"123456789S"), None);
+        assert_eq!(parse_timeout(b"m"), None);
+        assert_eq!(parse_timeout(b"10x"), None);
+        assert_eq!(parse_timeout(b"-1S"), None);
+    }
+
+    #[test]
+    fn framing() {
+        let one = [0, 0, 0, 0, 2, 8, 1];
+        assert_eq!(check_unary(&one, 3, 100), Ok(Framing::Incomplete));
+        assert_eq!(check_unary(&one, 6, 100), Ok(Framing::Incomplete));
+        assert_eq!(check_unary(&one, 7, 100), Ok(Framing::One));
+        assert_eq!(check_unary(&one, 8, 100).unwrap_err().code, Code::Unimplemented);
+        assert_eq!(check_unary(&one, 7, 1).unwrap_err().code, Code::ResourceExhausted);
+        assert_eq!(check_unary(&[2, 0, 0, 0, 0], 5, 1).unwrap_err().code, Code::Internal);
+        assert_eq!(finish_unary(&[], 0, 10).unwrap_err().code, Code::Unimplemented);
+        assert_eq!(finish_unary(&one, 6, 10).unwrap_err().code, Code::Internal);
+        assert_eq!(finish_unary(&one, 3, 10).unwrap_err().code, Code::Internal);
+        assert_eq!(finish_unary(&[0, 0, 0, 0, 0], 5, 10), Ok(()));
+    }
+}

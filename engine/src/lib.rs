@@ -1,0 +1,23 @@
+//! The wirestub engine: loads a plan and answers gRPC calls from it.
+//!
+//! Layers, outermost first: [`server`] (sockets, workers, HTTP/2 via `h2`,
+//! the gRPC call state machine), [`matcher`] (rule selection), [`wire`]
+//! (zero-copy field extraction from protobuf bytes), [`served`] (the plan
+//! prepared for serving), [`grpc`] (protocol details independent of HTTP/2).
+//! The engine never decodes a whole request message and never depends on the
+//! compiler, protox or prost-reflect.
+
+pub mod grpc;
+pub mod matcher;
+pub mod served;
+pub mod server;
+pub mod wire;
+
+pub use served::{NoMatch, Served};
+pub use server::{Config, Server};
+pub use wirestub_plan::Plan;
+
+/// Loads a plan file's bytes and prepares it for serving.
+pub fn load(bytes: &[u8], no_match: NoMatch) -> Result<Served, wirestub_plan::LoadError> {
+    Ok(Served::new(Plan::from_bytes(bytes)?, no_match))
+}

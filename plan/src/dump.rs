@@ -1,0 +1,89 @@
+//! A readable, stable text rendering of a plan, used by `compiler dump` and by
+//! golden tests (which compare this text rather than raw bytes).
+
+use crate::*;
+use std::fmt::Write;
+
+pub(crate) fn escape_bytes(bytes: &[u8]) -> String {
+    let mut s = String::from("b\"");
+    for &b in bytes {
+        match b {
+            b'"' => s.push_str("\\\""),
+            b'\\' => s.push_str("\\\\"),
+            0x20..=0x7e => s.push(b as char),
+            _ => {
+                let _ = write!(s, "\\x{b:02x}");
+            }
+        }
+    }
+    s.push('"');
+    s
+}
+
+fn value(v: &Value) -> String {
+    match v {
+        Value::I64(x) => x.to_string(),
+        Value::U64(x) => format!("{x}u"),
+        Value::F64(x) => format!("{x:?}"),
+        Value::Bool(x) => x.to_string(),
+        Value::Bytes(x) => escape_bytes(x),
+    }
+}
+
+pub(crate) fn dump(plan: &Plan, body: &dyn Fn(&Method, &[u8]) -> String) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "plan version {VERSION}");
+    let _ = writeln!(s, "descriptors: {} bytes", plan.descriptors.len());
+    let _ = writeln!(s, "methods: {}", plan.methods.len());
+    for m in &plan.methods {
+        let _ = writeln!(s, "\nmethod {} ({}) {} -> {}", m.path, m.kind.name(), m.input_type, m.output_type);
+        for (i, f) in m.fields.iter().enumerate() {
+            let nums: Vec<String> = f.numbers.iter().map(|n| n.to_string()).collect();
+            let _ = writeln!(
+                s,
+                "  field#{i} {} = [{}] {} (default {})",
+                f.name,
+                nums.join("."),
+                f.kind.name(),
+                value(&f.default)
+            );
+        }
+        for (i, k) in m.metadata_keys.iter().enumerate() {
+            let _ = writeln!(s, "  metadata#{i} {k}");
+        }
+        for (i, r) in m.rules.iter().enumerate() {
+            let _ = writeln!(s, "  rule#{i} priority {} from {} -> response#{}", r.priority, r.origin, r.response);
+            for c in &r.conditions {
+                let src = match c.source {
+                    Source::Field(i) => format!("request.{}", m.fields[i as usize].name),
+                    Source::Metadata(i) => format!("metadata.{}", m.metadata_keys[i as usize]),
+                };
+                match &c.op {
+                    Op::Eq(v) => {
+                        let _ = writeln!(s, "    {src} == {}", value(v));
+                    }
+                }
+            }
+        }
+        for (i, r) in m.responses.iter().enumerate() {
+            let _ = write!(s, "  response#{i} status {} ({})", r.status, STATUS_NAMES[r.status as usize]);
+            if !r.message.is_empty() {
+                let _ = write!(s, " message {:?}", r.message);
+            }
+            if r.delay_ms > 0 {
+                let _ = write!(s, " delay {}ms", r.delay_ms);
+            }
+            let _ = writeln!(s);
+            if !r.body.is_empty() {
+                let _ = writeln!(s, "    body ({} bytes framed) {}", r.body.len(), body(m, &r.body[5..]));
+            }
+            for (k, v) in &r.headers {
+                let _ = writeln!(s, "    header {k}: {}", String::from_utf8_lossy(v));
+            }
+            for (k, v) in &r.trailers {
+                let _ = writeln!(s, "    trailer {k}: {}", String::from_utf8_lossy(v));
+            }
+        }
+    }
+    s
+}

@@ -1,0 +1,377 @@
+//! The plan: the one binary artifact the compiler writes and the engine serves.
+//!
+//! This crate is the single owner of the plan format. It holds the types, the
+//! writer ([`Plan::to_bytes`]) and the validating reader ([`Plan::from_bytes`]),
+//! and depends on nothing, so that both the compiler and the engine can use it
+//! without pulling the other's dependencies.
+//!
+//! # Layout (version 1)
+//!
+//! All integers are little-endian.
+//!
+//! ```text
+//! header   magic "WSTBPLAN" (8) | endian check 0x0A0B0C0D (4) | version (4)
+//!          | reserved, zero (4) | section count (4) | FNV-1a 64 of everything
+//!          after the header (8)
+//! table    per section: kind (4) | offset from file start (4) | length (4)
+//! sections DESCRIPTORS: an encoded google.protobuf.FileDescriptorSet
+//!          METHODS:     the method table (see `codec`)
+//! ```
+//!
+//! Loading checks the header, the checksum, the section table and then every
+//! method in a fixed order (field paths, metadata keys, responses, then rules,
+//! whose indices refer to the earlier lists). After [`Plan::from_bytes`]
+//! returns, every index in the plan is in range and every response is
+//! well-formed, so the engine never re-checks them. Any layout change bumps
+//! [`VERSION`]; `tests/data/plans/` keeps files of each version.
+
+mod codec;
+mod dump;
+
+pub use codec::LoadError;
+
+/// First eight bytes of every plan file.
+pub const MAGIC: [u8; 8] = *b"WSTBPLAN";
+/// The layout version this crate writes and reads.
+pub const VERSION: u32 = 1;
+
+/// A compiled plan: everything the engine needs to serve, nothing more.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Plan {
+    /// An encoded `google.protobuf.FileDescriptorSet` holding every file the
+    /// plan was compiled from, dependencies and well-known types included, so
+    /// that later features (reflection, JSON) need no .proto at run time.
+    pub descriptors: Vec<u8>,
+    /// Every method of every service in the descriptors, sorted by path.
+    pub methods: Vec<Method>,
+}
+
+/// The four RPC shapes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum MethodKind {
+    Unary = 0,
+    ServerStreaming = 1,
+    ClientStreaming = 2,
+    BidiStreaming = 3,
+}
+
+impl MethodKind {
+    /// Builds the kind from the two streaming flags of a method descriptor.
+    pub fn from_streaming(client: bool, server: bool) -> Self {
+        match (client, server) {
+            (false, false) => MethodKind::Unary,
+            (false, true) => MethodKind::ServerStreaming,
+            (true, false) => MethodKind::ClientStreaming,
+            (true, true) => MethodKind::BidiStreaming,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            MethodKind::Unary => "unary",
+            MethodKind::ServerStreaming => "server_streaming",
+            MethodKind::ClientStreaming => "client_streaming",
+            MethodKind::BidiStreaming => "bidi_streaming",
+        }
+    }
+}
+
+/// One RPC method and the rules that answer it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Method {
+    /// The HTTP/2 `:path`, `/package.Service/Method`.
+    pub path: String,
+    pub kind: MethodKind,
+    /// Fully-qualified request message name.
+    pub input_type: String,
+    /// Fully-qualified response message name.
+    pub output_type: String,
+    /// The distinct request field paths that this method's rules read.
+    pub fields: Vec<FieldPath>,
+    /// The distinct (lower-case) metadata keys that this method's rules read.
+    pub metadata_keys: Vec<String>,
+    /// The responses rules point at.
+    pub responses: Vec<Response>,
+    /// Rules in evaluation order: the first rule whose conditions all hold
+    /// answers the call. The compiler has already applied priorities, tiers
+    /// and tie-breaks to produce this order.
+    pub rules: Vec<Rule>,
+}
+
+/// A path from the request message to a scalar field, as field numbers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FieldPath {
+    /// The dotted path as written in the rule, for dumps and messages.
+    pub name: String,
+    /// Field numbers from the top-level message down; every step but the last
+    /// is a singular message field.
+    pub numbers: Vec<u32>,
+    /// The protobuf type of the last field.
+    pub kind: ScalarKind,
+    /// The value the field has when it is absent from the wire (proto3 zero,
+    /// or the proto2 declared default).
+    pub default: Value,
+}
+
+/// Protobuf scalar types, numbered as in `FieldDescriptorProto.Type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ScalarKind {
+    Double = 1,
+    Float = 2,
+    Int64 = 3,
+    Uint64 = 4,
+    Int32 = 5,
+    Fixed64 = 6,
+    Fixed32 = 7,
+    Bool = 8,
+    String = 9,
+    Bytes = 12,
+    Uint32 = 13,
+    Enum = 14,
+    Sfixed32 = 15,
+    Sfixed64 = 16,
+    Sint32 = 17,
+    Sint64 = 18,
+}
+
+impl ScalarKind {
+    pub fn from_u8(v: u8) -> Option<Self> {
+        use ScalarKind::*;
+        Some(match v {
+            1 => Double,
+            2 => Float,
+            3 => Int64,
+            4 => Uint64,
+            5 => Int32,
+            6 => Fixed64,
+            7 => Fixed32,
+            8 => Bool,
+            9 => String,
+            12 => Bytes,
+            13 => Uint32,
+            14 => Enum,
+            15 => Sfixed32,
+            16 => Sfixed64,
+            17 => Sint32,
+            18 => Sint64,
+            _ => return None,
+        })
+    }
+
+    /// The wire type a field of this kind is encoded with (0 varint,
+    /// 1 fixed64, 2 length-delimited, 5 fixed32).
+    pub fn wire_type(self) -> u8 {
+        use ScalarKind::*;
+        match self {
+            Int64 | Uint64 | Int32 | Bool | Uint32 | Enum | Sint32 | Sint64 => 0,
+            Double | Fixed64 | Sfixed64 => 1,
+            String | Bytes => 2,
+            Float | Fixed32 | Sfixed32 => 5,
+        }
+    }
+
+    /// The kind of [`Value`] a field of this kind compares as.
+    pub fn value_class(self) -> ValueClass {
+        use ScalarKind::*;
+        match self {
+            Int64 | Int32 | Sfixed32 | Sfixed64 | Sint32 | Sint64 | Enum => ValueClass::I64,
+            Uint64 | Uint32 | Fixed64 | Fixed32 => ValueClass::U64,
+            Double | Float => ValueClass::F64,
+            Bool => ValueClass::Bool,
+            String | Bytes => ValueClass::Bytes,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        use ScalarKind::*;
+        match self {
+            Double => "double",
+            Float => "float",
+            Int64 => "int64",
+            Uint64 => "uint64",
+            Int32 => "int32",
+            Fixed64 => "fixed64",
+            Fixed32 => "fixed32",
+            Bool => "bool",
+            String => "string",
+            Bytes => "bytes",
+            Uint32 => "uint32",
+            Enum => "enum",
+            Sfixed32 => "sfixed32",
+            Sfixed64 => "sfixed64",
+            Sint32 => "sint32",
+            Sint64 => "sint64",
+        }
+    }
+}
+
+/// What a [`Value`] of a given scalar kind looks like.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ValueClass {
+    I64,
+    U64,
+    F64,
+    Bool,
+    Bytes,
+}
+
+/// A decoded scalar, normalised so that values read from the wire and values
+/// written in rules compare with `==`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    /// int32, int64, sint*, sfixed* and enum numbers.
+    I64(i64),
+    /// uint32, uint64, fixed32, fixed64.
+    U64(u64),
+    /// float (widened) and double.
+    F64(f64),
+    Bool(bool),
+    /// string (UTF-8) and bytes; metadata values too.
+    Bytes(Vec<u8>),
+}
+
+impl Value {
+    pub fn class(&self) -> ValueClass {
+        match self {
+            Value::I64(_) => ValueClass::I64,
+            Value::U64(_) => ValueClass::U64,
+            Value::F64(_) => ValueClass::F64,
+            Value::Bool(_) => ValueClass::Bool,
+            Value::Bytes(_) => ValueClass::Bytes,
+        }
+    }
+}
+
+/// One rule: all conditions must hold for it to answer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rule {
+    pub conditions: Vec<Condition>,
+    /// Index into [`Method::responses`].
+    pub response: u32,
+    /// The effective priority, kept for dumps and diagnostics.
+    pub priority: i64,
+    /// Where the rule was written, `file:line:column`.
+    pub origin: String,
+}
+
+/// A test on one input of the call.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Condition {
+    pub source: Source,
+    pub op: Op,
+}
+
+/// What a condition reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// Index into [`Method::fields`].
+    Field(u32),
+    /// Index into [`Method::metadata_keys`]. An absent key reads as the empty
+    /// string.
+    Metadata(u32),
+}
+
+/// The test applied to the value read. Encoded with a tag byte, so that
+/// later operators extend the format without changing this one.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Op {
+    /// Equal to the value; the value's class matches the source's kind.
+    Eq(Value),
+}
+
+/// A prepared answer.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Response {
+    /// The gRPC status code, 0 to 16.
+    pub status: u8,
+    /// `grpc-message`, already percent-encoded for the wire; empty for none.
+    pub message: String,
+    /// The response message exactly as sent: the 5-byte gRPC prefix followed
+    /// by the encoded message. Empty for error responses.
+    pub body: Vec<u8>,
+    /// Initial metadata, names lower-case and valid for HTTP/2.
+    pub headers: Vec<(String, Vec<u8>)>,
+    /// Trailing metadata other than `grpc-status` and `grpc-message`.
+    pub trailers: Vec<(String, Vec<u8>)>,
+    /// Delay before answering, in milliseconds.
+    pub delay_ms: u32,
+}
+
+/// Frames a protobuf message as one uncompressed gRPC message.
+pub fn grpc_frame(message: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(message.len() + 5);
+    out.push(0);
+    out.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    out.extend_from_slice(message);
+    out
+}
+
+/// Percent-encodes a `grpc-message` value as the gRPC HTTP/2 protocol asks:
+/// bytes outside printable ASCII, and `%` itself, become `%XX`.
+pub fn percent_encode_message(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    for &b in message.as_bytes() {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push('%');
+            out.push(char::from_digit((b >> 4) as u32, 16).unwrap().to_ascii_uppercase());
+            out.push(char::from_digit((b & 15) as u32, 16).unwrap().to_ascii_uppercase());
+        }
+    }
+    out
+}
+
+/// The canonical names of the gRPC status codes, indexed by code.
+pub const STATUS_NAMES: [&str; 17] = [
+    "OK",
+    "CANCELLED",
+    "UNKNOWN",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "OUT_OF_RANGE",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
+    "UNAUTHENTICATED",
+];
+
+/// Whether `name` is a valid gRPC metadata key: lower-case `[0-9a-z_.-]+`.
+pub fn is_valid_metadata_key(name: &str) -> bool {
+    !name.is_empty()
+        && name.bytes().all(|b| b.is_ascii_digit() || b.is_ascii_lowercase() || matches!(b, b'_' | b'.' | b'-'))
+}
+
+/// Whether `value` may be sent as a metadata value of `key`: `-bin` keys take
+/// base64 text, others printable ASCII and spaces.
+pub fn is_valid_metadata_value(value: &[u8]) -> bool {
+    value.iter().all(|&b| (0x20..=0x7e).contains(&b))
+}
+
+impl Plan {
+    /// Finds a method by its `:path`.
+    pub fn method(&self, path: &str) -> Option<&Method> {
+        self.methods.binary_search_by(|m| m.path.as_str().cmp(path)).ok().map(|i| &self.methods[i])
+    }
+
+    /// A readable rendering of the plan, stable across runs; message bodies are
+    /// shown as escaped bytes (the compiler's `dump` decodes them instead).
+    pub fn dump(&self) -> String {
+        dump::dump(self, &|_, body| dump::escape_bytes(body))
+    }
+
+    /// Like [`Plan::dump`], with a caller-supplied rendering of each response
+    /// body, given the method and the message bytes without the gRPC prefix.
+    pub fn dump_with(&self, body: &dyn Fn(&Method, &[u8]) -> String) -> String {
+        dump::dump(self, body)
+    }
+}

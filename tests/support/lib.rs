@@ -1,0 +1,308 @@
+//! Test support: start the real engine on loopback from a case folder, call
+//! it with a real gRPC client (tonic, with a pass-through codec so no code
+//! generation is needed), or with a raw HTTP/2 client for protocol edge
+//! cases that no well-behaved client sends.
+
+use bytes::{Buf, BufMut, Bytes};
+use prost_reflect::{DescriptorPool, DynamicMessage};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use wirestub_compiler::{compile, Options};
+use wirestub_engine::{Config, NoMatch, Served, Server};
+
+/// The repository root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// A running engine and the schema to encode requests with.
+pub struct TestServer {
+    pub addr: std::net::SocketAddr,
+    pub pool: DescriptorPool,
+    server: Option<Server>,
+}
+
+impl TestServer {
+    /// Compiles `dir/protos` and `dir/rules` and serves the plan on a free
+    /// loopback port. The plan goes through its byte form, as in production.
+    pub fn start(dir: &Path, no_match: NoMatch) -> TestServer {
+        let options = Options { protos: vec![dir.join("protos")], rules: vec![dir.join("rules")] };
+        let output = match compile(&options) {
+            Ok(o) => o,
+            Err(d) => panic!("case {} does not compile:\n{}", dir.display(), d.render()),
+        };
+        let bytes = output.plan.to_bytes();
+        let served = wirestub_engine::load(&bytes, no_match).expect("plan loads");
+        Self::serve(served, &output.plan.descriptors)
+    }
+
+    pub fn serve(served: Served, descriptors: &[u8]) -> TestServer {
+        let pool = DescriptorPool::decode(descriptors).expect("descriptors decode");
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let config = Config { workers: 2, drain_timeout: Duration::from_secs(2), ..Config::default() };
+        let server = Server::start(listener, Arc::new(served), config).unwrap();
+        TestServer { addr: server.local_addr(), pool, server: Some(server) }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn stop(mut self) {
+        if let Some(s) = self.server.take() {
+            s.shutdown();
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(s) = self.server.take() {
+            s.shutdown();
+        }
+    }
+}
+
+/// A pass-through codec: the client sends and receives encoded messages.
+#[derive(Clone, Default)]
+pub struct RawCodec;
+
+impl Codec for RawCodec {
+    type Encode = Bytes;
+    type Decode = Bytes;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+    fn encoder(&mut self) -> Self::Encoder {
+        RawCodec
+    }
+    fn decoder(&mut self) -> Self::Decoder {
+        RawCodec
+    }
+}
+
+impl Encoder for RawCodec {
+    type Item = Bytes;
+    type Error = tonic::Status;
+    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        dst.put(item);
+        Ok(())
+    }
+}
+
+impl Decoder for RawCodec {
+    type Item = Bytes;
+    type Error = tonic::Status;
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, tonic::Status> {
+        Ok(Some(src.copy_to_bytes(src.remaining())))
+    }
+}
+
+/// What a call returned, in a form tests compare easily.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reply {
+    /// The gRPC status code name, e.g. `OK`, `NOT_FOUND`.
+    pub status: String,
+    pub message: String,
+    /// The response message as protobuf JSON (absent on errors).
+    pub body: Option<serde_json::Value>,
+    /// Response metadata (headers and trailers, as tonic merges them),
+    /// without the protocol's own keys.
+    pub metadata: Vec<(String, String)>,
+}
+
+/// The canonical name of a tonic status code.
+pub fn code_name(code: tonic::Code) -> String {
+    wirestub_plan::STATUS_NAMES[code as usize].to_string()
+}
+
+/// Makes unary calls with tonic. Clones share one HTTP/2 connection.
+#[derive(Clone)]
+pub struct Client {
+    grpc: tonic::client::Grpc<tonic::transport::Channel>,
+    pool: DescriptorPool,
+}
+
+impl Client {
+    pub async fn connect(server: &TestServer) -> Client {
+        let channel = tonic::transport::Endpoint::from_shared(server.url()).unwrap().connect().await.unwrap();
+        Client { grpc: tonic::client::Grpc::new(channel), pool: server.pool.clone() }
+    }
+
+    /// Encodes `request` (protobuf JSON) as the method's input type.
+    pub fn encode(&self, method: &str, request: &serde_json::Value) -> Bytes {
+        let (service, name) = method.split_once('/').expect("method is Service/Method");
+        let svc = self.pool.get_service_by_name(service).unwrap_or_else(|| panic!("no service {service}"));
+        let m = svc.methods().find(|m| m.name() == name).unwrap_or_else(|| panic!("no method {method}"));
+        let msg = DynamicMessage::deserialize(m.input(), request.clone()).expect("request JSON fits the input type");
+        Bytes::from(prost::Message::encode_to_vec(&msg))
+    }
+
+    /// Calls `method` (`pkg.Service/Method`) with an encoded request.
+    pub async fn call_raw(
+        &mut self,
+        method: &str,
+        request: Bytes,
+        metadata: &[(String, String)],
+        timeout: Option<Duration>,
+    ) -> Result<tonic::Response<Bytes>, tonic::Status> {
+        let mut req = tonic::Request::new(request);
+        for (k, v) in metadata {
+            req.metadata_mut()
+                .insert(tonic::metadata::MetadataKey::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
+        }
+        if let Some(t) = timeout {
+            req.set_timeout(t);
+        }
+        self.grpc.ready().await.unwrap();
+        let path = format!("/{method}").parse().unwrap();
+        self.grpc.unary(req, path, RawCodec).await
+    }
+
+    /// Calls `method` with a JSON request and decodes the reply to JSON.
+    pub async fn call(
+        &mut self,
+        method: &str,
+        request: &serde_json::Value,
+        metadata: &[(String, String)],
+        timeout: Option<Duration>,
+    ) -> Reply {
+        let bytes = self.encode(method, request);
+        let output = self.output_type(method);
+        let result = self.call_raw(method, bytes, metadata, timeout).await;
+        let keep =
+            |k: &str| !matches!(k, "content-type" | "grpc-status" | "grpc-message" | "date" | "grpc-accept-encoding");
+        let pairs = |m: &tonic::metadata::MetadataMap| -> Vec<(String, String)> {
+            let mut v: Vec<(String, String)> = m
+                .clone()
+                .into_headers()
+                .iter()
+                .filter(|(k, _)| keep(k.as_str()))
+                .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+                .collect();
+            v.sort();
+            v
+        };
+        match result {
+            Ok(resp) => {
+                let msg = DynamicMessage::decode(output, resp.get_ref().clone()).expect("response decodes");
+                Reply {
+                    status: "OK".into(),
+                    message: String::new(),
+                    body: Some(serde_json::to_value(&msg).unwrap()),
+                    metadata: pairs(resp.metadata()),
+                }
+            }
+            Err(s) => Reply {
+                status: code_name(s.code()),
+                message: s.message().to_string(),
+                body: None,
+                metadata: pairs(s.metadata()),
+            },
+        }
+    }
+
+    pub fn output_type(&self, method: &str) -> prost_reflect::MessageDescriptor {
+        let (service, name) = method.split_once('/').unwrap();
+        self.pool.get_service_by_name(service).and_then(|s| s.methods().find(|m| m.name() == name)).unwrap().output()
+    }
+
+    /// Normalises expected JSON through the message type, so that it
+    /// compares equal with what the decoder prints (int64 as strings,
+    /// enums by name, defaults omitted).
+    pub fn canonical(&self, method: &str, json: &serde_json::Value) -> serde_json::Value {
+        let msg = DynamicMessage::deserialize(self.output_type(method), json.clone()).expect("expected body fits");
+        serde_json::to_value(&msg).unwrap()
+    }
+}
+
+/// What a raw HTTP/2 exchange returned.
+#[derive(Debug)]
+pub struct RawReply {
+    pub http_status: u16,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+    pub trailers: Option<http::HeaderMap>,
+}
+
+impl RawReply {
+    /// grpc-status from the trailers, or from the headers of a trailers-only
+    /// response.
+    pub fn grpc_status(&self) -> Option<u8> {
+        let v =
+            self.trailers.as_ref().and_then(|t| t.get("grpc-status")).or_else(|| self.headers.get("grpc-status"))?;
+        v.to_str().ok()?.parse().ok()
+    }
+
+    pub fn grpc_message(&self) -> String {
+        self.trailers
+            .as_ref()
+            .and_then(|t| t.get("grpc-message"))
+            .or_else(|| self.headers.get("grpc-message"))
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+            .unwrap_or_default()
+    }
+}
+
+/// Sends one request on a fresh HTTP/2 connection with full control over
+/// headers and body chunks, and collects the reply.
+pub async fn raw_call(
+    addr: std::net::SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+    chunks: Vec<Bytes>,
+) -> RawReply {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let mut client = client.ready().await.unwrap();
+    let mut req = http::Request::builder().method("POST").uri(format!("http://{addr}{path}"));
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let end = chunks.is_empty();
+    let (response, mut send) = client.send_request(req.body(()).unwrap(), end).unwrap();
+    let n = chunks.len();
+    for (i, c) in chunks.into_iter().enumerate() {
+        // The server may answer (and reset the stream) before reading it
+        // all; later sends then fail, which is fine.
+        if send.send_data(c, i + 1 == n).is_err() {
+            break;
+        }
+    }
+    let response = response.await.unwrap();
+    let (parts, mut body) = response.into_parts();
+    let mut data = Vec::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.unwrap();
+        let _ = body.flow_control().release_capacity(chunk.len());
+        data.extend_from_slice(&chunk);
+    }
+    let trailers = body.trailers().await.unwrap();
+    RawReply { http_status: parts.status.as_u16(), headers: parts.headers, body: Bytes::from(data), trailers }
+}
+
+/// Frames a message as one gRPC message.
+pub fn frame(message: &[u8]) -> Bytes {
+    Bytes::from(wirestub_plan::grpc_frame(message))
+}
+
+/// Compares `actual` with the file `expected`, or rewrites the file when
+/// UPDATE_EXPECT is set.
+pub fn assert_golden(expected: &Path, actual: &str) {
+    if std::env::var_os("UPDATE_EXPECT").is_some() {
+        std::fs::write(expected, actual).unwrap();
+        return;
+    }
+    let want = std::fs::read_to_string(expected)
+        .unwrap_or_else(|_| panic!("missing {}; run with UPDATE_EXPECT=1 to create it", expected.display()));
+    if want != actual {
+        panic!(
+            "{} differs (run with UPDATE_EXPECT=1 to accept):\n--- expected\n{want}\n--- actual\n{actual}",
+            expected.display()
+        );
+    }
+}
