@@ -142,6 +142,28 @@ fn bundled_example_dump_is_stable() {
     assert_golden(&root().join("tests/plans/example.dump"), &text);
 }
 
+#[test]
+fn compiling_twice_gives_identical_plans() {
+    let options = wirestub_compiler::Options { protos: vec![root().join("protos")], rules: vec![root().join("rules")] };
+    let a = wirestub_compiler::compile(&options).unwrap_or_else(|d| panic!("{}", d.render())).plan.to_bytes();
+    let b = wirestub_compiler::compile(&options).unwrap_or_else(|d| panic!("{}", d.render())).plan.to_bytes();
+    assert!(a == b, "plan bytes differ between two compilations of the same inputs");
+}
+
+#[test]
+fn plans_of_every_released_version_still_load() {
+    // Each `vN-*.bin` is a plan written by a build of layout version N, kept
+    // with its dump; a reader change that breaks them must bump the version.
+    for entry in std::fs::read_dir(root().join("tests/plans")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "bin") {
+            let plan = wirestub_plan::Plan::from_bytes(&std::fs::read(&path).unwrap())
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            assert_golden(&path.with_extension("dump"), &wirestub_compiler::dump(&plan));
+        }
+    }
+}
+
 // ---- protocol edge cases, with a raw HTTP/2 client ------------------------
 
 const GRPC: [(&str, &str); 2] = [("content-type", "application/grpc"), ("te", "trailers")];

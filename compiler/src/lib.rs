@@ -4,6 +4,7 @@
 //! documents, with spans) → `lower` (the flat plan). Every pass reports into
 //! one [`Diagnostics`], so a run shows every problem at once.
 
+mod canonical;
 pub mod diag;
 mod lower;
 pub mod protos;

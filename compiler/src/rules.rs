@@ -408,7 +408,8 @@ impl DocCx<'_> {
         };
         if response.status == 0 {
             if let Some(b) = body {
-                response.body = plan::grpc_frame(&b.encode_to_vec());
+                let bytes = crate::canonical::canonicalize(&b.encode_to_vec(), &method.output());
+                response.body = plan::grpc_frame(&bytes);
             }
         }
         ok &= self.diags.error_count() == errors_before;
