@@ -8,10 +8,10 @@
 //! into the form plan values are stored in, so that [`value_eq`] is a plain
 //! comparison.
 //!
-//! The values found are those a full protobuf decoder (prost, the Go and C++
-//! runtimes) would give for the same fields, and the malformations those
-//! decoders reject are rejected here too, with two deliberate differences that
-//! come from not decoding everything:
+//! The values found are those a full protobuf decoder (prost, in particular)
+//! would give for the same fields, and the malformations it rejects are
+//! rejected here too, with two deliberate differences that come from not
+//! decoding everything:
 //!
 //! - only the bytes actually walked are checked: the top-level message with
 //!   the groups in it, and the embedded messages on a wanted path. Other
@@ -144,6 +144,7 @@ impl std::error::Error for Malformed {}
 /// A path to extract: field numbers from the top-level message down; every
 /// step but the last is a singular embedded message field (wire type 2); the
 /// last step is a scalar whose expected wire type is given (0, 1, 2 or 5).
+/// With any other wire type, every occurrence of the last field is an error.
 #[derive(Debug, Clone, Copy)]
 pub struct PathSpec<'p> {
     pub numbers: &'p [u32],
