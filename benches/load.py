@@ -734,7 +734,7 @@ def main(argv: list[str]) -> int:
         meta = machine_meta()
         meta.update(
             date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            command="python3 benches/load.py " + " ".join(argv),
+            command=" ".join(["python3", "benches/load.py", *argv]),
             duration=args.duration,
             warmup=args.warmup,
             repeats=args.repeats,

@@ -152,32 +152,51 @@ fn run(args: &[String]) -> Result<ExitCode, String> {
             return Ok(ExitCode::from(1));
         }
     };
+    // Signal handlers go in before the address is announced, so that a
+    // Ctrl-C sent as soon as the line appears is a clean shutdown.
+    let signals = Signals::install();
     tracing::info!(methods, "serving");
     println!("wirestub engine listening on {}", server.local_addr());
     let _ = std::io::stdout().flush();
 
-    wait_for_signal();
+    signals.wait();
     tracing::info!("shutting down: draining in-flight calls");
     server.shutdown();
     Ok(ExitCode::SUCCESS)
 }
 
-/// Blocks until Ctrl-C (SIGINT) or SIGTERM.
-fn wait_for_signal() {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
-    rt.block_on(async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-        let term = async {
-            match term.as_mut() {
-                Some(t) => {
-                    t.recv().await;
-                }
-                None => std::future::pending().await,
+/// SIGINT and SIGTERM, registered up front and waited on later.
+struct Signals {
+    rt: tokio::runtime::Runtime,
+    int: Option<tokio::signal::unix::Signal>,
+    term: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn install() -> Signals {
+        use tokio::signal::unix::{signal, SignalKind};
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
+        let (int, term) =
+            rt.block_on(async { (signal(SignalKind::interrupt()).ok(), signal(SignalKind::terminate()).ok()) });
+        Signals { rt, int, term }
+    }
+
+    /// Blocks until Ctrl-C (SIGINT) or SIGTERM.
+    fn wait(mut self) {
+        self.rt.block_on(async {
+            tokio::select! {
+                _ = next(self.int.as_mut()) => {}
+                _ = next(self.term.as_mut()) => {}
             }
-        };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term => {}
+        });
+    }
+}
+
+async fn next(signal: Option<&mut tokio::signal::unix::Signal>) {
+    match signal {
+        Some(s) => {
+            s.recv().await;
         }
-    });
+        None => std::future::pending().await,
+    }
 }
