@@ -5,9 +5,11 @@
 //! one [`Diagnostics`], so a run shows every problem at once.
 
 mod canonical;
+pub mod conditions;
 pub mod diag;
 mod lower;
 pub mod protos;
+mod regex;
 pub mod rules;
 pub mod values;
 pub mod yaml;
@@ -67,13 +69,16 @@ pub fn compile(options: &Options) -> Result<Output, Diagnostics> {
             diags.error(None, format!("rules directory `{}` does not exist", dir.display()));
         }
     }
-    let docs = rules::load(&options.rules, &schema.pool, &mut diags);
-    diags.sort();
+    let (docs, regex_specs) = rules::load(&options.rules, &schema.pool, &mut diags);
+    let regexes = regex::compile_all(&regex_specs, &mut diags);
     if diags.has_errors() {
+        diags.sort();
         return Err(diags);
     }
+    let regexes: Vec<Vec<u8>> = regexes.into_iter().flatten().collect();
     let rule_docs = docs.len();
-    let plan = lower::lower(&schema.pool, schema.encoded, docs);
+    let plan = lower::lower(&schema.pool, schema.encoded, docs, &regexes, &mut diags);
+    diags.sort();
     Ok(Output { plan, warnings: diags, proto_files: schema.files, rule_docs })
 }
 

@@ -11,15 +11,27 @@
 //! 3. fallbacks of documents whose gate does not hold, unconditionally: as in
 //!    Wishmock, a failed gate still answers with the document's fallback.
 //!
-//! Field paths and metadata keys are interned per method so the engine reads
-//! each input once, however many rules test it.
+//! Field paths, metadata keys and regular expressions are interned per
+//! method so the engine reads each input once, however many rules test it.
+//!
+//! Lowering also finds rules that can never answer because an earlier rule
+//! in the order tests a subset of their conditions, and warns about them.
 
+use crate::diag::{Diagnostic, Diagnostics, Span};
 use crate::rules::{Cond, CondSource, RuleDoc};
 use prost_reflect::DescriptorPool;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use wirestub_plan as plan;
 
-pub fn lower(pool: &DescriptorPool, descriptors: Vec<u8>, docs: Vec<RuleDoc>) -> plan::Plan {
+/// `regexes` are the compiled DFAs of the expressions the documents'
+/// conditions refer to (all compiled: lowering runs only without errors).
+pub fn lower(
+    pool: &DescriptorPool,
+    descriptors: Vec<u8>,
+    docs: Vec<RuleDoc>,
+    regexes: &[Vec<u8>],
+    diags: &mut Diagnostics,
+) -> plan::Plan {
     let mut by_method: HashMap<String, Vec<RuleDoc>> = HashMap::new();
     for doc in docs {
         by_method.entry(doc.method.full_name().to_string()).or_default().push(doc);
@@ -28,7 +40,7 @@ pub fn lower(pool: &DescriptorPool, descriptors: Vec<u8>, docs: Vec<RuleDoc>) ->
     for service in pool.services() {
         for m in service.methods() {
             let docs = by_method.remove(m.full_name()).unwrap_or_default();
-            methods.push(lower_method(&service, &m, docs));
+            methods.push(lower_method(&service, &m, docs, regexes, diags));
         }
     }
     methods.sort_by(|a, b| a.path.cmp(&b.path));
@@ -43,12 +55,15 @@ struct Entry {
     conditions: Vec<plan::Condition>,
     response: u32,
     origin: String,
+    span: Span,
 }
 
 fn lower_method(
     service: &prost_reflect::ServiceDescriptor,
     m: &prost_reflect::MethodDescriptor,
     docs: Vec<RuleDoc>,
+    regexes: &[Vec<u8>],
+    diags: &mut Diagnostics,
 ) -> plan::Method {
     let mut method = plan::Method {
         path: format!("/{}/{}", service.full_name(), m.name()),
@@ -59,10 +74,13 @@ fn lower_method(
         metadata_keys: Vec::new(),
         responses: Vec::new(),
         rules: Vec::new(),
+        regexes: Vec::new(),
     };
+    let mut regex_index = HashMap::new();
     let mut entries = Vec::new();
     let mut order = 0;
     for doc in docs {
+        let mut intern = |method: &mut plan::Method, c: &Cond| intern(method, &mut regex_index, regexes, c);
         let gate: Vec<plan::Condition> = doc.gate.iter().map(|c| intern(&mut method, c)).collect();
         for r in doc.responses {
             order += 1;
@@ -79,6 +97,7 @@ fn lower_method(
                         conditions,
                         response,
                         origin: r.origin,
+                        span: r.span,
                     });
                 }
                 None => {
@@ -90,6 +109,7 @@ fn lower_method(
                             conditions: Vec::new(),
                             response,
                             origin: r.origin.clone(),
+                            span: r.span.clone(),
                         });
                     }
                     entries.push(Entry {
@@ -99,12 +119,14 @@ fn lower_method(
                         conditions: gate.clone(),
                         response,
                         origin: r.origin,
+                        span: r.span,
                     });
                 }
             }
         }
     }
     entries.sort_by(|a, b| a.tier.cmp(&b.tier).then(b.priority.cmp(&a.priority)).then(a.order.cmp(&b.order)));
+    warn_shadowed(&method, &entries, diags);
     method.rules = entries
         .into_iter()
         .map(|e| plan::Rule { conditions: e.conditions, response: e.response, priority: e.priority, origin: e.origin })
@@ -112,10 +134,16 @@ fn lower_method(
     method
 }
 
-fn intern(method: &mut plan::Method, c: &Cond) -> plan::Condition {
+fn intern(
+    method: &mut plan::Method,
+    regex_index: &mut HashMap<u32, u32>,
+    regexes: &[Vec<u8>],
+    c: &Cond,
+) -> plan::Condition {
     let source = match &c.source {
         CondSource::Field(path) => {
-            let i = match method.fields.iter().position(|f| f.numbers == path.numbers) {
+            let same = |f: &plan::FieldPath| f.numbers == path.numbers && f.shape == path.shape && f.kind == path.kind;
+            let i = match method.fields.iter().position(same) {
                 Some(i) => i,
                 None => {
                     method.fields.push(path.clone());
@@ -135,5 +163,70 @@ fn intern(method: &mut plan::Method, c: &Cond) -> plan::Condition {
             plan::Source::Metadata(i as u32)
         }
     };
-    plan::Condition { source, op: plan::Op::Eq(c.value.clone()) }
+    let mut test = c.test.clone();
+    remap_regexes(&mut test, &mut |global| {
+        *regex_index.entry(global).or_insert_with(|| {
+            method.regexes.push(regexes[global as usize].clone());
+            method.regexes.len() as u32 - 1
+        })
+    });
+    plan::Condition { source, test }
+}
+
+/// Rewrites compiler-wide regex indices into per-method ones.
+fn remap_regexes(test: &mut plan::Test, map: &mut dyn FnMut(u32) -> u32) {
+    match test {
+        plan::Test::Op(plan::Op::Regex(i)) => *i = map(*i),
+        plan::Test::Op(plan::Op::Len(t)) | plan::Test::Not(t) => remap_regexes(t, map),
+        plan::Test::Any(list) | plan::Test::All(list) => list.iter_mut().for_each(|t| remap_regexes(t, map)),
+        plan::Test::Op(_) => {}
+    }
+}
+
+/// Warns about entries that can never answer: an earlier entry tests a
+/// subset of their conditions, so it always holds first. Subsets are checked
+/// exhaustively for up to 8 conditions (enough for any hand-written rule),
+/// so the cost stays linear in the number of rules.
+fn warn_shadowed(method: &plan::Method, entries: &[Entry], diags: &mut Diagnostics) {
+    let key = |c: &plan::Condition| {
+        let source = match c.source {
+            plan::Source::Field(i) => {
+                let f = &method.fields[i as usize];
+                format!("{:?}{:?}", f.numbers, f.shape)
+            }
+            plan::Source::Metadata(i) => format!("md:{}", method.metadata_keys[i as usize]),
+        };
+        format!("{source}{:?}", c.test)
+    };
+    let mut seen: HashMap<Vec<String>, usize> = HashMap::new();
+    let mut warned = HashSet::new();
+    for (i, e) in entries.iter().enumerate() {
+        let mut keys: Vec<String> = e.conditions.iter().map(key).collect();
+        keys.sort();
+        keys.dedup();
+        if keys.len() <= 8 {
+            let shadow = (0u32..1 << keys.len()).find_map(|mask| {
+                let subset: Vec<String> =
+                    keys.iter().enumerate().filter(|(b, _)| mask & (1 << b) != 0).map(|(_, k)| k.clone()).collect();
+                seen.get(&subset).copied()
+            });
+            if let Some(j) = shadow {
+                let first = &entries[j];
+                // Tier-3 copies of a document's own fallbacks are expected.
+                if first.origin != e.origin && warned.insert(e.origin.clone()) {
+                    diags.push(
+                        Diagnostic::warning(
+                            Some(e.span.clone()),
+                            format!("this response can never be chosen for {}", &method.path[1..]),
+                        )
+                        .with_help(format!(
+                            "the rule at {} tests a subset of its conditions and comes first (higher priority or earlier)",
+                            first.origin
+                        )),
+                    );
+                }
+            }
+        }
+        seen.entry(keys).or_insert(i);
+    }
 }

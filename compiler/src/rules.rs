@@ -19,8 +19,9 @@
 //!     priority: 10
 //! ```
 
+use crate::conditions::{Cx, RegexSpec, Target};
 use crate::diag::{suggest, Diagnostic, Diagnostics, SourceFile, Span};
-use crate::values::{self, find_field, kind_name};
+use crate::values;
 use crate::yaml::{self, Node, NodeKind};
 use prost::Message as _;
 use prost_reflect::{DescriptorPool, Kind, MethodDescriptor};
@@ -36,10 +37,11 @@ pub struct RuleDoc {
     pub responses: Vec<Resp>,
 }
 
-/// A checked condition.
+/// A checked condition. `Op::Regex` indices refer to the list `load`
+/// returns beside the documents.
 pub struct Cond {
     pub source: CondSource,
-    pub value: plan::Value,
+    pub test: plan::Test,
 }
 
 pub enum CondSource {
@@ -53,15 +55,13 @@ pub struct Resp {
     pub priority: i64,
     pub response: plan::Response,
     pub origin: String,
+    pub span: Span,
 }
 
 const DOC_KEYS: &[&str] = &["service", "method", "match", "responses", "description"];
 const MATCH_KEYS: &[&str] = &["request", "metadata"];
 const RESPONSE_KEYS: &[&str] = &["when", "body", "metadata", "trailers", "delay_ms", "priority"];
 const STREAM_KEYS: &[&str] = &["stream_items", "stream_delay_ms", "stream_loop", "stream_random_order"];
-/// Operators of the rule language that this version does not compile yet.
-const LATER_OPERATORS: &[&str] =
-    &["ne", "regex", "flags", "contains", "in", "exists", "gt", "gte", "lt", "lte", "not", "prefix", "suffix"];
 /// Header names a rule may not set: HTTP/2 connection headers and the ones
 /// the engine writes itself.
 const RESERVED_HEADERS: &[&str] = &[
@@ -77,10 +77,12 @@ const RESERVED_HEADERS: &[&str] = &[
     "upgrade",
 ];
 
-/// Reads every rule file below the given directories.
-pub fn load(dirs: &[PathBuf], pool: &DescriptorPool, diags: &mut Diagnostics) -> Vec<RuleDoc> {
+/// Reads every rule file below the given directories. Returns the checked
+/// documents and the regular expressions their conditions use.
+pub fn load(dirs: &[PathBuf], pool: &DescriptorPool, diags: &mut Diagnostics) -> (Vec<RuleDoc>, Vec<RegexSpec>) {
     let methods = MethodIndex::new(pool);
     let mut docs = Vec::new();
+    let mut regexes = Vec::new();
     for dir in dirs {
         let files = match crate::protos::list_files(dir, &["yaml", "yml", "json"]) {
             Ok(f) => f,
@@ -108,14 +110,14 @@ pub fn load(dirs: &[PathBuf], pool: &DescriptorPool, diags: &mut Diagnostics) ->
             let stem = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
             let stem = stem.rsplit_once('.').map(|(s, _)| s).unwrap_or(stem).to_string();
             for node in &nodes {
-                let mut cx = DocCx { stem: &stem, methods: &methods, diags };
+                let mut cx = DocCx { stem: &stem, methods: &methods, diags, regexes: &mut regexes };
                 if let Some(doc) = cx.doc(node) {
                     docs.push(doc);
                 }
             }
         }
     }
-    docs
+    (docs, regexes)
 }
 
 struct MethodIndex {
@@ -153,6 +155,7 @@ struct DocCx<'a> {
     stem: &'a str,
     methods: &'a MethodIndex,
     diags: &'a mut Diagnostics,
+    regexes: &'a mut Vec<RegexSpec>,
 }
 
 impl DocCx<'_> {
@@ -413,7 +416,7 @@ impl DocCx<'_> {
             }
         }
         ok &= self.diags.error_count() == errors_before;
-        ok.then(|| Resp { when, priority, response, origin: self.origin(&node.span) })
+        ok.then(|| Resp { when, priority, response, origin: self.origin(&node.span), span: node.span.clone() })
     }
 
     fn metadata_pairs(&mut self, node: &Node, what: &str) -> Vec<(String, Vec<u8>)> {
@@ -471,34 +474,6 @@ impl DocCx<'_> {
         Some((name, text.into_bytes()))
     }
 
-    /// Rejects operator objects this version does not compile, and unwraps
-    /// an explicit `{ eq: value }`.
-    fn equality_operand<'n>(&mut self, value: &'n Node) -> Option<&'n Node> {
-        let Some(entries) = value.map() else {
-            if let NodeKind::Seq(_) = value.kind {
-                let d = self.err(&value.span, "expected a single value to compare with, found a list");
-                self.diags.push(d.with_help("lists are for repeated fields, which equality matchers do not read"));
-                return None;
-            }
-            return Some(value);
-        };
-        if let [(k, v)] = entries {
-            if k.scalar() == Some("eq") {
-                return Some(v);
-            }
-        }
-        let op = entries.first().and_then(|(k, _)| k.scalar()).unwrap_or_default();
-        let d = if LATER_OPERATORS.contains(&op) {
-            self.err(&value.span, format!("operator `{op}` is not supported by this version"))
-                .with_help("this version matches by equality: write the value itself, or `{ eq: value }`")
-        } else {
-            self.err(&value.span, format!("unknown operator `{op}`"))
-                .with_help("write the value itself to match by equality, or `{ eq: value }`")
-        };
-        self.diags.push(d);
-        None
-    }
-
     fn metadata_cond(&mut self, raw: &str, key: &Node, value: &Node) -> Option<Cond> {
         let name = raw.to_ascii_lowercase();
         if !plan::is_valid_metadata_key(&name) {
@@ -508,15 +483,9 @@ impl DocCx<'_> {
             self.diags.push(d);
             return None;
         }
-        let value = self.equality_operand(value)?;
-        match values::read_string(value) {
-            Ok(s) => Some(Cond { source: CondSource::Metadata(name), value: plan::Value::Bytes(s.into_bytes()) }),
-            Err(e) => {
-                let d = self.err(&value.span, format!("metadata `{name}`: {e}"));
-                self.diags.push(d);
-                None
-            }
-        }
+        let target = Target::Metadata(name.clone());
+        let test = Cx { diags: self.diags, regexes: self.regexes }.test(value, &target)?;
+        Some(Cond { source: CondSource::Metadata(name), test })
     }
 
     fn field_cond(
@@ -526,74 +495,11 @@ impl DocCx<'_> {
         key: &Node,
         value: &Node,
     ) -> Option<Cond> {
-        let mut desc = input.clone();
-        let mut numbers = Vec::new();
-        let segments: Vec<&str> = path.split('.').collect();
-        let mut leaf = None;
-        for (i, seg) in segments.iter().enumerate() {
-            let Some(field) = find_field(&desc, seg) else {
-                let names = values::field_names(&desc);
-                let d = self
-                    .err(
-                        &key.span,
-                        format!("unknown field `{seg}` in message `{}` (in path `{path}`)", desc.full_name()),
-                    )
-                    .with_help(suggest(seg, names.iter().map(String::as_str)));
-                self.diags.push(d);
-                return None;
-            };
-            numbers.push(field.number());
-            let last = i + 1 == segments.len();
-            if field.is_list() || field.is_map() {
-                let d = self
-                    .err(&key.span, format!("field `{seg}` in path `{path}` is repeated"))
-                    .with_help("this version matches singular fields only");
-                self.diags.push(d);
-                return None;
-            }
-            match field.kind() {
-                Kind::Message(m) if last => {
-                    let names = values::field_names(&m);
-                    let example = names.first().cloned().unwrap_or_default();
-                    let d = self
-                        .err(
-                            &key.span,
-                            format!("field `{path}` is a message (`{}`); compare one of its fields", m.full_name()),
-                        )
-                        .with_help(format!("e.g. `{path}.{example}`"));
-                    self.diags.push(d);
-                    return None;
-                }
-                Kind::Message(m) => desc = m,
-                _ if !last => {
-                    let d = self.err(
-                        &key.span,
-                        format!("field `{seg}` in path `{path}` is {}, not a message", kind_name(&field.kind())),
-                    );
-                    self.diags.push(d);
-                    return None;
-                }
-                _ => leaf = Some(field),
-            }
-        }
-        let field = leaf?;
-        let kind = field.kind();
-        let scalar = scalar_kind(&kind);
-        let default = to_plan_value(&field.default_value(), scalar);
-        let value = self.equality_operand(value)?;
-        let expected = if value.is_null() { Ok(default.clone()) } else { read_plan_value(value, &kind, scalar) };
-        match expected {
-            Ok(v) => Some(Cond {
-                source: CondSource::Field(plan::FieldPath { name: path.to_string(), numbers, kind: scalar, default }),
-                value: v,
-            }),
-            Err((e, help)) => {
-                let mut d = self.err(&value.span, format!("`{path}` is {}: {e}", kind_name(&kind)));
-                d.help = help;
-                self.diags.push(d);
-                None
-            }
-        }
+        let mut cx = Cx { diags: self.diags, regexes: self.regexes };
+        let target = cx.field_target(input, path, key)?;
+        let test = cx.test(value, &target)?;
+        let Target::Field { path, .. } = target else { return None };
+        Some(Cond { source: CondSource::Field(path), test })
     }
 }
 
@@ -643,7 +549,7 @@ pub fn scalar_kind(kind: &Kind) -> plan::ScalarKind {
     }
 }
 
-fn to_plan_value(v: &prost_reflect::Value, kind: plan::ScalarKind) -> plan::Value {
+pub(crate) fn to_plan_value(v: &prost_reflect::Value, kind: plan::ScalarKind) -> plan::Value {
     use prost_reflect::Value as V;
     match v {
         V::Bool(b) => plan::Value::Bool(*b),
@@ -664,40 +570,4 @@ fn to_plan_value(v: &prost_reflect::Value, kind: plan::ScalarKind) -> plan::Valu
             plan::ValueClass::Bytes => plan::Value::Bytes(Vec::new()),
         },
     }
-}
-
-/// Reads the value a field is compared with, normalised as the engine will
-/// normalise the wire value (floats are rounded to f32 first, since that is
-/// all the wire can carry).
-fn read_plan_value(
-    node: &Node,
-    kind: &Kind,
-    scalar: plan::ScalarKind,
-) -> Result<plan::Value, (String, Option<String>)> {
-    use plan::ScalarKind as S;
-    let plain = |e: String| (e, None);
-    let name = kind_name(kind);
-    Ok(match scalar {
-        S::Int32 | S::Sint32 | S::Sfixed32 => {
-            plan::Value::I64(values::read_int(node, i32::MIN as i128, i32::MAX as i128, &name).map_err(plain)? as i64)
-        }
-        S::Int64 | S::Sint64 | S::Sfixed64 => {
-            plan::Value::I64(values::read_int(node, i64::MIN as i128, i64::MAX as i128, &name).map_err(plain)? as i64)
-        }
-        S::Uint32 | S::Fixed32 => {
-            plan::Value::U64(values::read_int(node, 0, u32::MAX as i128, &name).map_err(plain)? as u64)
-        }
-        S::Uint64 | S::Fixed64 => {
-            plan::Value::U64(values::read_int(node, 0, u64::MAX as i128, &name).map_err(plain)? as u64)
-        }
-        S::Float => plan::Value::F64(values::read_float(node, &name).map_err(plain)? as f32 as f64),
-        S::Double => plan::Value::F64(values::read_float(node, &name).map_err(plain)?),
-        S::Bool => plan::Value::Bool(values::read_bool(node).map_err(plain)?),
-        S::String => plan::Value::Bytes(values::read_string(node).map_err(plain)?.into_bytes()),
-        S::Bytes => plan::Value::Bytes(values::read_bytes(node).map_err(plain)?),
-        S::Enum => {
-            let Kind::Enum(e) = kind else { unreachable!() };
-            plan::Value::I64(values::read_enum(node, e)? as i64)
-        }
-    })
 }

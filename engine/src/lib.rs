@@ -13,11 +13,12 @@ pub mod served;
 pub mod server;
 pub mod wire;
 
-pub use served::{NoMatch, Served};
+pub use served::{NoMatch, PrepareError, Served};
 pub use server::{Config, Server};
 pub use wirestub_plan::Plan;
 
-/// Loads a plan file's bytes and prepares it for serving.
-pub fn load(bytes: &[u8], no_match: NoMatch) -> Result<Served, wirestub_plan::LoadError> {
-    Ok(Served::new(Plan::from_bytes(bytes)?, no_match))
+/// Loads a plan file's bytes and prepares it for serving: the plan's own
+/// validation, then the engine's (regular expressions).
+pub fn load(bytes: &[u8], no_match: NoMatch) -> Result<Served, Box<dyn std::error::Error + Send + Sync>> {
+    Ok(Served::new(Plan::from_bytes(bytes)?, no_match)?)
 }

@@ -136,7 +136,14 @@ fn run(args: &[String]) -> Result<ExitCode, String> {
         },
     };
     let methods = plan.methods.len();
-    let served = Arc::new(Served::new(plan, no_match));
+    let served = match Served::new(plan, no_match) {
+        Ok(s) => Arc::new(s),
+        Err(e) => {
+            let what = plan_path.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "compiled plan".into());
+            eprintln!("error: `{what}`: {e}");
+            return Ok(ExitCode::from(1));
+        }
+    };
 
     let listener = match TcpListener::bind(&listen) {
         Ok(l) => l,

@@ -1,49 +1,320 @@
-//! Rule evaluation on the request path: reads the fields the method's rules
-//! test straight from the wire bytes, reads the metadata they test, and
-//! returns the first rule whose conditions all hold.
+//! Rule evaluation on the request path: reads the inputs the method's rules
+//! test straight from the wire bytes and the metadata, and returns the first
+//! rule (in plan order) whose conditions all hold.
 //!
-//! The plan's rule order already encodes priorities and tiers, so this is a
-//! first-match scan. It allocates nothing for methods testing up to 16
-//! fields and 8 metadata keys.
+//! Singular fields are read in one pass up front; repeated fields, map
+//! entries and oneof cases are read only when a rule being evaluated needs
+//! them. When the method has an index (see [`crate::served::Index`]), only
+//! the rules that can match the indexed value, plus the rules that do not
+//! test it, are evaluated, so the cost does not grow with the number of
+//! rules keyed on distinct values. No allocation for methods testing up to
+//! 16 fields and 8 metadata keys.
 
-use crate::served::ServedMethod;
+use crate::served::{IndexKey, ServedMethod};
 use crate::wire::{self, Malformed, PathSpec, Raw, ValueRef};
 use http::HeaderMap;
+use regex_automata::dfa::Automaton;
 use smallvec::SmallVec;
-use wirestub_plan::{Op, Source};
+use std::cell::OnceCell;
+use wirestub_plan::{Op, Shape, Source, Test, Value};
+
+/// A value read on first use: the raw value if present, or why the message
+/// could not be read.
+type Lazy<'a> = OnceCell<Result<Option<Raw<'a>>, Malformed>>;
+
+/// Everything read from one request, lazily where reading costs a scan.
+struct Request<'a> {
+    method: &'a ServedMethod,
+    message: &'a [u8],
+    /// Last value of each singular field (None where absent or not singular).
+    singular: SmallVec<[Option<Raw<'a>>; 16]>,
+    /// Map values and oneof cases, read on first use: the raw value and
+    /// whether it was present.
+    lazy: SmallVec<[Lazy<'a>; 16]>,
+    metadata: SmallVec<[Option<&'a [u8]>; 8]>,
+}
 
 /// Picks the response for a request: `Ok(Some(index))` into the method's
 /// responses, `Ok(None)` if no rule matches, `Err` if the request message
-/// is malformed where the scan had to read it.
+/// is malformed where the rules had to read it.
 pub fn select(method: &ServedMethod, message: &[u8], headers: &HeaderMap) -> Result<Option<u32>, Malformed> {
     let plan = &method.plan;
-    let mut raw: SmallVec<[Option<Raw<'_>>; 16]> = SmallVec::from_elem(None, plan.fields.len());
-    if !plan.fields.is_empty() {
-        let paths: SmallVec<[PathSpec<'_>; 16]> =
-            plan.fields.iter().map(|f| PathSpec { numbers: &f.numbers, wire_type: f.kind.wire_type() }).collect();
-        wire::extract(message, &paths, &mut raw)?;
+    let mut singular: SmallVec<[Option<Raw<'_>>; 16]> = SmallVec::from_elem(None, plan.fields.len());
+    if !method.singular.is_empty() {
+        let paths: SmallVec<[PathSpec<'_>; 16]> = method
+            .singular
+            .iter()
+            .map(|&i| {
+                let f = &plan.fields[i as usize];
+                PathSpec { numbers: &f.numbers, wire_type: f.kind.wire_type() }
+            })
+            .collect();
+        let mut found: SmallVec<[Option<Raw<'_>>; 16]> = SmallVec::from_elem(None, paths.len());
+        wire::extract(message, &paths, &mut found)?;
+        for (slot, &i) in found.into_iter().zip(&method.singular) {
+            singular[i as usize] = slot;
+        }
     }
-    let metadata: SmallVec<[&[u8]; 8]> =
-        plan.metadata_keys.iter().map(|k| headers.get(k.as_str()).map(|v| v.as_bytes()).unwrap_or(b"")).collect();
+    let request = Request {
+        method,
+        message,
+        singular,
+        lazy: (0..plan.fields.len()).map(|_| OnceCell::new()).collect(),
+        metadata: plan.metadata_keys.iter().map(|k| headers.get(k.as_str()).map(|v| v.as_bytes())).collect(),
+    };
 
-    for rule in &plan.rules {
-        let holds = rule.conditions.iter().all(|c| {
-            let Op::Eq(expected) = &c.op;
-            match c.source {
-                Source::Field(i) => {
-                    let field = &plan.fields[i as usize];
-                    let actual = match raw[i as usize] {
-                        Some(r) => wire::normalize(r, field.kind),
-                        None => wire::as_ref(&field.default),
-                    };
-                    wire::value_eq(actual, expected)
-                }
-                Source::Metadata(i) => wire::value_eq(ValueRef::Bytes(metadata[i as usize]), expected),
+    let holds = |r: u32| -> Result<bool, Malformed> {
+        for c in &plan.rules[r as usize].conditions {
+            if !request.condition(c.source, &c.test)? {
+                return Ok(false);
             }
-        });
-        if holds {
-            return Ok(Some(rule.response));
+        }
+        Ok(true)
+    };
+
+    let Some(index) = &method.index else {
+        for r in 0..plan.rules.len() as u32 {
+            if holds(r)? {
+                return Ok(Some(plan.rules[r as usize].response));
+            }
+        }
+        return Ok(None);
+    };
+    // Candidates: rules keyed on the request's value, merged in rule order
+    // with the rules that do not test the indexed input.
+    let mut key = IndexKey::default();
+    let keyed: &[u32] = match request.scalar(index.source)? {
+        (value, _) if key.set(value) => index.keyed.get(key.as_slice()).map(|v| v.as_slice()).unwrap_or(&[]),
+        _ => &[],
+    };
+    let rest = &index.rest[..];
+    let (mut a, mut b) = (0, 0);
+    while a < keyed.len() || b < rest.len() {
+        let r = match (keyed.get(a), rest.get(b)) {
+            (Some(&x), Some(&y)) if x < y => {
+                a += 1;
+                x
+            }
+            (Some(&x), None) => {
+                a += 1;
+                x
+            }
+            (_, Some(&y)) => {
+                b += 1;
+                y
+            }
+            (None, None) => break,
+        };
+        if holds(r)? {
+            return Ok(Some(plan.rules[r as usize].response));
         }
     }
     Ok(None)
+}
+
+impl<'a> Request<'a> {
+    /// The single value a non-repeated source reads as, and whether it was
+    /// present.
+    fn scalar(&self, source: Source) -> Result<(ValueRef<'a>, bool), Malformed> {
+        let plan = &self.method.plan;
+        match source {
+            Source::Metadata(i) => Ok(match self.metadata[i as usize] {
+                Some(v) => (ValueRef::Bytes(v), true),
+                None => (ValueRef::Bytes(b""), false),
+            }),
+            Source::Field(i) => {
+                let f = &plan.fields[i as usize];
+                let raw = match &f.shape {
+                    Shape::Singular => self.singular[i as usize],
+                    Shape::Repeated => None,
+                    Shape::MapValue { .. } | Shape::OneofCase { .. } => {
+                        self.lazy[i as usize].get_or_init(|| self.read_lazy(i)).clone()?
+                    }
+                };
+                Ok(match raw {
+                    Some(r) => (wire::normalize(r, f.kind), true),
+                    None => (wire::as_ref(&f.default), false),
+                })
+            }
+        }
+    }
+
+    /// Reads a map value or a oneof case.
+    fn read_lazy(&self, i: u32) -> Result<Option<Raw<'a>>, Malformed> {
+        let f = &self.method.plan.fields[i as usize];
+        match &f.shape {
+            Shape::MapValue { key_kind, key } => {
+                let (prefix, number) = f.numbers.split_at(f.numbers.len() - 1);
+                let mut found = None;
+                let mut failed = None;
+                let absent_key = default_key(key);
+                wire::for_each(self.message, prefix, number, &mut |_, entry| {
+                    let Raw::Len(entry) = entry else {
+                        return true;
+                    };
+                    match wire::map_entry(entry) {
+                        Ok((k, v)) => {
+                            let k = match k {
+                                Some(k) => wire::normalize(k, *key_kind),
+                                None => wire::as_ref(&absent_key),
+                            };
+                            if wire::value_eq(k, key) {
+                                // An entry without a value holds the default.
+                                found = Some(v);
+                            }
+                            true
+                        }
+                        Err(e) => {
+                            failed = Some(e);
+                            false
+                        }
+                    }
+                })?;
+                if let Some(e) = failed {
+                    return Err(e);
+                }
+                Ok(found.flatten())
+            }
+            Shape::OneofCase { members } => {
+                let mut last = None;
+                wire::for_each(self.message, &f.numbers, members, &mut |number, _| {
+                    last = Some(number);
+                    true
+                })?;
+                Ok(last.map(|n| Raw::Varint(n as u64)))
+            }
+            Shape::Singular | Shape::Repeated => Ok(None),
+        }
+    }
+
+    fn condition(&self, source: Source, test: &Test) -> Result<bool, Malformed> {
+        if let Source::Field(i) = source {
+            let f = &self.method.plan.fields[i as usize];
+            if f.shape == Shape::Repeated {
+                return self.repeated(i, test);
+            }
+        }
+        let (value, present) = self.scalar(source)?;
+        Ok(self.eval(test, value, present))
+    }
+
+    /// Evaluates a test on one value.
+    fn eval(&self, test: &Test, value: ValueRef<'_>, present: bool) -> bool {
+        match test {
+            Test::Not(t) => !self.eval(t, value, present),
+            Test::Any(list) => list.iter().any(|t| self.eval(t, value, present)),
+            Test::All(list) => list.iter().all(|t| self.eval(t, value, present)),
+            Test::Op(op) => match op {
+                Op::Eq(v) => wire::value_eq(value, v),
+                Op::In(vs) => vs.iter().any(|v| wire::value_eq(value, v)),
+                Op::Gt(b) => order(value, b).is_some_and(|o| o.is_gt()),
+                Op::Gte(b) => order(value, b).is_some_and(|o| o.is_ge()),
+                Op::Lt(b) => order(value, b).is_some_and(|o| o.is_lt()),
+                Op::Lte(b) => order(value, b).is_some_and(|o| o.is_le()),
+                Op::Exists => present,
+                Op::Contains(Value::Bytes(needle)) => {
+                    matches!(value, ValueRef::Bytes(h) if memchr::memmem::find(h, needle).is_some())
+                }
+                Op::Contains(_) => false,
+                Op::Prefix(p) => matches!(value, ValueRef::Bytes(h) if h.starts_with(p)),
+                Op::Suffix(p) => matches!(value, ValueRef::Bytes(h) if h.ends_with(p)),
+                Op::Regex(i) => match value {
+                    ValueRef::Bytes(h) => {
+                        let dfa = &self.method.regexes[*i as usize];
+                        matches!(dfa.try_search_fwd(&regex_automata::Input::new(h).earliest(true)), Ok(Some(_)))
+                    }
+                    _ => false,
+                },
+                Op::Len(t) => match value {
+                    ValueRef::Bytes(h) => self.eval(t, ValueRef::U64(h.len() as u64), true),
+                    _ => false,
+                },
+            },
+        }
+    }
+
+    /// Evaluates a test on a repeated field: `contains` looks for an equal
+    /// element, `len` counts, `exists` means at least one element.
+    fn repeated(&self, i: u32, test: &Test) -> Result<bool, Malformed> {
+        let f = &self.method.plan.fields[i as usize];
+        let (prefix, number) = f.numbers.split_at(f.numbers.len() - 1);
+        let each = |stop_when: &mut dyn FnMut(ValueRef<'_>) -> bool| -> Result<(), Malformed> {
+            wire::for_each_element(self.message, prefix, number[0], f.kind.wire_type(), &mut |raw| {
+                !stop_when(wire::normalize(raw, f.kind))
+            })
+        };
+        Ok(match test {
+            Test::Not(t) => !self.repeated(i, t)?,
+            Test::Any(list) => {
+                for t in list {
+                    if self.repeated(i, t)? {
+                        return Ok(true);
+                    }
+                }
+                false
+            }
+            Test::All(list) => {
+                for t in list {
+                    if !self.repeated(i, t)? {
+                        return Ok(false);
+                    }
+                }
+                true
+            }
+            Test::Op(Op::Contains(v)) => {
+                let mut found = false;
+                each(&mut |e| {
+                    found = wire::value_eq(e, v);
+                    found
+                })?;
+                found
+            }
+            Test::Op(Op::Exists) => {
+                let mut any = false;
+                each(&mut |_| {
+                    any = true;
+                    true
+                })?;
+                any
+            }
+            Test::Op(Op::Len(t)) => {
+                let mut n = 0u64;
+                each(&mut |_| {
+                    n += 1;
+                    false
+                })?;
+                self.eval(t, ValueRef::U64(n), true)
+            }
+            // The plan loader admits no other operator on repeated fields.
+            Test::Op(_) => false,
+        })
+    }
+}
+
+/// A map key given as the default value (a key absent from the entry reads
+/// as its type's zero, which has the same class as the rule's key).
+fn default_key(key: &Value) -> Value {
+    match key {
+        Value::I64(_) => Value::I64(0),
+        Value::U64(_) => Value::U64(0),
+        Value::F64(_) => Value::F64(0.0),
+        Value::Bool(_) => Value::Bool(false),
+        Value::Bytes(_) => Value::Bytes(Vec::new()),
+    }
+}
+
+/// Orders a value against a bound. Numbers compare within their class;
+/// strings and metadata are parsed as numbers when the bound is a float
+/// (never ordered when unparsable, like NaN).
+fn order(value: ValueRef<'_>, bound: &Value) -> Option<std::cmp::Ordering> {
+    match (value, bound) {
+        (ValueRef::I64(a), Value::I64(b)) => Some(a.cmp(b)),
+        (ValueRef::U64(a), Value::U64(b)) => Some(a.cmp(b)),
+        (ValueRef::F64(a), Value::F64(b)) => a.partial_cmp(b),
+        (ValueRef::Bytes(a), Value::F64(b)) => {
+            let n: f64 = std::str::from_utf8(a).ok()?.trim().parse().ok()?;
+            n.partial_cmp(b)
+        }
+        _ => None,
+    }
 }

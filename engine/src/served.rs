@@ -7,9 +7,11 @@
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue};
+use regex_automata::dfa::dense::DFA;
 use std::collections::HashMap;
+use std::fmt;
 use std::time::Duration;
-use wirestub_plan::{Method, MethodKind, Plan};
+use wirestub_plan::{Method, MethodKind, Op, Plan, Shape, Source, Test, Value};
 
 /// What the engine does with a call to a known method that no rule answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -40,6 +42,141 @@ pub struct ServedMethod {
     pub responses: Vec<Prepared>,
     /// The answer when no rule matches.
     pub no_match: Prepared,
+    /// Indices of the singular fields, read in one pass per request.
+    pub singular: Vec<u32>,
+    /// The method's regular expressions, deserialized.
+    pub regexes: Vec<DFA<Vec<u32>>>,
+    /// A lookup from one input's value to the rules that can match it;
+    /// None for methods with few rules, where a scan is as fast.
+    pub index: Option<Index>,
+}
+
+/// Rules keyed on the value of one input they test for equality (`eq` or
+/// `in` at the top level of a condition).
+pub struct Index {
+    pub source: Source,
+    /// Key bytes of a value (see [`IndexKey`]) to the rules that test the
+    /// input for that value, in rule order.
+    pub keyed: HashMap<Box<[u8]>, Vec<u32>>,
+    /// Rules that do not test the input for equality, in rule order.
+    pub rest: Vec<u32>,
+}
+
+/// Methods with fewer rules are scanned; an index would not pay.
+const INDEX_MIN_RULES: usize = 8;
+
+/// The bytes a value is indexed under, built on the stack for numbers and
+/// borrowed for strings. NaN is never indexed (it equals nothing).
+#[derive(Default)]
+pub struct IndexKey<'a> {
+    buf: [u8; 8],
+    len: usize,
+    borrowed: Option<&'a [u8]>,
+}
+
+impl<'a> IndexKey<'a> {
+    /// Sets the key from a value; false if the value cannot be a key.
+    pub fn set(&mut self, v: crate::wire::ValueRef<'a>) -> bool {
+        use crate::wire::ValueRef as V;
+        let (bytes, len): ([u8; 8], usize) = match v {
+            V::I64(x) => (x.to_le_bytes(), 8),
+            V::U64(x) => (x.to_le_bytes(), 8),
+            V::F64(x) if x.is_nan() => return false,
+            // -0.0 == 0.0, so both take the same key.
+            V::F64(x) => ((if x == 0.0 { 0.0f64 } else { x }).to_bits().to_le_bytes(), 8),
+            V::Bool(b) => ([b as u8, 0, 0, 0, 0, 0, 0, 0], 1),
+            V::Bytes(b) => {
+                self.borrowed = Some(b);
+                return true;
+            }
+        };
+        self.buf = bytes;
+        self.len = len;
+        self.borrowed = None;
+        true
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        self.borrowed.unwrap_or(&self.buf[..self.len])
+    }
+}
+
+/// Why a plan could not be prepared for serving (after it loaded).
+#[derive(Debug)]
+pub struct PrepareError(String);
+
+impl fmt::Display for PrepareError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for PrepareError {}
+
+/// Deserializes a DFA written little-endian by the compiler. The bytes are
+/// copied to a 4-byte-aligned buffer first, as deserialization requires;
+/// `from_bytes` validates everything, so a corrupt DFA is an error here and
+/// never a wrong answer later.
+fn load_dfa(bytes: &[u8]) -> Result<DFA<Vec<u32>>, String> {
+    let mut buf = vec![0u8; bytes.len() + 3];
+    let at = buf.as_ptr().align_offset(4).min(3);
+    buf[at..at + bytes.len()].copy_from_slice(bytes);
+    let (dfa, _) = DFA::from_bytes(&buf[at..at + bytes.len()]).map_err(|e| e.to_string())?;
+    Ok(dfa.to_owned())
+}
+
+fn index_key_of(v: &Value) -> Option<Box<[u8]>> {
+    let mut k = IndexKey::default();
+    k.set(crate::wire::as_ref(v)).then(|| k.as_slice().to_vec().into_boxed_slice())
+}
+
+/// Builds the index on the input most rules test for equality, if it pays.
+fn build_index(m: &Method) -> Option<Index> {
+    if m.rules.len() < INDEX_MIN_RULES {
+        return None;
+    }
+    let indexable = |s: Source| match s {
+        Source::Metadata(_) => true,
+        Source::Field(i) => m.fields[i as usize].shape != Shape::Repeated,
+    };
+    let eq_values = |t: &Test| -> Option<Vec<Value>> {
+        match t {
+            Test::Op(Op::Eq(v)) => Some(vec![v.clone()]),
+            Test::Op(Op::In(vs)) => Some(vs.clone()),
+            _ => None,
+        }
+    };
+    let mut counts: HashMap<Source, usize> = HashMap::new();
+    for r in &m.rules {
+        for c in &r.conditions {
+            if indexable(c.source) && eq_values(&c.test).is_some() {
+                *counts.entry(c.source).or_default() += 1;
+            }
+        }
+    }
+    let (&source, &count) = counts.iter().max_by_key(|(s, n)| (**n, std::cmp::Reverse(format!("{s:?}"))))?;
+    if count < INDEX_MIN_RULES / 2 {
+        return None;
+    }
+    let mut keyed: HashMap<Box<[u8]>, Vec<u32>> = HashMap::new();
+    let mut rest = Vec::new();
+    for (i, r) in m.rules.iter().enumerate() {
+        let values = r.conditions.iter().find(|c| c.source == source).and_then(|c| eq_values(&c.test));
+        match values {
+            Some(vs) => {
+                for v in vs {
+                    if let Some(k) = index_key_of(&v) {
+                        let list = keyed.entry(k).or_default();
+                        if list.last() != Some(&(i as u32)) {
+                            list.push(i as u32);
+                        }
+                    }
+                }
+            }
+            None => rest.push(i as u32),
+        }
+    }
+    Some(Index { source, keyed, rest })
 }
 
 pub struct Served {
@@ -95,7 +232,7 @@ pub fn status_response(code: u8, message: &str) -> Prepared {
 }
 
 impl Served {
-    pub fn new(plan: Plan, no_match: NoMatch) -> Served {
+    pub fn new(plan: Plan, no_match: NoMatch) -> Result<Served, PrepareError> {
         let mut methods = Vec::with_capacity(plan.methods.len());
         let mut by_path = HashMap::with_capacity(plan.methods.len());
         for m in plan.methods {
@@ -117,10 +254,19 @@ impl Served {
                 NoMatch::NotFound => status_response(5, &format!("no rule matches this request to {}", &m.path[1..])),
                 NoMatch::EmptyOk => prepare(0, "", Bytes::from_static(&[0, 0, 0, 0, 0]), &[], &[], Duration::ZERO),
             };
+            let regexes = m
+                .regexes
+                .iter()
+                .enumerate()
+                .map(|(i, r)| load_dfa(r).map_err(|e| PrepareError(format!("method {}: regex {i}: {e}", m.path))))
+                .collect::<Result<Vec<_>, _>>()?;
+            let singular =
+                (0..m.fields.len() as u32).filter(|&i| m.fields[i as usize].shape == Shape::Singular).collect();
+            let index = build_index(&m);
             by_path.insert(m.path.clone().into_boxed_str(), methods.len());
-            methods.push(ServedMethod { plan: m, responses, no_match });
+            methods.push(ServedMethod { plan: m, responses, no_match, singular, regexes, index });
         }
-        Served { methods, by_path }
+        Ok(Served { methods, by_path })
     }
 
     pub fn method(&self, path: &str) -> Option<&ServedMethod> {

@@ -6,16 +6,25 @@
 //! methods      count (4), then each method:
 //! method       path (str) | kind (1) | input_type (str) | output_type (str)
 //!              | fields (count, FieldPath...) | metadata_keys (count, str...)
-//!              | responses (count, Response...) | rules (count, Rule...)
+//!              | responses (count, Response...) | regexes (count, bytes...) [v2]
+//!              | rules (count, Rule...)
 //! FieldPath    name (str) | numbers (count, u32...) | kind (1) | default (Value)
+//!              | shape (tag 1: 0 singular, 1 repeated, 2 map value: key kind (1)
+//!                key (Value), 3 oneof case: members (count, u32...))  [v2]
 //! Value        tag (1: 0 i64, 1 u64, 2 f64, 3 bool, 4 bytes) | payload
 //! Response     status (1) | message (str) | body (bytes) | headers (pairs)
 //!              | trailers (pairs) | delay_ms (4)
 //! Rule         conditions (count, Condition...) | response (4) | priority (8)
 //!              | origin (str)
-//! Condition    source tag (1: 0 field, 1 metadata) | index (4) | op tag (1) | operand
+//! Condition    source tag (1: 0 field, 1 metadata) | index (4) | Test
+//! Test         tag (1: 0 op, 1 not, 2 any, 3 all) | Op, Test or (count, Test...)
+//! Op           tag (1: 0 eq, 1 in, 2 gt, 3 gte, 4 lt, 5 lte, 6 exists,
+//!              7 contains, 8 prefix, 9 suffix, 10 regex, 11 len) | operand
 //! str, bytes   length (4) | bytes
 //! ```
+//!
+//! Version 1 had no shapes (all singular), no regexes, and a condition was
+//! a source followed directly by an op with tag 0 (eq); v1 files still load.
 
 use crate::*;
 use std::fmt;
@@ -27,6 +36,9 @@ const SECTION_METHODS: u32 = 2;
 /// Upper bound on any element count, so a corrupt count cannot make the
 /// reader reserve absurd amounts of memory before failing.
 const MAX_COUNT: u32 = 1 << 24;
+/// Deepest nesting of tests accepted, so a crafted plan cannot exhaust the
+/// stack of the reader or of the engine.
+pub const MAX_TEST_DEPTH: usize = 32;
 
 /// Why a plan could not be loaded. The message names the part that failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,7 +70,7 @@ impl fmt::Display for LoadError {
             LoadErrorKind::WrongEndian => write!(f, "plan was written with an unsupported byte order"),
             LoadErrorKind::Version(v) => write!(
                 f,
-                "plan format version {v} is not supported (this build reads version {VERSION}); recompile the plan with this compiler"
+                "plan format version {v} is not supported (this build reads versions {OLDEST_VERSION} to {VERSION}); recompile the plan with this compiler"
             ),
             LoadErrorKind::Checksum => write!(f, "plan checksum mismatch: the file is corrupt or truncated"),
             LoadErrorKind::Invalid { at, why } => write!(f, "invalid plan at {at}: {why}"),
@@ -125,7 +137,7 @@ impl Plan {
             return Err(LoadError { kind: LoadErrorKind::WrongEndian });
         }
         let version = u32_at(12);
-        if version != VERSION {
+        if !(OLDEST_VERSION..=VERSION).contains(&version) {
             return Err(LoadError { kind: LoadErrorKind::Version(version) });
         }
         if u32_at(16) != 0 {
@@ -162,7 +174,7 @@ impl Plan {
         }
         let descriptors = descriptors.ok_or_else(|| LoadError::invalid("section table", "no DESCRIPTORS section"))?;
         let methods = methods.ok_or_else(|| LoadError::invalid("section table", "no METHODS section"))?;
-        let mut r = Reader { bytes: methods, pos: 0 };
+        let mut r = Reader { bytes: methods, pos: 0, version };
         let methods = read_methods(&mut r)?;
         if r.pos != r.bytes.len() {
             return Err(LoadError::invalid("METHODS section", "trailing bytes"));
@@ -215,6 +227,68 @@ fn put_pairs(out: &mut Vec<u8>, pairs: &[(String, Vec<u8>)]) {
     }
 }
 
+fn put_test(out: &mut Vec<u8>, t: &Test) {
+    match t {
+        Test::Op(op) => {
+            out.push(0);
+            put_op(out, op);
+        }
+        Test::Not(inner) => {
+            out.push(1);
+            put_test(out, inner);
+        }
+        Test::Any(list) | Test::All(list) => {
+            out.push(if matches!(t, Test::Any(_)) { 2 } else { 3 });
+            put_u32(out, list.len() as u32);
+            for t in list {
+                put_test(out, t);
+            }
+        }
+    }
+}
+
+fn put_op(out: &mut Vec<u8>, op: &Op) {
+    match op {
+        Op::Eq(v) => {
+            out.push(0);
+            put_value(out, v);
+        }
+        Op::In(vs) => {
+            out.push(1);
+            put_u32(out, vs.len() as u32);
+            for v in vs {
+                put_value(out, v);
+            }
+        }
+        Op::Gt(v) | Op::Gte(v) | Op::Lt(v) | Op::Lte(v) => {
+            out.push(match op {
+                Op::Gt(_) => 2,
+                Op::Gte(_) => 3,
+                Op::Lt(_) => 4,
+                _ => 5,
+            });
+            put_value(out, v);
+        }
+        Op::Exists => out.push(6),
+        Op::Contains(v) => {
+            out.push(7);
+            put_value(out, v);
+        }
+        Op::Prefix(b) | Op::Suffix(b) => {
+            out.push(if matches!(op, Op::Prefix(_)) { 8 } else { 9 });
+            put_bytes(out, b);
+        }
+        Op::Regex(i) => {
+            out.push(10);
+            put_u32(out, *i);
+        }
+        Op::Len(t) => {
+            out.push(11);
+            put_test(out, t);
+        }
+    }
+}
+
 fn write_methods(out: &mut Vec<u8>, methods: &[Method]) {
     put_u32(out, methods.len() as u32);
     for m in methods {
@@ -231,6 +305,22 @@ fn write_methods(out: &mut Vec<u8>, methods: &[Method]) {
             }
             out.push(f.kind as u8);
             put_value(out, &f.default);
+            match &f.shape {
+                Shape::Singular => out.push(0),
+                Shape::Repeated => out.push(1),
+                Shape::MapValue { key_kind, key } => {
+                    out.push(2);
+                    out.push(*key_kind as u8);
+                    put_value(out, key);
+                }
+                Shape::OneofCase { members } => {
+                    out.push(3);
+                    put_u32(out, members.len() as u32);
+                    for n in members {
+                        put_u32(out, *n);
+                    }
+                }
+            }
         }
         put_u32(out, m.metadata_keys.len() as u32);
         for k in &m.metadata_keys {
@@ -244,6 +334,10 @@ fn write_methods(out: &mut Vec<u8>, methods: &[Method]) {
             put_pairs(out, &r.headers);
             put_pairs(out, &r.trailers);
             put_u32(out, r.delay_ms);
+        }
+        put_u32(out, m.regexes.len() as u32);
+        for r in &m.regexes {
+            put_bytes(out, r);
         }
         put_u32(out, m.rules.len() as u32);
         for rule in &m.rules {
@@ -259,12 +353,7 @@ fn write_methods(out: &mut Vec<u8>, methods: &[Method]) {
                         put_u32(out, i);
                     }
                 }
-                match &c.op {
-                    Op::Eq(v) => {
-                        out.push(0);
-                        put_value(out, v);
-                    }
-                }
+                put_test(out, &c.test);
             }
             put_u32(out, rule.response);
             out.extend_from_slice(&rule.priority.to_le_bytes());
@@ -278,6 +367,7 @@ fn write_methods(out: &mut Vec<u8>, methods: &[Method]) {
 struct Reader<'a> {
     bytes: &'a [u8],
     pos: usize,
+    version: u32,
 }
 
 impl<'a> Reader<'a> {
@@ -350,6 +440,97 @@ impl<'a> Reader<'a> {
     }
 }
 
+impl Reader<'_> {
+    fn test(&mut self, at: &dyn Fn() -> String, depth: usize) -> Result<Test, LoadError> {
+        if depth > MAX_TEST_DEPTH {
+            return Err(LoadError::invalid(at(), "tests nested too deeply"));
+        }
+        Ok(match self.u8(at)? {
+            0 => Test::Op(self.op(at, depth)?),
+            1 => Test::Not(Box::new(self.test(at, depth + 1)?)),
+            t @ (2 | 3) => {
+                let n = self.count(at)?;
+                let mut list = Vec::with_capacity(n);
+                for _ in 0..n {
+                    list.push(self.test(at, depth + 1)?);
+                }
+                if t == 2 {
+                    Test::Any(list)
+                } else {
+                    Test::All(list)
+                }
+            }
+            t => return Err(LoadError::invalid(at(), format!("unknown test tag {t}"))),
+        })
+    }
+
+    fn op(&mut self, at: &dyn Fn() -> String, depth: usize) -> Result<Op, LoadError> {
+        Ok(match self.u8(at)? {
+            0 => Op::Eq(self.value(at)?),
+            1 => {
+                let n = self.count(at)?;
+                let mut vs = Vec::with_capacity(n);
+                for _ in 0..n {
+                    vs.push(self.value(at)?);
+                }
+                Op::In(vs)
+            }
+            2 => Op::Gt(self.value(at)?),
+            3 => Op::Gte(self.value(at)?),
+            4 => Op::Lt(self.value(at)?),
+            5 => Op::Lte(self.value(at)?),
+            6 => Op::Exists,
+            7 => Op::Contains(self.value(at)?),
+            8 => Op::Prefix(self.bytes(at)?.to_vec()),
+            9 => Op::Suffix(self.bytes(at)?.to_vec()),
+            10 => Op::Regex(self.u32(at)?),
+            11 => Op::Len(Box::new(self.test(at, depth + 1)?)),
+            t => return Err(LoadError::invalid(at(), format!("unknown operator tag {t}"))),
+        })
+    }
+}
+
+/// What a test sees of its source: one value of a class, or the elements of
+/// a repeated field.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum View {
+    Scalar(ValueClass),
+    Repeated(ValueClass),
+}
+
+/// Checks that every operand fits the value it will be compared with, so
+/// the engine can compare without checking classes.
+fn check_test(test: &Test, view: View, regexes: usize) -> Result<(), String> {
+    let numeric = |c: ValueClass| matches!(c, ValueClass::I64 | ValueClass::U64 | ValueClass::F64);
+    match test {
+        Test::Not(t) => check_test(t, view, regexes),
+        Test::Any(list) | Test::All(list) => list.iter().try_for_each(|t| check_test(t, view, regexes)),
+        Test::Op(op) => {
+            let ok = match (op, view) {
+                (Op::Exists, _) => true,
+                (Op::Eq(v), View::Scalar(c)) => v.class() == c,
+                (Op::In(vs), View::Scalar(c)) => vs.iter().all(|v| v.class() == c),
+                (Op::Gt(v) | Op::Gte(v) | Op::Lt(v) | Op::Lte(v), View::Scalar(c)) => {
+                    (numeric(c) && v.class() == c) || (c == ValueClass::Bytes && v.class() == ValueClass::F64)
+                }
+                (Op::Contains(v), View::Repeated(c)) => v.class() == c,
+                (Op::Contains(v), View::Scalar(ValueClass::Bytes)) => v.class() == ValueClass::Bytes,
+                (Op::Prefix(_) | Op::Suffix(_), View::Scalar(ValueClass::Bytes)) => true,
+                (Op::Regex(i), View::Scalar(ValueClass::Bytes)) => (*i as usize) < regexes,
+                (Op::Len(t), View::Repeated(_) | View::Scalar(ValueClass::Bytes)) => {
+                    return check_test(t, View::Scalar(ValueClass::U64), regexes)
+                }
+                _ => false,
+            };
+            if ok {
+                Ok(())
+            } else {
+                Err(format!("operator `{}` does not fit the value it tests", op.name()))
+            }
+        }
+    }
+}
+
 fn read_methods(r: &mut Reader) -> Result<Vec<Method>, LoadError> {
     let n = r.count(&|| "METHODS section".to_string())?;
     let mut methods: Vec<Method> = Vec::with_capacity(n);
@@ -381,9 +562,6 @@ fn read_methods(r: &mut Reader) -> Result<Vec<Method>, LoadError> {
             let at = || at(&format!("field path {fi}"));
             let name = r.string(&at)?;
             let nn = r.count(&at)?;
-            if nn == 0 {
-                return Err(LoadError::invalid(at(), "empty field path"));
-            }
             let mut numbers = Vec::with_capacity(nn);
             for _ in 0..nn {
                 let num = r.u32(&at)?;
@@ -398,7 +576,40 @@ fn read_methods(r: &mut Reader) -> Result<Vec<Method>, LoadError> {
             if default.class() != kind.value_class() {
                 return Err(LoadError::invalid(at(), "default value does not fit the field type"));
             }
-            fields.push(FieldPath { name, numbers, kind, default });
+            let shape = if r.version < 2 {
+                Shape::Singular
+            } else {
+                match r.u8(&at)? {
+                    0 => Shape::Singular,
+                    1 => Shape::Repeated,
+                    2 => {
+                        let key_kind = ScalarKind::from_u8(r.u8(&at)?)
+                            .ok_or_else(|| LoadError::invalid(at(), "unknown map key kind"))?;
+                        let key = r.value(&at)?;
+                        if key.class() != key_kind.value_class() {
+                            return Err(LoadError::invalid(at(), "map key does not fit its kind"));
+                        }
+                        Shape::MapValue { key_kind, key }
+                    }
+                    3 => {
+                        let n = r.count(&at)?;
+                        let mut members = Vec::with_capacity(n);
+                        for _ in 0..n {
+                            members.push(r.u32(&at)?);
+                        }
+                        if kind != ScalarKind::Int32 {
+                            return Err(LoadError::invalid(at(), "a oneof case reads as int32"));
+                        }
+                        Shape::OneofCase { members }
+                    }
+                    t => return Err(LoadError::invalid(at(), format!("unknown shape tag {t}"))),
+                }
+            };
+            // Only a oneof case may name the top-level message itself.
+            if numbers.is_empty() && !matches!(shape, Shape::OneofCase { .. }) {
+                return Err(LoadError::invalid(at(), "empty field path"));
+            }
+            fields.push(FieldPath { name, numbers, kind, default, shape });
         }
 
         let nk = r.count(&|| at("metadata keys"))?;
@@ -438,6 +649,14 @@ fn read_methods(r: &mut Reader) -> Result<Vec<Method>, LoadError> {
             responses.push(Response { status, message, body, headers, trailers, delay_ms });
         }
 
+        let mut regexes = Vec::new();
+        if r.version >= 2 {
+            let n = r.count(&|| at("regexes"))?;
+            for _ in 0..n {
+                regexes.push(r.bytes(&|| at("regex"))?.to_vec());
+            }
+        }
+
         let nrules = r.count(&|| at("rules"))?;
         let mut rules = Vec::with_capacity(nrules);
         for ri in 0..nrules {
@@ -445,36 +664,38 @@ fn read_methods(r: &mut Reader) -> Result<Vec<Method>, LoadError> {
             let nc = r.count(&at)?;
             let mut conditions = Vec::with_capacity(nc);
             for _ in 0..nc {
-                let source = match r.u8(&at)? {
+                let (source, view) = match r.u8(&at)? {
                     0 => {
                         let i = r.u32(&at)?;
-                        if i as usize >= fields.len() {
-                            return Err(LoadError::invalid(at(), format!("field index {i} out of range")));
-                        }
-                        Source::Field(i)
+                        let f = fields
+                            .get(i as usize)
+                            .ok_or_else(|| LoadError::invalid(at(), format!("field index {i} out of range")))?;
+                        let class = f.kind.value_class();
+                        let view = match f.shape {
+                            Shape::Repeated => View::Repeated(class),
+                            _ => View::Scalar(class),
+                        };
+                        (Source::Field(i), view)
                     }
                     1 => {
                         let i = r.u32(&at)?;
                         if i as usize >= metadata_keys.len() {
                             return Err(LoadError::invalid(at(), format!("metadata index {i} out of range")));
                         }
-                        Source::Metadata(i)
+                        (Source::Metadata(i), View::Scalar(ValueClass::Bytes))
                     }
                     t => return Err(LoadError::invalid(at(), format!("unknown source tag {t}"))),
                 };
-                let op = match r.u8(&at)? {
-                    0 => Op::Eq(r.value(&at)?),
-                    t => return Err(LoadError::invalid(at(), format!("unknown operator tag {t}"))),
+                let test = if r.version < 2 {
+                    match r.u8(&at)? {
+                        0 => Test::Op(Op::Eq(r.value(&at)?)),
+                        t => return Err(LoadError::invalid(at(), format!("unknown operator tag {t}"))),
+                    }
+                } else {
+                    r.test(&at, 0)?
                 };
-                let expected_class = match source {
-                    Source::Field(i) => fields[i as usize].kind.value_class(),
-                    Source::Metadata(_) => ValueClass::Bytes,
-                };
-                let Op::Eq(v) = &op;
-                if v.class() != expected_class {
-                    return Err(LoadError::invalid(at(), "operand does not fit the value it is compared with"));
-                }
-                conditions.push(Condition { source, op });
+                check_test(&test, view, regexes.len()).map_err(|why| LoadError::invalid(at(), why))?;
+                conditions.push(Condition { source, test });
             }
             let response = r.u32(&at)?;
             if response as usize >= responses.len() {
@@ -484,7 +705,7 @@ fn read_methods(r: &mut Reader) -> Result<Vec<Method>, LoadError> {
             let origin = r.string(&at)?;
             rules.push(Rule { conditions, response, priority, origin });
         }
-        methods.push(Method { path, kind, input_type, output_type, fields, metadata_keys, responses, rules });
+        methods.push(Method { path, kind, input_type, output_type, fields, metadata_keys, responses, rules, regexes });
     }
     Ok(methods)
 }
@@ -501,12 +722,36 @@ mod tests {
                 kind: MethodKind::Unary,
                 input_type: "pkg.Req".into(),
                 output_type: "pkg.Resp".into(),
-                fields: vec![FieldPath {
-                    name: "user.id".into(),
-                    numbers: vec![1, 2],
-                    kind: ScalarKind::String,
-                    default: Value::Bytes(vec![]),
-                }],
+                fields: vec![
+                    FieldPath {
+                        name: "user.id".into(),
+                        numbers: vec![1, 2],
+                        kind: ScalarKind::String,
+                        default: Value::Bytes(vec![]),
+                        shape: Shape::Singular,
+                    },
+                    FieldPath {
+                        name: "tags".into(),
+                        numbers: vec![3],
+                        kind: ScalarKind::Int32,
+                        default: Value::I64(0),
+                        shape: Shape::Repeated,
+                    },
+                    FieldPath {
+                        name: "attrs.color".into(),
+                        numbers: vec![4],
+                        kind: ScalarKind::Double,
+                        default: Value::F64(0.0),
+                        shape: Shape::MapValue { key_kind: ScalarKind::String, key: Value::Bytes(b"color".to_vec()) },
+                    },
+                    FieldPath {
+                        name: "result".into(),
+                        numbers: vec![],
+                        kind: ScalarKind::Int32,
+                        default: Value::I64(0),
+                        shape: Shape::OneofCase { members: vec![5, 6] },
+                    },
+                ],
                 metadata_keys: vec!["x-tenant".into()],
                 responses: vec![
                     Response { body: grpc_frame(b"\x0a\x02hi"), ..Default::default() },
@@ -519,13 +764,30 @@ mod tests {
                 ],
                 rules: vec![Rule {
                     conditions: vec![
-                        Condition { source: Source::Field(0), op: Op::Eq(Value::Bytes(b"7".to_vec())) },
-                        Condition { source: Source::Metadata(0), op: Op::Eq(Value::Bytes(b"a".to_vec())) },
+                        Condition { source: Source::Field(0), test: Test::Op(Op::Eq(Value::Bytes(b"7".to_vec()))) },
+                        Condition { source: Source::Metadata(0), test: Test::Op(Op::Regex(0)) },
+                        Condition {
+                            source: Source::Field(1),
+                            test: Test::All(vec![
+                                Test::Op(Op::Contains(Value::I64(-3))),
+                                Test::Op(Op::Len(Box::new(Test::Op(Op::Gte(Value::U64(2)))))),
+                            ]),
+                        },
+                        Condition {
+                            source: Source::Field(2),
+                            test: Test::Not(Box::new(Test::Any(vec![
+                                Test::Op(Op::Gt(Value::F64(1.5))),
+                                Test::Op(Op::In(vec![Value::F64(0.5), Value::F64(-1.0)])),
+                            ]))),
+                        },
+                        Condition { source: Source::Field(3), test: Test::Op(Op::Eq(Value::I64(6))) },
+                        Condition { source: Source::Metadata(0), test: Test::Op(Op::Lt(Value::F64(10.0))) },
                     ],
                     response: 1,
                     priority: 3,
                     origin: "rules/x.yaml:3:5".into(),
                 }],
+                regexes: vec![vec![1, 2, 3, 4]],
             }],
         }
     }
@@ -569,6 +831,37 @@ mod tests {
         plan.methods[0].rules[0].response = 9;
         let err = Plan::from_bytes(&plan.to_bytes()).unwrap_err().to_string();
         assert!(err.contains("response index 9 out of range"), "{err}");
+    }
+
+    #[test]
+    fn operands_must_fit_their_source() {
+        let bad = [
+            (Source::Field(0), Test::Op(Op::Gt(Value::I64(3)))),
+            (Source::Field(1), Test::Op(Op::Eq(Value::I64(3)))),
+            (Source::Field(1), Test::Op(Op::Contains(Value::Bytes(vec![])))),
+            (Source::Field(2), Test::Op(Op::Regex(0))),
+            (Source::Field(0), Test::Op(Op::Regex(7))),
+            (Source::Field(0), Test::Op(Op::Len(Box::new(Test::Op(Op::Eq(Value::I64(1))))))),
+            (Source::Metadata(0), Test::Not(Box::new(Test::Op(Op::Eq(Value::I64(1)))))),
+        ];
+        for (source, test) in bad {
+            let mut plan = sample();
+            plan.methods[0].rules[0].conditions = vec![Condition { source, test: test.clone() }];
+            let err = Plan::from_bytes(&plan.to_bytes()).unwrap_err().to_string();
+            assert!(err.contains("does not fit"), "{test:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn deeply_nested_tests_are_refused() {
+        let mut t = Test::Op(Op::Exists);
+        for _ in 0..100 {
+            t = Test::Not(Box::new(t));
+        }
+        let mut plan = sample();
+        plan.methods[0].rules[0].conditions = vec![Condition { source: Source::Field(0), test: t }];
+        let err = Plan::from_bytes(&plan.to_bytes()).unwrap_err().to_string();
+        assert!(err.contains("nested too deeply"), "{err}");
     }
 
     #[test]

@@ -30,18 +30,46 @@ fn value(v: &Value) -> String {
     }
 }
 
+fn test(t: &Test) -> String {
+    let list = |l: &[Test], sep: &str| l.iter().map(|t| format!("({})", test(t))).collect::<Vec<_>>().join(sep);
+    match t {
+        Test::Op(op) => match op {
+            Op::Eq(v) => format!("== {}", value(v)),
+            Op::In(vs) => format!("in [{}]", vs.iter().map(value).collect::<Vec<_>>().join(", ")),
+            Op::Gt(v) => format!("> {}", value(v)),
+            Op::Gte(v) => format!(">= {}", value(v)),
+            Op::Lt(v) => format!("< {}", value(v)),
+            Op::Lte(v) => format!("<= {}", value(v)),
+            Op::Exists => "exists".to_string(),
+            Op::Contains(v) => format!("contains {}", value(v)),
+            Op::Prefix(b) => format!("prefix {}", escape_bytes(b)),
+            Op::Suffix(b) => format!("suffix {}", escape_bytes(b)),
+            Op::Regex(i) => format!("matches regex#{i}"),
+            Op::Len(t) => format!("len {}", test(t)),
+        },
+        Test::Not(t) => format!("not ({})", test(t)),
+        Test::Any(l) => format!("any of {}", list(l, " | ")),
+        Test::All(l) => format!("all of {}", list(l, " & ")),
+    }
+}
+
 pub(crate) fn dump(plan: &Plan, body: &dyn Fn(&Method, &[u8]) -> String) -> String {
     let mut s = String::new();
-    let _ = writeln!(s, "plan version {VERSION}");
     let _ = writeln!(s, "descriptors: {} bytes", plan.descriptors.len());
     let _ = writeln!(s, "methods: {}", plan.methods.len());
     for m in &plan.methods {
         let _ = writeln!(s, "\nmethod {} ({}) {} -> {}", m.path, m.kind.name(), m.input_type, m.output_type);
         for (i, f) in m.fields.iter().enumerate() {
             let nums: Vec<String> = f.numbers.iter().map(|n| n.to_string()).collect();
+            let shape = match &f.shape {
+                Shape::Singular => String::new(),
+                Shape::Repeated => " repeated".to_string(),
+                Shape::MapValue { key, .. } => format!(" map value at key {}", value(key)),
+                Shape::OneofCase { members } => format!(" oneof case of {members:?}"),
+            };
             let _ = writeln!(
                 s,
-                "  field#{i} {} = [{}] {} (default {})",
+                "  field#{i} {} = [{}] {}{shape} (default {})",
                 f.name,
                 nums.join("."),
                 f.kind.name(),
@@ -58,12 +86,11 @@ pub(crate) fn dump(plan: &Plan, body: &dyn Fn(&Method, &[u8]) -> String) -> Stri
                     Source::Field(i) => format!("request.{}", m.fields[i as usize].name),
                     Source::Metadata(i) => format!("metadata.{}", m.metadata_keys[i as usize]),
                 };
-                match &c.op {
-                    Op::Eq(v) => {
-                        let _ = writeln!(s, "    {src} == {}", value(v));
-                    }
-                }
+                let _ = writeln!(s, "    {src} {}", test(&c.test));
             }
+        }
+        for (i, r) in m.regexes.iter().enumerate() {
+            let _ = writeln!(s, "  regex#{i} ({} bytes of DFA)", r.len());
         }
         for (i, r) in m.responses.iter().enumerate() {
             let _ = write!(s, "  response#{i} status {} ({})", r.status, STATUS_NAMES[r.status as usize]);

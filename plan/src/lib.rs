@@ -32,8 +32,10 @@ pub use codec::LoadError;
 
 /// First eight bytes of every plan file.
 pub const MAGIC: [u8; 8] = *b"WSTBPLAN";
-/// The layout version this crate writes and reads.
-pub const VERSION: u32 = 1;
+/// The layout version this crate writes. It also reads every earlier version.
+pub const VERSION: u32 = 2;
+/// The oldest layout version this crate still reads.
+pub const OLDEST_VERSION: u32 = 1;
 
 /// A compiled plan: everything the engine needs to serve, nothing more.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -97,6 +99,10 @@ pub struct Method {
     /// answers the call. The compiler has already applied priorities, tiers
     /// and tie-breaks to produce this order.
     pub rules: Vec<Rule>,
+    /// Regular expressions the rules use, each a dense DFA from
+    /// regex-automata serialized little-endian for unanchored search
+    /// (`DFA::to_bytes_little_endian`). Validated when the engine loads them.
+    pub regexes: Vec<Vec<u8>>,
 }
 
 /// A path from the request message to a scalar field, as field numbers.
@@ -112,6 +118,26 @@ pub struct FieldPath {
     /// The value the field has when it is absent from the wire (proto3 zero,
     /// or the proto2 declared default).
     pub default: Value,
+    /// How the last field is read.
+    pub shape: Shape,
+}
+
+/// How a field path is read from the request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Shape {
+    /// A singular scalar: the last occurrence counts; absent reads as the
+    /// default.
+    Singular,
+    /// A repeated scalar (packed or not): every element.
+    Repeated,
+    /// One entry of a map field (`numbers` ends at the map field): the value
+    /// of the last entry whose key equals `key`; absent reads as the default.
+    /// `kind` and `default` describe the value.
+    MapValue { key_kind: ScalarKind, key: Value },
+    /// Which member of a oneof is set (`numbers` leads to the message holding
+    /// it): reads as the field number (I64) of the last member seen, 0 if
+    /// none. `kind` is Int32.
+    OneofCase { members: Vec<u32> },
 }
 
 /// Protobuf scalar types, numbered as in `FieldDescriptorProto.Type`.
@@ -260,11 +286,11 @@ pub struct Rule {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Condition {
     pub source: Source,
-    pub op: Op,
+    pub test: Test,
 }
 
 /// What a condition reads.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Source {
     /// Index into [`Method::fields`].
     Field(u32),
@@ -273,12 +299,63 @@ pub enum Source {
     Metadata(u32),
 }
 
-/// The test applied to the value read. Encoded with a tag byte, so that
-/// later operators extend the format without changing this one.
+/// A boolean combination of operators applied to one source.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Test {
+    Op(Op),
+    Not(Box<Test>),
+    /// At least one holds.
+    Any(Vec<Test>),
+    /// All hold.
+    All(Vec<Test>),
+}
+
+/// An operator, applied to the value read from a source. Operand classes are
+/// checked at load time against the source (see `codec::check_test`).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Op {
-    /// Equal to the value; the value's class matches the source's kind.
+    /// Equal to the value.
     Eq(Value),
+    /// Equal to one of the values.
+    In(Vec<Value>),
+    /// Ordered comparisons: numbers (and enum numbers) directly; string
+    /// fields and metadata are parsed as numbers (never holds if unparsable).
+    Gt(Value),
+    Gte(Value),
+    Lt(Value),
+    Lte(Value),
+    /// Present on the wire (a repeated field: at least one element; metadata:
+    /// the key was sent).
+    Exists,
+    /// Substring of a string, bytes or metadata value; for a repeated field,
+    /// one element equals the value.
+    Contains(Value),
+    Prefix(Vec<u8>),
+    Suffix(Vec<u8>),
+    /// Unanchored regular expression search; index into [`Method::regexes`].
+    Regex(u32),
+    /// The test applies to the length: elements of a repeated field, bytes
+    /// of a string, bytes or metadata value. The inner test sees a U64.
+    Len(Box<Test>),
+}
+
+impl Op {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Eq(_) => "eq",
+            Op::In(_) => "in",
+            Op::Gt(_) => "gt",
+            Op::Gte(_) => "gte",
+            Op::Lt(_) => "lt",
+            Op::Lte(_) => "lte",
+            Op::Exists => "exists",
+            Op::Contains(_) => "contains",
+            Op::Prefix(_) => "prefix",
+            Op::Suffix(_) => "suffix",
+            Op::Regex(_) => "regex",
+            Op::Len(_) => "len",
+        }
+    }
 }
 
 /// A prepared answer.
