@@ -164,5 +164,68 @@ fn wire(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, wire);
+/// Writes a case with `n` rules on one method, compiles it with the real
+/// compiler and prepares it for serving, as the engine does at start.
+fn served_with_rules(n: usize) -> wirestub_engine::Served {
+    let dir = std::env::temp_dir().join(format!("wirestub-bench-{}-{n}", std::process::id()));
+    let (protos, rules) = (dir.join("protos"), dir.join("rules"));
+    std::fs::create_dir_all(&protos).unwrap();
+    std::fs::create_dir_all(&rules).unwrap();
+    std::fs::write(
+        protos.join("b.proto"),
+        "syntax = \"proto3\";\npackage b;\nservice S { rpc M (Req) returns (Resp); }\n\
+         message Req { string user_id = 1; string region = 2; int32 tier = 3; }\nmessage Resp { string who = 1; }\n",
+    )
+    .unwrap();
+    let mut text = String::from("service: b.S\nmethod: M\nresponses:\n");
+    for i in 0..n {
+        text.push_str(&format!(
+            "  - {{ when: {{ request.user_id: user-{i}, request.tier: {{ gte: 1 }} }}, body: {{ who: u{i} }} }}\n"
+        ));
+    }
+    text.push_str("  - { when: { request.region: { regex: \"^eu-\" } }, body: { who: europe } }\n");
+    text.push_str("  - { body: { who: nobody } }\n");
+    std::fs::write(rules.join("b.yaml"), text).unwrap();
+    let out = wirestub_compiler::compile(&wirestub_compiler::Options { protos: vec![protos], rules: vec![rules] })
+        .unwrap_or_else(|d| panic!("{}", d.render()));
+    let _ = std::fs::remove_dir_all(&dir);
+    wirestub_engine::load(&out.plan.to_bytes(), wirestub_engine::NoMatch::NotFound).unwrap()
+}
+
+/// Req { user_id, region: "us-east", tier: 2 }.
+fn route_request(user: &str) -> Vec<u8> {
+    let mut m = Vec::new();
+    put_bytes_field(&mut m, 1, user.as_bytes());
+    put_bytes_field(&mut m, 2, b"us-east");
+    put_varint_field(&mut m, 3, 2);
+    m
+}
+
+/// Matching cost against the number of rules on one method: it must stay
+/// flat (the engine indexes rules keyed on the same field).
+fn matching(c: &mut Criterion) {
+    let headers = http::HeaderMap::new();
+    let mut group = c.benchmark_group("match");
+    for n in [10usize, 10_000, 100_000] {
+        let served = served_with_rules(n);
+        let method = served.method("/b.S/M").unwrap();
+        let hit = route_request(&format!("user-{}", n / 2));
+        let miss = route_request("user-none");
+        // The hit answers with its own rule, the miss falls through to the
+        // fallback; check once, then measure.
+        let hit_rule = wirestub_engine::matcher::select(method, &hit, &headers).unwrap().unwrap();
+        assert_eq!(hit_rule as usize, n / 2);
+        let miss_rule = wirestub_engine::matcher::select(method, &miss, &headers).unwrap().unwrap();
+        assert_eq!(miss_rule as usize, n + 1);
+        group.bench_function(format!("hit/{n}_rules"), |b| {
+            b.iter(|| wirestub_engine::matcher::select(method, black_box(&hit), &headers))
+        });
+        group.bench_function(format!("miss/{n}_rules"), |b| {
+            b.iter(|| wirestub_engine::matcher::select(method, black_box(&miss), &headers))
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, wire, matching);
 criterion_main!(benches);
