@@ -11,6 +11,7 @@
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use std::hint::black_box;
+use wirestub_engine::matcher::Messages;
 use wirestub_engine::wire::{extract, for_each_element, PathSpec, Raw};
 
 // ---- a hand-encoded request -------------------------------------------------
@@ -213,16 +214,14 @@ fn matching(c: &mut Criterion) {
         let miss = route_request("user-none");
         // The hit answers with its own rule, the miss falls through to the
         // fallback; check once, then measure.
-        let hit_rule = wirestub_engine::matcher::select(method, &hit, &headers).unwrap().unwrap();
-        assert_eq!(hit_rule as usize, n / 2);
-        let miss_rule = wirestub_engine::matcher::select(method, &miss, &headers).unwrap().unwrap();
-        assert_eq!(miss_rule as usize, n + 1);
-        group.bench_function(format!("hit/{n}_rules"), |b| {
-            b.iter(|| wirestub_engine::matcher::select(method, black_box(&hit), &headers))
-        });
-        group.bench_function(format!("miss/{n}_rules"), |b| {
-            b.iter(|| wirestub_engine::matcher::select(method, black_box(&miss), &headers))
-        });
+        let select = |request: &[u8]| {
+            let one = [request];
+            wirestub_engine::matcher::select(method, &Messages::one(&one), &headers).unwrap()
+        };
+        assert_eq!(select(&hit), Some(n as u32 / 2));
+        assert_eq!(select(&miss), Some(n as u32 + 1));
+        group.bench_function(format!("hit/{n}_rules"), |b| b.iter(|| select(black_box(&hit))));
+        group.bench_function(format!("miss/{n}_rules"), |b| b.iter(|| select(black_box(&miss))));
     }
     group.finish();
 }

@@ -69,22 +69,18 @@ async fn cases() {
                             let msg =
                                 prost_reflect::DynamicMessage::decode(client.output_type(method), r.get_ref().clone())
                                     .unwrap();
-                            Reply {
-                                status: "OK".into(),
-                                message: String::new(),
-                                body: Some(serde_json::to_value(&msg).unwrap()),
-                                metadata: Vec::new(),
-                            }
+                            Reply::ok(serde_json::to_value(&msg).unwrap())
                         }
-                        Err(s) => Reply {
-                            status: code_name(s.code()),
-                            message: s.message().to_string(),
-                            body: None,
-                            metadata: Vec::new(),
-                        },
+                        Err(s) => Reply::error(&s),
                     }
                 }
-                None => client.call(method, call.get("request").unwrap_or(&J::Null), &metadata, timeout).await,
+                None => {
+                    let requests = match call.get("requests") {
+                        Some(J::Array(list)) => list.clone(),
+                        _ => vec![call.get("request").cloned().unwrap_or(J::Null)],
+                    };
+                    client.call_any(method, &requests, &metadata, timeout).await
+                }
             };
             let expect = &call["expect"];
             let mut problems = Vec::new();
@@ -103,9 +99,33 @@ async fn cases() {
                     problems.push(format!("body {:?}, expected {want}", reply.body));
                 }
             }
+            if let Some(J::Array(bodies)) = expect.get("bodies") {
+                let want: Vec<J> = bodies.iter().map(|b| client.canonical(method, b)).collect();
+                let mut got = reply.bodies.clone();
+                let mut want_sorted = want.clone();
+                if expect.get("any_order").and_then(J::as_bool) == Some(true) {
+                    got.sort_by_key(|v| v.to_string());
+                    want_sorted.sort_by_key(|v| v.to_string());
+                }
+                if got != want_sorted {
+                    problems.push(format!("stream {:?}, expected {want:?}", reply.bodies));
+                }
+            }
             for (k, v) in str_pairs(expect.get("metadata")) {
                 if !reply.metadata.contains(&(k.clone(), v.clone())) {
                     problems.push(format!("metadata {k}: {v} missing from {:?}", reply.metadata));
+                }
+            }
+            // Rich errors: the decoded google.rpc.Status must carry the
+            // call's code and message and the expected details.
+            if let Some(details) = expect.get("details") {
+                let code = wirestub_plan::STATUS_NAMES.iter().position(|n| *n == status).unwrap();
+                let want = client.canonical_status(
+                    &serde_json::json!({ "code": code, "message": reply.message, "details": details }),
+                );
+                let got = client.status_json(&reply.details);
+                if got != want {
+                    problems.push(format!("grpc-status-details-bin {got}, expected {want}"));
                 }
             }
             if !problems.is_empty() {
@@ -305,6 +325,75 @@ async fn many_concurrent_calls_on_one_connection() {
         let resp = t.await.unwrap().unwrap();
         assert_eq!(&resp.get_ref()[..], b"\x0a\x12Hi Tom (from mock)");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplex_answers_each_message_before_the_next_is_sent() {
+    let dir = root().join("tests/cases/streaming");
+    let server = tokio::task::block_in_place(|| TestServer::start(&dir, NoMatch::NotFound));
+    let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    let mut client = client.ready().await.unwrap();
+    let req = http::Request::post(format!("http://{}/chat.Chat/Talk", server.addr))
+        .header("content-type", "application/grpc")
+        .body(())
+        .unwrap();
+    let (response, mut send) = client.send_request(req, false).unwrap();
+    // Line { text: "ping" }; the reply must come while the request stream
+    // is still open, which is what makes it duplex.
+    let ping = frame(b"\x12\x04ping");
+    send.send_data(ping.clone(), false).unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(5), response).await.expect("headers").unwrap();
+    let mut body = response.into_body();
+    // Line { who: "mock", text: "pong" }, framed.
+    let pong = frame(b"\x0a\x04mock\x12\x04pong");
+    for round in 0..3 {
+        let mut got = Vec::new();
+        while got.len() < pong.len() {
+            let chunk =
+                tokio::time::timeout(Duration::from_secs(5), body.data()).await.expect("a reply").unwrap().unwrap();
+            let _ = body.flow_control().release_capacity(chunk.len());
+            got.extend_from_slice(&chunk);
+        }
+        assert_eq!(got, pong, "round {round}");
+        send.send_data(ping.clone(), round == 2).unwrap();
+    }
+    let mut rest = Vec::new();
+    while let Some(chunk) = body.data().await {
+        rest.extend_from_slice(&chunk.unwrap());
+    }
+    assert_eq!(rest, pong, "the last ping, sent with end of stream, is answered too");
+    let trailers = body.trailers().await.unwrap().unwrap();
+    assert_eq!(trailers.get("grpc-status").unwrap(), "0");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_an_endless_stream_leaves_the_server_serving() {
+    let dir = root().join("tests/cases/streaming");
+    let server = tokio::task::block_in_place(|| TestServer::start(&dir, NoMatch::NotFound));
+    let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    let mut client = client.ready().await.unwrap();
+    let req = http::Request::post(format!("http://{}/chat.Chat/Watch", server.addr))
+        .header("content-type", "application/grpc")
+        .body(())
+        .unwrap();
+    // Topic { name: "forever" }: one item every 10 ms until cancelled.
+    let (response, mut send) = client.send_request(req, false).unwrap();
+    send.send_data(frame(b"\x0a\x07forever"), true).unwrap();
+    let mut body = response.await.unwrap().into_body();
+    for _ in 0..3 {
+        let chunk = body.data().await.unwrap().unwrap();
+        let _ = body.flow_control().release_capacity(chunk.len());
+    }
+    drop(body);
+    send.send_reset(h2::Reason::CANCEL);
+    // The server notices the reset and stops; the connection stays usable.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let r = raw_call(server.addr, "/chat.Chat/Watch", &GRPC, vec![frame(b"\x0a\x06single")]).await;
+    assert_eq!(r.grpc_status(), Some(0));
 }
 
 // ---- the binaries ---------------------------------------------------------

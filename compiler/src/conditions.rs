@@ -12,7 +12,7 @@ use crate::diag::{suggest, Diagnostic, Diagnostics, Span};
 use crate::values::{self, find_field, kind_name};
 use crate::yaml::{Node, NodeKind};
 use prost_reflect::{Kind, MessageDescriptor};
-use wirestub_plan::{self as plan, Op, Shape, Test, ValueClass};
+use wirestub_plan::{self as plan, MessageSel, Op, Shape, Test, ValueClass};
 
 /// What a condition reads, resolved against the descriptors.
 #[derive(Debug, Clone)]
@@ -73,6 +73,7 @@ impl Cx<'_> {
                             kind: plan::ScalarKind::Int32,
                             default: plan::Value::I64(0),
                             shape: Shape::OneofCase { members },
+                            message: MessageSel::Single,
                         };
                         return Some(Target::Field { path, kind: Kind::Message(desc.clone()), message: false });
                     }
@@ -124,6 +125,7 @@ impl Cx<'_> {
                     kind: scalar,
                     default: default_of(scalar, &vf.default_value()),
                     shape: Shape::MapValue { key_kind, key: key_value },
+                    message: MessageSel::Single,
                 };
                 return Some(Target::Field { path, kind, message: false });
             }
@@ -146,6 +148,7 @@ impl Cx<'_> {
                     kind: scalar,
                     default: zero_of(scalar),
                     shape: Shape::Repeated,
+                    message: MessageSel::Single,
                 };
                 return Some(Target::Field { path, kind: field.kind(), message });
             }
@@ -158,6 +161,7 @@ impl Cx<'_> {
                         kind: plan::ScalarKind::Bytes,
                         default: plan::Value::Bytes(Vec::new()),
                         shape: Shape::Singular,
+                        message: MessageSel::Single,
                     };
                     return Some(Target::Field { path, kind: Kind::Message(m), message: true });
                 }
@@ -177,6 +181,7 @@ impl Cx<'_> {
                         kind: scalar,
                         default: default_of(scalar, &field.default_value()),
                         shape: Shape::Singular,
+                        message: MessageSel::Single,
                     };
                     return Some(Target::Field { path, kind, message: false });
                 }
@@ -184,6 +189,56 @@ impl Cx<'_> {
             i += 1;
         }
         None
+    }
+
+    /// Resolves a path in the aggregate view of a client stream, as Wishmock
+    /// presents it: `first.<path>`, `last.<path>`, `items.<N>.<path>` and
+    /// `count`.
+    pub fn aggregate_target(&mut self, input: &MessageDescriptor, path: &str, key: &Node) -> Option<Target> {
+        let (head, rest) = match path.split_once('.') {
+            Some((h, r)) => (h, Some(r)),
+            None => (path, None),
+        };
+        let (message, rest) = match (head, rest) {
+            ("count", None) => {
+                let path = plan::FieldPath {
+                    name: path.to_string(),
+                    numbers: Vec::new(),
+                    kind: plan::ScalarKind::Uint64,
+                    default: plan::Value::U64(0),
+                    shape: Shape::Singular,
+                    message: MessageSel::Count,
+                };
+                return Some(Target::Field { path, kind: Kind::Uint64, message: false });
+            }
+            ("first", Some(r)) => (MessageSel::First, r),
+            ("last", Some(r)) => (MessageSel::Last, r),
+            ("items", Some(r)) => match r.split_once('.') {
+                Some((n, r)) if n.parse::<u32>().is_ok() => (MessageSel::Nth(n.parse().unwrap()), r),
+                _ => {
+                    self.error_help(
+                        &key.span,
+                        format!("`{path}`: `items` is followed by a message index"),
+                        "e.g. `items.0.name`; `count` is the number of messages",
+                    );
+                    return None;
+                }
+            },
+            _ => {
+                self.error_help(
+                    &key.span,
+                    format!("`{path}` does not name a part of the client stream"),
+                    "in a client stream, rules see `first.<field>`, `last.<field>`, `items.<N>.<field>` and `count`",
+                );
+                return None;
+            }
+        };
+        let mut target = self.field_target(input, rest, key)?;
+        if let Target::Field { path: p, .. } = &mut target {
+            p.message = message;
+            p.name = path.to_string();
+        }
+        Some(target)
     }
 
     /// Compiles the value written for a condition into a test.

@@ -6,6 +6,7 @@
 
 mod canonical;
 pub mod conditions;
+mod details;
 pub mod diag;
 mod lower;
 pub mod protos;
@@ -79,6 +80,9 @@ pub fn compile(options: &Options) -> Result<Output, Diagnostics> {
     let rule_docs = docs.len();
     let plan = lower::lower(&schema.pool, schema.encoded, docs, &regexes, &mut diags);
     diags.sort();
+    if diags.has_errors() {
+        return Err(diags);
+    }
     Ok(Output { plan, warnings: diags, proto_files: schema.files, rule_docs })
 }
 

@@ -75,7 +75,16 @@ fn lower_method(
         responses: Vec::new(),
         rules: Vec::new(),
         regexes: Vec::new(),
+        duplex: false,
     };
+    method.duplex = docs.iter().any(|d| d.duplex);
+    if let Some(aggregate) = docs.iter().find(|d| !d.duplex).filter(|_| method.duplex) {
+        let span = aggregate.responses.first().map(|r| r.span.clone());
+        diags.push(
+            Diagnostic::error(span, format!("rule documents for {} disagree on `mode`", m.full_name()))
+                .with_help("a bidirectional method is either duplex or aggregate; give every document the same `mode`"),
+        );
+    }
     let mut regex_index = HashMap::new();
     let mut entries = Vec::new();
     let mut order = 0;
@@ -142,7 +151,9 @@ fn intern(
 ) -> plan::Condition {
     let source = match &c.source {
         CondSource::Field(path) => {
-            let same = |f: &plan::FieldPath| f.numbers == path.numbers && f.shape == path.shape && f.kind == path.kind;
+            let same = |f: &plan::FieldPath| {
+                f.numbers == path.numbers && f.shape == path.shape && f.kind == path.kind && f.message == path.message
+            };
             let i = match method.fields.iter().position(same) {
                 Some(i) => i,
                 None => {
@@ -192,7 +203,7 @@ fn warn_shadowed(method: &plan::Method, entries: &[Entry], diags: &mut Diagnosti
         let source = match c.source {
             plan::Source::Field(i) => {
                 let f = &method.fields[i as usize];
-                format!("{:?}{:?}", f.numbers, f.shape)
+                format!("{:?}{:?}{:?}", f.numbers, f.shape, f.message)
             }
             plan::Source::Metadata(i) => format!("md:{}", method.metadata_keys[i as usize]),
         };

@@ -1,8 +1,15 @@
 //! Compiles .proto files in process with protox: imports across files and
 //! include paths, well-known types built in, no protoc needed.
+//!
+//! The google.rpc protos of the rich error model (`google/rpc/status.proto`,
+//! `google/rpc/error_details.proto`, in `src/builtin/`) are built in too:
+//! user protos may import them without shipping them, and they are always
+//! part of the schema (and so of the plan's descriptors), for error details.
+//! A user's own copy, under the same import name or any other, wins.
 
 use crate::diag::{Diagnostic, Diagnostics, SourceFile, Span};
 use prost_reflect::DescriptorPool;
+use protox::file::{ChainFileResolver, File, FileResolver, GoogleFileResolver, IncludeFileResolver};
 use std::path::{Path, PathBuf};
 
 /// The compiled schema: the pool for type checking and the encoded
@@ -53,13 +60,13 @@ pub fn compile(dirs: &[PathBuf], diags: &mut Diagnostics) -> Option<Schema> {
         diags.error(None, format!("no .proto files found in {}", shown.join(", ")));
         return None;
     }
-    let mut compiler = match protox::Compiler::new(dirs) {
-        Ok(c) => c,
-        Err(e) => {
-            diags.push(to_diagnostic(&e, dirs));
-            return None;
-        }
-    };
+    let mut resolver = ChainFileResolver::new();
+    for dir in dirs {
+        resolver.add(IncludeFileResolver::new(dir.clone()));
+    }
+    resolver.add(GoogleFileResolver::new());
+    resolver.add(BuiltinFileResolver);
+    let mut compiler = protox::Compiler::with_file_resolver(resolver);
     compiler.include_imports(true).include_source_info(false);
     // Open files one by one so that every broken file is reported, not only
     // the first.
@@ -73,6 +80,7 @@ pub fn compile(dirs: &[PathBuf], diags: &mut Diagnostics) -> Option<Schema> {
     if failed {
         return None;
     }
+    add_builtins(&mut compiler, diags)?;
     let encoded = compiler.encode_file_descriptor_set();
     match DescriptorPool::decode(encoded.as_slice()) {
         Ok(pool) => Some(Schema { pool, encoded, files: files.len() }),
@@ -81,6 +89,51 @@ pub fn compile(dirs: &[PathBuf], diags: &mut Diagnostics) -> Option<Schema> {
             None
         }
     }
+}
+
+/// The built-in files: import name and source.
+const BUILTIN: &[(&str, &str)] = &[
+    ("google/rpc/status.proto", include_str!("builtin/google/rpc/status.proto")),
+    ("google/rpc/error_details.proto", include_str!("builtin/google/rpc/error_details.proto")),
+];
+
+/// Resolves the built-in files by import name. It comes after the include
+/// directories in the chain, so a user's copy under the same name wins.
+struct BuiltinFileResolver;
+
+impl FileResolver for BuiltinFileResolver {
+    fn open_file(&self, name: &str) -> Result<File, protox::Error> {
+        match BUILTIN.iter().find(|(n, _)| *n == name) {
+            Some((n, source)) => File::from_source(n, source),
+            None => Err(protox::Error::file_not_found(name)),
+        }
+    }
+}
+
+/// Adds every built-in file the user's protos did not already bring in: not
+/// under its own name (then it is already compiled, theirs or ours) and not
+/// under another (a user's copy elsewhere in their tree, whose messages
+/// would clash with ours).
+fn add_builtins(compiler: &mut protox::Compiler, diags: &mut Diagnostics) -> Option<()> {
+    for (name, source) in BUILTIN {
+        let pool = compiler.descriptor_pool();
+        if pool.get_file_by_name(name).is_some() {
+            continue;
+        }
+        let file = File::from_source(name, source).expect("built-in protos parse");
+        let proto = file.file_descriptor_proto();
+        let package = proto.package();
+        let clash =
+            proto.message_type.iter().any(|m| pool.get_message_by_name(&format!("{package}.{}", m.name())).is_some());
+        if clash {
+            continue;
+        }
+        if let Err(e) = compiler.open_file(name) {
+            diags.error(None, format!("built-in `{name}` does not compile with these protos: {e}"));
+            return None;
+        }
+    }
+    Some(())
 }
 
 /// Turns a protox error into a diagnostic with the file, line and column of

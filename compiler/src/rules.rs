@@ -15,6 +15,7 @@
 //!     body: { ... }         # the response message, protobuf JSON mapping
 //!     metadata: { ... }     # initial metadata
 //!     trailers: { grpc-status: 5, grpc-message: "...", other: "..." }
+//!     details: [{ "@type": type.googleapis.com/google.rpc.ErrorInfo, ... }]
 //!     delay_ms: 100
 //!     priority: 10
 //! ```
@@ -32,6 +33,8 @@ use wirestub_plan as plan;
 /// One rule document after checking.
 pub struct RuleDoc {
     pub method: MethodDescriptor,
+    /// `mode: duplex` on a bidirectional method: answer each message.
+    pub duplex: bool,
     /// The `match` gate.
     pub gate: Vec<Cond>,
     pub responses: Vec<Resp>,
@@ -58,10 +61,13 @@ pub struct Resp {
     pub span: Span,
 }
 
-const DOC_KEYS: &[&str] = &["service", "method", "match", "responses", "description"];
+const DOC_KEYS: &[&str] = &["service", "method", "mode", "match", "responses", "description"];
 const MATCH_KEYS: &[&str] = &["request", "metadata"];
-const RESPONSE_KEYS: &[&str] = &["when", "body", "metadata", "trailers", "delay_ms", "priority"];
-const STREAM_KEYS: &[&str] = &["stream_items", "stream_delay_ms", "stream_loop", "stream_random_order"];
+const RESPONSE_KEYS: &[&str] = &["when", "body", "metadata", "trailers", "details", "delay_ms", "priority"];
+const STREAM_KEYS: &[&str] =
+    &["stream_items", "stream_delay_ms", "stream_loop", "stream_random_order", "stream_error_after"];
+/// Wishmock's pause between streamed items when the rule gives none.
+const DEFAULT_STREAM_DELAY_MS: u32 = 100;
 /// Header names a rule may not set: HTTP/2 connection headers and the ones
 /// the engine writes itself.
 const RESERVED_HEADERS: &[&str] = &[
@@ -110,7 +116,7 @@ pub fn load(dirs: &[PathBuf], pool: &DescriptorPool, diags: &mut Diagnostics) ->
             let stem = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
             let stem = stem.rsplit_once('.').map(|(s, _)| s).unwrap_or(stem).to_string();
             for node in &nodes {
-                let mut cx = DocCx { stem: &stem, methods: &methods, diags, regexes: &mut regexes };
+                let mut cx = DocCx { stem: &stem, methods: &methods, diags, regexes: &mut regexes, aggregate: false };
                 if let Some(doc) = cx.doc(node) {
                     docs.push(doc);
                 }
@@ -156,6 +162,9 @@ struct DocCx<'a> {
     methods: &'a MethodIndex,
     diags: &'a mut Diagnostics,
     regexes: &'a mut Vec<RegexSpec>,
+    /// Whether request paths in this document use the aggregate view of a
+    /// client stream (`first`, `last`, `items.N`, `count`).
+    aggregate: bool,
 }
 
 impl DocCx<'_> {
@@ -187,6 +196,27 @@ impl DocCx<'_> {
             }
         }
         let method = self.resolve_method(node, get("service"), get("method"))?;
+        let mut duplex = false;
+        if let Some((k, v)) = get("mode") {
+            match v.scalar() {
+                Some("aggregate") => {}
+                Some("duplex") => duplex = true,
+                _ => {
+                    let d = self
+                        .err(&v.span, format!("`mode` is `aggregate` or `duplex`, found {}", v.describe()))
+                        .with_help("duplex answers each message as it arrives; aggregate (the default) answers once after the client's last message");
+                    self.diags.push(d);
+                }
+            }
+            if !(method.is_client_streaming() && method.is_server_streaming()) {
+                let d = self.err(
+                    &k.span,
+                    format!("`mode` applies to bidirectional streaming methods; `{}` is not one", method.full_name()),
+                );
+                self.diags.push(d);
+            }
+        }
+        self.aggregate = method.is_client_streaming() && !duplex;
         let input = method.input();
         let mut gate = Vec::new();
         if let Some((_, m)) = get("match") {
@@ -239,20 +269,7 @@ impl DocCx<'_> {
                 }
             },
         }
-        if method.is_client_streaming() || method.is_server_streaming() {
-            let kind = plan::MethodKind::from_streaming(method.is_client_streaming(), method.is_server_streaming());
-            let d = Diagnostic::warning(
-                Some(doc_span(node)),
-                format!(
-                    "`{}` is a {} method; this version serves unary methods only, so these rules are ignored and calls get UNIMPLEMENTED",
-                    method.full_name(),
-                    kind.name().replace('_', " ")
-                ),
-            );
-            self.diags.push(d);
-            return None;
-        }
-        Some(RuleDoc { method, gate, responses })
+        Some(RuleDoc { method, duplex, gate, responses })
     }
 
     fn expect_map<'n>(&mut self, node: &'n Node, what: &str) -> Option<&'n [(Node, Node)]> {
@@ -313,8 +330,12 @@ impl DocCx<'_> {
         let mut ok = true;
         let mut when = None;
         let mut body_node = None;
+        let mut details = None;
         let mut response = plan::Response::default();
         let mut priority = 0i64;
+        let mut stream_nodes: Option<&[Node]> = None;
+        let mut stream_delay = None;
+        let mut error_after = None;
         let errors_before = self.diags.error_count();
         for (key, value) in entries {
             let name = key.scalar().unwrap_or_default();
@@ -341,6 +362,7 @@ impl DocCx<'_> {
                     when = Some(conds);
                 }
                 "body" => body_node = Some(value),
+                "details" => details = Some((key, value)),
                 "metadata" => response.headers = self.metadata_pairs(value, "`metadata`"),
                 "trailers" => {
                     for (k, v) in self.expect_map(value, "`trailers`").unwrap_or_default() {
@@ -354,6 +376,7 @@ impl DocCx<'_> {
                                     self.diags.push(d);
                                 }
                             },
+                            crate::details::TRAILER => self.diags.push(crate::details::hand_written(k)),
                             "grpc-message" => match values::read_string(v) {
                                 Ok(s) => response.message = plan::percent_encode_message(&s),
                                 Err(e) => {
@@ -383,16 +406,66 @@ impl DocCx<'_> {
                         self.diags.push(d);
                     }
                 },
-                _ if STREAM_KEYS.contains(&name) => {
+                _ if STREAM_KEYS.contains(&name) && !method.is_server_streaming() => {
                     let d = Diagnostic::warning(
                         Some(key.span.clone()),
                         format!(
-                            "`{name}` applies to streaming responses; `{}` is unary, so it is ignored",
+                            "`{name}` applies to server-streaming responses; `{}` answers with one message, so it is ignored",
                             method.full_name()
                         ),
                     );
                     self.diags.push(d);
                 }
+                "stream_items" => match &value.kind {
+                    NodeKind::Seq(items) => stream_nodes = Some(items.as_slice()),
+                    _ => {
+                        let d = self.err(
+                            &value.span,
+                            format!("`stream_items` must be a list of messages, found {}", value.describe()),
+                        );
+                        self.diags.push(d);
+                    }
+                },
+                "stream_delay_ms" => match values::read_int(value, 0, u32::MAX as i128, "stream_delay_ms") {
+                    Ok(v) => stream_delay = Some(v as u32),
+                    Err(e) => {
+                        let d = self.err(&value.span, e);
+                        self.diags.push(d);
+                    }
+                },
+                "stream_loop" => {
+                    match (values::read_bool(value), values::read_int(value, 1, u32::MAX as i128, "stream_loop")) {
+                        // true: until the client cancels; a number: that many passes.
+                        (Ok(b), _) => response.stream_repeat = if b { 0 } else { 1 },
+                        (_, Ok(n)) => response.stream_repeat = n as u32,
+                        _ => {
+                            let d = self
+                                .err(
+                                    &value.span,
+                                    format!(
+                                        "`stream_loop` is true, false or a number of passes, found `{}`",
+                                        value.scalar().unwrap_or_default()
+                                    ),
+                                )
+                                .with_help("true sends the items until the client cancels; 3 sends them three times");
+                            self.diags.push(d);
+                        }
+                    }
+                }
+                "stream_random_order" => match values::read_bool(value) {
+                    Ok(b) => response.stream_random_order = b,
+                    Err(e) => {
+                        let d = self.err(&value.span, e);
+                        self.diags.push(d);
+                    }
+                },
+                "stream_error_after" => match values::read_int(value, 0, u32::MAX as i128, "stream_error_after") {
+                    Ok(v) => error_after = Some((v as u32, key.span.clone())),
+                    Err(e) => {
+                        let d = self.err(&value.span, e);
+                        self.diags.push(d);
+                    }
+                },
                 _ => {
                     let all = RESPONSE_KEYS.iter().chain(STREAM_KEYS).copied();
                     let d = self
@@ -409,11 +482,35 @@ impl DocCx<'_> {
             Some(b) => values::read_message(b, &output, self.diags),
             None => Some(prost_reflect::DynamicMessage::new(output)),
         };
+        let frame = |m: prost_reflect::DynamicMessage| {
+            plan::grpc_frame(&crate::canonical::canonicalize(&m.encode_to_vec(), &method.output()))
+        };
+        if let Some(items) = stream_nodes {
+            for item in items {
+                if let Some(m) = values::read_message(item, &method.output(), self.diags) {
+                    response.stream.push(frame(m));
+                }
+            }
+            response.stream_delay_ms = stream_delay.unwrap_or(DEFAULT_STREAM_DELAY_MS);
+        } else if let Some(d) = stream_delay {
+            response.stream_delay_ms = d;
+        }
+        if let Some((n, span)) = error_after {
+            if response.status == 0 {
+                let d = self.err(&span, "`stream_error_after` goes with an error status in `trailers`");
+                self.diags
+                    .push(d.with_help("e.g. `trailers: { grpc-status: UNAVAILABLE }` to fail after that many items"));
+            }
+            response.error_after = n;
+        }
         if response.status == 0 {
             if let Some(b) = body {
-                let bytes = crate::canonical::canonicalize(&b.encode_to_vec(), &method.output());
-                response.body = plan::grpc_frame(&bytes);
+                response.body = frame(b);
             }
+        }
+        // After the loop: the status must be known, whatever the key order.
+        if let Some((k, v)) = details {
+            crate::details::attach(node, k, v, &mut response, method.parent_pool(), self.diags);
         }
         ok &= self.diags.error_count() == errors_before;
         ok.then(|| Resp { when, priority, response, origin: self.origin(&node.span), span: node.span.clone() })
@@ -496,7 +593,8 @@ impl DocCx<'_> {
         value: &Node,
     ) -> Option<Cond> {
         let mut cx = Cx { diags: self.diags, regexes: self.regexes };
-        let target = cx.field_target(input, path, key)?;
+        let target =
+            if self.aggregate { cx.aggregate_target(input, path, key)? } else { cx.field_target(input, path, key)? };
         let test = cx.test(value, &target)?;
         let Target::Field { path, .. } = target else { return None };
         Some(Cond { source: CondSource::Field(path), test })

@@ -14,7 +14,7 @@ use std::collections::HashMap;
 
 /// Well-known types whose JSON form is not the plain field-by-field mapping;
 /// they are read by prost-reflect's JSON support.
-const SPECIAL_WKT: &[&str] = &[
+pub(crate) const SPECIAL_WKT: &[&str] = &[
     "google.protobuf.Any",
     "google.protobuf.Timestamp",
     "google.protobuf.Duration",

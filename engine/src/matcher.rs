@@ -16,7 +16,7 @@ use http::HeaderMap;
 use regex_automata::dfa::Automaton;
 use smallvec::SmallVec;
 use std::cell::OnceCell;
-use wirestub_plan::{Op, Shape, Source, Test, Value};
+use wirestub_plan::{MessageSel, Op, Shape, Source, Test, Value};
 
 /// A value read on first use: the raw value if present, or why the message
 /// could not be read.
@@ -25,24 +25,46 @@ type Lazy<'a> = OnceCell<Result<Option<Raw<'a>>, Malformed>>;
 /// Everything read from one request, lazily where reading costs a scan.
 struct Request<'a> {
     method: &'a ServedMethod,
-    message: &'a [u8],
+    /// The request messages the rules see.
+    messages: &'a Messages<'a>,
     /// Last value of each singular field (None where absent or not singular).
     singular: SmallVec<[Option<Raw<'a>>; 16]>,
-    /// Map values and oneof cases, read on first use: the raw value and
-    /// whether it was present.
+    /// Map values and oneof cases, read on first use.
     lazy: SmallVec<[Lazy<'a>; 16]>,
     metadata: SmallVec<[Option<&'a [u8]>; 8]>,
 }
 
-/// Picks the response for a request: `Ok(Some(index))` into the method's
-/// responses, `Ok(None)` if no rule matches, `Err` if the request message
-/// is malformed where the rules had to read it.
-pub fn select(method: &ServedMethod, message: &[u8], headers: &HeaderMap) -> Result<Option<u32>, Malformed> {
+/// The request messages of a call as the rules see them: the one message of
+/// a unary or server-streaming call (or of one step of a duplex call), or,
+/// for a client stream, the messages rules can name (the first ones, up to
+/// the highest `items.N` used), the last one, and how many came.
+#[derive(Debug, Clone, Copy)]
+pub struct Messages<'a> {
+    pub head: &'a [&'a [u8]],
+    pub last: Option<&'a [u8]>,
+    pub count: usize,
+}
+
+impl<'a> Messages<'a> {
+    /// The view of a call with exactly one request message.
+    pub fn one(message: &'a [&'a [u8]; 1]) -> Self {
+        Messages { head: message, last: None, count: 1 }
+    }
+}
+
+/// Picks the response for a call: `Ok(Some(index))` into the method's
+/// responses, `Ok(None)` if no rule matches, `Err` if a request message is
+/// malformed where the rules had to read it.
+pub fn select<'a>(
+    method: &'a ServedMethod,
+    messages: &'a Messages<'a>,
+    headers: &'a HeaderMap,
+) -> Result<Option<u32>, Malformed> {
     let plan = &method.plan;
     let mut singular: SmallVec<[Option<Raw<'_>>; 16]> = SmallVec::from_elem(None, plan.fields.len());
-    if !method.singular.is_empty() {
-        let paths: SmallVec<[PathSpec<'_>; 16]> = method
-            .singular
+    for (sel, fields) in &method.singular {
+        let Some(message) = message_of(messages, *sel) else { continue };
+        let paths: SmallVec<[PathSpec<'_>; 16]> = fields
             .iter()
             .map(|&i| {
                 let f = &plan.fields[i as usize];
@@ -51,13 +73,13 @@ pub fn select(method: &ServedMethod, message: &[u8], headers: &HeaderMap) -> Res
             .collect();
         let mut found: SmallVec<[Option<Raw<'_>>; 16]> = SmallVec::from_elem(None, paths.len());
         wire::extract(message, &paths, &mut found)?;
-        for (slot, &i) in found.into_iter().zip(&method.singular) {
+        for (slot, &i) in found.into_iter().zip(fields) {
             singular[i as usize] = slot;
         }
     }
     let request = Request {
         method,
-        message,
+        messages,
         singular,
         lazy: (0..plan.fields.len()).map(|_| OnceCell::new()).collect(),
         metadata: plan.metadata_keys.iter().map(|k| headers.get(k.as_str()).map(|v| v.as_bytes())).collect(),
@@ -124,6 +146,9 @@ impl<'a> Request<'a> {
             }),
             Source::Field(i) => {
                 let f = &plan.fields[i as usize];
+                if f.message == MessageSel::Count {
+                    return Ok((ValueRef::U64(self.messages.count as u64), true));
+                }
                 let raw = match &f.shape {
                     Shape::Singular => self.singular[i as usize],
                     Shape::Repeated => None,
@@ -142,13 +167,14 @@ impl<'a> Request<'a> {
     /// Reads a map value or a oneof case.
     fn read_lazy(&self, i: u32) -> Result<Option<Raw<'a>>, Malformed> {
         let f = &self.method.plan.fields[i as usize];
+        let Some(message) = message_of(self.messages, f.message) else { return Ok(None) };
         match &f.shape {
             Shape::MapValue { key_kind, key } => {
                 let (prefix, number) = f.numbers.split_at(f.numbers.len() - 1);
                 let mut found = None;
                 let mut failed = None;
                 let absent_key = default_key(key);
-                wire::for_each(self.message, prefix, number, &mut |_, entry| {
+                wire::for_each(message, prefix, number, &mut |_, entry| {
                     let Raw::Len(entry) = entry else {
                         return true;
                     };
@@ -177,7 +203,7 @@ impl<'a> Request<'a> {
             }
             Shape::OneofCase { members } => {
                 let mut last = None;
-                wire::for_each(self.message, &f.numbers, members, &mut |number, _| {
+                wire::for_each(message, &f.numbers, members, &mut |number, _| {
                     last = Some(number);
                     true
                 })?;
@@ -238,8 +264,9 @@ impl<'a> Request<'a> {
     fn repeated(&self, i: u32, test: &Test) -> Result<bool, Malformed> {
         let f = &self.method.plan.fields[i as usize];
         let (prefix, number) = f.numbers.split_at(f.numbers.len() - 1);
+        let message = message_of(self.messages, f.message).unwrap_or_default();
         let each = |stop_when: &mut dyn FnMut(ValueRef<'_>) -> bool| -> Result<(), Malformed> {
-            wire::for_each_element(self.message, prefix, number[0], f.kind.wire_type(), &mut |raw| {
+            wire::for_each_element(message, prefix, number[0], f.kind.wire_type(), &mut |raw| {
                 !stop_when(wire::normalize(raw, f.kind))
             })
         };
@@ -288,6 +315,16 @@ impl<'a> Request<'a> {
             // The plan loader admits no other operator on repeated fields.
             Test::Op(_) => false,
         })
+    }
+}
+
+/// The message a selector reads, if the call has it.
+fn message_of<'a>(messages: &Messages<'a>, sel: MessageSel) -> Option<&'a [u8]> {
+    match sel {
+        MessageSel::Single | MessageSel::First => messages.head.first().copied(),
+        MessageSel::Last => messages.last.or_else(|| messages.head.last().copied()),
+        MessageSel::Nth(n) => messages.head.get(n as usize).copied(),
+        MessageSel::Count => None,
     }
 }
 

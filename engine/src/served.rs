@@ -11,7 +11,7 @@ use regex_automata::dfa::dense::DFA;
 use std::collections::HashMap;
 use std::fmt;
 use std::time::Duration;
-use wirestub_plan::{Method, MethodKind, Op, Plan, Shape, Source, Test, Value};
+use wirestub_plan::{MessageSel, Method, MethodKind, Op, Plan, Shape, Source, Test, Value};
 
 /// What the engine does with a call to a known method that no rule answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -29,12 +29,22 @@ pub struct Prepared {
     pub status: u8,
     /// The framed message; empty for errors.
     pub body: Bytes,
-    /// Response headers: content-type and initial metadata; for errors, also
-    /// the status (a trailers-only response).
+    /// Response headers: content-type and initial metadata.
     pub headers: HeaderMap,
-    /// grpc-status, grpc-message and trailing metadata (unused for errors).
+    /// grpc-status, grpc-message and trailing metadata.
     pub trailers: HeaderMap,
+    /// Headers and trailers in one map, for an error sent as a
+    /// trailers-only response.
+    pub trailers_only: HeaderMap,
     pub delay: Duration,
+    /// Streamed messages (server-streaming methods); empty: `body` alone.
+    pub stream: Vec<Bytes>,
+    pub stream_delay: Duration,
+    /// Passes over `stream`; 0 = until the client cancels.
+    pub stream_repeat: u32,
+    pub stream_random_order: bool,
+    /// Streamed messages sent before an error status.
+    pub error_after: u32,
 }
 
 pub struct ServedMethod {
@@ -42,13 +52,16 @@ pub struct ServedMethod {
     pub responses: Vec<Prepared>,
     /// The answer when no rule matches.
     pub no_match: Prepared,
-    /// Indices of the singular fields, read in one pass per request.
-    pub singular: Vec<u32>,
+    /// The singular fields, grouped by the message they read: each group is
+    /// read in one pass over that message.
+    pub singular: Vec<(MessageSel, Vec<u32>)>,
     /// The method's regular expressions, deserialized.
     pub regexes: Vec<DFA<Vec<u32>>>,
     /// A lookup from one input's value to the rules that can match it;
     /// None for methods with few rules, where a scan is as fast.
     pub index: Option<Index>,
+    /// See [`ServedMethod::messages_kept`].
+    pub keep: usize,
 }
 
 /// Rules keyed on the value of one input they test for equality (`eq` or
@@ -218,12 +231,21 @@ pub fn prepare(
         }
     }
     append(&mut t, trailers);
-    if status != 0 {
-        // Trailers-only: one HEADERS frame carries everything.
-        h.extend(t.drain());
-        t = HeaderMap::new();
+    let mut trailers_only = h.clone();
+    trailers_only.extend(t.clone());
+    Prepared {
+        status,
+        body,
+        headers: h,
+        trailers: t,
+        trailers_only,
+        delay,
+        stream: Vec::new(),
+        stream_delay: Duration::ZERO,
+        stream_repeat: 1,
+        stream_random_order: false,
+        error_after: 0,
     }
-    Prepared { status, body, headers: h, trailers: t, delay }
 }
 
 /// A response for a status the engine produces itself.
@@ -240,14 +262,20 @@ impl Served {
                 .responses
                 .iter()
                 .map(|r| {
-                    prepare(
+                    let mut p = prepare(
                         r.status,
                         &r.message,
                         Bytes::from(r.body.clone()),
                         &r.headers,
                         &r.trailers,
                         Duration::from_millis(r.delay_ms as u64),
-                    )
+                    );
+                    p.stream = r.stream.iter().map(|item| Bytes::from(item.clone())).collect();
+                    p.stream_delay = Duration::from_millis(r.stream_delay_ms as u64);
+                    p.stream_repeat = r.stream_repeat;
+                    p.stream_random_order = r.stream_random_order;
+                    p.error_after = r.error_after;
+                    p
                 })
                 .collect();
             let no_match = match no_match {
@@ -260,11 +288,21 @@ impl Served {
                 .enumerate()
                 .map(|(i, r)| load_dfa(r).map_err(|e| PrepareError(format!("method {}: regex {i}: {e}", m.path))))
                 .collect::<Result<Vec<_>, _>>()?;
-            let singular =
-                (0..m.fields.len() as u32).filter(|&i| m.fields[i as usize].shape == Shape::Singular).collect();
+            let mut singular: Vec<(MessageSel, Vec<u32>)> = Vec::new();
+            for (i, f) in m.fields.iter().enumerate() {
+                if f.shape != Shape::Singular || f.message == MessageSel::Count {
+                    continue;
+                }
+                match singular.iter_mut().find(|(sel, _)| *sel == f.message) {
+                    Some((_, list)) => list.push(i as u32),
+                    None => singular.push((f.message, vec![i as u32])),
+                }
+            }
             let index = build_index(&m);
             by_path.insert(m.path.clone().into_boxed_str(), methods.len());
-            methods.push(ServedMethod { plan: m, responses, no_match, singular, regexes, index });
+            let mut served = ServedMethod { plan: m, responses, no_match, singular, regexes, index, keep: 0 };
+            served.keep = served.messages_kept();
+            methods.push(served);
         }
         Ok(Served { methods, by_path })
     }
@@ -275,5 +313,23 @@ impl Served {
 
     pub fn is_unary(m: &ServedMethod) -> bool {
         m.plan.kind == MethodKind::Unary
+    }
+}
+
+impl ServedMethod {
+    /// How many leading messages of a client stream the rules can name
+    /// (`first`, `items.N`); later ones are dropped as they arrive, except
+    /// the last, so memory stays bounded however long the stream.
+    pub fn messages_kept(&self) -> usize {
+        self.plan
+            .fields
+            .iter()
+            .map(|f| match f.message {
+                MessageSel::Nth(n) => n as usize + 1,
+                MessageSel::First | MessageSel::Single => 1,
+                MessageSel::Last | MessageSel::Count => 0,
+            })
+            .max()
+            .unwrap_or(0)
     }
 }

@@ -8,12 +8,12 @@
 //! plan; nothing on the request path takes a lock.
 
 use crate::grpc::{self, Code, Status};
-use crate::matcher;
+use crate::matcher::{self, Messages};
 use crate::served::{status_response, Prepared, Served};
 use bytes::{Bytes, BytesMut};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use h2::server::SendResponse;
-use h2::RecvStream;
+use h2::{RecvStream, SendStream};
 use http::{HeaderMap, Request, Response, StatusCode};
 use std::future::poll_fn;
 use std::io;
@@ -22,6 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
+use wirestub_plan::MethodKind;
 
 /// Limits and behaviour of the server. The defaults suit load tests.
 #[derive(Debug, Clone)]
@@ -236,48 +237,97 @@ async fn call(served: &Served, config: &Config, request: Request<RecvStream>, mu
     if !matches!(content_type, b"application/grpc" | b"application/grpc+proto") {
         let ct = String::from_utf8_lossy(content_type);
         let s = Status::new(Code::Unimplemented, format!("content-type {ct} is not supported; use application/grpc"));
-        let _ = send(&mut respond, &status_response(s.code as u8, &s.message));
+        let _ = send_status(&mut respond, &s);
         return;
     }
     let path = parts.uri.path();
     let Some(method) = served.method(path) else {
-        let s = Status::new(Code::Unimplemented, format!("unknown method {path}"));
-        let _ = send(&mut respond, &status_response(s.code as u8, &s.message));
+        let _ = send_status(&mut respond, &Status::new(Code::Unimplemented, format!("unknown method {path}")));
         return;
     };
-    if !Served::is_unary(method) {
-        let s = Status::new(
-            Code::Unimplemented,
-            format!("{} is a {} method; this version serves unary methods only", &path[1..], method.plan.kind.name()),
-        );
-        let _ = send(&mut respond, &status_response(s.code as u8, &s.message));
-        return;
-    }
     let deadline = match parts.headers.get("grpc-timeout") {
         None => None,
         Some(v) => match grpc::parse_timeout(v.as_bytes()) {
             Some(t) => Some(Instant::now() + t),
             None => {
-                let s = Status::new(Code::Internal, "malformed grpc-timeout header");
-                let _ = send(&mut respond, &status_response(s.code as u8, &s.message));
+                let _ = send_status(&mut respond, &Status::new(Code::Internal, "malformed grpc-timeout header"));
                 return;
             }
         },
     };
+    let headers = &parts.headers;
 
-    // Everything from here on runs under the call's deadline and stops early
-    // if the client resets the stream.
-    let work = answer(method, config, &parts.headers, body);
+    if method.plan.duplex {
+        duplex(method, config, headers, body, respond, deadline).await;
+        return;
+    }
+
+    // Read the request, pick the response and wait out its delay, under the
+    // deadline and stopping early if the client resets the stream.
+    let work = async {
+        let prepared = match method.plan.kind {
+            MethodKind::Unary | MethodKind::ServerStreaming => {
+                let message = read_unary(body, config.max_recv_message).await?;
+                let one = [&message[..]];
+                pick(method, &Messages::one(&one), headers)?
+            }
+            MethodKind::ClientStreaming | MethodKind::BidiStreaming => {
+                let mut reader = MessageReader::new(body, config.max_recv_message);
+                let mut head = Vec::new();
+                let mut last = None;
+                let mut count = 0usize;
+                while let Some(m) = reader.next().await? {
+                    count += 1;
+                    if head.len() < method.keep {
+                        head.push(m);
+                    } else {
+                        last = Some(m);
+                    }
+                }
+                let head_refs: Vec<&[u8]> = head.iter().map(|b| &b[..]).collect();
+                let last = last.as_deref().or(head_refs.last().copied());
+                pick(method, &Messages { head: &head_refs, last, count }, headers)?
+            }
+        };
+        if !prepared.delay.is_zero() {
+            // A delay longer than the deadline is cut short below, which
+            // answers DEADLINE_EXCEEDED at the deadline.
+            tokio::time::sleep(prepared.delay).await;
+        }
+        Ok::<_, Status>(prepared)
+    };
     let reset = poll_fn(|cx| respond.poll_reset(cx));
     let outcome = tokio::select! {
         outcome = work => outcome,
         _ = reset => return,
         _ = sleep_until(deadline) => Err(Status::new(Code::DeadlineExceeded, "deadline exceeded")),
     };
-    let _ = match outcome {
-        Ok(prepared) => send(&mut respond, prepared),
-        Err(s) => send(&mut respond, &status_response(s.code as u8, &s.message)),
+    let prepared = match outcome {
+        Ok(p) => p,
+        Err(s) => {
+            let _ = send_status(&mut respond, &s);
+            return;
+        }
     };
+    let streams = method.plan.kind == MethodKind::ServerStreaming || method.plan.kind == MethodKind::BidiStreaming;
+    if !streams || (prepared.stream.is_empty() && prepared.error_after == 0) {
+        let _ = send(&mut respond, prepared);
+        return;
+    }
+    send_stream(&mut respond, prepared, deadline).await;
+}
+
+/// Picks the prepared response for the request messages.
+fn pick<'m>(
+    method: &'m crate::served::ServedMethod,
+    messages: &Messages<'_>,
+    headers: &HeaderMap,
+) -> Result<&'m Prepared, Status> {
+    match matcher::select(method, messages, headers) {
+        Ok(Some(i)) => Ok(&method.responses[i as usize]),
+        Ok(None) => Ok(&method.no_match),
+        Err(e) => Err(Status::new(Code::Internal, format!("cannot parse request message: {e}"))),
+    }
 }
 
 async fn sleep_until(deadline: Option<Instant>) {
@@ -287,30 +337,9 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
-/// Reads the request, picks the response and waits out its delay.
-async fn answer<'s>(
-    method: &'s crate::served::ServedMethod,
-    config: &Config,
-    headers: &HeaderMap,
-    body: RecvStream,
-) -> Result<&'s Prepared, Status> {
-    let message = read_unary(body, config.max_recv_message).await?;
-    let prepared = match matcher::select(method, &message, headers) {
-        Ok(Some(i)) => &method.responses[i as usize],
-        Ok(None) => &method.no_match,
-        Err(e) => return Err(Status::new(Code::Internal, format!("cannot parse request message: {e}"))),
-    };
-    if !prepared.delay.is_zero() {
-        // A delay longer than the deadline is cut short by the caller, which
-        // answers DEADLINE_EXCEEDED at the deadline.
-        tokio::time::sleep(prepared.delay).await;
-    }
-    Ok(prepared)
-}
-
-/// Receives the one request message of a unary call, checking framing and
-/// size as bytes arrive. The common case (the message in one DATA frame) is
-/// zero-copy.
+/// Receives the one request message of a unary or server-streaming call,
+/// checking framing and size as bytes arrive. The common case (the message
+/// in one DATA frame) is zero-copy.
 async fn read_unary(mut body: RecvStream, max: usize) -> Result<Bytes, Status> {
     let mut first: Option<Bytes> = None;
     let mut joined: Option<BytesMut> = None;
@@ -363,16 +392,236 @@ fn declared_len(a: &[u8], b: &[u8]) -> usize {
     (u32::from_be_bytes([p[1], p[2], p[3], p[4]]) as usize).min(64 << 10)
 }
 
+/// Splits a request stream into gRPC messages as they arrive.
+struct MessageReader {
+    body: RecvStream,
+    buf: BytesMut,
+    max: usize,
+    ended: bool,
+}
+
+impl MessageReader {
+    fn new(body: RecvStream, max: usize) -> Self {
+        MessageReader { body, buf: BytesMut::new(), max, ended: false }
+    }
+
+    /// The next message, or None once the client has half-closed.
+    async fn next(&mut self) -> Result<Option<Bytes>, Status> {
+        loop {
+            if self.buf.len() >= 5 {
+                let flag = self.buf[0];
+                if flag > 1 {
+                    return Err(Status::new(Code::Internal, format!("invalid gRPC message flag {flag}")));
+                }
+                let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize;
+                if len > self.max {
+                    return Err(Status::new(
+                        Code::ResourceExhausted,
+                        format!("request message of {len} bytes is larger than the limit of {} bytes", self.max),
+                    ));
+                }
+                if self.buf.len() >= 5 + len {
+                    if flag == 1 {
+                        return Err(Status::new(Code::Unimplemented, "compressed request messages are not supported"));
+                    }
+                    let mut m = self.buf.split_to(5 + len);
+                    return Ok(Some(m.split_off(5).freeze()));
+                }
+            }
+            if self.ended {
+                if self.buf.is_empty() {
+                    return Ok(None);
+                }
+                return Err(Status::new(Code::Internal, "request message is truncated"));
+            }
+            match self.body.data().await {
+                Some(Ok(chunk)) => {
+                    let _ = self.body.flow_control().release_capacity(chunk.len());
+                    self.buf.extend_from_slice(&chunk);
+                }
+                Some(Err(e)) => return Err(Status::new(Code::Internal, format!("request stream failed: {e}"))),
+                None => self.ended = true,
+            }
+        }
+    }
+}
+
+/// Why a streaming response stops early.
+enum Stop<'m> {
+    /// The engine ends the call with this status.
+    Status(Status),
+    /// A rule's error response ends the call.
+    Rule(&'m Prepared),
+    /// The client reset the stream or went away: nothing more to send.
+    Gone,
+}
+
+impl From<Status> for Stop<'_> {
+    fn from(s: Status) -> Self {
+        Stop::Status(s)
+    }
+}
+
+fn deadline_exceeded() -> Status {
+    Status::new(Code::DeadlineExceeded, "deadline exceeded")
+}
+
+/// Answers each request message of a duplex call as it arrives, with the
+/// rule that matches that message, then ends with OK when the client
+/// half-closes. A rule's error status ends the call.
+async fn duplex(
+    method: &crate::served::ServedMethod,
+    config: &Config,
+    headers: &HeaderMap,
+    body: RecvStream,
+    mut respond: SendResponse<Bytes>,
+    deadline: Option<Instant>,
+) {
+    let mut reader = MessageReader::new(body, config.max_recv_message);
+    let mut stream: Option<SendStream<Bytes>> = None;
+    let result: Result<(), Stop<'_>> = async {
+        loop {
+            let next = tokio::select! {
+                next = reader.next() => next?,
+                _ = sleep_until(deadline) => return Err(deadline_exceeded().into()),
+            };
+            let Some(message) = next else { return Ok(()) };
+            let one = [&message[..]];
+            let prepared = pick(method, &Messages::one(&one), headers)?;
+            if !prepared.delay.is_zero() {
+                tokio::select! {
+                    _ = tokio::time::sleep(prepared.delay) => {}
+                    _ = sleep_until(deadline) => return Err(deadline_exceeded().into()),
+                }
+            }
+            if prepared.status != 0 && prepared.error_after == 0 {
+                return Err(Stop::Rule(prepared));
+            }
+            let s = match &mut stream {
+                Some(s) => s,
+                None => {
+                    let mut head = Response::new(());
+                    *head.headers_mut() = prepared.headers.clone();
+                    stream.insert(respond.send_response(head, false).map_err(|_| Stop::Gone)?)
+                }
+            };
+            send_items(s, prepared, deadline).await?;
+            if prepared.status != 0 {
+                return Err(Stop::Rule(prepared));
+            }
+        }
+    }
+    .await;
+    let ok = status_response(0, "");
+    match (result, stream) {
+        (Err(Stop::Gone), _) => {}
+        (Ok(()), Some(mut s)) => {
+            let _ = s.send_trailers(ok.trailers.clone());
+        }
+        (Ok(()), None) => {
+            let _ = send(&mut respond, &ok);
+        }
+        (Err(Stop::Rule(p)), Some(mut s)) => {
+            let _ = s.send_trailers(p.trailers.clone());
+        }
+        (Err(Stop::Rule(p)), None) => {
+            let _ = send(&mut respond, p);
+        }
+        (Err(Stop::Status(e)), Some(mut s)) => {
+            let _ = s.send_trailers(status_response(e.code as u8, &e.message).trailers);
+        }
+        (Err(Stop::Status(e)), None) => {
+            let _ = send_status(&mut respond, &e);
+        }
+    }
+}
+
 fn send(respond: &mut SendResponse<Bytes>, prepared: &Prepared) -> Result<(), h2::Error> {
     let mut head = Response::new(());
-    *head.headers_mut() = prepared.headers.clone();
     if prepared.status != 0 {
+        *head.headers_mut() = prepared.trailers_only.clone();
         respond.send_response(head, true)?;
         return Ok(());
     }
+    *head.headers_mut() = prepared.headers.clone();
     let mut stream = respond.send_response(head, false)?;
     stream.send_data(prepared.body.clone(), false)?;
     stream.send_trailers(prepared.trailers.clone())
+}
+
+fn send_status(respond: &mut SendResponse<Bytes>, status: &Status) -> Result<(), h2::Error> {
+    send(respond, &status_response(status.code as u8, &status.message))
+}
+
+/// Sends a streaming response: headers, the items (passes, order, pauses
+/// as the rule says), then the trailers; for an error status, the error
+/// after `error_after` items.
+async fn send_stream(respond: &mut SendResponse<Bytes>, prepared: &Prepared, deadline: Option<Instant>) {
+    let mut head = Response::new(());
+    *head.headers_mut() = prepared.headers.clone();
+    let Ok(mut stream) = respond.send_response(head, false) else { return };
+    let trailers = match send_items(&mut stream, prepared, deadline).await {
+        Ok(()) => prepared.trailers.clone(),
+        Err(Stop::Status(e)) => status_response(e.code as u8, &e.message).trailers,
+        Err(Stop::Rule(p)) => p.trailers.clone(),
+        Err(Stop::Gone) => return,
+    };
+    let _ = stream.send_trailers(trailers);
+}
+
+/// Sends the messages of one response, honouring flow control: each message
+/// waits until the client has window for it, so a slow reader is never
+/// answered by unbounded buffering here.
+async fn send_items<'m>(
+    stream: &mut SendStream<Bytes>,
+    prepared: &'m Prepared,
+    deadline: Option<Instant>,
+) -> Result<(), Stop<'m>> {
+    let items: &[Bytes] =
+        if prepared.stream.is_empty() { std::slice::from_ref(&prepared.body) } else { &prepared.stream };
+    // An error without stream items has no message to send before it.
+    if prepared.stream.is_empty() && prepared.status != 0 {
+        return Ok(());
+    }
+    let limit = if prepared.status != 0 { Some(prepared.error_after as u64) } else { None };
+    let mut sent = 0u64;
+    let mut pass = 0u32;
+    let mut order: Vec<usize> = (0..items.len()).collect();
+    loop {
+        if prepared.stream_repeat != 0 && pass >= prepared.stream_repeat && limit.is_none() {
+            return Ok(());
+        }
+        pass += 1;
+        if prepared.stream_random_order {
+            crate::rng::shuffle(&mut order);
+        }
+        for &i in &order {
+            if limit.is_some_and(|l| sent >= l) {
+                return Ok(());
+            }
+            if sent > 0 && !prepared.stream_delay.is_zero() {
+                tokio::select! {
+                    _ = tokio::time::sleep(prepared.stream_delay) => {}
+                    _ = poll_fn(|cx| stream.poll_reset(cx)) => return Err(Stop::Gone),
+                    _ = sleep_until(deadline) => return Err(deadline_exceeded().into()),
+                }
+            }
+            let item = items[i].clone();
+            let want = item.len().min(16 << 10);
+            stream.reserve_capacity(item.len());
+            while stream.capacity() < want {
+                tokio::select! {
+                    cap = poll_fn(|cx| stream.poll_capacity(cx)) => match cap {
+                        Some(Ok(_)) => {}
+                        _ => return Err(Stop::Gone),
+                    },
+                    _ = sleep_until(deadline) => return Err(deadline_exceeded().into()),
+                }
+            }
+            stream.send_data(item, false).map_err(|_| Stop::Gone)?;
+            sent += 1;
+        }
+    }
 }
 
 fn send_http_error(respond: &mut SendResponse<Bytes>, status: StatusCode) -> Result<(), h2::Error> {

@@ -7,13 +7,17 @@
 //! method       path (str) | kind (1) | input_type (str) | output_type (str)
 //!              | fields (count, FieldPath...) | metadata_keys (count, str...)
 //!              | responses (count, Response...) | regexes (count, bytes...) [v2]
-//!              | rules (count, Rule...)
+//!              | rules (count, Rule...) | duplex (1) [v3]
 //! FieldPath    name (str) | numbers (count, u32...) | kind (1) | default (Value)
 //!              | shape (tag 1: 0 singular, 1 repeated, 2 map value: key kind (1)
 //!                key (Value), 3 oneof case: members (count, u32...))  [v2]
+//!              | message (tag 1: 0 single, 1 first, 2 last, 3 nth: index (4),
+//!                4 count)  [v3]
 //! Value        tag (1: 0 i64, 1 u64, 2 f64, 3 bool, 4 bytes) | payload
 //! Response     status (1) | message (str) | body (bytes) | headers (pairs)
 //!              | trailers (pairs) | delay_ms (4)
+//!              | stream (count, bytes...) | stream_delay_ms (4) | stream_repeat (4)
+//!              | stream_random_order (1) | error_after (4)  [v3]
 //! Rule         conditions (count, Condition...) | response (4) | priority (8)
 //!              | origin (str)
 //! Condition    source tag (1: 0 field, 1 metadata) | index (4) | Test
@@ -23,6 +27,7 @@
 //! str, bytes   length (4) | bytes
 //! ```
 //!
+//! Version 2 had no message selectors, streams or duplex flag.
 //! Version 1 had no shapes (all singular), no regexes, and a condition was
 //! a source followed directly by an op with tag 0 (eq); v1 files still load.
 
@@ -321,6 +326,16 @@ fn write_methods(out: &mut Vec<u8>, methods: &[Method]) {
                     }
                 }
             }
+            match f.message {
+                MessageSel::Single => out.push(0),
+                MessageSel::First => out.push(1),
+                MessageSel::Last => out.push(2),
+                MessageSel::Nth(n) => {
+                    out.push(3);
+                    put_u32(out, n);
+                }
+                MessageSel::Count => out.push(4),
+            }
         }
         put_u32(out, m.metadata_keys.len() as u32);
         for k in &m.metadata_keys {
@@ -334,6 +349,14 @@ fn write_methods(out: &mut Vec<u8>, methods: &[Method]) {
             put_pairs(out, &r.headers);
             put_pairs(out, &r.trailers);
             put_u32(out, r.delay_ms);
+            put_u32(out, r.stream.len() as u32);
+            for item in &r.stream {
+                put_bytes(out, item);
+            }
+            put_u32(out, r.stream_delay_ms);
+            put_u32(out, r.stream_repeat);
+            out.push(r.stream_random_order as u8);
+            put_u32(out, r.error_after);
         }
         put_u32(out, m.regexes.len() as u32);
         for r in &m.regexes {
@@ -359,6 +382,7 @@ fn write_methods(out: &mut Vec<u8>, methods: &[Method]) {
             out.extend_from_slice(&rule.priority.to_le_bytes());
             put_bytes(out, rule.origin.as_bytes());
         }
+        out.push(m.duplex as u8);
     }
 }
 
@@ -422,13 +446,16 @@ impl<'a> Reader<'a> {
             t => return Err(LoadError::invalid(at(), format!("unknown value tag {t}"))),
         })
     }
-    fn pairs(&mut self, at: &dyn Fn() -> String) -> Result<Vec<(String, Vec<u8>)>, LoadError> {
+    /// Metadata pairs. Keys starting with `grpc-` are the protocol's; the
+    /// only one a plan may carry is `grpc-status-details-bin`, in trailers.
+    fn pairs(&mut self, at: &dyn Fn() -> String, trailers: bool) -> Result<Vec<(String, Vec<u8>)>, LoadError> {
         let n = self.count(at)?;
         let mut out = Vec::with_capacity(n);
         for _ in 0..n {
             let k = self.string(at)?;
             let v = self.bytes(at)?.to_vec();
-            if !is_valid_metadata_key(&k) || k.starts_with("grpc-") || k.starts_with(':') {
+            let reserved = k.starts_with("grpc-") && !(trailers && k == "grpc-status-details-bin");
+            if !is_valid_metadata_key(&k) || reserved {
                 return Err(LoadError::invalid(at(), format!("invalid metadata key {k:?}")));
             }
             if !is_valid_metadata_value(&v) {
@@ -531,6 +558,11 @@ fn check_test(test: &Test, view: View, regexes: usize) -> Result<(), String> {
     }
 }
 
+/// One uncompressed gRPC message: flag 0, then a length that matches.
+fn is_framed_message(b: &[u8]) -> bool {
+    b.len() >= 5 && b[0] == 0 && u32::from_be_bytes([b[1], b[2], b[3], b[4]]) as usize == b.len() - 5
+}
+
 fn read_methods(r: &mut Reader) -> Result<Vec<Method>, LoadError> {
     let n = r.count(&|| "METHODS section".to_string())?;
     let mut methods: Vec<Method> = Vec::with_capacity(n);
@@ -605,11 +637,26 @@ fn read_methods(r: &mut Reader) -> Result<Vec<Method>, LoadError> {
                     t => return Err(LoadError::invalid(at(), format!("unknown shape tag {t}"))),
                 }
             };
-            // Only a oneof case may name the top-level message itself.
-            if numbers.is_empty() && !matches!(shape, Shape::OneofCase { .. }) {
+            let message = if r.version < 3 {
+                MessageSel::Single
+            } else {
+                match r.u8(&at)? {
+                    0 => MessageSel::Single,
+                    1 => MessageSel::First,
+                    2 => MessageSel::Last,
+                    3 => MessageSel::Nth(r.u32(&at)?),
+                    4 => MessageSel::Count,
+                    t => return Err(LoadError::invalid(at(), format!("unknown message selector {t}"))),
+                }
+            };
+            if message == MessageSel::Count && !(numbers.is_empty() && kind == ScalarKind::Uint64) {
+                return Err(LoadError::invalid(at(), "a message count is a uint64 with no field path"));
+            }
+            // Only a oneof case or a count may name no field.
+            if numbers.is_empty() && !matches!(shape, Shape::OneofCase { .. }) && message != MessageSel::Count {
                 return Err(LoadError::invalid(at(), "empty field path"));
             }
-            fields.push(FieldPath { name, numbers, kind, default, shape });
+            fields.push(FieldPath { name, numbers, kind, default, shape, message });
         }
 
         let nk = r.count(&|| at("metadata keys"))?;
@@ -635,18 +682,32 @@ fn read_methods(r: &mut Reader) -> Result<Vec<Method>, LoadError> {
                 return Err(LoadError::invalid(at(), "grpc-message is not percent-encoded"));
             }
             let body = r.bytes(&at)?.to_vec();
-            if !body.is_empty() {
-                let len_ok = body.len() >= 5
-                    && body[0] == 0
-                    && u32::from_be_bytes(body[1..5].try_into().unwrap()) as usize == body.len() - 5;
-                if !len_ok {
-                    return Err(LoadError::invalid(at(), "body is not one framed gRPC message"));
-                }
+            if !body.is_empty() && !is_framed_message(&body) {
+                return Err(LoadError::invalid(at(), "body is not one framed gRPC message"));
             }
-            let headers = r.pairs(&at)?;
-            let trailers = r.pairs(&at)?;
+            let headers = r.pairs(&at, false)?;
+            let trailers = r.pairs(&at, true)?;
             let delay_ms = r.u32(&at)?;
-            responses.push(Response { status, message, body, headers, trailers, delay_ms });
+            let mut response = Response { status, message, body, headers, trailers, delay_ms, ..Default::default() };
+            if r.version >= 3 {
+                let n = r.count(&at)?;
+                for _ in 0..n {
+                    let item = r.bytes(&at)?.to_vec();
+                    if !is_framed_message(&item) {
+                        return Err(LoadError::invalid(at(), "stream item is not one framed gRPC message"));
+                    }
+                    response.stream.push(item);
+                }
+                response.stream_delay_ms = r.u32(&at)?;
+                response.stream_repeat = r.u32(&at)?;
+                response.stream_random_order = match r.u8(&at)? {
+                    0 => false,
+                    1 => true,
+                    b => return Err(LoadError::invalid(at(), format!("bad bool {b}"))),
+                };
+                response.error_after = r.u32(&at)?;
+            }
+            responses.push(response);
         }
 
         let mut regexes = Vec::new();
@@ -705,7 +766,32 @@ fn read_methods(r: &mut Reader) -> Result<Vec<Method>, LoadError> {
             let origin = r.string(&at)?;
             rules.push(Rule { conditions, response, priority, origin });
         }
-        methods.push(Method { path, kind, input_type, output_type, fields, metadata_keys, responses, rules, regexes });
+        let duplex = if r.version >= 3 {
+            match r.u8(&|| at("duplex"))? {
+                0 => false,
+                1 if kind == MethodKind::BidiStreaming => true,
+                b => {
+                    return Err(LoadError::invalid(
+                        at("duplex"),
+                        format!("bad duplex flag {b} for a {} method", kind.name()),
+                    ))
+                }
+            }
+        } else {
+            false
+        };
+        methods.push(Method {
+            path,
+            kind,
+            input_type,
+            output_type,
+            fields,
+            metadata_keys,
+            responses,
+            rules,
+            regexes,
+            duplex,
+        });
     }
     Ok(methods)
 }
@@ -729,6 +815,7 @@ mod tests {
                         kind: ScalarKind::String,
                         default: Value::Bytes(vec![]),
                         shape: Shape::Singular,
+                        message: MessageSel::Single,
                     },
                     FieldPath {
                         name: "tags".into(),
@@ -736,6 +823,7 @@ mod tests {
                         kind: ScalarKind::Int32,
                         default: Value::I64(0),
                         shape: Shape::Repeated,
+                        message: MessageSel::Single,
                     },
                     FieldPath {
                         name: "attrs.color".into(),
@@ -743,6 +831,7 @@ mod tests {
                         kind: ScalarKind::Double,
                         default: Value::F64(0.0),
                         shape: Shape::MapValue { key_kind: ScalarKind::String, key: Value::Bytes(b"color".to_vec()) },
+                        message: MessageSel::Single,
                     },
                     FieldPath {
                         name: "result".into(),
@@ -750,11 +839,19 @@ mod tests {
                         kind: ScalarKind::Int32,
                         default: Value::I64(0),
                         shape: Shape::OneofCase { members: vec![5, 6] },
+                        message: MessageSel::Last,
                     },
                 ],
                 metadata_keys: vec!["x-tenant".into()],
                 responses: vec![
-                    Response { body: grpc_frame(b"\x0a\x02hi"), ..Default::default() },
+                    Response {
+                        body: grpc_frame(b"\x0a\x02hi"),
+                        stream: vec![grpc_frame(b"a"), grpc_frame(b"")],
+                        stream_delay_ms: 5,
+                        stream_repeat: 0,
+                        stream_random_order: true,
+                        ..Default::default()
+                    },
                     Response {
                         status: 5,
                         message: percent_encode_message("not here"),
@@ -788,6 +885,7 @@ mod tests {
                     origin: "rules/x.yaml:3:5".into(),
                 }],
                 regexes: vec![vec![1, 2, 3, 4]],
+                duplex: false,
             }],
         }
     }

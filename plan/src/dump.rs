@@ -58,7 +58,8 @@ pub(crate) fn dump(plan: &Plan, body: &dyn Fn(&Method, &[u8]) -> String) -> Stri
     let _ = writeln!(s, "descriptors: {} bytes", plan.descriptors.len());
     let _ = writeln!(s, "methods: {}", plan.methods.len());
     for m in &plan.methods {
-        let _ = writeln!(s, "\nmethod {} ({}) {} -> {}", m.path, m.kind.name(), m.input_type, m.output_type);
+        let duplex = if m.duplex { ", duplex" } else { "" };
+        let _ = writeln!(s, "\nmethod {} ({}{duplex}) {} -> {}", m.path, m.kind.name(), m.input_type, m.output_type);
         for (i, f) in m.fields.iter().enumerate() {
             let nums: Vec<String> = f.numbers.iter().map(|n| n.to_string()).collect();
             let shape = match &f.shape {
@@ -66,6 +67,13 @@ pub(crate) fn dump(plan: &Plan, body: &dyn Fn(&Method, &[u8]) -> String) -> Stri
                 Shape::Repeated => " repeated".to_string(),
                 Shape::MapValue { key, .. } => format!(" map value at key {}", value(key)),
                 Shape::OneofCase { members } => format!(" oneof case of {members:?}"),
+            };
+            let shape = match f.message {
+                MessageSel::Single => shape,
+                MessageSel::First => format!("{shape} of the first message"),
+                MessageSel::Last => format!("{shape} of the last message"),
+                MessageSel::Nth(n) => format!("{shape} of message {n}"),
+                MessageSel::Count => " (number of messages)".to_string(),
             };
             let _ = writeln!(
                 s,
@@ -103,6 +111,24 @@ pub(crate) fn dump(plan: &Plan, body: &dyn Fn(&Method, &[u8]) -> String) -> Stri
             let _ = writeln!(s);
             if !r.body.is_empty() {
                 let _ = writeln!(s, "    body ({} bytes framed) {}", r.body.len(), body(m, &r.body[5..]));
+            }
+            if !r.stream.is_empty() {
+                let repeat = match r.stream_repeat {
+                    0 => "until cancelled".to_string(),
+                    1 => "once".to_string(),
+                    n => format!("{n} times"),
+                };
+                let order = if r.stream_random_order { ", shuffled" } else { "" };
+                let _ = writeln!(
+                    s,
+                    "    stream of {} every {}ms, {repeat}{order}{}",
+                    r.stream.len(),
+                    r.stream_delay_ms,
+                    if r.error_after > 0 { format!(", error after {}", r.error_after) } else { String::new() }
+                );
+                for item in &r.stream {
+                    let _ = writeln!(s, "      item {}", body(m, &item[5..]));
+                }
             }
             for (k, v) in &r.headers {
                 let _ = writeln!(s, "    header {k}: {}", String::from_utf8_lossy(v));

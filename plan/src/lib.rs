@@ -33,7 +33,7 @@ pub use codec::LoadError;
 /// First eight bytes of every plan file.
 pub const MAGIC: [u8; 8] = *b"WSTBPLAN";
 /// The layout version this crate writes. It also reads every earlier version.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 /// The oldest layout version this crate still reads.
 pub const OLDEST_VERSION: u32 = 1;
 
@@ -99,6 +99,10 @@ pub struct Method {
     /// answers the call. The compiler has already applied priorities, tiers
     /// and tie-breaks to produce this order.
     pub rules: Vec<Rule>,
+    /// For bidirectional methods: answer each request message as it arrives
+    /// (rules see that message), instead of once after the client
+    /// half-closes (rules see the aggregate view).
+    pub duplex: bool,
     /// Regular expressions the rules use, each a dense DFA from
     /// regex-automata serialized little-endian for unanchored search
     /// (`DFA::to_bytes_little_endian`). Validated when the engine loads them.
@@ -120,6 +124,26 @@ pub struct FieldPath {
     pub default: Value,
     /// How the last field is read.
     pub shape: Shape,
+    /// Which request message of the call the path reads.
+    pub message: MessageSel,
+}
+
+/// Which message of a call a field path reads. Unary and server-streaming
+/// calls have one request message; for client-streaming and aggregated
+/// bidirectional calls the rules see Wishmock's view of all of them:
+/// `first`, `last`, `items.N` and `count`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum MessageSel {
+    /// The call's only message (or, in a duplex call, the one just received).
+    #[default]
+    Single,
+    First,
+    Last,
+    /// The message at this index.
+    Nth(u32),
+    /// Not a field: the number of messages received (`numbers` is empty,
+    /// kind Uint64).
+    Count,
 }
 
 /// How a field path is read from the request.
@@ -359,7 +383,7 @@ impl Op {
 }
 
 /// A prepared answer.
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Response {
     /// The gRPC status code, 0 to 16.
     pub status: u8,
@@ -374,6 +398,37 @@ pub struct Response {
     pub trailers: Vec<(String, Vec<u8>)>,
     /// Delay before answering, in milliseconds.
     pub delay_ms: u32,
+    /// For streaming responses: the messages to send, each framed like
+    /// `body`. Empty means `body` is the only message.
+    pub stream: Vec<Vec<u8>>,
+    /// Pause between streamed messages.
+    pub stream_delay_ms: u32,
+    /// How many times the stream list is sent: 1 normally, 0 = until the
+    /// client cancels.
+    pub stream_repeat: u32,
+    /// Shuffle the list on each pass.
+    pub stream_random_order: bool,
+    /// For an error status: how many streamed messages go out before it
+    /// (0: a trailers-only error, as Wishmock does).
+    pub error_after: u32,
+}
+
+impl Default for Response {
+    fn default() -> Self {
+        Response {
+            status: 0,
+            message: String::new(),
+            body: Vec::new(),
+            headers: Vec::new(),
+            trailers: Vec::new(),
+            delay_ms: 0,
+            stream: Vec::new(),
+            stream_delay_ms: 0,
+            stream_repeat: 1,
+            stream_random_order: false,
+            error_after: 0,
+        }
+    }
 }
 
 /// Frames a protobuf message as one uncompressed gRPC message.

@@ -105,11 +105,58 @@ pub struct Reply {
     /// The gRPC status code name, e.g. `OK`, `NOT_FOUND`.
     pub status: String,
     pub message: String,
-    /// The response message as protobuf JSON (absent on errors).
+    /// The response message as protobuf JSON (absent on errors and for
+    /// server streams).
     pub body: Option<serde_json::Value>,
+    /// The messages of a server stream, as protobuf JSON, in order
+    /// (including those received before an error).
+    pub bodies: Vec<serde_json::Value>,
     /// Response metadata (headers and trailers, as tonic merges them),
     /// without the protocol's own keys.
     pub metadata: Vec<(String, String)>,
+    /// The error's `grpc-status-details-bin`, base64-decoded: an encoded
+    /// `google.rpc.Status`, empty for none.
+    pub details: Vec<u8>,
+}
+
+impl Reply {
+    /// A successful unary reply without metadata.
+    pub fn ok(body: serde_json::Value) -> Reply {
+        Reply {
+            status: "OK".into(),
+            message: String::new(),
+            body: Some(body),
+            bodies: Vec::new(),
+            metadata: Vec::new(),
+            details: Vec::new(),
+        }
+    }
+
+    pub fn error(s: &tonic::Status) -> Reply {
+        Reply {
+            status: code_name(s.code()),
+            message: s.message().to_string(),
+            body: None,
+            bodies: Vec::new(),
+            metadata: metadata_pairs(s.metadata()),
+            details: s.details().to_vec(),
+        }
+    }
+}
+
+/// Response metadata as sorted pairs, without the protocol's own keys.
+fn metadata_pairs(m: &tonic::metadata::MetadataMap) -> Vec<(String, String)> {
+    let keep =
+        |k: &str| !matches!(k, "content-type" | "grpc-status" | "grpc-message" | "date" | "grpc-accept-encoding");
+    let mut v: Vec<(String, String)> = m
+        .clone()
+        .into_headers()
+        .iter()
+        .filter(|(k, _)| keep(k.as_str()))
+        .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+        .collect();
+    v.sort();
+    v
 }
 
 /// The canonical name of a tonic status code.
@@ -171,19 +218,6 @@ impl Client {
         let bytes = self.encode(method, request);
         let output = self.output_type(method);
         let result = self.call_raw(method, bytes, metadata, timeout).await;
-        let keep =
-            |k: &str| !matches!(k, "content-type" | "grpc-status" | "grpc-message" | "date" | "grpc-accept-encoding");
-        let pairs = |m: &tonic::metadata::MetadataMap| -> Vec<(String, String)> {
-            let mut v: Vec<(String, String)> = m
-                .clone()
-                .into_headers()
-                .iter()
-                .filter(|(k, _)| keep(k.as_str()))
-                .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
-                .collect();
-            v.sort();
-            v
-        };
         match result {
             Ok(resp) => {
                 let msg = DynamicMessage::decode(output, resp.get_ref().clone()).expect("response decodes");
@@ -191,21 +225,99 @@ impl Client {
                     status: "OK".into(),
                     message: String::new(),
                     body: Some(serde_json::to_value(&msg).unwrap()),
-                    metadata: pairs(resp.metadata()),
+                    bodies: Vec::new(),
+                    metadata: metadata_pairs(resp.metadata()),
+                    details: Vec::new(),
                 }
             }
-            Err(s) => Reply {
-                status: code_name(s.code()),
-                message: s.message().to_string(),
-                body: None,
-                metadata: pairs(s.metadata()),
-            },
+            Err(s) => Reply::error(&s),
         }
     }
 
-    pub fn output_type(&self, method: &str) -> prost_reflect::MessageDescriptor {
+    /// Calls any kind of method: `requests` are sent as the request stream
+    /// (exactly one for unary and server-streaming methods); a server
+    /// stream's messages are collected in `bodies`.
+    pub async fn call_any(
+        &mut self,
+        method: &str,
+        requests: &[serde_json::Value],
+        metadata: &[(String, String)],
+        timeout: Option<Duration>,
+    ) -> Reply {
+        let desc = self.method(method);
+        if !desc.is_client_streaming() && !desc.is_server_streaming() {
+            return self.call(method, requests.first().unwrap_or(&serde_json::Value::Null), metadata, timeout).await;
+        }
+        let encoded: Vec<Bytes> = requests.iter().map(|r| self.encode(method, r)).collect();
+        let output = desc.output();
+        let path: http::uri::PathAndQuery = format!("/{method}").parse().unwrap();
+        fn build<T>(body: T, metadata: &[(String, String)], timeout: Option<Duration>) -> tonic::Request<T> {
+            let mut req = tonic::Request::new(body);
+            for (k, v) in metadata {
+                req.metadata_mut()
+                    .insert(tonic::metadata::MetadataKey::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
+            }
+            if let Some(t) = timeout {
+                req.set_timeout(t);
+            }
+            req
+        }
+        self.grpc.ready().await.unwrap();
+        let decode = |b: Bytes| {
+            serde_json::to_value(DynamicMessage::decode(output.clone(), b).expect("response decodes")).unwrap()
+        };
+        let ok = |body, bodies, metadata| Reply {
+            status: "OK".into(),
+            message: String::new(),
+            body,
+            bodies,
+            metadata,
+            details: Vec::new(),
+        };
+        if !desc.is_server_streaming() {
+            let stream = futures_util::stream::iter(encoded);
+            return match self.grpc.client_streaming(build(stream, metadata, timeout), path, RawCodec).await {
+                Ok(resp) => ok(Some(decode(resp.get_ref().clone())), Vec::new(), metadata_pairs(resp.metadata())),
+                Err(s) => Reply::error(&s),
+            };
+        }
+        let response = if desc.is_client_streaming() {
+            self.grpc.streaming(build(futures_util::stream::iter(encoded), metadata, timeout), path, RawCodec).await
+        } else {
+            let one = encoded.into_iter().next().unwrap_or_default();
+            self.grpc.server_streaming(build(one, metadata, timeout), path, RawCodec).await
+        };
+        let mut stream = match response {
+            Ok(r) => r.into_inner(),
+            Err(s) => return Reply::error(&s),
+        };
+        let mut bodies = Vec::new();
+        loop {
+            match stream.message().await {
+                Ok(Some(m)) => bodies.push(decode(m)),
+                Ok(None) => {
+                    let trailers = stream.trailers().await.ok().flatten().unwrap_or_default();
+                    return ok(None, bodies, metadata_pairs(&trailers));
+                }
+                Err(s) => {
+                    let mut reply = Reply::error(&s);
+                    reply.bodies = bodies;
+                    return reply;
+                }
+            }
+        }
+    }
+
+    pub fn method(&self, method: &str) -> prost_reflect::MethodDescriptor {
         let (service, name) = method.split_once('/').unwrap();
-        self.pool.get_service_by_name(service).and_then(|s| s.methods().find(|m| m.name() == name)).unwrap().output()
+        self.pool
+            .get_service_by_name(service)
+            .and_then(|s| s.methods().find(|m| m.name() == name))
+            .unwrap_or_else(|| panic!("no method {method}"))
+    }
+
+    pub fn output_type(&self, method: &str) -> prost_reflect::MessageDescriptor {
+        self.method(method).output()
     }
 
     /// Normalises expected JSON through the message type, so that it
@@ -213,6 +325,25 @@ impl Client {
     /// enums by name, defaults omitted).
     pub fn canonical(&self, method: &str, json: &serde_json::Value) -> serde_json::Value {
         let msg = DynamicMessage::deserialize(self.output_type(method), json.clone()).expect("expected body fits");
+        serde_json::to_value(&msg).unwrap()
+    }
+
+    /// Decodes an encoded `google.rpc.Status` (as found in
+    /// `grpc-status-details-bin`) to JSON with the plan's descriptors, which
+    /// always hold google.rpc.
+    pub fn status_json(&self, bytes: &[u8]) -> serde_json::Value {
+        let desc = self.pool.get_message_by_name("google.rpc.Status").expect("google.rpc.Status in the plan");
+        match DynamicMessage::decode(desc, bytes) {
+            Ok(m) => serde_json::to_value(&m).unwrap(),
+            Err(e) => serde_json::Value::String(format!("<not a google.rpc.Status: {e}>")),
+        }
+    }
+
+    /// Normalises an expected `google.rpc.Status` (details as JSON `Any`s)
+    /// as [`Client::canonical`] does bodies.
+    pub fn canonical_status(&self, json: &serde_json::Value) -> serde_json::Value {
+        let desc = self.pool.get_message_by_name("google.rpc.Status").expect("google.rpc.Status in the plan");
+        let msg = DynamicMessage::deserialize(desc, json.clone()).expect("expected details fit google.rpc.Status");
         serde_json::to_value(&msg).unwrap()
     }
 }

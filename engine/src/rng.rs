@@ -1,0 +1,50 @@
+//! A small per-thread pseudo-random source (SplitMix64) for shuffling
+//! streamed items. Each worker thread has its own state, so drawing takes
+//! no lock and shares nothing.
+
+use std::cell::Cell;
+
+thread_local! {
+    static STATE: Cell<u64> = Cell::new(seed());
+}
+
+fn seed() -> u64 {
+    let time = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64);
+    // The address of a thread-local differs per thread, so threads started
+    // at the same instant still get different sequences.
+    let local = 0u8;
+    time.unwrap_or(0) ^ (&local as *const u8 as u64).rotate_left(32)
+}
+
+/// The next 64 random bits.
+pub fn next_u64() -> u64 {
+    STATE.with(|s| {
+        let x = s.get().wrapping_add(0x9E37_79B9_7F4A_7C15);
+        s.set(x);
+        let mut z = x;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    })
+}
+
+/// Shuffles in place (Fisher-Yates).
+pub fn shuffle<T>(items: &mut [T]) {
+    for i in (1..items.len()).rev() {
+        let j = (next_u64() % (i as u64 + 1)) as usize;
+        items.swap(i, j);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn shuffle_is_a_permutation() {
+        let mut v: Vec<u32> = (0..100).collect();
+        super::shuffle(&mut v);
+        let mut sorted = v.clone();
+        sorted.sort();
+        assert_eq!(sorted, (0..100).collect::<Vec<_>>());
+        assert_ne!(v, sorted, "100 items shuffled into the identity order is a broken shuffle");
+    }
+}
