@@ -396,6 +396,28 @@ async fn cancelling_an_endless_stream_leaves_the_server_serving() {
     assert_eq!(r.grpc_status(), Some(0));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn template_utilities_render_fresh_values_per_call() {
+    let dir = root().join("tests/cases/templates");
+    let server = tokio::task::block_in_place(|| TestServer::start(&dir, NoMatch::NotFound));
+    let mut client = Client::connect(&server).await;
+    let mut ids = std::collections::HashSet::new();
+    for _ in 0..20 {
+        let reply = client.call("tpl.Tpl/Echo", &serde_json::json!({"name": "utils", "n": 7}), &[], None).await;
+        let body = reply.body.expect("a body");
+        let id = body["id"].as_str().unwrap().to_string();
+        assert_eq!(id.len(), 36, "{id}");
+        assert_eq!(&id[14..15], "4", "version 4 UUID: {id}");
+        assert!(ids.insert(id), "a UUID repeated");
+        let at: i64 = body["at"].as_str().unwrap().parse().unwrap();
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+        assert!((now - at).abs() < 60_000, "utils.now() is {at}, now is {now}");
+        let dice = body["dice"].as_i64().unwrap_or(0);
+        assert!((1..=6).contains(&dice), "dice {dice}");
+        assert_eq!(body["text"], "utils is 7");
+    }
+}
+
 // ---- the binaries ---------------------------------------------------------
 
 fn bin(name: &str) -> PathBuf {

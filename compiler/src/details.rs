@@ -102,8 +102,10 @@ fn read_detail(node: &Node, pool: &DescriptorPool, diags: &mut Diagnostics) -> O
         return None;
     };
     let Some((_, url_node)) = entries.iter().find(|(k, _)| k.scalar() == Some("@type")) else {
+        // Point at its first key: a block mapping's own position is vague.
+        let span = entries.first().map_or(&node.span, |(k, _)| &k.span);
         diags.push(
-            Diagnostic::error(Some(node.span.clone()), "this detail has no `@type`")
+            Diagnostic::error(Some(span.clone()), "this detail has no `@type`")
                 .with_help(format!("name its message type, e.g. `\"@type\": {PREFIX}google.rpc.ErrorInfo`")),
         );
         return None;

@@ -12,6 +12,7 @@ mod lower;
 pub mod protos;
 mod regex;
 pub mod rules;
+mod template;
 pub mod values;
 pub mod yaml;
 

@@ -91,9 +91,20 @@ fn lower_method(
     for doc in docs {
         let mut intern = |method: &mut plan::Method, c: &Cond| intern(method, &mut regex_index, regexes, c);
         let gate: Vec<plan::Condition> = doc.gate.iter().map(|c| intern(&mut method, c)).collect();
-        for r in doc.responses {
+        for mut r in doc.responses {
             order += 1;
             let response = method.responses.len() as u32;
+            // Template expressions read through the method's interned inputs.
+            let refs: Vec<plan::Source> = r
+                .template_refs
+                .iter()
+                .map(|source| {
+                    intern(&mut method, &Cond { source: source.clone(), test: plan::Test::Op(plan::Op::Exists) }).source
+                })
+                .collect();
+            for (_, t) in &mut r.response.templates {
+                remap_template(&mut t.pieces, &refs);
+            }
             method.responses.push(r.response);
             match &r.when {
                 Some(when) => {
@@ -182,6 +193,39 @@ fn intern(
         })
     });
     plan::Condition { source, test }
+}
+
+/// Points template expressions at the method's interned fields and keys.
+fn remap_template(pieces: &mut [plan::Piece], refs: &[plan::Source]) {
+    fn expr(e: &mut plan::Expr, refs: &[plan::Source]) {
+        match e {
+            plan::Expr::Field(i) => {
+                *e = match refs[*i as usize] {
+                    plan::Source::Field(f) => plan::Expr::Field(f),
+                    plan::Source::Metadata(k) => plan::Expr::Metadata(k),
+                }
+            }
+            plan::Expr::Format(_, args) => args.iter_mut().for_each(|a| expr(a, refs)),
+            plan::Expr::Arith(l, _, r) => {
+                expr(l, refs);
+                expr(r, refs);
+            }
+            _ => {}
+        }
+    }
+    for p in pieces {
+        match p {
+            plan::Piece::Bytes(_) => {}
+            plan::Piece::Nested { pieces, .. } => remap_template(pieces, refs),
+            plan::Piece::Text { parts, .. } | plan::Piece::Number { parts, .. } => {
+                for part in parts {
+                    if let plan::Part::Expr(e) = part {
+                        expr(e, refs);
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Rewrites compiler-wide regex indices into per-method ones.

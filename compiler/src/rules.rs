@@ -47,6 +47,7 @@ pub struct Cond {
     pub test: plan::Test,
 }
 
+#[derive(Clone)]
 pub enum CondSource {
     Field(plan::FieldPath),
     Metadata(String),
@@ -56,7 +57,10 @@ pub enum CondSource {
 pub struct Resp {
     pub when: Option<Vec<Cond>>,
     pub priority: i64,
+    /// `response.templates` expressions `Expr::Field(i)` refer to
+    /// `template_refs[i]` until lowering interns them.
     pub response: plan::Response,
+    pub template_refs: Vec<CondSource>,
     pub origin: String,
     pub span: Span,
 }
@@ -476,18 +480,42 @@ impl DocCx<'_> {
             }
         }
         // The body is checked even for errors (where it is not sent) so that
-        // mistakes in it never go unnoticed.
+        // mistakes in it never go unnoticed. Bodies and items with `{{ }}`
+        // become templates; the others are encoded once, here.
         let output = method.output();
+        let mut template_refs = Vec::new();
+        let aggregate = self.aggregate;
+        let mut compile_template = |cx: &mut Self, node: &Node, stream: bool| -> Option<plan::Template> {
+            let mut conditions = Cx { diags: cx.diags, regexes: cx.regexes };
+            let mut t = crate::template::Compiler {
+                cx: &mut conditions,
+                input: method.input(),
+                refs: &mut template_refs,
+                scope: crate::template::Scope { stream, aggregate },
+            };
+            t.message(node, &output).map(|pieces| plan::Template { pieces })
+        };
+        let mut body_template = None;
         let body = match body_node {
+            Some(b) if crate::template::has_template(b) => {
+                body_template = compile_template(self, b, false);
+                None
+            }
             Some(b) => values::read_message(b, &output, self.diags),
-            None => Some(prost_reflect::DynamicMessage::new(output)),
+            None => Some(prost_reflect::DynamicMessage::new(output.clone())),
         };
         let frame = |m: prost_reflect::DynamicMessage| {
             plan::grpc_frame(&crate::canonical::canonicalize(&m.encode_to_vec(), &method.output()))
         };
         if let Some(items) = stream_nodes {
             for item in items {
-                if let Some(m) = values::read_message(item, &method.output(), self.diags) {
+                if crate::template::has_template(item) {
+                    if let Some(t) = compile_template(self, item, true) {
+                        response.templates.push((response.stream.len() as u32 + 1, t));
+                    }
+                    // A placeholder: the engine renders this slot per call.
+                    response.stream.push(plan::grpc_frame(&[]));
+                } else if let Some(m) = values::read_message(item, &method.output(), self.diags) {
                     response.stream.push(frame(m));
                 }
             }
@@ -507,13 +535,24 @@ impl DocCx<'_> {
             if let Some(b) = body {
                 response.body = frame(b);
             }
+            if let Some(t) = body_template {
+                response.body = plan::grpc_frame(&[]);
+                response.templates.insert(0, (0, t));
+            }
         }
         // After the loop: the status must be known, whatever the key order.
         if let Some((k, v)) = details {
             crate::details::attach(node, k, v, &mut response, method.parent_pool(), self.diags);
         }
         ok &= self.diags.error_count() == errors_before;
-        ok.then(|| Resp { when, priority, response, origin: self.origin(&node.span), span: node.span.clone() })
+        ok.then(|| Resp {
+            when,
+            priority,
+            response,
+            template_refs,
+            origin: self.origin(&node.span),
+            span: node.span.clone(),
+        })
     }
 
     fn metadata_pairs(&mut self, node: &Node, what: &str) -> Vec<(String, Vec<u8>)> {

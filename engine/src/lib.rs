@@ -12,6 +12,7 @@ pub mod matcher;
 mod rng;
 pub mod served;
 pub mod server;
+pub mod template;
 pub mod wire;
 
 pub use served::{NoMatch, PrepareError, Served};

@@ -22,8 +22,9 @@ use wirestub_plan::{MessageSel, Op, Shape, Source, Test, Value};
 /// could not be read.
 type Lazy<'a> = OnceCell<Result<Option<Raw<'a>>, Malformed>>;
 
-/// Everything read from one request, lazily where reading costs a scan.
-struct Request<'a> {
+/// Everything read from one request, lazily where reading costs a scan;
+/// rules and then templates read from it.
+pub struct Request<'a> {
     method: &'a ServedMethod,
     /// The request messages the rules see.
     messages: &'a Messages<'a>,
@@ -60,84 +61,100 @@ pub fn select<'a>(
     messages: &'a Messages<'a>,
     headers: &'a HeaderMap,
 ) -> Result<Option<u32>, Malformed> {
-    let plan = &method.plan;
-    let mut singular: SmallVec<[Option<Raw<'_>>; 16]> = SmallVec::from_elem(None, plan.fields.len());
-    for (sel, fields) in &method.singular {
-        let Some(message) = message_of(messages, *sel) else { continue };
-        let paths: SmallVec<[PathSpec<'_>; 16]> = fields
-            .iter()
-            .map(|&i| {
-                let f = &plan.fields[i as usize];
-                PathSpec { numbers: &f.numbers, wire_type: f.kind.wire_type() }
-            })
-            .collect();
-        let mut found: SmallVec<[Option<Raw<'_>>; 16]> = SmallVec::from_elem(None, paths.len());
-        wire::extract(message, &paths, &mut found)?;
-        for (slot, &i) in found.into_iter().zip(fields) {
-            singular[i as usize] = slot;
-        }
-    }
-    let request = Request {
-        method,
-        messages,
-        singular,
-        lazy: (0..plan.fields.len()).map(|_| OnceCell::new()).collect(),
-        metadata: plan.metadata_keys.iter().map(|k| headers.get(k.as_str()).map(|v| v.as_bytes())).collect(),
-    };
+    Request::read(method, messages, headers)?.select()
+}
 
-    let holds = |r: u32| -> Result<bool, Malformed> {
-        for c in &plan.rules[r as usize].conditions {
-            if !request.condition(c.source, &c.test)? {
-                return Ok(false);
+impl<'a> Request<'a> {
+    /// Reads the singular fields the method's rules and templates use, in
+    /// one pass per message; everything else is read on first use.
+    pub fn read(
+        method: &'a ServedMethod,
+        messages: &'a Messages<'a>,
+        headers: &'a HeaderMap,
+    ) -> Result<Request<'a>, Malformed> {
+        let plan = &method.plan;
+        let mut singular: SmallVec<[Option<Raw<'_>>; 16]> = SmallVec::from_elem(None, plan.fields.len());
+        for (sel, fields) in &method.singular {
+            let Some(message) = message_of(messages, *sel) else { continue };
+            let paths: SmallVec<[PathSpec<'_>; 16]> = fields
+                .iter()
+                .map(|&i| {
+                    let f = &plan.fields[i as usize];
+                    PathSpec { numbers: &f.numbers, wire_type: f.kind.wire_type() }
+                })
+                .collect();
+            let mut found: SmallVec<[Option<Raw<'_>>; 16]> = SmallVec::from_elem(None, paths.len());
+            wire::extract(message, &paths, &mut found)?;
+            for (slot, &i) in found.into_iter().zip(fields) {
+                singular[i as usize] = slot;
             }
         }
-        Ok(true)
-    };
+        Ok(Request {
+            method,
+            messages,
+            singular,
+            lazy: (0..plan.fields.len()).map(|_| OnceCell::new()).collect(),
+            metadata: plan.metadata_keys.iter().map(|k| headers.get(k.as_str()).map(|v| v.as_bytes())).collect(),
+        })
+    }
 
-    let Some(index) = &method.index else {
-        for r in 0..plan.rules.len() as u32 {
+    /// The first rule (in plan order) whose conditions all hold.
+    pub fn select(&self) -> Result<Option<u32>, Malformed> {
+        let request = self;
+        let method = self.method;
+        let plan = &method.plan;
+        let holds = |r: u32| -> Result<bool, Malformed> {
+            for c in &plan.rules[r as usize].conditions {
+                if !request.condition(c.source, &c.test)? {
+                    return Ok(false);
+                }
+            }
+            Ok(true)
+        };
+
+        let Some(index) = &method.index else {
+            for r in 0..plan.rules.len() as u32 {
+                if holds(r)? {
+                    return Ok(Some(plan.rules[r as usize].response));
+                }
+            }
+            return Ok(None);
+        };
+        // Candidates: rules keyed on the request's value, merged in rule order
+        // with the rules that do not test the indexed input.
+        let mut key = IndexKey::default();
+        let keyed: &[u32] = match request.scalar(index.source)? {
+            (value, _) if key.set(value) => index.keyed.get(key.as_slice()).map(|v| v.as_slice()).unwrap_or(&[]),
+            _ => &[],
+        };
+        let rest = &index.rest[..];
+        let (mut a, mut b) = (0, 0);
+        while a < keyed.len() || b < rest.len() {
+            let r = match (keyed.get(a), rest.get(b)) {
+                (Some(&x), Some(&y)) if x < y => {
+                    a += 1;
+                    x
+                }
+                (Some(&x), None) => {
+                    a += 1;
+                    x
+                }
+                (_, Some(&y)) => {
+                    b += 1;
+                    y
+                }
+                (None, None) => break,
+            };
             if holds(r)? {
                 return Ok(Some(plan.rules[r as usize].response));
             }
         }
-        return Ok(None);
-    };
-    // Candidates: rules keyed on the request's value, merged in rule order
-    // with the rules that do not test the indexed input.
-    let mut key = IndexKey::default();
-    let keyed: &[u32] = match request.scalar(index.source)? {
-        (value, _) if key.set(value) => index.keyed.get(key.as_slice()).map(|v| v.as_slice()).unwrap_or(&[]),
-        _ => &[],
-    };
-    let rest = &index.rest[..];
-    let (mut a, mut b) = (0, 0);
-    while a < keyed.len() || b < rest.len() {
-        let r = match (keyed.get(a), rest.get(b)) {
-            (Some(&x), Some(&y)) if x < y => {
-                a += 1;
-                x
-            }
-            (Some(&x), None) => {
-                a += 1;
-                x
-            }
-            (_, Some(&y)) => {
-                b += 1;
-                y
-            }
-            (None, None) => break,
-        };
-        if holds(r)? {
-            return Ok(Some(plan.rules[r as usize].response));
-        }
+        Ok(None)
     }
-    Ok(None)
-}
 
-impl<'a> Request<'a> {
     /// The single value a non-repeated source reads as, and whether it was
     /// present.
-    fn scalar(&self, source: Source) -> Result<(ValueRef<'a>, bool), Malformed> {
+    pub fn scalar(&self, source: Source) -> Result<(ValueRef<'a>, bool), Malformed> {
         let plan = &self.method.plan;
         match source {
             Source::Metadata(i) => Ok(match self.metadata[i as usize] {

@@ -28,6 +28,23 @@ pub fn next_u64() -> u64 {
     })
 }
 
+/// A uniformly random number in [0, 1).
+pub fn unit() -> f64 {
+    (next_u64() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// A random (version 4) UUID in its text form.
+pub fn uuid() -> String {
+    let (a, b) = (next_u64(), next_u64());
+    let mut bytes = [0u8; 16];
+    bytes[..8].copy_from_slice(&a.to_be_bytes());
+    bytes[8..].copy_from_slice(&b.to_be_bytes());
+    bytes[6] = (bytes[6] & 0x0f) | 0x40;
+    bytes[8] = (bytes[8] & 0x3f) | 0x80;
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    format!("{}-{}-{}-{}-{}", &hex[..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..])
+}
+
 /// Shuffles in place (Fisher-Yates).
 pub fn shuffle<T>(items: &mut [T]) {
     for i in (1..items.len()).rev() {

@@ -45,6 +45,8 @@ pub struct Prepared {
     pub stream_random_order: bool,
     /// Streamed messages sent before an error status.
     pub error_after: u32,
+    /// Messages rendered per call (slot 0: the body; slot i + 1: item i).
+    pub templates: Vec<(u32, wirestub_plan::Template)>,
 }
 
 pub struct ServedMethod {
@@ -245,6 +247,7 @@ pub fn prepare(
         stream_repeat: 1,
         stream_random_order: false,
         error_after: 0,
+        templates: Vec::new(),
     }
 }
 
@@ -275,6 +278,7 @@ impl Served {
                     p.stream_repeat = r.stream_repeat;
                     p.stream_random_order = r.stream_random_order;
                     p.error_after = r.error_after;
+                    p.templates = r.templates.clone();
                     p
                 })
                 .collect();

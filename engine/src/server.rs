@@ -10,11 +10,13 @@
 use crate::grpc::{self, Code, Status};
 use crate::matcher::{self, Messages};
 use crate::served::{status_response, Prepared, Served};
+use crate::template;
 use bytes::{Bytes, BytesMut};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use h2::server::SendResponse;
 use h2::{RecvStream, SendStream};
 use http::{HeaderMap, Request, Response, StatusCode};
+use std::borrow::Cow;
 use std::future::poll_fn;
 use std::io;
 use std::net::{SocketAddr, TcpListener};
@@ -265,7 +267,7 @@ async fn call(served: &Served, config: &Config, request: Request<RecvStream>, mu
     // Read the request, pick the response and wait out its delay, under the
     // deadline and stopping early if the client resets the stream.
     let work = async {
-        let prepared = match method.plan.kind {
+        let answer = match method.plan.kind {
             MethodKind::Unary | MethodKind::ServerStreaming => {
                 let message = read_unary(body, config.max_recv_message).await?;
                 let one = [&message[..]];
@@ -289,12 +291,12 @@ async fn call(served: &Served, config: &Config, request: Request<RecvStream>, mu
                 pick(method, &Messages { head: &head_refs, last, count }, headers)?
             }
         };
-        if !prepared.delay.is_zero() {
+        if !answer.prepared.delay.is_zero() {
             // A delay longer than the deadline is cut short below, which
             // answers DEADLINE_EXCEEDED at the deadline.
-            tokio::time::sleep(prepared.delay).await;
+            tokio::time::sleep(answer.prepared.delay).await;
         }
-        Ok::<_, Status>(prepared)
+        Ok::<_, Status>(answer)
     };
     let reset = poll_fn(|cx| respond.poll_reset(cx));
     let outcome = tokio::select! {
@@ -302,32 +304,74 @@ async fn call(served: &Served, config: &Config, request: Request<RecvStream>, mu
         _ = reset => return,
         _ = sleep_until(deadline) => Err(Status::new(Code::DeadlineExceeded, "deadline exceeded")),
     };
-    let prepared = match outcome {
-        Ok(p) => p,
+    let answer = match outcome {
+        Ok(a) => a,
         Err(s) => {
             let _ = send_status(&mut respond, &s);
             return;
         }
     };
+    let prepared = answer.prepared;
     let streams = method.plan.kind == MethodKind::ServerStreaming || method.plan.kind == MethodKind::BidiStreaming;
     if !streams || (prepared.stream.is_empty() && prepared.error_after == 0) {
-        let _ = send(&mut respond, prepared);
+        let _ = send(&mut respond, &answer);
         return;
     }
-    send_stream(&mut respond, prepared, deadline).await;
+    send_stream(&mut respond, &answer, deadline).await;
 }
 
-/// Picks the prepared response for the request messages.
+/// The chosen response with its messages ready: the prepared bytes, or for
+/// templated messages, bytes rendered for this call.
+struct Answer<'m> {
+    prepared: &'m Prepared,
+    body: Bytes,
+    items: Cow<'m, [Bytes]>,
+}
+
+impl<'m> Answer<'m> {
+    /// A response without templates.
+    fn of(prepared: &'m Prepared) -> Self {
+        Answer { prepared, body: prepared.body.clone(), items: Cow::Borrowed(&prepared.stream) }
+    }
+
+    /// The messages to stream: the items, or the body alone.
+    fn messages(&self) -> &[Bytes] {
+        if self.prepared.stream.is_empty() {
+            std::slice::from_ref(&self.body)
+        } else {
+            &self.items
+        }
+    }
+}
+
+/// Picks the response for the request messages and renders its templates.
 fn pick<'m>(
     method: &'m crate::served::ServedMethod,
     messages: &Messages<'_>,
     headers: &HeaderMap,
-) -> Result<&'m Prepared, Status> {
-    match matcher::select(method, messages, headers) {
-        Ok(Some(i)) => Ok(&method.responses[i as usize]),
-        Ok(None) => Ok(&method.no_match),
-        Err(e) => Err(Status::new(Code::Internal, format!("cannot parse request message: {e}"))),
+) -> Result<Answer<'m>, Status> {
+    let malformed =
+        |e: crate::wire::Malformed| Status::new(Code::Internal, format!("cannot parse request message: {e}"));
+    let request = matcher::Request::read(method, messages, headers).map_err(malformed)?;
+    let prepared = match request.select().map_err(malformed)? {
+        Some(i) => &method.responses[i as usize],
+        None => &method.no_match,
+    };
+    if prepared.templates.is_empty() {
+        return Ok(Answer::of(prepared));
     }
+    let mut answer = Answer::of(prepared);
+    let total = prepared.stream.len() as u64;
+    for (slot, t) in &prepared.templates {
+        let index = slot.saturating_sub(1) as u64;
+        let cx = template::Context { request: &request, index, total };
+        let rendered = template::render(t, &cx).map_err(malformed)?;
+        match slot {
+            0 => answer.body = rendered,
+            n => answer.items.to_mut()[*n as usize - 1] = rendered,
+        }
+    }
+    Ok(answer)
 }
 
 async fn sleep_until(deadline: Option<Instant>) {
@@ -487,7 +531,8 @@ async fn duplex(
             };
             let Some(message) = next else { return Ok(()) };
             let one = [&message[..]];
-            let prepared = pick(method, &Messages::one(&one), headers)?;
+            let answer = pick(method, &Messages::one(&one), headers)?;
+            let prepared = answer.prepared;
             if !prepared.delay.is_zero() {
                 tokio::select! {
                     _ = tokio::time::sleep(prepared.delay) => {}
@@ -505,7 +550,7 @@ async fn duplex(
                     stream.insert(respond.send_response(head, false).map_err(|_| Stop::Gone)?)
                 }
             };
-            send_items(s, prepared, deadline).await?;
+            send_items(s, &answer, deadline).await?;
             if prepared.status != 0 {
                 return Err(Stop::Rule(prepared));
             }
@@ -519,13 +564,13 @@ async fn duplex(
             let _ = s.send_trailers(ok.trailers.clone());
         }
         (Ok(()), None) => {
-            let _ = send(&mut respond, &ok);
+            let _ = send(&mut respond, &Answer::of(&ok));
         }
         (Err(Stop::Rule(p)), Some(mut s)) => {
             let _ = s.send_trailers(p.trailers.clone());
         }
         (Err(Stop::Rule(p)), None) => {
-            let _ = send(&mut respond, p);
+            let _ = send(&mut respond, &Answer::of(p));
         }
         (Err(Stop::Status(e)), Some(mut s)) => {
             let _ = s.send_trailers(status_response(e.code as u8, &e.message).trailers);
@@ -536,7 +581,8 @@ async fn duplex(
     }
 }
 
-fn send(respond: &mut SendResponse<Bytes>, prepared: &Prepared) -> Result<(), h2::Error> {
+fn send(respond: &mut SendResponse<Bytes>, answer: &Answer) -> Result<(), h2::Error> {
+    let prepared = answer.prepared;
     let mut head = Response::new(());
     if prepared.status != 0 {
         *head.headers_mut() = prepared.trailers_only.clone();
@@ -545,22 +591,23 @@ fn send(respond: &mut SendResponse<Bytes>, prepared: &Prepared) -> Result<(), h2
     }
     *head.headers_mut() = prepared.headers.clone();
     let mut stream = respond.send_response(head, false)?;
-    stream.send_data(prepared.body.clone(), false)?;
+    stream.send_data(answer.body.clone(), false)?;
     stream.send_trailers(prepared.trailers.clone())
 }
 
 fn send_status(respond: &mut SendResponse<Bytes>, status: &Status) -> Result<(), h2::Error> {
-    send(respond, &status_response(status.code as u8, &status.message))
+    send(respond, &Answer::of(&status_response(status.code as u8, &status.message)))
 }
 
 /// Sends a streaming response: headers, the items (passes, order, pauses
 /// as the rule says), then the trailers; for an error status, the error
 /// after `error_after` items.
-async fn send_stream(respond: &mut SendResponse<Bytes>, prepared: &Prepared, deadline: Option<Instant>) {
+async fn send_stream(respond: &mut SendResponse<Bytes>, answer: &Answer<'_>, deadline: Option<Instant>) {
+    let prepared = answer.prepared;
     let mut head = Response::new(());
     *head.headers_mut() = prepared.headers.clone();
     let Ok(mut stream) = respond.send_response(head, false) else { return };
-    let trailers = match send_items(&mut stream, prepared, deadline).await {
+    let trailers = match send_items(&mut stream, answer, deadline).await {
         Ok(()) => prepared.trailers.clone(),
         Err(Stop::Status(e)) => status_response(e.code as u8, &e.message).trailers,
         Err(Stop::Rule(p)) => p.trailers.clone(),
@@ -574,11 +621,11 @@ async fn send_stream(respond: &mut SendResponse<Bytes>, prepared: &Prepared, dea
 /// answered by unbounded buffering here.
 async fn send_items<'m>(
     stream: &mut SendStream<Bytes>,
-    prepared: &'m Prepared,
+    answer: &Answer<'m>,
     deadline: Option<Instant>,
 ) -> Result<(), Stop<'m>> {
-    let items: &[Bytes] =
-        if prepared.stream.is_empty() { std::slice::from_ref(&prepared.body) } else { &prepared.stream };
+    let prepared = answer.prepared;
+    let items = answer.messages();
     // An error without stream items has no message to send before it.
     if prepared.stream.is_empty() && prepared.status != 0 {
         return Ok(());

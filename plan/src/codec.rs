@@ -18,6 +18,15 @@
 //!              | trailers (pairs) | delay_ms (4)
 //!              | stream (count, bytes...) | stream_delay_ms (4) | stream_repeat (4)
 //!              | stream_random_order (1) | error_after (4)  [v3]
+//!              | templates (count, slot (4) Template...)  [v4]
+//! Template     pieces (count, Piece...)
+//! Piece        tag (1: 0 bytes: bytes, 1 nested: key (bytes) pieces,
+//!              2 text: key (bytes) parts, 3 number: key (bytes) kind (1) parts)
+//! Part         tag (1: 0 literal: bytes, 1 expr: Expr)
+//! Expr         tag (1: 0 field (4), 1 metadata (4), 2 stream index, 3 total,
+//!              4 is-first, 5 is-last, 6 now, 7 uuid, 8 random int (8, 8),
+//!              9 random float (8, 8), 10 format: bytes (count, Expr...),
+//!              11 number (8), 12 string: bytes, 13 arith: Expr op (1) Expr)
 //! Rule         conditions (count, Condition...) | response (4) | priority (8)
 //!              | origin (str)
 //! Condition    source tag (1: 0 field, 1 metadata) | index (4) | Test
@@ -27,6 +36,7 @@
 //! str, bytes   length (4) | bytes
 //! ```
 //!
+//! Version 3 had no templates.
 //! Version 2 had no message selectors, streams or duplex flag.
 //! Version 1 had no shapes (all singular), no regexes, and a condition was
 //! a source followed directly by an op with tag 0 (eq); v1 files still load.
@@ -294,6 +304,101 @@ fn put_op(out: &mut Vec<u8>, op: &Op) {
     }
 }
 
+fn put_pieces(out: &mut Vec<u8>, pieces: &[Piece]) {
+    put_u32(out, pieces.len() as u32);
+    for p in pieces {
+        match p {
+            Piece::Bytes(b) => {
+                out.push(0);
+                put_bytes(out, b);
+            }
+            Piece::Nested { key, pieces } => {
+                out.push(1);
+                put_bytes(out, key);
+                put_pieces(out, pieces);
+            }
+            Piece::Text { key, parts } => {
+                out.push(2);
+                put_bytes(out, key);
+                put_parts(out, parts);
+            }
+            Piece::Number { key, kind, parts } => {
+                out.push(3);
+                put_bytes(out, key);
+                out.push(*kind as u8);
+                put_parts(out, parts);
+            }
+        }
+    }
+}
+
+fn put_parts(out: &mut Vec<u8>, parts: &[Part]) {
+    put_u32(out, parts.len() as u32);
+    for p in parts {
+        match p {
+            Part::Lit(b) => {
+                out.push(0);
+                put_bytes(out, b);
+            }
+            Part::Expr(e) => {
+                out.push(1);
+                put_expr(out, e);
+            }
+        }
+    }
+}
+
+fn put_expr(out: &mut Vec<u8>, e: &Expr) {
+    match e {
+        Expr::Field(i) => {
+            out.push(0);
+            put_u32(out, *i);
+        }
+        Expr::Metadata(i) => {
+            out.push(1);
+            put_u32(out, *i);
+        }
+        Expr::StreamIndex => out.push(2),
+        Expr::StreamTotal => out.push(3),
+        Expr::StreamIsFirst => out.push(4),
+        Expr::StreamIsLast => out.push(5),
+        Expr::Now => out.push(6),
+        Expr::Uuid => out.push(7),
+        Expr::RandomInt(a, b) => {
+            out.push(8);
+            out.extend_from_slice(&a.to_le_bytes());
+            out.extend_from_slice(&b.to_le_bytes());
+        }
+        Expr::RandomFloat(a, b) => {
+            out.push(9);
+            out.extend_from_slice(&a.to_bits().to_le_bytes());
+            out.extend_from_slice(&b.to_bits().to_le_bytes());
+        }
+        Expr::Format(f, args) => {
+            out.push(10);
+            put_bytes(out, f);
+            put_u32(out, args.len() as u32);
+            for a in args {
+                put_expr(out, a);
+            }
+        }
+        Expr::Number(n) => {
+            out.push(11);
+            out.extend_from_slice(&n.to_bits().to_le_bytes());
+        }
+        Expr::Str(b) => {
+            out.push(12);
+            put_bytes(out, b);
+        }
+        Expr::Arith(l, op, r) => {
+            out.push(13);
+            put_expr(out, l);
+            out.push(*op);
+            put_expr(out, r);
+        }
+    }
+}
+
 fn write_methods(out: &mut Vec<u8>, methods: &[Method]) {
     put_u32(out, methods.len() as u32);
     for m in methods {
@@ -357,6 +462,11 @@ fn write_methods(out: &mut Vec<u8>, methods: &[Method]) {
             put_u32(out, r.stream_repeat);
             out.push(r.stream_random_order as u8);
             put_u32(out, r.error_after);
+            put_u32(out, r.templates.len() as u32);
+            for (slot, t) in &r.templates {
+                put_u32(out, *slot);
+                put_pieces(out, &t.pieces);
+            }
         }
         put_u32(out, m.regexes.len() as u32);
         for r in &m.regexes {
@@ -468,6 +578,100 @@ impl<'a> Reader<'a> {
 }
 
 impl Reader<'_> {
+    fn pieces(&mut self, at: &dyn Fn() -> String, depth: usize) -> Result<Vec<Piece>, LoadError> {
+        if depth > MAX_TEST_DEPTH * 2 {
+            return Err(LoadError::invalid(at(), "template nested too deeply"));
+        }
+        let n = self.count(at)?;
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            out.push(match self.u8(at)? {
+                0 => Piece::Bytes(self.bytes(at)?.to_vec()),
+                1 => Piece::Nested { key: self.key(at)?, pieces: self.pieces(at, depth + 1)? },
+                2 => Piece::Text { key: self.key(at)?, parts: self.parts(at)? },
+                3 => {
+                    let key = self.key(at)?;
+                    let kind = ScalarKind::from_u8(self.u8(at)?)
+                        .filter(|k| !matches!(k, ScalarKind::String | ScalarKind::Bytes))
+                        .ok_or_else(|| LoadError::invalid(at(), "bad kind of a number hole"))?;
+                    Piece::Number { key, kind, parts: self.parts(at)? }
+                }
+                t => return Err(LoadError::invalid(at(), format!("unknown template piece {t}"))),
+            });
+        }
+        Ok(out)
+    }
+
+    /// An encoded field key: one varint of at most 5 bytes.
+    fn key(&mut self, at: &dyn Fn() -> String) -> Result<Vec<u8>, LoadError> {
+        let k = self.bytes(at)?;
+        let ok = !k.is_empty()
+            && k.len() <= 5
+            && k[..k.len() - 1].iter().all(|b| b & 0x80 != 0)
+            && k[k.len() - 1] & 0x80 == 0;
+        if !ok {
+            return Err(LoadError::invalid(at(), "template field key is not a varint"));
+        }
+        Ok(k.to_vec())
+    }
+
+    fn parts(&mut self, at: &dyn Fn() -> String) -> Result<Vec<Part>, LoadError> {
+        let n = self.count(at)?;
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            out.push(match self.u8(at)? {
+                0 => Part::Lit(self.bytes(at)?.to_vec()),
+                1 => Part::Expr(self.expr(at, 0)?),
+                t => return Err(LoadError::invalid(at(), format!("unknown template part {t}"))),
+            });
+        }
+        Ok(out)
+    }
+
+    fn expr(&mut self, at: &dyn Fn() -> String, depth: usize) -> Result<Expr, LoadError> {
+        if depth > MAX_TEST_DEPTH {
+            return Err(LoadError::invalid(at(), "template expression nested too deeply"));
+        }
+        Ok(match self.u8(at)? {
+            0 => Expr::Field(self.u32(at)?),
+            1 => Expr::Metadata(self.u32(at)?),
+            2 => Expr::StreamIndex,
+            3 => Expr::StreamTotal,
+            4 => Expr::StreamIsFirst,
+            5 => Expr::StreamIsLast,
+            6 => Expr::Now,
+            7 => Expr::Uuid,
+            8 => {
+                let (a, b) = (self.u64(at)? as i64, self.u64(at)? as i64);
+                if a > b {
+                    return Err(LoadError::invalid(at(), "random range is empty"));
+                }
+                Expr::RandomInt(a, b)
+            }
+            9 => Expr::RandomFloat(f64::from_bits(self.u64(at)?), f64::from_bits(self.u64(at)?)),
+            10 => {
+                let f = self.bytes(at)?.to_vec();
+                let n = self.count(at)?;
+                let mut args = Vec::with_capacity(n);
+                for _ in 0..n {
+                    args.push(self.expr(at, depth + 1)?);
+                }
+                Expr::Format(f, args)
+            }
+            11 => Expr::Number(f64::from_bits(self.u64(at)?)),
+            12 => Expr::Str(self.bytes(at)?.to_vec()),
+            13 => {
+                let l = self.expr(at, depth + 1)?;
+                let op = self.u8(at)?;
+                if !b"+-*/".contains(&op) {
+                    return Err(LoadError::invalid(at(), format!("unknown arithmetic operator {op}")));
+                }
+                Expr::Arith(Box::new(l), op, Box::new(self.expr(at, depth + 1)?))
+            }
+            t => return Err(LoadError::invalid(at(), format!("unknown template expression {t}"))),
+        })
+    }
+
     fn test(&mut self, at: &dyn Fn() -> String, depth: usize) -> Result<Test, LoadError> {
         if depth > MAX_TEST_DEPTH {
             return Err(LoadError::invalid(at(), "tests nested too deeply"));
@@ -515,6 +719,37 @@ impl Reader<'_> {
             t => return Err(LoadError::invalid(at(), format!("unknown operator tag {t}"))),
         })
     }
+}
+
+/// Checks that every expression of a template refers to a field and a
+/// metadata key the method has.
+fn check_template(t: &Template, fields: usize, keys: usize) -> Result<(), String> {
+    fn expr(e: &Expr, fields: usize, keys: usize) -> Result<(), String> {
+        match e {
+            Expr::Field(i) if *i as usize >= fields => Err(format!("template field index {i} out of range")),
+            Expr::Metadata(i) if *i as usize >= keys => Err(format!("template metadata index {i} out of range")),
+            Expr::Format(_, args) => args.iter().try_for_each(|a| expr(a, fields, keys)),
+            Expr::Arith(l, _, r) => expr(l, fields, keys).and_then(|_| expr(r, fields, keys)),
+            _ => Ok(()),
+        }
+    }
+    fn pieces(ps: &[Piece], fields: usize, keys: usize) -> Result<(), String> {
+        for p in ps {
+            match p {
+                Piece::Bytes(_) => {}
+                Piece::Nested { pieces: inner, .. } => pieces(inner, fields, keys)?,
+                Piece::Text { parts, .. } | Piece::Number { parts, .. } => {
+                    for part in parts {
+                        if let Part::Expr(e) = part {
+                            expr(e, fields, keys)?;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+    pieces(&t.pieces, fields, keys)
 }
 
 /// What a test sees of its source: one value of a class, or the elements of
@@ -706,6 +941,20 @@ fn read_methods(r: &mut Reader) -> Result<Vec<Method>, LoadError> {
                     b => return Err(LoadError::invalid(at(), format!("bad bool {b}"))),
                 };
                 response.error_after = r.u32(&at)?;
+            }
+            if r.version >= 4 {
+                let n = r.count(&at)?;
+                for _ in 0..n {
+                    let slot = r.u32(&at)?;
+                    if slot as usize > response.stream.len() {
+                        return Err(LoadError::invalid(at(), format!("template slot {slot} has no message")));
+                    }
+                    let pieces = r.pieces(&at, 0)?;
+                    let template = Template { pieces };
+                    check_template(&template, fields.len(), metadata_keys.len())
+                        .map_err(|why| LoadError::invalid(at(), why))?;
+                    response.templates.push((slot, template));
+                }
             }
             responses.push(response);
         }

@@ -33,7 +33,7 @@ pub use codec::LoadError;
 /// First eight bytes of every plan file.
 pub const MAGIC: [u8; 8] = *b"WSTBPLAN";
 /// The layout version this crate writes. It also reads every earlier version.
-pub const VERSION: u32 = 3;
+pub const VERSION: u32 = 4;
 /// The oldest layout version this crate still reads.
 pub const OLDEST_VERSION: u32 = 1;
 
@@ -411,6 +411,69 @@ pub struct Response {
     /// For an error status: how many streamed messages go out before it
     /// (0: a trailers-only error, as Wishmock does).
     pub error_after: u32,
+    /// Messages rendered per call instead of sent as prepared bytes: slot 0
+    /// is `body`, slot `i + 1` is `stream[i]` (whose prepared bytes are then
+    /// unused).
+    pub templates: Vec<(u32, Template)>,
+}
+
+/// A response message with holes: encoded protobuf pieces around values
+/// computed per call. Rendering writes the pieces in order and computes the
+/// length prefix of every `Nested` and `Text` piece, so no message tree is
+/// built at run time.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Template {
+    pub pieces: Vec<Piece>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Piece {
+    /// Encoded bytes, copied as they are.
+    Bytes(Vec<u8>),
+    /// A length-delimited field (an embedded message) whose content has
+    /// holes: `key` is the encoded field key.
+    Nested { key: Vec<u8>, pieces: Vec<Piece> },
+    /// A string or bytes field whose content is rendered text.
+    Text { key: Vec<u8>, parts: Vec<Part> },
+    /// A numeric, bool or enum field whose value is rendered text read as
+    /// `kind`; left out when the text does not read as one.
+    Number { key: Vec<u8>, kind: ScalarKind, parts: Vec<Part> },
+}
+
+/// Text of a template: literal pieces and expressions.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Part {
+    Lit(Vec<u8>),
+    Expr(Expr),
+}
+
+/// A template expression, Wishmock's `{{ ... }}` language.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Expr {
+    /// A request field: index into [`Method::fields`].
+    Field(u32),
+    /// A metadata value: index into [`Method::metadata_keys`].
+    Metadata(u32),
+    StreamIndex,
+    StreamTotal,
+    StreamIsFirst,
+    StreamIsLast,
+    /// Milliseconds since the Unix epoch.
+    Now,
+    /// A random version 4 UUID.
+    Uuid,
+    /// A uniformly random integer in `[lo, hi]`.
+    RandomInt(i64, i64),
+    /// A uniformly random number in `[lo, hi)`.
+    RandomFloat(f64, f64),
+    /// `utils.format`: each `%s` in the text takes the next argument.
+    Format(Vec<u8>, Vec<Expr>),
+    /// A number literal (in arithmetic and format arguments).
+    Number(f64),
+    /// A string literal (format arguments).
+    Str(Vec<u8>),
+    /// `left op right` on numbers: op is one of `+ - * /`.
+    Arith(Box<Expr>, u8, Box<Expr>),
 }
 
 impl Default for Response {
@@ -427,6 +490,7 @@ impl Default for Response {
             stream_repeat: 1,
             stream_random_order: false,
             error_after: 0,
+            templates: Vec::new(),
         }
     }
 }

@@ -21,6 +21,7 @@ import datetime
 import importlib
 import importlib.resources
 import os
+import queue
 import re
 import shlex
 import signal
@@ -71,13 +72,16 @@ def stubs(tmp_path_factory):
             "hello_grpc": importlib.import_module("helloworld_pb2_grpc"),
             "shop": importlib.import_module("shop.v1.catalog_pb2"),
             "shop_grpc": importlib.import_module("shop.v1.catalog_pb2_grpc"),
+            "chat": importlib.import_module("chat.v1.chat_pb2"),
+            "chat_grpc": importlib.import_module("chat.v1.chat_pb2_grpc"),
         }
     finally:
         sys.path.remove(str(out))
     return mods
 
 
-def engine_command() -> list[str]:
+def engine_command(args: list[str] | None = None) -> list[str]:
+    """The engine and its arguments: `args` if given, else from the environment."""
     engine = Path(os.environ.get("WIRESTUB_ENGINE", "target/debug/engine"))
     if not engine.is_absolute():
         engine = REPO_ROOT / engine
@@ -86,6 +90,8 @@ def engine_command() -> list[str]:
             f"engine binary {engine} not found: build it with "
             "`cargo build -p wirestub-engine` or set WIRESTUB_ENGINE"
         )
+    if args is not None:
+        return [str(engine), *args]
     extra = os.environ.get("WIRESTUB_ENGINE_ARGS")
     return [str(engine), *(shlex.split(extra) if extra else DEFAULT_ARGS)]
 
@@ -105,9 +111,9 @@ class Server:
             return ""
 
 
-def start_server(log_dir: Path) -> Server:
+def start_server(log_dir: Path, args: list[str] | None = None) -> Server:
     """Starts the engine and waits for its `listening on` line."""
-    cmd = engine_command()
+    cmd = engine_command(args)
     timeout = float(os.environ.get("WIRESTUB_START_TIMEOUT", "120"))
     fd, log_name = tempfile.mkstemp(prefix="engine-", suffix=".log", dir=log_dir)
     log_path = Path(log_name)
@@ -191,6 +197,19 @@ def catalog(stubs, channel):
 
 
 @pytest.fixture(scope="session")
+def chat_stub(stubs, channel):
+    stub = stubs["chat_grpc"].ChatStub(channel)
+    if os.environ.get("WIRESTUB_ENGINE_ARGS"):
+        # Another server (e.g. the tonic baseline) may not serve chat.v1.
+        try:
+            stub.GetRoom(stubs["chat"].GetRoomRequest(), timeout=TIMEOUT)
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.UNIMPLEMENTED:
+                pytest.skip("the server under test does not serve chat.v1.Chat")
+    return stub
+
+
+@pytest.fixture(scope="session")
 def hello(stubs):
     return stubs["hello"]
 
@@ -198,6 +217,11 @@ def hello(stubs):
 @pytest.fixture(scope="session")
 def shop(stubs):
     return stubs["shop"]
+
+
+@pytest.fixture(scope="session")
+def chat(stubs):
+    return stubs["chat"]
 
 
 TIMEOUT = 10.0
@@ -409,6 +433,316 @@ def test_search_negative_sint64(catalog, shop):
     )
     assert r.next_cursor == "negative"
     assert len(r.products) == 0
+
+
+# --------------------------------------------------------------------------
+# Rich errors: google.rpc.Status in grpc-status-details-bin
+# --------------------------------------------------------------------------
+
+RICH_ERRORS = REPO_ROOT / "tests" / "cases" / "rich-errors"
+BUILTIN_PROTOS = REPO_ROOT / "compiler" / "src" / "builtin"
+
+
+@pytest.fixture(scope="session")
+def rpc(tmp_path_factory):
+    """Python modules for the compiler's built-in google/rpc protos (grpcio
+    ships none), generated like the stubs."""
+    from grpc_tools import protoc
+
+    out = tmp_path_factory.mktemp("rpc")
+    wkt = importlib.resources.files("grpc_tools") / "_proto"
+    files = ["google/rpc/status.proto", "google/rpc/error_details.proto"]
+    args = ["grpc_tools.protoc", f"-I{BUILTIN_PROTOS}", f"-I{wkt}", f"--python_out={out}", *files]
+    assert protoc.main(args) == 0, f"grpc_tools.protoc failed: {' '.join(args)}"
+    sys.path.insert(0, str(out))
+    try:
+        return {
+            "status": importlib.import_module("google.rpc.status_pb2"),
+            "details": importlib.import_module("google.rpc.error_details_pb2"),
+        }
+    finally:
+        sys.path.remove(str(out))
+
+
+def test_rich_error_details(tmp_path, rpc):
+    """A rule's `details` reach grpcio as a google.rpc.Status with typed
+    details. Serves tests/cases/rich-errors with its own engine."""
+    if os.environ.get("WIRESTUB_ENGINE_ARGS"):
+        pytest.skip("needs the wirestub engine serving tests/cases/rich-errors")
+    dirs = ["--protos", str(RICH_ERRORS / "protos"), "--rules", str(RICH_ERRORS / "rules")]
+    srv = start_server(tmp_path, ["run", *dirs, "--listen", "127.0.0.1:0"])
+    try:
+        with grpc.insecure_channel(
+            f"127.0.0.1:{srv.port}", options=[("grpc.enable_http_proxy", 0)]
+        ) as ch:
+            # Bytes in, bytes out: CreateRequest { name: "" } encodes to nothing.
+            err = rpc_error(ch.unary_unary("/accounts.Accounts/Create"), b"")
+    finally:
+        stop_process(srv.proc)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.details() == "name is required"
+    raw = metadata_dict(err.trailing_metadata())["grpc-status-details-bin"]
+    status = rpc["status"].Status.FromString(raw)
+    assert (status.code, status.message) == (3, "name is required")
+    bad = rpc["details"].BadRequest()
+    assert status.details[0].Unpack(bad)
+    assert [(v.field, v.description) for v in bad.field_violations] == [
+        ("name", "must not be empty"),
+        ("email", "must be an address"),
+    ]
+    assert bad.field_violations[1].localized_message.message == "adresse invalide"
+    info = rpc["details"].ErrorInfo()
+    assert status.details[1].Unpack(info)
+    assert (info.reason, info.domain) == ("NAME_MISSING", "example.com")
+    assert dict(info.metadata) == {"hint": "send a name", "field": "name"}
+    retry = rpc["details"].RetryInfo()
+    assert status.details[2].Unpack(retry)
+    assert (retry.retry_delay.seconds, retry.retry_delay.nanos) == (1, 500000000)
+
+
+# --------------------------------------------------------------------------
+# chat.v1.Chat: server, client and bidirectional streams
+# --------------------------------------------------------------------------
+
+
+def triples(msgs) -> list[tuple[str, str, int]]:
+    return [(m.user, m.text, m.seq) for m in msgs]
+
+
+def chat_lines(chat, *texts, user="ann"):
+    return [chat.ChatMessage(user=user, text=t) for t in texts]
+
+
+END = object()  # end of a response stream, as Bidi.recv reports it
+
+
+class Bidi:
+    """A streaming call driven one step at a time.
+
+    Requests come from an iterator fed by a queue (`send`, `close` to
+    half-close); a reader thread moves the replies, then END or the final
+    grpc.RpcError, into another queue, so that every wait (`recv`,
+    `silent_for`) is bounded by a timeout.
+    """
+
+    def __init__(self, method, timeout: float = TIMEOUT):
+        self._requests: queue.Queue = queue.Queue()
+        self._replies: queue.Queue = queue.Queue()
+        self._peeked: list = []  # a reply `silent_for` saw, kept for `recv`
+        self._timeout = timeout
+        self.half_closed = threading.Event()
+        self.call = method(self._request_iter(), timeout=timeout)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _request_iter(self):
+        try:
+            while True:
+                try:
+                    # Bounded, and longer than the call's deadline, so that
+                    # a deadline is never raced by a half-close from here;
+                    # `close` (also on exit) ends the wait at once.
+                    item = self._requests.get(timeout=self._timeout + TIMEOUT)
+                except queue.Empty:
+                    return
+                if item is END:
+                    return
+                yield item
+        finally:
+            self.half_closed.set()
+
+    def _read(self) -> None:
+        try:
+            for reply in self.call:
+                self._replies.put(reply)
+            self._replies.put(END)
+        except grpc.RpcError as e:
+            self._replies.put(e)
+
+    def send(self, message) -> None:
+        self._requests.put(message)
+
+    def close(self) -> None:
+        """Half-closes: the request iterator ends."""
+        self._requests.put(END)
+
+    def recv(self, timeout: float = 5.0):
+        """The next reply, END, or the grpc.RpcError that ended the call."""
+        if self._peeked:
+            return self._peeked.pop()
+        try:
+            return self._replies.get(timeout=timeout)
+        except queue.Empty:
+            pytest.fail(f"no reply within {timeout}s")
+
+    def silent_for(self, seconds: float) -> bool:
+        """True when nothing arrives within `seconds`."""
+        if not self._peeked:
+            try:
+                self._peeked.append(self._replies.get(timeout=seconds))
+            except queue.Empty:
+                return True
+        return False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+        self.call.cancel()  # no-op when the call has already ended
+        self._reader.join(TIMEOUT)
+
+
+def test_chat_unary_beside_streams(chat_stub, chat):
+    room = chat_stub.GetRoom(chat.GetRoomRequest(room="general"), timeout=TIMEOUT)
+    assert (room.room, room.topic) == ("general", "anything goes")
+
+
+def test_subscribe_streams_items_in_order(chat_stub, chat):
+    start = time.monotonic()
+    call = chat_stub.Subscribe(chat.SubscribeRequest(room="general"), timeout=TIMEOUT)
+    got = triples(call)
+    elapsed = time.monotonic() - start
+    assert got == [("ann", "hello", 1), ("bob", "hi ann", 2), ("ann", "bye", 3)]
+    assert call.code() == grpc.StatusCode.OK
+    assert metadata_dict(call.initial_metadata()).get("x-room") == "general"
+    # Two pauses of stream_delay_ms: 20 between three items.
+    assert elapsed >= 0.035, f"three items in {elapsed:.3f}s"
+
+
+def test_subscribe_body_alone_is_a_stream_of_one(chat_stub, chat):
+    call = chat_stub.Subscribe(chat.SubscribeRequest(room="attic"), timeout=TIMEOUT)
+    assert triples(call) == [("system", "this room is empty", 0)]
+    assert call.code() == grpc.StatusCode.OK
+
+
+def test_endless_stream_cancelled_by_client(chat_stub, chat):
+    call = chat_stub.Subscribe(chat.SubscribeRequest(room="lobby"), timeout=TIMEOUT)
+    got = []
+    for m in call:
+        got.append((m.text, m.seq))
+        if len(got) == 5:
+            break
+    assert got == [("tick", 1), ("tock", 2), ("tick", 1), ("tock", 2), ("tick", 1)]
+    assert call.cancel(), "the stream had ended on its own"
+    assert call.code() == grpc.StatusCode.CANCELLED
+    with pytest.raises(grpc.RpcError) as info:
+        next(call)
+    assert info.value.code() == grpc.StatusCode.CANCELLED
+    # The channel (one HTTP/2 connection) keeps working: unary and streams.
+    room = chat_stub.GetRoom(chat.GetRoomRequest(room="general"), timeout=TIMEOUT)
+    assert room.topic == "anything goes"
+    again = chat_stub.Subscribe(chat.SubscribeRequest(room="general"), timeout=TIMEOUT)
+    assert [m.seq for m in again] == [1, 2, 3]
+
+
+def test_stream_error_after_items(chat_stub, chat):
+    call = chat_stub.Subscribe(chat.SubscribeRequest(room="flaky"), timeout=TIMEOUT)
+    got = []
+    with pytest.raises(grpc.RpcError) as info:
+        for m in call:
+            got.append((m.text, m.seq))
+    assert got == [("one", 1), ("two", 2)], "the items come before the error"
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert info.value.details() == "room connection lost"
+
+
+def test_endless_stream_ends_at_deadline(chat_stub, chat):
+    call = chat_stub.Subscribe(chat.SubscribeRequest(room="lobby"), timeout=0.3)
+    got = []
+    start = time.monotonic()
+    with pytest.raises(grpc.RpcError) as info:
+        for m in call:
+            got.append(m.seq)
+    elapsed = time.monotonic() - start
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert got[:1] == [1], f"items before the deadline: {got}"
+    assert got == [1 + i % 2 for i in range(len(got))], "tick, tock, tick, ..."
+    assert elapsed < TIMEOUT
+
+
+@pytest.mark.parametrize(
+    "texts, users, note",
+    [
+        (
+            ["hi", "yo", "bye"],
+            ["ann", "bob", "cy"],
+            "ann started it, and someone said bye",
+        ),
+        (["hi", "yo", "bye"], ["bob", "ann", "cy"], "three messages"),
+        (["hi", "yo"], ["ann", "bob"], "uploaded"),
+        ([], [], "nothing uploaded"),
+    ],
+    ids=["first-and-last", "count", "fallback", "empty"],
+)
+def test_upload_client_stream(chat_stub, chat, texts, users, note):
+    lines = [chat.ChatMessage(user=u, text=t) for u, t in zip(users, texts)]
+    summary, call = chat_stub.Upload.with_call(iter(lines), timeout=TIMEOUT)
+    assert summary.note == note
+    assert call.code() == grpc.StatusCode.OK
+
+
+def test_converse_aggregate(chat_stub, chat):
+    lines = chat_lines(chat, "hello", "over")
+    replies = chat_stub.Converse(iter(lines), timeout=TIMEOUT)
+    assert triples(replies) == [("mock", "roger", 0), ("mock", "out", 0)]
+    replies = chat_stub.Converse(iter(chat_lines(chat, "hello")), timeout=TIMEOUT)
+    assert triples(replies) == [("mock", "say over when you are done", 0)]
+
+
+def test_converse_aggregate_answers_only_after_half_close(chat_stub, chat):
+    with Bidi(chat_stub.Converse) as conv:
+        conv.send(chat.ChatMessage(user="ann", text="over"))
+        assert conv.silent_for(0.3), "aggregate mode answered before the half-close"
+        conv.close()
+        assert [(r.user, r.text) for r in (conv.recv(), conv.recv())] == [
+            ("mock", "roger"),
+            ("mock", "out"),
+        ]
+        assert conv.recv() is END
+        assert conv.call.code() == grpc.StatusCode.OK
+
+
+def test_converse_aggregate_never_closed_hits_deadline(chat_stub, chat):
+    with Bidi(chat_stub.Converse, timeout=0.3) as conv:
+        conv.send(chat.ChatMessage(user="ann", text="over"))
+        err = conv.recv()
+        assert isinstance(err, grpc.RpcError), f"expected an error, got {err!r}"
+        assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_talk_duplex_answers_before_half_close(chat_stub, chat):
+    with Bidi(chat_stub.Talk) as talk:
+        for i in range(3):
+            talk.send(chat.ChatMessage(user="ann", text="ping"))
+            reply = talk.recv()
+            assert not isinstance(reply, grpc.RpcError), reply
+            assert reply is not END, f"round {i}: stream ended"
+            assert (reply.user, reply.text) == ("mock", "pong"), f"round {i}"
+            # The reply came while our request stream was still open.
+            assert not talk.half_closed.is_set()
+        talk.send(chat.ChatMessage(user="ann", text="count"))
+        assert triples([talk.recv(), talk.recv()]) == [
+            ("mock", "one", 1),
+            ("mock", "two", 2),
+        ]
+        talk.send(chat.ChatMessage(user="ann", text="hm"))
+        assert talk.recv().text == "say ping"
+        talk.close()
+        assert talk.recv() is END
+        assert talk.half_closed.is_set()
+        assert talk.call.code() == grpc.StatusCode.OK
+
+
+def test_talk_duplex_error_ends_the_call(chat_stub, chat):
+    with Bidi(chat_stub.Talk) as talk:
+        talk.send(chat.ChatMessage(user="ann", text="ping"))
+        assert talk.recv().text == "pong"
+        talk.send(chat.ChatMessage(user="ann", text="bye"))
+        err = talk.recv()
+        assert isinstance(err, grpc.RpcError), f"expected an error, got {err!r}"
+        assert err.code() == grpc.StatusCode.ABORTED
+        assert err.details() == "conversation closed"
 
 
 # --------------------------------------------------------------------------
