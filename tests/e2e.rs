@@ -418,6 +418,46 @@ async fn template_utilities_render_fresh_values_per_call() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn times_holds_under_concurrency_across_workers() {
+    let dir = root().join("tests/cases/timing");
+    let server = tokio::task::block_in_place(|| TestServer::start(&dir, NoMatch::NotFound));
+    // Many clients on separate connections (so on both workers) race for
+    // the two limited responses of the sequence.
+    let mut tasks = Vec::new();
+    for _ in 0..64 {
+        let mut c = Client::connect(&server).await;
+        tasks.push(tokio::spawn(async move { c.call("timing.T/Retry", &serde_json::json!({}), &[], None).await }));
+    }
+    let mut counts = std::collections::HashMap::new();
+    for t in tasks {
+        let r = t.await.unwrap();
+        let key = r.body.map(|b| b["v"].as_str().unwrap().to_string()).unwrap_or(r.status);
+        *counts.entry(key).or_insert(0) += 1;
+    }
+    assert_eq!(counts.get("UNAVAILABLE"), Some(&1), "{counts:?}");
+    assert_eq!(counts.get("second"), Some(&1), "{counts:?}");
+    assert_eq!(counts.get("steady"), Some(&62), "{counts:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drop_fault_resets_the_stream() {
+    let dir = root().join("tests/cases/timing");
+    let server = tokio::task::block_in_place(|| TestServer::start(&dir, NoMatch::NotFound));
+    let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    let mut client = client.ready().await.unwrap();
+    let req = http::Request::post(format!("http://{}/timing.T/Flaky", server.addr))
+        .header("content-type", "application/grpc")
+        .body(())
+        .unwrap();
+    let (response, mut send) = client.send_request(req, false).unwrap();
+    send.send_data(frame(b"\x0a\x04drop"), true).unwrap();
+    let err = response.await.expect_err("the stream is reset");
+    assert_eq!(err.reason(), Some(h2::Reason::INTERNAL_ERROR), "{err}");
+}
+
 // ---- the binaries ---------------------------------------------------------
 
 fn bin(name: &str) -> PathBuf {

@@ -256,6 +256,9 @@ fn warn_shadowed(method: &plan::Method, entries: &[Entry], diags: &mut Diagnosti
     let mut seen: HashMap<Vec<String>, usize> = HashMap::new();
     let mut warned = HashSet::new();
     for (i, e) in entries.iter().enumerate() {
+        // A response limited by `times` stops answering, so it shadows
+        // nothing for good.
+        let limited = method.responses[e.response as usize].times > 0;
         let mut keys: Vec<String> = e.conditions.iter().map(key).collect();
         keys.sort();
         keys.dedup();
@@ -282,6 +285,8 @@ fn warn_shadowed(method: &plan::Method, entries: &[Entry], diags: &mut Diagnosti
                 }
             }
         }
-        seen.entry(keys).or_insert(i);
+        if !limited {
+            seen.entry(keys).or_insert(i);
+        }
     }
 }

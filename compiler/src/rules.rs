@@ -67,7 +67,8 @@ pub struct Resp {
 
 const DOC_KEYS: &[&str] = &["service", "method", "mode", "match", "responses", "description"];
 const MATCH_KEYS: &[&str] = &["request", "metadata"];
-const RESPONSE_KEYS: &[&str] = &["when", "body", "metadata", "trailers", "details", "delay_ms", "priority"];
+const RESPONSE_KEYS: &[&str] =
+    &["when", "body", "metadata", "trailers", "details", "delay_ms", "latency", "fault", "times", "priority"];
 const STREAM_KEYS: &[&str] =
     &["stream_items", "stream_delay_ms", "stream_loop", "stream_random_order", "stream_error_after"];
 /// Wishmock's pause between streamed items when the rule gives none.
@@ -403,6 +404,21 @@ impl DocCx<'_> {
                         self.diags.push(d);
                     }
                 },
+                "latency" => {
+                    if let Some(l) = self.latency(value) {
+                        response.latency = l;
+                    }
+                }
+                "fault" => response.fault = self.fault(value),
+                "times" => match values::read_int(value, 1, u32::MAX as i128, "times") {
+                    Ok(v) => response.times = v as u32,
+                    Err(e) => {
+                        let d = self
+                            .err(&value.span, e)
+                            .with_help("`times` is how many calls this response may answer, at least 1");
+                        self.diags.push(d);
+                    }
+                },
                 "priority" => match values::read_int(value, i64::MIN as i128, i64::MAX as i128, "priority") {
                     Ok(v) => priority = v as i64,
                     Err(e) => {
@@ -553,6 +569,147 @@ impl DocCx<'_> {
             origin: self.origin(&node.span),
             span: node.span.clone(),
         })
+    }
+
+    /// `latency: { fixed: ms } | { uniform: [min, max] } | { normal: { mean, stddev } }
+    /// | { lognormal: { median, p99 } }`, in milliseconds.
+    fn latency(&mut self, node: &Node) -> Option<plan::Latency> {
+        const FORMS: &[&str] = &["fixed", "uniform", "normal", "lognormal"];
+        let help = "e.g. `{ uniform: [50, 150] }`, `{ normal: { mean: 100, stddev: 20 } }` or `{ lognormal: { median: 80, p99: 400 } }` (milliseconds)";
+        let entries = match node.map() {
+            Some(e) if e.len() == 1 => e,
+            _ => {
+                let d = self.err(&node.span, "`latency` is a mapping with one distribution").with_help(help);
+                self.diags.push(d);
+                return None;
+            }
+        };
+        let (k, v) = &entries[0];
+        let ms = |cx: &mut Self, n: &Node| -> Option<f64> {
+            match values::read_float(n, "milliseconds") {
+                Ok(f) if f.is_finite() && (0.0..=86_400_000.0).contains(&f) => Some(f),
+                _ => {
+                    let d = cx.err(&n.span, "expected milliseconds, from 0 to 86400000");
+                    cx.diags.push(d);
+                    None
+                }
+            }
+        };
+        let field = |cx: &mut Self, name: &str| -> Option<f64> {
+            match v.map().and_then(|m| m.iter().find(|(k, _)| k.scalar() == Some(name))) {
+                Some((_, n)) => ms(cx, n),
+                None => {
+                    let d = cx.err(&v.span, format!("missing `{name}`")).with_help(help);
+                    cx.diags.push(d);
+                    None
+                }
+            }
+        };
+        let form = k.scalar().unwrap_or_default();
+        let latency = match form {
+            "fixed" => {
+                let d = ms(self, v)?;
+                return Some(plan::Latency::Uniform { min: d, max: d });
+            }
+            "uniform" => match &v.kind {
+                NodeKind::Seq(b) if b.len() == 2 => {
+                    plan::Latency::Uniform { min: ms(self, &b[0])?, max: ms(self, &b[1])? }
+                }
+                _ => {
+                    let d = self.err(&v.span, "`uniform` takes `[min, max]`").with_help(help);
+                    self.diags.push(d);
+                    return None;
+                }
+            },
+            "normal" => plan::Latency::Normal { mean: field(self, "mean")?, stddev: field(self, "stddev")? },
+            "lognormal" => plan::Latency::LogNormal { median: field(self, "median")?, p99: field(self, "p99")? },
+            _ => {
+                let d = self
+                    .err(&k.span, format!("unknown distribution `{form}`"))
+                    .with_help(suggest(form, FORMS.iter().copied()));
+                self.diags.push(d);
+                return None;
+            }
+        };
+        let ordered = match latency {
+            plan::Latency::Uniform { min, max } => min <= max,
+            plan::Latency::LogNormal { median, p99 } => median > 0.0 && median <= p99,
+            _ => true,
+        };
+        if !ordered {
+            let d = self
+                .err(&v.span, "the bounds are out of order")
+                .with_help("uniform takes [min, max]; lognormal needs 0 < median <= p99");
+            self.diags.push(d);
+            return None;
+        }
+        Some(latency)
+    }
+
+    /// `fault: { rate: 0.1, status: UNAVAILABLE, message: "..." }` or
+    /// `fault: { rate: 0.05, drop: true }`.
+    fn fault(&mut self, node: &Node) -> Option<plan::Fault> {
+        const KEYS: &[&str] = &["rate", "status", "message", "drop"];
+        let entries = self.expect_map(node, "`fault`")?;
+        let mut fault = plan::Fault { rate: 0.0, drop: false, status: 14, message: String::new() };
+        let mut ok = true;
+        let mut has_rate = false;
+        for (k, v) in entries {
+            match k.scalar().unwrap_or_default() {
+                "rate" => match values::read_float(v, "rate") {
+                    Ok(r) if r > 0.0 && r <= 1.0 => {
+                        fault.rate = r;
+                        has_rate = true;
+                    }
+                    _ => {
+                        let d = self
+                            .err(&v.span, "`rate` is a fraction of calls, above 0 and at most 1")
+                            .with_help("e.g. 0.05 for 5% of calls");
+                        self.diags.push(d);
+                        ok = false;
+                    }
+                },
+                "status" => match read_status(v) {
+                    Ok(0) | Err(_) => {
+                        let d = self.err(&v.span, "a fault's `status` is an error code, 1 to 16 or its name");
+                        self.diags.push(d);
+                        ok = false;
+                    }
+                    Ok(s) => fault.status = s,
+                },
+                "message" => match values::read_string(v) {
+                    Ok(m) => fault.message = plan::percent_encode_message(&m),
+                    Err(e) => {
+                        let d = self.err(&v.span, e);
+                        self.diags.push(d);
+                        ok = false;
+                    }
+                },
+                "drop" => match values::read_bool(v) {
+                    Ok(b) => fault.drop = b,
+                    Err(e) => {
+                        let d = self.err(&v.span, e);
+                        self.diags.push(d);
+                        ok = false;
+                    }
+                },
+                other => {
+                    let d = self
+                        .err(&k.span, format!("unknown key `{other}` in `fault`"))
+                        .with_help(suggest(other, KEYS.iter().copied()));
+                    self.diags.push(d);
+                    ok = false;
+                }
+            }
+        }
+        if !has_rate && ok {
+            let d = self
+                .err(&node.span, "`fault` needs a `rate`")
+                .with_help("e.g. `fault: { rate: 0.1, status: UNAVAILABLE }`");
+            self.diags.push(d);
+            ok = false;
+        }
+        ok.then_some(fault)
     }
 
     fn metadata_pairs(&mut self, node: &Node, what: &str) -> Vec<(String, Vec<u8>)> {

@@ -9,7 +9,7 @@
 
 pub mod grpc;
 pub mod matcher;
-mod rng;
+pub mod rng;
 pub mod served;
 pub mod server;
 pub mod template;

@@ -32,6 +32,8 @@ options:
   --max-concurrent-streams N   per connection (default 1024)
   --max-header-list-size N     bytes (default 16384)
   --drain-timeout-ms N         time in-flight calls get on shutdown (default 5000)
+  --seed N                     seed the random source (latencies, faults, shuffles,
+                               template utilities) so runs repeat
 
 The address it serves on is printed as `wirestub engine listening on ADDR`.
 Logs go to stderr; RUST_LOG sets the level (default info).";
@@ -90,6 +92,7 @@ fn run(args: &[String]) -> Result<ExitCode, String> {
             "--max-concurrent-streams" => config.max_concurrent_streams = number(a, &value()?)?,
             "--max-header-list-size" => config.max_header_list_size = number(a, &value()?)?,
             "--drain-timeout-ms" => config.drain_timeout = Duration::from_millis(number(a, &value()?)?),
+            "--seed" => config.seed = Some(number(a, &value()?)?),
             "-h" | "--help" => {
                 println!("{USAGE}");
                 return Ok(ExitCode::SUCCESS);

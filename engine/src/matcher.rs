@@ -104,10 +104,18 @@ impl<'a> Request<'a> {
         let method = self.method;
         let plan = &method.plan;
         let holds = |r: u32| -> Result<bool, Malformed> {
-            for c in &plan.rules[r as usize].conditions {
+            let rule = &plan.rules[r as usize];
+            for c in &rule.conditions {
                 if !request.condition(c.source, &c.test)? {
                     return Ok(false);
                 }
+            }
+            // A response limited by `times` answers only while calls remain;
+            // the count is shared by every worker.
+            let times = method.responses[rule.response as usize].times;
+            if times > 0 {
+                let used = method.used[rule.response as usize].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return Ok(used < times as u64);
             }
             Ok(true)
         };

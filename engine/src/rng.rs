@@ -1,14 +1,14 @@
-//! A small per-thread pseudo-random source (SplitMix64) for shuffling
-//! streamed items. Each worker thread has its own state, so drawing takes
+//! A small per-thread pseudo-random source (SplitMix64) for shuffled
+//! streams, latency distributions, fault injection and template utilities. Each worker thread has its own state, so drawing takes
 //! no lock and shares nothing.
 
 use std::cell::Cell;
 
 thread_local! {
-    static STATE: Cell<u64> = Cell::new(seed());
+    static STATE: Cell<u64> = Cell::new(clock_seed());
 }
 
-fn seed() -> u64 {
+fn clock_seed() -> u64 {
     let time = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64);
     // The address of a thread-local differs per thread, so threads started
     // at the same instant still get different sequences.
@@ -26,6 +26,18 @@ pub fn next_u64() -> u64 {
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^ (z >> 31)
     })
+}
+
+/// Seeds this thread's source, for reproducible runs (`--seed`).
+pub fn seed(seed: u64) {
+    STATE.with(|s| s.set(seed));
+}
+
+/// A standard normal draw (Box-Muller).
+pub fn normal() -> f64 {
+    let u1 = unit().max(f64::MIN_POSITIVE);
+    let u2 = unit();
+    (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
 }
 
 /// A uniformly random number in [0, 1).

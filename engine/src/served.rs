@@ -47,6 +47,29 @@ pub struct Prepared {
     pub error_after: u32,
     /// Messages rendered per call (slot 0: the body; slot i + 1: item i).
     pub templates: Vec<(u32, wirestub_plan::Template)>,
+    pub latency: wirestub_plan::Latency,
+    pub fault: Option<wirestub_plan::Fault>,
+    /// Calls this response may answer; 0 for no limit.
+    pub times: u32,
+}
+
+impl Prepared {
+    /// The wait before answering, drawn from the response's distribution.
+    pub fn draw_delay(&self) -> Duration {
+        use wirestub_plan::Latency;
+        let ms = match self.latency {
+            Latency::Fixed => return self.delay,
+            Latency::Uniform { min, max } => min + crate::rng::unit() * (max - min),
+            Latency::Normal { mean, stddev } => mean + stddev * crate::rng::normal(),
+            // The 99th percentile of a standard normal is 2.326348 standard
+            // deviations above the mean.
+            Latency::LogNormal { median, p99 } => {
+                let sigma = (p99.ln() - median.ln()) / 2.326_347_874;
+                (median.ln() + sigma * crate::rng::normal()).exp()
+            }
+        };
+        Duration::from_secs_f64(ms.clamp(0.0, 86_400_000.0) / 1000.0)
+    }
 }
 
 pub struct ServedMethod {
@@ -64,6 +87,10 @@ pub struct ServedMethod {
     pub index: Option<Index>,
     /// See [`ServedMethod::messages_kept`].
     pub keep: usize,
+    /// Calls answered so far by each response, for responses limited by
+    /// `times`: the only state shared between workers on the request path,
+    /// and touched only by such responses.
+    pub used: Vec<std::sync::atomic::AtomicU64>,
 }
 
 /// Rules keyed on the value of one input they test for equality (`eq` or
@@ -248,6 +275,9 @@ pub fn prepare(
         stream_random_order: false,
         error_after: 0,
         templates: Vec::new(),
+        latency: wirestub_plan::Latency::Fixed,
+        fault: None,
+        times: 0,
     }
 }
 
@@ -279,6 +309,9 @@ impl Served {
                     p.stream_random_order = r.stream_random_order;
                     p.error_after = r.error_after;
                     p.templates = r.templates.clone();
+                    p.latency = r.latency;
+                    p.fault = r.fault.clone();
+                    p.times = r.times;
                     p
                 })
                 .collect();
@@ -304,7 +337,8 @@ impl Served {
             }
             let index = build_index(&m);
             by_path.insert(m.path.clone().into_boxed_str(), methods.len());
-            let mut served = ServedMethod { plan: m, responses, no_match, singular, regexes, index, keep: 0 };
+            let used = (0..m.responses.len()).map(|_| std::sync::atomic::AtomicU64::new(0)).collect();
+            let mut served = ServedMethod { plan: m, responses, no_match, singular, regexes, index, keep: 0, used };
             served.keep = served.messages_kept();
             methods.push(served);
         }
@@ -335,5 +369,51 @@ impl ServedMethod {
             })
             .max()
             .unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wirestub_plan::Latency;
+
+    fn draws(latency: Latency) -> Vec<f64> {
+        crate::rng::seed(42);
+        let mut p = prepare(0, "", Bytes::new(), &[], &[], Duration::from_millis(7));
+        p.latency = latency;
+        let mut v: Vec<f64> = (0..20_000).map(|_| p.draw_delay().as_secs_f64() * 1000.0).collect();
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        v
+    }
+
+    fn quantile(v: &[f64], q: f64) -> f64 {
+        v[((v.len() - 1) as f64 * q) as usize]
+    }
+
+    #[test]
+    fn fixed_is_the_delay() {
+        assert!(draws(Latency::Fixed).iter().all(|&d| (d - 7.0).abs() < 1e-9));
+    }
+
+    #[test]
+    fn uniform_stays_in_bounds_and_spreads() {
+        let v = draws(Latency::Uniform { min: 10.0, max: 20.0 });
+        assert!(v[0] >= 10.0 && v[v.len() - 1] < 20.0);
+        assert!((quantile(&v, 0.5) - 15.0).abs() < 0.3, "median {}", quantile(&v, 0.5));
+    }
+
+    #[test]
+    fn normal_has_its_mean_and_spread() {
+        let v = draws(Latency::Normal { mean: 100.0, stddev: 10.0 });
+        assert!((quantile(&v, 0.5) - 100.0).abs() < 0.5, "median {}", quantile(&v, 0.5));
+        // About 84% of draws lie below mean + one standard deviation.
+        assert!((quantile(&v, 0.8413) - 110.0).abs() < 0.8, "p84 {}", quantile(&v, 0.8413));
+    }
+
+    #[test]
+    fn lognormal_has_the_median_and_p99_asked_for() {
+        let v = draws(Latency::LogNormal { median: 50.0, p99: 400.0 });
+        assert!((quantile(&v, 0.5) / 50.0 - 1.0).abs() < 0.05, "median {}", quantile(&v, 0.5));
+        assert!((quantile(&v, 0.99) / 400.0 - 1.0).abs() < 0.1, "p99 {}", quantile(&v, 0.99));
     }
 }

@@ -41,6 +41,9 @@ pub struct Config {
     pub window: u32,
     /// How long in-flight calls may take to finish after shutdown starts.
     pub drain_timeout: Duration,
+    /// Seed of the random source (worker i uses seed + i), for runs whose
+    /// latencies, faults and shuffles repeat; None seeds from the clock.
+    pub seed: Option<u64>,
 }
 
 impl Default for Config {
@@ -52,6 +55,7 @@ impl Default for Config {
             max_header_list_size: 16 << 10,
             window: 1 << 20,
             drain_timeout: Duration::from_secs(5),
+            seed: None,
         }
     }
 }
@@ -79,11 +83,12 @@ impl Server {
             let (tx, rx) = mpsc::unbounded_channel::<std::net::TcpStream>();
             senders.push(tx);
             let (served, config, stop_rx) = (served.clone(), config.clone(), stop_rx.clone());
-            threads.push(
-                std::thread::Builder::new()
-                    .name(format!("wirestub-worker-{i}"))
-                    .spawn(move || worker(rx, served, config, stop_rx))?,
-            );
+            threads.push(std::thread::Builder::new().name(format!("wirestub-worker-{i}")).spawn(move || {
+                if let Some(seed) = config.seed {
+                    crate::rng::seed(seed.wrapping_add(i as u64));
+                }
+                worker(rx, served, config, stop_rx)
+            })?);
         }
         let acceptor_stop = stop_rx.clone();
         threads.push(
@@ -291,10 +296,11 @@ async fn call(served: &Served, config: &Config, request: Request<RecvStream>, mu
                 pick(method, &Messages { head: &head_refs, last, count }, headers)?
             }
         };
-        if !answer.prepared.delay.is_zero() {
+        let delay = answer.prepared.draw_delay();
+        if !delay.is_zero() {
             // A delay longer than the deadline is cut short below, which
             // answers DEADLINE_EXCEEDED at the deadline.
-            tokio::time::sleep(answer.prepared.delay).await;
+            tokio::time::sleep(delay).await;
         }
         Ok::<_, Status>(answer)
     };
@@ -312,12 +318,25 @@ async fn call(served: &Served, config: &Config, request: Request<RecvStream>, mu
         }
     };
     let prepared = answer.prepared;
+    if let Some(fault) = prepared.fault.as_ref().filter(|f| crate::rng::unit() < f.rate) {
+        if fault.drop {
+            respond.send_reset(h2::Reason::INTERNAL_ERROR);
+        } else {
+            let _ = send(&mut respond, &Answer::of(&prepare_fault(fault)));
+        }
+        return;
+    }
     let streams = method.plan.kind == MethodKind::ServerStreaming || method.plan.kind == MethodKind::BidiStreaming;
     if !streams || (prepared.stream.is_empty() && prepared.error_after == 0) {
         let _ = send(&mut respond, &answer);
         return;
     }
     send_stream(&mut respond, &answer, deadline).await;
+}
+
+/// The error an injected fault answers with.
+fn prepare_fault(fault: &wirestub_plan::Fault) -> Prepared {
+    crate::served::prepare(fault.status, &fault.message, Bytes::new(), &[], &[], Duration::ZERO)
 }
 
 /// The chosen response with its messages ready: the prepared bytes, or for
@@ -533,9 +552,10 @@ async fn duplex(
             let one = [&message[..]];
             let answer = pick(method, &Messages::one(&one), headers)?;
             let prepared = answer.prepared;
-            if !prepared.delay.is_zero() {
+            let delay = prepared.draw_delay();
+            if !delay.is_zero() {
                 tokio::select! {
-                    _ = tokio::time::sleep(prepared.delay) => {}
+                    _ = tokio::time::sleep(delay) => {}
                     _ = sleep_until(deadline) => return Err(deadline_exceeded().into()),
                 }
             }

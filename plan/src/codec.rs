@@ -19,6 +19,9 @@
 //!              | stream (count, bytes...) | stream_delay_ms (4) | stream_repeat (4)
 //!              | stream_random_order (1) | error_after (4)  [v3]
 //!              | templates (count, slot (4) Template...)  [v4]
+//!              | latency (tag 1: 0 fixed, 1 uniform, 2 normal, 3 log-normal;
+//!                then two f64 for 1-3) | fault (1: 0 none, 1: rate (8)
+//!                drop (1) status (1) message (str)) | times (4)  [v5]
 //! Template     pieces (count, Piece...)
 //! Piece        tag (1: 0 bytes: bytes, 1 nested: key (bytes) pieces,
 //!              2 text: key (bytes) parts, 3 number: key (bytes) kind (1) parts)
@@ -36,6 +39,7 @@
 //! str, bytes   length (4) | bytes
 //! ```
 //!
+//! Version 4 had no latency distributions, faults or call limits.
 //! Version 3 had no templates.
 //! Version 2 had no message selectors, streams or duplex flag.
 //! Version 1 had no shapes (all singular), no regexes, and a condition was
@@ -467,6 +471,36 @@ fn write_methods(out: &mut Vec<u8>, methods: &[Method]) {
                 put_u32(out, *slot);
                 put_pieces(out, &t.pieces);
             }
+            let f64s = |out: &mut Vec<u8>, a: f64, b: f64| {
+                out.extend_from_slice(&a.to_bits().to_le_bytes());
+                out.extend_from_slice(&b.to_bits().to_le_bytes());
+            };
+            match r.latency {
+                Latency::Fixed => out.push(0),
+                Latency::Uniform { min, max } => {
+                    out.push(1);
+                    f64s(out, min, max);
+                }
+                Latency::Normal { mean, stddev } => {
+                    out.push(2);
+                    f64s(out, mean, stddev);
+                }
+                Latency::LogNormal { median, p99 } => {
+                    out.push(3);
+                    f64s(out, median, p99);
+                }
+            }
+            match &r.fault {
+                None => out.push(0),
+                Some(f) => {
+                    out.push(1);
+                    out.extend_from_slice(&f.rate.to_bits().to_le_bytes());
+                    out.push(f.drop as u8);
+                    out.push(f.status);
+                    put_bytes(out, f.message.as_bytes());
+                }
+            }
+            put_u32(out, r.times);
         }
         put_u32(out, m.regexes.len() as u32);
         for r in &m.regexes {
@@ -956,6 +990,52 @@ fn read_methods(r: &mut Reader) -> Result<Vec<Method>, LoadError> {
                     response.templates.push((slot, template));
                 }
             }
+            if r.version >= 5 {
+                let ms = |r: &mut Reader, at: &dyn Fn() -> String| -> Result<f64, LoadError> {
+                    let v = f64::from_bits(r.u64(at)?);
+                    if !(v.is_finite() && (0.0..=86_400_000.0).contains(&v)) {
+                        return Err(LoadError::invalid(at(), format!("latency parameter {v} out of range")));
+                    }
+                    Ok(v)
+                };
+                response.latency = match r.u8(&at)? {
+                    0 => Latency::Fixed,
+                    1 => Latency::Uniform { min: ms(r, &at)?, max: ms(r, &at)? },
+                    2 => Latency::Normal { mean: ms(r, &at)?, stddev: ms(r, &at)? },
+                    3 => Latency::LogNormal { median: ms(r, &at)?, p99: ms(r, &at)? },
+                    t => return Err(LoadError::invalid(at(), format!("unknown latency tag {t}"))),
+                };
+                let ordered = match response.latency {
+                    Latency::Uniform { min, max } => min <= max,
+                    Latency::LogNormal { median, p99 } => median > 0.0 && median <= p99,
+                    _ => true,
+                };
+                if !ordered {
+                    return Err(LoadError::invalid(at(), "latency bounds out of order"));
+                }
+                response.fault = match r.u8(&at)? {
+                    0 => None,
+                    1 => {
+                        let rate = f64::from_bits(r.u64(&at)?);
+                        if !(rate > 0.0 && rate <= 1.0) {
+                            return Err(LoadError::invalid(at(), format!("fault rate {rate} is not in (0, 1]")));
+                        }
+                        let drop = match r.u8(&at)? {
+                            0 => false,
+                            1 => true,
+                            b => return Err(LoadError::invalid(at(), format!("bad bool {b}"))),
+                        };
+                        let status = r.u8(&at)?;
+                        let message = r.string(&at)?;
+                        if status == 0 || status > 16 || !is_valid_metadata_value(message.as_bytes()) {
+                            return Err(LoadError::invalid(at(), "fault status or message invalid"));
+                        }
+                        Some(Fault { rate, drop, status, message })
+                    }
+                    t => return Err(LoadError::invalid(at(), format!("unknown fault tag {t}"))),
+                };
+                response.times = r.u32(&at)?;
+            }
             responses.push(response);
         }
 
@@ -1099,6 +1179,9 @@ mod tests {
                         stream_delay_ms: 5,
                         stream_repeat: 0,
                         stream_random_order: true,
+                        latency: Latency::LogNormal { median: 20.0, p99: 250.0 },
+                        fault: Some(Fault { rate: 0.25, drop: false, status: 14, message: "x".into() }),
+                        times: 2,
                         ..Default::default()
                     },
                     Response {

@@ -105,8 +105,27 @@ pub(crate) fn dump(plan: &Plan, body: &dyn Fn(&Method, &[u8]) -> String) -> Stri
             if !r.message.is_empty() {
                 let _ = write!(s, " message {:?}", r.message);
             }
-            if r.delay_ms > 0 {
-                let _ = write!(s, " delay {}ms", r.delay_ms);
+            match r.latency {
+                Latency::Fixed if r.delay_ms > 0 => {
+                    let _ = write!(s, " delay {}ms", r.delay_ms);
+                }
+                Latency::Fixed => {}
+                Latency::Uniform { min, max } => {
+                    let _ = write!(s, " delay uniform {min}..{max}ms");
+                }
+                Latency::Normal { mean, stddev } => {
+                    let _ = write!(s, " delay normal mean {mean}ms stddev {stddev}ms");
+                }
+                Latency::LogNormal { median, p99 } => {
+                    let _ = write!(s, " delay log-normal median {median}ms p99 {p99}ms");
+                }
+            }
+            if r.times > 0 {
+                let _ = write!(s, " at most {} times", r.times);
+            }
+            if let Some(f) = &r.fault {
+                let what = if f.drop { "reset".to_string() } else { STATUS_NAMES[f.status as usize].to_string() };
+                let _ = write!(s, " fault {what} at rate {}", f.rate);
             }
             let _ = writeln!(s);
             if !r.body.is_empty() {

@@ -33,7 +33,7 @@ pub use codec::LoadError;
 /// First eight bytes of every plan file.
 pub const MAGIC: [u8; 8] = *b"WSTBPLAN";
 /// The layout version this crate writes. It also reads every earlier version.
-pub const VERSION: u32 = 4;
+pub const VERSION: u32 = 5;
 /// The oldest layout version this crate still reads.
 pub const OLDEST_VERSION: u32 = 1;
 
@@ -411,6 +411,17 @@ pub struct Response {
     /// For an error status: how many streamed messages go out before it
     /// (0: a trailers-only error, as Wishmock does).
     pub error_after: u32,
+    /// How long to wait before answering, drawn per call; `Fixed` uses
+    /// `delay_ms`.
+    pub latency: Latency,
+    /// Fault injection: a fraction of the calls this response answers get
+    /// the fault instead.
+    pub fault: Option<Fault>,
+    /// How many calls this response may answer, across all connections and
+    /// workers; 0 for no limit. Once used up, the rules leading to it are
+    /// skipped, which is how sequences (first call A, then B, then C) are
+    /// written.
+    pub times: u32,
     /// Messages rendered per call instead of sent as prepared bytes: slot 0
     /// is `body`, slot `i + 1` is `stream[i]` (whose prepared bytes are then
     /// unused).
@@ -490,9 +501,45 @@ impl Default for Response {
             stream_repeat: 1,
             stream_random_order: false,
             error_after: 0,
+            latency: Latency::Fixed,
+            fault: None,
+            times: 0,
             templates: Vec::new(),
         }
     }
+}
+
+/// A latency distribution, in milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Latency {
+    /// `delay_ms`, every time.
+    Fixed,
+    Uniform {
+        min: f64,
+        max: f64,
+    },
+    Normal {
+        mean: f64,
+        stddev: f64,
+    },
+    /// Log-normal with the given median and 99th percentile.
+    LogNormal {
+        median: f64,
+        p99: f64,
+    },
+}
+
+/// An injected fault.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Fault {
+    /// Fraction of calls affected, in (0, 1].
+    pub rate: f64,
+    /// Reset the stream (RST_STREAM) instead of answering with a status.
+    pub drop: bool,
+    /// The status to answer with when not dropping.
+    pub status: u8,
+    /// Its message, percent-encoded.
+    pub message: String,
 }
 
 /// Frames a protobuf message as one uncompressed gRPC message.
