@@ -33,6 +33,9 @@ pub struct Request<'a> {
     /// Map values and oneof cases, read on first use.
     lazy: SmallVec<[Lazy<'a>; 16]>,
     metadata: SmallVec<[Option<&'a [u8]>; 8]>,
+    /// For inputs with a literal automaton: which of its literals occur,
+    /// found in one pass on first use.
+    literal_hits: SmallVec<[OnceCell<Vec<bool>>; 16]>,
 }
 
 /// The request messages of a call as the rules see them: the one message of
@@ -95,6 +98,7 @@ impl<'a> Request<'a> {
             singular,
             lazy: (0..plan.fields.len()).map(|_| OnceCell::new()).collect(),
             metadata: plan.metadata_keys.iter().map(|k| headers.get(k.as_str()).map(|v| v.as_bytes())).collect(),
+            literal_hits: (0..method.literals.len()).map(|_| OnceCell::new()).collect(),
         })
     }
 
@@ -246,15 +250,35 @@ impl<'a> Request<'a> {
             }
         }
         let (value, present) = self.scalar(source)?;
-        Ok(self.eval(test, value, present))
+        Ok(self.eval(test, value, present, Some(source)))
     }
 
-    /// Evaluates a test on one value.
-    fn eval(&self, test: &Test, value: ValueRef<'_>, present: bool) -> bool {
+    /// Whether `needle` occurs in `hay`, through the input's literal
+    /// automaton when it has one.
+    fn contains(&self, source: Option<Source>, hay: &[u8], needle: &[u8]) -> bool {
+        let slot = source.map(|s| crate::served::literal_slot(&self.method.plan, s));
+        if let Some(literals) = slot.and_then(|i| self.method.literals[i].as_ref()) {
+            if let Some(&id) = literals.ids.get(needle) {
+                let hits = self.literal_hits[slot.unwrap()].get_or_init(|| {
+                    let mut hits = vec![false; literals.ids.len()];
+                    for m in literals.automaton.find_overlapping_iter(hay) {
+                        hits[m.pattern().as_usize()] = true;
+                    }
+                    hits
+                });
+                return hits[id];
+            }
+        }
+        memchr::memmem::find(hay, needle).is_some()
+    }
+
+    /// Evaluates a test on one value read from `source` (None for a
+    /// derived value, such as a length).
+    fn eval(&self, test: &Test, value: ValueRef<'_>, present: bool, source: Option<Source>) -> bool {
         match test {
-            Test::Not(t) => !self.eval(t, value, present),
-            Test::Any(list) => list.iter().any(|t| self.eval(t, value, present)),
-            Test::All(list) => list.iter().all(|t| self.eval(t, value, present)),
+            Test::Not(t) => !self.eval(t, value, present, source),
+            Test::Any(list) => list.iter().any(|t| self.eval(t, value, present, source)),
+            Test::All(list) => list.iter().all(|t| self.eval(t, value, present, source)),
             Test::Op(op) => match op {
                 Op::Eq(v) => wire::value_eq(value, v),
                 Op::In(vs) => vs.iter().any(|v| wire::value_eq(value, v)),
@@ -264,7 +288,7 @@ impl<'a> Request<'a> {
                 Op::Lte(b) => order(value, b).is_some_and(|o| o.is_le()),
                 Op::Exists => present,
                 Op::Contains(Value::Bytes(needle)) => {
-                    matches!(value, ValueRef::Bytes(h) if memchr::memmem::find(h, needle).is_some())
+                    matches!(value, ValueRef::Bytes(h) if self.contains(source, h, needle))
                 }
                 Op::Contains(_) => false,
                 Op::Prefix(p) => matches!(value, ValueRef::Bytes(h) if h.starts_with(p)),
@@ -277,7 +301,7 @@ impl<'a> Request<'a> {
                     _ => false,
                 },
                 Op::Len(t) => match value {
-                    ValueRef::Bytes(h) => self.eval(t, ValueRef::U64(h.len() as u64), true),
+                    ValueRef::Bytes(h) => self.eval(t, ValueRef::U64(h.len() as u64), true, None),
                     _ => false,
                 },
             },
@@ -335,7 +359,7 @@ impl<'a> Request<'a> {
                     n += 1;
                     false
                 })?;
-                self.eval(t, ValueRef::U64(n), true)
+                self.eval(t, ValueRef::U64(n), true, None)
             }
             // The plan loader admits no other operator on repeated fields.
             Test::Op(_) => false,

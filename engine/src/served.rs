@@ -87,6 +87,10 @@ pub struct ServedMethod {
     pub index: Option<Index>,
     /// See [`ServedMethod::messages_kept`].
     pub keep: usize,
+    /// For inputs tested with `contains` for many different literals: one
+    /// Aho-Corasick automaton finding them all in a single pass, indexed
+    /// like [`Method::fields`] then [`Method::metadata_keys`].
+    pub literals: Vec<Option<Literals>>,
     /// Calls answered so far by each response, for responses limited by
     /// `times`: the only state shared between workers on the request path,
     /// and touched only by such responses.
@@ -102,6 +106,57 @@ pub struct Index {
     pub keyed: HashMap<Box<[u8]>, Vec<u32>>,
     /// Rules that do not test the input for equality, in rule order.
     pub rest: Vec<u32>,
+}
+
+/// The `contains` literals of one input, searched together.
+pub struct Literals {
+    pub automaton: aho_corasick::AhoCorasick,
+    /// Literal to pattern id.
+    pub ids: HashMap<Box<[u8]>, usize>,
+}
+
+/// Inputs with fewer distinct literals are searched one literal at a time.
+const LITERALS_MIN: usize = 4;
+
+/// Position of a source in [`ServedMethod::literals`].
+pub fn literal_slot(m: &Method, source: Source) -> usize {
+    match source {
+        Source::Field(i) => i as usize,
+        Source::Metadata(i) => m.fields.len() + i as usize,
+    }
+}
+
+fn build_literals(m: &Method) -> Vec<Option<Literals>> {
+    fn collect(t: &Test, out: &mut Vec<Vec<u8>>) {
+        match t {
+            Test::Op(Op::Contains(Value::Bytes(b))) => out.push(b.clone()),
+            Test::Not(t) => collect(t, out),
+            Test::Any(list) | Test::All(list) => list.iter().for_each(|t| collect(t, out)),
+            _ => {}
+        }
+    }
+    let mut per_slot: Vec<Vec<Vec<u8>>> = vec![Vec::new(); m.fields.len() + m.metadata_keys.len()];
+    for r in &m.rules {
+        for c in &r.conditions {
+            let repeated = matches!(c.source, Source::Field(i) if m.fields[i as usize].shape == Shape::Repeated);
+            if !repeated {
+                collect(&c.test, &mut per_slot[literal_slot(m, c.source)]);
+            }
+        }
+    }
+    per_slot
+        .into_iter()
+        .map(|mut needles| {
+            needles.sort();
+            needles.dedup();
+            if needles.len() < LITERALS_MIN {
+                return None;
+            }
+            let automaton = aho_corasick::AhoCorasick::new(&needles).ok()?;
+            let ids = needles.into_iter().enumerate().map(|(i, n)| (n.into_boxed_slice(), i)).collect();
+            Some(Literals { automaton, ids })
+        })
+        .collect()
 }
 
 /// Methods with fewer rules are scanned; an index would not pay.
@@ -338,7 +393,9 @@ impl Served {
             let index = build_index(&m);
             by_path.insert(m.path.clone().into_boxed_str(), methods.len());
             let used = (0..m.responses.len()).map(|_| std::sync::atomic::AtomicU64::new(0)).collect();
-            let mut served = ServedMethod { plan: m, responses, no_match, singular, regexes, index, keep: 0, used };
+            let literals = build_literals(&m);
+            let mut served =
+                ServedMethod { plan: m, responses, no_match, singular, regexes, index, keep: 0, used, literals };
             served.keep = served.messages_kept();
             methods.push(served);
         }
@@ -388,6 +445,37 @@ mod tests {
 
     fn quantile(v: &[f64], q: f64) -> f64 {
         v[((v.len() - 1) as f64 * q) as usize]
+    }
+
+    #[test]
+    fn many_literals_on_one_input_share_an_automaton() {
+        use wirestub_plan::{Condition, FieldPath, MessageSel, Rule, ScalarKind};
+        let contains =
+            |w: &str| Condition { source: Source::Field(0), test: Test::Op(Op::Contains(Value::Bytes(w.into()))) };
+        let m = Method {
+            path: "/p.S/M".into(),
+            kind: MethodKind::Unary,
+            input_type: "p.R".into(),
+            output_type: "p.R".into(),
+            fields: vec![FieldPath {
+                name: "s".into(),
+                numbers: vec![1],
+                kind: ScalarKind::String,
+                default: Value::Bytes(vec![]),
+                shape: Shape::Singular,
+                message: MessageSel::Single,
+            }],
+            metadata_keys: vec![],
+            responses: vec![Default::default()],
+            rules: ["a", "b", "c", "d", "b"]
+                .iter()
+                .map(|w| Rule { conditions: vec![contains(w)], response: 0, priority: 0, origin: String::new() })
+                .collect(),
+            regexes: vec![],
+            duplex: false,
+        };
+        let literals = build_literals(&m);
+        assert_eq!(literals[0].as_ref().map(|l| l.ids.len()), Some(4));
     }
 
     #[test]
