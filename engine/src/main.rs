@@ -32,6 +32,12 @@ options:
   --max-concurrent-streams N   per connection (default 1024)
   --max-header-list-size N     bytes (default 16384)
   --drain-timeout-ms N         time in-flight calls get on shutdown (default 5000)
+  --max-connections N          connections open at once; more are closed as soon as
+                               accepted (default 10000)
+  --idle-timeout-ms N          GOAWAY and close a connection with no call in progress
+                               for this long (default 300000; 0: never)
+  --handshake-timeout-ms N     close a connection that has not sent the HTTP/2
+                               preface within this time (default 10000; 0: never)
   --seed N                     seed the random source (latencies, faults, shuffles,
                                template utilities) so runs repeat
 
@@ -55,6 +61,11 @@ fn main() -> ExitCode {
 
 fn number<T: std::str::FromStr>(flag: &str, v: &str) -> Result<T, String> {
     v.parse().map_err(|_| format!("`{flag}` takes a number, got `{v}`"))
+}
+
+/// A timeout flag's value: 0 turns the timeout off.
+fn millis_or_never(ms: u64) -> Option<Duration> {
+    (ms != 0).then(|| Duration::from_millis(ms))
 }
 
 fn run(args: &[String]) -> Result<ExitCode, String> {
@@ -92,6 +103,14 @@ fn run(args: &[String]) -> Result<ExitCode, String> {
             "--max-concurrent-streams" => config.max_concurrent_streams = number(a, &value()?)?,
             "--max-header-list-size" => config.max_header_list_size = number(a, &value()?)?,
             "--drain-timeout-ms" => config.drain_timeout = Duration::from_millis(number(a, &value()?)?),
+            "--max-connections" => {
+                config.max_connections = number(a, &value()?)?;
+                if config.max_connections == 0 {
+                    return Err("`--max-connections` must be at least 1".into());
+                }
+            }
+            "--idle-timeout-ms" => config.idle_timeout = millis_or_never(number(a, &value()?)?),
+            "--handshake-timeout-ms" => config.handshake_timeout = millis_or_never(number(a, &value()?)?),
             "--seed" => config.seed = Some(number(a, &value()?)?),
             "-h" | "--help" => {
                 println!("{USAGE}");

@@ -6,6 +6,13 @@
 //! task on one worker, and all of its streams are futures polled inside that
 //! task (no task per stream). Workers share only the immutable [`Served`]
 //! plan; nothing on the request path takes a lock.
+//!
+//! Abuse resistance lives at connection setup and in h2's own guards (see
+//! [`Config`] and `connection`): the acceptor counts open connections and
+//! closes those over `max_connections`; each connection must finish the
+//! HTTP/2 handshake within `handshake_timeout` and is sent GOAWAY after
+//! `idle_timeout` without a call; h2 enforces stream, header, reset and
+//! buffer limits and answers floods with GOAWAY or RST_STREAM.
 
 use crate::grpc::{self, Code, Status};
 use crate::matcher::{self, Messages};
@@ -20,6 +27,7 @@ use std::borrow::Cow;
 use std::future::poll_fn;
 use std::io;
 use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
@@ -41,6 +49,16 @@ pub struct Config {
     pub window: u32,
     /// How long in-flight calls may take to finish after shutdown starts.
     pub drain_timeout: Duration,
+    /// Connections open at once, over all workers; the acceptor closes a
+    /// connection over the limit as soon as it has accepted it.
+    pub max_connections: usize,
+    /// A connection without a call in progress for this long is sent
+    /// GOAWAY (NO_ERROR) and closed; None keeps idle connections open.
+    pub idle_timeout: Option<Duration>,
+    /// Time a new connection has to complete the HTTP/2 handshake (our
+    /// SETTINGS written, the client's connection preface read) before it
+    /// is closed; None waits forever.
+    pub handshake_timeout: Option<Duration>,
     /// Seed of the random source (worker i uses seed + i), for runs whose
     /// latencies, faults and shuffles repeat; None seeds from the clock.
     pub seed: Option<u64>,
@@ -55,8 +73,46 @@ impl Default for Config {
             max_header_list_size: 16 << 10,
             window: 1 << 20,
             drain_timeout: Duration::from_secs(5),
+            max_connections: 10_000,
+            idle_timeout: Some(Duration::from_secs(300)),
+            handshake_timeout: Some(Duration::from_secs(10)),
             seed: None,
         }
+    }
+}
+
+// h2's own abuse guards (h2 0.4.20), set explicitly rather than left to
+// h2's defaults, which "could change". Each breach ends the connection with
+// GOAWAY ENHANCE_YOUR_CALM and the debug data named. What the engine sends
+// in each case is pinned by tests/python/test_abuse.py.
+
+/// Rapid reset (CVE-2023-44487): streams the client opens and resets before
+/// the engine has accepted them, queued at once (`too_many_resets`).
+const MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
+/// MadeYouReset (CVE-2025-8671): streams h2 resets because of the client's
+/// errors, counted over the connection's whole life, refusals of streams
+/// over `max_concurrent_streams` included (`too_many_internal_resets`).
+const MAX_LOCAL_ERROR_RESET_STREAMS: usize = 1024;
+/// Memory for streams the engine reset: at most this many are remembered
+/// (to ignore their late frames), each for `RESET_STREAM_DURATION`.
+const MAX_CONCURRENT_RESET_STREAMS: usize = 50;
+const RESET_STREAM_DURATION: Duration = Duration::from_secs(1);
+/// Response bytes h2 buffers per stream: a stream with this much unwritten
+/// is granted no more send capacity, so its sender waits (see
+/// `wait_capacity`) instead of buffering for a client that does not read.
+const MAX_SEND_BUFFER_SIZE: usize = 400 << 10;
+/// HPACK dynamic table the client's encoder may make us keep (the RFC
+/// default). h2 answers a table size update above it with GOAWAY
+/// PROTOCOL_ERROR (RFC 7541 says COMPRESSION_ERROR).
+const HEADER_TABLE_SIZE: u32 = 4096;
+
+/// One open connection, counted against `max_connections` from accept to
+/// the end of its task.
+struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -80,7 +136,7 @@ impl Server {
         let mut senders = Vec::with_capacity(workers);
         let mut threads = Vec::with_capacity(workers + 1);
         for i in 0..workers {
-            let (tx, rx) = mpsc::unbounded_channel::<std::net::TcpStream>();
+            let (tx, rx) = mpsc::unbounded_channel::<(std::net::TcpStream, Slot)>();
             senders.push(tx);
             let (served, config, stop_rx) = (served.clone(), config.clone(), stop_rx.clone());
             threads.push(std::thread::Builder::new().name(format!("wirestub-worker-{i}")).spawn(move || {
@@ -91,10 +147,11 @@ impl Server {
             })?);
         }
         let acceptor_stop = stop_rx.clone();
+        let max_connections = config.max_connections;
         threads.push(
             std::thread::Builder::new()
                 .name("wirestub-acceptor".into())
-                .spawn(move || acceptor(listener, senders, acceptor_stop))?,
+                .spawn(move || acceptor(listener, senders, max_connections, acceptor_stop))?,
         );
         Ok(Server { addr, stop, threads })
     }
@@ -119,9 +176,12 @@ fn runtime() -> tokio::runtime::Runtime {
 
 fn acceptor(
     listener: TcpListener,
-    workers: Vec<mpsc::UnboundedSender<std::net::TcpStream>>,
+    workers: Vec<mpsc::UnboundedSender<(std::net::TcpStream, Slot)>>,
+    max_connections: usize,
     mut stop: watch::Receiver<bool>,
 ) {
+    let open = Arc::new(AtomicUsize::new(0));
+    let mut refusing = false;
     runtime().block_on(async move {
         let listener = match tokio::net::TcpListener::from_std(listener) {
             Ok(l) => l,
@@ -135,9 +195,24 @@ fn acceptor(
             tokio::select! {
                 _ = stop.changed() => break,
                 accepted = listener.accept() => match accepted {
-                    Ok((stream, _)) => {
+                    Ok((stream, peer)) => {
+                        // Counted before the check, so that the slot's drop
+                        // undoes it on every path.
+                        let slot = Slot(open.clone());
+                        if open.fetch_add(1, Ordering::Relaxed) >= max_connections {
+                            // Closed at once, without a word: no HTTP/2 has
+                            // been spoken yet. Logged when refusing starts,
+                            // not per connection, so a flood cannot fill logs.
+                            if !refusing {
+                                tracing::warn!("{max_connections} connections open: closing new ones");
+                            }
+                            refusing = true;
+                            tracing::debug!(%peer, "connection over --max-connections closed");
+                            continue;
+                        }
+                        refusing = false;
                         let Ok(stream) = stream.into_std() else { continue };
-                        let _ = workers[next].send(stream);
+                        let _ = workers[next].send((stream, slot));
                         next = (next + 1) % workers.len();
                     }
                     Err(e) => {
@@ -153,7 +228,7 @@ fn acceptor(
 }
 
 fn worker(
-    mut sockets: mpsc::UnboundedReceiver<std::net::TcpStream>,
+    mut sockets: mpsc::UnboundedReceiver<(std::net::TcpStream, Slot)>,
     served: Arc<Served>,
     config: Config,
     mut stop: watch::Receiver<bool>,
@@ -166,8 +241,8 @@ fn worker(
             tokio::select! {
                 _ = stop.changed() => break,
                 socket = sockets.recv() => match socket {
-                    Some(s) => {
-                        connections.spawn_local(connection(s, served.clone(), config.clone(), stop.clone()));
+                    Some((s, slot)) => {
+                        connections.spawn_local(connection(s, slot, served.clone(), config.clone(), stop.clone()));
                     }
                     None => break,
                 },
@@ -181,21 +256,58 @@ fn worker(
     }));
 }
 
+/// Drives one connection: the handshake, then every stream as a future in
+/// this task, until the client or the engine closes it. `slot` holds its
+/// place under `max_connections` until the task ends.
 async fn connection(
     socket: std::net::TcpStream,
+    slot: Slot,
     served: Arc<Served>,
     config: std::rc::Rc<Config>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let _slot = slot;
     let Ok(socket) = tokio::net::TcpStream::from_std(socket) else { return };
     let _ = socket.set_nodelay(true);
     let mut builder = h2::server::Builder::new();
     builder
         .initial_window_size(config.window)
         .initial_connection_window_size(config.window.saturating_mul(4))
+        // Unbounded in h2 by default; over it, h2 refuses the stream
+        // (RST_STREAM REFUSED_STREAM).
         .max_concurrent_streams(config.max_concurrent_streams)
-        .max_header_list_size(config.max_header_list_size);
-    let mut conn = match builder.handshake::<_, Bytes>(socket).await {
+        // h2's default is 16 MiB. A header block over it is answered with
+        // HTTP 431 and RST_STREAM; over four times it (HPACK bombs
+        // included, decoded sizes count), GOAWAY ENHANCE_YOUR_CALM. It
+        // also caps CONTINUATION frames per block (CVE-2024-27316: size /
+        // 16 KiB frames + 25%, at least 5; over that, GOAWAY
+        // ENHANCE_YOUR_CALM).
+        .max_header_list_size(config.max_header_list_size)
+        .header_table_size(HEADER_TABLE_SIZE)
+        .max_pending_accept_reset_streams(MAX_PENDING_ACCEPT_RESET_STREAMS)
+        .max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESET_STREAMS))
+        .max_concurrent_reset_streams(MAX_CONCURRENT_RESET_STREAMS)
+        .reset_stream_duration(RESET_STREAM_DURATION)
+        .max_send_buffer_size(MAX_SEND_BUFFER_SIZE);
+    // Left to h2: tiny DATA frame floods (CVE-2019-9518) meet its automatic
+    // data_frame_budget (half the connection window; at most 100 empty
+    // frames). SETTINGS and PING floods (CVE-2019-9515/9512) have no limit
+    // in h2, only backpressure: it keeps at most one pending SETTINGS ACK
+    // and one pending PONG and reads nothing more until they are written,
+    // so a flooder that does not read stalls only itself (and then meets
+    // the idle timeout); one that reads is answered for as long as it goes.
+    let handshake = builder.handshake::<_, Bytes>(socket);
+    let handshake = match config.handshake_timeout {
+        Some(t) => match tokio::time::timeout(t, handshake).await {
+            Ok(h) => h,
+            Err(_) => {
+                tracing::debug!("handshake timed out");
+                return;
+            }
+        },
+        None => handshake.await,
+    };
+    let mut conn = match handshake {
         Ok(c) => c,
         Err(e) => {
             tracing::debug!("handshake failed: {e}");
@@ -209,6 +321,13 @@ async fn connection(
     if draining {
         conn.graceful_shutdown();
     }
+    // Armed while no call is in progress (the branch below is disabled
+    // otherwise) and re-armed when the last call ends, so the request path
+    // pays one timer reset per idle period, not one per call.
+    let idle = config.idle_timeout;
+    let timer = tokio::time::sleep(idle.unwrap_or(Duration::ZERO));
+    tokio::pin!(timer);
+    let mut idle_closing = false;
     loop {
         tokio::select! {
             _ = stop.changed(), if !draining => {
@@ -223,7 +342,25 @@ async fn connection(
                 }
                 None => break,
             },
-            Some(()) = streams.next(), if !streams.is_empty() => {}
+            Some(()) = streams.next(), if !streams.is_empty() => {
+                if let Some(t) = idle.filter(|_| streams.is_empty()) {
+                    timer.as_mut().reset(Instant::now() + t);
+                }
+            }
+            () = timer.as_mut(), if idle.is_some() && streams.is_empty() => {
+                if idle_closing {
+                    // The GOAWAY could not be written within another idle
+                    // period (a client that reads nothing): just drop it.
+                    tracing::debug!("idle connection did not close in time; dropping it");
+                    break;
+                }
+                tracing::debug!("idle timeout: sending GOAWAY");
+                idle_closing = true;
+                // Not graceful_shutdown: that waits for a PING round trip
+                // a dead peer never completes. Nothing is in flight anyway.
+                conn.abrupt_shutdown(h2::Reason::NO_ERROR);
+                timer.as_mut().reset(Instant::now() + idle.unwrap_or_default());
+            }
         }
     }
 }
@@ -328,7 +465,7 @@ async fn call(served: &Served, config: &Config, request: Request<RecvStream>, mu
     }
     let streams = method.plan.kind == MethodKind::ServerStreaming || method.plan.kind == MethodKind::BidiStreaming;
     if !streams || (prepared.stream.is_empty() && prepared.error_after == 0) {
-        let _ = send(&mut respond, &answer);
+        send_one(&mut respond, &answer, deadline).await;
         return;
     }
     send_stream(&mut respond, &answer, deadline).await;
@@ -615,6 +752,31 @@ fn send(respond: &mut SendResponse<Bytes>, answer: &Answer) -> Result<(), h2::Er
     stream.send_trailers(prepared.trailers.clone())
 }
 
+/// Sends a response of at most one message: trailers-only for an error;
+/// otherwise headers, the message once the client's window lets it go out,
+/// and trailers. A client whose window stays shut gets DEADLINE_EXCEEDED at
+/// its deadline instead of the message, rather than the message waiting in
+/// h2's buffers for as long as the connection lives.
+async fn send_one(respond: &mut SendResponse<Bytes>, answer: &Answer<'_>, deadline: Option<Instant>) {
+    let prepared = answer.prepared;
+    if prepared.status != 0 {
+        let _ = send(respond, answer);
+        return;
+    }
+    let mut head = Response::new(());
+    *head.headers_mut() = prepared.headers.clone();
+    let Ok(mut stream) = respond.send_response(head, false) else { return };
+    let trailers = match wait_capacity(&mut stream, answer.body.len(), deadline).await {
+        Ok(()) => match stream.send_data(answer.body.clone(), false) {
+            Ok(()) => prepared.trailers.clone(),
+            Err(_) => return,
+        },
+        Err(Stop::Status(e)) => status_response(e.code as u8, &e.message).trailers,
+        Err(_) => return,
+    };
+    let _ = stream.send_trailers(trailers);
+}
+
 fn send_status(respond: &mut SendResponse<Bytes>, status: &Status) -> Result<(), h2::Error> {
     send(respond, &Answer::of(&status_response(status.code as u8, &status.message)))
 }
@@ -674,21 +836,35 @@ async fn send_items<'m>(
                 }
             }
             let item = items[i].clone();
-            let want = item.len().min(16 << 10);
-            stream.reserve_capacity(item.len());
-            while stream.capacity() < want {
-                tokio::select! {
-                    cap = poll_fn(|cx| stream.poll_capacity(cx)) => match cap {
-                        Some(Ok(_)) => {}
-                        _ => return Err(Stop::Gone),
-                    },
-                    _ = sleep_until(deadline) => return Err(deadline_exceeded().into()),
-                }
-            }
+            wait_capacity(stream, item.len(), deadline).await?;
             stream.send_data(item, false).map_err(|_| Stop::Gone)?;
             sent += 1;
         }
     }
+}
+
+/// Waits until the client's flow-control window lets a message of `len`
+/// bytes go out (or its first 16 KiB, for big ones), so that a client that
+/// does not read holds a waiting call, ended by its deadline or its reset,
+/// instead of making h2 buffer for it. When the window is open this returns
+/// at once, without yielding.
+async fn wait_capacity<'m>(
+    stream: &mut SendStream<Bytes>,
+    len: usize,
+    deadline: Option<Instant>,
+) -> Result<(), Stop<'m>> {
+    let want = len.min(16 << 10);
+    stream.reserve_capacity(len);
+    while stream.capacity() < want {
+        tokio::select! {
+            cap = poll_fn(|cx| stream.poll_capacity(cx)) => match cap {
+                Some(Ok(_)) => {}
+                _ => return Err(Stop::Gone),
+            },
+            _ = sleep_until(deadline) => return Err(deadline_exceeded().into()),
+        }
+    }
+    Ok(())
 }
 
 fn send_http_error(respond: &mut SendResponse<Bytes>, status: StatusCode) -> Result<(), h2::Error> {

@@ -1,0 +1,119 @@
+//! Replays the fuzz inputs kept in the repository through the fuzz targets'
+//! own checks, so `cargo test` runs them without cargo-fuzz or nightly:
+//! every file of `fuzz/corpus/<target>/` (the seed corpora) and of
+//! `fuzz/regressions/<target>/` (inputs that once crashed a target; see
+//! `fuzz/regressions/README.md`).
+//!
+//! The checks live in `fuzz/checks/<target>.rs`, which both the fuzz target
+//! and this file include as a module, so a replayed input goes through
+//! exactly what the fuzzer ran.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+
+#[path = "../fuzz/checks/grpc_framing.rs"]
+mod grpc_framing;
+#[path = "../fuzz/checks/match_render.rs"]
+mod match_render;
+#[path = "../fuzz/checks/plan_load.rs"]
+mod plan_load;
+#[path = "../fuzz/checks/rule_file.rs"]
+mod rule_file;
+#[path = "../fuzz/checks/wire_scan.rs"]
+mod wire_scan;
+
+/// A fuzz target's checks: they panic on an input that breaks an invariant.
+type Check = fn(&[u8]);
+
+/// Every fuzz target with its checks: a target added under
+/// `fuzz/fuzz_targets/` must be added here too (see `every_target_is_replayed`).
+const TARGETS: [(&str, Check); 5] = [
+    ("grpc_framing", grpc_framing::check),
+    ("match_render", match_render::check),
+    ("plan_load", plan_load::check),
+    ("rule_file", rule_file::check),
+    ("wire_scan", wire_scan::check),
+];
+
+fn fuzz_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz")
+}
+
+/// The files of a directory, sorted; none if it does not exist.
+fn files(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+    let mut files: Vec<PathBuf> =
+        entries.map(|e| e.expect("reading a fuzz input directory").path()).filter(|p| p.is_file()).collect();
+    files.sort();
+    files
+}
+
+/// Runs every seed and regression input of `target`; fails naming each input
+/// that panics.
+fn replay(target: &str) {
+    let check = TARGETS.iter().find(|(name, _)| *name == target).expect("a known target").1;
+    let seeds = files(&fuzz_dir().join("corpus").join(target));
+    assert!(!seeds.is_empty(), "fuzz/corpus/{target}/ holds no seed");
+    let regressions = files(&fuzz_dir().join("regressions").join(target));
+    let mut failed = Vec::new();
+    for path in seeds.iter().chain(&regressions) {
+        let data = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        if let Err(payload) = catch_unwind(AssertUnwindSafe(|| check(&data))) {
+            let message = payload
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| payload.downcast_ref::<&str>().copied())
+                .unwrap_or("(no message)");
+            failed.push(format!("{}: {message}", path.display()));
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "{target}: {} input(s) fail the target's checks:\n  {}",
+        failed.len(),
+        failed.join("\n  ")
+    );
+}
+
+#[test]
+fn grpc_framing() {
+    replay("grpc_framing");
+}
+
+#[test]
+fn match_render() {
+    replay("match_render");
+}
+
+#[test]
+fn plan_load() {
+    replay("plan_load");
+}
+
+#[test]
+fn rule_file() {
+    replay("rule_file");
+}
+
+#[test]
+fn wire_scan() {
+    replay("wire_scan");
+}
+
+/// Every target of `fuzz/Cargo.toml`'s `fuzz_targets/` is replayed here, and
+/// every regression directory names a target.
+#[test]
+fn every_target_is_replayed() {
+    let stem = |p: &PathBuf| p.file_stem().and_then(|s| s.to_str()).unwrap_or_default().to_string();
+    let known: Vec<&str> = TARGETS.iter().map(|(name, _)| *name).collect();
+    let targets: Vec<String> = files(&fuzz_dir().join("fuzz_targets")).iter().map(stem).collect();
+    assert_eq!(targets, known, "fuzz/fuzz_targets/ and TARGETS differ");
+    let Ok(entries) = std::fs::read_dir(fuzz_dir().join("regressions")) else { return };
+    for e in entries {
+        let path = e.expect("reading fuzz/regressions").path();
+        if path.is_dir() {
+            let name = stem(&path);
+            assert!(known.contains(&name.as_str()), "fuzz/regressions/{name}/ names no fuzz target");
+        }
+    }
+}
