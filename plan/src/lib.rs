@@ -23,7 +23,8 @@
 //! whose indices refer to the earlier lists). After [`Plan::from_bytes`]
 //! returns, every index in the plan is in range and every response is
 //! well-formed, so the engine never re-checks them. Any layout change bumps
-//! [`VERSION`]; `tests/data/plans/` keeps files of each version.
+//! [`VERSION`]; `tests/plans/` keeps plan files written by earlier versions,
+//! which must still load.
 
 mod codec;
 mod dump;
