@@ -140,7 +140,10 @@ async fn cases() {
 #[test]
 fn diagnostics() {
     for dir in case_dirs("diagnostics") {
-        let options = wirestub_compiler::Options { protos: vec![dir.join("protos")], rules: vec![dir.join("rules")] };
+        // Cases without protos of their own share tests/diagnostics-protos.
+        let protos =
+            if dir.join("protos").is_dir() { dir.join("protos") } else { root().join("tests/diagnostics-protos") };
+        let options = wirestub_compiler::Options { protos: vec![protos], rules: vec![dir.join("rules")] };
         let text = match wirestub_compiler::compile(&options) {
             Ok(out) => format!("{}ok: {}\n", out.warnings.render(), out.summary()),
             Err(d) => d.render(),
@@ -241,15 +244,7 @@ async fn oversized_message_is_refused_from_its_prefix() {
     // from the prefix alone, without waiting for (or buffering) the rest.
     let mut first = vec![0u8, 0, 0x50, 0, 0];
     first.extend(std::iter::repeat_n(0u8, 64 << 10));
-    let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
-    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
-    tokio::spawn(conn);
-    let mut client = client.ready().await.unwrap();
-    let req = http::Request::post(format!("http://{}{SAY_HELLO}", server.addr))
-        .header("content-type", "application/grpc")
-        .body(())
-        .unwrap();
-    let (response, mut send) = client.send_request(req, false).unwrap();
+    let (response, mut send) = open_call(server.addr, SAY_HELLO).await;
     send.send_data(Bytes::from(first), false).unwrap();
     let response = tokio::time::timeout(Duration::from_secs(5), response).await.expect("answered early").unwrap();
     assert_eq!(response.headers().get("grpc-status").unwrap(), "8");
@@ -331,15 +326,7 @@ async fn many_concurrent_calls_on_one_connection() {
 async fn duplex_answers_each_message_before_the_next_is_sent() {
     let dir = root().join("tests/cases/streaming");
     let server = tokio::task::block_in_place(|| TestServer::start(&dir, NoMatch::NotFound));
-    let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
-    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
-    tokio::spawn(conn);
-    let mut client = client.ready().await.unwrap();
-    let req = http::Request::post(format!("http://{}/chat.Chat/Talk", server.addr))
-        .header("content-type", "application/grpc")
-        .body(())
-        .unwrap();
-    let (response, mut send) = client.send_request(req, false).unwrap();
+    let (response, mut send) = open_call(server.addr, "/chat.Chat/Talk").await;
     // Line { text: "ping" }; the reply must come while the request stream
     // is still open, which is what makes it duplex.
     let ping = frame(b"\x12\x04ping");
@@ -372,16 +359,8 @@ async fn duplex_answers_each_message_before_the_next_is_sent() {
 async fn cancelling_an_endless_stream_leaves_the_server_serving() {
     let dir = root().join("tests/cases/streaming");
     let server = tokio::task::block_in_place(|| TestServer::start(&dir, NoMatch::NotFound));
-    let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
-    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
-    tokio::spawn(conn);
-    let mut client = client.ready().await.unwrap();
-    let req = http::Request::post(format!("http://{}/chat.Chat/Watch", server.addr))
-        .header("content-type", "application/grpc")
-        .body(())
-        .unwrap();
     // Topic { name: "forever" }: one item every 10 ms until cancelled.
-    let (response, mut send) = client.send_request(req, false).unwrap();
+    let (response, mut send) = open_call(server.addr, "/chat.Chat/Watch").await;
     send.send_data(frame(b"\x0a\x07forever"), true).unwrap();
     let mut body = response.await.unwrap().into_body();
     for _ in 0..3 {
@@ -444,15 +423,7 @@ async fn times_holds_under_concurrency_across_workers() {
 async fn a_drop_fault_resets_the_stream() {
     let dir = root().join("tests/cases/timing");
     let server = tokio::task::block_in_place(|| TestServer::start(&dir, NoMatch::NotFound));
-    let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
-    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
-    tokio::spawn(conn);
-    let mut client = client.ready().await.unwrap();
-    let req = http::Request::post(format!("http://{}/timing.T/Flaky", server.addr))
-        .header("content-type", "application/grpc")
-        .body(())
-        .unwrap();
-    let (response, mut send) = client.send_request(req, false).unwrap();
+    let (response, mut send) = open_call(server.addr, "/timing.T/Flaky").await;
     send.send_data(frame(b"\x0a\x04drop"), true).unwrap();
     let err = response.await.expect_err("the stream is reset");
     assert_eq!(err.reason(), Some(h2::Reason::INTERNAL_ERROR), "{err}");
@@ -529,7 +500,7 @@ fn compiler_exit_codes() {
     let out = std::process::Command::new(bin("compiler"))
         .arg("check")
         .arg("--protos")
-        .arg(dir.join("protos"))
+        .arg(root().join("tests/diagnostics-protos"))
         .arg("--rules")
         .arg(dir.join("rules"))
         .output()

@@ -416,6 +416,20 @@ pub async fn raw_call(
     RawReply { http_status: parts.status.as_u16(), headers: parts.headers, body: Bytes::from(data), trailers }
 }
 
+/// Opens one gRPC call on a fresh HTTP/2 connection without sending
+/// anything yet: the caller drives the request stream frame by frame.
+pub async fn open_call(addr: std::net::SocketAddr, path: &str) -> (h2::client::ResponseFuture, h2::SendStream<Bytes>) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    let mut client = client.ready().await.unwrap();
+    let req = http::Request::post(format!("http://{addr}{path}"))
+        .header("content-type", "application/grpc")
+        .body(())
+        .unwrap();
+    client.send_request(req, false).unwrap()
+}
+
 /// Frames a message as one gRPC message.
 pub fn frame(message: &[u8]) -> Bytes {
     Bytes::from(wirestub_plan::grpc_frame(message))
