@@ -18,15 +18,11 @@ that is surprising, a comment says so.
 from __future__ import annotations
 
 import os
-import re
-import signal
 import socket
-import subprocess
-import tempfile
-import threading
 import time
 from pathlib import Path
 
+import engine_process
 import grpc
 import h2.config
 import h2.connection
@@ -45,8 +41,6 @@ from hyperframe.frame import (
     WindowUpdateFrame,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-LISTENING = re.compile(r"listening on (\S+):(\d+)\s*$")
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 # HTTP/2 error codes (RFC 9113 §7).
@@ -76,106 +70,19 @@ DEFAULT_MAX_RECV = 4 << 20
 # --------------------------------------------------------------------------
 
 
-class Engine:
-    """An engine process and the port it serves on."""
-
-    def __init__(self, proc: subprocess.Popen, port: int, log_path: Path):
-        self.proc = proc
-        self.port = port
-        self.log_path = log_path
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-4000:]
-        except OSError:
-            return ""
-
-    def rss_kib(self) -> int:
-        """Resident memory of the engine process."""
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-        raise AssertionError("no VmRSS in /proc status")
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def logged(self, text: str, timeout: float = 3.0) -> bool:
-        """Whether the log shows `text` within `timeout` (the engine logs
-        after it has acted, so a client can be ahead of the log)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            if text in self.log_path.read_text(errors="replace"):
-                return True
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.02)
-
-
-def engine_binary() -> Path:
-    engine = Path(os.environ.get("WIRESTUB_ENGINE", "target/debug/engine"))
-    if not engine.is_absolute():
-        engine = REPO_ROOT / engine
-    if not engine.exists():
-        pytest.fail(
-            f"engine binary {engine} not found: build it with "
-            "`cargo build -p wirestub-engine` or set WIRESTUB_ENGINE"
-        )
-    return engine
+Engine = engine_process.EngineProcess
 
 
 def start_engine(log_dir: Path, *flags: str) -> Engine:
-    """Starts `engine run --listen 127.0.0.1:0 FLAGS...` and waits for its
-    `listening on` line."""
-    cmd = [str(engine_binary()), "run", "--listen", "127.0.0.1:0", *flags]
-    timeout = float(os.environ.get("WIRESTUB_START_TIMEOUT", "120"))
-    fd, log_name = tempfile.mkstemp(prefix="engine-", suffix=".log", dir=log_dir)
-    log_path = Path(log_name)
+    """Starts `engine run --listen 127.0.0.1:0 FLAGS...` with debug logs and
+    waits for its `listening on` line."""
+    cmd = [str(engine_process.engine_binary()), "run", "--listen", "127.0.0.1:0", *flags]
     env = dict(os.environ)
     env.setdefault("RUST_LOG", "debug,h2=info")
-    with os.fdopen(fd, "wb") as log:
-        proc = subprocess.Popen(
-            cmd,
-            cwd=REPO_ROOT,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=log,
-            text=True,
-            env=env,
-        )
-    found: dict[str, int] = {}
-    ready = threading.Event()
-
-    def pump() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            m = LISTENING.search(line)
-            if m and not ready.is_set():
-                found["port"] = int(m.group(2))
-                ready.set()
-        ready.set()
-
-    threading.Thread(target=pump, daemon=True).start()
-    ready.wait(timeout)
-    if "port" not in found:
-        stop_engine(proc)
-        pytest.fail(
-            f"{' '.join(cmd)} did not print a `listening on` line within "
-            f"{timeout:.0f}s (exit code {proc.returncode}):\n"
-            f"{log_path.read_text(errors='replace')[-4000:]}"
-        )
-    return Engine(proc, found["port"], log_path)
+    return engine_process.start(cmd, log_dir, env)
 
 
-def stop_engine(proc: subprocess.Popen) -> int | None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-    return proc.returncode
+stop_engine = engine_process.stop
 
 
 @pytest.fixture

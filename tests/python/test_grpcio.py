@@ -27,17 +27,16 @@ import shlex
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
+import engine_process
 import grpc
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PROTOS = REPO_ROOT / "protos"
-LISTENING = re.compile(r"listening on (\S+):(\d+)\s*$")
 DEFAULT_ARGS = ["run", "--listen", "127.0.0.1:0"]
 
 
@@ -82,88 +81,24 @@ def stubs(tmp_path_factory):
 
 def engine_command(args: list[str] | None = None) -> list[str]:
     """The engine and its arguments: `args` if given, else from the environment."""
-    engine = Path(os.environ.get("WIRESTUB_ENGINE", "target/debug/engine"))
-    if not engine.is_absolute():
-        engine = REPO_ROOT / engine
-    if not engine.exists():
-        pytest.fail(
-            f"engine binary {engine} not found: build it with "
-            "`cargo build -p wirestub-engine` or set WIRESTUB_ENGINE"
-        )
+    engine = engine_process.engine_binary()
     if args is not None:
         return [str(engine), *args]
     extra = os.environ.get("WIRESTUB_ENGINE_ARGS")
     return [str(engine), *(shlex.split(extra) if extra else DEFAULT_ARGS)]
 
 
-class Server:
-    """A running server process and the port it listens on."""
-
-    def __init__(self, proc: subprocess.Popen, port: int, log_path: Path):
-        self.proc = proc
-        self.port = port
-        self.log_path = log_path
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-4000:]
-        except OSError:
-            return ""
+Server = engine_process.EngineProcess
 
 
 def start_server(log_dir: Path, args: list[str] | None = None) -> Server:
     """Starts the engine and waits for its `listening on` line."""
-    cmd = engine_command(args)
-    timeout = float(os.environ.get("WIRESTUB_START_TIMEOUT", "120"))
-    fd, log_name = tempfile.mkstemp(prefix="engine-", suffix=".log", dir=log_dir)
-    log_path = Path(log_name)
-    with os.fdopen(fd, "wb") as log:
-        proc = subprocess.Popen(
-            cmd,
-            cwd=REPO_ROOT,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=log,
-            text=True,
-        )
-    lines: list[str] = []
-    found: dict[str, int] = {}
-    ready = threading.Event()
-
-    def pump() -> None:
-        # Reads the first lines, then keeps draining so the pipe never fills.
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            if not ready.is_set():
-                lines.append(line)
-                m = LISTENING.search(line)
-                if m:
-                    found["port"] = int(m.group(2))
-                    ready.set()
-        ready.set()
-
-    threading.Thread(target=pump, daemon=True).start()
-    ready.wait(timeout)
-    if "port" not in found:
-        stop_process(proc)
-        pytest.fail(
-            f"{' '.join(cmd)} did not print a `listening on` line within "
-            f"{timeout:.0f}s (exit code {proc.returncode}).\nstdout: "
-            f"{''.join(lines)!r}\nstderr:\n{log_path.read_text(errors='replace')[-4000:]}"
-        )
-    return Server(proc, found["port"], log_path)
+    return engine_process.start(engine_command(args), log_dir)
 
 
 def stop_process(proc: subprocess.Popen, grace: float = 5.0) -> int | None:
     """SIGINT, then SIGKILL after `grace` seconds; returns the exit code."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-    return proc.returncode
+    return engine_process.stop(proc, grace)
 
 
 @pytest.fixture(scope="session")
