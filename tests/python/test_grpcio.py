@@ -22,7 +22,6 @@ import importlib
 import importlib.resources
 import os
 import queue
-import re
 import shlex
 import signal
 import subprocess
