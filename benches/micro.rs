@@ -7,10 +7,16 @@
 //! bench checks its result once before measuring, so that it cannot silently
 //! time a failing scan.
 //!
+//! `hpack/*` measures the HPACK decoder on the request headers of a gRPC
+//! call, first as a new client sends them (literals, Huffman-encoded, added
+//! to the dynamic table) and then as it sends them on later calls (indexed
+//! fields), and the encoder on a response head.
+//!
 //! Run with `cargo bench -p wirestub-benches --bench micro`.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use std::hint::black_box;
+use wirestub_engine::http2::hpack;
 use wirestub_engine::matcher::Messages;
 use wirestub_engine::wire::{extract, for_each_element, PathSpec, Raw};
 
@@ -226,5 +232,102 @@ fn matching(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, wire, matching);
+/// The request headers of a grpc-go unary call, as decoded.
+const GRPC_REQUEST_HEADERS: [(&str, &str); 8] = [
+    (":method", "POST"),
+    (":scheme", "http"),
+    (":path", "/helloworld.Greeter/SayHello"),
+    (":authority", "127.0.0.1:50051"),
+    ("content-type", "application/grpc"),
+    ("user-agent", "grpc-go/1.60.0"),
+    ("te", "trailers"),
+    ("grpc-timeout", "1S"),
+];
+
+/// [`GRPC_REQUEST_HEADERS`] as a client sends them first: every field a
+/// literal with incremental indexing (names from the static table where it
+/// has them), every string Huffman-encoded.
+const GRPC_FIRST_BLOCK: [u8; 97] = [
+    0x42, 0x84, 0xd7, 0xab, 0x76, 0xff, 0x46, 0x83, 0x9d, 0x29, 0xaf, 0x44, 0x95, 0x62, 0x72, 0xd1, 0x41, 0xfc, 0x1e,
+    0xca, 0x24, 0x5f, 0x15, 0x85, 0x2a, 0x4b, 0x63, 0x1b, 0x87, 0xeb, 0x19, 0x68, 0xa0, 0xff, 0x41, 0x8b, 0x08, 0x9d,
+    0x5c, 0x0b, 0x81, 0x70, 0xdc, 0x6c, 0x00, 0x6c, 0x3f, 0x5f, 0x8b, 0x1d, 0x75, 0xd0, 0x62, 0x0d, 0x26, 0x3d, 0x4c,
+    0x4d, 0x65, 0x64, 0x7a, 0x8a, 0x9a, 0xca, 0xc8, 0xb4, 0xc7, 0x60, 0x2b, 0xb8, 0x05, 0xc1, 0x40, 0x82, 0x49, 0x7f,
+    0x86, 0x4d, 0x83, 0x35, 0x05, 0xb1, 0x1f, 0x40, 0x89, 0x9a, 0xca, 0xc8, 0xb2, 0x4d, 0x49, 0x4f, 0x6a, 0x7f, 0x82,
+    0x0e, 0xef,
+];
+
+/// The same headers on a later call: each field indexed, from the dynamic
+/// table the first block filled (the oldest entry, `:method`, is 69).
+const GRPC_INDEXED_BLOCK: [u8; 8] = [0xc5, 0xc4, 0xc3, 0xc2, 0xc1, 0xc0, 0xbf, 0xbe];
+
+/// What a decoder hands over for `block`; checked once before measuring.
+fn decoded(decoder: &mut hpack::Decoder, block: &[u8]) -> Vec<(String, String)> {
+    let mut fields = Vec::new();
+    let oversized = decoder
+        .decode(block, 16 << 10, &mut |n, v| {
+            fields.push((String::from_utf8_lossy(n).into_owned(), String::from_utf8_lossy(v).into_owned()))
+        })
+        .expect("the bench block decodes");
+    assert!(!oversized);
+    fields
+}
+
+fn hpack(c: &mut Criterion) {
+    let want: Vec<(String, String)> =
+        GRPC_REQUEST_HEADERS.iter().map(|(n, v)| (n.to_string(), v.to_string())).collect();
+    let mut group = c.benchmark_group("hpack");
+
+    // One decoder throughout: every block adds eight entries, and once the
+    // table is full each addition evicts the oldest ones, as on a busy
+    // connection of clients that never reuse an entry.
+    let mut decoder = hpack::Decoder::new(4096);
+    assert_eq!(decoded(&mut decoder, &GRPC_FIRST_BLOCK), want);
+    group.throughput(Throughput::Bytes(GRPC_FIRST_BLOCK.len() as u64));
+    group.bench_function("decode_first_request_huffman", |b| {
+        b.iter(|| {
+            let mut n = 0;
+            let oversized = decoder
+                .decode(black_box(&GRPC_FIRST_BLOCK), 16 << 10, &mut |name, value| n += name.len() + value.len());
+            (oversized, n)
+        })
+    });
+
+    let mut decoder = hpack::Decoder::new(4096);
+    decoded(&mut decoder, &GRPC_FIRST_BLOCK);
+    assert_eq!(decoded(&mut decoder, &GRPC_INDEXED_BLOCK), want);
+    group.throughput(Throughput::Bytes(GRPC_INDEXED_BLOCK.len() as u64));
+    group.bench_function("decode_indexed_request", |b| {
+        b.iter(|| {
+            let mut n = 0;
+            let oversized = decoder
+                .decode(black_box(&GRPC_INDEXED_BLOCK), 16 << 10, &mut |name, value| n += name.len() + value.len());
+            (oversized, n)
+        })
+    });
+
+    // A response head: `:status` and content-type, then two metadata
+    // entries, as prepared for each response at plan load.
+    let head: [(&[u8], &[u8]); 3] = [
+        (b"content-type", b"application/grpc"),
+        (b"x-request-id", b"9b2f1c7e-5d3a-4e8b-a6f0-2c4d8e1b3a5f"),
+        (b"x-served-by", b"wirestub"),
+    ];
+    let mut buf = Vec::with_capacity(256);
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("encode_response_head", |b| {
+        b.iter(|| {
+            buf.clear();
+            hpack::encode_status(&mut buf, black_box(200));
+            for (name, value) in black_box(&head) {
+                hpack::encode_literal(&mut buf, name, value);
+            }
+            buf.len()
+        })
+    });
+    assert_eq!(decoded(&mut hpack::Decoder::new(4096), &buf).len(), 4);
+
+    group.finish();
+}
+
+criterion_group!(benches, wire, matching, hpack);
 criterion_main!(benches);

@@ -13,6 +13,8 @@ use std::path::{Path, PathBuf};
 
 #[path = "../fuzz/checks/grpc_framing.rs"]
 mod grpc_framing;
+#[path = "../fuzz/checks/hpack.rs"]
+mod hpack;
 #[path = "../fuzz/checks/match_render.rs"]
 mod match_render;
 #[path = "../fuzz/checks/plan_load.rs"]
@@ -27,8 +29,9 @@ type Check = fn(&[u8]);
 
 /// Every fuzz target with its checks: a target added under
 /// `fuzz/fuzz_targets/` must be added here too (see `every_target_is_replayed`).
-const TARGETS: [(&str, Check); 5] = [
+const TARGETS: [(&str, Check); 6] = [
     ("grpc_framing", grpc_framing::check),
+    ("hpack", hpack::check),
     ("match_render", match_render::check),
     ("plan_load", plan_load::check),
     ("rule_file", rule_file::check),
@@ -78,6 +81,11 @@ fn replay(target: &str) {
 #[test]
 fn grpc_framing() {
     replay("grpc_framing");
+}
+
+#[test]
+fn hpack() {
+    replay("hpack");
 }
 
 #[test]

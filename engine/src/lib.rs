@@ -7,7 +7,10 @@
 //! The engine never decodes a whole request message and never depends on the
 //! compiler, protox or prost-reflect.
 
+pub mod call;
 pub mod grpc;
+pub mod h2_stack;
+pub mod http2;
 pub mod matcher;
 pub mod rng;
 pub mod served;
@@ -16,7 +19,7 @@ pub mod template;
 pub mod wire;
 
 pub use served::{NoMatch, PrepareError, Served};
-pub use server::{Config, Server};
+pub use server::{Config, Server, Stack};
 pub use wirestub_plan::Plan;
 
 /// Loads a plan file's bytes and prepares it for serving: the plan's own

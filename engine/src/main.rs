@@ -38,6 +38,10 @@ options:
                                for this long (default 300000; 0: never)
   --handshake-timeout-ms N     close a connection that has not sent the HTTP/2
                                preface within this time (default 10000; 0: never)
+  --http2 native|h2           HTTP/2 implementation: the engine's own gRPC-specialised
+                               stack (default) or the h2 crate, kept as the reference
+  --write-timeout-ms N         drop a connection whose client takes none of the
+                               engine's output for this long (default 30000; 0: never)
   --seed N                     seed the random source (latencies, faults, shuffles,
                                template utilities) so runs repeat
 
@@ -111,7 +115,15 @@ fn run(args: &[String]) -> Result<ExitCode, String> {
             }
             "--idle-timeout-ms" => config.idle_timeout = millis_or_never(number(a, &value()?)?),
             "--handshake-timeout-ms" => config.handshake_timeout = millis_or_never(number(a, &value()?)?),
+            "--write-timeout-ms" => config.write_timeout = millis_or_never(number(a, &value()?)?),
             "--seed" => config.seed = Some(number(a, &value()?)?),
+            "--http2" => {
+                config.stack = match value()?.as_str() {
+                    "native" => wirestub_engine::Stack::Native,
+                    "h2" => wirestub_engine::Stack::H2,
+                    v => return Err(format!("`--http2` takes native or h2, got `{v}`")),
+                }
+            }
             "-h" | "--help" => {
                 println!("{USAGE}");
                 return Ok(ExitCode::SUCCESS);

@@ -13,6 +13,26 @@
 use crate::served::{IndexKey, ServedMethod};
 use crate::wire::{self, Malformed, PathSpec, Raw, ValueRef};
 use http::HeaderMap;
+
+/// Where a request's metadata comes from: an `http` header map (the h2
+/// stack) or the values the native stack kept for the method's keys.
+pub trait Metadata {
+    /// The value of the method's `index`th metadata key, named `key`.
+    fn value(&self, index: usize, key: &str) -> Option<&[u8]>;
+}
+
+impl Metadata for HeaderMap {
+    fn value(&self, _: usize, key: &str) -> Option<&[u8]> {
+        self.get(key).map(|v| v.as_bytes())
+    }
+}
+
+/// Values in the order of the method's metadata keys.
+impl Metadata for [Option<Box<[u8]>>] {
+    fn value(&self, index: usize, _: &str) -> Option<&[u8]> {
+        self.get(index)?.as_deref()
+    }
+}
 use regex_automata::dfa::Automaton;
 use smallvec::SmallVec;
 use std::cell::OnceCell;
@@ -62,7 +82,7 @@ impl<'a> Messages<'a> {
 pub fn select<'a>(
     method: &'a ServedMethod,
     messages: &'a Messages<'a>,
-    headers: &'a HeaderMap,
+    headers: &'a (impl Metadata + ?Sized),
 ) -> Result<Option<u32>, Malformed> {
     Request::read(method, messages, headers)?.select()
 }
@@ -73,7 +93,7 @@ impl<'a> Request<'a> {
     pub fn read(
         method: &'a ServedMethod,
         messages: &'a Messages<'a>,
-        headers: &'a HeaderMap,
+        headers: &'a (impl Metadata + ?Sized),
     ) -> Result<Request<'a>, Malformed> {
         let plan = &method.plan;
         let mut singular: SmallVec<[Option<Raw<'_>>; 16]> = SmallVec::from_elem(None, plan.fields.len());
@@ -97,7 +117,7 @@ impl<'a> Request<'a> {
             messages,
             singular,
             lazy: (0..plan.fields.len()).map(|_| OnceCell::new()).collect(),
-            metadata: plan.metadata_keys.iter().map(|k| headers.get(k.as_str()).map(|v| v.as_bytes())).collect(),
+            metadata: plan.metadata_keys.iter().enumerate().map(|(i, k)| headers.value(i, k)).collect(),
             literal_hits: (0..method.literals.len()).map(|_| OnceCell::new()).collect(),
         })
     }

@@ -36,6 +36,8 @@ pub struct Prepared {
     /// Headers and trailers in one map, for an error sent as a
     /// trailers-only response.
     pub trailers_only: HeaderMap,
+    /// The same three, HPACK-encoded for the native HTTP/2 stack.
+    pub blocks: Blocks,
     pub delay: Duration,
     /// Streamed messages (server-streaming methods); empty: `body` alone.
     pub stream: Vec<Bytes>,
@@ -51,6 +53,39 @@ pub struct Prepared {
     pub fault: Option<wirestub_plan::Fault>,
     /// Calls this response may answer; 0 for no limit.
     pub times: u32,
+}
+
+/// A response's header blocks, encoded once (HPACK literals without
+/// indexing: no per-connection encoder state), ready to be framed.
+#[derive(Debug, Clone, Default)]
+pub struct Blocks {
+    /// `:status: 200` and the response headers.
+    pub headers: Bytes,
+    /// The trailers.
+    pub trailers: Bytes,
+    /// `:status: 200`, headers and trailers in one block.
+    pub trailers_only: Bytes,
+}
+
+impl Blocks {
+    fn encode(headers: &HeaderMap, trailers: &HeaderMap, trailers_only: &HeaderMap) -> Blocks {
+        use crate::http2::hpack;
+        let block = |status: bool, map: &HeaderMap| {
+            let mut b = Vec::with_capacity(64);
+            if status {
+                hpack::encode_status(&mut b, 200);
+            }
+            for (k, v) in map {
+                hpack::encode_literal(&mut b, k.as_str().as_bytes(), v.as_bytes());
+            }
+            Bytes::from(b)
+        };
+        Blocks {
+            headers: block(true, headers),
+            trailers: block(false, trailers),
+            trailers_only: block(true, trailers_only),
+        }
+    }
 }
 
 impl Prepared {
@@ -320,6 +355,7 @@ pub fn prepare(
     Prepared {
         status,
         body,
+        blocks: Blocks::encode(&h, &t, &trailers_only),
         headers: h,
         trailers: t,
         trailers_only,

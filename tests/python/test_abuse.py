@@ -11,8 +11,10 @@ a GOAWAY or RST_STREAM with an error code, a gRPC status, or the connection
 closed. Finally it checks that a second, well-behaved connection still gets
 "Hi Tom (from mock)", with grpcio or with h2's client.
 
-What the engine does is mostly what the Rust h2 crate (0.4.20) does; where
-that is surprising, a comment says so.
+The engine under test serves with its own HTTP/2 stack (the default);
+the expectations are RFC 9113's, and each limit's figure is the engine's
+(engine/src/http2/conn.rs). GOAWAY frames carry a debug text naming the
+cause.
 """
 
 from __future__ import annotations
@@ -46,8 +48,10 @@ PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 # HTTP/2 error codes (RFC 9113 §7).
 NO_ERROR = 0x0
 PROTOCOL_ERROR = 0x1
+FLOW_CONTROL_ERROR = 0x3
 FRAME_SIZE_ERROR = 0x6
 REFUSED_STREAM = 0x7
+COMPRESSION_ERROR = 0x9
 CANCEL = 0x8
 ENHANCE_YOUR_CALM = 0xB
 
@@ -444,8 +448,8 @@ def connect_with_limit_slack(port: int, timeout: float = 3.0) -> Raw:
 
 def test_rapid_reset_gets_enhance_your_calm(engine):
     """CVE-2023-44487: HEADERS then RST_STREAM, 100 times in one write.
-    h2 counts streams reset before the engine accepted them; the 21st over
-    max_pending_accept_reset_streams (20) ends the connection."""
+    The engine counts streams reset before their request was complete (net
+    of requests completed); the 51st ends the connection."""
     with Raw(engine.port) as r:
         r.handshake()
         frames: list = []
@@ -453,18 +457,17 @@ def test_rapid_reset_gets_enhance_your_calm(engine):
             sid = 1 + 2 * i
             frames += [r.headers(sid), RstStreamFrame(sid, error_code=CANCEL)]
         r.send(*frames)
-        # last_stream_id 41 is the 21st stream: the one that broke the limit.
+        # last_stream_id 101 is the 51st stream: the one that broke the limit.
         assert summary(r.until_closed()) == goaway(
-            ENHANCE_YOUR_CALM, 41, b"too_many_resets"
+            ENHANCE_YOUR_CALM, 101, b"too_many_resets"
         )
     assert_still_serving(engine)
 
 
 def test_continuation_flood_gets_enhance_your_calm(engine):
     """CVE-2024-27316: one header block cut into hundreds of CONTINUATION
-    frames. h2 allows (16 KiB header list / 16 KiB frames) + 25%, at least
-    5, CONTINUATION frames per block; the 6th ends the connection before
-    any stream exists."""
+    frames. The engine allows 16 CONTINUATION frames per block; the 17th
+    ends the connection before any stream exists."""
     with Raw(engine.port) as r:
         r.handshake()
         headers = request_headers(
@@ -495,9 +498,9 @@ FLOODS = {
 @pytest.mark.parametrize("kind", sorted(FLOODS))
 def test_flood_is_answered_in_order_then_calls_still_work(engine, kind):
     """CVE-2019-9515 / 9512: 10,000 SETTINGS (or PING) frames in one write,
-    without reading. h2 answers every one (it has no rate limit for either;
-    it only never keeps more than one answer pending), and the same
-    connection then serves a call: nothing was queued behind the flood."""
+    without reading. The engine answers every one (its limit is 20,000 such
+    frames without a call answered in between), and the same connection
+    then serves a call: nothing was queued behind the flood."""
     n = 10_000
     with Raw(engine.port) as r:
         r.handshake()
@@ -522,56 +525,50 @@ def test_flood_is_answered_in_order_then_calls_still_work(engine, kind):
 
 
 @pytest.mark.parametrize("kind", sorted(FLOODS))
-def test_flood_without_reading_stalls_the_flooder(engine_with, kind):
-    """The same floods from a client that never reads (receive buffer 4 KiB):
-    once the engine's answers fill the socket buffers, h2 stops reading, so
-    the flooder's own sends stall long before 2,000,000 frames, and the
-    engine's memory does not grow with the flood. The idle timer (1 s here)
-    then gives up on the connection: its GOAWAY cannot be written, so one
-    more idle period later the engine drops the connection."""
-    idle = 1.0
-    engine = engine_with("--idle-timeout-ms", str(int(idle * 1000)))
+def test_flood_without_reading_is_cut_off(engine, kind):
+    """The same floods from a client that never reads (receive buffer 4 KiB),
+    up to 2,000,000 frames. The engine answers until 20,000 such frames
+    came without a call answered in between, then ends the connection with
+    GOAWAY ENHANCE_YOUR_CALM: the flooder's sends fail (or, if the engine's
+    answers filled the buffers first, stall), its memory does not grow with
+    the flood, and reading shows the answers then the GOAWAY."""
     rss_before = engine.rss_kib()
     chunk_frames = 1000
-    start = time.monotonic()
     with Raw(engine.port, rcvbuf=4096) as r:
         s = r.sock
         s.sendall(PREFACE + SettingsFrame(0).serialize())
         chunk = b"".join(FLOODS[kind](i).serialize() for i in range(chunk_frames))
-        s.settimeout(0.3)
+        s.settimeout(0.5)
         sent = 0
-        with pytest.raises(socket.timeout):
+        with pytest.raises((socket.timeout, ConnectionResetError, BrokenPipeError)):
             while sent < 2_000_000:
                 s.sendall(chunk)
                 sent += chunk_frames
-        stalled = time.monotonic() - start
-        # Stalled before the idle timer could have ended anything.
-        assert stalled < idle, f"sends stalled only after {stalled:.2f}s"
         grown = engine.rss_kib() - rss_before
         assert grown < 64 * 1024, f"engine RSS grew by {grown} KiB during the flood"
-        assert_still_serving(engine)
-        # Reading now would unblock the engine; wait out both idle periods.
-        time.sleep(max(0.0, start + 2 * idle + 0.5 - time.monotonic()))
         s.settimeout(IO_TIMEOUT)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            try:
-                data = s.recv(1 << 16)
-            except ConnectionResetError:
-                break
-            if not data:
-                break
-        else:
-            pytest.fail("the engine kept the stalled connection open")
-    assert engine.logged("idle timeout: sending GOAWAY")
-    assert engine.logged("idle connection did not close in time; dropping it")
+        try:
+            frames = r.until_closed()
+        except ConnectionResetError:
+            frames = None  # the flooder's unread data turned the close into a reset
+        # The GOAWAY may be lost to the reset that closing a connection
+        # with unread input causes; when it arrives, it names the limit.
+        goaways = [t for t in summary(frames or []) if t[0] == "GOAWAY"]
+        assert goaways in (
+            [],
+            [("GOAWAY", ENHANCE_YOUR_CALM, 0, b"too_many_control_frames")],
+        ), goaways
+    assert_still_serving(engine)
 
 
 @pytest.mark.parametrize("payload", [0, 1], ids=["empty", "one-byte"])
 def test_tiny_data_frame_flood_gets_enhance_your_calm(engine, payload):
     """CVE-2019-9518: a request body as 30,000 DATA frames of 0 or 1 byte.
-    h2's data_frame_budget (0.4.18) allows 100 empty DATA frames, and small
-    frames only up to a byte budget."""
+    The engine allows 100 DATA frames of under 5 bytes without END_STREAM
+    (no gRPC message is that small), net of requests completed. One-byte
+    frames of "x" are an invalid message prefix, so that call is answered
+    INTERNAL after five of them; the flood then ends the connection all the
+    same."""
     with Raw(engine.port) as r:
         r.handshake()
         frames = [r.headers(1)] + [
@@ -581,9 +578,25 @@ def test_tiny_data_frame_flood_gets_enhance_your_calm(engine, payload):
             r.send(*frames)
         except (BrokenPipeError, ConnectionResetError):
             pass  # closed while the flood was still being sent
-        assert summary(r.until_closed()) == goaway(
-            ENHANCE_YOUR_CALM, 1, b"too_many_data_frames"
-        )
+        got = summary(r.until_closed())
+        assert got[-1] == ("GOAWAY", ENHANCE_YOUR_CALM, 1, b"too_many_data_frames")
+        if payload == 1:
+            assert got[:2] == [
+                (
+                    "HEADERS",
+                    1,
+                    {
+                        ":status": "200",
+                        "content-type": "application/grpc",
+                        "grpc-status": "13",
+                        "grpc-message": "invalid gRPC message flag 120",
+                    },
+                    True,
+                ),
+                ("RST_STREAM", 1, NO_ERROR),
+            ]
+        else:
+            assert len(got) == 1
     assert_still_serving(engine)
 
 
@@ -645,9 +658,9 @@ def header_block_frames(
 
 def test_header_list_over_the_limit_gets_431(engine):
     """A 20,000-byte header, over the 16 KiB --max-header-list-size default
-    but under four times it: h2 answers HTTP 431 and resets the stream.
-    Surprising: the RST_STREAM carries PROTOCOL_ERROR (h2's comment says
-    REFUSED_STREAM). The connection goes on: the next call is answered."""
+    but under four times it: the engine answers HTTP 431, then RST_STREAM
+    NO_ERROR as the client had not finished its request (RFC 9113 §8.1).
+    The connection goes on: the next call is answered."""
     with Raw(engine.port) as r:
         r.handshake()
         assert r.server_settings[SettingsFrame.MAX_HEADER_LIST_SIZE] == 16384
@@ -660,7 +673,7 @@ def test_header_list_over_the_limit_gets_431(engine):
         )
         assert summary(r.frames(until=lambda f: isinstance(f, RstStreamFrame))) == [
             ("HEADERS", 1, {":status": "431"}, True),
-            ("RST_STREAM", 1, PROTOCOL_ERROR),
+            ("RST_STREAM", 1, NO_ERROR),
         ]
         r.call(3)
         assert summary(r.frames(until=ends(3))) == hello_answer(3)
@@ -734,13 +747,14 @@ def test_hpack_table_churn_is_bounded(engine):
 
 def test_hpack_table_size_update_over_the_setting(engine):
     """A dynamic table size update to 1 MiB, over the 4096 the engine
-    advertised. Surprising: RFC 7541 §4.2 / RFC 9113 §4.3 call this a
-    COMPRESSION_ERROR; h2 sends PROTOCOL_ERROR."""
+    advertised: a COMPRESSION_ERROR (RFC 7541 §4.2, RFC 9113 §4.3)."""
     with Raw(engine.port) as r:
         r.handshake()
         block = hpack_int(1 << 20, 5, 0x20) + r.block(request_headers(SAY_HELLO))
         r.send(HeadersFrame(1, data=block, flags=["END_HEADERS"]))
-        assert summary(r.until_closed()) == goaway(PROTOCOL_ERROR)
+        assert summary(r.until_closed()) == goaway(
+            COMPRESSION_ERROR, 0, b"HPACK decoding failed"
+        )
     assert_still_serving(engine)
 
 
@@ -755,33 +769,33 @@ def test_hpack_table_size_update_over_the_setting(engine):
     ],
     ids=["index-254", "index-0", "bad-huffman", "int-overflow", "truncated"],
 )
-def test_malformed_hpack_gets_protocol_error(engine, block):
-    """Invalid HPACK in a HEADERS frame. Surprising: RFC 9113 §4.3 requires
-    a COMPRESSION_ERROR for a header block that fails to decode; h2 sends
-    GOAWAY PROTOCOL_ERROR (last stream 0: the stream was never opened)."""
+def test_malformed_hpack_gets_compression_error(engine, block):
+    """Invalid HPACK in a HEADERS frame: GOAWAY COMPRESSION_ERROR (RFC 9113
+    §4.3; last stream 0: the stream was never opened)."""
     with Raw(engine.port) as r:
         r.handshake()
         r.send(HeadersFrame(1, data=block, flags=["END_HEADERS", "END_STREAM"]))
-        assert summary(r.until_closed()) == goaway(PROTOCOL_ERROR)
+        assert summary(r.until_closed()) == goaway(
+            COMPRESSION_ERROR, 0, b"HPACK decoding failed"
+        )
     assert_still_serving(engine)
 
 
 def test_uppercase_header_name_gets_protocol_error(engine):
-    """A header name with capitals is malformed (RFC 9113 §8.2.1), a stream
-    error. h2 ends the whole connection instead; a connection-specific
-    header (`connection: close`, §8.2.2) is only a stream error."""
-    with Raw(engine.port) as r:
-        r.handshake()
-        block = r.block(request_headers(SAY_HELLO, ("X-Upper", "v")))
-        r.send(HeadersFrame(1, data=block, flags=["END_HEADERS", "END_STREAM"]))
-        assert summary(r.until_closed()) == goaway(PROTOCOL_ERROR)
-    with Raw(engine.port) as r:
-        r.handshake()
-        block = r.block(request_headers(SAY_HELLO, ("connection", "close")))
-        r.send(HeadersFrame(1, data=block, flags=["END_HEADERS", "END_STREAM"]))
-        assert summary(r.frames(until=ends(1))) == [("RST_STREAM", 1, PROTOCOL_ERROR)]
-        r.call(3)
-        assert summary(r.frames(until=ends(3))) == hello_answer(3)
+    """A header name with capitals, or a connection-specific header
+    (`connection: close`), makes the request malformed (RFC 9113 §8.2.1,
+    §8.2.2): a stream error, RST_STREAM PROTOCOL_ERROR; the connection goes
+    on."""
+    for bad in [("X-Upper", "v"), ("connection", "close")]:
+        with Raw(engine.port) as r:
+            r.handshake()
+            block = r.block(request_headers(SAY_HELLO, bad))
+            r.send(HeadersFrame(1, data=block, flags=["END_HEADERS", "END_STREAM"]))
+            assert summary(r.frames(until=ends(1))) == [
+                ("RST_STREAM", 1, PROTOCOL_ERROR)
+            ]
+            r.call(3)
+            assert summary(r.frames(until=ends(3))) == hello_answer(3)
     assert_still_serving(engine)
 
 
@@ -793,47 +807,57 @@ def test_uppercase_header_name_gets_protocol_error(engine):
 @pytest.mark.parametrize(
     "frames, expected",
     [
-        # Over SETTINGS_MAX_FRAME_SIZE (16 KiB): FRAME_SIZE_ERROR, as the RFC says.
+        # Over SETTINGS_MAX_FRAME_SIZE (16 KiB): FRAME_SIZE_ERROR.
         (
             lambda r: [r.headers(1), raw_frame(0x0, 0, 1, bytes(20_000))],
-            goaway(FRAME_SIZE_ERROR, 1),
+            goaway(FRAME_SIZE_ERROR, 1, b"frame larger than SETTINGS_MAX_FRAME_SIZE"),
         ),
-        (lambda r: [raw_frame(0x1, 0x4, 1, bytes(20_000))], goaway(FRAME_SIZE_ERROR)),
-        # Wrong fixed lengths: RFC 9113 §6.7 and §6.5 say FRAME_SIZE_ERROR;
-        # surprising: h2 sends PROTOCOL_ERROR.
-        (lambda r: [raw_frame(0x6, 0, 0, bytes(9))], goaway(PROTOCOL_ERROR)),
-        (lambda r: [raw_frame(0x4, 0, 0, bytes(5))], goaway(PROTOCOL_ERROR)),
-        # An initial window over 2^31-1: §6.5.2 says FLOW_CONTROL_ERROR;
-        # h2 sends PROTOCOL_ERROR.
+        (
+            lambda r: [raw_frame(0x1, 0x4, 1, bytes(20_000))],
+            goaway(FRAME_SIZE_ERROR, 0, b"frame larger than SETTINGS_MAX_FRAME_SIZE"),
+        ),
+        # Wrong fixed lengths: FRAME_SIZE_ERROR (RFC 9113 §6.7, §6.5).
+        (
+            lambda r: [raw_frame(0x6, 0, 0, bytes(9))],
+            goaway(FRAME_SIZE_ERROR, 0, b"PING not 8 bytes"),
+        ),
+        (
+            lambda r: [raw_frame(0x4, 0, 0, bytes(5))],
+            goaway(FRAME_SIZE_ERROR, 0, b"invalid SETTINGS"),
+        ),
+        # An initial window over 2^31-1: FLOW_CONTROL_ERROR (§6.5.2).
         (
             lambda r: [
                 raw_frame(
                     0x4, 0, 0, (4).to_bytes(2, "big") + (1 << 31).to_bytes(4, "big")
                 )
             ],
-            goaway(PROTOCOL_ERROR),
+            goaway(FLOW_CONTROL_ERROR, 0, b"invalid SETTINGS"),
         ),
         (
             lambda r: [raw_frame(0x8, 0, 0, bytes(4))],
-            goaway(PROTOCOL_ERROR),
-        ),  # WINDOW_UPDATE of 0
+            goaway(PROTOCOL_ERROR, 0, b"WINDOW_UPDATE of 0"),
+        ),
         (
             lambda r: [raw_frame(0x6, 0, 1, bytes(8))],
-            goaway(PROTOCOL_ERROR),
-        ),  # PING on a stream
+            goaway(PROTOCOL_ERROR, 0, b"PING on a stream"),
+        ),
         (
             lambda r: [r.headers(2)],
-            goaway(PROTOCOL_ERROR),
-        ),  # a client stream with an even id
+            goaway(PROTOCOL_ERROR, 0, b"HEADERS on an invalid stream id"),
+        ),
         (
             lambda r: [RstStreamFrame(1, error_code=CANCEL)],
-            goaway(PROTOCOL_ERROR),
-        ),  # idle stream
-        (lambda r: [DataFrame(1, data=b"x")], goaway(PROTOCOL_ERROR)),  # idle stream
+            goaway(PROTOCOL_ERROR, 0, b"RST_STREAM on an idle stream"),
+        ),
+        (
+            lambda r: [DataFrame(1, data=b"x")],
+            goaway(PROTOCOL_ERROR, 0, b"DATA on an idle stream"),
+        ),
         (
             lambda r: [ContinuationFrame(1, flags=["END_HEADERS"])],
-            goaway(PROTOCOL_ERROR),
-        ),  # no HEADERS
+            goaway(PROTOCOL_ERROR, 0, b"CONTINUATION without HEADERS"),
+        ),
     ],
     ids=[
         "data-over-max-frame-size",
@@ -936,21 +960,21 @@ def test_slow_reader_gets_no_more_than_its_window(engine):
     assert_still_serving(engine)
 
 
-def test_client_that_never_reads_is_cut_off(engine):
+def test_client_that_never_reads_is_cut_off(engine_with):
     """A client with a 4 KiB receive buffer and the largest windows pipelines
-    SayHello calls and never reads. Responses pile up unwritten; h2 keeps
-    at most --max-concurrent-streams (1024) such streams, refuses further
-    ones with REFUSED_STREAM and, 1,024 resets later (refusals and the
-    refused streams' DATA frames both count), ends the connection with
-    GOAWAY ENHANCE_YOUR_CALM too_many_internal_resets. As the client's
-    own data was never all read, the close reaches it as a TCP reset, well
-    before 50,000 calls; the engine's memory stays bounded meanwhile."""
+    up to 50,000 SayHello calls and never reads. The engine's answers fill
+    the socket buffers, then its own output buffer (256 KiB), where it
+    stops reading (so the client's sends stall if it goes on), with the
+    engine's memory bounded; once --write-timeout-ms (500 here) passes
+    with nothing taken, the engine drops the connection."""
+    engine = engine_with("--write-timeout-ms", "500")
     rss_before = engine.rss_kib()
     with Raw(engine.port, rcvbuf=4096) as r:
         r.handshake(INITIAL_WINDOW_SIZE=(1 << 31) - 1)
         r.send(WindowUpdateFrame(0, window_increment=(1 << 31) - 1 - 65535))
+        r.sock.settimeout(0.5)
         sent = 0
-        with pytest.raises(ConnectionResetError):
+        try:
             while sent < 50_000:
                 frames: list = []
                 for _ in range(100):
@@ -960,14 +984,18 @@ def test_client_that_never_reads_is_cut_off(engine):
                         DataFrame(sid, data=TOM_MESSAGE, flags=["END_STREAM"]),
                     ]
                     sent += 1
-                r.send(*frames)
-        assert sent > 1024
-    grown = engine.rss_kib() - rss_before
-    assert grown < 64 * 1024, f"engine RSS grew by {grown} KiB"
-    # What the engine logs for a GOAWAY ENHANCE_YOUR_CALM that h2 sent.
-    assert engine.logged(
-        "connection error detected: detected excessive load generating behavior"
-    )
+                r.sock.sendall(b"".join(f.serialize() for f in frames))
+        except (socket.timeout, ConnectionResetError, BrokenPipeError):
+            pass  # stalled, or already dropped
+        grown = engine.rss_kib() - rss_before
+        assert grown < 64 * 1024, f"engine RSS grew by {grown} KiB"
+        time.sleep(2.0)
+        r.sock.settimeout(IO_TIMEOUT)
+        with pytest.raises((ConnectionResetError, BrokenPipeError)):
+            for _ in range(100_000):
+                if not r.sock.recv(1 << 16):
+                    raise ConnectionResetError("closed")
+    assert engine.logged("output stalled; dropping the connection")
     assert_still_serving(engine)
 
 
@@ -978,15 +1006,15 @@ def test_client_that_never_reads_is_cut_off(engine):
 
 def test_half_open_connection_closed_after_handshake_timeout(engine_with):
     """TCP connect, then nothing. h2 writes its SETTINGS before it reads the
-    client's preface, so that arrives at once; at --handshake-timeout-ms
-    (300) the engine closes the connection, without a GOAWAY (there is no
-    HTTP/2 connection yet)."""
+    client's preface, so they arrive at once (with the connection window's
+    WINDOW_UPDATE); at --handshake-timeout-ms (300) the engine closes the
+    connection, without a GOAWAY (there is no HTTP/2 connection yet)."""
     engine = engine_with("--handshake-timeout-ms", "300")
     start = time.monotonic()
     with Raw(engine.port) as r:
         frames = r.until_closed()
         elapsed = time.monotonic() - start
-        assert [type(f) for f in frames] == [SettingsFrame]
+        assert [type(f) for f in frames] == [SettingsFrame, WindowUpdateFrame]
         assert not r.reset
     assert 0.28 <= elapsed < 3.0, elapsed
     assert engine.logged("handshake timed out")
@@ -1039,17 +1067,21 @@ def test_trickled_preface_closed_after_handshake_timeout(engine_with):
     ids=["http1", "tls", "bad-preface", "binary"],
 )
 def test_garbage_instead_of_preface_is_closed(engine, garbage):
-    """Not HTTP/2: the engine closes at once (well before the 10 s default
-    handshake timeout). h2 sends no GOAWAY here (a TODO in its code; RFC
-    9113 §3.4 allows omitting it); only its own SETTINGS, written before
-    the preface was read."""
+    """Not HTTP/2: the engine answers GOAWAY PROTOCOL_ERROR (RFC 9113 §3.4)
+    after its own SETTINGS (written before the preface was read) and closes
+    at once, well before the 10 s default handshake timeout."""
     start = time.monotonic()
     with Raw(engine.port) as r:
         r.send(garbage)
         frames = r.until_closed()
-        assert [type(f) for f in frames] == [SettingsFrame]
+        assert [type(f) for f in frames] == [
+            SettingsFrame,
+            WindowUpdateFrame,
+            GoAwayFrame,
+        ]
+        assert frames[-1].error_code == PROTOCOL_ERROR
     assert time.monotonic() - start < 1.0
-    assert engine.logged("handshake failed")
+    assert engine.logged("invalid connection preface")
     assert_still_serving(engine)
 
 

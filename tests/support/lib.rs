@@ -17,6 +17,15 @@ pub fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
 }
 
+/// The HTTP/2 stack tests serve with: the native one, unless
+/// `WIRESTUB_TEST_HTTP2=h2` asks for the reference.
+pub fn stack() -> wirestub_engine::Stack {
+    match std::env::var("WIRESTUB_TEST_HTTP2").as_deref() {
+        Ok("h2") => wirestub_engine::Stack::H2,
+        _ => wirestub_engine::Stack::Native,
+    }
+}
+
 /// A running engine and the schema to encode requests with.
 pub struct TestServer {
     pub addr: std::net::SocketAddr,
@@ -41,7 +50,7 @@ impl TestServer {
     pub fn serve(served: Served, descriptors: &[u8]) -> TestServer {
         let pool = DescriptorPool::decode(descriptors).expect("descriptors decode");
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let config = Config { workers: 2, drain_timeout: Duration::from_secs(2), ..Config::default() };
+        let config = Config { workers: 2, drain_timeout: Duration::from_secs(2), stack: stack(), ..Config::default() };
         let server = Server::start(listener, Arc::new(served), config).unwrap();
         TestServer { addr: server.local_addr(), pool, server: Some(server) }
     }

@@ -1,0 +1,145 @@
+//! What both HTTP/2 stacks share about answering a call: choosing the
+//! response for the request messages and rendering its templates
+//! ([`pick`]), the chosen answer ([`Answer`]), and small helpers for
+//! deadlines and injected faults.
+
+use crate::grpc::{Code, Status};
+use crate::matcher::{self, Messages, Metadata};
+use crate::served::{Prepared, ServedMethod};
+use crate::template;
+use bytes::Bytes;
+use std::borrow::Cow;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// The chosen response with its messages ready: the prepared bytes, or for
+/// templated messages, bytes rendered for this call.
+pub struct Answer<'m> {
+    pub prepared: &'m Prepared,
+    pub body: Bytes,
+    pub items: Cow<'m, [Bytes]>,
+}
+
+impl<'m> Answer<'m> {
+    /// A response without templates.
+    pub fn of(prepared: &'m Prepared) -> Self {
+        Answer { prepared, body: prepared.body.clone(), items: Cow::Borrowed(&prepared.stream) }
+    }
+
+    /// The messages to stream: the items, or the body alone.
+    pub fn messages(&self) -> &[Bytes] {
+        if self.prepared.stream.is_empty() {
+            std::slice::from_ref(&self.body)
+        } else {
+            &self.items
+        }
+    }
+}
+
+/// Picks the response for the request messages and renders its templates.
+pub fn pick<'m>(
+    method: &'m ServedMethod,
+    messages: &Messages<'_>,
+    metadata: &(impl Metadata + ?Sized),
+) -> Result<Answer<'m>, Status> {
+    let malformed =
+        |e: crate::wire::Malformed| Status::new(Code::Internal, format!("cannot parse request message: {e}"));
+    let request = matcher::Request::read(method, messages, metadata).map_err(malformed)?;
+    let prepared = match request.select().map_err(malformed)? {
+        Some(i) => &method.responses[i as usize],
+        None => &method.no_match,
+    };
+    if prepared.templates.is_empty() {
+        return Ok(Answer::of(prepared));
+    }
+    let mut answer = Answer::of(prepared);
+    let total = prepared.stream.len() as u64;
+    for (slot, t) in &prepared.templates {
+        let index = slot.saturating_sub(1) as u64;
+        let cx = template::Context { request: &request, index, total };
+        let rendered = template::render(t, &cx).map_err(malformed)?;
+        match slot {
+            0 => answer.body = rendered,
+            n => answer.items.to_mut()[*n as usize - 1] = rendered,
+        }
+    }
+    Ok(answer)
+}
+
+/// The error an injected fault answers with.
+pub fn prepare_fault(fault: &wirestub_plan::Fault) -> Prepared {
+    crate::served::prepare(fault.status, &fault.message, Bytes::new(), &[], &[], Duration::ZERO)
+}
+
+/// Whether an injected fault fires for this call.
+pub fn fault_fires(prepared: &Prepared) -> Option<&wirestub_plan::Fault> {
+    prepared.fault.as_ref().filter(|f| crate::rng::unit() < f.rate)
+}
+
+pub async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+pub fn deadline_exceeded() -> Status {
+    Status::new(Code::DeadlineExceeded, "deadline exceeded")
+}
+
+/// The order of a streamed response's messages: passes over the items
+/// (shuffled per pass when the rule says so), stopping after `error_after`
+/// messages for an error status, or after `stream_repeat` passes (none:
+/// until the client cancels).
+pub struct Schedule {
+    order: Vec<usize>,
+    at: usize,
+    pass: u32,
+    sent: u64,
+    repeat: u32,
+    limit: Option<u64>,
+    shuffle: bool,
+}
+
+impl Schedule {
+    pub fn new(prepared: &Prepared, items: usize) -> Self {
+        Schedule {
+            order: (0..items).collect(),
+            at: items,
+            pass: 0,
+            sent: 0,
+            repeat: prepared.stream_repeat,
+            limit: (prepared.status != 0).then_some(prepared.error_after as u64),
+            shuffle: prepared.stream_random_order,
+        }
+    }
+
+    /// Messages sent so far.
+    pub fn sent(&self) -> u64 {
+        self.sent
+    }
+}
+
+impl Iterator for Schedule {
+    type Item = usize;
+
+    fn next(&mut self) -> Option<usize> {
+        if self.limit.is_some_and(|l| self.sent >= l) || self.order.is_empty() {
+            return None;
+        }
+        if self.at == self.order.len() {
+            if self.repeat != 0 && self.pass >= self.repeat && self.limit.is_none() {
+                return None;
+            }
+            self.pass += 1;
+            self.at = 0;
+            if self.shuffle {
+                crate::rng::shuffle(&mut self.order);
+            }
+        }
+        let i = self.order[self.at];
+        self.at += 1;
+        self.sent += 1;
+        Some(i)
+    }
+}

@@ -1,0 +1,1616 @@
+//! One connection on the native HTTP/2 stack: the socket loop, frame
+//! handling (RFC 9113), flow control both ways, and the gRPC calls of the
+//! connection.
+//!
+//! The loop reads whatever the socket has, handles every complete frame in
+//! the read buffer, and answers calls as they complete: a unary call whose
+//! answer needs no waiting (the common case in a load test) is answered
+//! right there, its HEADERS, DATA and trailer frames appended to the output
+//! buffer with no task, no allocation and no copy of the request. Calls
+//! that must wait (a delay, a streamed answer paced by the client's window
+//! or by `stream_delay_ms`, a duplex call) become futures polled by this
+//! same loop. The output buffer is written once per batch of frames read.
+//!
+//! Everything lives in one task on one worker thread; the state is shared
+//! with the call futures through `Rc<RefCell<Conn>>`, borrowed only for the
+//! moment of a frame or a send, never across an await.
+
+use super::frame::{self, code, flag, kind, Head};
+use super::hpack::Decoder;
+use super::request::{ContentType, RequestHead};
+use crate::call::{self, Answer, Schedule};
+use crate::grpc::{self, Code, Status};
+use crate::matcher::Messages;
+use crate::served::{status_response, Prepared, Served, ServedMethod};
+use crate::server::Config;
+use bytes::{Buf, Bytes, BytesMut};
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use std::cell::RefCell;
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::future::{poll_fn, Future};
+use std::hash::{BuildHasherDefault, Hasher};
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Poll, Waker};
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use wirestub_plan::MethodKind;
+
+/// HPACK dynamic table we let the client's encoder use (the RFC default).
+const HEADER_TABLE_SIZE: usize = 4096;
+/// Output bytes above which the loop stops reading until the socket takes
+/// them: a client that sends but does not read stalls only itself.
+const OUT_HIGH: usize = 256 << 10;
+/// Request bytes buffered per connection (not yet consumed by calls) above
+/// which the connection window is not replenished.
+const BUFFER_BUDGET: usize = 16 << 20;
+/// Streams the client may reset before their request was complete, net of
+/// requests completed, before the connection ends (rapid reset,
+/// CVE-2023-44487).
+const MAX_EARLY_RESETS: u32 = 50;
+/// Stream errors the engine may send because of the client's mistakes, and
+/// refusals of streams over the limit, over the connection's life
+/// (MadeYouReset, CVE-2025-8671).
+const MAX_LOCAL_RESETS: u32 = 1024;
+/// DATA frames of under five bytes without END_STREAM (no gRPC message is
+/// that small), net of requests completed (CVE-2019-9518).
+const MAX_TINY_DATA: u32 = 100;
+/// SETTINGS and PING frames since the engine last sent a response frame
+/// (CVE-2019-9515/9512 from a client that reads its answers).
+const MAX_CONTROL_FRAMES: u32 = 20_000;
+/// CONTINUATION frames per header block (CVE-2024-27316).
+const MAX_CONTINUATIONS: u32 = 16;
+/// A response waiting for window sends once the client grants this much
+/// (or the whole message, if smaller).
+const SEND_CHUNK: usize = 16 << 10;
+/// Time a closing connection keeps reading (and discarding) after its last
+/// frame, so the kernel does not answer unread input with a TCP reset that
+/// would destroy the GOAWAY in flight.
+const LINGER: Duration = Duration::from_millis(250);
+/// Bytes a closing connection discards at most: a client still flooding
+/// gets its reset sooner.
+const LINGER_BYTES: usize = 256 << 10;
+
+/// A connection error: GOAWAY with this code and debug text, then close.
+#[derive(Debug, Clone, Copy)]
+struct ConnError {
+    code: u32,
+    debug: &'static str,
+}
+
+fn conn_err(code: u32, debug: &'static str) -> ConnError {
+    ConnError { code, debug }
+}
+
+/// Stream ids hash to themselves (they are distinct and dense).
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 << 8) | *b as u64;
+        }
+    }
+    fn write_u32(&mut self, n: u32) {
+        self.0 = (n as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+type Streams<'s> = HashMap<u32, Stream<'s>, BuildHasherDefault<IdHasher>>;
+
+/// Something queued on a stream until the client's window lets it go.
+enum Out {
+    Data(Bytes),
+    /// A trailer block: ends the stream once everything before it is sent.
+    Trailers(Bytes),
+}
+
+/// The request side of a client stream as rules see it (see
+/// [`Messages`]): the first messages, the last one and the count.
+#[derive(Default)]
+struct Aggregate {
+    head: Vec<Bytes>,
+    last: Option<Bytes>,
+    count: usize,
+}
+
+struct Stream<'s> {
+    method: &'s ServedMethod,
+    /// The client has ended its side (END_STREAM).
+    recv_done: bool,
+    /// The engine has ended its side (END_STREAM written or queued).
+    send_done: bool,
+    /// Response headers are out (or queued).
+    headers_sent: bool,
+    /// Bytes the client may still send on this stream.
+    recv_window: i64,
+    /// Request bytes not yet cut into messages (all of them, for unary).
+    body: BytesMut,
+    agg: Option<Box<Aggregate>>,
+    /// Duplex calls: whole messages waiting for the call's task.
+    queue: VecDeque<Bytes>,
+    /// A request-side failure for the call's task (duplex calls).
+    failed: Option<Status>,
+    metadata: smallvec::SmallVec<[Option<Box<[u8]>>; 2]>,
+    content_length: Option<u64>,
+    received: u64,
+    deadline: Option<Instant>,
+    /// Bytes the engine may still send on this stream.
+    send_window: i64,
+    pending: VecDeque<Out>,
+    /// A task (future) drives this stream's answer.
+    task: bool,
+    /// The task's waker, woken on anything the task may be waiting for.
+    waker: Option<Waker>,
+}
+
+impl Stream<'_> {
+    fn wake(&mut self) {
+        if let Some(w) = self.waker.take() {
+            w.wake();
+        }
+    }
+}
+
+/// What the loop starts as a future once the frame that caused it has
+/// been handled.
+enum Job<'s> {
+    /// Wait, then answer (a delay, or a streamed answer).
+    Respond { id: u32, answer: Answer<'s>, delay: Duration, deadline: Option<Instant> },
+    /// A duplex call: answers each request message as it comes.
+    Duplex { id: u32, deadline: Option<Instant> },
+}
+
+/// A header block being received in HEADERS and CONTINUATION frames.
+struct Continuation {
+    stream: u32,
+    end_stream: bool,
+    self_dependent: bool,
+    block: Vec<u8>,
+    frames: u32,
+}
+
+/// Why and how the connection is ending.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ending {
+    /// Serving; new streams accepted.
+    No,
+    /// GOAWAY NO_ERROR sent: existing calls finish, then close.
+    Draining,
+    /// Close as soon as the output is written.
+    Now,
+}
+
+pub(crate) struct Conn<'s> {
+    served: &'s Served,
+    config: &'s Config,
+    out: BytesMut,
+    decoder: Decoder,
+    streams: Streams<'s>,
+    /// Highest stream id the engine has accepted (GOAWAY's last stream).
+    last_stream: u32,
+    /// Highest stream id the client has used (streams after a GOAWAY are
+    /// ignored, not accepted).
+    highest_seen: u32,
+    preface: bool,
+    /// The client's first SETTINGS arrived (the handshake is done).
+    settings_seen: bool,
+    cont: Option<Continuation>,
+    recv_window: i64,
+    recv_target: i64,
+    /// Request bytes held by streams (see [`BUFFER_BUDGET`]).
+    buffered: usize,
+    send_window: i64,
+    peer_initial_window: i64,
+    peer_max_frame: usize,
+    /// Streams with queued output, in the order they blocked.
+    blocked: VecDeque<u32>,
+    ending: Ending,
+    early_resets: u32,
+    local_resets: u32,
+    tiny_data: u32,
+    control_frames: u32,
+    jobs: Vec<Job<'s>>,
+    /// Streams with a deadline still waiting for their request.
+    waiting: BTreeSet<(Instant, u32)>,
+    /// Streams opened so far (for the idle check).
+    opened: u64,
+    /// A call's task is waiting for the connection-level window.
+    window_waiters: bool,
+}
+
+impl<'s> Conn<'s> {
+    fn new(served: &'s Served, config: &'s Config) -> Self {
+        let window = config.window.min(frame::MAX_WINDOW as u32) as i64;
+        let conn_window = (window * 4).min(frame::MAX_WINDOW);
+        let mut out = BytesMut::with_capacity(16 << 10);
+        frame::put_settings(
+            &mut out,
+            &[
+                (frame::setting::HEADER_TABLE_SIZE, HEADER_TABLE_SIZE as u32),
+                (frame::setting::MAX_CONCURRENT_STREAMS, config.max_concurrent_streams),
+                (frame::setting::INITIAL_WINDOW_SIZE, window as u32),
+                (frame::setting::MAX_HEADER_LIST_SIZE, config.max_header_list_size),
+                (frame::setting::ENABLE_PUSH, 0),
+            ],
+        );
+        if conn_window > frame::DEFAULT_WINDOW {
+            frame::put_window_update(&mut out, 0, (conn_window - frame::DEFAULT_WINDOW) as u32);
+        }
+        Conn {
+            served,
+            config,
+            out,
+            decoder: Decoder::new(HEADER_TABLE_SIZE),
+            streams: Streams::default(),
+            last_stream: 0,
+            highest_seen: 0,
+            preface: false,
+            settings_seen: false,
+            cont: None,
+            recv_window: conn_window,
+            recv_target: conn_window,
+            buffered: 0,
+            send_window: frame::DEFAULT_WINDOW,
+            peer_initial_window: frame::DEFAULT_WINDOW,
+            peer_max_frame: frame::DEFAULT_MAX_FRAME as usize,
+            blocked: VecDeque::new(),
+            ending: Ending::No,
+            early_resets: 0,
+            local_resets: 0,
+            tiny_data: 0,
+            control_frames: 0,
+            jobs: Vec::new(),
+            waiting: BTreeSet::new(),
+            opened: 0,
+            window_waiters: false,
+        }
+    }
+
+    fn stream_window(&self) -> i64 {
+        self.config.window.min(frame::MAX_WINDOW as u32) as i64
+    }
+
+    // ---------------------------------------------------------------------
+    // Reading
+    // ---------------------------------------------------------------------
+
+    /// Handles every complete frame at the start of `buf` and returns how
+    /// many bytes were used. Stops early when the output is over its high
+    /// mark or the connection is ending.
+    fn receive(&mut self, buf: &[u8]) -> Result<usize, ConnError> {
+        let mut at = 0;
+        if !self.preface {
+            let n = buf.len().min(frame::PREFACE.len());
+            if buf[..n] != frame::PREFACE[..n] {
+                return Err(conn_err(code::PROTOCOL_ERROR, "invalid connection preface"));
+            }
+            if n < frame::PREFACE.len() {
+                return Ok(0);
+            }
+            self.preface = true;
+            at = n;
+        }
+        while self.ending != Ending::Now && self.out.len() < OUT_HIGH {
+            let rest = &buf[at..];
+            if rest.len() < frame::HEAD_LEN {
+                break;
+            }
+            let head = Head::parse(rest[..frame::HEAD_LEN].try_into().expect("nine bytes"));
+            if head.len > frame::DEFAULT_MAX_FRAME {
+                return Err(conn_err(code::FRAME_SIZE_ERROR, "frame larger than SETTINGS_MAX_FRAME_SIZE"));
+            }
+            let end = frame::HEAD_LEN + head.len as usize;
+            if rest.len() < end {
+                break;
+            }
+            self.frame(head, &rest[frame::HEAD_LEN..end])?;
+            at += end;
+        }
+        self.replenish_connection();
+        Ok(at)
+    }
+
+    fn frame(&mut self, head: Head, payload: &[u8]) -> Result<(), ConnError> {
+        if !self.settings_seen && (head.kind != kind::SETTINGS || head.has(flag::ACK)) {
+            return Err(conn_err(code::PROTOCOL_ERROR, "first frame is not SETTINGS"));
+        }
+        if let Some(c) = &self.cont {
+            if head.kind != kind::CONTINUATION || head.stream != c.stream {
+                return Err(conn_err(code::PROTOCOL_ERROR, "header block interrupted"));
+            }
+        }
+        match head.kind {
+            kind::DATA => self.on_data(head, payload),
+            kind::HEADERS => self.on_headers(head, payload),
+            kind::PRIORITY => self.on_priority(head, payload),
+            kind::RST_STREAM => self.on_rst(head, payload),
+            kind::SETTINGS => self.on_settings(head, payload),
+            kind::PUSH_PROMISE => Err(conn_err(code::PROTOCOL_ERROR, "PUSH_PROMISE from a client")),
+            kind::PING => self.on_ping(head, payload),
+            kind::GOAWAY => self.on_goaway(head, payload),
+            kind::WINDOW_UPDATE => self.on_window_update(head, payload),
+            kind::CONTINUATION => self.on_continuation(head, payload),
+            // Unknown frame types are ignored (RFC 9113 §4.1).
+            _ => Ok(()),
+        }
+    }
+
+    fn on_settings(&mut self, head: Head, payload: &[u8]) -> Result<(), ConnError> {
+        if head.stream != 0 {
+            return Err(conn_err(code::PROTOCOL_ERROR, "SETTINGS on a stream"));
+        }
+        if head.has(flag::ACK) {
+            if !payload.is_empty() {
+                return Err(conn_err(code::FRAME_SIZE_ERROR, "SETTINGS ACK with a payload"));
+            }
+            return Ok(());
+        }
+        let pairs = frame::settings(payload).map_err(|c| conn_err(c, "invalid SETTINGS"))?;
+        for (id, value) in pairs {
+            match id {
+                frame::setting::INITIAL_WINDOW_SIZE => {
+                    let delta = value as i64 - self.peer_initial_window;
+                    self.peer_initial_window = value as i64;
+                    for s in self.streams.values_mut() {
+                        s.send_window += delta;
+                        if s.send_window > frame::MAX_WINDOW {
+                            return Err(conn_err(code::FLOW_CONTROL_ERROR, "stream window overflow"));
+                        }
+                    }
+                    if delta > 0 {
+                        self.unblock_all();
+                    }
+                }
+                frame::setting::MAX_FRAME_SIZE => self.peer_max_frame = value as usize,
+                _ => {}
+            }
+        }
+        frame::put_settings_ack(&mut self.out);
+        self.settings_seen = true;
+        self.control_frame()
+    }
+
+    fn control_frame(&mut self) -> Result<(), ConnError> {
+        self.control_frames += 1;
+        if self.control_frames > MAX_CONTROL_FRAMES {
+            return Err(conn_err(code::ENHANCE_YOUR_CALM, "too_many_control_frames"));
+        }
+        Ok(())
+    }
+
+    fn on_ping(&mut self, head: Head, payload: &[u8]) -> Result<(), ConnError> {
+        if head.stream != 0 {
+            return Err(conn_err(code::PROTOCOL_ERROR, "PING on a stream"));
+        }
+        let data: &[u8; 8] = payload.try_into().map_err(|_| conn_err(code::FRAME_SIZE_ERROR, "PING not 8 bytes"))?;
+        if head.has(flag::ACK) {
+            return Ok(());
+        }
+        frame::put_ping(&mut self.out, true, data);
+        self.control_frame()
+    }
+
+    fn on_goaway(&mut self, head: Head, payload: &[u8]) -> Result<(), ConnError> {
+        if head.stream != 0 {
+            return Err(conn_err(code::PROTOCOL_ERROR, "GOAWAY on a stream"));
+        }
+        if payload.len() < 8 {
+            return Err(conn_err(code::FRAME_SIZE_ERROR, "GOAWAY shorter than 8 bytes"));
+        }
+        // The client opens no more streams; the running ones finish.
+        if self.ending == Ending::No {
+            self.ending = Ending::Draining;
+        }
+        Ok(())
+    }
+
+    fn on_priority(&mut self, head: Head, payload: &[u8]) -> Result<(), ConnError> {
+        if head.stream == 0 {
+            return Err(conn_err(code::PROTOCOL_ERROR, "PRIORITY on stream 0"));
+        }
+        let dependency = frame::priority_dependency(payload).map_err(|c| conn_err(c, "PRIORITY not 5 bytes"))?;
+        if dependency == head.stream {
+            self.stream_error(head.stream, code::PROTOCOL_ERROR)?;
+        }
+        Ok(())
+    }
+
+    fn on_rst(&mut self, head: Head, payload: &[u8]) -> Result<(), ConnError> {
+        if head.stream == 0 {
+            return Err(conn_err(code::PROTOCOL_ERROR, "RST_STREAM on stream 0"));
+        }
+        frame::u32_payload(payload).map_err(|c| conn_err(c, "RST_STREAM not 4 bytes"))?;
+        if head.stream > self.highest_seen {
+            return Err(conn_err(code::PROTOCOL_ERROR, "RST_STREAM on an idle stream"));
+        }
+        if let Some(mut s) = self.streams.remove(&head.stream) {
+            let id = head.stream;
+            if !s.recv_done {
+                self.early_resets += 1;
+                if self.early_resets > MAX_EARLY_RESETS {
+                    return Err(conn_err(code::ENHANCE_YOUR_CALM, "too_many_resets"));
+                }
+            }
+            self.forget(id, &mut s);
+        }
+        Ok(())
+    }
+
+    fn on_window_update(&mut self, head: Head, payload: &[u8]) -> Result<(), ConnError> {
+        let increment =
+            frame::u32_payload(payload).map_err(|c| conn_err(c, "WINDOW_UPDATE not 4 bytes"))? & 0x7fff_ffff;
+        if head.stream == 0 {
+            if increment == 0 {
+                return Err(conn_err(code::PROTOCOL_ERROR, "WINDOW_UPDATE of 0"));
+            }
+            self.send_window += increment as i64;
+            if self.send_window > frame::MAX_WINDOW {
+                return Err(conn_err(code::FLOW_CONTROL_ERROR, "connection window overflow"));
+            }
+            self.unblock_all();
+            return Ok(());
+        }
+        if head.stream > self.highest_seen {
+            return Err(conn_err(code::PROTOCOL_ERROR, "WINDOW_UPDATE on an idle stream"));
+        }
+        let Some(s) = self.streams.get_mut(&head.stream) else { return Ok(()) };
+        if increment == 0 {
+            return self.stream_error(head.stream, code::PROTOCOL_ERROR);
+        }
+        s.send_window += increment as i64;
+        if s.send_window > frame::MAX_WINDOW {
+            return self.stream_error(head.stream, code::FLOW_CONTROL_ERROR);
+        }
+        s.wake();
+        self.flush_stream(head.stream);
+        Ok(())
+    }
+
+    fn on_headers(&mut self, head: Head, payload: &[u8]) -> Result<(), ConnError> {
+        if head.stream == 0 || head.stream % 2 == 0 {
+            return Err(conn_err(code::PROTOCOL_ERROR, "HEADERS on an invalid stream id"));
+        }
+        let (fragment, dependency) =
+            frame::headers_fragment(head.flags, payload).map_err(|c| conn_err(c, "malformed HEADERS"))?;
+        let self_dependent = dependency == Some(head.stream);
+        let end_stream = head.has(flag::END_STREAM);
+        if head.has(flag::END_HEADERS) {
+            return self.header_block(head.stream, end_stream, self_dependent, fragment);
+        }
+        self.cont =
+            Some(Continuation { stream: head.stream, end_stream, self_dependent, block: fragment.to_vec(), frames: 0 });
+        Ok(())
+    }
+
+    fn on_continuation(&mut self, head: Head, payload: &[u8]) -> Result<(), ConnError> {
+        let Some(c) = self.cont.as_mut() else {
+            return Err(conn_err(code::PROTOCOL_ERROR, "CONTINUATION without HEADERS"));
+        };
+        c.frames += 1;
+        if c.frames > MAX_CONTINUATIONS {
+            return Err(conn_err(code::ENHANCE_YOUR_CALM, "too_many_continuations"));
+        }
+        c.block.extend_from_slice(payload);
+        if c.block.len() > 4 * self.config.max_header_list_size as usize + 1024 {
+            return Err(conn_err(code::ENHANCE_YOUR_CALM, "header_list_way_too_large"));
+        }
+        if !head.has(flag::END_HEADERS) {
+            return Ok(());
+        }
+        let c = self.cont.take().expect("checked above");
+        self.header_block(c.stream, c.end_stream, c.self_dependent, &c.block)
+    }
+
+    /// A complete header block: a new request, or a stream's trailers.
+    fn header_block(&mut self, id: u32, end_stream: bool, self_dependent: bool, block: &[u8]) -> Result<(), ConnError> {
+        let max_list = self.config.max_header_list_size as usize;
+        if id <= self.highest_seen {
+            // Trailers of a running stream, or a block for a closed one
+            // (decoded all the same: the HPACK table must stay in step).
+            let mut trailers = RequestHead::trailers(self.served);
+            let oversized = self
+                .decoder
+                .decode(block, max_list, &mut |n, v| trailers.field(n, v))
+                .map_err(|_| conn_err(code::COMPRESSION_ERROR, "HPACK decoding failed"))?;
+            let Some(s) = self.streams.get(&id) else { return Ok(()) };
+            if s.recv_done {
+                return self.stream_error(id, code::STREAM_CLOSED);
+            }
+            if !end_stream || oversized || trailers.malformed.is_some() || self_dependent {
+                return self.stream_error(id, code::PROTOCOL_ERROR);
+            }
+            return self.end_of_request(id);
+        }
+        let mut request = RequestHead::new(self.served);
+        let oversized = self
+            .decoder
+            .decode(block, 4 * max_list, &mut |n, v| request.field(n, v))
+            .map_err(|_| conn_err(code::COMPRESSION_ERROR, "HPACK decoding failed"))?;
+        if oversized {
+            return Err(conn_err(code::ENHANCE_YOUR_CALM, "header_list_way_too_large"));
+        }
+        request.finish();
+        self.highest_seen = id;
+        if self.ending != Ending::No {
+            // Streams after the GOAWAY are ignored (RFC 9113 §6.8).
+            return Ok(());
+        }
+        self.opened += 1;
+        if self_dependent || request.malformed.is_some() {
+            return self.refuse(id, code::PROTOCOL_ERROR);
+        }
+        if self.streams.len() >= self.config.max_concurrent_streams as usize {
+            return self.refuse(id, code::REFUSED_STREAM);
+        }
+        // Streams refused above were not acted on; GOAWAY does not count them.
+        self.last_stream = id;
+        let oversized = request.size > max_list;
+        self.open(id, end_stream, request, oversized)
+    }
+
+    /// Answers a new stream at once with RST_STREAM.
+    fn refuse(&mut self, id: u32, code: u32) -> Result<(), ConnError> {
+        self.count_local_reset()?;
+        frame::put_rst(&mut self.out, id, code);
+        Ok(())
+    }
+
+    fn count_local_reset(&mut self) -> Result<(), ConnError> {
+        self.local_resets += 1;
+        if self.local_resets > MAX_LOCAL_RESETS {
+            return Err(conn_err(code::ENHANCE_YOUR_CALM, "too_many_internal_resets"));
+        }
+        Ok(())
+    }
+
+    /// A stream error (RFC 9113 §5.4.2): RST_STREAM, and the stream is gone.
+    fn stream_error(&mut self, id: u32, code: u32) -> Result<(), ConnError> {
+        if let Some(mut s) = self.streams.remove(&id) {
+            self.forget(id, &mut s);
+        }
+        self.count_local_reset()?;
+        frame::put_rst(&mut self.out, id, code);
+        Ok(())
+    }
+
+    /// Releases what a stream that is going away holds.
+    fn forget(&mut self, id: u32, s: &mut Stream<'s>) {
+        self.buffered -= s.body.len() + s.queue.iter().map(Bytes::len).sum::<usize>();
+        if let Some(agg) = &s.agg {
+            self.buffered -= agg.head.iter().chain(agg.last.iter()).map(Bytes::len).sum::<usize>();
+        }
+        if let Some(d) = s.deadline {
+            self.waiting.remove(&(d, id));
+        }
+        s.wake();
+    }
+
+    fn open(&mut self, id: u32, end_stream: bool, request: RequestHead<'s>, oversized: bool) -> Result<(), ConnError> {
+        let early = |code: u8, msg: String| Some(status_response(code, &msg));
+        let mut http_status = None;
+        let mut status = None;
+        if oversized {
+            http_status = Some(431);
+        } else if !request.post {
+            http_status = Some(405);
+        } else {
+            match &request.content_type {
+                ContentType::Grpc => {}
+                ContentType::GrpcOther(ct) => {
+                    let ct = String::from_utf8_lossy(ct);
+                    status = early(
+                        Code::Unimplemented as u8,
+                        format!("content-type {ct} is not supported; use application/grpc"),
+                    );
+                }
+                _ => http_status = Some(415),
+            }
+        }
+        let method = match request.method {
+            Some(m) => Some(m),
+            None if http_status.is_none() && status.is_none() => {
+                let path = String::from_utf8_lossy(request.unknown_path.as_deref().unwrap_or_default());
+                status = early(Code::Unimplemented as u8, format!("unknown method {path}"));
+                None
+            }
+            None => None,
+        };
+        let mut deadline = None;
+        if status.is_none() && http_status.is_none() {
+            if let Some(t) = &request.timeout {
+                match grpc::parse_timeout(t) {
+                    Some(t) => deadline = Some(Instant::now() + t),
+                    None => status = early(Code::Internal as u8, "malformed grpc-timeout header".into()),
+                }
+            }
+        }
+        if http_status.is_some() || status.is_some() {
+            // Answered from the headers alone; the request body, if any
+            // comes, is refused with RST_STREAM NO_ERROR.
+            match http_status {
+                Some(code) => {
+                    let mut block = Vec::with_capacity(4);
+                    super::hpack::encode_status(&mut block, code);
+                    frame::put_headers(&mut self.out, id, &block, true, self.peer_max_frame);
+                }
+                None => {
+                    let p = status.expect("one of the two");
+                    frame::put_headers(&mut self.out, id, &p.blocks.trailers_only, true, self.peer_max_frame);
+                }
+            }
+            self.control_frames = 0;
+            if !end_stream {
+                frame::put_rst(&mut self.out, id, code::NO_ERROR);
+            }
+            return Ok(());
+        }
+        let method = method.expect("answered above when missing");
+        let window = self.stream_window();
+        let stream = Stream {
+            method,
+            recv_done: false,
+            send_done: false,
+            headers_sent: false,
+            recv_window: window,
+            body: BytesMut::new(),
+            agg: None,
+            queue: VecDeque::new(),
+            failed: None,
+            metadata: request.metadata,
+            content_length: request.content_length,
+            received: 0,
+            deadline,
+            send_window: self.peer_initial_window,
+            pending: VecDeque::new(),
+            task: false,
+            waker: None,
+        };
+        self.streams.insert(id, stream);
+        if method.plan.duplex {
+            self.streams.get_mut(&id).expect("inserted").task = true;
+            self.jobs.push(Job::Duplex { id, deadline });
+        } else if let Some(d) = deadline.filter(|_| !end_stream) {
+            self.waiting.insert((d, id));
+        }
+        if end_stream {
+            return self.end_of_request(id);
+        }
+        Ok(())
+    }
+
+    fn on_data(&mut self, head: Head, payload: &[u8]) -> Result<(), ConnError> {
+        if head.stream == 0 {
+            return Err(conn_err(code::PROTOCOL_ERROR, "DATA on stream 0"));
+        }
+        let len = payload.len() as i64;
+        self.recv_window -= len;
+        if self.recv_window < 0 {
+            return Err(conn_err(code::FLOW_CONTROL_ERROR, "connection window exceeded"));
+        }
+        let data = frame::data_payload(head.flags, payload).map_err(|c| conn_err(c, "malformed DATA"))?;
+        if head.stream > self.highest_seen {
+            return Err(conn_err(code::PROTOCOL_ERROR, "DATA on an idle stream"));
+        }
+        let end_stream = head.has(flag::END_STREAM);
+        if data.len() < 5 && !end_stream {
+            self.tiny_data += 1;
+            if self.tiny_data > MAX_TINY_DATA {
+                return Err(conn_err(code::ENHANCE_YOUR_CALM, "too_many_data_frames"));
+            }
+        }
+        let id = head.stream;
+        let Some(s) = self.streams.get_mut(&id) else {
+            // A stream that has ended (or was reset): its late data is
+            // dropped, its window returned with the connection's.
+            return Ok(());
+        };
+        if s.recv_done {
+            return self.stream_error(id, code::STREAM_CLOSED);
+        }
+        s.recv_window -= len;
+        if s.recv_window < 0 {
+            return self.stream_error(id, code::FLOW_CONTROL_ERROR);
+        }
+        s.received += data.len() as u64;
+        if s.content_length.is_some_and(|n| s.received > n) {
+            return self.stream_error(id, code::PROTOCOL_ERROR);
+        }
+        let max = self.config.max_recv_message;
+        let kind = s.method.plan.kind;
+        let duplex = s.method.plan.duplex;
+        // The common case, a whole unary request in one DATA frame with
+        // END_STREAM, is answered straight from the read buffer.
+        if end_stream && s.body.is_empty() && !duplex && matches!(kind, MethodKind::Unary | MethodKind::ServerStreaming)
+        {
+            s.recv_done = true;
+            if s.content_length.is_some_and(|n| s.received != n) {
+                return self.stream_error(id, code::PROTOCOL_ERROR);
+            }
+            let deadline = s.deadline;
+            self.end_waiting(id, deadline);
+            return self.answer_unary(id, data);
+        }
+        if !data.is_empty() {
+            s.body.extend_from_slice(data);
+            self.buffered += data.len();
+        }
+        let failure = if duplex || matches!(kind, MethodKind::ClientStreaming | MethodKind::BidiStreaming) {
+            deframe(s, max, &mut self.buffered)
+        } else if s.body.len() >= 5 {
+            grpc::check_unary(&s.body[..5], s.body.len(), max).err()
+        } else {
+            None
+        };
+        if let Some(status) = failure {
+            if duplex {
+                s.failed = Some(status);
+                s.wake();
+            } else {
+                return self.fail_call(id, &status);
+            }
+        } else if duplex {
+            s.wake();
+        }
+        self.replenish_stream(id);
+        if end_stream {
+            return self.end_of_request(id);
+        }
+        Ok(())
+    }
+
+    /// Returns window to a stream that keeps receiving, unless it holds
+    /// more than it may (a unary request: the message's size).
+    fn replenish_stream(&mut self, id: u32) {
+        let window = self.stream_window();
+        let max = self.config.max_recv_message;
+        let Some(s) = self.streams.get_mut(&id) else { return };
+        if s.recv_done {
+            return;
+        }
+        let deficit = window - s.recv_window;
+        if deficit < window / 2 {
+            return;
+        }
+        let held = s.body.len() + s.queue.iter().map(Bytes::len).sum::<usize>();
+        let cap = match s.method.plan.kind {
+            MethodKind::Unary | MethodKind::ServerStreaming if !s.method.plan.duplex => max + 5,
+            _ => window as usize,
+        };
+        if held + window as usize > cap + window as usize / 2 {
+            return;
+        }
+        s.recv_window += deficit;
+        frame::put_window_update(&mut self.out, id, deficit as u32);
+    }
+
+    fn replenish_connection(&mut self) {
+        let deficit = self.recv_target - self.recv_window;
+        if deficit >= self.recv_target / 2 && self.buffered < BUFFER_BUDGET {
+            self.recv_window += deficit;
+            frame::put_window_update(&mut self.out, 0, deficit as u32);
+        }
+    }
+
+    fn end_waiting(&mut self, id: u32, deadline: Option<Instant>) {
+        if let Some(d) = deadline {
+            self.waiting.remove(&(d, id));
+        }
+    }
+
+    /// The client has half-closed: the request is complete.
+    fn end_of_request(&mut self, id: u32) -> Result<(), ConnError> {
+        let Some(s) = self.streams.get_mut(&id) else { return Ok(()) };
+        s.recv_done = true;
+        self.tiny_data = self.tiny_data.saturating_sub(1);
+        self.early_resets = self.early_resets.saturating_sub(1);
+        if s.content_length.is_some_and(|n| s.received != n) {
+            return self.stream_error(id, code::PROTOCOL_ERROR);
+        }
+        let deadline = s.deadline;
+        self.end_waiting(id, deadline);
+        let s = self.streams.get_mut(&id).expect("present");
+        if s.method.plan.duplex {
+            s.wake();
+            return Ok(());
+        }
+        let body = std::mem::take(&mut s.body);
+        self.buffered -= body.len();
+        match s.method.plan.kind {
+            MethodKind::Unary | MethodKind::ServerStreaming => self.answer_unary(id, &body),
+            MethodKind::ClientStreaming | MethodKind::BidiStreaming => {
+                if !body.is_empty() {
+                    return self.fail_call(id, &Status::new(Code::Internal, "request message is truncated"));
+                }
+                let s = self.streams.get_mut(&id).expect("present");
+                let agg = s.agg.take().unwrap_or_default();
+                let held: usize = agg.head.iter().chain(agg.last.iter()).map(Bytes::len).sum();
+                self.buffered -= held;
+                let head: Vec<&[u8]> = agg.head.iter().map(|b| &b[..]).collect();
+                let last = agg.last.as_deref().or(head.last().copied());
+                let messages = Messages { head: &head, last, count: agg.count };
+                let method = s.method;
+                let picked = call::pick(method, &messages, &s.metadata[..]);
+                self.answer(id, picked)
+            }
+        }
+    }
+
+    /// Answers a unary or server-streaming call from its request body.
+    fn answer_unary(&mut self, id: u32, body: &[u8]) -> Result<(), ConnError> {
+        let max = self.config.max_recv_message;
+        if let Err(status) = grpc::finish_unary(body, body.len(), max) {
+            return self.fail_call(id, &status);
+        }
+        if body[0] == 1 {
+            return self
+                .fail_call(id, &Status::new(Code::Unimplemented, "compressed request messages are not supported"));
+        }
+        let s = &self.streams[&id];
+        let one = [&body[5..]];
+        let picked = call::pick(s.method, &Messages::one(&one), &s.metadata[..]);
+        self.answer(id, picked)
+    }
+
+    /// Sends the chosen answer now when it needs no waiting, or hands it
+    /// to a task.
+    fn answer(&mut self, id: u32, picked: Result<Answer<'s>, Status>) -> Result<(), ConnError> {
+        let answer = match picked {
+            Ok(a) => a,
+            Err(status) => return self.fail_call(id, &status),
+        };
+        let prepared = answer.prepared;
+        if let Some(fault) = call::fault_fires(prepared) {
+            if fault.drop {
+                return self.reset(id, code::INTERNAL_ERROR);
+            }
+            let p = call::prepare_fault(fault);
+            self.send_trailers_only(id, &p.blocks.trailers_only);
+            return Ok(());
+        }
+        let s = &self.streams[&id];
+        let kind = s.method.plan.kind;
+        let streams = matches!(kind, MethodKind::ServerStreaming | MethodKind::BidiStreaming);
+        let delay = prepared.draw_delay();
+        let simple = !streams || (prepared.stream.is_empty() && prepared.error_after == 0);
+        if delay.is_zero() && simple {
+            if prepared.status != 0 {
+                self.send_trailers_only(id, &prepared.blocks.trailers_only);
+                return Ok(());
+            }
+            let fits = answer.body.len() as i64 <= s.send_window.min(self.send_window);
+            if fits || s.deadline.is_none() {
+                self.send_headers(id, &prepared.blocks.headers);
+                self.send_data(id, answer.body.clone());
+                self.send_trailers(id, prepared.blocks.trailers.clone());
+                return Ok(());
+            }
+        }
+        let deadline = s.deadline;
+        self.streams.get_mut(&id).expect("present").task = true;
+        self.jobs.push(Job::Respond { id, answer, delay, deadline });
+        Ok(())
+    }
+
+    /// Ends a call with an error status the engine chose.
+    fn fail_call(&mut self, id: u32, status: &Status) -> Result<(), ConnError> {
+        let p = status_response(status.code as u8, &status.message);
+        if self.streams.get(&id).is_some_and(|s| s.headers_sent) {
+            self.send_trailers(id, p.blocks.trailers.clone());
+        } else {
+            self.send_trailers_only(id, &p.blocks.trailers_only);
+        }
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------------
+    // Writing
+    // ---------------------------------------------------------------------
+
+    fn send_headers(&mut self, id: u32, block: &[u8]) {
+        let Some(s) = self.streams.get_mut(&id) else { return };
+        if s.headers_sent || s.send_done {
+            return;
+        }
+        s.headers_sent = true;
+        frame::put_headers(&mut self.out, id, block, false, self.peer_max_frame);
+        self.control_frames = 0;
+    }
+
+    /// Ends the stream with a trailers-only response.
+    fn send_trailers_only(&mut self, id: u32, block: &[u8]) {
+        let Some(s) = self.streams.get_mut(&id) else { return };
+        if s.send_done {
+            return;
+        }
+        s.headers_sent = true;
+        s.send_done = true;
+        frame::put_headers(&mut self.out, id, block, true, self.peer_max_frame);
+        self.control_frames = 0;
+        self.finish_send(id);
+    }
+
+    /// Sends a message, or as much as the windows allow, queueing the rest.
+    fn send_data(&mut self, id: u32, data: Bytes) {
+        let Some(s) = self.streams.get_mut(&id) else { return };
+        if s.send_done {
+            return;
+        }
+        if s.pending.is_empty() {
+            let n = data.len().min(s.send_window.max(0) as usize).min(self.send_window.max(0) as usize);
+            if n == data.len() {
+                put_data_frames(&mut self.out, id, &data, self.peer_max_frame);
+                s.send_window -= n as i64;
+                self.send_window -= n as i64;
+                self.control_frames = 0;
+                return;
+            }
+            if n > 0 {
+                put_data_frames(&mut self.out, id, &data[..n], self.peer_max_frame);
+                s.send_window -= n as i64;
+                self.send_window -= n as i64;
+            }
+            s.pending.push_back(Out::Data(data.slice(n..)));
+            self.blocked.push_back(id);
+        } else {
+            s.pending.push_back(Out::Data(data));
+        }
+    }
+
+    /// Ends the stream with trailers, after whatever is queued.
+    fn send_trailers(&mut self, id: u32, block: Bytes) {
+        let Some(s) = self.streams.get_mut(&id) else { return };
+        if s.send_done {
+            return;
+        }
+        s.send_done = true;
+        if s.pending.is_empty() {
+            frame::put_headers(&mut self.out, id, &block, true, self.peer_max_frame);
+            self.finish_send(id);
+        } else {
+            s.pending.push_back(Out::Trailers(block));
+        }
+    }
+
+    /// Ends the stream with RST_STREAM (an injected fault).
+    fn reset(&mut self, id: u32, code: u32) -> Result<(), ConnError> {
+        if let Some(mut s) = self.streams.remove(&id) {
+            self.forget(id, &mut s);
+            frame::put_rst(&mut self.out, id, code);
+        }
+        Ok(())
+    }
+
+    /// The response is complete: the stream goes, after telling a client
+    /// still sending that nothing more is wanted (RFC 9113 §8.1).
+    fn finish_send(&mut self, id: u32) {
+        let Some(s) = self.streams.get(&id) else { return };
+        if !s.pending.is_empty() {
+            return;
+        }
+        let recv_done = s.recv_done;
+        let mut s = self.streams.remove(&id).expect("present");
+        self.forget(id, &mut s);
+        if !recv_done {
+            frame::put_rst(&mut self.out, id, code::NO_ERROR);
+        }
+    }
+
+    /// Sends what a stream has queued, as far as the windows allow.
+    fn flush_stream(&mut self, id: u32) {
+        let max_frame = self.peer_max_frame;
+        let Some(s) = self.streams.get_mut(&id) else { return };
+        let mut finished = false;
+        while let Some(front) = s.pending.front_mut() {
+            match front {
+                Out::Data(d) => {
+                    let n = d.len().min(s.send_window.max(0) as usize).min(self.send_window.max(0) as usize);
+                    if n == 0 && !d.is_empty() {
+                        if self.send_window <= 0 {
+                            self.window_waiters = true;
+                        }
+                        break;
+                    }
+                    put_data_frames(&mut self.out, id, &d[..n], max_frame);
+                    s.send_window -= n as i64;
+                    self.send_window -= n as i64;
+                    self.control_frames = 0;
+                    d.advance(n);
+                    if d.is_empty() {
+                        s.pending.pop_front();
+                    }
+                }
+                Out::Trailers(block) => {
+                    frame::put_headers(&mut self.out, id, block, true, max_frame);
+                    s.pending.pop_front();
+                    finished = true;
+                }
+            }
+        }
+        if s.pending.is_empty() {
+            s.wake();
+        }
+        if finished {
+            self.finish_send(id);
+        }
+    }
+
+    fn unblock_all(&mut self) {
+        self.window_waiters = false;
+        for s in self.streams.values_mut() {
+            if s.task {
+                s.wake();
+            }
+        }
+        let mut round = std::mem::take(&mut self.blocked);
+        while let Some(id) = round.pop_front() {
+            self.flush_stream(id);
+            if self.streams.get(&id).is_some_and(|s| !s.pending.is_empty()) {
+                self.blocked.push_back(id);
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------------
+    // Timers and shutdown
+    // ---------------------------------------------------------------------
+
+    /// Answers DEADLINE_EXCEEDED to calls whose deadline passed while their
+    /// request was still arriving; returns the next such deadline.
+    fn expire(&mut self, now: Instant) -> Option<Instant> {
+        while let Some(&(at, id)) = self.waiting.first() {
+            if at > now {
+                return Some(at);
+            }
+            self.waiting.pop_first();
+            if self.streams.get(&id).is_some_and(|s| !s.recv_done && !s.task) {
+                let _ = self.fail_call(id, &call::deadline_exceeded());
+            }
+        }
+        None
+    }
+
+    fn goaway(&mut self, code: u32, debug: &[u8]) {
+        frame::put_goaway(&mut self.out, self.last_stream, code, debug);
+    }
+
+    fn fail(&mut self, e: ConnError) {
+        tracing::debug!(code = e.code, "connection error: {}", e.debug);
+        self.goaway(e.code, e.debug.as_bytes());
+        self.end_now();
+    }
+
+    fn end_now(&mut self) {
+        self.ending = Ending::Now;
+        let ids: Vec<u32> = self.streams.keys().copied().collect();
+        for id in ids {
+            if let Some(mut s) = self.streams.remove(&id) {
+                self.forget(id, &mut s);
+            }
+        }
+    }
+
+    fn drain(&mut self) {
+        if self.ending == Ending::No {
+            self.ending = Ending::Draining;
+            self.goaway(code::NO_ERROR, b"");
+        }
+    }
+}
+
+/// Cuts complete messages off a client stream's received bytes: into the
+/// aggregate view (client streams), or the queue for the call's task
+/// (duplex calls). Returns the error that ends the call, if any.
+fn deframe(s: &mut Stream<'_>, max: usize, buffered: &mut usize) -> Option<Status> {
+    loop {
+        if s.body.len() < 5 {
+            return None;
+        }
+        let flag = s.body[0];
+        if flag > 1 {
+            return Some(Status::new(Code::Internal, format!("invalid gRPC message flag {flag}")));
+        }
+        let len = u32::from_be_bytes([s.body[1], s.body[2], s.body[3], s.body[4]]) as usize;
+        if len > max {
+            return Some(Status::new(
+                Code::ResourceExhausted,
+                format!("request message of {len} bytes is larger than the limit of {max} bytes"),
+            ));
+        }
+        if s.body.len() < 5 + len {
+            return None;
+        }
+        if flag == 1 {
+            return Some(Status::new(Code::Unimplemented, "compressed request messages are not supported"));
+        }
+        let mut m = s.body.split_to(5 + len);
+        let message = m.split_off(5).freeze();
+        *buffered -= 5;
+        if s.method.plan.duplex {
+            s.queue.push_back(message);
+            continue;
+        }
+        let keep = s.method.keep;
+        let agg = s.agg.get_or_insert_with(Default::default);
+        agg.count += 1;
+        if agg.head.len() < keep {
+            agg.head.push(message);
+        } else {
+            if let Some(old) = agg.last.replace(message) {
+                *buffered -= old.len();
+            }
+        }
+    }
+}
+
+fn put_data_frames(out: &mut BytesMut, id: u32, data: &[u8], max_frame: usize) {
+    if data.is_empty() {
+        return;
+    }
+    for chunk in data.chunks(max_frame) {
+        frame::put_data(out, id, chunk, false);
+    }
+}
+
+// -------------------------------------------------------------------------
+// Call tasks
+// -------------------------------------------------------------------------
+
+type Shared<'s> = Rc<RefCell<Conn<'s>>>;
+type Task<'s> = Pin<Box<dyn Future<Output = ()> + 's>>;
+
+/// Why a task stops sending early.
+enum Stop<'m> {
+    Status(Status),
+    Rule(&'m Prepared),
+    /// The stream is gone (reset by the client, or the connection ends).
+    Gone,
+}
+
+impl From<Status> for Stop<'_> {
+    fn from(s: Status) -> Self {
+        Stop::Status(s)
+    }
+}
+
+/// A task's handle on its stream.
+struct Handle<'s> {
+    conn: Shared<'s>,
+    id: u32,
+}
+
+impl<'s> Handle<'s> {
+    fn alive(&self) -> bool {
+        self.conn.borrow().streams.contains_key(&self.id)
+    }
+
+    /// Resolves when the stream is gone.
+    async fn gone(&self) {
+        poll_fn(|cx| {
+            let mut c = self.conn.borrow_mut();
+            match c.streams.get_mut(&self.id) {
+                None => Poll::Ready(()),
+                Some(s) => {
+                    s.waker = Some(cx.waker().clone());
+                    Poll::Pending
+                }
+            }
+        })
+        .await
+    }
+
+    /// Waits until the stream has nothing queued and the windows let at
+    /// least `min(len, SEND_CHUNK)` bytes go.
+    async fn capacity(&self, len: usize) -> Result<(), Stop<'s>> {
+        let want = len.min(SEND_CHUNK) as i64;
+        poll_fn(move |cx| {
+            let mut c = self.conn.borrow_mut();
+            let conn_window = c.send_window;
+            let Some(s) = c.streams.get_mut(&self.id) else { return Poll::Ready(Err(Stop::Gone)) };
+            if s.pending.is_empty() && s.send_window.min(conn_window) >= want {
+                return Poll::Ready(Ok(()));
+            }
+            s.waker = Some(cx.waker().clone());
+            Poll::Pending
+        })
+        .await
+    }
+
+    fn with<R>(&self, f: impl FnOnce(&mut Conn<'s>) -> R) -> R {
+        f(&mut self.conn.borrow_mut())
+    }
+
+    /// The next request message of a duplex call, None once the client
+    /// has half-closed.
+    async fn next_message(&self) -> Result<Option<Bytes>, Stop<'s>> {
+        poll_fn(move |cx| {
+            let mut c = self.conn.borrow_mut();
+            let Some(s) = c.streams.get_mut(&self.id) else { return Poll::Ready(Err(Stop::Gone)) };
+            if let Some(m) = s.queue.pop_front() {
+                c.buffered -= m.len();
+                c.replenish_stream(self.id);
+                return Poll::Ready(Ok(Some(m)));
+            }
+            if let Some(e) = s.failed.take() {
+                return Poll::Ready(Err(Stop::Status(e)));
+            }
+            if s.recv_done {
+                if !s.body.is_empty() {
+                    return Poll::Ready(Err(Stop::Status(Status::new(Code::Internal, "request message is truncated"))));
+                }
+                return Poll::Ready(Ok(None));
+            }
+            s.waker = Some(cx.waker().clone());
+            Poll::Pending
+        })
+        .await
+    }
+}
+
+fn start_job<'s>(conn: &Shared<'s>, job: Job<'s>) -> Task<'s> {
+    match job {
+        Job::Respond { id, answer, delay, deadline } => {
+            Box::pin(respond(Handle { conn: conn.clone(), id }, answer, delay, deadline))
+        }
+        Job::Duplex { id, deadline } => Box::pin(duplex(Handle { conn: conn.clone(), id }, deadline)),
+    }
+}
+
+/// Answers after a delay, or streams an answer.
+async fn respond<'s>(h: Handle<'s>, answer: Answer<'s>, delay: Duration, deadline: Option<Instant>) {
+    if !delay.is_zero() {
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = h.gone() => return,
+            _ = call::sleep_until(deadline) => {
+                h.with(|c| c.fail_call(h.id, &call::deadline_exceeded()).ok());
+                return;
+            }
+        }
+    }
+
+    let prepared = answer.prepared;
+    if prepared.status != 0 && prepared.stream.is_empty() {
+        h.with(|c| c.send_trailers_only(h.id, &prepared.blocks.trailers_only));
+        return;
+    }
+    h.with(|c| c.send_headers(h.id, &prepared.blocks.headers));
+    let end = match send_items(&h, &answer, deadline).await {
+        Ok(()) => prepared.blocks.trailers.clone(),
+        Err(Stop::Status(e)) => status_response(e.code as u8, &e.message).blocks.trailers,
+        Err(Stop::Rule(p)) => p.blocks.trailers.clone(),
+        Err(Stop::Gone) => return,
+    };
+    h.with(|c| c.send_trailers(h.id, end));
+}
+
+/// Sends the messages of one answer, each once the client's window lets it
+/// go, pausing between them as the rule says.
+async fn send_items<'s>(h: &Handle<'s>, answer: &Answer<'s>, deadline: Option<Instant>) -> Result<(), Stop<'s>> {
+    let prepared = answer.prepared;
+    let items = answer.messages();
+    if prepared.stream.is_empty() && prepared.status != 0 {
+        return Ok(());
+    }
+    let mut schedule = Schedule::new(prepared, items.len());
+    while let Some(i) = schedule.next() {
+        if schedule.sent() > 1 && !prepared.stream_delay.is_zero() {
+            tokio::select! {
+                _ = tokio::time::sleep(prepared.stream_delay) => {}
+                _ = h.gone() => return Err(Stop::Gone),
+                _ = call::sleep_until(deadline) => return Err(call::deadline_exceeded().into()),
+            }
+        }
+        let item = items[i].clone();
+        tokio::select! {
+            r = h.capacity(item.len()) => r?,
+            _ = call::sleep_until(deadline) => return Err(call::deadline_exceeded().into()),
+        }
+        h.with(|c| c.send_data(h.id, item));
+        if !h.alive() {
+            return Err(Stop::Gone);
+        }
+    }
+    Ok(())
+}
+
+/// Answers each request message of a duplex call as it arrives, then ends
+/// with OK when the client half-closes; a rule's error status ends it.
+async fn duplex<'s>(h: Handle<'s>, deadline: Option<Instant>) {
+    let result: Result<(), Stop<'s>> = async {
+        loop {
+            let next = tokio::select! {
+                next = h.next_message() => next?,
+                _ = call::sleep_until(deadline) => return Err(call::deadline_exceeded().into()),
+            };
+            let Some(message) = next else { return Ok(()) };
+            let one = [&message[..]];
+            let picked = h.with(|c| {
+                let s = &c.streams[&h.id];
+                call::pick(s.method, &Messages::one(&one), &s.metadata[..])
+            });
+            let answer = picked?;
+            let prepared = answer.prepared;
+            let delay = prepared.draw_delay();
+            if !delay.is_zero() {
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = h.gone() => return Err(Stop::Gone),
+                    _ = call::sleep_until(deadline) => return Err(call::deadline_exceeded().into()),
+                }
+            }
+            if prepared.status != 0 && prepared.error_after == 0 {
+                return Err(Stop::Rule(prepared));
+            }
+            h.with(|c| c.send_headers(h.id, &prepared.blocks.headers));
+            send_items(&h, &answer, deadline).await?;
+            if prepared.status != 0 {
+                return Err(Stop::Rule(prepared));
+            }
+        }
+    }
+    .await;
+    h.with(|c| {
+        let headers_sent = c.streams.get(&h.id).is_some_and(|s| s.headers_sent);
+        let (trailers, trailers_only) = match result {
+            Err(Stop::Gone) => return,
+            Ok(()) => {
+                let ok = status_response(0, "");
+                (ok.blocks.trailers, ok.blocks.trailers_only)
+            }
+            Err(Stop::Rule(p)) => (p.blocks.trailers.clone(), p.blocks.trailers_only.clone()),
+            Err(Stop::Status(e)) => {
+                let p = status_response(e.code as u8, &e.message);
+                (p.blocks.trailers, p.blocks.trailers_only)
+            }
+        };
+        if headers_sent {
+            c.send_trailers(h.id, trailers);
+        } else {
+            c.send_trailers_only(h.id, &trailers_only);
+        }
+    });
+}
+
+// -------------------------------------------------------------------------
+// The socket loop
+// -------------------------------------------------------------------------
+
+/// Serves one connection until the client or the engine ends it.
+pub async fn serve(socket: TcpStream, served: &Served, config: &Config, mut stop: watch::Receiver<bool>) {
+    let conn: Shared<'_> = Rc::new(RefCell::new(Conn::new(served, config)));
+    let mut tasks: FuturesUnordered<Task<'_>> = FuturesUnordered::new();
+    let mut rbuf = BytesMut::with_capacity(32 << 10);
+    let started = Instant::now();
+    let handshake_deadline = config.handshake_timeout.map(|t| started + t);
+    // The idle check runs on a coarse tick: a connection is idle when a
+    // whole idle period passed with no stream open and none opened.
+    let period = match (config.idle_timeout, config.write_timeout) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    let tick = period.map(|t| (t / 4).clamp(Duration::from_millis(10), Duration::from_secs(1)));
+    let mut idle_for = Duration::ZERO;
+    let mut was_empty = true;
+    let mut opened_at_tick = 0u64;
+    let mut idle_closing = false;
+    let mut stalled_for = Duration::ZERO;
+    let mut written_at_tick = 0u64;
+    let mut written = 0u64;
+    let mut next_tick = tick.map(|t| started + t);
+    let mut timer = Box::pin(tokio::time::sleep_until(started + Duration::from_secs(3600)));
+    let mut timer_at: Option<Instant> = None;
+    let mut stopping = Box::pin(async move {
+        let _ = stop.wait_for(|s| *s).await;
+    });
+    let mut stopped = false;
+    let mut read_closed = false;
+    let mut write_failed = false;
+
+    poll_fn(|cx| {
+        loop {
+            let mut progress = false;
+            if !stopped && stopping.as_mut().poll(cx).is_ready() {
+                stopped = true;
+                conn.borrow_mut().drain();
+                progress = true;
+            }
+            // Read and handle frames.
+            {
+                let mut c = conn.borrow_mut();
+                // Tokio's readiness: try_read's WouldBlock clears it, and only
+                // a poll that returns Pending registers for the next event,
+                // so the loop polls until it does.
+                while !read_closed && c.ending != Ending::Now && c.out.len() < OUT_HIGH {
+                    match socket.poll_read_ready(cx) {
+                        Poll::Pending => break,
+                        Poll::Ready(Err(_)) => read_closed = true,
+                        Poll::Ready(Ok(())) => {
+                            rbuf.reserve(16 << 10);
+                            match socket.try_read_buf(&mut rbuf) {
+                                Ok(0) => read_closed = true,
+                                Ok(_) => {
+                                    progress = true;
+                                    break;
+                                }
+                                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                                Err(_) => read_closed = true,
+                            }
+                        }
+                    }
+                }
+                if !rbuf.is_empty() && c.ending != Ending::Now {
+                    match c.receive(&rbuf) {
+                        Ok(n) => {
+                            if n > 0 {
+                                progress = true;
+                            }
+                            rbuf.advance(n);
+                        }
+                        Err(e) => {
+                            c.fail(e);
+                            rbuf.clear();
+                        }
+                    }
+                }
+                if read_closed && c.ending != Ending::Now {
+                    // The client is gone (or half-closed with nothing more
+                    // to say): nobody will read answers.
+                    c.end_now();
+                }
+            }
+            // Start the tasks the frames asked for, and run the tasks.
+            let jobs = std::mem::take(&mut conn.borrow_mut().jobs);
+            for job in jobs {
+                tasks.push(start_job(&conn, job));
+            }
+            while let Poll::Ready(Some(())) = tasks.poll_next_unpin(cx) {
+                progress = true;
+            }
+            // Write.
+            {
+                let mut c = conn.borrow_mut();
+                while !c.out.is_empty() && !write_failed {
+                    match socket.poll_write_ready(cx) {
+                        Poll::Ready(Ok(())) => match socket.try_write(&c.out) {
+                            Ok(n) => {
+                                c.out.advance(n);
+                                written += n as u64;
+                                progress = true;
+                            }
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                            Err(_) => write_failed = true,
+                        },
+                        Poll::Ready(Err(_)) => write_failed = true,
+                        Poll::Pending => break,
+                    }
+                }
+                if write_failed {
+                    c.out.clear();
+                    if c.ending != Ending::Now {
+                        c.end_now();
+                    }
+                }
+            }
+            // Timers: deadlines of requests still arriving, the handshake,
+            // the idle tick.
+            let now_needed = timer_at.is_some_and(|_| timer.as_mut().poll(cx).is_ready());
+            if now_needed {
+                timer_at = None;
+                let now = Instant::now();
+                let mut c = conn.borrow_mut();
+                c.expire(now);
+                if !c.settings_seen && handshake_deadline.is_some_and(|d| now >= d) {
+                    tracing::debug!("handshake timed out");
+                    c.ending = Ending::Now;
+                    c.out.clear();
+                }
+                if let (Some(t), Some(at)) = (tick, next_tick) {
+                    if now >= at {
+                        next_tick = Some(now + t);
+                        if c.out.is_empty() || written != written_at_tick {
+                            stalled_for = Duration::ZERO;
+                        } else {
+                            stalled_for += t;
+                        }
+                        written_at_tick = written;
+                        if config.write_timeout.is_some_and(|w| stalled_for >= w) {
+                            tracing::debug!("output stalled; dropping the connection");
+                            c.end_now();
+                            c.out.clear();
+                        }
+                        // Idle for a tick: no stream open at either end of it
+                        // and none opened during it.
+                        let empty = c.streams.is_empty();
+                        if empty && was_empty && c.opened == opened_at_tick {
+                            idle_for += t;
+                        } else {
+                            idle_for = Duration::ZERO;
+                        }
+                        was_empty = empty;
+                        opened_at_tick = c.opened;
+                        let idle = config.idle_timeout.unwrap_or(Duration::MAX);
+                        if idle_for >= idle && c.ending != Ending::Now {
+                            if idle_closing {
+                                tracing::debug!("idle connection did not close in time; dropping it");
+                                c.end_now();
+                                c.out.clear();
+                            } else {
+                                tracing::debug!("idle timeout: sending GOAWAY");
+                                idle_closing = true;
+                                idle_for = Duration::ZERO;
+                                c.goaway(code::NO_ERROR, b"");
+                                c.ending = Ending::Draining;
+                            }
+                        }
+                    }
+                }
+                progress = true;
+            }
+            {
+                let c = conn.borrow();
+                let finished = match c.ending {
+                    Ending::Now => c.out.is_empty(),
+                    Ending::Draining => c.streams.is_empty() && c.out.is_empty() && tasks.is_empty(),
+                    Ending::No => false,
+                };
+                if finished || (write_failed && tasks.is_empty()) {
+                    return Poll::Ready(());
+                }
+                // Arm the timer for the earliest thing to wake for.
+                let mut at = c.waiting.first().map(|&(d, _)| d);
+                if !c.settings_seen {
+                    at = earliest(at, handshake_deadline);
+                }
+                at = earliest(at, next_tick);
+                if at != timer_at {
+                    timer_at = at;
+                    if let Some(at) = at {
+                        timer.as_mut().reset(at);
+                        if timer.as_mut().poll(cx).is_ready() {
+                            continue;
+                        }
+                    }
+                }
+            }
+            if !progress {
+                return Poll::Pending;
+            }
+        }
+    })
+    .await;
+    drop(tasks);
+    // Say goodbye properly: stop writing, then read until the client
+    // closes (or a moment passes), so the last frames are not destroyed by
+    // a TCP reset.
+    let mut socket = socket;
+    if !write_failed {
+        let _ = tokio::time::timeout(LINGER, async {
+            let _ = socket.shutdown().await;
+            let mut sink = [0u8; 4096];
+            let mut discarded = 0;
+            while discarded < LINGER_BYTES {
+                match tokio::io::AsyncReadExt::read(&mut socket, &mut sink).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => discarded += n,
+                }
+            }
+        })
+        .await;
+    }
+}
+
+fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, None) => a,
+        (None, b) => b,
+    }
+}

@@ -1,0 +1,234 @@
+//! A request's header block, checked as HPACK decodes it (RFC 9113 §8.2,
+//! §8.3), keeping only what serving a gRPC call needs: the method (from
+//! `:path`), whether `:method` is POST, the content type, `grpc-timeout`,
+//! `content-length`, and the values of the metadata keys the method's rules
+//! read. Nothing is allocated for a well-formed call to a known method
+//! whose rules read no metadata.
+
+use crate::served::{Served, ServedMethod};
+use smallvec::SmallVec;
+
+/// What a request's content-type says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ContentType {
+    Missing,
+    /// `application/grpc` or `application/grpc+proto`.
+    Grpc,
+    /// Another `application/grpc...` type (e.g. `+json`), kept for the error.
+    GrpcOther(Box<[u8]>),
+    /// Not gRPC at all.
+    Other,
+}
+
+/// The request head, built field by field.
+pub struct RequestHead<'s> {
+    served: &'s Served,
+    pub method: Option<&'s ServedMethod>,
+    /// The path of an unknown method, for the error message.
+    pub unknown_path: Option<Box<[u8]>>,
+    /// `:method`, when it is not POST (kept for CONNECT checks).
+    pub http_method: Option<Box<[u8]>>,
+    pub post: bool,
+    pub content_type: ContentType,
+    /// Raw `grpc-timeout` value (the first one).
+    pub timeout: Option<SmallVec<[u8; 12]>>,
+    pub content_length: Option<u64>,
+    /// Values of the method's metadata keys, in the plan's key order.
+    pub metadata: SmallVec<[Option<Box<[u8]>>; 2]>,
+    /// The decoded header list size (RFC 9113 §6.5.2).
+    pub size: usize,
+    /// Why the block is malformed (the first reason found), if it is.
+    pub malformed: Option<&'static str>,
+    seen_method: bool,
+    seen_scheme: bool,
+    seen_path: bool,
+    seen_authority: bool,
+    seen_regular: bool,
+    /// Trailers: no pseudo-header allowed, and nothing kept.
+    trailers: bool,
+}
+
+impl<'s> RequestHead<'s> {
+    pub fn new(served: &'s Served) -> Self {
+        RequestHead {
+            served,
+            method: None,
+            unknown_path: None,
+            http_method: None,
+            post: false,
+            content_type: ContentType::Missing,
+            timeout: None,
+            content_length: None,
+            metadata: SmallVec::new(),
+            size: 0,
+            malformed: None,
+            seen_method: false,
+            seen_scheme: false,
+            seen_path: false,
+            seen_authority: false,
+            seen_regular: false,
+            trailers: false,
+        }
+    }
+
+    /// A head for a trailer block: only checked, nothing kept.
+    pub fn trailers(served: &'s Served) -> Self {
+        let mut h = RequestHead::new(served);
+        h.trailers = true;
+        h
+    }
+
+    fn bad(&mut self, why: &'static str) {
+        if self.malformed.is_none() {
+            self.malformed = Some(why);
+        }
+    }
+
+    /// Takes one decoded field.
+    pub fn field(&mut self, name: &[u8], value: &[u8]) {
+        self.size += name.len() + value.len() + 32;
+        if self.malformed.is_some() {
+            return;
+        }
+        if !valid_value(value) {
+            return self.bad("invalid header value");
+        }
+        if let Some(pseudo) = name.strip_prefix(b":") {
+            if self.trailers {
+                return self.bad("pseudo-header in trailers");
+            }
+            if self.seen_regular {
+                return self.bad("pseudo-header after a regular header");
+            }
+            let seen = match pseudo {
+                b"method" => {
+                    self.post = value == b"POST";
+                    if !self.post {
+                        self.http_method = Some(value.into());
+                    }
+                    &mut self.seen_method
+                }
+                b"scheme" => &mut self.seen_scheme,
+                b"authority" => &mut self.seen_authority,
+                b"path" => {
+                    if value.is_empty() {
+                        self.bad("empty :path");
+                    }
+                    let method = std::str::from_utf8(value).ok().and_then(|p| self.served.method(p));
+                    match method {
+                        Some(m) => {
+                            self.metadata = SmallVec::from_elem(None, m.plan.metadata_keys.len());
+                            self.method = Some(m);
+                        }
+                        None => self.unknown_path = Some(value.into()),
+                    }
+                    &mut self.seen_path
+                }
+                _ => return self.bad("unknown pseudo-header"),
+            };
+            if std::mem::replace(seen, true) {
+                return self.bad("repeated pseudo-header");
+            }
+            return;
+        }
+        self.seen_regular = true;
+        if !valid_name(name) {
+            return self.bad("invalid header name");
+        }
+        match name {
+            b"connection" | b"proxy-connection" | b"keep-alive" | b"transfer-encoding" | b"upgrade" => {
+                return self.bad("connection-specific header")
+            }
+            b"te" if value != b"trailers" => return self.bad("te other than trailers"),
+            _ => {}
+        }
+        if self.trailers {
+            return;
+        }
+        match name {
+            b"content-type" if self.content_type == ContentType::Missing => {
+                self.content_type = if matches!(value, b"application/grpc" | b"application/grpc+proto") {
+                    ContentType::Grpc
+                } else if value.starts_with(b"application/grpc") {
+                    ContentType::GrpcOther(value.into())
+                } else {
+                    ContentType::Other
+                };
+            }
+            b"grpc-timeout" if self.timeout.is_none() => self.timeout = Some(SmallVec::from_slice(value)),
+            b"content-length" => {
+                let n = std::str::from_utf8(value).ok().and_then(|v| v.parse::<u64>().ok());
+                match (n, self.content_length) {
+                    (Some(n), None) => self.content_length = Some(n),
+                    (Some(n), Some(m)) if n == m => {}
+                    _ => self.bad("invalid content-length"),
+                }
+            }
+            _ => {
+                if let Some(m) = self.method {
+                    for (i, key) in m.plan.metadata_keys.iter().enumerate() {
+                        if key.as_bytes() == name && self.metadata[i].is_none() {
+                            self.metadata[i] = Some(value.into());
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Checks what can only be checked once the block is complete.
+    pub fn finish(&mut self) {
+        if self.trailers || self.malformed.is_some() {
+            return;
+        }
+        if self.http_method.as_deref() == Some(b"CONNECT") {
+            // A CONNECT request has :authority and neither :scheme nor
+            // :path (RFC 9113 §8.5); it is answered 405 when well-formed.
+            if self.seen_scheme || self.seen_path || !self.seen_authority {
+                self.bad("malformed CONNECT request");
+            }
+            return;
+        }
+        if !self.seen_method || !self.seen_scheme || !self.seen_path {
+            self.bad("missing pseudo-header");
+        }
+    }
+}
+
+/// A field name as RFC 9113 §8.2.1 allows in HTTP/2: lowercase token
+/// characters only.
+fn valid_name(name: &[u8]) -> bool {
+    !name.is_empty()
+        && name.iter().all(|&b| {
+            matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'!' | b'#' | b'$' | b'%' | b'&' | b'\'' | b'*' | b'+' | b'-' | b'.'
+                | b'^' | b'_' | b'`' | b'|' | b'~')
+        })
+}
+
+/// A field value without NUL, CR or LF, and without whitespace at either
+/// end (RFC 9113 §8.2.1).
+fn valid_value(value: &[u8]) -> bool {
+    let ws = |b: &u8| *b == b' ' || *b == b'\t';
+    !value.iter().any(|&b| b == 0 || b == b'\r' || b == b'\n')
+        && !value.first().is_some_and(ws)
+        && !value.last().is_some_and(ws)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_values() {
+        assert!(valid_name(b"x-request-id"));
+        assert!(!valid_name(b"X-Request-Id"));
+        assert!(!valid_name(b"a b"));
+        assert!(!valid_name(b""));
+        assert!(valid_value(b"a b"));
+        assert!(valid_value(b""));
+        assert!(!valid_value(b" a"));
+        assert!(!valid_value(b"a\t"));
+        assert!(!valid_value(b"a\r\nb"));
+        assert!(!valid_value(b"a\0"));
+    }
+}
