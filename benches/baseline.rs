@@ -5,12 +5,17 @@
 //! request and encode of every response, mimalloc as the global allocator,
 //! `TCP_NODELAY` on every accepted socket and a multi-thread tokio runtime.
 //! It answers `helloworld.Greeter/SayHello` and `shop.v1.Catalog/*` with the
-//! same responses as the example rules in `rules/`, hand-written in Rust, so
-//! `benches/load.py` can compare the engine against it in the same run.
+//! same responses as the example rules in `rules/`, and `bench.v1.Bench/*`
+//! with the same bytes as the bench rules in `benches/plan/rules/`,
+//! hand-written in Rust (the templated reply is built per call with
+//! `format!`), so `benches/load.py` can compare the engine against it in the
+//! same run.
 //!
-//! Known difference from the rules: the `age: 42` case of `SayHello` answers
-//! "The answer" but without the `x-answer` trailing metadata (tonic has no
-//! plain way to add trailers to a successful unary response).
+//! Known differences from the engine: the `age: 42` case of `SayHello`
+//! answers "The answer" but without the `x-answer` trailing metadata (tonic
+//! has no plain way to add trailers to a successful unary response), and
+//! tonic percent-encodes the spaces of a `grpc-message` (`%20`), which the
+//! engine sends as they are; both decode to the same text.
 //!
 //! Usage: `baseline [--listen HOST:PORT] [--workers N]`
 //! (defaults `127.0.0.1:0` and 1). On start it prints exactly one line,
@@ -48,10 +53,21 @@ pub mod shop {
     }
 }
 
+/// Generated code for `benches/plan/protos/bench/v1/bench.proto`.
+pub mod bench {
+    /// Version 1 of the bench API.
+    pub mod v1 {
+        tonic::include_proto!("bench.v1");
+    }
+}
+
 use helloworld::greeter_server::{Greeter, GreeterServer};
 use helloworld::{HelloReply, HelloRequest};
 use shop::v1::catalog_server::{Catalog, CatalogServer};
 use shop::v1::{Category, GetProductRequest, Locale, Product, SearchRequest, SearchResponse};
+
+use bench::v1::bench_server::{Bench, BenchServer};
+use bench::v1::{BenchReply, BenchRequest};
 
 /// `helloworld.Greeter`, mirroring `rules/helloworld.greeter.sayhello.yaml`.
 #[derive(Debug, Default)]
@@ -184,7 +200,77 @@ impl Catalog for CatalogService {
             tokio::time::sleep(Duration::from_millis(300)).await;
             return Ok(Response::new(SearchResponse { products: Vec::new(), next_cursor: "slow".to_owned() }));
         }
-        Err(Status::not_found("no rule matched the request for shop.v1.Catalog/SearchProducts"))
+        Err(Status::not_found("no rule matches this request to shop.v1.Catalog/SearchProducts"))
+    }
+}
+
+/// `bench.v1.Bench`, mirroring `benches/plan/rules/bench.yaml` byte for
+/// byte: a reply's `padding` is the letters a-z repeated, cut to length.
+#[derive(Debug)]
+struct BenchService {
+    /// Paddings of the 200-byte replies (static, matched, templated) and of
+    /// the 10,000-byte one, built once; each call copies its own.
+    pad_static: String,
+    pad_medium: String,
+    pad_template: String,
+    pad_large: String,
+}
+
+/// The letters a-z repeated, cut to `len` bytes.
+fn padding(len: usize) -> String {
+    (b'a'..=b'z').cycle().take(len).map(char::from).collect()
+}
+
+impl BenchService {
+    fn new() -> Self {
+        BenchService {
+            pad_static: padding(189),
+            pad_medium: padding(181),
+            pad_template: padding(182),
+            pad_large: padding(9982),
+        }
+    }
+}
+
+fn bench_reply(message: String, padding: String) -> Response<BenchReply> {
+    Response::new(BenchReply { message, padding })
+}
+
+#[tonic::async_trait]
+impl Bench for BenchService {
+    async fn static_rule(&self, _request: Request<BenchRequest>) -> Result<Response<BenchReply>, Status> {
+        Ok(bench_reply("static".to_owned(), self.pad_static.clone()))
+    }
+
+    async fn field_match(&self, request: Request<BenchRequest>) -> Result<Response<BenchReply>, Status> {
+        let req = request.into_inner();
+        // In rule order: six rules want an `id` as well, then one per name.
+        let sized = matches!(req.name.as_str(), "small" | "medium" | "large");
+        if sized && (1..=6).contains(&req.id) {
+            return Ok(bench_reply(format!("id {}", req.id), String::new()));
+        }
+        match req.name.as_str() {
+            "small" => Ok(bench_reply("small ok".to_owned(), String::new())),
+            "medium" => Ok(bench_reply("matched medium".to_owned(), self.pad_medium.clone())),
+            "large" => Ok(bench_reply("matched large".to_owned(), self.pad_large.clone())),
+            _ => Err(Status::not_found("no rule matches this request to bench.v1.Bench/FieldMatch")),
+        }
+    }
+
+    async fn template(&self, request: Request<BenchRequest>) -> Result<Response<BenchReply>, Status> {
+        let req = request.into_inner();
+        Ok(bench_reply(format!("Hello {}!", req.name), self.pad_template.clone()))
+    }
+
+    async fn no_match(&self, request: Request<BenchRequest>) -> Result<Response<BenchReply>, Status> {
+        let req = request.into_inner();
+        if req.name == "nobody" {
+            return Ok(bench_reply("never sent".to_owned(), String::new()));
+        }
+        if req.id == 7 {
+            return Ok(bench_reply("never sent either".to_owned(), String::new()));
+        }
+        Err(Status::not_found("no rule matches this request to bench.v1.Bench/NoMatch"))
     }
 }
 
@@ -263,6 +349,7 @@ async fn serve(listen: SocketAddr) -> Result<(), Box<dyn std::error::Error>> {
     Server::builder()
         .add_service(GreeterServer::new(GreeterService))
         .add_service(CatalogServer::new(CatalogService))
+        .add_service(BenchServer::new(BenchService::new()))
         .serve_with_incoming_shutdown(incoming, shutdown_signal())
         .await?;
     Ok(())

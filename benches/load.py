@@ -3,37 +3,78 @@
 
 One command, standard library only:
 
-    python3 benches/load.py            # full run (3 cells, 2 layouts, repeats)
-    python3 benches/load.py --quick    # 16x10 only, 1 repeat, ~1 minute
+    python3 benches/load.py                 # full run (about 35 minutes)
+    python3 benches/load.py --quick         # CI: 16x10, static + match, 200 B (~1 minute)
+    python3 benches/load.py --soak 600      # memory growth of the engine alone
 
-What it does, following shared/guides/performance.md:
-  1. builds the engine, the compiler and the baseline in release mode
-     (`cargo build --release ...`, honouring CARGO_TARGET_DIR) and compiles
-     the example plan from protos/ and rules/ with the compiler;
-  2. writes the gRPC request body (5-byte prefix + protobuf bytes, encoded by
-     hand) for helloworld.Greeter/SayHello {name: "Tom"};
-  3. checks correctness with a real HTTP/2 client before timing anything:
-     `nghttp` (same Debian package as h2load) must see grpc-status 0 and the
-     expected reply bytes; grpcio is used as well when it is importable;
-  4. runs h2load against each server in turn (engine, baseline, engine,
-     baseline, ...) after a warm-up run, in two layouts: "pinned" (server on
-     CPU 0 with --workers 1, h2load on CPU 1, both via taskset) and "shared"
-     (nothing pinned, --workers 2);
+The workloads are the methods of the bench service (benches/plan/: protos/
+and rules/, compiled together with the example's protos/ and rules/ into one
+plan), one per kind of rule and size of message, plus two calls of the
+example (`--list-workloads` prints them):
+
+    static-200B     a rule without conditions, 200-byte request and reply
+    match-200B      the answer depends on an `eq` test of a request field, and
+                    the request fails six rules before the one that answers
+                    (the main workload)
+    template-200B   a reply rendered per call from `{{request.name}}`
+    nomatch-200B    no rule holds: NOT_FOUND (the engine's --no-match default)
+    match-10B       match with a 10-byte request and reply
+    match-10KB      match with a 10,000-byte request and reply
+    hello, product  helloworld.Greeter/SayHello and shop.v1.Catalog/GetProduct
+
+The tonic baseline (benches/baseline.rs) serves the same methods with the
+same bytes, hand-written, the templated reply built per call with format!.
+
+What a run does, following shared/guides/performance.md:
+  1. builds the engine, the compiler, the baseline and the latency client in
+     release mode (`cargo build --release ...`, honouring CARGO_TARGET_DIR)
+     and compiles the plan with the compiler;
+  2. writes each workload's gRPC request body (5-byte prefix + protobuf
+     bytes, encoded by hand) and expected reply;
+  3. checks correctness with real HTTP/2 clients before timing anything,
+     every workload on both servers: `nghttp` (same Debian package as
+     h2load) must see :status 200, the expected grpc-status (and
+     grpc-message) and exactly the expected reply bytes; grpcio is used as
+     well when this interpreter or the project's .venv (made by test.sh) can
+     import it;
+  4. throughput: runs h2load against each server in turn (engine, baseline,
+     engine, baseline, ...) after an untimed warm-up run, in two layouts:
+     "pinned" (server on CPU 0 with --workers 1, load generator on CPU 1,
+     both via taskset) and "shared" (nothing pinned, --workers 2); the main
+     workload at every cell (connections x streams: 1x1, 16x10, 64x100),
+     then at 16x10 each other kind of rule and size (`--extra`);
   5. measures server CPU per request: utime+stime from /proc/PID/stat,
      sampled when h2load announces the start and the end of its measurement
      window (so its warm-up is excluded), divided by the succeeded requests;
-  6. prints a markdown report with medians, ranges and engine/baseline ratios
-     and writes it to benches/results/latest.md (raw runs in latest.json).
+  6. latency percentiles: h2load 1.52 prints none, and being closed-loop it
+     would hide a stalled server in a lower rate. The open-loop client
+     `latency` (benches/latency.rs) sends the main workload at a fixed rate
+     over the cell's connections and measures each request from its
+     scheduled time to its trailers; it checks grpc-status and the reply
+     bytes of every response. Per layout and cell it runs against engine and
+     baseline alternately at the same rate, a fraction (`--latency-fractions`,
+     default 50% and 90%) of the lower of the two servers' h2load
+     throughput in that cell, or at `--latency-rate`; pinned like h2load;
+  7. after the timed runs, checks every workload again with nghttp and with
+     a short burst of the latency client (every response checked), so a
+     server that answered wrongly under load cannot go unnoticed (h2load
+     counts any HTTP 200 as a success, whatever grpc-status says);
+  8. prints a markdown report with medians, ranges and engine/baseline
+     ratios and writes it to benches/results/latest.md (raw runs in
+     latest.json).
 
-h2load 1.52 prints no latency percentiles, so latency is reported as the mean
-and the max of its "time for request" line. h2load counts any HTTP 200 as a
-success even when grpc-status says otherwise; hence the correctness check
-with nghttp before and after the timed runs.
+--quick (for CI) runs the 16x10 cell only, match-200B and static-200B,
+one repeat of 3 s, and one 2-second latency run per server at 50%, in both
+layouts. `--soak SECONDS` starts the engine alone (--workers 2), drives it
+with h2load over the four 200-byte rule kinds for SECONDS, in runs of at
+most 60 s, samples its resident memory (VmRSS) every 10 s, and writes
+benches/results/soak.md (start, after warm-up, last, max, growth).
 
-Servers listen on 127.0.0.1 only, every h2load run is bounded by -D and a
-subprocess timeout, and every server started here is stopped at the end, on
-error too. Nothing is installed by this script: it fails with a clear message
-when h2load is missing (Debian package nghttp2-client).
+Servers listen on 127.0.0.1 only, every h2load and latency run is bounded
+by its duration and a subprocess timeout, and every server started here is
+stopped at the end, on error too. Nothing is installed by this script: it
+fails with a clear message when h2load or nghttp is missing (Debian package
+nghttp2-client).
 """
 
 from __future__ import annotations
@@ -52,16 +93,25 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass
+import urllib.parse
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "benches" / "results"
+BENCH_PLAN = ROOT / "benches" / "plan"
 LISTENING = re.compile(r"listening on (\S+):(\d+)\s*$")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 FULL_CELLS = [(1, 1), (16, 10), (64, 100)]
 QUICK_CELLS = [(16, 10)]
+MAIN_WORKLOAD = "match-200B"
+FULL_EXTRA = ["static-200B", "template-200B", "nomatch-200B", "match-10B", "match-10KB"]
+QUICK_EXTRA = ["static-200B"]
+EXTRA_CELL = (16, 10)
+SOAK_WORKLOADS = ["static-200B", "match-200B", "template-200B", "nomatch-200B"]
+SOAK_CHUNK_S = 60
+SOAK_SAMPLE_S = 10
 
 
 class BenchError(Exception):
@@ -107,44 +157,6 @@ def grpc_frame(message: bytes) -> bytes:
     return b"\x00" + len(message).to_bytes(4, "big") + message
 
 
-def read_varint(buf: bytes, pos: int) -> tuple[int, int]:
-    shift = result = 0
-    while True:
-        if pos >= len(buf) or shift > 63:
-            raise ValueError("truncated varint")
-        b = buf[pos]
-        pos += 1
-        result |= (b & 0x7F) << shift
-        shift += 7
-        if not b & 0x80:
-            return result, pos
-
-
-def pb_fields(buf: bytes) -> list[tuple[int, int, object]]:
-    """Top-level (field, wire type, value) triples, sorted, for comparison
-    independent of the order in which an encoder emits fields."""
-    out = []
-    pos = 0
-    while pos < len(buf):
-        key, pos = read_varint(buf, pos)
-        field_no, wire = key >> 3, key & 7
-        if wire == 0:
-            value, pos = read_varint(buf, pos)
-        elif wire == 1:
-            value, pos = buf[pos : pos + 8], pos + 8
-        elif wire == 2:
-            n, pos = read_varint(buf, pos)
-            value, pos = buf[pos : pos + n], pos + n
-        elif wire == 5:
-            value, pos = buf[pos : pos + 4], pos + 4
-        else:
-            raise ValueError(f"unsupported wire type {wire}")
-        if pos > len(buf):
-            raise ValueError("truncated field")
-        out.append((field_no, wire, value))
-    return sorted(out, key=lambda t: (t[0], t[1]))
-
-
 def grpc_messages(body: bytes) -> list[bytes]:
     msgs = []
     pos = 0
@@ -163,26 +175,120 @@ def grpc_messages(body: bytes) -> list[bytes]:
 
 @dataclass
 class Workload:
-    name: str
+    title: str
     path: str
     request: bytes
-    reply: bytes
+    # The reply message, or None for an error answered trailers-only.
+    reply: bytes | None
+    status: int = 0
+    message: str = ""
 
+    @property
+    def expected_body(self) -> bytes:
+        return b"" if self.reply is None else grpc_frame(self.reply)
+
+
+ALPHABET = b"abcdefghijklmnopqrstuvwxyz"
+
+
+def reply_padding(n: int) -> str:
+    """The bench rules' reply filler: the letters a-z repeated, cut to n."""
+    return (ALPHABET * (n // len(ALPHABET) + 1))[:n].decode()
+
+
+def bench_request(name: str, size: int) -> bytes:
+    """BenchRequest {name, padding} of exactly `size` bytes (padding: the
+    digits 0-9 repeated; no rule reads it)."""
+    head = pb_string(1, name)
+    for n in range(size, -1, -1):
+        if len(head) + 1 + len(varint(n)) + n == size:
+            return head + pb_bytes(3, (b"0123456789" * (n // 10 + 1))[:n])
+    raise ValueError(f"no padding makes {name!r} {size} bytes")
+
+
+def bench_reply(message: str, padding: int) -> bytes:
+    """BenchReply {padding = 1, message = 2}, in field order."""
+    return (pb_string(1, reply_padding(padding)) if padding else b"") + pb_string(2, message)
+
+
+BENCH = "/bench.v1.Bench/"
+NO_MATCH_MESSAGE = "no rule matches this request to bench.v1.Bench/NoMatch"
 
 WORKLOADS = {
+    "static-200B": Workload(
+        title="StaticRule: a rule without conditions, 200 B request and reply",
+        path=BENCH + "StaticRule",
+        request=bench_request("medium", 200),
+        reply=bench_reply("static", 189),
+    ),
+    "match-200B": Workload(
+        title="FieldMatch: an `eq` rule on `name` behind six failing ones, 200 B request and reply",
+        path=BENCH + "FieldMatch",
+        request=bench_request("medium", 200),
+        reply=bench_reply("matched medium", 181),
+    ),
+    "template-200B": Workload(
+        title="Template: a reply rendered from `{{request.name}}`, 200 B request and reply",
+        path=BENCH + "Template",
+        request=bench_request("medium", 200),
+        reply=bench_reply("Hello medium!", 182),
+    ),
+    "nomatch-200B": Workload(
+        title="NoMatch: no rule holds, NOT_FOUND, 200 B request",
+        path=BENCH + "NoMatch",
+        request=bench_request("medium", 200),
+        reply=None,
+        status=5,
+        message=NO_MATCH_MESSAGE,
+    ),
+    "match-10B": Workload(
+        title="FieldMatch with a 10 B request and reply",
+        path=BENCH + "FieldMatch",
+        request=bench_request("small", 10),
+        reply=bench_reply("small ok", 0),
+    ),
+    "match-10KB": Workload(
+        title="FieldMatch with a 10,000 B request and reply",
+        path=BENCH + "FieldMatch",
+        request=bench_request("large", 10_000),
+        reply=bench_reply("matched large", 9982),
+    ),
     "hello": Workload(
-        name='SayHello {name: "Tom"} (field-matched rule)',
+        title='helloworld.Greeter/SayHello {name: "Tom"}: a field-matched rule of the example',
         path="/helloworld.Greeter/SayHello",
         request=pb_string(1, "Tom"),
         reply=pb_string(1, "Hi Tom (from mock)"),
     ),
     "product": Workload(
-        name='GetProduct {sku: "X"} (fallback behind a failed match gate)',
+        title='shop.v1.Catalog/GetProduct {sku: "X"}: the fallback behind a failed match gate',
         path="/shop.v1.Catalog/GetProduct",
         request=pb_string(1, "X"),
         reply=pb_string(1, "UNKNOWN") + pb_string(2, "Mystery box") + pb_varint(3, 2),
     ),
 }
+
+for _key, _size in (("static-200B", 200), ("match-200B", 200), ("template-200B", 200), ("match-10B", 10)):
+    assert len(WORKLOADS[_key].request) == _size and len(WORKLOADS[_key].reply or b"") == _size, _key
+assert len(WORKLOADS["match-10KB"].request) == len(WORKLOADS["match-10KB"].reply or b"") == 10_000
+
+
+@dataclass
+class Files:
+    """A workload's request body (as h2load and nghttp send it) and
+    expected response body, written once per run."""
+
+    body: Path
+    expected: Path
+
+
+def write_files(work: Path) -> dict[str, Files]:
+    out = {}
+    for key, wl in WORKLOADS.items():
+        f = Files(body=work / f"{key}.body.bin", expected=work / f"{key}.expected.bin")
+        f.body.write_bytes(grpc_frame(wl.request))
+        f.expected.write_bytes(wl.expected_body)
+        out[key] = f
+    return out
 
 
 # --------------------------------------------------------------------------
@@ -312,57 +418,128 @@ def stop_all_servers() -> None:
 # Correctness
 # --------------------------------------------------------------------------
 
+GRPC_HEADERS = ["-H", "content-type: application/grpc", "-H", "te: trailers"]
 
-def check_server(srv: Server, wl: Workload, body_file: Path) -> list[str]:
-    """Verifies one real response; returns notes, raises BenchError on failure."""
+
+def check_nghttp(srv: Server, key: str, files: Files) -> None:
+    """One call with nghttp: exactly the expected body, :status 200 and the
+    expected grpc-status and grpc-message; raises BenchError otherwise."""
+    wl = WORKLOADS[key]
     url = f"http://127.0.0.1:{srv.port}{wl.path}"
-    headers = ["-H", "content-type: application/grpc", "-H", "te: trailers"]
-    notes = []
-    # 1. nghttp: the reply bytes.
+    where = f"{srv.name}, {key}"
     out = subprocess.run(
-        ["nghttp", "-d", str(body_file), *headers, url],
-        capture_output=True,
-        timeout=15,
+        ["nghttp", "-d", str(files.body), *GRPC_HEADERS, url], capture_output=True, timeout=15
     )
     if out.returncode != 0:
-        raise BenchError(f"{srv.name}: nghttp failed ({out.returncode}): {out.stderr.decode(errors='replace')}")
+        raise BenchError(f"{where}: nghttp failed ({out.returncode}): {out.stderr.decode(errors='replace')}")
     try:
-        msgs = grpc_messages(out.stdout)
+        grpc_messages(out.stdout)
     except ValueError as e:
-        raise BenchError(f"{srv.name}: bad gRPC body {out.stdout!r}: {e}") from e
-    if len(msgs) != 1 or pb_fields(msgs[0]) != pb_fields(wl.reply):
-        raise BenchError(f"{srv.name}: unexpected reply {out.stdout!r}, expected {grpc_frame(wl.reply)!r}")
-    # 2. nghttp -v: the status headers and trailers.
+        raise BenchError(f"{where}: bad gRPC body {out.stdout[:200]!r}: {e}") from e
+    if out.stdout != wl.expected_body:
+        raise BenchError(
+            f"{where}: unexpected reply ({len(out.stdout)} bytes) {out.stdout[:120]!r}..., "
+            f"expected ({len(wl.expected_body)} bytes) {wl.expected_body[:120]!r}..."
+        )
     out = subprocess.run(
-        ["nghttp", "-v", "-n", "-d", str(body_file), *headers, url],
-        capture_output=True,
-        text=True,
-        timeout=15,
-    )
+        ["nghttp", "-v", "-n", "-d", str(files.body), *GRPC_HEADERS, url],
+        capture_output=True, text=True, errors="replace", timeout=15,
+    )  # fmt: skip
     status = re.findall(r"recv \(stream_id=\d+\) :status: (\d+)", out.stdout)
     grpc_status = re.findall(r"recv \(stream_id=\d+\) grpc-status: (\d+)", out.stdout)
-    if status != ["200"] or grpc_status != ["0"]:
+    grpc_message = re.findall(r"recv \(stream_id=\d+\) grpc-message: (.*?)\s*$", out.stdout, re.M)
+    if status != ["200"] or grpc_status != [str(wl.status)]:
         raise BenchError(
-            f"{srv.name}: expected :status 200 and grpc-status 0, got {status} / {grpc_status}"
+            f"{where}: expected :status 200 and grpc-status {wl.status}, got {status} / {grpc_status}"
         )
-    notes.append(f"{srv.name}: nghttp saw :status 200, grpc-status 0 and the expected reply")
-    # 3. grpcio, when this interpreter has it.
-    try:
-        import grpc  # type: ignore[import-not-found]
-    except ImportError:
-        notes.append(f"{srv.name}: grpcio not importable here, grpcio check skipped")
-        return notes
-    with grpc.insecure_channel(
-        f"127.0.0.1:{srv.port}", options=[("grpc.enable_http_proxy", 0)]
-    ) as ch:
-        call = ch.unary_unary(wl.path)  # no serializers: raw bytes in and out
+    # Percent-decoded: tonic encodes spaces as %20, which gRPC allows but
+    # does not require.
+    if wl.status != 0 and [urllib.parse.unquote(m) for m in grpc_message] != [wl.message]:
+        raise BenchError(f"{where}: expected grpc-message {wl.message!r}, got {grpc_message}")
+
+
+GRPCIO_CHECK = r"""
+import json, sys
+import grpc
+spec = json.load(sys.stdin)
+results = {}
+with grpc.insecure_channel(f"127.0.0.1:{spec['port']}", options=[("grpc.enable_http_proxy", 0)]) as ch:
+    for key, w in spec["workloads"].items():
+        call = ch.unary_unary(w["path"])  # no serializers: raw bytes in and out
         try:
-            reply = call(wl.request, timeout=10)
+            reply = call(bytes.fromhex(w["request"]), timeout=10)
+            results[key] = {"status": 0, "reply": reply.hex(), "message": ""}
         except grpc.RpcError as e:
-            raise BenchError(f"{srv.name}: grpcio call failed: {e.code()} {e.details()}") from e
-    if pb_fields(reply) != pb_fields(wl.reply):
-        raise BenchError(f"{srv.name}: grpcio got {reply!r}, expected {wl.reply!r}")
-    notes.append(f"{srv.name}: grpcio got the expected reply")
+            results[key] = {"status": e.code().value[0], "reply": None, "message": e.details() or ""}
+json.dump(results, sys.stdout)
+"""
+
+_GRPCIO_PYTHON: list[str | None] = []
+
+
+def grpcio_python() -> str | None:
+    """An interpreter that can import grpc: this one, or the project's
+    .venv (tests/python/run.sh makes it); None if neither can."""
+    if not _GRPCIO_PYTHON:
+        found = None
+        for py in (sys.executable, str(ROOT / ".venv" / "bin" / "python")):
+            if not Path(py).exists():
+                continue
+            try:
+                ok = subprocess.run([py, "-c", "import grpc"], capture_output=True, timeout=60).returncode == 0
+            except (OSError, subprocess.SubprocessError):
+                ok = False
+            if ok:
+                found = py
+                break
+        _GRPCIO_PYTHON.append(found)
+    return _GRPCIO_PYTHON[0]
+
+
+def check_grpcio(srv: Server, keys: list[str]) -> str:
+    """Calls every workload once with grpcio; returns a note, raises
+    BenchError on a wrong answer."""
+    py = grpcio_python()
+    if py is None:
+        return f"{srv.name}: grpcio not importable (here or in .venv), grpcio check skipped"
+    spec = {
+        "port": srv.port,
+        "workloads": {
+            k: {"path": WORKLOADS[k].path, "request": WORKLOADS[k].request.hex()} for k in keys
+        },
+    }
+    try:
+        out = subprocess.run(
+            [py, "-c", GRPCIO_CHECK], input=json.dumps(spec), capture_output=True, text=True, timeout=120
+        )
+    except subprocess.TimeoutExpired as e:
+        raise BenchError(f"{srv.name}: the grpcio check timed out") from e
+    if out.returncode != 0:
+        raise BenchError(f"{srv.name}: the grpcio check failed:\n{out.stderr[-2000:]}")
+    results = json.loads(out.stdout)
+    for key in keys:
+        wl, got = WORKLOADS[key], results[key]
+        want_reply = None if wl.reply is None else wl.reply.hex()
+        if (got["status"], got["reply"]) != (wl.status, want_reply) or (wl.status and got["message"] != wl.message):
+            raise BenchError(
+                f"{srv.name}, {key}: grpcio got status {got['status']} {got['message']!r} and reply "
+                f"{(got['reply'] or '')[:80]}..., expected status {wl.status} {wl.message!r} and reply "
+                f"{(want_reply or '')[:80]}..."
+            )
+    return f"{srv.name}: grpcio ({py}) got the expected answer for {len(keys)} workloads"
+
+
+def check_servers(servers: dict[str, Server], keys: list[str], files: dict[str, Files]) -> list[str]:
+    """Every workload on every server, nghttp then grpcio."""
+    notes = []
+    for srv in servers.values():
+        for key in keys:
+            check_nghttp(srv, key, files[key])
+        notes.append(
+            f"{srv.name}: nghttp saw :status 200, the expected grpc-status and exactly the expected reply "
+            f"bytes for {len(keys)} workloads ({', '.join(keys)})"
+        )
+        notes.append(check_grpcio(srv, keys))
     return notes
 
 
@@ -374,6 +551,7 @@ def check_server(srv: Server, wl: Workload, body_file: Path) -> list[str]:
 @dataclass
 class RunResult:
     layout: str
+    workload: str
     cell: str
     server: str
     repeat: int
@@ -402,7 +580,7 @@ def to_us(text: str) -> float:
 
 def h2load(
     srv: Server,
-    wl: Workload,
+    paths: list[str],
     body_file: Path,
     conns: int,
     streams: int,
@@ -410,10 +588,11 @@ def h2load(
     warmup: int,
     cpus: str | None,
 ) -> tuple[dict, str]:
-    """One bounded h2load run; returns parsed figures and the raw output."""
+    """One bounded h2load run over `paths` (requests spread over them, all
+    with the same body); returns parsed figures and the raw output."""
     cmd = (["taskset", "-c", cpus] if cpus else []) + [
         "h2load",
-        f"http://127.0.0.1:{srv.port}{wl.path}",
+        *[f"http://127.0.0.1:{srv.port}{path}" for path in paths],
         "-d", str(body_file),
         "-H", "content-type: application/grpc",
         "-H", "te: trailers",
@@ -500,6 +679,88 @@ def parse_h2load(output: str) -> dict:
 
 
 # --------------------------------------------------------------------------
+# Open-loop latency (benches/latency.rs)
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class LatencyResult:
+    layout: str
+    workload: str
+    cell: str
+    server: str
+    repeat: int
+    # What the rate was derived from: "50%" of the cell's throughput, or "fixed".
+    offered: str
+    rate: float
+    connections: int
+    sent: int
+    ok: int
+    failed: int
+    dropped: int
+    achieved: float
+    p50_us: float | None
+    p90_us: float | None
+    p99_us: float | None
+    p999_us: float | None
+    max_us: float | None
+    mean_us: float | None
+    send_lag_p99_us: float | None
+    errors: dict = field(default_factory=dict)
+
+
+def latency_client(
+    binary: Path,
+    srv: Server,
+    key: str,
+    files: Files,
+    conns: int,
+    rate: float,
+    duration: float,
+    warmup: float,
+    cpus: str | None,
+    grace: float = 5.0,
+) -> dict:
+    """One bounded run of the open-loop client; returns its JSON report."""
+    wl = WORKLOADS[key]
+    cmd = (["taskset", "-c", cpus] if cpus else []) + [
+        str(binary),
+        "--port", str(srv.port),
+        "--path", wl.path,
+        "--body", str(files.body),
+        "--expect-status", str(wl.status),
+        "--expect-body", str(files.expected),
+        "--rate", f"{rate:.0f}",
+        "--connections", str(conns),
+        "--duration", f"{duration:g}",
+        "--warmup", f"{warmup:g}",
+        "--grace", f"{grace:g}",
+    ]  # fmt: skip
+    limit = warmup + duration + grace + 30
+    try:
+        out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=limit)
+    except subprocess.TimeoutExpired as e:
+        raise BenchError(f"latency client killed after {limit:.0f}s: {' '.join(cmd)}") from e
+    if out.returncode != 0:
+        raise BenchError(f"latency client exited with {out.returncode}: {' '.join(cmd)}\n{out.stderr[-2000:]}")
+    try:
+        return json.loads(out.stdout)
+    except ValueError as e:
+        raise BenchError(f"cannot parse the latency client's output {out.stdout[-500:]!r}") from e
+
+
+def burst_check(binary: Path, srv: Server, key: str, files: Files, cpus: str | None) -> None:
+    """A second of calls over 4 connections, every answer checked by the
+    latency client (status and bytes); raises BenchError on any failure."""
+    rep = latency_client(binary, srv, key, files, conns=4, rate=2000, duration=1, warmup=0, cpus=cpus, grace=5)
+    if rep["failed"] or rep["dropped"] or rep["ok"] == 0:
+        raise BenchError(
+            f"{srv.name}, {key}: burst check: {rep['ok']} ok, {rep['failed']} failed, "
+            f"{rep['dropped']} dropped; errors {rep['errors']}"
+        )
+
+
+# --------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------
 
@@ -539,10 +800,14 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 
 def fmt_ratio(v: float | None) -> str:
-    return "–" if v is None else f"{v:.2f}×"
+    if v is None:
+        return "–"
+    return f"{v:.2f}×" if v >= 0.095 else f"{v:.2g}×"
 
 
-def build_report(meta: dict, runs: list[RunResult], notes: list[str], memory: list[str]) -> str:
+def build_report(
+    meta: dict, runs: list[RunResult], lat: list[LatencyResult], notes: list[str], memory: list[str]
+) -> str:
     lines = [
         "# End-to-end load bench: wirestub engine vs tonic baseline",
         "",
@@ -550,37 +815,53 @@ def build_report(meta: dict, runs: list[RunResult], notes: list[str], memory: li
         f"- command: `{meta['command']}`",
         f"- machine: {meta['cpus']} CPUs ({meta['cpu_model']}), {meta['kernel']}",
         f"- load generator: {meta['h2load']}, `-t 1`, `-D {meta['duration']:g}` s after "
-        f"`--warm-up-time {meta['warmup']:g}` s, one untimed warm-up run per server and cell",
-        f"- request: {meta['workload']}",
-        f"- repeats: {meta['repeats']} per server and cell, alternating engine, baseline, engine, ...",
-        "- layouts: **pinned** = server `taskset -c 0` with `--workers 1`, h2load `taskset -c 1`; "
-        "**shared** = nothing pinned, servers with `--workers 2`",
+        f"`--warm-up-time {meta['warmup']:g}` s, one untimed warm-up run per server, workload and cell",
+        f"- latency client: benches/latency.rs, open loop, {meta['latency_duration']:g} s after a "
+        f"{meta['latency_warmup']:g} s warm-up per run, {meta['latency_repeats']} run(s) per server and rate",
+        f"- repeats: {meta['repeats']} per server, workload and cell, alternating engine, baseline, engine, ...",
+        "- layouts: **pinned** = server `taskset -c 0` with `--workers 1`, h2load and the latency client "
+        "`taskset -c 1`; **shared** = nothing pinned, servers with `--workers 2`",
+        f"- engine: `{meta['engine_cmd']}`",
+        "",
+        "Workloads (sizes of the protobuf messages, without the 5-byte gRPC prefix):",
+        "",
+    ]
+    used = []
+    for r in [*runs, *lat]:
+        if r.workload not in used:
+            used.append(r.workload)
+    for key in used:
+        wl = WORKLOADS[key]
+        lines.append(f"- `{key}`: `{wl.path}`, {wl.title}")
+    lines += [
         "",
         "Statistics: every cell shows the median over repeats and (min–max). "
         "*req/s* is h2load's rate over its measurement window. "
         "*CPU/req* is the server's utime+stime (from /proc/PID/stat, sampled when h2load starts "
         "and ends its measurement window) divided by succeeded requests. "
         "*lat mean* and *lat max* are the mean and the maximum of h2load's \"time for request\" "
-        "in a run (h2load 1.52 prints no percentiles, so no p50/p99 here). "
+        "in a run (closed loop: h2load 1.52 prints no percentiles). "
         "Ratios are engine/baseline per repeat pair: above 1 is better for req/s, "
         "below 1 is better for CPU/req and latency.",
         "",
-        "| layout | c×m | server | req/s | CPU µs/req | lat mean | lat max |",
-        "|---|---|---|---:|---:|---:|---:|",
+        "## Throughput (h2load, closed loop)",
+        "",
+        "| layout | workload | c×m | server | req/s | CPU µs/req | lat mean | lat max |",
+        "|---|---|---|---|---:|---:|---:|---:|",
     ]
     keys = []
     for r in runs:
-        k = (r.layout, r.cell)
+        k = (r.layout, r.workload, r.cell)
         if k not in keys:
             keys.append(k)
-    for layout, cell in keys:
+    for layout, workload, cell in keys:
         for server in ("engine", "baseline"):
-            rs = [r for r in runs if (r.layout, r.cell, r.server) == (layout, cell, server)]
+            rs = [r for r in runs if (r.layout, r.workload, r.cell, r.server) == (layout, workload, cell, server)]
             if not rs:
                 continue
             flag = " ⚠" if any(r.failed or r.errored or r.timeout or r.succeeded != r.done for r in rs) else ""
             lines.append(
-                f"| {layout} | {cell} | {server}{flag} "
+                f"| {layout} | {workload} | {cell} | {server}{flag} "
                 f"| {spread([r.rps for r in rs], fmt_num)} "
                 f"| {spread([r.cpu_us_per_req for r in rs], lambda v: fmt_num(v, 2))} "
                 f"| {spread([r.lat_mean_us for r in rs], fmt_us)} "
@@ -588,17 +869,82 @@ def build_report(meta: dict, runs: list[RunResult], notes: list[str], memory: li
             )
     lines += [
         "",
-        "| layout | c×m | req/s engine/baseline | CPU/req engine/baseline | lat mean engine/baseline | lat max engine/baseline |",
-        "|---|---|---:|---:|---:|---:|",
+        "| layout | workload | c×m | req/s engine/baseline | CPU/req engine/baseline "
+        "| lat mean engine/baseline | lat max engine/baseline |",
+        "|---|---|---|---:|---:|---:|---:|",
     ]
-    for layout, cell in keys:
-        eng = {r.repeat: r for r in runs if (r.layout, r.cell, r.server) == (layout, cell, "engine")}
-        base = {r.repeat: r for r in runs if (r.layout, r.cell, r.server) == (layout, cell, "baseline")}
+    for layout, workload, cell in keys:
+        sel = [r for r in runs if (r.layout, r.workload, r.cell) == (layout, workload, cell)]
+        eng = {r.repeat: r for r in sel if r.server == "engine"}
+        base = {r.repeat: r for r in sel if r.server == "baseline"}
         pairs = [(eng[i], base[i]) for i in sorted(eng) if i in base]
         cols = []
         for attr in ("rps", "cpu_us_per_req", "lat_mean_us", "lat_max_us"):
             cols.append(spread([ratio(getattr(e, attr), getattr(b, attr)) for e, b in pairs], fmt_ratio))
-        lines.append(f"| {layout} | {cell} | " + " | ".join(cols) + " |")
+        lines.append(f"| {layout} | {workload} | {cell} | " + " | ".join(cols) + " |")
+
+    if lat:
+        lines += [
+            "",
+            "## Latency at a fixed offered rate (open loop)",
+            "",
+            "The latency client sends at a fixed rate over the cell's connections (c); each request "
+            "is due at t0 + i/rate, and its latency runs from that scheduled time to its trailers, so "
+            "a server that stalls is charged for the requests waiting behind the stall. The rate is a "
+            "fraction of the lower of the two servers' median h2load req/s in that layout and cell "
+            "(or fixed by `--latency-rate`), the same for both servers. Every response's grpc-status "
+            "and bytes are checked: *failed* counts wrong answers, errors and answers missing 5 s "
+            "after the last send; *dropped* counts requests not sent because 10,000 were outstanding. "
+            "*send lag p99* is how late the client itself started requests: when it is large, the "
+            "client was the limit. Percentiles have three significant digits (HdrHistogram).",
+            "",
+            "| layout | workload | c | offered req/s | server | ok / sent | failed | dropped | achieved req/s "
+            "| p50 | p90 | p99 | p99.9 | max | send lag p99 |",
+            "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        lkeys = []
+        for r in lat:
+            k = (r.layout, r.workload, r.cell, r.offered)
+            if k not in lkeys:
+                lkeys.append(k)
+        for layout, workload, cell, offered in lkeys:
+            sel = [r for r in lat if (r.layout, r.workload, r.cell, r.offered) == (layout, workload, cell, offered)]
+            for server in ("engine", "baseline"):
+                rs = [r for r in sel if r.server == server]
+                if not rs:
+                    continue
+                flag = " ⚠" if any(r.failed or r.dropped for r in rs) else ""
+                lines.append(
+                    f"| {layout} | {workload} | {rs[0].connections} | {offered} = {fmt_num(rs[0].rate)} "
+                    f"| {server}{flag} | {sum(r.ok for r in rs):,} / {sum(r.sent for r in rs):,} "
+                    f"| {sum(r.failed for r in rs):,} | {sum(r.dropped for r in rs):,} "
+                    f"| {spread([r.achieved for r in rs], fmt_num)} "
+                    f"| {spread([r.p50_us for r in rs], fmt_us)} "
+                    f"| {spread([r.p90_us for r in rs], fmt_us)} "
+                    f"| {spread([r.p99_us for r in rs], fmt_us)} "
+                    f"| {spread([r.p999_us for r in rs], fmt_us)} "
+                    f"| {spread([r.max_us for r in rs], fmt_us)} "
+                    f"| {spread([r.send_lag_p99_us for r in rs], fmt_us)} |"
+                )
+        lines += [
+            "",
+            "| layout | workload | c | offered req/s | p50 engine/baseline | p99 engine/baseline "
+            "| p99.9 engine/baseline |",
+            "|---|---|---|---|---:|---:|---:|",
+        ]
+        for layout, workload, cell, offered in lkeys:
+            sel = [r for r in lat if (r.layout, r.workload, r.cell, r.offered) == (layout, workload, cell, offered)]
+            eng = {r.repeat: r for r in sel if r.server == "engine"}
+            base = {r.repeat: r for r in sel if r.server == "baseline"}
+            pairs = [(eng[i], base[i]) for i in sorted(eng) if i in base]
+            cols = []
+            for attr in ("p50_us", "p99_us", "p999_us"):
+                cols.append(spread([ratio(getattr(e, attr), getattr(b, attr)) for e, b in pairs], fmt_ratio))
+            lines.append(
+                f"| {layout} | {workload} | {sel[0].connections} | {offered} = {fmt_num(sel[0].rate)} | "
+                + " | ".join(cols)
+                + " |"
+            )
     if memory:
         lines += ["", "Memory after the runs of each layout (VmRSS / peak VmHWM):", ""]
         lines += [f"- {m}" for m in memory]
@@ -649,19 +995,54 @@ def machine_meta() -> dict:
     }
 
 
+def parse_cell(text: str) -> tuple[int, int]:
+    c, _, m = text.strip().lower().partition("x")
+    return int(c), int(m)
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="16x10 only, 1 repeat, short runs (~1 min)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--quick", action="store_true", help="CI: 16x10, match + static 200 B, 1 short repeat (~1 min)")
     p.add_argument("--duration", type=int, help="whole seconds measured per h2load run (default 10, quick 3)")
     p.add_argument("--warmup", type=int, help="h2load --warm-up-time seconds (default 2, quick 1)")
-    p.add_argument("--repeats", type=int, help="timed runs per server and cell (default 3, quick 1)")
-    p.add_argument("--cells", help="comma-separated CxM list, e.g. 1x1,16x10,64x100")
+    p.add_argument("--repeats", type=int, help="timed runs per server, workload and cell (default 3, quick 1)")
+    p.add_argument("--cells", help="comma-separated CxM list for the main workload, e.g. 1x1,16x10,64x100")
     p.add_argument("--layouts", default="pinned,shared", help="pinned, shared or both (default both)")
-    p.add_argument("--workload", choices=sorted(WORKLOADS), default="hello", help="request to drive (default hello)")
+    p.add_argument(
+        "--workload", choices=sorted(WORKLOADS), default=MAIN_WORKLOAD, help="main workload (default %(default)s)"
+    )
+    p.add_argument(
+        "--extra",
+        help="comma-separated workloads run at --extra-cell besides the main one, or `none` "
+        f"(default {','.join(FULL_EXTRA)}; quick {','.join(QUICK_EXTRA)})",
+    )
+    p.add_argument("--extra-cell", default="16x10", help="CxM cell of the --extra workloads (default 16x10)")
+    p.add_argument("--latency-fractions", help="latency runs at these fractions of the lower h2load req/s "
+                   "(default 0.5,0.9; quick 0.5)")  # fmt: skip
+    p.add_argument("--latency-rate", type=float, help="one fixed latency rate in req/s instead of fractions")
+    p.add_argument(
+        "--latency-duration", type=float, help="seconds measured per latency run (default --duration, quick 2)"
+    )
+    p.add_argument("--latency-warmup", type=float, help="latency client warm-up seconds (default 1, quick 0.5)")
+    p.add_argument("--latency-repeats", type=int, help="latency runs per server and rate (default --repeats)")
+    p.add_argument("--no-latency", action="store_true", help="skip the open-loop latency runs")
+    p.add_argument("--soak", type=int, metavar="SECONDS", help="memory growth run of the engine alone instead")
+    p.add_argument(
+        "--soak-warmup", type=int, help="seconds of soak before the reference sample (default SECONDS/4, 10-60)"
+    )
+    p.add_argument("--soak-out", default=str(RESULTS_DIR / "soak.md"), help="soak report path")
+    p.add_argument(
+        "--engine-arg", action="append", default=[], metavar="ARG",
+        help="extra argument for `engine run` (repeatable), e.g. --engine-arg=--seed --engine-arg=1",
+    )  # fmt: skip
+    p.add_argument("--list-workloads", action="store_true", help="print the workloads and exit")
     p.add_argument("--no-build", action="store_true", help="use the binaries already built")
     p.add_argument("--engine", help="engine binary (default TARGET/release/engine)")
     p.add_argument("--baseline", help="baseline binary (default TARGET/release/baseline)")
     p.add_argument("--compiler", help="compiler binary (default TARGET/release/compiler)")
+    p.add_argument("--latency", help="latency client binary (default TARGET/release/latency)")
     p.add_argument("--out", default=str(RESULTS_DIR / "latest.md"), help="markdown report path")
     args = p.parse_args(argv)
     if args.duration is None:
@@ -671,26 +1052,99 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.repeats is None:
         args.repeats = 1 if args.quick else 3
     if args.cells:
-        cells = []
-        for part in args.cells.split(","):
-            c, _, m = part.strip().lower().partition("x")
-            cells.append((int(c), int(m)))
-        args.cells = cells
+        args.cells = [parse_cell(x) for x in args.cells.split(",")]
     else:
         args.cells = QUICK_CELLS if args.quick else FULL_CELLS
+    args.extra_cell = parse_cell(args.extra_cell)
+    if args.extra is None:
+        args.extra = QUICK_EXTRA if args.quick else FULL_EXTRA
+    elif args.extra.strip().lower() == "none":
+        args.extra = []
+    else:
+        args.extra = [x.strip() for x in args.extra.split(",") if x.strip()]
+    for key in args.extra:
+        if key not in WORKLOADS:
+            p.error(f"unknown workload {key!r} in --extra (known: {', '.join(WORKLOADS)})")
+    args.extra = [k for k in args.extra if k != args.workload]
+    if args.latency_fractions is None:
+        args.latency_fractions = [0.5] if args.quick else [0.5, 0.9]
+    else:
+        args.latency_fractions = [float(x) for x in args.latency_fractions.split(",") if x.strip()]
+    if args.latency_duration is None:
+        args.latency_duration = 2.0 if args.quick else float(args.duration)
+    if args.latency_warmup is None:
+        args.latency_warmup = 0.5 if args.quick else 1.0
+    if args.latency_repeats is None:
+        args.latency_repeats = args.repeats
     args.layouts = [x.strip() for x in args.layouts.split(",") if x.strip()]
     for layout in args.layouts:
         if layout not in ("pinned", "shared"):
             p.error(f"unknown layout {layout!r}")
     if args.duration <= 0 or args.warmup < 0 or args.repeats < 1:
         p.error("--duration must be positive, --warmup not negative, --repeats at least 1")
+    if any(c < 1 or m < 1 for c, m in [*args.cells, args.extra_cell]):
+        p.error("cells need at least 1 connection and 1 stream")
+    bad_rate = args.latency_rate is not None and args.latency_rate <= 0
+    if not all(0 < f <= 1.5 for f in args.latency_fractions) or bad_rate:
+        p.error("--latency-fractions must be in (0, 1.5], --latency-rate positive")
+    if args.latency_duration <= 0 or args.latency_warmup < 0 or args.latency_repeats < 1:
+        p.error("--latency-duration must be positive, --latency-warmup not negative, --latency-repeats at least 1")
+    if args.soak is not None:
+        if not 1 <= args.soak <= 7 * 24 * 3600:
+            p.error("--soak takes 1 to 604800 seconds")
+        if args.soak_warmup is None:
+            args.soak_warmup = max(10, min(60, args.soak // 4))
+        if not 0 <= args.soak_warmup < args.soak:
+            p.error("--soak-warmup must be shorter than the soak")
     return args
 
 
-def main(argv: list[str]) -> int:
-    args = parse_args(argv)
-    started = time.monotonic()
+@dataclass
+class Binaries:
+    engine: Path
+    baseline: Path
+    compiler: Path
+    latency: Path
 
+
+def prepare_binaries(args: argparse.Namespace) -> Binaries:
+    release = target_dir() / "release"
+    if not args.no_build:
+        run(
+            ["cargo", "build", "--release", "-p", "wirestub-engine", "-p", "wirestub-compiler",
+             "-p", "wirestub-benches"],  # fmt: skip
+            timeout=3600,
+        )
+    bins = Binaries(
+        engine=Path(args.engine) if args.engine else release / "engine",
+        baseline=Path(args.baseline) if args.baseline else release / "baseline",
+        compiler=Path(args.compiler) if args.compiler else release / "compiler",
+        latency=Path(args.latency) if args.latency else release / "latency",
+    )
+    for binary in asdict(bins).values():
+        if not Path(binary).exists():
+            raise BenchError(f"{binary} does not exist (build it, or drop --no-build)")
+    return bins
+
+
+def compile_plan(bins: Binaries, work: Path) -> Path:
+    """The example and the bench service in one plan."""
+    plan = work / "plan.bin"
+    run(
+        [
+            str(bins.compiler), "build",
+            "--protos", "protos", "--protos", str(BENCH_PLAN / "protos"),
+            "--rules", "rules", "--rules", str(BENCH_PLAN / "rules"),
+            "-o", str(plan),
+        ],
+        timeout=300,
+    )  # fmt: skip
+    if not plan.exists():
+        raise BenchError(f"the compiler wrote no plan at {plan}")
+    return plan
+
+
+def require_tools() -> None:
     for tool in ("h2load", "nghttp"):
         if shutil.which(tool) is None:
             raise BenchError(
@@ -698,6 +1152,112 @@ def main(argv: list[str]) -> int:
                 "(apt-get install -y nghttp2-client); this script installs nothing"
             )
 
+
+def engine_cmd(bins: Binaries, plan: Path, workers: str, extra: list[str]) -> list[str]:
+    return [str(bins.engine), "run", str(plan), "--listen", "127.0.0.1:0", "--workers", workers, *extra]
+
+
+def timed_h2load(
+    layout: str, key: str, servers: dict[str, Server], files: dict[str, Files],
+    conns: int, streams: int, args: argparse.Namespace, loader_cpus: str | None,
+    runs: list[RunResult], notes: list[str],
+) -> None:  # fmt: skip
+    """Warm-up, then the repeats of one workload and cell, alternating servers."""
+    cell = f"{conns}×{streams}"
+    wl = WORKLOADS[key]
+    for name, srv in servers.items():  # untimed warm-up
+        say(f"{layout} {key} {cell} warm-up {name}")
+        h2load(srv, [wl.path], files[key].body, conns, streams, max(1, args.duration // 3), 0, loader_cpus)
+    for rep in range(args.repeats):
+        for name, srv in servers.items():
+            fig, output = h2load(
+                srv, [wl.path], files[key].body, conns, streams, args.duration, args.warmup, loader_cpus
+            )
+            if not srv.alive():
+                raise BenchError(f"{name} died during the run:\n{srv.log_tail()}")
+            if fig["succeeded"] == 0:
+                raise BenchError(f"{name}: no request succeeded at {key} {cell}:\n{output[-2000:]}")
+            res = RunResult(
+                layout=layout, workload=key, cell=cell, server=name, repeat=rep,
+                rps=fig["rps"], done=fig["done"], succeeded=fig["succeeded"],
+                failed=fig["failed"], errored=fig["errored"], timeout=fig["timeout"],
+                cpu_s=fig["cpu_s"],
+                cpu_us_per_req=fig["cpu_s"] * 1e6 / fig["succeeded"],
+                lat_mean_us=fig["lat_mean_us"], lat_max_us=fig["lat_max_us"],
+                window_s=fig["window_s"],
+            )  # fmt: skip
+            runs.append(res)
+            say(
+                f"{layout} {key} {cell} #{rep + 1} {name:8}: {res.rps:>10,.0f} req/s, "
+                f"{res.cpu_us_per_req:6.2f} µs CPU/req, lat mean {fmt_us(res.lat_mean_us)}, "
+                f"max {fmt_us(res.lat_max_us)}, {res.succeeded} ok, "
+                f"{res.failed + res.errored + res.timeout} bad"
+            )
+            if res.failed or res.errored or res.timeout:
+                notes.append(
+                    f"{layout} {key} {cell} #{rep + 1} {name}: h2load counted {res.failed} failed, "
+                    f"{res.errored} errored, {res.timeout} timed-out requests"
+                )
+
+
+def timed_latency(
+    layout: str, key: str, servers: dict[str, Server], files: dict[str, Files],
+    conns: int, streams: int, args: argparse.Namespace, bins: Binaries, loader_cpus: str | None,
+    runs: list[RunResult], lat: list[LatencyResult], notes: list[str],
+) -> None:  # fmt: skip
+    """The latency runs of one cell: each rate, engine and baseline alternately."""
+    cell = f"{conns}×{streams}"
+    if args.latency_rate is not None:
+        rates = [("fixed", args.latency_rate)]
+    else:
+        medians = []
+        for name in servers:
+            rps = [r.rps for r in runs if (r.layout, r.workload, r.cell, r.server) == (layout, key, cell, name)]
+            if rps:
+                medians.append(statistics.median(rps))
+        if len(medians) < len(servers):
+            notes.append(f"{layout} {key} {cell}: no h2load throughput to derive latency rates from, skipped")
+            return
+        rates = [(f"{f:.0%}", f * min(medians)) for f in args.latency_fractions]
+    for offered, rate in rates:
+        for rep in range(args.latency_repeats):
+            for name, srv in servers.items():
+                rep_json = latency_client(
+                    bins.latency, srv, key, files[key], conns, rate,
+                    args.latency_duration, args.latency_warmup, loader_cpus,
+                )  # fmt: skip
+                if not srv.alive():
+                    raise BenchError(f"{name} died during the latency run:\n{srv.log_tail()}")
+                lu = rep_json.get("latency_us") or {}
+                lag = rep_json.get("send_lag_us") or {}
+                res = LatencyResult(
+                    layout=layout, workload=key, cell=cell, server=name, repeat=rep,
+                    offered=offered, rate=rate, connections=conns,
+                    sent=rep_json["sent"], ok=rep_json["ok"], failed=rep_json["failed"],
+                    dropped=rep_json["dropped"], achieved=rep_json["achieved_rate"],
+                    p50_us=lu.get("p50"), p90_us=lu.get("p90"), p99_us=lu.get("p99"),
+                    p999_us=lu.get("p999"), max_us=lu.get("max"), mean_us=lu.get("mean"),
+                    send_lag_p99_us=lag.get("p99"), errors=rep_json.get("errors") or {},
+                )  # fmt: skip
+                lat.append(res)
+                say(
+                    f"{layout} {key} {conns} conns @ {offered} = {rate:,.0f} req/s #{rep + 1} {name:8}: "
+                    f"p50 {fmt_us(res.p50_us)}, p99 {fmt_us(res.p99_us)}, p99.9 {fmt_us(res.p999_us)}, "
+                    f"max {fmt_us(res.max_us)}, {res.ok} ok, {res.failed} failed, {res.dropped} dropped, "
+                    f"send lag p99 {fmt_us(res.send_lag_p99_us)}"
+                )
+                if res.ok == 0:
+                    raise BenchError(f"{name}: no latency request succeeded at {key} {cell}: {res.errors}")
+                if res.failed or res.dropped:
+                    notes.append(
+                        f"{layout} {key} {conns} conns @ {offered} #{rep + 1} {name}: latency client counted "
+                        f"{res.failed} failed, {res.dropped} dropped; errors {res.errors}"
+                    )
+
+
+def bench(args: argparse.Namespace, argv: list[str]) -> int:
+    started = time.monotonic()
+    require_tools()
     notes: list[str] = []
     layouts = list(args.layouts)
     if "pinned" in layouts and ((os.cpu_count() or 1) < 2 or shutil.which("taskset") is None):
@@ -706,30 +1266,14 @@ def main(argv: list[str]) -> int:
     if not layouts:
         raise BenchError("no layout left to run")
 
-    tdir = target_dir()
-    release = tdir / "release"
-    if not args.no_build:
-        run(
-            ["cargo", "build", "--release", "-p", "wirestub-engine", "-p", "wirestub-compiler", "-p", "wirestub-benches"],
-            timeout=3600,
-        )
-    engine = Path(args.engine) if args.engine else release / "engine"
-    baseline = Path(args.baseline) if args.baseline else release / "baseline"
-    compiler = Path(args.compiler) if args.compiler else release / "compiler"
-    for binary in (engine, baseline, compiler):
-        if not binary.exists():
-            raise BenchError(f"{binary} does not exist (build it, or drop --no-build)")
-
-    wl = WORKLOADS[args.workload]
+    bins = prepare_binaries(args)
     work = Path(tempfile.mkdtemp(prefix="wirestub-load-"))
     try:
-        plan = work / "plan.bin"
-        run([str(compiler), "build", "--protos", "protos", "--rules", "rules", "-o", str(plan)], timeout=300)
-        if not plan.exists():
-            raise BenchError(f"the compiler wrote no plan at {plan}")
-        body = work / "body.bin"
-        body.write_bytes(grpc_frame(wl.request))
-        say(f"request body {body.read_bytes().hex(' ')} for {wl.path}")
+        plan = compile_plan(bins, work)
+        files = write_files(work)
+        checked = list(WORKLOADS)
+        for key in [args.workload, *args.extra]:
+            say(f"{key}: {WORKLOADS[key].path}, request body {len(grpc_frame(WORKLOADS[key].request))} bytes")
 
         meta = machine_meta()
         meta.update(
@@ -738,84 +1282,71 @@ def main(argv: list[str]) -> int:
             duration=args.duration,
             warmup=args.warmup,
             repeats=args.repeats,
-            workload=f"{wl.path}: {wl.name}, {len(grpc_frame(wl.request))}-byte body",
+            latency_duration=args.latency_duration,
+            latency_warmup=args.latency_warmup,
+            latency_repeats=args.latency_repeats,
+            engine_cmd=" ".join(["engine", "run", "PLAN", "--workers", "N", *args.engine_arg]),
+            workload=args.workload,
+            extra=args.extra,
         )
         runs: list[RunResult] = []
+        lat: list[LatencyResult] = []
         memory: list[str] = []
         for layout in layouts:
             pinned = layout == "pinned"
             server_cpus, loader_cpus = ("0", "1") if pinned else (None, None)
             workers = "1" if pinned else "2"
             servers = {
-                "engine": Server(
-                    "engine",
-                    [str(engine), "run", str(plan), "--listen", "127.0.0.1:0", "--workers", workers],
-                    server_cpus,
-                    work,
-                ),
+                "engine": Server("engine", engine_cmd(bins, plan, workers, args.engine_arg), server_cpus, work),
                 "baseline": Server(
                     "baseline",
-                    [str(baseline), "--listen", "127.0.0.1:0", "--workers", workers],
+                    [str(bins.baseline), "--listen", "127.0.0.1:0", "--workers", workers],
                     server_cpus,
                     work,
                 ),
             }
-            for srv in servers.values():
-                for note in check_server(srv, wl, body):
-                    say(note)
-                    if note not in notes:
-                        notes.append(note)
+            for note in check_servers(servers, checked, files):
+                say(note)
+                if note not in notes:
+                    notes.append(note)
             for conns, streams in args.cells:
-                cell = f"{conns}×{streams}"
-                for name, srv in servers.items():  # untimed warm-up
-                    say(f"{layout} {cell} warm-up {name}")
-                    h2load(srv, wl, body, conns, streams, max(1, args.duration // 3), 0, loader_cpus)
-                for rep in range(args.repeats):
-                    for name, srv in servers.items():
-                        fig, output = h2load(
-                            srv, wl, body, conns, streams, args.duration, args.warmup, loader_cpus
-                        )
-                        if not srv.alive():
-                            raise BenchError(f"{name} died during the run:\n{srv.log_tail()}")
-                        if fig["succeeded"] == 0:
-                            raise BenchError(f"{name}: no request succeeded at {cell}:\n{output[-2000:]}")
-                        res = RunResult(
-                            layout=layout, cell=cell, server=name, repeat=rep,
-                            rps=fig["rps"], done=fig["done"], succeeded=fig["succeeded"],
-                            failed=fig["failed"], errored=fig["errored"], timeout=fig["timeout"],
-                            cpu_s=fig["cpu_s"],
-                            cpu_us_per_req=fig["cpu_s"] * 1e6 / fig["succeeded"],
-                            lat_mean_us=fig["lat_mean_us"], lat_max_us=fig["lat_max_us"],
-                            window_s=fig["window_s"],
-                        )  # fmt: skip
-                        runs.append(res)
-                        say(
-                            f"{layout} {cell} #{rep + 1} {name:8}: {res.rps:>10,.0f} req/s, "
-                            f"{res.cpu_us_per_req:6.2f} µs CPU/req, lat mean {fmt_us(res.lat_mean_us)}, "
-                            f"max {fmt_us(res.lat_max_us)}, {res.succeeded} ok, "
-                            f"{res.failed + res.errored + res.timeout} bad"
-                        )
-                        if res.failed or res.errored or res.timeout:
-                            notes.append(
-                                f"{layout} {cell} #{rep + 1} {name}: h2load counted {res.failed} failed, "
-                                f"{res.errored} errored, {res.timeout} timed-out requests"
-                            )
-            for name, srv in servers.items():  # still answering correctly after the load
-                check_server(srv, wl, body)
+                timed_h2load(layout, args.workload, servers, files, conns, streams, args, loader_cpus, runs, notes)
+            for key in args.extra:
+                conns, streams = args.extra_cell
+                timed_h2load(layout, key, servers, files, conns, streams, args, loader_cpus, runs, notes)
+            if not args.no_latency:
+                for conns, streams in args.cells:
+                    timed_latency(
+                        layout, args.workload, servers, files, conns, streams, args, bins, loader_cpus,
+                        runs, lat, notes,
+                    )  # fmt: skip
+            # Still answering correctly after the load, every response of a
+            # burst checked.
+            for name, srv in servers.items():
+                for key in checked:
+                    check_nghttp(srv, key, files[key])
+                for key in [args.workload, *args.extra]:
+                    burst_check(bins.latency, srv, key, files[key], loader_cpus)
                 mem = srv.memory_kib()
                 if mem:
                     memory.append(
                         f"{layout}, {name}: {mem.get('VmRSS', 0) / 1024:.1f} MiB / {mem.get('VmHWM', 0) / 1024:.1f} MiB"
                     )
                 srv.stop()
-            notes.append(f"{layout}: both servers still answered correctly after the timed runs")
+            notes.append(
+                f"{layout}: after the timed runs, both servers still answered every workload correctly "
+                "(nghttp), and every response of a 2,000-call burst of each timed workload (latency client)"
+            )
 
-        report = build_report(meta, runs, notes, memory)
+        report = build_report(meta, runs, lat, notes, memory)
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(report)
         out.with_suffix(".json").write_text(
-            json.dumps({"meta": meta, "runs": [asdict(r) for r in runs]}, indent=1) + "\n"
+            json.dumps(
+                {"meta": meta, "runs": [asdict(r) for r in runs], "latency": [asdict(r) for r in lat]}, indent=1
+            )
+            + "\n"
         )
         print()
         print(report, flush=True)
@@ -824,6 +1355,145 @@ def main(argv: list[str]) -> int:
     finally:
         stop_all_servers()
         shutil.rmtree(work, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------
+# Soak: memory growth of the engine alone
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class Sample:
+    t_s: float
+    rss_kib: int
+    hwm_kib: int
+    cpu_s: float
+
+
+def soak(args: argparse.Namespace, argv: list[str]) -> int:
+    started = time.monotonic()
+    require_tools()
+    bins = prepare_binaries(args)
+    work = Path(tempfile.mkdtemp(prefix="wirestub-soak-"))
+    try:
+        plan = compile_plan(bins, work)
+        files = write_files(work)
+        eng = Server("engine", engine_cmd(bins, plan, "2", args.engine_arg), None, work)
+        for key in WORKLOADS:
+            check_nghttp(eng, key, files[key])
+        say(f"engine answered every workload correctly; soaking for {args.soak}s")
+
+        samples: list[Sample] = []
+        t0 = time.monotonic()
+        cpu0 = eng.cpu_ticks()
+        stop = threading.Event()
+
+        def sample() -> None:
+            mem = eng.memory_kib()
+            try:
+                cpu = (eng.cpu_ticks() - cpu0) / CLK_TCK
+            except OSError:
+                cpu = float("nan")
+            samples.append(Sample(time.monotonic() - t0, mem.get("VmRSS", 0), mem.get("VmHWM", 0), cpu))
+
+        def sampler() -> None:
+            while not stop.wait(SOAK_SAMPLE_S):
+                if not eng.alive():
+                    return
+                sample()
+                s = samples[-1]
+                say(f"soak t={s.t_s:5.0f}s RSS {s.rss_kib / 1024:.1f} MiB (peak {s.hwm_kib / 1024:.1f} MiB)")
+
+        sample()
+        thread = threading.Thread(target=sampler, daemon=True)
+        thread.start()
+        paths = [WORKLOADS[k].path for k in SOAK_WORKLOADS]
+        totals = {"done": 0, "succeeded": 0, "bad": 0}
+        chunks = 0
+        try:
+            remaining = args.soak
+            while remaining > 0:
+                chunk = min(SOAK_CHUNK_S, remaining)
+                fig, output = h2load(eng, paths, files["match-200B"].body, 16, 10, chunk, 0, None)
+                if not eng.alive():
+                    raise BenchError(f"the engine died during the soak:\n{eng.log_tail()}")
+                chunks += 1
+                totals["done"] += fig["done"]
+                totals["succeeded"] += fig["succeeded"]
+                totals["bad"] += fig["failed"] + fig["errored"] + fig["timeout"]
+                remaining -= chunk
+                say(f"soak chunk {chunks}: {fig['rps']:,.0f} req/s, {fig['succeeded']:,} ok, {remaining}s left")
+        finally:
+            stop.set()
+            thread.join(SOAK_SAMPLE_S + 5)
+        if time.monotonic() - t0 - samples[-1].t_s > 2:
+            sample()
+        for key in WORKLOADS:
+            check_nghttp(eng, key, files[key])
+        elapsed = samples[-1].t_s
+        eng.stop()
+
+        after = next((s for s in samples if s.t_s >= args.soak_warmup), samples[-1])
+        last = samples[-1]
+        peak = max(samples, key=lambda s: s.rss_kib)
+        growth = last.rss_kib - after.rss_kib
+        span_s = last.t_s - after.t_s
+        # A rate per hour means something only over a long enough span.
+        per_hour = f", {growth / 1024 / (span_s / 3600):+.1f} MiB per hour" if span_s >= 300 else ""
+
+        def mib(kib: int) -> str:
+            return f"{kib / 1024:.1f} MiB"
+
+        lines = [
+            "# Soak: the engine's memory under sustained load",
+            "",
+            f"- date: {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+            f"- command: `{' '.join(['python3', 'benches/load.py', *argv])}`",
+            f"- engine: `{' '.join(['engine', 'run', 'PLAN', '--workers', '2', *args.engine_arg])}`, "
+            "the example and the bench service in one plan",
+            f"- load: h2load `-c 16 -m 10 -t 1` in {chunks} run(s) of at most {SOAK_CHUNK_S} s, requests spread "
+            f"over {', '.join(SOAK_WORKLOADS)} (the same 200 B request)",
+            f"- {totals['succeeded']:,} requests succeeded ({totals['succeeded'] / max(elapsed, 1e-9):,.0f} req/s "
+            f"over {elapsed:.0f} s), {totals['bad']:,} failed, errored or timed out; the engine answered every "
+            "workload correctly (nghttp) before and after",
+            f"- engine CPU: {last.cpu_s:.1f} s",
+            f"- resident memory (VmRSS), sampled every {SOAK_SAMPLE_S} s:",
+            "",
+            "| when | t | VmRSS |",
+            "|---|---:|---:|",
+            f"| start (idle, after the correctness check) | {samples[0].t_s:.0f} s | {mib(samples[0].rss_kib)} |",
+            f"| after warm-up ({args.soak_warmup} s) | {after.t_s:.0f} s | {mib(after.rss_kib)} |",
+            f"| last | {last.t_s:.0f} s | {mib(last.rss_kib)} |",
+            f"| max | {peak.t_s:.0f} s | {mib(peak.rss_kib)} |",
+            "",
+            f"Growth after warm-up: {growth / 1024:+.2f} MiB ({growth / max(after.rss_kib, 1):+.1%}) over "
+            f"{span_s:.0f} s{per_hour}; peak VmHWM {mib(last.hwm_kib)}.",
+            "",
+            "Samples (t, VmRSS MiB): "
+            + ", ".join(f"{s.t_s:.0f} s {s.rss_kib / 1024:.1f}" for s in samples),
+        ]
+        report = "\n".join(lines) + "\n"
+        out = Path(args.soak_out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(report)
+        print()
+        print(report, flush=True)
+        say(f"wrote {out} in {time.monotonic() - started:.0f}s")
+        return 0
+    finally:
+        stop_all_servers()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    if args.list_workloads:
+        for key, wl in WORKLOADS.items():
+            print(f"{key:15} {wl.path:32} {wl.title}")
+        return 0
+    if args.soak is not None:
+        return soak(args, argv)
+    return bench(args, argv)
 
 
 def _terminate(signum, _frame):
