@@ -13,6 +13,8 @@ use std::path::{Path, PathBuf};
 
 #[path = "../fuzz/checks/grpc_framing.rs"]
 mod grpc_framing;
+#[path = "../fuzz/checks/h2_conn.rs"]
+mod h2_conn;
 #[path = "../fuzz/checks/hpack.rs"]
 mod hpack;
 #[path = "../fuzz/checks/match_render.rs"]
@@ -29,8 +31,9 @@ type Check = fn(&[u8]);
 
 /// Every fuzz target with its checks: a target added under
 /// `fuzz/fuzz_targets/` must be added here too (see `every_target_is_replayed`).
-const TARGETS: [(&str, Check); 6] = [
+const TARGETS: [(&str, Check); 7] = [
     ("grpc_framing", grpc_framing::check),
+    ("h2_conn", h2_conn::check),
     ("hpack", hpack::check),
     ("match_render", match_render::check),
     ("plan_load", plan_load::check),
@@ -81,6 +84,11 @@ fn replay(target: &str) {
 #[test]
 fn grpc_framing() {
     replay("grpc_framing");
+}
+
+#[test]
+fn h2_conn() {
+    replay("h2_conn");
 }
 
 #[test]

@@ -188,7 +188,7 @@ enum Ending {
     Now,
 }
 
-pub(crate) struct Conn<'s> {
+pub struct Conn<'s> {
     served: &'s Served,
     config: &'s Config,
     out: BytesMut,
@@ -418,7 +418,13 @@ impl<'s> Conn<'s> {
         }
         let dependency = frame::priority_dependency(payload).map_err(|c| conn_err(c, "PRIORITY not 5 bytes"))?;
         if dependency == head.stream {
-            self.stream_error(head.stream, code::PROTOCOL_ERROR)?;
+            if self.streams.contains_key(&head.stream) {
+                self.stream_error(head.stream, code::PROTOCOL_ERROR)?;
+            } else if head.stream > self.highest_seen || head.stream % 2 == 0 {
+                // No RST_STREAM may name an idle stream (RFC 9113 §6.4).
+                return Err(conn_err(code::PROTOCOL_ERROR, "PRIORITY of an idle stream depends on itself"));
+            }
+            // A closed stream: nothing to reset.
         }
         Ok(())
     }
@@ -1613,4 +1619,43 @@ fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
         (a, None) => a,
         (None, b) => b,
     }
+}
+
+/// Feeds `chunks` (as if read from a socket, one read each) to a fresh
+/// connection and returns everything it would have written, tasks not
+/// run. For fuzzing and tests of the frame layer: any input must end in
+/// output or a GOAWAY, never a panic.
+#[doc(hidden)]
+pub fn drive(served: &Served, config: &Config, chunks: &[&[u8]]) -> Vec<u8> {
+    let mut conn = Conn::new(served, config);
+    let mut rbuf = BytesMut::new();
+    let mut written = Vec::new();
+    for chunk in chunks {
+        if conn.ending == Ending::Now {
+            break;
+        }
+        rbuf.extend_from_slice(chunk);
+        loop {
+            match conn.receive(&rbuf) {
+                Ok(n) => {
+                    rbuf.advance(n);
+                    // The output is taken at once, as a reading client would.
+                    written.extend_from_slice(&conn.out);
+                    conn.out.clear();
+                    if n == 0 || conn.ending == Ending::Now {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    conn.fail(e);
+                    written.extend_from_slice(&conn.out);
+                    conn.out.clear();
+                    break;
+                }
+            }
+        }
+        conn.jobs.clear();
+        let _ = conn.expire(Instant::now() + Duration::from_secs(86_400));
+    }
+    written
 }

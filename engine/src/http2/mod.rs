@@ -8,7 +8,7 @@
 //! end-to-end cases run through both stacks and must give the same gRPC
 //! results.
 
-pub(crate) mod conn;
+pub mod conn;
 pub mod frame;
 pub mod hpack;
 mod huffman;
