@@ -12,8 +12,11 @@
 //! `bench.v1.Bench/Template`), and a reply with eight holes, numbers and
 //! nested messages. `answer/*` puts it in context: reading the request,
 //! selecting the rule and producing the reply bytes, for a templated reply
-//! and for a prepared one. Every bench checks its result once before
-//! measuring.
+//! and for a prepared one. `h2_conn/*` measures the native HTTP/2 stack's
+//! frame handling end to end: a connection fed the client preface and 100
+//! pipelined SayHello calls (HEADERS with literal fields, then DATA), all
+//! answered from the read buffer into the output buffer, socket excluded.
+//! Every bench checks its result once before measuring.
 //!
 //! Run with `cargo bench -p wirestub-benches --bench serving`.
 
@@ -242,5 +245,46 @@ fn templates(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, plan_loading, templates);
+/// The client side of 100 unary SayHello calls on one connection.
+fn pipelined_calls(n: u32) -> Vec<u8> {
+    use wirestub_engine::http2::{frame, hpack};
+    let mut out = bytes::BytesMut::new();
+    out.extend_from_slice(frame::PREFACE);
+    frame::put_settings(&mut out, &[]);
+    let body = framed(b"\x0a\x03Tom");
+    for i in 0..n {
+        let id = 1 + 2 * i;
+        let mut block = Vec::new();
+        for (k, v) in [
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":path", "/helloworld.Greeter/SayHello"),
+            (":authority", "127.0.0.1"),
+            ("content-type", "application/grpc"),
+            ("te", "trailers"),
+        ] {
+            hpack::encode_literal(&mut block, k.as_bytes(), v.as_bytes());
+        }
+        frame::put_headers(&mut out, id, &block, false, 16_384);
+        frame::put_data(&mut out, id, &body, true);
+    }
+    out.to_vec()
+}
+
+fn connection(c: &mut Criterion) {
+    let served = Served::new(example_plan(), NoMatch::NotFound).expect("the example prepares");
+    let config = wirestub_engine::Config::default();
+    let input = pipelined_calls(100);
+    let written = wirestub_engine::http2::conn::drive(&served, &config, &[&input]);
+    let answers = written.windows(b"Hi Tom (from mock)".len()).filter(|w| w == b"Hi Tom (from mock)").count();
+    assert_eq!(answers, 100, "every call is answered");
+    let mut group = c.benchmark_group("h2_conn");
+    group.throughput(Throughput::Elements(100));
+    group.bench_function("unary_x100", |b| {
+        b.iter(|| black_box(wirestub_engine::http2::conn::drive(&served, &config, &[black_box(&input)])))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, plan_loading, templates, connection);
 criterion_main!(benches);
