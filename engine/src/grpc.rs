@@ -58,23 +58,36 @@ pub enum Framing {
     One,
 }
 
-/// Inspects the bytes received so far (`prefix` is at least the first
-/// five bytes if `total >= 5`).
-pub fn check_unary(prefix: &[u8], total: usize, max_len: usize) -> Result<Framing, Status> {
-    if total < 5 {
-        return Ok(Framing::Incomplete);
+/// Reads a message's 5-byte prefix (`p` holds at least five bytes):
+/// whether it is compressed, and its length. An invalid flag or a length
+/// over `max_len` ends the call.
+pub fn message_prefix(p: &[u8], max_len: usize) -> Result<(bool, usize), Status> {
+    let flag = p[0];
+    if flag > 1 {
+        return Err(Status::new(Code::Internal, format!("invalid gRPC message flag {flag}")));
     }
-    let compressed = prefix[0];
-    if compressed > 1 {
-        return Err(Status::new(Code::Internal, format!("invalid gRPC message flag {compressed}")));
-    }
-    let len = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]) as usize;
+    let len = u32::from_be_bytes([p[1], p[2], p[3], p[4]]) as usize;
     if len > max_len {
         return Err(Status::new(
             Code::ResourceExhausted,
             format!("request message of {len} bytes is larger than the limit of {max_len} bytes"),
         ));
     }
+    Ok((flag == 1, len))
+}
+
+/// The answer to a compressed request message (none is supported).
+pub fn compressed() -> Status {
+    Status::new(Code::Unimplemented, "compressed request messages are not supported")
+}
+
+/// Inspects the bytes received so far (`prefix` is at least the first
+/// five bytes if `total >= 5`).
+pub fn check_unary(prefix: &[u8], total: usize, max_len: usize) -> Result<Framing, Status> {
+    if total < 5 {
+        return Ok(Framing::Incomplete);
+    }
+    let (_, len) = message_prefix(prefix, max_len)?;
     let end = 5 + len;
     if total < end {
         return Ok(Framing::Incomplete);

@@ -294,7 +294,7 @@ async fn read_unary(mut body: RecvStream, max: usize) -> Result<Bytes, Status> {
     };
     grpc::finish_unary(&all, total, max)?;
     if all[0] == 1 {
-        return Err(Status::new(Code::Unimplemented, "compressed request messages are not supported"));
+        return Err(grpc::compressed());
     }
     Ok(all.slice(5..))
 }
@@ -326,20 +326,10 @@ impl MessageReader {
     async fn next(&mut self) -> Result<Option<Bytes>, Status> {
         loop {
             if self.buf.len() >= 5 {
-                let flag = self.buf[0];
-                if flag > 1 {
-                    return Err(Status::new(Code::Internal, format!("invalid gRPC message flag {flag}")));
-                }
-                let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize;
-                if len > self.max {
-                    return Err(Status::new(
-                        Code::ResourceExhausted,
-                        format!("request message of {len} bytes is larger than the limit of {} bytes", self.max),
-                    ));
-                }
+                let (compressed, len) = grpc::message_prefix(&self.buf, self.max)?;
                 if self.buf.len() >= 5 + len {
-                    if flag == 1 {
-                        return Err(Status::new(Code::Unimplemented, "compressed request messages are not supported"));
+                    if compressed {
+                        return Err(grpc::compressed());
                     }
                     let mut m = self.buf.split_to(5 + len);
                     return Ok(Some(m.split_off(5).freeze()));

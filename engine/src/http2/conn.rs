@@ -222,8 +222,6 @@ pub struct Conn<'s> {
     waiting: BTreeSet<(Instant, u32)>,
     /// Streams opened so far (for the idle check).
     opened: u64,
-    /// A call's task is waiting for the connection-level window.
-    window_waiters: bool,
 }
 
 impl<'s> Conn<'s> {
@@ -270,7 +268,6 @@ impl<'s> Conn<'s> {
             jobs: Vec::new(),
             waiting: BTreeSet::new(),
             opened: 0,
-            window_waiters: false,
         }
     }
 
@@ -856,8 +853,7 @@ impl<'s> Conn<'s> {
             return self.fail_call(id, &status);
         }
         if body[0] == 1 {
-            return self
-                .fail_call(id, &Status::new(Code::Unimplemented, "compressed request messages are not supported"));
+            return self.fail_call(id, &grpc::compressed());
         }
         let s = &self.streams[&id];
         let one = [&body[5..]];
@@ -1019,9 +1015,6 @@ impl<'s> Conn<'s> {
                 Out::Data(d) => {
                     let n = d.len().min(s.send_window.max(0) as usize).min(self.send_window.max(0) as usize);
                     if n == 0 && !d.is_empty() {
-                        if self.send_window <= 0 {
-                            self.window_waiters = true;
-                        }
                         break;
                     }
                     put_data_frames(&mut self.out, id, &d[..n], max_frame);
@@ -1049,7 +1042,6 @@ impl<'s> Conn<'s> {
     }
 
     fn unblock_all(&mut self) {
-        self.window_waiters = false;
         for s in self.streams.values_mut() {
             if s.task {
                 s.wake();
@@ -1119,22 +1111,15 @@ fn deframe(s: &mut Stream<'_>, max: usize, buffered: &mut usize) -> Option<Statu
         if s.body.len() < 5 {
             return None;
         }
-        let flag = s.body[0];
-        if flag > 1 {
-            return Some(Status::new(Code::Internal, format!("invalid gRPC message flag {flag}")));
-        }
-        let len = u32::from_be_bytes([s.body[1], s.body[2], s.body[3], s.body[4]]) as usize;
-        if len > max {
-            return Some(Status::new(
-                Code::ResourceExhausted,
-                format!("request message of {len} bytes is larger than the limit of {max} bytes"),
-            ));
-        }
+        let (compressed, len) = match grpc::message_prefix(&s.body, max) {
+            Ok(p) => p,
+            Err(e) => return Some(e),
+        };
         if s.body.len() < 5 + len {
             return None;
         }
-        if flag == 1 {
-            return Some(Status::new(Code::Unimplemented, "compressed request messages are not supported"));
+        if compressed {
+            return Some(grpc::compressed());
         }
         let mut m = s.body.split_to(5 + len);
         let message = m.split_off(5).freeze();
