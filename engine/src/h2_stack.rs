@@ -8,6 +8,7 @@
 use crate::call::{deadline_exceeded, pick, prepare_fault, sleep_until, Answer};
 use crate::grpc::{self, Code, Status};
 use crate::matcher::Messages;
+use crate::state::State;
 use crate::served::{status_response, Prepared, Served};
 use crate::server::Config;
 use bytes::{Bytes, BytesMut};
@@ -48,12 +49,12 @@ const HEADER_TABLE_SIZE: u32 = 4096;
 
 /// Drives one connection: the handshake, then every stream as a future in
 /// this task, until the client or the engine closes it.
-pub(crate) async fn connection(
-    socket: tokio::net::TcpStream,
-    served: &Served,
-    config: &Config,
-    mut stop: watch::Receiver<bool>,
-) {
+pub(crate) async fn connection<T>(socket: T, state: &State, config: &Config, mut stop: watch::Receiver<bool>)
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let generation = state.current();
+    let served = &generation.served;
     let mut builder = h2::server::Builder::new();
     builder
         .initial_window_size(config.window)

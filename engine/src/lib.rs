@@ -7,19 +7,27 @@
 //! The engine never decodes a whole request message and never depends on the
 //! compiler, protox or prost-reflect.
 
+pub mod admin;
 pub mod call;
 pub mod grpc;
 pub mod h2_stack;
+pub mod health;
 pub mod http2;
+pub mod journal;
 pub mod matcher;
+pub mod metrics;
+pub mod reflection;
 pub mod rng;
 pub mod served;
 pub mod server;
+pub mod state;
 pub mod template;
+pub mod tls;
 pub mod wire;
 
 pub use served::{NoMatch, PrepareError, Served};
 pub use server::{Config, Server, Stack};
+pub use state::{Generation, State};
 pub use wirestub_plan::Plan;
 
 /// Loads a plan file's bytes and prepares it for serving: the plan's own

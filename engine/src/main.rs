@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
-use wirestub_engine::{Config, NoMatch, Plan, Served, Server};
+use wirestub_engine::{Config, NoMatch, Plan, Server};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -170,11 +170,11 @@ fn run(args: &[String]) -> Result<ExitCode, String> {
         },
     };
     let methods = plan.methods.len();
-    let served = match Served::new(plan, no_match) {
+    let source = plan_path.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "compiled plan".into());
+    let state = match wirestub_engine::State::new(plan, None, source.clone(), no_match, config.workers, 0) {
         Ok(s) => Arc::new(s),
         Err(e) => {
-            let what = plan_path.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "compiled plan".into());
-            eprintln!("error: `{what}`: {e}");
+            eprintln!("error: `{source}`: {e}");
             return Ok(ExitCode::from(1));
         }
     };
@@ -186,7 +186,8 @@ fn run(args: &[String]) -> Result<ExitCode, String> {
             return Ok(ExitCode::from(1));
         }
     };
-    let server = match Server::start(listener, served, config) {
+    let listeners = wirestub_engine::server::Listeners { plain: Some(listener), tls: None };
+    let server = match Server::start(listeners, state, config) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("error: cannot start: {e}");

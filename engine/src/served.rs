@@ -130,7 +130,51 @@ pub struct ServedMethod {
     /// `times`: the only state shared between workers on the request path,
     /// and touched only by such responses.
     pub used: Vec<std::sync::atomic::AtomicU64>,
+    /// A service the engine answers itself (health, reflection), for
+    /// methods the plan has no rules for.
+    pub builtin: Option<Builtin>,
 }
+
+/// The services the engine implements itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Builtin {
+    HealthCheck,
+    HealthWatch,
+    /// `ServerReflectionInfo`, v1 and v1alpha alike.
+    Reflection,
+}
+
+/// Built-in methods: path, kind, request and response types.
+const BUILTINS: [(&str, MethodKind, &str, &str, Builtin); 4] = [
+    (
+        crate::health::CHECK,
+        MethodKind::Unary,
+        "grpc.health.v1.HealthCheckRequest",
+        "grpc.health.v1.HealthCheckResponse",
+        Builtin::HealthCheck,
+    ),
+    (
+        crate::health::WATCH,
+        MethodKind::ServerStreaming,
+        "grpc.health.v1.HealthCheckRequest",
+        "grpc.health.v1.HealthCheckResponse",
+        Builtin::HealthWatch,
+    ),
+    (
+        crate::reflection::V1,
+        MethodKind::BidiStreaming,
+        "grpc.reflection.v1.ServerReflectionRequest",
+        "grpc.reflection.v1.ServerReflectionResponse",
+        Builtin::Reflection,
+    ),
+    (
+        crate::reflection::V1ALPHA,
+        MethodKind::BidiStreaming,
+        "grpc.reflection.v1alpha.ServerReflectionRequest",
+        "grpc.reflection.v1alpha.ServerReflectionResponse",
+        Builtin::Reflection,
+    ),
+];
 
 /// Rules keyed on the value of one input they test for equality (`eq` or
 /// `in` at the top level of a condition).
@@ -430,10 +474,55 @@ impl Served {
             by_path.insert(m.path.clone().into_boxed_str(), methods.len());
             let used = (0..m.responses.len()).map(|_| std::sync::atomic::AtomicU64::new(0)).collect();
             let literals = build_literals(&m);
-            let mut served =
-                ServedMethod { plan: m, responses, no_match, singular, regexes, index, keep: 0, used, literals };
+            // A built-in service the plan declares but has no rules for
+            // is still answered by the engine.
+            let builtin = match m.rules.is_empty() {
+                true => BUILTINS.iter().find(|b| b.0 == m.path).map(|b| b.4),
+                false => None,
+            };
+            let mut served = ServedMethod {
+                plan: m,
+                responses,
+                no_match,
+                singular,
+                regexes,
+                index,
+                keep: 0,
+                used,
+                literals,
+                builtin,
+            };
             served.keep = served.messages_kept();
             methods.push(served);
+        }
+        for (path, kind, input, output, builtin) in BUILTINS {
+            if by_path.contains_key(path) {
+                continue;
+            }
+            by_path.insert(path.into(), methods.len());
+            methods.push(ServedMethod {
+                plan: Method {
+                    path: path.into(),
+                    kind,
+                    input_type: input.into(),
+                    output_type: output.into(),
+                    fields: Vec::new(),
+                    metadata_keys: Vec::new(),
+                    responses: Vec::new(),
+                    rules: Vec::new(),
+                    duplex: kind == MethodKind::BidiStreaming,
+                    regexes: Vec::new(),
+                },
+                responses: Vec::new(),
+                no_match: status_response(12, "not implemented"),
+                singular: Vec::new(),
+                regexes: Vec::new(),
+                index: None,
+                keep: 1,
+                used: Vec::new(),
+                literals: Vec::new(),
+                builtin: Some(builtin),
+            });
         }
         Ok(Served { methods, by_path })
     }

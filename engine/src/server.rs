@@ -14,7 +14,7 @@
 //! `idle_timeout` without a call; h2 enforces stream, header, reset and
 //! buffer limits and answers floods with GOAWAY or RST_STREAM.
 
-use crate::served::Served;
+use crate::state::State;
 use std::io;
 use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -56,6 +56,8 @@ pub struct Config {
     pub write_timeout: Option<Duration>,
     /// Which HTTP/2 implementation serves connections.
     pub stack: Stack,
+    /// Count calls for `/metrics` (per-worker counters).
+    pub metrics: bool,
 }
 
 /// The HTTP/2 implementation connections are served with.
@@ -83,6 +85,7 @@ impl Default for Config {
             seed: None,
             stack: Stack::Native,
             write_timeout: Some(Duration::from_secs(30)),
+            metrics: true,
         }
     }
 }
@@ -97,34 +100,67 @@ impl Drop for Slot {
     }
 }
 
+/// The sockets to serve gRPC on: cleartext, TLS, or both.
+#[derive(Default)]
+pub struct Listeners {
+    pub plain: Option<TcpListener>,
+    /// A listener whose connections start with a TLS handshake.
+    pub tls: Option<(TcpListener, Arc<rustls::ServerConfig>)>,
+}
+
 /// A running server. Dropping it does not stop it; call [`Server::shutdown`].
 pub struct Server {
-    addr: SocketAddr,
+    plain: Option<SocketAddr>,
+    tls: Option<SocketAddr>,
+    state: Arc<State>,
     stop: watch::Sender<bool>,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
+/// An accepted connection on its way to a worker.
+struct Accepted {
+    socket: std::net::TcpStream,
+    slot: Slot,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
 impl Server {
-    /// Starts serving on an already-bound listener (bind port 0 in tests).
-    pub fn start(listener: TcpListener, served: Arc<Served>, config: Config) -> io::Result<Server> {
-        listener.set_nonblocking(true)?;
-        let addr = listener.local_addr()?;
-        let workers = match config.workers {
-            0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
-            n => n,
-        };
+    /// Starts serving `state`'s current plan on the listeners (bind port 0
+    /// in tests). The worker count is `state.workers`.
+    pub fn start(listeners: Listeners, state: Arc<State>, config: Config) -> io::Result<Server> {
+        let mut sockets = Vec::new();
+        let (mut plain, mut tls) = (None, None);
+        if let Some(l) = listeners.plain {
+            l.set_nonblocking(true)?;
+            let addr = l.local_addr()?;
+            state.add_listener("grpc", addr);
+            plain = Some(addr);
+            sockets.push((l, None));
+        }
+        if let Some((l, tls_config)) = listeners.tls {
+            l.set_nonblocking(true)?;
+            let addr = l.local_addr()?;
+            state.add_listener("grpc+tls", addr);
+            tls = Some(addr);
+            sockets.push((l, Some(tokio_rustls::TlsAcceptor::from(tls_config))));
+        }
+        if sockets.is_empty() {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "no listener to serve on"));
+        }
+        let workers = state.workers.max(1);
         let (stop, stop_rx) = watch::channel(false);
         let mut senders = Vec::with_capacity(workers);
         let mut threads = Vec::with_capacity(workers + 1);
         for i in 0..workers {
-            let (tx, rx) = mpsc::unbounded_channel::<(std::net::TcpStream, Slot)>();
+            let (tx, rx) = mpsc::unbounded_channel::<Accepted>();
             senders.push(tx);
-            let (served, config, stop_rx) = (served.clone(), config.clone(), stop_rx.clone());
+            let (state, config, stop_rx) = (state.clone(), config.clone(), stop_rx.clone());
             threads.push(std::thread::Builder::new().name(format!("wirestub-worker-{i}")).spawn(move || {
                 if let Some(seed) = config.seed {
                     crate::rng::seed(seed.wrapping_add(i as u64));
                 }
-                worker(rx, served, config, stop_rx)
+                crate::metrics::set_worker(i);
+                worker(rx, state, config, stop_rx)
             })?);
         }
         let acceptor_stop = stop_rx.clone();
@@ -132,18 +168,30 @@ impl Server {
         threads.push(
             std::thread::Builder::new()
                 .name("wirestub-acceptor".into())
-                .spawn(move || acceptor(listener, senders, max_connections, acceptor_stop))?,
+                .spawn(move || acceptor(sockets, senders, max_connections, acceptor_stop))?,
         );
-        Ok(Server { addr, stop, threads })
+        Ok(Server { plain, tls, state, stop, threads })
     }
 
+    /// The cleartext listener's address (the TLS one when there is none).
     pub fn local_addr(&self) -> SocketAddr {
-        self.addr
+        self.plain.or(self.tls).expect("a server has a listener")
     }
 
-    /// Stops accepting, sends GOAWAY on every connection, lets in-flight
-    /// calls finish (up to the drain timeout) and joins every thread.
+    /// The TLS listener's address.
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.tls
+    }
+
+    pub fn state(&self) -> &Arc<State> {
+        &self.state
+    }
+
+    /// Health goes NOT_SERVING, the server stops accepting, sends GOAWAY on
+    /// every connection, lets in-flight calls finish (up to the drain
+    /// timeout) and joins every thread.
     pub fn shutdown(self) {
+        self.state.start_draining();
         let _ = self.stop.send(true);
         for t in self.threads {
             let _ = t.join();
@@ -156,61 +204,69 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 fn acceptor(
-    listener: TcpListener,
-    workers: Vec<mpsc::UnboundedSender<(std::net::TcpStream, Slot)>>,
+    listeners: Vec<(TcpListener, Option<tokio_rustls::TlsAcceptor>)>,
+    workers: Vec<mpsc::UnboundedSender<Accepted>>,
     max_connections: usize,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
     let open = Arc::new(AtomicUsize::new(0));
-    let mut refusing = false;
+    let next = Arc::new(AtomicUsize::new(0));
+    let workers = Arc::new(workers);
     runtime().block_on(async move {
-        let listener = match tokio::net::TcpListener::from_std(listener) {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::error!("cannot use listener: {e}");
-                return;
-            }
-        };
-        let mut next = 0;
-        loop {
-            tokio::select! {
-                _ = stop.changed() => break,
-                accepted = listener.accept() => match accepted {
-                    Ok((stream, peer)) => {
-                        // Counted before the check, so that the slot's drop
-                        // undoes it on every path.
-                        let slot = Slot(open.clone());
-                        if open.fetch_add(1, Ordering::Relaxed) >= max_connections {
-                            // Closed at once, without a word: no HTTP/2 has
-                            // been spoken yet. Logged when refusing starts,
-                            // not per connection, so a flood cannot fill logs.
-                            if !refusing {
-                                tracing::warn!("{max_connections} connections open: closing new ones");
+        let local = tokio::task::LocalSet::new();
+        for (listener, tls) in listeners {
+            let listener = match tokio::net::TcpListener::from_std(listener) {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::error!("cannot use listener: {e}");
+                    continue;
+                }
+            };
+            let (open, next, workers, mut stop) = (open.clone(), next.clone(), workers.clone(), stop.clone());
+            local.spawn_local(async move {
+                let mut refusing = false;
+                loop {
+                    tokio::select! {
+                        _ = stop.changed() => break,
+                        accepted = listener.accept() => match accepted {
+                            Ok((stream, peer)) => {
+                                // Counted before the check, so that the slot's drop
+                                // undoes it on every path.
+                                let slot = Slot(open.clone());
+                                if open.fetch_add(1, Ordering::Relaxed) >= max_connections {
+                                    // Closed at once, without a word: no HTTP/2 has
+                                    // been spoken yet. Logged when refusing starts,
+                                    // not per connection, so a flood cannot fill logs.
+                                    if !refusing {
+                                        tracing::warn!("{max_connections} connections open: closing new ones");
+                                    }
+                                    refusing = true;
+                                    tracing::debug!(%peer, "connection over --max-connections closed");
+                                    continue;
+                                }
+                                refusing = false;
+                                let Ok(socket) = stream.into_std() else { continue };
+                                let n = next.fetch_add(1, Ordering::Relaxed) % workers.len();
+                                let _ = workers[n].send(Accepted { socket, slot, tls: tls.clone() });
                             }
-                            refusing = true;
-                            tracing::debug!(%peer, "connection over --max-connections closed");
-                            continue;
-                        }
-                        refusing = false;
-                        let Ok(stream) = stream.into_std() else { continue };
-                        let _ = workers[next].send((stream, slot));
-                        next = (next + 1) % workers.len();
+                            Err(e) => {
+                                // Out of file descriptors and similar: back off
+                                // rather than spin.
+                                tracing::warn!("accept failed: {e}");
+                                tokio::time::sleep(Duration::from_millis(50)).await;
+                            }
+                        },
                     }
-                    Err(e) => {
-                        // Out of file descriptors and similar: back off
-                        // rather than spin.
-                        tracing::warn!("accept failed: {e}");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                },
-            }
+                }
+            });
         }
+        local.await;
     });
 }
 
 fn worker(
-    mut sockets: mpsc::UnboundedReceiver<(std::net::TcpStream, Slot)>,
-    served: Arc<Served>,
+    mut sockets: mpsc::UnboundedReceiver<Accepted>,
+    state: Arc<State>,
     config: Config,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -222,8 +278,8 @@ fn worker(
             tokio::select! {
                 _ = stop.changed() => break,
                 socket = sockets.recv() => match socket {
-                    Some((s, slot)) => {
-                        connections.spawn_local(connection(s, slot, served.clone(), config.clone(), stop.clone()));
+                    Some(accepted) => {
+                        connections.spawn_local(connection(accepted, state.clone(), config.clone(), stop.clone()));
                     }
                     None => break,
                 },
@@ -237,20 +293,42 @@ fn worker(
     }));
 }
 
-/// Drives one connection on the configured HTTP/2 stack. `slot` holds its
-/// place under `max_connections` until the task ends.
-async fn connection(
-    socket: std::net::TcpStream,
-    slot: Slot,
-    served: Arc<Served>,
-    config: std::rc::Rc<Config>,
-    stop: watch::Receiver<bool>,
-) {
+/// Drives one connection on the configured HTTP/2 stack, after the TLS
+/// handshake for a TLS listener. `slot` holds its place under
+/// `max_connections` until the task ends.
+async fn connection(accepted: Accepted, state: Arc<State>, config: std::rc::Rc<Config>, stop: watch::Receiver<bool>) {
+    let Accepted { socket, slot, tls } = accepted;
     let _slot = slot;
     let Ok(socket) = tokio::net::TcpStream::from_std(socket) else { return };
     let _ = socket.set_nodelay(true);
+    let Some(tls) = tls else {
+        return serve(socket, &state, &config, stop).await;
+    };
+    let handshake = tls.accept(socket);
+    let stream = match config.handshake_timeout {
+        Some(t) => match tokio::time::timeout(t, handshake).await {
+            Ok(r) => r,
+            Err(_) => {
+                tracing::debug!("TLS handshake timed out");
+                return;
+            }
+        },
+        None => handshake.await,
+    };
+    match stream {
+        Ok(stream) => serve(stream, &state, &config, stop).await,
+        // A client that fails the handshake (bad or missing certificate,
+        // no common protocol) is the client's problem: debug, not warn.
+        Err(e) => tracing::debug!("TLS handshake failed: {e}"),
+    }
+}
+
+async fn serve<T>(io: T, state: &State, config: &Config, stop: watch::Receiver<bool>)
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     match config.stack {
-        Stack::Native => crate::http2::conn::serve(socket, &served, &config, stop).await,
-        Stack::H2 => crate::h2_stack::connection(socket, &served, &config, stop).await,
+        Stack::Native => crate::http2::conn::serve(io, state, config, stop).await,
+        Stack::H2 => crate::h2_stack::connection(io, state, config, stop).await,
     }
 }

@@ -10,7 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use wirestub_compiler::{compile, Options};
-use wirestub_engine::{Config, NoMatch, Served, Server};
+use wirestub_engine::server::Listeners;
+use wirestub_engine::{Config, NoMatch, Server, State};
 
 /// The repository root.
 pub fn root() -> PathBuf {
@@ -43,15 +44,18 @@ impl TestServer {
             Err(d) => panic!("case {} does not compile:\n{}", dir.display(), d.render()),
         };
         let bytes = output.plan.to_bytes();
-        let served = wirestub_engine::load(&bytes, no_match).expect("plan loads");
-        Self::serve(served, &output.plan.descriptors)
+        let plan = wirestub_engine::Plan::from_bytes(&bytes).expect("plan loads");
+        Self::serve(plan, no_match)
     }
 
-    pub fn serve(served: Served, descriptors: &[u8]) -> TestServer {
-        let pool = DescriptorPool::decode(descriptors).expect("descriptors decode");
+    /// Serves `plan` on a free loopback port with two workers.
+    pub fn serve(plan: wirestub_engine::Plan, no_match: NoMatch) -> TestServer {
+        let pool = DescriptorPool::decode(&plan.descriptors[..]).expect("descriptors decode");
+        let state = State::new(plan, None, "test".into(), no_match, 2, 0).expect("plan prepares");
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let config = Config { workers: 2, drain_timeout: Duration::from_secs(2), stack: stack(), ..Config::default() };
-        let server = Server::start(listener, Arc::new(served), config).unwrap();
+        let listeners = Listeners { plain: Some(listener), tls: None };
+        let server = Server::start(listeners, Arc::new(state), config).unwrap();
         TestServer { addr: server.local_addr(), pool, server: Some(server) }
     }
 

@@ -22,6 +22,7 @@ use crate::call::{self, Answer, Schedule};
 use crate::grpc::{self, Code, Status};
 use crate::matcher::Messages;
 use crate::served::{status_response, Prepared, Served, ServedMethod};
+use crate::state::State;
 use crate::server::Config;
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::stream::{FuturesUnordered, StreamExt};
@@ -33,8 +34,7 @@ use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Poll, Waker};
 use std::time::Duration;
-use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use wirestub_plan::MethodKind;
@@ -1375,7 +1375,12 @@ async fn duplex<'s>(h: Handle<'s>, deadline: Option<Instant>) {
 // -------------------------------------------------------------------------
 
 /// Serves one connection until the client or the engine ends it.
-pub async fn serve(socket: TcpStream, served: &Served, config: &Config, mut stop: watch::Receiver<bool>) {
+pub async fn serve<T>(mut socket: T, state: &State, config: &Config, mut stop: watch::Receiver<bool>)
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    let generation = state.current();
+    let served = &generation.served;
     let conn: Shared<'_> = Rc::new(RefCell::new(Conn::new(served, config)));
     let mut tasks: FuturesUnordered<Task<'_>> = FuturesUnordered::new();
     let mut rbuf = BytesMut::with_capacity(32 << 10);
@@ -1395,6 +1400,7 @@ pub async fn serve(socket: TcpStream, served: &Served, config: &Config, mut stop
     let mut stalled_for = Duration::ZERO;
     let mut written_at_tick = 0u64;
     let mut written = 0u64;
+    let mut unflushed = 0u64;
     let mut next_tick = tick.map(|t| started + t);
     let mut timer = Box::pin(tokio::time::sleep_until(started + Duration::from_secs(3600)));
     let mut timer_at: Option<Instant> = None;
@@ -1420,20 +1426,13 @@ pub async fn serve(socket: TcpStream, served: &Served, config: &Config, mut stop
                 // a poll that returns Pending registers for the next event,
                 // so the loop polls until it does.
                 while !read_closed && c.ending != Ending::Now && c.out.len() < OUT_HIGH {
-                    match socket.poll_read_ready(cx) {
+                    rbuf.reserve(16 << 10);
+                    match tokio_util::io::poll_read_buf(Pin::new(&mut socket), cx, &mut rbuf) {
                         Poll::Pending => break,
-                        Poll::Ready(Err(_)) => read_closed = true,
-                        Poll::Ready(Ok(())) => {
-                            rbuf.reserve(16 << 10);
-                            match socket.try_read_buf(&mut rbuf) {
-                                Ok(0) => read_closed = true,
-                                Ok(_) => {
-                                    progress = true;
-                                    break;
-                                }
-                                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                                Err(_) => read_closed = true,
-                            }
+                        Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => read_closed = true,
+                        Poll::Ready(Ok(_)) => {
+                            progress = true;
+                            break;
                         }
                     }
                 }
@@ -1469,18 +1468,22 @@ pub async fn serve(socket: TcpStream, served: &Served, config: &Config, mut stop
             {
                 let mut c = conn.borrow_mut();
                 while !c.out.is_empty() && !write_failed {
-                    match socket.poll_write_ready(cx) {
-                        Poll::Ready(Ok(())) => match socket.try_write(&c.out) {
-                            Ok(n) => {
-                                c.out.advance(n);
-                                written += n as u64;
-                                progress = true;
-                            }
-                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                            Err(_) => write_failed = true,
-                        },
-                        Poll::Ready(Err(_)) => write_failed = true,
+                    match Pin::new(&mut socket).poll_write(cx, &c.out) {
+                        Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => write_failed = true,
+                        Poll::Ready(Ok(n)) => {
+                            c.out.advance(n);
+                            written += n as u64;
+                            progress = true;
+                        }
                         Poll::Pending => break,
+                    }
+                }
+                // TLS keeps written records until flushed (TCP: no-op).
+                if !write_failed && c.out.is_empty() && unflushed != written {
+                    match Pin::new(&mut socket).poll_flush(cx) {
+                        Poll::Ready(Ok(())) => unflushed = written,
+                        Poll::Ready(Err(_)) => write_failed = true,
+                        Poll::Pending => {}
                     }
                 }
                 if write_failed {
@@ -1548,8 +1551,10 @@ pub async fn serve(socket: TcpStream, served: &Served, config: &Config, mut stop
             {
                 let c = conn.borrow();
                 let finished = match c.ending {
-                    Ending::Now => c.out.is_empty(),
-                    Ending::Draining => c.streams.is_empty() && c.out.is_empty() && tasks.is_empty(),
+                    Ending::Now => c.out.is_empty() && unflushed == written,
+                    Ending::Draining => {
+                        c.streams.is_empty() && c.out.is_empty() && unflushed == written && tasks.is_empty()
+                    }
                     Ending::No => false,
                 };
                 if finished || (write_failed && tasks.is_empty()) {
@@ -1581,7 +1586,6 @@ pub async fn serve(socket: TcpStream, served: &Served, config: &Config, mut stop
     // Say goodbye properly: stop writing, then read until the client
     // closes (or a moment passes), so the last frames are not destroyed by
     // a TCP reset.
-    let mut socket = socket;
     if !write_failed {
         let _ = tokio::time::timeout(LINGER, async {
             let _ = socket.shutdown().await;

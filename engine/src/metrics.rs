@@ -1,0 +1,337 @@
+//! Call metrics in the names and labels of go-grpc-prometheus
+//! (`grpc_server_started_total`, `grpc_server_handled_total`,
+//! `grpc_server_handling_seconds`), plus rule hits and misses.
+//!
+//! Counters live per plan generation and per worker thread: each worker
+//! writes only its own block (a relaxed load and store, no atomic
+//! read-modify-write, no shared cache line), and a scrape sums the blocks.
+//! Generations no call can reach any more are folded into running totals
+//! on scrape, so counters never go down across plan swaps.
+
+use crate::served::Served;
+use std::cell::Cell;
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Upper bounds of the handling-time buckets, in seconds (Prometheus'
+/// defaults, as go-grpc-prometheus uses).
+pub const BUCKETS: [f64; 11] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+const BUCKET_MICROS: [u64; 11] = [5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000, 2_500_000, 5_000_000, 10_000_000];
+
+/// gRPC code names as go-grpc-prometheus labels them.
+pub const CODE_NAMES: [&str; 17] = [
+    "OK",
+    "Canceled",
+    "Unknown",
+    "InvalidArgument",
+    "DeadlineExceeded",
+    "NotFound",
+    "AlreadyExists",
+    "PermissionDenied",
+    "ResourceExhausted",
+    "FailedPrecondition",
+    "Aborted",
+    "OutOfRange",
+    "Unimplemented",
+    "Internal",
+    "Unavailable",
+    "DataLoss",
+    "Unauthenticated",
+];
+
+// Layout of one method's counters in a worker's block.
+const STARTED: usize = 0;
+const HANDLED: usize = 1; // 17 codes
+const BUCKET: usize = HANDLED + 17; // 11 bounds + +Inf
+const SUM_MICROS: usize = BUCKET + 12;
+const MISSES: usize = SUM_MICROS + 1;
+const STRIDE: usize = 32;
+const _: () = assert!(MISSES < STRIDE);
+/// Counters kept clear of a block's neighbours (one cache line each side).
+const PAD: usize = 8;
+
+thread_local! {
+    static WORKER: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Marks the current thread as worker `i` (its counters go to block `i`).
+pub fn set_worker(i: usize) {
+    WORKER.with(|w| w.set(i));
+}
+
+/// The current thread's worker index (0 outside workers).
+pub fn worker() -> usize {
+    WORKER.with(|w| w.get())
+}
+
+/// What a method is called in labels.
+#[derive(Debug, Clone)]
+struct MethodLabels {
+    kind: &'static str,
+    service: String,
+    method: String,
+    rules: Vec<String>,
+}
+
+/// The counters of one plan generation.
+pub struct Stats {
+    methods: Vec<MethodLabels>,
+    /// Offset of each method's rule counters in a block.
+    rule_base: Vec<usize>,
+    blocks: Vec<Box<[AtomicU64]>>,
+}
+
+/// One worker's counters in one generation.
+pub struct WorkerStats<'a> {
+    cells: &'a [AtomicU64],
+    rule_base: &'a [usize],
+}
+
+#[inline]
+fn bump(c: &AtomicU64, by: u64) {
+    // One writer per block: no read-modify-write needed.
+    c.store(c.load(Ordering::Relaxed).wrapping_add(by), Ordering::Relaxed);
+}
+
+impl WorkerStats<'_> {
+    /// A call to method `m` started.
+    #[inline]
+    pub fn started(&self, m: usize) {
+        if let Some(c) = self.cells.get(PAD + m * STRIDE + STARTED) {
+            bump(c, 1);
+        }
+    }
+
+    /// A call to method `m` ended with `code` after `elapsed`.
+    #[inline]
+    pub fn handled(&self, m: usize, code: u8, elapsed: Duration) {
+        let base = PAD + m * STRIDE;
+        let Some(cells) = self.cells.get(base..base + STRIDE) else { return };
+        bump(&cells[HANDLED + (code as usize).min(16)], 1);
+        let micros = elapsed.as_micros().min(u64::MAX as u128) as u64;
+        let b = BUCKET_MICROS.iter().position(|&le| micros <= le).unwrap_or(11);
+        bump(&cells[BUCKET + b], 1);
+        bump(&cells[SUM_MICROS], micros);
+    }
+
+    /// Rule `rule` of method `m` answered a call, or (None) no rule did.
+    #[inline]
+    pub fn rule(&self, m: usize, rule: Option<u32>) {
+        let i = match rule {
+            Some(r) => match self.rule_base.get(m) {
+                Some(&base) => base + r as usize,
+                None => return,
+            },
+            None => PAD + m * STRIDE + MISSES,
+        };
+        if let Some(c) = self.cells.get(i) {
+            bump(c, 1);
+        }
+    }
+}
+
+fn split_path(path: &str) -> (String, String) {
+    match path.strip_prefix('/').and_then(|p| p.split_once('/')) {
+        Some((s, m)) => (s.to_string(), m.to_string()),
+        None => (String::new(), path.to_string()),
+    }
+}
+
+impl Stats {
+    pub fn new(workers: usize, served: &Served) -> Stats {
+        let methods: Vec<MethodLabels> = served
+            .methods
+            .iter()
+            .map(|m| {
+                let (service, method) = split_path(&m.plan.path);
+                let kind = match m.plan.kind {
+                    wirestub_plan::MethodKind::Unary => "unary",
+                    wirestub_plan::MethodKind::ServerStreaming => "server_stream",
+                    wirestub_plan::MethodKind::ClientStreaming => "client_stream",
+                    wirestub_plan::MethodKind::BidiStreaming => "bidi_stream",
+                };
+                MethodLabels { kind, service, method, rules: m.plan.rules.iter().map(|r| r.origin.clone()).collect() }
+            })
+            .collect();
+        let mut rule_base = Vec::with_capacity(methods.len());
+        let mut next = PAD + methods.len() * STRIDE;
+        for m in &methods {
+            rule_base.push(next);
+            next += m.rules.len();
+        }
+        let len = next + PAD;
+        let blocks = (0..workers.max(1)).map(|_| (0..len).map(|_| AtomicU64::new(0)).collect()).collect();
+        Stats { methods, rule_base, blocks }
+    }
+
+    /// The block of worker `i`.
+    #[inline]
+    pub fn worker(&self, i: usize) -> WorkerStats<'_> {
+        WorkerStats { cells: &self.blocks[i % self.blocks.len()], rule_base: &self.rule_base }
+    }
+
+    /// Every counter summed over workers.
+    fn sum(&self) -> Vec<u64> {
+        let mut out = vec![0u64; self.blocks[0].len()];
+        for b in &self.blocks {
+            for (o, c) in out.iter_mut().zip(b.iter()) {
+                *o = o.wrapping_add(c.load(Ordering::Relaxed));
+            }
+        }
+        out
+    }
+
+    /// Adds this generation's counters into `totals`.
+    fn fold_into(&self, totals: &mut Totals) {
+        let sum = self.sum();
+        for (i, m) in self.methods.iter().enumerate() {
+            let t = totals.methods.entry((m.service.clone(), m.method.clone())).or_insert_with(|| MethodTotals {
+                kind: m.kind,
+                counters: [0; STRIDE],
+                rules: BTreeMap::new(),
+            });
+            t.kind = m.kind;
+            let base = PAD + i * STRIDE;
+            for (k, c) in t.counters.iter_mut().enumerate() {
+                *c += sum[base + k];
+            }
+            for (r, origin) in m.rules.iter().enumerate() {
+                *t.rules.entry(origin.clone()).or_default() += sum[self.rule_base[i] + r];
+            }
+        }
+    }
+}
+
+#[derive(Default, Clone)]
+struct MethodTotals {
+    kind: &'static str,
+    counters: [u64; STRIDE],
+    rules: BTreeMap<String, u64>,
+}
+
+/// Counters by (service, method).
+#[derive(Default, Clone)]
+struct Totals {
+    methods: BTreeMap<(String, String), MethodTotals>,
+}
+
+/// Every generation's counters, for scraping.
+#[derive(Default)]
+pub struct Registry {
+    inner: Mutex<RegistryInner>,
+}
+
+#[derive(Default)]
+struct RegistryInner {
+    live: Vec<Arc<Stats>>,
+    retired: Totals,
+}
+
+impl Registry {
+    /// Adds a generation's counters.
+    pub fn register(&self, stats: Arc<Stats>) {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).live.push(stats);
+    }
+
+    /// The Prometheus text exposition of every counter.
+    pub fn render(&self) -> String {
+        let totals = {
+            let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+            // Generations held only here can no longer count: fold them.
+            let (dead, live): (Vec<_>, Vec<_>) =
+                std::mem::take(&mut inner.live).into_iter().partition(|s| Arc::strong_count(s) == 1);
+            for s in dead {
+                s.fold_into(&mut inner.retired);
+            }
+            inner.live = live;
+            let mut totals = inner.retired.clone();
+            for s in &inner.live {
+                s.fold_into(&mut totals);
+            }
+            totals
+        };
+        render(&totals)
+    }
+}
+
+fn escape(v: &str) -> String {
+    let mut s = String::with_capacity(v.len());
+    for c in v.chars() {
+        match c {
+            '\\' => s.push_str("\\\\"),
+            '"' => s.push_str("\\\""),
+            '\n' => s.push_str("\\n"),
+            c => s.push(c),
+        }
+    }
+    s
+}
+
+fn render(totals: &Totals) -> String {
+    let mut out = String::new();
+    let labels = |kind: &str, service: &str, method: &str| {
+        format!("grpc_type=\"{kind}\",grpc_service=\"{}\",grpc_method=\"{}\"", escape(service), escape(method))
+    };
+    out.push_str("# HELP grpc_server_started_total Total number of RPCs started on the server.\n");
+    out.push_str("# TYPE grpc_server_started_total counter\n");
+    for ((s, m), t) in &totals.methods {
+        let _ = writeln!(out, "grpc_server_started_total{{{}}} {}", labels(t.kind, s, m), t.counters[STARTED]);
+    }
+    out.push_str(
+        "# HELP grpc_server_handled_total Total number of RPCs completed on the server, regardless of success or failure.\n",
+    );
+    out.push_str("# TYPE grpc_server_handled_total counter\n");
+    for ((s, m), t) in &totals.methods {
+        for (code, name) in CODE_NAMES.iter().enumerate() {
+            let n = t.counters[HANDLED + code];
+            if n > 0 || code == 0 {
+                let _ =
+                    writeln!(out, "grpc_server_handled_total{{{},grpc_code=\"{name}\"}} {n}", labels(t.kind, s, m));
+            }
+        }
+    }
+    out.push_str(
+        "# HELP grpc_server_handling_seconds Histogram of response latency (seconds) of gRPC that had been application-level handled by the server.\n",
+    );
+    out.push_str("# TYPE grpc_server_handling_seconds histogram\n");
+    for ((s, m), t) in &totals.methods {
+        let l = labels(t.kind, s, m);
+        let mut cumulative = 0;
+        for (i, le) in BUCKETS.iter().enumerate() {
+            cumulative += t.counters[BUCKET + i];
+            let _ = writeln!(out, "grpc_server_handling_seconds_bucket{{{l},le=\"{le}\"}} {cumulative}");
+        }
+        cumulative += t.counters[BUCKET + 11];
+        let _ = writeln!(out, "grpc_server_handling_seconds_bucket{{{l},le=\"+Inf\"}} {cumulative}");
+        let _ = writeln!(out, "grpc_server_handling_seconds_sum{{{l}}} {}", t.counters[SUM_MICROS] as f64 / 1e6);
+        let _ = writeln!(out, "grpc_server_handling_seconds_count{{{l}}} {cumulative}");
+    }
+    out.push_str("# HELP wirestub_rule_hits_total Calls answered by each rule.\n");
+    out.push_str("# TYPE wirestub_rule_hits_total counter\n");
+    for ((s, m), t) in &totals.methods {
+        for (origin, n) in &t.rules {
+            let _ = writeln!(
+                out,
+                "wirestub_rule_hits_total{{grpc_service=\"{}\",grpc_method=\"{}\",rule=\"{}\"}} {n}",
+                escape(s),
+                escape(m),
+                escape(origin)
+            );
+        }
+    }
+    out.push_str("# HELP wirestub_rule_misses_total Calls no rule matched.\n");
+    out.push_str("# TYPE wirestub_rule_misses_total counter\n");
+    for ((s, m), t) in &totals.methods {
+        let _ = writeln!(
+            out,
+            "wirestub_rule_misses_total{{grpc_service=\"{}\",grpc_method=\"{}\"}} {}",
+            escape(s),
+            escape(m),
+            t.counters[MISSES]
+        );
+    }
+    out
+}

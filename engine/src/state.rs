@@ -1,0 +1,272 @@
+//! What the workers, the admin API and the binary share: the current plan
+//! generation (swapped atomically on reload), health, the journal and the
+//! metrics of every generation.
+//!
+//! The request path reads one atomic per new call (the generation number)
+//! and takes the lock on the current generation only when that number has
+//! changed, i.e. once per connection per swap.
+
+use crate::health::Health;
+use crate::journal::Journal;
+use crate::metrics::{Registry, Stats};
+use crate::reflection::Reflection;
+use crate::served::{NoMatch, Served};
+use bytes::Bytes;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Instant, SystemTime};
+use wirestub_plan::Plan;
+
+/// One loaded plan, prepared for serving, with what the admin side needs
+/// about it. Calls keep the generation they started on until they end.
+pub struct Generation {
+    pub served: Served,
+    /// Per-worker counters of calls served by this generation.
+    pub stats: Arc<Stats>,
+    pub reflection: Reflection,
+    /// The plan's `FileDescriptorSet`, encoded.
+    pub descriptors: Bytes,
+    /// FNV-1a 64 of the plan's encoding, in hex: equal plans, equal ids.
+    pub identity: String,
+    /// The plan layout version it was read from.
+    pub version: u32,
+    /// Where it came from: the plan file, or the directories compiled.
+    pub source: String,
+    pub loaded: SystemTime,
+    /// Number of this generation: 1 for the first plan, +1 per swap.
+    pub number: u64,
+    schema: OnceLock<Option<prost_reflect::DescriptorPool>>,
+}
+
+impl Generation {
+    /// The descriptors as a pool (decoded on first use; None when they do
+    /// not decode), for JSON views and names. Never on the request path.
+    pub fn schema(&self) -> Option<&prost_reflect::DescriptorPool> {
+        self.schema.get_or_init(|| prost_reflect::DescriptorPool::decode(&self.descriptors[..]).ok()).as_ref()
+    }
+
+    /// Fully-qualified names of the services the plan mocks.
+    pub fn services(&self) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for m in &self.served.methods {
+            if m.builtin.is_some() {
+                continue;
+            }
+            if let Some(service) = m.plan.path.strip_prefix('/').and_then(|p| p.split_once('/')).map(|(s, _)| s) {
+                if out.last().map(String::as_str) != Some(service) {
+                    out.push(service.to_string());
+                }
+            }
+        }
+        out.dedup();
+        out
+    }
+}
+
+/// A listener the engine serves on, for the status page.
+#[derive(Debug, Clone)]
+pub struct Listener {
+    /// `grpc`, `grpc+tls` or `admin`.
+    pub kind: &'static str,
+    pub addr: SocketAddr,
+}
+
+/// Loads the next plan for a reload: the plan file read again, or the
+/// protos and rules compiled again. The string names where it came from.
+pub type Reloader = Box<dyn Fn() -> Result<(Plan, Option<Vec<u8>>, String), String> + Send + Sync>;
+
+/// The shared state.
+pub struct State {
+    current: Mutex<Arc<Generation>>,
+    number: AtomicU64,
+    pub health: Health,
+    pub journal: Option<Journal>,
+    pub metrics: Registry,
+    pub no_match: NoMatch,
+    pub workers: usize,
+    pub started: SystemTime,
+    started_at: Instant,
+    draining: AtomicBool,
+    listeners: Mutex<Vec<Listener>>,
+    reloader: Mutex<Option<Reloader>>,
+    /// Serialises reloads, so two at once cannot interleave.
+    reloading: Mutex<()>,
+}
+
+/// The outcome of a successful reload.
+#[derive(Debug, Clone)]
+pub struct Reloaded {
+    pub identity: String,
+    pub number: u64,
+    pub methods: usize,
+    pub rules: usize,
+    /// False when the new plan is identical to the one serving (it is
+    /// swapped all the same).
+    pub changed: bool,
+}
+
+impl State {
+    /// The state for a first plan. `bytes` are the plan file's bytes when
+    /// it was read from one (for its identity and version).
+    pub fn new(
+        plan: Plan,
+        bytes: Option<&[u8]>,
+        source: String,
+        no_match: NoMatch,
+        workers: usize,
+        journal: usize,
+    ) -> Result<State, String> {
+        let workers = match workers {
+            0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            n => n,
+        };
+        let metrics = Registry::default();
+        let generation = prepare(plan, bytes, source, no_match, workers, 1)?;
+        metrics.register(generation.stats.clone());
+        let health = Health::new();
+        health.set_services(&generation.services());
+        Ok(State {
+            current: Mutex::new(Arc::new(generation)),
+            number: AtomicU64::new(1),
+            health,
+            journal: (journal > 0).then(|| Journal::new(journal)),
+            metrics,
+            no_match,
+            workers,
+            started: SystemTime::now(),
+            started_at: Instant::now(),
+            draining: AtomicBool::new(false),
+            listeners: Mutex::new(Vec::new()),
+            reloader: Mutex::new(None),
+            reloading: Mutex::new(()),
+        })
+    }
+
+    /// The generation new calls use.
+    pub fn current(&self) -> Arc<Generation> {
+        lock(&self.current).clone()
+    }
+
+    /// The number of the current generation; changes on every swap.
+    #[inline]
+    pub fn number(&self) -> u64 {
+        self.number.load(Ordering::Acquire)
+    }
+
+    /// Prepares `plan` and makes it the current generation. On error the
+    /// current generation keeps serving.
+    pub fn swap(&self, plan: Plan, bytes: Option<&[u8]>, source: String) -> Result<Reloaded, String> {
+        let _one = lock(&self.reloading);
+        let number = self.number.load(Ordering::Acquire) + 1;
+        let rules = plan.methods.iter().map(|m| m.rules.len()).sum();
+        let methods = plan.methods.len();
+        let generation = prepare(plan, bytes, source, self.no_match, self.workers, number)?;
+        self.metrics.register(generation.stats.clone());
+        let services = generation.services();
+        let identity = generation.identity.clone();
+        let changed = {
+            let mut current = lock(&self.current);
+            let changed = current.identity != identity;
+            *current = Arc::new(generation);
+            changed
+        };
+        self.number.store(number, Ordering::Release);
+        if !self.is_draining() {
+            self.health.set_services(&services);
+        }
+        Ok(Reloaded { identity, number, methods, rules, changed })
+    }
+
+    /// Installs what [`State::reload`] calls to get the next plan.
+    pub fn set_reloader(&self, reloader: Reloader) {
+        *lock(&self.reloader) = Some(reloader);
+    }
+
+    /// Loads the next plan with the reloader and swaps it in.
+    pub fn reload(&self) -> Result<Reloaded, String> {
+        let next = {
+            let reloader = lock(&self.reloader);
+            let Some(reload) = reloader.as_ref() else {
+                return Err("this engine has no plan source to reload from".into());
+            };
+            reload()?
+        };
+        let (plan, bytes, source) = next;
+        self.swap(plan, bytes.as_deref(), source)
+    }
+
+    /// Shutdown started: health goes NOT_SERVING, `/readyz` fails.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Release);
+        self.health.set_draining();
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    pub fn uptime(&self) -> std::time::Duration {
+        self.started_at.elapsed()
+    }
+
+    pub fn add_listener(&self, kind: &'static str, addr: SocketAddr) {
+        lock(&self.listeners).push(Listener { kind, addr });
+    }
+
+    pub fn listeners(&self) -> Vec<Listener> {
+        lock(&self.listeners).clone()
+    }
+}
+
+/// A poisoned lock only means another thread panicked while holding it;
+/// the data (an `Arc` swapped whole, a list) is still consistent.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// FNV-1a 64.
+fn fnv64(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// Prepares a plan for serving as generation `number`.
+pub fn prepare(
+    mut plan: Plan,
+    bytes: Option<&[u8]>,
+    source: String,
+    no_match: NoMatch,
+    workers: usize,
+    number: u64,
+) -> Result<Generation, String> {
+    let encoded;
+    let (identity_bytes, version) = match bytes {
+        Some(b) => (b, b.get(12..16).map(|v| u32::from_le_bytes([v[0], v[1], v[2], v[3]])).unwrap_or(0)),
+        None => {
+            encoded = plan.to_bytes();
+            (&encoded[..], wirestub_plan::VERSION)
+        }
+    };
+    let identity = format!("{:016x}", fnv64(identity_bytes));
+    let descriptors = Bytes::from(std::mem::take(&mut plan.descriptors));
+    let served = Served::new(plan, no_match).map_err(|e| e.to_string())?;
+    let stats = Arc::new(Stats::new(workers, &served));
+    let reflection = Reflection::new(&descriptors);
+    Ok(Generation {
+        served,
+        stats,
+        reflection,
+        descriptors,
+        identity,
+        version,
+        source,
+        loaded: SystemTime::now(),
+        number,
+        schema: OnceLock::new(),
+    })
+}
