@@ -18,12 +18,24 @@ pub struct Answer<'m> {
     pub prepared: &'m Prepared,
     pub body: Bytes,
     pub items: Cow<'m, [Bytes]>,
+    /// The rule that chose it (index into the method's rules); None when
+    /// no rule matched.
+    pub rule: Option<u32>,
+    /// When no rule matched and the caller asked: the rule that came
+    /// closest.
+    pub closest: Option<crate::journal::Closest>,
 }
 
 impl<'m> Answer<'m> {
     /// A response without templates.
     pub fn of(prepared: &'m Prepared) -> Self {
-        Answer { prepared, body: prepared.body.clone(), items: Cow::Borrowed(&prepared.stream) }
+        Answer {
+            prepared,
+            body: prepared.body.clone(),
+            items: Cow::Borrowed(&prepared.stream),
+            rule: None,
+            closest: None,
+        }
     }
 
     /// The messages to stream: the items, or the body alone.
@@ -42,17 +54,33 @@ pub fn pick<'m>(
     messages: &Messages<'_>,
     metadata: &(impl Metadata + ?Sized),
 ) -> Result<Answer<'m>, Status> {
+    pick_explained(method, messages, metadata, false)
+}
+
+/// [`pick`], and with `explain`, the rule that came closest when none
+/// matched.
+pub fn pick_explained<'m>(
+    method: &'m ServedMethod,
+    messages: &Messages<'_>,
+    metadata: &(impl Metadata + ?Sized),
+    explain: bool,
+) -> Result<Answer<'m>, Status> {
     let malformed =
         |e: crate::wire::Malformed| Status::new(Code::Internal, format!("cannot parse request message: {e}"));
     let request = matcher::Request::read(method, messages, metadata).map_err(malformed)?;
-    let prepared = match request.select().map_err(malformed)? {
-        Some(i) => &method.responses[i as usize],
+    let rule = request.select_rule().map_err(malformed)?;
+    let prepared = match rule {
+        Some(r) => &method.responses[method.plan.rules[r as usize].response as usize],
         None => &method.no_match,
     };
+    let closest = match (rule, explain) {
+        (None, true) => request.closest(),
+        _ => None,
+    };
     if prepared.templates.is_empty() {
-        return Ok(Answer::of(prepared));
+        return Ok(Answer { rule, closest, ..Answer::of(prepared) });
     }
-    let mut answer = Answer::of(prepared);
+    let mut answer = Answer { rule, closest, ..Answer::of(prepared) };
     let total = prepared.stream.len() as u64;
     for (slot, t) in &prepared.templates {
         let index = slot.saturating_sub(1) as u64;

@@ -13,6 +13,7 @@ pub enum Code {
     ResourceExhausted = 8,
     Unimplemented = 12,
     Internal = 13,
+    Unavailable = 14,
 }
 
 /// A status the engine answers with when no rule is involved.

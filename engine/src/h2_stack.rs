@@ -8,15 +8,16 @@
 use crate::call::{deadline_exceeded, pick, prepare_fault, sleep_until, Answer};
 use crate::grpc::{self, Code, Status};
 use crate::matcher::Messages;
-use crate::state::State;
-use crate::served::{status_response, Prepared, Served};
+use crate::served::{status_response, Prepared};
 use crate::server::Config;
+use crate::state::{Generation, State};
 use bytes::{Bytes, BytesMut};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use h2::server::SendResponse;
 use h2::{RecvStream, SendStream};
 use http::{HeaderMap, Request, Response, StatusCode};
 use std::future::poll_fn;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -53,8 +54,8 @@ pub(crate) async fn connection<T>(socket: T, state: &State, config: &Config, mut
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    let generation = state.current();
-    let served = &generation.served;
+    // Calls take the generation current when they start and keep it.
+    let mut generation = state.current();
     let mut builder = h2::server::Builder::new();
     builder
         .initial_window_size(config.window)
@@ -119,7 +120,12 @@ where
                 conn.graceful_shutdown();
             }
             accepted = conn.accept() => match accepted {
-                Some(Ok((request, respond))) => streams.push(call(served, config, request, respond)),
+                Some(Ok((request, respond))) => {
+                    if state.number() != generation.number {
+                        generation = state.current();
+                    }
+                    streams.push(call(generation.clone(), config, request, respond))
+                }
                 Some(Err(e)) => {
                     tracing::debug!("connection error: {e}");
                     break;
@@ -151,7 +157,13 @@ where
 
 /// Serves one call to completion. Failures to send mean the client went
 /// away; there is nobody left to tell.
-async fn call(served: &Served, config: &Config, request: Request<RecvStream>, mut respond: SendResponse<Bytes>) {
+async fn call(
+    generation: Arc<Generation>,
+    config: &Config,
+    request: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+) {
+    let served = &generation.served;
     let (parts, body) = request.into_parts();
     if parts.method != http::Method::POST {
         let _ = send_http_error(&mut respond, StatusCode::METHOD_NOT_ALLOWED);

@@ -124,6 +124,12 @@ impl<'a> Request<'a> {
 
     /// The first rule (in plan order) whose conditions all hold.
     pub fn select(&self) -> Result<Option<u32>, Malformed> {
+        Ok(self.select_rule()?.map(|r| self.method.plan.rules[r as usize].response))
+    }
+
+    /// Like [`Request::select`], but the rule (index into the method's
+    /// rules) rather than its response.
+    pub fn select_rule(&self) -> Result<Option<u32>, Malformed> {
         let request = self;
         let method = self.method;
         let plan = &method.plan;
@@ -147,7 +153,7 @@ impl<'a> Request<'a> {
         let Some(index) = &method.index else {
             for r in 0..plan.rules.len() as u32 {
                 if holds(r)? {
-                    return Ok(Some(plan.rules[r as usize].response));
+                    return Ok(Some(r));
                 }
             }
             return Ok(None);
@@ -178,10 +184,37 @@ impl<'a> Request<'a> {
                 (None, None) => break,
             };
             if holds(r)? {
-                return Ok(Some(plan.rules[r as usize].response));
+                return Ok(Some(r));
             }
         }
         Ok(None)
+    }
+
+    /// For a request no rule matched: the rule whose conditions held the
+    /// most (the first such rule on ties), the first of its conditions
+    /// that failed, and how many held. Off the fast path: only the journal
+    /// asks, for unmatched calls.
+    pub fn closest(&self) -> Option<crate::journal::Closest> {
+        let mut best: Option<crate::journal::Closest> = None;
+        for (r, rule) in self.method.plan.rules.iter().enumerate() {
+            let mut held = 0u32;
+            let mut failed = None;
+            for (i, c) in rule.conditions.iter().enumerate() {
+                match self.condition(c.source, &c.test) {
+                    Ok(true) => held += 1,
+                    _ => {
+                        failed.get_or_insert(i as u32);
+                    }
+                }
+            }
+            // A rule whose conditions all hold lost to `times`: its
+            // response is used up.
+            let failed = failed.unwrap_or(rule.conditions.len() as u32);
+            if best.is_none_or(|b| held > b.held) {
+                best = Some(crate::journal::Closest { rule: r as u32, failed, held });
+            }
+        }
+        best
     }
 
     /// The single value a non-repeated source reads as, and whether it was

@@ -19,7 +19,8 @@ use std::time::Duration;
 /// Upper bounds of the handling-time buckets, in seconds (Prometheus'
 /// defaults, as go-grpc-prometheus uses).
 pub const BUCKETS: [f64; 11] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
-const BUCKET_MICROS: [u64; 11] = [5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000, 2_500_000, 5_000_000, 10_000_000];
+const BUCKET_MICROS: [u64; 11] =
+    [5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000, 2_500_000, 5_000_000, 10_000_000];
 
 /// gRPC code names as go-grpc-prometheus labels them.
 pub const CODE_NAMES: [&str; 17] = [
@@ -288,8 +289,7 @@ fn render(totals: &Totals) -> String {
         for (code, name) in CODE_NAMES.iter().enumerate() {
             let n = t.counters[HANDLED + code];
             if n > 0 || code == 0 {
-                let _ =
-                    writeln!(out, "grpc_server_handled_total{{{},grpc_code=\"{name}\"}} {n}", labels(t.kind, s, m));
+                let _ = writeln!(out, "grpc_server_handled_total{{{},grpc_code=\"{name}\"}} {n}", labels(t.kind, s, m));
             }
         }
     }

@@ -133,6 +133,8 @@ pub struct ServedMethod {
     /// A service the engine answers itself (health, reflection), for
     /// methods the plan has no rules for.
     pub builtin: Option<Builtin>,
+    /// Position in [`Served::methods`].
+    pub position: usize,
 }
 
 /// The services the engine implements itself.
@@ -358,6 +360,9 @@ fn build_index(m: &Method) -> Option<Index> {
 pub struct Served {
     pub methods: Vec<ServedMethod>,
     by_path: HashMap<Box<str>, usize>,
+    /// Headers and an OK trailer for answers the engine makes itself
+    /// (health, reflection).
+    pub ok: Prepared,
 }
 
 fn content_type() -> (HeaderName, HeaderValue) {
@@ -491,6 +496,7 @@ impl Served {
                 used,
                 literals,
                 builtin,
+                position: methods.len(),
             };
             served.keep = served.messages_kept();
             methods.push(served);
@@ -522,9 +528,11 @@ impl Served {
                 used: Vec::new(),
                 literals: Vec::new(),
                 builtin: Some(builtin),
+                position: methods.len(),
             });
         }
-        Ok(Served { methods, by_path })
+        let ok = prepare(0, "", Bytes::new(), &[], &[], Duration::ZERO);
+        Ok(Served { methods, by_path, ok })
     }
 
     pub fn method(&self, path: &str) -> Option<&ServedMethod> {

@@ -8,6 +8,10 @@ use std::sync::Arc;
 /// Builds the server configuration: certificate chain and private key
 /// from PEM files, and when `client_ca` is given, client certificates
 /// required and checked against it. Errors name the file and the cause.
-pub fn server_config(_cert: &Path, _key: &Path, _client_ca: Option<&Path>) -> Result<Arc<rustls::ServerConfig>, String> {
+pub fn server_config(
+    _cert: &Path,
+    _key: &Path,
+    _client_ca: Option<&Path>,
+) -> Result<Arc<rustls::ServerConfig>, String> {
     unimplemented!()
 }

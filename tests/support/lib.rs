@@ -13,6 +13,15 @@ use wirestub_compiler::{compile, Options};
 use wirestub_engine::server::Listeners;
 use wirestub_engine::{Config, NoMatch, Server, State};
 
+/// Compiles the bundled example's protos with `rules` (a directory).
+pub fn compile_with_rules(rules: &Path) -> wirestub_engine::Plan {
+    let options = Options { protos: vec![root().join("protos")], rules: vec![rules.to_path_buf()] };
+    match compile(&options) {
+        Ok(o) => o.plan,
+        Err(d) => panic!("rules {} do not compile:\n{}", rules.display(), d.render()),
+    }
+}
+
 /// The repository root.
 pub fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
@@ -50,13 +59,30 @@ impl TestServer {
 
     /// Serves `plan` on a free loopback port with two workers.
     pub fn serve(plan: wirestub_engine::Plan, no_match: NoMatch) -> TestServer {
+        Self::serve_with(plan, no_match, 0)
+    }
+
+    /// [`TestServer::serve`] with a journal of `journal` calls (0: none).
+    pub fn serve_with(plan: wirestub_engine::Plan, no_match: NoMatch, journal: usize) -> TestServer {
         let pool = DescriptorPool::decode(&plan.descriptors[..]).expect("descriptors decode");
-        let state = State::new(plan, None, "test".into(), no_match, 2, 0).expect("plan prepares");
+        let state = State::new(plan, None, "test".into(), no_match, 2, journal).expect("plan prepares");
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let config = Config { workers: 2, drain_timeout: Duration::from_secs(2), stack: stack(), ..Config::default() };
         let listeners = Listeners { plain: Some(listener), tls: None };
         let server = Server::start(listeners, Arc::new(state), config).unwrap();
         TestServer { addr: server.local_addr(), pool, server: Some(server) }
+    }
+
+    /// The server's shared state (plan swaps, health, metrics, journal).
+    pub fn state(&self) -> Arc<State> {
+        self.server.as_ref().expect("running").state().clone()
+    }
+
+    /// Stops the server: NOT_SERVING, GOAWAY, drain, join.
+    pub fn shutdown(&mut self) {
+        if let Some(s) = self.server.take() {
+            s.shutdown();
+        }
     }
 
     pub fn url(&self) -> String {

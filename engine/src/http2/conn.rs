@@ -20,10 +20,13 @@ use super::hpack::Decoder;
 use super::request::{ContentType, RequestHead};
 use crate::call::{self, Answer, Schedule};
 use crate::grpc::{self, Code, Status};
+use crate::journal::{Closest, Entry};
 use crate::matcher::Messages;
+use crate::metrics::WorkerStats;
+use crate::served::Builtin;
 use crate::served::{status_response, Prepared, Served, ServedMethod};
-use crate::state::State;
 use crate::server::Config;
+use crate::state::{Generation, State};
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use std::cell::RefCell;
@@ -32,11 +35,13 @@ use std::future::{poll_fn, Future};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::task::{Poll, Waker};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 use tokio::time::Instant;
+use typed_arena::Arena;
 use wirestub_plan::MethodKind;
 
 /// HPACK dynamic table we let the client's encoder use (the RFC default).
@@ -149,6 +154,26 @@ struct Stream<'s> {
     task: bool,
     /// The task's waker, woken on anything the task may be waiting for.
     waker: Option<Waker>,
+    /// The plan generation the call started on (None only when driven
+    /// without a server, see [`drive`]).
+    generation: Option<&'s Arc<Generation>>,
+    /// When the call started (the time of the read that opened it).
+    started: Instant,
+    /// The gRPC status sent, once the engine has chosen it.
+    status: Option<u8>,
+    /// What the journal keeps of the call, when it is on.
+    rec: Option<Box<Recording>>,
+}
+
+/// A call being recorded for the journal.
+#[derive(Default)]
+struct Recording {
+    time: Option<std::time::SystemTime>,
+    metadata: Vec<(Box<str>, Bytes)>,
+    messages: Vec<Bytes>,
+    rule: Option<u32>,
+    closest: Option<Closest>,
+    message: String,
 }
 
 impl Stream<'_> {
@@ -166,6 +191,8 @@ enum Job<'s> {
     Respond { id: u32, answer: Answer<'s>, delay: Duration, deadline: Option<Instant> },
     /// A duplex call: answers each request message as it comes.
     Duplex { id: u32, deadline: Option<Instant> },
+    /// `grpc.health.v1.Health/Watch`: the status now and on every change.
+    Watch { id: u32, service: String },
 }
 
 /// A header block being received in HEADERS and CONTINUATION frames.
@@ -222,10 +249,51 @@ pub struct Conn<'s> {
     waiting: BTreeSet<(Instant, u32)>,
     /// Streams opened so far (for the idle check).
     opened: u64,
+    /// The server's shared state; None when driven without a server.
+    state: Option<&'s State>,
+    /// Generations this epoch of the connection has used (see [`serve`]).
+    arena: Option<&'s Arena<Arc<Generation>>>,
+    /// The generation new calls start on.
+    generation: Option<&'s Arc<Generation>>,
+    /// Its number, compared with the state's on every new call.
+    number: u64,
+    /// Generations in the arena.
+    plans: usize,
+    /// The time of the current read (one clock read per read, not per call).
+    now: Instant,
+    /// This worker's index into the metrics blocks.
+    worker: usize,
 }
 
-impl<'s> Conn<'s> {
-    fn new(served: &'s Served, config: &'s Config) -> Self {
+/// The part of a connection that outlives a plan epoch (everything that
+/// does not borrow a plan).
+struct Carry {
+    out: BytesMut,
+    decoder: Decoder,
+    last_stream: u32,
+    highest_seen: u32,
+    preface: bool,
+    settings_seen: bool,
+    cont: Option<Continuation>,
+    recv_window: i64,
+    recv_target: i64,
+    buffered: usize,
+    send_window: i64,
+    peer_initial_window: i64,
+    peer_max_frame: usize,
+    blocked: VecDeque<u32>,
+    ending: Ending,
+    early_resets: u32,
+    local_resets: u32,
+    tiny_data: u32,
+    control_frames: u32,
+    waiting: BTreeSet<(Instant, u32)>,
+    opened: u64,
+}
+
+impl Carry {
+    /// A new connection: our SETTINGS (and the connection window) queued.
+    fn new(config: &Config) -> Carry {
         let window = config.window.min(frame::MAX_WINDOW as u32) as i64;
         let conn_window = (window * 4).min(frame::MAX_WINDOW);
         let mut out = BytesMut::with_capacity(16 << 10);
@@ -242,12 +310,9 @@ impl<'s> Conn<'s> {
         if conn_window > frame::DEFAULT_WINDOW {
             frame::put_window_update(&mut out, 0, (conn_window - frame::DEFAULT_WINDOW) as u32);
         }
-        Conn {
-            served,
-            config,
+        Carry {
             out,
             decoder: Decoder::new(HEADER_TABLE_SIZE),
-            streams: Streams::default(),
             last_stream: 0,
             highest_seen: 0,
             preface: false,
@@ -265,10 +330,144 @@ impl<'s> Conn<'s> {
             local_resets: 0,
             tiny_data: 0,
             control_frames: 0,
-            jobs: Vec::new(),
             waiting: BTreeSet::new(),
             opened: 0,
         }
+    }
+}
+
+impl<'s> Conn<'s> {
+    /// Packs the connection away between plan epochs; it has no stream
+    /// and no job left.
+    fn suspend(self) -> Carry {
+        Carry {
+            out: self.out,
+            decoder: self.decoder,
+            last_stream: self.last_stream,
+            highest_seen: self.highest_seen,
+            preface: self.preface,
+            settings_seen: self.settings_seen,
+            cont: self.cont,
+            recv_window: self.recv_window,
+            recv_target: self.recv_target,
+            buffered: self.buffered,
+            send_window: self.send_window,
+            peer_initial_window: self.peer_initial_window,
+            peer_max_frame: self.peer_max_frame,
+            blocked: self.blocked,
+            ending: self.ending,
+            early_resets: self.early_resets,
+            local_resets: self.local_resets,
+            tiny_data: self.tiny_data,
+            control_frames: self.control_frames,
+            waiting: self.waiting,
+            opened: self.opened,
+        }
+    }
+
+    /// Unpacks a connection into a new epoch serving `generation`.
+    fn resume(
+        c: Carry,
+        config: &'s Config,
+        state: &'s State,
+        arena: &'s Arena<Arc<Generation>>,
+        generation: &'s Arc<Generation>,
+    ) -> Conn<'s> {
+        Conn {
+            served: &generation.served,
+            config,
+            out: c.out,
+            decoder: c.decoder,
+            streams: Streams::default(),
+            last_stream: c.last_stream,
+            highest_seen: c.highest_seen,
+            preface: c.preface,
+            settings_seen: c.settings_seen,
+            cont: c.cont,
+            recv_window: c.recv_window,
+            recv_target: c.recv_target,
+            buffered: c.buffered,
+            send_window: c.send_window,
+            peer_initial_window: c.peer_initial_window,
+            peer_max_frame: c.peer_max_frame,
+            blocked: c.blocked,
+            ending: c.ending,
+            early_resets: c.early_resets,
+            local_resets: c.local_resets,
+            tiny_data: c.tiny_data,
+            control_frames: c.control_frames,
+            jobs: Vec::new(),
+            waiting: c.waiting,
+            opened: c.opened,
+            state: Some(state),
+            arena: Some(arena),
+            generation: Some(generation),
+            number: generation.number,
+            plans: 1,
+            now: Instant::now(),
+            worker: crate::metrics::worker(),
+        }
+    }
+
+    /// Moves new calls to the state's current generation if it changed.
+    /// One atomic load per new call; the lock only after a swap.
+    fn refresh(&mut self) {
+        let (Some(state), Some(arena)) = (self.state, self.arena) else { return };
+        if state.number() == self.number {
+            return;
+        }
+        let current = state.current();
+        self.number = current.number;
+        let generation: &'s Arc<Generation> = arena.alloc(current);
+        self.generation = Some(generation);
+        self.served = &generation.served;
+        self.plans += 1;
+    }
+
+    /// This worker's counters for a call's generation, when metrics are on.
+    fn stats(&self, generation: Option<&'s Arc<Generation>>) -> Option<WorkerStats<'s>> {
+        generation.filter(|_| self.config.metrics).map(|g| g.stats.worker(self.worker))
+    }
+
+    /// A connection without a server around it (see [`drive`]).
+    fn new(served: &'s Served, config: &'s Config) -> Self {
+        let c = Carry::new(config);
+        let mut conn = Conn {
+            served,
+            config,
+            out: c.out,
+            decoder: c.decoder,
+            streams: Streams::default(),
+            last_stream: c.last_stream,
+            highest_seen: c.highest_seen,
+            preface: c.preface,
+            settings_seen: c.settings_seen,
+            cont: c.cont,
+            recv_window: c.recv_window,
+            recv_target: c.recv_target,
+            buffered: c.buffered,
+            send_window: c.send_window,
+            peer_initial_window: c.peer_initial_window,
+            peer_max_frame: c.peer_max_frame,
+            blocked: c.blocked,
+            ending: c.ending,
+            early_resets: c.early_resets,
+            local_resets: c.local_resets,
+            tiny_data: c.tiny_data,
+            control_frames: c.control_frames,
+            jobs: Vec::new(),
+            waiting: c.waiting,
+            opened: c.opened,
+            state: None,
+            arena: None,
+            generation: None,
+            number: 0,
+            plans: 0,
+            now: Instant::now(),
+            worker: 0,
+        };
+        conn.worker = crate::metrics::worker();
+        conn
     }
 
     fn stream_window(&self) -> i64 {
@@ -283,6 +482,7 @@ impl<'s> Conn<'s> {
     /// many bytes were used. Stops early when the output is over its high
     /// mark or the connection is ending.
     fn receive(&mut self, buf: &[u8]) -> Result<usize, ConnError> {
+        self.now = Instant::now();
         let mut at = 0;
         if !self.preface {
             let n = buf.len().min(frame::PREFACE.len());
@@ -532,7 +732,11 @@ impl<'s> Conn<'s> {
             }
             return self.end_of_request(id);
         }
+        self.refresh();
         let mut request = RequestHead::new(self.served);
+        if self.journal_on() {
+            request = request.keep_all();
+        }
         let oversized = self
             .decoder
             .decode(block, 4 * max_list, &mut |n, v| request.field(n, v))
@@ -594,6 +798,66 @@ impl<'s> Conn<'s> {
             self.waiting.remove(&(d, id));
         }
         s.wake();
+        self.finish_call(s);
+    }
+
+    fn journal_on(&self) -> bool {
+        self.state.is_some_and(|s| s.journal.is_some())
+    }
+
+    /// Counts a call that ends (an unanswered one as CANCELLED) and
+    /// records it in the journal.
+    fn finish_call(&mut self, s: &mut Stream<'s>) {
+        let code = s.status.unwrap_or(1);
+        tracing::debug!(target: "wirestub::calls", method = %s.method.plan.path, code, "call ended");
+        if let Some(stats) = self.stats(s.generation) {
+            let end = if s.task { Instant::now() } else { self.now };
+            stats.handled(s.method.position, code, end.saturating_duration_since(s.started));
+        }
+        let (Some(rec), Some(state), Some(generation)) = (s.rec.take(), self.state, s.generation) else { return };
+        let Some(journal) = &state.journal else { return };
+        let rec = *rec;
+        journal.record(Entry {
+            seq: 0,
+            time: rec.time.unwrap_or_else(std::time::SystemTime::now),
+            generation: generation.clone(),
+            method: s.method.position,
+            metadata: rec.metadata,
+            messages: rec.messages,
+            rule: rec.rule,
+            status: code,
+            message: percent_decode(&rec.message),
+            latency: s.started.elapsed(),
+            closest: rec.closest,
+        });
+    }
+
+    /// Notes the status a call ends with (for metrics and the journal).
+    fn note_status(&mut self, id: u32, code: u8, message: &str) {
+        if let Some(s) = self.streams.get_mut(&id) {
+            if s.status.is_none() {
+                s.status = Some(code);
+                if let Some(rec) = &mut s.rec {
+                    rec.message = message.to_string();
+                }
+            }
+        }
+    }
+
+    /// Notes the rule that answered (or that none did) for metrics and
+    /// the journal.
+    fn note_rule(&mut self, id: u32, answer: &Answer<'s>) {
+        let Some(s) = self.streams.get_mut(&id) else { return };
+        if s.method.builtin.is_some() {
+            return;
+        }
+        if let Some(g) = s.generation.filter(|_| self.config.metrics) {
+            g.stats.worker(self.worker).rule(s.method.position, answer.rule);
+        }
+        if let Some(rec) = &mut s.rec {
+            rec.rule = answer.rule;
+            rec.closest = answer.closest;
+        }
     }
 
     fn open(&mut self, id: u32, end_stream: bool, request: RequestHead<'s>, oversized: bool) -> Result<(), ConnError> {
@@ -675,8 +939,17 @@ impl<'s> Conn<'s> {
             pending: VecDeque::new(),
             task: false,
             waker: None,
+            generation: self.generation,
+            started: self.now,
+            status: None,
+            rec: request.all.map(|metadata| {
+                Box::new(Recording { time: Some(std::time::SystemTime::now()), metadata, ..Recording::default() })
+            }),
         };
         self.streams.insert(id, stream);
+        if let Some(stats) = self.stats(self.generation) {
+            stats.started(method.position);
+        }
         if method.plan.duplex {
             self.streams.get_mut(&id).expect("inserted").task = true;
             self.jobs.push(Job::Duplex { id, deadline });
@@ -840,7 +1113,7 @@ impl<'s> Conn<'s> {
                 let last = agg.last.as_deref().or(head.last().copied());
                 let messages = Messages { head: &head, last, count: agg.count };
                 let method = s.method;
-                let picked = call::pick(method, &messages, &s.metadata[..]);
+                let picked = call::pick_explained(method, &messages, &s.metadata[..], s.rec.is_some());
                 self.answer(id, picked)
             }
         }
@@ -855,10 +1128,45 @@ impl<'s> Conn<'s> {
         if body[0] == 1 {
             return self.fail_call(id, &grpc::compressed());
         }
-        let s = &self.streams[&id];
+        let s = self.streams.get_mut(&id).expect("present");
+        if let Some(rec) = &mut s.rec {
+            rec.messages.push(Bytes::copy_from_slice(&body[5..]));
+        }
+        if let Some(builtin) = s.method.builtin {
+            return self.answer_builtin(id, builtin, &body[5..]);
+        }
         let one = [&body[5..]];
-        let picked = call::pick(s.method, &Messages::one(&one), &s.metadata[..]);
+        let picked = call::pick_explained(s.method, &Messages::one(&one), &s.metadata[..], s.rec.is_some());
         self.answer(id, picked)
+    }
+
+    /// Health checks: answered by the engine itself.
+    fn answer_builtin(&mut self, id: u32, builtin: Builtin, message: &[u8]) -> Result<(), ConnError> {
+        let Some(state) = self.state else {
+            return self.fail_call(id, &Status::new(Code::Unimplemented, "not served here"));
+        };
+        match builtin {
+            Builtin::HealthCheck => match state.health.check(message) {
+                Ok(reply) => {
+                    let served = self.served;
+                    self.note_status(id, 0, "");
+                    self.send_headers(id, &served.ok.blocks.headers);
+                    self.send_data(id, frame_message(&reply));
+                    self.send_trailers(id, served.ok.blocks.trailers.clone());
+                    Ok(())
+                }
+                Err(status) => self.fail_call(id, &status),
+            },
+            Builtin::HealthWatch => match state.health.watched(message) {
+                Ok(service) => {
+                    self.streams.get_mut(&id).expect("present").task = true;
+                    self.jobs.push(Job::Watch { id, service });
+                    Ok(())
+                }
+                Err(status) => self.fail_call(id, &status),
+            },
+            Builtin::Reflection => self.fail_call(id, &Status::new(Code::Internal, "reflection is a stream")),
+        }
     }
 
     /// Sends the chosen answer now when it needs no waiting, or hands it
@@ -868,12 +1176,14 @@ impl<'s> Conn<'s> {
             Ok(a) => a,
             Err(status) => return self.fail_call(id, &status),
         };
+        self.note_rule(id, &answer);
         let prepared = answer.prepared;
         if let Some(fault) = call::fault_fires(prepared) {
             if fault.drop {
                 return self.reset(id, code::INTERNAL_ERROR);
             }
             let p = call::prepare_fault(fault);
+            self.note_status(id, fault.status, &fault.message);
             self.send_trailers_only(id, &p.blocks.trailers_only);
             return Ok(());
         }
@@ -884,11 +1194,13 @@ impl<'s> Conn<'s> {
         let simple = !streams || (prepared.stream.is_empty() && prepared.error_after == 0);
         if delay.is_zero() && simple {
             if prepared.status != 0 {
+                self.note_status(id, prepared.status, message_of(prepared));
                 self.send_trailers_only(id, &prepared.blocks.trailers_only);
                 return Ok(());
             }
             let fits = answer.body.len() as i64 <= s.send_window.min(self.send_window);
             if fits || s.deadline.is_none() {
+                self.note_status(id, 0, "");
                 self.send_headers(id, &prepared.blocks.headers);
                 self.send_data(id, answer.body.clone());
                 self.send_trailers(id, prepared.blocks.trailers.clone());
@@ -903,6 +1215,7 @@ impl<'s> Conn<'s> {
 
     /// Ends a call with an error status the engine chose.
     fn fail_call(&mut self, id: u32, status: &Status) -> Result<(), ConnError> {
+        self.note_status(id, status.code as u8, &status.message);
         let p = status_response(status.code as u8, &status.message);
         if self.streams.get(&id).is_some_and(|s| s.headers_sent) {
             self.send_trailers(id, p.blocks.trailers.clone());
@@ -983,6 +1296,7 @@ impl<'s> Conn<'s> {
 
     /// Ends the stream with RST_STREAM (an injected fault).
     fn reset(&mut self, id: u32, code: u32) -> Result<(), ConnError> {
+        self.note_status(id, Code::Internal as u8, "stream reset by an injected fault");
         if let Some(mut s) = self.streams.remove(&id) {
             self.forget(id, &mut s);
             frame::put_rst(&mut self.out, id, code);
@@ -1124,6 +1438,10 @@ fn deframe(s: &mut Stream<'_>, max: usize, buffered: &mut usize) -> Option<Statu
         let mut m = s.body.split_to(5 + len);
         let message = m.split_off(5).freeze();
         *buffered -= 5;
+        if let Some(rec) = &mut s.rec {
+            // Journal memory is bounded by its size, not this budget.
+            rec.messages.push(message.clone());
+        }
         if s.method.plan.duplex {
             s.queue.push_back(message);
             continue;
@@ -1139,6 +1457,41 @@ fn deframe(s: &mut Stream<'_>, max: usize, buffered: &mut usize) -> Option<Statu
             }
         }
     }
+}
+
+/// A message with its gRPC prefix (uncompressed).
+fn frame_message(message: &[u8]) -> Bytes {
+    let mut b = BytesMut::with_capacity(5 + message.len());
+    b.extend_from_slice(&[0]);
+    b.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    b.extend_from_slice(message);
+    b.freeze()
+}
+
+/// A prepared response's `grpc-message`, as sent (percent-encoded).
+fn message_of(p: &Prepared) -> &str {
+    p.trailers.get("grpc-message").and_then(|v| v.to_str().ok()).unwrap_or("")
+}
+
+/// Undoes gRPC's percent-encoding of `grpc-message`.
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        match (b[i], b.get(i + 1).copied().and_then(hex), b.get(i + 2).copied().and_then(hex)) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (c, _, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn put_data_frames(out: &mut BytesMut, id: u32, data: &[u8], max_frame: usize) {
@@ -1251,7 +1604,41 @@ fn start_job<'s>(conn: &Shared<'s>, job: Job<'s>) -> Task<'s> {
             Box::pin(respond(Handle { conn: conn.clone(), id }, answer, delay, deadline))
         }
         Job::Duplex { id, deadline } => Box::pin(duplex(Handle { conn: conn.clone(), id }, deadline)),
+        Job::Watch { id, service } => Box::pin(watch(Handle { conn: conn.clone(), id }, service)),
     }
+}
+
+/// `Health/Watch`: the service's status now, then again whenever a status
+/// changes; once the server drains, NOT_SERVING and the end of the call.
+async fn watch(h: Handle<'_>, service: String) {
+    let Some(state) = h.with(|c| c.state) else { return };
+    let mut changes = state.health.subscribe();
+    let headers = h.with(|c| c.served.ok.blocks.headers.clone());
+    h.with(|c| {
+        c.note_status(h.id, Code::Unavailable as u8, "the server is shutting down");
+        c.send_headers(h.id, &headers)
+    });
+    let mut last: Option<Bytes> = None;
+    loop {
+        let now = state.health.status_of(&service);
+        if last.as_ref() != Some(&now) {
+            let item = frame_message(&now);
+            if h.capacity(item.len()).await.is_err() {
+                return;
+            }
+            h.with(|c| c.send_data(h.id, item));
+            last = Some(now);
+        }
+        if state.is_draining() {
+            break;
+        }
+        tokio::select! {
+            changed = changes.changed() => if changed.is_err() { break },
+            _ = h.gone() => return,
+        }
+    }
+    let end = status_response(Code::Unavailable as u8, "the server is shutting down");
+    h.with(|c| c.send_trailers(h.id, end.blocks.trailers));
 }
 
 /// Answers after a delay, or streams an answer.
@@ -1269,14 +1656,26 @@ async fn respond<'s>(h: Handle<'s>, answer: Answer<'s>, delay: Duration, deadlin
 
     let prepared = answer.prepared;
     if prepared.status != 0 && prepared.stream.is_empty() {
-        h.with(|c| c.send_trailers_only(h.id, &prepared.blocks.trailers_only));
+        h.with(|c| {
+            c.note_status(h.id, prepared.status, message_of(prepared));
+            c.send_trailers_only(h.id, &prepared.blocks.trailers_only)
+        });
         return;
     }
     h.with(|c| c.send_headers(h.id, &prepared.blocks.headers));
     let end = match send_items(&h, &answer, deadline).await {
-        Ok(()) => prepared.blocks.trailers.clone(),
-        Err(Stop::Status(e)) => status_response(e.code as u8, &e.message).blocks.trailers,
-        Err(Stop::Rule(p)) => p.blocks.trailers.clone(),
+        Ok(()) => {
+            h.with(|c| c.note_status(h.id, prepared.status, message_of(prepared)));
+            prepared.blocks.trailers.clone()
+        }
+        Err(Stop::Status(e)) => {
+            h.with(|c| c.note_status(h.id, e.code as u8, &e.message));
+            status_response(e.code as u8, &e.message).blocks.trailers
+        }
+        Err(Stop::Rule(p)) => {
+            h.with(|c| c.note_status(h.id, p.status, message_of(p)));
+            p.blocks.trailers.clone()
+        }
         Err(Stop::Gone) => return,
     };
     h.with(|c| c.send_trailers(h.id, end));
@@ -1323,11 +1722,28 @@ async fn duplex<'s>(h: Handle<'s>, deadline: Option<Instant>) {
             };
             let Some(message) = next else { return Ok(()) };
             let one = [&message[..]];
+            let reflected = h.with(|c| {
+                let s = c.streams.get(&h.id)?;
+                let g = s.generation?;
+                (s.method.builtin == Some(Builtin::Reflection)).then(|| g.reflection.answer(&message))
+            });
+            if let Some(reply) = reflected {
+                let headers = h.with(|c| c.served.ok.blocks.headers.clone());
+                let item = frame_message(&reply);
+                h.with(|c| c.send_headers(h.id, &headers));
+                tokio::select! {
+                    r = h.capacity(item.len()) => r?,
+                    _ = call::sleep_until(deadline) => return Err(call::deadline_exceeded().into()),
+                }
+                h.with(|c| c.send_data(h.id, item));
+                continue;
+            }
             let picked = h.with(|c| {
                 let s = &c.streams[&h.id];
-                call::pick(s.method, &Messages::one(&one), &s.metadata[..])
+                call::pick_explained(s.method, &Messages::one(&one), &s.metadata[..], s.rec.is_some())
             });
             let answer = picked?;
+            h.with(|c| c.note_rule(h.id, &answer));
             let prepared = answer.prepared;
             let delay = prepared.draw_delay();
             if !delay.is_zero() {
@@ -1353,11 +1769,16 @@ async fn duplex<'s>(h: Handle<'s>, deadline: Option<Instant>) {
         let (trailers, trailers_only) = match result {
             Err(Stop::Gone) => return,
             Ok(()) => {
-                let ok = status_response(0, "");
-                (ok.blocks.trailers, ok.blocks.trailers_only)
+                c.note_status(h.id, 0, "");
+                let ok = &c.served.ok;
+                (ok.blocks.trailers.clone(), ok.blocks.trailers_only.clone())
             }
-            Err(Stop::Rule(p)) => (p.blocks.trailers.clone(), p.blocks.trailers_only.clone()),
+            Err(Stop::Rule(p)) => {
+                c.note_status(h.id, p.status, message_of(p));
+                (p.blocks.trailers.clone(), p.blocks.trailers_only.clone())
+            }
             Err(Stop::Status(e)) => {
+                c.note_status(h.id, e.code as u8, &e.message);
                 let p = status_response(e.code as u8, &e.message);
                 (p.blocks.trailers, p.blocks.trailers_only)
             }
@@ -1379,10 +1800,7 @@ pub async fn serve<T>(mut socket: T, state: &State, config: &Config, mut stop: w
 where
     T: AsyncRead + AsyncWrite + Unpin,
 {
-    let generation = state.current();
-    let served = &generation.served;
-    let conn: Shared<'_> = Rc::new(RefCell::new(Conn::new(served, config)));
-    let mut tasks: FuturesUnordered<Task<'_>> = FuturesUnordered::new();
+    let mut carry = Some(Carry::new(config));
     let mut rbuf = BytesMut::with_capacity(32 << 10);
     let started = Instant::now();
     let handshake_deadline = config.handshake_timeout.map(|t| started + t);
@@ -1411,8 +1829,19 @@ where
     let mut read_closed = false;
     let mut write_failed = false;
 
-    poll_fn(|cx| {
-        loop {
+    // The connection runs in epochs. Calls keep the plan generation they
+    // started on; new calls take the current one, so after a swap an
+    // epoch holds several generations (in `arena`). When no call is left,
+    // the epoch ends and the next one starts with the current generation
+    // alone, so a connection never keeps old plans for longer than its
+    // longest call.
+    loop {
+        let arena: Arena<Arc<Generation>> = Arena::new();
+        let first: &Arc<Generation> = arena.alloc(state.current());
+        let Some(carried) = carry.take() else { break };
+        let conn: Shared<'_> = Rc::new(RefCell::new(Conn::resume(carried, config, state, &arena, first)));
+        let mut tasks: FuturesUnordered<Task<'_>> = FuturesUnordered::new();
+        let next_epoch = poll_fn(|cx| loop {
             let mut progress = false;
             if !stopped && stopping.as_mut().poll(cx).is_ready() {
                 stopped = true;
@@ -1558,7 +1987,10 @@ where
                     Ending::No => false,
                 };
                 if finished || (write_failed && tasks.is_empty()) {
-                    return Poll::Ready(());
+                    return Poll::Ready(false);
+                }
+                if c.plans > 1 && c.streams.is_empty() && c.jobs.is_empty() && tasks.is_empty() {
+                    return Poll::Ready(true);
                 }
                 // Arm the timer for the earliest thing to wake for.
                 let mut at = c.waiting.first().map(|&(d, _)| d);
@@ -1579,10 +2011,17 @@ where
             if !progress {
                 return Poll::Pending;
             }
+        })
+        .await;
+        drop(tasks);
+        if !next_epoch {
+            break;
         }
-    })
-    .await;
-    drop(tasks);
+        match Rc::try_unwrap(conn) {
+            Ok(c) => carry = Some(c.into_inner().suspend()),
+            Err(_) => break,
+        }
+    }
     // Say goodbye properly: stop writing, then read until the client
     // closes (or a moment passes), so the last frames are not destroyed by
     // a TCP reset.

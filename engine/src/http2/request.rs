@@ -35,6 +35,9 @@ pub struct RequestHead<'s> {
     pub content_length: Option<u64>,
     /// Values of the method's metadata keys, in the plan's key order.
     pub metadata: SmallVec<[Option<Box<[u8]>>; 2]>,
+    /// Every metadata entry, in order, when the journal asks for them
+    /// ([`RequestHead::keep_all`]).
+    pub all: Option<Vec<(Box<str>, bytes::Bytes)>>,
     /// The decoded header list size (RFC 9113 §6.5.2).
     pub size: usize,
     /// Why the block is malformed (the first reason found), if it is.
@@ -60,6 +63,7 @@ impl<'s> RequestHead<'s> {
             timeout: None,
             content_length: None,
             metadata: SmallVec::new(),
+            all: None,
             size: 0,
             malformed: None,
             seen_method: false,
@@ -69,6 +73,12 @@ impl<'s> RequestHead<'s> {
             seen_regular: false,
             trailers: false,
         }
+    }
+
+    /// Keeps every metadata entry too (for the journal).
+    pub fn keep_all(mut self) -> Self {
+        self.all = Some(Vec::new());
+        self
     }
 
     /// A head for a trailer block: only checked, nothing kept.
@@ -164,7 +174,12 @@ impl<'s> RequestHead<'s> {
                     _ => self.bad("invalid content-length"),
                 }
             }
+            b"te" => {}
             _ => {
+                if let Some(all) = &mut self.all {
+                    let name = String::from_utf8_lossy(name).into_owned().into_boxed_str();
+                    all.push((name, bytes::Bytes::copy_from_slice(value)));
+                }
                 if let Some(m) = self.method {
                     for (i, key) in m.plan.metadata_keys.iter().enumerate() {
                         if key.as_bytes() == name && self.metadata[i].is_none() {
