@@ -4,11 +4,26 @@
 //! list and filter, count, verify, unmatched calls with the rule that came
 //! closest. Requests are kept as received bytes; the JSON view is made
 //! when a query asks, from the plan generation's descriptors.
+//!
+//! Recording is the only part on the request path: one short lock to
+//! number the entry and push it (the entry dropped to make room is freed
+//! after the lock is released). Everything else (decoding messages,
+//! filtering, rendering) runs on the admin side, over a snapshot.
+//!
+//! The JSON view of a request message is its protobuf JSON mapping with
+//! the field names as written in the `.proto` files (the names rules use);
+//! filters accept those names and the lowerCamelCase JSON names alike.
 
+use crate::matcher::{Messages, Request};
+use crate::served::ServedMethod;
 use crate::state::Generation;
+use crate::wire::{self, ValueRef};
 use bytes::Bytes;
-use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use serde_json::{json, Map, Value as Json};
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use wirestub_plan::{Condition, MessageSel, Method, MethodKind, Op, Shape, Source, Test, Value, STATUS_NAMES};
 
 /// One received call.
 pub struct Entry {
@@ -50,16 +65,1357 @@ pub struct Closest {
 }
 
 /// The bounded ring of entries.
-pub struct Journal {}
+pub struct Journal {
+    capacity: usize,
+    ring: Mutex<Ring>,
+}
+
+struct Ring {
+    entries: VecDeque<Arc<Entry>>,
+    /// The sequence number the next entry gets.
+    next: u64,
+}
 
 impl Journal {
     /// A journal keeping the last `capacity` calls (at least 1).
-    pub fn new(_capacity: usize) -> Journal {
-        unimplemented!()
+    pub fn new(capacity: usize) -> Journal {
+        let capacity = capacity.max(1);
+        Journal { capacity, ring: Mutex::new(Ring { entries: VecDeque::with_capacity(capacity.min(1024)), next: 1 }) }
     }
 
     /// Appends a call, dropping the oldest one when full.
-    pub fn record(&self, _entry: Entry) {
-        unimplemented!()
+    pub fn record(&self, entry: Entry) {
+        let mut entry = Arc::new(entry);
+        let dropped = {
+            let mut ring = self.lock();
+            if let Some(e) = Arc::get_mut(&mut entry) {
+                e.seq = ring.next;
+            }
+            ring.next += 1;
+            let dropped = if ring.entries.len() >= self.capacity { ring.entries.pop_front() } else { None };
+            ring.entries.push_back(entry);
+            dropped
+        };
+        // Freed outside the lock: it may hold the last reference to an old
+        // plan generation.
+        drop(dropped);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Ring> {
+        self.ring.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// How many calls it keeps at most.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// How many calls it holds now.
+    pub fn len(&self) -> usize {
+        self.lock().entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// How many calls were ever recorded (the last sequence number given).
+    pub fn recorded(&self) -> u64 {
+        self.lock().next - 1
+    }
+
+    /// The entries held now, oldest first.
+    pub fn snapshot(&self) -> Vec<Arc<Entry>> {
+        self.lock().entries.iter().cloned().collect()
+    }
+
+    /// Forgets every entry; returns how many there were. Sequence numbers
+    /// go on from where they were, so `since` stays meaningful.
+    pub fn reset(&self) -> usize {
+        let removed = std::mem::take(&mut self.lock().entries);
+        removed.len()
+    }
+
+    /// The entries `filter` selects, oldest first.
+    pub fn query(&self, filter: &Filter) -> Vec<Arc<Entry>> {
+        self.snapshot().into_iter().filter(|e| filter.matches(e)).collect()
+    }
+
+    /// How many entries `filter` selects.
+    pub fn count(&self, filter: &Filter) -> usize {
+        self.snapshot().iter().filter(|e| filter.matches(e)).count()
+    }
+
+    /// The calls no rule answered that `filter` selects, oldest first.
+    pub fn unmatched(&self, filter: &Filter) -> Vec<Arc<Entry>> {
+        self.snapshot().into_iter().filter(|e| e.rule.is_none() && filter.matches(e)).collect()
+    }
+
+    /// Checks that the calls `verify.filter` selects number as expected.
+    pub fn verify(&self, verify: &Verify) -> Verdict {
+        let entries = self.snapshot();
+        let matching: Vec<u64> = entries.iter().filter(|e| verify.filter.matches(e)).map(|e| e.seq).collect();
+        let count = matching.len() as u64;
+        let ok = verify.expect.holds(count);
+        // When too few calls matched, show the ones that came closest; when
+        // too many did, the matching ones are the story (`seqs`).
+        let closest =
+            if !ok && count < verify.expect.minimum() { candidates(&entries, &verify.filter, 3) } else { Vec::new() };
+        Verdict { ok, count, expect: verify.expect, seqs: matching, closest }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Filters
+// ---------------------------------------------------------------------------
+
+/// Which methods a filter selects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MethodMatch {
+    /// One method, by its path `/pkg.Service/Method`.
+    Path(String),
+    /// Every method of a service, `pkg.Service`.
+    Service(String),
+}
+
+impl MethodMatch {
+    /// Reads `/pkg.Svc/Method`, `pkg.Svc/Method` or `pkg.Svc` (a service).
+    pub fn parse(text: &str) -> Result<MethodMatch, String> {
+        let t = text.trim();
+        let t = t.strip_prefix('/').unwrap_or(t);
+        let bad = || format!("`{text}` is not a method (`/pkg.Service/Method` or `pkg.Service/Method`) or a service");
+        match t.split_once('/') {
+            _ if t.is_empty() => Err(bad()),
+            Some((service, "")) if !service.is_empty() && !service.contains('/') => {
+                Ok(MethodMatch::Service(service.to_string()))
+            }
+            Some((service, method)) if !service.is_empty() && !method.contains('/') => {
+                Ok(MethodMatch::Path(format!("/{service}/{method}")))
+            }
+            Some(_) => Err(bad()),
+            None => Ok(MethodMatch::Service(t.to_string())),
+        }
+    }
+
+    pub fn matches(&self, path: &str) -> bool {
+        match self {
+            MethodMatch::Path(p) => p == path,
+            MethodMatch::Service(s) => path
+                .strip_prefix('/')
+                .and_then(|p| p.strip_prefix(s.as_str()))
+                .is_some_and(|rest| rest.starts_with('/')),
+        }
+    }
+
+    fn text(&self) -> String {
+        match self {
+            MethodMatch::Path(p) => p.clone(),
+            MethodMatch::Service(s) => format!("{s} (any method)"),
+        }
+    }
+}
+
+/// Reads a gRPC status given as a number (`5`) or a name (`NOT_FOUND`,
+/// `not_found` or `NotFound`).
+pub fn parse_status(text: &str) -> Result<u8, String> {
+    let t = text.trim();
+    if let Ok(n) = t.parse::<u8>() {
+        if (n as usize) < STATUS_NAMES.len() {
+            return Ok(n);
+        }
+    }
+    let squash = |s: &str| s.chars().filter(|c| *c != '_').collect::<String>().to_ascii_lowercase();
+    let wanted = squash(t);
+    let cancelled = if wanted == "canceled" { "cancelled".to_string() } else { wanted };
+    STATUS_NAMES
+        .iter()
+        .position(|name| squash(name) == cancelled)
+        .map(|i| i as u8)
+        .ok_or_else(|| format!("`{text}` is not a gRPC status (a number 0 to 16 or a name such as NOT_FOUND)"))
+}
+
+/// What a query selects; every criterion set must hold.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    pub method: Option<MethodMatch>,
+    pub status: Option<u8>,
+    /// Some(true): calls a rule answered; Some(false): calls none did.
+    pub matched: Option<bool>,
+    /// Metadata pairs the call must carry (key lower-case; values as in the
+    /// JSON view: `-bin` values in base64).
+    pub metadata: Vec<(String, String)>,
+    /// A JSON object that must be a subset of a request message's JSON
+    /// view (see [`subset`]); for streams, of at least one message.
+    pub body: Option<Json>,
+    /// Only entries with a greater sequence number.
+    pub since: Option<u64>,
+}
+
+impl Filter {
+    pub fn matches(&self, e: &Entry) -> bool {
+        self.since.is_none_or(|s| e.seq > s)
+            && self.method.as_ref().is_none_or(|m| m.matches(e.path()))
+            && self.status.is_none_or(|s| e.status == s)
+            && self.matched.is_none_or(|m| e.rule.is_some() == m)
+            && self.metadata.iter().all(|(k, v)| e.metadata_values(k).any(|have| have == *v))
+            && self.body.as_ref().is_none_or(|b| e.message_views().iter().any(|m| subset(b, &m.json)))
+    }
+
+    /// Why `e` is not selected, criterion by criterion.
+    pub fn differences(&self, e: &Entry) -> Vec<Difference> {
+        let mut out = Vec::new();
+        if let Some(m) = self.method.as_ref().filter(|m| !m.matches(e.path())) {
+            out.push(Difference::new("method", json!(m.text()), json!(e.path())));
+        }
+        if let Some(s) = self.since.filter(|&s| e.seq <= s) {
+            out.push(Difference::new("seq", json!(format!("after {s}")), json!(e.seq)));
+        }
+        if let Some(s) = self.status.filter(|&s| s != e.status) {
+            out.push(Difference::new("status", json!(status_name(s)), json!(status_name(e.status))));
+        }
+        if let Some(m) = self.matched.filter(|&m| m != e.rule.is_some()) {
+            out.push(Difference::new("matched", json!(m), json!(!m)));
+        }
+        for (k, v) in &self.metadata {
+            let have: Vec<String> = e.metadata_values(k).collect();
+            if !have.iter().any(|h| h == v) {
+                let actual = if have.is_empty() { Json::Null } else { json!(have.join(", ")) };
+                out.push(Difference::new(format!("metadata.{k}"), json!(v), actual));
+            }
+        }
+        if let Some(body) = &self.body {
+            let best = e
+                .message_views()
+                .iter()
+                .map(|m| {
+                    let mut d = Vec::new();
+                    diff(body, &m.json, "request", &mut d);
+                    d
+                })
+                .min_by_key(|d| d.len());
+            match best {
+                Some(d) => out.extend(d),
+                None => out.push(Difference::new("request", body.clone(), json!("no request message"))),
+            }
+        }
+        out
+    }
+}
+
+/// One criterion a call does not meet.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Difference {
+    /// `method`, `status`, `metadata.KEY`, `request.a.b`, ...
+    pub at: String,
+    pub expected: Json,
+    pub actual: Json,
+}
+
+impl Difference {
+    fn new(at: impl Into<String>, expected: Json, actual: Json) -> Difference {
+        Difference { at: at.into(), expected, actual }
+    }
+
+    pub fn to_json(&self) -> Json {
+        json!({"at": self.at, "expected": self.expected, "actual": self.actual})
+    }
+}
+
+/// Whether `pattern` is a subset of `actual`: objects key by key,
+/// recursively (a key the request leaves out reads as its default, as in
+/// protobuf: `0`, `""`, `false`, `[]`, `{}` or null); arrays and scalars
+/// must be equal (numbers compare by value, also against the strings the
+/// JSON mapping writes 64-bit integers as). Keys match by their proto name
+/// or their lowerCamelCase JSON name.
+pub fn subset(pattern: &Json, actual: &Json) -> bool {
+    match (pattern, actual) {
+        (Json::Object(p), Json::Object(a)) => p.iter().all(|(k, pv)| match lookup(a, k) {
+            Some(av) => subset(pv, av),
+            None => is_default(pv),
+        }),
+        _ => equal(pattern, actual),
+    }
+}
+
+/// Leaf-by-leaf differences between a pattern and a value (see [`subset`]).
+fn diff(pattern: &Json, actual: &Json, at: &str, out: &mut Vec<Difference>) {
+    match (pattern, actual) {
+        (Json::Object(p), Json::Object(a)) => {
+            for (k, pv) in p {
+                let path = format!("{at}.{k}");
+                match lookup(a, k) {
+                    Some(av) => diff(pv, av, &path, out),
+                    None if is_default(pv) => {}
+                    None => out.push(Difference::new(path, pv.clone(), Json::Null)),
+                }
+            }
+        }
+        _ if equal(pattern, actual) => {}
+        _ => out.push(Difference::new(at, pattern.clone(), actual.clone())),
+    }
+}
+
+fn lookup<'a>(object: &'a Map<String, Json>, key: &str) -> Option<&'a Json> {
+    object.get(key).or_else(|| {
+        let other = if key.contains('_') { camel_case(key) } else { snake_case(key) };
+        object.get(&other)
+    })
+}
+
+fn camel_case(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut upper = false;
+    for c in s.chars() {
+        if c == '_' {
+            upper = true;
+        } else if upper {
+            out.extend(c.to_uppercase());
+            upper = false;
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn snake_case(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 4);
+    for c in s.chars() {
+        if c.is_ascii_uppercase() {
+            out.push('_');
+            out.push(c.to_ascii_lowercase());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn is_default(v: &Json) -> bool {
+    match v {
+        Json::Null => true,
+        Json::Bool(b) => !b,
+        Json::Number(n) => n.as_f64() == Some(0.0),
+        Json::String(s) => s.is_empty() || s == "0",
+        Json::Array(a) => a.is_empty(),
+        Json::Object(o) => o.is_empty(),
+    }
+}
+
+/// Deep equality, numbers by value (a string holding a number equals it).
+fn equal(a: &Json, b: &Json) -> bool {
+    match (a, b) {
+        (Json::Number(x), Json::Number(y)) => number_eq(x, y),
+        (Json::Number(n), Json::String(s)) | (Json::String(s), Json::Number(n)) => {
+            s.trim().parse::<serde_json::Number>().is_ok_and(|m| number_eq(n, &m))
+        }
+        (Json::Array(x), Json::Array(y)) => x.len() == y.len() && x.iter().zip(y).all(|(x, y)| equal(x, y)),
+        (Json::Object(x), Json::Object(y)) => {
+            x.len() == y.len() && x.iter().all(|(k, v)| lookup(y, k).is_some_and(|w| equal(v, w)))
+        }
+        _ => a == b,
+    }
+}
+
+fn number_eq(x: &serde_json::Number, y: &serde_json::Number) -> bool {
+    if let (Some(a), Some(b)) = (x.as_i64(), y.as_i64()) {
+        return a == b;
+    }
+    if let (Some(a), Some(b)) = (x.as_u64(), y.as_u64()) {
+        return a == b;
+    }
+    x.as_f64().zip(y.as_f64()).is_some_and(|(a, b)| a == b)
+}
+
+// ---------------------------------------------------------------------------
+// Verification
+// ---------------------------------------------------------------------------
+
+/// How many calls a verification expects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expect {
+    Exactly(u64),
+    /// Inclusive bounds; `u64::MAX` for no upper bound.
+    Between(u64, u64),
+}
+
+impl Expect {
+    pub fn holds(self, n: u64) -> bool {
+        match self {
+            Expect::Exactly(k) => n == k,
+            Expect::Between(lo, hi) => lo <= n && n <= hi,
+        }
+    }
+
+    fn minimum(self) -> u64 {
+        match self {
+            Expect::Exactly(k) | Expect::Between(k, _) => k,
+        }
+    }
+
+    /// `exactly 2`, `at least 1`, `at most 3`, `between 1 and 3`.
+    pub fn text(self) -> String {
+        match self {
+            Expect::Exactly(k) => format!("exactly {k}"),
+            Expect::Between(lo, u64::MAX) => format!("at least {lo}"),
+            Expect::Between(0, hi) => format!("at most {hi}"),
+            Expect::Between(lo, hi) => format!("between {lo} and {hi}"),
+        }
+    }
+}
+
+/// A verification: the calls a filter selects, and how many are expected.
+#[derive(Debug, Clone)]
+pub struct Verify {
+    pub filter: Filter,
+    pub expect: Expect,
+}
+
+/// The outcome of a verification.
+#[derive(Clone)]
+pub struct Verdict {
+    pub ok: bool,
+    pub count: u64,
+    pub expect: Expect,
+    /// Sequence numbers of the calls that matched.
+    pub seqs: Vec<u64>,
+    /// When too few matched: the calls that came closest, best first.
+    pub closest: Vec<Candidate>,
+}
+
+/// A call that did not match a verification, and why.
+#[derive(Clone)]
+pub struct Candidate {
+    pub entry: Arc<Entry>,
+    pub differences: Vec<Difference>,
+}
+
+impl Verdict {
+    pub fn to_json(&self, filter: &Filter) -> Json {
+        let what = filter.method.as_ref().map(MethodMatch::text).unwrap_or_else(|| "any method".into());
+        let message = format!("expected {} matching call(s) to {what}, found {}", self.expect.text(), self.count);
+        let mut out = json!({
+            "ok": self.ok,
+            "count": self.count,
+            "expected": self.expect.text(),
+            "seqs": self.seqs,
+        });
+        if !self.ok {
+            out["message"] = json!(message);
+            out["closest"] = Json::Array(
+                self.closest
+                    .iter()
+                    .map(|c| {
+                        json!({
+                            "seq": c.entry.seq,
+                            "call": c.entry.to_json(),
+                            "differences": c.differences.iter().map(Difference::to_json).collect::<Vec<_>>(),
+                        })
+                    })
+                    .collect(),
+            );
+        }
+        out
+    }
+}
+
+/// The `max` entries not selected by `filter` that come closest to it:
+/// those of the filtered method first, then by fewest differences, then
+/// newest first.
+fn candidates(entries: &[Arc<Entry>], filter: &Filter, max: usize) -> Vec<Candidate> {
+    let mut scored: Vec<(bool, usize, u64, Candidate)> = entries
+        .iter()
+        .filter(|e| !filter.matches(e))
+        .map(|e| {
+            let differences = filter.differences(e);
+            let other_method = filter.method.as_ref().is_some_and(|m| !m.matches(e.path()));
+            (other_method, differences.len(), u64::MAX - e.seq, Candidate { entry: e.clone(), differences })
+        })
+        .collect();
+    scored.sort_by_key(|(a, b, c, _)| (*a, *b, *c));
+    scored.into_iter().take(max).map(|(_, _, _, c)| c).collect()
+}
+
+// ---------------------------------------------------------------------------
+// JSON views
+// ---------------------------------------------------------------------------
+
+/// One request message as JSON: the protobuf JSON mapping when it decodes
+/// with the method's input type, else its bytes in base64.
+#[derive(Debug, Clone)]
+pub struct MessageView {
+    pub json: Json,
+    pub decoded: bool,
+}
+
+fn json_options() -> prost_reflect::SerializeOptions {
+    prost_reflect::SerializeOptions::new().use_proto_field_name(true)
+}
+
+impl Entry {
+    /// The method as served, if the index is in range.
+    pub fn served(&self) -> Option<&ServedMethod> {
+        self.generation.served.methods.get(self.method)
+    }
+
+    /// The method's path, `/pkg.Service/Method`.
+    pub fn path(&self) -> &str {
+        self.served().map(|m| m.plan.path.as_str()).unwrap_or("")
+    }
+
+    /// The values of metadata `key` as shown in the JSON view.
+    pub fn metadata_values<'a>(&'a self, key: &'a str) -> impl Iterator<Item = String> + 'a {
+        self.metadata.iter().filter(move |(k, _)| k.eq_ignore_ascii_case(key)).map(|(k, v)| metadata_text(k, v))
+    }
+
+    /// Every request message, viewed as JSON.
+    pub fn message_views(&self) -> Vec<MessageView> {
+        let desc = self.served().and_then(|m| self.generation.schema()?.get_message_by_name(&m.plan.input_type));
+        self.messages
+            .iter()
+            .map(|bytes| {
+                let decoded = desc.as_ref().and_then(|d| {
+                    let msg = prost_reflect::DynamicMessage::decode(d.clone(), &bytes[..]).ok()?;
+                    msg.serialize_with_options(serde_json::value::Serializer, &json_options()).ok()
+                });
+                match decoded {
+                    Some(json) => MessageView { json, decoded: true },
+                    None => MessageView { json: Json::String(base64(bytes)), decoded: false },
+                }
+            })
+            .collect()
+    }
+
+    /// Metadata as a JSON object: ASCII values as strings, `-bin` values in
+    /// base64, repeated keys joined with `, `.
+    pub fn metadata_json(&self) -> Json {
+        let mut map = Map::new();
+        for (k, v) in &self.metadata {
+            let text = metadata_text(k, v);
+            match map.get_mut(&**k) {
+                Some(Json::String(s)) => {
+                    s.push_str(", ");
+                    s.push_str(&text);
+                }
+                _ => {
+                    map.insert(k.to_string(), Json::String(text));
+                }
+            }
+        }
+        Json::Object(map)
+    }
+
+    /// The entry as the admin API shows it.
+    pub fn to_json(&self) -> Json {
+        let served = self.served();
+        let views = self.message_views();
+        let mut out = json!({
+            "seq": self.seq,
+            "time": rfc3339(self.time),
+            "method": self.path(),
+            "metadata": self.metadata_json(),
+            "status": {"code": self.status, "name": status_name(self.status)},
+            "message": self.message,
+            "latency_ms": self.latency.as_secs_f64() * 1000.0,
+            "generation": self.generation.number,
+        });
+        let single = served.is_none_or(|m| matches!(m.plan.kind, MethodKind::Unary | MethodKind::ServerStreaming));
+        if single {
+            out["request"] = views.first().map(|v| v.json.clone()).unwrap_or(Json::Null);
+        } else {
+            out["messages"] = Json::Array(views.iter().map(|v| v.json.clone()).collect());
+        }
+        if views.iter().any(|v| !v.decoded) {
+            out["undecoded"] = json!(true);
+        }
+        out["rule"] = match (self.rule, served) {
+            (Some(r), Some(m)) => json!({
+                "index": r,
+                "origin": m.plan.rules.get(r as usize).map(|r| r.origin.as_str()).unwrap_or(""),
+            }),
+            _ => Json::Null,
+        };
+        if self.rule.is_none() {
+            out["closest"] = self.closest_json();
+        }
+        out
+    }
+
+    /// The rule that came closest, with the condition that failed and the
+    /// value the request had there; null when unknown.
+    pub fn closest_json(&self) -> Json {
+        let (Some(c), Some(m)) = (self.closest, self.served()) else { return Json::Null };
+        let Some(rule) = m.plan.rules.get(c.rule as usize) else { return Json::Null };
+        let total = rule.conditions.len();
+        let mut out = json!({
+            "rule": c.rule,
+            "origin": rule.origin,
+            "priority": rule.priority,
+            "held": c.held,
+            "total": total,
+        });
+        match rule.conditions.get(c.failed as usize) {
+            Some(cond) => {
+                let mut failed = describe_condition(&m.plan, cond);
+                failed["index"] = json!(c.failed);
+                let reason = match self.actual(m, cond.source) {
+                    Ok(actual) => {
+                        failed["actual"] = actual.value;
+                        failed["present"] = json!(actual.present);
+                        actual.text
+                    }
+                    Err(why) => {
+                        failed["actual"] = Json::Null;
+                        format!("the request could not be read there: {why}")
+                    }
+                };
+                let text = failed["text"].as_str().unwrap_or_default().to_string();
+                out["failed"] = failed;
+                out["reason"] = json!(format!("{text} does not hold: {reason}"));
+            }
+            None => {
+                let times = m.plan.responses.get(rule.response as usize).map(|r| r.times).unwrap_or(0);
+                out["failed"] = Json::Null;
+                out["reason"] = json!(format!(
+                    "all {total} conditions held, but its response answers at most {times} calls and those were used"
+                ));
+            }
+        }
+        out
+    }
+
+    /// What the request had at `source`, read as the matcher reads it.
+    fn actual(&self, m: &ServedMethod, source: Source) -> Result<Actual, String> {
+        let i = match source {
+            Source::Field(i) => i,
+            Source::Metadata(i) => {
+                let key = m.plan.metadata_keys.get(i as usize).ok_or("no such metadata key")?;
+                let values: Vec<String> = self.metadata_values(key).collect();
+                return Ok(match values.first() {
+                    Some(v) => Actual {
+                        value: json!(v),
+                        present: true,
+                        text: format!("the request has {}", Json::String(v.clone())),
+                    },
+                    None => Actual {
+                        value: Json::Null,
+                        present: false,
+                        text: format!("the request has no `{key}` metadata"),
+                    },
+                });
+            }
+        };
+        let field = m.plan.fields.get(i as usize).ok_or("no such field")?;
+        let slices: Vec<&[u8]> = self.messages.iter().map(|b| &b[..]).collect();
+        // A duplex call is matched message by message; the last one is the
+        // one no rule answered.
+        let head: &[&[u8]] = match (m.plan.duplex, slices.len()) {
+            (true, n) if n > 0 => &slices[n - 1..],
+            _ => &slices,
+        };
+        let messages = Messages { head, last: slices.last().copied(), count: slices.len() };
+        if field.message == MessageSel::Count {
+            let n = slices.len();
+            return Ok(Actual { value: json!(n), present: true, text: format!("the call sent {n} message(s)") });
+        }
+        if field.shape == Shape::Repeated {
+            let message = match field.message {
+                MessageSel::Single | MessageSel::First => head.first().copied(),
+                MessageSel::Last => slices.last().copied(),
+                MessageSel::Nth(n) => slices.get(n as usize).copied(),
+                MessageSel::Count => None,
+            };
+            let Some(message) = message else {
+                return Ok(Actual { value: json!([]), present: false, text: "the call has no such message".into() });
+            };
+            let (prefix, number) = field.numbers.split_at(field.numbers.len().saturating_sub(1));
+            let Some(&number) = number.first() else { return Err("empty field path".into()) };
+            let mut elements = Vec::new();
+            wire::for_each_element(message, prefix, number, field.kind.wire_type(), &mut |raw| {
+                elements.push(value_ref_json(wire::normalize(raw, field.kind)));
+                elements.len() < 100
+            })
+            .map_err(|e| e.to_string())?;
+            let text = format!("the request has {}", Json::Array(elements.clone()));
+            return Ok(Actual { present: !elements.is_empty(), value: Json::Array(elements), text });
+        }
+        let metadata: Vec<Option<Box<[u8]>>> = m
+            .plan
+            .metadata_keys
+            .iter()
+            .map(|k| self.metadata.iter().find(|(n, _)| &**n == k).map(|(_, v)| v.to_vec().into_boxed_slice()))
+            .collect();
+        let request = Request::read(m, &messages, metadata.as_slice()).map_err(|e| e.to_string())?;
+        let (value, present) = request.scalar(source).map_err(|e| e.to_string())?;
+        let json = value_ref_json(value);
+        let text =
+            if present { format!("the request has {json}") } else { format!("the field is not set (reads as {json})") };
+        Ok(Actual { value: json, present, text })
+    }
+}
+
+struct Actual {
+    value: Json,
+    present: bool,
+    text: String,
+}
+
+fn metadata_text(key: &str, value: &[u8]) -> String {
+    let base64_text = |v: &[u8]| v.iter().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'='));
+    if key.ends_with("-bin") && !base64_text(value) {
+        return base64(value);
+    }
+    String::from_utf8_lossy(value).into_owned()
+}
+
+/// The canonical name of a status code.
+pub fn status_name(code: u8) -> &'static str {
+    STATUS_NAMES.get(code as usize).copied().unwrap_or("UNKNOWN")
+}
+
+// ---------------------------------------------------------------------------
+// Conditions, readably
+// ---------------------------------------------------------------------------
+
+/// What a condition reads, as the rule wrote it: `request.a.b` or
+/// `metadata.key`.
+pub fn input_name(m: &Method, source: Source) -> String {
+    match source {
+        Source::Field(i) => format!("request.{}", m.fields.get(i as usize).map(|f| f.name.as_str()).unwrap_or("?")),
+        Source::Metadata(i) => {
+            format!("metadata.{}", m.metadata_keys.get(i as usize).map(String::as_str).unwrap_or("?"))
+        }
+    }
+}
+
+/// A condition as JSON: `input`, `test` (readable), `text` (both),
+/// `operator` and `expected`.
+pub fn describe_condition(m: &Method, c: &Condition) -> Json {
+    let input = input_name(m, c.source);
+    let test = render_test(&c.test);
+    let (operator, expected) = match &c.test {
+        Test::Op(op) => (op.name(), op_operand(op)),
+        Test::Not(t) => ("not", json!(render_test(t))),
+        Test::Any(_) => ("any", json!(test)),
+        Test::All(_) => ("all", json!(test)),
+    };
+    json!({
+        "input": input,
+        "test": test,
+        "text": format!("{input} {test}"),
+        "operator": operator,
+        "expected": expected,
+    })
+}
+
+fn op_operand(op: &Op) -> Json {
+    match op {
+        Op::Eq(v) | Op::Gt(v) | Op::Gte(v) | Op::Lt(v) | Op::Lte(v) | Op::Contains(v) => value_json(v),
+        Op::In(vs) => Json::Array(vs.iter().map(value_json).collect()),
+        Op::Exists => json!(true),
+        Op::Prefix(b) | Op::Suffix(b) => bytes_json(b),
+        Op::Regex(i) => json!(format!("regex #{i}")),
+        Op::Len(t) => json!(render_test(t)),
+    }
+}
+
+/// A test as text: `== "Tom"`, `in [1, 2]`, `not (exists)`, ...
+pub fn render_test(t: &Test) -> String {
+    let list = |l: &[Test], sep: &str| l.iter().map(|t| format!("({})", render_test(t))).collect::<Vec<_>>().join(sep);
+    match t {
+        Test::Op(op) => match op {
+            Op::Eq(v) => format!("== {}", value_text(v)),
+            Op::In(vs) => format!("in [{}]", vs.iter().map(value_text).collect::<Vec<_>>().join(", ")),
+            Op::Gt(v) => format!("> {}", value_text(v)),
+            Op::Gte(v) => format!(">= {}", value_text(v)),
+            Op::Lt(v) => format!("< {}", value_text(v)),
+            Op::Lte(v) => format!("<= {}", value_text(v)),
+            Op::Exists => "exists".to_string(),
+            Op::Contains(v) => format!("contains {}", value_text(v)),
+            Op::Prefix(b) => format!("starts with {}", bytes_text(b)),
+            Op::Suffix(b) => format!("ends with {}", bytes_text(b)),
+            Op::Regex(i) => format!("matches regex #{i}"),
+            Op::Len(t) => format!("length {}", render_test(t)),
+        },
+        Test::Not(t) => format!("not ({})", render_test(t)),
+        Test::Any(l) => format!("any of {}", list(l, " | ")),
+        Test::All(l) => format!("all of {}", list(l, " & ")),
+    }
+}
+
+fn value_text(v: &Value) -> String {
+    match v {
+        Value::Bytes(b) => bytes_text(b),
+        v => value_json(v).to_string(),
+    }
+}
+
+fn bytes_text(b: &[u8]) -> String {
+    match std::str::from_utf8(b) {
+        Ok(s) => Json::String(s.to_string()).to_string(),
+        Err(_) => format!("base64:{}", base64(b)),
+    }
+}
+
+fn bytes_json(b: &[u8]) -> Json {
+    match std::str::from_utf8(b) {
+        Ok(s) => json!(s),
+        Err(_) => json!(base64(b)),
+    }
+}
+
+fn float_json(x: f64) -> Json {
+    match serde_json::Number::from_f64(x) {
+        Some(n) => Json::Number(n),
+        None if x.is_nan() => json!("NaN"),
+        None if x > 0.0 => json!("Infinity"),
+        None => json!("-Infinity"),
+    }
+}
+
+/// A plan value as JSON (strings as text, other bytes in base64).
+pub fn value_json(v: &Value) -> Json {
+    match v {
+        Value::I64(x) => json!(x),
+        Value::U64(x) => json!(x),
+        Value::F64(x) => float_json(*x),
+        Value::Bool(x) => json!(x),
+        Value::Bytes(b) => bytes_json(b),
+    }
+}
+
+fn value_ref_json(v: ValueRef<'_>) -> Json {
+    match v {
+        ValueRef::I64(x) => json!(x),
+        ValueRef::U64(x) => json!(x),
+        ValueRef::F64(x) => float_json(x),
+        ValueRef::Bool(x) => json!(x),
+        ValueRef::Bytes(b) => bytes_json(b),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Small encoders
+// ---------------------------------------------------------------------------
+
+/// Standard base64 with padding.
+pub fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let b = [chunk[0], chunk.get(1).copied().unwrap_or(0), chunk.get(2).copied().unwrap_or(0)];
+        let n = (b[0] as u32) << 16 | (b[1] as u32) << 8 | b[2] as u32;
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// A time as RFC 3339 in UTC with milliseconds: `2024-05-01T12:30:00.250Z`.
+pub fn rfc3339(t: SystemTime) -> String {
+    let (secs, millis) = match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => (d.as_secs() as i64, d.subsec_millis()),
+        Err(e) => {
+            let d = e.duration();
+            let ms = d.as_millis() as i64;
+            (-((ms + 999) / 1000), ((1000 - ms % 1000) % 1000) as u32)
+        }
+    };
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{millis:03}Z", rem / 3600, rem / 60 % 60, rem % 60)
+}
+
+/// A small plan and state for the journal's and the admin API's tests:
+/// `demo.Greeter` with a unary `SayHello` (four rules, no fallback) and a
+/// bidirectional `Chat` (no rules), and descriptors made by hand.
+#[cfg(test)]
+pub(crate) mod fixture {
+    use super::*;
+    use crate::state::State;
+    use prost::Message as _;
+    use prost_reflect::prost_types::{
+        field_descriptor_proto::{Label, Type},
+        DescriptorProto, FieldDescriptorProto, FileDescriptorProto, FileDescriptorSet, MethodDescriptorProto,
+        ServiceDescriptorProto,
+    };
+    use wirestub_plan::{FieldPath, Plan, Response, Rule, ScalarKind};
+
+    pub const SAY_HELLO: &str = "/demo.Greeter/SayHello";
+    pub const CHAT: &str = "/demo.Greeter/Chat";
+
+    fn field(name: &str, number: i32, ty: Type, label: Label, type_name: Option<&str>) -> FieldDescriptorProto {
+        FieldDescriptorProto {
+            name: Some(name.into()),
+            number: Some(number),
+            r#type: Some(ty as i32),
+            label: Some(label as i32),
+            type_name: type_name.map(Into::into),
+            ..Default::default()
+        }
+    }
+
+    fn message(name: &str, fields: Vec<FieldDescriptorProto>) -> DescriptorProto {
+        DescriptorProto { name: Some(name.into()), field: fields, ..Default::default() }
+    }
+
+    fn descriptors() -> Vec<u8> {
+        let method = |name: &str, streaming: bool| MethodDescriptorProto {
+            name: Some(name.into()),
+            input_type: Some(".demo.HelloRequest".into()),
+            output_type: Some(".demo.HelloReply".into()),
+            client_streaming: Some(streaming),
+            server_streaming: Some(streaming),
+            ..Default::default()
+        };
+        let file = FileDescriptorProto {
+            name: Some("demo.proto".into()),
+            package: Some("demo".into()),
+            syntax: Some("proto3".into()),
+            message_type: vec![
+                message(
+                    "HelloRequest",
+                    vec![
+                        field("name", 1, Type::String, Label::Optional, None),
+                        field("age", 2, Type::Int32, Label::Optional, None),
+                        field("tags", 3, Type::String, Label::Repeated, None),
+                        field("locale", 4, Type::Message, Label::Optional, Some(".demo.Locale")),
+                        field("big_number", 5, Type::Int64, Label::Optional, None),
+                    ],
+                ),
+                message("Locale", vec![field("language", 1, Type::String, Label::Optional, None)]),
+                message("HelloReply", vec![field("message", 1, Type::String, Label::Optional, None)]),
+            ],
+            service: vec![ServiceDescriptorProto {
+                name: Some("Greeter".into()),
+                method: vec![method("SayHello", false), method("Chat", true)],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        FileDescriptorSet { file: vec![file] }.encode_to_vec()
+    }
+
+    fn path(name: &str, numbers: Vec<u32>, kind: ScalarKind, shape: Shape) -> FieldPath {
+        let default = match kind.value_class() {
+            wirestub_plan::ValueClass::I64 => Value::I64(0),
+            _ => Value::Bytes(Vec::new()),
+        };
+        FieldPath { name: name.into(), numbers, kind, default, shape, message: MessageSel::Single }
+    }
+
+    fn cond(source: Source, op: Op) -> Condition {
+        Condition { source, test: Test::Op(op) }
+    }
+
+    fn text(s: &str) -> Value {
+        Value::Bytes(s.as_bytes().to_vec())
+    }
+
+    pub fn plan() -> Plan {
+        let rule = |line: u32, priority: i64, response: u32, conditions: Vec<Condition>| Rule {
+            conditions,
+            response,
+            priority,
+            origin: format!("rules/demo.yaml:{line}:9"),
+        };
+        let say_hello = Method {
+            path: SAY_HELLO.into(),
+            kind: MethodKind::Unary,
+            input_type: "demo.HelloRequest".into(),
+            output_type: "demo.HelloReply".into(),
+            fields: vec![
+                path("name", vec![1], ScalarKind::String, Shape::Singular),
+                path("age", vec![2], ScalarKind::Int32, Shape::Singular),
+                path("locale.language", vec![4, 1], ScalarKind::String, Shape::Singular),
+                path("tags", vec![3], ScalarKind::String, Shape::Repeated),
+            ],
+            metadata_keys: vec!["x-role".into()],
+            responses: vec![
+                Response { body: wirestub_plan::grpc_frame(b"\x0a\x02Hi"), ..Default::default() },
+                Response { status: 7, message: "denied".into(), ..Default::default() },
+                Response { body: wirestub_plan::grpc_frame(b""), times: 1, ..Default::default() },
+            ],
+            rules: vec![
+                rule(
+                    3,
+                    20,
+                    0,
+                    vec![
+                        cond(Source::Metadata(0), Op::Eq(text("root"))),
+                        cond(Source::Field(0), Op::Eq(text("admin"))),
+                    ],
+                ),
+                rule(
+                    10,
+                    10,
+                    0,
+                    vec![cond(Source::Field(0), Op::Eq(text("Tom"))), cond(Source::Field(2), Op::Eq(text("fr")))],
+                ),
+                rule(16, 0, 1, vec![cond(Source::Field(1), Op::Gt(Value::I64(40)))]),
+                rule(20, 0, 2, vec![cond(Source::Field(3), Op::Contains(text("vip")))]),
+            ],
+            duplex: false,
+            regexes: vec![],
+        };
+        let chat = Method {
+            path: CHAT.into(),
+            kind: MethodKind::BidiStreaming,
+            input_type: "demo.HelloRequest".into(),
+            output_type: "demo.HelloReply".into(),
+            fields: vec![],
+            metadata_keys: vec![],
+            responses: vec![],
+            rules: vec![],
+            duplex: false,
+            regexes: vec![],
+        };
+        Plan { descriptors: descriptors(), methods: vec![chat, say_hello] }
+    }
+
+    /// A state serving [`plan`], with a journal of `journal` calls (0: none).
+    pub fn state(journal: usize) -> State {
+        State::new(plan(), None, "demo plan".into(), crate::NoMatch::NotFound, 1, journal).expect("demo plan prepares")
+    }
+
+    fn varint(mut v: u64, out: &mut Vec<u8>) {
+        while v >= 0x80 {
+            out.push(v as u8 | 0x80);
+            v >>= 7;
+        }
+        out.push(v as u8);
+    }
+
+    fn len_field(number: u32, bytes: &[u8], out: &mut Vec<u8>) {
+        varint(u64::from(number << 3 | 2), out);
+        varint(bytes.len() as u64, out);
+        out.extend_from_slice(bytes);
+    }
+
+    /// An encoded `demo.HelloRequest`.
+    pub fn hello(name: &str, age: i32, tags: &[&str], language: Option<&str>) -> Vec<u8> {
+        let mut out = Vec::new();
+        if !name.is_empty() {
+            len_field(1, name.as_bytes(), &mut out);
+        }
+        if age != 0 {
+            varint(2 << 3, &mut out);
+            varint(age as i64 as u64, &mut out);
+        }
+        for t in tags {
+            len_field(3, t.as_bytes(), &mut out);
+        }
+        if let Some(l) = language {
+            let mut locale = Vec::new();
+            len_field(1, l.as_bytes(), &mut locale);
+            len_field(4, &locale, &mut out);
+        }
+        out
+    }
+
+    /// An entry for a call to `path` on the state's current generation.
+    pub fn entry(
+        state: &State,
+        path: &str,
+        metadata: &[(&str, &[u8])],
+        messages: Vec<Vec<u8>>,
+        rule: Option<u32>,
+        status: u8,
+        closest: Option<Closest>,
+    ) -> Entry {
+        let generation = state.current();
+        let method = generation.served.methods.iter().position(|m| m.plan.path == path).expect("method in plan");
+        Entry {
+            seq: 0,
+            time: UNIX_EPOCH + Duration::from_millis(1_700_000_000_123),
+            generation,
+            method,
+            metadata: metadata.iter().map(|(k, v)| (Box::from(*k), Bytes::copy_from_slice(v))).collect(),
+            messages: messages.into_iter().map(Bytes::from).collect(),
+            rule,
+            status,
+            message: if status == 0 { String::new() } else { "no rule matches".into() },
+            latency: Duration::from_micros(1500),
+            closest,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fixture::*;
+    use super::*;
+
+    fn filter() -> Filter {
+        Filter::default()
+    }
+
+    /// A journal with five calls: 1 Tom/fr (rule 1), 2 admin as root
+    /// (rule 0), 3 Tom/en (unmatched, closest rule 1), 4 age 50 (rule 2,
+    /// PERMISSION_DENIED), 5 a chat stream of two messages.
+    fn recorded() -> (crate::state::State, Vec<Arc<Entry>>) {
+        let state = state(16);
+        let j = state.journal.as_ref().unwrap();
+        j.record(entry(&state, SAY_HELLO, &[], vec![hello("Tom", 0, &[], Some("fr"))], Some(1), 0, None));
+        j.record(entry(
+            &state,
+            SAY_HELLO,
+            &[("x-role", b"root")],
+            vec![hello("admin", 0, &[], None)],
+            Some(0),
+            0,
+            None,
+        ));
+        let closest = Closest { rule: 1, failed: 1, held: 1 };
+        j.record(entry(&state, SAY_HELLO, &[], vec![hello("Tom", 0, &["a"], Some("en"))], None, 5, Some(closest)));
+        j.record(entry(&state, SAY_HELLO, &[("x-role", b"user")], vec![hello("Ann", 50, &[], None)], Some(2), 7, None));
+        j.record(entry(&state, CHAT, &[], vec![hello("a", 0, &[], None), hello("b", 0, &[], None)], None, 12, None));
+        let all = j.snapshot();
+        (state, all)
+    }
+
+    #[test]
+    fn the_ring_numbers_entries_and_keeps_the_newest() {
+        let state = state(2);
+        let j = state.journal.as_ref().unwrap();
+        for name in ["a", "b", "c"] {
+            j.record(entry(&state, SAY_HELLO, &[], vec![hello(name, 0, &[], None)], None, 5, None));
+        }
+        let seqs: Vec<u64> = j.snapshot().iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, [2, 3]);
+        assert_eq!((j.len(), j.capacity(), j.recorded()), (2, 2, 3));
+        assert_eq!(j.reset(), 2);
+        assert!(j.is_empty());
+        j.record(entry(&state, SAY_HELLO, &[], vec![], None, 5, None));
+        assert_eq!(j.snapshot()[0].seq, 4, "numbering goes on after a reset");
+    }
+
+    #[test]
+    fn entries_render_as_json() {
+        let (_state, all) = recorded();
+        let e = all[1].to_json();
+        assert_eq!(e["seq"], 2);
+        assert_eq!(e["time"], "2023-11-14T22:13:20.123Z");
+        assert_eq!(e["method"], SAY_HELLO);
+        assert_eq!(e["metadata"], json!({"x-role": "root"}));
+        assert_eq!(e["request"], json!({"name": "admin"}));
+        assert_eq!(e["rule"], json!({"index": 0, "origin": "rules/demo.yaml:3:9"}));
+        assert_eq!(e["status"], json!({"code": 0, "name": "OK"}));
+        assert_eq!(e["latency_ms"], 1.5);
+        assert!(e.get("closest").is_none() && e.get("undecoded").is_none());
+        let stream = all[4].to_json();
+        assert_eq!(stream["messages"], json!([{"name": "a"}, {"name": "b"}]));
+        assert_eq!(stream["rule"], Json::Null);
+        assert_eq!(stream["closest"], Json::Null);
+    }
+
+    #[test]
+    fn undecodable_requests_and_binary_metadata_fall_back_to_base64() {
+        let state = state(4);
+        let e = entry(
+            &state,
+            SAY_HELLO,
+            &[("x-trace-bin", b"\x00\x01\xff"), ("x-id", b"AQI=")],
+            vec![vec![0x0a, 0x05, 1]],
+            None,
+            13,
+            None,
+        );
+        let v = e.to_json();
+        assert_eq!(v["request"], "CgUB");
+        assert_eq!(v["undecoded"], true);
+        assert_eq!(v["metadata"]["x-trace-bin"], "AAH/");
+        assert_eq!(v["metadata"]["x-id"], "AQI=");
+        // Already base64 on the wire: shown as received.
+        let e = entry(&state, SAY_HELLO, &[("x-trace-bin", b"AAH/")], vec![], None, 13, None);
+        assert_eq!(e.to_json()["metadata"]["x-trace-bin"], "AAH/");
+    }
+
+    #[test]
+    fn method_patterns() {
+        assert_eq!(MethodMatch::parse("/a.B/C"), Ok(MethodMatch::Path("/a.B/C".into())));
+        assert_eq!(MethodMatch::parse("a.B/C"), Ok(MethodMatch::Path("/a.B/C".into())));
+        assert_eq!(MethodMatch::parse("a.B"), Ok(MethodMatch::Service("a.B".into())));
+        assert_eq!(MethodMatch::parse("/a.B/"), Ok(MethodMatch::Service("a.B".into())));
+        assert!(
+            MethodMatch::parse("").is_err() && MethodMatch::parse("/").is_err() && MethodMatch::parse("a/b/c").is_err()
+        );
+        let svc = MethodMatch::Service("demo.Greeter".into());
+        assert!(svc.matches(SAY_HELLO) && svc.matches(CHAT));
+        assert!(!svc.matches("/demo.GreeterX/SayHello") && !svc.matches("/demo/Greeter"));
+    }
+
+    #[test]
+    fn statuses_by_number_or_name() {
+        assert_eq!(parse_status("5"), Ok(5));
+        assert_eq!(parse_status("NOT_FOUND"), Ok(5));
+        assert_eq!(parse_status("notfound"), Ok(5));
+        assert_eq!(parse_status("PermissionDenied"), Ok(7));
+        assert_eq!(parse_status("Canceled"), Ok(1));
+        assert!(parse_status("17").is_err() && parse_status("nope").is_err());
+    }
+
+    #[test]
+    fn filters_select_entries() {
+        let (state, _) = recorded();
+        let j = state.journal.as_ref().unwrap();
+        let seqs = |f: Filter| j.query(&f).iter().map(|e| e.seq).collect::<Vec<_>>();
+        let method = |s: &str| Some(MethodMatch::parse(s).unwrap());
+        assert_eq!(seqs(Filter { method: method("demo.Greeter/SayHello"), ..filter() }), [1, 2, 3, 4]);
+        assert_eq!(seqs(Filter { method: method("demo.Greeter"), ..filter() }), [1, 2, 3, 4, 5]);
+        assert_eq!(seqs(Filter { method: method("/demo.Greeter/Chat"), ..filter() }), [5]);
+        assert_eq!(seqs(Filter { status: Some(7), ..filter() }), [4]);
+        assert_eq!(seqs(Filter { matched: Some(false), ..filter() }), [3, 5]);
+        assert_eq!(seqs(Filter { matched: Some(true), since: Some(1), ..filter() }), [2, 4]);
+        assert_eq!(seqs(Filter { metadata: vec![("x-role".into(), "root".into())], ..filter() }), [2]);
+        assert_eq!(seqs(Filter { body: Some(json!({"name": "Tom"})), ..filter() }), [1, 3]);
+        assert_eq!(seqs(Filter { body: Some(json!({"name": "Tom", "locale": {"language": "fr"}})), ..filter() }), [1]);
+        assert_eq!(seqs(Filter { body: Some(json!({"tags": ["a"]})), ..filter() }), [3]);
+        assert_eq!(seqs(Filter { body: Some(json!({"age": 50})), ..filter() }), [4]);
+        // Absent fields read as their defaults; streams match on any message.
+        assert_eq!(seqs(Filter { body: Some(json!({"name": "b", "age": 0})), ..filter() }), [5]);
+        assert_eq!(j.count(&Filter { method: method("demo.Greeter/SayHello"), status: Some(0), ..filter() }), 2);
+        assert_eq!(j.unmatched(&filter()).iter().map(|e| e.seq).collect::<Vec<_>>(), [3, 5]);
+    }
+
+    #[test]
+    fn partial_body_matching() {
+        let actual =
+            json!({"name": "Tom", "locale": {"language": "fr"}, "bigNumber": "9007199254740993", "tags": ["a", "b"]});
+        assert!(subset(&json!({}), &actual));
+        assert!(subset(&json!({"locale": {}}), &actual));
+        assert!(subset(&json!({"locale": {"language": "fr"}}), &actual));
+        assert!(!subset(&json!({"locale": {"language": "en"}}), &actual));
+        assert!(subset(&json!({"big_number": 9007199254740993u64}), &actual), "proto name, number against string");
+        assert!(subset(&json!({"bigNumber": "9007199254740993"}), &actual));
+        assert!(!subset(&json!({"big_number": 9007199254740992u64}), &actual));
+        assert!(subset(&json!({"tags": ["a", "b"]}), &actual));
+        assert!(!subset(&json!({"tags": ["a"]}), &actual), "arrays compare whole");
+        assert!(!subset(&json!({"missing": "x"}), &actual));
+        assert!(subset(&json!({"missing": ""}), &actual), "absent reads as the default");
+        assert!(!subset(&json!({"name": {"x": 1}}), &actual));
+        assert!(!subset(&json!({"name": "Tom"}), &json!("Tom")));
+    }
+
+    #[test]
+    fn verify_counts_and_explains_failures() {
+        let (state, _) = recorded();
+        let j = state.journal.as_ref().unwrap();
+        let method = Some(MethodMatch::parse("/demo.Greeter/SayHello").unwrap());
+        let v = Verify { filter: Filter { method: method.clone(), ..filter() }, expect: Expect::Exactly(4) };
+        let verdict = j.verify(&v);
+        assert!(verdict.ok);
+        assert_eq!((verdict.count, verdict.seqs.clone()), (4, vec![1, 2, 3, 4]));
+        assert_eq!(verdict.to_json(&v.filter)["ok"], true);
+
+        let f = Filter {
+            method: method.clone(),
+            body: Some(json!({"name": "Tom", "locale": {"language": "de"}})),
+            ..filter()
+        };
+        let v = Verify { filter: f, expect: Expect::Between(1, u64::MAX) };
+        let verdict = j.verify(&v);
+        assert!(!verdict.ok);
+        assert_eq!(verdict.count, 0);
+        let out = verdict.to_json(&v.filter);
+        assert_eq!(out["expected"], "at least 1");
+        let closest = out["closest"].as_array().unwrap();
+        assert_eq!(closest.len(), 3);
+        // Both Tom calls differ only in the language; the newest first.
+        assert_eq!(closest[0]["seq"], 3);
+        assert_eq!(
+            closest[0]["differences"],
+            json!([{"at": "request.locale.language", "expected": "de", "actual": "en"}])
+        );
+        assert_eq!(closest[1]["seq"], 1);
+        assert!(out["message"].as_str().unwrap().contains("found 0"), "{out}");
+
+        let v = Verify { filter: Filter { method, ..filter() }, expect: Expect::Between(0, 2) };
+        let verdict = j.verify(&v);
+        assert!(!verdict.ok && verdict.closest.is_empty());
+        assert_eq!(verdict.to_json(&v.filter)["expected"], "at most 2");
+
+        let f = Filter { method: Some(MethodMatch::parse("demo.Greeter/Nope").unwrap()), ..filter() };
+        let verdict = j.verify(&Verify { filter: f.clone(), expect: Expect::Exactly(1) });
+        let out = verdict.to_json(&f);
+        assert_eq!(out["closest"][0]["differences"][0]["at"], "method");
+    }
+
+    #[test]
+    fn closest_rule_names_the_failing_condition_and_the_value_found() {
+        let (_, all) = recorded();
+        let c = all[2].to_json()["closest"].clone();
+        assert_eq!(c["rule"], 1);
+        assert_eq!(c["origin"], "rules/demo.yaml:10:9");
+        assert_eq!((c["held"].clone(), c["total"].clone()), (json!(1), json!(2)));
+        assert_eq!(c["failed"]["input"], "request.locale.language");
+        assert_eq!(c["failed"]["operator"], "eq");
+        assert_eq!(c["failed"]["expected"], "fr");
+        assert_eq!(c["failed"]["actual"], "en");
+        assert_eq!(c["reason"], "request.locale.language == \"fr\" does not hold: the request has \"en\"");
+
+        let state = state(4);
+        let at = |closest: Closest, metadata: &[(&str, &[u8])], message: Vec<u8>| {
+            entry(&state, SAY_HELLO, metadata, vec![message], None, 5, Some(closest)).closest_json()
+        };
+        let c = at(Closest { rule: 0, failed: 0, held: 0 }, &[], hello("admin", 0, &[], None));
+        assert_eq!(c["failed"]["input"], "metadata.x-role");
+        assert_eq!(c["failed"]["actual"], Json::Null);
+        assert_eq!(c["failed"]["present"], false);
+        assert!(c["reason"].as_str().unwrap().ends_with("the request has no `x-role` metadata"), "{c}");
+        let c = at(Closest { rule: 0, failed: 0, held: 0 }, &[("x-role", b"user")], hello("admin", 0, &[], None));
+        assert_eq!(c["failed"]["actual"], "user");
+        let c = at(Closest { rule: 2, failed: 0, held: 0 }, &[], hello("", 0, &[], None));
+        assert_eq!(c["failed"]["text"], "request.age > 40");
+        assert_eq!(c["reason"], "request.age > 40 does not hold: the field is not set (reads as 0)");
+        let c = at(Closest { rule: 3, failed: 0, held: 0 }, &[], hello("", 0, &["x", "y"], None));
+        assert_eq!(c["failed"]["actual"], json!(["x", "y"]));
+        let c = at(Closest { rule: 3, failed: 1, held: 1 }, &[], hello("", 0, &["vip"], None));
+        assert!(c["reason"].as_str().unwrap().contains("answers at most 1 calls"), "{c}");
+        // Out-of-range indices and unreadable requests never panic.
+        assert_eq!(at(Closest { rule: 9, failed: 0, held: 0 }, &[], vec![]), Json::Null);
+        let c = at(Closest { rule: 2, failed: 0, held: 0 }, &[], vec![0x10]);
+        assert!(c["reason"].as_str().unwrap().contains("could not be read"), "{c}");
+    }
+
+    #[test]
+    fn conditions_render_readably() {
+        let t = Test::Any(vec![Test::Op(Op::Eq(Value::I64(1))), Test::Not(Box::new(Test::Op(Op::Exists)))]);
+        assert_eq!(render_test(&t), "any of (== 1) | (not (exists))");
+        assert_eq!(render_test(&Test::Op(Op::Len(Box::new(Test::Op(Op::Gte(Value::U64(2))))))), "length >= 2");
+        assert_eq!(
+            render_test(&Test::Op(Op::In(vec![Value::Bytes(b"a".to_vec()), Value::Bytes(vec![0xff])]))),
+            "in [\"a\", base64:/w==]"
+        );
+        assert_eq!(render_test(&Test::Op(Op::Prefix(b"ab".to_vec()))), "starts with \"ab\"");
+        assert_eq!(render_test(&Test::Op(Op::Eq(Value::F64(f64::NAN)))), "== \"NaN\"");
+    }
+
+    #[test]
+    fn encoders() {
+        assert_eq!(base64(b""), "");
+        assert_eq!(base64(b"f"), "Zg==");
+        assert_eq!(base64(b"fo"), "Zm8=");
+        assert_eq!(base64(b"foo"), "Zm9v");
+        assert_eq!(base64(b"foobar"), "Zm9vYmFy");
+        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339(UNIX_EPOCH + Duration::from_secs(951_782_400)), "2000-02-29T00:00:00.000Z");
+        assert_eq!(rfc3339(UNIX_EPOCH + Duration::from_millis(4_102_444_799_999)), "2099-12-31T23:59:59.999Z");
+        assert_eq!(rfc3339(UNIX_EPOCH - Duration::from_millis(1)), "1969-12-31T23:59:59.999Z");
     }
 }

@@ -1,11 +1,14 @@
 //! The wirestub engine: loads a plan and answers gRPC calls from it.
 //!
-//! Layers, outermost first: [`server`] (sockets, workers, HTTP/2 via `h2`,
-//! the gRPC call state machine), [`matcher`] (rule selection), [`wire`]
+//! Layers, outermost first: [`server`] (listeners, workers, the choice of
+//! HTTP/2 stack: [`http2`] or [`h2_stack`]), [`state`] (the current plan
+//! generation, swapped on reload, with [`health`], [`journal`] and
+//! [`metrics`]), [`call`] and [`matcher`] (rule selection), [`wire`]
 //! (zero-copy field extraction from protobuf bytes), [`served`] (the plan
-//! prepared for serving), [`grpc`] (protocol details independent of HTTP/2).
-//! The engine never decodes a whole request message and never depends on the
-//! compiler, protox or prost-reflect.
+//! prepared for serving), [`grpc`] (protocol details independent of
+//! HTTP/2). Beside the calls: [`admin`] (the admin HTTP API),
+//! [`reflection`], [`tls`]. The request path never decodes a whole
+//! message; the library never depends on the compiler or protox.
 
 pub mod admin;
 pub mod call;

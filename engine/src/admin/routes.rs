@@ -1,0 +1,809 @@
+//! The admin API's routes: [`handle`] maps one parsed HTTP request to a
+//! response, with no socket involved, so every route is tested directly.
+//!
+//! ```text
+//! GET    /healthz                                 200 while the process runs (no token needed)
+//! GET    /readyz                                  200 serving, 503 draining (no token needed)
+//! GET    /metrics                                 Prometheus text format 0.0.4
+//! GET    /admin/status                            plan, uptime, listeners, journal, draining
+//! GET    /admin/services                          services and their methods
+//! GET    /admin/methods/{pkg.Service}/{Method}/rules
+//!                                                 the method's rules in evaluation order
+//! POST   /admin/reload                            load the plan again (422 if it is invalid)
+//! GET    /admin/journal                           recorded calls, oldest first (filters, limit)
+//! DELETE /admin/journal                           forget every recorded call
+//! GET    /admin/journal/count                     how many calls the filters select
+//! POST   /admin/journal/verify                    expected number of calls (JSON body)
+//! GET    /admin/journal/unmatched                 calls no rule answered, with the closest rule
+//! ```
+//!
+//! Journal filters (query parameters, values percent-encoded): `method`
+//! (`/pkg.Svc/Method`, `pkg.Svc/Method` or a service `pkg.Svc`), `status`
+//! (number or name), `matched` (true/false), `metadata` (`key=value`,
+//! repeatable), `body` (a JSON object, subset of the request), `since` (a
+//! sequence number: later calls only); `limit` keeps the newest N of the
+//! list routes. JSON everywhere except `/metrics`; errors are
+//! `{"error": "..."}` with a 4xx/5xx status.
+
+use super::Options;
+use crate::journal::{self, Expect, Filter, Journal, MethodMatch, Verify};
+use crate::state::State;
+use serde_json::{json, Value as Json};
+
+/// A response to send.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Response {
+    pub status: u16,
+    pub content_type: &'static str,
+    /// Extra header fields.
+    pub headers: Vec<(&'static str, String)>,
+    pub body: Vec<u8>,
+}
+
+const JSON: &str = "application/json";
+const PROMETHEUS: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+impl Response {
+    pub fn json(status: u16, value: &Json) -> Response {
+        let mut body = serde_json::to_vec(value).unwrap_or_else(|_| b"{}".to_vec());
+        body.push(b'\n');
+        Response { status, content_type: JSON, headers: Vec::new(), body }
+    }
+
+    /// `{"error": message}`.
+    pub fn error(status: u16, message: &str) -> Response {
+        Response::json(status, &json!({ "error": message }))
+    }
+
+    /// The body as JSON (for tests and clients of [`handle`]).
+    pub fn body_json(&self) -> Json {
+        serde_json::from_slice(&self.body).unwrap_or(Json::Null)
+    }
+
+    fn with_header(mut self, name: &'static str, value: impl Into<String>) -> Response {
+        self.headers.push((name, value.into()));
+        self
+    }
+}
+
+/// Answers one request. `path` and `query` are as received
+/// (percent-encoded); header names are lower-case. `HEAD` is answered as
+/// `GET` (the caller leaves the body out).
+pub fn handle(
+    state: &State,
+    options: &Options,
+    method: &str,
+    path: &str,
+    query: &str,
+    headers: &[(String, String)],
+    body: &[u8],
+) -> Response {
+    let method = if method == "HEAD" { "GET" } else { method };
+    let trimmed = match path.trim_end_matches('/') {
+        "" => "/",
+        p => p,
+    };
+    match trimmed {
+        "/healthz" => {
+            return only(method, &["GET"]).unwrap_or_else(|| Response::json(200, &json!({"status": "ok"})));
+        }
+        "/readyz" => {
+            return only(method, &["GET"]).unwrap_or_else(|| match state.is_draining() {
+                true => Response::json(503, &json!({"status": "draining"})),
+                false => Response::json(200, &json!({"status": "ready"})),
+            });
+        }
+        _ => {}
+    }
+    if let Some(refused) = authorize(options, headers) {
+        return refused;
+    }
+    let segments: Vec<String> = trimmed.split('/').skip(1).map(|s| percent_decode(s, false)).collect();
+    let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
+    let query = parse_query(query);
+    match segments.as_slice() {
+        ["metrics"] => only(method, &["GET"]).unwrap_or_else(|| Response {
+            status: 200,
+            content_type: PROMETHEUS,
+            headers: Vec::new(),
+            body: state.metrics.render().into_bytes(),
+        }),
+        ["admin", "status"] => only(method, &["GET"]).unwrap_or_else(|| status(state)),
+        ["admin", "services"] => only(method, &["GET"]).unwrap_or_else(|| services(state)),
+        ["admin", "methods", service, name, "rules"] => {
+            only(method, &["GET"]).unwrap_or_else(|| rules(state, service, name))
+        }
+        ["admin", "reload"] => only(method, &["POST"]).unwrap_or_else(|| reload(state)),
+        ["admin", "journal"] => match method {
+            "GET" => with_journal(state, |j| list(j, &query, false)),
+            "DELETE" => with_journal(state, |j| Response::json(200, &json!({"removed": j.reset()}))),
+            _ => not_allowed(&["GET", "DELETE"]),
+        },
+        ["admin", "journal", "count"] => only(method, &["GET"]).unwrap_or_else(|| {
+            with_journal(state, |j| match filter_from_query(&query, false) {
+                Ok((filter, _)) => Response::json(200, &json!({"count": j.count(&filter)})),
+                Err(e) => Response::error(400, &e),
+            })
+        }),
+        ["admin", "journal", "unmatched"] => {
+            only(method, &["GET"]).unwrap_or_else(|| with_journal(state, |j| list(j, &query, true)))
+        }
+        ["admin", "journal", "verify"] => {
+            only(method, &["POST"]).unwrap_or_else(|| with_journal(state, |j| verify(j, body)))
+        }
+        _ => Response::error(404, &format!("no admin route {trimmed}")),
+    }
+}
+
+/// None if `method` is one of `allowed`, else a 405.
+fn only(method: &str, allowed: &[&str]) -> Option<Response> {
+    (!allowed.contains(&method)).then(|| not_allowed(allowed))
+}
+
+fn not_allowed(allowed: &[&str]) -> Response {
+    let mut list: Vec<&str> = allowed.to_vec();
+    if list.contains(&"GET") {
+        list.push("HEAD");
+    }
+    Response::error(405, &format!("method not allowed here; use {}", allowed.join(" or ")))
+        .with_header("Allow", list.join(", "))
+}
+
+/// None when the request may go on, else a 401.
+fn authorize(options: &Options, headers: &[(String, String)]) -> Option<Response> {
+    let token = options.token.as_deref().filter(|t| !t.is_empty())?;
+    let presented = headers.iter().find(|(k, _)| k == "authorization").and_then(|(_, v)| {
+        let (scheme, rest) = v.trim().split_once(' ')?;
+        scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
+    });
+    match presented {
+        Some(p) if constant_time_eq(p.as_bytes(), token.as_bytes()) => None,
+        Some(_) => Some(unauthorized("the bearer token is not the admin token", "invalid_token")),
+        None => Some(unauthorized("this route needs `Authorization: Bearer TOKEN` (the engine's --admin-token)", "")),
+    }
+}
+
+fn unauthorized(message: &str, error: &str) -> Response {
+    let challenge = match error {
+        "" => "Bearer realm=\"wirestub\"".to_string(),
+        e => format!("Bearer realm=\"wirestub\", error=\"{e}\""),
+    };
+    Response::error(401, message).with_header("WWW-Authenticate", challenge)
+}
+
+/// Compares two byte strings in time that depends only on their lengths.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let n = a.len().max(b.len());
+    let mut diff = (a.len() ^ b.len()) as u64;
+    for i in 0..n {
+        let x = a.get(i).copied().unwrap_or(0);
+        let y = b.get(i).copied().unwrap_or(0);
+        diff |= u64::from(x ^ y);
+    }
+    std::hint::black_box(diff) == 0
+}
+
+/// Decodes `%XX` escapes (and `+` as a space in query strings); a `%` not
+/// followed by two hex digits stays as it is; invalid UTF-8 is replaced.
+pub fn percent_decode(s: &str, plus_is_space: bool) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match bytes[i] {
+            b'%' => match (bytes.get(i + 1).and_then(|&b| hex(b)), bytes.get(i + 2).and_then(|&b| hex(b))) {
+                (Some(h), Some(l)) => {
+                    out.push((h * 16 + l) as u8);
+                    i += 3;
+                    continue;
+                }
+                _ => out.push(b'%'),
+            },
+            b'+' if plus_is_space => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// `a=1&b=x%20y` into decoded pairs, in order.
+pub fn parse_query(query: &str) -> Vec<(String, String)> {
+    query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| match p.split_once('=') {
+            Some((k, v)) => (percent_decode(k, true), percent_decode(v, true)),
+            None => (percent_decode(p, true), String::new()),
+        })
+        .collect()
+}
+
+fn with_journal(state: &State, f: impl FnOnce(&Journal) -> Response) -> Response {
+    match &state.journal {
+        Some(j) => f(j),
+        None => Response::error(
+            409,
+            "the request journal is off: start the engine with `--journal N` to keep the last N calls",
+        ),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Status, services, rules, reload
+// ---------------------------------------------------------------------------
+
+fn status(state: &State) -> Response {
+    let g = state.current();
+    let methods = g.served.methods.iter().filter(|m| m.builtin.is_none()).count();
+    let rules: usize = g.served.methods.iter().map(|m| m.plan.rules.len()).sum();
+    let journal = match &state.journal {
+        Some(j) => json!({"enabled": true, "capacity": j.capacity(), "size": j.len(), "recorded": j.recorded()}),
+        None => json!({"enabled": false}),
+    };
+    let listeners: Vec<Json> =
+        state.listeners().iter().map(|l| json!({"kind": l.kind, "addr": l.addr.to_string()})).collect();
+    Response::json(
+        200,
+        &json!({
+            "plan": {
+                "identity": g.identity,
+                "version": g.version,
+                "source": g.source,
+                "loaded_at": journal::rfc3339(g.loaded),
+                "generation": g.number,
+            },
+            "started_at": journal::rfc3339(state.started),
+            "uptime_seconds": state.uptime().as_secs_f64(),
+            "services": g.services(),
+            "methods": methods,
+            "rules": rules,
+            "listeners": listeners,
+            "journal": journal,
+            "workers": state.workers,
+            "draining": state.is_draining(),
+        }),
+    )
+}
+
+fn services(state: &State) -> Response {
+    let g = state.current();
+    let mut services: Vec<(String, Vec<Json>)> = Vec::new();
+    for m in &g.served.methods {
+        let (service, name) = m.plan.path.strip_prefix('/').and_then(|p| p.split_once('/')).unwrap_or(("", ""));
+        let method = json!({
+            "name": name,
+            "path": m.plan.path,
+            "kind": m.plan.kind.name(),
+            "duplex": m.plan.duplex,
+            "input_type": m.plan.input_type,
+            "output_type": m.plan.output_type,
+            "rules": m.plan.rules.len(),
+            "builtin": m.builtin.is_some(),
+        });
+        match services.iter_mut().find(|(s, _)| s == service) {
+            Some((_, list)) => list.push(method),
+            None => services.push((service.to_string(), vec![method])),
+        }
+    }
+    let list: Vec<Json> =
+        services.into_iter().map(|(name, methods)| json!({"name": name, "methods": methods})).collect();
+    Response::json(200, &json!({ "services": list }))
+}
+
+fn rules(state: &State, service: &str, name: &str) -> Response {
+    let g = state.current();
+    let path = format!("/{service}/{name}");
+    let Some(m) = g.served.method(&path) else {
+        return Response::error(404, &format!("no method {path} in the plan"));
+    };
+    let plan = &m.plan;
+    let rules: Vec<Json> = plan
+        .rules
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let response = plan.responses.get(r.response as usize);
+            let used = m.used.get(r.response as usize).map(|u| u.load(std::sync::atomic::Ordering::Relaxed));
+            let response = match response {
+                Some(resp) => json!({
+                    "index": r.response,
+                    "status": {"code": resp.status, "name": journal::status_name(resp.status)},
+                    "message": percent_decode(&resp.message, false),
+                    "times": resp.times,
+                    "used": if resp.times > 0 { used.map(|u| u.min(resp.times as u64)) } else { None },
+                    "delay_ms": resp.delay_ms,
+                    "latency": latency_json(resp.latency),
+                    "stream_items": resp.stream.len(),
+                    "fault": resp.fault.as_ref().map(|f| json!({
+                        "rate": f.rate,
+                        "drop": f.drop,
+                        "status": journal::status_name(f.status),
+                    })),
+                }),
+                None => Json::Null,
+            };
+            json!({
+                "index": i,
+                "origin": r.origin,
+                "priority": r.priority,
+                "conditions": r.conditions.iter().map(|c| journal::describe_condition(plan, c)).collect::<Vec<_>>(),
+                "response": response,
+            })
+        })
+        .collect();
+    Response::json(
+        200,
+        &json!({
+            "method": plan.path,
+            "kind": plan.kind.name(),
+            "input_type": plan.input_type,
+            "output_type": plan.output_type,
+            "builtin": m.builtin.is_some(),
+            "rules": rules,
+        }),
+    )
+}
+
+fn latency_json(l: wirestub_plan::Latency) -> Json {
+    use wirestub_plan::Latency;
+    match l {
+        Latency::Fixed => json!("fixed"),
+        Latency::Uniform { min, max } => json!({"uniform": {"min_ms": min, "max_ms": max}}),
+        Latency::Normal { mean, stddev } => json!({"normal": {"mean_ms": mean, "stddev_ms": stddev}}),
+        Latency::LogNormal { median, p99 } => json!({"log_normal": {"median_ms": median, "p99_ms": p99}}),
+    }
+}
+
+fn reload(state: &State) -> Response {
+    match state.reload() {
+        Ok(r) => Response::json(
+            200,
+            &json!({
+                "identity": r.identity,
+                "generation": r.number,
+                "changed": r.changed,
+                "methods": r.methods,
+                "rules": r.rules,
+            }),
+        ),
+        Err(e) => Response::error(422, &e),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Journal
+// ---------------------------------------------------------------------------
+
+fn parse_bool(name: &str, v: &str) -> Result<bool, String> {
+    match v.to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" => Ok(true),
+        "false" | "0" | "no" => Ok(false),
+        _ => Err(format!("`{name}` takes true or false, got `{v}`")),
+    }
+}
+
+fn parse_number(name: &str, v: &str) -> Result<u64, String> {
+    v.trim().parse().map_err(|_| format!("`{name}` takes a non-negative integer, got `{v}`"))
+}
+
+/// Reads the journal filters (and, for list routes, `limit`) from query
+/// parameters; unknown parameters are refused, so a typo is not a filter
+/// silently ignored.
+fn filter_from_query(query: &[(String, String)], with_limit: bool) -> Result<(Filter, Option<usize>), String> {
+    let mut filter = Filter::default();
+    let mut limit = None;
+    for (k, v) in query {
+        match k.as_str() {
+            "method" => filter.method = Some(MethodMatch::parse(v)?),
+            "status" => filter.status = Some(journal::parse_status(v)?),
+            "matched" => filter.matched = Some(parse_bool(k, v)?),
+            "since" => filter.since = Some(parse_number(k, v)?),
+            "metadata" => {
+                let (key, value) = v
+                    .split_once('=')
+                    .or_else(|| v.split_once(':'))
+                    .ok_or_else(|| format!("`metadata` takes key=value, got `{v}`"))?;
+                filter.metadata.push((key.trim().to_ascii_lowercase(), value.trim().to_string()));
+            }
+            "body" => filter.body = Some(body_pattern(serde_json::from_str(v).map_err(|e| format!("`body`: {e}"))?)?),
+            "limit" if with_limit => limit = Some(parse_number(k, v)?.min(usize::MAX as u64) as usize),
+            other => {
+                let known = if with_limit {
+                    "method, status, matched, metadata, body, since, limit"
+                } else {
+                    "method, status, matched, metadata, body, since"
+                };
+                return Err(format!("unknown parameter `{other}` (known: {known})"));
+            }
+        }
+    }
+    Ok((filter, limit))
+}
+
+fn body_pattern(v: Json) -> Result<Json, String> {
+    match v {
+        Json::Object(_) => Ok(v),
+        _ => Err("`body` must be a JSON object (fields the request must have)".into()),
+    }
+}
+
+/// `GET /admin/journal` and `GET /admin/journal/unmatched`.
+fn list(j: &Journal, query: &[(String, String)], unmatched: bool) -> Response {
+    let (filter, limit) = match filter_from_query(query, true) {
+        Ok(f) => f,
+        Err(e) => return Response::error(400, &e),
+    };
+    let entries = if unmatched { j.unmatched(&filter) } else { j.query(&filter) };
+    let matched = entries.len();
+    let skip = limit.map(|l| matched.saturating_sub(l)).unwrap_or(0);
+    let shown: Vec<Json> = entries[skip..].iter().map(|e| e.to_json()).collect();
+    Response::json(
+        200,
+        &json!({
+            "entries": shown,
+            "matched": matched,
+            "size": j.len(),
+            "capacity": j.capacity(),
+            "recorded": j.recorded(),
+        }),
+    )
+}
+
+/// `POST /admin/journal/verify` with
+/// `{"method": ..., "body": {...}, "metadata": {...}, "status": ...,
+/// "matched": ..., "since": ..., "times" | "at_least" / "at_most": N}`.
+fn verify(j: &Journal, body: &[u8]) -> Response {
+    match parse_verify(body) {
+        Ok(v) => Response::json(200, &j.verify(&v).to_json(&v.filter)),
+        Err(e) => Response::error(400, &e),
+    }
+}
+
+fn parse_verify(body: &[u8]) -> Result<Verify, String> {
+    let value: Json = serde_json::from_slice(body).map_err(|e| format!("the body is not JSON: {e}"))?;
+    let Json::Object(fields) = value else { return Err("the body must be a JSON object".into()) };
+    let mut filter = Filter::default();
+    let (mut times, mut at_least, mut at_most) = (None, None, None);
+    let count = |k: &str, v: &Json| v.as_u64().ok_or_else(|| format!("`{k}` takes a non-negative integer"));
+    for (k, v) in &fields {
+        match k.as_str() {
+            "method" => {
+                let text = v.as_str().ok_or("`method` takes a string")?;
+                filter.method = Some(MethodMatch::parse(text)?);
+            }
+            "body" | "request" => filter.body = Some(body_pattern(v.clone())?),
+            "metadata" => filter.metadata = metadata_pattern(v)?,
+            "status" => {
+                filter.status = Some(match v {
+                    Json::String(s) => journal::parse_status(s)?,
+                    v => journal::parse_status(&v.to_string())?,
+                })
+            }
+            "matched" => filter.matched = Some(v.as_bool().ok_or("`matched` takes true or false")?),
+            "since" => filter.since = Some(count(k, v)?),
+            "times" => times = Some(count(k, v)?),
+            "at_least" => at_least = Some(count(k, v)?),
+            "at_most" => at_most = Some(count(k, v)?),
+            other => {
+                return Err(format!(
+                    "unknown field `{other}` (known: method, body, metadata, status, matched, since, times, \
+                     at_least, at_most)"
+                ))
+            }
+        }
+    }
+    if filter.method.is_none() {
+        return Err("`method` is required (`/pkg.Service/Method`, `pkg.Service/Method` or a service)".into());
+    }
+    let expect = match (times, at_least, at_most) {
+        (Some(_), Some(_), _) | (Some(_), _, Some(_)) => {
+            return Err("give either `times` or `at_least`/`at_most`, not both".into());
+        }
+        (Some(n), None, None) => Expect::Exactly(n),
+        (None, None, None) => Expect::Between(1, u64::MAX),
+        (None, lo, hi) => {
+            let (lo, hi) = (lo.unwrap_or(0), hi.unwrap_or(u64::MAX));
+            if lo > hi {
+                return Err(format!("`at_least` ({lo}) is more than `at_most` ({hi})"));
+            }
+            Expect::Between(lo, hi)
+        }
+    };
+    Ok(Verify { filter, expect })
+}
+
+fn metadata_pattern(v: &Json) -> Result<Vec<(String, String)>, String> {
+    let Json::Object(map) = v else { return Err("`metadata` takes an object of key: value".into()) };
+    let mut out = Vec::with_capacity(map.len());
+    for (k, v) in map {
+        let value = match v {
+            Json::String(s) => s.clone(),
+            Json::Number(_) | Json::Bool(_) => v.to_string(),
+            _ => return Err(format!("`metadata.{k}` takes a string")),
+        };
+        out.push((k.to_ascii_lowercase(), value));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::journal::fixture::{self, entry, hello, CHAT, SAY_HELLO};
+    use crate::journal::Closest;
+
+    fn call(state: &State, token: Option<&str>, method: &str, target: &str, body: &str) -> Response {
+        call_as(state, token, &[], method, target, body)
+    }
+
+    fn call_as(
+        state: &State,
+        token: Option<&str>,
+        headers: &[(&str, &str)],
+        method: &str,
+        target: &str,
+        body: &str,
+    ) -> Response {
+        let options = Options { token: token.map(Into::into) };
+        let (path, query) = target.split_once('?').unwrap_or((target, ""));
+        let headers: Vec<(String, String)> = headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        handle(state, &options, method, path, query, &headers, body.as_bytes())
+    }
+
+    fn get(state: &State, target: &str) -> Response {
+        call(state, None, "GET", target, "")
+    }
+
+    /// The journal's recorded calls: 1 Tom/fr (rule 1), 2 Tom/en
+    /// (unmatched, closest rule 1), 3 a chat stream.
+    fn with_calls() -> State {
+        let state = fixture::state(8);
+        let j = state.journal.as_ref().unwrap();
+        j.record(entry(
+            &state,
+            SAY_HELLO,
+            &[("x-role", b"root")],
+            vec![hello("Tom", 0, &[], Some("fr"))],
+            Some(1),
+            0,
+            None,
+        ));
+        let closest = Closest { rule: 1, failed: 1, held: 1 };
+        j.record(entry(&state, SAY_HELLO, &[], vec![hello("Tom", 0, &[], Some("en"))], None, 5, Some(closest)));
+        j.record(entry(&state, CHAT, &[], vec![hello("a", 0, &[], None)], None, 12, None));
+        state
+    }
+
+    #[test]
+    fn probes() {
+        let state = fixture::state(0);
+        assert_eq!(get(&state, "/healthz").status, 200);
+        assert_eq!(get(&state, "/readyz").status, 200);
+        assert_eq!(call(&state, None, "HEAD", "/readyz/", "").status, 200);
+        assert_eq!(call(&state, None, "POST", "/healthz", "").status, 405);
+        state.start_draining();
+        assert_eq!(get(&state, "/readyz").status, 503);
+        assert_eq!(get(&state, "/readyz").body_json()["status"], "draining");
+        assert_eq!(get(&state, "/healthz").status, 200);
+    }
+
+    #[test]
+    fn the_token_guards_everything_but_the_probes() {
+        let state = fixture::state(0);
+        let t = Some("s3cret");
+        assert_eq!(call(&state, t, "GET", "/healthz", "").status, 200);
+        assert_eq!(call(&state, t, "GET", "/readyz", "").status, 200);
+        for target in ["/admin/status", "/metrics", "/admin/journal", "/nowhere"] {
+            let r = call(&state, t, "GET", target, "");
+            assert_eq!(r.status, 401, "{target}");
+            assert!(r.headers.iter().any(|(k, v)| *k == "WWW-Authenticate" && v.starts_with("Bearer")), "{target}");
+        }
+        let wrong = call_as(&state, t, &[("authorization", "Bearer s3cre")], "GET", "/admin/status", "");
+        assert_eq!(wrong.status, 401);
+        let basic = call_as(&state, t, &[("authorization", "Basic s3cret")], "GET", "/admin/status", "");
+        assert_eq!(basic.status, 401);
+        let right = call_as(&state, t, &[("authorization", "bearer  s3cret ")], "GET", "/admin/status", "");
+        assert_eq!(right.status, 200);
+        // An empty token turns the check off.
+        assert_eq!(call(&state, Some(""), "GET", "/admin/status", "").status, 200);
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(
+            !constant_time_eq(b"abc", b"abd") && !constant_time_eq(b"abc", b"abcd") && !constant_time_eq(b"", b"a")
+        );
+    }
+
+    #[test]
+    fn status_services_and_rules() {
+        let state = with_calls();
+        let s = get(&state, "/admin/status").body_json();
+        assert_eq!(s["plan"]["generation"], 1);
+        assert_eq!(s["plan"]["source"], "demo plan");
+        assert_eq!(s["plan"]["version"], wirestub_plan::VERSION);
+        assert_eq!(s["plan"]["identity"].as_str().unwrap().len(), 16);
+        assert_eq!(s["services"], json!(["demo.Greeter"]));
+        assert_eq!((s["methods"].clone(), s["rules"].clone()), (json!(2), json!(4)));
+        assert_eq!(s["journal"], json!({"enabled": true, "capacity": 8, "size": 3, "recorded": 3}));
+        assert_eq!(s["draining"], false);
+        assert!(s["started_at"].as_str().unwrap().ends_with('Z'));
+        assert!(s["uptime_seconds"].as_f64().unwrap() >= 0.0);
+
+        let services = get(&state, "/admin/services").body_json();
+        let list = services["services"].as_array().unwrap();
+        let demo = list.iter().find(|s| s["name"] == "demo.Greeter").unwrap();
+        let hello = demo["methods"].as_array().unwrap().iter().find(|m| m["name"] == "SayHello").unwrap();
+        assert_eq!(hello["path"], SAY_HELLO);
+        assert_eq!(hello["kind"], "unary");
+        assert_eq!(hello["input_type"], "demo.HelloRequest");
+        assert_eq!((hello["rules"].clone(), hello["builtin"].clone()), (json!(4), json!(false)));
+        let health = list.iter().find(|s| s["name"] == "grpc.health.v1.Health").unwrap();
+        assert_eq!(health["methods"][0]["builtin"], true);
+
+        let rules = get(&state, "/admin/methods/demo.Greeter/SayHello/rules").body_json();
+        let rules = rules["rules"].as_array().unwrap();
+        assert_eq!(rules.len(), 4);
+        assert_eq!(rules[0]["origin"], "rules/demo.yaml:3:9");
+        assert_eq!(rules[0]["priority"], 20);
+        assert_eq!(rules[0]["conditions"][0]["text"], "metadata.x-role == \"root\"");
+        assert_eq!(rules[0]["conditions"][1]["text"], "request.name == \"admin\"");
+        assert_eq!(rules[2]["response"]["status"], json!({"code": 7, "name": "PERMISSION_DENIED"}));
+        assert_eq!(rules[2]["response"]["message"], "denied");
+        assert_eq!(rules[3]["response"]["times"], 1);
+        assert_eq!(rules[3]["conditions"][0]["text"], "request.tags contains \"vip\"");
+        // Percent-encoded segments work too.
+        assert_eq!(get(&state, "/admin/methods/demo.Greeter/Say%48ello/rules").status, 200);
+        let missing = get(&state, "/admin/methods/demo.Greeter/Nope/rules");
+        assert_eq!(missing.status, 404);
+        assert!(missing.body_json()["error"].as_str().unwrap().contains("/demo.Greeter/Nope"));
+    }
+
+    #[test]
+    fn unknown_routes_and_methods() {
+        let state = fixture::state(0);
+        assert_eq!(get(&state, "/admin/nothing").status, 404);
+        assert_eq!(get(&state, "/").status, 404);
+        let r = call(&state, None, "PUT", "/admin/status", "");
+        assert_eq!(r.status, 405);
+        assert!(r.headers.contains(&("Allow", "GET, HEAD".to_string())));
+        assert_eq!(get(&state, "/admin/reload").status, 405);
+    }
+
+    #[test]
+    fn metrics_are_prometheus_text() {
+        let state = fixture::state(0);
+        let r = get(&state, "/metrics");
+        assert_eq!(r.status, 200);
+        assert_eq!(r.content_type, "text/plain; version=0.0.4; charset=utf-8");
+        assert!(String::from_utf8(r.body).unwrap().contains("# TYPE grpc_server_started_total counter"));
+    }
+
+    #[test]
+    fn reload() {
+        let state = fixture::state(0);
+        let r = call(&state, None, "POST", "/admin/reload", "");
+        assert_eq!(r.status, 422);
+        assert!(r.body_json()["error"].as_str().unwrap().contains("no plan source"));
+        state.set_reloader(Box::new(|| Ok((fixture::plan(), None, "again".into()))));
+        let r = call(&state, None, "POST", "/admin/reload", "");
+        assert_eq!(r.status, 200, "{:?}", r.body_json());
+        let v = r.body_json();
+        assert_eq!((v["generation"].clone(), v["changed"].clone()), (json!(2), json!(false)));
+        assert_eq!(get(&state, "/admin/status").body_json()["plan"]["source"], "again");
+        state.set_reloader(Box::new(|| Err("rules/x.yaml:1:1: bad rule".into())));
+        let r = call(&state, None, "POST", "/admin/reload", "");
+        assert_eq!((r.status, r.body_json()["error"].clone()), (422, json!("rules/x.yaml:1:1: bad rule")));
+        assert_eq!(get(&state, "/admin/status").body_json()["plan"]["generation"], 2);
+    }
+
+    #[test]
+    fn journal_routes_need_the_journal() {
+        let state = fixture::state(0);
+        for (method, target) in [
+            ("GET", "/admin/journal"),
+            ("DELETE", "/admin/journal"),
+            ("GET", "/admin/journal/count"),
+            ("GET", "/admin/journal/unmatched"),
+            ("POST", "/admin/journal/verify"),
+        ] {
+            let r = call(&state, None, method, target, "{}");
+            assert_eq!(r.status, 409, "{method} {target}");
+            assert!(r.body_json()["error"].as_str().unwrap().contains("--journal N"));
+        }
+        assert_eq!(get(&state, "/admin/status").body_json()["journal"], json!({"enabled": false}));
+    }
+
+    #[test]
+    fn journal_list_filters_and_limit() {
+        let state = with_calls();
+        let seqs = |target: &str| -> Vec<u64> {
+            let r = get(&state, target);
+            assert_eq!(r.status, 200, "{target}: {:?}", r.body_json());
+            r.body_json()["entries"].as_array().unwrap().iter().map(|e| e["seq"].as_u64().unwrap()).collect()
+        };
+        assert_eq!(seqs("/admin/journal"), [1, 2, 3]);
+        assert_eq!(seqs("/admin/journal?limit=2"), [2, 3]);
+        assert_eq!(seqs("/admin/journal?method=%2Fdemo.Greeter%2FSayHello"), [1, 2]);
+        assert_eq!(seqs("/admin/journal?method=demo.Greeter/Chat"), [3]);
+        assert_eq!(seqs("/admin/journal?method=demo.Greeter"), [1, 2, 3]);
+        assert_eq!(seqs("/admin/journal?status=NOT_FOUND"), [2]);
+        assert_eq!(seqs("/admin/journal?status=0"), [1]);
+        assert_eq!(seqs("/admin/journal?matched=false"), [2, 3]);
+        assert_eq!(seqs("/admin/journal?metadata=x-role%3Droot"), [1]);
+        assert_eq!(seqs("/admin/journal?since=2"), [3]);
+        assert_eq!(seqs("/admin/journal?body=%7B%22locale%22%3A%7B%22language%22%3A%22en%22%7D%7D"), [2]);
+        assert_eq!(seqs("/admin/journal?body={\"name\":\"Tom\"}&limit=1"), [2]);
+        let all = get(&state, "/admin/journal?limit=1").body_json();
+        assert_eq!((all["matched"].clone(), all["size"].clone()), (json!(3), json!(3)));
+
+        for bad in ["limit=x", "status=NOPE", "matched=maybe", "body=[1]", "body={", "method=", "metadata=x", "what=1"]
+        {
+            let r = get(&state, &format!("/admin/journal?{bad}"));
+            assert_eq!(r.status, 400, "{bad}");
+        }
+        assert_eq!(get(&state, "/admin/journal/count?limit=1").status, 400);
+        assert_eq!(get(&state, "/admin/journal/count").body_json(), json!({"count": 3}));
+        assert_eq!(get(&state, "/admin/journal/count?method=demo.Greeter%2FSayHello").body_json(), json!({"count": 2}));
+
+        let unmatched = get(&state, "/admin/journal/unmatched?method=demo.Greeter/SayHello").body_json();
+        let entries = unmatched["entries"].as_array().unwrap();
+        assert_eq!(entries.len(), 1);
+        assert_eq!(entries[0]["closest"]["origin"], "rules/demo.yaml:10:9");
+        assert_eq!(entries[0]["closest"]["failed"]["actual"], "en");
+
+        let r = call(&state, None, "DELETE", "/admin/journal", "");
+        assert_eq!(r.body_json(), json!({"removed": 3}));
+        assert_eq!(get(&state, "/admin/journal/count").body_json(), json!({"count": 0}));
+    }
+
+    #[test]
+    fn journal_verify() {
+        let state = with_calls();
+        let verify = |body: &str| {
+            let r = call(&state, None, "POST", "/admin/journal/verify", body);
+            (r.status, r.body_json())
+        };
+        let (status, v) = verify(r#"{"method": "demo.Greeter/SayHello", "body": {"name": "Tom"}, "times": 2}"#);
+        assert_eq!((status, v["ok"].clone(), v["count"].clone()), (200, json!(true), json!(2)));
+        assert_eq!(v["seqs"], json!([1, 2]));
+        let (_, v) = verify(r#"{"method": "/demo.Greeter/SayHello", "metadata": {"x-role": "root"}}"#);
+        assert_eq!(v["ok"], true);
+        let (_, v) = verify(r#"{"method": "demo.Greeter/SayHello", "body": {"name": "Tim"}, "at_least": 1}"#);
+        assert_eq!((v["ok"].clone(), v["count"].clone()), (json!(false), json!(0)));
+        assert_eq!(
+            v["closest"][0]["differences"][0],
+            json!({"at": "request.name", "expected": "Tim", "actual": "Tom"})
+        );
+        let (_, v) = verify(r#"{"method": "demo.Greeter", "at_most": 1}"#);
+        assert_eq!((v["ok"].clone(), v["expected"].clone()), (json!(false), json!("at most 1")));
+        let (_, v) = verify(r#"{"method": "demo.Greeter", "at_least": 1, "at_most": 3, "status": "NOT_FOUND"}"#);
+        assert_eq!((v["ok"].clone(), v["count"].clone()), (json!(true), json!(1)));
+        for bad in [
+            "",
+            "[]",
+            "{",
+            r#"{"body": {}}"#,
+            r#"{"method": 1}"#,
+            r#"{"method": "a.B/C", "times": 1, "at_least": 1}"#,
+            r#"{"method": "a.B/C", "at_least": 3, "at_most": 1}"#,
+            r#"{"method": "a.B/C", "times": -1}"#,
+            r#"{"method": "a.B/C", "body": "x"}"#,
+            r#"{"method": "a.B/C", "metadata": {"k": []}}"#,
+            r#"{"method": "a.B/C", "extra": 1}"#,
+        ] {
+            assert_eq!(verify(bad).0, 400, "{bad}");
+        }
+        assert_eq!(call(&state, None, "GET", "/admin/journal/verify", "").status, 405);
+    }
+
+    #[test]
+    fn query_decoding() {
+        assert_eq!(percent_decode("a%2Fb%zz%4", false), "a/b%zz%4");
+        assert_eq!(percent_decode("a+b%20c", true), "a b c");
+        assert_eq!(percent_decode("%ff", false), "\u{fffd}");
+        assert_eq!(
+            parse_query("a=1&&b=x%3Dy&c&d=%7B%7D"),
+            [("a", "1"), ("b", "x=y"), ("c", ""), ("d", "{}")].map(|(k, v)| (k.to_string(), v.to_string()))
+        );
+    }
+}

@@ -1,0 +1,326 @@
+//! The `engine` command: reads its options (command line, environment,
+//! configuration file; see `options.rs`), loads the plan (or compiles the
+//! protos and rules in process), starts the gRPC listeners and the admin
+//! API, and serves until SIGINT or SIGTERM.
+//!
+//! Threads of its own, beside the server's: the main thread waits for
+//! signals; a reload thread loads the next plan when SIGHUP arrives or
+//! `--watch` sees the sources change (a plan that fails to load is logged
+//! and the previous one keeps serving); the watch thread polls the
+//! sources. On SIGINT or SIGTERM the server drains (health NOT_SERVING,
+//! GOAWAY, in-flight calls finish up to `--drain-timeout-ms`) and the
+//! engine exits 0; a second signal during the drain exits at once with 1.
+
+mod options;
+mod watch;
+
+use options::{Command, LogFormat, Options};
+use std::io::{IsTerminal, Write};
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
+use wirestub_engine::server::Listeners;
+use wirestub_engine::state::Reloader;
+use wirestub_engine::{admin, Plan, Server, State};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    // An empty variable counts as unset.
+    let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    let options = match options::parse(&args, &env) {
+        Ok(Command::Run(o)) => o,
+        Ok(Command::Help) => {
+            println!("{}", options::help());
+            return ExitCode::SUCCESS;
+        }
+        Ok(Command::Version) => {
+            println!("engine {}", env!("CARGO_PKG_VERSION"));
+            return ExitCode::SUCCESS;
+        }
+        Err(msg) => {
+            eprintln!("error: {msg}\n(`engine --help` lists the options)");
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(options.log_format);
+    let format = options.log_format;
+    match run(*options) {
+        Ok(code) => code,
+        Err(msg) => {
+            fatal(format, &msg);
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Logs to stderr at the level RUST_LOG sets (default info).
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(filter);
+    match format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Reports an error that stops the engine: as plain text for people (it
+/// may be the compiler's rendered diagnostics), or as a JSON log line.
+fn fatal(format: LogFormat, msg: &str) {
+    match format {
+        // The compiler's diagnostics come rendered, each with its label.
+        LogFormat::Text if msg.starts_with("error:") => eprintln!("{}", msg.trim_end()),
+        LogFormat::Text => eprintln!("error: {}", msg.trim_end()),
+        LogFormat::Json => tracing::error!("{}", msg.trim_end()),
+    }
+}
+
+/// A loaded plan: the plan, the file's bytes when read from one, and
+/// where it came from.
+type Loaded = (Plan, Option<Vec<u8>>, String);
+
+/// Reads and checks a plan file.
+fn read_plan(path: &Path) -> Result<Loaded, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read plan `{}`: {e}", path.display()))?;
+    let plan = Plan::from_bytes(&bytes).map_err(|e| format!("`{}`: {e}", path.display()))?;
+    Ok((plan, Some(bytes), path.display().to_string()))
+}
+
+/// Compiles the protos and rules; warnings go to the log, errors come back
+/// as the compiler's rendered diagnostics.
+fn compile(options: &wirestub_compiler::Options) -> Result<Loaded, String> {
+    let out = wirestub_compiler::compile(options).map_err(|d| d.render())?;
+    if !out.warnings.is_empty() {
+        tracing::warn!("{}", out.warnings.render().trim_end());
+    }
+    tracing::info!("compiled {}", out.summary());
+    let dirs = |d: &[std::path::PathBuf]| d.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ");
+    let source = format!("compiled from protos {} and rules {}", dirs(&options.protos), dirs(&options.rules));
+    Ok((out.plan, None, source))
+}
+
+/// Loads the first plan and, for reloads, returns how to load the next.
+fn plan_source(options: &Options) -> (Result<Loaded, String>, Reloader) {
+    match &options.plan {
+        Some(path) => {
+            let path = path.clone();
+            (read_plan(&path), Box::new(move || read_plan(&path)))
+        }
+        None => {
+            let compile_options = options.compile.clone();
+            (compile(&compile_options), Box::new(move || compile(&compile_options)))
+        }
+    }
+}
+
+fn bind(flag: &str, addr: &str) -> Result<TcpListener, String> {
+    TcpListener::bind(addr).map_err(|e| format!("cannot listen on {addr} (--{flag}): {e}"))
+}
+
+fn run(options: Options) -> Result<ExitCode, String> {
+    if let Some(path) = &options.config_file {
+        tracing::info!(file = %path.display(), "read options from config file");
+    }
+    // The sources are looked at before the plan is read, so that a change
+    // made while it loads is not missed.
+    let watcher = options.watch.then(|| {
+        watch::Watcher::new(match &options.plan {
+            Some(path) => watch::Target::Plan(path.clone()),
+            None => {
+                watch::Target::Sources { protos: options.compile.protos.clone(), rules: options.compile.rules.clone() }
+            }
+        })
+    });
+    let (first, reloader) = plan_source(&options);
+    let (plan, bytes, source) = first?;
+    let methods = plan.methods.len();
+    let state =
+        State::new(plan, bytes.as_deref(), source.clone(), options.no_match, options.server.workers, options.journal)
+            .map_err(|e| format!("`{source}`: {e}"))?;
+    let state = Arc::new(state);
+    state.set_reloader(reloader);
+
+    // Everything that can fail is checked before anything starts serving.
+    let plain = options.listen.as_deref().map(|a| bind("listen", a)).transpose()?;
+    let tls = match &options.tls {
+        Some(t) => {
+            let config = wirestub_engine::tls::server_config(&t.cert, &t.key, t.client_ca.as_deref())?;
+            Some((bind("tls-listen", &t.listen)?, config))
+        }
+        None => None,
+    };
+    let admin_listener = match options.admin_listen.as_deref().map(|a| bind("admin-listen", a)) {
+        // The default address taken (another engine on this machine):
+        // serve without the admin API rather than not at all.
+        Some(Err(e)) if !options.admin_listen_given => {
+            tracing::warn!("{e}; serving without the admin API (set --admin-listen to choose its address)");
+            None
+        }
+        other => other.transpose()?,
+    };
+
+    let has_plain = plain.is_some();
+    let server = Server::start(Listeners { plain, tls }, state.clone(), options.server.clone())
+        .map_err(|e| format!("cannot start serving: {e}"))?;
+    // The admin server lives as long as the process; it has no shutdown.
+    let (_admin, admin_addr) = match admin_listener {
+        Some(listener) => {
+            let addr = listener.local_addr().map_err(|e| format!("admin listener: {e}"))?;
+            let token = options.admin_token.clone();
+            if token.is_none() && !addr.ip().is_loopback() {
+                tracing::warn!(
+                    %addr,
+                    "the admin API listens on a non-loopback address without --admin-token: anyone who can reach \
+                     it can read the journal and reload the plan"
+                );
+            }
+            let admin = admin::Admin::start(listener, state.clone(), admin::Options { token })
+                .map_err(|e| format!("cannot start the admin API on {addr}: {e}"))?;
+            (Some(admin), Some(addr))
+        }
+        None => (None, None),
+    };
+
+    let reloads = spawn_reloads(state.clone()).map_err(|e| format!("cannot start the reload thread: {e}"))?;
+    if let Some(watcher) = watcher {
+        let tx = reloads.clone();
+        watcher
+            .spawn(move || {
+                let _ = tx.send("watch");
+            })
+            .map_err(|e| format!("cannot start watching: {e}"))?;
+    }
+
+    // Signal handlers go in before the addresses are announced, so that a
+    // signal sent as soon as a line appears is handled.
+    let signals = Signals::install()?;
+    let generation = state.current();
+    tracing::info!(
+        methods,
+        identity = %generation.identity,
+        source = %generation.source,
+        workers = state.workers,
+        watch = options.watch,
+        "serving"
+    );
+    let mut stdout = std::io::stdout().lock();
+    if has_plain {
+        let _ = writeln!(stdout, "wirestub engine listening on {}", server.local_addr());
+    }
+    if let Some(addr) = server.tls_addr() {
+        let _ = writeln!(stdout, "wirestub engine listening on {addr} (tls)");
+    }
+    if let Some(addr) = admin_addr {
+        let _ = writeln!(stdout, "wirestub admin listening on {addr}");
+    }
+    let _ = stdout.flush();
+    drop(stdout);
+
+    Ok(signals.serve(server, options.server.drain_timeout, reloads))
+}
+
+/// Starts the thread that reloads the plan on request. Requests that
+/// arrive while a reload runs are served by one more reload, not one each.
+/// The message names what asked (`SIGHUP`, `watch`).
+fn spawn_reloads(state: Arc<State>) -> std::io::Result<mpsc::Sender<&'static str>> {
+    let (tx, rx) = mpsc::channel::<&'static str>();
+    std::thread::Builder::new().name("wirestub-reload".into()).spawn(move || {
+        while let Ok(trigger) = rx.recv() {
+            while rx.try_recv().is_ok() {}
+            match state.reload() {
+                Ok(r) => tracing::info!(
+                    trigger,
+                    identity = %r.identity,
+                    generation = r.number,
+                    methods = r.methods,
+                    rules = r.rules,
+                    changed = r.changed,
+                    "plan reloaded"
+                ),
+                Err(e) => {
+                    tracing::error!(trigger, "plan reload failed, the previous plan keeps serving: {}", e.trim_end())
+                }
+            }
+        }
+    })?;
+    Ok(tx)
+}
+
+/// SIGHUP, SIGINT and SIGTERM, registered up front and handled on the
+/// main thread.
+struct Signals {
+    rt: tokio::runtime::Runtime,
+    hup: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> Result<Signals, String> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| format!("cannot start the signal runtime: {e}"))?;
+        let (hup, int, term) = rt
+            .block_on(async {
+                Ok::<_, std::io::Error>((
+                    signal(SignalKind::hangup())?,
+                    signal(SignalKind::interrupt())?,
+                    signal(SignalKind::terminate())?,
+                ))
+            })
+            .map_err(|e| format!("cannot install signal handlers: {e}"))?;
+        Ok(Signals { rt, hup, int, term })
+    }
+
+    /// Serves until SIGINT or SIGTERM, asking for a reload on each SIGHUP,
+    /// then drains. The exit code: 0 after a complete drain, 1 when a
+    /// second signal cut it short.
+    fn serve(self, server: Server, drain_timeout: Duration, reloads: mpsc::Sender<&'static str>) -> ExitCode {
+        let Signals { rt, mut hup, mut int, mut term } = self;
+        rt.block_on(async move {
+            let name = loop {
+                tokio::select! {
+                    _ = hup.recv() => {
+                        tracing::info!("SIGHUP: reloading the plan");
+                        let _ = reloads.send("SIGHUP");
+                    }
+                    _ = int.recv() => break "SIGINT",
+                    _ = term.recv() => break "SIGTERM",
+                }
+            };
+            tracing::info!(
+                drain_timeout_ms = drain_timeout.as_millis() as u64,
+                "{name}: shutting down; draining in-flight calls (send it again to exit at once)"
+            );
+            let (done_tx, mut done) = tokio::sync::oneshot::channel::<()>();
+            let drain = std::thread::Builder::new().name("wirestub-drain".into()).spawn(move || {
+                server.shutdown();
+                let _ = done_tx.send(());
+            });
+            if let Err(e) = drain {
+                tracing::error!("cannot start draining: {e}");
+                return ExitCode::from(1);
+            }
+            loop {
+                tokio::select! {
+                    _ = &mut done => {
+                        tracing::info!("drained; exiting");
+                        return ExitCode::SUCCESS;
+                    }
+                    _ = int.recv() => break,
+                    _ = term.recv() => break,
+                    _ = hup.recv() => tracing::info!("SIGHUP while draining: ignored"),
+                }
+            }
+            tracing::warn!("second signal: exiting without waiting for in-flight calls");
+            ExitCode::from(1)
+        })
+    }
+}

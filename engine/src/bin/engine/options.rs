@@ -1,0 +1,984 @@
+//! The options of `engine run`, declared once in [`FLAGS`]. The
+//! command-line parser, `engine --help`, the environment variables and the
+//! keys of the configuration file all come from that table: `--some-flag`
+//! is also `WIRESTUB_SOME_FLAG` and `some-flag:` in the YAML file named by
+//! `--config` (or `WIRESTUB_CONFIG`).
+//!
+//! Each flag takes its value from the first source that has one: the
+//! command line, then the environment, then the configuration file, then
+//! its default. A repeatable flag (`--protos`, `--rules`) takes its whole
+//! list from that one source. Every error names the flag and where the
+//! value came from: the command line, the environment variable, or the
+//! file and line.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use wirestub_compiler::yaml::{self, Node, NodeKind};
+use wirestub_engine::{Config, NoMatch, Stack};
+
+/// How a flag takes its value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// One value.
+    Value,
+    /// One path. Relative paths in the configuration file are taken from
+    /// the file's directory.
+    Path,
+    /// A list of paths: the flag repeated on the command line, a
+    /// `:`-separated list in the environment, a YAML list (or one path) in
+    /// the configuration file.
+    Paths,
+    /// On when given (`--watch`, or `--watch=false`); `true` or `false` in
+    /// the environment and the configuration file.
+    Switch,
+}
+
+/// One flag of `engine run`.
+#[derive(Debug)]
+pub struct Flag {
+    /// The long name without dashes: `--listen` is `listen`.
+    pub name: &'static str,
+    /// The value's name in `--help` (empty for switches).
+    pub value: &'static str,
+    pub kind: Kind,
+    /// The default as shown by `--help` and used when no source sets the
+    /// flag; empty when the flag has none.
+    pub default: &'static str,
+    pub help: &'static str,
+    /// The `--help` section it is listed under.
+    pub section: &'static str,
+}
+
+impl Flag {
+    /// The environment variable: `WIRESTUB_` and the name in upper case,
+    /// dashes as underscores.
+    pub fn env(&self) -> String {
+        format!("WIRESTUB_{}", self.name.to_ascii_uppercase().replace('-', "_"))
+    }
+}
+
+const CONFIGURATION: &str = "Configuration";
+const PLAN: &str = "Plan";
+const LISTENERS: &str = "Listeners";
+const ADMIN: &str = "Admin API, metrics and logs";
+const LIMITS: &str = "Limits";
+
+/// Every flag of `engine run`, in `--help` order.
+pub const FLAGS: &[Flag] = &[
+    Flag {
+        name: "config",
+        value: "FILE",
+        kind: Kind::Path,
+        default: "",
+        help: "YAML file of options: `flag-name: value` for any flag below (a list for --protos and --rules); \
+               the command line and the environment win over it; relative paths in it are taken from its \
+               directory",
+        section: CONFIGURATION,
+    },
+    Flag {
+        name: "plan",
+        value: "FILE",
+        kind: Kind::Path,
+        default: "",
+        help: "plan to serve, a file written by `compiler build` (the same as the PLAN argument); without one, \
+               the .proto files and rules in --protos and --rules are compiled in process",
+        section: PLAN,
+    },
+    Flag {
+        name: "protos",
+        value: "DIR",
+        kind: Kind::Paths,
+        default: "protos",
+        help: "directory of .proto files to compile when there is no plan; repeatable",
+        section: PLAN,
+    },
+    Flag {
+        name: "rules",
+        value: "DIR",
+        kind: Kind::Paths,
+        default: "rules",
+        help: "directory of rule files to compile when there is no plan; repeatable",
+        section: PLAN,
+    },
+    Flag {
+        name: "watch",
+        value: "",
+        kind: Kind::Switch,
+        default: "false",
+        help: "reload when the plan file changes or, without a plan, when a file under the --protos and \
+               --rules directories changes (checked every 500 ms); a plan that fails to load is logged and \
+               the previous one keeps serving",
+        section: PLAN,
+    },
+    Flag {
+        name: "no-match",
+        value: "not-found|empty-ok",
+        kind: Kind::Value,
+        default: "not-found",
+        help: "answer to calls no rule matches: NOT_FOUND naming the method, or OK with an empty message",
+        section: PLAN,
+    },
+    Flag {
+        name: "seed",
+        value: "N",
+        kind: Kind::Value,
+        default: "",
+        help: "seed the random source (latencies, faults, shuffles, template utilities) so runs repeat",
+        section: PLAN,
+    },
+    Flag {
+        name: "listen",
+        value: "HOST:PORT",
+        kind: Kind::Value,
+        default: "127.0.0.1:50051",
+        help: "address to serve cleartext gRPC on; port 0 picks a free one; off: no cleartext listener",
+        section: LISTENERS,
+    },
+    Flag {
+        name: "tls-listen",
+        value: "HOST:PORT",
+        kind: Kind::Value,
+        default: "",
+        help: "address to serve gRPC over TLS on (ALPN h2), beside the cleartext listener; needs --tls-cert \
+               and --tls-key",
+        section: LISTENERS,
+    },
+    Flag {
+        name: "tls-cert",
+        value: "FILE",
+        kind: Kind::Path,
+        default: "",
+        help: "certificate chain of the TLS listener (PEM)",
+        section: LISTENERS,
+    },
+    Flag {
+        name: "tls-key",
+        value: "FILE",
+        kind: Kind::Path,
+        default: "",
+        help: "private key of the TLS listener (PEM)",
+        section: LISTENERS,
+    },
+    Flag {
+        name: "tls-client-ca",
+        value: "FILE",
+        kind: Kind::Path,
+        default: "",
+        help: "CA certificates (PEM) client certificates must chain to; when given, the TLS listener requires \
+               a client certificate (mutual TLS)",
+        section: LISTENERS,
+    },
+    Flag {
+        name: "http2",
+        value: "native|h2",
+        kind: Kind::Value,
+        default: "native",
+        help: "HTTP/2 implementation: the engine's own gRPC-specialised stack, or the h2 crate, kept as the \
+               reference",
+        section: LISTENERS,
+    },
+    Flag {
+        name: "workers",
+        value: "N",
+        kind: Kind::Value,
+        default: "0",
+        help: "worker threads; 0: one per core",
+        section: LISTENERS,
+    },
+    Flag {
+        name: "admin-listen",
+        value: "HOST:PORT",
+        kind: Kind::Value,
+        default: "127.0.0.1:9901",
+        help: "address of the admin HTTP API (status, rules, health probes, metrics, journal, reload); port 0 \
+               picks a free one; off: no admin API",
+        section: ADMIN,
+    },
+    Flag {
+        name: "admin-token",
+        value: "TOKEN",
+        kind: Kind::Value,
+        default: "",
+        help: "admin requests other than the health probes must carry `Authorization: Bearer TOKEN`; the \
+               engine warns when the admin API listens on a non-loopback address without one",
+        section: ADMIN,
+    },
+    Flag {
+        name: "metrics",
+        value: "on|off",
+        kind: Kind::Value,
+        default: "on",
+        help: "count calls for the admin API's /metrics",
+        section: ADMIN,
+    },
+    Flag {
+        name: "journal",
+        value: "N",
+        kind: Kind::Value,
+        default: "0",
+        help: "keep the last N calls for the admin API's journal queries; 0: keep none (for load runs)",
+        section: ADMIN,
+    },
+    Flag {
+        name: "log-format",
+        value: "text|json",
+        kind: Kind::Value,
+        default: "text",
+        help: "format of the log lines on stderr; RUST_LOG sets the level (default info)",
+        section: ADMIN,
+    },
+    Flag {
+        name: "max-recv-bytes",
+        value: "N",
+        kind: Kind::Value,
+        default: "4194304",
+        help: "largest request message; larger ones get RESOURCE_EXHAUSTED",
+        section: LIMITS,
+    },
+    Flag {
+        name: "max-concurrent-streams",
+        value: "N",
+        kind: Kind::Value,
+        default: "1024",
+        help: "streams open at once per connection",
+        section: LIMITS,
+    },
+    Flag {
+        name: "max-header-list-size",
+        value: "N",
+        kind: Kind::Value,
+        default: "16384",
+        help: "bytes of request headers per stream",
+        section: LIMITS,
+    },
+    Flag {
+        name: "max-connections",
+        value: "N",
+        kind: Kind::Value,
+        default: "10000",
+        help: "connections open at once; more are closed as soon as accepted",
+        section: LIMITS,
+    },
+    Flag {
+        name: "idle-timeout-ms",
+        value: "N",
+        kind: Kind::Value,
+        default: "300000",
+        help: "GOAWAY and close a connection with no call in progress for this long; 0: never",
+        section: LIMITS,
+    },
+    Flag {
+        name: "handshake-timeout-ms",
+        value: "N",
+        kind: Kind::Value,
+        default: "10000",
+        help: "close a connection that has not completed the TLS and HTTP/2 handshakes within this time; \
+               0: never",
+        section: LIMITS,
+    },
+    Flag {
+        name: "write-timeout-ms",
+        value: "N",
+        kind: Kind::Value,
+        default: "30000",
+        help: "drop a connection whose client takes none of the engine's output for this long; 0: never",
+        section: LIMITS,
+    },
+    Flag {
+        name: "drain-timeout-ms",
+        value: "N",
+        kind: Kind::Value,
+        default: "5000",
+        help: "on SIGINT or SIGTERM, time in-flight calls get to finish before the engine exits",
+        section: LIMITS,
+    },
+];
+
+const HEADER: &str = "\
+usage:
+  engine run [PLAN] [options]
+  engine --help | --version
+
+Serves PLAN (a file written by `compiler build`). Without PLAN, compiles
+the .proto files and rules in --protos and --rules first.
+
+Every option is also an environment variable (`--max-connections 500` is
+WIRESTUB_MAX_CONNECTIONS=500) and a key of the YAML file named by --config
+(`max-connections: 500`). The command line wins over the environment, which
+wins over the file. `--flag=value` works as well as `--flag value`; switches
+take true or false in the environment and the file.
+";
+
+const FOOTER: &str = "
+Once serving, the engine prints one line per listener on stdout:
+  wirestub engine listening on ADDR
+  wirestub engine listening on ADDR (tls)
+  wirestub admin listening on ADDR
+SIGHUP reloads the plan (the plan file read again, or the protos and rules
+compiled again); a plan that fails to load is logged and the previous one
+keeps serving. SIGINT or SIGTERM stops accepting, reports NOT_SERVING,
+sends GOAWAY and lets in-flight calls finish for up to --drain-timeout-ms;
+a second one exits at once. Logs go to stderr; RUST_LOG sets the level
+(default info).";
+
+/// Width `--help` wraps its text to.
+const WIDTH: usize = 80;
+/// Indentation of a flag's description.
+const INDENT: usize = 8;
+
+/// The text of `engine --help`.
+pub fn help() -> String {
+    let mut out = String::from(HEADER);
+    let mut section = "";
+    for flag in FLAGS {
+        if flag.section != section {
+            section = flag.section;
+            out.push_str(&format!("\n{section}:\n"));
+        }
+        let value = match flag.kind {
+            Kind::Switch => String::new(),
+            Kind::Paths => format!(" {}...", flag.value),
+            _ => format!(" {}", flag.value),
+        };
+        out.push_str(&format!("  --{}{value}\n", flag.name));
+        let mut text = flag.help.to_string();
+        if flag.kind == Kind::Paths {
+            text.push_str(" (a `:`-separated list in the environment, a list in the file)");
+        }
+        wrap(&mut out, &text);
+        let mut tail = String::new();
+        if !flag.default.is_empty() {
+            tail.push_str(&format!("[default: {}] ", flag.default));
+        }
+        tail.push_str(&format!("[env: {}]", flag.env()));
+        wrap(&mut out, &tail);
+    }
+    out.push_str(FOOTER);
+    out
+}
+
+/// Appends `text`, word-wrapped and indented by [`INDENT`].
+fn wrap(out: &mut String, text: &str) {
+    let mut line = String::new();
+    for word in text.split_whitespace() {
+        if !line.is_empty() && INDENT + line.len() + 1 + word.len() > WIDTH {
+            out.push_str(&format!("{:INDENT$}{line}\n", ""));
+            line.clear();
+        }
+        if !line.is_empty() {
+            line.push(' ');
+        }
+        line.push_str(word);
+    }
+    if !line.is_empty() {
+        out.push_str(&format!("{:INDENT$}{line}\n", ""));
+    }
+}
+
+/// Where a flag's value came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    CommandLine,
+    /// The environment variable's name.
+    Env(String),
+    /// The configuration file and the line of the value.
+    File(PathBuf, u32),
+    Default,
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Origin::CommandLine => f.write_str("command line"),
+            Origin::Env(name) => write!(f, "environment variable {name}"),
+            Origin::File(path, line) => write!(f, "{}:{line}", path.display()),
+            Origin::Default => f.write_str("default"),
+        }
+    }
+}
+
+/// A flag's value as given, before it is read as its type.
+#[derive(Debug, Clone)]
+struct Raw {
+    flag: &'static Flag,
+    /// One value, except for [`Kind::Paths`].
+    values: Vec<String>,
+    origin: Origin,
+}
+
+impl Raw {
+    fn text(&self) -> &str {
+        self.values.first().map(String::as_str).unwrap_or("")
+    }
+
+    /// An error about this value: where it came from, the flag, the cause.
+    fn error(&self, expected: &str) -> String {
+        format!("{}: `--{}` takes {expected}, got `{}`", self.origin, self.flag.name, self.text())
+    }
+
+    fn number<T: std::str::FromStr>(&self) -> Result<T, String> {
+        self.text().parse().map_err(|_| self.error("a number"))
+    }
+
+    /// A timeout in milliseconds; 0 turns it off.
+    fn millis_or_never(&self) -> Result<Option<Duration>, String> {
+        let ms: u64 = self.number()?;
+        Ok((ms != 0).then(|| Duration::from_millis(ms)))
+    }
+
+    /// `HOST:PORT`, or None for `off`.
+    fn address(&self) -> Result<Option<String>, String> {
+        let text = self.text();
+        if text == "off" {
+            return Ok(None);
+        }
+        match text.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Ok(Some(text.to_string())),
+            _ => Err(self.error("HOST:PORT (or off)")),
+        }
+    }
+
+    fn switch(&self) -> Result<bool, String> {
+        match self.text() {
+            "true" | "on" | "yes" | "1" => Ok(true),
+            "false" | "off" | "no" | "0" => Ok(false),
+            _ => Err(self.error("true or false")),
+        }
+    }
+
+    fn choice<T: Copy>(&self, choices: &[(&str, T)]) -> Result<T, String> {
+        match choices.iter().find(|(name, _)| *name == self.text()) {
+            Some((_, v)) => Ok(*v),
+            None => {
+                let names: Vec<&str> = choices.iter().map(|(n, _)| *n).collect();
+                Err(self.error(&names.join(" or ")))
+            }
+        }
+    }
+
+    fn path(&self) -> PathBuf {
+        PathBuf::from(self.text())
+    }
+}
+
+/// The format of log lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The TLS listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tls {
+    pub listen: String,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: Option<PathBuf>,
+}
+
+/// Everything `engine run` was asked to do.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The plan file; None compiles `compile` in process.
+    pub plan: Option<PathBuf>,
+    pub compile: wirestub_compiler::Options,
+    pub watch: bool,
+    pub no_match: NoMatch,
+    /// The server's limits and behaviour.
+    pub server: Config,
+    /// The cleartext listener's address; None for `off`.
+    pub listen: Option<String>,
+    pub tls: Option<Tls>,
+    /// The admin API's address; None for `off`.
+    pub admin_listen: Option<String>,
+    /// Whether `admin_listen` was asked for (false: it is the default).
+    pub admin_listen_given: bool,
+    pub admin_token: Option<String>,
+    pub journal: usize,
+    pub log_format: LogFormat,
+    /// The configuration file read, if any.
+    pub config_file: Option<PathBuf>,
+}
+
+/// What the command line asks for.
+#[derive(Debug)]
+pub enum Command {
+    Help,
+    Version,
+    Run(Box<Options>),
+}
+
+/// Reads the command line (without the program name), the environment
+/// (through `env`, which returns None for unset variables) and the
+/// configuration file they name.
+pub fn parse(args: &[String], env: &dyn Fn(&str) -> Option<String>) -> Result<Command, String> {
+    match args.first().map(String::as_str) {
+        Some("run") => {}
+        Some("-h" | "--help" | "help") => return Ok(Command::Help),
+        Some("-V" | "--version") => return Ok(Command::Version),
+        Some(other) => return Err(format!("unknown command `{other}`; the command is `engine run`")),
+        None => return Err("no command given; the command is `engine run`".into()),
+    }
+    let args = &args[1..];
+    if args.iter().any(|a| a == "-h" || a == "--help") {
+        return Ok(Command::Help);
+    }
+    let (mut given, positional) = command_line(args)?;
+    if let Some(plan) = positional {
+        if given.contains_key("plan") {
+            return Err("command line: the plan is given twice, as an argument and with `--plan`".into());
+        }
+        given.insert("plan", raw(flag("plan"), vec![plan], Origin::CommandLine));
+    }
+
+    let config_file = match given.get("config") {
+        Some(r) => Some(r.path()),
+        None => env("WIRESTUB_CONFIG").map(PathBuf::from),
+    };
+    let file = match &config_file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read config file `{}`: {e}", path.display()))?;
+            config_text(path, &text)?
+        }
+        None => HashMap::new(),
+    };
+
+    let lookup = |name: &'static str| -> Option<Raw> {
+        let flag = flag(name);
+        if let Some(r) = given.get(name) {
+            return Some(r.clone());
+        }
+        let var = flag.env();
+        if let Some(v) = env(&var) {
+            let values = match flag.kind {
+                Kind::Paths => v.split(':').filter(|s| !s.is_empty()).map(str::to_string).collect(),
+                _ => vec![v],
+            };
+            return Some(raw(flag, values, Origin::Env(var)));
+        }
+        file.get(name).cloned()
+    };
+    // The default, when no source sets the flag and it has one.
+    let get = |name: &'static str| -> Option<Raw> {
+        lookup(name).or_else(|| {
+            let flag = flag(name);
+            (!flag.default.is_empty()).then(|| raw(flag, vec![flag.default.to_string()], Origin::Default))
+        })
+    };
+    let must = |name: &'static str| get(name).expect("a flag with a default");
+
+    let mut server = Config {
+        workers: must("workers").number()?,
+        max_recv_message: must("max-recv-bytes").number()?,
+        max_concurrent_streams: must("max-concurrent-streams").number()?,
+        max_header_list_size: must("max-header-list-size").number()?,
+        drain_timeout: Duration::from_millis(must("drain-timeout-ms").number()?),
+        max_connections: must("max-connections").number()?,
+        idle_timeout: must("idle-timeout-ms").millis_or_never()?,
+        handshake_timeout: must("handshake-timeout-ms").millis_or_never()?,
+        write_timeout: must("write-timeout-ms").millis_or_never()?,
+        stack: must("http2").choice(&[("native", Stack::Native), ("h2", Stack::H2)])?,
+        metrics: must("metrics").choice(&[("on", true), ("off", false)])?,
+        ..Config::default()
+    };
+    if server.max_connections == 0 {
+        return Err(must("max-connections").error("a number of at least 1"));
+    }
+    if let Some(seed) = get("seed") {
+        server.seed = Some(seed.number()?);
+    }
+
+    let tls_listen = match get("tls-listen") {
+        Some(r) => r.address()?,
+        None => None,
+    };
+    let (cert, key, client_ca) = (get("tls-cert"), get("tls-key"), get("tls-client-ca"));
+    let tls = match tls_listen {
+        Some(listen) => {
+            let missing = |name: &str| format!("`--tls-listen` needs `--{name}`");
+            Some(Tls {
+                listen,
+                cert: cert.ok_or_else(|| missing("tls-cert"))?.path(),
+                key: key.ok_or_else(|| missing("tls-key"))?.path(),
+                client_ca: client_ca.map(|r| r.path()),
+            })
+        }
+        None => {
+            if let Some(r) = cert.or(key).or(client_ca) {
+                return Err(format!("{}: `--{}` is only used with `--tls-listen`", r.origin, r.flag.name));
+            }
+            None
+        }
+    };
+    let listen = must("listen").address()?;
+    if listen.is_none() && tls.is_none() {
+        return Err("nothing to serve on: `--listen off` and no `--tls-listen`".into());
+    }
+
+    let mut compile = wirestub_compiler::Options::default();
+    if let Some(r) = lookup("protos") {
+        compile.protos = r.values.iter().map(PathBuf::from).collect();
+    }
+    if let Some(r) = lookup("rules") {
+        compile.rules = r.values.iter().map(PathBuf::from).collect();
+    }
+
+    Ok(Command::Run(Box::new(Options {
+        plan: get("plan").map(|r| r.path()),
+        compile,
+        watch: must("watch").switch()?,
+        no_match: must("no-match").choice(&[("not-found", NoMatch::NotFound), ("empty-ok", NoMatch::EmptyOk)])?,
+        server,
+        listen,
+        tls,
+        admin_listen: must("admin-listen").address()?,
+        admin_listen_given: lookup("admin-listen").is_some(),
+        admin_token: get("admin-token").map(|r| r.text().to_string()),
+        journal: must("journal").number()?,
+        log_format: must("log-format").choice(&[("text", LogFormat::Text), ("json", LogFormat::Json)])?,
+        config_file,
+    })))
+}
+
+fn flag(name: &str) -> &'static Flag {
+    FLAGS.iter().find(|f| f.name == name).unwrap_or_else(|| panic!("no flag `{name}` in FLAGS"))
+}
+
+fn raw(flag: &'static Flag, values: Vec<String>, origin: Origin) -> Raw {
+    Raw { flag, values, origin }
+}
+
+/// "; did you mean `--x`?" for a near miss of a flag name, or nothing.
+fn did_you_mean(name: &str, prefix: &str) -> String {
+    match wirestub_compiler::diag::near_miss(name, FLAGS.iter().map(|f| f.name)) {
+        Some(m) => format!("; did you mean `{prefix}{m}`?"),
+        None => String::new(),
+    }
+}
+
+/// The flags given on the command line, and the positional argument.
+/// A flag given twice takes its last value, except repeatable ones, which
+/// collect every value.
+fn command_line(args: &[String]) -> Result<(HashMap<&'static str, Raw>, Option<String>), String> {
+    let mut given: HashMap<&'static str, Raw> = HashMap::new();
+    let mut positional = None;
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        let Some(long) = arg.strip_prefix("--") else {
+            if arg.starts_with('-') && arg.len() > 1 {
+                return Err(format!("command line: unknown flag `{arg}`"));
+            }
+            if positional.is_some() {
+                return Err(format!("command line: unexpected argument `{arg}` (the plan is already given)"));
+            }
+            positional = Some(arg.clone());
+            continue;
+        };
+        let (name, inline) = match long.split_once('=') {
+            Some((n, v)) => (n, Some(v.to_string())),
+            None => (long, None),
+        };
+        let Some(flag) = FLAGS.iter().find(|f| f.name == name) else {
+            return Err(format!("command line: unknown flag `--{name}`{}", did_you_mean(name, "--")));
+        };
+        let value = match (flag.kind, inline) {
+            (_, Some(v)) => v,
+            (Kind::Switch, None) => "true".to_string(),
+            (_, None) => it.next().cloned().ok_or_else(|| format!("command line: `--{name}` needs a value"))?,
+        };
+        match given.get_mut(flag.name) {
+            Some(r) if flag.kind == Kind::Paths => r.values.push(value),
+            _ => {
+                given.insert(flag.name, raw(flag, vec![value], Origin::CommandLine));
+            }
+        }
+    }
+    Ok((given, positional))
+}
+
+/// Reads a configuration file's text: one YAML mapping whose keys are flag
+/// names. Relative paths are taken from the file's directory.
+fn config_text(path: &Path, text: &str) -> Result<HashMap<&'static str, Raw>, String> {
+    let source = wirestub_compiler::diag::SourceFile::new(path, text.to_string());
+    let at = |line: u32, col: u32| format!("{}:{line}:{col}", path.display());
+    let docs = yaml::parse(&source).map_err(|d| match &d.span {
+        Some(s) => format!("{}: {}", at(s.line, s.col), d.message),
+        None => format!("{}: {}", path.display(), d.message),
+    })?;
+    let mut out = HashMap::new();
+    let top = match docs.as_slice() {
+        [] => return Ok(out),
+        [doc] if doc.is_null() => return Ok(out),
+        [doc] => doc,
+        [_, second, ..] => {
+            return Err(format!("{}: one document expected, found another", at(second.span.line, second.span.col)))
+        }
+    };
+    let Some(entries) = top.map() else {
+        return Err(format!(
+            "{}: expected a mapping of option names to values, found {}",
+            at(top.span.line, top.span.col),
+            top.describe()
+        ));
+    };
+    let base = path.parent().unwrap_or(Path::new(""));
+    for (key, value) in entries {
+        let name = key.scalar().unwrap_or_default();
+        let where_ = at(key.span.line, key.span.col);
+        let Some(flag) = FLAGS.iter().find(|f| f.name == name) else {
+            return Err(format!("{where_}: unknown key `{name}`{}", did_you_mean(name, "")));
+        };
+        if flag.name == "config" {
+            return Err(format!("{where_}: `config` cannot be set in a config file"));
+        }
+        let scalar = |node: &Node| -> Result<String, String> {
+            match &node.kind {
+                NodeKind::Scalar { text, .. } => Ok(text.clone()),
+                _ => Err(format!(
+                    "{}: `{name}` takes {}, found {}",
+                    at(node.span.line, node.span.col),
+                    if flag.kind == Kind::Switch { "true or false" } else { "one value" },
+                    node.describe()
+                )),
+            }
+        };
+        let mut values = match (&value.kind, flag.kind) {
+            (NodeKind::Null, _) => return Err(format!("{where_}: `{name}` has no value")),
+            (NodeKind::Seq(items), Kind::Paths) => items.iter().map(scalar).collect::<Result<Vec<_>, _>>()?,
+            _ => vec![scalar(value)?],
+        };
+        if matches!(flag.kind, Kind::Path | Kind::Paths) {
+            for v in &mut values {
+                *v = base.join(&*v).to_string_lossy().into_owned();
+            }
+        }
+        out.insert(flag.name, raw(flag, values, Origin::File(path.to_path_buf(), value.span.line)));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(s: &str) -> Vec<String> {
+        s.split_whitespace().map(str::to_string).collect()
+    }
+
+    fn run_with(s: &str, env: &[(&str, &str)]) -> Result<Options, String> {
+        let env: HashMap<String, String> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        match parse(&args(s), &|k| env.get(k).cloned())? {
+            Command::Run(o) => Ok(*o),
+            c => panic!("expected run, got {c:?}"),
+        }
+    }
+
+    fn run(s: &str) -> Options {
+        run_with(s, &[]).unwrap()
+    }
+
+    /// A config file in a fresh temporary directory.
+    fn config(name: &str, text: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("wirestub-options-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("engine.yaml");
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    #[test]
+    fn defaults_match_the_server_defaults() {
+        let o = run("run");
+        let d = Config::default();
+        assert_eq!(o.server.workers, d.workers);
+        assert_eq!(o.server.max_recv_message, d.max_recv_message);
+        assert_eq!(o.server.max_concurrent_streams, d.max_concurrent_streams);
+        assert_eq!(o.server.max_header_list_size, d.max_header_list_size);
+        assert_eq!(o.server.drain_timeout, d.drain_timeout);
+        assert_eq!(o.server.max_connections, d.max_connections);
+        assert_eq!(o.server.idle_timeout, d.idle_timeout);
+        assert_eq!(o.server.handshake_timeout, d.handshake_timeout);
+        assert_eq!(o.server.write_timeout, d.write_timeout);
+        assert_eq!(o.server.stack, d.stack);
+        assert_eq!(o.server.metrics, d.metrics);
+        assert_eq!(o.server.seed, None);
+        let c = wirestub_compiler::Options::default();
+        assert_eq!((o.compile.protos, o.compile.rules), (c.protos, c.rules));
+        assert_eq!(o.listen.as_deref(), Some("127.0.0.1:50051"));
+        assert_eq!(o.admin_listen.as_deref(), Some("127.0.0.1:9901"));
+        assert!(!o.admin_listen_given);
+        assert_eq!((o.plan, o.tls, o.admin_token, o.journal, o.watch), (None, None, None, 0, false));
+        assert_eq!(o.log_format, LogFormat::Text);
+        assert_eq!(o.no_match, NoMatch::NotFound);
+    }
+
+    #[test]
+    fn every_flag_is_read_and_listed() {
+        let mut seen = Vec::new();
+        for f in FLAGS {
+            assert!(!seen.contains(&f.name), "--{} twice", f.name);
+            seen.push(f.name);
+            assert!(!f.help.is_empty(), "--{} has no help", f.name);
+            assert_eq!(f.value.is_empty(), f.kind == Kind::Switch, "--{}", f.name);
+        }
+        let help = help();
+        for f in FLAGS {
+            assert!(help.contains(&format!("\n  --{}", f.name)), "--{} not in help", f.name);
+            assert!(help.contains(&format!("[env: {}]", f.env())), "{} not in help", f.env());
+        }
+        for line in help.lines() {
+            assert!(line.chars().count() <= WIDTH, "too long: {line}");
+        }
+        assert_eq!(flag("max-recv-bytes").env(), "WIRESTUB_MAX_RECV_BYTES");
+    }
+
+    #[test]
+    fn command_line_values() {
+        let o = run("run plan.bin --listen 0.0.0.0:1 --workers=3 --protos a --protos b --rules r --watch \
+                     --no-match empty-ok --max-recv-bytes 10 --max-concurrent-streams 11 --max-header-list-size 12 \
+                     --drain-timeout-ms 13 --max-connections 14 --idle-timeout-ms 0 --handshake-timeout-ms 16 \
+                     --write-timeout-ms 17 --seed 18 --http2 h2 --admin-listen off --admin-token t --journal 19 \
+                     --metrics off --log-format json --tls-listen [::1]:0 --tls-cert c.pem --tls-key k.pem \
+                     --tls-client-ca ca.pem");
+        assert_eq!(o.plan, Some(PathBuf::from("plan.bin")));
+        assert_eq!(o.listen.as_deref(), Some("0.0.0.0:1"));
+        assert_eq!(o.server.workers, 3);
+        assert_eq!(o.compile.protos, [PathBuf::from("a"), PathBuf::from("b")]);
+        assert_eq!(o.compile.rules, [PathBuf::from("r")]);
+        assert!(o.watch);
+        assert_eq!(o.no_match, NoMatch::EmptyOk);
+        assert_eq!(o.server.max_recv_message, 10);
+        assert_eq!(o.server.max_concurrent_streams, 11);
+        assert_eq!(o.server.max_header_list_size, 12);
+        assert_eq!(o.server.drain_timeout, Duration::from_millis(13));
+        assert_eq!(o.server.max_connections, 14);
+        assert_eq!(o.server.idle_timeout, None);
+        assert_eq!(o.server.handshake_timeout, Some(Duration::from_millis(16)));
+        assert_eq!(o.server.write_timeout, Some(Duration::from_millis(17)));
+        assert_eq!(o.server.seed, Some(18));
+        assert_eq!(o.server.stack, Stack::H2);
+        assert_eq!(o.admin_listen, None);
+        assert!(o.admin_listen_given);
+        assert_eq!(o.admin_token.as_deref(), Some("t"));
+        assert_eq!(o.journal, 19);
+        assert!(!o.server.metrics);
+        assert_eq!(o.log_format, LogFormat::Json);
+        let tls = o.tls.unwrap();
+        assert_eq!(tls.listen, "[::1]:0");
+        assert_eq!((tls.cert, tls.key), (PathBuf::from("c.pem"), PathBuf::from("k.pem")));
+        assert_eq!(tls.client_ca, Some(PathBuf::from("ca.pem")));
+        assert_eq!(run("run --plan p.bin").plan, Some(PathBuf::from("p.bin")));
+        assert!(!run("run --watch=false").watch);
+    }
+
+    #[test]
+    fn help_and_version() {
+        for a in ["--help", "-h", "help", "run --help", "run --listen x -h"] {
+            assert!(matches!(parse(&args(a), &|_| None), Ok(Command::Help)), "{a}");
+        }
+        assert!(matches!(parse(&args("--version"), &|_| None), Ok(Command::Version)));
+    }
+
+    #[test]
+    fn command_line_mistakes() {
+        let err = |s: &str| run_with(s, &[]).unwrap_err();
+        assert_eq!(err("run --lisen x:1"), "command line: unknown flag `--lisen`; did you mean `--listen`?");
+        assert_eq!(err("run --workers"), "command line: `--workers` needs a value");
+        assert_eq!(err("run --workers many"), "command line: `--workers` takes a number, got `many`");
+        assert_eq!(
+            err("run --max-connections 0"),
+            "command line: `--max-connections` takes a number of at least 1, got `0`"
+        );
+        assert_eq!(err("run --http2 h3"), "command line: `--http2` takes native or h2, got `h3`");
+        assert_eq!(err("run --listen 50051"), "command line: `--listen` takes HOST:PORT (or off), got `50051`");
+        assert_eq!(err("run a.bin b.bin"), "command line: unexpected argument `b.bin` (the plan is already given)");
+        assert!(err("run a.bin --plan b.bin").contains("given twice"));
+        assert!(err("frobnicate").contains("unknown command"));
+        assert_eq!(err("run --tls-listen 127.0.0.1:0 --tls-key k"), "`--tls-listen` needs `--tls-cert`");
+        assert_eq!(err("run --tls-cert c"), "command line: `--tls-cert` is only used with `--tls-listen`");
+        assert!(err("run --listen off").starts_with("nothing to serve on"));
+        assert!(run("run --listen off --tls-listen 127.0.0.1:0 --tls-cert c --tls-key k").listen.is_none());
+    }
+
+    #[test]
+    fn environment_values() {
+        let o = run_with(
+            "run",
+            &[
+                ("WIRESTUB_WORKERS", "5"),
+                ("WIRESTUB_PROTOS", "a:b"),
+                ("WIRESTUB_WATCH", "true"),
+                ("WIRESTUB_PLAN", "p.bin"),
+                ("WIRESTUB_ADMIN_TOKEN", "secret"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(o.server.workers, 5);
+        assert_eq!(o.compile.protos, [PathBuf::from("a"), PathBuf::from("b")]);
+        assert!(o.watch);
+        assert_eq!(o.plan, Some(PathBuf::from("p.bin")));
+        assert_eq!(o.admin_token.as_deref(), Some("secret"));
+        assert_eq!(
+            run_with("run", &[("WIRESTUB_JOURNAL", "-1")]).unwrap_err(),
+            "environment variable WIRESTUB_JOURNAL: `--journal` takes a number, got `-1`"
+        );
+        assert_eq!(
+            run_with("run", &[("WIRESTUB_WATCH", "maybe")]).unwrap_err(),
+            "environment variable WIRESTUB_WATCH: `--watch` takes true or false, got `maybe`"
+        );
+    }
+
+    #[test]
+    fn config_file_values_and_precedence() {
+        let path = config(
+            "precedence",
+            "# engine options\nworkers: 2\nmax-connections: 7\nseed: 9\nprotos: [p1, p2]\nrules: r\n\
+             admin-listen: off\nwatch: true\nplan: plans/a.bin\n",
+        );
+        let dir = path.parent().unwrap();
+        let file = format!("run --config {}", path.display());
+        let o = run(&file);
+        assert_eq!((o.server.workers, o.server.max_connections, o.server.seed), (2, 7, Some(9)));
+        assert_eq!(o.compile.protos, [dir.join("p1"), dir.join("p2")]);
+        assert_eq!(o.compile.rules, [dir.join("r")]);
+        assert_eq!(o.plan, Some(dir.join("plans/a.bin")));
+        assert!(o.watch);
+        assert_eq!(o.admin_listen, None);
+        assert_eq!(o.config_file.as_deref(), Some(path.as_path()));
+        // The environment wins over the file, the command line over both.
+        let env = [("WIRESTUB_WORKERS", "3"), ("WIRESTUB_MAX_CONNECTIONS", "8")];
+        let o = run_with(&format!("{file} --workers 4"), &env).unwrap();
+        assert_eq!((o.server.workers, o.server.max_connections, o.server.seed), (4, 8, Some(9)));
+        // WIRESTUB_CONFIG names the file too.
+        let o = run_with("run", &[("WIRESTUB_CONFIG", path.to_str().unwrap())]).unwrap();
+        assert_eq!(o.server.workers, 2);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn config_file_mistakes_name_file_and_line() {
+        let cases = [
+            ("unknown", "workers: 2\n\nlisen: 127.0.0.1:0\n", ":3:1: unknown key `lisen`; did you mean `listen`?"),
+            ("bad-value", "workers: 2\nmax-connections: lots\n", ":2: `--max-connections` takes a number, got `lots`"),
+            ("no-value", "seed:\n", ":1:1: `seed` has no value"),
+            ("list", "workers: [1, 2]\n", ":1:10: `workers` takes one value, found a list"),
+            ("not-a-map", "- workers\n", ":1:1: expected a mapping of option names to values, found a list"),
+            ("duplicate", "seed: 1\nseed: 2\n", ":2:1: duplicate key `seed`"),
+            ("syntax", "seed: [1\n", "syntax error"),
+            ("config", "config: other.yaml\n", ":1:1: `config` cannot be set in a config file"),
+        ];
+        for (name, text, expected) in cases {
+            let path = config(name, text);
+            let err = run_with(&format!("run --config {}", path.display()), &[]).unwrap_err();
+            let shown = path.display().to_string();
+            assert!(err.starts_with(&shown) && err.contains(expected), "{name}: {err}");
+            let _ = std::fs::remove_dir_all(path.parent().unwrap());
+        }
+        let err = run_with("run --config /nonexistent/engine.yaml", &[]).unwrap_err();
+        assert!(err.starts_with("cannot read config file `/nonexistent/engine.yaml`"), "{err}");
+    }
+}
