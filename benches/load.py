@@ -1038,6 +1038,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="extra argument for `engine run` (repeatable), e.g. --engine-arg=--seed --engine-arg=1",
     )  # fmt: skip
     p.add_argument("--list-workloads", action="store_true", help="print the workloads and exit")
+    p.add_argument(
+        "--observe", action="store_true",
+        help="the cost of metrics and of the journal (engine alone; benches/results/observe.md)",
+    )  # fmt: skip
     p.add_argument("--no-build", action="store_true", help="use the binaries already built")
     p.add_argument("--engine", help="engine binary (default TARGET/release/engine)")
     p.add_argument("--baseline", help="baseline binary (default TARGET/release/baseline)")
@@ -1485,8 +1489,74 @@ def soak(args: argparse.Namespace, argv: list[str]) -> int:
         shutil.rmtree(work, ignore_errors=True)
 
 
+# What `--observe` compares: the engine with its observers off, with
+# metrics, and with metrics and a journal, everything else equal.
+OBSERVE_CONFIGS = [
+    ("metrics off, journal off", ["--metrics", "off"]),
+    ("metrics on, journal off", ["--metrics", "on"]),
+    ("metrics on, journal 10000", ["--metrics", "on", "--journal", "10000"]),
+]
+
+
+def observe(args: argparse.Namespace, argv: list[str]) -> int:
+    """The cost of metrics and of the journal: one pinned engine worker per
+    configuration, h2load 16x10 on the other core, repeats alternating."""
+    require_tools()
+    bins = prepare_binaries(args)
+    cpus = os.cpu_count() or 1
+    server_cpus, loader_cpus = ("0", "1") if cpus >= 2 else (None, None)
+    work = Path(tempfile.mkdtemp(prefix="wirestub-observe-"))
+    key = "match-200B"
+    results: dict[str, list[tuple[float, float]]] = {name: [] for name, _ in OBSERVE_CONFIGS}
+    try:
+        plan = compile_plan(bins, work)
+        files = write_files(work)
+        servers = {}
+        for name, extra in OBSERVE_CONFIGS:
+            cmd = engine_cmd(bins, plan, "1", ["--admin-listen", "off", *extra, *args.engine_arg])
+            servers[name] = Server(f"engine ({name})", cmd, server_cpus, work)
+            check_nghttp(servers[name], key, files[key])
+        wl = WORKLOADS[key]
+        for name, srv in servers.items():
+            h2load(srv, [wl.path], files[key].body, 16, 10, max(1, args.duration // 3), 0, loader_cpus)
+        for rep in range(args.repeats):
+            for name, srv in servers.items():
+                fig, output = h2load(
+                    srv, [wl.path], files[key].body, 16, 10, args.duration, args.warmup, loader_cpus
+                )
+                if fig["succeeded"] == 0 or fig["failed"] or fig["errored"]:
+                    raise BenchError(f"{name}: failed requests:\n{output[-2000:]}")
+                cpu_us = fig["cpu_s"] * 1e6 / fig["succeeded"]
+                results[name].append((fig["rps"], cpu_us))
+                say(f"observe #{rep + 1} {name:28}: {fig['rps']:>10,.0f} req/s, {cpu_us:6.2f} µs CPU/req")
+    finally:
+        stop_all_servers()
+        shutil.rmtree(work, ignore_errors=True)
+    base = statistics.median(c for _, c in results[OBSERVE_CONFIGS[0][0]])
+    lines = [
+        "# Cost of metrics and the journal",
+        "",
+        f"`python3 benches/load.py {' '.join(argv)}`: one engine worker pinned to core 0, h2load 16×10 on "
+        f"core 1, workload `{key}` (field match, 200 B), {args.repeats} × {args.duration} s per configuration, "
+        "repeats alternating; medians.",
+        "",
+        "| configuration | req/s | µs CPU/req | CPU vs all off |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, _ in OBSERVE_CONFIGS:
+        rps = statistics.median(r for r, _ in results[name])
+        cpu = statistics.median(c for _, c in results[name])
+        lines.append(f"| {name} | {rps:,.0f} | {cpu:.2f} | {cpu / base:.3f}× |")
+    out = RESULTS_DIR / "observe.md"
+    out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
+    if args.observe:
+        return observe(args, argv)
     if args.list_workloads:
         for key, wl in WORKLOADS.items():
             print(f"{key:15} {wl.path:32} {wl.title}")
