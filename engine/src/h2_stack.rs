@@ -8,7 +8,7 @@
 use crate::call::{deadline_exceeded, pick, prepare_fault, sleep_until, Answer};
 use crate::grpc::{self, Code, Status};
 use crate::matcher::Messages;
-use crate::served::{status_response, Prepared};
+use crate::served::{status_response, Builtin, Prepared};
 use crate::server::Config;
 use crate::state::{Generation, State};
 use bytes::{Bytes, BytesMut};
@@ -124,7 +124,7 @@ where
                     if state.number() != generation.number {
                         generation = state.current();
                     }
-                    streams.push(call(generation.clone(), config, request, respond))
+                    streams.push(call(state, generation.clone(), config, request, respond))
                 }
                 Some(Err(e)) => {
                     tracing::debug!("connection error: {e}");
@@ -158,6 +158,7 @@ where
 /// Serves one call to completion. Failures to send mean the client went
 /// away; there is nobody left to tell.
 async fn call(
+    state: &State,
     generation: Arc<Generation>,
     config: &Config,
     request: Request<RecvStream>,
@@ -197,6 +198,10 @@ async fn call(
     };
     let headers = &parts.headers;
 
+    if let Some(builtin) = method.builtin {
+        builtin_call(state, &generation, builtin, config, body, respond, deadline).await;
+        return;
+    }
     if method.plan.duplex {
         duplex(method, config, headers, body, respond, deadline).await;
         return;
@@ -265,6 +270,116 @@ async fn call(
         return;
     }
     send_stream(&mut respond, &answer, deadline).await;
+}
+
+/// Health and reflection, answered by the engine itself.
+async fn builtin_call(
+    state: &State,
+    generation: &Generation,
+    builtin: Builtin,
+    config: &Config,
+    body: RecvStream,
+    mut respond: SendResponse<Bytes>,
+    deadline: Option<Instant>,
+) {
+    let ok = &generation.served.ok;
+    let framed = |m: &[u8]| Bytes::from(wirestub_plan::grpc_frame(m));
+    match builtin {
+        Builtin::HealthCheck => {
+            let reply = match read_unary(body, config.max_recv_message).await {
+                Ok(message) => state.health.check(&message),
+                Err(e) => Err(e),
+            };
+            match reply {
+                Ok(reply) => {
+                    let answer = Answer { body: framed(&reply), ..Answer::of(ok) };
+                    send_one(&mut respond, &answer, deadline).await;
+                }
+                Err(e) => {
+                    let _ = send_status(&mut respond, &e);
+                }
+            }
+        }
+        Builtin::HealthWatch => {
+            let service = match read_unary(body, config.max_recv_message).await {
+                Ok(message) => state.health.watched(&message),
+                Err(e) => Err(e),
+            };
+            let service = match service {
+                Ok(s) => s,
+                Err(e) => {
+                    let _ = send_status(&mut respond, &e);
+                    return;
+                }
+            };
+            let mut head = Response::new(());
+            *head.headers_mut() = ok.headers.clone();
+            let Ok(mut stream) = respond.send_response(head, false) else { return };
+            let mut changes = state.health.subscribe();
+            let mut last: Option<Bytes> = None;
+            loop {
+                let now = state.health.status_of(&service);
+                if last.as_ref() != Some(&now) {
+                    let item = framed(&now);
+                    if wait_capacity(&mut stream, item.len(), None).await.is_err()
+                        || stream.send_data(item, false).is_err()
+                    {
+                        return;
+                    }
+                    last = Some(now);
+                }
+                if state.is_draining() {
+                    break;
+                }
+                tokio::select! {
+                    changed = changes.changed() => if changed.is_err() { break },
+                    _ = poll_fn(|cx| stream.poll_reset(cx)) => return,
+                }
+            }
+            let end = status_response(Code::Unavailable as u8, "the server is shutting down");
+            let _ = stream.send_trailers(end.trailers);
+        }
+        Builtin::Reflection => {
+            let mut reader = MessageReader::new(body, config.max_recv_message);
+            let mut stream: Option<SendStream<Bytes>> = None;
+            let result: Result<(), Stop<'_>> = async {
+                while let Some(message) = tokio::select! {
+                    next = reader.next() => next?,
+                    _ = sleep_until(deadline) => return Err(deadline_exceeded().into()),
+                } {
+                    let item = framed(&generation.reflection.answer(&message));
+                    let s = match &mut stream {
+                        Some(s) => s,
+                        None => {
+                            let mut head = Response::new(());
+                            *head.headers_mut() = ok.headers.clone();
+                            stream.insert(respond.send_response(head, false).map_err(|_| Stop::Gone)?)
+                        }
+                    };
+                    wait_capacity(s, item.len(), deadline).await?;
+                    s.send_data(item, false).map_err(|_| Stop::Gone)?;
+                }
+                Ok(())
+            }
+            .await;
+            match (result, stream) {
+                (Err(Stop::Gone), _) => {}
+                (Ok(()), Some(mut s)) => {
+                    let _ = s.send_trailers(ok.trailers.clone());
+                }
+                (Ok(()), None) => {
+                    let _ = send(&mut respond, &Answer::of(ok));
+                }
+                (Err(Stop::Status(e)), Some(mut s)) => {
+                    let _ = s.send_trailers(status_response(e.code as u8, &e.message).trailers);
+                }
+                (Err(Stop::Status(e)), None) => {
+                    let _ = send_status(&mut respond, &e);
+                }
+                (Err(Stop::Rule(_)), _) => {}
+            }
+        }
+    }
 }
 
 /// Receives the one request message of a unary or server-streaming call,

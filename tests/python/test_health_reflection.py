@@ -90,7 +90,7 @@ def status_name(status: int) -> str:
 # --------------------------------------------------------------------------
 
 
-def start_engine(tmp: Path) -> engine_process.EngineProcess:
+def start_engine(tmp: Path, *extra: str) -> engine_process.EngineProcess:
     rules = tmp / "extra-rules"
     rules.mkdir(exist_ok=True)
     (rules / "drain.yaml").write_text(EXTRA_RULE)
@@ -107,6 +107,7 @@ def start_engine(tmp: Path) -> engine_process.EngineProcess:
         str(rules),
         "--drain-timeout-ms",
         str(DRAIN_TIMEOUT_MS),
+        *extra,
     ]
     return engine_process.start(cmd, tmp)
 
@@ -254,6 +255,34 @@ def test_sigterm_turns_health_not_serving_before_exit(tmp_path):
             code = srv.proc.wait(DRAIN_TIMEOUT_MS / 1000 + 5)
         except subprocess.TimeoutExpired:
             pytest.fail(f"engine still up after draining\n{srv.log()}")
+        assert code == 0, f"engine exited with {code}\n{srv.log()}"
+        ch.close()
+    finally:
+        engine_process.stop(srv.proc)
+
+
+def test_shutdown_grace_answers_not_serving_to_new_checks(tmp_path):
+    # With --shutdown-grace-ms the engine keeps serving after SIGTERM with
+    # health NOT_SERVING, so a probe made then sees NOT_SERVING (not a
+    # refused connection) and calls still succeed; then it drains and
+    # exits 0.
+    srv = start_engine(tmp_path, "--shutdown-grace-ms", "1500")
+    try:
+        ch = open_channel(srv)
+        stub = health_pb2_grpc.HealthStub(ch)
+        assert status_name(check(stub, "")) == "SERVING"
+        srv.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 1.0
+        while status_name(check(stub, "")) == "SERVING":
+            assert time.monotonic() < deadline, "still SERVING 1 s after SIGTERM"
+            time.sleep(0.02)
+        assert status_name(check(stub, "helloworld.Greeter")) == "NOT_SERVING"
+        hello = ch.unary_unary("/helloworld.Greeter/SayHello")
+        assert hello(b"", timeout=TIMEOUT) is not None, "calls are still answered during the grace period"
+        try:
+            code = srv.proc.wait(DRAIN_TIMEOUT_MS / 1000 + 10)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"engine still up after the grace period\n{srv.log()}")
         assert code == 0, f"engine exited with {code}\n{srv.log()}"
         ch.close()
     finally:

@@ -7,8 +7,9 @@
 //! signals; a reload thread loads the next plan when SIGHUP arrives or
 //! `--watch` sees the sources change (a plan that fails to load is logged
 //! and the previous one keeps serving); the watch thread polls the
-//! sources. On SIGINT or SIGTERM the server drains (health NOT_SERVING,
-//! GOAWAY, in-flight calls finish up to `--drain-timeout-ms`) and the
+//! sources. On SIGINT or SIGTERM health goes NOT_SERVING (serving goes on
+//! for `--shutdown-grace-ms`), then the server drains (GOAWAY, in-flight
+//! calls finish up to `--drain-timeout-ms`) and the
 //! engine exits 0; a second signal during the drain exits at once with 1.
 
 mod options;
@@ -221,7 +222,7 @@ fn run(options: Options) -> Result<ExitCode, String> {
     let _ = stdout.flush();
     drop(stdout);
 
-    Ok(signals.serve(server, options.server.drain_timeout, reloads))
+    Ok(signals.serve(server, options.server.drain_timeout, options.shutdown_grace, reloads))
 }
 
 /// Starts the thread that reloads the plan on request. Requests that
@@ -282,7 +283,13 @@ impl Signals {
     /// Serves until SIGINT or SIGTERM, asking for a reload on each SIGHUP,
     /// then drains. The exit code: 0 after a complete drain, 1 when a
     /// second signal cut it short.
-    fn serve(self, server: Server, drain_timeout: Duration, reloads: mpsc::Sender<&'static str>) -> ExitCode {
+    fn serve(
+        self,
+        server: Server,
+        drain_timeout: Duration,
+        grace: Duration,
+        reloads: mpsc::Sender<&'static str>,
+    ) -> ExitCode {
         let Signals { rt, mut hup, mut int, mut term } = self;
         rt.block_on(async move {
             let name = loop {
@@ -295,6 +302,18 @@ impl Signals {
                     _ = term.recv() => break "SIGTERM",
                 }
             };
+            server.state().start_draining();
+            if !grace.is_zero() {
+                tracing::info!(
+                    grace_ms = grace.as_millis() as u64,
+                    "{name}: health NOT_SERVING; serving on before draining (send it again to exit at once)"
+                );
+                tokio::select! {
+                    _ = tokio::time::sleep(grace) => {}
+                    _ = int.recv() => return second_signal(),
+                    _ = term.recv() => return second_signal(),
+                }
+            }
             tracing::info!(
                 drain_timeout_ms = drain_timeout.as_millis() as u64,
                 "{name}: shutting down; draining in-flight calls (send it again to exit at once)"
@@ -319,8 +338,12 @@ impl Signals {
                     _ = hup.recv() => tracing::info!("SIGHUP while draining: ignored"),
                 }
             }
-            tracing::warn!("second signal: exiting without waiting for in-flight calls");
-            ExitCode::from(1)
+            second_signal()
         })
     }
+}
+
+fn second_signal() -> ExitCode {
+    tracing::warn!("second signal: exiting without waiting for in-flight calls");
+    ExitCode::from(1)
 }

@@ -294,6 +294,15 @@ pub const FLAGS: &[Flag] = &[
         help: "on SIGINT or SIGTERM, time in-flight calls get to finish before the engine exits",
         section: LIMITS,
     },
+    Flag {
+        name: "shutdown-grace-ms",
+        value: "N",
+        kind: Kind::Value,
+        default: "0",
+        help: "on SIGINT or SIGTERM, keep serving this long with health NOT_SERVING (so load balancers \
+               and probes move away) before GOAWAY and the drain",
+        section: LIMITS,
+    },
 ];
 
 const HEADER: &str = "\
@@ -498,6 +507,9 @@ pub struct Options {
     pub admin_listen_given: bool,
     pub admin_token: Option<String>,
     pub journal: usize,
+    /// Serving on with health NOT_SERVING after a stop signal, before the
+    /// drain.
+    pub shutdown_grace: Duration,
     pub log_format: LogFormat,
     /// The configuration file read, if any.
     pub config_file: Option<PathBuf>,
@@ -639,6 +651,7 @@ pub fn parse(args: &[String], env: &dyn Fn(&str) -> Option<String>) -> Result<Co
         admin_listen_given: lookup("admin-listen").is_some(),
         admin_token: get("admin-token").map(|r| r.text().to_string()),
         journal: must("journal").number()?,
+        shutdown_grace: Duration::from_millis(must("shutdown-grace-ms").number()?),
         log_format: must("log-format").choice(&[("text", LogFormat::Text), ("json", LogFormat::Json)])?,
         config_file,
     })))
