@@ -93,7 +93,9 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.parse
+import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -101,6 +103,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "benches" / "results"
 BENCH_PLAN = ROOT / "benches" / "plan"
 LISTENING = re.compile(r"listening on (\S+):(\d+)\s*$")
+ADMIN_LISTENING = re.compile(r"wirestub admin listening on (\S+):(\d+)")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 FULL_CELLS = [(1, 1), (16, 10), (64, 100)]
@@ -327,6 +330,7 @@ class Server:
                 start_new_session=True,
             )
         SERVERS.append(self)
+        self.admin_port: int | None = None
         self.port = self._wait_for_port(timeout=60)
         say(f"{name} listening on 127.0.0.1:{self.port} (pid {self.proc.pid})")
 
@@ -338,6 +342,10 @@ class Server:
         def pump() -> None:
             assert self.proc.stdout is not None
             for line in self.proc.stdout:  # keeps draining so the pipe never fills
+                admin = ADMIN_LISTENING.search(line)
+                if admin:
+                    self.admin_port = int(admin.group(2))
+                    continue
                 if not ready.is_set():
                     first.append(line)
                     m = LISTENING.search(line)
@@ -1030,6 +1038,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--no-latency", action="store_true", help="skip the open-loop latency runs")
     p.add_argument("--soak", type=int, metavar="SECONDS", help="memory growth run of the engine alone instead")
     p.add_argument(
+        "--soak-reload-ms", type=int, metavar="MS",
+        help="during --soak, swap the plan (POST /admin/reload) every MS milliseconds",
+    )  # fmt: skip
+    p.add_argument(
         "--soak-warmup", type=int, help="seconds of soak before the reference sample (default SECONDS/4, 10-60)"
     )
     p.add_argument("--soak-out", default=str(RESULTS_DIR / "soak.md"), help="soak report path")
@@ -1382,10 +1394,14 @@ def soak(args: argparse.Namespace, argv: list[str]) -> int:
     try:
         plan = compile_plan(bins, work)
         files = write_files(work)
-        eng = Server("engine", engine_cmd(bins, plan, "2", args.engine_arg), None, work)
+        extra = list(args.engine_arg)
+        if args.soak_reload_ms:
+            extra += ["--admin-listen", "127.0.0.1:0"]
+        eng = Server("engine", engine_cmd(bins, plan, "2", extra), None, work)
         for key in WORKLOADS:
             check_nghttp(eng, key, files[key])
         say(f"engine answered every workload correctly; soaking for {args.soak}s")
+        reloads = {"ok": 0, "failed": 0}
 
         samples: list[Sample] = []
         t0 = time.monotonic()
@@ -1408,9 +1424,27 @@ def soak(args: argparse.Namespace, argv: list[str]) -> int:
                 s = samples[-1]
                 say(f"soak t={s.t_s:5.0f}s RSS {s.rss_kib / 1024:.1f} MiB (peak {s.hwm_kib / 1024:.1f} MiB)")
 
+        def reloader() -> None:
+            # POST /admin/reload every --soak-reload-ms: the plan swapped
+            # under load, over and over.
+            deadline = time.monotonic() + 30
+            while eng.admin_port is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            url = f"http://127.0.0.1:{eng.admin_port}/admin/reload"
+            while not stop.wait(args.soak_reload_ms / 1000):
+                try:
+                    with urllib.request.urlopen(urllib.request.Request(url, method="POST"), timeout=30) as r:
+                        r.read()
+                    reloads["ok"] += 1
+                except (OSError, urllib.error.URLError):
+                    reloads["failed"] += 1
+
         sample()
         thread = threading.Thread(target=sampler, daemon=True)
         thread.start()
+        reload_thread = threading.Thread(target=reloader, daemon=True)
+        if args.soak_reload_ms:
+            reload_thread.start()
         paths = [WORKLOADS[k].path for k in SOAK_WORKLOADS]
         totals = {"done": 0, "succeeded": 0, "bad": 0}
         chunks = 0
@@ -1430,6 +1464,8 @@ def soak(args: argparse.Namespace, argv: list[str]) -> int:
         finally:
             stop.set()
             thread.join(SOAK_SAMPLE_S + 5)
+            if reload_thread.is_alive():
+                reload_thread.join(35)
         if time.monotonic() - t0 - samples[-1].t_s > 2:
             sample()
         for key in WORKLOADS:
@@ -1461,6 +1497,11 @@ def soak(args: argparse.Namespace, argv: list[str]) -> int:
             f"over {elapsed:.0f} s), {totals['bad']:,} failed, errored or timed out; the engine answered every "
             "workload correctly (nghttp) before and after",
             f"- engine CPU: {last.cpu_s:.1f} s",
+            *(
+                [f"- plan reloads (POST /admin/reload every {args.soak_reload_ms} ms): {reloads['ok']:,} swapped, "
+                 f"{reloads['failed']:,} failed"]
+                if args.soak_reload_ms else []
+            ),  # fmt: skip
             f"- resident memory (VmRSS), sampled every {SOAK_SAMPLE_S} s:",
             "",
             "| when | t | VmRSS |",

@@ -232,22 +232,19 @@ struct RegistryInner {
 }
 
 impl Registry {
-    /// Adds a generation's counters.
+    /// Adds a generation's counters (and folds those of generations no
+    /// call can reach any more, so swaps do not pile up counter blocks).
     pub fn register(&self, stats: Arc<Stats>) {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner()).live.push(stats);
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        inner.fold_dead();
+        inner.live.push(stats);
     }
 
     /// The Prometheus text exposition of every counter.
     pub fn render(&self) -> String {
         let totals = {
             let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-            // Generations held only here can no longer count: fold them.
-            let (dead, live): (Vec<_>, Vec<_>) =
-                std::mem::take(&mut inner.live).into_iter().partition(|s| Arc::strong_count(s) == 1);
-            for s in dead {
-                s.fold_into(&mut inner.retired);
-            }
-            inner.live = live;
+            inner.fold_dead();
             let mut totals = inner.retired.clone();
             for s in &inner.live {
                 s.fold_into(&mut totals);
@@ -255,6 +252,19 @@ impl Registry {
             totals
         };
         render(&totals)
+    }
+}
+
+impl RegistryInner {
+    /// Generations held only here can no longer count: their counters move
+    /// into the running totals.
+    fn fold_dead(&mut self) {
+        let (dead, live): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.live).into_iter().partition(|s| Arc::strong_count(s) == 1);
+        for s in dead {
+            s.fold_into(&mut self.retired);
+        }
+        self.live = live;
     }
 }
 
@@ -334,4 +344,51 @@ fn render(totals: &Totals) -> String {
         );
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn served() -> Served {
+        let method = wirestub_plan::Method {
+            path: "/demo.Greeter/SayHello".into(),
+            kind: wirestub_plan::MethodKind::Unary,
+            input_type: "demo.HelloRequest".into(),
+            output_type: "demo.HelloReply".into(),
+            fields: Vec::new(),
+            metadata_keys: Vec::new(),
+            responses: Vec::new(),
+            rules: Vec::new(),
+            duplex: false,
+            regexes: Vec::new(),
+        };
+        let plan = wirestub_plan::Plan { descriptors: Vec::new(), methods: vec![method] };
+        Served::new(plan, crate::NoMatch::NotFound).expect("prepares")
+    }
+
+    #[test]
+    fn swaps_fold_counters_and_never_lose_them() {
+        let served = served();
+        let registry = Registry::default();
+        let m = served.method("/demo.Greeter/SayHello").expect("method").position;
+        for _ in 0..1000 {
+            // A generation: counted by two workers, then dropped by its
+            // owner when the next one comes.
+            let stats = Arc::new(Stats::new(2, &served));
+            registry.register(stats.clone());
+            for w in 0..2 {
+                stats.worker(w).started(m);
+                stats.worker(w).handled(m, 0, Duration::from_millis(3));
+            }
+        }
+        let live = registry.inner.lock().unwrap().live.len();
+        assert!(live <= 2, "{live} generations kept: dead ones are folded on register");
+        let text = registry.render();
+        let labels = r#"grpc_type="unary",grpc_service="demo.Greeter",grpc_method="SayHello""#;
+        assert!(text.contains(&format!("grpc_server_started_total{{{labels}}} 2000\n")), "{text}");
+        assert!(text.contains(&format!("grpc_server_handled_total{{{labels},grpc_code=\"OK\"}} 2000\n")), "{text}");
+        assert!(text.contains(&format!("grpc_server_handling_seconds_bucket{{{labels},le=\"0.005\"}} 2000\n")));
+        assert!(text.contains(&format!("grpc_server_handling_seconds_sum{{{labels}}} 6\n")), "{text}");
+    }
 }
