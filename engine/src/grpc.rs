@@ -8,6 +8,7 @@ use std::time::Duration;
 #[repr(u8)]
 pub enum Code {
     Ok = 0,
+    Canceled = 1,
     InvalidArgument = 3,
     DeadlineExceeded = 4,
     NotFound = 5,

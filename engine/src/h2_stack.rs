@@ -8,6 +8,7 @@
 use crate::call::{deadline_exceeded, pick, prepare_fault, sleep_until, Answer};
 use crate::grpc::{self, Code, Status};
 use crate::matcher::Messages;
+use crate::metrics::WorkerStats;
 use crate::served::{status_response, Builtin, Prepared};
 use crate::server::Config;
 use crate::state::{Generation, State};
@@ -16,6 +17,7 @@ use futures_util::stream::{FuturesUnordered, StreamExt};
 use h2::server::SendResponse;
 use h2::{RecvStream, SendStream};
 use http::{HeaderMap, Request, Response, StatusCode};
+use std::cell::Cell;
 use std::future::poll_fn;
 use std::sync::Arc;
 use std::time::Duration;
@@ -197,13 +199,22 @@ async fn call(
         },
     };
     let headers = &parts.headers;
+    let tally = Tally {
+        stats: config.metrics.then(|| generation.stats.worker(crate::metrics::worker())),
+        method: method.position,
+        started: Instant::now(),
+        code: Cell::new(Code::Canceled as u8),
+    };
+    if let Some(s) = &tally.stats {
+        s.started(method.position);
+    }
 
     if let Some(builtin) = method.builtin {
-        builtin_call(state, &generation, builtin, config, body, respond, deadline).await;
+        tally.set(builtin_call(state, &generation, builtin, config, body, respond, deadline).await);
         return;
     }
     if method.plan.duplex {
-        duplex(method, config, headers, body, respond, deadline).await;
+        tally.set(duplex(method, config, headers, body, respond, deadline, &tally).await);
         return;
     }
 
@@ -214,7 +225,9 @@ async fn call(
             MethodKind::Unary | MethodKind::ServerStreaming => {
                 let message = read_unary(body, config.max_recv_message).await?;
                 let one = [&message[..]];
-                pick(method, &Messages::one(&one), headers)?
+                let answer = pick(method, &Messages::one(&one), headers)?;
+                tally.rule(answer.rule);
+                answer
             }
             MethodKind::ClientStreaming | MethodKind::BidiStreaming => {
                 let mut reader = MessageReader::new(body, config.max_recv_message);
@@ -231,7 +244,9 @@ async fn call(
                 }
                 let head_refs: Vec<&[u8]> = head.iter().map(|b| &b[..]).collect();
                 let last = last.as_deref().or(head_refs.last().copied());
-                pick(method, &Messages { head: &head_refs, last, count }, headers)?
+                let answer = pick(method, &Messages { head: &head_refs, last, count }, headers)?;
+                tally.rule(answer.rule);
+                answer
             }
         };
         let delay = answer.prepared.draw_delay();
@@ -251,6 +266,7 @@ async fn call(
     let answer = match outcome {
         Ok(a) => a,
         Err(s) => {
+            tally.set(s.code as u8);
             let _ = send_status(&mut respond, &s);
             return;
         }
@@ -258,18 +274,50 @@ async fn call(
     let prepared = answer.prepared;
     if let Some(fault) = prepared.fault.as_ref().filter(|f| crate::rng::unit() < f.rate) {
         if fault.drop {
+            tally.set(Code::Internal as u8);
             respond.send_reset(h2::Reason::INTERNAL_ERROR);
         } else {
+            tally.set(fault.status);
             let _ = send(&mut respond, &Answer::of(&prepare_fault(fault)));
         }
         return;
     }
     let streams = method.plan.kind == MethodKind::ServerStreaming || method.plan.kind == MethodKind::BidiStreaming;
     if !streams || (prepared.stream.is_empty() && prepared.error_after == 0) {
-        send_one(&mut respond, &answer, deadline).await;
+        tally.set(send_one(&mut respond, &answer, deadline).await);
         return;
     }
-    send_stream(&mut respond, &answer, deadline).await;
+    tally.set(send_stream(&mut respond, &answer, deadline).await);
+}
+
+/// Counts one call for the metrics: started when made; handled, with the
+/// last code set (CANCELLED if none), when dropped, so calls cut short by a
+/// reset or a closing connection are counted too.
+struct Tally<'g> {
+    stats: Option<WorkerStats<'g>>,
+    method: usize,
+    started: Instant,
+    code: Cell<u8>,
+}
+
+impl Tally<'_> {
+    fn set(&self, code: u8) {
+        self.code.set(code);
+    }
+
+    fn rule(&self, rule: Option<u32>) {
+        if let Some(s) = &self.stats {
+            s.rule(self.method, rule);
+        }
+    }
+}
+
+impl Drop for Tally<'_> {
+    fn drop(&mut self) {
+        if let Some(s) = &self.stats {
+            s.handled(self.method, self.code.get(), self.started.elapsed());
+        }
+    }
 }
 
 /// Health and reflection, answered by the engine itself.
@@ -281,7 +329,7 @@ async fn builtin_call(
     body: RecvStream,
     mut respond: SendResponse<Bytes>,
     deadline: Option<Instant>,
-) {
+) -> u8 {
     let ok = &generation.served.ok;
     let framed = |m: &[u8]| Bytes::from(wirestub_plan::grpc_frame(m));
     match builtin {
@@ -293,10 +341,11 @@ async fn builtin_call(
             match reply {
                 Ok(reply) => {
                     let answer = Answer { body: framed(&reply), ..Answer::of(ok) };
-                    send_one(&mut respond, &answer, deadline).await;
+                    send_one(&mut respond, &answer, deadline).await
                 }
                 Err(e) => {
                     let _ = send_status(&mut respond, &e);
+                    e.code as u8
                 }
             }
         }
@@ -309,12 +358,12 @@ async fn builtin_call(
                 Ok(s) => s,
                 Err(e) => {
                     let _ = send_status(&mut respond, &e);
-                    return;
+                    return e.code as u8;
                 }
             };
             let mut head = Response::new(());
             *head.headers_mut() = ok.headers.clone();
-            let Ok(mut stream) = respond.send_response(head, false) else { return };
+            let Ok(mut stream) = respond.send_response(head, false) else { return Code::Canceled as u8 };
             let mut changes = state.health.subscribe();
             let mut last: Option<Bytes> = None;
             loop {
@@ -324,7 +373,7 @@ async fn builtin_call(
                     if wait_capacity(&mut stream, item.len(), None).await.is_err()
                         || stream.send_data(item, false).is_err()
                     {
-                        return;
+                        return Code::Canceled as u8;
                     }
                     last = Some(now);
                 }
@@ -333,11 +382,12 @@ async fn builtin_call(
                 }
                 tokio::select! {
                     changed = changes.changed() => if changed.is_err() { break },
-                    _ = poll_fn(|cx| stream.poll_reset(cx)) => return,
+                    _ = poll_fn(|cx| stream.poll_reset(cx)) => return Code::Canceled as u8,
                 }
             }
             let end = status_response(Code::Unavailable as u8, "the server is shutting down");
             let _ = stream.send_trailers(end.trailers);
+            Code::Unavailable as u8
         }
         Builtin::Reflection => {
             let mut reader = MessageReader::new(body, config.max_recv_message);
@@ -363,20 +413,23 @@ async fn builtin_call(
             }
             .await;
             match (result, stream) {
-                (Err(Stop::Gone), _) => {}
+                (Err(Stop::Gone), _) | (Err(Stop::Rule(_)), _) => Code::Canceled as u8,
                 (Ok(()), Some(mut s)) => {
                     let _ = s.send_trailers(ok.trailers.clone());
+                    0
                 }
                 (Ok(()), None) => {
                     let _ = send(&mut respond, &Answer::of(ok));
+                    0
                 }
                 (Err(Stop::Status(e)), Some(mut s)) => {
                     let _ = s.send_trailers(status_response(e.code as u8, &e.message).trailers);
+                    e.code as u8
                 }
                 (Err(Stop::Status(e)), None) => {
                     let _ = send_status(&mut respond, &e);
+                    e.code as u8
                 }
-                (Err(Stop::Rule(_)), _) => {}
             }
         }
     }
@@ -507,7 +560,8 @@ async fn duplex(
     body: RecvStream,
     mut respond: SendResponse<Bytes>,
     deadline: Option<Instant>,
-) {
+    tally: &Tally<'_>,
+) -> u8 {
     let mut reader = MessageReader::new(body, config.max_recv_message);
     let mut stream: Option<SendStream<Bytes>> = None;
     let result: Result<(), Stop<'_>> = async {
@@ -519,6 +573,7 @@ async fn duplex(
             let Some(message) = next else { return Ok(()) };
             let one = [&message[..]];
             let answer = pick(method, &Messages::one(&one), headers)?;
+            tally.rule(answer.rule);
             let prepared = answer.prepared;
             let delay = prepared.draw_delay();
             if !delay.is_zero() {
@@ -547,24 +602,30 @@ async fn duplex(
     .await;
     let ok = status_response(0, "");
     match (result, stream) {
-        (Err(Stop::Gone), _) => {}
+        (Err(Stop::Gone), _) => Code::Canceled as u8,
         (Ok(()), Some(mut s)) => {
             let _ = s.send_trailers(ok.trailers.clone());
+            0
         }
         (Ok(()), None) => {
             let _ = send(&mut respond, &Answer::of(&ok));
+            0
         }
         (Err(Stop::Rule(p)), Some(mut s)) => {
             let _ = s.send_trailers(p.trailers.clone());
+            p.status
         }
         (Err(Stop::Rule(p)), None) => {
             let _ = send(&mut respond, &Answer::of(p));
+            p.status
         }
         (Err(Stop::Status(e)), Some(mut s)) => {
             let _ = s.send_trailers(status_response(e.code as u8, &e.message).trailers);
+            e.code as u8
         }
         (Err(Stop::Status(e)), None) => {
             let _ = send_status(&mut respond, &e);
+            e.code as u8
         }
     }
 }
@@ -588,24 +649,27 @@ fn send(respond: &mut SendResponse<Bytes>, answer: &Answer) -> Result<(), h2::Er
 /// and trailers. A client whose window stays shut gets DEADLINE_EXCEEDED at
 /// its deadline instead of the message, rather than the message waiting in
 /// h2's buffers for as long as the connection lives.
-async fn send_one(respond: &mut SendResponse<Bytes>, answer: &Answer<'_>, deadline: Option<Instant>) {
+/// Returns the status sent (CANCELLED when the client went away).
+async fn send_one(respond: &mut SendResponse<Bytes>, answer: &Answer<'_>, deadline: Option<Instant>) -> u8 {
     let prepared = answer.prepared;
+    let gone = Code::Canceled as u8;
     if prepared.status != 0 {
         let _ = send(respond, answer);
-        return;
+        return prepared.status;
     }
     let mut head = Response::new(());
     *head.headers_mut() = prepared.headers.clone();
-    let Ok(mut stream) = respond.send_response(head, false) else { return };
-    let trailers = match wait_capacity(&mut stream, answer.body.len(), deadline).await {
+    let Ok(mut stream) = respond.send_response(head, false) else { return gone };
+    let (code, trailers) = match wait_capacity(&mut stream, answer.body.len(), deadline).await {
         Ok(()) => match stream.send_data(answer.body.clone(), false) {
-            Ok(()) => prepared.trailers.clone(),
-            Err(_) => return,
+            Ok(()) => (prepared.status, prepared.trailers.clone()),
+            Err(_) => return gone,
         },
-        Err(Stop::Status(e)) => status_response(e.code as u8, &e.message).trailers,
-        Err(_) => return,
+        Err(Stop::Status(e)) => (e.code as u8, status_response(e.code as u8, &e.message).trailers),
+        Err(_) => return gone,
     };
     let _ = stream.send_trailers(trailers);
+    code
 }
 
 fn send_status(respond: &mut SendResponse<Bytes>, status: &Status) -> Result<(), h2::Error> {
@@ -615,18 +679,19 @@ fn send_status(respond: &mut SendResponse<Bytes>, status: &Status) -> Result<(),
 /// Sends a streaming response: headers, the items (passes, order, pauses
 /// as the rule says), then the trailers; for an error status, the error
 /// after `error_after` items.
-async fn send_stream(respond: &mut SendResponse<Bytes>, answer: &Answer<'_>, deadline: Option<Instant>) {
+async fn send_stream(respond: &mut SendResponse<Bytes>, answer: &Answer<'_>, deadline: Option<Instant>) -> u8 {
     let prepared = answer.prepared;
     let mut head = Response::new(());
     *head.headers_mut() = prepared.headers.clone();
-    let Ok(mut stream) = respond.send_response(head, false) else { return };
-    let trailers = match send_items(&mut stream, answer, deadline).await {
-        Ok(()) => prepared.trailers.clone(),
-        Err(Stop::Status(e)) => status_response(e.code as u8, &e.message).trailers,
-        Err(Stop::Rule(p)) => p.trailers.clone(),
-        Err(Stop::Gone) => return,
+    let Ok(mut stream) = respond.send_response(head, false) else { return Code::Canceled as u8 };
+    let (code, trailers) = match send_items(&mut stream, answer, deadline).await {
+        Ok(()) => (prepared.status, prepared.trailers.clone()),
+        Err(Stop::Status(e)) => (e.code as u8, status_response(e.code as u8, &e.message).trailers),
+        Err(Stop::Rule(p)) => (p.status, p.trailers.clone()),
+        Err(Stop::Gone) => return Code::Canceled as u8,
     };
     let _ = stream.send_trailers(trailers);
+    code
 }
 
 /// Sends the messages of one response, honouring flow control: each message
