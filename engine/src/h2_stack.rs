@@ -412,25 +412,7 @@ async fn builtin_call(
                 Ok(())
             }
             .await;
-            match (result, stream) {
-                (Err(Stop::Gone), _) | (Err(Stop::Rule(_)), _) => Code::Canceled as u8,
-                (Ok(()), Some(mut s)) => {
-                    let _ = s.send_trailers(ok.trailers.clone());
-                    0
-                }
-                (Ok(()), None) => {
-                    let _ = send(&mut respond, &Answer::of(ok));
-                    0
-                }
-                (Err(Stop::Status(e)), Some(mut s)) => {
-                    let _ = s.send_trailers(status_response(e.code as u8, &e.message).trailers);
-                    e.code as u8
-                }
-                (Err(Stop::Status(e)), None) => {
-                    let _ = send_status(&mut respond, &e);
-                    e.code as u8
-                }
-            }
+            finish_stream(&mut respond, stream, result)
         }
     }
 }
@@ -600,6 +582,17 @@ async fn duplex(
         }
     }
     .await;
+    finish_stream(&mut respond, stream, result)
+}
+
+/// Ends a call that answers message by message: trailers after the
+/// messages sent (OK, a rule's status or the engine's), or a whole
+/// response when none was sent. Returns the status sent.
+fn finish_stream(
+    respond: &mut SendResponse<Bytes>,
+    stream: Option<SendStream<Bytes>>,
+    result: Result<(), Stop<'_>>,
+) -> u8 {
     let ok = status_response(0, "");
     match (result, stream) {
         (Err(Stop::Gone), _) => Code::Canceled as u8,
@@ -608,7 +601,7 @@ async fn duplex(
             0
         }
         (Ok(()), None) => {
-            let _ = send(&mut respond, &Answer::of(&ok));
+            let _ = send(respond, &Answer::of(&ok));
             0
         }
         (Err(Stop::Rule(p)), Some(mut s)) => {
@@ -616,7 +609,7 @@ async fn duplex(
             p.status
         }
         (Err(Stop::Rule(p)), None) => {
-            let _ = send(&mut respond, &Answer::of(p));
+            let _ = send(respond, &Answer::of(p));
             p.status
         }
         (Err(Stop::Status(e)), Some(mut s)) => {
@@ -624,7 +617,7 @@ async fn duplex(
             e.code as u8
         }
         (Err(Stop::Status(e)), None) => {
-            let _ = send_status(&mut respond, &e);
+            let _ = send_status(respond, &e);
             e.code as u8
         }
     }

@@ -373,66 +373,19 @@ impl<'s> Conn<'s> {
         arena: &'s Arena<Arc<Generation>>,
         generation: &'s Arc<Generation>,
     ) -> Conn<'s> {
+        let mut conn = Conn::unpack(c, &generation.served, config);
+        conn.state = Some(state);
+        conn.arena = Some(arena);
+        conn.generation = Some(generation);
+        conn.number = generation.number;
+        conn.plans = 1;
+        conn
+    }
+
+    /// A connection from its carried part, serving `served`, with no
+    /// stream, no job and no server around it.
+    fn unpack(c: Carry, served: &'s Served, config: &'s Config) -> Conn<'s> {
         Conn {
-            served: &generation.served,
-            config,
-            out: c.out,
-            decoder: c.decoder,
-            streams: Streams::default(),
-            last_stream: c.last_stream,
-            highest_seen: c.highest_seen,
-            preface: c.preface,
-            settings_seen: c.settings_seen,
-            cont: c.cont,
-            recv_window: c.recv_window,
-            recv_target: c.recv_target,
-            buffered: c.buffered,
-            send_window: c.send_window,
-            peer_initial_window: c.peer_initial_window,
-            peer_max_frame: c.peer_max_frame,
-            blocked: c.blocked,
-            ending: c.ending,
-            early_resets: c.early_resets,
-            local_resets: c.local_resets,
-            tiny_data: c.tiny_data,
-            control_frames: c.control_frames,
-            jobs: Vec::new(),
-            waiting: c.waiting,
-            opened: c.opened,
-            state: Some(state),
-            arena: Some(arena),
-            generation: Some(generation),
-            number: generation.number,
-            plans: 1,
-            now: Instant::now(),
-            worker: crate::metrics::worker(),
-        }
-    }
-
-    /// Moves new calls to the state's current generation if it changed.
-    /// One atomic load per new call; the lock only after a swap.
-    fn refresh(&mut self) {
-        let (Some(state), Some(arena)) = (self.state, self.arena) else { return };
-        if state.number() == self.number {
-            return;
-        }
-        let current = state.current();
-        self.number = current.number;
-        let generation: &'s Arc<Generation> = arena.alloc(current);
-        self.generation = Some(generation);
-        self.served = &generation.served;
-        self.plans += 1;
-    }
-
-    /// This worker's counters for a call's generation, when metrics are on.
-    fn stats(&self, generation: Option<&'s Arc<Generation>>) -> Option<WorkerStats<'s>> {
-        generation.filter(|_| self.config.metrics).map(|g| g.stats.worker(self.worker))
-    }
-
-    /// A connection without a server around it (see [`drive`]).
-    fn new(served: &'s Served, config: &'s Config) -> Self {
-        let c = Carry::new(config);
-        let mut conn = Conn {
             served,
             config,
             out: c.out,
@@ -464,10 +417,33 @@ impl<'s> Conn<'s> {
             number: 0,
             plans: 0,
             now: Instant::now(),
-            worker: 0,
-        };
-        conn.worker = crate::metrics::worker();
-        conn
+            worker: crate::metrics::worker(),
+        }
+    }
+
+    /// Moves new calls to the state's current generation if it changed.
+    /// One atomic load per new call; the lock only after a swap.
+    fn refresh(&mut self) {
+        let (Some(state), Some(arena)) = (self.state, self.arena) else { return };
+        if state.number() == self.number {
+            return;
+        }
+        let current = state.current();
+        self.number = current.number;
+        let generation: &'s Arc<Generation> = arena.alloc(current);
+        self.generation = Some(generation);
+        self.served = &generation.served;
+        self.plans += 1;
+    }
+
+    /// This worker's counters for a call's generation, when metrics are on.
+    fn stats(&self, generation: Option<&'s Arc<Generation>>) -> Option<WorkerStats<'s>> {
+        generation.filter(|_| self.config.metrics).map(|g| g.stats.worker(self.worker))
+    }
+
+    /// A connection without a server around it (see [`drive`]).
+    fn new(served: &'s Served, config: &'s Config) -> Self {
+        Conn::unpack(Carry::new(config), served, config)
     }
 
     fn stream_window(&self) -> i64 {
