@@ -8,7 +8,7 @@
 //! with a real gRPC client. Every wait is bounded.
 
 use bytes::Bytes;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -368,6 +368,143 @@ fn help_lists_every_flag_its_default_and_its_environment_variable() {
     let bad = output(&["run", "--frobnicate"], &[]);
     assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown flag `--frobnicate`"));
+}
+
+// ---- output to a reader that went away ------------------------------------
+
+/// When the reader of a command's stdout goes away.
+#[derive(Debug, Clone, Copy)]
+enum Reader {
+    /// Before the command starts: every write fails (`cmd | true`).
+    Gone,
+    /// After reading this many bytes (`cmd | head -c N`): writes past what
+    /// the pipe holds fail.
+    ReadsOnly(usize),
+}
+
+/// Runs `cmd` with stdout a pipe whose reader goes away; returns its exit
+/// status and stderr.
+fn into_closed_pipe(mut cmd: Command, reader: Reader) -> (ExitStatus, String) {
+    cmd.stdin(Stdio::null()).stderr(Stdio::piped());
+    let mut child = match reader {
+        Reader::Gone => {
+            // `true` holds the pipe's only read end and exits without
+            // reading: the command gets a pipe nobody reads.
+            let mut sink = Command::new("true").stdin(Stdio::piped()).spawn().unwrap();
+            let pipe = sink.stdin.take().unwrap();
+            sink.wait().unwrap();
+            cmd.stdout(pipe).spawn().unwrap()
+        }
+        Reader::ReadsOnly(n) => {
+            let mut child = cmd.stdout(Stdio::piped()).spawn().unwrap();
+            let mut head = vec![0; n];
+            child.stdout.take().unwrap().read_exact(&mut head).unwrap();
+            child
+        }
+    };
+    let mut stderr = child.stderr.take().unwrap();
+    let collect = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text);
+        text
+    });
+    let deadline = Instant::now() + START;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("{cmd:?} did not exit within {START:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    (status, collect.join().unwrap())
+}
+
+/// A command's output cut short exits as it would have, without panicking.
+fn assert_quiet(cmd: Command, reader: Reader, code: i32) {
+    let what = format!("{cmd:?} with {reader:?}");
+    let (status, stderr) = into_closed_pipe(cmd, reader);
+    assert!(!stderr.contains("panicked"), "{what}: {stderr}");
+    assert_ne!(status.code(), Some(101), "{what}: {stderr}");
+    assert_eq!(status.code(), Some(code), "{what}: {stderr}");
+}
+
+#[test]
+fn help_into_a_closed_pipe_exits_quietly() {
+    for reader in [Reader::Gone, Reader::ReadsOnly(16)] {
+        assert_quiet(engine(&["--help"], &[]), reader, 0);
+        assert_quiet(engine(&["run", "--help"], &[]), reader, 0);
+        let mut compiler = Command::new(bin("compiler"));
+        compiler.arg("--help");
+        assert_quiet(compiler, reader, 0);
+    }
+    assert_quiet(engine(&["--version"], &[]), Reader::Gone, 0);
+
+    // Errors about the usage go to stderr; with nobody reading it the exit
+    // status still tells.
+    for (mut cmd, code) in [(engine(&["run", "--frobnicate"], &[]), 2), (Command::new(bin("compiler")), 2)] {
+        let mut sink = Command::new("true").stdin(Stdio::piped()).spawn().unwrap();
+        let pipe = sink.stdin.take().unwrap();
+        sink.wait().unwrap();
+        let status = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(pipe).status().unwrap();
+        assert_eq!(status.code(), Some(code), "{cmd:?}");
+    }
+}
+
+#[test]
+fn a_dump_into_a_closed_pipe_exits_quietly() {
+    // A dump far larger than a pipe holds, so that writing it fails.
+    let dir = TempDir::new("dump-pipe");
+    dir.write_sources("v", 0);
+    let many: String =
+        (0..2000).map(|i| format!("  - when: {{ request.name: n{i} }}\n    body: {{ v: a{i} }}\n")).collect();
+    std::fs::write(dir.path("rules/cli.v1.echo.get.yaml"), format!("responses:\n{many}")).unwrap();
+    let plan = dir.write_plan("plan.bin");
+    let dump = |reader| {
+        let mut cmd = Command::new(bin("compiler"));
+        cmd.arg("dump").arg(&plan);
+        assert_quiet(cmd, reader, 0);
+    };
+    dump(Reader::Gone);
+    dump(Reader::ReadsOnly(16));
+}
+
+// ---- hostile rule files ---------------------------------------------------
+
+/// The alias bomb of `tests/diagnostics/alias-bomb` (nine levels of nine
+/// aliases: 9^9 nodes expanded) is refused at once, with the alias named,
+/// by `compiler build` and by `engine run` compiling in process.
+#[test]
+fn an_alias_bomb_is_refused_promptly() {
+    let rules = wirestub_tests::root().join("tests/diagnostics/alias-bomb/rules");
+    let protos = wirestub_tests::root().join("tests/diagnostics-protos");
+    let dir = TempDir::new("alias-bomb");
+    let plan = dir.path("plan.bin");
+    let expected = "error: expanding this alias goes past the limit of 1000000 YAML nodes and text bytes";
+    let mut compiler = Command::new(bin("compiler"));
+    compiler.args(["build", "--protos", s(&protos), "--rules", s(&rules), "-o", s(&plan)]);
+    let engine = engine(&["run", "--protos", s(&protos), "--rules", s(&rules), "--listen", "127.0.0.1:0"], &[]);
+    for mut cmd in [compiler, engine] {
+        let started = Instant::now();
+        let mut child = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+        // Generous: unbounded, it takes minutes and tens of GiB.
+        let limit = Duration::from_secs(60);
+        while child.try_wait().unwrap().is_none() {
+            if started.elapsed() > limit {
+                let _ = child.kill();
+                panic!("{cmd:?} still running after {limit:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{cmd:?}: {stderr}");
+        assert!(stderr.contains(expected), "{cmd:?}: {stderr}");
+        assert!(stderr.contains("d.svc.get.yaml:6:28"), "{cmd:?}: {stderr}");
+    }
+    assert!(!plan.exists());
 }
 
 // ---- where options come from ---------------------------------------------

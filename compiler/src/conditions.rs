@@ -32,6 +32,21 @@ const OPERATORS: &[&str] = &[
     "not", "any_of", "all_of",
 ];
 
+/// How deep tests may nest in a condition: `not`, `any_of`, `all_of`, `len`
+/// and several operators in one object each add a level. It is the plan
+/// loader's own limit (`MAX_TEST_DEPTH` in `plan/src/codec.rs`, not
+/// exported), checked here so that a compiled plan always loads.
+pub const MAX_TEST_DEPTH: usize = 32;
+
+/// How deep a test nests: 0 for a single operator.
+pub fn test_depth(test: &Test) -> usize {
+    match test {
+        Test::Op(Op::Len(t)) | Test::Not(t) => 1 + test_depth(t),
+        Test::Any(list) | Test::All(list) => 1 + list.iter().map(test_depth).max().unwrap_or(0),
+        Test::Op(_) => 0,
+    }
+}
+
 /// A regular expression to compile, collected while reading conditions; the
 /// plan's `Op::Regex(i)` indexes the compiler-wide list of these.
 pub struct RegexSpec {
@@ -239,6 +254,21 @@ impl Cx<'_> {
             p.name = path.to_string();
         }
         Some(target)
+    }
+
+    /// Compiles the value written for a whole condition into a test, no
+    /// deeper than the plan allows.
+    pub fn condition(&mut self, node: &Node, target: &Target) -> Option<Test> {
+        let test = self.test(node, target)?;
+        if test_depth(&test) > MAX_TEST_DEPTH {
+            self.error_help(
+                &node.span,
+                format!("condition nested more than {MAX_TEST_DEPTH} deep"),
+                "`not`, `any_of`, `all_of`, `len` and objects of several operators each add a level",
+            );
+            return None;
+        }
+        Some(test)
     }
 
     /// Compiles the value written for a condition into a test.

@@ -121,14 +121,36 @@ impl Diagnostic {
     }
 }
 
-/// An ordered collection of diagnostics.
+/// How many diagnostics are kept and shown; the others are only counted.
+/// A hundred is more than anyone reads before fixing the first ones, and
+/// it bounds the memory and the output of a run over inputs with mistakes
+/// repeated many times (a generated file, an alias copied everywhere).
+pub const MAX_SHOWN: usize = 100;
+
+/// An ordered collection of diagnostics: the first [`MAX_SHOWN`] distinct
+/// ones pushed, and a count of the others.
 #[derive(Debug, Default, Clone)]
 pub struct Diagnostics {
     list: Vec<Diagnostic>,
+    /// Errors and warnings pushed once the list was full.
+    more_errors: usize,
+    more_warnings: usize,
 }
 
 impl Diagnostics {
+    /// Adds a diagnostic, unless the same one is already there (an alias
+    /// repeats its anchor's mistakes at the same place).
     pub fn push(&mut self, d: Diagnostic) {
+        if self.list.contains(&d) {
+            return;
+        }
+        if self.list.len() >= MAX_SHOWN {
+            match d.severity {
+                Severity::Error => self.more_errors += 1,
+                Severity::Warning => self.more_warnings += 1,
+            }
+            return;
+        }
         self.list.push(d);
     }
 
@@ -137,13 +159,15 @@ impl Diagnostics {
     }
 
     pub fn has_errors(&self) -> bool {
-        self.list.iter().any(|d| d.severity == Severity::Error)
+        self.more_errors > 0 || self.list.iter().any(|d| d.severity == Severity::Error)
     }
 
+    /// Every error pushed, those not kept included.
     pub fn error_count(&self) -> usize {
-        self.list.iter().filter(|d| d.severity == Severity::Error).count()
+        self.more_errors + self.list.iter().filter(|d| d.severity == Severity::Error).count()
     }
 
+    /// The diagnostics kept (at most [`MAX_SHOWN`]).
     pub fn iter(&self) -> impl Iterator<Item = &Diagnostic> {
         self.list.iter()
     }
@@ -162,12 +186,23 @@ impl Diagnostics {
         self.list.dedup();
     }
 
-    /// Every diagnostic rendered, then a summary line when there are errors.
+    /// Every diagnostic kept rendered, a note counting those not kept, then
+    /// a summary line when there are errors.
     pub fn render(&self) -> String {
         let mut s = String::new();
         for d in &self.list {
             s.push_str(&d.render());
             s.push('\n');
+        }
+        let more = self.more_errors + self.more_warnings;
+        if more > 0 {
+            let count = |n: usize, what: &str| format!("{n} {what}{}", if n == 1 { "" } else { "s" });
+            let what = match (self.more_errors, self.more_warnings) {
+                (e, 0) => count(e, "more error"),
+                (0, w) => count(w, "more warning"),
+                (e, w) => format!("{} and {}", count(e, "more error"), count(w, "more warning")),
+            };
+            let _ = writeln!(s, "note: {what} not shown; only the first {MAX_SHOWN} diagnostics are\n");
         }
         let errors = self.error_count();
         if errors > 0 {
@@ -200,4 +235,46 @@ pub fn suggest<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str> + C
     let shown: Vec<String> = all.iter().take(12).map(|c| format!("`{c}`")).collect();
     let more = if all.len() > 12 { format!(" and {} more", all.len() - 12) } else { String::new() };
     format!("expected one of {}{more}", shown.join(", "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(line: u32, message: &str) -> Diagnostic {
+        let file = SourceFile::new(Path::new("t.yaml"), "a: 1\n".repeat(300));
+        Diagnostic::error(Some(file.line_span(line)), message)
+    }
+
+    #[test]
+    fn only_the_first_diagnostics_are_kept_the_others_counted() {
+        let mut diags = Diagnostics::default();
+        let file = SourceFile::new(Path::new("t.yaml"), "a: 1\n".repeat(300));
+        for line in 1..=250 {
+            diags.push(Diagnostic::error(Some(file.line_span(line)), "bad"));
+        }
+        diags.push(Diagnostic::warning(None, "odd"));
+        diags.sort();
+        assert_eq!(diags.iter().count(), MAX_SHOWN);
+        assert_eq!(diags.error_count(), 250);
+        assert!(diags.has_errors());
+        let text = diags.render();
+        assert_eq!(text.matches("error: bad").count(), MAX_SHOWN);
+        assert!(text.ends_with(
+            "note: 150 more errors and 1 more warning not shown; only the first 100 diagnostics are\n\n\
+             error: 250 errors found; no plan written\n"
+        ));
+    }
+
+    #[test]
+    fn repeated_diagnostics_are_kept_once() {
+        let mut diags = Diagnostics::default();
+        for _ in 0..1000 {
+            diags.push(at(3, "bad"));
+            diags.push(at(2, "worse"));
+        }
+        assert_eq!(diags.iter().count(), 2);
+        assert_eq!(diags.error_count(), 2);
+        assert!(!diags.render().contains("not shown"));
+    }
 }

@@ -1,6 +1,7 @@
 //! The `compiler` command: `build`, `check` and `dump`. Thin: it parses
 //! arguments, calls the library and maps the result to an exit code.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use wirestub_compiler::{compile, dump, Options, Plan};
@@ -19,14 +20,39 @@ fn main() -> ExitCode {
     match run(&args) {
         Ok(code) => code,
         Err(msg) => {
-            eprintln!("error: {msg}\n\n{USAGE}");
+            report(&format!("error: {msg}\n\n{USAGE}\n"));
             ExitCode::from(2)
         }
     }
 }
 
+/// Writes `text` to stdout. A reader that went away (`compiler dump
+/// plan.bin | head`) is no failure: the rest is not wanted. Any other write
+/// error is reported, exit 1. (`print!` would panic on both.)
+fn print(text: &str) -> ExitCode {
+    let mut stdout = std::io::stdout().lock();
+    match stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            report(&format!("error: cannot write to stdout: {e}\n"));
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Writes `text` to stderr (diagnostics, summaries); if that fails there is
+/// nowhere left to say so (`eprint!` would panic).
+fn report(text: &str) {
+    let mut stderr = std::io::stderr().lock();
+    let _ = stderr.write_all(text.as_bytes()).and_then(|()| stderr.flush());
+}
+
 fn run(args: &[String]) -> Result<ExitCode, String> {
     let Some(cmd) = args.first() else { return Err("no command given".into()) };
+    if matches!(cmd.as_str(), "-h" | "--help" | "help") {
+        return Ok(print(&format!("{USAGE}\n")));
+    }
     let mut protos = Vec::new();
     let mut rules = Vec::new();
     let mut out = PathBuf::from("plan.bin");
@@ -38,10 +64,7 @@ fn run(args: &[String]) -> Result<ExitCode, String> {
             "--protos" => protos.push(PathBuf::from(value(a)?)),
             "--rules" => rules.push(PathBuf::from(value(a)?)),
             "-o" | "--out" => out = PathBuf::from(value(a)?),
-            "-h" | "--help" => {
-                println!("{USAGE}");
-                return Ok(ExitCode::SUCCESS);
-            }
+            "-h" | "--help" => return Ok(print(&format!("{USAGE}\n"))),
             s if s.starts_with('-') => return Err(format!("unknown flag `{s}`")),
             s => positional.push(s.to_string()),
         }
@@ -60,20 +83,25 @@ fn run(args: &[String]) -> Result<ExitCode, String> {
             }
             match compile(&options) {
                 Err(diags) => {
-                    eprint!("{}", diags.render());
+                    report(&diags.render());
                     Ok(ExitCode::from(1))
                 }
                 Ok(output) => {
-                    eprint!("{}", output.warnings.render());
+                    report(&output.warnings.render());
                     if cmd == "build" {
                         let bytes = output.plan.to_bytes();
                         if let Err(e) = std::fs::write(&out, &bytes) {
-                            eprintln!("error: cannot write `{}`: {e}", out.display());
+                            report(&format!("error: cannot write `{}`: {e}\n", out.display()));
                             return Ok(ExitCode::from(1));
                         }
-                        eprintln!("compiled {} -> {} ({} bytes)", output.summary(), out.display(), bytes.len());
+                        report(&format!(
+                            "compiled {} -> {} ({} bytes)\n",
+                            output.summary(),
+                            out.display(),
+                            bytes.len()
+                        ));
                     } else {
-                        eprintln!("checked {}: no errors", output.summary());
+                        report(&format!("checked {}: no errors\n", output.summary()));
                     }
                     Ok(ExitCode::SUCCESS)
                 }
@@ -83,12 +111,9 @@ fn run(args: &[String]) -> Result<ExitCode, String> {
             let [path] = positional.as_slice() else { return Err("`dump` takes one plan file".into()) };
             let bytes = std::fs::read(path).map_err(|e| format!("cannot read `{path}`: {e}"))?;
             match Plan::from_bytes(&bytes) {
-                Ok(plan) => {
-                    print!("{}", dump(&plan));
-                    Ok(ExitCode::SUCCESS)
-                }
+                Ok(plan) => Ok(print(&dump(&plan))),
                 Err(e) => {
-                    eprintln!("error: `{path}`: {e}");
+                    report(&format!("error: `{path}`: {e}\n"));
                     Ok(ExitCode::from(1))
                 }
             }

@@ -60,6 +60,24 @@ pub fn compile(dirs: &[PathBuf], diags: &mut Diagnostics) -> Option<Schema> {
         diags.error(None, format!("no .proto files found in {}", shown.join(", ")));
         return None;
     }
+    // protox's parser recurses on nested option values: check the nesting
+    // before any file is parsed (a file may be parsed as another's import).
+    let mut too_deep = false;
+    for f in &files {
+        let Ok(text) = std::fs::read_to_string(f) else { continue };
+        if let Some(offset) = nesting_past_limit(&text) {
+            let file = SourceFile::new(f, text);
+            let d = Diagnostic::error(
+                Some(file.span_at(offset, 1)),
+                format!("braces, brackets or parentheses nested more than {MAX_NESTING} deep"),
+            );
+            diags.push(d);
+            too_deep = true;
+        }
+    }
+    if too_deep {
+        return None;
+    }
     let mut resolver = ChainFileResolver::new();
     for dir in dirs {
         resolver.add(IncludeFileResolver::new(dir.clone()));
@@ -89,6 +107,47 @@ pub fn compile(dirs: &[PathBuf], diags: &mut Diagnostics) -> Option<Schema> {
             None
         }
     }
+}
+
+/// How deep `{ [ ( <` may nest in a .proto file. protox parses option
+/// values (text format) recursively, and a file nesting them some thousands
+/// deep overflows the stack; descriptors nested past about a hundred levels
+/// do not decode anyway, and messages nest at most 32 deep.
+pub const MAX_NESTING: usize = 128;
+
+/// The byte offset of the first opening bracket nested deeper than
+/// [`MAX_NESTING`], outside comments and strings; None if there is none.
+fn nesting_past_limit(text: &str) -> Option<usize> {
+    let b = text.as_bytes();
+    let mut depth = 0usize;
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'/' if b.get(i + 1) == Some(&b'/') => {
+                i = b[i..].iter().position(|&c| c == b'\n').map_or(b.len(), |n| i + n);
+            }
+            b'/' if b.get(i + 1) == Some(&b'*') => {
+                i = text[i + 2..].find("*/").map_or(b.len(), |n| i + 2 + n + 2);
+                continue;
+            }
+            q @ (b'"' | b'\'') => {
+                i += 1;
+                while i < b.len() && b[i] != q && b[i] != b'\n' {
+                    i += if b[i] == b'\\' { 2 } else { 1 };
+                }
+            }
+            b'{' | b'[' | b'(' | b'<' => {
+                depth += 1;
+                if depth > MAX_NESTING {
+                    return Some(i);
+                }
+            }
+            b'}' | b']' | b')' | b'>' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        i += 1;
+    }
+    None
 }
 
 /// The built-in files: import name and source.
@@ -160,4 +219,25 @@ fn to_diagnostic(e: &protox::Error, dirs: &[PathBuf]) -> Diagnostic {
     let mut d = Diagnostic::error(span, message);
     d.help = e.help().map(|h| h.to_string());
     d
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nesting_is_counted_outside_comments_and_strings() {
+        let deep = |n: usize| format!("option (m) = {}{};", "{a: ".repeat(n), "}".repeat(n));
+        assert_eq!(nesting_past_limit(&deep(MAX_NESTING)), None);
+        let text = deep(MAX_NESTING + 1);
+        assert_eq!(nesting_past_limit(&text), Some(13 + 4 * MAX_NESTING));
+        let hidden = format!(
+            "// {}\n/* {} */ string s = 1 [default = \"{}\\\"{{\"];",
+            "{".repeat(200),
+            "[".repeat(200),
+            "(".repeat(200)
+        );
+        assert_eq!(nesting_past_limit(&hidden), None);
+        assert_eq!(nesting_past_limit("map<string, int32> m = 1; message A { message B { } }"), None);
+    }
 }

@@ -94,6 +94,8 @@ pub fn load(dirs: &[PathBuf], pool: &DescriptorPool, diags: &mut Diagnostics) ->
     let methods = MethodIndex::new(pool);
     let mut docs = Vec::new();
     let mut regexes = Vec::new();
+    // One expansion allowance for all the files (see `yaml::Budget`).
+    let mut budget = yaml::Budget::new();
     for dir in dirs {
         let files = match crate::protos::list_files(dir, &["yaml", "yml", "json"]) {
             Ok(f) => f,
@@ -111,7 +113,7 @@ pub fn load(dirs: &[PathBuf], pool: &DescriptorPool, diags: &mut Diagnostics) ->
                 }
             };
             let file = SourceFile::new(&path, text);
-            let nodes = match yaml::parse(&file) {
+            let nodes = match yaml::parse_with(&file, &mut budget) {
                 Ok(n) => n,
                 Err(d) => {
                     diags.push(d);
@@ -509,7 +511,16 @@ impl DocCx<'_> {
                 refs: &mut template_refs,
                 scope: crate::template::Scope { stream, aggregate },
             };
-            t.message(node, &output).map(|pieces| plan::Template { pieces })
+            let pieces = t.message(node, &output)?;
+            if crate::template::pieces_depth(&pieces) > crate::template::MAX_PIECES_DEPTH {
+                let d = cx.err(
+                    &node.span,
+                    format!("a templated message nested more than {} deep", crate::template::MAX_PIECES_DEPTH),
+                );
+                cx.diags.push(d);
+                return None;
+            }
+            Some(plan::Template { pieces })
         };
         let mut body_template = None;
         let body = match body_node {
@@ -777,7 +788,7 @@ impl DocCx<'_> {
             return None;
         }
         let target = Target::Metadata(name.clone());
-        let test = Cx { diags: self.diags, regexes: self.regexes }.test(value, &target)?;
+        let test = Cx { diags: self.diags, regexes: self.regexes }.condition(value, &target)?;
         Some(Cond { source: CondSource::Metadata(name), test })
     }
 
@@ -791,7 +802,7 @@ impl DocCx<'_> {
         let mut cx = Cx { diags: self.diags, regexes: self.regexes };
         let target =
             if self.aggregate { cx.aggregate_target(input, path, key)? } else { cx.field_target(input, path, key)? };
-        let test = cx.test(value, &target)?;
+        let test = cx.condition(value, &target)?;
         let Target::Field { path, .. } = target else { return None };
         Some(Cond { source: CondSource::Field(path), test })
     }

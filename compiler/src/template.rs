@@ -20,6 +20,37 @@ use prost::Message as _;
 use prost_reflect::{FieldDescriptor, Kind, MessageDescriptor};
 use wirestub_plan::{self as plan, Expr, Part, Piece, Shape};
 
+/// How deep template expressions may nest (`+ - * /` and function calls
+/// each add a level): the plan loader's own limit (`MAX_TEST_DEPTH` in
+/// `plan/src/codec.rs`, not exported), checked here so that a compiled plan
+/// always loads and parsing never recurses further than this.
+pub const MAX_EXPR_DEPTH: usize = 32;
+
+/// How deep messages holding templates may nest in a body or stream item:
+/// the plan loader's limit for template pieces (twice its test depth).
+pub const MAX_PIECES_DEPTH: usize = 2 * MAX_EXPR_DEPTH;
+
+/// How deep template pieces nest: 0 when no message holds another.
+pub fn pieces_depth(pieces: &[Piece]) -> usize {
+    pieces
+        .iter()
+        .map(|p| match p {
+            Piece::Nested { pieces, .. } => 1 + pieces_depth(pieces),
+            _ => 0,
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+/// How deep an expression nests: 0 for a name or a literal.
+fn expr_depth(e: &Expr) -> usize {
+    match e {
+        Expr::Arith(l, _, r) => 1 + expr_depth(l).max(expr_depth(r)),
+        Expr::Format(_, args) => 1 + args.iter().map(expr_depth).max().unwrap_or(0),
+        _ => 0,
+    }
+}
+
 /// Whether a node holds a template anywhere.
 pub fn has_template(node: &Node) -> bool {
     match &node.kind {
@@ -211,7 +242,7 @@ impl Compiler<'_, '_> {
                 return None;
             }
         };
-        let mut p = Parser { tokens, pos: 0 };
+        let mut p = Parser { tokens, pos: 0, calls: 0 };
         let result = p.sum(self, span, source);
         match result {
             Some(e) if p.pos == p.tokens.len() => Some(e),
@@ -364,6 +395,18 @@ fn tokenize(s: &str) -> Result<Vec<Token>, String> {
 struct Parser {
     tokens: Vec<Token>,
     pos: usize,
+    /// Function calls open around the current position.
+    calls: usize,
+}
+
+/// Refuses an expression nested deeper than the plan allows; checked as
+/// each operator or call is built, so no deeper tree is ever made.
+fn within_depth(e: Expr, c: &mut Compiler, span: &Span, src: &str) -> Option<Expr> {
+    if expr_depth(&e) > MAX_EXPR_DEPTH {
+        c.error(span, format!("in template `{{{{{src}}}}}`: expression nested more than {MAX_EXPR_DEPTH} deep"), None);
+        return None;
+    }
+    Some(e)
 }
 
 impl Parser {
@@ -376,7 +419,7 @@ impl Parser {
         while let Some(Token::Op(op @ (b'+' | b'-'))) = self.peek().cloned() {
             self.pos += 1;
             let right = self.product(c, span, src)?;
-            left = Expr::Arith(Box::new(left), op, Box::new(right));
+            left = within_depth(Expr::Arith(Box::new(left), op, Box::new(right)), c, span, src)?;
         }
         Some(left)
     }
@@ -386,7 +429,7 @@ impl Parser {
         while let Some(Token::Op(op @ (b'*' | b'/'))) = self.peek().cloned() {
             self.pos += 1;
             let right = self.atom(c, span, src)?;
-            left = Expr::Arith(Box::new(left), op, Box::new(right));
+            left = within_depth(Expr::Arith(Box::new(left), op, Box::new(right)), c, span, src)?;
         }
         Some(left)
     }
@@ -410,6 +453,10 @@ impl Parser {
             Some(Token::Str(s)) => Some(Expr::Str(s.into_bytes())),
             Some(Token::Name(name)) if self.peek() == Some(&Token::Open) => {
                 self.pos += 1;
+                if self.calls >= MAX_EXPR_DEPTH {
+                    return fail(c, format!("expression nested more than {MAX_EXPR_DEPTH} deep"));
+                }
+                self.calls += 1;
                 let mut args = Vec::new();
                 if self.peek() != Some(&Token::Close) {
                     loop {
@@ -421,8 +468,9 @@ impl Parser {
                         }
                     }
                 }
+                self.calls -= 1;
                 self.pos += 1;
-                call(c, &name, args, span, src)
+                within_depth(call(c, &name, args, span, src)?, c, span, src)
             }
             Some(Token::Name(name)) => c.name(&name, span, src),
             Some(t) => fail(c, format!("unexpected `{}`", t.text())),

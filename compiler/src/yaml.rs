@@ -3,12 +3,88 @@
 //!
 //! Built on yaml-rust2's event parser (see ARCHITECTURE.md for why). JSON is
 //! read by the same parser: JSON documents are YAML flow documents.
+//!
+//! The tree is built from the parser's events in a loop of ours (not the
+//! parser's recursive `load`), under two limits that no honest file comes
+//! near, so that a small hostile file cannot take the compiler's memory,
+//! time or stack:
+//!
+//! - **Expansion** ([`Budget`]): an alias is a full copy of its anchor, so
+//!   nested anchors grow exponentially ("billion laughs": 400 bytes would be
+//!   hundreds of millions of nodes). Every node built counts, copies made
+//!   for aliases and anchors included, and a copy that would take the total
+//!   past the budget stops the reading with an error at that alias, before
+//!   anything is copied.
+//! - **Nesting** ([`MAX_DEPTH`]): lists and mappings nest at most that deep,
+//!   aliases included, so every later pass can recurse over the tree.
 
 use crate::diag::{Diagnostic, SourceFile, Span};
 use std::collections::HashMap;
 use std::sync::Arc;
-use yaml_rust2::parser::{Event, MarkedEventReceiver, Parser};
+use yaml_rust2::parser::{Event, Parser};
 use yaml_rust2::scanner::{Marker, TScalarStyle};
+
+/// How deep lists and mappings may nest, counting the document's own top
+/// level, aliases expanded. 128 is serde_json's default recursion limit, so
+/// every JSON document serde_json reads is accepted; rule files nest a
+/// handful of levels plus their messages' depth, and protobuf decoders
+/// themselves refuse messages nested more than 100 deep. It keeps the
+/// recursive passes over the tree (checking, conversion to JSON, dropping)
+/// far from the end of a 2 MiB thread stack.
+pub const MAX_DEPTH: usize = 128;
+
+/// The expansion allowance never goes below this many units (see
+/// [`Budget`]), whatever the input's size: a 1,000,000-unit tree is at most
+/// some 60 MB, and no hand-written rule file reuses anchors on this scale.
+pub const EXPANSION_FLOOR: u64 = 1_000_000;
+
+/// Units allowed per byte of input, for large inputs. A file without
+/// aliases costs at most about 2.5 units a byte (at most about 1.5 nodes a
+/// byte plus its text), so this leaves generated files a threefold reuse of
+/// anchors on top of everything they spell out, while a hostile file can
+/// only make the compiler build eight times what its size allows.
+pub const EXPANSION_PER_BYTE: u64 = 8;
+
+/// The expansion allowance of one compilation, shared by all the files it
+/// reads, so many small files cannot each take the floor.
+///
+/// Units: one per node built plus the length in bytes of every scalar's
+/// text, counting the copies aliases and anchors make. The allowance is
+/// [`EXPANSION_PER_BYTE`] times the bytes read so far, at least
+/// [`EXPANSION_FLOOR`]. Memory and time spent reading are proportional to
+/// the units used, so both are bounded by the input's size.
+#[derive(Debug, Default)]
+pub struct Budget {
+    input: u64,
+    used: u64,
+}
+
+impl Budget {
+    pub fn new() -> Self {
+        Budget::default()
+    }
+
+    /// The current allowance in units.
+    pub fn limit(&self) -> u64 {
+        self.input.saturating_mul(EXPANSION_PER_BYTE).max(EXPANSION_FLOOR)
+    }
+
+    /// Units used so far.
+    pub fn used(&self) -> u64 {
+        self.used
+    }
+
+    /// Takes `cost` units if they fit in the allowance.
+    fn take(&mut self, cost: u64) -> bool {
+        match self.used.checked_add(cost) {
+            Some(total) if total <= self.limit() => {
+                self.used = total;
+                true
+            }
+            _ => false,
+        }
+    }
+}
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Node {
@@ -118,15 +194,42 @@ pub fn plain_type(text: &str) -> PlainType {
     PlainType::Str
 }
 
-/// Parses every document of a file. A syntax error is one diagnostic.
+/// Parses every document of a file on its own allowance (see [`Budget`]). A
+/// syntax error or a passed limit is one diagnostic.
 pub fn parse(file: &Arc<SourceFile>) -> Result<Vec<Node>, Diagnostic> {
-    let mut builder =
-        Builder { file: file.clone(), stack: Vec::new(), docs: Vec::new(), anchors: HashMap::new(), error: None };
+    parse_with(file, &mut Budget::new())
+}
+
+/// Parses every document of a file, taking what it builds from `budget`,
+/// which grows by the file's size first.
+pub fn parse_with(file: &Arc<SourceFile>, budget: &mut Budget) -> Result<Vec<Node>, Diagnostic> {
+    budget.input = budget.input.saturating_add(file.text.len() as u64);
+    let mut builder = Builder {
+        file: file.clone(),
+        budget,
+        stack: Vec::new(),
+        docs: Vec::new(),
+        anchors: HashMap::new(),
+        error: None,
+        fatal: None,
+    };
     let mut parser = Parser::new_from_str(&file.text);
-    if let Err(e) = parser.load(&mut builder, true) {
-        let m = e.marker();
-        let span = Span { file: file.clone(), line: m.line() as u32, col: m.col() as u32 + 1, len: 1 };
-        return Err(Diagnostic::error(Some(span), format!("syntax error: {}", e.info())));
+    loop {
+        let (ev, mark) = match parser.next_token() {
+            Ok(next) => next,
+            Err(e) => {
+                let m = e.marker();
+                let span = Span { file: file.clone(), line: m.line() as u32, col: m.col() as u32 + 1, len: 1 };
+                return Err(Diagnostic::error(Some(span), format!("syntax error: {}", e.info())));
+            }
+        };
+        if ev == Event::StreamEnd {
+            break;
+        }
+        builder.on_event(ev, mark);
+        if let Some(d) = builder.fatal.take() {
+            return Err(d);
+        }
     }
     if let Some(e) = builder.error {
         return Err(e);
@@ -134,36 +237,96 @@ pub fn parse(file: &Arc<SourceFile>) -> Result<Vec<Node>, Diagnostic> {
     Ok(builder.docs)
 }
 
-enum Frame {
-    Seq(Node, usize),
-    Map(Node, usize, Option<Node>),
+/// A collection being read: the node so far, its anchor (0 for none), the
+/// units it holds and its height (1 for a collection of scalars).
+struct Open {
+    node: Node,
+    anchor: usize,
+    cost: u64,
+    height: usize,
+    /// In a mapping: the key read, waiting for its value.
+    key: Option<Node>,
 }
 
-struct Builder {
+/// An anchored node, kept for its aliases with what a copy costs.
+struct Anchored {
+    node: Node,
+    cost: u64,
+    height: usize,
+}
+
+struct Builder<'b> {
     file: Arc<SourceFile>,
-    stack: Vec<Frame>,
+    budget: &'b mut Budget,
+    stack: Vec<Open>,
     docs: Vec<Node>,
-    anchors: HashMap<usize, Node>,
+    /// By the parser's anchor id; cleared at each document's start, as
+    /// anchors do not cross documents.
+    anchors: HashMap<usize, Anchored>,
+    /// The first mistake found; reading goes on, so a syntax error later in
+    /// the file is reported instead.
     error: Option<Diagnostic>,
+    /// A passed limit: reading stops at once.
+    fatal: Option<Diagnostic>,
 }
 
-impl Builder {
+impl Builder<'_> {
     fn span(&self, m: Marker, len: usize) -> Span {
         Span { file: self.file.clone(), line: m.line() as u32, col: m.col() as u32 + 1, len: len.max(1) as u32 }
     }
 
-    fn finish(&mut self, node: Node, anchor: usize) {
-        if anchor > 0 {
-            self.anchors.insert(anchor, node.clone());
+    /// The length of the alias (`*name`) at `m`, for underlining.
+    fn alias_len(&self, m: Marker) -> usize {
+        let line = self.file.text.lines().nth(m.line().saturating_sub(1)).unwrap_or_default();
+        line.chars().skip(m.col()).take_while(|c| !c.is_whitespace() && !",[]{}".contains(*c)).count()
+    }
+
+    fn expansion_error(&self, span: Span, what: &str) -> Diagnostic {
+        Diagnostic::error(
+            Some(span),
+            format!("{what} goes past the limit of {} YAML nodes and text bytes", self.budget.limit()),
+        )
+        .with_help(format!(
+            "every alias is a full copy of its anchor; the limit is {EXPANSION_PER_BYTE} per byte of input, \
+             at least {EXPANSION_FLOOR}"
+        ))
+    }
+
+    fn depth_error(&self, span: Span) -> Diagnostic {
+        Diagnostic::error(Some(span), format!("lists and mappings nested more than {MAX_DEPTH} deep"))
+    }
+
+    /// Opens a collection unless it would nest too deep.
+    fn open(&mut self, kind: NodeKind, anchor: usize, mark: Marker) {
+        let span = self.span(mark, 1);
+        if self.stack.len() >= MAX_DEPTH {
+            self.fatal = Some(self.depth_error(span));
+            return;
         }
-        match self.stack.last_mut() {
-            None => self.docs.push(node),
-            Some(Frame::Seq(seq, _)) => {
-                if let NodeKind::Seq(items) = &mut seq.kind {
-                    items.push(node);
-                }
+        self.budget.used = self.budget.used.saturating_add(1);
+        self.stack.push(Open { node: Node { kind, span }, anchor, cost: 1, height: 1, key: None });
+    }
+
+    /// Places a finished node (`cost` units, `height` levels of
+    /// collections) in its parent, keeping a copy if it is anchored.
+    fn finish(&mut self, node: Node, anchor: usize, cost: u64, height: usize) {
+        if anchor > 0 {
+            if !self.budget.take(cost) {
+                self.fatal =
+                    Some(self.expansion_error(node.span.clone(), "keeping this anchored node for its aliases"));
+                return;
             }
-            Some(Frame::Map(map, _, pending)) => match pending.take() {
+            self.anchors.insert(anchor, Anchored { node: node.clone(), cost, height });
+        }
+        let Some(open) = self.stack.last_mut() else {
+            self.docs.push(node);
+            return;
+        };
+        open.cost = open.cost.saturating_add(cost);
+        open.height = open.height.max(height + 1);
+        match &mut open.node.kind {
+            NodeKind::Seq(items) => items.push(node),
+            NodeKind::Map(entries) => match open.key.take() {
                 None => {
                     if !matches!(node.kind, NodeKind::Scalar { .. }) {
                         self.error.get_or_insert(Diagnostic::error(
@@ -171,61 +334,70 @@ impl Builder {
                             "mapping keys must be plain strings",
                         ));
                     }
-                    *pending = Some(node);
+                    open.key = Some(node);
                 }
                 Some(key) => {
-                    if let NodeKind::Map(entries) = &mut map.kind {
-                        if let Some((first, _)) = entries.iter().find(|(k, _)| k.scalar() == key.scalar()) {
-                            let d = Diagnostic::error(
-                                Some(key.span.clone()),
-                                format!("duplicate key `{}`", key.scalar().unwrap_or_default()),
-                            )
-                            .with_help(format!("first defined at line {}", first.span.line));
-                            self.error.get_or_insert(d);
-                        }
-                        entries.push((key, node));
+                    if let Some((first, _)) = entries.iter().find(|(k, _)| k.scalar() == key.scalar()) {
+                        let d = Diagnostic::error(
+                            Some(key.span.clone()),
+                            format!("duplicate key `{}`", key.scalar().unwrap_or_default()),
+                        )
+                        .with_help(format!("first defined at line {}", first.span.line));
+                        self.error.get_or_insert(d);
                     }
+                    entries.push((key, node));
                 }
             },
+            _ => {}
         }
     }
-}
 
-impl MarkedEventReceiver for Builder {
     fn on_event(&mut self, ev: Event, mark: Marker) {
         match ev {
             Event::Scalar(text, style, anchor, tag) => {
                 let plain = style == TScalarStyle::Plain && tag.is_none();
                 let len = text.chars().count() + if plain { 0 } else { 2 };
                 let span = self.span(mark, len);
+                let cost = 1 + text.len() as u64;
+                self.budget.used = self.budget.used.saturating_add(cost);
                 let kind = if plain && matches!(text.as_str(), "" | "~" | "null" | "Null" | "NULL") {
                     NodeKind::Null
                 } else {
                     NodeKind::Scalar { text, plain }
                 };
-                self.finish(Node { kind, span }, anchor);
+                self.finish(Node { kind, span }, anchor, cost, 0);
             }
-            Event::SequenceStart(anchor, _) => {
-                let span = self.span(mark, 1);
-                self.stack.push(Frame::Seq(Node { kind: NodeKind::Seq(Vec::new()), span }, anchor));
-            }
-            Event::MappingStart(anchor, _) => {
-                let span = self.span(mark, 1);
-                self.stack.push(Frame::Map(Node { kind: NodeKind::Map(Vec::new()), span }, anchor, None));
-            }
+            Event::SequenceStart(anchor, _) => self.open(NodeKind::Seq(Vec::new()), anchor, mark),
+            Event::MappingStart(anchor, _) => self.open(NodeKind::Map(Vec::new()), anchor, mark),
             Event::SequenceEnd | Event::MappingEnd => {
-                if let Some(Frame::Seq(node, anchor) | Frame::Map(node, anchor, _)) = self.stack.pop() {
-                    self.finish(node, anchor);
+                if let Some(open) = self.stack.pop() {
+                    self.finish(open.node, open.anchor, open.cost, open.height);
                 }
             }
             Event::Alias(id) => {
-                let node = match self.anchors.get(&id) {
-                    Some(n) => n.clone(),
-                    None => Node { kind: NodeKind::Null, span: self.span(mark, 1) },
+                let span = self.span(mark, self.alias_len(mark));
+                let Some(anchored) = self.anchors.get(&id) else {
+                    // An anchor of an earlier document: the parser's own
+                    // loader refuses those with this message.
+                    self.fatal =
+                        Some(Diagnostic::error(Some(span), "syntax error: while parsing node, found unknown anchor"));
+                    return;
                 };
-                self.finish(node, 0);
+                let (cost, height) = (anchored.cost, anchored.height);
+                if self.stack.len() + height > MAX_DEPTH {
+                    let help = "an alias nests as deep as everything its anchor holds";
+                    self.fatal = Some(self.depth_error(span).with_help(help));
+                    return;
+                }
+                if !self.budget.take(cost) {
+                    self.fatal = Some(self.expansion_error(span, "expanding this alias"));
+                    return;
+                }
+                let node = anchored.node.clone();
+                self.finish(node, 0, cost, height);
             }
-            Event::Nothing | Event::StreamStart | Event::StreamEnd | Event::DocumentStart | Event::DocumentEnd => {}
+            Event::DocumentStart => self.anchors.clear(),
+            Event::Nothing | Event::StreamStart | Event::StreamEnd | Event::DocumentEnd => {}
         }
     }
 }
@@ -272,5 +444,95 @@ mod tests {
     #[test]
     fn several_documents() {
         assert_eq!(parse_str("a: 1\n---\nb: 2\n").unwrap().len(), 2);
+    }
+
+    /// Nine levels of nine aliases each: 9^9 scalars if expanded.
+    fn bomb() -> String {
+        let mut s = String::from("a: &a [x, x, x, x, x, x, x, x, x]\n");
+        for (prev, name) in "abcdefgh".chars().zip("bcdefghi".chars()) {
+            s.push_str(&format!("{name}: &{name} [{}]\n", vec![format!("*{prev}"); 9].join(", ")));
+        }
+        s
+    }
+
+    #[test]
+    fn aliases_are_copies_of_their_anchor() {
+        let docs = parse_str("a: &a { x: [1, 2] }\nb: *a\n").unwrap();
+        let top = docs[0].map().unwrap();
+        assert_eq!(top[1].1.to_json(), serde_json::json!({"x": [1, 2]}));
+        // The copy keeps the anchored node's position.
+        assert_eq!(top[1].1.span.line, 1);
+    }
+
+    #[test]
+    fn an_alias_bomb_stops_at_the_alias_that_passes_the_budget() {
+        let err = parse_str(&bomb()).unwrap_err();
+        assert_eq!(err.message, "expanding this alias goes past the limit of 1000000 YAML nodes and text bytes");
+        let span = err.span.unwrap();
+        // The sixth `*e` of `f`: 9^5 scalars per copy.
+        assert_eq!((span.line, span.col, span.len), (6, 28, 2));
+    }
+
+    #[test]
+    fn the_budget_is_shared_by_the_files_of_a_compilation() {
+        // Each file alone fits (about 310,000 units); four do not.
+        let file = format!(
+            "a: &a [{}]\n\
+             b: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a]\n\
+             c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b, *b]\n\
+             d: [*c, *c, *c, *c, *c, *c, *c, *c, *c, *c]\n",
+            "x".repeat(250)
+        );
+        let source = SourceFile::new(Path::new("t.yaml"), file);
+        assert!(parse(&source).is_ok());
+        let mut budget = Budget::new();
+        let results: Vec<bool> = (0..4).map(|_| parse_with(&source, &mut budget).is_ok()).collect();
+        assert_eq!(results, [true, true, true, false]);
+        assert!(budget.used() <= budget.limit());
+    }
+
+    #[test]
+    fn large_inputs_get_a_proportional_budget() {
+        let mut budget = Budget::new();
+        assert_eq!(budget.limit(), EXPANSION_FLOOR);
+        budget.input = 10_000_000;
+        assert_eq!(budget.limit(), 10_000_000 * EXPANSION_PER_BYTE);
+    }
+
+    #[test]
+    fn nesting_is_bounded() {
+        let ok = format!("{}{}", "[".repeat(MAX_DEPTH), "]".repeat(MAX_DEPTH));
+        assert!(parse_str(&ok).is_ok());
+        let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
+        let err = parse_str(&deep).unwrap_err();
+        assert_eq!(err.message, "lists and mappings nested more than 128 deep");
+        assert_eq!(err.span.unwrap().col, MAX_DEPTH as u32 + 1);
+        // Block mappings, one level a line.
+        let block: String = (0..200).map(|i| format!("{}a:\n", "  ".repeat(i))).collect();
+        let err = parse_str(&block).unwrap_err();
+        assert!(err.message.starts_with("lists and mappings nested"), "{}", err.message);
+        // Far deeper than the parser's own flow limit: an error, no overflow.
+        let err = parse_str(&"[".repeat(100_000)).unwrap_err();
+        assert!(err.span.is_some());
+        let err = parse_str(&"- ".repeat(100_000)).unwrap_err();
+        assert!(err.message.starts_with("lists and mappings nested"), "{}", err.message);
+    }
+
+    #[test]
+    fn aliases_count_at_the_depth_they_are_used() {
+        let deep = format!("{}{}", "[".repeat(100), "]".repeat(100));
+        let ok = format!("a: &a {deep}\nb: [*a]\n");
+        assert!(parse_str(&ok).is_ok());
+        let err = parse_str(&format!("a: &a {deep}\nb: [[[[[[[[[[[[[[[[[[[[[[[[[[[[*a]]]]]]]]]]]]]]]]]]]]]]]]]]]]\n"))
+            .unwrap_err();
+        assert_eq!(err.message, "lists and mappings nested more than 128 deep");
+        assert_eq!((err.span.as_ref().unwrap().line, err.span.as_ref().unwrap().col), (2, 32));
+    }
+
+    #[test]
+    fn anchors_do_not_cross_documents() {
+        let err = parse_str("a: &a 1\n---\nb: *a\n").unwrap_err();
+        assert!(err.message.contains("unknown anchor"), "{}", err.message);
+        assert_eq!(err.span.unwrap().line, 3);
     }
 }

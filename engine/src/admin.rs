@@ -3,11 +3,13 @@
 //!
 //! One thread with a current-thread tokio runtime accepts connections and
 //! runs one task per connection (`admin/http.rs`: HTTP/1.1 with keep-alive,
-//! bounded heads and bodies, deadlines). Each request is answered by
-//! [`routes::handle`], a plain function of the parsed request, run on the
-//! runtime's blocking pool, since a reload may compile a whole plan and a
-//! journal query may decode many messages. Nothing here is on the gRPC
-//! request path.
+//! bounded heads and bodies, deadlines, a connection limit that closes
+//! idle connections to make room, probe slots). Each request is answered
+//! by [`routes::handle`], a plain function of the parsed request: the
+//! probes on the server's thread, everything else on the runtime's
+//! blocking pool, since a reload may compile a whole plan and a journal
+//! query may decode many messages. Nothing here is on the gRPC request
+//! path.
 
 mod http;
 pub mod routes;
@@ -19,12 +21,24 @@ use std::time::Duration;
 
 pub use routes::{handle, Response};
 
+pub use http::DEFAULT_HEAD_TIMEOUT;
+
 /// Admin API options.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Options {
     /// Requests other than the probes must carry `Authorization: Bearer
     /// TOKEN`. An empty token is the same as none.
     pub token: Option<String>,
+    /// Time a new connection has to send a whole request head, and a
+    /// request on a kept-alive connection from its first byte
+    /// (`--admin-head-timeout-ms`).
+    pub head_timeout: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options { token: None, head_timeout: DEFAULT_HEAD_TIMEOUT }
+    }
 }
 
 /// A running admin server.
@@ -107,7 +121,8 @@ mod tests {
     fn serves_http_over_a_socket() {
         let state = Arc::new(fixture::state(4));
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let admin = Admin::start(listener, state.clone(), Options { token: Some("t0k".into()) }).unwrap();
+        let admin =
+            Admin::start(listener, state.clone(), Options { token: Some("t0k".into()), ..Options::default() }).unwrap();
         let addr = admin.local_addr();
         assert!(state.listeners().iter().any(|l| l.kind == "admin" && l.addr == addr));
 

@@ -79,9 +79,38 @@ pub fn message_prefix(p: &[u8], max_len: usize) -> Result<(bool, usize), Status>
     Ok((flag == 1, len))
 }
 
+/// The message encodings the engine accepts, sent as
+/// `grpc-accept-encoding` with every refusal of another one.
+pub const ACCEPT_ENCODING: &str = "identity";
+
+/// How every refusal of an encoding ends its message; it marks the status
+/// as one to send with `grpc-accept-encoding` ([`is_encoding_refusal`]).
+const IDENTITY_ONLY: &str = "; this server accepts grpc-encoding identity only";
+
 /// The answer to a compressed request message (none is supported).
 pub fn compressed() -> Status {
-    Status::new(Code::Unimplemented, "compressed request messages are not supported")
+    Status::new(Code::Unimplemented, format!("compressed request messages are not supported{IDENTITY_ONLY}"))
+}
+
+/// The answer to a request whose `grpc-encoding` is not supported.
+pub fn unsupported_encoding(encoding: &[u8]) -> Status {
+    let e = String::from_utf8_lossy(encoding);
+    Status::new(Code::Unimplemented, format!("grpc-encoding {e} is not supported{IDENTITY_ONLY}"))
+}
+
+/// Whether a status refuses a message encoding (and so is sent with
+/// `grpc-accept-encoding`).
+pub fn is_encoding_refusal(s: &Status) -> bool {
+    s.code == Code::Unimplemented && s.message.ends_with(IDENTITY_ONLY)
+}
+
+/// The answer to a request message that would take the request bytes the
+/// server holds past its limit.
+pub fn buffers_full(limit: usize) -> Status {
+    Status::new(
+        Code::ResourceExhausted,
+        format!("the server holds {limit} bytes of requests still arriving (--max-buffered-bytes); try again later"),
+    )
 }
 
 /// Inspects the bytes received so far (`prefix` is at least the first

@@ -9,7 +9,7 @@ use crate::call::{deadline_exceeded, pick, prepare_fault, sleep_until, Answer};
 use crate::grpc::{self, Code, Status};
 use crate::matcher::Messages;
 use crate::metrics::WorkerStats;
-use crate::served::{status_response, Builtin, Prepared};
+use crate::served::{status_answer, status_response, Builtin, Prepared};
 use crate::server::Config;
 use crate::state::{Generation, State};
 use bytes::{Bytes, BytesMut};
@@ -188,6 +188,10 @@ async fn call(
         let _ = send_status(&mut respond, &Status::new(Code::Unimplemented, format!("unknown method {path}")));
         return;
     };
+    if let Some(e) = parts.headers.get("grpc-encoding").filter(|e| e.as_bytes() != b"identity") {
+        let _ = send_status(&mut respond, &grpc::unsupported_encoding(e.as_bytes()));
+        return;
+    }
     let deadline = match parts.headers.get("grpc-timeout") {
         None => None,
         Some(v) => match grpc::parse_timeout(v.as_bytes()) {
@@ -262,6 +266,12 @@ async fn call(
         outcome = work => outcome,
         _ = reset => return,
         _ = sleep_until(deadline) => Err(Status::new(Code::DeadlineExceeded, "deadline exceeded")),
+    };
+    // A deadline shorter than the timers' resolution may pass unnoticed
+    // while the work above completes.
+    let outcome = match outcome {
+        Ok(_) if deadline.is_some_and(|d| d <= Instant::now()) => Err(deadline_exceeded()),
+        o => o,
     };
     let answer = match outcome {
         Ok(a) => a,
@@ -613,7 +623,7 @@ fn finish_stream(
             p.status
         }
         (Err(Stop::Status(e)), Some(mut s)) => {
-            let _ = s.send_trailers(status_response(e.code as u8, &e.message).trailers);
+            let _ = s.send_trailers(status_answer(&e).trailers);
             e.code as u8
         }
         (Err(Stop::Status(e)), None) => {
@@ -658,7 +668,7 @@ async fn send_one(respond: &mut SendResponse<Bytes>, answer: &Answer<'_>, deadli
             Ok(()) => (prepared.status, prepared.trailers.clone()),
             Err(_) => return gone,
         },
-        Err(Stop::Status(e)) => (e.code as u8, status_response(e.code as u8, &e.message).trailers),
+        Err(Stop::Status(e)) => (e.code as u8, status_answer(&e).trailers),
         Err(_) => return gone,
     };
     let _ = stream.send_trailers(trailers);
@@ -666,7 +676,7 @@ async fn send_one(respond: &mut SendResponse<Bytes>, answer: &Answer<'_>, deadli
 }
 
 fn send_status(respond: &mut SendResponse<Bytes>, status: &Status) -> Result<(), h2::Error> {
-    send(respond, &Answer::of(&status_response(status.code as u8, &status.message)))
+    send(respond, &Answer::of(&status_answer(status)))
 }
 
 /// Sends a streaming response: headers, the items (passes, order, pauses
@@ -679,7 +689,7 @@ async fn send_stream(respond: &mut SendResponse<Bytes>, answer: &Answer<'_>, dea
     let Ok(mut stream) = respond.send_response(head, false) else { return Code::Canceled as u8 };
     let (code, trailers) = match send_items(&mut stream, answer, deadline).await {
         Ok(()) => (prepared.status, prepared.trailers.clone()),
-        Err(Stop::Status(e)) => (e.code as u8, status_response(e.code as u8, &e.message).trailers),
+        Err(Stop::Status(e)) => (e.code as u8, status_answer(&e).trailers),
         Err(Stop::Rule(p)) => (p.status, p.trailers.clone()),
         Err(Stop::Gone) => return Code::Canceled as u8,
     };

@@ -1,13 +1,23 @@
 //! The request journal: a bounded ring of the calls received (method,
-//! metadata, every request message, the rule that answered, status,
-//! latency), kept only when asked for (`--journal N`), and its queries:
-//! list and filter, count, verify, unmatched calls with the rule that came
-//! closest. Requests are kept as received bytes; the JSON view is made
-//! when a query asks, from the plan generation's descriptors.
+//! metadata, request messages, the rule that answered, status, latency),
+//! kept only when asked for (`--journal N`), and its queries: list and
+//! filter, count, verify, unmatched calls with the rule that came closest.
+//! Requests are kept as received bytes; the JSON view is made when a query
+//! asks, from the plan generation's descriptors.
+//!
+//! Memory is bounded twice ([`Limits`]). Per call, while it is recorded:
+//! the first `--journal-messages` request messages and the latest one,
+//! each cut to `--journal-message-bytes` ([`RequestMessages`]), with the
+//! number received; the JSON views mark what was cut. In total: entries
+//! are counted in bytes ([`Entry::bytes`]: messages, metadata, texts and a
+//! fixed overhead) and the oldest are dropped while the journal holds more
+//! than `--journal-bytes` or more than `--journal N` calls. Every entry
+//! also holds an `Arc` of its plan generation, so an old plan stays in
+//! memory while a recorded call of it does; that is not counted here.
 //!
 //! Recording is the only part on the request path: one short lock to
-//! number the entry and push it (the entry dropped to make room is freed
-//! after the lock is released). Everything else (decoding messages,
+//! number the entry and push it (the entries dropped to make room are
+//! freed after the lock is released). Everything else (decoding messages,
 //! filtering, rendering) runs on the admin side, over a snapshot.
 //!
 //! The JSON view of a request message is its protobuf JSON mapping with
@@ -21,6 +31,7 @@ use crate::wire::{self, ValueRef};
 use bytes::Bytes;
 use serde_json::{json, Map, Value as Json};
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use wirestub_plan::{Condition, MessageSel, Method, MethodKind, Op, Shape, Source, Test, Value, STATUS_NAMES};
@@ -38,8 +49,8 @@ pub struct Entry {
     /// Request metadata as received (lower-case names; pseudo-headers,
     /// `te` and `content-type` left out), in order.
     pub metadata: Vec<(Box<str>, Bytes)>,
-    /// Every request message, unframed, in order.
-    pub messages: Vec<Bytes>,
+    /// The request messages kept (unframed), and how many came.
+    pub messages: RequestMessages,
     /// The rule that answered, as an index into the method's plan rules;
     /// None when no rule matched (or the call failed before matching).
     pub rule: Option<u32>,
@@ -64,38 +75,251 @@ pub struct Closest {
     pub held: u32,
 }
 
+/// The journal's memory budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Bytes the entries may hold together ([`Entry::bytes`]); the oldest
+    /// are dropped beyond. The newest entry is always kept.
+    pub bytes: usize,
+    /// Request messages kept per call: the first `messages`, and the latest
+    /// one when more came (0: none, only their number).
+    pub messages: usize,
+    /// Bytes kept of each request message; the rest is cut off.
+    pub message_bytes: usize,
+}
+
+impl Limits {
+    /// 64 MiB in all; per call, 16 messages (and the last) of up to 64 KiB.
+    pub const DEFAULT: Limits = Limits { bytes: 64 << 20, messages: 16, message_bytes: 64 << 10 };
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits::DEFAULT
+    }
+}
+
+/// The per-call limits new recordings start with ([`RequestMessages::default`]):
+/// process-wide, since a call is recorded where no journal is at hand;
+/// set by [`Journal::set_limits`].
+static RECORD_MESSAGES: AtomicUsize = AtomicUsize::new(Limits::DEFAULT.messages);
+static RECORD_MESSAGE_BYTES: AtomicUsize = AtomicUsize::new(Limits::DEFAULT.message_bytes);
+
+/// What an allocation costs beyond its bytes (the allocator's header and
+/// rounding), counted once per allocation an entry holds.
+const ALLOCATION: usize = 16;
+/// What an entry costs besides its variable parts: the `Entry` in its
+/// `Arc`, the ring's slot and the `Arc`'s allocation.
+pub const ENTRY_OVERHEAD: usize = std::mem::size_of::<Entry>()
+    + 2 * std::mem::size_of::<usize>()
+    + std::mem::size_of::<(Arc<Entry>, usize)>()
+    + ALLOCATION;
+
+/// One request message as kept: its first bytes, and its size as received.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeptMessage {
+    /// The message's bytes, or the first `message_bytes` of them; always
+    /// a copy of its own (never a view that would pin a larger buffer).
+    pub bytes: Bytes,
+    /// The message's size as received.
+    pub size: usize,
+}
+
+impl KeptMessage {
+    /// Whether bytes were cut off.
+    pub fn truncated(&self) -> bool {
+        self.bytes.len() < self.size
+    }
+}
+
+/// A call's request messages as the journal keeps them, bounded while the
+/// call is recorded: the first `limit` messages, the latest one beyond
+/// them, each cut to `cap` bytes, and the number received.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestMessages {
+    head: Vec<KeptMessage>,
+    /// The latest message after the first `limit`.
+    last: Option<KeptMessage>,
+    count: u64,
+    limit: usize,
+    cap: usize,
+}
+
+impl Default for RequestMessages {
+    /// Empty, with the per-call limits the journal was configured with.
+    fn default() -> RequestMessages {
+        RequestMessages::new(RECORD_MESSAGES.load(Ordering::Relaxed), RECORD_MESSAGE_BYTES.load(Ordering::Relaxed))
+    }
+}
+
+impl RequestMessages {
+    /// Empty, keeping the first `limit` messages (and the latest), each cut
+    /// to `cap` bytes.
+    pub fn new(limit: usize, cap: usize) -> RequestMessages {
+        RequestMessages { head: Vec::new(), last: None, count: 0, limit, cap }
+    }
+
+    /// Records one received message (copying at most `cap` bytes of it).
+    pub fn push(&mut self, message: &[u8]) {
+        self.count += 1;
+        if self.limit == 0 {
+            return;
+        }
+        let kept =
+            KeptMessage { bytes: Bytes::copy_from_slice(&message[..message.len().min(self.cap)]), size: message.len() };
+        if self.head.len() < self.limit {
+            self.head.push(kept);
+        } else {
+            self.last = Some(kept);
+        }
+    }
+
+    /// How many messages were received.
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    /// How many were received but not kept.
+    pub fn omitted(&self) -> u64 {
+        self.count - self.len() as u64
+    }
+
+    /// How many are kept.
+    pub fn len(&self) -> usize {
+        self.head.len() + usize::from(self.last.is_some())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The first `limit` messages kept, in order (positions 0, 1, ...).
+    pub fn head(&self) -> &[KeptMessage] {
+        &self.head
+    }
+
+    /// The latest message, when more than the first `limit` came (its
+    /// position is `count() - 1`).
+    pub fn last(&self) -> Option<&KeptMessage> {
+        self.last.as_ref()
+    }
+
+    /// The kept messages with their positions in the call, in order.
+    pub fn iter(&self) -> impl Iterator<Item = (u64, &KeptMessage)> {
+        let last = self.last.as_ref().map(|m| (self.count - 1, m));
+        self.head.iter().enumerate().map(|(i, m)| (i as u64, m)).chain(last)
+    }
+
+    /// Whether anything was cut off or left out.
+    pub fn truncated(&self) -> bool {
+        self.omitted() > 0 || self.iter().any(|(_, m)| m.truncated())
+    }
+
+    /// The bytes they hold (buffers, their allocations and the list).
+    pub fn bytes(&self) -> usize {
+        let kept = |m: &KeptMessage| m.bytes.len() + if m.bytes.is_empty() { 0 } else { ALLOCATION };
+        self.head.capacity() * std::mem::size_of::<KeptMessage>()
+            + if self.head.capacity() > 0 { ALLOCATION } else { 0 }
+            + self.head.iter().map(kept).sum::<usize>()
+            + self.last.as_ref().map_or(0, kept)
+    }
+}
+
+impl Entry {
+    /// The bytes the entry holds, as counted against `--journal-bytes`:
+    /// [`ENTRY_OVERHEAD`], the messages kept, the metadata (names, values,
+    /// the list) and the status message. The plan generation it shares is
+    /// not counted.
+    pub fn bytes(&self) -> usize {
+        let metadata = self.metadata.capacity() * std::mem::size_of::<(Box<str>, Bytes)>()
+            + if self.metadata.capacity() > 0 { ALLOCATION } else { 0 }
+            + self.metadata.iter().map(|(k, v)| k.len() + v.len() + 2 * ALLOCATION).sum::<usize>();
+        let message = self.message.capacity() + if self.message.capacity() > 0 { ALLOCATION } else { 0 };
+        ENTRY_OVERHEAD + self.messages.bytes() + metadata + message
+    }
+}
+
 /// The bounded ring of entries.
 pub struct Journal {
     capacity: usize,
+    bytes_limit: AtomicUsize,
     ring: Mutex<Ring>,
 }
 
 struct Ring {
-    entries: VecDeque<Arc<Entry>>,
+    /// Entries, oldest first, with the bytes each holds.
+    entries: VecDeque<(Arc<Entry>, usize)>,
+    /// The bytes of every entry held.
+    bytes: usize,
     /// The sequence number the next entry gets.
     next: u64,
+    /// Entries dropped to stay within the limits.
+    evicted: u64,
+}
+
+/// One page of a journal listing ([`Journal::page`]).
+pub struct Page {
+    /// At most `limit` entries, the newest the filter selects, oldest first.
+    pub entries: Vec<Arc<Entry>>,
+    /// How many entries the filter selects in all.
+    pub matched: usize,
 }
 
 impl Journal {
-    /// A journal keeping the last `capacity` calls (at least 1).
+    /// A journal keeping the last `capacity` calls (at least 1), within
+    /// the default [`Limits`] (or those [`Journal::set_limits`] sets).
     pub fn new(capacity: usize) -> Journal {
-        let capacity = capacity.max(1);
-        Journal { capacity, ring: Mutex::new(Ring { entries: VecDeque::with_capacity(capacity.min(1024)), next: 1 }) }
+        Journal::with_limits(capacity, Limits::DEFAULT)
     }
 
-    /// Appends a call, dropping the oldest one when full.
+    /// A journal keeping the last `capacity` calls within `limits.bytes`.
+    /// The per-call limits are those of [`RequestMessages`] as recorded.
+    pub fn with_limits(capacity: usize, limits: Limits) -> Journal {
+        let capacity = capacity.max(1);
+        let ring = Ring { entries: VecDeque::with_capacity(capacity.min(1024)), bytes: 0, next: 1, evicted: 0 };
+        Journal { capacity, bytes_limit: AtomicUsize::new(limits.bytes), ring: Mutex::new(ring) }
+    }
+
+    /// Sets the limits, before calls are served: the total for this
+    /// journal, the per-call ones for every call recorded from now on
+    /// (process-wide).
+    pub fn set_limits(&self, limits: Limits) {
+        self.bytes_limit.store(limits.bytes, Ordering::Relaxed);
+        RECORD_MESSAGES.store(limits.messages, Ordering::Relaxed);
+        RECORD_MESSAGE_BYTES.store(limits.message_bytes, Ordering::Relaxed);
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> Limits {
+        Limits {
+            bytes: self.bytes_limit.load(Ordering::Relaxed),
+            messages: RECORD_MESSAGES.load(Ordering::Relaxed),
+            message_bytes: RECORD_MESSAGE_BYTES.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Appends a call, dropping the oldest ones while more than `capacity`
+    /// calls or more than the byte limit are held (the new one stays).
     pub fn record(&self, entry: Entry) {
+        let size = entry.bytes();
         let mut entry = Arc::new(entry);
-        let dropped = {
+        let limit = self.bytes_limit.load(Ordering::Relaxed);
+        let mut dropped = Vec::new();
+        {
             let mut ring = self.lock();
             if let Some(e) = Arc::get_mut(&mut entry) {
                 e.seq = ring.next;
             }
             ring.next += 1;
-            let dropped = if ring.entries.len() >= self.capacity { ring.entries.pop_front() } else { None };
-            ring.entries.push_back(entry);
-            dropped
-        };
+            ring.entries.push_back((entry, size));
+            ring.bytes += size;
+            while ring.entries.len() > 1 && (ring.entries.len() > self.capacity || ring.bytes > limit) {
+                let Some((old, size)) = ring.entries.pop_front() else { break };
+                ring.bytes -= size;
+                ring.evicted += 1;
+                dropped.push(old);
+            }
+        }
         // Freed outside the lock: it may hold the last reference to an old
         // plan generation.
         drop(dropped);
@@ -119,6 +343,16 @@ impl Journal {
         self.len() == 0
     }
 
+    /// The bytes its entries hold now ([`Entry::bytes`]).
+    pub fn bytes(&self) -> usize {
+        self.lock().bytes
+    }
+
+    /// How many entries were dropped to stay within the limits.
+    pub fn evicted(&self) -> u64 {
+        self.lock().evicted
+    }
+
     /// How many calls were ever recorded (the last sequence number given).
     pub fn recorded(&self) -> u64 {
         self.lock().next - 1
@@ -126,13 +360,35 @@ impl Journal {
 
     /// The entries held now, oldest first.
     pub fn snapshot(&self) -> Vec<Arc<Entry>> {
-        self.lock().entries.iter().cloned().collect()
+        self.lock().entries.iter().map(|(e, _)| e.clone()).collect()
+    }
+
+    /// The newest `limit` entries `filter` selects (with `unmatched`, only
+    /// calls no rule answered), oldest first, and how many it selects.
+    pub fn page(&self, filter: &Filter, unmatched: bool, limit: usize) -> Page {
+        let mut entries = Vec::new();
+        let mut matched = 0;
+        for e in self.snapshot().into_iter().rev() {
+            if (unmatched && e.rule.is_some()) || !filter.matches(&e) {
+                continue;
+            }
+            matched += 1;
+            if entries.len() < limit {
+                entries.push(e);
+            }
+        }
+        entries.reverse();
+        Page { entries, matched }
     }
 
     /// Forgets every entry; returns how many there were. Sequence numbers
     /// go on from where they were, so `since` stays meaningful.
     pub fn reset(&self) -> usize {
-        let removed = std::mem::take(&mut self.lock().entries);
+        let removed = {
+            let mut ring = self.lock();
+            ring.bytes = 0;
+            std::mem::take(&mut ring.entries)
+        };
         removed.len()
     }
 
@@ -249,11 +505,15 @@ pub struct Filter {
     pub body: Option<Json>,
     /// Only entries with a greater sequence number.
     pub since: Option<u64>,
+    /// Only entries with a smaller sequence number (the cursor of the
+    /// listing's next page).
+    pub before: Option<u64>,
 }
 
 impl Filter {
     pub fn matches(&self, e: &Entry) -> bool {
         self.since.is_none_or(|s| e.seq > s)
+            && self.before.is_none_or(|b| e.seq < b)
             && self.method.as_ref().is_none_or(|m| m.matches(e.path()))
             && self.status.is_none_or(|s| e.status == s)
             && self.matched.is_none_or(|m| e.rule.is_some() == m)
@@ -269,6 +529,9 @@ impl Filter {
         }
         if let Some(s) = self.since.filter(|&s| e.seq <= s) {
             out.push(Difference::new("seq", json!(format!("after {s}")), json!(e.seq)));
+        }
+        if let Some(b) = self.before.filter(|&b| e.seq >= b) {
+            out.push(Difference::new("seq", json!(format!("before {b}")), json!(e.seq)));
         }
         if let Some(s) = self.status.filter(|&s| s != e.status) {
             out.push(Difference::new("status", json!(status_name(s)), json!(status_name(e.status))));
@@ -546,6 +809,35 @@ fn candidates(entries: &[Arc<Entry>], filter: &Filter, max: usize) -> Vec<Candid
 pub struct MessageView {
     pub json: Json,
     pub decoded: bool,
+    /// Its position in the call, from 0.
+    pub index: u64,
+}
+
+/// How many bytes at the start of `bytes` are whole top-level protobuf
+/// fields (a message cut short decodes up to there).
+fn whole_fields(bytes: &[u8]) -> usize {
+    let mut pos = 0;
+    let mut whole = 0;
+    while pos < bytes.len() {
+        let Some(key) = wire::read_varint(bytes, &mut pos) else { break };
+        let end = match key & 7 {
+            0 => wire::read_varint(bytes, &mut pos).map(|_| pos),
+            1 => pos.checked_add(8),
+            2 => wire::read_varint(bytes, &mut pos)
+                .and_then(|n| usize::try_from(n).ok())
+                .and_then(|n| pos.checked_add(n)),
+            5 => pos.checked_add(4),
+            _ => None,
+        };
+        match end {
+            Some(end) if end <= bytes.len() => {
+                pos = end;
+                whole = end;
+            }
+            _ => break,
+        }
+    }
+    whole
 }
 
 fn json_options() -> prost_reflect::SerializeOptions {
@@ -568,19 +860,40 @@ impl Entry {
         self.metadata.iter().filter(move |(k, _)| k.eq_ignore_ascii_case(key)).map(|(k, v)| metadata_text(k, v))
     }
 
-    /// Every request message, viewed as JSON.
+    /// Every request message kept, viewed as JSON, in order. A message cut
+    /// short shows the fields that fit whole in the bytes kept, and
+    /// `"@truncated": {"size": bytes received, "kept_bytes": bytes kept}`;
+    /// when no field fits whole or the fields do not decode, only the mark
+    /// and `"@base64"`, the bytes kept.
     pub fn message_views(&self) -> Vec<MessageView> {
         let desc = self.served().and_then(|m| self.generation.schema()?.get_message_by_name(&m.plan.input_type));
+        let decode = |bytes: &[u8]| {
+            let d = desc.as_ref()?;
+            let msg = prost_reflect::DynamicMessage::decode(d.clone(), bytes).ok()?;
+            msg.serialize_with_options(serde_json::value::Serializer, &json_options()).ok()
+        };
         self.messages
             .iter()
-            .map(|bytes| {
-                let decoded = desc.as_ref().and_then(|d| {
-                    let msg = prost_reflect::DynamicMessage::decode(d.clone(), &bytes[..]).ok()?;
-                    msg.serialize_with_options(serde_json::value::Serializer, &json_options()).ok()
-                });
-                match decoded {
-                    Some(json) => MessageView { json, decoded: true },
-                    None => MessageView { json: Json::String(base64(bytes)), decoded: false },
+            .map(|(index, m)| {
+                if !m.truncated() {
+                    return match decode(&m.bytes) {
+                        Some(json) => MessageView { json, decoded: true, index },
+                        None => MessageView { json: Json::String(base64(&m.bytes)), decoded: false, index },
+                    };
+                }
+                let mark = json!({"size": m.size, "kept_bytes": m.bytes.len()});
+                let whole = whole_fields(&m.bytes);
+                match decode(&m.bytes[..whole]) {
+                    // Not even one field fits: the bytes are all there is to show.
+                    Some(Json::Object(mut fields)) if whole > 0 || m.bytes.is_empty() => {
+                        fields.insert("@truncated".into(), mark);
+                        MessageView { json: Json::Object(fields), decoded: true, index }
+                    }
+                    _ => MessageView {
+                        json: json!({"@truncated": mark, "@base64": base64(&m.bytes)}),
+                        decoded: false,
+                        index,
+                    },
                 }
             })
             .collect()
@@ -620,12 +933,26 @@ impl Entry {
             "generation": self.generation.number,
         });
         let single = served.is_none_or(|m| matches!(m.plan.kind, MethodKind::Unary | MethodKind::ServerStreaming));
+        let undecoded = views.iter().any(|v| !v.decoded);
+        // The views move into the answer (a message's JSON can be large).
         if single {
-            out["request"] = views.first().map(|v| v.json.clone()).unwrap_or(Json::Null);
+            out["request"] = views.into_iter().next().map(|v| v.json).unwrap_or(Json::Null);
         } else {
-            out["messages"] = Json::Array(views.iter().map(|v| v.json.clone()).collect());
+            out["messages"] = Json::Array(views.into_iter().map(|v| v.json).collect());
+            out["message_count"] = json!(self.messages.count());
         }
-        if views.iter().any(|v| !v.decoded) {
+        let omitted = self.messages.omitted();
+        if omitted > 0 {
+            // The first kept ones are positions 0.., the last one is the
+            // call's last message: what is missing lies between.
+            let first = self.messages.head().len() as u64;
+            out["omitted_messages"] =
+                json!({"count": omitted, "first_index": first, "last_index": first + omitted - 1});
+        }
+        if self.messages.truncated() {
+            out["truncated"] = json!(true);
+        }
+        if undecoded {
             out["undecoded"] = json!(true);
         }
         out["rule"] = match (self.rule, served) {
@@ -706,22 +1033,29 @@ impl Entry {
             }
         };
         let field = m.plan.fields.get(i as usize).ok_or("no such field")?;
-        let slices: Vec<&[u8]> = self.messages.iter().map(|b| &b[..]).collect();
+        // The first messages kept are positions 0..; the latest kept is the
+        // call's last message.
+        let slices: Vec<&[u8]> = self.messages.head().iter().map(|m| &m.bytes[..]).collect();
+        let last = self.messages.last().or(self.messages.head().last()).map(|m| &m.bytes[..]);
+        let count = self.messages.count() as usize;
         // A duplex call is matched message by message; the last one is the
         // one no rule answered.
-        let head: &[&[u8]] = match (m.plan.duplex, slices.len()) {
-            (true, n) if n > 0 => &slices[n - 1..],
+        let head: &[&[u8]] = match (m.plan.duplex, &last) {
+            (true, Some(last)) => std::slice::from_ref(last),
             _ => &slices,
         };
-        let messages = Messages { head, last: slices.last().copied(), count: slices.len() };
+        let messages = Messages { head, last, count };
         if field.message == MessageSel::Count {
-            let n = slices.len();
-            return Ok(Actual { value: json!(n), present: true, text: format!("the call sent {n} message(s)") });
+            return Ok(Actual {
+                value: json!(count),
+                present: true,
+                text: format!("the call sent {count} message(s)"),
+            });
         }
         if field.shape == Shape::Repeated {
             let message = match field.message {
                 MessageSel::Single | MessageSel::First => head.first().copied(),
-                MessageSel::Last => slices.last().copied(),
+                MessageSel::Last => last,
                 MessageSel::Nth(n) => slices.get(n as usize).copied(),
                 MessageSel::Count => None,
             };
@@ -1128,6 +1462,15 @@ pub(crate) mod fixture {
         out
     }
 
+    /// `messages` as recorded within `limits`.
+    pub fn kept(messages: &[Vec<u8>], limits: Limits) -> RequestMessages {
+        let mut kept = RequestMessages::new(limits.messages, limits.message_bytes);
+        for m in messages {
+            kept.push(m);
+        }
+        kept
+    }
+
     /// An entry for a call to `path` on the state's current generation.
     pub fn entry(
         state: &State,
@@ -1146,7 +1489,7 @@ pub(crate) mod fixture {
             generation,
             method,
             metadata: metadata.iter().map(|(k, v)| (Box::from(*k), Bytes::copy_from_slice(v))).collect(),
-            messages: messages.into_iter().map(Bytes::from).collect(),
+            messages: kept(&messages, Limits::DEFAULT),
             rule,
             status,
             message: if status == 0 { String::new() } else { "no rule matches".into() },
@@ -1244,6 +1587,139 @@ mod tests {
         // Already base64 on the wire: shown as received.
         let e = entry(&state, SAY_HELLO, &[("x-trace-bin", b"AAH/")], vec![], None, 13, None);
         assert_eq!(e.to_json()["metadata"]["x-trace-bin"], "AAH/");
+    }
+
+    #[test]
+    fn request_messages_are_bounded_while_recorded() {
+        let mut m = RequestMessages::new(2, 4);
+        assert!(m.is_empty() && !m.truncated());
+        for i in 0..5u8 {
+            m.push(&[i; 10]);
+        }
+        assert_eq!((m.count(), m.len(), m.omitted()), (5, 3, 2));
+        let kept: Vec<(u64, Vec<u8>, usize)> = m.iter().map(|(i, k)| (i, k.bytes.to_vec(), k.size)).collect();
+        assert_eq!(kept, [(0, vec![0; 4], 10), (1, vec![1; 4], 10), (4, vec![4; 4], 10)]);
+        assert!(m.truncated());
+        // However many come, what is held stays the same.
+        let held = m.bytes();
+        for _ in 0..1000 {
+            m.push(&[9; 1000]);
+        }
+        assert_eq!((m.count(), m.len(), m.bytes()), (1005, 3, held));
+        assert!(held < 3 * (4 + 64) + 64, "{held}");
+        // No messages kept at all: only their number.
+        let mut none = RequestMessages::new(0, 4);
+        none.push(b"abc");
+        assert_eq!((none.count(), none.len(), none.bytes()), (1, 0, 0));
+        // Short messages are kept whole, as a copy of their own.
+        let mut whole = RequestMessages::new(4, 100);
+        let buffer = Bytes::from(vec![7u8; 4096]);
+        whole.push(&buffer[..3]);
+        assert!(!whole.truncated());
+        assert_eq!(whole.head()[0].bytes.len(), 3);
+    }
+
+    #[test]
+    fn cut_and_left_out_messages_are_marked_in_the_json_views() {
+        let state = state(8);
+        let limits = Limits { bytes: 1 << 20, messages: 2, message_bytes: 20 };
+        let long = "x".repeat(100);
+        let messages: Vec<Vec<u8>> = (0..5).map(|i| hello(&format!("m{i}"), 0, &[&long], None)).collect();
+        let size = messages[0].len();
+        let mut e = entry(&state, CHAT, &[], vec![], None, 0, None);
+        e.messages = kept(&messages, limits);
+        let v = e.to_json();
+        let mark = json!({"size": size, "kept_bytes": 20});
+        assert_eq!(
+            v["messages"],
+            json!([
+                {"name": "m0", "@truncated": mark},
+                {"name": "m1", "@truncated": mark},
+                {"name": "m4", "@truncated": mark},
+            ])
+        );
+        assert_eq!(v["message_count"], 5);
+        assert_eq!(v["omitted_messages"], json!({"count": 2, "first_index": 2, "last_index": 3}));
+        assert_eq!(v["truncated"], true);
+        assert!(v.get("undecoded").is_none(), "{v}");
+        // Partial matching sees the fields that were kept.
+        let f = Filter { body: Some(json!({"name": "m4"})), ..filter() };
+        assert!(f.matches(&e));
+
+        // A unary request cut inside its first field: the bytes kept.
+        let mut e = entry(&state, SAY_HELLO, &[], vec![], None, 0, None);
+        e.messages = kept(&[hello(&long, 0, &[], None)], limits);
+        let v = e.to_json();
+        assert_eq!(v["request"]["@truncated"], json!({"size": 102, "kept_bytes": 20}));
+        assert_eq!(v["request"]["@base64"], json!(base64(&hello(&long, 0, &[], None)[..20])));
+        assert_eq!((v["truncated"].clone(), v["undecoded"].clone()), (json!(true), json!(true)));
+        assert!(v.get("omitted_messages").is_none() && v.get("message_count").is_none(), "{v}");
+
+        // Nothing cut: no marks.
+        let v = entry(&state, CHAT, &[], vec![hello("a", 0, &[], None)], None, 0, None).to_json();
+        assert_eq!(v["message_count"], 1);
+        assert!(v.get("truncated").is_none() && v.get("omitted_messages").is_none(), "{v}");
+    }
+
+    #[test]
+    fn whole_fields_stop_at_the_first_cut_one() {
+        let m = hello("Tom", 7, &["abc"], None);
+        assert_eq!(whole_fields(&m), m.len());
+        assert_eq!(whole_fields(&m[..6]), 5);
+        assert_eq!(whole_fields(&m[..7]), 7);
+        assert_eq!(whole_fields(&m[..8]), 7);
+        assert_eq!(whole_fields(&[0x0f, 1, 2]), 0, "wire type 7");
+        assert_eq!(whole_fields(&[0x09, 1, 2, 3, 4, 5, 6, 7, 8]), 9, "fixed64");
+        assert_eq!(whole_fields(&[0x0a, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f]), 0);
+    }
+
+    #[test]
+    fn the_journal_drops_the_oldest_entries_beyond_its_byte_limit() {
+        let state = state(100);
+        let one = |name: &str| {
+            let mut e = entry(&state, SAY_HELLO, &[("x-role", b"root")], vec![], None, 0, None);
+            e.messages = kept(&[hello(name, 0, &[&"y".repeat(1000)], None)], Limits::DEFAULT);
+            e
+        };
+        let size = one("a").bytes();
+        // Honest: the message, the metadata, the texts and the overhead.
+        assert!(size >= ENTRY_OVERHEAD + 1000 + "x-role".len() + "root".len(), "{size}");
+        assert!(size < ENTRY_OVERHEAD + 1000 + 400, "{size}");
+        let j = Journal::with_limits(100, Limits { bytes: 3 * size + size / 2, ..Limits::DEFAULT });
+        for name in ["a", "b", "c", "d", "e"] {
+            j.record(one(name));
+        }
+        let seqs: Vec<u64> = j.snapshot().iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, [3, 4, 5]);
+        assert_eq!((j.bytes(), j.evicted(), j.recorded()), (3 * size, 2, 5));
+        assert!(j.bytes() <= j.limits().bytes);
+        // An entry bigger than the whole budget is kept alone.
+        let mut big = one("big");
+        big.messages = kept(&[vec![0u8; 8 * size]], Limits::DEFAULT);
+        let big_size = big.bytes();
+        j.record(big);
+        assert_eq!(j.snapshot().iter().map(|e| e.seq).collect::<Vec<_>>(), [6]);
+        assert_eq!((j.bytes(), j.evicted()), (big_size, 5));
+        assert_eq!(j.reset(), 1);
+        assert_eq!(j.bytes(), 0);
+        // The count limit still holds.
+        let j = Journal::with_limits(2, Limits::DEFAULT);
+        for name in ["a", "b", "c"] {
+            j.record(one(name));
+        }
+        assert_eq!((j.len(), j.bytes()), (2, 2 * size));
+    }
+
+    #[test]
+    fn pages_are_the_newest_selected_entries() {
+        let (state, _) = recorded();
+        let j = state.journal.as_ref().unwrap();
+        let seqs = |p: Page| (p.entries.iter().map(|e| e.seq).collect::<Vec<_>>(), p.matched);
+        assert_eq!(seqs(j.page(&filter(), false, 2)), (vec![4, 5], 5));
+        assert_eq!(seqs(j.page(&Filter { before: Some(4), ..filter() }, false, 2)), (vec![2, 3], 3));
+        assert_eq!(seqs(j.page(&Filter { before: Some(2), ..filter() }, false, 2)), (vec![1], 1));
+        assert_eq!(seqs(j.page(&filter(), true, 10)), (vec![3, 5], 2));
+        assert_eq!(seqs(j.page(&filter(), false, 0)), (vec![], 5));
     }
 
     #[test]

@@ -7,14 +7,73 @@
 //! read-modify-write, no shared cache line), and a scrape sums the blocks.
 //! Generations no call can reach any more are folded into running totals
 //! on scrape, so counters never go down across plan swaps.
+//!
+//! Gauges of what the engine holds ([`render_gauges`]): the journal's
+//! bytes and entries, and the request bytes connections buffer
+//! ([`BUFFERED_REQUEST_BYTES`], kept by the HTTP/2 code).
 
 use crate::served::Served;
 use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::fmt::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+/// Request bytes buffered by every connection, process-wide: the HTTP/2
+/// code adds what it buffers and subtracts what it releases (relaxed, a
+/// few times per read, never per call). Exposed as
+/// `wirestub_buffered_request_bytes`.
+pub static BUFFERED_REQUEST_BYTES: AtomicI64 = AtomicI64::new(0);
+
+/// What the journal holds, for its gauges.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JournalGauges {
+    pub bytes: usize,
+    pub bytes_limit: usize,
+    pub entries: usize,
+    pub capacity: usize,
+    pub evicted: u64,
+}
+
+/// The gauges (Prometheus text) of what the engine holds: the request
+/// bytes connections buffer and, when the journal is on, its bytes,
+/// entries and limits, and the entries it dropped to stay within them.
+pub fn render_gauges(journal: Option<JournalGauges>) -> String {
+    let mut out = String::new();
+    let mut gauge = |name: &str, help: &str, kind: &str, value: String| {
+        let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n");
+    };
+    gauge(
+        "wirestub_buffered_request_bytes",
+        "Request bytes buffered by connections, not yet answered.",
+        "gauge",
+        BUFFERED_REQUEST_BYTES.load(Ordering::Relaxed).max(0).to_string(),
+    );
+    if let Some(j) = journal {
+        gauge("wirestub_journal_bytes", "Bytes held by the request journal's entries.", "gauge", j.bytes.to_string());
+        gauge(
+            "wirestub_journal_bytes_limit",
+            "Bytes the request journal may hold (--journal-bytes).",
+            "gauge",
+            j.bytes_limit.to_string(),
+        );
+        gauge("wirestub_journal_entries", "Calls held by the request journal.", "gauge", j.entries.to_string());
+        gauge(
+            "wirestub_journal_capacity",
+            "Calls the request journal may hold (--journal).",
+            "gauge",
+            j.capacity.to_string(),
+        );
+        gauge(
+            "wirestub_journal_evicted_total",
+            "Journal entries dropped to stay within its limits.",
+            "counter",
+            j.evicted.to_string(),
+        );
+    }
+    out
+}
 
 /// Upper bounds of the handling-time buckets, in seconds (Prometheus'
 /// defaults, as go-grpc-prometheus uses).

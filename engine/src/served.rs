@@ -426,6 +426,23 @@ pub fn status_response(code: u8, message: &str) -> Prepared {
     prepare(code, &wirestub_plan::percent_encode_message(message), Bytes::new(), &[], &[], Duration::ZERO)
 }
 
+/// A status answer that also names the message encodings the engine
+/// accepts (`grpc-accept-encoding`), for refusals of any other.
+pub fn encoding_refusal(status: &crate::grpc::Status) -> Prepared {
+    let accept = [("grpc-accept-encoding".to_string(), crate::grpc::ACCEPT_ENCODING.as_bytes().to_vec())];
+    let message = wirestub_plan::percent_encode_message(&status.message);
+    prepare(status.code as u8, &message, Bytes::new(), &accept, &[], Duration::ZERO)
+}
+
+/// The prepared answer for a status the engine chose.
+pub fn status_answer(status: &crate::grpc::Status) -> Prepared {
+    if crate::grpc::is_encoding_refusal(status) {
+        encoding_refusal(status)
+    } else {
+        status_response(status.code as u8, &status.message)
+    }
+}
+
 impl Served {
     pub fn new(plan: Plan, no_match: NoMatch) -> Result<Served, PrepareError> {
         let mut methods = Vec::with_capacity(plan.methods.len());

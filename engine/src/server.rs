@@ -29,6 +29,12 @@ pub struct Config {
     pub workers: usize,
     /// Largest request message accepted, from its length prefix.
     pub max_recv_message: usize,
+    /// Request bytes held for calls whose request is still arriving (the
+    /// partial message of each stream, whole messages waiting for a call's
+    /// task, the messages a client stream's rules read), over all
+    /// connections. A message that would take the total past it fails its
+    /// call with RESOURCE_EXHAUSTED.
+    pub max_buffered: usize,
     /// SETTINGS_MAX_CONCURRENT_STREAMS advertised to clients.
     pub max_concurrent_streams: u32,
     /// SETTINGS_MAX_HEADER_LIST_SIZE advertised to clients.
@@ -58,6 +64,10 @@ pub struct Config {
     pub stack: Stack,
     /// Count calls for `/metrics` (per-worker counters).
     pub metrics: bool,
+    /// The journal's memory budget (`--journal-bytes`, `--journal-messages`,
+    /// `--journal-message-bytes`), applied to the state's journal when
+    /// serving starts.
+    pub journal: crate::journal::Limits,
 }
 
 /// The HTTP/2 implementation connections are served with.
@@ -75,6 +85,7 @@ impl Default for Config {
         Config {
             workers: 0,
             max_recv_message: 4 << 20,
+            max_buffered: 512 << 20,
             max_concurrent_streams: 1024,
             max_header_list_size: 16 << 10,
             window: 1 << 20,
@@ -86,6 +97,7 @@ impl Default for Config {
             stack: Stack::Native,
             write_timeout: Some(Duration::from_secs(30)),
             metrics: true,
+            journal: crate::journal::Limits::DEFAULT,
         }
     }
 }
@@ -146,6 +158,9 @@ impl Server {
         }
         if sockets.is_empty() {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "no listener to serve on"));
+        }
+        if let Some(journal) = &state.journal {
+            journal.set_limits(config.journal);
         }
         let workers = state.workers.max(1);
         let (stop, stop_rx) = watch::channel(false);

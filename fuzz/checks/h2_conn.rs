@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::OnceLock;
 use wirestub_compiler::{compile, Options};
-use wirestub_engine::http2::conn::drive;
+use wirestub_engine::http2::conn::{drive_calls, OUTPUT_BOUND};
 use wirestub_engine::http2::frame::{self, code, flag, kind, Head};
 use wirestub_engine::http2::hpack::Decoder;
 use wirestub_engine::{Config, NoMatch, Served};
@@ -25,7 +25,8 @@ fn served() -> &'static Served {
 }
 
 /// The server's limits, by bits 2-3 of the first byte: the defaults, then
-/// small ones that refuse streams, oversized headers and messages early.
+/// small ones that refuse streams, oversized headers and messages early,
+/// and one whose messages may be four times the stream window.
 fn configs() -> &'static [Config; 4] {
     static CONFIGS: OnceLock<[Config; 4]> = OnceLock::new();
     CONFIGS.get_or_init(|| {
@@ -36,7 +37,7 @@ fn configs() -> &'static [Config; 4] {
             window,
             ..Config::default()
         };
-        [Config::default(), limits(1, 128, 16, 65_535), limits(4, 1024, 1024, 1 << 20), limits(0, 64, 0, 65_535)]
+        [Config::default(), limits(1, 128, 16, 65_535), limits(4, 1024, 256 << 10, 65_535), limits(0, 64, 0, 65_535)]
     })
 }
 
@@ -165,8 +166,15 @@ pub fn check(data: &[u8]) {
         n => stream.chunks(usize::from(*n)).collect(),
     };
     let chunks = if chunks.is_empty() { vec![&[][..]] } else { chunks };
-    let output = drive(served(), config, &chunks);
-    check_output(&Client::read(&stream), config, &output);
+    let reading = flags & 0x10 == 0;
+    let driven = drive_calls(served(), config, &chunks, reading);
+    assert!(
+        driven.peak_output <= OUTPUT_BOUND,
+        "the connection held {} bytes of output (bound {OUTPUT_BOUND}), client reading: {reading}",
+        driven.peak_output
+    );
+    assert!(driven.stalled.is_empty(), "streams {:?} cannot receive the rest of their message", driven.stalled);
+    check_output(&Client::read(&stream), config, &driven.output);
 }
 
 /// The server's bytes: well-formed frames, in an order and on streams

@@ -4,7 +4,8 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use wirestub_compiler::{compile, Options};
+use wirestub_compiler::diag::MAX_SHOWN;
+use wirestub_compiler::{compile, Options, Severity};
 use wirestub_engine::NoMatch;
 use wirestub_plan::Plan;
 
@@ -27,11 +28,16 @@ pub fn check(data: &[u8]) {
         Ok(out) => out,
         Err(diags) => {
             assert!(diags.has_errors(), "compilation failed without an error");
+            // However many mistakes (an alias repeats its anchor's), only the
+            // first are kept and shown, and the rest are counted.
+            assert!(diags.iter().count() <= MAX_SHOWN, "more than {MAX_SHOWN} diagnostics kept");
+            assert!(diags.error_count() >= diags.iter().filter(|d| d.severity == Severity::Error).count());
             assert!(!diags.render().is_empty());
             return;
         }
     };
     assert!(!out.warnings.has_errors(), "compilation succeeded with errors");
+    assert!(out.warnings.iter().count() <= MAX_SHOWN, "more than {MAX_SHOWN} warnings kept");
     let _ = out.warnings.render();
     let _ = out.summary();
 

@@ -9,7 +9,8 @@
 //! and `method` are rules for `helloworld.Greeter/SayHello`.
 //!
 //! Invariants: compiling never panics; a failure carries at least one error
-//! and renders; a success has no error. A compiled plan's bytes load with
+//! and renders, with at most `diag::MAX_SHOWN` diagnostics kept; a success
+//! has no error. A compiled plan's bytes load with
 //! `Plan::from_bytes` into the same plan, the engine accepts them
 //! (`wirestub_engine::load`), the dump renders, and compiling the same file
 //! again gives the same bytes (plans are reproducible).

@@ -5,20 +5,34 @@
 //!
 //! Limits: heads up to [`MAX_HEAD`] bytes (431 beyond), bodies up to
 //! [`MAX_BODY`] (413), chunked bodies refused (411; other transfer codings
-//! 501), a whole request within [`READ_TIMEOUT`] of its first byte (408),
-//! an idle keep-alive connection closed after [`IDLE_TIMEOUT`], at most
-//! [`MAX_CONNECTIONS`] connections at once. Any refusal closes the
-//! connection, since the rest of what the client sent cannot be trusted to
-//! start a request.
+//! 501). A new connection must send a whole request head within the head
+//! timeout (`--admin-head-timeout-ms`, [`DEFAULT_HEAD_TIMEOUT`]) of being
+//! accepted, or it is closed (408 once it has sent part of one); on a
+//! keep-alive connection the next head may start up to [`IDLE_TIMEOUT`]
+//! later, and must then be whole within the head timeout of its first
+//! byte; a body must arrive within [`READ_TIMEOUT`] of its head. Any
+//! refusal closes the connection, since the rest of what the client sent
+//! cannot be trusted to start a request.
+//!
+//! Connections: at most [`MAX_CONNECTIONS`] at once. A connection that
+//! comes when they are all taken closes the oldest one that has no request
+//! in progress (idle first, then one still sending its head), so idle or
+//! slow clients cannot lock the API out. When every connection is busy
+//! with a request, up to [`PROBE_SLOTS`] more are accepted for the probes
+//! only (`/healthz`, `/readyz`, `/metrics`; anything else gets 503), and
+//! closed after their answer. The probes are answered on the server's own
+//! thread; other routes on the blocking pool, journal queries at most
+//! [`JOURNAL_QUERIES`] at a time, so the probes never wait behind them.
 
 use super::routes::{self, Response};
 use super::Options;
 use crate::state::State;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::sync::{Notify, Semaphore};
 use tokio::time::Instant;
 
 /// Largest request head (request line and headers).
@@ -27,14 +41,131 @@ pub const MAX_HEAD: usize = 16 * 1024;
 pub const MAX_BODY: usize = 1024 * 1024;
 /// Most header fields in a request.
 const MAX_HEADERS: usize = 100;
-/// A request must arrive whole within this time of its first byte.
+/// Default time a new connection has to send a whole request head (and a
+/// later request, from its first byte).
+pub const DEFAULT_HEAD_TIMEOUT: Duration = Duration::from_secs(5);
+/// A request's body must arrive within this time of its head.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// A keep-alive connection with no request for this long is closed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Writing a response may take this long.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
-/// Connections served at once; more are closed as soon as accepted.
+/// Connections served at once.
 pub const MAX_CONNECTIONS: usize = 256;
+/// Connections beyond [`MAX_CONNECTIONS`], for the probes only, when every
+/// other connection has a request in progress.
+pub const PROBE_SLOTS: usize = 8;
+/// Journal queries answered at once (each holds up to a page of JSON).
+pub const JOURNAL_QUERIES: usize = 2;
+
+/// Where a connection is in its request cycle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Waiting for the first byte of a request.
+    Idle,
+    /// Part of a request head received.
+    Head,
+    /// Reading a body, answering or writing.
+    Busy,
+}
+
+#[derive(Debug)]
+struct Conn {
+    phase: Phase,
+    /// When it entered its phase.
+    since: Instant,
+    /// In one of the probe slots.
+    probe_only: bool,
+    close: Arc<Notify>,
+}
+
+/// The open connections.
+#[derive(Debug, Default)]
+struct Table {
+    conns: HashMap<u64, Conn>,
+    next: u64,
+}
+
+impl Table {
+    fn count(&self, probe_only: bool) -> usize {
+        self.conns.values().filter(|c| c.probe_only == probe_only).count()
+    }
+
+    /// The connection to close to make room: the one idle longest, else
+    /// the one that has been sending its head longest; never one with a
+    /// request in progress.
+    fn victim(&self, probe_only: bool) -> Option<u64> {
+        self.conns
+            .iter()
+            .filter(|(_, c)| c.probe_only == probe_only && c.phase != Phase::Busy)
+            .min_by_key(|(id, c)| (c.phase == Phase::Head, c.since, **id))
+            .map(|(id, _)| *id)
+    }
+
+    fn evict(&mut self, id: u64) {
+        if let Some(c) = self.conns.remove(&id) {
+            c.close.notify_one();
+        }
+    }
+
+    /// Makes room for a new connection: its id, whether it is for the
+    /// probes only, and what tells it to close; None to refuse it.
+    fn admit(&mut self, now: Instant) -> Option<(u64, bool, Arc<Notify>)> {
+        let probe_only = if self.count(false) < MAX_CONNECTIONS {
+            false
+        } else if let Some(v) = self.victim(false) {
+            self.evict(v);
+            false
+        } else if self.count(true) < PROBE_SLOTS {
+            true
+        } else {
+            self.evict(self.victim(true)?);
+            true
+        };
+        let id = self.next;
+        self.next += 1;
+        let close = Arc::new(Notify::new());
+        self.conns.insert(id, Conn { phase: Phase::Idle, since: now, probe_only, close: close.clone() });
+        Some((id, probe_only, close))
+    }
+}
+
+/// A connection's entry in the table, removed when the connection ends.
+struct Entry {
+    table: Arc<Mutex<Table>>,
+    id: u64,
+    probe_only: bool,
+    close: Arc<Notify>,
+}
+
+impl Entry {
+    fn set(&self, phase: Phase) {
+        let mut table = lock(&self.table);
+        if let Some(c) = table.conns.get_mut(&self.id) {
+            if c.phase != phase {
+                c.phase = phase;
+                c.since = Instant::now();
+            }
+        }
+    }
+}
+
+impl Drop for Entry {
+    fn drop(&mut self) {
+        lock(&self.table).conns.remove(&self.id);
+    }
+}
+
+fn lock(table: &Mutex<Table>) -> std::sync::MutexGuard<'_, Table> {
+    table.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// What every connection shares.
+struct Shared {
+    state: Arc<State>,
+    options: Arc<Options>,
+    journal_queries: Semaphore,
+}
 
 /// Accepts connections until `stop` is notified.
 pub(super) async fn accept(
@@ -43,7 +174,8 @@ pub(super) async fn accept(
     options: Arc<Options>,
     stop: Arc<tokio::sync::Notify>,
 ) {
-    let open = Arc::new(AtomicUsize::new(0));
+    let table = Arc::new(Mutex::new(Table::default()));
+    let shared = Arc::new(Shared { state, options, journal_queries: Semaphore::new(JOURNAL_QUERIES) });
     loop {
         let accepted = tokio::select! {
             _ = stop.notified() => return,
@@ -51,16 +183,15 @@ pub(super) async fn accept(
         };
         match accepted {
             Ok((stream, _)) => {
-                if open.load(Ordering::Relaxed) >= MAX_CONNECTIONS {
+                let Some((id, probe_only, close)) = lock(&table).admit(Instant::now()) else {
                     drop(stream);
                     continue;
-                }
-                open.fetch_add(1, Ordering::Relaxed);
-                let (state, options, open) = (state.clone(), options.clone(), open.clone());
+                };
+                let entry = Entry { table: table.clone(), id, probe_only, close };
+                let shared = shared.clone();
                 tokio::spawn(async move {
                     let _ = stream.set_nodelay(true);
-                    serve(stream, state, options).await;
-                    open.fetch_sub(1, Ordering::Relaxed);
+                    serve(stream, shared, entry).await;
                 });
             }
             // Out of file descriptors and the like: wait a little rather
@@ -199,7 +330,16 @@ pub(super) fn parse_head(buf: &[u8]) -> Result<Option<Head>, Refusal> {
 
 /// The bytes of a response. `head_only` leaves the body out (HEAD).
 pub(super) fn encode(response: &Response, minor: u8, close: bool, head_only: bool) -> Vec<u8> {
-    let mut out = Vec::with_capacity(256 + response.body.len());
+    let mut out = encode_head(response, minor, close);
+    if !head_only {
+        out.extend_from_slice(&response.body);
+    }
+    out
+}
+
+/// The status line and header fields of a response.
+fn encode_head(response: &Response, minor: u8, close: bool) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256);
     let reason = reason(response.status);
     out.extend_from_slice(format!("HTTP/1.{minor} {} {reason}\r\n", response.status).as_bytes());
     out.extend_from_slice(format!("Content-Type: {}\r\n", response.content_type).as_bytes());
@@ -216,9 +356,6 @@ pub(super) fn encode(response: &Response, minor: u8, close: bool, head_only: boo
         (false, _) => {}
     }
     out.extend_from_slice(b"\r\n");
-    if !head_only {
-        out.extend_from_slice(&response.body);
-    }
     out
 }
 
@@ -269,12 +406,16 @@ async fn send_refusal(stream: &mut TcpStream, (status, message): Refusal, minor:
 }
 
 /// Serves one connection: requests in order until the client closes, asks
-/// to close, goes idle or breaks a rule.
-async fn serve(mut stream: TcpStream, state: Arc<State>, options: Arc<Options>) {
+/// to close, goes idle, breaks a rule or is closed to make room.
+async fn serve(mut stream: TcpStream, shared: Arc<Shared>, entry: Entry) {
+    let head_timeout = shared.options.head_timeout;
     let mut buf: Vec<u8> = Vec::with_capacity(4096);
+    let mut first = true;
     loop {
-        // The head. The deadline starts with the request's first byte.
-        let mut deadline = if buf.is_empty() { None } else { Some(Instant::now() + READ_TIMEOUT) };
+        // The head: whole within the head timeout of the connection's
+        // start, or of the request's first byte on a kept-alive one.
+        let mut deadline = (first || !buf.is_empty()).then(|| Instant::now() + head_timeout);
+        entry.set(if buf.is_empty() { Phase::Idle } else { Phase::Head });
         let head = loop {
             match parse_head(&buf) {
                 Ok(Some(head)) => break head,
@@ -282,20 +423,35 @@ async fn serve(mut stream: TcpStream, state: Arc<State>, options: Arc<Options>) 
                 Err(refusal) => return send_refusal(&mut stream, refusal, 1).await,
             }
             let wait = deadline.unwrap_or_else(|| Instant::now() + IDLE_TIMEOUT);
-            match read_more(&mut stream, &mut buf, wait).await {
+            let read = tokio::select! {
+                // Closed to make room for a new connection.
+                _ = entry.close.notified() => return,
+                read = read_more(&mut stream, &mut buf, wait) => read,
+            };
+            match read {
                 Ok(true) => {
-                    deadline.get_or_insert_with(|| Instant::now() + READ_TIMEOUT);
+                    deadline.get_or_insert_with(|| Instant::now() + head_timeout);
+                    entry.set(Phase::Head);
                 }
                 Ok(false) => return,
-                Err(()) if deadline.is_some() => {
-                    return send_refusal(&mut stream, refuse(408, "the request did not arrive in time"), 1).await
+                Err(()) if !buf.is_empty() => {
+                    return send_refusal(&mut stream, refuse(408, "the request head did not arrive in time"), 1).await
                 }
                 Err(()) => return,
             }
         };
-        let deadline = deadline.unwrap_or_else(|| Instant::now() + READ_TIMEOUT);
+        first = false;
+        entry.set(Phase::Busy);
+        if entry.probe_only && !routes::is_probe(&head.path) {
+            let refusal = refuse(
+                503,
+                "the admin API is at its connection limit: only /healthz, /readyz and /metrics are answered",
+            );
+            return send_refusal(&mut stream, refusal, head.minor).await;
+        }
 
         // The body.
+        let deadline = Instant::now() + READ_TIMEOUT;
         let end = head.len + head.content_length;
         if head.expect_continue && buf.len() < end && !write(&mut stream, b"HTTP/1.1 100 Continue\r\n\r\n").await {
             return;
@@ -318,18 +474,41 @@ async fn serve(mut stream: TcpStream, state: Arc<State>, options: Arc<Options>) 
         buf.drain(..end);
 
         let head_only = head.method == "HEAD";
-        let (minor, close) = (head.minor, head.close);
-        let (state, options) = (state.clone(), options.clone());
-        let response = tokio::task::spawn_blocking(move || {
-            routes::handle(&state, &options, &head.method, &head.path, &head.query, &head.headers, &body)
-        })
-        .await
-        .unwrap_or_else(|_| Response::error(500, "the request could not be answered"));
-        if !write(&mut stream, &encode(&response, minor, close, head_only)).await || close {
+        // A probe slot serves one request.
+        let (minor, close) = (head.minor, head.close || entry.probe_only);
+        // A journal query holds its permit until its page is written.
+        let permit = match routes::is_journal_query(&head.path) {
+            true => match shared.journal_queries.acquire().await {
+                Ok(p) => Some(p),
+                Err(_) => return,
+            },
+            false => None,
+        };
+        let response = answer(&shared, head, body).await;
+        let head = encode_head(&response, minor, close);
+        let sent = write(&mut stream, &head).await && (head_only || write(&mut stream, &response.body).await);
+        drop(response);
+        drop(permit);
+        if !sent || close {
             let _ = stream.shutdown().await;
             return;
         }
     }
+}
+
+/// Answers one request: a probe on this thread, anything else on the
+/// blocking pool.
+async fn answer(shared: &Arc<Shared>, head: Head, body: Vec<u8>) -> Response {
+    let handle = |shared: &Shared, head: &Head, body: &[u8]| {
+        routes::handle(&shared.state, &shared.options, &head.method, &head.path, &head.query, &head.headers, body)
+    };
+    if routes::is_probe(&head.path) {
+        return handle(shared, &head, &body);
+    }
+    let task = shared.clone();
+    tokio::task::spawn_blocking(move || handle(&task, &head, &body))
+        .await
+        .unwrap_or_else(|_| Response::error(500, "the request could not be answered"))
 }
 
 #[cfg(test)]
@@ -405,6 +584,56 @@ mod tests {
                 .collect();
             let _ = parse_head(&bytes);
         }
+    }
+
+    #[test]
+    fn a_full_table_closes_idle_connections_first_then_keeps_slots_for_probes() {
+        let t0 = Instant::now();
+        let mut table = Table::default();
+        let ids: Vec<u64> = (0..MAX_CONNECTIONS)
+            .map(|i| table.admit(t0 + Duration::from_millis(i as u64)).map(|(id, probe, _)| (id, probe)).unwrap())
+            .map(|(id, probe)| {
+                assert!(!probe);
+                id
+            })
+            .collect();
+        let set = |table: &mut Table, id: u64, phase: Phase, at: u64| {
+            let c = table.conns.get_mut(&id).unwrap();
+            c.phase = phase;
+            c.since = t0 + Duration::from_secs(at);
+        };
+        // Connection 0 is busy, 1 sends a head: 2 is the oldest idle one.
+        set(&mut table, ids[0], Phase::Busy, 0);
+        set(&mut table, ids[1], Phase::Head, 0);
+        let close = table.conns[&ids[2]].close.clone();
+        let (new, probe, _) = table.admit(t0).unwrap();
+        assert!(!probe && !table.conns.contains_key(&ids[2]) && table.conns.contains_key(&new));
+        assert!(futures_util::FutureExt::now_or_never(close.notified()).is_some(), "told to close");
+        // With every other connection busy, one sending a head goes next.
+        for &id in &ids[3..] {
+            set(&mut table, id, Phase::Busy, 1);
+        }
+        set(&mut table, new, Phase::Busy, 1);
+        table.admit(t0).unwrap();
+        assert!(!table.conns.contains_key(&ids[1]));
+        // All busy: probe slots, then the oldest probe slot not yet busy.
+        let last = table.conns.keys().copied().max().unwrap();
+        set(&mut table, last, Phase::Busy, 1);
+        let probes: Vec<u64> = (0..PROBE_SLOTS)
+            .map(|_| {
+                let (id, probe, _) = table.admit(t0).unwrap();
+                assert!(probe);
+                id
+            })
+            .collect();
+        assert_eq!(table.count(false), MAX_CONNECTIONS);
+        let (_, probe, _) = table.admit(t0).unwrap();
+        assert!(probe && !table.conns.contains_key(&probes[0]));
+        for id in table.conns.keys().copied().collect::<Vec<_>>() {
+            table.conns.get_mut(&id).unwrap().phase = Phase::Busy;
+        }
+        assert!(table.admit(t0).is_none(), "everything busy: refused");
+        assert_eq!(table.conns.len(), MAX_CONNECTIONS + PROBE_SLOTS);
     }
 
     #[test]

@@ -10,7 +10,7 @@
 //! GET    /admin/methods/{pkg.Service}/{Method}/rules
 //!                                                 the method's rules in evaluation order
 //! POST   /admin/reload                            load the plan again (422 if it is invalid)
-//! GET    /admin/journal                           recorded calls, oldest first (filters, limit)
+//! GET    /admin/journal                           recorded calls, oldest first (filters, a page)
 //! DELETE /admin/journal                           forget every recorded call
 //! GET    /admin/journal/count                     how many calls the filters select
 //! POST   /admin/journal/verify                    expected number of calls (JSON body)
@@ -21,8 +21,13 @@
 //! (`/pkg.Svc/Method`, `pkg.Svc/Method` or a service `pkg.Svc`), `status`
 //! (number or name), `matched` (true/false), `metadata` (`key=value`,
 //! repeatable), `body` (a JSON object, subset of the request), `since` (a
-//! sequence number: later calls only); `limit` keeps the newest N of the
-//! list routes. JSON everywhere except `/metrics`; errors are
+//! sequence number: later calls only), `before` (a sequence number:
+//! earlier calls only). The list routes answer one page: the newest
+//! `limit` calls selected ([`DEFAULT_PAGE`], at most [`MAX_PAGE`]), fewer
+//! when their JSON would pass [`PAGE_BYTES`]; `"page": {"limit", "more",
+//! "before"}` says whether older calls were selected and the `before` that
+//! asks for them. Entries are rendered one at a time into the body, so a
+//! query holds about a page. JSON everywhere except `/metrics`; errors are
 //! `{"error": "..."}` with a 4xx/5xx status.
 
 use super::Options;
@@ -39,6 +44,14 @@ pub struct Response {
     pub headers: Vec<(&'static str, String)>,
     pub body: Vec<u8>,
 }
+
+/// Entries a journal listing shows when `limit` is not given.
+pub const DEFAULT_PAGE: usize = 100;
+/// Most entries a journal listing shows (a larger `limit` is lowered).
+pub const MAX_PAGE: usize = 1000;
+/// A journal listing stops adding (older) entries once their JSON passes
+/// this many bytes (it shows at least one).
+pub const PAGE_BYTES: usize = 4 << 20;
 
 const JSON: &str = "application/json";
 const PROMETHEUS: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -106,7 +119,7 @@ pub fn handle(
             status: 200,
             content_type: PROMETHEUS,
             headers: Vec::new(),
-            body: state.metrics.render().into_bytes(),
+            body: metrics(state).into_bytes(),
         }),
         ["admin", "status"] => only(method, &["GET"]).unwrap_or_else(|| status(state)),
         ["admin", "services"] => only(method, &["GET"]).unwrap_or_else(|| services(state)),
@@ -220,6 +233,20 @@ pub fn parse_query(query: &str) -> Vec<(String, String)> {
         .collect()
 }
 
+/// `/metrics`: the call counters, then the gauges of what is held.
+fn metrics(state: &State) -> String {
+    let mut text = state.metrics.render();
+    let journal = state.journal.as_ref().map(|j| crate::metrics::JournalGauges {
+        bytes: j.bytes(),
+        bytes_limit: j.limits().bytes,
+        entries: j.len(),
+        capacity: j.capacity(),
+        evicted: j.evicted(),
+    });
+    text.push_str(&crate::metrics::render_gauges(journal));
+    text
+}
+
 fn with_journal(state: &State, f: impl FnOnce(&Journal) -> Response) -> Response {
     match &state.journal {
         Some(j) => f(j),
@@ -239,7 +266,22 @@ fn status(state: &State) -> Response {
     let methods = g.served.methods.iter().filter(|m| m.builtin.is_none()).count();
     let rules: usize = g.served.methods.iter().map(|m| m.plan.rules.len()).sum();
     let journal = match &state.journal {
-        Some(j) => json!({"enabled": true, "capacity": j.capacity(), "size": j.len(), "recorded": j.recorded()}),
+        Some(j) => {
+            let limits = j.limits();
+            json!({
+                "enabled": true,
+                "capacity": j.capacity(),
+                "size": j.len(),
+                "recorded": j.recorded(),
+                "bytes": j.bytes(),
+                "evicted": j.evicted(),
+                "limits": {
+                    "bytes": limits.bytes,
+                    "messages": limits.messages,
+                    "message_bytes": limits.message_bytes,
+                },
+            })
+        }
         None => json!({"enabled": false}),
     };
     let listeners: Vec<Json> =
@@ -400,6 +442,7 @@ fn filter_from_query(query: &[(String, String)], with_limit: bool) -> Result<(Fi
             "status" => filter.status = Some(journal::parse_status(v)?),
             "matched" => filter.matched = Some(parse_bool(k, v)?),
             "since" => filter.since = Some(parse_number(k, v)?),
+            "before" => filter.before = Some(parse_number(k, v)?),
             "metadata" => {
                 let (key, value) = v
                     .split_once('=')
@@ -411,9 +454,9 @@ fn filter_from_query(query: &[(String, String)], with_limit: bool) -> Result<(Fi
             "limit" if with_limit => limit = Some(parse_number(k, v)?.min(usize::MAX as u64) as usize),
             other => {
                 let known = if with_limit {
-                    "method, status, matched, metadata, body, since, limit"
+                    "method, status, matched, metadata, body, since, before, limit"
                 } else {
-                    "method, status, matched, metadata, body, since"
+                    "method, status, matched, metadata, body, since, before"
                 };
                 return Err(format!("unknown parameter `{other}` (known: {known})"));
             }
@@ -429,26 +472,63 @@ fn body_pattern(v: Json) -> Result<Json, String> {
     }
 }
 
-/// `GET /admin/journal` and `GET /admin/journal/unmatched`.
+/// `GET /admin/journal` and `GET /admin/journal/unmatched`: one page.
 fn list(j: &Journal, query: &[(String, String)], unmatched: bool) -> Response {
     let (filter, limit) = match filter_from_query(query, true) {
         Ok(f) => f,
         Err(e) => return Response::error(400, &e),
     };
-    let entries = if unmatched { j.unmatched(&filter) } else { j.query(&filter) };
-    let matched = entries.len();
-    let skip = limit.map(|l| matched.saturating_sub(l)).unwrap_or(0);
-    let shown: Vec<Json> = entries[skip..].iter().map(|e| e.to_json()).collect();
-    Response::json(
-        200,
-        &json!({
-            "entries": shown,
-            "matched": matched,
-            "size": j.len(),
-            "capacity": j.capacity(),
-            "recorded": j.recorded(),
-        }),
-    )
+    let limit = limit.unwrap_or(DEFAULT_PAGE).min(MAX_PAGE);
+    let page = j.page(&filter, unmatched, limit);
+    // Newest first, each entry's JSON made and written out on its own,
+    // until the page is full.
+    let mut parts: Vec<Vec<u8>> = Vec::new();
+    let mut total = 0;
+    for e in page.entries.iter().rev() {
+        let part = serde_json::to_vec(&e.to_json()).unwrap_or_else(|_| b"null".to_vec());
+        if !parts.is_empty() && total + part.len() > PAGE_BYTES {
+            break;
+        }
+        total += part.len() + 1;
+        parts.push(part);
+    }
+    let shown = parts.len();
+    let oldest = shown.checked_sub(1).map(|_| page.entries[page.entries.len() - shown].seq);
+    let more = page.matched > shown;
+    let tail = json!({
+        "matched": page.matched,
+        "size": j.len(),
+        "capacity": j.capacity(),
+        "recorded": j.recorded(),
+        "page": {"limit": limit, "more": more, "before": if more { oldest.map(Json::from) } else { None }},
+    });
+    let tail = serde_json::to_vec(&tail).unwrap_or_else(|_| b"{}".to_vec());
+    let mut body = Vec::with_capacity(total + tail.len() + 16);
+    body.extend_from_slice(b"{\"entries\":[");
+    // Oldest first; each part is freed once copied.
+    for (i, part) in parts.into_iter().rev().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(&part);
+    }
+    body.extend_from_slice(b"],");
+    body.extend_from_slice(&tail[1..]);
+    body.push(b'\n');
+    Response { status: 200, content_type: JSON, headers: Vec::new(), body }
+}
+
+/// Whether a request goes to the journal's query routes (which the HTTP
+/// server runs a few at a time).
+pub fn is_journal_query(path: &str) -> bool {
+    path.starts_with("/admin/journal")
+}
+
+/// Whether a request is a probe (`/healthz`, `/readyz`, `/metrics`):
+/// cheap, answered on the server's own thread, even at its connection
+/// limit.
+pub fn is_probe(path: &str) -> bool {
+    matches!(path.trim_end_matches('/'), "/healthz" | "/readyz" | "/metrics")
 }
 
 /// `POST /admin/journal/verify` with
@@ -546,7 +626,7 @@ mod tests {
         target: &str,
         body: &str,
     ) -> Response {
-        let options = Options { token: token.map(Into::into) };
+        let options = Options { token: token.map(Into::into), ..Options::default() };
         let (path, query) = target.split_once('?').unwrap_or((target, ""));
         let headers: Vec<(String, String)> = headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         handle(state, &options, method, path, query, &headers, body.as_bytes())
@@ -624,7 +704,10 @@ mod tests {
         assert_eq!(s["plan"]["identity"].as_str().unwrap().len(), 16);
         assert_eq!(s["services"], json!(["demo.Greeter"]));
         assert_eq!((s["methods"].clone(), s["rules"].clone()), (json!(2), json!(4)));
-        assert_eq!(s["journal"], json!({"enabled": true, "capacity": 8, "size": 3, "recorded": 3}));
+        let journal = &s["journal"];
+        assert_eq!((journal["enabled"].clone(), journal["capacity"].clone()), (json!(true), json!(8)));
+        assert_eq!((journal["size"].clone(), journal["recorded"].clone()), (json!(3), json!(3)));
+        assert_eq!(journal["evicted"], 0);
         assert_eq!(s["draining"], false);
         assert!(s["started_at"].as_str().unwrap().ends_with('Z'));
         assert!(s["uptime_seconds"].as_f64().unwrap() >= 0.0);
@@ -754,6 +837,76 @@ mod tests {
         let r = call(&state, None, "DELETE", "/admin/journal", "");
         assert_eq!(r.body_json(), json!({"removed": 3}));
         assert_eq!(get(&state, "/admin/journal/count").body_json(), json!({"count": 0}));
+    }
+
+    #[test]
+    fn journal_listings_page() {
+        let state = fixture::state(100);
+        let j = state.journal.as_ref().unwrap();
+        for i in 0..150 {
+            j.record(entry(&state, SAY_HELLO, &[], vec![hello(&format!("n{i}"), 0, &[], None)], None, 5, None));
+        }
+        let page = |target: &str| {
+            let r = get(&state, target);
+            assert_eq!(r.status, 200, "{target}: {:?}", r.body_json());
+            let v = r.body_json();
+            let seqs: Vec<u64> = v["entries"].as_array().unwrap().iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+            (seqs, v["page"].clone(), v["matched"].clone())
+        };
+        // 100 kept of 150; the default page is all of them here.
+        let (seqs, p, matched) = page("/admin/journal");
+        assert_eq!((seqs.len(), seqs[0], matched), (100, 51, json!(100)));
+        assert_eq!(p, json!({"limit": DEFAULT_PAGE, "more": false, "before": null}));
+        // Paging back from the newest.
+        let (seqs, p, _) = page("/admin/journal?limit=30");
+        assert_eq!((seqs.first(), seqs.last()), (Some(&121), Some(&150)));
+        assert_eq!(p, json!({"limit": 30, "more": true, "before": 121}));
+        let (seqs, p, matched) = page("/admin/journal?limit=30&before=121");
+        assert_eq!((seqs.first(), seqs.last(), matched), (Some(&91), Some(&120), json!(70)));
+        assert_eq!(p["before"], 91);
+        let (seqs, p, _) = page("/admin/journal?limit=30&before=61");
+        assert_eq!(seqs, (51..61).collect::<Vec<_>>());
+        assert_eq!(p, json!({"limit": 30, "more": false, "before": null}));
+        let (_, p, _) = page("/admin/journal?limit=99999");
+        assert_eq!(p["limit"], MAX_PAGE);
+        let (seqs, p, _) = page("/admin/journal/unmatched?limit=1&since=140");
+        assert_eq!((seqs, p["more"].clone()), (vec![150], json!(true)));
+        assert_eq!(get(&state, "/admin/journal/count?before=60").body_json(), json!({"count": 9}));
+    }
+
+    #[test]
+    fn journal_pages_stop_at_their_byte_budget() {
+        let state = fixture::state(100);
+        let j = state.journal.as_ref().unwrap();
+        // About 87 KB of JSON each (a cut 64 KiB message, in base64).
+        let big = vec![0xffu8; 100 << 10];
+        for _ in 0..100 {
+            j.record(entry(&state, SAY_HELLO, &[], vec![big.clone()], None, 5, None));
+        }
+        let r = get(&state, "/admin/journal?limit=1000");
+        let v = r.body_json();
+        let shown = v["entries"].as_array().unwrap().len();
+        assert!(r.body.len() <= PAGE_BYTES + 4096, "{}", r.body.len());
+        assert!((30..100).contains(&shown), "{shown}");
+        assert_eq!(v["page"]["more"], true);
+        assert_eq!(v["page"]["before"], 101 - shown as u64);
+        assert_eq!(v["entries"][0]["request"]["@truncated"], json!({"size": 100 << 10, "kept_bytes": 64 << 10}));
+    }
+
+    #[test]
+    fn metrics_show_what_is_held() {
+        let state = with_calls();
+        let text = String::from_utf8(get(&state, "/metrics").body).unwrap();
+        let j = state.journal.as_ref().unwrap();
+        assert!(text.contains(&format!("\nwirestub_journal_bytes {}\n", j.bytes())), "{text}");
+        assert!(text.contains("\nwirestub_journal_entries 3\n"), "{text}");
+        assert!(text.contains(&format!("\nwirestub_journal_bytes_limit {}\n", 64 << 20)), "{text}");
+        assert!(text.contains("# TYPE wirestub_buffered_request_bytes gauge\nwirestub_buffered_request_bytes "));
+        let s = get(&state, "/admin/status").body_json();
+        assert_eq!(s["journal"]["bytes"], j.bytes());
+        assert_eq!(s["journal"]["limits"]["messages"], 16);
+        let none = String::from_utf8(get(&fixture::state(0), "/metrics").body).unwrap();
+        assert!(none.contains("wirestub_buffered_request_bytes") && !none.contains("wirestub_journal_bytes"));
     }
 
     #[test]

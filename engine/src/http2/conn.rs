@@ -24,7 +24,7 @@ use crate::journal::{Closest, Entry};
 use crate::matcher::Messages;
 use crate::metrics::WorkerStats;
 use crate::served::Builtin;
-use crate::served::{status_response, Prepared, Served, ServedMethod};
+use crate::served::{status_answer, status_response, Prepared, Served, ServedMethod};
 use crate::server::Config;
 use crate::state::{Generation, State};
 use bytes::{Buf, Bytes, BytesMut};
@@ -46,9 +46,19 @@ use wirestub_plan::MethodKind;
 
 /// HPACK dynamic table we let the client's encoder use (the RFC default).
 const HEADER_TABLE_SIZE: usize = 4096;
-/// Output bytes above which the loop stops reading until the socket takes
-/// them: a client that sends but does not read stalls only itself.
+/// Output bytes above which the loop stops reading, and call tasks stop
+/// sending, until the socket takes them: a client that does not read
+/// stalls only itself, and its connection holds at most about this much
+/// output (plus one [`SEND_CHUNK`] and the frames of one read).
 const OUT_HIGH: usize = 256 << 10;
+/// Rounds of read, handle, run tasks and write that one poll of a
+/// connection may do before it yields to the other connections of its
+/// worker (fairness: a connection whose client reads as fast as the engine
+/// writes would otherwise keep the worker to itself).
+const MAX_ROUNDS: u32 = 16;
+/// Messages a streaming task sends before it yields to the rest of its
+/// connection (fairness between the streams of one connection).
+const ITEMS_PER_TURN: u64 = 64;
 /// Request bytes buffered per connection (not yet consumed by calls) above
 /// which the connection window is not replenished.
 const BUFFER_BUDGET: usize = 16 << 20;
@@ -88,6 +98,35 @@ struct ConnError {
 
 fn conn_err(code: u32, debug: &'static str) -> ConnError {
     ConnError { code, debug }
+}
+
+/// This connection's part of the process-wide count of buffered request
+/// bytes ([`crate::metrics::BUFFERED_REQUEST_BYTES`]): brought up to date
+/// after each read and each message a task takes, given back when the
+/// connection ends.
+struct Reported(usize);
+
+impl Reported {
+    fn sync(&mut self, buffered: usize) {
+        if buffered != self.0 {
+            let delta = buffered as i64 - self.0 as i64;
+            crate::metrics::BUFFERED_REQUEST_BYTES.fetch_add(delta, std::sync::atomic::Ordering::Relaxed);
+            self.0 = buffered;
+        }
+    }
+
+    /// Request bytes buffered by every connection, this one's counted as
+    /// `buffered`.
+    fn total(&self, buffered: usize) -> usize {
+        let all = crate::metrics::BUFFERED_REQUEST_BYTES.load(std::sync::atomic::Ordering::Relaxed);
+        (all - self.0 as i64 + buffered as i64).max(0) as usize
+    }
+}
+
+impl Drop for Reported {
+    fn drop(&mut self) {
+        self.sync(0);
+    }
 }
 
 /// Stream ids hash to themselves (they are distinct and dense).
@@ -170,7 +209,8 @@ struct Stream<'s> {
 struct Recording {
     time: Option<std::time::SystemTime>,
     metadata: Vec<(Box<str>, Bytes)>,
-    messages: Vec<Bytes>,
+    /// Bounded as it is recorded (`--journal-messages`, `--journal-message-bytes`).
+    messages: crate::journal::RequestMessages,
     rule: Option<u32>,
     closest: Option<Closest>,
     message: String,
@@ -234,6 +274,7 @@ pub struct Conn<'s> {
     recv_target: i64,
     /// Request bytes held by streams (see [`BUFFER_BUDGET`]).
     buffered: usize,
+    reported: Reported,
     send_window: i64,
     peer_initial_window: i64,
     peer_max_frame: usize,
@@ -263,6 +304,9 @@ pub struct Conn<'s> {
     now: Instant,
     /// This worker's index into the metrics blocks.
     worker: usize,
+    /// Something (a task, or queued data) waits for the output to fall
+    /// below [`OUT_HIGH`].
+    out_starved: bool,
 }
 
 /// The part of a connection that outlives a plan epoch (everything that
@@ -278,6 +322,7 @@ struct Carry {
     recv_window: i64,
     recv_target: i64,
     buffered: usize,
+    reported: Reported,
     send_window: i64,
     peer_initial_window: i64,
     peer_max_frame: usize,
@@ -321,6 +366,7 @@ impl Carry {
             recv_window: conn_window,
             recv_target: conn_window,
             buffered: 0,
+            reported: Reported(0),
             send_window: frame::DEFAULT_WINDOW,
             peer_initial_window: frame::DEFAULT_WINDOW,
             peer_max_frame: frame::DEFAULT_MAX_FRAME as usize,
@@ -351,6 +397,7 @@ impl<'s> Conn<'s> {
             recv_window: self.recv_window,
             recv_target: self.recv_target,
             buffered: self.buffered,
+            reported: self.reported,
             send_window: self.send_window,
             peer_initial_window: self.peer_initial_window,
             peer_max_frame: self.peer_max_frame,
@@ -399,6 +446,7 @@ impl<'s> Conn<'s> {
             recv_window: c.recv_window,
             recv_target: c.recv_target,
             buffered: c.buffered,
+            reported: c.reported,
             send_window: c.send_window,
             peer_initial_window: c.peer_initial_window,
             peer_max_frame: c.peer_max_frame,
@@ -418,6 +466,7 @@ impl<'s> Conn<'s> {
             plans: 0,
             now: Instant::now(),
             worker: crate::metrics::worker(),
+            out_starved: false,
         }
     }
 
@@ -488,6 +537,7 @@ impl<'s> Conn<'s> {
             at += end;
         }
         self.replenish_connection();
+        self.reported.sync(self.buffered);
         Ok(at)
     }
 
@@ -866,6 +916,11 @@ impl<'s> Conn<'s> {
             }
             None => None,
         };
+        if status.is_none() && http_status.is_none() {
+            if let Some(e) = &request.encoding {
+                status = Some(status_answer(&grpc::unsupported_encoding(e)));
+            }
+        }
         let mut deadline = None;
         if status.is_none() && http_status.is_none() {
             if let Some(t) = &request.timeout {
@@ -990,6 +1045,19 @@ impl<'s> Conn<'s> {
             self.end_waiting(id, deadline);
             return self.answer_unary(id, data);
         }
+        if s.failed.is_some() {
+            // A duplex call that has failed: its task ends it.
+            return Ok(());
+        }
+        if !data.is_empty() && self.reported.total(self.buffered) + data.len() > self.config.max_buffered {
+            let status = grpc::buffers_full(self.config.max_buffered);
+            if duplex {
+                s.failed = Some(status);
+                s.wake();
+                return Ok(());
+            }
+            return self.fail_call(id, &status);
+        }
         if !data.is_empty() {
             s.body.extend_from_slice(data);
             self.buffered += data.len();
@@ -1018,8 +1086,13 @@ impl<'s> Conn<'s> {
         Ok(())
     }
 
-    /// Returns window to a stream that keeps receiving, unless it holds
-    /// more than it may (a unary request: the message's size).
+    /// Returns window to a stream that keeps receiving. A stream may hold
+    /// (received but not yet consumed, plus what it may still send) one
+    /// stream window, or the whole message it is in the middle of when
+    /// that is larger (up to the message limit, checked on its prefix), so
+    /// any message the limit allows can arrive on every kind of call.
+    /// Complete messages waiting for a duplex call's task count against
+    /// the window: a task that does not keep up stops the client.
     fn replenish_stream(&mut self, id: u32) {
         let window = self.stream_window();
         let max = self.config.max_recv_message;
@@ -1027,20 +1100,28 @@ impl<'s> Conn<'s> {
         if s.recv_done {
             return;
         }
-        let deficit = window - s.recv_window;
-        if deficit < window / 2 {
-            return;
-        }
-        let held = s.body.len() + s.queue.iter().map(Bytes::len).sum::<usize>();
-        let cap = match s.method.plan.kind {
-            MethodKind::Unary | MethodKind::ServerStreaming if !s.method.plan.duplex => max + 5,
-            _ => window as usize,
+        let queued: usize = s.queue.iter().map(Bytes::len).sum();
+        let partial = s.body.len();
+        // Bytes still missing from the message in progress.
+        let (limit, missing) = if partial >= 5 {
+            let len = u32::from_be_bytes([s.body[1], s.body[2], s.body[3], s.body[4]]) as usize;
+            let whole = 5 + len.min(max);
+            (whole.max(window as usize), whole.saturating_sub(partial))
+        } else {
+            (window as usize, 5 - partial)
         };
-        if held + window as usize > cap + window as usize / 2 {
+        let held = (partial + queued) as i64;
+        let target = (limit as i64 - held).min(window);
+        let increase = target - s.recv_window;
+        if increase <= 0 {
             return;
         }
-        s.recv_window += deficit;
-        frame::put_window_update(&mut self.out, id, deficit as u32);
+        // Window in large steps, except what completes the message.
+        if increase < window / 2 && s.recv_window >= missing as i64 {
+            return;
+        }
+        s.recv_window += increase;
+        frame::put_window_update(&mut self.out, id, increase as u32);
     }
 
     fn replenish_connection(&mut self) {
@@ -1104,9 +1185,12 @@ impl<'s> Conn<'s> {
         if body[0] == 1 {
             return self.fail_call(id, &grpc::compressed());
         }
+        if self.past_deadline(id) {
+            return self.fail_call(id, &call::deadline_exceeded());
+        }
         let s = self.streams.get_mut(&id).expect("present");
         if let Some(rec) = &mut s.rec {
-            rec.messages.push(Bytes::copy_from_slice(&body[5..]));
+            rec.messages.push(&body[5..]);
         }
         if let Some(builtin) = s.method.builtin {
             return self.answer_builtin(id, builtin, &body[5..]);
@@ -1152,6 +1236,9 @@ impl<'s> Conn<'s> {
             Ok(a) => a,
             Err(status) => return self.fail_call(id, &status),
         };
+        if self.past_deadline(id) {
+            return self.fail_call(id, &call::deadline_exceeded());
+        }
         self.note_rule(id, &answer);
         let prepared = answer.prepared;
         if let Some(fault) = call::fault_fires(prepared) {
@@ -1189,10 +1276,19 @@ impl<'s> Conn<'s> {
         Ok(())
     }
 
+    /// Whether a call's deadline has passed. The clock is read only for a
+    /// call that had less than a millisecond left at the time of the read
+    /// that brought its request (the timers' resolution; longer deadlines
+    /// are kept by the timers).
+    fn past_deadline(&self, id: u32) -> bool {
+        let Some(d) = self.streams.get(&id).and_then(|s| s.deadline) else { return false };
+        d.saturating_duration_since(self.now) < Duration::from_millis(1) && d <= Instant::now()
+    }
+
     /// Ends a call with an error status the engine chose.
     fn fail_call(&mut self, id: u32, status: &Status) -> Result<(), ConnError> {
         self.note_status(id, status.code as u8, &status.message);
-        let p = status_response(status.code as u8, &status.message);
+        let p = status_answer(status);
         if self.streams.get(&id).is_some_and(|s| s.headers_sent) {
             self.send_trailers(id, p.blocks.trailers.clone());
         } else {
@@ -1235,7 +1331,8 @@ impl<'s> Conn<'s> {
             return;
         }
         if s.pending.is_empty() {
-            let n = data.len().min(s.send_window.max(0) as usize).min(self.send_window.max(0) as usize);
+            let room = out_room(&self.out);
+            let n = data.len().min(s.send_window.max(0) as usize).min(self.send_window.max(0) as usize).min(room);
             if n == data.len() {
                 put_data_frames(&mut self.out, id, &data, self.peer_max_frame);
                 s.send_window -= n as i64;
@@ -1247,6 +1344,9 @@ impl<'s> Conn<'s> {
                 put_data_frames(&mut self.out, id, &data[..n], self.peer_max_frame);
                 s.send_window -= n as i64;
                 self.send_window -= n as i64;
+            }
+            if n == room {
+                self.out_starved = true;
             }
             s.pending.push_back(Out::Data(data.slice(n..)));
             self.blocked.push_back(id);
@@ -1303,8 +1403,12 @@ impl<'s> Conn<'s> {
         while let Some(front) = s.pending.front_mut() {
             match front {
                 Out::Data(d) => {
-                    let n = d.len().min(s.send_window.max(0) as usize).min(self.send_window.max(0) as usize);
+                    let room = out_room(&self.out);
+                    let n = d.len().min(s.send_window.max(0) as usize).min(self.send_window.max(0) as usize).min(room);
                     if n == 0 && !d.is_empty() {
+                        if room == 0 {
+                            self.out_starved = true;
+                        }
                         break;
                     }
                     put_data_frames(&mut self.out, id, &d[..n], max_frame);
@@ -1391,6 +1495,34 @@ impl<'s> Conn<'s> {
             self.goaway(code::NO_ERROR, b"");
         }
     }
+
+    /// Streams whose request cannot make progress: in the middle of a
+    /// message, the client may send less of it than the smaller of what
+    /// it still needs and half a stream window, though nothing the engine
+    /// holds for the stream (whole messages queued for its task) would
+    /// return window once consumed. Empty, always (see [`drive_calls`]).
+    fn stalled_streams(&self) -> Vec<u32> {
+        let window = self.stream_window();
+        let max = self.config.max_recv_message;
+        let mut stalled: Vec<u32> = self
+            .streams
+            .iter()
+            .filter(|(_, s)| !s.recv_done && s.failed.is_none() && s.queue.is_empty())
+            .filter(|(_, s)| {
+                let partial = s.body.len();
+                let missing = if partial >= 5 {
+                    let len = u32::from_be_bytes([s.body[1], s.body[2], s.body[3], s.body[4]]) as usize;
+                    (5 + len.min(max)).saturating_sub(partial)
+                } else {
+                    5 - partial
+                };
+                s.recv_window < (missing as i64).min(window / 2)
+            })
+            .map(|(&id, _)| id)
+            .collect();
+        stalled.sort_unstable();
+        stalled
+    }
 }
 
 /// Cuts complete messages off a client stream's received bytes: into the
@@ -1415,8 +1547,8 @@ fn deframe(s: &mut Stream<'_>, max: usize, buffered: &mut usize) -> Option<Statu
         let message = m.split_off(5).freeze();
         *buffered -= 5;
         if let Some(rec) = &mut s.rec {
-            // Journal memory is bounded by its size, not this budget.
-            rec.messages.push(message.clone());
+            // Bounded by the journal's per-call limits, not this budget.
+            rec.messages.push(&message);
         }
         if s.method.plan.duplex {
             s.queue.push_back(message);
@@ -1468,6 +1600,12 @@ fn percent_decode(s: &str) -> String {
         }
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Response bytes that may still go into the output buffer now: up to one
+/// [`SEND_CHUNK`] past [`OUT_HIGH`], so a message is cut no finer than that.
+fn out_room(out: &BytesMut) -> usize {
+    (OUT_HIGH + SEND_CHUNK).saturating_sub(out.len())
 }
 
 fn put_data_frames(out: &mut BytesMut, id: u32, data: &[u8], max_frame: usize) {
@@ -1526,18 +1664,23 @@ impl<'s> Handle<'s> {
         .await
     }
 
-    /// Waits until the stream has nothing queued and the windows let at
-    /// least `min(len, SEND_CHUNK)` bytes go.
+    /// Waits until the stream has nothing queued, the windows let at least
+    /// `min(len, SEND_CHUNK)` bytes go, and the connection's output is
+    /// below its high-water mark (the client is reading).
     async fn capacity(&self, len: usize) -> Result<(), Stop<'s>> {
         let want = len.min(SEND_CHUNK) as i64;
         poll_fn(move |cx| {
             let mut c = self.conn.borrow_mut();
             let conn_window = c.send_window;
+            let full = c.out.len() >= OUT_HIGH;
             let Some(s) = c.streams.get_mut(&self.id) else { return Poll::Ready(Err(Stop::Gone)) };
-            if s.pending.is_empty() && s.send_window.min(conn_window) >= want {
+            if s.pending.is_empty() && s.send_window.min(conn_window) >= want && !full {
                 return Poll::Ready(Ok(()));
             }
             s.waker = Some(cx.waker().clone());
+            if full {
+                c.out_starved = true;
+            }
             Poll::Pending
         })
         .await
@@ -1555,6 +1698,8 @@ impl<'s> Handle<'s> {
             let Some(s) = c.streams.get_mut(&self.id) else { return Poll::Ready(Err(Stop::Gone)) };
             if let Some(m) = s.queue.pop_front() {
                 c.buffered -= m.len();
+                let buffered = c.buffered;
+                c.reported.sync(buffered);
                 c.replenish_stream(self.id);
                 return Poll::Ready(Ok(Some(m)));
             }
@@ -1646,7 +1791,7 @@ async fn respond<'s>(h: Handle<'s>, answer: Answer<'s>, delay: Duration, deadlin
         }
         Err(Stop::Status(e)) => {
             h.with(|c| c.note_status(h.id, e.code as u8, &e.message));
-            status_response(e.code as u8, &e.message).blocks.trailers
+            status_answer(&e).blocks.trailers
         }
         Err(Stop::Rule(p)) => {
             h.with(|c| c.note_status(h.id, p.status, message_of(p)));
@@ -1667,6 +1812,9 @@ async fn send_items<'s>(h: &Handle<'s>, answer: &Answer<'s>, deadline: Option<In
     }
     let mut schedule = Schedule::new(prepared, items.len());
     while let Some(i) = schedule.next() {
+        if schedule.sent() % ITEMS_PER_TURN == 0 {
+            tokio::task::yield_now().await;
+        }
         if schedule.sent() > 1 && !prepared.stream_delay.is_zero() {
             tokio::select! {
                 _ = tokio::time::sleep(prepared.stream_delay) => {}
@@ -1755,7 +1903,7 @@ async fn duplex<'s>(h: Handle<'s>, deadline: Option<Instant>) {
             }
             Err(Stop::Status(e)) => {
                 c.note_status(h.id, e.code as u8, &e.message);
-                let p = status_response(e.code as u8, &e.message);
+                let p = status_answer(&e);
                 (p.blocks.trailers, p.blocks.trailers_only)
             }
         };
@@ -1817,175 +1965,191 @@ where
         let Some(carried) = carry.take() else { break };
         let conn: Shared<'_> = Rc::new(RefCell::new(Conn::resume(carried, config, state, &arena, first)));
         let mut tasks: FuturesUnordered<Task<'_>> = FuturesUnordered::new();
-        let next_epoch = poll_fn(|cx| loop {
-            let mut progress = false;
-            if !stopped && stopping.as_mut().poll(cx).is_ready() {
-                stopped = true;
-                conn.borrow_mut().drain();
-                progress = true;
-            }
-            // Read and handle frames.
-            {
-                let mut c = conn.borrow_mut();
-                // Tokio's readiness: try_read's WouldBlock clears it, and only
-                // a poll that returns Pending registers for the next event,
-                // so the loop polls until it does.
-                while !read_closed && c.ending != Ending::Now && c.out.len() < OUT_HIGH {
-                    rbuf.reserve(16 << 10);
-                    match tokio_util::io::poll_read_buf(Pin::new(&mut socket), cx, &mut rbuf) {
-                        Poll::Pending => break,
-                        Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => read_closed = true,
-                        Poll::Ready(Ok(_)) => {
-                            progress = true;
-                            break;
-                        }
-                    }
+        let next_epoch = poll_fn(|cx| {
+            let mut rounds = 0;
+            loop {
+                let mut progress = false;
+                if !stopped && stopping.as_mut().poll(cx).is_ready() {
+                    stopped = true;
+                    conn.borrow_mut().drain();
+                    progress = true;
                 }
-                if !rbuf.is_empty() && c.ending != Ending::Now {
-                    match c.receive(&rbuf) {
-                        Ok(n) => {
-                            if n > 0 {
+                // Read and handle frames.
+                {
+                    let mut c = conn.borrow_mut();
+                    // Tokio's readiness: try_read's WouldBlock clears it, and only
+                    // a poll that returns Pending registers for the next event,
+                    // so the loop polls until it does.
+                    while !read_closed && c.ending != Ending::Now && c.out.len() < OUT_HIGH {
+                        rbuf.reserve(16 << 10);
+                        match tokio_util::io::poll_read_buf(Pin::new(&mut socket), cx, &mut rbuf) {
+                            Poll::Pending => break,
+                            Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => read_closed = true,
+                            Poll::Ready(Ok(_)) => {
                                 progress = true;
+                                break;
                             }
-                            rbuf.advance(n);
-                        }
-                        Err(e) => {
-                            c.fail(e);
-                            rbuf.clear();
                         }
                     }
-                }
-                if read_closed && c.ending != Ending::Now {
-                    // The client is gone (or half-closed with nothing more
-                    // to say): nobody will read answers.
-                    c.end_now();
-                }
-            }
-            // Start the tasks the frames asked for, and run the tasks.
-            let jobs = std::mem::take(&mut conn.borrow_mut().jobs);
-            for job in jobs {
-                tasks.push(start_job(&conn, job));
-            }
-            while let Poll::Ready(Some(())) = tasks.poll_next_unpin(cx) {
-                progress = true;
-            }
-            // Write.
-            {
-                let mut c = conn.borrow_mut();
-                while !c.out.is_empty() && !write_failed {
-                    match Pin::new(&mut socket).poll_write(cx, &c.out) {
-                        Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => write_failed = true,
-                        Poll::Ready(Ok(n)) => {
-                            c.out.advance(n);
-                            written += n as u64;
-                            progress = true;
+                    if !rbuf.is_empty() && c.ending != Ending::Now {
+                        match c.receive(&rbuf) {
+                            Ok(n) => {
+                                if n > 0 {
+                                    progress = true;
+                                }
+                                rbuf.advance(n);
+                            }
+                            Err(e) => {
+                                c.fail(e);
+                                rbuf.clear();
+                            }
                         }
-                        Poll::Pending => break,
                     }
-                }
-                // TLS keeps written records until flushed (TCP: no-op).
-                if !write_failed && c.out.is_empty() && unflushed != written {
-                    match Pin::new(&mut socket).poll_flush(cx) {
-                        Poll::Ready(Ok(())) => unflushed = written,
-                        Poll::Ready(Err(_)) => write_failed = true,
-                        Poll::Pending => {}
-                    }
-                }
-                if write_failed {
-                    c.out.clear();
-                    if c.ending != Ending::Now {
+                    if read_closed && c.ending != Ending::Now {
+                        // The client is gone (or half-closed with nothing more
+                        // to say): nobody will read answers.
                         c.end_now();
                     }
                 }
-            }
-            // Timers: deadlines of requests still arriving, the handshake,
-            // the idle tick.
-            let now_needed = timer_at.is_some_and(|_| timer.as_mut().poll(cx).is_ready());
-            if now_needed {
-                timer_at = None;
-                let now = Instant::now();
-                let mut c = conn.borrow_mut();
-                c.expire(now);
-                if !c.settings_seen && handshake_deadline.is_some_and(|d| now >= d) {
-                    tracing::debug!("handshake timed out");
-                    c.ending = Ending::Now;
-                    c.out.clear();
+                // Start the tasks the frames asked for, and run the tasks.
+                let jobs = std::mem::take(&mut conn.borrow_mut().jobs);
+                for job in jobs {
+                    tasks.push(start_job(&conn, job));
                 }
-                if let (Some(t), Some(at)) = (tick, next_tick) {
-                    if now >= at {
-                        next_tick = Some(now + t);
-                        if c.out.is_empty() || written != written_at_tick {
-                            stalled_for = Duration::ZERO;
-                        } else {
-                            stalled_for += t;
+                while let Poll::Ready(Some(())) = tasks.poll_next_unpin(cx) {
+                    progress = true;
+                }
+                // Write.
+                {
+                    let mut c = conn.borrow_mut();
+                    while !c.out.is_empty() && !write_failed {
+                        match Pin::new(&mut socket).poll_write(cx, &c.out) {
+                            Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => write_failed = true,
+                            Poll::Ready(Ok(n)) => {
+                                c.out.advance(n);
+                                written += n as u64;
+                                progress = true;
+                            }
+                            Poll::Pending => break,
                         }
-                        written_at_tick = written;
-                        if config.write_timeout.is_some_and(|w| stalled_for >= w) {
-                            tracing::debug!("output stalled; dropping the connection");
+                    }
+                    // TLS keeps written records until flushed (TCP: no-op).
+                    if !write_failed && c.out.is_empty() && unflushed != written {
+                        match Pin::new(&mut socket).poll_flush(cx) {
+                            Poll::Ready(Ok(())) => unflushed = written,
+                            Poll::Ready(Err(_)) => write_failed = true,
+                            Poll::Pending => {}
+                        }
+                    }
+                    if write_failed {
+                        c.out.clear();
+                        if c.ending != Ending::Now {
                             c.end_now();
-                            c.out.clear();
                         }
-                        // Idle for a tick: no stream open at either end of it
-                        // and none opened during it.
-                        let empty = c.streams.is_empty();
-                        if empty && was_empty && c.opened == opened_at_tick {
-                            idle_for += t;
-                        } else {
-                            idle_for = Duration::ZERO;
-                        }
-                        was_empty = empty;
-                        opened_at_tick = c.opened;
-                        let idle = config.idle_timeout.unwrap_or(Duration::MAX);
-                        if idle_for >= idle && c.ending != Ending::Now {
-                            if idle_closing {
-                                tracing::debug!("idle connection did not close in time; dropping it");
+                    }
+                    // The client took enough output: what waited for room goes.
+                    if c.out_starved && c.out.len() < OUT_HIGH {
+                        c.out_starved = false;
+                        c.unblock_all();
+                        progress = true;
+                    }
+                }
+                // Timers: deadlines of requests still arriving, the handshake,
+                // the idle tick.
+                let now_needed = timer_at.is_some_and(|_| timer.as_mut().poll(cx).is_ready());
+                if now_needed {
+                    timer_at = None;
+                    let now = Instant::now();
+                    let mut c = conn.borrow_mut();
+                    c.expire(now);
+                    if !c.settings_seen && handshake_deadline.is_some_and(|d| now >= d) {
+                        tracing::debug!("handshake timed out");
+                        c.ending = Ending::Now;
+                        c.out.clear();
+                    }
+                    if let (Some(t), Some(at)) = (tick, next_tick) {
+                        if now >= at {
+                            next_tick = Some(now + t);
+                            if c.out.is_empty() || written != written_at_tick {
+                                stalled_for = Duration::ZERO;
+                            } else {
+                                stalled_for += t;
+                            }
+                            written_at_tick = written;
+                            if config.write_timeout.is_some_and(|w| stalled_for >= w) {
+                                tracing::debug!("output stalled; dropping the connection");
                                 c.end_now();
                                 c.out.clear();
+                            }
+                            // Idle for a tick: no stream open at either end of it
+                            // and none opened during it.
+                            let empty = c.streams.is_empty();
+                            if empty && was_empty && c.opened == opened_at_tick {
+                                idle_for += t;
                             } else {
-                                tracing::debug!("idle timeout: sending GOAWAY");
-                                idle_closing = true;
                                 idle_for = Duration::ZERO;
-                                c.goaway(code::NO_ERROR, b"");
-                                c.ending = Ending::Draining;
+                            }
+                            was_empty = empty;
+                            opened_at_tick = c.opened;
+                            let idle = config.idle_timeout.unwrap_or(Duration::MAX);
+                            if idle_for >= idle && c.ending != Ending::Now {
+                                if idle_closing {
+                                    tracing::debug!("idle connection did not close in time; dropping it");
+                                    c.end_now();
+                                    c.out.clear();
+                                } else {
+                                    tracing::debug!("idle timeout: sending GOAWAY");
+                                    idle_closing = true;
+                                    idle_for = Duration::ZERO;
+                                    c.goaway(code::NO_ERROR, b"");
+                                    c.ending = Ending::Draining;
+                                }
+                            }
+                        }
+                    }
+                    progress = true;
+                }
+                {
+                    let c = conn.borrow();
+                    let finished = match c.ending {
+                        Ending::Now => c.out.is_empty() && unflushed == written,
+                        Ending::Draining => {
+                            c.streams.is_empty() && c.out.is_empty() && unflushed == written && tasks.is_empty()
+                        }
+                        Ending::No => false,
+                    };
+                    if finished || (write_failed && tasks.is_empty()) {
+                        return Poll::Ready(false);
+                    }
+                    if c.plans > 1 && c.streams.is_empty() && c.jobs.is_empty() && tasks.is_empty() {
+                        return Poll::Ready(true);
+                    }
+                    // Arm the timer for the earliest thing to wake for.
+                    let mut at = c.waiting.first().map(|&(d, _)| d);
+                    if !c.settings_seen {
+                        at = earliest(at, handshake_deadline);
+                    }
+                    at = earliest(at, next_tick);
+                    if at != timer_at {
+                        timer_at = at;
+                        if let Some(at) = at {
+                            timer.as_mut().reset(at);
+                            if timer.as_mut().poll(cx).is_ready() {
+                                continue;
                             }
                         }
                     }
                 }
-                progress = true;
-            }
-            {
-                let c = conn.borrow();
-                let finished = match c.ending {
-                    Ending::Now => c.out.is_empty() && unflushed == written,
-                    Ending::Draining => {
-                        c.streams.is_empty() && c.out.is_empty() && unflushed == written && tasks.is_empty()
-                    }
-                    Ending::No => false,
-                };
-                if finished || (write_failed && tasks.is_empty()) {
-                    return Poll::Ready(false);
+                if !progress {
+                    return Poll::Pending;
                 }
-                if c.plans > 1 && c.streams.is_empty() && c.jobs.is_empty() && tasks.is_empty() {
-                    return Poll::Ready(true);
+                rounds += 1;
+                if rounds >= MAX_ROUNDS {
+                    // More work is ready, but the other connections of this
+                    // worker go first.
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
                 }
-                // Arm the timer for the earliest thing to wake for.
-                let mut at = c.waiting.first().map(|&(d, _)| d);
-                if !c.settings_seen {
-                    at = earliest(at, handshake_deadline);
-                }
-                at = earliest(at, next_tick);
-                if at != timer_at {
-                    timer_at = at;
-                    if let Some(at) = at {
-                        timer.as_mut().reset(at);
-                        if timer.as_mut().poll(cx).is_ready() {
-                            continue;
-                        }
-                    }
-                }
-            }
-            if !progress {
-                return Poll::Pending;
             }
         })
         .await;
@@ -2023,6 +2187,118 @@ fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
         (a, None) => a,
         (None, b) => b,
     }
+}
+
+/// The most output [`drive_calls`] may see a connection hold unwritten:
+/// the high-water mark, one chunk of a message past it, and the small
+/// frames (trailers, resets, acknowledgements) that one read of frames or
+/// one flush of every blocked stream may add.
+#[doc(hidden)]
+pub const OUTPUT_BOUND: usize = OUT_HIGH + SEND_CHUNK + (128 << 10);
+
+/// What [`drive_calls`] saw.
+#[doc(hidden)]
+pub struct Driven {
+    /// Everything the connection wrote.
+    pub output: Vec<u8>,
+    /// The most output the connection held unwritten at any time.
+    pub peak_output: usize,
+    /// Streams whose request could not make progress at the end (see
+    /// `Conn::stalled_streams`).
+    pub stalled: Vec<u32>,
+}
+
+/// Feeds `chunks` (as if read from a socket, one read each) to a fresh
+/// connection with its call tasks run (a few rounds per read, timers not
+/// advanced), by a client that takes the output after every round
+/// (`reading`) or never. For fuzzing the flow of data both ways: the
+/// output held must stay under [`OUTPUT_BOUND`] however much window the
+/// client grants, and no request may stall.
+#[doc(hidden)]
+pub fn drive_calls(served: &Served, config: &Config, chunks: &[&[u8]], reading: bool) -> Driven {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().expect("a runtime");
+    runtime.block_on(async {
+        let conn: Shared<'_> = Rc::new(RefCell::new(Conn::new(served, config)));
+        let mut tasks: FuturesUnordered<Task<'_>> = FuturesUnordered::new();
+        let mut rbuf = BytesMut::new();
+        let mut d = Driven { output: Vec::new(), peak_output: 0, stalled: Vec::new() };
+        for chunk in chunks {
+            if conn.borrow().ending == Ending::Now {
+                break;
+            }
+            rbuf.extend_from_slice(chunk);
+            for _ in 0..8 {
+                if !drive_round(&conn, &mut tasks, &mut rbuf, &mut d, reading).await {
+                    break;
+                }
+            }
+            let _ = conn.borrow_mut().expire(Instant::now() + Duration::from_secs(86_400));
+        }
+        // Time passes: the tasks go on (an endless stream, say) until
+        // nothing moves, or for long enough to test the output bound.
+        for _ in 0..512 {
+            if !drive_round(&conn, &mut tasks, &mut rbuf, &mut d, reading).await {
+                break;
+            }
+        }
+        let mut c = conn.borrow_mut();
+        d.stalled = c.stalled_streams();
+        d.output.extend_from_slice(&c.out);
+        c.out.clear();
+        drop(c);
+        drop(tasks);
+        d
+    })
+}
+
+/// One round of [`drive_calls`]: handle what was read, start and run the
+/// tasks (after letting the runtime deliver their wake-ups), resume what
+/// waited for room, take the output if the client reads. Returns whether
+/// anything moved.
+async fn drive_round<'s>(
+    conn: &Shared<'s>,
+    tasks: &mut FuturesUnordered<Task<'s>>,
+    rbuf: &mut BytesMut,
+    d: &mut Driven,
+    reading: bool,
+) -> bool {
+    tokio::task::yield_now().await;
+    let produced = |c: &Conn<'_>, d: &Driven| d.output.len() + c.out.len();
+    let before = (rbuf.len(), tasks.len(), produced(&conn.borrow(), d));
+    {
+        let mut c = conn.borrow_mut();
+        if c.ending != Ending::Now {
+            match c.receive(rbuf) {
+                Ok(n) => rbuf.advance(n),
+                Err(e) => {
+                    c.fail(e);
+                    rbuf.clear();
+                }
+            }
+        }
+    }
+    let jobs = std::mem::take(&mut conn.borrow_mut().jobs);
+    for job in jobs {
+        tasks.push(start_job(conn, job));
+    }
+    poll_fn(|cx| {
+        while let Poll::Ready(Some(())) = tasks.poll_next_unpin(cx) {}
+        Poll::Ready(())
+    })
+    .await;
+    let mut c = conn.borrow_mut();
+    d.peak_output = d.peak_output.max(c.out.len());
+    if reading {
+        d.output.extend_from_slice(&c.out);
+        c.out.clear();
+    }
+    if c.out_starved && c.out.len() < OUT_HIGH {
+        c.out_starved = false;
+        c.unblock_all();
+        d.peak_output = d.peak_output.max(c.out.len());
+    }
+    let after = (rbuf.len(), tasks.len(), produced(&c, d));
+    after != before
 }
 
 /// Feeds `chunks` (as if read from a socket, one read each) to a fresh

@@ -1,6 +1,7 @@
 //! A request's header block, checked as HPACK decodes it (RFC 9113 §8.2,
 //! §8.3), keeping only what serving a gRPC call needs: the method (from
 //! `:path`), whether `:method` is POST, the content type, `grpc-timeout`,
+//! `grpc-encoding`,
 //! `content-length`, and the values of the metadata keys the method's rules
 //! read. Nothing is allocated for a well-formed call to a known method
 //! whose rules read no metadata.
@@ -32,6 +33,8 @@ pub struct RequestHead<'s> {
     pub content_type: ContentType,
     /// Raw `grpc-timeout` value (the first one).
     pub timeout: Option<SmallVec<[u8; 12]>>,
+    /// A `grpc-encoding` other than `identity` (the engine supports none).
+    pub encoding: Option<Box<[u8]>>,
     pub content_length: Option<u64>,
     /// Values of the method's metadata keys, in the plan's key order.
     pub metadata: SmallVec<[Option<Box<[u8]>>; 2]>,
@@ -61,6 +64,7 @@ impl<'s> RequestHead<'s> {
             post: false,
             content_type: ContentType::Missing,
             timeout: None,
+            encoding: None,
             content_length: None,
             metadata: SmallVec::new(),
             all: None,
@@ -166,6 +170,7 @@ impl<'s> RequestHead<'s> {
                 };
             }
             b"grpc-timeout" if self.timeout.is_none() => self.timeout = Some(SmallVec::from_slice(value)),
+            b"grpc-encoding" if value != b"identity" => self.encoding = Some(value.into()),
             b"content-length" => {
                 let n = std::str::from_utf8(value).ok().and_then(|v| v.parse::<u64>().ok());
                 match (n, self.content_length) {

@@ -35,16 +35,10 @@ fn main() -> ExitCode {
     let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
     let options = match options::parse(&args, &env) {
         Ok(Command::Run(o)) => o,
-        Ok(Command::Help) => {
-            println!("{}", options::help());
-            return ExitCode::SUCCESS;
-        }
-        Ok(Command::Version) => {
-            println!("engine {}", env!("CARGO_PKG_VERSION"));
-            return ExitCode::SUCCESS;
-        }
+        Ok(Command::Help) => return print(&format!("{}\n", options::help())),
+        Ok(Command::Version) => return print(&format!("engine {}\n", env!("CARGO_PKG_VERSION"))),
         Err(msg) => {
-            eprintln!("error: {msg}\n(`engine --help` lists the options)");
+            report(&format!("error: {msg}\n(`engine --help` lists the options)\n"));
             return ExitCode::from(2);
         }
     };
@@ -70,13 +64,35 @@ fn init_logging(format: LogFormat) {
     }
 }
 
+/// Writes `text` to stdout and exits 0. A reader that went away
+/// (`engine --help | head`) is no failure: the rest is not wanted. Any
+/// other write error is reported, exit 1. (`println!` would panic on both.)
+fn print(text: &str) -> ExitCode {
+    let mut stdout = std::io::stdout().lock();
+    match stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            report(&format!("error: cannot write to stdout: {e}\n"));
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Writes `text` to stderr; if that fails there is nowhere left to say so
+/// (`eprintln!` would panic).
+fn report(text: &str) {
+    let mut stderr = std::io::stderr().lock();
+    let _ = stderr.write_all(text.as_bytes()).and_then(|()| stderr.flush());
+}
+
 /// Reports an error that stops the engine: as plain text for people (it
 /// may be the compiler's rendered diagnostics), or as a JSON log line.
 fn fatal(format: LogFormat, msg: &str) {
     match format {
         // The compiler's diagnostics come rendered, each with its label.
-        LogFormat::Text if msg.starts_with("error:") => eprintln!("{}", msg.trim_end()),
-        LogFormat::Text => eprintln!("error: {}", msg.trim_end()),
+        LogFormat::Text if msg.starts_with("error:") => report(&format!("{}\n", msg.trim_end())),
+        LogFormat::Text => report(&format!("error: {}\n", msg.trim_end())),
         LogFormat::Json => tracing::error!("{}", msg.trim_end()),
     }
 }
@@ -180,8 +196,12 @@ fn run(options: Options) -> Result<ExitCode, String> {
                      it can read the journal and reload the plan"
                 );
             }
-            let admin = admin::Admin::start(listener, state.clone(), admin::Options { token })
-                .map_err(|e| format!("cannot start the admin API on {addr}: {e}"))?;
+            let admin = admin::Admin::start(
+                listener,
+                state.clone(),
+                admin::Options { token, head_timeout: options.admin_head_timeout },
+            )
+            .map_err(|e| format!("cannot start the admin API on {addr}: {e}"))?;
             (Some(admin), Some(addr))
         }
         None => (None, None),

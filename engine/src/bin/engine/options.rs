@@ -222,6 +222,41 @@ pub const FLAGS: &[Flag] = &[
         section: ADMIN,
     },
     Flag {
+        name: "journal-bytes",
+        value: "N",
+        kind: Kind::Value,
+        default: "67108864",
+        help: "bytes the journal may hold in all (messages, metadata and a fixed cost per call); the oldest \
+               calls are dropped beyond",
+        section: ADMIN,
+    },
+    Flag {
+        name: "journal-messages",
+        value: "N",
+        kind: Kind::Value,
+        default: "16",
+        help: "request messages the journal keeps of a call: the first N, and the last; the others are \
+               counted, and marked as left out",
+        section: ADMIN,
+    },
+    Flag {
+        name: "journal-message-bytes",
+        value: "N",
+        kind: Kind::Value,
+        default: "65536",
+        help: "bytes the journal keeps of each request message; longer ones are cut, and marked as cut",
+        section: ADMIN,
+    },
+    Flag {
+        name: "admin-head-timeout-ms",
+        value: "MS",
+        kind: Kind::Value,
+        default: "5000",
+        help: "time an admin connection has to send a whole request head (from its start, or from the \
+               first byte of a later request); slower ones are closed",
+        section: ADMIN,
+    },
+    Flag {
         name: "log-format",
         value: "text|json",
         kind: Kind::Value,
@@ -235,6 +270,15 @@ pub const FLAGS: &[Flag] = &[
         kind: Kind::Value,
         default: "4194304",
         help: "largest request message; larger ones get RESOURCE_EXHAUSTED",
+        section: LIMITS,
+    },
+    Flag {
+        name: "max-buffered-bytes",
+        value: "N",
+        kind: Kind::Value,
+        default: "536870912",
+        help: "request bytes held for calls still arriving, all connections together; \
+               past it a call gets RESOURCE_EXHAUSTED",
         section: LIMITS,
     },
     Flag {
@@ -506,6 +550,8 @@ pub struct Options {
     /// Whether `admin_listen` was asked for (false: it is the default).
     pub admin_listen_given: bool,
     pub admin_token: Option<String>,
+    /// Time an admin connection has to send a whole request head.
+    pub admin_head_timeout: Duration,
     pub journal: usize,
     /// Serving on with health NOT_SERVING after a stop signal, before the
     /// drain.
@@ -586,6 +632,7 @@ pub fn parse(args: &[String], env: &dyn Fn(&str) -> Option<String>) -> Result<Co
     let mut server = Config {
         workers: must("workers").number()?,
         max_recv_message: must("max-recv-bytes").number()?,
+        max_buffered: must("max-buffered-bytes").number()?,
         max_concurrent_streams: must("max-concurrent-streams").number()?,
         max_header_list_size: must("max-header-list-size").number()?,
         drain_timeout: Duration::from_millis(must("drain-timeout-ms").number()?),
@@ -595,7 +642,16 @@ pub fn parse(args: &[String], env: &dyn Fn(&str) -> Option<String>) -> Result<Co
         write_timeout: must("write-timeout-ms").millis_or_never()?,
         stack: must("http2").choice(&[("native", Stack::Native), ("h2", Stack::H2)])?,
         metrics: must("metrics").choice(&[("on", true), ("off", false)])?,
+        journal: wirestub_engine::journal::Limits {
+            bytes: must("journal-bytes").number()?,
+            messages: must("journal-messages").number()?,
+            message_bytes: must("journal-message-bytes").number()?,
+        },
         ..Config::default()
+    };
+    let admin_head_timeout = match must("admin-head-timeout-ms").millis_or_never()? {
+        Some(t) => t,
+        None => return Err(must("admin-head-timeout-ms").error("a number of at least 1")),
     };
     if server.max_connections == 0 {
         return Err(must("max-connections").error("a number of at least 1"));
@@ -650,6 +706,7 @@ pub fn parse(args: &[String], env: &dyn Fn(&str) -> Option<String>) -> Result<Co
         admin_listen: must("admin-listen").address()?,
         admin_listen_given: lookup("admin-listen").is_some(),
         admin_token: get("admin-token").map(|r| r.text().to_string()),
+        admin_head_timeout,
         journal: must("journal").number()?,
         shutdown_grace: Duration::from_millis(must("shutdown-grace-ms").number()?),
         log_format: must("log-format").choice(&[("text", LogFormat::Text), ("json", LogFormat::Json)])?,
@@ -809,6 +866,7 @@ mod tests {
         let d = Config::default();
         assert_eq!(o.server.workers, d.workers);
         assert_eq!(o.server.max_recv_message, d.max_recv_message);
+        assert_eq!(o.server.max_buffered, d.max_buffered);
         assert_eq!(o.server.max_concurrent_streams, d.max_concurrent_streams);
         assert_eq!(o.server.max_header_list_size, d.max_header_list_size);
         assert_eq!(o.server.drain_timeout, d.drain_timeout);
@@ -818,6 +876,8 @@ mod tests {
         assert_eq!(o.server.write_timeout, d.write_timeout);
         assert_eq!(o.server.stack, d.stack);
         assert_eq!(o.server.metrics, d.metrics);
+        assert_eq!(o.server.journal, wirestub_engine::journal::Limits::DEFAULT);
+        assert_eq!(o.admin_head_timeout, wirestub_engine::admin::DEFAULT_HEAD_TIMEOUT);
         assert_eq!(o.server.seed, None);
         let c = wirestub_compiler::Options::default();
         assert_eq!((o.compile.protos, o.compile.rules), (c.protos, c.rules));
@@ -884,6 +944,11 @@ mod tests {
         assert_eq!(tls.listen, "[::1]:0");
         assert_eq!((tls.cert, tls.key), (PathBuf::from("c.pem"), PathBuf::from("k.pem")));
         assert_eq!(tls.client_ca, Some(PathBuf::from("ca.pem")));
+        let o = run("run --journal-bytes 1000 --journal-messages 2 --journal-message-bytes 30 \
+                     --admin-head-timeout-ms 1500");
+        assert_eq!(o.server.journal, wirestub_engine::journal::Limits { bytes: 1000, messages: 2, message_bytes: 30 });
+        assert_eq!(o.admin_head_timeout, Duration::from_millis(1500));
+        assert!(run_with("run --admin-head-timeout-ms 0", &[]).unwrap_err().contains("at least 1"));
         assert_eq!(run("run --plan p.bin").plan, Some(PathBuf::from("p.bin")));
         assert!(!run("run --watch=false").watch);
     }
