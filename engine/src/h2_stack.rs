@@ -5,6 +5,7 @@
 //!
 //! Abuse resistance here is h2's own guards, set explicitly below.
 
+use crate::budget::Held;
 use crate::call::{deadline_exceeded, pick, prepare_fault, sleep_until, Answer};
 use crate::grpc::{self, Code, Status};
 use crate::matcher::Messages;
@@ -227,14 +228,14 @@ async fn call(
     let work = async {
         let answer = match method.plan.kind {
             MethodKind::Unary | MethodKind::ServerStreaming => {
-                let message = read_unary(body, config.max_recv_message).await?;
+                let message = read_unary(body, config).await?;
                 let one = [&message[..]];
                 let answer = pick(method, &Messages::one(&one), headers)?;
                 tally.rule(answer.rule);
                 answer
             }
             MethodKind::ClientStreaming | MethodKind::BidiStreaming => {
-                let mut reader = MessageReader::new(body, config.max_recv_message);
+                let mut reader = MessageReader::new(body, config);
                 let mut head = Vec::new();
                 let mut last = None;
                 let mut count = 0usize;
@@ -344,7 +345,7 @@ async fn builtin_call(
     let framed = |m: &[u8]| Bytes::from(wirestub_plan::grpc_frame(m));
     match builtin {
         Builtin::HealthCheck => {
-            let reply = match read_unary(body, config.max_recv_message).await {
+            let reply = match read_unary(body, config).await {
                 Ok(message) => state.health.check(&message),
                 Err(e) => Err(e),
             };
@@ -360,7 +361,7 @@ async fn builtin_call(
             }
         }
         Builtin::HealthWatch => {
-            let service = match read_unary(body, config.max_recv_message).await {
+            let service = match read_unary(body, config).await {
                 Ok(message) => state.health.watched(&message),
                 Err(e) => Err(e),
             };
@@ -400,7 +401,7 @@ async fn builtin_call(
             Code::Unavailable as u8
         }
         Builtin::Reflection => {
-            let mut reader = MessageReader::new(body, config.max_recv_message);
+            let mut reader = MessageReader::new(body, config);
             let mut stream: Option<SendStream<Bytes>> = None;
             let result: Result<(), Stop<'_>> = async {
                 while let Some(message) = tokio::select! {
@@ -430,7 +431,9 @@ async fn builtin_call(
 /// Receives the one request message of a unary or server-streaming call,
 /// checking framing and size as bytes arrive. The common case (the message
 /// in one DATA frame) is zero-copy.
-async fn read_unary(mut body: RecvStream, max: usize) -> Result<Bytes, Status> {
+async fn read_unary(mut body: RecvStream, config: &Config) -> Result<Bytes, Status> {
+    let max = config.max_recv_message;
+    let mut held = Held::new(config.max_buffered);
     let mut first: Option<Bytes> = None;
     let mut joined: Option<BytesMut> = None;
     let mut total = 0usize;
@@ -441,6 +444,7 @@ async fn read_unary(mut body: RecvStream, max: usize) -> Result<Bytes, Status> {
             continue;
         }
         total += chunk.len();
+        held.grow(chunk.len())?;
         match (&mut first, &mut joined) {
             (None, _) => first = Some(chunk),
             (Some(f), None) => {
@@ -488,11 +492,14 @@ struct MessageReader {
     buf: BytesMut,
     max: usize,
     ended: bool,
+    /// The bytes in `buf`, in the process-wide count.
+    held: Held,
 }
 
 impl MessageReader {
-    fn new(body: RecvStream, max: usize) -> Self {
-        MessageReader { body, buf: BytesMut::new(), max, ended: false }
+    fn new(body: RecvStream, config: &Config) -> Self {
+        let held = Held::new(config.max_buffered);
+        MessageReader { body, buf: BytesMut::new(), max: config.max_recv_message, ended: false, held }
     }
 
     /// The next message, or None once the client has half-closed.
@@ -505,6 +512,7 @@ impl MessageReader {
                         return Err(grpc::compressed());
                     }
                     let mut m = self.buf.split_to(5 + len);
+                    self.held.shrink(5 + len);
                     return Ok(Some(m.split_off(5).freeze()));
                 }
             }
@@ -517,6 +525,7 @@ impl MessageReader {
             match self.body.data().await {
                 Some(Ok(chunk)) => {
                     let _ = self.body.flow_control().release_capacity(chunk.len());
+                    self.held.grow(chunk.len())?;
                     self.buf.extend_from_slice(&chunk);
                 }
                 Some(Err(e)) => return Err(Status::new(Code::Internal, format!("request stream failed: {e}"))),
@@ -554,7 +563,7 @@ async fn duplex(
     deadline: Option<Instant>,
     tally: &Tally<'_>,
 ) -> u8 {
-    let mut reader = MessageReader::new(body, config.max_recv_message);
+    let mut reader = MessageReader::new(body, config);
     let mut stream: Option<SendStream<Bytes>> = None;
     let result: Result<(), Stop<'_>> = async {
         loop {

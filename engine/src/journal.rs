@@ -160,18 +160,27 @@ impl RequestMessages {
     }
 
     /// Records one received message (copying at most `cap` bytes of it).
-    pub fn push(&mut self, message: &[u8]) {
+    /// Returns how many more bytes are kept than before (negative when
+    /// the latest message replaces a longer one).
+    pub fn push(&mut self, message: &[u8]) -> isize {
         self.count += 1;
         if self.limit == 0 {
-            return;
+            return 0;
         }
         let kept =
             KeptMessage { bytes: Bytes::copy_from_slice(&message[..message.len().min(self.cap)]), size: message.len() };
+        let added = kept.bytes.len() as isize;
         if self.head.len() < self.limit {
             self.head.push(kept);
+            added
         } else {
-            self.last = Some(kept);
+            added - self.last.replace(kept).map_or(0, |old| old.bytes.len() as isize)
         }
+    }
+
+    /// The message bytes kept.
+    pub fn kept_bytes(&self) -> usize {
+        self.head.iter().chain(self.last.iter()).map(|m| m.bytes.len()).sum()
     }
 
     /// How many messages were received.

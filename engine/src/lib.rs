@@ -11,6 +11,7 @@
 //! message; the library never depends on the compiler or protox.
 
 pub mod admin;
+pub mod budget;
 pub mod call;
 pub mod grpc;
 pub mod h2_stack;

@@ -18,6 +18,7 @@
 use super::frame::{self, code, flag, kind, Head};
 use super::hpack::Decoder;
 use super::request::{ContentType, RequestHead};
+use crate::budget::Reported;
 use crate::call::{self, Answer, Schedule};
 use crate::grpc::{self, Code, Status};
 use crate::journal::{Closest, Entry};
@@ -100,35 +101,6 @@ fn conn_err(code: u32, debug: &'static str) -> ConnError {
     ConnError { code, debug }
 }
 
-/// This connection's part of the process-wide count of buffered request
-/// bytes ([`crate::metrics::BUFFERED_REQUEST_BYTES`]): brought up to date
-/// after each read and each message a task takes, given back when the
-/// connection ends.
-struct Reported(usize);
-
-impl Reported {
-    fn sync(&mut self, buffered: usize) {
-        if buffered != self.0 {
-            let delta = buffered as i64 - self.0 as i64;
-            crate::metrics::BUFFERED_REQUEST_BYTES.fetch_add(delta, std::sync::atomic::Ordering::Relaxed);
-            self.0 = buffered;
-        }
-    }
-
-    /// Request bytes buffered by every connection, this one's counted as
-    /// `buffered`.
-    fn total(&self, buffered: usize) -> usize {
-        let all = crate::metrics::BUFFERED_REQUEST_BYTES.load(std::sync::atomic::Ordering::Relaxed);
-        (all - self.0 as i64 + buffered as i64).max(0) as usize
-    }
-}
-
-impl Drop for Reported {
-    fn drop(&mut self) {
-        self.sync(0);
-    }
-}
-
 /// Stream ids hash to themselves (they are distinct and dense).
 #[derive(Default)]
 struct IdHasher(u64);
@@ -183,6 +155,8 @@ struct Stream<'s> {
     /// A request-side failure for the call's task (duplex calls).
     failed: Option<Status>,
     metadata: smallvec::SmallVec<[Option<Box<[u8]>>; 2]>,
+    /// Bytes of metadata kept (in the connection's `buffered`).
+    meta_bytes: usize,
     content_length: Option<u64>,
     received: u64,
     deadline: Option<Instant>,
@@ -366,7 +340,7 @@ impl Carry {
             recv_window: conn_window,
             recv_target: conn_window,
             buffered: 0,
-            reported: Reported(0),
+            reported: Reported::default(),
             send_window: frame::DEFAULT_WINDOW,
             peer_initial_window: frame::DEFAULT_WINDOW,
             peer_max_frame: frame::DEFAULT_MAX_FRAME as usize,
@@ -816,7 +790,10 @@ impl<'s> Conn<'s> {
 
     /// Releases what a stream that is going away holds.
     fn forget(&mut self, id: u32, s: &mut Stream<'s>) {
-        self.buffered -= s.body.len() + s.queue.iter().map(Bytes::len).sum::<usize>();
+        self.buffered -= s.body.len() + s.queue.iter().map(Bytes::len).sum::<usize>() + s.meta_bytes;
+        if let Some(rec) = &s.rec {
+            self.buffered -= rec.messages.kept_bytes();
+        }
         if let Some(agg) = &s.agg {
             self.buffered -= agg.head.iter().chain(agg.last.iter()).map(Bytes::len).sum::<usize>();
         }
@@ -951,6 +928,22 @@ impl<'s> Conn<'s> {
             return Ok(());
         }
         let method = method.expect("answered above when missing");
+        // The metadata kept for the call counts as request bytes held.
+        let mut meta_bytes: usize = request.metadata.iter().flatten().map(|v| v.len()).sum();
+        if let Some(all) = &request.all {
+            meta_bytes += all.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
+        }
+        if meta_bytes > 0 {
+            if self.reported.total(self.buffered) + meta_bytes > self.config.max_buffered {
+                let p = status_answer(&grpc::buffers_full(self.config.max_buffered));
+                frame::put_headers(&mut self.out, id, &p.blocks.trailers_only, true, self.peer_max_frame);
+                if !end_stream {
+                    frame::put_rst(&mut self.out, id, code::NO_ERROR);
+                }
+                return Ok(());
+            }
+            self.buffered += meta_bytes;
+        }
         let window = self.stream_window();
         let stream = Stream {
             method,
@@ -963,6 +956,7 @@ impl<'s> Conn<'s> {
             queue: VecDeque::new(),
             failed: None,
             metadata: request.metadata,
+            meta_bytes,
             content_length: request.content_length,
             received: 0,
             deadline,
@@ -1190,7 +1184,8 @@ impl<'s> Conn<'s> {
         }
         let s = self.streams.get_mut(&id).expect("present");
         if let Some(rec) = &mut s.rec {
-            rec.messages.push(&body[5..]);
+            let added = rec.messages.push(&body[5..]);
+            self.buffered = self.buffered.saturating_add_signed(added);
         }
         if let Some(builtin) = s.method.builtin {
             return self.answer_builtin(id, builtin, &body[5..]);
@@ -1548,7 +1543,7 @@ fn deframe(s: &mut Stream<'_>, max: usize, buffered: &mut usize) -> Option<Statu
         *buffered -= 5;
         if let Some(rec) = &mut s.rec {
             // Bounded by the journal's per-call limits, not this budget.
-            rec.messages.push(&message);
+            *buffered = buffered.saturating_add_signed(rec.messages.push(&message));
         }
         if s.method.plan.duplex {
             s.queue.push_back(message);
