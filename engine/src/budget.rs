@@ -8,6 +8,11 @@ use crate::grpc::{self, Status};
 use crate::metrics::BUFFERED_REQUEST_BYTES;
 use std::sync::atomic::Ordering;
 
+/// What an open call counts for besides the bytes it holds: its state on
+/// either stack (the native stack's stream is a little under this; the
+/// `h2` crate's is larger and is counted the same).
+pub const CALL_COST: usize = 1024;
+
 /// One connection's part of the count: what it last reported.
 #[derive(Debug, Default)]
 pub struct Reported(usize);

@@ -5,7 +5,7 @@
 //!
 //! Abuse resistance here is h2's own guards, set explicitly below.
 
-use crate::budget::Held;
+use crate::budget::{Held, CALL_COST};
 use crate::call::{deadline_exceeded, pick, prepare_fault, sleep_until, Answer};
 use crate::grpc::{self, Code, Status};
 use crate::matcher::Messages;
@@ -13,7 +13,7 @@ use crate::metrics::WorkerStats;
 use crate::served::{status_answer, status_response, Builtin, Prepared};
 use crate::server::Config;
 use crate::state::{Generation, State};
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use h2::server::SendResponse;
 use h2::{RecvStream, SendStream};
@@ -203,6 +203,12 @@ async fn call(
             }
         },
     };
+    // The call's state counts in the budget of bytes held for calls.
+    let mut call_held = Held::new(config.max_buffered);
+    if let Err(s) = call_held.grow(CALL_COST) {
+        let _ = send_status(&mut respond, &s);
+        return;
+    }
     let headers = &parts.headers;
     let tally = Tally {
         stats: config.metrics.then(|| generation.stats.worker(crate::metrics::worker())),
@@ -237,14 +243,17 @@ async fn call(
             MethodKind::ClientStreaming | MethodKind::BidiStreaming => {
                 let mut reader = MessageReader::new(body, config);
                 let mut head = Vec::new();
-                let mut last = None;
+                let mut last: Option<Bytes> = None;
                 let mut count = 0usize;
+                // The messages kept for the rules stay in the budget.
+                let mut kept = Held::new(config.max_buffered);
                 while let Some(m) = reader.next().await? {
                     count += 1;
+                    kept.grow(m.len())?;
                     if head.len() < method.keep {
                         head.push(m);
-                    } else {
-                        last = Some(m);
+                    } else if let Some(old) = last.replace(m) {
+                        kept.shrink(old.len());
                     }
                 }
                 let head_refs: Vec<&[u8]> = head.iter().map(|b| &b[..]).collect();
@@ -511,9 +520,19 @@ impl MessageReader {
                     if compressed {
                         return Err(grpc::compressed());
                     }
-                    let mut m = self.buf.split_to(5 + len);
+                    // As on the native stack: a small message is copied
+                    // out rather than keep a large buffer alive.
+                    let message = if 2 * (5 + len) < self.buf.capacity() {
+                        let m = Bytes::copy_from_slice(&self.buf[5..5 + len]);
+                        self.buf.advance(5 + len);
+                        m
+                    } else {
+                        let mut m = self.buf.split_to(5 + len);
+                        self.buf = BytesMut::from(&self.buf[..]);
+                        m.split_off(5).freeze()
+                    };
                     self.held.shrink(5 + len);
-                    return Ok(Some(m.split_off(5).freeze()));
+                    return Ok(Some(message));
                 }
             }
             if self.ended {

@@ -18,7 +18,7 @@
 use super::frame::{self, code, flag, kind, Head};
 use super::hpack::Decoder;
 use super::request::{ContentType, RequestHead};
-use crate::budget::Reported;
+use crate::budget::{Reported, CALL_COST};
 use crate::call::{self, Answer, Schedule};
 use crate::grpc::{self, Code, Status};
 use crate::journal::{Closest, Entry};
@@ -60,6 +60,10 @@ const MAX_ROUNDS: u32 = 16;
 /// Messages a streaming task sends before it yields to the rest of its
 /// connection (fairness between the streams of one connection).
 const ITEMS_PER_TURN: u64 = 64;
+/// What a message waiting in a duplex call's queue counts for besides its
+/// bytes (its place in the queue), so that empty messages cannot queue
+/// without bound: the queue is held to a stream window of these.
+const QUEUED_OVERHEAD: usize = 64;
 /// Request bytes buffered per connection (not yet consumed by calls) above
 /// which the connection window is not replenished.
 const BUFFER_BUDGET: usize = 16 << 20;
@@ -79,6 +83,12 @@ const MAX_TINY_DATA: u32 = 100;
 const MAX_CONTROL_FRAMES: u32 = 20_000;
 /// CONTINUATION frames per header block (CVE-2024-27316).
 const MAX_CONTINUATIONS: u32 = 16;
+/// Bytes of open calls (their [`CALL_COST`] and the metadata kept for
+/// them) one connection may hold; a stream past it is refused
+/// (REFUSED_STREAM), so that header blocks of a few bytes that expand,
+/// through HPACK references, into kilobytes of kept metadata cannot fill
+/// the process-wide budget from a few connections.
+const CALLS_BUDGET: usize = 2 << 20;
 /// A response waiting for window sends once the client grants this much
 /// (or the whole message, if smaller).
 const SEND_CHUNK: usize = 16 << 10;
@@ -152,11 +162,15 @@ struct Stream<'s> {
     agg: Option<Box<Aggregate>>,
     /// Duplex calls: whole messages waiting for the call's task.
     queue: VecDeque<Bytes>,
+    /// What the queue counts for: its bytes plus [`QUEUED_OVERHEAD`] a
+    /// message.
+    queued: usize,
     /// A request-side failure for the call's task (duplex calls).
     failed: Option<Status>,
     metadata: smallvec::SmallVec<[Option<Box<[u8]>>; 2]>,
-    /// Bytes of metadata kept (in the connection's `buffered`).
-    meta_bytes: usize,
+    /// What the call counts for in the connection's `buffered` and
+    /// `calls_held`: [`CALL_COST`] and the metadata kept.
+    held: usize,
     content_length: Option<u64>,
     received: u64,
     deadline: Option<Instant>,
@@ -249,6 +263,8 @@ pub struct Conn<'s> {
     /// Request bytes held by streams (see [`BUFFER_BUDGET`]).
     buffered: usize,
     reported: Reported,
+    /// Bytes of open calls (see [`CALLS_BUDGET`]), also in `buffered`.
+    calls_held: usize,
     send_window: i64,
     peer_initial_window: i64,
     peer_max_frame: usize,
@@ -297,6 +313,8 @@ struct Carry {
     recv_target: i64,
     buffered: usize,
     reported: Reported,
+    /// Bytes of open calls (see [`CALLS_BUDGET`]), also in `buffered`.
+    calls_held: usize,
     send_window: i64,
     peer_initial_window: i64,
     peer_max_frame: usize,
@@ -341,6 +359,7 @@ impl Carry {
             recv_target: conn_window,
             buffered: 0,
             reported: Reported::default(),
+            calls_held: 0,
             send_window: frame::DEFAULT_WINDOW,
             peer_initial_window: frame::DEFAULT_WINDOW,
             peer_max_frame: frame::DEFAULT_MAX_FRAME as usize,
@@ -372,6 +391,7 @@ impl<'s> Conn<'s> {
             recv_target: self.recv_target,
             buffered: self.buffered,
             reported: self.reported,
+            calls_held: self.calls_held,
             send_window: self.send_window,
             peer_initial_window: self.peer_initial_window,
             peer_max_frame: self.peer_max_frame,
@@ -421,6 +441,7 @@ impl<'s> Conn<'s> {
             recv_target: c.recv_target,
             buffered: c.buffered,
             reported: c.reported,
+            calls_held: c.calls_held,
             send_window: c.send_window,
             peer_initial_window: c.peer_initial_window,
             peer_max_frame: c.peer_max_frame,
@@ -757,10 +778,18 @@ impl<'s> Conn<'s> {
         if self.streams.len() >= self.config.max_concurrent_streams as usize {
             return self.refuse(id, code::REFUSED_STREAM);
         }
+        // What the call would hold: its state and the metadata kept.
+        let mut held = CALL_COST + request.metadata.iter().flatten().map(|v| v.len()).sum::<usize>();
+        if let Some(all) = &request.all {
+            held += all.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
+        }
+        if self.calls_held + held > CALLS_BUDGET {
+            return self.refuse(id, code::REFUSED_STREAM);
+        }
         // Streams refused above were not acted on; GOAWAY does not count them.
         self.last_stream = id;
         let oversized = request.size > max_list;
-        self.open(id, end_stream, request, oversized)
+        self.open(id, end_stream, request, oversized, held)
     }
 
     /// Answers a new stream at once with RST_STREAM.
@@ -790,7 +819,8 @@ impl<'s> Conn<'s> {
 
     /// Releases what a stream that is going away holds.
     fn forget(&mut self, id: u32, s: &mut Stream<'s>) {
-        self.buffered -= s.body.len() + s.queue.iter().map(Bytes::len).sum::<usize>() + s.meta_bytes;
+        self.buffered -= s.body.len() + s.queue.iter().map(Bytes::len).sum::<usize>() + s.held;
+        self.calls_held -= s.held;
         if let Some(rec) = &s.rec {
             self.buffered -= rec.messages.kept_bytes();
         }
@@ -863,7 +893,14 @@ impl<'s> Conn<'s> {
         }
     }
 
-    fn open(&mut self, id: u32, end_stream: bool, request: RequestHead<'s>, oversized: bool) -> Result<(), ConnError> {
+    fn open(
+        &mut self,
+        id: u32,
+        end_stream: bool,
+        request: RequestHead<'s>,
+        oversized: bool,
+        held: usize,
+    ) -> Result<(), ConnError> {
         let early = |code: u8, msg: String| Some(status_response(code, &msg));
         let mut http_status = None;
         let mut status = None;
@@ -928,22 +965,16 @@ impl<'s> Conn<'s> {
             return Ok(());
         }
         let method = method.expect("answered above when missing");
-        // The metadata kept for the call counts as request bytes held.
-        let mut meta_bytes: usize = request.metadata.iter().flatten().map(|v| v.len()).sum();
-        if let Some(all) = &request.all {
-            meta_bytes += all.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
-        }
-        if meta_bytes > 0 {
-            if self.reported.total(self.buffered) + meta_bytes > self.config.max_buffered {
-                let p = status_answer(&grpc::buffers_full(self.config.max_buffered));
-                frame::put_headers(&mut self.out, id, &p.blocks.trailers_only, true, self.peer_max_frame);
-                if !end_stream {
-                    frame::put_rst(&mut self.out, id, code::NO_ERROR);
-                }
-                return Ok(());
+        if self.reported.total(self.buffered) + held > self.config.max_buffered {
+            let p = status_answer(&grpc::buffers_full(self.config.max_buffered));
+            frame::put_headers(&mut self.out, id, &p.blocks.trailers_only, true, self.peer_max_frame);
+            if !end_stream {
+                frame::put_rst(&mut self.out, id, code::NO_ERROR);
             }
-            self.buffered += meta_bytes;
+            return Ok(());
         }
+        self.buffered += held;
+        self.calls_held += held;
         let window = self.stream_window();
         let stream = Stream {
             method,
@@ -954,9 +985,10 @@ impl<'s> Conn<'s> {
             body: BytesMut::new(),
             agg: None,
             queue: VecDeque::new(),
+            queued: 0,
             failed: None,
             metadata: request.metadata,
-            meta_bytes,
+            held,
             content_length: request.content_length,
             received: 0,
             deadline,
@@ -1094,7 +1126,7 @@ impl<'s> Conn<'s> {
         if s.recv_done {
             return;
         }
-        let queued: usize = s.queue.iter().map(Bytes::len).sum();
+        let queued = s.queued;
         let partial = s.body.len();
         // Bytes still missing from the message in progress.
         let (limit, missing) = if partial >= 5 {
@@ -1526,6 +1558,10 @@ impl<'s> Conn<'s> {
 fn deframe(s: &mut Stream<'_>, max: usize, buffered: &mut usize) -> Option<Status> {
     loop {
         if s.body.len() < 5 {
+            if s.body.is_empty() {
+                // Let go of the buffer the last message was cut from.
+                s.body = BytesMut::new();
+            }
             return None;
         }
         let (compressed, len) = match grpc::message_prefix(&s.body, max) {
@@ -1538,14 +1574,13 @@ fn deframe(s: &mut Stream<'_>, max: usize, buffered: &mut usize) -> Option<Statu
         if compressed {
             return Some(grpc::compressed());
         }
-        let mut m = s.body.split_to(5 + len);
-        let message = m.split_off(5).freeze();
+        let message = cut_message(&mut s.body, len);
         *buffered -= 5;
         if let Some(rec) = &mut s.rec {
-            // Bounded by the journal's per-call limits, not this budget.
             *buffered = buffered.saturating_add_signed(rec.messages.push(&message));
         }
         if s.method.plan.duplex {
+            s.queued += message.len() + QUEUED_OVERHEAD;
             s.queue.push_back(message);
             continue;
         }
@@ -1560,6 +1595,27 @@ fn deframe(s: &mut Stream<'_>, max: usize, buffered: &mut usize) -> Option<Statu
             }
         }
     }
+}
+
+/// Cuts the message of `len` bytes (after its 5-byte prefix) off the
+/// front of `body`. A message that fills less than half of the buffer it
+/// arrived in is copied out, so that a small message kept for long (a
+/// client stream's last) never keeps a large buffer alive; a larger one is
+/// cut off without a copy. What is left of the buffer, at most one DATA
+/// frame's worth, moves to a buffer of its own for the same reason.
+fn cut_message(body: &mut BytesMut, len: usize) -> Bytes {
+    if 2 * (5 + len) < body.capacity() {
+        let m = Bytes::copy_from_slice(&body[5..5 + len]);
+        body.advance(5 + len);
+        return m;
+    }
+    let mut m = body.split_to(5 + len);
+    if !body.is_empty() {
+        *body = BytesMut::from(&body[..]);
+    } else {
+        *body = BytesMut::new();
+    }
+    m.split_off(5).freeze()
 }
 
 /// A message with its gRPC prefix (uncompressed).
@@ -1692,6 +1748,7 @@ impl<'s> Handle<'s> {
             let mut c = self.conn.borrow_mut();
             let Some(s) = c.streams.get_mut(&self.id) else { return Poll::Ready(Err(Stop::Gone)) };
             if let Some(m) = s.queue.pop_front() {
+                s.queued -= m.len() + QUEUED_OVERHEAD;
                 c.buffered -= m.len();
                 let buffered = c.buffered;
                 c.reported.sync(buffered);
