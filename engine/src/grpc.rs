@@ -113,6 +113,15 @@ pub fn buffers_full(limit: usize) -> Status {
     )
 }
 
+/// The answer to a request message on a connection that holds more
+/// request bytes than it may.
+pub fn connection_buffers_full(limit: usize) -> Status {
+    Status::new(
+        Code::ResourceExhausted,
+        format!("this connection holds more than {limit} bytes of requests still arriving"),
+    )
+}
+
 /// Inspects the bytes received so far (`prefix` is at least the first
 /// five bytes if `total >= 5`).
 pub fn check_unary(prefix: &[u8], total: usize, max_len: usize) -> Result<Framing, Status> {

@@ -5,7 +5,7 @@
 //!
 //! Abuse resistance here is h2's own guards, set explicitly below.
 
-use crate::budget::{Held, CALL_COST};
+use crate::budget::{Held, H2_CALL_COST};
 use crate::call::{deadline_exceeded, pick, prepare_fault, sleep_until, Answer};
 use crate::grpc::{self, Code, Status};
 use crate::matcher::Messages;
@@ -205,7 +205,7 @@ async fn call(
     };
     // The call's state counts in the budget of bytes held for calls.
     let mut call_held = Held::new(config.max_buffered);
-    if let Err(s) = call_held.grow(CALL_COST) {
+    if let Err(s) = call_held.grow(H2_CALL_COST) {
         let _ = send_status(&mut respond, &s);
         return;
     }

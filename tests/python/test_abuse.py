@@ -6,20 +6,23 @@ h2 crate kept as the reference). Each test starts its own engine (the
 binary, as test_grpcio.py does: `WIRESTUB_ENGINE`, default
 target/debug/engine, `run --listen 127.0.0.1:0`, compiling protos/ and
 rules/ plus the test-only abuse_protos/ and abuse_rules/ beside this file),
-with the limits the test needs; it takes well under a second. Each test then
+with the limits the test needs (and, for the one test that reads a gauge
+from /metrics, the admin API); it takes well under a second. Each test then
 performs one attack over raw sockets, with frames made by hand with
 hyperframe and hpack (python-hyper's h2 would refuse to send most of them),
 within a bounded count of frames and time and with a timeout on every
 socket operation, and asserts what the engine sent back: a GOAWAY or
-RST_STREAM with an error code, a gRPC status, or the connection closed.
+RST_STREAM with an error code, a gRPC status, the connection closed, or
+how much the engine's flow control let in.
 
 Throughout every test, whatever the attack:
 - a bystander (abuse_support.Bystander), a well-behaved grpcio client in a
   thread, calls SayHello with a 2 s deadline, one call after another, each
   on a new connection; any call that fails or misses its deadline fails
-  the test (the few tests that fill the connection limit on purpose run
-  without one, and the runaway-stream tests start theirs once the
-  attackers hold the workers);
+  the test (the few tests that fill the connection limit or the request
+  budget on purpose run without one, the latter checking that calls are
+  served again once the attackers leave, and the runaway-stream tests
+  start theirs once the attackers hold the workers);
 - the engine's resident memory is sampled every 20 ms and must stay under
   abuse_support.RSS_CEILING_KIB (150 MiB); past 768 MiB the sampler kills
   the engine, so that a runaway cannot take the machine down.
@@ -37,7 +40,9 @@ reset, the bystander served, the memory under the ceiling.
 from __future__ import annotations
 
 import functools
+import http.client
 import os
+import select
 import socket
 import subprocess
 import time
@@ -63,6 +68,7 @@ from abuse_support import (
     channel,
     grpc_frame,
     tag_of,
+    varint,
 )
 from hyperframe.frame import (
     ContinuationFrame,
@@ -1802,4 +1808,494 @@ def test_many_partial_large_requests_stay_within_the_buffer_budget(engine_with):
     finally:
         for u in uploads:
             u.r.close()
+    assert_still_serving(engine)
+
+
+# --------------------------------------------------------------------------
+# What calls hold beyond what they are counted for
+# --------------------------------------------------------------------------
+
+
+BUFFERED_GAUGE = "wirestub_buffered_request_bytes"
+# What an open call counts for in that gauge and in --max-buffered-bytes
+# besides the bytes it holds, on each stack (engine/src/budget.rs:
+# CALL_COST, H2_CALL_COST).
+CALL_COSTS = {"native": 1536, "h2": 4096}
+CALL_COST = CALL_COSTS["native"]
+# The bytes of open calls' state and kept metadata one connection may hold
+# on the native stack (engine/src/http2/conn.rs: CALLS_BUDGET).
+CALLS_BUDGET = 2 * MIB
+UPLOAD = "/chat.v1.Chat/Upload"
+TALK = "/chat.v1.Chat/Talk"
+
+
+def admin_port(engine: Engine) -> int:
+    """The port of the admin API of an engine started with `--admin-listen
+    127.0.0.1:0`: its listening socket other than the gRPC one, from /proc
+    (engine_process reads only the first `listening on` line, the gRPC
+    port's; the admin API may start listening a moment after it)."""
+    pid = engine.proc.pid
+    deadline = time.monotonic() + 3.0
+    while True:
+        inodes = set()
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                link = os.readlink(fd)
+            except OSError:
+                continue
+            if link.startswith("socket:["):
+                inodes.add(link[len("socket:[") : -1])
+        ports = set()
+        for line in Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]:
+            cols = line.split()
+            if cols[3] == "0A" and cols[9] in inodes:  # TCP_LISTEN
+                ports.add(int(cols[1].rsplit(":", 1)[1], 16))
+        ports.discard(engine.port)
+        if len(ports) == 1:
+            return ports.pop()
+        assert len(ports) == 0 and time.monotonic() < deadline, (
+            f"the engine's listening ports besides {engine.port}: {ports}"
+        )
+        time.sleep(0.05)
+
+
+def metric(port: int, name: str) -> float:
+    """The value of an unlabelled metric on the admin API's /metrics."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=IO_TIMEOUT)
+    try:
+        conn.request("GET", "/metrics")
+        response = conn.getresponse()
+        body = response.read().decode()
+    finally:
+        conn.close()
+    assert response.status == 200, (response.status, body[:200])
+    for line in body.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[0] == name:
+            return float(parts[1])
+    raise AssertionError(f"no {name} in /metrics")
+
+
+def chat_message(user: str, text: str) -> bytes:
+    """chat.v1.ChatMessage { user, text }."""
+    u, t = user.encode(), text.encode()
+    return b"\x0a" + varint(len(u)) + u + b"\x12" + varint(len(t)) + t
+
+
+def hpack_string(s: str) -> bytes:
+    """An HPACK string literal without Huffman coding."""
+    b = s.encode()
+    return hpack_int(len(b), 7, 0) + b
+
+
+def hpack_indexing(name: str, value: str) -> bytes:
+    """A literal field with incremental indexing and a new name (RFC 7541
+    §6.2.1): it goes into the dynamic table, as index 62."""
+    return b"\x40" + hpack_string(name) + hpack_string(value)
+
+
+def hpack_indexed(index: int) -> bytes:
+    return hpack_int(index, 7, 0x80)
+
+
+# :method POST and :scheme http from the static table, then :path,
+# content-type and te into the dynamic table (as 64, 63 and 62 once the
+# three are in); the blocks after it name them with one byte each.
+POST_HTTP = hpack_indexed(3) + hpack_indexed(6)
+
+
+def first_block(path: str, *extra: bytes) -> bytes:
+    return (
+        POST_HTTP
+        + hpack_indexing(":path", path)
+        + hpack_indexing("content-type", "application/grpc")
+        + hpack_indexing("te", "trailers")
+        + b"".join(extra)
+    )
+
+
+def open_idle_streams(port: int, first: bytes, rest: bytes, streams: int = 1000) -> Raw:
+    """A connection that opens `streams` calls with a header block each
+    (`first` for stream 1, `rest` for the others, which may refer to the
+    dynamic table entries `first` made), HEADERS only: no DATA, no
+    END_STREAM, no deadline; all in one write."""
+    r = Raw(port)
+    try:
+        r.handshake()
+        r.send(
+            raw_frame(0x1, 0x4, 1, first),
+            b"".join(raw_frame(0x1, 0x4, 1 + 2 * i, rest) for i in range(1, streams)),
+        )
+    except BaseException:
+        r.close()
+        raise
+    return r
+
+
+def read_answers(
+    conns: list[Raw], quiet: float = 0.5, timeout: float = IO_TIMEOUT
+) -> list[list[Frame]]:
+    """The frames each connection receives until none has received
+    anything for `quiet` seconds (at most `timeout`)."""
+    got: list[list[Frame]] = [[] for _ in conns]
+    deadline = time.monotonic() + timeout
+    last = time.monotonic()
+    while time.monotonic() < deadline and time.monotonic() - last < quiet:
+        moved = False
+        for frames, r in zip(got, conns):
+            if not r.eof:
+                new = r.available_frames()
+                frames += new
+                moved = moved or bool(new)
+        if moved:
+            last = time.monotonic()
+        else:
+            time.sleep(0.02)
+    return got
+
+
+class FlowControlled:
+    """A raw connection that sends request bodies only as far as the
+    engine's flow control allows: it tracks the connection window and each
+    stream's (from the engine's SETTINGS and WINDOW_UPDATEs), never blocks
+    on its socket (so that one attacker pumps several connections), and
+    notes how the engine ends streams or the connection."""
+
+    def __init__(self, port: int, **settings: int):
+        self.r = Raw(port)
+        try:
+            self.r.handshake(**settings)
+        except BaseException:
+            self.r.close()
+            raise
+        self.conn_window = 65535
+        self.initial = self.r.server_settings.get(SettingsFrame.INITIAL_WINDOW_SIZE, 65535)
+        self.windows: dict[int, int] = {}
+        self.ended: dict[int, str] = {}  # stream id: how the engine ended it
+        self.closed: str | None = None  # how the engine ended the connection
+        self.r.sock.settimeout(0)  # never blocks from here on
+        self.out = bytearray()
+        self.sent = 0  # DATA payload bytes sent: what the windows let in
+
+    def open(self, sid: int, path: str) -> None:
+        self.windows[sid] = self.initial
+        self.out += self.r.headers(sid, path).serialize()
+
+    def room(self, sid: int) -> int:
+        """DATA bytes that stream `sid` may send now (0 while the socket is
+        backed up)."""
+        if self.closed or sid in self.ended or len(self.out) >= (256 << 10):
+            return 0
+        return max(0, min(self.conn_window, self.windows[sid]))
+
+    def data(self, sid: int, payload: bytes) -> None:
+        """A DATA frame (no END_STREAM) that fits `room(sid)`."""
+        assert len(payload) <= min(self.room(sid), 16384), (len(payload), self.room(sid))
+        self.out += raw_frame(0x0, 0, sid, payload)
+        self.conn_window -= len(payload)
+        self.windows[sid] -= len(payload)
+        self.sent += len(payload)
+
+    def pump(self) -> bool:
+        """Takes in the engine's frames and writes what it can; whether
+        anything moved."""
+        if self.closed:
+            return False
+        moved = False
+        for f in self.r.available_frames():
+            moved = True
+            if isinstance(f, WindowUpdateFrame):
+                if f.stream_id == 0:
+                    self.conn_window += f.window_increment
+                elif f.stream_id in self.windows:
+                    self.windows[f.stream_id] += f.window_increment
+            elif isinstance(f, SettingsFrame) and "ACK" not in f.flags:
+                new = f.settings.get(SettingsFrame.INITIAL_WINDOW_SIZE)
+                if new is not None:
+                    for sid in self.windows:
+                        self.windows[sid] += new - self.initial
+                    self.initial = new
+                self.out += SettingsFrame(0, flags=["ACK"]).serialize()
+            elif isinstance(f, GoAwayFrame):
+                self.closed = describe([f])
+            elif isinstance(f, RstStreamFrame) or (
+                isinstance(f, HeadersFrame) and "END_STREAM" in f.flags
+            ):
+                self.ended[f.stream_id] = describe([f])
+        if self.r.eof:
+            self.closed = self.closed or "closed"
+            return moved
+        if self.out:
+            try:
+                k = self.r.sock.send(self.out)
+                del self.out[:k]
+                moved = moved or k > 0
+            except (BlockingIOError, InterruptedError):
+                pass
+            except (ConnectionResetError, BrokenPipeError):
+                self.closed = "reset"
+        return moved
+
+    def wait(self, seconds: float = 0.01) -> None:
+        """Until the engine sends something or `seconds` pass."""
+        select.select([self.r.sock], [], [], seconds)
+
+    def close(self) -> None:
+        self.r.close()
+
+
+def test_kept_small_messages_do_not_pin_large_buffers(engine_with):
+    """150 client streams (chat.v1.Chat/Upload, whose rules look at the
+    first and last messages, so both are kept until the stream ends) on one
+    connection, each sending a tiny message, one of 1 MB, then a tiny
+    message in the same DATA frame as the big one's end, as fast as flow
+    control allows, then left open. The last message was cut from the
+    buffer the big one had been assembled in, and kept as a slice of it
+    pinned the whole megabyte: the engine's memory grew by the big
+    messages (the audit saw 1.1 GB on the native stack; both stacks went
+    over the ceiling) while the wirestub_buffered_request_bytes gauge said
+    a few KB. A kept message that fills less than half of its buffer is
+    copied out now (both stacks): the memory stays under the ceiling
+    (40 to 60 MiB), and the gauge counts at least each open call's fixed
+    cost (1024 bytes)."""
+    engine = engine_with("--admin-listen", "127.0.0.1:0")
+    admin = admin_port(engine)
+    first = grpc_frame(chat_message("ann", "hi"))
+    big = grpc_frame(chat_message("bob", "x" * 999_980))
+    last = grpc_frame(chat_message("cat", "bye"))
+    body = first + big + last
+    pieces = [body[i : i + 16384] for i in range(0, len(body), 16384)]
+    assert len(pieces[-1]) > len(last)  # the big message ends in the last one's frame
+    streams = 150
+    c = FlowControlled(engine.port)
+    try:
+        sid, done, piece = 1, 0, 0
+        c.open(sid, UPLOAD)
+        deadline = time.monotonic() + 10.0
+        while (done < streams or c.out) and time.monotonic() < deadline and engine.alive():
+            if c.closed or c.ended:
+                break
+            moved = c.pump()
+            while done < streams and piece < len(pieces) and c.room(sid) >= len(pieces[piece]):
+                c.data(sid, pieces[piece])
+                piece += 1
+                moved = True
+            if piece == len(pieces):
+                done, piece = done + 1, 0
+                if done < streams:
+                    sid += 2
+                    c.open(sid, UPLOAD)
+            if not moved:
+                c.wait()
+        engine.check_contained()
+        assert not c.closed and not c.ended, (c.closed, c.ended)
+        assert done == streams and not c.out, (
+            f"{done} of {streams} streams sent ({c.sent} bytes) within 10 s"
+        )
+        # The engine has taken every byte; its count catches up at once.
+        deadline = time.monotonic() + 2.0
+        cost = CALL_COSTS[engine.stack]
+        while (held := metric(admin, BUFFERED_GAUGE)) < streams * cost:
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert held >= streams * cost, (
+            f"{BUFFERED_GAUGE} {held:.0f} for {streams} open calls"
+        )
+        time.sleep(0.5)  # the streams held open, the bystander calling
+        engine.check_contained(min_calls=3)
+    finally:
+        c.close()
+    assert_still_serving(engine)
+
+
+def test_empty_messages_to_a_duplex_call_that_cannot_answer(engine):
+    """A duplex call (chat.v1.Chat/Talk, each message answered as it
+    arrives) from clients whose stream window is 0 (SETTINGS_INITIAL_
+    WINDOW_SIZE=0, never opened), so that no answer can go out and the
+    messages queue up, on two connections: DATA frames of empty messages
+    (five bytes each, 00 00000000), 3,276 to a frame, as fast as flow
+    control allows, for up to 5 s. The native stack held the queue to the
+    stream window counting message bytes only, and an empty message has
+    none: it grew without bound (3 million messages, CPU quadratic in the
+    queue, the bystander near its deadline; the h2 stack's flow control
+    stopped the client already). Each queued message counts 64 bytes now,
+    so the engine grants no window past about 1 MiB of them: each client
+    is stalled by flow control once it has sent the initial stream window
+    (1 MiB, about 200,000 messages; the test ends once both have been
+    stalled for 1.5 s), the calls stay open, the memory stays under the
+    ceiling and the bystander is served."""
+    conns = [FlowControlled(engine.port, INITIAL_WINDOW_SIZE=0) for _ in range(2)]
+    try:
+        for c in conns:
+            c.open(1, TALK)
+        start = time.monotonic()
+        last_sent = start
+        while time.monotonic() - start < 5.0 and engine.alive():
+            moved = False
+            for c in conns:
+                moved = c.pump() or moved
+                n = min(c.room(1), 16380) // 5 * 5
+                if n:
+                    c.data(1, bytes(n))
+                    moved = True
+                    last_sent = time.monotonic()
+            if moved:
+                continue
+            if time.monotonic() - last_sent > 1.5:
+                break  # flow control holds both clients
+            conns[0].wait()
+        stalled = time.monotonic() - last_sent
+        sent = [c.sent for c in conns]
+        engine.check_contained(min_calls=3)
+        for c in conns:
+            assert not c.closed and 1 not in c.ended, (c.closed, c.ended)
+        assert max(sent) <= 2 * MIB, f"the engine let in {sent} bytes of empty messages"
+        assert stalled >= 1.5, f"still sending after 5 s: {sent} bytes let in"
+    finally:
+        for c in conns:
+            c.close()
+    assert_still_serving(engine)
+
+
+def test_hpack_amplified_metadata_of_idle_calls_is_refused_per_connection(engine_with):
+    """With the journal on (--journal 1000: calls' metadata is kept), 20
+    connections each open 1,000 calls to SayHello, HEADERS only (no DATA,
+    no END_STREAM, no deadline): the first block puts `x-role: A*3880`
+    into the HPACK dynamic table, every later one is 9 bytes naming it
+    four times, over 15 KB of metadata to keep per call. The whole
+    process-wide budget (--max-buffered-bytes, 512 MiB by default) was
+    there to fill from a few connections: the memory went over the
+    ceiling, and once the budget was full every call got
+    RESOURCE_EXHAUSTED, the bystander's (grpcio's metadata is kept) among
+    them. The native stack holds each connection's open calls to 2 MiB of
+    state and metadata now: the calls past it get RST_STREAM
+    REFUSED_STREAM, and the bystander is served throughout.
+
+    The h2 crate keeps the four references as one shared value (the
+    engine counts the calls' fixed cost only, and refuses none here): on
+    h2 the test asserts containment (memory under the ceiling, the
+    bystander served)."""
+    engine = engine_with("--journal", "1000")
+    value = "A" * 3880  # the four entries fill the 4,096-byte table
+    first = first_block(SAY_HELLO, hpack_indexing("x-role", value), hpack_indexed(62) * 3)
+    rest = POST_HTTP + b"".join(hpack_indexed(i) for i in (65, 64, 63, 62, 62, 62, 62))
+    assert len(rest) == 9
+    conns: list[Raw] = []
+    try:
+        for _ in range(20):
+            conns.append(open_idle_streams(engine.port, first, rest))
+        answers = read_answers(conns)
+        time.sleep(0.5)  # the calls held open, the bystander calling
+        engine.check_contained(min_calls=3)
+        for frames in answers:
+            got = summary(frames)
+            assert not [t for t in got if t[0] in ("GOAWAY", "HEADERS", "DATA")], got[:10]
+            if not native_only(engine, "h2 keeps shared values, refuses none"):
+                continue
+            refused = {t[1] for t in got if t[0] == "RST_STREAM" and t[2] == REFUSED_STREAM}
+            assert {t for t in got if t[0] == "RST_STREAM"} == {
+                ("RST_STREAM", sid, REFUSED_STREAM) for sid in refused
+            }, got[:10]
+            # The calls held keep no more than CALLS_BUDGET of state and
+            # metadata (each at least its cost and the four values).
+            held = 1000 - len(refused)
+            assert 0 < held <= CALLS_BUDGET // (CALL_COST + 4 * len(value)), held
+    finally:
+        for r in conns:
+            r.close()
+    assert_still_serving(engine)
+
+
+def test_idle_calls_fill_the_request_budget_not_memory(engine_with):
+    """--max-buffered-bytes 8 MiB, where each open call counts 1024 bytes
+    (its state) besides what it holds: 20 connections each open 1,000
+    calls to SayHello, HEADERS only (no metadata, no DATA, no END_STREAM,
+    no deadline). Open calls without metadata were not counted, so idle
+    streams took memory limited only by --max-concurrent-streams (1,024)
+    and --max-connections (10,000). They fill the budget now, and the
+    calls past it are answered at once with RESOURCE_EXHAUSTED,
+    trailers-only, then RST_STREAM NO_ERROR as the client had not finished
+    its request. The memory stays under the ceiling.
+
+    While the budget is full, every new call is refused, well-behaved ones
+    too: that is the budget doing its work, so there is no bystander during
+    the attack (a grpcio call made then gets RESOURCE_EXHAUSTED); once the
+    attackers' connections close, their calls give their place back and
+    calls are served again within a few seconds (both stacks; here the h2
+    stack answers as the native one does)."""
+    engine = engine_with("--max-buffered-bytes", str(8 * MIB), bystander=False)
+    first = first_block(SAY_HELLO)
+    rest = POST_HTTP + hpack_indexed(64) + hpack_indexed(63) + hpack_indexed(62)
+    conns: list[Raw] = []
+    try:
+        for _ in range(20):
+            conns.append(open_idle_streams(engine.port, first, rest))
+        answers = read_answers(conns)
+        engine.check_contained()
+        answered = 0
+        for frames in answers:
+            got = summary(frames)
+            statuses = [t for t in got if t[0] == "HEADERS"]
+            resets = [t for t in got if t[0] == "RST_STREAM"]
+            assert {t[0] for t in got} <= {"HEADERS", "RST_STREAM"}, got[:10]
+            assert {(t[2].get("grpc-status"), t[3]) for t in statuses} <= {("8", True)}, got[:10]
+            assert [t[1:] for t in resets] == [(t[1], NO_ERROR) for t in statuses], got[:10]
+            answered += len(statuses)
+        held = 20 * 1000 - answered
+        # As many calls are held as the budget has room for (the native
+        # stack's count lags by what two workers take in one read each).
+        cost = CALL_COSTS[engine.stack]
+        assert 8 * MIB - 8 * cost <= held * cost <= 8 * MIB + 2 * 1000 * cost, held
+        with pytest.raises(grpc.RpcError) as info:
+            grpcio_say_hello(engine.port)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, info.value
+    finally:
+        for r in conns:
+            r.close()
+    deadline = time.monotonic() + 3.0
+    while True:
+        try:
+            assert grpcio_say_hello(engine.port, timeout=2.0) == HI_TOM
+            break
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e
+            assert time.monotonic() < deadline, f"still refused 3 s after the attackers left: {e}"
+            time.sleep(0.1)
+    engine.start_bystander()
+    time.sleep(0.5)
+    engine.check_contained(min_calls=2)
+    assert_still_serving(engine)
+
+
+def test_empty_messages_to_many_duplex_calls_on_one_connection(engine):
+    """As test_empty_messages_to_a_duplex_call_that_cannot_answer, with 20
+    Talk streams on one connection (window 0) instead of one stream on each
+    of two connections: each stream takes its own initial 1 MiB window of
+    empty messages (about 200,000 queued messages each). The connection's
+    own bound stops it: each queued message counts 64 bytes besides its
+    own, and a duplex call on a connection holding twice its buffer budget
+    gets RESOURCE_EXHAUSTED."""
+    c = FlowControlled(engine.port, INITIAL_WINDOW_SIZE=0)
+    try:
+        for i in range(20):
+            c.open(1 + 2 * i, TALK)
+        start = last = time.monotonic()
+        while time.monotonic() - start < 5.0 and engine.alive():
+            moved = c.pump()
+            for sid in list(c.windows):
+                n = min(c.room(sid), 16380) // 5 * 5
+                if n:
+                    c.data(sid, bytes(n))
+                    moved = True
+                    last = time.monotonic()
+            if not moved:
+                if time.monotonic() - last > 1.5:
+                    break
+                c.wait()
+        print(f"let in {c.sent / MIB:.1f} MiB; {engine.rss.report()}")
+        engine.check_contained(min_calls=3)
+        assert c.sent <= 8 * MIB, f"the engine let in {c.sent} bytes of empty messages"
+    finally:
+        c.close()
     assert_still_serving(engine)

@@ -819,7 +819,7 @@ impl<'s> Conn<'s> {
 
     /// Releases what a stream that is going away holds.
     fn forget(&mut self, id: u32, s: &mut Stream<'s>) {
-        self.buffered -= s.body.len() + s.queue.iter().map(Bytes::len).sum::<usize>() + s.held;
+        self.buffered -= s.body.len() + s.queued + s.held;
         self.calls_held -= s.held;
         if let Some(rec) = &s.rec {
             self.buffered -= rec.messages.kept_bytes();
@@ -1075,8 +1075,17 @@ impl<'s> Conn<'s> {
             // A duplex call that has failed: its task ends it.
             return Ok(());
         }
-        if !data.is_empty() && self.reported.total(self.buffered) + data.len() > self.config.max_buffered {
-            let status = grpc::buffers_full(self.config.max_buffered);
+        // The connection's own bound is its window (see BUFFER_BUDGET); a
+        // duplex call on a connection past twice that (many tiny queued
+        // messages, each counting more than its bytes) gets no more.
+        let full = if duplex && self.buffered > 2 * BUFFER_BUDGET {
+            Some(grpc::connection_buffers_full(2 * BUFFER_BUDGET))
+        } else if !data.is_empty() && self.reported.total(self.buffered) + data.len() > self.config.max_buffered {
+            Some(grpc::buffers_full(self.config.max_buffered))
+        } else {
+            None
+        };
+        if let Some(status) = full {
             if duplex {
                 s.failed = Some(status);
                 s.wake();
@@ -1581,6 +1590,7 @@ fn deframe(s: &mut Stream<'_>, max: usize, buffered: &mut usize) -> Option<Statu
         }
         if s.method.plan.duplex {
             s.queued += message.len() + QUEUED_OVERHEAD;
+            *buffered += QUEUED_OVERHEAD;
             s.queue.push_back(message);
             continue;
         }
@@ -1749,7 +1759,7 @@ impl<'s> Handle<'s> {
             let Some(s) = c.streams.get_mut(&self.id) else { return Poll::Ready(Err(Stop::Gone)) };
             if let Some(m) = s.queue.pop_front() {
                 s.queued -= m.len() + QUEUED_OVERHEAD;
-                c.buffered -= m.len();
+                c.buffered -= m.len() + QUEUED_OVERHEAD;
                 let buffered = c.buffered;
                 c.reported.sync(buffered);
                 c.replenish_stream(self.id);
