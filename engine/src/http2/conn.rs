@@ -2115,6 +2115,9 @@ where
                         c.unblock_all();
                         progress = true;
                     }
+                    // Calls the tasks ended have given back what they held.
+                    let buffered = c.buffered;
+                    c.reported.sync(buffered);
                 }
                 // Timers: deadlines of requests still arriving, the handshake,
                 // the idle tick.
