@@ -10,6 +10,7 @@ use crate::call::{deadline_exceeded, pick, prepare_fault, sleep_until, Answer};
 use crate::grpc::{self, Code, Status};
 use crate::matcher::Messages;
 use crate::metrics::WorkerStats;
+use crate::outflow;
 use crate::served::{status_answer, status_response, Builtin, Prepared};
 use crate::server::Config;
 use crate::state::{Generation, State};
@@ -53,7 +54,17 @@ const HEADER_TABLE_SIZE: u32 = 4096;
 
 /// Drives one connection: the handshake, then every stream as a future in
 /// this task, until the client or the engine closes it.
-pub(crate) async fn connection<T>(socket: T, state: &State, config: &Config, mut stop: watch::Receiver<bool>)
+pub(crate) async fn connection<T>(socket: T, state: &State, config: &Config, stop: watch::Receiver<bool>)
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let flow = std::rc::Rc::new(outflow::Outflow::default());
+    let socket = outflow::Counted { inner: socket, flow: flow.clone() };
+    outflow::scope(flow, serve(socket, state, config, stop)).await
+}
+
+/// [`connection`] on a socket whose writes are counted.
+async fn serve<T>(socket: T, state: &State, config: &Config, mut stop: watch::Receiver<bool>)
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
@@ -780,6 +791,10 @@ async fn wait_capacity<'m>(
     len: usize,
     deadline: Option<Instant>,
 ) -> Result<(), Stop<'m>> {
+    tokio::select! {
+        _ = outflow::room(len) => {}
+        _ = sleep_until(deadline) => return Err(deadline_exceeded().into()),
+    }
     let want = len.min(16 << 10);
     stream.reserve_capacity(len);
     while stream.capacity() < want {

@@ -20,6 +20,7 @@ pub mod http2;
 pub mod journal;
 pub mod matcher;
 pub mod metrics;
+pub mod outflow;
 pub mod reflection;
 pub mod rng;
 pub mod served;

@@ -1567,6 +1567,28 @@ def test_endless_fast_stream_to_clients_that_never_read(engine_with):
     assert_still_serving(engine)
 
 
+def test_many_endless_streams_of_small_messages_to_a_client_that_never_reads(engine):
+    """One client that never reads, with the largest windows, opens 500
+    endless streams of ~20-byte messages with no pause (the bundled
+    example's "firehose" room). Per-stream send buffers count message
+    bytes, not the frames that carry them: the h2 crate alone would queue
+    millions of small frames (1.3 GB for this attack). Both stacks stop
+    producing once the connection's output is backed up (256 KiB handed
+    over and not written), so memory stays under the ceiling and the
+    bystander is served throughout."""
+    r = Raw(engine.port, rcvbuf=4096)
+    try:
+        r.handshake(INITIAL_WINDOW_SIZE=MAX_WINDOW)
+        r.send(WindowUpdateFrame(0, window_increment=MAX_WINDOW - 65535))
+        for i in range(500):
+            r.call(1 + 2 * i, SUBSCRIBE, grpc_frame(b"\x0a\x08firehose"))
+        wait_while_alive(engine, ATTACK_SECONDS)
+        engine.check_contained(min_calls=5)
+    finally:
+        r.close()
+    assert_still_serving(engine)
+
+
 def test_endless_fast_stream_to_a_client_that_never_reads_is_dropped(engine_with):
     """The same two clients with --write-timeout-ms 2000: once a client has
     taken none of its output for 2 s, the engine drops its connection, and
