@@ -60,11 +60,11 @@ where
 {
     let flow = std::rc::Rc::new(outflow::Outflow::default());
     let socket = outflow::Counted { inner: socket, flow: flow.clone() };
-    outflow::scope(flow, serve(socket, state, config, stop)).await
+    outflow::scope(flow.clone(), serve(socket, &flow, state, config, stop)).await
 }
 
 /// [`connection`] on a socket whose writes are counted.
-async fn serve<T>(socket: T, state: &State, config: &Config, mut stop: watch::Receiver<bool>)
+async fn serve<T>(socket: T, flow: &outflow::Outflow, state: &State, config: &Config, mut stop: watch::Receiver<bool>)
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
@@ -127,8 +127,28 @@ where
     let timer = tokio::time::sleep(idle.unwrap_or(Duration::ZERO));
     tokio::pin!(timer);
     let mut idle_closing = false;
+    // The write-stall check: a connection whose output is backed up and
+    // whose socket took nothing for `write_timeout` is dropped.
+    let stall_tick = config.write_timeout.map(|t| (t / 4).clamp(Duration::from_millis(10), Duration::from_secs(1)));
+    let mut ticks = tokio::time::interval(stall_tick.unwrap_or(Duration::from_secs(3600)));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut stalled_for = Duration::ZERO;
+    let mut written_at_tick = flow.written();
     loop {
         tokio::select! {
+            _ = ticks.tick(), if stall_tick.is_some() => {
+                let written = flow.written();
+                if flow.backed_up() && written == written_at_tick {
+                    stalled_for += stall_tick.unwrap_or_default();
+                } else {
+                    stalled_for = Duration::ZERO;
+                }
+                written_at_tick = written;
+                if config.write_timeout.is_some_and(|w| stalled_for >= w) {
+                    tracing::debug!("output stalled; dropping the connection");
+                    break;
+                }
+            }
             _ = stop.changed(), if !draining => {
                 draining = true;
                 conn.graceful_shutdown();

@@ -41,6 +41,16 @@ impl Outflow {
         self.handed.get().saturating_sub(self.written.get())
     }
 
+    /// Bytes the socket has taken so far.
+    pub fn written(&self) -> u64 {
+        self.written.get()
+    }
+
+    /// Whether calls wait for the socket (the backlog is at its mark).
+    pub fn backed_up(&self) -> bool {
+        self.backlog() >= HIGH
+    }
+
     fn wrote(&self, n: usize) {
         let written = self.written.get() + n as u64;
         self.written.set(written);

@@ -57,8 +57,8 @@ pub struct Config {
     /// latencies, faults and shuffles repeat; None seeds from the clock.
     pub seed: Option<u64>,
     /// A connection whose output the client has not taken for this long
-    /// (its socket buffers full) is dropped; None waits forever. Native
-    /// stack only.
+    /// (its socket buffers full) is dropped; None waits forever. On the
+    /// `h2` stack, while its calls wait for the socket (see `outflow`).
     pub write_timeout: Option<Duration>,
     /// Which HTTP/2 implementation serves connections.
     pub stack: Stack,
