@@ -58,7 +58,7 @@ pub(crate) async fn connection<T>(socket: T, state: &State, config: &Config, sto
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    let flow = std::rc::Rc::new(outflow::Outflow::default());
+    let flow = std::rc::Rc::new(outflow::Outflow::new(config.max_buffered));
     let socket = outflow::Counted { inner: socket, flow: flow.clone() };
     outflow::scope(flow.clone(), serve(socket, &flow, state, config, stop)).await
 }
@@ -811,6 +811,8 @@ async fn wait_capacity<'m>(
     len: usize,
     deadline: Option<Instant>,
 ) -> Result<(), Stop<'m>> {
+    // The answer counts as held until it is handed to h2.
+    let _held = outflow::hold(len)?;
     tokio::select! {
         _ = outflow::room(len) => {}
         _ = sleep_until(deadline) => return Err(deadline_exceeded().into()),

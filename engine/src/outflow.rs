@@ -10,6 +10,8 @@
 //! through a task-local (a connection is one task, its calls futures in
 //! it), so nothing has to be threaded through the call functions.
 
+use crate::budget::Held;
+use crate::grpc::Status;
 use std::cell::{Cell, RefCell};
 use std::future::poll_fn;
 use std::io;
@@ -34,9 +36,15 @@ pub struct Outflow {
     handed: Cell<u64>,
     written: Cell<u64>,
     waiters: RefCell<Vec<Waker>>,
+    /// `--max-buffered-bytes`, for the answers calls hold while they wait.
+    limit: usize,
 }
 
 impl Outflow {
+    pub fn new(limit: usize) -> Outflow {
+        Outflow { limit, ..Outflow::default() }
+    }
+
     fn backlog(&self) -> u64 {
         self.handed.get().saturating_sub(self.written.get())
     }
@@ -71,6 +79,17 @@ impl Outflow {
 /// Runs a connection's future with `flow` as its calls' [`Outflow`].
 pub async fn scope<F: std::future::Future>(flow: Rc<Outflow>, f: F) -> F::Output {
     OUTFLOW.scope(flow, f).await
+}
+
+/// Counts an answer of `len` bytes that a call holds while it waits for
+/// window, in the process-wide budget (see [`crate::budget`]), or fails
+/// the call when that would pass the budget. Outside a connection (no
+/// outflow in scope) nothing is counted.
+pub fn hold(len: usize) -> Result<Option<Held>, Status> {
+    let Ok(limit) = OUTFLOW.try_with(|f| f.limit) else { return Ok(None) };
+    let mut held = Held::new(limit);
+    held.grow(len)?;
+    Ok(Some(held))
 }
 
 /// Waits until the current connection's backlog is under [`HIGH`], then

@@ -2315,3 +2315,58 @@ def test_empty_messages_to_many_duplex_calls_on_one_connection(engine):
     finally:
         c.close()
     assert_still_serving(engine)
+
+
+REFLECTION_INFO = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"
+
+
+def pb_bytes(field: int, data: bytes) -> bytes:
+    """A length-delimited protobuf field."""
+    n = len(data)
+    size = bytearray()
+    while n >= 0x80:
+        size.append((n & 0x7F) | 0x80)
+        n >>= 7
+    size.append(n)
+    return bytes([field << 3 | 2]) + bytes(size) + data
+
+
+def test_answers_waiting_for_window_count_against_the_budget(engine_with):
+    """A client that grants the engine no window (SETTINGS_INITIAL_WINDOW_SIZE
+    0) sends on 60 reflection streams one request each of about 1 MB (a
+    512 KB `host` and a 512 KB unknown symbol) and leaves them open. Each
+    answer echoes the request and waits for window that never comes: before,
+    nothing counted these answers (about 5 MB held per stream, 3 GB for 150
+    streams of 4 MB). Now an answer waiting for window counts against
+    --max-buffered-bytes (16 MiB here): calls past it end with
+    RESOURCE_EXHAUSTED, memory stays under the ceiling, and the bystander is
+    served."""
+    engine = engine_with("--max-buffered-bytes", str(16 * MIB))
+    c = FlowControlled(engine.port, INITIAL_WINDOW_SIZE=0)
+    half = 512 * 1024
+    message = grpc_frame(pb_bytes(1, b"h" * half) + pb_bytes(4, b"no.such.Symbol" + b"x" * half))
+    streams = [1 + 2 * i for i in range(60)]
+    sent = {sid: 0 for sid in streams}
+    try:
+        for sid in streams:
+            c.open(sid, REFLECTION_INFO)
+        deadline = time.monotonic() + 10.0
+        while time.monotonic() < deadline and engine.alive():
+            moved = c.pump()
+            todo = [sid for sid in streams if sent[sid] < len(message) and sid not in c.ended]
+            if not todo:
+                break
+            for sid in todo:
+                n = min(c.room(sid), 16384, len(message) - sent[sid])
+                if n > 0:
+                    c.data(sid, message[sent[sid] : sent[sid] + n])
+                    sent[sid] += n
+                    moved = True
+            if not moved:
+                c.wait()
+        wait_while_alive(engine, 1.0)
+        engine.check_contained(min_calls=3)
+        assert sum(sent.values()) > 16 * MIB, f"only {sum(sent.values())} bytes went in"
+    finally:
+        c.close()
+    assert_still_serving(engine)

@@ -57,6 +57,11 @@ pub const MAX_CONNECTIONS: usize = 256;
 pub const PROBE_SLOTS: usize = 8;
 /// Journal queries answered at once (each holds up to a page of JSON).
 pub const JOURNAL_QUERIES: usize = 2;
+/// How long a journal query waits for one of those; then 503.
+const JOURNAL_QUERY_WAIT: Duration = Duration::from_secs(5);
+/// How long a journal page may take to be written (the permit is held
+/// meanwhile); then the connection is closed.
+const JOURNAL_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Where a connection is in its request cycle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -476,17 +481,29 @@ async fn serve(mut stream: TcpStream, shared: Arc<Shared>, entry: Entry) {
         let head_only = head.method == "HEAD";
         // A probe slot serves one request.
         let (minor, close) = (head.minor, head.close || entry.probe_only);
-        // A journal query holds its permit until its page is written.
+        // A journal query holds its permit until its page is written, for
+        // at most JOURNAL_WRITE_TIMEOUT; one that waits longer than
+        // JOURNAL_QUERY_WAIT for a permit is told to come back (so clients
+        // that do not read their pages cannot queue the others forever).
         let permit = match routes::is_journal_query(&head.path) {
-            true => match shared.journal_queries.acquire().await {
-                Ok(p) => Some(p),
-                Err(_) => return,
+            true => match tokio::time::timeout(JOURNAL_QUERY_WAIT, shared.journal_queries.acquire()).await {
+                Ok(Ok(p)) => Some(p),
+                Ok(Err(_)) => return,
+                Err(_) => {
+                    send_refusal(&mut stream, refuse(503, "journal queries are busy; try again"), minor).await;
+                    return;
+                }
             },
             false => None,
         };
         let response = answer(&shared, head, body).await;
         let head = encode_head(&response, minor, close);
-        let sent = write(&mut stream, &head).await && (head_only || write(&mut stream, &response.body).await);
+        let writes =
+            async { write(&mut stream, &head).await && (head_only || write(&mut stream, &response.body).await) };
+        let sent = match permit {
+            Some(_) => tokio::time::timeout(JOURNAL_WRITE_TIMEOUT, writes).await.unwrap_or(false),
+            None => writes.await,
+        };
         drop(response);
         drop(permit);
         if !sent || close {

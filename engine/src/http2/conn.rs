@@ -165,6 +165,11 @@ struct Stream<'s> {
     /// What the queue counts for: its bytes plus [`QUEUED_OVERHEAD`] a
     /// message.
     queued: usize,
+    /// The answer a task holds while it waits for window (see
+    /// `Handle::capacity`), in `buffered`.
+    waiting: usize,
+    /// Response bytes queued in `pending`, in `buffered`.
+    pending_bytes: usize,
     /// A request-side failure for the call's task (duplex calls).
     failed: Option<Status>,
     metadata: smallvec::SmallVec<[Option<Box<[u8]>>; 2]>,
@@ -819,7 +824,7 @@ impl<'s> Conn<'s> {
 
     /// Releases what a stream that is going away holds.
     fn forget(&mut self, id: u32, s: &mut Stream<'s>) {
-        self.buffered -= s.body.len() + s.queued + s.held;
+        self.buffered -= s.body.len() + s.queued + s.held + s.waiting + s.pending_bytes;
         self.calls_held -= s.held;
         if let Some(rec) = &s.rec {
             self.buffered -= rec.messages.kept_bytes();
@@ -986,6 +991,8 @@ impl<'s> Conn<'s> {
             agg: None,
             queue: VecDeque::new(),
             queued: 0,
+            waiting: 0,
+            pending_bytes: 0,
             failed: None,
             metadata: request.metadata,
             held,
@@ -1298,6 +1305,9 @@ impl<'s> Conn<'s> {
                 return Ok(());
             }
             let fits = answer.body.len() as i64 <= s.send_window.min(self.send_window);
+            if !fits && self.reported.total(self.buffered) + answer.body.len() > self.config.max_buffered {
+                return self.fail_call(id, &grpc::buffers_full(self.config.max_buffered));
+            }
             if fits || s.deadline.is_none() {
                 self.note_status(id, 0, "");
                 self.send_headers(id, &prepared.blocks.headers);
@@ -1384,9 +1394,13 @@ impl<'s> Conn<'s> {
             if n == room {
                 self.out_starved = true;
             }
+            s.pending_bytes += data.len() - n;
+            self.buffered += data.len() - n;
             s.pending.push_back(Out::Data(data.slice(n..)));
             self.blocked.push_back(id);
         } else {
+            s.pending_bytes += data.len();
+            self.buffered += data.len();
             s.pending.push_back(Out::Data(data));
         }
     }
@@ -1451,6 +1465,8 @@ impl<'s> Conn<'s> {
                     s.send_window -= n as i64;
                     self.send_window -= n as i64;
                     self.control_frames = 0;
+                    s.pending_bytes -= n;
+                    self.buffered -= n;
                     d.advance(n);
                     if d.is_empty() {
                         s.pending.pop_front();
@@ -1728,15 +1744,30 @@ impl<'s> Handle<'s> {
     /// Waits until the stream has nothing queued, the windows let at least
     /// `min(len, SEND_CHUNK)` bytes go, and the connection's output is
     /// below its high-water mark (the client is reading).
+    /// The message of `len` bytes the task holds meanwhile counts as held
+    /// for the call (`Stream::waiting`); a message that would take the
+    /// bytes held past `--max-buffered-bytes` ends the call instead.
     async fn capacity(&self, len: usize) -> Result<(), Stop<'s>> {
         let want = len.min(SEND_CHUNK) as i64;
         poll_fn(move |cx| {
             let mut c = self.conn.borrow_mut();
+            let c = &mut *c;
             let conn_window = c.send_window;
             let full = c.out.len() >= OUT_HIGH;
             let Some(s) = c.streams.get_mut(&self.id) else { return Poll::Ready(Err(Stop::Gone)) };
             if s.pending.is_empty() && s.send_window.min(conn_window) >= want && !full {
+                c.buffered -= s.waiting;
+                s.waiting = 0;
                 return Poll::Ready(Ok(()));
+            }
+            if s.waiting != len {
+                c.buffered -= s.waiting;
+                s.waiting = 0;
+                if c.reported.total(c.buffered) + len > c.config.max_buffered {
+                    return Poll::Ready(Err(Stop::Status(grpc::buffers_full(c.config.max_buffered))));
+                }
+                c.buffered += len;
+                s.waiting = len;
             }
             s.waker = Some(cx.waker().clone());
             if full {
@@ -1915,7 +1946,10 @@ async fn duplex<'s>(h: Handle<'s>, deadline: Option<Instant>) {
             });
             if let Some(reply) = reflected {
                 let headers = h.with(|c| c.served.ok.blocks.headers.clone());
+                // Only the framed answer waits for window, not its makings.
                 let item = frame_message(&reply);
+                drop(reply);
+                drop(message);
                 h.with(|c| c.send_headers(h.id, &headers));
                 tokio::select! {
                     r = h.capacity(item.len()) => r?,
