@@ -23,11 +23,13 @@ pub enum Code {
 pub struct Status {
     pub code: Code,
     pub message: String,
+    /// A refusal of a message encoding: sent with `grpc-accept-encoding`.
+    pub accept_encoding: bool,
 }
 
 impl Status {
     pub fn new(code: Code, message: impl Into<String>) -> Self {
-        Status { code, message: message.into() }
+        Status { code, message: message.into(), accept_encoding: false }
     }
 }
 
@@ -83,25 +85,17 @@ pub fn message_prefix(p: &[u8], max_len: usize) -> Result<(bool, usize), Status>
 /// `grpc-accept-encoding` with every refusal of another one.
 pub const ACCEPT_ENCODING: &str = "identity";
 
-/// How every refusal of an encoding ends its message; it marks the status
-/// as one to send with `grpc-accept-encoding` ([`is_encoding_refusal`]).
-const IDENTITY_ONLY: &str = "; this server accepts grpc-encoding identity only";
-
 /// The answer to a compressed request message (none is supported).
 pub fn compressed() -> Status {
-    Status::new(Code::Unimplemented, format!("compressed request messages are not supported{IDENTITY_ONLY}"))
+    let message = "compressed request messages are not supported; this server accepts grpc-encoding identity only";
+    Status { accept_encoding: true, ..Status::new(Code::Unimplemented, message) }
 }
 
 /// The answer to a request whose `grpc-encoding` is not supported.
 pub fn unsupported_encoding(encoding: &[u8]) -> Status {
     let e = String::from_utf8_lossy(encoding);
-    Status::new(Code::Unimplemented, format!("grpc-encoding {e} is not supported{IDENTITY_ONLY}"))
-}
-
-/// Whether a status refuses a message encoding (and so is sent with
-/// `grpc-accept-encoding`).
-pub fn is_encoding_refusal(s: &Status) -> bool {
-    s.code == Code::Unimplemented && s.message.ends_with(IDENTITY_ONLY)
+    let message = format!("grpc-encoding {e} is not supported; this server accepts grpc-encoding identity only");
+    Status { accept_encoding: true, ..Status::new(Code::Unimplemented, message) }
 }
 
 /// The answer to a request message that would take the request bytes the

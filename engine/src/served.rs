@@ -436,7 +436,7 @@ pub fn encoding_refusal(status: &crate::grpc::Status) -> Prepared {
 
 /// The prepared answer for a status the engine chose.
 pub fn status_answer(status: &crate::grpc::Status) -> Prepared {
-    if crate::grpc::is_encoding_refusal(status) {
+    if status.accept_encoding {
         encoding_refusal(status)
     } else {
         status_response(status.code as u8, &status.message)
