@@ -1721,6 +1721,21 @@ def test_unsupported_encoding_is_unimplemented_with_accept_encoding(engine, comp
 # --------------------------------------------------------------------------
 
 
+def send_some(sock: socket.socket, out: bytearray) -> tuple[bool, bool]:
+    """Writes what a non-blocking socket takes of `out` (removing it);
+    whether anything went, and whether the engine reset the connection."""
+    if not out:
+        return False, False
+    try:
+        k = sock.send(out)
+    except (BlockingIOError, InterruptedError):
+        return False, False
+    except (ConnectionResetError, BrokenPipeError):
+        return False, True
+    del out[:k]
+    return k > 0, False
+
+
 class PartialUpload:
     """One connection sending the first `send` bytes of a unary SayHello
     whose message announces `length` bytes, as fast as the engine's flow
@@ -1780,16 +1795,10 @@ class PartialUpload:
             self.conn_window -= n
             self.stream_window -= n
             self.framed += n
-        if self.out:
-            try:
-                k = self.r.sock.send(self.out)
-                del self.out[:k]
-                moved = moved or k > 0
-            except (BlockingIOError, InterruptedError):
-                pass
-            except (ConnectionResetError, BrokenPipeError):
-                self.ended = "reset"
-        return moved
+        sent, reset = send_some(self.r.sock, self.out)
+        if reset:
+            self.ended = "reset"
+        return moved or sent
 
     def sent(self) -> int:
         return self.framed - len(self.out)
@@ -2041,16 +2050,10 @@ class FlowControlled:
         if self.r.eof:
             self.closed = self.closed or "closed"
             return moved
-        if self.out:
-            try:
-                k = self.r.sock.send(self.out)
-                del self.out[:k]
-                moved = moved or k > 0
-            except (BlockingIOError, InterruptedError):
-                pass
-            except (ConnectionResetError, BrokenPipeError):
-                self.closed = "reset"
-        return moved
+        sent, reset = send_some(self.r.sock, self.out)
+        if reset:
+            self.closed = "reset"
+        return moved or sent
 
     def wait(self, seconds: float = 0.01) -> None:
         """Until the engine sends something or `seconds` pass."""
