@@ -16,9 +16,9 @@
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use std::hint::black_box;
-use wirestub_engine::http2::hpack;
-use wirestub_engine::matcher::Messages;
-use wirestub_engine::wire::{extract, for_each_element, PathSpec, Raw};
+use wirestub_engine::call::matcher::Messages;
+use wirestub_engine::codec::hpack;
+use wirestub_engine::codec::wire::{extract, for_each_element, PathSpec, Raw};
 
 // ---- a hand-encoded request -------------------------------------------------
 
@@ -222,7 +222,7 @@ fn matching(c: &mut Criterion) {
         // fallback; check once, then measure.
         let select = |request: &[u8]| {
             let one = [request];
-            wirestub_engine::matcher::select(method, &Messages::one(&one), &headers).unwrap()
+            wirestub_engine::call::matcher::select(method, &Messages::one(&one), &headers).unwrap()
         };
         assert_eq!(select(&hit), Some(n as u32 / 2));
         assert_eq!(select(&miss), Some(n as u32 + 1));

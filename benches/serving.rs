@@ -23,8 +23,8 @@
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use std::hint::black_box;
 use std::path::{Path, PathBuf};
-use wirestub_engine::matcher::{Messages, Request};
-use wirestub_engine::template::{self, Context};
+use wirestub_engine::call::matcher::{Messages, Request};
+use wirestub_engine::call::template::{self, Context};
 use wirestub_engine::{NoMatch, Plan, Served};
 
 // ---- plans ------------------------------------------------------------------
@@ -247,7 +247,8 @@ fn templates(c: &mut Criterion) {
 
 /// The client side of 100 unary SayHello calls on one connection.
 fn pipelined_calls(n: u32) -> Vec<u8> {
-    use wirestub_engine::http2::{frame, hpack};
+    use wirestub_engine::codec::hpack;
+    use wirestub_engine::transport::http2::frame;
     let mut out = bytes::BytesMut::new();
     out.extend_from_slice(frame::PREFACE);
     frame::put_settings(&mut out, &[]);
@@ -275,13 +276,13 @@ fn connection(c: &mut Criterion) {
     let served = Served::new(example_plan(), NoMatch::NotFound).expect("the example prepares");
     let config = wirestub_engine::Config::default();
     let input = pipelined_calls(100);
-    let written = wirestub_engine::http2::conn::drive(&served, &config, &[&input]);
+    let written = wirestub_engine::transport::http2::conn::drive(&served, &config, &[&input]);
     let answers = written.windows(b"Hi Tom (from mock)".len()).filter(|w| w == b"Hi Tom (from mock)").count();
     assert_eq!(answers, 100, "every call is answered");
     let mut group = c.benchmark_group("h2_conn");
     group.throughput(Throughput::Elements(100));
     group.bench_function("unary_x100", |b| {
-        b.iter(|| black_box(wirestub_engine::http2::conn::drive(&served, &config, &[black_box(&input)])))
+        b.iter(|| black_box(wirestub_engine::transport::http2::conn::drive(&served, &config, &[black_box(&input)])))
     });
     group.finish();
 }

@@ -1,7 +1,7 @@
 //! The engine's built-in services: gRPC health checking and server
 //! reflection.
 //!
-//! - The descriptor set the engine embeds (`engine/src/builtin/descriptors.bin`)
+//! - The descriptor set the engine embeds (`engine/src/observe/builtin/descriptors.bin`)
 //!   is the compilation of the protos next to it; `UPDATE_EXPECT=1` rewrites
 //!   it after a change to them.
 //! - Reflection over the bundled example's descriptors, straight through
@@ -14,8 +14,8 @@ use prost::Message;
 use prost_reflect::DescriptorPool;
 use std::path::PathBuf;
 use std::time::Duration;
-use wirestub_engine::health::ServingStatus;
-use wirestub_engine::reflection::{
+use wirestub_engine::observe::health::ServingStatus;
+use wirestub_engine::observe::reflection::{
     ExtensionRequest, MessageRequest, MessageResponse, Reflection, ServerReflectionRequest, ServerReflectionResponse,
 };
 use wirestub_engine::NoMatch;
@@ -28,7 +28,7 @@ const BUILTIN_SERVICES: [&str; 3] =
     ["grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"];
 
 fn builtin_dir() -> PathBuf {
-    root().join("engine/src/builtin")
+    root().join("engine/src/observe/builtin")
 }
 
 #[test]
@@ -49,7 +49,7 @@ fn builtin_descriptors_are_up_to_date() {
         "{} is not the compilation of the protos next to it (run with UPDATE_EXPECT=1 to rewrite it)",
         path.display()
     );
-    assert_eq!(wirestub_engine::reflection::BUILTIN_DESCRIPTORS, &compiled[..]);
+    assert_eq!(wirestub_engine::observe::reflection::BUILTIN_DESCRIPTORS, &compiled[..]);
 }
 
 // ----------------------------------------------------------------------------
@@ -224,7 +224,7 @@ async fn health_over_the_wire() {
 async fn reflection_over_the_wire() {
     let server = TestServer::start(&root(), NoMatch::NotFound);
     let mut client = grpc(&server).await;
-    for path in [wirestub_engine::reflection::V1, wirestub_engine::reflection::V1ALPHA] {
+    for path in [wirestub_engine::observe::reflection::V1, wirestub_engine::observe::reflection::V1ALPHA] {
         let requests: Vec<Bytes> = [
             MessageRequest::ListServices(String::new()),
             MessageRequest::FileContainingSymbol("helloworld.Greeter".into()),

@@ -89,7 +89,7 @@ impl Admin {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::journal::fixture;
+    use crate::observe::journal::fixture;
     use std::io::{BufRead, BufReader, Read, Write};
     use std::net::TcpStream;
 

@@ -1,38 +1,34 @@
 //! The wirestub engine: loads a plan and answers gRPC calls from it.
 //!
-//! Layers, outermost first: [`server`] (listeners, workers, the choice of
-//! HTTP/2 stack: [`http2`] or [`h2_stack`]), [`state`] (the current plan
-//! generation, swapped on reload, with [`health`], [`journal`] and
-//! [`metrics`]), [`call`] and [`matcher`] (rule selection), [`wire`]
-//! (zero-copy field extraction from protobuf bytes), [`served`] (the plan
-//! prepared for serving), [`grpc`] (protocol details independent of
-//! HTTP/2). Beside the calls: [`admin`] (the admin HTTP API),
-//! [`reflection`], [`tls`]. The request path never decodes a whole
-//! message; the library never depends on the compiler or protox.
+//! Layers, outermost first, each a folder (see ARCHITECTURE.md):
+//! [`server`] (listeners and workers) hands each connection to a
+//! [`transport`] (HTTP/2 on the engine's own stack or on `h2`, TLS), which
+//! speaks a [`protocol`] (gRPC), which drives a [`call`] (rule selection,
+//! templates, streaming, timing, faults) answered from the [`served`] plan.
+//! [`observe`] holds what watches calls (metrics, journal) and the
+//! engine's own services (health, reflection); [`state`] ties the current
+//! plan generation to them; [`admin`] is the admin HTTP API. [`codec`]
+//! (protobuf wire format, HPACK) and [`config`] sit below everything. The
+//! request path never decodes a whole message; the library never depends
+//! on the compiler or protox.
 
 pub mod admin;
-pub mod budget;
 pub mod call;
-pub mod grpc;
-pub mod h2_stack;
-pub mod health;
-pub mod http2;
-pub mod journal;
-pub mod matcher;
-pub mod metrics;
-pub mod outflow;
-pub mod reflection;
+pub mod codec;
+pub mod config;
+pub mod observe;
+pub mod protocol;
 pub mod rng;
 pub mod served;
 pub mod server;
 pub mod state;
-pub mod template;
-pub mod tls;
-pub mod wire;
+pub mod transport;
 
+pub use config::{Config, JournalLimits, Stack};
+pub use served::generation::Generation;
 pub use served::{NoMatch, PrepareError, Served};
-pub use server::{Config, Server, Stack};
-pub use state::{Generation, State};
+pub use server::Server;
+pub use state::State;
 pub use wirestub_plan::Plan;
 
 /// Loads a plan file's bytes and prepares it for serving: the plan's own

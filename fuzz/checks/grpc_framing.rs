@@ -3,7 +3,7 @@
 //! which replays the seed corpus and every past crash through them.
 
 use std::cmp::Ordering;
-use wirestub_engine::grpc::{check_unary, finish_unary, parse_timeout, Code, Framing, Status};
+use wirestub_engine::protocol::grpc::{check_unary, finish_unary, parse_timeout, Code, Framing, Status};
 
 /// Runs the checks on one input.
 pub fn check(data: &[u8]) {

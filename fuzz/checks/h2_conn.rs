@@ -6,9 +6,9 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::OnceLock;
 use wirestub_compiler::{compile, Options};
-use wirestub_engine::http2::conn::{drive_calls, OUTPUT_BOUND};
-use wirestub_engine::http2::frame::{self, code, flag, kind, Head};
-use wirestub_engine::http2::hpack::Decoder;
+use wirestub_engine::codec::hpack::Decoder;
+use wirestub_engine::transport::http2::conn::{drive_calls, OUTPUT_BOUND};
+use wirestub_engine::transport::http2::frame::{self, code, flag, kind, Head};
 use wirestub_engine::{Config, NoMatch, Served};
 
 /// The bundled example (`protos/`, `rules/` at the repository's root),

@@ -2,7 +2,7 @@
 //! `fuzz_targets/hpack.rs`), shared with `tests/fuzz_regressions.rs`, which
 //! replays the seed corpus and every past crash through them.
 
-use wirestub_engine::http2::hpack::{encode_literal, encode_status, DecodeError, Decoder};
+use wirestub_engine::codec::hpack::{encode_literal, encode_status, DecodeError, Decoder};
 
 const LIST_LIMITS: [usize; 8] = [0, 64, 200, 1 << 10, 4 << 10, 16 << 10, 64 << 10, usize::MAX];
 const TABLE_SIZES: [usize; 4] = [0, 64, 256, 4096];

@@ -7,10 +7,10 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use wirestub_compiler::{compile, Options};
-use wirestub_engine::grpc::{check_unary, Framing};
-use wirestub_engine::matcher::{Messages, Request};
+use wirestub_engine::call::matcher::{Messages, Request};
+use wirestub_engine::call::template::{render, Context};
+use wirestub_engine::protocol::grpc::{check_unary, Framing};
 use wirestub_engine::served::ServedMethod;
-use wirestub_engine::template::{render, Context};
 use wirestub_engine::{NoMatch, Served};
 use wirestub_plan::MethodKind;
 

@@ -2,7 +2,7 @@
 //! `fuzz_targets/wire_scan.rs`), shared with `tests/fuzz_regressions.rs`,
 //! which replays the seed corpus and every past crash through them.
 
-use wirestub_engine::wire::{as_ref, extract, normalize, value_eq, PathSpec, Raw, ValueRef};
+use wirestub_engine::codec::wire::{as_ref, extract, normalize, value_eq, PathSpec, Raw, ValueRef};
 use wirestub_plan::{ScalarKind, Value};
 
 const MAX_PATHS: usize = 20;

@@ -1,5 +1,5 @@
 //! Fuzzes the engine's gRPC protocol checks that do not depend on HTTP/2
-//! (`wirestub_engine::grpc`): `grpc-timeout` parsing and the framing checks
+//! (`wirestub_engine::protocol::grpc`): `grpc-timeout` parsing and the framing checks
 //! on a unary request body (`check_unary`, `finish_unary`).
 //!
 //! Input layout: the whole input is also tried as a `grpc-timeout` value.

@@ -1,5 +1,5 @@
 //! Fuzzes the engine's native HTTP/2 server connection,
-//! `wirestub_engine::http2::conn`, through its test entry point
+//! `wirestub_engine::transport::http2::conn`, through its test entry point
 //! `drive_calls`:
 //! the connection preface, frame parsing and every frame handler, header
 //! blocks split over CONTINUATION frames, HPACK, request header checks, flow

@@ -1,4 +1,4 @@
-//! Fuzzes the HPACK decoder and encoder, `wirestub_engine::http2::hpack`.
+//! Fuzzes the HPACK decoder and encoder, `wirestub_engine::codec::hpack`.
 //!
 //! Input layout: one byte of limits (bits 0-2: the header list size limit,
 //! one of 0, 64, 200, 1 KiB, 4 KiB, 16 KiB, 64 KiB or none; bits 3-4: the

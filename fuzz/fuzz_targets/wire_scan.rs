@@ -1,4 +1,4 @@
-//! Fuzzes the zero-copy field scanner, `wirestub_engine::wire`.
+//! Fuzzes the zero-copy field scanner, `wirestub_engine::codec::wire`.
 //!
 //! Input layout: one byte giving the number of paths (0 to 20, so that lists
 //! longer than the 16 kept inline are covered too), then for each path one

@@ -31,7 +31,7 @@
 //! `{"error": "..."}` with a 4xx/5xx status.
 
 use super::Options;
-use crate::journal::{self, Expect, Filter, Journal, MethodMatch, Verify};
+use crate::observe::journal::{self, Expect, Filter, Journal, MethodMatch, Verify};
 use crate::state::State;
 use serde_json::{json, Value as Json};
 
@@ -236,14 +236,14 @@ pub fn parse_query(query: &str) -> Vec<(String, String)> {
 /// `/metrics`: the call counters, then the gauges of what is held.
 fn metrics(state: &State) -> String {
     let mut text = state.metrics.render();
-    let journal = state.journal.as_ref().map(|j| crate::metrics::JournalGauges {
+    let journal = state.journal.as_ref().map(|j| crate::observe::metrics::JournalGauges {
         bytes: j.bytes(),
         bytes_limit: j.limits().bytes,
         entries: j.len(),
         capacity: j.capacity(),
         evicted: j.evicted(),
     });
-    text.push_str(&crate::metrics::render_gauges(journal));
+    text.push_str(&crate::observe::metrics::render_gauges(journal));
     text
 }
 
@@ -611,8 +611,8 @@ fn metadata_pattern(v: &Json) -> Result<Vec<(String, String)>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::journal::fixture::{self, entry, hello, CHAT, SAY_HELLO};
-    use crate::journal::Closest;
+    use crate::call::matcher::Closest;
+    use crate::observe::journal::fixture::{self, entry, hello, CHAT, SAY_HELLO};
 
     fn call(state: &State, token: Option<&str>, method: &str, target: &str, body: &str) -> Response {
         call_as(state, token, &[], method, target, body)

@@ -166,7 +166,7 @@ fn run(options: Options) -> Result<ExitCode, String> {
     let plain = options.listen.as_deref().map(|a| bind("listen", a)).transpose()?;
     let tls = match &options.tls {
         Some(t) => {
-            let config = wirestub_engine::tls::server_config(&t.cert, &t.key, t.client_ca.as_deref())?;
+            let config = wirestub_engine::transport::tls::server_config(&t.cert, &t.key, t.client_ca.as_deref())?;
             Some((bind("tls-listen", &t.listen)?, config))
         }
         None => None,

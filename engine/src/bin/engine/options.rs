@@ -642,7 +642,7 @@ pub fn parse(args: &[String], env: &dyn Fn(&str) -> Option<String>) -> Result<Co
         write_timeout: must("write-timeout-ms").millis_or_never()?,
         stack: must("http2").choice(&[("native", Stack::Native), ("h2", Stack::H2)])?,
         metrics: must("metrics").choice(&[("on", true), ("off", false)])?,
-        journal: wirestub_engine::journal::Limits {
+        journal: wirestub_engine::JournalLimits {
             bytes: must("journal-bytes").number()?,
             messages: must("journal-messages").number()?,
             message_bytes: must("journal-message-bytes").number()?,
@@ -876,7 +876,7 @@ mod tests {
         assert_eq!(o.server.write_timeout, d.write_timeout);
         assert_eq!(o.server.stack, d.stack);
         assert_eq!(o.server.metrics, d.metrics);
-        assert_eq!(o.server.journal, wirestub_engine::journal::Limits::DEFAULT);
+        assert_eq!(o.server.journal, wirestub_engine::JournalLimits::DEFAULT);
         assert_eq!(o.admin_head_timeout, wirestub_engine::admin::DEFAULT_HEAD_TIMEOUT);
         assert_eq!(o.server.seed, None);
         let c = wirestub_compiler::Options::default();
@@ -946,7 +946,7 @@ mod tests {
         assert_eq!(tls.client_ca, Some(PathBuf::from("ca.pem")));
         let o = run("run --journal-bytes 1000 --journal-messages 2 --journal-message-bytes 30 \
                      --admin-head-timeout-ms 1500");
-        assert_eq!(o.server.journal, wirestub_engine::journal::Limits { bytes: 1000, messages: 2, message_bytes: 30 });
+        assert_eq!(o.server.journal, wirestub_engine::JournalLimits { bytes: 1000, messages: 2, message_bytes: 30 });
         assert_eq!(o.admin_head_timeout, Duration::from_millis(1500));
         assert!(run_with("run --admin-head-timeout-ms 0", &[]).unwrap_err().contains("at least 1"));
         assert_eq!(run("run --plan p.bin").plan, Some(PathBuf::from("p.bin")));

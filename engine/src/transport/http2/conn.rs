@@ -16,18 +16,20 @@
 //! moment of a frame or a send, never across an await.
 
 use super::frame::{self, code, flag, kind, Head};
-use super::hpack::Decoder;
 use super::request::{ContentType, RequestHead};
-use crate::budget::{Reported, CALL_COST};
+use crate::call::matcher::Closest;
+use crate::call::matcher::Messages;
 use crate::call::{self, Answer, Schedule};
-use crate::grpc::{self, Code, Status};
-use crate::journal::{Closest, Entry};
-use crate::matcher::Messages;
-use crate::metrics::WorkerStats;
+use crate::codec::hpack::Decoder;
+use crate::config::Config;
+use crate::observe::journal::Entry;
+use crate::observe::metrics::WorkerStats;
+use crate::protocol::grpc::{self, Code, Status};
+use crate::served::generation::Generation;
 use crate::served::Builtin;
 use crate::served::{status_answer, status_response, Prepared, Served, ServedMethod};
-use crate::server::Config;
-use crate::state::{Generation, State};
+use crate::state::State;
+use crate::transport::budget::{Reported, CALL_COST};
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use std::cell::RefCell;
@@ -203,7 +205,7 @@ struct Recording {
     time: Option<std::time::SystemTime>,
     metadata: Vec<(Box<str>, Bytes)>,
     /// Bounded as it is recorded (`--journal-messages`, `--journal-message-bytes`).
-    messages: crate::journal::RequestMessages,
+    messages: crate::observe::journal::RequestMessages,
     rule: Option<u32>,
     closest: Option<Closest>,
     message: String,
@@ -465,7 +467,7 @@ impl<'s> Conn<'s> {
             number: 0,
             plans: 0,
             now: Instant::now(),
-            worker: crate::metrics::worker(),
+            worker: crate::observe::metrics::worker(),
             out_starved: false,
         }
     }
@@ -955,7 +957,7 @@ impl<'s> Conn<'s> {
             match http_status {
                 Some(code) => {
                     let mut block = Vec::with_capacity(4);
-                    super::hpack::encode_status(&mut block, code);
+                    crate::codec::hpack::encode_status(&mut block, code);
                     frame::put_headers(&mut self.out, id, &block, true, self.peer_max_frame);
                 }
                 None => {

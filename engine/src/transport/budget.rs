@@ -1,11 +1,11 @@
 //! The process-wide budget of request bytes held for calls whose request
 //! is still arriving ([`crate::Config::max_buffered`]), counted in
-//! [`crate::metrics::BUFFERED_REQUEST_BYTES`] by both HTTP/2 stacks: the
+//! [`crate::observe::metrics::BUFFERED_REQUEST_BYTES`] by both HTTP/2 stacks: the
 //! native stack per connection ([`Reported`], brought up to date a few
 //! times per read), the `h2` stack per call ([`Held`]).
 
-use crate::grpc::{self, Status};
-use crate::metrics::BUFFERED_REQUEST_BYTES;
+use crate::observe::metrics::BUFFERED_REQUEST_BYTES;
+use crate::protocol::grpc::{self, Status};
 use std::sync::atomic::Ordering;
 
 /// What an open call counts for besides the bytes it holds, on the native

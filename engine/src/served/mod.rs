@@ -5,6 +5,8 @@
 //! header and trailer maps), so answering a call is a few reference-count
 //! bumps and map clones, never an encode.
 
+pub mod generation;
+
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue};
 use regex_automata::dfa::dense::DFA;
@@ -69,7 +71,7 @@ pub struct Blocks {
 
 impl Blocks {
     fn encode(headers: &HeaderMap, trailers: &HeaderMap, trailers_only: &HeaderMap) -> Blocks {
-        use crate::http2::hpack;
+        use crate::codec::hpack;
         let block = |status: bool, map: &HeaderMap| {
             let mut b = Vec::with_capacity(64);
             if status {
@@ -149,28 +151,28 @@ pub enum Builtin {
 /// Built-in methods: path, kind, request and response types.
 const BUILTINS: [(&str, MethodKind, &str, &str, Builtin); 4] = [
     (
-        crate::health::CHECK,
+        crate::observe::health::CHECK,
         MethodKind::Unary,
         "grpc.health.v1.HealthCheckRequest",
         "grpc.health.v1.HealthCheckResponse",
         Builtin::HealthCheck,
     ),
     (
-        crate::health::WATCH,
+        crate::observe::health::WATCH,
         MethodKind::ServerStreaming,
         "grpc.health.v1.HealthCheckRequest",
         "grpc.health.v1.HealthCheckResponse",
         Builtin::HealthWatch,
     ),
     (
-        crate::reflection::V1,
+        crate::observe::reflection::V1,
         MethodKind::BidiStreaming,
         "grpc.reflection.v1.ServerReflectionRequest",
         "grpc.reflection.v1.ServerReflectionResponse",
         Builtin::Reflection,
     ),
     (
-        crate::reflection::V1ALPHA,
+        crate::observe::reflection::V1ALPHA,
         MethodKind::BidiStreaming,
         "grpc.reflection.v1alpha.ServerReflectionRequest",
         "grpc.reflection.v1alpha.ServerReflectionResponse",
@@ -254,8 +256,8 @@ pub struct IndexKey<'a> {
 
 impl<'a> IndexKey<'a> {
     /// Sets the key from a value; false if the value cannot be a key.
-    pub fn set(&mut self, v: crate::wire::ValueRef<'a>) -> bool {
-        use crate::wire::ValueRef as V;
+    pub fn set(&mut self, v: crate::codec::wire::ValueRef<'a>) -> bool {
+        use crate::codec::wire::ValueRef as V;
         let (bytes, len): ([u8; 8], usize) = match v {
             V::I64(x) => (x.to_le_bytes(), 8),
             V::U64(x) => (x.to_le_bytes(), 8),
@@ -305,7 +307,7 @@ fn load_dfa(bytes: &[u8]) -> Result<DFA<Vec<u32>>, String> {
 
 fn index_key_of(v: &Value) -> Option<Box<[u8]>> {
     let mut k = IndexKey::default();
-    k.set(crate::wire::as_ref(v)).then(|| k.as_slice().to_vec().into_boxed_slice())
+    k.set(crate::codec::wire::as_ref(v)).then(|| k.as_slice().to_vec().into_boxed_slice())
 }
 
 /// Builds the index on the input most rules test for equality, if it pays.
@@ -428,14 +430,14 @@ pub fn status_response(code: u8, message: &str) -> Prepared {
 
 /// A status answer that also names the message encodings the engine
 /// accepts (`grpc-accept-encoding`), for refusals of any other.
-pub fn encoding_refusal(status: &crate::grpc::Status) -> Prepared {
-    let accept = [("grpc-accept-encoding".to_string(), crate::grpc::ACCEPT_ENCODING.as_bytes().to_vec())];
+pub fn encoding_refusal(status: &crate::protocol::grpc::Status) -> Prepared {
+    let accept = [("grpc-accept-encoding".to_string(), crate::protocol::grpc::ACCEPT_ENCODING.as_bytes().to_vec())];
     let message = wirestub_plan::percent_encode_message(&status.message);
     prepare(status.code as u8, &message, Bytes::new(), &accept, &[], Duration::ZERO)
 }
 
 /// The prepared answer for a status the engine chose.
-pub fn status_answer(status: &crate::grpc::Status) -> Prepared {
+pub fn status_answer(status: &crate::protocol::grpc::Status) -> Prepared {
     if status.accept_encoding {
         encoding_refusal(status)
     } else {

@@ -5,7 +5,7 @@
 //! Requests are kept as received bytes; the JSON view is made when a query
 //! asks, from the plan generation's descriptors.
 //!
-//! Memory is bounded twice ([`Limits`]). Per call, while it is recorded:
+//! Memory is bounded twice ([`JournalLimits`]). Per call, while it is recorded:
 //! the first `--journal-messages` request messages and the latest one,
 //! each cut to `--journal-message-bytes` ([`RequestMessages`]), with the
 //! number received; the JSON views mark what was cut. In total: entries
@@ -24,10 +24,12 @@
 //! the field names as written in the `.proto` files (the names rules use);
 //! filters accept those names and the lowerCamelCase JSON names alike.
 
-use crate::matcher::{Messages, Request};
+use crate::call::matcher::Closest;
+use crate::call::matcher::{Messages, Request};
+use crate::codec::wire::{self, ValueRef};
+use crate::config::JournalLimits;
+use crate::served::generation::Generation;
 use crate::served::ServedMethod;
-use crate::state::Generation;
-use crate::wire::{self, ValueRef};
 use bytes::Bytes;
 use serde_json::{json, Map, Value as Json};
 use std::collections::VecDeque;
@@ -64,46 +66,11 @@ pub struct Entry {
     pub closest: Option<Closest>,
 }
 
-/// The rule that came closest to answering an unmatched call.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Closest {
-    /// Index into the method's plan rules.
-    pub rule: u32,
-    /// Index of the first condition of that rule that failed.
-    pub failed: u32,
-    /// How many of its conditions held.
-    pub held: u32,
-}
-
-/// The journal's memory budget.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Limits {
-    /// Bytes the entries may hold together ([`Entry::bytes`]); the oldest
-    /// are dropped beyond. The newest entry is always kept.
-    pub bytes: usize,
-    /// Request messages kept per call: the first `messages`, and the latest
-    /// one when more came (0: none, only their number).
-    pub messages: usize,
-    /// Bytes kept of each request message; the rest is cut off.
-    pub message_bytes: usize,
-}
-
-impl Limits {
-    /// 64 MiB in all; per call, 16 messages (and the last) of up to 64 KiB.
-    pub const DEFAULT: Limits = Limits { bytes: 64 << 20, messages: 16, message_bytes: 64 << 10 };
-}
-
-impl Default for Limits {
-    fn default() -> Limits {
-        Limits::DEFAULT
-    }
-}
-
 /// The per-call limits new recordings start with ([`RequestMessages::default`]):
 /// process-wide, since a call is recorded where no journal is at hand;
 /// set by [`Journal::set_limits`].
-static RECORD_MESSAGES: AtomicUsize = AtomicUsize::new(Limits::DEFAULT.messages);
-static RECORD_MESSAGE_BYTES: AtomicUsize = AtomicUsize::new(Limits::DEFAULT.message_bytes);
+static RECORD_MESSAGES: AtomicUsize = AtomicUsize::new(JournalLimits::DEFAULT.messages);
+static RECORD_MESSAGE_BYTES: AtomicUsize = AtomicUsize::new(JournalLimits::DEFAULT.message_bytes);
 
 /// What an allocation costs beyond its bytes (the allocator's header and
 /// rounding), counted once per allocation an entry holds.
@@ -288,14 +255,14 @@ pub struct Page {
 
 impl Journal {
     /// A journal keeping the last `capacity` calls (at least 1), within
-    /// the default [`Limits`] (or those [`Journal::set_limits`] sets).
+    /// the default [`JournalLimits`] (or those [`Journal::set_limits`] sets).
     pub fn new(capacity: usize) -> Journal {
-        Journal::with_limits(capacity, Limits::DEFAULT)
+        Journal::with_limits(capacity, JournalLimits::DEFAULT)
     }
 
     /// A journal keeping the last `capacity` calls within `limits.bytes`.
     /// The per-call limits are those of [`RequestMessages`] as recorded.
-    pub fn with_limits(capacity: usize, limits: Limits) -> Journal {
+    pub fn with_limits(capacity: usize, limits: JournalLimits) -> Journal {
         let capacity = capacity.max(1);
         let ring = Ring {
             entries: VecDeque::with_capacity(capacity.min(1024)),
@@ -310,15 +277,15 @@ impl Journal {
     /// Sets the limits, before calls are served: the total for this
     /// journal, the per-call ones for every call recorded from now on
     /// (process-wide).
-    pub fn set_limits(&self, limits: Limits) {
+    pub fn set_limits(&self, limits: JournalLimits) {
         self.bytes_limit.store(limits.bytes, Ordering::Relaxed);
         RECORD_MESSAGES.store(limits.messages, Ordering::Relaxed);
         RECORD_MESSAGE_BYTES.store(limits.message_bytes, Ordering::Relaxed);
     }
 
     /// The limits in force.
-    pub fn limits(&self) -> Limits {
-        Limits {
+    pub fn limits(&self) -> JournalLimits {
+        JournalLimits {
             bytes: self.bytes_limit.load(Ordering::Relaxed),
             messages: RECORD_MESSAGES.load(Ordering::Relaxed),
             message_bytes: RECORD_MESSAGE_BYTES.load(Ordering::Relaxed),
@@ -1504,7 +1471,7 @@ pub(crate) mod fixture {
     }
 
     /// `messages` as recorded within `limits`.
-    pub fn kept(messages: &[Vec<u8>], limits: Limits) -> RequestMessages {
+    pub fn kept(messages: &[Vec<u8>], limits: JournalLimits) -> RequestMessages {
         let mut kept = RequestMessages::new(limits.messages, limits.message_bytes);
         for m in messages {
             kept.push(m);
@@ -1530,7 +1497,7 @@ pub(crate) mod fixture {
             generation,
             method,
             metadata: metadata.iter().map(|(k, v)| (Box::from(*k), Bytes::copy_from_slice(v))).collect(),
-            messages: kept(&messages, Limits::DEFAULT),
+            messages: kept(&messages, JournalLimits::DEFAULT),
             rule,
             status,
             message: if status == 0 { String::new() } else { "no rule matches".into() },
@@ -1663,7 +1630,7 @@ mod tests {
     #[test]
     fn cut_and_left_out_messages_are_marked_in_the_json_views() {
         let state = state(8);
-        let limits = Limits { bytes: 1 << 20, messages: 2, message_bytes: 20 };
+        let limits = JournalLimits { bytes: 1 << 20, messages: 2, message_bytes: 20 };
         let long = "x".repeat(100);
         let messages: Vec<Vec<u8>> = (0..5).map(|i| hello(&format!("m{i}"), 0, &[&long], None)).collect();
         let size = messages[0].len();
@@ -1719,7 +1686,7 @@ mod tests {
         let state = state(100);
         let one = |name: &str| {
             let mut e = entry(&state, SAY_HELLO, &[("x-role", b"root")], vec![], None, 0, None);
-            e.messages = kept(&[hello(name, 0, &[&"y".repeat(1000)], None)], Limits::DEFAULT);
+            e.messages = kept(&[hello(name, 0, &[&"y".repeat(1000)], None)], JournalLimits::DEFAULT);
             e
         };
         let size = one("a").bytes();
@@ -1728,7 +1695,8 @@ mod tests {
         assert!(size < ENTRY_OVERHEAD + 1000 + 400, "{size}");
         // The plan generation every entry holds counts once.
         let plan = generation_cost(&one("a").generation);
-        let j = Journal::with_limits(100, Limits { bytes: plan + 3 * size + size / 2, ..Limits::DEFAULT });
+        let j =
+            Journal::with_limits(100, JournalLimits { bytes: plan + 3 * size + size / 2, ..JournalLimits::DEFAULT });
         for name in ["a", "b", "c", "d", "e"] {
             j.record(one(name));
         }
@@ -1738,7 +1706,7 @@ mod tests {
         assert!(j.bytes() <= j.limits().bytes);
         // An entry bigger than the whole budget is kept alone.
         let mut big = one("big");
-        big.messages = kept(&[vec![0u8; 8 * size]], Limits::DEFAULT);
+        big.messages = kept(&[vec![0u8; 8 * size]], JournalLimits::DEFAULT);
         let big_size = big.bytes();
         j.record(big);
         assert_eq!(j.snapshot().iter().map(|e| e.seq).collect::<Vec<_>>(), [6]);
@@ -1746,7 +1714,7 @@ mod tests {
         assert_eq!(j.reset(), 1);
         assert_eq!(j.bytes(), 0);
         // The count limit still holds.
-        let j = Journal::with_limits(2, Limits::DEFAULT);
+        let j = Journal::with_limits(2, JournalLimits::DEFAULT);
         for name in ["a", "b", "c"] {
             j.record(one(name));
         }

@@ -1,5 +1,5 @@
 //! The engine's own HTTP/2 server layer, specialised for gRPC: the frame
-//! codec ([`frame`]), HPACK ([`hpack`]), request header checks
+//! codec ([`frame`]), HPACK ([`crate::codec::hpack`]), request header checks
 //! ([`request`]) and the connection with its calls ([`conn`]). It holds to
 //! RFC 9113 for everything a client can send, and answers the common unary
 //! call from the read buffer without a task or an allocation.
@@ -10,6 +10,4 @@
 
 pub mod conn;
 pub mod frame;
-pub mod hpack;
-mod huffman;
 pub(crate) mod request;

@@ -2,8 +2,8 @@
 //! holes; this fills the holes from the request and the stream position and
 //! writes every length prefix, straight into the output bytes.
 
-use crate::matcher::Request;
-use crate::wire::{Malformed, ValueRef};
+use crate::call::matcher::Request;
+use crate::codec::wire::{Malformed, ValueRef};
 use bytes::Bytes;
 use std::borrow::Cow;
 use wirestub_plan::{Expr, Part, Piece, ScalarKind, Source, Template};

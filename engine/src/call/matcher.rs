@@ -10,9 +10,20 @@
 //! rules keyed on distinct values. No allocation for methods testing up to
 //! 16 fields and 8 metadata keys.
 
+use crate::codec::wire::{self, Malformed, PathSpec, Raw, ValueRef};
 use crate::served::{IndexKey, ServedMethod};
-use crate::wire::{self, Malformed, PathSpec, Raw, ValueRef};
 use http::HeaderMap;
+
+/// The rule that came closest to answering an unmatched call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Closest {
+    /// Index into the method's plan rules.
+    pub rule: u32,
+    /// Index of the first condition of that rule that failed.
+    pub failed: u32,
+    /// How many of its conditions held.
+    pub held: u32,
+}
 
 /// Where a request's metadata comes from: an `http` header map (the h2
 /// stack) or the values the native stack kept for the method's keys.
@@ -194,8 +205,8 @@ impl<'a> Request<'a> {
     /// most (the first such rule on ties), the first of its conditions
     /// that failed, and how many held. Off the fast path: only the journal
     /// asks, for unmatched calls.
-    pub fn closest(&self) -> Option<crate::journal::Closest> {
-        let mut best: Option<crate::journal::Closest> = None;
+    pub fn closest(&self) -> Option<Closest> {
+        let mut best: Option<Closest> = None;
         for (r, rule) in self.method.plan.rules.iter().enumerate() {
             let mut held = 0u32;
             let mut failed = None;
@@ -211,7 +222,7 @@ impl<'a> Request<'a> {
             // response is used up.
             let failed = failed.unwrap_or(rule.conditions.len() as u32);
             if best.is_none_or(|b| held > b.held) {
-                best = Some(crate::journal::Closest { rule: r as u32, failed, held });
+                best = Some(Closest { rule: r as u32, failed, held });
             }
         }
         best

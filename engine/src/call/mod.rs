@@ -3,11 +3,13 @@
 //! ([`pick`]), the chosen answer ([`Answer`]), and small helpers for
 //! deadlines and injected faults.
 
-use crate::grpc::{Code, Status};
-use crate::matcher::{self, Messages, Metadata};
+pub mod matcher;
+pub mod template;
+
+use crate::protocol::grpc::{Code, Status};
 use crate::served::{Prepared, ServedMethod};
-use crate::template;
 use bytes::Bytes;
+use matcher::{Messages, Metadata};
 use std::borrow::Cow;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -23,7 +25,7 @@ pub struct Answer<'m> {
     pub rule: Option<u32>,
     /// When no rule matched and the caller asked: the rule that came
     /// closest.
-    pub closest: Option<crate::journal::Closest>,
+    pub closest: Option<crate::call::matcher::Closest>,
 }
 
 impl<'m> Answer<'m> {
@@ -66,7 +68,7 @@ pub fn pick_explained<'m>(
     explain: bool,
 ) -> Result<Answer<'m>, Status> {
     let malformed =
-        |e: crate::wire::Malformed| Status::new(Code::Internal, format!("cannot parse request message: {e}"));
+        |e: crate::codec::wire::Malformed| Status::new(Code::Internal, format!("cannot parse request message: {e}"));
     let request = matcher::Request::read(method, messages, metadata).map_err(malformed)?;
     let rule = request.select_rule().map_err(malformed)?;
     let prepared = match rule {

@@ -12,7 +12,7 @@
 //! service fails with NOT_FOUND, while `Watch` reports SERVICE_UNKNOWN and
 //! keeps the call open; draining is permanent.
 
-use crate::grpc::{Code, Status};
+use crate::protocol::grpc::{Code, Status};
 use bytes::Bytes;
 use prost::Message;
 use std::collections::HashSet;

@@ -1,19 +1,20 @@
 //! The reference HTTP/2 stack: the same gRPC calls served through the `h2`
-//! crate (`engine run --http2 h2`). The native stack ([`crate::http2`]) is
+//! crate (`engine run --http2 h2`). The native stack ([`crate::transport::http2`]) is
 //! the default; this one is kept as the reference the end-to-end cases
 //! compare it with, and for anything the native stack is suspected of.
 //!
 //! Abuse resistance here is h2's own guards, set explicitly below.
 
-use crate::budget::{Held, H2_CALL_COST};
+use crate::call::matcher::Messages;
 use crate::call::{deadline_exceeded, pick, prepare_fault, sleep_until, Answer};
-use crate::grpc::{self, Code, Status};
-use crate::matcher::Messages;
-use crate::metrics::WorkerStats;
-use crate::outflow;
+use crate::config::Config;
+use crate::observe::metrics::WorkerStats;
+use crate::protocol::grpc::{self, Code, Status};
+use crate::served::generation::Generation;
 use crate::served::{status_answer, status_response, Builtin, Prepared};
-use crate::server::Config;
-use crate::state::{Generation, State};
+use crate::state::State;
+use crate::transport::budget::{Held, H2_CALL_COST};
+use crate::transport::outflow;
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use h2::server::SendResponse;
@@ -242,7 +243,7 @@ async fn call(
     }
     let headers = &parts.headers;
     let tally = Tally {
-        stats: config.metrics.then(|| generation.stats.worker(crate::metrics::worker())),
+        stats: config.metrics.then(|| generation.stats.worker(crate::observe::metrics::worker())),
         method: method.position,
         started: Instant::now(),
         code: Cell::new(Code::Canceled as u8),
