@@ -225,7 +225,7 @@ async fn framing_errors_get_their_statuses() {
         ("truncated prefix", vec![Bytes::from_static(&[0, 0, 0])], 13, "truncated"),
         ("truncated message", vec![Bytes::from_static(&[0, 0, 0, 0, 9, 1])], 13, "truncated"),
         ("bad flag", vec![Bytes::from_static(&[7, 0, 0, 0, 0])], 13, "flag"),
-        ("compressed", vec![Bytes::from_static(&[1, 0, 0, 0, 0])], 12, "compressed"),
+        ("compressed", vec![Bytes::from_static(&[1, 0, 0, 0, 0])], 13, "compressed"),
         ("malformed protobuf", vec![frame(b"\x0a\x09Tom")], 13, "cannot parse"),
         ("oversized", vec![Bytes::from_static(&[0, 0, 0x40, 0, 1])], 8, "larger than the limit"),
     ];

@@ -13,6 +13,8 @@ use std::path::{Path, PathBuf};
 
 #[path = "../fuzz/checks/grpc_framing.rs"]
 mod grpc_framing;
+#[path = "../fuzz/checks/gzip.rs"]
+mod gzip;
 #[path = "../fuzz/checks/h2_conn.rs"]
 mod h2_conn;
 #[path = "../fuzz/checks/hpack.rs"]
@@ -23,6 +25,8 @@ mod match_render;
 mod plan_load;
 #[path = "../fuzz/checks/rule_file.rs"]
 mod rule_file;
+#[path = "../fuzz/checks/web_text.rs"]
+mod web_text;
 #[path = "../fuzz/checks/wire_scan.rs"]
 mod wire_scan;
 
@@ -31,13 +35,15 @@ type Check = fn(&[u8]);
 
 /// Every fuzz target with its checks: a target added under
 /// `fuzz/fuzz_targets/` must be added here too (see `every_target_is_replayed`).
-const TARGETS: [(&str, Check); 7] = [
+const TARGETS: [(&str, Check); 9] = [
     ("grpc_framing", grpc_framing::check),
+    ("gzip", gzip::check),
     ("h2_conn", h2_conn::check),
     ("hpack", hpack::check),
     ("match_render", match_render::check),
     ("plan_load", plan_load::check),
     ("rule_file", rule_file::check),
+    ("web_text", web_text::check),
     ("wire_scan", wire_scan::check),
 ];
 
@@ -132,4 +138,14 @@ fn every_target_is_replayed() {
             assert!(known.contains(&name.as_str()), "fuzz/regressions/{name}/ names no fuzz target");
         }
     }
+}
+
+#[test]
+fn gzip() {
+    replay("gzip");
+}
+
+#[test]
+fn web_text() {
+    replay("web_text");
 }

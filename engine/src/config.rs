@@ -46,6 +46,12 @@ pub struct Config {
     pub stack: Stack,
     /// Count calls for `/metrics` (per-worker counters).
     pub metrics: bool,
+    /// Compress response messages with gzip for clients that accept it
+    /// (`--compress-responses`); off by default, as it costs CPU per call.
+    pub compress_responses: bool,
+    /// Origins browsers may call from (CORS); empty: any origin, without
+    /// credentials.
+    pub cors_origins: Vec<String>,
     /// The journal's memory budget (`--journal-bytes`, `--journal-messages`,
     /// `--journal-message-bytes`), applied to the state's journal when
     /// serving starts.
@@ -79,6 +85,8 @@ impl Default for Config {
             stack: Stack::Native,
             write_timeout: Some(Duration::from_secs(30)),
             metrics: true,
+            compress_responses: false,
+            cors_origins: Vec::new(),
             journal: JournalLimits::DEFAULT,
         }
     }

@@ -13,6 +13,7 @@
 //! on the compiler or protox.
 
 pub mod admin;
+pub mod budget;
 pub mod call;
 pub mod codec;
 pub mod config;

@@ -16,6 +16,7 @@
 
 use crate::config::{Config, Stack};
 use crate::state::State;
+use crate::transport::sniff::{self, Version};
 use std::io;
 use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -238,7 +239,7 @@ async fn connection(accepted: Accepted, state: Arc<State>, config: std::rc::Rc<C
     let Ok(socket) = tokio::net::TcpStream::from_std(socket) else { return };
     let _ = socket.set_nodelay(true);
     let Some(tls) = tls else {
-        return serve(socket, &state, &config, stop).await;
+        return serve(socket, None, state, config, stop).await;
     };
     let handshake = tls.accept(socket);
     let stream = match config.handshake_timeout {
@@ -252,19 +253,55 @@ async fn connection(accepted: Accepted, state: Arc<State>, config: std::rc::Rc<C
         None => handshake.await,
     };
     match stream {
-        Ok(stream) => serve(stream, &state, &config, stop).await,
+        Ok(stream) => {
+            let version = match stream.get_ref().1.alpn_protocol() {
+                Some(b"h2") => Some(Version::Http2),
+                Some(b"http/1.1") => Some(Version::Http1),
+                _ => None,
+            };
+            serve(stream, version, state, config, stop).await
+        }
         // A client that fails the handshake (bad or missing certificate,
         // no common protocol) is the client's problem: debug, not warn.
         Err(e) => tracing::debug!("TLS handshake failed: {e}"),
     }
 }
 
-async fn serve<T>(io: T, state: &State, config: &Config, stop: watch::Receiver<bool>)
-where
+/// Serves a connection in the HTTP version its first bytes (or TLS's
+/// ALPN, when it settled it) say.
+async fn serve<T>(
+    mut io: T,
+    version: Option<Version>,
+    state: Arc<State>,
+    config: std::rc::Rc<Config>,
+    stop: watch::Receiver<bool>,
+) where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    match config.stack {
-        Stack::Native => crate::transport::http2::conn::serve(io, state, config, stop).await,
-        Stack::H2 => crate::transport::h2_ref::connection(io, state, config, stop).await,
+    let (version, head) = match version {
+        Some(v) => (v, bytes::BytesMut::new()),
+        None => {
+            let sniffed = sniff::sniff(&mut io);
+            let sniffed = match config.handshake_timeout {
+                Some(t) => match tokio::time::timeout(t, sniffed).await {
+                    Ok(s) => s,
+                    Err(_) => {
+                        tracing::debug!("handshake timed out before the client's first bytes");
+                        return;
+                    }
+                },
+                None => sniffed.await,
+            };
+            match sniffed {
+                Some(s) => s,
+                None => return,
+            }
+        }
+    };
+    let io = sniff::Prefixed::new(head, io);
+    match (version, config.stack) {
+        (Version::Http1, _) => crate::transport::http1::serve(io, state, config, stop).await,
+        (Version::Http2, Stack::Native) => crate::transport::http2::conn::serve(io, &state, &config, stop).await,
+        (Version::Http2, Stack::H2) => crate::transport::h2_ref::connection(io, &state, &config, stop).await,
     }
 }

@@ -192,7 +192,7 @@ fn fnv64(bytes: &[u8]) -> u64 {
 
 /// Prepares a plan for serving as generation `number`.
 pub fn prepare(
-    mut plan: Plan,
+    plan: Plan,
     bytes: Option<&[u8]>,
     source: String,
     no_match: NoMatch,
@@ -208,7 +208,7 @@ pub fn prepare(
         }
     };
     let identity = format!("{:016x}", fnv64(identity_bytes));
-    let descriptors = Bytes::from(std::mem::take(&mut plan.descriptors));
+    let descriptors = Bytes::from(plan.descriptors.clone());
     let served = Served::new(plan, no_match).map_err(|e| e.to_string())?;
     let stats = Arc::new(Stats::new(workers, &served));
     let reflection = Reflection::new(&descriptors);

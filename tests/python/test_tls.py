@@ -422,18 +422,34 @@ def test_certificate_chain_with_intermediate(engine_with, pki, tmp_path):
     assert tls_say_hello(e.tls, pki.ca.cert) == HI_TOM
 
 
-def test_alpn_is_h2(engine_with, pki):
+def test_alpn_offers_h2_and_http11(engine_with, pki):
+    """ALPN picks h2 for gRPC clients and http/1.1 for browsers and other
+    HTTP/1.1 clients (gRPC-Web, Connect), which get their answer on the
+    same port."""
     e = engine_with()
     ctx = ssl.create_default_context(cadata=pki.ca.cert.decode())
     ctx.set_alpn_protocols(["h2"])
     with socket.create_connection(("127.0.0.1", e.tls), timeout=TIMEOUT) as raw:
         with ctx.wrap_socket(raw, server_hostname="localhost") as s:
             assert s.selected_alpn_protocol() == "h2"
-    # A client that offers only HTTP/1.1 has no protocol in common.
     ctx.set_alpn_protocols(["http/1.1"])
     with socket.create_connection(("127.0.0.1", e.tls), timeout=TIMEOUT) as raw:
-        with pytest.raises(ssl.SSLError, match="(?i)no_application_protocol|alert"):
-            ctx.wrap_socket(raw, server_hostname="localhost")
+        with ctx.wrap_socket(raw, server_hostname="localhost") as s:
+            assert s.selected_alpn_protocol() == "http/1.1"
+            body = bytes([0x0A, 3]) + b"Tom"
+            s.sendall(
+                b"POST /helloworld.Greeter/SayHello HTTP/1.1\r\nHost: localhost\r\n"
+                b"Content-Type: application/proto\r\nConnection: close\r\n"
+                + b"Content-Length: %d\r\n\r\n" % len(body)
+                + body
+            )
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+    head, _, answer = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    assert b"content-type: application/proto" in head.lower()
+    assert answer == b"\x0a" + bytes([len(HI_TOM)]) + HI_TOM.encode()
     assert tls_say_hello(e.tls, pki.ca.cert) == HI_TOM
 
 

@@ -3,6 +3,7 @@
 //! ([`pick`]), the chosen answer ([`Answer`]), and small helpers for
 //! deadlines and injected faults.
 
+pub mod drive;
 pub mod matcher;
 pub mod template;
 
@@ -46,6 +47,32 @@ impl<'m> Answer<'m> {
             std::slice::from_ref(&self.body)
         } else {
             &self.items
+        }
+    }
+
+    /// [`Answer::messages`] for a client of the JSON codec: static ones as
+    /// transcoded at load, rendered ones (templates) transcoded now.
+    pub fn json_messages(&self, method: &ServedMethod) -> Cow<'m, [Bytes]> {
+        let Some(codec) = &method.json else { return Cow::Owned(self.messages().to_vec()) };
+        let p = self.prepared;
+        let rendered = |slot: u32| p.templates.iter().any(|(s, _)| *s == slot);
+        let one = |slot: u32, bytes: &Bytes, at_load: Option<&Bytes>| match at_load {
+            Some(j) if !rendered(slot) => j.clone(),
+            _ => codec.response(bytes),
+        };
+        let forms = p.json.as_deref();
+        if p.stream.is_empty() {
+            return Cow::Owned(vec![one(0, &self.body, forms.map(|f| &f.body))]);
+        }
+        match forms {
+            Some(f) if p.templates.is_empty() => Cow::Borrowed(&f.stream),
+            _ => Cow::Owned(
+                self.items
+                    .iter()
+                    .enumerate()
+                    .map(|(i, item)| one(i as u32 + 1, item, forms.and_then(|f| f.stream.get(i))))
+                    .collect(),
+            ),
         }
     }
 }

@@ -1,8 +1,9 @@
 //! Leaf encodings with no knowledge of calls or connections: the protobuf
-//! wire format read in place ([`wire`]) and HPACK with its Huffman code
-//! ([`hpack`], [`huffman`]). Everything above may use them; they use
+//! wire format read in place ([`wire`]), HPACK with its Huffman code
+//! ([`hpack`], [`huffman`]) and the protobuf JSON mapping ([`json`]). Everything above may use them; they use
 //! nothing of the engine.
 
 pub mod hpack;
 pub(crate) mod huffman;
+pub mod json;
 pub mod wire;

@@ -64,6 +64,8 @@ pub struct Entry {
     pub latency: Duration,
     /// For a call no rule matched: the rule that held the most conditions.
     pub closest: Option<Closest>,
+    /// The protocol that carried it: `grpc`, `grpc-web` or `connect`.
+    pub protocol: &'static str,
 }
 
 /// The per-call limits new recordings start with ([`RequestMessages::default`]):
@@ -934,6 +936,7 @@ impl Entry {
             "seq": self.seq,
             "time": rfc3339(self.time),
             "method": self.path(),
+            "protocol": self.protocol,
             "metadata": self.metadata_json(),
             "status": {"code": self.status, "name": status_name(self.status)},
             "message": self.message,
@@ -1503,6 +1506,7 @@ pub(crate) mod fixture {
             message: if status == 0 { String::new() } else { "no rule matches".into() },
             latency: Duration::from_micros(1500),
             closest,
+            protocol: "grpc",
         }
     }
 }

@@ -5,4 +5,5 @@
 pub mod health;
 pub mod journal;
 pub mod metrics;
+pub mod record;
 pub mod reflection;

@@ -63,6 +63,14 @@ pub enum Framing {
     One,
 }
 
+/// RESOURCE_EXHAUSTED for a request message over the limit.
+pub fn too_large(len: usize, max_len: usize) -> Status {
+    Status::new(
+        Code::ResourceExhausted,
+        format!("request message of {len} bytes is larger than the limit of {max_len} bytes"),
+    )
+}
+
 /// Reads a message's 5-byte prefix (`p` holds at least five bytes):
 /// whether it is compressed, and its length. An invalid flag or a length
 /// over `max_len` ends the call.
@@ -73,28 +81,26 @@ pub fn message_prefix(p: &[u8], max_len: usize) -> Result<(bool, usize), Status>
     }
     let len = u32::from_be_bytes([p[1], p[2], p[3], p[4]]) as usize;
     if len > max_len {
-        return Err(Status::new(
-            Code::ResourceExhausted,
-            format!("request message of {len} bytes is larger than the limit of {max_len} bytes"),
-        ));
+        return Err(too_large(len, max_len));
     }
     Ok((flag == 1, len))
 }
 
 /// The message encodings the engine accepts, sent as
 /// `grpc-accept-encoding` with every refusal of another one.
-pub const ACCEPT_ENCODING: &str = "identity";
+pub const ACCEPT_ENCODING: &str = "identity,gzip";
 
-/// The answer to a compressed request message (none is supported).
+/// The answer to a message flagged compressed in a request that names no
+/// encoding.
 pub fn compressed() -> Status {
-    let message = "compressed request messages are not supported; this server accepts grpc-encoding identity only";
-    Status { accept_encoding: true, ..Status::new(Code::Unimplemented, message) }
+    let message = "request message is flagged compressed but the request names no grpc-encoding";
+    Status { accept_encoding: true, ..Status::new(Code::Internal, message) }
 }
 
 /// The answer to a request whose `grpc-encoding` is not supported.
 pub fn unsupported_encoding(encoding: &[u8]) -> Status {
     let e = String::from_utf8_lossy(encoding);
-    let message = format!("grpc-encoding {e} is not supported; this server accepts grpc-encoding identity only");
+    let message = format!("grpc-encoding {e} is not supported; this server accepts identity and gzip");
     Status { accept_encoding: true, ..Status::new(Code::Unimplemented, message) }
 }
 

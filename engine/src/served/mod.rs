@@ -7,6 +7,7 @@
 
 pub mod generation;
 
+use crate::codec::json::JsonCodec;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue};
 use regex_automata::dfa::dense::DFA;
@@ -55,6 +56,16 @@ pub struct Prepared {
     pub fault: Option<wirestub_plan::Fault>,
     /// Calls this response may answer; 0 for no limit.
     pub times: u32,
+    /// `body` and `stream` in the protobuf JSON mapping, framed, for
+    /// JSON clients (see [`JsonCodec`]); None: transcoded per call.
+    pub json: Option<Box<JsonForms>>,
+}
+
+/// A response's messages transcoded to JSON once, at load.
+#[derive(Debug, Clone)]
+pub struct JsonForms {
+    pub body: Bytes,
+    pub stream: Vec<Bytes>,
 }
 
 /// A response's header blocks, encoded once (HPACK literals without
@@ -137,6 +148,24 @@ pub struct ServedMethod {
     pub builtin: Option<Builtin>,
     /// Position in [`Served::methods`].
     pub position: usize,
+    /// The protobuf JSON mapping of its messages (None when the plan's
+    /// descriptors lack its types).
+    pub json: Option<JsonCodec>,
+    /// Marked `idempotency_level = NO_SIDE_EFFECTS`: Connect clients may
+    /// call it with GET.
+    pub no_side_effects: bool,
+}
+
+/// Whether the method at `path` (`/package.Service/Method`) is marked
+/// `idempotency_level = NO_SIDE_EFFECTS`.
+fn no_side_effects(pool: &prost_reflect::DescriptorPool, path: &str) -> bool {
+    let Some((service, name)) = path.strip_prefix('/').and_then(|p| p.split_once('/')) else { return false };
+    let Some(method) = pool.get_service_by_name(service).and_then(|s| s.methods().find(|m| m.name() == name)) else {
+        return false;
+    };
+    let options = method.options();
+    let level = options.get_field_by_name("idempotency_level");
+    matches!(level.as_deref(), Some(prost_reflect::Value::EnumNumber(1)))
 }
 
 /// The services the engine implements itself.
@@ -420,6 +449,7 @@ pub fn prepare(
         latency: wirestub_plan::Latency::Fixed,
         fault: None,
         times: 0,
+        json: None,
     }
 }
 
@@ -447,9 +477,14 @@ pub fn status_answer(status: &crate::protocol::grpc::Status) -> Prepared {
 
 impl Served {
     pub fn new(plan: Plan, no_match: NoMatch) -> Result<Served, PrepareError> {
+        // The descriptors, for the JSON mapping (a plan without them, as
+        // some tests build, serves protobuf only).
+        let pool = prost_reflect::DescriptorPool::decode(&plan.descriptors[..]).ok();
         let mut methods = Vec::with_capacity(plan.methods.len());
         let mut by_path = HashMap::with_capacity(plan.methods.len());
         for m in plan.methods {
+            let json = pool.as_ref().and_then(|pool| JsonCodec::new(pool, &m.input_type, &m.output_type));
+            let get = pool.as_ref().is_some_and(|pool| no_side_effects(pool, &m.path));
             let responses = m
                 .responses
                 .iter()
@@ -471,6 +506,12 @@ impl Served {
                     p.latency = r.latency;
                     p.fault = r.fault.clone();
                     p.times = r.times;
+                    if let Some(codec) = &json {
+                        p.json = Some(Box::new(JsonForms {
+                            body: codec.response(&p.body),
+                            stream: p.stream.iter().map(|item| codec.response(item)).collect(),
+                        }));
+                    }
                     p
                 })
                 .collect();
@@ -516,6 +557,8 @@ impl Served {
                 literals,
                 builtin,
                 position: methods.len(),
+                json,
+                no_side_effects: get,
             };
             served.keep = served.messages_kept();
             methods.push(served);
@@ -548,6 +591,8 @@ impl Served {
                 literals: Vec::new(),
                 builtin: Some(builtin),
                 position: methods.len(),
+                json: None,
+                no_side_effects: false,
             });
         }
         let ok = prepare(0, "", Bytes::new(), &[], &[], Duration::ZERO);

@@ -5,6 +5,7 @@
 //!
 //! Abuse resistance here is h2's own guards, set explicitly below.
 
+use crate::budget::{Held, H2_CALL_COST};
 use crate::call::matcher::Messages;
 use crate::call::{deadline_exceeded, pick, prepare_fault, sleep_until, Answer};
 use crate::config::Config;
@@ -13,7 +14,6 @@ use crate::protocol::grpc::{self, Code, Status};
 use crate::served::generation::Generation;
 use crate::served::{status_answer, status_response, Builtin, Prepared};
 use crate::state::State;
-use crate::transport::budget::{Held, H2_CALL_COST};
 use crate::transport::outflow;
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::stream::{FuturesUnordered, StreamExt};

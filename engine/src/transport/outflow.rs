@@ -10,8 +10,8 @@
 //! through a task-local (a connection is one task, its calls futures in
 //! it), so nothing has to be threaded through the call functions.
 
+use crate::budget::Held;
 use crate::protocol::grpc::Status;
-use crate::transport::budget::Held;
 use std::cell::{Cell, RefCell};
 use std::future::poll_fn;
 use std::io;
@@ -82,7 +82,7 @@ pub async fn scope<F: std::future::Future>(flow: Rc<Outflow>, f: F) -> F::Output
 }
 
 /// Counts an answer of `len` bytes that a call holds while it waits for
-/// window, in the process-wide budget (see [`crate::transport::budget`]), or fails
+/// window, in the process-wide budget (see [`crate::budget`]), or fails
 /// the call when that would pass the budget. Outside a connection (no
 /// outflow in scope) nothing is counted.
 pub fn hold(len: usize) -> Result<Option<Held>, Status> {

@@ -180,6 +180,24 @@ pub const FLAGS: &[Flag] = &[
         section: LISTENERS,
     },
     Flag {
+        name: "compress-responses",
+        value: "on|off",
+        kind: Kind::Value,
+        default: "off",
+        help: "gzip response messages for clients that accept it (grpc-accept-encoding, accept-encoding, \
+               connect-accept-encoding); requests are decompressed either way",
+        section: LISTENERS,
+    },
+    Flag {
+        name: "cors-origins",
+        value: "ORIGINS",
+        kind: Kind::Value,
+        default: "*",
+        help: "comma-separated origins browsers may call the gRPC port from (gRPC-Web, Connect); * allows any \
+               origin, without credentials; listed origins may send credentials",
+        section: LISTENERS,
+    },
+    Flag {
         name: "workers",
         value: "N",
         kind: Kind::Value,
@@ -514,6 +532,26 @@ impl Raw {
     fn path(&self) -> PathBuf {
         PathBuf::from(self.text())
     }
+
+    /// `*` (any origin: an empty list) or comma-separated origins.
+    fn origins(&self) -> Result<Vec<String>, String> {
+        let list: Vec<String> = self
+            .text()
+            .split(',')
+            .map(|o| o.trim().trim_end_matches('/').to_string())
+            .filter(|o| !o.is_empty())
+            .collect();
+        if list.iter().any(|o| o == "*") {
+            return Ok(Vec::new());
+        }
+        let origin = |o: &String| {
+            (o.starts_with("http://") || o.starts_with("https://")) && !o.contains(|c: char| c.is_whitespace())
+        };
+        if list.is_empty() || !list.iter().all(origin) {
+            return Err(self.error("* or comma-separated origins such as https://app.example.com"));
+        }
+        Ok(list)
+    }
 }
 
 /// The format of log lines.
@@ -642,6 +680,8 @@ pub fn parse(args: &[String], env: &dyn Fn(&str) -> Option<String>) -> Result<Co
         write_timeout: must("write-timeout-ms").millis_or_never()?,
         stack: must("http2").choice(&[("native", Stack::Native), ("h2", Stack::H2)])?,
         metrics: must("metrics").choice(&[("on", true), ("off", false)])?,
+        compress_responses: must("compress-responses").choice(&[("on", true), ("off", false)])?,
+        cors_origins: must("cors-origins").origins()?,
         journal: wirestub_engine::JournalLimits {
             bytes: must("journal-bytes").number()?,
             messages: must("journal-messages").number()?,

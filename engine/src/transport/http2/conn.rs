@@ -17,6 +17,7 @@
 
 use super::frame::{self, code, flag, kind, Head};
 use super::request::{ContentType, RequestHead};
+use crate::budget::{Reported, CALL_COST};
 use crate::call::matcher::Closest;
 use crate::call::matcher::Messages;
 use crate::call::{self, Answer, Schedule};
@@ -24,12 +25,14 @@ use crate::codec::hpack::Decoder;
 use crate::config::Config;
 use crate::observe::journal::Entry;
 use crate::observe::metrics::WorkerStats;
+use crate::protocol::compression::{self, Encoding};
 use crate::protocol::grpc::{self, Code, Status};
+use crate::protocol::web_text::{self, TextDecoder};
+use crate::protocol::{self, connect, Codec, Dialect, Protocol};
 use crate::served::generation::Generation;
 use crate::served::Builtin;
 use crate::served::{status_answer, status_response, Prepared, Served, ServedMethod};
 use crate::state::State;
-use crate::transport::budget::{Reported, CALL_COST};
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use std::cell::RefCell;
@@ -138,6 +141,17 @@ enum Out {
     Data(Bytes),
     /// A trailer block: ends the stream once everything before it is sent.
     Trailers(Bytes),
+    /// An empty DATA frame with END_STREAM: ends a response whose protocol
+    /// puts its trailers in the body (gRPC-Web, Connect).
+    End,
+}
+
+/// A Connect unary answer waiting for its end: its HTTP status and
+/// trailing metadata (sent as headers) are known only then.
+#[derive(Default)]
+struct Deferred {
+    headers: http::HeaderMap,
+    message: Option<Bytes>,
 }
 
 /// The request side of a client stream as rules see it (see
@@ -151,6 +165,19 @@ struct Aggregate {
 
 struct Stream<'s> {
     method: &'s ServedMethod,
+    /// The protocol and codec of the call.
+    dialect: Dialect,
+    /// Connect unary: the answer so far (see [`Deferred`]).
+    deferred: Option<Box<Deferred>>,
+    /// gRPC-Web text: the request body's base64 decoder.
+    text: Option<Box<TextDecoder>>,
+    /// A browser's `origin`: responses carry the CORS headers.
+    origin: Option<Box<[u8]>>,
+    /// How the request's messages are compressed (those flagged so, or a
+    /// Connect unary body).
+    encoding: Encoding,
+    /// Response messages go out gzip-compressed.
+    compress: bool,
     /// The client has ended its side (END_STREAM).
     recv_done: bool,
     /// The engine has ended its side (END_STREAM written or queued).
@@ -869,6 +896,7 @@ impl<'s> Conn<'s> {
             message: percent_decode(&rec.message),
             latency: s.started.elapsed(),
             closest: rec.closest,
+            protocol: s.dialect.name(),
         });
     }
 
@@ -900,6 +928,49 @@ impl<'s> Conn<'s> {
         }
     }
 
+    /// Answers a call refused before it opened (no stream state): gRPC's
+    /// trailers-only block, or the protocol's whole error response. Its
+    /// body (a Connect error, a few hundred bytes) goes only when the
+    /// windows let it; otherwise the HTTP status alone tells the client.
+    fn refuse_with(&mut self, id: u32, dialect: Dialect, p: &Prepared, origin: Option<&[u8]>) {
+        if dialect.protocol == Protocol::Grpc {
+            frame::put_headers(&mut self.out, id, &p.blocks.trailers_only, true, self.peer_max_frame);
+            return;
+        }
+        let r = protocol::without_messages(dialect, &p.headers, &p.trailers);
+        let block = head_block(r.head, origin, &self.config.cors_origins);
+        let fits = (r.body.len() as i64) <= self.peer_initial_window.min(self.send_window);
+        if r.body.is_empty() || !fits {
+            frame::put_headers(&mut self.out, id, &block, true, self.peer_max_frame);
+            return;
+        }
+        frame::put_headers(&mut self.out, id, &block, false, self.peer_max_frame);
+        self.send_window -= r.body.len() as i64;
+        put_data_frames(&mut self.out, id, &r.body, self.peer_max_frame);
+        frame::put_data(&mut self.out, id, &[], true);
+    }
+
+    /// Answers `OPTIONS`: a CORS preflight (204 with what the page may
+    /// send and read, 403 for an origin not allowed), or the methods
+    /// served.
+    fn preflight(&mut self, id: u32, request: &RequestHead<'_>) {
+        let mut head = protocol::Head { status: 204, headers: http::HeaderMap::new() };
+        match &request.origin {
+            None => {
+                head.headers.insert(http::header::ALLOW, http::HeaderValue::from_static("POST, GET, OPTIONS"));
+            }
+            Some(origin) => {
+                match protocol::cors::preflight(&self.config.cors_origins, origin, request.cors_headers.as_deref()) {
+                    Some(h) => head.headers = h,
+                    None => head.status = 403,
+                }
+            }
+        }
+        let block = head_block(head, None, &[]);
+        frame::put_headers(&mut self.out, id, &block, true, self.peer_max_frame);
+        self.control_frames = 0;
+    }
+
     fn open(
         &mut self,
         id: u32,
@@ -911,13 +982,43 @@ impl<'s> Conn<'s> {
         let early = |code: u8, msg: String| Some(status_response(code, &msg));
         let mut http_status = None;
         let mut status = None;
+        let mut dialect = Dialect::GRPC;
+        let mut get: Option<connect::GetRequest> = None;
+        let http_method = request.http_method.as_deref();
         if oversized {
             http_status = Some(431);
+        } else if http_method == Some(b"OPTIONS") {
+            self.preflight(id, &request);
+            if !end_stream {
+                frame::put_rst(&mut self.out, id, code::NO_ERROR);
+            }
+            return Ok(());
+        } else if http_method == Some(b"GET") {
+            // Connect's GET, for methods without side effects.
+            let query = request.query.as_deref().map(|q| connect::parse_get(&String::from_utf8_lossy(q)));
+            dialect = Dialect { protocol: Protocol::Connect, codec: Codec::Json };
+            match (request.method, query) {
+                (Some(m), Some(Ok(q))) if m.no_side_effects && m.plan.kind == MethodKind::Unary && !m.plan.duplex => {
+                    dialect.codec = q.codec;
+                    get = Some(q);
+                }
+                (None, _) => {}
+                (Some(m), Some(Err(e))) if m.no_side_effects => status = early(Code::InvalidArgument as u8, e),
+                _ => http_status = Some(405),
+            }
         } else if !request.post {
             http_status = Some(405);
         } else {
             match &request.content_type {
-                ContentType::Grpc => {}
+                ContentType::Known(d) => {
+                    dialect = *d;
+                    let unary = request.method.is_none_or(|m| m.plan.kind == MethodKind::Unary && !m.plan.duplex);
+                    if !d.fits(unary) {
+                        http_status = Some(415);
+                    } else if d.codec == Codec::Json && request.method.is_some_and(|m| m.json.is_none()) {
+                        status = early(Code::Unimplemented as u8, "this method has no JSON mapping".into());
+                    }
+                }
                 ContentType::GrpcOther(ct) => {
                     let ct = String::from_utf8_lossy(ct);
                     status = early(
@@ -937,18 +1038,35 @@ impl<'s> Conn<'s> {
             }
             None => None,
         };
+        let mut encoding = Encoding::Identity;
+        let get_compression = get.as_ref().and_then(|g| g.compression.as_deref()).map(str::as_bytes);
         if status.is_none() && http_status.is_none() {
-            if let Some(e) = &request.encoding {
-                status = Some(status_answer(&grpc::unsupported_encoding(e)));
+            if let Some(e) = get_compression.or(request.encoding.as_deref()) {
+                match Encoding::parse(e) {
+                    Some(e) => encoding = e,
+                    None => status = Some(status_answer(&grpc::unsupported_encoding(e))),
+                }
             }
         }
+        let accepts = request.accepts_gzip;
+        let compress = self.config.compress_responses
+            && match dialect.protocol {
+                Protocol::Grpc | Protocol::GrpcWeb | Protocol::GrpcWebText => accepts.grpc,
+                Protocol::Connect => accepts.http,
+                Protocol::ConnectStream => accepts.connect,
+            };
         let mut deadline = None;
         if status.is_none() && http_status.is_none() {
-            if let Some(t) = &request.timeout {
-                match grpc::parse_timeout(t) {
-                    Some(t) => deadline = Some(Instant::now() + t),
-                    None => status = early(Code::Internal as u8, "malformed grpc-timeout header".into()),
+            let timeout = match dialect.protocol {
+                Protocol::Connect | Protocol::ConnectStream => {
+                    request.connect_timeout.as_ref().map(|t| (connect::parse_timeout(t), "connect-timeout-ms"))
                 }
+                _ => request.timeout.as_ref().map(|t| (grpc::parse_timeout(t), "grpc-timeout")),
+            };
+            match timeout {
+                Some((Some(t), _)) => deadline = Some(Instant::now() + t),
+                Some((None, name)) => status = early(Code::Internal as u8, format!("malformed {name} header")),
+                None => {}
             }
         }
         if http_status.is_some() || status.is_some() {
@@ -960,10 +1078,7 @@ impl<'s> Conn<'s> {
                     crate::codec::hpack::encode_status(&mut block, code);
                     frame::put_headers(&mut self.out, id, &block, true, self.peer_max_frame);
                 }
-                None => {
-                    let p = status.expect("one of the two");
-                    frame::put_headers(&mut self.out, id, &p.blocks.trailers_only, true, self.peer_max_frame);
-                }
+                None => self.refuse_with(id, dialect, &status.expect("one of the two"), request.origin.as_deref()),
             }
             self.control_frames = 0;
             if !end_stream {
@@ -974,7 +1089,7 @@ impl<'s> Conn<'s> {
         let method = method.expect("answered above when missing");
         if self.reported.total(self.buffered) + held > self.config.max_buffered {
             let p = status_answer(&grpc::buffers_full(self.config.max_buffered));
-            frame::put_headers(&mut self.out, id, &p.blocks.trailers_only, true, self.peer_max_frame);
+            self.refuse_with(id, dialect, &p, request.origin.as_deref());
             if !end_stream {
                 frame::put_rst(&mut self.out, id, code::NO_ERROR);
             }
@@ -983,13 +1098,26 @@ impl<'s> Conn<'s> {
         self.buffered += held;
         self.calls_held += held;
         let window = self.stream_window();
+        let body = match get {
+            Some(g) => {
+                self.buffered += g.message.len();
+                BytesMut::from(&g.message[..])
+            }
+            None => BytesMut::new(),
+        };
         let stream = Stream {
             method,
+            dialect,
+            origin: request.origin.filter(|_| dialect.protocol != Protocol::Grpc),
+            deferred: None,
+            text: (dialect.protocol == Protocol::GrpcWebText).then(Default::default),
+            encoding,
+            compress,
             recv_done: false,
             send_done: false,
             headers_sent: false,
             recv_window: window,
-            body: BytesMut::new(),
+            body,
             agg: None,
             queue: VecDeque::new(),
             queued: 0,
@@ -1070,7 +1198,11 @@ impl<'s> Conn<'s> {
         let duplex = s.method.plan.duplex;
         // The common case, a whole unary request in one DATA frame with
         // END_STREAM, is answered straight from the read buffer.
-        if end_stream && s.body.is_empty() && !duplex && matches!(kind, MethodKind::Unary | MethodKind::ServerStreaming)
+        if end_stream
+            && s.body.is_empty()
+            && s.text.is_none()
+            && !duplex
+            && matches!(kind, MethodKind::Unary | MethodKind::ServerStreaming)
         {
             s.recv_done = true;
             if s.content_length.is_some_and(|n| s.received != n) {
@@ -1103,11 +1235,27 @@ impl<'s> Conn<'s> {
             return self.fail_call(id, &status);
         }
         if !data.is_empty() {
-            s.body.extend_from_slice(data);
-            self.buffered += data.len();
+            let before = s.body.len();
+            match &mut s.text {
+                Some(t) => {
+                    if let Err(e) = t.push(data, &mut s.body) {
+                        let status = Status::new(Code::Internal, format!("malformed grpc-web-text body: {e}"));
+                        if duplex {
+                            s.failed = Some(status);
+                            s.wake();
+                            return Ok(());
+                        }
+                        return self.fail_call(id, &status);
+                    }
+                }
+                None => s.body.extend_from_slice(data),
+            }
+            self.buffered += s.body.len() - before;
         }
         let failure = if duplex || matches!(kind, MethodKind::ClientStreaming | MethodKind::BidiStreaming) {
             deframe(s, max, &mut self.buffered)
+        } else if !s.dialect.enveloped() {
+            (s.body.len() > max).then(|| grpc::too_large(s.body.len(), max))
         } else if s.body.len() >= 5 {
             grpc::check_unary(&s.body[..5], s.body.len(), max).err()
         } else {
@@ -1223,26 +1371,70 @@ impl<'s> Conn<'s> {
     /// Answers a unary or server-streaming call from its request body.
     fn answer_unary(&mut self, id: u32, body: &[u8]) -> Result<(), ConnError> {
         let max = self.config.max_recv_message;
-        if let Err(status) = grpc::finish_unary(body, body.len(), max) {
-            return self.fail_call(id, &status);
-        }
-        if body[0] == 1 {
-            return self.fail_call(id, &grpc::compressed());
-        }
+        let enveloped = self.streams.get(&id).is_none_or(|s| s.dialect.enveloped());
+        let inflated;
+        let message = if enveloped {
+            if let Err(status) = grpc::finish_unary(body, body.len(), max) {
+                return self.fail_call(id, &status);
+            }
+            if body[0] == 1 {
+                match self.inflate(id, &body[5..]) {
+                    Ok(m) => {
+                        inflated = m;
+                        &inflated[..]
+                    }
+                    Err(status) => return self.fail_call(id, &status),
+                }
+            } else {
+                &body[5..]
+            }
+        } else {
+            // Connect unary: the body is the message.
+            if body.len() > max {
+                return self.fail_call(id, &grpc::too_large(body.len(), max));
+            }
+            match self.streams.get(&id).map(|s| s.encoding) {
+                Some(Encoding::Gzip) => match self.inflate(id, body) {
+                    Ok(m) => {
+                        inflated = m;
+                        &inflated[..]
+                    }
+                    Err(status) => return self.fail_call(id, &status),
+                },
+                _ => body,
+            }
+        };
+        let transcoded;
+        let message = match self.streams.get(&id).map(|s| (s.dialect.codec, &s.method.json)) {
+            Some((Codec::Json, Some(codec))) => match codec.request(message) {
+                Ok(m) => {
+                    transcoded = m;
+                    &transcoded[..]
+                }
+                Err(e) => return self.fail_call(id, &invalid_json(&e)),
+            },
+            _ => message,
+        };
         if self.past_deadline(id) {
             return self.fail_call(id, &call::deadline_exceeded());
         }
         let s = self.streams.get_mut(&id).expect("present");
         if let Some(rec) = &mut s.rec {
-            let added = rec.messages.push(&body[5..]);
+            let added = rec.messages.push(message);
             self.buffered = self.buffered.saturating_add_signed(added);
         }
         if let Some(builtin) = s.method.builtin {
-            return self.answer_builtin(id, builtin, &body[5..]);
+            return self.answer_builtin(id, builtin, message);
         }
-        let one = [&body[5..]];
+        let one = [message];
         let picked = call::pick_explained(s.method, &Messages::one(&one), &s.metadata[..], s.rec.is_some());
         self.answer(id, picked)
+    }
+
+    /// A compressed request message, inflated within the message limit.
+    fn inflate(&self, id: u32, data: &[u8]) -> Result<Bytes, Status> {
+        let encoding = self.streams.get(&id).map_or(Encoding::Identity, |s| s.encoding);
+        inflate(encoding, data, self.config.max_recv_message)
     }
 
     /// Health checks: answered by the engine itself.
@@ -1255,9 +1447,9 @@ impl<'s> Conn<'s> {
                 Ok(reply) => {
                     let served = self.served;
                     self.note_status(id, 0, "");
-                    self.send_headers(id, &served.ok.blocks.headers);
+                    self.send_headers(id, &served.ok);
                     self.send_data(id, frame_message(&reply));
-                    self.send_trailers(id, served.ok.blocks.trailers.clone());
+                    self.send_trailers(id, &served.ok);
                     Ok(())
                 }
                 Err(status) => self.fail_call(id, &status),
@@ -1292,7 +1484,7 @@ impl<'s> Conn<'s> {
             }
             let p = call::prepare_fault(fault);
             self.note_status(id, fault.status, &fault.message);
-            self.send_trailers_only(id, &p.blocks.trailers_only);
+            self.send_trailers_only(id, &p);
             return Ok(());
         }
         let s = &self.streams[&id];
@@ -1303,7 +1495,7 @@ impl<'s> Conn<'s> {
         if delay.is_zero() && simple {
             if prepared.status != 0 {
                 self.note_status(id, prepared.status, message_of(prepared));
-                self.send_trailers_only(id, &prepared.blocks.trailers_only);
+                self.send_trailers_only(id, prepared);
                 return Ok(());
             }
             let fits = answer.body.len() as i64 <= s.send_window.min(self.send_window);
@@ -1311,10 +1503,14 @@ impl<'s> Conn<'s> {
                 return self.fail_call(id, &grpc::buffers_full(self.config.max_buffered));
             }
             if fits || s.deadline.is_none() {
+                let body = match s.dialect.codec {
+                    Codec::Proto => answer.body.clone(),
+                    Codec::Json => answer.json_messages(s.method)[0].clone(),
+                };
                 self.note_status(id, 0, "");
-                self.send_headers(id, &prepared.blocks.headers);
-                self.send_data(id, answer.body.clone());
-                self.send_trailers(id, prepared.blocks.trailers.clone());
+                self.send_headers(id, prepared);
+                self.send_data(id, body);
+                self.send_trailers(id, prepared);
                 return Ok(());
             }
         }
@@ -1338,9 +1534,9 @@ impl<'s> Conn<'s> {
         self.note_status(id, status.code as u8, &status.message);
         let p = status_answer(status);
         if self.streams.get(&id).is_some_and(|s| s.headers_sent) {
-            self.send_trailers(id, p.blocks.trailers.clone());
+            self.send_trailers(id, &p);
         } else {
-            self.send_trailers_only(id, &p.blocks.trailers_only);
+            self.send_trailers_only(id, &p);
         }
         Ok(())
     }
@@ -1349,35 +1545,115 @@ impl<'s> Conn<'s> {
     // Writing
     // ---------------------------------------------------------------------
 
-    fn send_headers(&mut self, id: u32, block: &[u8]) {
+    /// Sends the response headers of `p` (its initial metadata).
+    fn send_headers(&mut self, id: u32, p: &Prepared) {
         let Some(s) = self.streams.get_mut(&id) else { return };
         if s.headers_sent || s.send_done {
             return;
         }
+        match s.dialect.protocol {
+            Protocol::Grpc if !s.compress => {
+                frame::put_headers(&mut self.out, id, &p.blocks.headers, false, self.peer_max_frame)
+            }
+            Protocol::Connect => {
+                // Sent with the end, when the status is known.
+                s.deferred.get_or_insert_with(Default::default).headers = p.headers.clone();
+                return;
+            }
+            _ => {
+                let mut head = protocol::stream_head(s.dialect, &p.headers);
+                if s.compress {
+                    let name = match s.dialect.protocol {
+                        Protocol::ConnectStream => "connect-content-encoding",
+                        _ => "grpc-encoding",
+                    };
+                    head.headers.insert(name, http::HeaderValue::from_static("gzip"));
+                }
+                let block = head_block(head, s.origin.as_deref(), &self.config.cors_origins);
+                frame::put_headers(&mut self.out, id, &block, false, self.peer_max_frame);
+            }
+        }
         s.headers_sent = true;
-        frame::put_headers(&mut self.out, id, block, false, self.peer_max_frame);
         self.control_frames = 0;
     }
 
-    /// Ends the stream with a trailers-only response.
-    fn send_trailers_only(&mut self, id: u32, block: &[u8]) {
+    /// Ends the stream with a response that carries no message: gRPC's
+    /// trailers-only response, or the protocol's equivalent.
+    fn send_trailers_only(&mut self, id: u32, p: &Prepared) {
         let Some(s) = self.streams.get_mut(&id) else { return };
         if s.send_done {
             return;
         }
+        if s.dialect.protocol != Protocol::Grpc {
+            let r = protocol::without_messages(s.dialect, &p.headers, &p.trailers);
+            return self.send_whole(id, r);
+        }
         s.headers_sent = true;
         s.send_done = true;
-        frame::put_headers(&mut self.out, id, block, true, self.peer_max_frame);
+        frame::put_headers(&mut self.out, id, &p.blocks.trailers_only, true, self.peer_max_frame);
         self.control_frames = 0;
         self.finish_send(id);
     }
 
-    /// Sends a message, or as much as the windows allow, queueing the rest.
+    /// Sends a whole response (head and body) and ends the stream.
+    fn send_whole(&mut self, id: u32, r: protocol::Response) {
+        let Some(s) = self.streams.get_mut(&id) else { return };
+        s.headers_sent = true;
+        let block = head_block(r.head, s.origin.as_deref(), &self.config.cors_origins);
+        frame::put_headers(&mut self.out, id, &block, r.body.is_empty(), self.peer_max_frame);
+        self.control_frames = 0;
+        if r.body.is_empty() {
+            s.send_done = true;
+            return self.finish_send(id);
+        }
+        self.send_body(id, r.body);
+        self.send_end(id);
+    }
+
+    /// Ends the stream with an empty DATA frame, after whatever is queued.
+    fn send_end(&mut self, id: u32) {
+        let Some(s) = self.streams.get_mut(&id) else { return };
+        if s.send_done {
+            return;
+        }
+        s.send_done = true;
+        if s.pending.is_empty() {
+            frame::put_data(&mut self.out, id, &[], true);
+            self.finish_send(id);
+        } else {
+            s.pending.push_back(Out::End);
+        }
+    }
+
+    /// Sends a response message (gRPC-framed), compressed when the call
+    /// says so.
     fn send_data(&mut self, id: u32, data: Bytes) {
         let Some(s) = self.streams.get_mut(&id) else { return };
         if s.send_done {
             return;
         }
+        if s.dialect.protocol == Protocol::Connect && !s.headers_sent {
+            // Connect unary: the message goes with the end.
+            s.deferred.get_or_insert_with(Default::default).message = Some(data.slice(5.min(data.len())..));
+            return;
+        }
+        let data = if s.compress { compression::compress_framed(Encoding::Gzip, data) } else { data };
+        self.send_body(id, data)
+    }
+
+    /// Sends body bytes, or as much as the windows allow, queueing the rest.
+    fn send_body(&mut self, id: u32, data: Bytes) {
+        let Some(s) = self.streams.get_mut(&id) else { return };
+        if s.send_done {
+            return;
+        }
+        let data = if s.dialect.protocol == Protocol::GrpcWebText {
+            let mut b = BytesMut::with_capacity(data.len().div_ceil(3) * 4);
+            web_text::encode(&data, &mut b);
+            b.freeze()
+        } else {
+            data
+        };
         if s.pending.is_empty() {
             let room = out_room(&self.out);
             let n = data.len().min(s.send_window.max(0) as usize).min(self.send_window.max(0) as usize).min(room);
@@ -1407,12 +1683,34 @@ impl<'s> Conn<'s> {
         }
     }
 
-    /// Ends the stream with trailers, after whatever is queued.
-    fn send_trailers(&mut self, id: u32, block: Bytes) {
+    /// Ends the stream with the trailers of `p` (its status and trailing
+    /// metadata), after whatever is queued.
+    fn send_trailers(&mut self, id: u32, p: &Prepared) {
         let Some(s) = self.streams.get_mut(&id) else { return };
         if s.send_done {
             return;
         }
+        match s.dialect.protocol {
+            Protocol::Grpc => {}
+            Protocol::Connect => {
+                let d = s.deferred.take().unwrap_or_default();
+                let mut r = connect::unary(&d.headers, &p.trailers, d.message, s.dialect.codec);
+                if s.compress && r.head.status == 200 && !r.body.is_empty() {
+                    r.body = compression::compress(Encoding::Gzip, &r.body);
+                    r.head.headers.insert(http::header::CONTENT_ENCODING, http::HeaderValue::from_static("gzip"));
+                }
+                return self.send_whole(id, r);
+            }
+            _ => {
+                if !s.headers_sent {
+                    return self.send_trailers_only(id, p);
+                }
+                let end = protocol::stream_end(s.dialect, &p.trailers).unwrap_or_default();
+                self.send_body(id, end);
+                return self.send_end(id);
+            }
+        }
+        let block = p.blocks.trailers.clone();
         s.send_done = true;
         if s.pending.is_empty() {
             frame::put_headers(&mut self.out, id, &block, true, self.peer_max_frame);
@@ -1476,6 +1774,11 @@ impl<'s> Conn<'s> {
                 }
                 Out::Trailers(block) => {
                     frame::put_headers(&mut self.out, id, block, true, max_frame);
+                    s.pending.pop_front();
+                    finished = true;
+                }
+                Out::End => {
+                    frame::put_data(&mut self.out, id, &[], true);
                     s.pending.pop_front();
                     finished = true;
                 }
@@ -1598,11 +1901,24 @@ fn deframe(s: &mut Stream<'_>, max: usize, buffered: &mut usize) -> Option<Statu
         if s.body.len() < 5 + len {
             return None;
         }
-        if compressed {
-            return Some(grpc::compressed());
-        }
-        let message = cut_message(&mut s.body, len);
+        let mut message = cut_message(&mut s.body, len);
         *buffered -= 5;
+        if compressed {
+            let before = message.len();
+            match inflate(s.encoding, &message, max) {
+                Ok(m) => message = m,
+                Err(e) => return Some(e),
+            }
+            *buffered = (*buffered + message.len()).saturating_sub(before);
+        }
+        if let (Codec::Json, Some(codec)) = (s.dialect.codec, &s.method.json) {
+            let before = message.len();
+            match codec.request(&message) {
+                Ok(m) => message = m,
+                Err(e) => return Some(invalid_json(&e)),
+            }
+            *buffered = (*buffered + message.len()).saturating_sub(before);
+        }
         if let Some(rec) = &mut s.rec {
             *buffered = buffered.saturating_add_signed(rec.messages.push(&message));
         }
@@ -1646,6 +1962,29 @@ fn cut_message(body: &mut BytesMut, len: usize) -> Bytes {
     m.split_off(5).freeze()
 }
 
+/// A compressed request message, inflated within `max` bytes; a message
+/// flagged compressed without an encoding is refused.
+fn inflate(encoding: Encoding, data: &[u8], max: usize) -> Result<Bytes, Status> {
+    if encoding == Encoding::Identity {
+        return Err(grpc::compressed());
+    }
+    compression::decompress(encoding, data, max).map_err(|e| match e {
+        compression::Inflated::TooLarge { limit } => Status::new(
+            Code::ResourceExhausted,
+            format!("request message is larger than the limit of {limit} bytes once decompressed"),
+        ),
+        compression::Inflated::Corrupt(why) => {
+            Status::new(Code::Internal, format!("cannot decompress request message: {why}"))
+        }
+    })
+}
+
+/// INVALID_ARGUMENT for a JSON request message that does not map onto
+/// the method's request type.
+fn invalid_json(e: &str) -> Status {
+    Status::new(Code::InvalidArgument, format!("invalid JSON request message: {e}"))
+}
+
 /// A message with its gRPC prefix (uncompressed).
 fn frame_message(message: &[u8]) -> Bytes {
     let mut b = BytesMut::with_capacity(5 + message.len());
@@ -1685,6 +2024,20 @@ fn percent_decode(s: &str) -> String {
 /// [`SEND_CHUNK`] past [`OUT_HIGH`], so a message is cut no finer than that.
 fn out_room(out: &BytesMut) -> usize {
     (OUT_HIGH + SEND_CHUNK).saturating_sub(out.len())
+}
+
+/// A response head as an HPACK block (literals without indexing), with
+/// the CORS headers when a browser (`origin`) asked.
+fn head_block(mut head: protocol::Head, origin: Option<&[u8]>, origins: &[String]) -> Vec<u8> {
+    if let Some(origin) = origin {
+        protocol::cors::decorate(origins, origin, &mut head.headers);
+    }
+    let mut b = Vec::with_capacity(64);
+    crate::codec::hpack::encode_status(&mut b, head.status);
+    for (k, v) in &head.headers {
+        crate::codec::hpack::encode_literal(&mut b, k.as_str().as_bytes(), v.as_bytes());
+    }
+    b
 }
 
 fn put_data_frames(out: &mut BytesMut, id: u32, data: &[u8], max_frame: usize) {
@@ -1829,10 +2182,10 @@ fn start_job<'s>(conn: &Shared<'s>, job: Job<'s>) -> Task<'s> {
 async fn watch(h: Handle<'_>, service: String) {
     let Some(state) = h.with(|c| c.state) else { return };
     let mut changes = state.health.subscribe();
-    let headers = h.with(|c| c.served.ok.blocks.headers.clone());
     h.with(|c| {
         c.note_status(h.id, Code::Unavailable as u8, "the server is shutting down");
-        c.send_headers(h.id, &headers)
+        let served = c.served;
+        c.send_headers(h.id, &served.ok)
     });
     let mut last: Option<Bytes> = None;
     loop {
@@ -1854,7 +2207,7 @@ async fn watch(h: Handle<'_>, service: String) {
         }
     }
     let end = status_response(Code::Unavailable as u8, "the server is shutting down");
-    h.with(|c| c.send_trailers(h.id, end.blocks.trailers));
+    h.with(|c| c.send_trailers(h.id, &end));
 }
 
 /// Answers after a delay, or streams an answer.
@@ -1874,23 +2227,25 @@ async fn respond<'s>(h: Handle<'s>, answer: Answer<'s>, delay: Duration, deadlin
     if prepared.status != 0 && prepared.stream.is_empty() {
         h.with(|c| {
             c.note_status(h.id, prepared.status, message_of(prepared));
-            c.send_trailers_only(h.id, &prepared.blocks.trailers_only)
+            c.send_trailers_only(h.id, prepared)
         });
         return;
     }
-    h.with(|c| c.send_headers(h.id, &prepared.blocks.headers));
+    h.with(|c| c.send_headers(h.id, prepared));
+    let owned;
     let end = match send_items(&h, &answer, deadline).await {
         Ok(()) => {
             h.with(|c| c.note_status(h.id, prepared.status, message_of(prepared)));
-            prepared.blocks.trailers.clone()
+            prepared
         }
         Err(Stop::Status(e)) => {
             h.with(|c| c.note_status(h.id, e.code as u8, &e.message));
-            status_answer(&e).blocks.trailers
+            owned = status_answer(&e);
+            &owned
         }
         Err(Stop::Rule(p)) => {
             h.with(|c| c.note_status(h.id, p.status, message_of(p)));
-            p.blocks.trailers.clone()
+            p
         }
         Err(Stop::Gone) => return,
     };
@@ -1901,7 +2256,15 @@ async fn respond<'s>(h: Handle<'s>, answer: Answer<'s>, delay: Duration, deadlin
 /// go, pausing between them as the rule says.
 async fn send_items<'s>(h: &Handle<'s>, answer: &Answer<'s>, deadline: Option<Instant>) -> Result<(), Stop<'s>> {
     let prepared = answer.prepared;
-    let items = answer.messages();
+    let json = h.with(|c| c.streams.get(&h.id).filter(|s| s.dialect.codec == Codec::Json).map(|s| s.method));
+    let json_items;
+    let items = match json {
+        Some(method) => {
+            json_items = answer.json_messages(method);
+            &json_items[..]
+        }
+        None => answer.messages(),
+    };
     if prepared.stream.is_empty() && prepared.status != 0 {
         return Ok(());
     }
@@ -1947,12 +2310,14 @@ async fn duplex<'s>(h: Handle<'s>, deadline: Option<Instant>) {
                 (s.method.builtin == Some(Builtin::Reflection)).then(|| g.reflection.answer(&message))
             });
             if let Some(reply) = reflected {
-                let headers = h.with(|c| c.served.ok.blocks.headers.clone());
                 // Only the framed answer waits for window, not its makings.
                 let item = frame_message(&reply);
                 drop(reply);
                 drop(message);
-                h.with(|c| c.send_headers(h.id, &headers));
+                h.with(|c| {
+                    let served = c.served;
+                    c.send_headers(h.id, &served.ok)
+                });
                 tokio::select! {
                     r = h.capacity(item.len()) => r?,
                     _ = call::sleep_until(deadline) => return Err(call::deadline_exceeded().into()),
@@ -1978,7 +2343,7 @@ async fn duplex<'s>(h: Handle<'s>, deadline: Option<Instant>) {
             if prepared.status != 0 && prepared.error_after == 0 {
                 return Err(Stop::Rule(prepared));
             }
-            h.with(|c| c.send_headers(h.id, &prepared.blocks.headers));
+            h.with(|c| c.send_headers(h.id, prepared));
             send_items(&h, &answer, deadline).await?;
             if prepared.status != 0 {
                 return Err(Stop::Rule(prepared));
@@ -1988,27 +2353,28 @@ async fn duplex<'s>(h: Handle<'s>, deadline: Option<Instant>) {
     .await;
     h.with(|c| {
         let headers_sent = c.streams.get(&h.id).is_some_and(|s| s.headers_sent);
-        let (trailers, trailers_only) = match result {
+        let served = c.served;
+        let owned;
+        let end = match result {
             Err(Stop::Gone) => return,
             Ok(()) => {
                 c.note_status(h.id, 0, "");
-                let ok = &c.served.ok;
-                (ok.blocks.trailers.clone(), ok.blocks.trailers_only.clone())
+                &served.ok
             }
             Err(Stop::Rule(p)) => {
                 c.note_status(h.id, p.status, message_of(p));
-                (p.blocks.trailers.clone(), p.blocks.trailers_only.clone())
+                p
             }
             Err(Stop::Status(e)) => {
                 c.note_status(h.id, e.code as u8, &e.message);
-                let p = status_answer(&e);
-                (p.blocks.trailers, p.blocks.trailers_only)
+                owned = status_answer(&e);
+                &owned
             }
         };
         if headers_sent {
-            c.send_trailers(h.id, trailers);
+            c.send_trailers(h.id, end);
         } else {
-            c.send_trailers_only(h.id, &trailers_only);
+            c.send_trailers_only(h.id, end);
         }
     });
 }

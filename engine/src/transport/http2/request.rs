@@ -6,6 +6,7 @@
 //! read. Nothing is allocated for a well-formed call to a known method
 //! whose rules read no metadata.
 
+use crate::protocol::{self, Dialect};
 use crate::served::{Served, ServedMethod};
 use smallvec::SmallVec;
 
@@ -13,12 +14,27 @@ use smallvec::SmallVec;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ContentType {
     Missing,
-    /// `application/grpc` or `application/grpc+proto`.
-    Grpc,
-    /// Another `application/grpc...` type (e.g. `+json`), kept for the error.
+    /// A protocol the engine speaks.
+    Known(Dialect),
+    /// Another `application/grpc+...` codec (e.g. `+json`), kept for the error.
     GrpcOther(Box<[u8]>),
-    /// Not gRPC at all.
+    /// None of them.
     Other,
+}
+
+/// The response encodings a client accepts, by the header that says so.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AcceptsGzip {
+    /// `grpc-accept-encoding` (gRPC, gRPC-Web).
+    pub grpc: bool,
+    /// `accept-encoding` (Connect unary).
+    pub http: bool,
+    /// `connect-accept-encoding` (Connect streaming).
+    pub connect: bool,
+}
+
+fn gzip(list: &[u8]) -> bool {
+    protocol::compression::negotiate(list) == protocol::compression::Encoding::Gzip
 }
 
 /// The request head, built field by field.
@@ -33,8 +49,20 @@ pub struct RequestHead<'s> {
     pub content_type: ContentType,
     /// Raw `grpc-timeout` value (the first one).
     pub timeout: Option<SmallVec<[u8; 12]>>,
-    /// A `grpc-encoding` other than `identity` (the engine supports none).
+    /// Raw `connect-timeout-ms` value (the first one).
+    pub connect_timeout: Option<SmallVec<[u8; 12]>>,
+    /// A `grpc-encoding`, `connect-content-encoding` or `content-encoding`
+    /// other than `identity`.
     pub encoding: Option<Box<[u8]>>,
+    /// Which of `grpc-accept-encoding`, `accept-encoding` and
+    /// `connect-accept-encoding` name gzip.
+    pub accepts_gzip: AcceptsGzip,
+    /// The query of `:path` (a Connect GET carries its message there).
+    pub query: Option<Box<[u8]>>,
+    /// `origin`, from a browser (CORS).
+    pub origin: Option<Box<[u8]>>,
+    /// `access-control-request-headers` of a CORS preflight.
+    pub cors_headers: Option<Box<[u8]>>,
     pub content_length: Option<u64>,
     /// Values of the method's metadata keys, in the plan's key order.
     pub metadata: SmallVec<[Option<Box<[u8]>>; 2]>,
@@ -64,7 +92,12 @@ impl<'s> RequestHead<'s> {
             post: false,
             content_type: ContentType::Missing,
             timeout: None,
+            connect_timeout: None,
             encoding: None,
+            accepts_gzip: AcceptsGzip::default(),
+            query: None,
+            origin: None,
+            cors_headers: None,
             content_length: None,
             metadata: SmallVec::new(),
             all: None,
@@ -128,7 +161,14 @@ impl<'s> RequestHead<'s> {
                     if value.is_empty() {
                         self.bad("empty :path");
                     }
-                    let method = std::str::from_utf8(value).ok().and_then(|p| self.served.method(p));
+                    let (path, query) = match value.iter().position(|&b| b == b'?') {
+                        Some(i) => (&value[..i], Some(&value[i + 1..])),
+                        None => (value, None),
+                    };
+                    if let Some(q) = query {
+                        self.query = Some(q.into());
+                    }
+                    let method = std::str::from_utf8(path).ok().and_then(|p| self.served.method(p));
                     match method {
                         Some(m) => {
                             self.metadata = SmallVec::from_elem(None, m.plan.metadata_keys.len());
@@ -161,16 +201,23 @@ impl<'s> RequestHead<'s> {
         }
         match name {
             b"content-type" if self.content_type == ContentType::Missing => {
-                self.content_type = if matches!(value, b"application/grpc" | b"application/grpc+proto") {
-                    ContentType::Grpc
-                } else if value.starts_with(b"application/grpc") {
-                    ContentType::GrpcOther(value.into())
+                self.content_type = if value == b"application/grpc" {
+                    ContentType::Known(Dialect::GRPC)
                 } else {
-                    ContentType::Other
+                    match protocol::classify(value) {
+                        protocol::Kind::Known(d) => ContentType::Known(d),
+                        protocol::Kind::GrpcOther => ContentType::GrpcOther(value.into()),
+                        protocol::Kind::Unsupported => ContentType::Other,
+                    }
                 };
             }
             b"grpc-timeout" if self.timeout.is_none() => self.timeout = Some(SmallVec::from_slice(value)),
-            b"grpc-encoding" if value != b"identity" => self.encoding = Some(value.into()),
+            b"connect-timeout-ms" if self.connect_timeout.is_none() => {
+                self.connect_timeout = Some(SmallVec::from_slice(value))
+            }
+            b"grpc-encoding" | b"connect-content-encoding" | b"content-encoding" if value != b"identity" => {
+                self.encoding = Some(value.into())
+            }
             b"content-length" => {
                 let n = std::str::from_utf8(value).ok().and_then(|v| v.parse::<u64>().ok());
                 match (n, self.content_length) {
@@ -181,6 +228,14 @@ impl<'s> RequestHead<'s> {
             }
             b"te" => {}
             _ => {
+                match name {
+                    b"grpc-accept-encoding" => self.accepts_gzip.grpc |= gzip(value),
+                    b"accept-encoding" => self.accepts_gzip.http |= gzip(value),
+                    b"connect-accept-encoding" => self.accepts_gzip.connect |= gzip(value),
+                    b"origin" => self.origin = Some(value.into()),
+                    b"access-control-request-headers" => self.cors_headers = Some(value.into()),
+                    _ => {}
+                }
                 if let Some(all) = &mut self.all {
                     let name = String::from_utf8_lossy(name).into_owned().into_boxed_str();
                     all.push((name, bytes::Bytes::copy_from_slice(value)));

@@ -1,0 +1,131 @@
+//! What a call leaves behind, collected while it runs and handed over when
+//! it ends: its metrics (started, the rule that answered, the status and
+//! latency) and its journal entry. Used by the transports whose calls are
+//! driven by [`crate::call::drive`]; the engine's own HTTP/2 stack keeps
+//! the same data on its streams.
+
+use crate::call::matcher::Closest;
+use crate::observe::journal::{Entry, Journal, RequestMessages};
+use crate::observe::metrics::WorkerStats;
+use crate::protocol::percent_decode;
+use crate::served::generation::Generation;
+use bytes::Bytes;
+use std::sync::Arc;
+use std::time::SystemTime;
+use tokio::time::Instant;
+
+/// The journal's part: what is kept of the request and the answer.
+struct Journaled<'a> {
+    journal: &'a Journal,
+    generation: Arc<Generation>,
+    time: SystemTime,
+    metadata: Vec<(Box<str>, Bytes)>,
+    messages: RequestMessages,
+    rule: Option<u32>,
+    closest: Option<Closest>,
+}
+
+/// One call's record. Counted as started when made; recorded as handled
+/// (CANCELLED unless a status was set) and journaled when dropped, so a
+/// call cut short by the client is counted too.
+pub struct CallRecord<'a> {
+    stats: Option<WorkerStats<'a>>,
+    method: usize,
+    started: Instant,
+    code: u8,
+    message: String,
+    protocol: &'static str,
+    journal: Option<Box<Journaled<'a>>>,
+}
+
+impl<'a> CallRecord<'a> {
+    /// Starts the record of a call to method `method` of `generation`;
+    /// `metadata` is kept for the journal when there is one.
+    pub fn start(
+        stats: Option<WorkerStats<'a>>,
+        journal: Option<&'a Journal>,
+        generation: &Arc<Generation>,
+        method: usize,
+        protocol: &'static str,
+        metadata: impl FnOnce() -> Vec<(Box<str>, Bytes)>,
+    ) -> Self {
+        if let Some(s) = &stats {
+            s.started(method);
+        }
+        CallRecord {
+            stats,
+            method,
+            started: Instant::now(),
+            code: 1,
+            message: String::new(),
+            protocol,
+            journal: journal.map(|journal| {
+                Box::new(Journaled {
+                    journal,
+                    generation: generation.clone(),
+                    time: SystemTime::now(),
+                    metadata: metadata(),
+                    messages: RequestMessages::default(),
+                    rule: None,
+                    closest: None,
+                })
+            }),
+        }
+    }
+
+    /// Whether the journal wants the closest rule of an unmatched call.
+    pub fn explain(&self) -> bool {
+        self.journal.is_some()
+    }
+
+    /// A request message arrived (kept for the journal, within its limits).
+    pub fn message(&mut self, m: &[u8]) {
+        if let Some(j) = &mut self.journal {
+            j.messages.push(m);
+        }
+    }
+
+    /// The rule that answered (None: no rule matched).
+    pub fn rule(&mut self, rule: Option<u32>, closest: Option<Closest>) {
+        if let Some(s) = &self.stats {
+            s.rule(self.method, rule);
+        }
+        if let Some(j) = &mut self.journal {
+            j.rule = rule;
+            j.closest = closest;
+        }
+    }
+
+    /// The status the call ends with (the first one set counts).
+    pub fn status(&mut self, code: u8, message: &str) {
+        self.code = code;
+        self.message = percent_decode(message);
+    }
+}
+
+impl Drop for CallRecord<'_> {
+    fn drop(&mut self) {
+        let latency = self.started.elapsed();
+        if let Some(s) = &self.stats {
+            s.handled(self.method, self.code, latency);
+        }
+        tracing::debug!(target: "wirestub::calls", protocol = self.protocol, code = self.code, "call ended");
+        if let Some(j) = self.journal.take() {
+            let j = *j;
+            j.journal.record(Entry {
+                seq: 0,
+                time: j.time,
+                generation: j.generation,
+                method: self.method,
+                metadata: j.metadata,
+                messages: j.messages,
+                rule: j.rule,
+                status: self.code,
+                message: std::mem::take(&mut self.message),
+                latency,
+                closest: j.closest,
+                protocol: self.protocol,
+            });
+        }
+    }
+}

@@ -1,0 +1,156 @@
+//! A request body, as any transport delivers it ([`Chunks`]), cut into the
+//! call's request messages in a protocol's framing: the [`Inbound`] side
+//! of [`crate::call::drive`]. gRPC, gRPC-Web and Connect streaming use
+//! the 5-byte envelope (gRPC-Web text under base64); a Connect unary body
+//! is the message itself. Compressed messages are inflated within the
+//! message limit; every byte held counts in the process's budget.
+
+use super::compression::{self, Encoding, Inflated};
+use super::grpc::{self, Code, Status};
+use super::web_text::TextDecoder;
+use super::{Dialect, Protocol};
+use crate::budget::Held;
+use crate::call::drive::Inbound;
+use bytes::{Buf, Bytes, BytesMut};
+use std::future::Future;
+
+/// A request body as it arrives.
+pub trait Chunks {
+    /// The next piece of the body, None at its end.
+    fn chunk(&mut self) -> impl Future<Output = Result<Option<Bytes>, Status>>;
+}
+
+/// Turns a message in the dialect's codec into protobuf bytes (JSON
+/// transcoding); None for protobuf dialects.
+pub type Decode = Box<dyn FnMut(Bytes) -> Result<Bytes, Status>>;
+
+/// Reads request messages from a body.
+pub struct Reader<C: Chunks> {
+    dialect: Dialect,
+    chunks: C,
+    buf: BytesMut,
+    text: Option<TextDecoder>,
+    encoding: Encoding,
+    max: usize,
+    held: Held,
+    done: bool,
+    /// Connect unary: the one message has been returned.
+    taken: bool,
+    pub decode: Option<Decode>,
+}
+
+impl<C: Chunks> Reader<C> {
+    /// A reader for `dialect` with the request's message `encoding`,
+    /// refusing messages over `max` bytes (after inflation) and holding
+    /// bytes under `budget` (the process-wide limit).
+    pub fn new(dialect: Dialect, chunks: C, encoding: Encoding, max: usize, budget: usize) -> Self {
+        Reader {
+            dialect,
+            chunks,
+            buf: BytesMut::new(),
+            text: (dialect.protocol == Protocol::GrpcWebText).then(TextDecoder::new),
+            encoding,
+            max,
+            held: Held::new(budget),
+            done: false,
+            taken: false,
+            decode: None,
+        }
+    }
+
+    /// Reads one more piece of the body into the buffer; false at its end.
+    async fn fill(&mut self) -> Result<bool, Status> {
+        if self.done {
+            return Ok(false);
+        }
+        let Some(chunk) = self.chunks.chunk().await? else {
+            self.done = true;
+            if let Some(t) = &self.text {
+                t.finish().map_err(|e| Status::new(Code::Internal, format!("malformed grpc-web-text body: {e}")))?;
+            }
+            return Ok(false);
+        };
+        let before = self.buf.len();
+        match &mut self.text {
+            Some(t) => t
+                .push(&chunk, &mut self.buf)
+                .map_err(|e| Status::new(Code::Internal, format!("malformed grpc-web-text body: {e}")))?,
+            None => self.buf.extend_from_slice(&chunk),
+        }
+        self.held.grow(self.buf.len() - before)?;
+        Ok(true)
+    }
+
+    fn inflate(&self, data: &[u8]) -> Result<Bytes, Status> {
+        compression::decompress(self.encoding, data, self.max).map_err(|e| match e {
+            Inflated::TooLarge { limit } => Status::new(
+                Code::ResourceExhausted,
+                format!("request message is larger than the limit of {limit} bytes once decompressed"),
+            ),
+            Inflated::Corrupt(why) => Status::new(Code::Internal, format!("cannot decompress request message: {why}")),
+        })
+    }
+
+    fn finish(&mut self, m: Bytes) -> Result<Option<Bytes>, Status> {
+        match &mut self.decode {
+            Some(d) => d(m).map(Some),
+            None => Ok(Some(m)),
+        }
+    }
+
+    async fn whole(&mut self) -> Result<Option<Bytes>, Status> {
+        if self.taken {
+            return Ok(None);
+        }
+        self.taken = true;
+        while self.fill().await? {
+            if self.buf.len() > self.max {
+                return Err(grpc::too_large(self.buf.len(), self.max));
+            }
+        }
+        let body = std::mem::take(&mut self.buf).freeze();
+        self.held.shrink(body.len());
+        let m = match self.encoding {
+            Encoding::Identity => body,
+            _ => self.inflate(&body)?,
+        };
+        self.finish(m)
+    }
+}
+
+impl<C: Chunks> Inbound for Reader<C> {
+    async fn next(&mut self) -> Result<Option<Bytes>, Status> {
+        if !self.dialect.enveloped() {
+            return self.whole().await;
+        }
+        loop {
+            if self.buf.len() >= 5 {
+                let flag = self.buf[0];
+                let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize;
+                if flag > 1 {
+                    return Err(Status::new(Code::Internal, format!("invalid message flag {flag}")));
+                }
+                let compressed = flag == 1;
+                if compressed && self.encoding == Encoding::Identity {
+                    return Err(grpc::compressed());
+                }
+                if len > self.max {
+                    return Err(grpc::too_large(len, self.max));
+                }
+                if self.buf.len() >= 5 + len {
+                    self.buf.advance(5);
+                    let m = self.buf.split_to(len).freeze();
+                    self.held.shrink(5 + len);
+                    let m = if compressed { self.inflate(&m)? } else { m };
+                    return self.finish(m);
+                }
+            }
+            if !self.fill().await? {
+                if !self.buf.is_empty() {
+                    return Err(Status::new(Code::Internal, "request message is truncated"));
+                }
+                return Ok(None);
+            }
+        }
+    }
+}
