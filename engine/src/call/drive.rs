@@ -34,8 +34,8 @@ pub trait Outbound {
     /// The response headers: `p`'s initial metadata.
     fn head(&mut self, p: &Prepared);
     /// Resolves once a message of `len` bytes may be sent (the client
-    /// takes what was sent before).
-    fn ready(&mut self, len: usize) -> impl Future<Output = ()>;
+    /// takes what was sent before); Gone when the client has left.
+    fn ready(&mut self, len: usize) -> impl Future<Output = Result<(), Gone>>;
     /// One response message, gRPC-framed.
     fn message(&mut self, framed: Bytes);
     /// Ends the call with `p`'s status and trailing metadata (a response
@@ -45,10 +45,21 @@ pub trait Outbound {
     fn abort(&mut self);
 }
 
+/// The client has left: nothing more can be sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Gone;
+
 /// How a call stopped before its natural end.
 enum Stop<'m> {
     Status(Status),
     Rule(&'m Prepared),
+    Gone,
+}
+
+impl From<Gone> for Stop<'_> {
+    fn from(_: Gone) -> Self {
+        Stop::Gone
+    }
 }
 
 impl From<Status> for Stop<'_> {
@@ -122,6 +133,10 @@ where
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }
+        if deadline.is_some_and(|d| d <= Instant::now()) {
+            // A deadline shorter than the timers' resolution.
+            return Err(deadline_exceeded().into());
+        }
         if let Some(fault) = fault_fires(prepared) {
             if fault.drop {
                 return Ok(Some(Fault::Drop));
@@ -132,7 +147,7 @@ where
             return Err(Stop::Rule(prepared));
         }
         out.head(prepared);
-        send_items(&answer, method, json, out).await;
+        send_items(&answer, method, json, out).await?;
         if prepared.status != 0 {
             return Err(Stop::Rule(prepared));
         }
@@ -156,6 +171,7 @@ where
             &owned
         }
         Err(Stop::Rule(p)) => p,
+        Err(Stop::Gone) => return,
         Err(Stop::Status(s)) => {
             owned = status_answer(&s);
             &owned
@@ -173,10 +189,15 @@ enum Fault {
 
 /// Sends an answer's messages, each once the client takes the previous
 /// ones, pausing between them as the rule says.
-async fn send_items<O: Outbound>(answer: &Answer<'_>, method: &ServedMethod, json: bool, out: &mut O) {
+async fn send_items<O: Outbound>(
+    answer: &Answer<'_>,
+    method: &ServedMethod,
+    json: bool,
+    out: &mut O,
+) -> Result<(), Gone> {
     let prepared = answer.prepared;
     if prepared.stream.is_empty() && prepared.status != 0 {
-        return;
+        return Ok(());
     }
     let json_items;
     let items = if json {
@@ -194,9 +215,10 @@ async fn send_items<O: Outbound>(answer: &Answer<'_>, method: &ServedMethod, jso
             tokio::time::sleep(prepared.stream_delay).await;
         }
         let item = items[i].clone();
-        out.ready(item.len()).await;
+        out.ready(item.len()).await?;
         out.message(item);
     }
+    Ok(())
 }
 
 /// A duplex call: each request message answered as it comes; OK once the
@@ -233,7 +255,7 @@ where
             out.head(prepared);
             head_sent = true;
         }
-        send_items(&answer, method, json, out).await;
+        send_items(&answer, method, json, out).await?;
         if prepared.status != 0 {
             return Err(Stop::Rule(prepared));
         }

@@ -112,6 +112,8 @@ const STRIDE: usize = 32;
 const _: () = assert!(MISSES < STRIDE);
 /// Counters kept clear of a block's neighbours (one cache line each side).
 const PAD: usize = 8;
+/// The protocols calls are counted by, in the order of their counters.
+pub const PROTOCOLS: [&str; 3] = ["grpc", "grpc-web", "connect"];
 
 thread_local! {
     static WORKER: Cell<usize> = const { Cell::new(0) };
@@ -141,6 +143,8 @@ pub struct Stats {
     methods: Vec<MethodLabels>,
     /// Offset of each method's rule counters in a block.
     rule_base: Vec<usize>,
+    /// Offset of the calls-by-protocol counters in a block.
+    protocol_base: usize,
     blocks: Vec<Box<[AtomicU64]>>,
 }
 
@@ -148,6 +152,7 @@ pub struct Stats {
 pub struct WorkerStats<'a> {
     cells: &'a [AtomicU64],
     rule_base: &'a [usize],
+    protocol_base: usize,
 }
 
 #[inline]
@@ -175,6 +180,14 @@ impl WorkerStats<'_> {
         let b = BUCKET_MICROS.iter().position(|&le| micros <= le).unwrap_or(11);
         bump(&cells[BUCKET + b], 1);
         bump(&cells[SUM_MICROS], micros);
+    }
+
+    /// A call came in protocol `p` (an index into [`PROTOCOLS`]).
+    #[inline]
+    pub fn protocol(&self, p: usize) {
+        if let Some(c) = self.cells.get(self.protocol_base + p.min(PROTOCOLS.len() - 1)) {
+            bump(c, 1);
+        }
     }
 
     /// Rule `rule` of method `m` answered a call, or (None) no rule did.
@@ -222,15 +235,20 @@ impl Stats {
             rule_base.push(next);
             next += m.rules.len();
         }
-        let len = next + PAD;
+        let protocol_base = next;
+        let len = next + PROTOCOLS.len() + PAD;
         let blocks = (0..workers.max(1)).map(|_| (0..len).map(|_| AtomicU64::new(0)).collect()).collect();
-        Stats { methods, rule_base, blocks }
+        Stats { methods, rule_base, protocol_base, blocks }
     }
 
     /// The block of worker `i`.
     #[inline]
     pub fn worker(&self, i: usize) -> WorkerStats<'_> {
-        WorkerStats { cells: &self.blocks[i % self.blocks.len()], rule_base: &self.rule_base }
+        WorkerStats {
+            cells: &self.blocks[i % self.blocks.len()],
+            rule_base: &self.rule_base,
+            protocol_base: self.protocol_base,
+        }
     }
 
     /// Every counter summed over workers.
@@ -262,6 +280,9 @@ impl Stats {
                 *t.rules.entry(origin.clone()).or_default() += sum[self.rule_base[i] + r];
             }
         }
+        for (p, n) in totals.protocols.iter_mut().enumerate() {
+            *n += sum[self.protocol_base + p];
+        }
     }
 }
 
@@ -276,6 +297,7 @@ struct MethodTotals {
 #[derive(Default, Clone)]
 struct Totals {
     methods: BTreeMap<(String, String), MethodTotals>,
+    protocols: [u64; PROTOCOLS.len()],
 }
 
 /// Every generation's counters, for scraping.
@@ -401,6 +423,11 @@ fn render(totals: &Totals) -> String {
             escape(m),
             t.counters[MISSES]
         );
+    }
+    out.push_str("# HELP wirestub_protocol_calls_total Calls by the protocol that carried them.\n");
+    out.push_str("# TYPE wirestub_protocol_calls_total counter\n");
+    for (name, n) in PROTOCOLS.iter().zip(totals.protocols) {
+        let _ = writeln!(out, "wirestub_protocol_calls_total{{protocol=\"{name}\"}} {n}");
     }
     out
 }

@@ -10,6 +10,7 @@ use crate::observe::metrics::WorkerStats;
 use crate::protocol::percent_decode;
 use crate::served::generation::Generation;
 use bytes::Bytes;
+use http::HeaderMap;
 use std::sync::Arc;
 use std::time::SystemTime;
 use tokio::time::Instant;
@@ -19,7 +20,9 @@ struct Journaled<'a> {
     journal: &'a Journal,
     generation: Arc<Generation>,
     time: SystemTime,
-    metadata: Vec<(Box<str>, Bytes)>,
+    /// The request's headers, copied into the entry only when the call
+    /// ends (an idle call holds nothing more for the journal).
+    metadata: &'a HeaderMap,
     messages: RequestMessages,
     rule: Option<u32>,
     closest: Option<Closest>,
@@ -47,10 +50,13 @@ impl<'a> CallRecord<'a> {
         generation: &Arc<Generation>,
         method: usize,
         protocol: &'static str,
-        metadata: impl FnOnce() -> Vec<(Box<str>, Bytes)>,
+        metadata: &'a HeaderMap,
     ) -> Self {
         if let Some(s) = &stats {
             s.started(method);
+            if let Some(p) = crate::observe::metrics::PROTOCOLS.iter().position(|&n| n == protocol) {
+                s.protocol(p);
+            }
         }
         CallRecord {
             stats,
@@ -64,7 +70,7 @@ impl<'a> CallRecord<'a> {
                     journal,
                     generation: generation.clone(),
                     time: SystemTime::now(),
-                    metadata: metadata(),
+                    metadata,
                     messages: RequestMessages::default(),
                     rule: None,
                     closest: None,
@@ -117,7 +123,7 @@ impl Drop for CallRecord<'_> {
                 time: j.time,
                 generation: j.generation,
                 method: self.method,
-                metadata: j.metadata,
+                metadata: journal_metadata(j.metadata),
                 messages: j.messages,
                 rule: j.rule,
                 status: self.code,
@@ -128,4 +134,17 @@ impl Drop for CallRecord<'_> {
             });
         }
     }
+}
+
+/// Request headers the journal keeps: all but the transport's own.
+fn journal_metadata(h: &HeaderMap) -> Vec<(Box<str>, Bytes)> {
+    h.iter()
+        .filter(|(k, _)| {
+            !matches!(
+                k.as_str(),
+                "host" | "content-type" | "content-length" | "connection" | "keep-alive" | "transfer-encoding" | "te"
+            )
+        })
+        .map(|(k, v)| (k.as_str().into(), Bytes::copy_from_slice(v.as_bytes())))
+        .collect()
 }

@@ -201,6 +201,34 @@ impl TrimEnd for [u8] {
     }
 }
 
+/// Headers with gRPC's `grpc-accept-encoding` (sent with a refused
+/// encoding) under Connect's name for it: `accept-encoding` for unary,
+/// `connect-accept-encoding` for streams.
+pub fn accept_encoding_header(headers: &HeaderMap, name: &'static str) -> HeaderMap {
+    let mut h = headers.clone();
+    if let Some(v) = h.remove("grpc-accept-encoding") {
+        h.insert(name, v);
+    }
+    h
+}
+
+/// Why a GET query is refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GetError {
+    /// A codec other than proto or json: 415.
+    Codec(String),
+    /// Anything else: invalid_argument.
+    Query(String),
+}
+
+impl std::fmt::Display for GetError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            GetError::Codec(m) | GetError::Query(m) => f.write_str(m),
+        }
+    }
+}
+
 /// A Connect GET request (`?connect=v1&encoding=…&message=…`), for
 /// methods without side effects: what the query says.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -214,7 +242,7 @@ pub struct GetRequest {
 }
 
 /// Reads a Connect GET query; the error names the parameter at fault.
-pub fn parse_get(query: &str) -> Result<GetRequest, String> {
+pub fn parse_get(query: &str) -> Result<GetRequest, GetError> {
     let mut encoding = None;
     let mut message = None;
     let mut base64 = false;
@@ -228,7 +256,8 @@ pub fn parse_get(query: &str) -> Result<GetRequest, String> {
             "base64" => base64 = v == b"1",
             "compression" => compression = Some(String::from_utf8_lossy(&v).into_owned()),
             "connect" if v != b"v1" => {
-                return Err(format!("connect={} is not supported: use connect=v1", String::from_utf8_lossy(&v)))
+                let v = String::from_utf8_lossy(&v);
+                return Err(GetError::Query(format!("connect={v} is not supported: use connect=v1")));
             }
             _ => {}
         }
@@ -237,11 +266,12 @@ pub fn parse_get(query: &str) -> Result<GetRequest, String> {
         Some(b"proto") => Codec::Proto,
         Some(b"json") => Codec::Json,
         Some(other) => {
-            return Err(format!("encoding={} is not supported: use proto or json", String::from_utf8_lossy(other)))
+            let other = String::from_utf8_lossy(other);
+            return Err(GetError::Codec(format!("encoding={other} is not supported: use proto or json")));
         }
-        None => return Err("the query has no encoding parameter".into()),
+        None => return Err(GetError::Query("the query has no encoding parameter".into())),
     };
-    let Some(message) = message else { return Err("the query has no message parameter".into()) };
+    let Some(message) = message else { return Err(GetError::Query("the query has no message parameter".into())) };
     let message = if base64 {
         let text: Vec<u8> = message
             .iter()
@@ -254,7 +284,7 @@ pub fn parse_get(query: &str) -> Result<GetRequest, String> {
             .collect();
         base64::engine::general_purpose::URL_SAFE_NO_PAD
             .decode(&text)
-            .map_err(|e| format!("the message parameter is not base64: {e}"))?
+            .map_err(|e| GetError::Query(format!("the message parameter is not base64: {e}")))?
     } else {
         message
     };
@@ -382,9 +412,9 @@ mod tests {
         assert_eq!((g.codec, &g.message[..], g.compression), (Codec::Json, &br#"{"id":"a b"}"#[..], None));
         let g = parse_get("encoding=proto&base64=1&message=CgFh&compression=identity").unwrap();
         assert_eq!(&g.message[..], b"\x0a\x01a");
-        assert!(parse_get("message=x").unwrap_err().contains("encoding"));
-        assert!(parse_get("encoding=proto").unwrap_err().contains("message"));
-        assert!(parse_get("encoding=xml&message=").unwrap_err().contains("xml"));
-        assert!(parse_get("encoding=proto&base64=1&message=%%%").unwrap_err().contains("base64"));
+        assert!(parse_get("message=x").unwrap_err().to_string().contains("encoding"));
+        assert!(parse_get("encoding=proto").unwrap_err().to_string().contains("message"));
+        assert!(matches!(parse_get("encoding=xml&message="), Err(GetError::Codec(m)) if m.contains("xml")));
+        assert!(parse_get("encoding=proto&base64=1&message=%%%").unwrap_err().to_string().contains("base64"));
     }
 }

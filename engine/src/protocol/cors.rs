@@ -44,19 +44,21 @@ fn allow_origin(origins: &[String], origin: &[u8], h: &mut HeaderMap) -> bool {
 }
 
 /// The headers of the answer (204) to a preflight request from `origin`
-/// asking for `requested` headers; None when the origin is not allowed
-/// (the browser then refuses the call itself).
-pub fn preflight(origins: &[String], origin: &[u8], requested: Option<&[u8]>) -> Option<HeaderMap> {
+/// asking for `requested` headers; Err, with the headers a refusal (403)
+/// carries, when the origin is not allowed (the browser then refuses the
+/// call itself).
+pub fn preflight(origins: &[String], origin: &[u8], requested: Option<&[u8]>) -> Result<HeaderMap, HeaderMap> {
     let mut h = HeaderMap::new();
     if !allow_origin(origins, origin, &mut h) {
-        return None;
+        return Err(h);
     }
     h.insert("access-control-allow-methods", HeaderValue::from_static("POST, GET, OPTIONS"));
     let mut allow = ALLOW_HEADERS.to_string();
     if let Some(r) = requested.and_then(|r| std::str::from_utf8(r).ok()) {
         // The metadata the page sends (rules may read any of it).
         for name in r.split(',').map(str::trim).filter(|n| !n.is_empty()) {
-            if HeaderName::from_bytes(name.as_bytes()).is_ok() {
+            let known = allow.split(", ").any(|a| a.eq_ignore_ascii_case(name));
+            if !known && HeaderName::from_bytes(name.as_bytes()).is_ok() {
                 allow.push_str(", ");
                 allow.push_str(name);
             }
@@ -66,7 +68,7 @@ pub fn preflight(origins: &[String], origin: &[u8], requested: Option<&[u8]>) ->
         h.insert("access-control-allow-headers", v);
     }
     h.insert("access-control-max-age", HeaderValue::from_static("7200"));
-    Some(h)
+    Ok(h)
 }
 
 /// Adds to a response's headers what lets a page from `origin` read it:
@@ -99,7 +101,7 @@ mod tests {
         assert_eq!(h["access-control-allow-origin"], "*");
         assert!(h.get("access-control-allow-credentials").is_none());
         let allow = h["access-control-allow-headers"].to_str().unwrap();
-        assert!(allow.contains("x-grpc-web") && allow.ends_with("x-role, connect-protocol-version"));
+        assert!(allow.contains("x-grpc-web") && allow.ends_with("x-user-agent, x-role"));
         assert_eq!(h["access-control-allow-methods"], "POST, GET, OPTIONS");
     }
 
@@ -109,7 +111,9 @@ mod tests {
         let h = preflight(&origins, b"https://app.test", None).unwrap();
         assert_eq!(h["access-control-allow-origin"], "https://app.test");
         assert_eq!(h["access-control-allow-credentials"], "true");
-        assert!(preflight(&origins, b"https://evil.test", None).is_none());
+        let refused = preflight(&origins, b"https://evil.test", None).unwrap_err();
+        assert_eq!(refused["vary"], "origin");
+        assert!(refused.get("access-control-allow-origin").is_none());
     }
 
     #[test]

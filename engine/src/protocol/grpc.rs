@@ -100,7 +100,7 @@ pub fn compressed() -> Status {
 /// The answer to a request whose `grpc-encoding` is not supported.
 pub fn unsupported_encoding(encoding: &[u8]) -> Status {
     let e = String::from_utf8_lossy(encoding);
-    let message = format!("grpc-encoding {e} is not supported; this server accepts identity and gzip");
+    let message = format!("message encoding {e} is not supported; this server accepts identity and gzip");
     Status { accept_encoding: true, ..Status::new(Code::Unimplemented, message) }
 }
 

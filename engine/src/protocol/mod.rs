@@ -14,6 +14,7 @@ pub mod compression;
 pub mod connect;
 pub mod cors;
 pub mod grpc;
+pub mod head;
 pub mod reader;
 pub mod responder;
 pub mod web;
@@ -82,6 +83,15 @@ impl Dialect {
             (Protocol::Connect, Codec::Json) => "application/json",
             (Protocol::ConnectStream, Codec::Proto) => "application/connect+proto",
             (Protocol::ConnectStream, Codec::Json) => "application/connect+json",
+        }
+    }
+
+    /// Its position in [`crate::observe::metrics::PROTOCOLS`].
+    pub fn index(self) -> usize {
+        match self.protocol {
+            Protocol::Grpc => 0,
+            Protocol::GrpcWeb | Protocol::GrpcWebText => 1,
+            Protocol::Connect | Protocol::ConnectStream => 2,
         }
     }
 
@@ -178,8 +188,13 @@ pub fn stream_end(d: Dialect, trailers: &HeaderMap) -> Option<Bytes> {
 /// prepared response's headers and trailers (gRPC's trailers-only).
 pub fn without_messages(d: Dialect, headers: &HeaderMap, trailers: &HeaderMap) -> Response {
     match d.protocol {
-        Protocol::Connect => connect::unary(headers, trailers, None, d.codec),
-        Protocol::ConnectStream => Response { head: stream_head(d, headers), body: connect::end_stream(trailers) },
+        Protocol::Connect => {
+            connect::unary(&connect::accept_encoding_header(headers, "accept-encoding"), trailers, None, d.codec)
+        }
+        Protocol::ConnectStream => {
+            let headers = connect::accept_encoding_header(headers, "connect-accept-encoding");
+            Response { head: stream_head(d, &headers), body: connect::end_stream(trailers) }
+        }
         Protocol::Grpc | Protocol::GrpcWeb | Protocol::GrpcWebText => {
             // Trailers-only: the status travels in the headers.
             let mut head = stream_head(d, headers);

@@ -82,6 +82,10 @@ impl<C: Chunks> Reader<C> {
     }
 
     fn inflate(&self, data: &[u8]) -> Result<Bytes, Status> {
+        if data.is_empty() {
+            // An empty message is sent as is, compressed or not.
+            return Ok(Bytes::new());
+        }
         compression::decompress(self.encoding, data, self.max).map_err(|e| match e {
             Inflated::TooLarge { limit } => Status::new(
                 Code::ResourceExhausted,
@@ -118,6 +122,25 @@ impl<C: Chunks> Reader<C> {
     }
 }
 
+/// Cuts the message of `len` bytes (after its 5-byte prefix) off the
+/// front of `buf`: copied out when it fills less than half of the buffer
+/// (a small message kept for long, a client stream's last, must not keep a
+/// large buffer alive), split off otherwise, with the rest of the buffer
+/// moved to one of its own for the same reason.
+fn cut(buf: &mut BytesMut, len: usize) -> Bytes {
+    if 2 * (5 + len) < buf.capacity() {
+        let m = Bytes::copy_from_slice(&buf[5..5 + len]);
+        buf.advance(5 + len);
+        if buf.is_empty() {
+            *buf = BytesMut::new();
+        }
+        return m;
+    }
+    let mut m = buf.split_to(5 + len);
+    *buf = if buf.is_empty() { BytesMut::new() } else { BytesMut::from(&buf[..]) };
+    m.split_off(5).freeze()
+}
+
 impl<C: Chunks> Inbound for Reader<C> {
     async fn next(&mut self) -> Result<Option<Bytes>, Status> {
         if !self.dialect.enveloped() {
@@ -138,8 +161,7 @@ impl<C: Chunks> Inbound for Reader<C> {
                     return Err(grpc::too_large(len, self.max));
                 }
                 if self.buf.len() >= 5 + len {
-                    self.buf.advance(5);
-                    let m = self.buf.split_to(len).freeze();
+                    let m = cut(&mut self.buf, len);
                     self.held.shrink(5 + len);
                     let m = if compressed { self.inflate(&m)? } else { m };
                     return self.finish(m);

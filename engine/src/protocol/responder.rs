@@ -6,7 +6,7 @@
 
 use super::compression::{compress, compress_framed, Encoding};
 use super::{connect, stream_end, stream_head, without_messages, Dialect, Head, Protocol, Response};
-use crate::call::drive::Outbound;
+use crate::call::drive::{Gone, Outbound};
 use crate::served::Prepared;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue};
@@ -18,8 +18,9 @@ pub trait Sink {
     fn head(&mut self, head: Head);
     /// Body bytes.
     fn data(&mut self, data: Bytes);
-    /// Resolves once `len` more body bytes may be queued.
-    fn ready(&mut self, len: usize) -> impl Future<Output = ()>;
+    /// Resolves once `len` more body bytes may be queued; Gone when the
+    /// client has left.
+    fn ready(&mut self, len: usize) -> impl Future<Output = Result<(), Gone>>;
     /// Ends the response, with HTTP trailers when given.
     fn finish(&mut self, trailers: Option<HeaderMap>);
     /// Ends the response abruptly (the stream reset, or the connection
@@ -114,8 +115,13 @@ impl<S: Sink> Outbound for Responder<S> {
         self.head_sent = true;
     }
 
-    fn ready(&mut self, len: usize) -> impl Future<Output = ()> {
-        self.sink.ready(len)
+    async fn ready(&mut self, len: usize) -> Result<(), Gone> {
+        if self.deferred.is_some() {
+            // Connect unary: the message waits for the end, whatever the
+            // window.
+            return Ok(());
+        }
+        self.sink.ready(len).await
     }
 
     fn message(&mut self, framed: Bytes) {

@@ -6,27 +6,31 @@
 //! Abuse resistance here is h2's own guards, set explicitly below.
 
 use crate::budget::{Held, H2_CALL_COST};
-use crate::call::matcher::Messages;
-use crate::call::{deadline_exceeded, pick, prepare_fault, sleep_until, Answer};
+use crate::call::drive::{self, Call, Gone, Inbound, Outbound};
+use crate::call::{deadline_exceeded, sleep_until};
 use crate::config::Config;
-use crate::observe::metrics::WorkerStats;
-use crate::protocol::grpc::{self, Code, Status};
+use crate::observe::record::CallRecord;
+use crate::protocol::grpc::{Code, Status};
+use crate::protocol::head::{self, Refusal};
+use crate::protocol::reader::{Chunks, Reader};
+use crate::protocol::responder::{Responder, Sink};
+use crate::protocol::{self, cors, Codec, Head};
 use crate::served::generation::Generation;
 use crate::served::{status_answer, status_response, Builtin, Prepared};
 use crate::state::State;
 use crate::transport::outflow;
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use h2::server::SendResponse;
 use h2::{RecvStream, SendStream};
-use http::{HeaderMap, Request, Response, StatusCode};
-use std::cell::Cell;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use std::cell::RefCell;
 use std::future::poll_fn;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
-use wirestub_plan::MethodKind;
 
 // h2's own abuse guards (h2 0.4.20), set explicitly rather than left to
 // h2's defaults, which "could change". Each breach ends the connection with
@@ -190,650 +194,313 @@ where
     }
 }
 
-/// Serves one call to completion. Failures to send mean the client went
-/// away; there is nobody left to tell.
+/// Serves one call to completion: the request head read as a call
+/// ([`head::check`]), then the call driven by [`crate::call::drive`] (the
+/// engine's own services, health and reflection, here). Failures to send
+/// mean the client went away; there is nobody left to tell.
 async fn call(
     state: &State,
     generation: Arc<Generation>,
     config: &Config,
     request: Request<RecvStream>,
-    mut respond: SendResponse<Bytes>,
+    respond: SendResponse<Bytes>,
 ) {
-    let served = &generation.served;
     let (parts, body) = request.into_parts();
-    if parts.method != http::Method::POST {
-        let _ = send_http_error(&mut respond, StatusCode::METHOD_NOT_ALLOWED);
-        return;
-    }
-    let content_type = parts.headers.get(http::header::CONTENT_TYPE).map(|v| v.as_bytes()).unwrap_or(b"");
-    if !content_type.starts_with(b"application/grpc") {
-        let _ = send_http_error(&mut respond, StatusCode::UNSUPPORTED_MEDIA_TYPE);
-        return;
-    }
-    if !matches!(content_type, b"application/grpc" | b"application/grpc+proto") {
-        let ct = String::from_utf8_lossy(content_type);
-        let s = Status::new(Code::Unimplemented, format!("content-type {ct} is not supported; use application/grpc"));
-        let _ = send_status(&mut respond, &s);
-        return;
-    }
-    let path = parts.uri.path();
-    let Some(method) = served.method(path) else {
-        let _ = send_status(&mut respond, &Status::new(Code::Unimplemented, format!("unknown method {path}")));
-        return;
-    };
-    if let Some(e) = parts.headers.get("grpc-encoding").filter(|e| e.as_bytes() != b"identity") {
-        let _ = send_status(&mut respond, &grpc::unsupported_encoding(e.as_bytes()));
-        return;
-    }
-    let deadline = match parts.headers.get("grpc-timeout") {
-        None => None,
-        Some(v) => match grpc::parse_timeout(v.as_bytes()) {
-            Some(t) => Some(Instant::now() + t),
+    let origin = parts.headers.get(http::header::ORIGIN).cloned();
+    // A browser's call: every head carries the CORS headers.
+    let cors = origin.clone().filter(|_| parts.method != Method::OPTIONS).map(|o| (o, config.cors_origins.clone()));
+    let out = Rc::new(RefCell::new(H2Out { respond, stream: None, head: None, cors }));
+    if parts.method == Method::OPTIONS {
+        let requested = parts.headers.get(http::header::ACCESS_CONTROL_REQUEST_HEADERS).map(HeaderValue::as_bytes);
+        let head = match &origin {
             None => {
-                let _ = send_status(&mut respond, &Status::new(Code::Internal, "malformed grpc-timeout header"));
-                return;
+                let mut h = HeaderMap::new();
+                h.insert(http::header::ALLOW, HeaderValue::from_static("POST, GET, OPTIONS"));
+                Head { status: 204, headers: h }
             }
-        },
-    };
-    // The call's state counts in the budget of bytes held for calls.
-    let mut call_held = Held::new(config.max_buffered);
-    if let Err(s) = call_held.grow(H2_CALL_COST) {
-        let _ = send_status(&mut respond, &s);
-        return;
-    }
-    let headers = &parts.headers;
-    let tally = Tally {
-        stats: config.metrics.then(|| generation.stats.worker(crate::observe::metrics::worker())),
-        method: method.position,
-        started: Instant::now(),
-        code: Cell::new(Code::Canceled as u8),
-    };
-    if let Some(s) = &tally.stats {
-        s.started(method.position);
-    }
-
-    if let Some(builtin) = method.builtin {
-        tally.set(builtin_call(state, &generation, builtin, config, body, respond, deadline).await);
-        return;
-    }
-    if method.plan.duplex {
-        tally.set(duplex(method, config, headers, body, respond, deadline, &tally).await);
-        return;
-    }
-
-    // Read the request, pick the response and wait out its delay, under the
-    // deadline and stopping early if the client resets the stream.
-    let work = async {
-        let answer = match method.plan.kind {
-            MethodKind::Unary | MethodKind::ServerStreaming => {
-                let message = read_unary(body, config).await?;
-                let one = [&message[..]];
-                let answer = pick(method, &Messages::one(&one), headers)?;
-                tally.rule(answer.rule);
-                answer
-            }
-            MethodKind::ClientStreaming | MethodKind::BidiStreaming => {
-                let mut reader = MessageReader::new(body, config);
-                let mut head = Vec::new();
-                let mut last: Option<Bytes> = None;
-                let mut count = 0usize;
-                // The messages kept for the rules stay in the budget.
-                let mut kept = Held::new(config.max_buffered);
-                while let Some(m) = reader.next().await? {
-                    count += 1;
-                    kept.grow(m.len())?;
-                    if head.len() < method.keep {
-                        head.push(m);
-                    } else if let Some(old) = last.replace(m) {
-                        kept.shrink(old.len());
-                    }
-                }
-                let head_refs: Vec<&[u8]> = head.iter().map(|b| &b[..]).collect();
-                let last = last.as_deref().or(head_refs.last().copied());
-                let answer = pick(method, &Messages { head: &head_refs, last, count }, headers)?;
-                tally.rule(answer.rule);
-                answer
-            }
+            Some(o) => match cors::preflight(&config.cors_origins, o.as_bytes(), requested) {
+                Ok(h) => Head { status: 204, headers: h },
+                Err(h) => Head { status: 403, headers: h },
+            },
         };
-        let delay = answer.prepared.draw_delay();
-        if !delay.is_zero() {
-            // A delay longer than the deadline is cut short below, which
-            // answers DEADLINE_EXCEEDED at the deadline.
-            tokio::time::sleep(delay).await;
+        let mut sink = H2Sink(out);
+        sink.head(head);
+        sink.finish(None);
+        return;
+    }
+    let served = &generation.served;
+    let (path, query) = (parts.uri.path(), parts.uri.query());
+    let setup = match head::check(&parts.method, path, query, &parts.headers, served, config, true) {
+        Ok(s) => s,
+        Err(Refusal::Http(code)) => {
+            let mut h = HeaderMap::new();
+            match code {
+                405 => h.insert(http::header::ALLOW, HeaderValue::from_static("POST, GET, OPTIONS")),
+                _ => h.insert("accept-post", HeaderValue::from_static(head::ACCEPT_POST)),
+            };
+            let mut sink = H2Sink(out);
+            sink.head(Head { status: code, headers: h });
+            sink.finish(None);
+            return;
         }
-        Ok::<_, Status>(answer)
-    };
-    let reset = poll_fn(|cx| respond.poll_reset(cx));
-    let outcome = tokio::select! {
-        outcome = work => outcome,
-        _ = reset => return,
-        _ = sleep_until(deadline) => Err(Status::new(Code::DeadlineExceeded, "deadline exceeded")),
-    };
-    // A deadline shorter than the timers' resolution may pass unnoticed
-    // while the work above completes.
-    let outcome = match outcome {
-        Ok(_) if deadline.is_some_and(|d| d <= Instant::now()) => Err(deadline_exceeded()),
-        o => o,
-    };
-    let answer = match outcome {
-        Ok(a) => a,
-        Err(s) => {
-            tally.set(s.code as u8);
-            let _ = send_status(&mut respond, &s);
+        Err(Refusal::Status(dialect, status)) => {
+            let p = status_answer(&status);
+            let r = protocol::without_messages(dialect, &p.headers, &p.trailers);
+            let mut sink = H2Sink(out);
+            sink.head(r.head);
+            if !r.body.is_empty() {
+                sink.data(r.body);
+            }
+            sink.finish(None);
             return;
         }
     };
-    let prepared = answer.prepared;
-    if let Some(fault) = prepared.fault.as_ref().filter(|f| crate::rng::unit() < f.rate) {
-        if fault.drop {
-            tally.set(Code::Internal as u8);
-            respond.send_reset(h2::Reason::INTERNAL_ERROR);
-        } else {
-            tally.set(fault.status);
-            let _ = send(&mut respond, &Answer::of(&prepare_fault(fault)));
-        }
+    let head::Setup { dialect, method: index, deadline, encoding, compress, query } = setup;
+    let method = &served.methods[index];
+    // The call's state counts in the budget of bytes held for calls.
+    let mut call_held = Held::new(config.max_buffered);
+    if let Err(s) = call_held.grow(H2_CALL_COST) {
+        let mut r = Responder::new(dialect, H2Sink(out));
+        r.refuse(&status_answer(&s));
         return;
     }
-    let streams = method.plan.kind == MethodKind::ServerStreaming || method.plan.kind == MethodKind::BidiStreaming;
-    if !streams || (prepared.stream.is_empty() && prepared.error_after == 0) {
-        tally.set(send_one(&mut respond, &answer, deadline).await);
-        return;
+    let headers = &parts.headers;
+    let stats = config.metrics.then(|| generation.stats.worker(crate::observe::metrics::worker()));
+    let journal = state.journal.as_ref().filter(|_| method.builtin.is_none());
+    let mut record = CallRecord::start(stats, journal, &generation, index, dialect.name(), headers);
+    let source = match query {
+        Some(m) => Source::Query(Some(m)),
+        None => Source::Body(body),
+    };
+    let mut input = Reader::new(dialect, source, encoding, config.max_recv_message, config.max_buffered);
+    let json = dialect.codec == Codec::Json;
+    if json {
+        input.decode = method.json.clone().map(protocol::json_decoder);
     }
-    tally.set(send_stream(&mut respond, &answer, deadline).await);
-}
-
-/// Counts one call for the metrics: started when made; handled, with the
-/// last code set (CANCELLED if none), when dropped, so calls cut short by a
-/// reset or a closing connection are counted too.
-struct Tally<'g> {
-    stats: Option<WorkerStats<'g>>,
-    method: usize,
-    started: Instant,
-    code: Cell<u8>,
-}
-
-impl Tally<'_> {
-    fn set(&self, code: u8) {
-        self.code.set(code);
-    }
-
-    fn rule(&self, rule: Option<u32>) {
-        if let Some(s) = &self.stats {
-            s.rule(self.method, rule);
+    let mut responder = Responder::new(dialect, H2Sink(out.clone()));
+    responder.compress = compress;
+    let work = async {
+        match method.builtin {
+            Some(b) => builtin(state, &generation, b, deadline, &mut input, &mut responder, &mut record).await,
+            None => {
+                let call = Call { method, metadata: headers, deadline, ok: &served.ok, json, record: &mut record };
+                drive::run(call, &mut input, &mut responder).await
+            }
         }
-    }
-}
-
-impl Drop for Tally<'_> {
-    fn drop(&mut self) {
-        if let Some(s) = &self.stats {
-            s.handled(self.method, self.code.get(), self.started.elapsed());
-        }
+    };
+    // A client's reset ends the call at once.
+    let reset = poll_fn(|cx| out.borrow_mut().poll_reset(cx));
+    tokio::select! {
+        () = work => {}
+        () = reset => {}
     }
 }
 
 /// Health and reflection, answered by the engine itself.
-async fn builtin_call(
+async fn builtin<I: Inbound, O: Outbound>(
     state: &State,
     generation: &Generation,
     builtin: Builtin,
-    config: &Config,
-    body: RecvStream,
-    mut respond: SendResponse<Bytes>,
     deadline: Option<Instant>,
-) -> u8 {
+    input: &mut I,
+    out: &mut O,
+    record: &mut CallRecord<'_>,
+) {
     let ok = &generation.served.ok;
     let framed = |m: &[u8]| Bytes::from(wirestub_plan::grpc_frame(m));
-    match builtin {
-        Builtin::HealthCheck => {
-            let reply = match read_unary(body, config).await {
-                Ok(message) => state.health.check(&message),
-                Err(e) => Err(e),
-            };
-            match reply {
-                Ok(reply) => {
-                    let answer = Answer { body: framed(&reply), ..Answer::of(ok) };
-                    send_one(&mut respond, &answer, deadline).await
-                }
-                Err(e) => {
-                    let _ = send_status(&mut respond, &e);
-                    e.code as u8
-                }
-            }
-        }
-        Builtin::HealthWatch => {
-            let service = match read_unary(body, config).await {
-                Ok(message) => state.health.watched(&message),
-                Err(e) => Err(e),
-            };
-            let service = match service {
-                Ok(s) => s,
-                Err(e) => {
-                    let _ = send_status(&mut respond, &e);
-                    return e.code as u8;
-                }
-            };
-            let mut head = Response::new(());
-            *head.headers_mut() = ok.headers.clone();
-            let Ok(mut stream) = respond.send_response(head, false) else { return Code::Canceled as u8 };
-            let mut changes = state.health.subscribe();
-            let mut last: Option<Bytes> = None;
-            loop {
-                let now = state.health.status_of(&service);
-                if last.as_ref() != Some(&now) {
-                    let item = framed(&now);
-                    if wait_capacity(&mut stream, item.len(), None).await.is_err()
-                        || stream.send_data(item, false).is_err()
-                    {
-                        return Code::Canceled as u8;
-                    }
-                    last = Some(now);
-                }
-                if state.is_draining() {
-                    break;
-                }
-                tokio::select! {
-                    changed = changes.changed() => if changed.is_err() { break },
-                    _ = poll_fn(|cx| stream.poll_reset(cx)) => return Code::Canceled as u8,
-                }
-            }
-            let end = status_response(Code::Unavailable as u8, "the server is shutting down");
-            let _ = stream.send_trailers(end.trailers);
-            Code::Unavailable as u8
-        }
-        Builtin::Reflection => {
-            let mut reader = MessageReader::new(body, config);
-            let mut stream: Option<SendStream<Bytes>> = None;
-            let result: Result<(), Stop<'_>> = async {
-                while let Some(message) = tokio::select! {
-                    next = reader.next() => next?,
-                    _ = sleep_until(deadline) => return Err(deadline_exceeded().into()),
-                } {
-                    let item = framed(&generation.reflection.answer(&message));
-                    let s = match &mut stream {
-                        Some(s) => s,
-                        None => {
-                            let mut head = Response::new(());
-                            *head.headers_mut() = ok.headers.clone();
-                            stream.insert(respond.send_response(head, false).map_err(|_| Stop::Gone)?)
-                        }
-                    };
-                    wait_capacity(s, item.len(), deadline).await?;
-                    s.send_data(item, false).map_err(|_| Stop::Gone)?;
-                }
-                Ok(())
-            }
-            .await;
-            finish_stream(&mut respond, stream, result)
-        }
-    }
-}
-
-/// Receives the one request message of a unary or server-streaming call,
-/// checking framing and size as bytes arrive. The common case (the message
-/// in one DATA frame) is zero-copy.
-async fn read_unary(mut body: RecvStream, config: &Config) -> Result<Bytes, Status> {
-    let max = config.max_recv_message;
-    let mut held = Held::new(config.max_buffered);
-    let mut first: Option<Bytes> = None;
-    let mut joined: Option<BytesMut> = None;
-    let mut total = 0usize;
-    while let Some(chunk) = body.data().await {
-        let chunk = chunk.map_err(|e| Status::new(Code::Internal, format!("request stream failed: {e}")))?;
-        let _ = body.flow_control().release_capacity(chunk.len());
-        if chunk.is_empty() {
-            continue;
-        }
-        total += chunk.len();
-        held.grow(chunk.len())?;
-        match (&mut first, &mut joined) {
-            (None, _) => first = Some(chunk),
-            (Some(f), None) => {
-                let mut j = BytesMut::with_capacity(total.max(5 + declared_len(f, &chunk)));
-                j.extend_from_slice(f);
-                j.extend_from_slice(&chunk);
-                joined = Some(j);
-            }
-            (Some(_), Some(j)) => j.extend_from_slice(&chunk),
-        }
-        let buf: &[u8] = match (&first, &joined) {
-            (_, Some(j)) => j,
-            (Some(f), None) => f,
-            _ => &[],
-        };
-        if buf.len() >= 5 {
-            grpc::check_unary(&buf[..5], total, max)?;
-        }
-    }
-    let all = match (first, joined) {
-        (_, Some(j)) => j.freeze(),
-        (Some(f), None) => f,
-        (None, None) => Bytes::new(),
-    };
-    grpc::finish_unary(&all, total, max)?;
-    if all[0] == 1 {
-        return Err(grpc::compressed());
-    }
-    Ok(all.slice(5..))
-}
-
-/// The message length announced by a prefix split over two chunks, for
-/// sizing the join buffer (bounded by the caller's size check).
-fn declared_len(a: &[u8], b: &[u8]) -> usize {
-    let mut p = [0u8; 5];
-    for (i, byte) in a.iter().chain(b.iter()).take(5).enumerate() {
-        p[i] = *byte;
-    }
-    (u32::from_be_bytes([p[1], p[2], p[3], p[4]]) as usize).min(64 << 10)
-}
-
-/// Splits a request stream into gRPC messages as they arrive.
-struct MessageReader {
-    body: RecvStream,
-    buf: BytesMut,
-    max: usize,
-    ended: bool,
-    /// The bytes in `buf`, in the process-wide count.
-    held: Held,
-}
-
-impl MessageReader {
-    fn new(body: RecvStream, config: &Config) -> Self {
-        let held = Held::new(config.max_buffered);
-        MessageReader { body, buf: BytesMut::new(), max: config.max_recv_message, ended: false, held }
-    }
-
-    /// The next message, or None once the client has half-closed.
-    async fn next(&mut self) -> Result<Option<Bytes>, Status> {
-        loop {
-            if self.buf.len() >= 5 {
-                let (compressed, len) = grpc::message_prefix(&self.buf, self.max)?;
-                if self.buf.len() >= 5 + len {
-                    if compressed {
-                        return Err(grpc::compressed());
-                    }
-                    // As on the native stack: a small message is copied
-                    // out rather than keep a large buffer alive.
-                    let message = if 2 * (5 + len) < self.buf.capacity() {
-                        let m = Bytes::copy_from_slice(&self.buf[5..5 + len]);
-                        self.buf.advance(5 + len);
-                        m
-                    } else {
-                        let mut m = self.buf.split_to(5 + len);
-                        self.buf = BytesMut::from(&self.buf[..]);
-                        m.split_off(5).freeze()
-                    };
-                    self.held.shrink(5 + len);
-                    return Ok(Some(message));
-                }
-            }
-            if self.ended {
-                if self.buf.is_empty() {
+    let work = async {
+        match builtin {
+            Builtin::HealthCheck => {
+                let message = input.next().await?.unwrap_or_default();
+                let reply = state.health.check(&message)?;
+                out.head(ok);
+                let item = framed(&reply);
+                if out.ready(item.len()).await.is_err() {
                     return Ok(None);
                 }
-                return Err(Status::new(Code::Internal, "request message is truncated"));
+                out.message(item);
+                Ok(Some(status_response(0, "")))
             }
-            match self.body.data().await {
+            Builtin::HealthWatch => {
+                let message = input.next().await?.unwrap_or_default();
+                let service = state.health.watched(&message)?;
+                out.head(ok);
+                let mut changes = state.health.subscribe();
+                let mut last: Option<Bytes> = None;
+                loop {
+                    let now = state.health.status_of(&service);
+                    if last.as_ref() != Some(&now) {
+                        let item = framed(&now);
+                        if out.ready(item.len()).await.is_err() {
+                            return Ok(None);
+                        }
+                        out.message(item);
+                        last = Some(now);
+                    }
+                    if state.is_draining() || changes.changed().await.is_err() {
+                        break;
+                    }
+                }
+                Ok(Some(status_response(Code::Unavailable as u8, "the server is shutting down")))
+            }
+            Builtin::Reflection => {
+                let mut headed = false;
+                while let Some(message) = input.next().await? {
+                    let item = framed(&generation.reflection.answer(&message));
+                    if !headed {
+                        out.head(ok);
+                        headed = true;
+                    }
+                    if out.ready(item.len()).await.is_err() {
+                        return Ok(None);
+                    }
+                    out.message(item);
+                }
+                Ok(Some(status_response(0, "")))
+            }
+        }
+    };
+    let result: Result<Option<Prepared>, Status> = tokio::select! {
+        r = work => r,
+        _ = sleep_until(deadline) => Err(deadline_exceeded()),
+    };
+    let end = match result {
+        Ok(None) => return,
+        Ok(Some(p)) => p,
+        Err(s) => status_answer(&s),
+    };
+    let message = end.trailers.get("grpc-message").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+    record.status(end.status, &message);
+    out.end(&end);
+}
+
+/// Where a call's request message comes from: the body, or a GET's query.
+enum Source {
+    Body(RecvStream),
+    Query(Option<Bytes>),
+}
+
+impl Chunks for Source {
+    async fn chunk(&mut self) -> Result<Option<Bytes>, Status> {
+        match self {
+            Source::Query(m) => Ok(m.take()),
+            Source::Body(body) => match body.data().await {
+                None => Ok(None),
                 Some(Ok(chunk)) => {
-                    let _ = self.body.flow_control().release_capacity(chunk.len());
-                    self.held.grow(chunk.len())?;
-                    self.buf.extend_from_slice(&chunk);
+                    let _ = body.flow_control().release_capacity(chunk.len());
+                    Ok(Some(chunk))
                 }
-                Some(Err(e)) => return Err(Status::new(Code::Internal, format!("request stream failed: {e}"))),
-                None => self.ended = true,
-            }
-        }
-    }
-}
-
-/// Why a streaming response stops early.
-enum Stop<'m> {
-    /// The engine ends the call with this status.
-    Status(Status),
-    /// A rule's error response ends the call.
-    Rule(&'m Prepared),
-    /// The client reset the stream or went away: nothing more to send.
-    Gone,
-}
-
-impl From<Status> for Stop<'_> {
-    fn from(s: Status) -> Self {
-        Stop::Status(s)
-    }
-}
-
-/// Answers each request message of a duplex call as it arrives, with the
-/// rule that matches that message, then ends with OK when the client
-/// half-closes. A rule's error status ends the call.
-async fn duplex(
-    method: &crate::served::ServedMethod,
-    config: &Config,
-    headers: &HeaderMap,
-    body: RecvStream,
-    mut respond: SendResponse<Bytes>,
-    deadline: Option<Instant>,
-    tally: &Tally<'_>,
-) -> u8 {
-    let mut reader = MessageReader::new(body, config);
-    let mut stream: Option<SendStream<Bytes>> = None;
-    let result: Result<(), Stop<'_>> = async {
-        loop {
-            let next = tokio::select! {
-                next = reader.next() => next?,
-                _ = sleep_until(deadline) => return Err(deadline_exceeded().into()),
-            };
-            let Some(message) = next else { return Ok(()) };
-            let one = [&message[..]];
-            let answer = pick(method, &Messages::one(&one), headers)?;
-            tally.rule(answer.rule);
-            let prepared = answer.prepared;
-            let delay = prepared.draw_delay();
-            if !delay.is_zero() {
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = sleep_until(deadline) => return Err(deadline_exceeded().into()),
-                }
-            }
-            if prepared.status != 0 && prepared.error_after == 0 {
-                return Err(Stop::Rule(prepared));
-            }
-            let s = match &mut stream {
-                Some(s) => s,
-                None => {
-                    let mut head = Response::new(());
-                    *head.headers_mut() = prepared.headers.clone();
-                    stream.insert(respond.send_response(head, false).map_err(|_| Stop::Gone)?)
-                }
-            };
-            send_items(s, &answer, deadline).await?;
-            if prepared.status != 0 {
-                return Err(Stop::Rule(prepared));
-            }
-        }
-    }
-    .await;
-    finish_stream(&mut respond, stream, result)
-}
-
-/// Ends a call that answers message by message: trailers after the
-/// messages sent (OK, a rule's status or the engine's), or a whole
-/// response when none was sent. Returns the status sent.
-fn finish_stream(
-    respond: &mut SendResponse<Bytes>,
-    stream: Option<SendStream<Bytes>>,
-    result: Result<(), Stop<'_>>,
-) -> u8 {
-    let ok = status_response(0, "");
-    match (result, stream) {
-        (Err(Stop::Gone), _) => Code::Canceled as u8,
-        (Ok(()), Some(mut s)) => {
-            let _ = s.send_trailers(ok.trailers.clone());
-            0
-        }
-        (Ok(()), None) => {
-            let _ = send(respond, &Answer::of(&ok));
-            0
-        }
-        (Err(Stop::Rule(p)), Some(mut s)) => {
-            let _ = s.send_trailers(p.trailers.clone());
-            p.status
-        }
-        (Err(Stop::Rule(p)), None) => {
-            let _ = send(respond, &Answer::of(p));
-            p.status
-        }
-        (Err(Stop::Status(e)), Some(mut s)) => {
-            let _ = s.send_trailers(status_answer(&e).trailers);
-            e.code as u8
-        }
-        (Err(Stop::Status(e)), None) => {
-            let _ = send_status(respond, &e);
-            e.code as u8
-        }
-    }
-}
-
-fn send(respond: &mut SendResponse<Bytes>, answer: &Answer) -> Result<(), h2::Error> {
-    let prepared = answer.prepared;
-    let mut head = Response::new(());
-    if prepared.status != 0 {
-        *head.headers_mut() = prepared.trailers_only.clone();
-        respond.send_response(head, true)?;
-        return Ok(());
-    }
-    *head.headers_mut() = prepared.headers.clone();
-    let mut stream = respond.send_response(head, false)?;
-    stream.send_data(answer.body.clone(), false)?;
-    stream.send_trailers(prepared.trailers.clone())
-}
-
-/// Sends a response of at most one message: trailers-only for an error;
-/// otherwise headers, the message once the client's window lets it go out,
-/// and trailers. A client whose window stays shut gets DEADLINE_EXCEEDED at
-/// its deadline instead of the message, rather than the message waiting in
-/// h2's buffers for as long as the connection lives.
-/// Returns the status sent (CANCELLED when the client went away).
-async fn send_one(respond: &mut SendResponse<Bytes>, answer: &Answer<'_>, deadline: Option<Instant>) -> u8 {
-    let prepared = answer.prepared;
-    let gone = Code::Canceled as u8;
-    if prepared.status != 0 {
-        let _ = send(respond, answer);
-        return prepared.status;
-    }
-    let mut head = Response::new(());
-    *head.headers_mut() = prepared.headers.clone();
-    let Ok(mut stream) = respond.send_response(head, false) else { return gone };
-    let (code, trailers) = match wait_capacity(&mut stream, answer.body.len(), deadline).await {
-        Ok(()) => match stream.send_data(answer.body.clone(), false) {
-            Ok(()) => (prepared.status, prepared.trailers.clone()),
-            Err(_) => return gone,
-        },
-        Err(Stop::Status(e)) => (e.code as u8, status_answer(&e).trailers),
-        Err(_) => return gone,
-    };
-    let _ = stream.send_trailers(trailers);
-    code
-}
-
-fn send_status(respond: &mut SendResponse<Bytes>, status: &Status) -> Result<(), h2::Error> {
-    send(respond, &Answer::of(&status_answer(status)))
-}
-
-/// Sends a streaming response: headers, the items (passes, order, pauses
-/// as the rule says), then the trailers; for an error status, the error
-/// after `error_after` items.
-async fn send_stream(respond: &mut SendResponse<Bytes>, answer: &Answer<'_>, deadline: Option<Instant>) -> u8 {
-    let prepared = answer.prepared;
-    let mut head = Response::new(());
-    *head.headers_mut() = prepared.headers.clone();
-    let Ok(mut stream) = respond.send_response(head, false) else { return Code::Canceled as u8 };
-    let (code, trailers) = match send_items(&mut stream, answer, deadline).await {
-        Ok(()) => (prepared.status, prepared.trailers.clone()),
-        Err(Stop::Status(e)) => (e.code as u8, status_answer(&e).trailers),
-        Err(Stop::Rule(p)) => (p.status, p.trailers.clone()),
-        Err(Stop::Gone) => return Code::Canceled as u8,
-    };
-    let _ = stream.send_trailers(trailers);
-    code
-}
-
-/// Sends the messages of one response, honouring flow control: each message
-/// waits until the client has window for it, so a slow reader is never
-/// answered by unbounded buffering here.
-async fn send_items<'m>(
-    stream: &mut SendStream<Bytes>,
-    answer: &Answer<'m>,
-    deadline: Option<Instant>,
-) -> Result<(), Stop<'m>> {
-    let prepared = answer.prepared;
-    let items = answer.messages();
-    // An error without stream items has no message to send before it.
-    if prepared.stream.is_empty() && prepared.status != 0 {
-        return Ok(());
-    }
-    let limit = if prepared.status != 0 { Some(prepared.error_after as u64) } else { None };
-    let mut sent = 0u64;
-    let mut pass = 0u32;
-    let mut order: Vec<usize> = (0..items.len()).collect();
-    loop {
-        if prepared.stream_repeat != 0 && pass >= prepared.stream_repeat && limit.is_none() {
-            return Ok(());
-        }
-        pass += 1;
-        if prepared.stream_random_order {
-            crate::rng::shuffle(&mut order);
-        }
-        for &i in &order {
-            if limit.is_some_and(|l| sent >= l) {
-                return Ok(());
-            }
-            if sent > 0 && !prepared.stream_delay.is_zero() {
-                tokio::select! {
-                    _ = tokio::time::sleep(prepared.stream_delay) => {}
-                    _ = poll_fn(|cx| stream.poll_reset(cx)) => return Err(Stop::Gone),
-                    _ = sleep_until(deadline) => return Err(deadline_exceeded().into()),
-                }
-            }
-            let item = items[i].clone();
-            wait_capacity(stream, item.len(), deadline).await?;
-            stream.send_data(item, false).map_err(|_| Stop::Gone)?;
-            sent += 1;
-        }
-    }
-}
-
-/// Waits until the client's flow-control window lets a message of `len`
-/// bytes go out (or its first 16 KiB, for big ones), so that a client that
-/// does not read holds a waiting call, ended by its deadline or its reset,
-/// instead of making h2 buffer for it. When the window is open this returns
-/// at once, without yielding.
-async fn wait_capacity<'m>(
-    stream: &mut SendStream<Bytes>,
-    len: usize,
-    deadline: Option<Instant>,
-) -> Result<(), Stop<'m>> {
-    // The answer counts as held until it is handed to h2.
-    let _held = outflow::hold(len)?;
-    tokio::select! {
-        _ = outflow::room(len) => {}
-        _ = sleep_until(deadline) => return Err(deadline_exceeded().into()),
-    }
-    let want = len.min(16 << 10);
-    stream.reserve_capacity(len);
-    while stream.capacity() < want {
-        tokio::select! {
-            cap = poll_fn(|cx| stream.poll_capacity(cx)) => match cap {
-                Some(Ok(_)) => {}
-                _ => return Err(Stop::Gone),
+                Some(Err(e)) => Err(Status::new(Code::Internal, format!("request stream failed: {e}"))),
             },
-            _ = sleep_until(deadline) => return Err(deadline_exceeded().into()),
         }
     }
-    Ok(())
 }
 
-fn send_http_error(respond: &mut SendResponse<Bytes>, status: StatusCode) -> Result<(), h2::Error> {
-    let mut head = Response::new(());
-    *head.status_mut() = status;
-    respond.send_response(head, true).map(|_| ())
+/// A call's response on h2: the head waits until the first body bytes or
+/// the end (a response with neither is sent as one HEADERS frame that
+/// ends the stream, as gRPC's trailers-only responses must be).
+struct H2Out {
+    respond: SendResponse<Bytes>,
+    stream: Option<SendStream<Bytes>>,
+    head: Option<Head>,
+    /// A browser's origin and the origins allowed (CORS).
+    cors: Option<(HeaderValue, Vec<String>)>,
+}
+
+impl H2Out {
+    fn response(head: Head) -> Response<()> {
+        let mut r = Response::new(());
+        *r.status_mut() = StatusCode::from_u16(head.status).unwrap_or(StatusCode::OK);
+        *r.headers_mut() = head.headers;
+        r
+    }
+
+    /// Sends the head, if it is still waiting; the stream, once sent.
+    fn stream(&mut self) -> Option<&mut SendStream<Bytes>> {
+        if let Some(head) = self.head.take() {
+            self.stream = self.respond.send_response(H2Out::response(head), false).ok();
+        }
+        self.stream.as_mut()
+    }
+
+    fn poll_reset(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        let r = match &mut self.stream {
+            Some(s) => s.poll_reset(cx),
+            None => self.respond.poll_reset(cx),
+        };
+        r.map(|_| ())
+    }
+}
+
+struct H2Sink(Rc<RefCell<H2Out>>);
+
+impl Sink for H2Sink {
+    fn head(&mut self, mut head: Head) {
+        let mut o = self.0.borrow_mut();
+        if let Some((origin, origins)) = &o.cors {
+            cors::decorate(origins, origin.as_bytes(), &mut head.headers);
+        }
+        o.head = Some(head);
+    }
+
+    fn data(&mut self, data: Bytes) {
+        if let Some(s) = self.0.borrow_mut().stream() {
+            let _ = s.send_data(data, false);
+        }
+    }
+
+    /// Waits until the client's flow-control window lets a message of
+    /// `len` bytes go out (or its first 16 KiB, for big ones), and the
+    /// connection's backlog is under its mark, so that a client that does
+    /// not read holds a waiting call (ended by its deadline or its reset)
+    /// instead of making h2 buffer for it. The answer counts as held
+    /// meanwhile.
+    async fn ready(&mut self, len: usize) -> Result<(), Gone> {
+        let _held = outflow::hold(len).map_err(|_| Gone)?;
+        outflow::room(len).await;
+        let want = len.min(16 << 10);
+        {
+            let mut o = self.0.borrow_mut();
+            let Some(s) = o.stream() else { return Err(Gone) };
+            s.reserve_capacity(len);
+        }
+        poll_fn(|cx| {
+            let mut o = self.0.borrow_mut();
+            let Some(s) = o.stream.as_mut() else { return std::task::Poll::Ready(Err(Gone)) };
+            loop {
+                if s.capacity() >= want {
+                    return std::task::Poll::Ready(Ok(()));
+                }
+                match s.poll_capacity(cx) {
+                    std::task::Poll::Ready(Some(Ok(_))) => continue,
+                    std::task::Poll::Ready(_) => return std::task::Poll::Ready(Err(Gone)),
+                    std::task::Poll::Pending => return std::task::Poll::Pending,
+                }
+            }
+        })
+        .await
+    }
+
+    fn finish(&mut self, trailers: Option<HeaderMap>) {
+        let mut o = self.0.borrow_mut();
+        if o.stream.is_none() && trailers.is_none() {
+            if let Some(head) = o.head.take() {
+                let _ = o.respond.send_response(H2Out::response(head), true);
+                return;
+            }
+        }
+        let Some(s) = o.stream() else { return };
+        let _ = match trailers {
+            Some(t) => s.send_trailers(t),
+            None => s.send_data(Bytes::new(), true),
+        };
+    }
+
+    fn abort(&mut self) {
+        let mut o = self.0.borrow_mut();
+        match &mut o.stream {
+            Some(s) => s.send_reset(h2::Reason::INTERNAL_ERROR),
+            None => o.respond.send_reset(h2::Reason::INTERNAL_ERROR),
+        }
+    }
 }

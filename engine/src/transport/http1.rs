@@ -11,14 +11,14 @@
 //! (`--write-timeout-ms`), request messages (`--max-recv-bytes`) and the
 //! bytes held for requests (`--max-buffered-bytes`).
 
-use crate::call::drive::{self, Call};
+use crate::call::drive::{self, Call, Gone};
 use crate::config::Config;
 use crate::observe::record::CallRecord;
-use crate::protocol::compression::{self, Encoding};
-use crate::protocol::grpc::{self, Code, Status};
+use crate::protocol::grpc::{Code, Status};
+use crate::protocol::head::{self, Refusal, Setup};
 use crate::protocol::reader::{Chunks, Reader};
 use crate::protocol::responder::{Responder, Sink};
-use crate::protocol::{self, connect, cors, Codec, Dialect, Head, Kind, Protocol};
+use crate::protocol::{self, cors, Codec, Dialect, Head};
 use crate::served::generation::Generation;
 use crate::served::{status_answer, Prepared};
 use crate::state::State;
@@ -39,7 +39,6 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
 use tokio::time::Instant;
-use wirestub_plan::MethodKind;
 
 /// Response bytes queued for the socket above which a call waits.
 pub const HIGH: usize = 64 << 10;
@@ -152,8 +151,11 @@ fn preflight(req: &Request<Incoming>, config: &Config, origin: Option<&HeaderVal
     };
     let requested = req.headers().get(http::header::ACCESS_CONTROL_REQUEST_HEADERS).map(HeaderValue::as_bytes);
     match cors::preflight(&config.cors_origins, origin.as_bytes(), requested) {
-        Some(h) => *r.headers_mut() = h,
-        None => *r.status_mut() = StatusCode::FORBIDDEN,
+        Ok(h) => *r.headers_mut() = h,
+        Err(h) => {
+            *r.headers_mut() = h;
+            *r.status_mut() = StatusCode::FORBIDDEN;
+        }
     }
     if !req.body().is_end_stream() {
         r.headers_mut().insert(http::header::CONNECTION, HeaderValue::from_static("close"));
@@ -165,10 +167,13 @@ fn preflight(req: &Request<Incoming>, config: &Config, origin: Option<&HeaderVal
 async fn call(req: Request<Incoming>, ctx: &Rc<Ctx>) -> Response<CallBody> {
     let (parts, body) = req.into_parts();
     let mut body = Incoming1::new(body);
-    let setup = match setup(&parts, ctx) {
+    let generation = ctx.generation();
+    let (path, query) = (parts.uri.path(), parts.uri.query());
+    let setup = head::check(&parts.method, path, query, &parts.headers, &generation.served, &ctx.config, false);
+    let setup = match setup {
         Ok(s) => s,
-        Err(r) => {
-            let mut r = *r;
+        Err(refusal) => {
+            let mut r = refuse(refusal);
             // Sent once the body has been read (up to a bound), so the
             // connection can serve the next request.
             if !body.drain(DRAIN_LIMIT).await {
@@ -177,7 +182,7 @@ async fn call(req: Request<Incoming>, ctx: &Rc<Ctx>) -> Response<CallBody> {
             return r;
         }
     };
-    let Setup { dialect, generation, index, deadline, encoding, compress, query } = setup;
+    let Setup { dialect, method: index, deadline, encoding, compress, query } = setup;
     let pipe = Rc::new(RefCell::new(Pipe::default()));
     let sink = PipeSink(pipe.clone());
     let config = ctx.config.clone();
@@ -191,9 +196,7 @@ async fn call(req: Request<Incoming>, ctx: &Rc<Ctx>) -> Response<CallBody> {
         let generation = generation;
         let method = &generation.served.methods[index];
         let stats = config.metrics.then(|| generation.stats.worker(crate::observe::metrics::worker()));
-        let mut record = CallRecord::start(stats, state.journal.as_ref(), &generation, index, dialect.name(), || {
-            journal_metadata(&headers)
-        });
+        let mut record = CallRecord::start(stats, state.journal.as_ref(), &generation, index, dialect.name(), &headers);
         let source = match query {
             Some(m) => Source::Query(Some(m)),
             None => Source::Body(body),
@@ -212,130 +215,9 @@ async fn call(req: Request<Incoming>, ctx: &Rc<Ctx>) -> Response<CallBody> {
     respond(pipe, Box::pin(driver), done).await
 }
 
-/// Whether a JSON dialect can be served: gRPC-Web and Connect (text mode
-/// is protobuf only).
-fn json_ok(d: Dialect) -> bool {
-    d.protocol != Protocol::GrpcWebText
-}
-
 /// Request body bytes read and dropped so that the connection can serve
 /// the next request after a refusal.
 const DRAIN_LIMIT: usize = 64 << 10;
-
-/// What a call needs from its request head.
-struct Setup {
-    dialect: Dialect,
-    generation: Arc<Generation>,
-    index: usize,
-    deadline: Option<Instant>,
-    encoding: Encoding,
-    /// Response messages go out compressed.
-    compress: bool,
-    /// A GET request's message, from its query.
-    query: Option<Bytes>,
-}
-
-/// Checks a request head: the call it makes, or the response refusing it.
-fn setup(parts: &http::request::Parts, ctx: &Ctx) -> Result<Setup, Box<Response<CallBody>>> {
-    let content_type = parts.headers.get(http::header::CONTENT_TYPE).map(HeaderValue::as_bytes).unwrap_or(b"");
-    let get = parts.method == Method::GET;
-    if parts.method != Method::POST && !get {
-        return Err(Box::new(method_not_allowed()));
-    }
-    let (dialect, query) = if get {
-        // Connect's GET: the message is in the query.
-        match connect::parse_get(parts.uri.query().unwrap_or("")) {
-            Ok(q) => (Dialect { protocol: Protocol::Connect, codec: q.codec }, Some(q)),
-            Err(e) => {
-                let status = Status::new(Code::InvalidArgument, e);
-                let json = Dialect { protocol: Protocol::Connect, codec: Codec::Json };
-                return Err(Box::new(refused(json, &status_answer(&status))));
-            }
-        }
-    } else {
-        match protocol::classify(content_type) {
-            Kind::Known(d) if d.protocol != Protocol::Grpc && (d.codec == Codec::Proto || json_ok(d)) => (d, None),
-            _ => return Err(Box::new(unsupported_media_type())),
-        }
-    };
-    let generation = ctx.generation();
-    let path = parts.uri.path();
-    let Some(index) = generation.served.method(path).map(|m| m.position) else {
-        let status = Status::new(Code::Unimplemented, format!("unknown method {path}"));
-        return Err(Box::new(refused(dialect, &status_answer(&status))));
-    };
-    let method = &generation.served.methods[index];
-    let unary = method.plan.kind == MethodKind::Unary && !method.plan.duplex;
-    if get && !(unary && method.no_side_effects) {
-        // GET is for methods marked idempotency_level = NO_SIDE_EFFECTS.
-        return Err(Box::new(method_not_allowed()));
-    }
-    if !dialect.fits(unary) {
-        return Err(Box::new(unsupported_media_type()));
-    }
-    if dialect.codec == Codec::Json && method.json.is_none() {
-        let status = Status::new(Code::Unimplemented, "this method has no JSON mapping");
-        return Err(Box::new(refused(dialect, &status_answer(&status))));
-    }
-    if method.builtin.is_some() {
-        let status = Status::new(Code::Unimplemented, "health and reflection are served over gRPC only");
-        return Err(Box::new(refused(dialect, &status_answer(&status))));
-    }
-    let h = &parts.headers;
-    let connect_timeout =
-        || h.get("connect-timeout-ms").map(|v| (connect::parse_timeout(v.as_bytes()), "connect-timeout-ms"));
-    let (timeout, encoding) = match dialect.protocol {
-        Protocol::Connect => (connect_timeout(), h.get(http::header::CONTENT_ENCODING)),
-        Protocol::ConnectStream => (connect_timeout(), h.get("connect-content-encoding")),
-        _ => {
-            (h.get("grpc-timeout").map(|v| (grpc::parse_timeout(v.as_bytes()), "grpc-timeout")), h.get("grpc-encoding"))
-        }
-    };
-    let deadline = match timeout {
-        None => None,
-        Some((Some(t), _)) => Some(Instant::now() + t),
-        Some((None, name)) => {
-            let status = Status::new(Code::Internal, format!("malformed {name} header"));
-            return Err(Box::new(refused(dialect, &status_answer(&status))));
-        }
-    };
-    let encoding = match query
-        .as_ref()
-        .and_then(|q| q.compression.as_deref())
-        .map(str::as_bytes)
-        .or(encoding.map(HeaderValue::as_bytes))
-    {
-        None => Encoding::Identity,
-        Some(e) => match Encoding::parse(e) {
-            Some(e) => e,
-            None => {
-                let status = grpc::unsupported_encoding(e);
-                return Err(Box::new(refused(dialect, &status_answer(&status))));
-            }
-        },
-    };
-    let accept = match dialect.protocol {
-        Protocol::Connect => h.get(http::header::ACCEPT_ENCODING),
-        Protocol::ConnectStream => h.get("connect-accept-encoding"),
-        _ => h.get("grpc-accept-encoding"),
-    };
-    let compress =
-        ctx.config.compress_responses && accept.is_some_and(|a| compression::negotiate(a.as_bytes()) == Encoding::Gzip);
-    Ok(Setup { dialect, generation, index, deadline, encoding, compress, query: query.map(|q| q.message) })
-}
-
-/// Request headers the journal keeps: all but the transport's own.
-fn journal_metadata(h: &HeaderMap) -> Vec<(Box<str>, Bytes)> {
-    h.iter()
-        .filter(|(k, _)| {
-            !matches!(
-                k.as_str(),
-                "host" | "content-type" | "content-length" | "connection" | "keep-alive" | "transfer-encoding" | "te"
-            )
-        })
-        .map(|(k, v)| (k.as_str().into(), Bytes::copy_from_slice(v.as_bytes())))
-        .collect()
-}
 
 /// Counts a request in progress for its connection's idle check.
 struct Active(Rc<Ctx>);
@@ -394,14 +276,17 @@ fn plain(status: StatusCode) -> Response<CallBody> {
 /// 415, naming the content types served over HTTP/1.1.
 fn unsupported_media_type() -> Response<CallBody> {
     let mut r = plain(StatusCode::UNSUPPORTED_MEDIA_TYPE);
-    r.headers_mut().insert(
-        "accept-post",
-        HeaderValue::from_static(
-            "application/grpc-web, application/grpc-web+proto, application/grpc-web-text, \
-             application/grpc-web-text+proto, application/proto, application/connect+proto",
-        ),
-    );
+    r.headers_mut().insert("accept-post", HeaderValue::from_static(head::ACCEPT_POST));
     r
+}
+
+/// The response refusing a request.
+fn refuse(refusal: Refusal) -> Response<CallBody> {
+    match refusal {
+        Refusal::Http(405) => method_not_allowed(),
+        Refusal::Http(_) => unsupported_media_type(),
+        Refusal::Status(dialect, status) => refused(dialect, &status_answer(&status)),
+    }
 }
 
 /// A call refused before it started, in its protocol's terms.
@@ -440,12 +325,12 @@ impl Sink for PipeSink {
         p.frames.push_back(Frame::data(data));
     }
 
-    fn ready(&mut self, _len: usize) -> impl Future<Output = ()> {
+    fn ready(&mut self, _len: usize) -> impl Future<Output = Result<(), Gone>> {
         let pipe = self.0.clone();
         poll_fn(move |cx| {
             let mut p = pipe.borrow_mut();
             if p.queued < HIGH {
-                return Poll::Ready(());
+                return Poll::Ready(Ok(()));
             }
             p.waiter = Some(cx.waker().clone());
             Poll::Pending

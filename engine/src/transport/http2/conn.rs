@@ -961,8 +961,11 @@ impl<'s> Conn<'s> {
             }
             Some(origin) => {
                 match protocol::cors::preflight(&self.config.cors_origins, origin, request.cors_headers.as_deref()) {
-                    Some(h) => head.headers = h,
-                    None => head.status = 403,
+                    Ok(h) => head.headers = h,
+                    Err(h) => {
+                        head.headers = h;
+                        head.status = 403;
+                    }
                 }
             }
         }
@@ -997,14 +1000,19 @@ impl<'s> Conn<'s> {
             // Connect's GET, for methods without side effects.
             let query = request.query.as_deref().map(|q| connect::parse_get(&String::from_utf8_lossy(q)));
             dialect = Dialect { protocol: Protocol::Connect, codec: Codec::Json };
+            let gettable = |m: &ServedMethod| m.no_side_effects && m.plan.kind == MethodKind::Unary && !m.plan.duplex;
             match (request.method, query) {
-                (Some(m), Some(Ok(q))) if m.no_side_effects && m.plan.kind == MethodKind::Unary && !m.plan.duplex => {
+                (None, _) => {}
+                (Some(m), _) if !gettable(m) => http_status = Some(405),
+                (Some(_), Some(Ok(q))) => {
                     dialect.codec = q.codec;
                     get = Some(q);
                 }
-                (None, _) => {}
-                (Some(m), Some(Err(e))) if m.no_side_effects => status = early(Code::InvalidArgument as u8, e),
-                _ => http_status = Some(405),
+                (Some(_), Some(Err(connect::GetError::Codec(_)))) => http_status = Some(415),
+                (Some(_), Some(Err(e))) => status = early(Code::InvalidArgument as u8, e.to_string()),
+                (Some(_), None) => {
+                    status = early(Code::InvalidArgument as u8, "the query has no encoding parameter".into())
+                }
             }
         } else if !request.post {
             http_status = Some(405);
@@ -1074,8 +1082,18 @@ impl<'s> Conn<'s> {
             // comes, is refused with RST_STREAM NO_ERROR.
             match http_status {
                 Some(code) => {
-                    let mut block = Vec::with_capacity(4);
-                    crate::codec::hpack::encode_status(&mut block, code);
+                    let mut headers = http::HeaderMap::new();
+                    match code {
+                        405 => {
+                            headers.insert(http::header::ALLOW, http::HeaderValue::from_static("POST, GET, OPTIONS"))
+                        }
+                        415 => {
+                            headers.insert("accept-post", http::HeaderValue::from_static(protocol::head::ACCEPT_POST))
+                        }
+                        _ => None,
+                    };
+                    let head = protocol::Head { status: code, headers };
+                    let block = head_block(head, request.origin.as_deref(), &self.config.cors_origins);
                     frame::put_headers(&mut self.out, id, &block, true, self.peer_max_frame);
                 }
                 None => self.refuse_with(id, dialect, &status.expect("one of the two"), request.origin.as_deref()),
@@ -1143,6 +1161,7 @@ impl<'s> Conn<'s> {
         self.streams.insert(id, stream);
         if let Some(stats) = self.stats(self.generation) {
             stats.started(method.position);
+            stats.protocol(dialect.index());
         }
         if method.plan.duplex {
             self.streams.get_mut(&id).expect("inserted").task = true;
@@ -1371,14 +1390,16 @@ impl<'s> Conn<'s> {
     /// Answers a unary or server-streaming call from its request body.
     fn answer_unary(&mut self, id: u32, body: &[u8]) -> Result<(), ConnError> {
         let max = self.config.max_recv_message;
-        let enveloped = self.streams.get(&id).is_none_or(|s| s.dialect.enveloped());
+        // One lookup for what the call's protocol asks of its body.
+        let Some(s) = self.streams.get(&id) else { return Ok(()) };
+        let (dialect, encoding, json) = (s.dialect, s.encoding, s.method.json.as_ref());
         let inflated;
-        let message = if enveloped {
+        let message = if dialect.protocol != Protocol::Connect {
             if let Err(status) = grpc::finish_unary(body, body.len(), max) {
                 return self.fail_call(id, &status);
             }
             if body[0] == 1 {
-                match self.inflate(id, &body[5..]) {
+                match inflate(encoding, &body[5..], max) {
                     Ok(m) => {
                         inflated = m;
                         &inflated[..]
@@ -1393,20 +1414,20 @@ impl<'s> Conn<'s> {
             if body.len() > max {
                 return self.fail_call(id, &grpc::too_large(body.len(), max));
             }
-            match self.streams.get(&id).map(|s| s.encoding) {
-                Some(Encoding::Gzip) => match self.inflate(id, body) {
+            match encoding {
+                Encoding::Identity => body,
+                _ => match inflate(encoding, body, max) {
                     Ok(m) => {
                         inflated = m;
                         &inflated[..]
                     }
                     Err(status) => return self.fail_call(id, &status),
                 },
-                _ => body,
             }
         };
         let transcoded;
-        let message = match self.streams.get(&id).map(|s| (s.dialect.codec, &s.method.json)) {
-            Some((Codec::Json, Some(codec))) => match codec.request(message) {
+        let message = match (dialect.codec, json) {
+            (Codec::Json, Some(codec)) => match codec.request(message) {
                 Ok(m) => {
                     transcoded = m;
                     &transcoded[..]
@@ -1429,12 +1450,6 @@ impl<'s> Conn<'s> {
         let one = [message];
         let picked = call::pick_explained(s.method, &Messages::one(&one), &s.metadata[..], s.rec.is_some());
         self.answer(id, picked)
-    }
-
-    /// A compressed request message, inflated within the message limit.
-    fn inflate(&self, id: u32, data: &[u8]) -> Result<Bytes, Status> {
-        let encoding = self.streams.get(&id).map_or(Encoding::Identity, |s| s.encoding);
-        inflate(encoding, data, self.config.max_recv_message)
     }
 
     /// Health checks: answered by the engine itself.
@@ -1965,6 +1980,10 @@ fn cut_message(body: &mut BytesMut, len: usize) -> Bytes {
 /// A compressed request message, inflated within `max` bytes; a message
 /// flagged compressed without an encoding is refused.
 fn inflate(encoding: Encoding, data: &[u8], max: usize) -> Result<Bytes, Status> {
+    if data.is_empty() {
+        // An empty message is sent as is, compressed or not.
+        return Ok(Bytes::new());
+    }
     if encoding == Encoding::Identity {
         return Err(grpc::compressed());
     }
