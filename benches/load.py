@@ -3,8 +3,8 @@
 
 One command, standard library only:
 
-    python3 benches/load.py                 # full run (about 35 minutes)
-    python3 benches/load.py --quick         # CI: 16x10, static + match, 200 B (~1 minute)
+    python3 benches/load.py                 # full run (about 45 minutes)
+    python3 benches/load.py --quick         # CI: 16x10, static + match, 200 B, protocols (~1.5 minutes)
     python3 benches/load.py --soak 600      # memory growth of the engine alone
 
 The workloads are the methods of the bench service (benches/plan/: protos/
@@ -24,6 +24,16 @@ example (`--list-workloads` prints them):
 
 The tonic baseline (benches/baseline.rs) serves the same methods with the
 same bytes, hand-written, the templated reply built per call with format!.
+
+Protocol cells (`--protocols`; `--list-workloads` prints them) make the call
+of `hello` over the other protocols the engine serves on the same port, on
+the engine alone (tonic speaks gRPC only), against the engine's own gRPC
+cell of that call (`grpc`) in the same layout and repeat:
+
+    connect-proto     Connect unary over HTTP/2, application/proto (bare message)
+    connect-json      Connect unary over HTTP/2, application/json {"name":"Tom"}
+    grpc-web-proto    gRPC-Web over HTTP/2, application/grpc-web+proto
+    connect-proto-h1  Connect unary over HTTP/1.1 (h2load --h1, no pipelining)
 
 What a run does, following shared/guides/performance.md:
   1. builds the engine, the compiler, the baseline and the latency client in
@@ -55,20 +65,33 @@ What a run does, following shared/guides/performance.md:
      baseline alternately at the same rate, a fraction (`--latency-fractions`,
      default 50% and 90%) of the lower of the two servers' h2load
      throughput in that cell, or at `--latency-rate`; pinned like h2load;
-  7. after the timed runs, checks every workload again with nghttp and with
+  7. protocol cells: before timing, one call of each is checked (HTTP
+     status 200, the protocol's content type, the reply bytes or JSON
+     object, gRPC-Web's trailer frame with grpc-status 0; nghttp over
+     HTTP/2, http.client over HTTP/1.1); then on the engine, after an
+     untimed warm-up of each cell, per repeat the gRPC cell of `hello` and
+     every protocol cell in turn with h2load (--protocol-cell, default
+     16x10; HTTP/1.1 cells at --h1-cell, default 16x1), CPU per call
+     sampled as in 5; reported with ratios to the gRPC cell of the same
+     repeat;
+  8. after the timed runs, checks every workload again with nghttp and with
      a short burst of the latency client (every response checked), so a
      server that answered wrongly under load cannot go unnoticed (h2load
-     counts any HTTP 200 as a success, whatever grpc-status says);
-  8. prints a markdown report with medians, ranges and engine/baseline
-     ratios and writes it to benches/results/latest.md (raw runs in
-     latest.json).
+     counts any HTTP 200 as a success, whatever grpc-status says), and 500
+     calls of each protocol cell, every answer checked as in 7;
+  9. prints a markdown report with medians, ranges and engine/baseline
+     ratios (protocol cells: ratios to gRPC) and writes it to
+     benches/results/latest.md (raw runs in latest.json, the protocol
+     cells' under "protocols").
 
 --quick (for CI) runs the 16x10 cell only, match-200B and static-200B,
 one repeat of 3 s, and one 2-second latency run per server at 50%, in both
-layouts. `--soak SECONDS` starts the engine alone (--workers 2), drives it
-with h2load over the four 200-byte rule kinds for SECONDS, in runs of at
-most 60 s, samples its resident memory (VmRSS) every 10 s, and writes
-benches/results/soak.md (start, after warm-up, last, max, growth).
+layouts; the protocol cells, one repeat of 3 s each without the untimed
+warm-up runs, in the first layout only (--protocol-layouts overrides). `--soak SECONDS` starts the engine
+alone (--workers 2), drives it with h2load over the four 200-byte rule
+kinds for SECONDS, in runs of at most 60 s, samples its resident memory
+(VmRSS) every 10 s, and writes benches/results/soak.md (start, after
+warm-up, last, max, growth).
 
 Servers listen on 127.0.0.1 only, every h2load and latency run is bounded
 by its duration and a subprocess timeout, and every server started here is
@@ -81,6 +104,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import http.client
 import json
 import os
 import platform
@@ -291,6 +315,148 @@ def write_files(work: Path) -> dict[str, Files]:
         f.body.write_bytes(grpc_frame(wl.request))
         f.expected.write_bytes(wl.expected_body)
         out[key] = f
+    return out
+
+
+# --------------------------------------------------------------------------
+# Protocols: the same call over gRPC, Connect and gRPC-Web
+# --------------------------------------------------------------------------
+
+# The call every protocol cell makes: helloworld.Greeter/SayHello
+# {name: "Tom"}, answered "Hi Tom (from mock)" by a field-matched rule.
+PROTOCOL_WORKLOAD = "hello"
+HELLO_JSON_REQUEST = b'{"name":"Tom"}'
+HELLO_JSON_REPLY = {"message": "Hi Tom (from mock)"}
+
+
+@dataclass
+class ProtocolCell:
+    """One protocol's way of making the PROTOCOL_WORKLOAD call (engine
+    only: the tonic baseline speaks gRPC alone)."""
+
+    title: str
+    content_type: str
+    # How the request body is built from the workload's protobuf request.
+    encoding: str  # "grpc" (5-byte prefix), "raw" (the message) or "json"
+    headers: tuple[tuple[str, str], ...] = ()  # besides content-type
+    h1: bool = False
+
+    def body(self) -> bytes:
+        request = WORKLOADS[PROTOCOL_WORKLOAD].request
+        return {"grpc": grpc_frame(request), "raw": request, "json": HELLO_JSON_REQUEST}[self.encoding]
+
+    def header_args(self) -> list[str]:
+        """-H arguments for h2load and nghttp."""
+        out = ["-H", f"content-type: {self.content_type}"]
+        for name, value in self.headers:
+            out += ["-H", f"{name}: {value}"]
+        return out
+
+    def check_body(self, body: bytes) -> str | None:
+        """Why one response body is wrong, or None."""
+        reply = WORKLOADS[PROTOCOL_WORKLOAD].reply
+        assert reply is not None
+        if self.encoding == "raw":
+            return None if body == reply else f"expected exactly {reply!r}"
+        if self.encoding == "json":
+            try:
+                got = json.loads(body)
+            except ValueError:
+                return "not JSON"
+            return None if got == HELLO_JSON_REPLY else f"expected JSON {HELLO_JSON_REPLY}"
+        # gRPC-Web: the reply message, then the trailer frame (flag 0x80)
+        # with grpc-status 0, nothing else.
+        frames = []
+        pos = 0
+        while pos + 5 <= len(body):
+            n = int.from_bytes(body[pos + 1 : pos + 5], "big")
+            frames.append((body[pos], body[pos + 5 : pos + 5 + n]))
+            pos += 5 + n
+        if pos != len(body):
+            return "truncated gRPC-Web frame"
+        if len(frames) != 2 or frames[0] != (0, reply) or frames[1][0] != 0x80:
+            return f"expected a message frame {grpc_frame(reply)!r} and one trailer frame"
+        trailers = {}
+        for line in frames[1][1].decode(errors="replace").split("\r\n"):
+            name, sep, value = line.partition(":")
+            if sep:
+                trailers[name.strip().lower()] = value.strip()
+        if trailers.get("grpc-status") != "0":
+            return f"trailer frame without grpc-status 0: {frames[1][1]!r}"
+        return None
+
+    def check_bodies(self, data: bytes, count: int) -> str | None:
+        """Why `count` response bodies, as nghttp printed them one after
+        the other, are wrong, or None. Answers on concurrent streams may
+        interleave at DATA frames: gRPC-Web's are taken apart into their
+        frames (each sent in one DATA frame) and paired again."""
+        if self.encoding != "grpc":
+            one = data[: len(data) // count]
+            if len(data) != len(one) * count or data != one * count:
+                return f"the {count} answers differ ({len(data)} bytes in all)"
+            return self.check_body(one)
+        frames: list[bytes] = []
+        pos = 0
+        while pos + 5 <= len(data):
+            end = pos + 5 + int.from_bytes(data[pos + 1 : pos + 5], "big")
+            frames.append(data[pos:end])
+            pos = end
+        if pos != len(data):
+            return "truncated gRPC-Web frame"
+        messages = [f for f in frames if f[0] == 0]
+        trailers = [f for f in frames if f[0] == 0x80]
+        if len(messages) != count or len(trailers) != count or len(frames) != 2 * count:
+            return f"expected {count} message and {count} trailer frames, got {len(messages)} and {len(trailers)}"
+        for m, t in zip(messages, trailers):
+            why = self.check_body(m + t)
+            if why:
+                return why
+        return None
+
+
+PROTOCOLS = {
+    "grpc": ProtocolCell(
+        title="gRPC over HTTP/2, the reference (the workload `hello`)",
+        content_type="application/grpc",
+        encoding="grpc",
+        headers=(("te", "trailers"),),
+    ),
+    "connect-proto": ProtocolCell(
+        title="Connect unary over HTTP/2, `application/proto`: the body is the bare message",
+        content_type="application/proto",
+        encoding="raw",
+        headers=(("connect-protocol-version", "1"),),
+    ),
+    "connect-json": ProtocolCell(
+        title='Connect unary over HTTP/2, `application/json`: `{"name":"Tom"}`',
+        content_type="application/json",
+        encoding="json",
+        headers=(("connect-protocol-version", "1"),),
+    ),
+    "grpc-web-proto": ProtocolCell(
+        title="gRPC-Web over HTTP/2, `application/grpc-web+proto`: framed message, trailers in a 0x80 frame",
+        content_type="application/grpc-web+proto",
+        encoding="grpc",
+        headers=(("x-grpc-web", "1"),),
+    ),
+    "connect-proto-h1": ProtocolCell(
+        title="Connect unary over HTTP/1.1 (`h2load --h1`, no pipelining), `application/proto`",
+        content_type="application/proto",
+        encoding="raw",
+        headers=(("connect-protocol-version", "1"),),
+        h1=True,
+    ),
+}
+DEFAULT_PROTOCOLS = ["connect-proto", "connect-json", "grpc-web-proto", "connect-proto-h1"]
+PROTOCOL_BURST = 500
+
+
+def write_protocol_files(work: Path) -> dict[str, Path]:
+    """Each protocol cell's request body file."""
+    out = {}
+    for key, cell in PROTOCOLS.items():
+        out[key] = work / f"protocol-{key}.body.bin"
+        out[key].write_bytes(cell.body())
     return out
 
 
@@ -551,6 +717,73 @@ def check_servers(servers: dict[str, Server], keys: list[str], files: dict[str, 
     return notes
 
 
+def check_protocol(srv: Server, key: str, body_file: Path, count: int = 1) -> None:
+    """`count` calls of a protocol cell, every answer checked: HTTP status
+    200, the protocol's content type and the expected reply (exact bytes
+    for proto, the same JSON object for JSON, the message and a trailer
+    frame with grpc-status 0 for gRPC-Web). HTTP/2 with nghttp (`-m
+    count` on one connection), HTTP/1.1 with http.client (one keep-alive
+    connection); raises BenchError otherwise."""
+    cell = PROTOCOLS[key]
+    wl = WORKLOADS[PROTOCOL_WORKLOAD]
+    where = f"{srv.name}, {key}"
+    if cell.h1:
+        headers = {"content-type": cell.content_type, **dict(cell.headers)}
+        body = cell.body()
+        conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=15)
+        try:
+            for i in range(count):
+                conn.request("POST", wl.path, body=body, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+                ctype = (resp.getheader("content-type") or "").split(";")[0].strip().lower()
+                why = cell.check_body(data) if (resp.status, ctype) == (200, cell.content_type) else (
+                    f"expected HTTP 200 and content-type {cell.content_type}, got {resp.status} and {ctype!r}"
+                )  # fmt: skip
+                if why:
+                    raise BenchError(f"{where}: HTTP/1.1 call {i + 1} of {count}: {why}; got {data[:200]!r}")
+        except (OSError, http.client.HTTPException) as e:
+            raise BenchError(f"{where}: HTTP/1.1 call failed: {e!r}") from e
+        finally:
+            conn.close()
+        return
+    url = f"http://127.0.0.1:{srv.port}{wl.path}"
+    # nghttp asks for gzip unless told otherwise; h2load does not ask.
+    nargs = ["-d", str(body_file), *cell.header_args(), "-H", "accept-encoding: identity"]
+    if count > 1:
+        nargs += ["-m", str(count)]
+    out = subprocess.run(["nghttp", *nargs, url], capture_output=True, timeout=60)
+    if out.returncode != 0:
+        raise BenchError(f"{where}: nghttp failed ({out.returncode}): {out.stderr.decode(errors='replace')}")
+    why = cell.check_bodies(out.stdout, count)
+    if why:
+        raise BenchError(f"{where}: unexpected reply: {why}; got {out.stdout[:200]!r}")
+    out = subprocess.run(
+        ["nghttp", "-v", "-n", *nargs, url], capture_output=True, text=True, errors="replace", timeout=60
+    )
+    status = re.findall(r"recv \(stream_id=\d+\) :status: (\d+)", out.stdout)
+    ctypes = re.findall(r"recv \(stream_id=\d+\) content-type: (.*?)\s*$", out.stdout, re.M)
+    ctypes = [c.split(";")[0].strip().lower() for c in ctypes]
+    if status != ["200"] * count or ctypes != [cell.content_type] * count:
+        raise BenchError(
+            f"{where}: expected :status 200 and content-type {cell.content_type} on {count} answers, got "
+            f"statuses {sorted(set(status))} ({len(status)}) and content types {sorted(set(ctypes))} ({len(ctypes)})"
+        )
+
+
+def check_protocols(srv: Server, keys: list[str], pfiles: dict[str, Path], count: int = 1) -> str:
+    """Every protocol cell but the gRPC reference (checked as the workload
+    `hello`), `count` calls each; returns a note."""
+    for key in keys:
+        if key != "grpc":
+            check_protocol(srv, key, pfiles[key], count)
+    others = [k for k in keys if k != "grpc"]
+    return (
+        f"{srv.name}: {count} call(s) of each protocol cell ({', '.join(others)}) got HTTP 200, the protocol's "
+        "content type and the expected reply (nghttp over HTTP/2, http.client over HTTP/1.1)"
+    )
+
+
 # --------------------------------------------------------------------------
 # h2load
 # --------------------------------------------------------------------------
@@ -595,15 +828,19 @@ def h2load(
     duration: int,
     warmup: int,
     cpus: str | None,
+    headers: list[str] | None = None,
+    h1: bool = False,
 ) -> tuple[dict, str]:
     """One bounded h2load run over `paths` (requests spread over them, all
-    with the same body); returns parsed figures and the raw output."""
+    with the same body); returns parsed figures and the raw output.
+    `headers` are h2load arguments (`-H`, `name: value`, ...), gRPC's by
+    default; `h1` speaks HTTP/1.1 (`--h1`; then `streams` > 1 pipelines)."""
     cmd = (["taskset", "-c", cpus] if cpus else []) + [
         "h2load",
+        *(["--h1"] if h1 else []),
         *[f"http://127.0.0.1:{srv.port}{path}" for path in paths],
         "-d", str(body_file),
-        "-H", "content-type: application/grpc",
-        "-H", "te: trailers",
+        *(GRPC_HEADERS if headers is None else headers),
         "-c", str(conns),
         "-m", str(streams),
         "-t", "1",
@@ -814,8 +1051,9 @@ def fmt_ratio(v: float | None) -> str:
 
 
 def build_report(
-    meta: dict, runs: list[RunResult], lat: list[LatencyResult], notes: list[str], memory: list[str]
-) -> str:
+    meta: dict, runs: list[RunResult], lat: list[LatencyResult], notes: list[str], memory: list[str],
+    proto_runs: list[RunResult] | None = None,
+) -> str:  # fmt: skip
     lines = [
         "# End-to-end load bench: wirestub engine vs tonic baseline",
         "",
@@ -953,6 +1191,8 @@ def build_report(
                 + " | ".join(cols)
                 + " |"
             )
+    if proto_runs:
+        lines += protocol_report(meta, proto_runs)
     if memory:
         lines += ["", "Memory after the runs of each layout (VmRSS / peak VmHWM):", ""]
         lines += [f"- {m}" for m in memory]
@@ -960,6 +1200,66 @@ def build_report(
         lines += ["", "Notes:", ""]
         lines += [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
+
+
+def protocol_report(meta: dict, proto_runs: list[RunResult]) -> list[str]:
+    """The protocols section: each cell's figures, then its ratios to the
+    gRPC cell of the same layout and repeat."""
+    wl = WORKLOADS[PROTOCOL_WORKLOAD]
+    keys = []
+    for r in proto_runs:
+        if (r.layout, r.workload, r.cell) not in keys:
+            keys.append((r.layout, r.workload, r.cell))
+    lines = [
+        "",
+        "## Protocols: one call over gRPC, Connect and gRPC-Web (engine only)",
+        "",
+        f"The same call, `{wl.path}` {{name: \"Tom\"}} answered \"Hi Tom (from mock)\" by a field-matched rule "
+        "of the example, made over each protocol the engine serves on its port; the tonic baseline speaks gRPC "
+        "only, so these cells compare the engine with itself: *vs gRPC* is the cell's figure over the gRPC "
+        "cell's in the same layout and repeat (every repeat runs each cell in turn"
+        + (", after one untimed warm-up run of each" if meta.get("protocol_warmup_runs", True) else
+           "; no untimed warm-up runs in --quick, only h2load's `--warm-up-time`")  # fmt: skip
+        + "). h2load as above, with the protocol's `content-type` (and `te: trailers` for gRPC, "
+        "`connect-protocol-version: 1` for Connect, `x-grpc-web: 1` for gRPC-Web) and its request body; over "
+        "HTTP/1.1 (`--h1`) one request at a time per connection, no pipelining, so fewer calls in flight than "
+        "in the HTTP/2 cells (see c×m). h2load counts any 2xx as a "
+        "success: a Connect error has a 4xx/5xx status and counts as failed, a gRPC or gRPC-Web error does "
+        "not, so every cell's answer is checked before and after the timed runs (status, content type, reply "
+        f"bytes, grpc-status; {meta.get('protocol_burst', PROTOCOL_BURST)} calls each after).",
+        "",
+    ]
+    lines += [f"- `{key}`: {PROTOCOLS[key].title}" for key in meta.get("protocols", [])]
+    lines += [
+        "",
+        "| layout | protocol | c×m | req/s | CPU µs/req | lat mean | lat max |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
+    for layout, key, cell in keys:
+        rs = [r for r in proto_runs if (r.layout, r.workload, r.cell) == (layout, key, cell)]
+        flag = " ⚠" if any(r.failed or r.errored or r.timeout or r.succeeded != r.done for r in rs) else ""
+        lines.append(
+            f"| {layout} | {key}{flag} | {cell} "
+            f"| {spread([r.rps for r in rs], fmt_num)} "
+            f"| {spread([r.cpu_us_per_req for r in rs], lambda v: fmt_num(v, 2))} "
+            f"| {spread([r.lat_mean_us for r in rs], fmt_us)} "
+            f"| {spread([r.lat_max_us for r in rs], fmt_us)} |"
+        )
+    lines += [
+        "",
+        "| layout | protocol | c×m | CPU/req vs gRPC | req/s vs gRPC |",
+        "|---|---|---|---:|---:|",
+    ]
+    for layout, key, cell in keys:
+        if key == "grpc":
+            continue
+        ref = {r.repeat: r for r in proto_runs if (r.layout, r.workload) == (layout, "grpc")}
+        pairs = [(r, ref[r.repeat]) for r in proto_runs
+                 if (r.layout, r.workload, r.cell) == (layout, key, cell) and r.repeat in ref]  # fmt: skip
+        cpu = spread([ratio(r.cpu_us_per_req, g.cpu_us_per_req) for r, g in pairs], fmt_ratio)
+        rps = spread([ratio(r.rps, g.rps) for r, g in pairs], fmt_ratio)
+        lines.append(f"| {layout} | {key} | {cell} | {cpu} | {rps} |")
+    return lines
 
 
 # --------------------------------------------------------------------------
@@ -1027,6 +1327,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         f"(default {','.join(FULL_EXTRA)}; quick {','.join(QUICK_EXTRA)})",
     )
     p.add_argument("--extra-cell", default="16x10", help="CxM cell of the --extra workloads (default 16x10)")
+    p.add_argument(
+        "--protocols",
+        help="comma-separated protocol cells run on the engine against its gRPC cell of the same call "
+        f"(`{PROTOCOL_WORKLOAD}`), or `none` (default {','.join(DEFAULT_PROTOCOLS)})",
+    )
+    p.add_argument("--protocol-cell", default="16x10", help="CxM cell of the HTTP/2 protocol cells (default 16x10)")
+    p.add_argument(
+        "--h1-cell", default="16x1",
+        help="CxM cell of the HTTP/1.1 protocol cells; M > 1 pipelines (default 16x1)",
+    )  # fmt: skip
+    p.add_argument(
+        "--protocol-layouts",
+        help="layouts the protocol cells run in (default every layout run; quick: the first one)",
+    )
     p.add_argument("--latency-fractions", help="latency runs at these fractions of the lower h2load req/s "
                    "(default 0.5,0.9; quick 0.5)")  # fmt: skip
     p.add_argument("--latency-rate", type=float, help="one fixed latency rate in req/s instead of fractions")
@@ -1082,6 +1396,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         if key not in WORKLOADS:
             p.error(f"unknown workload {key!r} in --extra (known: {', '.join(WORKLOADS)})")
     args.extra = [k for k in args.extra if k != args.workload]
+    if args.protocols is None:
+        args.protocols = list(DEFAULT_PROTOCOLS)
+    elif args.protocols.strip().lower() == "none":
+        args.protocols = []
+    else:
+        args.protocols = [x.strip() for x in args.protocols.split(",") if x.strip() and x.strip() != "grpc"]
+    for key in args.protocols:
+        if key not in PROTOCOLS:
+            p.error(f"unknown protocol cell {key!r} in --protocols (known: {', '.join(DEFAULT_PROTOCOLS)})")
+    args.protocol_cell = parse_cell(args.protocol_cell)
+    args.h1_cell = parse_cell(args.h1_cell)
     if args.latency_fractions is None:
         args.latency_fractions = [0.5] if args.quick else [0.5, 0.9]
     else:
@@ -1098,7 +1423,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             p.error(f"unknown layout {layout!r}")
     if args.duration <= 0 or args.warmup < 0 or args.repeats < 1:
         p.error("--duration must be positive, --warmup not negative, --repeats at least 1")
-    if any(c < 1 or m < 1 for c, m in [*args.cells, args.extra_cell]):
+    if args.protocol_layouts is not None:
+        args.protocol_layouts = [x.strip() for x in args.protocol_layouts.split(",") if x.strip()]
+        for layout in args.protocol_layouts:
+            if layout not in args.layouts:
+                p.error(f"--protocol-layouts: {layout!r} is not in --layouts")
+    if any(c < 1 or m < 1 for c, m in [*args.cells, args.extra_cell, args.protocol_cell, args.h1_cell]):
         p.error("cells need at least 1 connection and 1 stream")
     bad_rate = args.latency_rate is not None and args.latency_rate <= 0
     if not all(0 < f <= 1.5 for f in args.latency_fractions) or bad_rate:
@@ -1216,6 +1546,67 @@ def timed_h2load(
                 )
 
 
+def timed_protocols(
+    layout: str, srv: Server, pfiles: dict[str, Path], args: argparse.Namespace,
+    loader_cpus: str | None, proto_runs: list[RunResult], notes: list[str],
+) -> None:  # fmt: skip
+    """The protocol cells on the engine: the gRPC reference and each of
+    --protocols, the same call, an untimed warm-up each, then per repeat
+    every cell in turn (so each repeat has its own gRPC reference).
+    --quick skips the untimed warm-up runs (h2load's --warm-up-time stays)."""
+    keys = ["grpc", *args.protocols]
+    path = WORKLOADS[PROTOCOL_WORKLOAD].path
+
+    def shape(key: str) -> tuple[int, int]:
+        return args.h1_cell if PROTOCOLS[key].h1 else args.protocol_cell
+
+    def once(key: str, duration: int, warmup: int) -> tuple[dict, str]:
+        conns, streams = shape(key)
+        cell = PROTOCOLS[key]
+        return h2load(
+            srv, [path], pfiles[key], conns, streams, duration, warmup, loader_cpus,
+            headers=cell.header_args(), h1=cell.h1,
+        )  # fmt: skip
+
+    if not args.quick:  # --quick: h2load's own --warm-up-time only, to stay short
+        for key in keys:
+            say(f"{layout} protocol {key} warm-up")
+            once(key, max(1, args.duration // 3), 0)
+    for rep in range(args.repeats):
+        ref = None
+        for key in keys:
+            conns, streams = shape(key)
+            cell = f"{conns}×{streams}"
+            fig, output = once(key, args.duration, args.warmup)
+            if not srv.alive():
+                raise BenchError(f"{srv.name} died during the {key} run:\n{srv.log_tail()}")
+            if fig["succeeded"] == 0:
+                raise BenchError(f"{srv.name}: no request succeeded for protocol {key} at {cell}:\n{output[-2000:]}")
+            res = RunResult(
+                layout=layout, workload=key, cell=cell, server=srv.name, repeat=rep,
+                rps=fig["rps"], done=fig["done"], succeeded=fig["succeeded"],
+                failed=fig["failed"], errored=fig["errored"], timeout=fig["timeout"],
+                cpu_s=fig["cpu_s"],
+                cpu_us_per_req=fig["cpu_s"] * 1e6 / fig["succeeded"],
+                lat_mean_us=fig["lat_mean_us"], lat_max_us=fig["lat_max_us"],
+                window_s=fig["window_s"],
+            )  # fmt: skip
+            proto_runs.append(res)
+            if key == "grpc":
+                ref = res
+            vs = ratio(res.cpu_us_per_req, ref.cpu_us_per_req if ref else None)
+            say(
+                f"{layout} protocol {key:16} {cell:6} #{rep + 1}: {res.rps:>10,.0f} req/s, "
+                f"{res.cpu_us_per_req:6.2f} µs CPU/req ({fmt_ratio(vs)} gRPC), lat mean {fmt_us(res.lat_mean_us)}, "
+                f"max {fmt_us(res.lat_max_us)}, {res.succeeded} ok, {res.failed + res.errored + res.timeout} bad"
+            )
+            if res.failed or res.errored or res.timeout:
+                notes.append(
+                    f"{layout} protocol {key} {cell} #{rep + 1}: h2load counted {res.failed} failed, "
+                    f"{res.errored} errored, {res.timeout} timed-out requests"
+                )
+
+
 def timed_latency(
     layout: str, key: str, servers: dict[str, Server], files: dict[str, Files],
     conns: int, streams: int, args: argparse.Namespace, bins: Binaries, loader_cpus: str | None,
@@ -1287,7 +1678,14 @@ def bench(args: argparse.Namespace, argv: list[str]) -> int:
     try:
         plan = compile_plan(bins, work)
         files = write_files(work)
+        pfiles = write_protocol_files(work)
         checked = list(WORKLOADS)
+        if args.protocol_layouts is not None:
+            proto_layouts = [x for x in args.protocol_layouts if x in layouts]
+        else:
+            proto_layouts = layouts[:1] if args.quick else list(layouts)
+        if not args.protocols:
+            proto_layouts = []
         for key in [args.workload, *args.extra]:
             say(f"{key}: {WORKLOADS[key].path}, request body {len(grpc_frame(WORKLOADS[key].request))} bytes")
 
@@ -1304,8 +1702,15 @@ def bench(args: argparse.Namespace, argv: list[str]) -> int:
             engine_cmd=" ".join(["engine", "run", "PLAN", "--workers", "N", *args.engine_arg]),
             workload=args.workload,
             extra=args.extra,
+            protocols=["grpc", *args.protocols] if proto_layouts else [],
+            protocol_layouts=proto_layouts,
+            protocol_cell="x".join(map(str, args.protocol_cell)),
+            h1_cell="x".join(map(str, args.h1_cell)),
+            protocol_burst=PROTOCOL_BURST,
+            protocol_warmup_runs=not args.quick,
         )
         runs: list[RunResult] = []
+        proto_runs: list[RunResult] = []
         lat: list[LatencyResult] = []
         memory: list[str] = []
         for layout in layouts:
@@ -1325,11 +1730,19 @@ def bench(args: argparse.Namespace, argv: list[str]) -> int:
                 say(note)
                 if note not in notes:
                     notes.append(note)
+            with_protocols = layout in proto_layouts
+            if with_protocols:
+                note = check_protocols(servers["engine"], ["grpc", *args.protocols], pfiles)
+                say(note)
+                if note not in notes:
+                    notes.append(note)
             for conns, streams in args.cells:
                 timed_h2load(layout, args.workload, servers, files, conns, streams, args, loader_cpus, runs, notes)
             for key in args.extra:
                 conns, streams = args.extra_cell
                 timed_h2load(layout, key, servers, files, conns, streams, args, loader_cpus, runs, notes)
+            if with_protocols:
+                timed_protocols(layout, servers["engine"], pfiles, args, loader_cpus, proto_runs, notes)
             if not args.no_latency:
                 for conns, streams in args.cells:
                     timed_latency(
@@ -1343,6 +1756,9 @@ def bench(args: argparse.Namespace, argv: list[str]) -> int:
                     check_nghttp(srv, key, files[key])
                 for key in [args.workload, *args.extra]:
                     burst_check(bins.latency, srv, key, files[key], loader_cpus)
+                if with_protocols and name == "engine":
+                    burst_check(bins.latency, srv, PROTOCOL_WORKLOAD, files[PROTOCOL_WORKLOAD], loader_cpus)
+                    check_protocols(srv, ["grpc", *args.protocols], pfiles, PROTOCOL_BURST)
                 mem = srv.memory_kib()
                 if mem:
                     memory.append(
@@ -1353,14 +1769,26 @@ def bench(args: argparse.Namespace, argv: list[str]) -> int:
                 f"{layout}: after the timed runs, both servers still answered every workload correctly "
                 "(nghttp), and every response of a 2,000-call burst of each timed workload (latency client)"
             )
+            if with_protocols:
+                notes.append(
+                    f"{layout}: after the timed runs, the engine answered {PROTOCOL_BURST} calls of each protocol "
+                    f"cell ({', '.join(args.protocols)}) correctly, and a 2,000-call gRPC burst of "
+                    f"`{PROTOCOL_WORKLOAD}` (latency client)"
+                )
 
-        report = build_report(meta, runs, lat, notes, memory)
+        report = build_report(meta, runs, lat, notes, memory, proto_runs)
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(report)
         out.with_suffix(".json").write_text(
             json.dumps(
-                {"meta": meta, "runs": [asdict(r) for r in runs], "latency": [asdict(r) for r in lat]}, indent=1
+                {
+                    "meta": meta,
+                    "runs": [asdict(r) for r in runs],
+                    "latency": [asdict(r) for r in lat],
+                    "protocols": [asdict(r) for r in proto_runs],
+                },
+                indent=1,
             )
             + "\n"
         )
@@ -1601,6 +2029,9 @@ def main(argv: list[str]) -> int:
     if args.list_workloads:
         for key, wl in WORKLOADS.items():
             print(f"{key:15} {wl.path:32} {wl.title}")
+        print(f"\nprotocol cells (--protocols), engine only, the call of `{PROTOCOL_WORKLOAD}`:")
+        for key, cell in PROTOCOLS.items():
+            print(f"{key:16} {cell.content_type:27} {cell.title}")
         return 0
     if args.soak is not None:
         return soak(args, argv)

@@ -1,21 +1,24 @@
 //! A call, driven from its request messages to its end, whatever carries
 //! it: rule selection, delays, injected faults, streamed answers with
 //! their pacing, duplex calls and the deadline. The transport and the
-//! protocol stand behind two traits: [`Inbound`] gives the request
+//! protocol stand behind three traits: [`Inbound`] gives the request
 //! messages (unframed protobuf), [`Outbound`] takes the answer in call
-//! terms (initial metadata, messages, the end) and frames it.
+//! terms (initial metadata, messages, the end) and frames it, [`Report`]
+//! takes what observers want to know (the rule, the status).
 //!
-//! The engine's own HTTP/2 stack answers the common unary call without
-//! this (from the read buffer, in the frame that completes it) and runs
-//! its tasks on its streams; every other transport runs this.
+//! Every transport runs its calls here: HTTP/1.1 and `h2` whole calls
+//! ([`run`]); the engine's own HTTP/2 stack, which picks the rule itself
+//! as the request arrives and answers the common unary call from the read
+//! buffer, hands its delayed and streamed answers to [`respond`] and its
+//! duplex calls to [`duplex`].
 
-use super::matcher::{Messages, Metadata};
+use super::matcher::{Closest, Messages, Metadata};
 use super::{deadline_exceeded, fault_fires, pick_explained, prepare_fault, sleep_until, Answer, Schedule};
-use crate::observe::record::CallRecord;
 use crate::protocol::grpc::{Code, Status};
 use crate::served::{status_answer, Prepared, ServedMethod};
 use bytes::Bytes;
 use std::future::Future;
+use std::time::Duration;
 use tokio::time::Instant;
 use wirestub_plan::MethodKind;
 
@@ -34,8 +37,8 @@ pub trait Outbound {
     /// The response headers: `p`'s initial metadata.
     fn head(&mut self, p: &Prepared);
     /// Resolves once a message of `len` bytes may be sent (the client
-    /// takes what was sent before); Gone when the client has left.
-    fn ready(&mut self, len: usize) -> impl Future<Output = Result<(), Gone>>;
+    /// takes what was sent before); or why it cannot be.
+    fn ready(&mut self, len: usize) -> impl Future<Output = Result<(), Halt>>;
     /// One response message, gRPC-framed.
     fn message(&mut self, framed: Bytes);
     /// Ends the call with `p`'s status and trailing metadata (a response
@@ -45,9 +48,37 @@ pub trait Outbound {
     fn abort(&mut self);
 }
 
+/// What observers learn of a call as it runs.
+pub trait Report {
+    /// Whether the closest rule of an unmatched call is wanted.
+    fn explain(&self) -> bool;
+    /// A request message arrived.
+    fn message(&mut self, m: &[u8]);
+    /// The rule that answered (None: no rule matched).
+    fn rule(&mut self, rule: Option<u32>, closest: Option<Closest>);
+    /// The status the call ends with.
+    fn status(&mut self, code: u8, message: &str);
+}
+
 /// The client has left: nothing more can be sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Gone;
+
+/// Why an answer cannot go on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Halt {
+    /// The client has left.
+    Gone,
+    /// The call ends with this status (the answer waiting for the client
+    /// would take the bytes held past their budget).
+    Status(Status),
+}
+
+impl From<Gone> for Halt {
+    fn from(_: Gone) -> Self {
+        Halt::Gone
+    }
+}
 
 /// How a call stopped before its natural end.
 enum Stop<'m> {
@@ -56,9 +87,12 @@ enum Stop<'m> {
     Gone,
 }
 
-impl From<Gone> for Stop<'_> {
-    fn from(_: Gone) -> Self {
-        Stop::Gone
+impl From<Halt> for Stop<'_> {
+    fn from(h: Halt) -> Self {
+        match h {
+            Halt::Gone => Stop::Gone,
+            Halt::Status(s) => Stop::Status(s),
+        }
     }
 }
 
@@ -69,7 +103,7 @@ impl From<Status> for Stop<'_> {
 }
 
 /// What the call needs besides its messages.
-pub struct Call<'m, 'r, M: Metadata + ?Sized> {
+pub struct Call<'m, 'r, M: Metadata + ?Sized, R: Report> {
     pub method: &'m ServedMethod,
     /// The request metadata rules read.
     pub metadata: &'m M,
@@ -78,58 +112,95 @@ pub struct Call<'m, 'r, M: Metadata + ?Sized> {
     pub ok: &'m Prepared,
     /// The client speaks the JSON codec: answers go out transcoded.
     pub json: bool,
-    pub record: &'r mut CallRecord<'m>,
+    pub record: &'r mut R,
 }
 
-/// Runs one call to its end.
-pub async fn run<M, I, O>(call: Call<'_, '_, M>, input: &mut I, out: &mut O)
+/// Runs one call to its end: reads the request, picks the answer, sends it.
+pub async fn run<M, I, O, R>(call: Call<'_, '_, M, R>, input: &mut I, out: &mut O)
 where
     M: Metadata + ?Sized,
     I: Inbound,
     O: Outbound,
+    R: Report,
 {
     let Call { method, metadata, deadline, ok, json, record } = call;
-    let work = async {
-        if method.plan.duplex {
-            return duplex(method, metadata, ok, json, input, out, record).await;
+    if method.plan.duplex {
+        return duplex(Call { method, metadata, deadline, ok, json, record }, input, out).await;
+    }
+    let picked = tokio::select! {
+        r = pick(method, metadata, input, &mut *record) => r,
+        _ = sleep_until(deadline) => Err(deadline_exceeded().into()),
+    };
+    match picked {
+        Ok(answer) => {
+            record.rule(answer.rule, answer.closest);
+            let delay = answer.prepared.draw_delay();
+            respond(answer, delay, deadline, method, json, out, record).await
         }
-        let answer = match method.plan.kind {
-            MethodKind::Unary | MethodKind::ServerStreaming => {
-                let Some(m) = input.next().await? else {
-                    return Err(Status::new(Code::Unimplemented, "unary method received no request message").into());
-                };
+        Err(stop) => finish(Err(stop), out, record),
+    }
+}
+
+/// Reads a unary or client-streaming request and picks its answer.
+async fn pick<'m, M, I, R>(
+    method: &'m ServedMethod,
+    metadata: &M,
+    input: &mut I,
+    record: &mut R,
+) -> Result<Answer<'m>, Stop<'m>>
+where
+    M: Metadata + ?Sized,
+    I: Inbound,
+    R: Report,
+{
+    match method.plan.kind {
+        MethodKind::Unary | MethodKind::ServerStreaming => {
+            let Some(m) = input.next().await? else {
+                return Err(Status::new(Code::Unimplemented, "unary method received no request message").into());
+            };
+            record.message(&m);
+            if input.next().await?.is_some() {
+                let more = "unary method received more than one request message";
+                return Err(Status::new(Code::Unimplemented, more).into());
+            }
+            let one = [&m[..]];
+            Ok(pick_explained(method, &Messages::one(&one), metadata, record.explain())?)
+        }
+        MethodKind::ClientStreaming | MethodKind::BidiStreaming => {
+            let mut head: Vec<Bytes> = Vec::new();
+            let mut last: Option<Bytes> = None;
+            let mut count = 0usize;
+            while let Some(m) = input.next().await? {
+                count += 1;
                 record.message(&m);
-                if input.next().await?.is_some() {
-                    return Err(Status::new(
-                        Code::Unimplemented,
-                        "unary method received more than one request message",
-                    )
-                    .into());
+                if head.len() < method.keep {
+                    head.push(m);
+                } else {
+                    last = Some(m);
                 }
-                let one = [&m[..]];
-                pick_explained(method, &Messages::one(&one), metadata, record.explain())?
             }
-            MethodKind::ClientStreaming | MethodKind::BidiStreaming => {
-                let mut head: Vec<Bytes> = Vec::new();
-                let mut last: Option<Bytes> = None;
-                let mut count = 0usize;
-                while let Some(m) = input.next().await? {
-                    count += 1;
-                    record.message(&m);
-                    if head.len() < method.keep {
-                        head.push(m);
-                    } else {
-                        last = Some(m);
-                    }
-                }
-                let refs: Vec<&[u8]> = head.iter().map(|b| &b[..]).collect();
-                let last = last.as_deref().or(refs.last().copied());
-                pick_explained(method, &Messages { head: &refs, last, count }, metadata, record.explain())?
-            }
-        };
-        record.rule(answer.rule, answer.closest);
-        let prepared = answer.prepared;
-        let delay = prepared.draw_delay();
+            let refs: Vec<&[u8]> = head.iter().map(|b| &b[..]).collect();
+            let last = last.as_deref().or(refs.last().copied());
+            let messages = Messages { head: &refs, last, count };
+            Ok(pick_explained(method, &messages, metadata, record.explain())?)
+        }
+    }
+}
+
+/// Sends a chosen answer: waits out its delay, fires its fault, streams
+/// its messages as the client takes them, and ends the call, all under
+/// the deadline.
+pub async fn respond<O: Outbound, R: Report>(
+    answer: Answer<'_>,
+    delay: Duration,
+    deadline: Option<Instant>,
+    method: &ServedMethod,
+    json: bool,
+    out: &mut O,
+    record: &mut R,
+) {
+    let prepared = answer.prepared;
+    let work = async {
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }
@@ -138,40 +209,37 @@ where
             return Err(deadline_exceeded().into());
         }
         if let Some(fault) = fault_fires(prepared) {
-            if fault.drop {
-                return Ok(Some(Fault::Drop));
-            }
-            return Ok(Some(Fault::Status(Box::new(prepare_fault(fault)))));
+            return Ok(Some(fault));
         }
         if prepared.status != 0 && prepared.stream.is_empty() {
             return Err(Stop::Rule(prepared));
         }
         out.head(prepared);
         send_items(&answer, method, json, out).await?;
-        if prepared.status != 0 {
-            return Err(Stop::Rule(prepared));
-        }
-        record.status(0, "");
-        out.end(prepared);
-        Ok(None)
+        Err(Stop::Rule(prepared))
     };
     let result = tokio::select! {
         r = work => r,
         _ = sleep_until(deadline) => Err(deadline_exceeded().into()),
     };
+    match result {
+        Ok(Some(fault)) if fault.drop => {
+            record.status(Code::Internal as u8, "stream reset by an injected fault");
+            out.abort();
+        }
+        Ok(Some(fault)) => finish(Err(Stop::Rule(&prepare_fault(fault))), out, record),
+        Ok(None) => {}
+        Err(stop) => finish(Err(stop), out, record),
+    }
+}
+
+/// Ends a call as `result` says (a rule's status, OK included, or the
+/// engine's); nothing for a client that has left.
+fn finish<O: Outbound, R: Report>(result: Result<(), Stop<'_>>, out: &mut O, record: &mut R) {
     let owned;
     let end = match result {
-        Ok(None) => return,
-        Ok(Some(Fault::Drop)) => {
-            record.status(Code::Internal as u8, "stream reset by an injected fault");
-            return out.abort();
-        }
-        Ok(Some(Fault::Status(p))) => {
-            owned = *p;
-            &owned
-        }
+        Ok(()) | Err(Stop::Gone) => return,
         Err(Stop::Rule(p)) => p,
-        Err(Stop::Gone) => return,
         Err(Stop::Status(s)) => {
             owned = status_answer(&s);
             &owned
@@ -181,12 +249,6 @@ where
     out.end(end);
 }
 
-/// An injected fault that fired.
-enum Fault {
-    Drop,
-    Status(Box<Prepared>),
-}
-
 /// Sends an answer's messages, each once the client takes the previous
 /// ones, pausing between them as the rule says.
 async fn send_items<O: Outbound>(
@@ -194,7 +256,7 @@ async fn send_items<O: Outbound>(
     method: &ServedMethod,
     json: bool,
     out: &mut O,
-) -> Result<(), Gone> {
+) -> Result<(), Halt> {
     let prepared = answer.prepared;
     if prepared.stream.is_empty() && prepared.status != 0 {
         return Ok(());
@@ -221,49 +283,50 @@ async fn send_items<O: Outbound>(
     Ok(())
 }
 
-/// A duplex call: each request message answered as it comes; OK once the
-/// client finishes, or a rule's error status.
-async fn duplex<'m, M, I, O>(
-    method: &'m ServedMethod,
-    metadata: &M,
-    ok: &'m Prepared,
-    json: bool,
-    input: &mut I,
-    out: &mut O,
-    record: &mut CallRecord<'_>,
-) -> Result<Option<Fault>, Stop<'m>>
+/// A duplex call: each request message answered as it comes, by the rule
+/// that matches it; OK once the client finishes, or a rule's error status.
+pub async fn duplex<M, I, O, R>(call: Call<'_, '_, M, R>, input: &mut I, out: &mut O)
 where
     M: Metadata + ?Sized,
     I: Inbound,
     O: Outbound,
+    R: Report,
 {
-    let mut head_sent = false;
-    while let Some(m) = input.next().await? {
-        record.message(&m);
-        let one = [&m[..]];
-        let answer = pick_explained(method, &Messages::one(&one), metadata, record.explain())?;
-        record.rule(answer.rule, answer.closest);
-        let prepared = answer.prepared;
-        let delay = prepared.draw_delay();
-        if !delay.is_zero() {
-            tokio::time::sleep(delay).await;
+    let Call { method, metadata, deadline, ok, json, record } = call;
+    let work = async {
+        let mut head_sent = false;
+        while let Some(m) = input.next().await? {
+            record.message(&m);
+            let one = [&m[..]];
+            let answer = pick_explained(method, &Messages::one(&one), metadata, record.explain())?;
+            record.rule(answer.rule, answer.closest);
+            let prepared = answer.prepared;
+            let delay = prepared.draw_delay();
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            if prepared.status != 0 && prepared.error_after == 0 {
+                return Err(Stop::Rule(prepared));
+            }
+            if !head_sent {
+                out.head(prepared);
+                head_sent = true;
+            }
+            send_items(&answer, method, json, out).await?;
+            if prepared.status != 0 {
+                return Err(Stop::Rule(prepared));
+            }
         }
-        if prepared.status != 0 && prepared.error_after == 0 {
-            return Err(Stop::Rule(prepared));
-        }
-        if !head_sent {
-            out.head(prepared);
-            head_sent = true;
-        }
-        send_items(&answer, method, json, out).await?;
-        if prepared.status != 0 {
-            return Err(Stop::Rule(prepared));
-        }
-    }
-    Err(Stop::Rule(ok))
+        Err(Stop::Rule(ok))
+    };
+    let result: Result<(), Stop<'_>> = tokio::select! {
+        r = work => r,
+        _ = sleep_until(deadline) => Err(deadline_exceeded().into()),
+    };
+    finish(result, out, &mut *record);
 }
 
 /// A prepared response's `grpc-message`, as sent (percent-encoded).
-fn message_of(p: &Prepared) -> &str {
+pub fn message_of(p: &Prepared) -> &str {
     p.trailers.get("grpc-message").and_then(|v| v.to_str().ok()).unwrap_or("")
 }

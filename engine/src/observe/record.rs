@@ -4,6 +4,7 @@
 //! driven by [`crate::call::drive`]; the engine's own HTTP/2 stack keeps
 //! the same data on its streams.
 
+use crate::call::drive::Report;
 use crate::call::matcher::Closest;
 use crate::observe::journal::{Entry, Journal, RequestMessages};
 use crate::observe::metrics::WorkerStats;
@@ -78,21 +79,23 @@ impl<'a> CallRecord<'a> {
             }),
         }
     }
+}
 
+impl Report for CallRecord<'_> {
     /// Whether the journal wants the closest rule of an unmatched call.
-    pub fn explain(&self) -> bool {
+    fn explain(&self) -> bool {
         self.journal.is_some()
     }
 
     /// A request message arrived (kept for the journal, within its limits).
-    pub fn message(&mut self, m: &[u8]) {
+    fn message(&mut self, m: &[u8]) {
         if let Some(j) = &mut self.journal {
             j.messages.push(m);
         }
     }
 
     /// The rule that answered (None: no rule matched).
-    pub fn rule(&mut self, rule: Option<u32>, closest: Option<Closest>) {
+    fn rule(&mut self, rule: Option<u32>, closest: Option<Closest>) {
         if let Some(s) = &self.stats {
             s.rule(self.method, rule);
         }
@@ -102,8 +105,8 @@ impl<'a> CallRecord<'a> {
         }
     }
 
-    /// The status the call ends with (the first one set counts).
-    pub fn status(&mut self, code: u8, message: &str) {
+    /// The status the call ends with.
+    fn status(&mut self, code: u8, message: &str) {
         self.code = code;
         self.message = percent_decode(message);
     }

@@ -6,7 +6,7 @@
 
 use super::compression::{compress, compress_framed, Encoding};
 use super::{connect, stream_end, stream_head, without_messages, Dialect, Head, Protocol, Response};
-use crate::call::drive::{Gone, Outbound};
+use crate::call::drive::{Gone, Halt, Outbound};
 use crate::served::Prepared;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue};
@@ -115,13 +115,13 @@ impl<S: Sink> Outbound for Responder<S> {
         self.head_sent = true;
     }
 
-    async fn ready(&mut self, len: usize) -> Result<(), Gone> {
+    async fn ready(&mut self, len: usize) -> Result<(), Halt> {
         if self.deferred.is_some() {
             // Connect unary: the message waits for the end, whatever the
             // window.
             return Ok(());
         }
-        self.sink.ready(len).await
+        Ok(self.sink.ready(len).await?)
     }
 
     fn message(&mut self, framed: Bytes) {

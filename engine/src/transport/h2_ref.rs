@@ -6,7 +6,7 @@
 //! Abuse resistance here is h2's own guards, set explicitly below.
 
 use crate::budget::{Held, H2_CALL_COST};
-use crate::call::drive::{self, Call, Gone, Inbound, Outbound};
+use crate::call::drive::{self, Call, Gone, Inbound, Outbound, Report};
 use crate::call::{deadline_exceeded, sleep_until};
 use crate::config::Config;
 use crate::observe::record::CallRecord;

@@ -135,11 +135,33 @@ async fn handle(req: Request<Incoming>, ctx: Rc<Ctx>) -> Response<CallBody> {
     if req.method() == Method::OPTIONS {
         return preflight(&req, &ctx.config, origin.as_ref());
     }
-    let mut r = call(req, &ctx).await;
+    let mut r = match transfer_coding_refused(&req) {
+        Some(r) => r,
+        None => call(req, &ctx).await,
+    };
     if let Some(origin) = origin {
         cors::decorate(&ctx.config.cors_origins, origin.as_bytes(), r.headers_mut());
     }
     r
+}
+
+/// A request body in a transfer coding other than chunked alone (RFC 9112
+/// §6.1: such a body cannot be read, so the connection cannot go on):
+/// 501, and the connection closes.
+fn transfer_coding_refused(req: &Request<Incoming>) -> Option<Response<CallBody>> {
+    let te = req.headers().get_all(http::header::TRANSFER_ENCODING);
+    let mut codings = te.iter().flat_map(|v| v.as_bytes().split(|&b| b == b',')).map(<[u8]>::trim_ascii);
+    let only_chunked = match (codings.next(), codings.next()) {
+        (None, _) => true,
+        (Some(c), None) => c.eq_ignore_ascii_case(b"chunked"),
+        _ => false,
+    };
+    if only_chunked {
+        return None;
+    }
+    let mut r = plain(StatusCode::NOT_IMPLEMENTED);
+    r.headers_mut().insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+    Some(r)
 }
 
 /// The answer to `OPTIONS`: a CORS preflight, or the methods served.
@@ -479,7 +501,9 @@ impl Chunks for Incoming1 {
                     self.done.set(true);
                     return Ok(None);
                 }
-                Some(Err(e)) => return Err(Status::new(Code::Canceled, format!("request body failed: {e}"))),
+                Some(Err(e)) => {
+                    return Err(Status::new(Code::InvalidArgument, format!("request body is malformed: {e}")))
+                }
                 Some(Ok(f)) => {
                     if let Ok(d) = f.into_data() {
                         if !d.is_empty() {

@@ -18,9 +18,10 @@
 use super::frame::{self, code, flag, kind, Head};
 use super::request::{ContentType, RequestHead};
 use crate::budget::{Reported, CALL_COST};
+use crate::call::drive;
 use crate::call::matcher::Closest;
 use crate::call::matcher::Messages;
-use crate::call::{self, Answer, Schedule};
+use crate::call::{self, Answer};
 use crate::codec::hpack::Decoder;
 use crate::config::Config;
 use crate::observe::journal::Entry;
@@ -62,9 +63,6 @@ const OUT_HIGH: usize = 256 << 10;
 /// worker (fairness: a connection whose client reads as fast as the engine
 /// writes would otherwise keep the worker to itself).
 const MAX_ROUNDS: u32 = 16;
-/// Messages a streaming task sends before it yields to the rest of its
-/// connection (fairness between the streams of one connection).
-const ITEMS_PER_TURN: u64 = 64;
 /// What a message waiting in a duplex call's queue counts for besides its
 /// bytes (its place in the queue), so that empty messages cannot queue
 /// without bound: the queue is held to a stream window of these.
@@ -915,16 +913,20 @@ impl<'s> Conn<'s> {
     /// Notes the rule that answered (or that none did) for metrics and
     /// the journal.
     fn note_rule(&mut self, id: u32, answer: &Answer<'s>) {
+        self.note_rule_parts(id, answer.rule, answer.closest)
+    }
+
+    fn note_rule_parts(&mut self, id: u32, rule: Option<u32>, closest: Option<Closest>) {
         let Some(s) = self.streams.get_mut(&id) else { return };
         if s.method.builtin.is_some() {
             return;
         }
         if let Some(g) = s.generation.filter(|_| self.config.metrics) {
-            g.stats.worker(self.worker).rule(s.method.position, answer.rule);
+            g.stats.worker(self.worker).rule(s.method.position, rule);
         }
         if let Some(rec) = &mut s.rec {
-            rec.rule = answer.rule;
-            rec.closest = answer.closest;
+            rec.rule = rule;
+            rec.closest = closest;
         }
     }
 
@@ -1980,12 +1982,12 @@ fn cut_message(body: &mut BytesMut, len: usize) -> Bytes {
 /// A compressed request message, inflated within `max` bytes; a message
 /// flagged compressed without an encoding is refused.
 fn inflate(encoding: Encoding, data: &[u8], max: usize) -> Result<Bytes, Status> {
+    if encoding == Encoding::Identity {
+        return Err(grpc::compressed());
+    }
     if data.is_empty() {
         // An empty message is sent as is, compressed or not.
         return Ok(Bytes::new());
-    }
-    if encoding == Encoding::Identity {
-        return Err(grpc::compressed());
     }
     compression::decompress(encoding, data, max).map_err(|e| match e {
         compression::Inflated::TooLarge { limit } => Status::new(
@@ -2076,30 +2078,26 @@ type Shared<'s> = Rc<RefCell<Conn<'s>>>;
 type Task<'s> = Pin<Box<dyn Future<Output = ()> + 's>>;
 
 /// Why a task stops sending early.
-enum Stop<'m> {
+enum Stop {
     Status(Status),
-    Rule(&'m Prepared),
     /// The stream is gone (reset by the client, or the connection ends).
     Gone,
 }
 
-impl From<Status> for Stop<'_> {
+impl From<Status> for Stop {
     fn from(s: Status) -> Self {
         Stop::Status(s)
     }
 }
 
 /// A task's handle on its stream.
+#[derive(Clone)]
 struct Handle<'s> {
     conn: Shared<'s>,
     id: u32,
 }
 
 impl<'s> Handle<'s> {
-    fn alive(&self) -> bool {
-        self.conn.borrow().streams.contains_key(&self.id)
-    }
-
     /// Resolves when the stream is gone.
     async fn gone(&self) {
         poll_fn(|cx| {
@@ -2121,7 +2119,7 @@ impl<'s> Handle<'s> {
     /// The message of `len` bytes the task holds meanwhile counts as held
     /// for the call (`Stream::waiting`); a message that would take the
     /// bytes held past `--max-buffered-bytes` ends the call instead.
-    async fn capacity(&self, len: usize) -> Result<(), Stop<'s>> {
+    async fn capacity(&self, len: usize) -> Result<(), Stop> {
         let want = len.min(SEND_CHUNK) as i64;
         poll_fn(move |cx| {
             let mut c = self.conn.borrow_mut();
@@ -2158,7 +2156,7 @@ impl<'s> Handle<'s> {
 
     /// The next request message of a duplex call, None once the client
     /// has half-closed.
-    async fn next_message(&self) -> Result<Option<Bytes>, Stop<'s>> {
+    async fn next_message(&self) -> Result<Option<Bytes>, Stop> {
         poll_fn(move |cx| {
             let mut c = self.conn.borrow_mut();
             let Some(s) = c.streams.get_mut(&self.id) else { return Poll::Ready(Err(Stop::Gone)) };
@@ -2229,144 +2227,71 @@ async fn watch(h: Handle<'_>, service: String) {
     h.with(|c| c.send_trailers(h.id, &end));
 }
 
-/// Answers after a delay, or streams an answer.
+/// Answers after a delay, or streams an answer: the call driver's
+/// [`drive::respond`], ended early if the client resets the stream.
 async fn respond<'s>(h: Handle<'s>, answer: Answer<'s>, delay: Duration, deadline: Option<Instant>) {
-    if !delay.is_zero() {
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
-            _ = h.gone() => return,
-            _ = call::sleep_until(deadline) => {
-                h.with(|c| c.fail_call(h.id, &call::deadline_exceeded()).ok());
-                return;
-            }
-        }
-    }
-
-    let prepared = answer.prepared;
-    if prepared.status != 0 && prepared.stream.is_empty() {
-        h.with(|c| {
-            c.note_status(h.id, prepared.status, message_of(prepared));
-            c.send_trailers_only(h.id, prepared)
-        });
+    let Some((method, json)) = h.with(|c| c.streams.get(&h.id).map(|s| (s.method, s.dialect.codec == Codec::Json)))
+    else {
         return;
-    }
-    h.with(|c| c.send_headers(h.id, prepared));
-    let owned;
-    let end = match send_items(&h, &answer, deadline).await {
-        Ok(()) => {
-            h.with(|c| c.note_status(h.id, prepared.status, message_of(prepared)));
-            prepared
-        }
-        Err(Stop::Status(e)) => {
-            h.with(|c| c.note_status(h.id, e.code as u8, &e.message));
-            owned = status_answer(&e);
-            &owned
-        }
-        Err(Stop::Rule(p)) => {
-            h.with(|c| c.note_status(h.id, p.status, message_of(p)));
-            p
-        }
-        Err(Stop::Gone) => return,
     };
-    h.with(|c| c.send_trailers(h.id, end));
+    let mut out = NativeOut(h.clone());
+    let mut report = NativeReport(h.clone());
+    tokio::select! {
+        () = drive::respond(answer, delay, deadline, method, json, &mut out, &mut report) => {}
+        () = h.gone() => {}
+    }
 }
 
-/// Sends the messages of one answer, each once the client's window lets it
-/// go, pausing between them as the rule says.
-async fn send_items<'s>(h: &Handle<'s>, answer: &Answer<'s>, deadline: Option<Instant>) -> Result<(), Stop<'s>> {
-    let prepared = answer.prepared;
-    let json = h.with(|c| c.streams.get(&h.id).filter(|s| s.dialect.codec == Codec::Json).map(|s| s.method));
-    let json_items;
-    let items = match json {
-        Some(method) => {
-            json_items = answer.json_messages(method);
-            &json_items[..]
-        }
-        None => answer.messages(),
-    };
-    if prepared.stream.is_empty() && prepared.status != 0 {
-        return Ok(());
-    }
-    let mut schedule = Schedule::new(prepared, items.len());
-    while let Some(i) = schedule.next() {
-        if schedule.sent() % ITEMS_PER_TURN == 0 {
-            tokio::task::yield_now().await;
-        }
-        if schedule.sent() > 1 && !prepared.stream_delay.is_zero() {
-            tokio::select! {
-                _ = tokio::time::sleep(prepared.stream_delay) => {}
-                _ = h.gone() => return Err(Stop::Gone),
-                _ = call::sleep_until(deadline) => return Err(call::deadline_exceeded().into()),
-            }
-        }
-        let item = items[i].clone();
-        tokio::select! {
-            r = h.capacity(item.len()) => r?,
-            _ = call::sleep_until(deadline) => return Err(call::deadline_exceeded().into()),
-        }
-        h.with(|c| c.send_data(h.id, item));
-        if !h.alive() {
-            return Err(Stop::Gone);
-        }
-    }
-    Ok(())
-}
-
-/// Answers each request message of a duplex call as it arrives, then ends
-/// with OK when the client half-closes; a rule's error status ends it.
+/// A duplex call: the call driver's [`drive::duplex`] over the stream's
+/// queue of request messages (reflection is answered here, message by
+/// message).
 async fn duplex<'s>(h: Handle<'s>, deadline: Option<Instant>) {
-    let result: Result<(), Stop<'s>> = async {
+    let Some((method, metadata, json, ok)) = h.with(|c| {
+        let s = c.streams.get(&h.id)?;
+        // The metadata rules read, out of the connection's state for the
+        // length of the call.
+        Some((s.method, s.metadata.clone(), s.dialect.codec == Codec::Json, &c.served.ok))
+    }) else {
+        return;
+    };
+    if method.builtin == Some(Builtin::Reflection) {
+        return reflect(h, deadline).await;
+    }
+    let mut input = NativeIn(h.clone());
+    let mut out = NativeOut(h.clone());
+    let mut report = NativeReport(h.clone());
+    let call = drive::Call { method, metadata: &metadata[..], deadline, ok, json, record: &mut report };
+    tokio::select! {
+        () = drive::duplex(call, &mut input, &mut out) => {}
+        () = h.gone() => {}
+    }
+}
+
+/// Server reflection: each request answered as it comes.
+async fn reflect<'s>(h: Handle<'s>, deadline: Option<Instant>) {
+    let result: Result<(), Stop> = async {
         loop {
             let next = tokio::select! {
                 next = h.next_message() => next?,
                 _ = call::sleep_until(deadline) => return Err(call::deadline_exceeded().into()),
             };
             let Some(message) = next else { return Ok(()) };
-            let one = [&message[..]];
-            let reflected = h.with(|c| {
-                let s = c.streams.get(&h.id)?;
-                let g = s.generation?;
-                (s.method.builtin == Some(Builtin::Reflection)).then(|| g.reflection.answer(&message))
+            let Some(reply) = h.with(|c| Some(c.streams.get(&h.id)?.generation?.reflection.answer(&message))) else {
+                return Err(Stop::Gone);
+            };
+            // Only the framed answer waits for window, not its makings.
+            let item = frame_message(&reply);
+            drop(reply);
+            drop(message);
+            h.with(|c| {
+                let served = c.served;
+                c.send_headers(h.id, &served.ok)
             });
-            if let Some(reply) = reflected {
-                // Only the framed answer waits for window, not its makings.
-                let item = frame_message(&reply);
-                drop(reply);
-                drop(message);
-                h.with(|c| {
-                    let served = c.served;
-                    c.send_headers(h.id, &served.ok)
-                });
-                tokio::select! {
-                    r = h.capacity(item.len()) => r?,
-                    _ = call::sleep_until(deadline) => return Err(call::deadline_exceeded().into()),
-                }
-                h.with(|c| c.send_data(h.id, item));
-                continue;
+            tokio::select! {
+                r = h.capacity(item.len()) => r?,
+                _ = call::sleep_until(deadline) => return Err(call::deadline_exceeded().into()),
             }
-            let picked = h.with(|c| {
-                let s = &c.streams[&h.id];
-                call::pick_explained(s.method, &Messages::one(&one), &s.metadata[..], s.rec.is_some())
-            });
-            let answer = picked?;
-            h.with(|c| c.note_rule(h.id, &answer));
-            let prepared = answer.prepared;
-            let delay = prepared.draw_delay();
-            if !delay.is_zero() {
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = h.gone() => return Err(Stop::Gone),
-                    _ = call::sleep_until(deadline) => return Err(call::deadline_exceeded().into()),
-                }
-            }
-            if prepared.status != 0 && prepared.error_after == 0 {
-                return Err(Stop::Rule(prepared));
-            }
-            h.with(|c| c.send_headers(h.id, prepared));
-            send_items(&h, &answer, deadline).await?;
-            if prepared.status != 0 {
-                return Err(Stop::Rule(prepared));
-            }
+            h.with(|c| c.send_data(h.id, item));
         }
     }
     .await;
@@ -2376,26 +2301,95 @@ async fn duplex<'s>(h: Handle<'s>, deadline: Option<Instant>) {
         let owned;
         let end = match result {
             Err(Stop::Gone) => return,
-            Ok(()) => {
-                c.note_status(h.id, 0, "");
-                &served.ok
-            }
-            Err(Stop::Rule(p)) => {
-                c.note_status(h.id, p.status, message_of(p));
-                p
-            }
+            Ok(()) => &served.ok,
             Err(Stop::Status(e)) => {
-                c.note_status(h.id, e.code as u8, &e.message);
                 owned = status_answer(&e);
                 &owned
             }
         };
+        c.note_status(h.id, end.status, message_of(end));
         if headers_sent {
             c.send_trailers(h.id, end);
         } else {
             c.send_trailers_only(h.id, end);
         }
     });
+}
+
+/// A stream as the call driver's response side.
+struct NativeOut<'s>(Handle<'s>);
+
+impl drive::Outbound for NativeOut<'_> {
+    fn head(&mut self, p: &Prepared) {
+        let id = self.0.id;
+        self.0.with(|c| c.send_headers(id, p));
+    }
+
+    async fn ready(&mut self, len: usize) -> Result<(), drive::Halt> {
+        self.0.capacity(len).await.map_err(|stop| match stop {
+            Stop::Status(s) => drive::Halt::Status(s),
+            Stop::Gone => drive::Halt::Gone,
+        })
+    }
+
+    fn message(&mut self, framed: Bytes) {
+        let id = self.0.id;
+        self.0.with(|c| c.send_data(id, framed));
+    }
+
+    fn end(&mut self, p: &Prepared) {
+        let id = self.0.id;
+        self.0.with(|c| {
+            // Connect unary holds its head back for the end: it counts as
+            // sent.
+            let headed = c.streams.get(&id).is_some_and(|s| s.headers_sent || s.deferred.is_some());
+            if headed {
+                c.send_trailers(id, p);
+            } else {
+                c.send_trailers_only(id, p);
+            }
+        });
+    }
+
+    fn abort(&mut self) {
+        let id = self.0.id;
+        self.0.with(|c| c.reset(id, code::INTERNAL_ERROR).ok());
+    }
+}
+
+/// A stream as what observers learn of its call: the connection keeps it
+/// on the stream (and records the request messages as they arrive).
+struct NativeReport<'s>(Handle<'s>);
+
+impl drive::Report for NativeReport<'_> {
+    fn explain(&self) -> bool {
+        self.0.with(|c| c.streams.get(&self.0.id).is_some_and(|s| s.rec.is_some()))
+    }
+
+    fn message(&mut self, _: &[u8]) {}
+
+    fn rule(&mut self, rule: Option<u32>, closest: Option<Closest>) {
+        let id = self.0.id;
+        self.0.with(|c| c.note_rule_parts(id, rule, closest));
+    }
+
+    fn status(&mut self, code: u8, message: &str) {
+        let id = self.0.id;
+        self.0.with(|c| c.note_status(id, code, message));
+    }
+}
+
+/// A duplex stream's queue of request messages as the call driver's
+/// request side.
+struct NativeIn<'s>(Handle<'s>);
+
+impl drive::Inbound for NativeIn<'_> {
+    async fn next(&mut self) -> Result<Option<Bytes>, Status> {
+        self.0.next_message().await.map_err(|stop| match stop {
+            Stop::Status(s) => s,
+            Stop::Gone => Status::new(Code::Canceled, "the client has left"),
+        })
+    }
 }
 
 // -------------------------------------------------------------------------
