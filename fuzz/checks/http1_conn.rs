@@ -2,7 +2,7 @@
 //! `fuzz_targets/http1_conn.rs`), shared with `tests/fuzz_regressions.rs`,
 //! which replays the seed corpus and every past crash through them.
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::path::Path;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
@@ -28,6 +28,10 @@ const AFTER_CLIENT: Duration = Duration::from_secs(60);
 /// How long the client waits before it reads, when it reads late (bit 5):
 /// past the server's write timeout.
 const LATE_READ: Duration = Duration::from_secs(60);
+
+/// When the server is told to stop (bit 4), after the client has sent
+/// everything: time for the server to read it and start its answers.
+const DRAIN_AFTER: Duration = Duration::from_secs(1);
 
 /// The pause between two pieces of what the client sends.
 const BETWEEN_PIECES: Duration = Duration::from_millis(1);
@@ -70,14 +74,6 @@ fn held_everywhere() -> i64 {
     BUFFERED_REQUEST_BYTES.load(Ordering::Relaxed)
 }
 
-/// What the client did and saw.
-#[derive(Default)]
-struct Seen {
-    output: RefCell<Vec<u8>>,
-    /// The client stopped reading at [`READ_CAP`].
-    capped: Cell<bool>,
-}
-
 /// Runs the checks on one input.
 pub fn check(data: &[u8]) {
     let [flags, stride, sent @ ..] = data else { return };
@@ -90,7 +86,8 @@ pub fn check(data: &[u8]) {
         n => sent.chunks(usize::from(*n)).collect(),
     };
     let state = state().clone();
-    let seen = Seen::default();
+    // What the client reads, kept when the run is cut short.
+    let output = RefCell::new(Vec::new());
     let baseline = held_everywhere();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -103,11 +100,7 @@ pub fn check(data: &[u8]) {
         let server = http1::serve(server_io, state, config, stop_rx);
         tokio::pin!(server);
         let mut server_ended = false;
-        let client = client(client_io, &pieces, shutdown, late, &seen, || {
-            if drain {
-                let _ = stop_tx.send(true);
-            }
-        });
+        let client = client(client_io, &pieces, shutdown, late, &output, drain.then_some(&stop_tx));
         // The client's socket is dropped when this ends, on time or not.
         let _ = tokio::time::timeout(RUN, async {
             tokio::pin!(client);
@@ -130,23 +123,21 @@ pub fn check(data: &[u8]) {
     drop(runtime);
     let left = held_everywhere() - baseline;
     assert_eq!(left, 0, "{left} request bytes still counted as held once the connection is gone");
-    let output = seen.output.borrow();
-    if sent.is_empty() {
-        assert!(output.is_empty(), "{} bytes of output for no request", output.len());
-    }
-    check_output(&output, seen.capped.get());
+    let output = output.borrow();
+    check_output(&output, sent);
 }
 
 /// The client: sends `pieces` (then shuts its side down when `shutdown`,
-/// and calls `sent`) while it reads what the server sends, to its end or
-/// [`READ_CAP`]; returns (dropping its socket) when it stops reading.
+/// and tells the server to stop through `drain` a little later) while it
+/// reads what the server sends, to its end or [`READ_CAP`]; returns
+/// (dropping its socket) when it stops reading.
 async fn client(
     io: DuplexStream,
     pieces: &[&[u8]],
     shutdown: bool,
     late: bool,
-    seen: &Seen,
-    sent: impl FnOnce(),
+    output: &RefCell<Vec<u8>>,
+    drain: Option<&watch::Sender<bool>>,
 ) {
     let (mut rd, mut wr) = tokio::io::split(io);
     let write = async {
@@ -161,7 +152,10 @@ async fn client(
         if shutdown {
             let _ = wr.shutdown().await;
         }
-        sent();
+        if let Some(stop) = drain {
+            tokio::time::sleep(DRAIN_AFTER).await;
+            let _ = stop.send(true);
+        }
         std::future::pending::<()>().await
     };
     let read = async {
@@ -173,10 +167,9 @@ async fn client(
             match rd.read(&mut buf).await {
                 Ok(0) | Err(_) => return,
                 Ok(n) => {
-                    let mut out = seen.output.borrow_mut();
+                    let mut out = output.borrow_mut();
                     out.extend_from_slice(&buf[..n]);
                     if out.len() >= READ_CAP {
-                        seen.capped.set(true);
                         return;
                     }
                 }
@@ -192,19 +185,21 @@ async fn client(
 
 /// The server's bytes: HTTP/1.1 responses one after the other, each framed
 /// so that the next one starts where it ends, none after one that closes
-/// the connection. The last may be cut off anywhere.
-fn check_output(out: &[u8], capped: bool) {
+/// the connection. The last may be cut off anywhere. `sent`: the client's
+/// bytes.
+fn check_output(out: &[u8], sent: &[u8]) {
+    // hyper answers an HTTP/1.0 request in HTTP/1.0.
+    let http10 = contains(sent, b"HTTP/1.0");
     let mut rest = out;
     let mut n = 0;
     while !rest.is_empty() {
-        let context = || format!("response {n} at byte {} of {} (client capped: {capped})", out.len() - rest.len(), out.len());
-        let start = &rest[..rest.len().min(12)];
-        let line = b"HTTP/1.1 ";
+        let at = out.len() - rest.len();
+        let context = move || format!("response {n} at byte {at} of {}", out.len());
         assert!(
-            start.starts_with(&line[..start.len().min(9)]) && start.iter().skip(9).all(u8::is_ascii_digit),
+            starts_response(rest, http10),
             "{} starts with {:?}",
             context(),
-            String::from_utf8_lossy(start)
+            String::from_utf8_lossy(&rest[..rest.len().min(16)])
         );
         let mut headers = [httparse::EMPTY_HEADER; 128];
         let mut r = httparse::Response::new(&mut headers);
@@ -214,16 +209,18 @@ fn check_output(out: &[u8], capped: bool) {
             Ok(httparse::Status::Partial) => return,
             Err(e) => panic!("{}: {e}: {:?}", context(), String::from_utf8_lossy(&rest[..rest.len().min(256)])),
         };
-        assert_eq!(r.version, Some(1), "{}", context());
+        assert!(r.version == Some(1) || (http10 && r.version == Some(0)), "{}: HTTP/1.{:?}", context(), r.version);
         let status = r.code.expect("a complete head has a status");
         assert!((100..=599).contains(&status) && status != 101, "{}: status {status}", context());
-        let header = |name: &str| r.headers.iter().filter(move |h| h.name.eq_ignore_ascii_case(name)).map(|h| h.value);
-        let close = header("connection").any(|v| v.eq_ignore_ascii_case(b"close"));
-        let lengths: Vec<&[u8]> = header("content-length").collect();
-        let codings: Vec<&[u8]> = header("transfer-encoding").collect();
-        let content_type = header("content-type").next().unwrap_or_default().to_vec();
         let head_fields: Vec<(String, Vec<u8>)> =
             r.headers.iter().map(|h| (h.name.to_ascii_lowercase(), h.value.to_vec())).collect();
+        let header = |name: &str| -> Vec<&[u8]> {
+            head_fields.iter().filter(|(n, _)| n == name).map(|(_, v)| v.as_slice()).collect()
+        };
+        let close = header("connection").iter().any(|v| v.eq_ignore_ascii_case(b"close"));
+        let lengths = header("content-length");
+        let codings = header("transfer-encoding");
+        let content_type = header("content-type").first().copied().unwrap_or_default();
         let after_head = &rest[head..];
         if status < 200 {
             assert!(lengths.is_empty() && codings.is_empty(), "{}: a {status} with a body", context());
@@ -258,16 +255,34 @@ fn check_output(out: &[u8], capped: bool) {
                     return;
                 }
                 (after_head[..length].to_vec(), &after_head[length..])
+            } else if !after_head.is_empty() && starts_response(after_head, http10) {
+                // No body: the answer to a HEAD request.
+                assert!(contains(sent, b"HEAD"), "{}: a response without framing, and no HEAD request", context());
+                (Vec::new(), after_head)
             } else {
-                // Delimited by the connection's end: nothing can follow.
+                // Delimited by the connection's end (an HTTP/1.0 request):
+                // nothing can follow.
                 return;
             };
-            check_body(&content_type, status, &head_fields, &body)
+            check_body(content_type, status, &head_fields, &body)
                 .unwrap_or_else(|why| panic!("{}: {why}; body {:02x?}", context(), &body[..body.len().min(128)]));
             rest = tail;
         }
         assert!(!close || rest.is_empty(), "{}: {} bytes after a response that closes the connection", context(), rest.len());
     }
+}
+
+/// Whether `bytes` start with (or are the start of) a status line:
+/// `HTTP/1.1 ` (or `HTTP/1.0 ` when `http10`) and a three-digit status.
+fn starts_response(bytes: &[u8], http10: bool) -> bool {
+    let start = &bytes[..bytes.len().min(12)];
+    let version = &start[..start.len().min(9)];
+    let ok = |line: &[u8]| line.starts_with(version);
+    (ok(b"HTTP/1.1 ") || (http10 && ok(b"HTTP/1.0 "))) && start.iter().skip(9).all(u8::is_ascii_digit)
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 /// A chunked body read from the start of some bytes.

@@ -948,7 +948,9 @@ def test_connect_body_over_max_recv_is_refused_without_reading_it_all(engine_wit
     assert connect_error(r)["code"] == "resource_exhausted"
     assert sent < 4000, f"{sent} bytes sent before the refusal"
     grown = rss_kib_of(engine.pid()) - rss_before
-    assert grown < 8 * 1024, f"RSS grew by {grown} KiB"
+    # The first calls' own allocations (workers' arenas, the bystanders'
+    # connections) come to a few MiB; the claimed 10 GB would be far more.
+    assert grown < 16 * 1024, f"RSS grew by {grown} KiB"
     assert_still_serving(engine)
 
 
@@ -965,7 +967,7 @@ def test_grpc_web_frame_claiming_4_gib_is_refused_at_once(engine_with):
     assert r.header("grpc-status") == "8", r
     assert "4294967295" in (r.header("grpc-message") or ""), r
     assert took < 1.0
-    assert rss_kib_of(engine.pid()) - rss_before < 8 * 1024
+    assert rss_kib_of(engine.pid()) - rss_before < 16 * 1024
     assert_still_serving(engine)
 
 
