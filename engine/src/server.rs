@@ -24,6 +24,26 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 
+/// Connections the kernel may hold completed but not yet accepted (the
+/// kernel caps it at `net.core.somaxconn`).
+const ACCEPT_BACKLOG: i32 = 4096;
+
+/// A listening socket on `addr` (the first address it resolves to) with a
+/// deep accept queue, so that hundreds of clients connecting at once are
+/// all accepted at once.
+pub fn listen(addr: &str) -> io::Result<TcpListener> {
+    use std::net::ToSocketAddrs;
+    let addr = addr
+        .to_socket_addrs()?
+        .next()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "the address resolves to nothing"))?;
+    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(ACCEPT_BACKLOG)?;
+    Ok(socket.into())
+}
+
 /// One open connection, counted against `max_connections` from accept to
 /// the end of its task.
 struct Slot(Arc<AtomicUsize>);

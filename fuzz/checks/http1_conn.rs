@@ -268,7 +268,12 @@ fn check_output(out: &[u8], sent: &[u8]) {
                 .unwrap_or_else(|why| panic!("{}: {why}; body {:02x?}", context(), &body[..body.len().min(128)]));
             rest = tail;
         }
-        assert!(!close || rest.is_empty(), "{}: {} bytes after a response that closes the connection", context(), rest.len());
+        assert!(
+            !close || rest.is_empty(),
+            "{}: {} bytes after a response that closes the connection",
+            context(),
+            rest.len()
+        );
     }
 }
 
@@ -307,7 +312,8 @@ fn dechunk(mut rest: &[u8]) -> Chunked<'_> {
         if line.is_empty() || line.len() > 16 || !line.iter().all(u8::is_ascii_hexdigit) {
             return Chunked::Bad(format!("size line {:?}", String::from_utf8_lossy(line)));
         }
-        let size = usize::from_str_radix(std::str::from_utf8(line).expect("hex digits"), 16).expect("at most 16 digits");
+        let size =
+            usize::from_str_radix(std::str::from_utf8(line).expect("hex digits"), 16).expect("at most 16 digits");
         rest = &rest[eol + 2..];
         if size == 0 {
             // Trailer fields, then an empty line.

@@ -136,7 +136,7 @@ fn plan_source(options: &Options) -> (Result<Loaded, String>, Reloader) {
 }
 
 fn bind(flag: &str, addr: &str) -> Result<TcpListener, String> {
-    TcpListener::bind(addr).map_err(|e| format!("cannot listen on {addr} (--{flag}): {e}"))
+    wirestub_engine::server::listen(addr).map_err(|e| format!("cannot listen on {addr} (--{flag}): {e}"))
 }
 
 fn run(options: Options) -> Result<ExitCode, String> {
