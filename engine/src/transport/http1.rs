@@ -87,7 +87,9 @@ where
         async move { Ok::<_, Infallible>(handle(req, ctx).await) }
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
-    builder.max_buf_size(MAX_HEAD).timer(hyper_util::rt::TokioTimer::new()).keep_alive(true);
+    // Half-closed clients (the request sent, their side shut) still get
+    // their answer.
+    builder.max_buf_size(MAX_HEAD).timer(hyper_util::rt::TokioTimer::new()).keep_alive(true).half_close(true);
     builder.header_read_timeout(config.handshake_timeout);
     let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(watched), service);
     tokio::pin!(conn);

@@ -144,12 +144,19 @@ enum Out {
     End,
 }
 
-/// A Connect unary answer waiting for its end: its HTTP status and
-/// trailing metadata (sent as headers) are known only then.
+/// What a call in a protocol other than gRPC keeps.
 #[derive(Default)]
-struct Deferred {
+struct Web {
+    /// Connect unary: the answer's headers and message, waiting for its
+    /// end (the HTTP status and the trailing metadata, sent as headers,
+    /// are known only then).
+    deferred: bool,
     headers: http::HeaderMap,
     message: Option<Bytes>,
+    /// gRPC-Web text: the request body's base64 decoder.
+    text: Option<TextDecoder>,
+    /// A browser's `origin`: responses carry the CORS headers.
+    origin: Option<Box<[u8]>>,
 }
 
 /// The request side of a client stream as rules see it (see
@@ -165,12 +172,9 @@ struct Stream<'s> {
     method: &'s ServedMethod,
     /// The protocol and codec of the call.
     dialect: Dialect,
-    /// Connect unary: the answer so far (see [`Deferred`]).
-    deferred: Option<Box<Deferred>>,
-    /// gRPC-Web text: the request body's base64 decoder.
-    text: Option<Box<TextDecoder>>,
-    /// A browser's `origin`: responses carry the CORS headers.
-    origin: Option<Box<[u8]>>,
+    /// What the protocols other than gRPC keep for the call (None for
+    /// gRPC: the stream entry stays small).
+    web: Option<Box<Web>>,
     /// How the request's messages are compressed (those flagged so, or a
     /// Connect unary body).
     encoding: Encoding,
@@ -955,21 +959,19 @@ impl<'s> Conn<'s> {
     /// Answers `OPTIONS`: a CORS preflight (204 with what the page may
     /// send and read, 403 for an origin not allowed), or the methods
     /// served.
-    fn preflight(&mut self, id: u32, request: &RequestHead<'_>) {
+    fn preflight(&mut self, id: u32, origin: Option<&[u8]>, requested: Option<&[u8]>) {
         let mut head = protocol::Head { status: 204, headers: http::HeaderMap::new() };
-        match &request.origin {
+        match origin {
             None => {
                 head.headers.insert(http::header::ALLOW, http::HeaderValue::from_static("POST, GET, OPTIONS"));
             }
-            Some(origin) => {
-                match protocol::cors::preflight(&self.config.cors_origins, origin, request.cors_headers.as_deref()) {
-                    Ok(h) => head.headers = h,
-                    Err(h) => {
-                        head.headers = h;
-                        head.status = 403;
-                    }
+            Some(origin) => match protocol::cors::preflight(&self.config.cors_origins, origin, requested) {
+                Ok(h) => head.headers = h,
+                Err(h) => {
+                    head.headers = h;
+                    head.status = 403;
                 }
-            }
+            },
         }
         let block = head_block(head, None, &[]);
         frame::put_headers(&mut self.out, id, &block, true, self.peer_max_frame);
@@ -980,11 +982,14 @@ impl<'s> Conn<'s> {
         &mut self,
         id: u32,
         end_stream: bool,
-        request: RequestHead<'s>,
+        mut request: RequestHead<'s>,
         oversized: bool,
         held: usize,
     ) -> Result<(), ConnError> {
         let early = |code: u8, msg: String| Some(status_response(code, &msg));
+        // What Connect and browsers send (None for gRPC).
+        let extra = request.extra.take();
+        let origin = extra.as_ref().and_then(|e| e.origin.as_deref());
         let mut http_status = None;
         let mut status = None;
         let mut dialect = Dialect::GRPC;
@@ -993,14 +998,15 @@ impl<'s> Conn<'s> {
         if oversized {
             http_status = Some(431);
         } else if http_method == Some(b"OPTIONS") {
-            self.preflight(id, &request);
+            self.preflight(id, origin, extra.as_ref().and_then(|e| e.cors_headers.as_deref()));
             if !end_stream {
                 frame::put_rst(&mut self.out, id, code::NO_ERROR);
             }
             return Ok(());
         } else if http_method == Some(b"GET") {
             // Connect's GET, for methods without side effects.
-            let query = request.query.as_deref().map(|q| connect::parse_get(&String::from_utf8_lossy(q)));
+            let query = extra.as_ref().and_then(|e| e.query.as_deref());
+            let query = query.map(|q| connect::parse_get(&String::from_utf8_lossy(q)));
             dialect = Dialect { protocol: Protocol::Connect, codec: Codec::Json };
             let gettable = |m: &ServedMethod| m.no_side_effects && m.plan.kind == MethodKind::Unary && !m.plan.duplex;
             match (request.method, query) {
@@ -1069,7 +1075,8 @@ impl<'s> Conn<'s> {
         if status.is_none() && http_status.is_none() {
             let timeout = match dialect.protocol {
                 Protocol::Connect | Protocol::ConnectStream => {
-                    request.connect_timeout.as_ref().map(|t| (connect::parse_timeout(t), "connect-timeout-ms"))
+                    let t = extra.as_ref().and_then(|e| e.connect_timeout.as_deref());
+                    t.map(|t| (connect::parse_timeout(t), "connect-timeout-ms"))
                 }
                 _ => request.timeout.as_ref().map(|t| (grpc::parse_timeout(t), "grpc-timeout")),
             };
@@ -1095,10 +1102,10 @@ impl<'s> Conn<'s> {
                         _ => None,
                     };
                     let head = protocol::Head { status: code, headers };
-                    let block = head_block(head, request.origin.as_deref(), &self.config.cors_origins);
+                    let block = head_block(head, origin, &self.config.cors_origins);
                     frame::put_headers(&mut self.out, id, &block, true, self.peer_max_frame);
                 }
-                None => self.refuse_with(id, dialect, &status.expect("one of the two"), request.origin.as_deref()),
+                None => self.refuse_with(id, dialect, &status.expect("one of the two"), origin),
             }
             self.control_frames = 0;
             if !end_stream {
@@ -1109,7 +1116,7 @@ impl<'s> Conn<'s> {
         let method = method.expect("answered above when missing");
         if self.reported.total(self.buffered) + held > self.config.max_buffered {
             let p = status_answer(&grpc::buffers_full(self.config.max_buffered));
-            self.refuse_with(id, dialect, &p, request.origin.as_deref());
+            self.refuse_with(id, dialect, &p, origin);
             if !end_stream {
                 frame::put_rst(&mut self.out, id, code::NO_ERROR);
             }
@@ -1128,9 +1135,13 @@ impl<'s> Conn<'s> {
         let stream = Stream {
             method,
             dialect,
-            origin: request.origin.filter(|_| dialect.protocol != Protocol::Grpc),
-            deferred: None,
-            text: (dialect.protocol == Protocol::GrpcWebText).then(Default::default),
+            web: (dialect.protocol != Protocol::Grpc).then(|| {
+                Box::new(Web {
+                    text: (dialect.protocol == Protocol::GrpcWebText).then(Default::default),
+                    origin: origin.map(Box::from),
+                    ..Web::default()
+                })
+            }),
             encoding,
             compress,
             recv_done: false,
@@ -1221,7 +1232,7 @@ impl<'s> Conn<'s> {
         // END_STREAM, is answered straight from the read buffer.
         if end_stream
             && s.body.is_empty()
-            && s.text.is_none()
+            && s.web.as_ref().is_none_or(|w| w.text.is_none())
             && !duplex
             && matches!(kind, MethodKind::Unary | MethodKind::ServerStreaming)
         {
@@ -1257,7 +1268,7 @@ impl<'s> Conn<'s> {
         }
         if !data.is_empty() {
             let before = s.body.len();
-            match &mut s.text {
+            match s.web.as_mut().and_then(|w| w.text.as_mut()) {
                 Some(t) => {
                     if let Err(e) = t.push(data, &mut s.body) {
                         let status = Status::new(Code::Internal, format!("malformed grpc-web-text body: {e}"));
@@ -1574,7 +1585,9 @@ impl<'s> Conn<'s> {
             }
             Protocol::Connect => {
                 // Sent with the end, when the status is known.
-                s.deferred.get_or_insert_with(Default::default).headers = p.headers.clone();
+                let w = s.web.get_or_insert_with(Default::default);
+                w.deferred = true;
+                w.headers = p.headers.clone();
                 return;
             }
             _ => {
@@ -1586,7 +1599,8 @@ impl<'s> Conn<'s> {
                     };
                     head.headers.insert(name, http::HeaderValue::from_static("gzip"));
                 }
-                let block = head_block(head, s.origin.as_deref(), &self.config.cors_origins);
+                let origin = s.web.as_ref().and_then(|w| w.origin.as_deref());
+                let block = head_block(head, origin, &self.config.cors_origins);
                 frame::put_headers(&mut self.out, id, &block, false, self.peer_max_frame);
             }
         }
@@ -1616,7 +1630,8 @@ impl<'s> Conn<'s> {
     fn send_whole(&mut self, id: u32, r: protocol::Response) {
         let Some(s) = self.streams.get_mut(&id) else { return };
         s.headers_sent = true;
-        let block = head_block(r.head, s.origin.as_deref(), &self.config.cors_origins);
+        let origin = s.web.as_ref().and_then(|w| w.origin.as_deref());
+        let block = head_block(r.head, origin, &self.config.cors_origins);
         frame::put_headers(&mut self.out, id, &block, r.body.is_empty(), self.peer_max_frame);
         self.control_frames = 0;
         if r.body.is_empty() {
@@ -1645,31 +1660,42 @@ impl<'s> Conn<'s> {
     /// Sends a response message (gRPC-framed), compressed when the call
     /// says so.
     fn send_data(&mut self, id: u32, data: Bytes) {
-        let Some(s) = self.streams.get_mut(&id) else { return };
-        if s.send_done {
-            return;
-        }
-        if s.dialect.protocol == Protocol::Connect && !s.headers_sent {
-            // Connect unary: the message goes with the end.
-            s.deferred.get_or_insert_with(Default::default).message = Some(data.slice(5.min(data.len())..));
-            return;
-        }
-        let data = if s.compress { compression::compress_framed(Encoding::Gzip, data) } else { data };
-        self.send_body(id, data)
+        self.send_bytes(id, data, true)
     }
 
-    /// Sends body bytes, or as much as the windows allow, queueing the rest.
+    /// Sends body bytes that are not a message (gRPC-Web's trailer frame,
+    /// Connect's end of stream or error).
     fn send_body(&mut self, id: u32, data: Bytes) {
+        self.send_bytes(id, data, false)
+    }
+
+    /// Sends body bytes in the call's protocol, or as much as the windows
+    /// allow, queueing the rest.
+    fn send_bytes(&mut self, id: u32, data: Bytes, message: bool) {
         let Some(s) = self.streams.get_mut(&id) else { return };
         if s.send_done {
             return;
         }
-        let data = if s.dialect.protocol == Protocol::GrpcWebText {
-            let mut b = BytesMut::with_capacity(data.len().div_ceil(3) * 4);
-            web_text::encode(&data, &mut b);
-            b.freeze()
-        } else {
-            data
+        let data = match s.dialect.protocol {
+            Protocol::Grpc if !s.compress => data,
+            Protocol::Connect if message && !s.headers_sent => {
+                // Connect unary: the message goes with the end.
+                let w = s.web.get_or_insert_with(Default::default);
+                w.deferred = true;
+                w.message = Some(data.slice(5.min(data.len())..));
+                return;
+            }
+            protocol => {
+                let data =
+                    if message && s.compress { compression::compress_framed(Encoding::Gzip, data) } else { data };
+                if protocol == Protocol::GrpcWebText {
+                    let mut b = BytesMut::with_capacity(data.len().div_ceil(3) * 4);
+                    web_text::encode(&data, &mut b);
+                    b.freeze()
+                } else {
+                    data
+                }
+            }
         };
         if s.pending.is_empty() {
             let room = out_room(&self.out);
@@ -1710,8 +1736,11 @@ impl<'s> Conn<'s> {
         match s.dialect.protocol {
             Protocol::Grpc => {}
             Protocol::Connect => {
-                let d = s.deferred.take().unwrap_or_default();
-                let mut r = connect::unary(&d.headers, &p.trailers, d.message, s.dialect.codec);
+                let (headers, message) = match s.web.as_mut() {
+                    Some(w) if w.deferred => (std::mem::take(&mut w.headers), w.message.take()),
+                    _ => (http::HeaderMap::new(), None),
+                };
+                let mut r = connect::unary(&headers, &p.trailers, message, s.dialect.codec);
                 if s.compress && r.head.status == 200 && !r.body.is_empty() {
                     r.body = compression::compress(Encoding::Gzip, &r.body);
                     r.head.headers.insert(http::header::CONTENT_ENCODING, http::HeaderValue::from_static("gzip"));
@@ -2342,7 +2371,8 @@ impl drive::Outbound for NativeOut<'_> {
         self.0.with(|c| {
             // Connect unary holds its head back for the end: it counts as
             // sent.
-            let headed = c.streams.get(&id).is_some_and(|s| s.headers_sent || s.deferred.is_some());
+            let headed =
+                c.streams.get(&id).is_some_and(|s| s.headers_sent || s.web.as_ref().is_some_and(|w| w.deferred));
             if headed {
                 c.send_trailers(id, p);
             } else {

@@ -22,6 +22,19 @@ pub enum ContentType {
     Other,
 }
 
+/// Request fields only Connect and browsers send.
+#[derive(Debug, Default)]
+pub struct Extra {
+    /// The query of `:path` (a Connect GET carries its message there).
+    pub query: Option<Box<[u8]>>,
+    /// Raw `connect-timeout-ms` value (the first one).
+    pub connect_timeout: Option<Box<[u8]>>,
+    /// `origin`, from a browser (CORS).
+    pub origin: Option<Box<[u8]>>,
+    /// `access-control-request-headers` of a CORS preflight.
+    pub cors_headers: Option<Box<[u8]>>,
+}
+
 /// The response encodings a client accepts, by the header that says so.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct AcceptsGzip {
@@ -49,20 +62,15 @@ pub struct RequestHead<'s> {
     pub content_type: ContentType,
     /// Raw `grpc-timeout` value (the first one).
     pub timeout: Option<SmallVec<[u8; 12]>>,
-    /// Raw `connect-timeout-ms` value (the first one).
-    pub connect_timeout: Option<SmallVec<[u8; 12]>>,
     /// A `grpc-encoding`, `connect-content-encoding` or `content-encoding`
     /// other than `identity`.
     pub encoding: Option<Box<[u8]>>,
     /// Which of `grpc-accept-encoding`, `accept-encoding` and
     /// `connect-accept-encoding` name gzip.
     pub accepts_gzip: AcceptsGzip,
-    /// The query of `:path` (a Connect GET carries its message there).
-    pub query: Option<Box<[u8]>>,
-    /// `origin`, from a browser (CORS).
-    pub origin: Option<Box<[u8]>>,
-    /// `access-control-request-headers` of a CORS preflight.
-    pub cors_headers: Option<Box<[u8]>>,
+    /// What only Connect and browsers send (boxed: a gRPC request's head
+    /// stays small).
+    pub extra: Option<Box<Extra>>,
     pub content_length: Option<u64>,
     /// Values of the method's metadata keys, in the plan's key order.
     pub metadata: SmallVec<[Option<Box<[u8]>>; 2]>,
@@ -92,12 +100,9 @@ impl<'s> RequestHead<'s> {
             post: false,
             content_type: ContentType::Missing,
             timeout: None,
-            connect_timeout: None,
             encoding: None,
             accepts_gzip: AcceptsGzip::default(),
-            query: None,
-            origin: None,
-            cors_headers: None,
+            extra: None,
             content_length: None,
             metadata: SmallVec::new(),
             all: None,
@@ -161,14 +166,14 @@ impl<'s> RequestHead<'s> {
                     if value.is_empty() {
                         self.bad("empty :path");
                     }
-                    let (path, query) = match value.iter().position(|&b| b == b'?') {
-                        Some(i) => (&value[..i], Some(&value[i + 1..])),
-                        None => (value, None),
-                    };
-                    if let Some(q) = query {
-                        self.query = Some(q.into());
-                    }
-                    let method = std::str::from_utf8(path).ok().and_then(|p| self.served.method(p));
+                    let lookup = |p: &[u8]| std::str::from_utf8(p).ok().and_then(|p| self.served.method(p));
+                    // A method's path as is (every call but a Connect GET),
+                    // else without its query.
+                    let method = lookup(value).or_else(|| {
+                        let i = memchr::memchr(b'?', value)?;
+                        self.extra.get_or_insert_with(Default::default).query = Some(value[i + 1..].into());
+                        lookup(&value[..i])
+                    });
                     match method {
                         Some(m) => {
                             self.metadata = SmallVec::from_elem(None, m.plan.metadata_keys.len());
@@ -212,8 +217,11 @@ impl<'s> RequestHead<'s> {
                 };
             }
             b"grpc-timeout" if self.timeout.is_none() => self.timeout = Some(SmallVec::from_slice(value)),
-            b"connect-timeout-ms" if self.connect_timeout.is_none() => {
-                self.connect_timeout = Some(SmallVec::from_slice(value))
+            b"connect-timeout-ms" => {
+                let extra = self.extra.get_or_insert_with(Default::default);
+                if extra.connect_timeout.is_none() {
+                    extra.connect_timeout = Some(value.into());
+                }
             }
             b"grpc-encoding" | b"connect-content-encoding" | b"content-encoding" if value != b"identity" => {
                 self.encoding = Some(value.into())
@@ -232,8 +240,10 @@ impl<'s> RequestHead<'s> {
                     b"grpc-accept-encoding" => self.accepts_gzip.grpc |= gzip(value),
                     b"accept-encoding" => self.accepts_gzip.http |= gzip(value),
                     b"connect-accept-encoding" => self.accepts_gzip.connect |= gzip(value),
-                    b"origin" => self.origin = Some(value.into()),
-                    b"access-control-request-headers" => self.cors_headers = Some(value.into()),
+                    b"origin" => self.extra.get_or_insert_with(Default::default).origin = Some(value.into()),
+                    b"access-control-request-headers" => {
+                        self.extra.get_or_insert_with(Default::default).cors_headers = Some(value.into())
+                    }
                     _ => {}
                 }
                 if let Some(all) = &mut self.all {
