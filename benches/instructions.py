@@ -32,38 +32,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benches"))
 
+from load import bench_request, grpc_frame as framed, pb_string  # noqa: E402  (the bench's own encoders)
 
-def varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
-
-
-def pb_bytes(field: int, value: bytes) -> bytes:
-    return varint(field << 3 | 2) + varint(len(value)) + value
-
-
-def bench_request(name: str, size: int) -> bytes:
-    """BenchRequest {name, padding} of exactly `size` bytes (as load.py)."""
-    head = pb_bytes(1, name.encode())
-    for n in range(size, -1, -1):
-        if len(head) + 1 + len(varint(n)) + n == size:
-            return head + pb_bytes(3, (b"0123456789" * (n // 10 + 1))[:n])
-    raise ValueError(size)
-
-
-def framed(m: bytes) -> bytes:
-    return b"\x00" + len(m).to_bytes(4, "big") + m
-
-
-TOM = pb_bytes(1, b"Tom")
+TOM = pb_string(1, "Tom")
 HELLO = "/helloworld.Greeter/SayHello"
 BENCH = "/bench.v1.Bench/"
 
