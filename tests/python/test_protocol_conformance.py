@@ -1186,10 +1186,7 @@ client.makeUnaryRequest(path, (b) => b, (b) => b, Buffer.from(hex, 'hex'), (err,
 """
 
 
-def test_grpc_js_gzip(any_engine, sniffer_for, tmp_path):
-    node = shutil.which(os.environ.get("WIRESTUB_NODE", "node"))
-    if not node or not (NODE_MODULES / "@grpc" / "grpc-js").exists():
-        pytest.skip("node or tests/node/node_modules/@grpc/grpc-js missing (npm ci in tests/node)")
+def test_grpc_js_gzip(any_engine, sniffer_for, tmp_path, node, node_modules):
     compress = any_engine.proc.args.count("--compress-responses") > 0
     script = tmp_path / "gzip.cjs"
     script.write_text(GRPC_JS_SCRIPT)
