@@ -293,3 +293,22 @@ class RssWatch:
         assert not self.killed and self.peak < ceiling_kib, (
             f"{self.report()}; ceiling {ceiling_kib / 1024:.0f} MiB"
         )
+
+
+def ending_problems(e, crashed, code) -> list[str]:
+    """What went wrong with an engine a test has stopped (`e` has `rss`,
+    `reported`, `log()` and `log_path`; `crashed` is its exit status before
+    the stop, if it had exited; `code` the status of the stop): over the
+    memory ceiling, exited early, a bad exit on SIGINT, or a panic (a
+    panicking worker thread would not change the exit code)."""
+    problems = []
+    if e.rss.killed or e.rss.peak >= RSS_CEILING_KIB:
+        if not e.reported:
+            problems.append(f"{e.rss.report()}, over the ceiling")
+    elif crashed is not None:
+        problems.append(f"engine exited during the test ({crashed}):\n{e.log()}")
+    elif code != 0:
+        problems.append(f"engine exited with {code} on SIGINT:\n{e.log()}")
+    if "panicked" in e.log_path.read_text(errors="replace"):
+        problems.append(f"the engine panicked:\n{e.log()}")
+    return problems

@@ -441,15 +441,7 @@ def engine_with(tmp_path):
         code = engine_process.stop(e.proc)
         e.rss.stop()
         print(e.rss.report())  # shown when the test fails
-        if e.rss.killed or e.rss.peak >= abuse_support.RSS_CEILING_KIB:
-            if not e.reported:
-                problems.append(f"{e.rss.report()}, over the ceiling")
-        elif crashed is not None:
-            problems.append(f"engine exited during the test ({crashed}):\n{e.log()}")
-        elif code != 0:
-            problems.append(f"engine exited with {code} on SIGINT:\n{e.log()}")
-        if "panicked" in e.log_path.read_text(errors="replace"):
-            problems.append(f"the engine panicked:\n{e.log()}")
+        problems += abuse_support.ending_problems(e, crashed, code)
     assert not problems, "\n".join(problems)
 
 

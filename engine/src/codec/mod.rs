@@ -1,9 +1,11 @@
 //! Leaf encodings with no knowledge of calls or connections: the protobuf
 //! wire format read in place ([`wire`]), HPACK with its Huffman code
-//! ([`hpack`], [`huffman`]) and the protobuf JSON mapping ([`json`]). Everything above may use them; they use
+//! ([`hpack`], [`huffman`]) the protobuf JSON mapping ([`json`]) and percent-decoding
+//! ([`percent`]). Everything above may use them; they use
 //! nothing of the engine.
 
 pub mod hpack;
 pub(crate) mod huffman;
 pub mod json;
+pub mod percent;
 pub mod wire;

@@ -6,9 +6,9 @@
 
 use crate::call::drive::Report;
 use crate::call::matcher::Closest;
+use crate::codec::percent;
 use crate::observe::journal::{Entry, Journal, RequestMessages};
 use crate::observe::metrics::WorkerStats;
-use crate::protocol::percent_decode;
 use crate::served::generation::Generation;
 use bytes::Bytes;
 use http::HeaderMap;
@@ -108,7 +108,7 @@ impl Report for CallRecord<'_> {
     /// The status the call ends with.
     fn status(&mut self, code: u8, message: &str) {
         self.code = code;
-        self.message = percent_decode(message);
+        self.message = percent::decode(message, false);
     }
 }
 

@@ -6,7 +6,8 @@
 //! metadata as JSON. Everything is read from the gRPC trailer map of a
 //! prepared response, so a rule answers the same over every protocol.
 
-use super::{is_status_key, percent_decode, status_of, Codec, Head, Response};
+use super::{is_status_key, status_of, Codec, Head, Response};
+use crate::codec::percent;
 use base64::Engine as _;
 use bytes::{BufMut, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue};
@@ -93,7 +94,7 @@ pub fn error_json(trailers: &HeaderMap) -> Value {
     let code = status_of(trailers);
     let mut e = Map::new();
     e.insert("code".into(), Value::from(code_name(code)));
-    let message = trailers.get("grpc-message").and_then(|v| v.to_str().ok()).map(percent_decode);
+    let message = trailers.get("grpc-message").and_then(|v| v.to_str().ok()).map(|m| percent::decode(m, false));
     if let Some(m) = message.filter(|m| !m.is_empty()) {
         e.insert("message".into(), Value::from(m));
     }
@@ -249,7 +250,7 @@ pub fn parse_get(query: &str) -> Result<GetRequest, GetError> {
     let mut compression = None;
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let v = query_decode(v);
+        let v = percent::decode_bytes(v, true);
         match k {
             "encoding" => encoding = Some(v),
             "message" => message = Some(v),
@@ -290,32 +291,6 @@ pub fn parse_get(query: &str) -> Result<GetRequest, GetError> {
     };
     let compression = compression.filter(|c| c != "identity");
     Ok(GetRequest { codec, message: Bytes::from(message), compression })
-}
-
-/// Decodes a query value: `%XX` escapes and `+` for a space.
-fn query_decode(v: &str) -> Vec<u8> {
-    let b = v.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < b.len() => {
-                let hex = |c: u8| (c as char).to_digit(16);
-                match (hex(b[i + 1]), hex(b[i + 2])) {
-                    (Some(h), Some(l)) => {
-                        out.push((h * 16 + l) as u8);
-                        i += 3;
-                        continue;
-                    }
-                    _ => out.push(b'%'),
-                }
-            }
-            c => out.push(c),
-        }
-        i += 1;
-    }
-    out
 }
 
 #[cfg(test)]

@@ -209,11 +209,7 @@ pub fn without_messages(d: Dialect, headers: &HeaderMap, trailers: &HeaderMap) -
 /// Turns JSON request messages into protobuf bytes for a method, with
 /// INVALID_ARGUMENT naming what is wrong.
 pub fn json_decoder(codec: crate::codec::json::JsonCodec) -> reader::Decode {
-    Box::new(move |m: Bytes| {
-        codec
-            .request(&m)
-            .map_err(|e| grpc::Status::new(grpc::Code::InvalidArgument, format!("invalid JSON request message: {e}")))
-    })
+    Box::new(move |m: Bytes| codec.request(&m).map_err(|e| reader::invalid_json(&e)))
 }
 
 /// `grpc-status` of a trailer map (2, UNKNOWN, when missing or malformed).
@@ -224,26 +220,6 @@ pub fn status_of(trailers: &HeaderMap) -> u8 {
 /// Whether a trailer key is the status itself rather than metadata.
 pub fn is_status_key(k: &str) -> bool {
     matches!(k, "grpc-status" | "grpc-message" | "grpc-status-details-bin")
-}
-
-/// Decodes a percent-encoded `grpc-message` (invalid escapes kept as is).
-pub fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' && i + 2 < b.len() {
-            let hex = |c: u8| (c as char).to_digit(16);
-            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
-                out.push((h * 16 + l) as u8);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[cfg(test)]
@@ -271,12 +247,5 @@ mod tests {
         assert_eq!(k("text/plain"), Kind::Unsupported);
         assert_eq!(k(""), Kind::Unsupported);
         assert_eq!(k(&"a".repeat(100)), Kind::Unsupported);
-    }
-
-    #[test]
-    fn messages_are_percent_decoded() {
-        assert_eq!(percent_decode("a%20b%25"), "a b%");
-        assert_eq!(percent_decode("100%"), "100%");
-        assert_eq!(percent_decode("%zz%4"), "%zz%4");
     }
 }

@@ -66,15 +66,13 @@ impl<C: Chunks> Reader<C> {
         let Some(chunk) = self.chunks.chunk().await? else {
             self.done = true;
             if let Some(t) = &self.text {
-                t.finish().map_err(|e| Status::new(Code::Internal, format!("malformed grpc-web-text body: {e}")))?;
+                t.finish().map_err(|e| malformed_text(&e))?;
             }
             return Ok(false);
         };
         let before = self.buf.len();
         match &mut self.text {
-            Some(t) => t
-                .push(&chunk, &mut self.buf)
-                .map_err(|e| Status::new(Code::Internal, format!("malformed grpc-web-text body: {e}")))?,
+            Some(t) => t.push(&chunk, &mut self.buf).map_err(|e| malformed_text(&e))?,
             None => self.buf.extend_from_slice(&chunk),
         }
         self.held.grow(self.buf.len() - before)?;
@@ -82,17 +80,7 @@ impl<C: Chunks> Reader<C> {
     }
 
     fn inflate(&self, data: &[u8]) -> Result<Bytes, Status> {
-        if data.is_empty() {
-            // An empty message is sent as is, compressed or not.
-            return Ok(Bytes::new());
-        }
-        compression::decompress(self.encoding, data, self.max).map_err(|e| match e {
-            Inflated::TooLarge { limit } => Status::new(
-                Code::ResourceExhausted,
-                format!("request message is larger than the limit of {limit} bytes once decompressed"),
-            ),
-            Inflated::Corrupt(why) => Status::new(Code::Internal, format!("cannot decompress request message: {why}")),
-        })
+        inflate(self.encoding, data, self.max)
     }
 
     fn finish(&mut self, m: Bytes) -> Result<Option<Bytes>, Status> {
@@ -119,6 +107,52 @@ impl<C: Chunks> Reader<C> {
             _ => self.inflate(&body)?,
         };
         self.finish(m)
+    }
+}
+
+/// A compressed request message, inflated within `max` bytes; a message
+/// flagged compressed in a request that names no encoding is refused. An
+/// empty one is empty, compressed or not.
+pub fn inflate(encoding: Encoding, data: &[u8], max: usize) -> Result<Bytes, Status> {
+    if encoding == Encoding::Identity {
+        return Err(grpc::compressed());
+    }
+    if data.is_empty() {
+        return Ok(Bytes::new());
+    }
+    compression::decompress(encoding, data, max).map_err(|e| match e {
+        Inflated::TooLarge { limit } => Status::new(
+            Code::ResourceExhausted,
+            format!("request message is larger than the limit of {limit} bytes once decompressed"),
+        ),
+        Inflated::Corrupt(why) => Status::new(Code::Internal, format!("cannot decompress request message: {why}")),
+    })
+}
+
+/// INVALID_ARGUMENT for a JSON request message that does not map onto the
+/// method's request type.
+pub fn invalid_json(e: &str) -> Status {
+    Status::new(Code::InvalidArgument, format!("invalid JSON request message: {e}"))
+}
+
+/// INTERNAL for a gRPC-Web text body that is not base64.
+pub fn malformed_text(e: &dyn std::fmt::Display) -> Status {
+    Status::new(Code::Internal, format!("malformed grpc-web-text body: {e}"))
+}
+
+/// Where a call's request messages come from: the body, or the query of
+/// a Connect GET (one message).
+pub enum Source<C: Chunks> {
+    Body(C),
+    Query(Option<Bytes>),
+}
+
+impl<C: Chunks> Chunks for Source<C> {
+    async fn chunk(&mut self) -> Result<Option<Bytes>, Status> {
+        match self {
+            Source::Body(b) => b.chunk().await,
+            Source::Query(m) => Ok(m.take()),
+        }
     }
 }
 

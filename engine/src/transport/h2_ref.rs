@@ -12,7 +12,7 @@ use crate::config::Config;
 use crate::observe::record::CallRecord;
 use crate::protocol::grpc::{Code, Status};
 use crate::protocol::head::{self, Refusal};
-use crate::protocol::reader::{Chunks, Reader};
+use crate::protocol::reader::{Chunks, Reader, Source};
 use crate::protocol::responder::{Responder, Sink};
 use crate::protocol::{self, cors, Codec, Head};
 use crate::served::generation::Generation;
@@ -270,7 +270,7 @@ async fn call(
     let mut record = CallRecord::start(stats, journal, &generation, index, dialect.name(), headers);
     let source = match query {
         Some(m) => Source::Query(Some(m)),
-        None => Source::Body(body),
+        None => Source::Body(H2Body(body)),
     };
     let mut input = Reader::new(dialect, source, encoding, config.max_recv_message, config.max_buffered);
     let json = dialect.codec == Codec::Json;
@@ -374,24 +374,19 @@ async fn builtin<I: Inbound, O: Outbound>(
     out.end(&end);
 }
 
-/// Where a call's request message comes from: the body, or a GET's query.
-enum Source {
-    Body(RecvStream),
-    Query(Option<Bytes>),
-}
+/// h2's request body as [`Chunks`], its flow-control window given back as
+/// the reader takes each piece.
+struct H2Body(RecvStream);
 
-impl Chunks for Source {
+impl Chunks for H2Body {
     async fn chunk(&mut self) -> Result<Option<Bytes>, Status> {
-        match self {
-            Source::Query(m) => Ok(m.take()),
-            Source::Body(body) => match body.data().await {
-                None => Ok(None),
-                Some(Ok(chunk)) => {
-                    let _ = body.flow_control().release_capacity(chunk.len());
-                    Ok(Some(chunk))
-                }
-                Some(Err(e)) => Err(Status::new(Code::Internal, format!("request stream failed: {e}"))),
-            },
+        match self.0.data().await {
+            None => Ok(None),
+            Some(Ok(chunk)) => {
+                let _ = self.0.flow_control().release_capacity(chunk.len());
+                Ok(Some(chunk))
+            }
+            Some(Err(e)) => Err(Status::new(Code::Internal, format!("request stream failed: {e}"))),
         }
     }
 }

@@ -16,7 +16,7 @@ use crate::config::Config;
 use crate::observe::record::CallRecord;
 use crate::protocol::grpc::{Code, Status};
 use crate::protocol::head::{self, Refusal, Setup};
-use crate::protocol::reader::{Chunks, Reader};
+use crate::protocol::reader::{Chunks, Reader, Source};
 use crate::protocol::responder::{Responder, Sink};
 use crate::protocol::{self, cors, Codec, Dialect, Head};
 use crate::served::generation::Generation;
@@ -438,21 +438,6 @@ impl Body for CallBody {
             return SizeHint::with_exact(p.queued as u64);
         }
         SizeHint::default()
-    }
-}
-
-/// Where a call's request message comes from: the body, or a GET's query.
-enum Source {
-    Body(Incoming1),
-    Query(Option<Bytes>),
-}
-
-impl Chunks for Source {
-    async fn chunk(&mut self) -> Result<Option<Bytes>, Status> {
-        match self {
-            Source::Body(b) => b.chunk().await,
-            Source::Query(m) => Ok(m.take()),
-        }
     }
 }
 

@@ -33,7 +33,7 @@ impl<'s> Conn<'s> {
             messages: rec.messages,
             rule: rec.rule,
             status: code,
-            message: percent_decode(&rec.message),
+            message: crate::codec::percent::decode(&rec.message, false),
             latency: s.started.elapsed(),
             closest: rec.closest,
             protocol: s.dialect.name(),
@@ -898,33 +898,6 @@ pub(super) fn cut_message(body: &mut BytesMut, len: usize) -> Bytes {
     m.split_off(5).freeze()
 }
 
-/// A compressed request message, inflated within `max` bytes; a message
-/// flagged compressed without an encoding is refused.
-pub(super) fn inflate(encoding: Encoding, data: &[u8], max: usize) -> Result<Bytes, Status> {
-    if encoding == Encoding::Identity {
-        return Err(grpc::compressed());
-    }
-    if data.is_empty() {
-        // An empty message is sent as is, compressed or not.
-        return Ok(Bytes::new());
-    }
-    compression::decompress(encoding, data, max).map_err(|e| match e {
-        compression::Inflated::TooLarge { limit } => Status::new(
-            Code::ResourceExhausted,
-            format!("request message is larger than the limit of {limit} bytes once decompressed"),
-        ),
-        compression::Inflated::Corrupt(why) => {
-            Status::new(Code::Internal, format!("cannot decompress request message: {why}"))
-        }
-    })
-}
-
-/// INVALID_ARGUMENT for a JSON request message that does not map onto
-/// the method's request type.
-pub(super) fn invalid_json(e: &str) -> Status {
-    Status::new(Code::InvalidArgument, format!("invalid JSON request message: {e}"))
-}
-
 /// A message with its gRPC prefix (uncompressed).
 pub(super) fn frame_message(message: &[u8]) -> Bytes {
     let mut b = BytesMut::with_capacity(5 + message.len());
@@ -932,32 +905,6 @@ pub(super) fn frame_message(message: &[u8]) -> Bytes {
     b.extend_from_slice(&(message.len() as u32).to_be_bytes());
     b.extend_from_slice(message);
     b.freeze()
-}
-
-/// A prepared response's `grpc-message`, as sent (percent-encoded).
-pub(super) fn message_of(p: &Prepared) -> &str {
-    p.trailers.get("grpc-message").and_then(|v| v.to_str().ok()).unwrap_or("")
-}
-
-/// Undoes gRPC's percent-encoding of `grpc-message`.
-pub(super) fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let hex = |c: u8| (c as char).to_digit(16);
-        match (b[i], b.get(i + 1).copied().and_then(hex), b.get(i + 2).copied().and_then(hex)) {
-            (b'%', Some(h), Some(l)) => {
-                out.push((h * 16 + l) as u8);
-                i += 3;
-            }
-            (c, _, _) => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Response bytes that may still go into the output buffer now: up to one

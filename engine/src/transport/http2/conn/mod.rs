@@ -21,6 +21,7 @@ use super::frame::{self, code, flag, kind, Head};
 use super::request::{ContentType, RequestHead};
 use crate::budget::{Reported, CALL_COST};
 use crate::call::drive;
+use crate::call::drive::message_of;
 use crate::call::matcher::Closest;
 use crate::call::matcher::Messages;
 use crate::call::{self, Answer};
@@ -30,6 +31,7 @@ use crate::observe::journal::Entry;
 use crate::observe::metrics::WorkerStats;
 use crate::protocol::compression::{self, Encoding};
 use crate::protocol::grpc::{self, Code, Status};
+use crate::protocol::reader::{self, inflate, invalid_json};
 use crate::protocol::web_text::{self, TextDecoder};
 use crate::protocol::{self, connect, Codec, Dialect, Protocol};
 use crate::served::generation::Generation;
@@ -961,7 +963,7 @@ impl<'s> Conn<'s> {
             match s.web.as_mut().and_then(|w| w.text.as_mut()) {
                 Some(t) => {
                     if let Err(e) = t.push(data, &mut s.body) {
-                        let status = Status::new(Code::Internal, format!("malformed grpc-web-text body: {e}"));
+                        let status = reader::malformed_text(&e);
                         if duplex {
                             s.failed = Some(status);
                             s.wake();
