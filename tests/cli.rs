@@ -734,7 +734,7 @@ fn a_second_signal_during_the_drain_exits_at_once() {
 // ---- admin and logs -------------------------------------------------------
 
 #[test]
-fn the_admin_listener_is_announced_and_a_public_one_without_token_warned_about() {
+fn the_admin_listener_is_announced_and_a_public_one_without_token_refused_unless_insecure() {
     let dir = TempDir::new("admin");
     let plan = dir.plan("plan.bin", "v1", 0);
     let engine = Engine::start(&["run", s(&plan), "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"], &[], 2);
@@ -745,8 +745,15 @@ fn the_admin_listener_is_announced_and_a_public_one_without_token_warned_about()
     assert!(!engine.log().contains("without --admin-token"));
     drop(engine);
 
-    let engine = Engine::start(&["run", s(&plan), "--listen", "127.0.0.1:0", "--admin-listen", "0.0.0.0:0"], &[], 2);
-    assert!(engine.log().contains("without --admin-token"), "{}", engine.log());
+    let out = output(&["run", s(&plan), "--listen", "127.0.0.1:0", "--admin-listen", "0.0.0.0:0"], &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("non-loopback address, without --admin-token"), "{stderr}");
+    assert!(out.stdout.is_empty(), "nothing served: {}", String::from_utf8_lossy(&out.stdout));
+
+    let args = ["run", s(&plan), "--listen", "127.0.0.1:0", "--admin-listen", "0.0.0.0:0", "--admin-insecure"];
+    let engine = Engine::start(&args, &[], 2);
+    assert!(engine.log().contains("without --admin-token (--admin-insecure)"), "{}", engine.log());
     drop(engine);
 
     let args = ["run", s(&plan), "--listen", "127.0.0.1:0", "--admin-listen", "0.0.0.0:0", "--admin-token", "t"];

@@ -49,6 +49,7 @@ pub fn test_depth(test: &Test) -> usize {
 
 /// A regular expression to compile, collected while reading conditions; the
 /// plan's `Op::Regex(i)` indexes the compiler-wide list of these.
+#[derive(Clone)]
 pub struct RegexSpec {
     pub pattern: String,
     pub flags: String,

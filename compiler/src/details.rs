@@ -221,11 +221,10 @@ mod tests {
     #[test]
     fn status_encoding_matches_prost_reflect() {
         let mut diags = Diagnostics::default();
-        let dir = std::env::temp_dir().join(format!("wirestub-details-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("a.proto"), "syntax = \"proto3\"; package a; message M { string s = 1; }").unwrap();
-        let schema = crate::protos::compile(std::slice::from_ref(&dir), &mut diags).expect("compiles");
-        let _ = std::fs::remove_dir_all(&dir);
+        let mut protos = std::collections::BTreeMap::new();
+        let text = "syntax = \"proto3\"; package a; message M { string s = 1; }";
+        protos.insert("a.proto".to_string(), crate::protos::Text { shown: "a.proto".into(), text: text.into() });
+        let schema = crate::protos::compile(&protos, &[], &Default::default(), &mut diags).expect("compiles");
         let bytes = encode_status(3, "bad", &[("type.googleapis.com/a.M".into(), b"\x0a\x01x".to_vec())]);
         let desc = schema.pool.get_message_by_name("google.rpc.Status").expect("built in");
         let status = prost_reflect::DynamicMessage::decode(desc, bytes.as_slice()).unwrap();

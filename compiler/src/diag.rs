@@ -32,6 +32,12 @@ impl SourceFile {
         Arc::new(SourceFile { name: path.display().to_string(), text })
     }
 
+    /// A file known by the name shown to the user (a path, or an upload's
+    /// name).
+    pub fn named(name: &str, text: String) -> Arc<SourceFile> {
+        Arc::new(SourceFile { name: name.to_string(), text })
+    }
+
     /// The span of a whole line, or of the file's start.
     pub fn line_span(self: &Arc<Self>, line: u32) -> Span {
         Span { file: self.clone(), line, col: 1, len: 1 }
@@ -156,6 +162,15 @@ impl Diagnostics {
 
     pub fn error(&mut self, span: Option<Span>, message: impl Into<String>) {
         self.push(Diagnostic::error(span, message));
+    }
+
+    /// Adds every diagnostic of `other`, and its counts of those not kept.
+    pub fn extend(&mut self, other: &Diagnostics) {
+        for d in &other.list {
+            self.push(d.clone());
+        }
+        self.more_errors += other.more_errors;
+        self.more_warnings += other.more_warnings;
     }
 
     pub fn has_errors(&self) -> bool {

@@ -8,10 +8,12 @@ mod canonical;
 pub mod conditions;
 mod details;
 pub mod diag;
+mod gripmock;
 mod lower;
 pub mod protos;
 mod regex;
 pub mod rules;
+pub mod sources;
 mod template;
 pub mod values;
 pub mod yaml;
@@ -57,34 +59,21 @@ impl Output {
     }
 }
 
-/// Compiles protos and rules. On failure, the diagnostics hold at least one
-/// error (and every other problem found).
+/// Compiles the protos and rules below the option's directories. On
+/// failure, the diagnostics hold at least one error (and every other
+/// problem found).
 pub fn compile(options: &Options) -> Result<Output, Diagnostics> {
     let mut diags = Diagnostics::default();
-    let schema = protos::compile(&options.protos, &mut diags);
-    let Some(schema) = schema else {
-        diags.sort();
-        return Err(diags);
-    };
-    for dir in &options.rules {
-        if !dir.is_dir() {
-            diags.error(None, format!("rules directory `{}` does not exist", dir.display()));
-        }
+    let sources = sources::Sources::read(options, &mut diags);
+    if sources.protos.is_empty() && sources.descriptor_sets.is_empty() && !diags.has_errors() {
+        let shown: Vec<String> = options.protos.iter().map(|d| format!("`{}`", d.display())).collect();
+        diags.error(None, format!("no .proto files found in {}", shown.join(", ")));
     }
-    let (docs, regex_specs) = rules::load(&options.rules, &schema.pool, &mut diags);
-    let regexes = regex::compile_all(&regex_specs, &mut diags);
     if diags.has_errors() {
         diags.sort();
         return Err(diags);
     }
-    let regexes: Vec<Vec<u8>> = regexes.into_iter().flatten().collect();
-    let rule_docs = docs.len();
-    let plan = lower::lower(&schema.pool, schema.encoded, docs, &regexes, &mut diags);
-    diags.sort();
-    if diags.has_errors() {
-        return Err(diags);
-    }
-    Ok(Output { plan, warnings: diags, proto_files: schema.files, rule_docs })
+    sources::compile(&sources, &mut sources::Cache::default())
 }
 
 /// Renders a plan readably, decoding each response body to protobuf JSON

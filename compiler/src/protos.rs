@@ -9,8 +9,10 @@
 
 use crate::diag::{Diagnostic, Diagnostics, SourceFile, Span};
 use prost_reflect::DescriptorPool;
-use protox::file::{ChainFileResolver, File, FileResolver, GoogleFileResolver, IncludeFileResolver};
+use protox::file::{ChainFileResolver, File, FileResolver, GoogleFileResolver};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 /// The compiled schema: the pool for type checking and the encoded
 /// FileDescriptorSet (dependencies included) that goes into the plan.
@@ -44,29 +46,105 @@ pub fn list_files(dir: &Path, ext: &[&str]) -> std::io::Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-pub fn compile(dirs: &[PathBuf], diags: &mut Diagnostics) -> Option<Schema> {
-    let mut files = Vec::new();
+/// A `.proto` file held in memory: the path shown in diagnostics and its
+/// text.
+#[derive(Debug, Clone)]
+pub struct Text {
+    pub shown: String,
+    pub text: Arc<str>,
+}
+
+/// Parsed `.proto` files kept between compilations, by import name and a
+/// hash of the text, so a compilation parses only the files that changed.
+#[derive(Default, Clone)]
+pub struct ParseCache {
+    inner: Arc<Mutex<ParseInner>>,
+}
+
+#[derive(Default)]
+struct ParseInner {
+    files: HashMap<(String, u64), File>,
+    /// Keys used by the current compilation (the others are dropped after it).
+    used: HashSet<(String, u64)>,
+}
+
+impl ParseCache {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ParseInner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn get_or_parse(&self, name: &str, text: &str) -> Result<File, protox::Error> {
+        let key = (name.to_string(), hash_str(text));
+        let cached = self.lock().files.get(&key).cloned();
+        if let Some(f) = cached {
+            self.lock().used.insert(key);
+            return Ok(f);
+        }
+        let file = File::from_source(name, text)?;
+        let mut inner = self.lock();
+        inner.files.insert(key.clone(), file.clone());
+        inner.used.insert(key);
+        Ok(file)
+    }
+
+    /// Forgets the files the last compilation did not read.
+    fn prune(&self) {
+        let mut inner = self.lock();
+        let used = std::mem::take(&mut inner.used);
+        inner.files.retain(|k, _| used.contains(k));
+    }
+}
+
+/// A hash of a text, for caches keyed by content.
+pub fn hash_str(text: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    text.hash(&mut h);
+    h.finish()
+}
+
+/// Reads every `.proto` file below the directories, keyed by import name
+/// (the path below its directory; the first directory wins, as an include
+/// path would).
+pub fn read_dirs(dirs: &[PathBuf], diags: &mut Diagnostics) -> BTreeMap<String, Text> {
+    let mut out = BTreeMap::new();
     for dir in dirs {
-        match list_files(dir, &["proto"]) {
-            Ok(f) => files.extend(f),
+        let files = match list_files(dir, &["proto"]) {
+            Ok(f) => f,
             Err(e) => {
                 diags.error(None, format!("cannot read proto directory `{}`: {e}", dir.display()));
-                return None;
+                continue;
+            }
+        };
+        for f in files {
+            let name = f.strip_prefix(dir).unwrap_or(&f).to_string_lossy().replace('\\', "/");
+            match std::fs::read_to_string(&f) {
+                Ok(text) => {
+                    out.entry(name).or_insert(Text { shown: f.display().to_string(), text: text.into() });
+                }
+                Err(e) => diags.error(None, format!("cannot read proto file `{}`: {e}", f.display())),
             }
         }
     }
-    if files.is_empty() {
-        let shown: Vec<String> = dirs.iter().map(|d| format!("`{}`", d.display())).collect();
-        diags.error(None, format!("no .proto files found in {}", shown.join(", ")));
-        return None;
-    }
+    out
+}
+
+/// Compiles the given `.proto` files (by import name) together with
+/// `extra` files given as descriptors (an uploaded descriptor set, a base
+/// plan's files): all are part of the schema, and imports resolve to any of
+/// them, to the well-known types and to the built-in google.rpc files.
+pub fn compile(
+    protos: &BTreeMap<String, Text>,
+    extra: &[prost_reflect::prost_types::FileDescriptorProto],
+    cache: &ParseCache,
+    diags: &mut Diagnostics,
+) -> Option<Schema> {
     // protox's parser recurses on nested option values: check the nesting
     // before any file is parsed (a file may be parsed as another's import).
     let mut too_deep = false;
-    for f in &files {
-        let Ok(text) = std::fs::read_to_string(f) else { continue };
-        if let Some(offset) = nesting_past_limit(&text) {
-            let file = SourceFile::new(f, text);
+    for f in protos.values() {
+        if let Some(offset) = nesting_past_limit(&f.text) {
+            let file = SourceFile::named(&f.shown, f.text.to_string());
             let d = Diagnostic::error(
                 Some(file.span_at(offset, 1)),
                 format!("braces, brackets or parentheses nested more than {MAX_NESTING} deep"),
@@ -78,10 +156,9 @@ pub fn compile(dirs: &[PathBuf], diags: &mut Diagnostics) -> Option<Schema> {
     if too_deep {
         return None;
     }
+    let memory = MemoryFileResolver { protos: protos.clone(), extra: extra.to_vec(), cache: cache.clone() };
     let mut resolver = ChainFileResolver::new();
-    for dir in dirs {
-        resolver.add(IncludeFileResolver::new(dir.clone()));
-    }
+    resolver.add(memory);
     resolver.add(GoogleFileResolver::new());
     resolver.add(BuiltinFileResolver);
     let mut compiler = protox::Compiler::with_file_resolver(resolver);
@@ -89,22 +166,44 @@ pub fn compile(dirs: &[PathBuf], diags: &mut Diagnostics) -> Option<Schema> {
     // Open files one by one so that every broken file is reported, not only
     // the first.
     let mut failed = false;
-    for f in &files {
-        if let Err(e) = compiler.open_file(f) {
-            diags.push(to_diagnostic(&e, dirs));
+    let names = protos.keys().map(String::as_str).chain(extra.iter().map(|f| f.name()));
+    for name in names {
+        if let Err(e) = compiler.open_file(name) {
+            diags.push(to_diagnostic(&e, protos));
             failed = true;
         }
     }
+    cache.prune();
     if failed {
         return None;
     }
     add_builtins(&mut compiler, diags)?;
     let encoded = compiler.encode_file_descriptor_set();
     match DescriptorPool::decode(encoded.as_slice()) {
-        Ok(pool) => Some(Schema { pool, encoded, files: files.len() }),
+        Ok(pool) => Some(Schema { pool, encoded, files: protos.len() + extra.len() }),
         Err(e) => {
             diags.error(None, format!("protos compiled but could not be loaded: {e}"));
             None
+        }
+    }
+}
+
+/// Resolves import names to the in-memory files (parsed through the
+/// cache), then to the files given as descriptors.
+struct MemoryFileResolver {
+    protos: BTreeMap<String, Text>,
+    extra: Vec<prost_reflect::prost_types::FileDescriptorProto>,
+    cache: ParseCache,
+}
+
+impl FileResolver for MemoryFileResolver {
+    fn open_file(&self, name: &str) -> Result<File, protox::Error> {
+        if let Some(t) = self.protos.get(name) {
+            return self.cache.get_or_parse(name, &t.text);
+        }
+        match self.extra.iter().find(|f| f.name() == name) {
+            Some(f) => Ok(File::from_file_descriptor_proto(f.clone())),
+            None => Err(protox::Error::file_not_found(name)),
         }
     }
 }
@@ -197,18 +296,12 @@ fn add_builtins(compiler: &mut protox::Compiler, diags: &mut Diagnostics) -> Opt
 
 /// Turns a protox error into a diagnostic with the file, line and column of
 /// its first label.
-fn to_diagnostic(e: &protox::Error, dirs: &[PathBuf]) -> Diagnostic {
+fn to_diagnostic(e: &protox::Error, protos: &BTreeMap<String, Text>) -> Diagnostic {
     use miette::Diagnostic as _;
     let message = e.to_string();
     let file = e.file().and_then(|name| {
-        let direct = Path::new(name);
-        let path = if direct.exists() {
-            Some(direct.to_path_buf())
-        } else {
-            dirs.iter().map(|d| d.join(name)).find(|p| p.exists())
-        }?;
-        let text = std::fs::read_to_string(&path).ok()?;
-        Some(SourceFile::new(&path, text))
+        let t = protos.get(name).or_else(|| protos.values().find(|t| t.shown == name))?;
+        Some(SourceFile::named(&t.shown, t.text.to_string()))
     });
     let label = e.labels().and_then(|mut l| l.next());
     let span: Option<Span> = match (&file, label) {

@@ -31,6 +31,7 @@ use std::path::PathBuf;
 use wirestub_plan as plan;
 
 /// One rule document after checking.
+#[derive(Clone)]
 pub struct RuleDoc {
     pub method: MethodDescriptor,
     /// `mode: duplex` on a bidirectional method: answer each message.
@@ -42,6 +43,7 @@ pub struct RuleDoc {
 
 /// A checked condition. `Op::Regex` indices refer to the list `load`
 /// returns beside the documents.
+#[derive(Clone)]
 pub struct Cond {
     pub source: CondSource,
     pub test: plan::Test,
@@ -54,6 +56,7 @@ pub enum CondSource {
 }
 
 /// A checked response entry.
+#[derive(Clone)]
 pub struct Resp {
     pub when: Option<Vec<Cond>>,
     pub priority: i64,
@@ -65,7 +68,14 @@ pub struct Resp {
     pub span: Span,
 }
 
-const DOC_KEYS: &[&str] = &["service", "method", "mode", "match", "responses", "description"];
+const DOC_KEYS: &[&str] = &["service", "method", "mode", "match", "responses", "description", "session"];
+/// The metadata key that carries a call's test session; rules with a
+/// `session` answer only calls that carry it (the engine also reads
+/// `x-gripmock-session` under this name).
+pub use wirestub_plan::SESSION_KEY;
+/// Rule files below `sessions/NAME/` in a rules directory belong to the
+/// session NAME.
+pub const SESSIONS_DIR: &str = "sessions";
 const MATCH_KEYS: &[&str] = &["request", "metadata"];
 const RESPONSE_KEYS: &[&str] =
     &["when", "body", "metadata", "trailers", "details", "delay_ms", "latency", "fault", "times", "priority"];
@@ -112,28 +122,93 @@ pub fn load(dirs: &[PathBuf], pool: &DescriptorPool, diags: &mut Diagnostics) ->
                     continue;
                 }
             };
+            let rel = path.strip_prefix(dir).unwrap_or(&path).to_string_lossy().replace('\\', "/");
             let file = SourceFile::new(&path, text);
-            let nodes = match yaml::parse_with(&file, &mut budget) {
-                Ok(n) => n,
-                Err(d) => {
-                    diags.push(d);
-                    continue;
-                }
-            };
-            let stem = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-            let stem = stem.rsplit_once('.').map(|(s, _)| s).unwrap_or(stem).to_string();
-            for node in &nodes {
-                let mut cx = DocCx { stem: &stem, methods: &methods, diags, regexes: &mut regexes, aggregate: false };
-                if let Some(doc) = cx.doc(node) {
-                    docs.push(doc);
-                }
-            }
+            let checked = check_file(&file, session_of(&rel), &methods, &mut budget, diags);
+            let offset = regexes.len() as u32;
+            docs.extend(checked.docs.into_iter().map(|mut d| {
+                d.offset_regexes(offset);
+                d
+            }));
+            regexes.extend(checked.regexes);
         }
     }
     (docs, regexes)
 }
 
-struct MethodIndex {
+/// The session a rule file belongs to by its path relative to its rules
+/// directory: `sessions/NAME/...`.
+pub fn session_of(rel: &str) -> Option<&str> {
+    let rest = rel.strip_prefix(SESSIONS_DIR)?.strip_prefix('/')?;
+    let (name, file) = rest.split_once('/')?;
+    (!name.is_empty() && !file.is_empty()).then_some(name)
+}
+
+/// The documents of one rule file, with the regular expressions their
+/// conditions use (`Op::Regex` indices count from 0 in this file).
+pub struct CheckedFile {
+    pub docs: Vec<RuleDoc>,
+    pub regexes: Vec<RegexSpec>,
+}
+
+/// Parses and checks one rule file; problems go to `diags`. `session`
+/// applies to every document (from the file's place, see [`session_of`]).
+pub fn check_file(
+    file: &std::sync::Arc<SourceFile>,
+    session: Option<&str>,
+    methods: &MethodIndex,
+    budget: &mut yaml::Budget,
+    diags: &mut Diagnostics,
+) -> CheckedFile {
+    let mut out = CheckedFile { docs: Vec::new(), regexes: Vec::new() };
+    let nodes = match yaml::parse_with(file, budget) {
+        Ok(n) => n,
+        Err(d) => {
+            diags.push(d);
+            return out;
+        }
+    };
+    let name = file.name.rsplit(['/', '\\']).next().unwrap_or_default();
+    let stem = name.rsplit_once('.').map(|(s, _)| s).unwrap_or(name).to_string();
+    // GripMock stubs become rule documents first (see `gripmock.rs`).
+    let nodes = crate::gripmock::expand(nodes, methods.services.values(), diags);
+    for node in &nodes {
+        let mut cx = DocCx { stem: &stem, methods, diags, regexes: &mut out.regexes, aggregate: false, session };
+        if let Some(doc) = cx.doc(node) {
+            out.docs.push(doc);
+        }
+    }
+    out
+}
+
+impl RuleDoc {
+    /// Adds `offset` to every `Op::Regex` index (documents of several files
+    /// share one list of expressions).
+    pub fn offset_regexes(&mut self, offset: u32) {
+        if offset == 0 {
+            return;
+        }
+        fn walk(t: &mut plan::Test, offset: u32) {
+            match t {
+                plan::Test::Op(plan::Op::Regex(i)) => *i += offset,
+                plan::Test::Op(plan::Op::Len(inner)) | plan::Test::Not(inner) => walk(inner, offset),
+                plan::Test::Any(list) | plan::Test::All(list) => list.iter_mut().for_each(|t| walk(t, offset)),
+                plan::Test::Op(_) => {}
+            }
+        }
+        for c in self.gate.iter_mut() {
+            walk(&mut c.test, offset);
+        }
+        for r in self.responses.iter_mut() {
+            for c in r.when.iter_mut().flatten() {
+                walk(&mut c.test, offset);
+            }
+        }
+    }
+}
+
+/// The schema's methods by name, for resolving rule documents.
+pub struct MethodIndex {
     /// Lower-case `package.service.method` to method.
     by_dotted: HashMap<String, MethodDescriptor>,
     /// Full service name to its methods.
@@ -141,7 +216,7 @@ struct MethodIndex {
 }
 
 impl MethodIndex {
-    fn new(pool: &DescriptorPool) -> Self {
+    pub fn new(pool: &DescriptorPool) -> Self {
         let mut by_dotted = HashMap::new();
         let mut services = HashMap::new();
         for s in pool.services() {
@@ -172,6 +247,8 @@ struct DocCx<'a> {
     /// Whether request paths in this document use the aggregate view of a
     /// client stream (`first`, `last`, `items.N`, `count`).
     aggregate: bool,
+    /// The session of the file's place, if any.
+    session: Option<&'a str>,
 }
 
 impl DocCx<'_> {
@@ -256,6 +333,9 @@ impl DocCx<'_> {
                 }
             }
         }
+        if let Some(session) = self.session_cond(get("session")) {
+            gate.push(session);
+        }
         let mut responses = Vec::new();
         match get("responses") {
             None => {
@@ -277,6 +357,33 @@ impl DocCx<'_> {
             },
         }
         Some(RuleDoc { method, duplex, gate, responses })
+    }
+
+    /// The gate condition of the document's session: its `session` key, or
+    /// the session of the file's place; both given must agree.
+    fn session_cond(&mut self, key: Option<&(Node, Node)>) -> Option<Cond> {
+        let name = match key {
+            Some((_, v)) => {
+                let Some(name) = v.scalar().filter(|s| is_valid_session(s)) else {
+                    let d = self
+                        .err(&v.span, format!("`session` must be a session name, found {}", v.describe()))
+                        .with_help("1 to 128 letters, digits, `-`, `_` or `.`");
+                    self.diags.push(d);
+                    return None;
+                };
+                if let Some(place) = self.session.filter(|p| *p != name) {
+                    let d = self.err(&v.span, format!("`session: {name}` in a file of session `{place}`")).with_help(
+                        format!("files below `{SESSIONS_DIR}/{place}/` belong to session `{place}`; drop the key or move the file"),
+                    );
+                    self.diags.push(d);
+                    return None;
+                }
+                name.to_string()
+            }
+            None => self.session?.to_string(),
+        };
+        let test = plan::Test::Op(plan::Op::Eq(plan::Value::Bytes(name.into_bytes())));
+        Some(Cond { source: CondSource::Metadata(SESSION_KEY.to_string()), test })
     }
 
     fn expect_map<'n>(&mut self, node: &'n Node, what: &str) -> Option<&'n [(Node, Node)]> {
@@ -806,6 +913,15 @@ impl DocCx<'_> {
         let Target::Field { path, .. } = target else { return None };
         Some(Cond { source: CondSource::Field(path), test })
     }
+}
+
+/// A session name: 1 to 128 ASCII letters, digits, `-`, `_` or `.`, not
+/// `.` or `..` (it names a directory and travels as a header value).
+pub fn is_valid_session(name: &str) -> bool {
+    (1..=128).contains(&name.len())
+        && name != "."
+        && name != ".."
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
 /// Where to point for a whole document: its first key.

@@ -23,8 +23,41 @@ pub use routes::{handle, Response};
 
 pub use http::DEFAULT_HEAD_TIMEOUT;
 
+/// Routes served beside the built-in ones: the runtime API
+/// (`crate::runtime::routes`), which needs the compiler.
+pub trait Extension: Send + Sync {
+    /// Answers a request no built-in route took, or None (404).
+    fn handle(&self, state: &State, request: &Request<'_>) -> Option<Response>;
+    /// What `/admin/status` shows of it, under `runtime`.
+    fn status(&self) -> serde_json::Value;
+}
+
+/// A parsed admin request, for an [`Extension`].
+pub struct Request<'a> {
+    pub method: &'a str,
+    /// The path's segments, percent-decoded.
+    pub segments: &'a [&'a str],
+    /// Query parameters, decoded, in order.
+    pub query: &'a [(String, String)],
+    /// Header fields, names in lower case.
+    pub headers: &'a [(String, String)],
+    pub body: &'a [u8],
+}
+
+impl Request<'_> {
+    /// The first value of header `name` (lower case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+
+    /// The first value of query parameter `name`.
+    pub fn param(&self, name: &str) -> Option<&str> {
+        self.query.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+}
+
 /// Admin API options.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Options {
     /// Requests other than the probes must carry `Authorization: Bearer
     /// TOKEN`. An empty token is the same as none.
@@ -33,11 +66,23 @@ pub struct Options {
     /// request on a kept-alive connection from its first byte
     /// (`--admin-head-timeout-ms`).
     pub head_timeout: Duration,
+    /// More routes (the runtime API).
+    pub extension: Option<Arc<dyn Extension>>,
+}
+
+impl std::fmt::Debug for Options {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Options")
+            .field("token", &self.token.as_ref().map(|_| "(set)"))
+            .field("head_timeout", &self.head_timeout)
+            .field("extension", &self.extension.is_some())
+            .finish()
+    }
 }
 
 impl Default for Options {
     fn default() -> Options {
-        Options { token: None, head_timeout: DEFAULT_HEAD_TIMEOUT }
+        Options { token: None, head_timeout: DEFAULT_HEAD_TIMEOUT, extension: None }
     }
 }
 

@@ -7,10 +7,12 @@
 //! templates, streaming, timing, faults) answered from the [`served`] plan.
 //! [`observe`] holds what watches calls (metrics, journal) and the
 //! engine's own services (health, reflection); [`state`] ties the current
-//! plan generation to them; [`admin`] is the admin HTTP API. [`codec`]
+//! plan generation to them; [`admin`] is the admin HTTP API, and `runtime`
+//! (feature `compile`) its routes that change protos and rules while
+//! serving, the one module that uses the compiler. [`codec`]
 //! (protobuf wire format, HPACK) and [`config`] sit below everything. The
-//! request path never decodes a whole message; the library never depends
-//! on the compiler or protox.
+//! request path never decodes a whole message; nothing but `runtime`
+//! depends on the compiler or protox.
 
 pub mod admin;
 pub mod budget;
@@ -20,6 +22,8 @@ pub mod config;
 pub mod observe;
 pub mod protocol;
 pub mod rng;
+#[cfg(feature = "compile")]
+pub mod runtime;
 pub mod served;
 pub mod server;
 pub mod state;

@@ -28,8 +28,10 @@
 
 mod codec;
 mod dump;
+pub mod layer;
 
 pub use codec::LoadError;
+pub use layer::layer;
 
 /// First eight bytes of every plan file.
 pub const MAGIC: [u8; 8] = *b"WSTBPLAN";
@@ -588,6 +590,13 @@ pub const STATUS_NAMES: [&str; 17] = [
     "DATA_LOSS",
     "UNAUTHENTICATED",
 ];
+
+/// The metadata key of a call's test session. Rules written for a session
+/// test it; the engine reads [`SESSION_ALIAS`] under this name too, so
+/// clients of either convention select their session's rules.
+pub const SESSION_KEY: &str = "x-wirestub-session";
+/// GripMock's session header, read as [`SESSION_KEY`].
+pub const SESSION_ALIAS: &str = "x-gripmock-session";
 
 /// Whether `name` is a valid gRPC metadata key: lower-case `[0-9a-z_.-]+`.
 pub fn is_valid_metadata_key(name: &str) -> bool {

@@ -121,7 +121,7 @@ pub fn handle(
             headers: Vec::new(),
             body: metrics(state).into_bytes(),
         }),
-        ["admin", "status"] => only(method, &["GET"]).unwrap_or_else(|| status(state)),
+        ["admin", "status"] => only(method, &["GET"]).unwrap_or_else(|| status(state, options)),
         ["admin", "services"] => only(method, &["GET"]).unwrap_or_else(|| services(state)),
         ["admin", "methods", service, name, "rules"] => {
             only(method, &["GET"]).unwrap_or_else(|| rules(state, service, name))
@@ -144,7 +144,14 @@ pub fn handle(
         ["admin", "journal", "verify"] => {
             only(method, &["POST"]).unwrap_or_else(|| with_journal(state, |j| verify(j, body)))
         }
-        _ => Response::error(404, &format!("no admin route {trimmed}")),
+        _ => {
+            let request = super::Request { method, segments: &segments, query: &query, headers, body };
+            options
+                .extension
+                .as_ref()
+                .and_then(|e| e.handle(state, &request))
+                .unwrap_or_else(|| Response::error(404, &format!("no admin route {trimmed}")))
+        }
     }
 }
 
@@ -238,7 +245,7 @@ fn with_journal(state: &State, f: impl FnOnce(&Journal) -> Response) -> Response
 // Status, services, rules, reload
 // ---------------------------------------------------------------------------
 
-fn status(state: &State) -> Response {
+fn status(state: &State, options: &Options) -> Response {
     let g = state.current();
     let methods = g.served.methods.iter().filter(|m| m.builtin.is_none()).count();
     let rules: usize = g.served.methods.iter().map(|m| m.plan.rules.len()).sum();
@@ -282,6 +289,7 @@ fn status(state: &State) -> Response {
             "journal": journal,
             "workers": state.workers,
             "draining": state.is_draining(),
+            "runtime": options.extension.as_ref().map(|e| e.status()),
         }),
     )
 }

@@ -34,7 +34,12 @@ pub trait Metadata {
 
 impl Metadata for HeaderMap {
     fn value(&self, _: usize, key: &str) -> Option<&[u8]> {
-        self.get(key).map(|v| v.as_bytes())
+        let value = self.get(key).or_else(|| match key {
+            // GripMock's session header reads as wirestub's.
+            wirestub_plan::SESSION_KEY => self.get(wirestub_plan::SESSION_ALIAS),
+            _ => None,
+        });
+        value.map(|v| v.as_bytes())
     }
 }
 

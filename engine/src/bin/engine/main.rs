@@ -18,10 +18,10 @@ mod watch;
 use options::{Command, LogFormat, Options};
 use std::io::{IsTerminal, Write};
 use std::net::TcpListener;
-use std::path::Path;
 use std::process::ExitCode;
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
+use wirestub_engine::runtime::Runtime;
 use wirestub_engine::server::Listeners;
 use wirestub_engine::state::Reloader;
 use wirestub_engine::{admin, Plan, Server, State};
@@ -101,38 +101,22 @@ fn fatal(format: LogFormat, msg: &str) {
 /// where it came from.
 type Loaded = (Plan, Option<Vec<u8>>, String);
 
-/// Reads and checks a plan file.
-fn read_plan(path: &Path) -> Result<Loaded, String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("cannot read plan `{}`: {e}", path.display()))?;
-    let plan = Plan::from_bytes(&bytes).map_err(|e| format!("`{}`: {e}", path.display()))?;
-    Ok((plan, Some(bytes), path.display().to_string()))
-}
-
-/// Compiles the protos and rules; warnings go to the log, errors come back
-/// as the compiler's rendered diagnostics.
-fn compile(options: &wirestub_compiler::Options) -> Result<Loaded, String> {
-    let out = wirestub_compiler::compile(options).map_err(|d| d.render())?;
-    if !out.warnings.is_empty() {
-        tracing::warn!("{}", out.warnings.render().trim_end());
-    }
-    tracing::info!("compiled {}", out.summary());
-    let dirs = |d: &[std::path::PathBuf]| d.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ");
-    let source = format!("compiled from protos {} and rules {}", dirs(&options.protos), dirs(&options.rules));
-    Ok((out.plan, None, source))
-}
-
-/// Loads the first plan and, for reloads, returns how to load the next.
-fn plan_source(options: &Options) -> (Result<Loaded, String>, Reloader) {
-    match &options.plan {
-        Some(path) => {
-            let path = path.clone();
-            (read_plan(&path), Box::new(move || read_plan(&path)))
-        }
+/// Loads the first plan through the runtime store (which also answers the
+/// runtime API and reloads).
+fn plan_source(options: &Options) -> Result<(Arc<Runtime>, Loaded), String> {
+    let (runtime, built) = match &options.plan {
+        Some(path) => Runtime::over_plan(path, options.state_dir.as_deref())?,
         None => {
-            let compile_options = options.compile.clone();
-            (compile(&compile_options), Box::new(move || compile(&compile_options)))
+            if options.state_dir.is_some() {
+                return Err("--state-dir goes with a plan file; without one, runtime changes are written into \
+                            the --protos and --rules directories"
+                    .into());
+            }
+            Runtime::from_dirs(options.compile.clone())?
         }
-    }
+    };
+    tracing::info!(source = %built.2, "loaded");
+    Ok((Arc::new(runtime), built))
 }
 
 fn bind(flag: &str, addr: &str) -> Result<TcpListener, String> {
@@ -153,13 +137,14 @@ fn run(options: Options) -> Result<ExitCode, String> {
             }
         })
     });
-    let (first, reloader) = plan_source(&options);
-    let (plan, bytes, source) = first?;
+    let (runtime, (plan, bytes, source)) = plan_source(&options)?;
     let methods = plan.methods.len();
     let state =
         State::new(plan, bytes.as_deref(), source.clone(), options.no_match, options.server.workers, options.journal)
             .map_err(|e| format!("`{source}`: {e}"))?;
     let state = Arc::new(state);
+    let reloads_from = runtime.clone();
+    let reloader: Reloader = Box::new(move || reloads_from.reread().map_err(|d| d.render()));
     state.set_reloader(reloader);
 
     // Everything that can fail is checked before anything starts serving.
@@ -181,6 +166,18 @@ fn run(options: Options) -> Result<ExitCode, String> {
         other => other.transpose()?,
     };
 
+    if let Some(addr) = admin_listener.as_ref().and_then(|l| l.local_addr().ok()) {
+        if options.admin_token.as_deref().is_none_or(str::is_empty)
+            && !addr.ip().is_loopback()
+            && !options.admin_insecure
+        {
+            return Err(format!(
+                "the admin API would listen on {addr}, a non-loopback address, without --admin-token: anyone who \
+                 reaches it could change the mocks. Set --admin-token, listen on loopback, or pass \
+                 --admin-insecure if this is intended"
+            ));
+        }
+    }
     let has_plain = plain.is_some();
     let server = Server::start(Listeners { plain, tls }, state.clone(), options.server.clone())
         .map_err(|e| format!("cannot start serving: {e}"))?;
@@ -192,14 +189,18 @@ fn run(options: Options) -> Result<ExitCode, String> {
             if token.is_none() && !addr.ip().is_loopback() {
                 tracing::warn!(
                     %addr,
-                    "the admin API listens on a non-loopback address without --admin-token: anyone who can reach \
-                     it can read the journal and reload the plan"
+                    "the admin API listens on a non-loopback address without --admin-token (--admin-insecure): \
+                     anyone who can reach it can change the mocks and read the journal"
                 );
             }
             let admin = admin::Admin::start(
                 listener,
                 state.clone(),
-                admin::Options { token, head_timeout: options.admin_head_timeout },
+                admin::Options {
+                    token,
+                    head_timeout: options.admin_head_timeout,
+                    extension: Some(Arc::new(wirestub_engine::runtime::routes::Api { runtime: runtime.clone() })),
+                },
             )
             .map_err(|e| format!("cannot start the admin API on {addr}: {e}"))?;
             (Some(admin), Some(addr))

@@ -103,6 +103,16 @@ pub const FLAGS: &[Flag] = &[
         section: PLAN,
     },
     Flag {
+        name: "state-dir",
+        value: "DIR",
+        kind: Kind::Path,
+        default: "",
+        help: "with a plan: where protos, rules and stubs added through the runtime API are kept (DIR/protos, \
+               DIR/rules), layered over the plan and restored on restart; without it they live in memory. \
+               Without a plan, runtime changes are written into the --protos and --rules directories",
+        section: PLAN,
+    },
+    Flag {
         name: "watch",
         value: "",
         kind: Kind::Switch,
@@ -219,8 +229,18 @@ pub const FLAGS: &[Flag] = &[
         value: "TOKEN",
         kind: Kind::Value,
         default: "",
-        help: "admin requests other than the health probes must carry `Authorization: Bearer TOKEN`; the \
-               engine warns when the admin API listens on a non-loopback address without one",
+        help: "admin requests other than the health probes must carry `Authorization: Bearer TOKEN`; \
+               without one the admin API (which can change what the engine answers) only listens on loopback \
+               addresses, unless --admin-insecure",
+        section: ADMIN,
+    },
+    Flag {
+        name: "admin-insecure",
+        value: "",
+        kind: Kind::Switch,
+        default: "false",
+        help: "let the admin API listen on a non-loopback address without --admin-token (anyone who reaches \
+               it can change the mocks and read the journal)",
         section: ADMIN,
     },
     Flag {
@@ -588,6 +608,10 @@ pub struct Options {
     /// Whether `admin_listen` was asked for (false: it is the default).
     pub admin_listen_given: bool,
     pub admin_token: Option<String>,
+    /// A non-loopback admin address without a token is intended.
+    pub admin_insecure: bool,
+    /// Where runtime changes over a plan are kept.
+    pub state_dir: Option<PathBuf>,
     /// Time an admin connection has to send a whole request head.
     pub admin_head_timeout: Duration,
     pub journal: usize,
@@ -746,6 +770,8 @@ pub fn parse(args: &[String], env: &dyn Fn(&str) -> Option<String>) -> Result<Co
         admin_listen: must("admin-listen").address()?,
         admin_listen_given: lookup("admin-listen").is_some(),
         admin_token: get("admin-token").map(|r| r.text().to_string()),
+        admin_insecure: must("admin-insecure").switch()?,
+        state_dir: get("state-dir").map(|r| r.path()),
         admin_head_timeout,
         journal: must("journal").number()?,
         shutdown_grace: Duration::from_millis(must("shutdown-grace-ms").number()?),

@@ -251,6 +251,11 @@ impl<'s> RequestHead<'s> {
                     all.push((name, bytes::Bytes::copy_from_slice(value)));
                 }
                 if let Some(m) = self.method {
+                    // GripMock's session header reads as wirestub's.
+                    let name = match name {
+                        b"x-gripmock-session" => wirestub_plan::SESSION_KEY.as_bytes(),
+                        n => n,
+                    };
                     for (i, key) in m.plan.metadata_keys.iter().enumerate() {
                         if key.as_bytes() == name && self.metadata[i].is_none() {
                             self.metadata[i] = Some(value.into());

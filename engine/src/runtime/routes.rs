@@ -1,0 +1,447 @@
+//! The runtime API's HTTP routes on the admin listener (an
+//! [`Extension`](crate::admin::Extension) of its built-in routes):
+//!
+//! ```text
+//! Wishmock's file routes (same paths and JSON shapes), plus DELETE:
+//! GET    /admin/protos                      {"files": [{"filename", "path"}]}
+//! GET    /admin/proto/{name}                {"filename", "content"}
+//! PUT    /admin/proto/{name}                body {"content"}
+//! DELETE /admin/proto/{name}
+//! POST   /admin/upload/proto                body {"filename", "content"} (also POST /upload_proto)
+//! POST   /admin/upload/proto/path           body {"path", "content"}
+//! GET    /admin/rules/grpc                  {"files": [{"filename", "path"}]}
+//! GET    /admin/rule/grpc/{name}            {"filename", "content"}
+//! PUT    /admin/rule/grpc/{name}            body {"content"}
+//! DELETE /admin/rule/grpc/{name}
+//! POST   /admin/upload/rule/grpc            body {"filename", "content"} (also /admin/upload/rule)
+//! GET    /admin/schema/{type}               fields, oneofs and enums of a message or enum type
+//! Descriptor sets (GripMock's shape):
+//! POST   /api/descriptors                   body: a binary FileDescriptorSet
+//! GET    /api/descriptors                   the sets loaded and their services
+//! Sessions:
+//! GET    /api/sessions                      sessions that have rules or stubs
+//! DELETE /api/sessions/{id}                 removes every rule and stub of the session
+//! GripMock's stubs API: see `stubs.rs`.
+//! ```
+//!
+//! `{name}` may hold `/` (percent-encoded as `%2F`) for files in
+//! subdirectories; names are checked to stay inside their directory. Every
+//! change answers what changed and the new plan's identity, or 400/404/422
+//! with `{"error", "diagnostics": [{severity, message, file, line, column,
+//! hint}]}` while the old plan keeps serving.
+
+use super::{diagnostics_json, Applied, Change, Refused, Runtime};
+use crate::admin::{Extension, Request, Response};
+use crate::state::State;
+use serde_json::{json, Value as Json};
+use std::sync::Arc;
+
+/// The runtime API as an admin extension.
+pub struct Api {
+    pub runtime: Arc<Runtime>,
+}
+
+impl Extension for Api {
+    fn handle(&self, state: &State, req: &Request<'_>) -> Option<Response> {
+        let rt = &self.runtime;
+        let m = req.method;
+        let r = match req.segments {
+            ["admin", "protos"] => only(m, &["GET"]).unwrap_or_else(|| list_files(rt, Kind::Proto)),
+            ["admin", "proto", name @ ..] if !name.is_empty() => {
+                let name = name.join("/");
+                match m {
+                    "GET" => read_file(rt, Kind::Proto, &name),
+                    "PUT" => put_content(rt, state, Kind::Proto, &name, req.body),
+                    "DELETE" => delete_file(rt, state, Kind::Proto, &name),
+                    _ => not_allowed(&["GET", "PUT", "DELETE"]),
+                }
+            }
+            ["admin", "upload", "proto"] | ["upload_proto"] => {
+                only(m, &["POST"]).unwrap_or_else(|| upload(rt, state, Kind::Proto, req.body, "filename"))
+            }
+            ["admin", "upload", "proto", "path"] => {
+                only(m, &["POST"]).unwrap_or_else(|| upload(rt, state, Kind::Proto, req.body, "path"))
+            }
+            ["admin", "rules", "grpc"] => only(m, &["GET"]).unwrap_or_else(|| list_files(rt, Kind::Rule)),
+            ["admin", "rule", "grpc", name @ ..] if !name.is_empty() => {
+                let name = name.join("/");
+                match m {
+                    "GET" => read_file(rt, Kind::Rule, &name),
+                    "PUT" => put_content(rt, state, Kind::Rule, &name, req.body),
+                    "DELETE" => delete_file(rt, state, Kind::Rule, &name),
+                    _ => not_allowed(&["GET", "PUT", "DELETE"]),
+                }
+            }
+            ["admin", "upload", "rule", "grpc"] | ["admin", "upload", "rule"] => {
+                only(m, &["POST"]).unwrap_or_else(|| upload(rt, state, Kind::Rule, req.body, "filename"))
+            }
+            ["admin", "schema", name] => only(m, &["GET"]).unwrap_or_else(|| schema(state, name)),
+            ["api", "descriptors"] => match m {
+                "GET" => list_descriptors(rt, state),
+                "POST" => upload_descriptors(rt, state, req.body),
+                _ => not_allowed(&["GET", "POST"]),
+            },
+            ["api", "sessions"] => only(m, &["GET"]).unwrap_or_else(|| list_sessions(rt)),
+            ["api", "sessions", id] => only(m, &["DELETE"]).unwrap_or_else(|| delete_session(rt, state, id)),
+            ["api", ..] => return super::stubs::handle(rt, state, req),
+            _ => return None,
+        };
+        Some(r)
+    }
+
+    fn status(&self) -> Json {
+        let sources = self.runtime.sources();
+        json!({
+            "storage": self.runtime.storage(),
+            "protos": sources.protos.len(),
+            "rules": sources.rules.len(),
+            "descriptor_sets": sources.descriptor_sets.len(),
+        })
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Proto,
+    Rule,
+}
+
+impl Kind {
+    fn word(self) -> &'static str {
+        match self {
+            Kind::Proto => "proto",
+            Kind::Rule => "rule",
+        }
+    }
+
+    fn put(self, name: String, text: String) -> Change {
+        match self {
+            Kind::Proto => Change::PutProto { name, text },
+            Kind::Rule => Change::PutRule { name, text },
+        }
+    }
+
+    fn delete(self, name: String) -> Change {
+        match self {
+            Kind::Proto => Change::DeleteProto { name },
+            Kind::Rule => Change::DeleteRule { name },
+        }
+    }
+}
+
+pub(super) fn only(method: &str, allowed: &[&str]) -> Option<Response> {
+    (!allowed.contains(&method)).then(|| not_allowed(allowed))
+}
+
+pub(super) fn not_allowed(allowed: &[&str]) -> Response {
+    let mut list: Vec<&str> = allowed.to_vec();
+    if list.contains(&"GET") {
+        list.push("HEAD");
+    }
+    let mut r = Response::error(405, &format!("method not allowed here; use {}", allowed.join(" or ")));
+    r.headers.push(("Allow", list.join(", ")));
+    r
+}
+
+/// The JSON object of a request body, or a 400.
+pub(super) fn body_object(body: &[u8]) -> Result<serde_json::Map<String, Json>, Response> {
+    match serde_json::from_slice::<Json>(body) {
+        Ok(Json::Object(o)) => Ok(o),
+        Ok(_) => Err(Response::error(400, "the body must be a JSON object")),
+        Err(e) => Err(Response::error(400, &format!("the body is not JSON: {e}"))),
+    }
+}
+
+/// The answer to a change: 200 with what changed, or the refusal.
+pub(super) fn answer(
+    result: Result<Applied, Refused>,
+    extra: impl FnOnce(&mut serde_json::Map<String, Json>),
+) -> Response {
+    match result {
+        Ok(applied) => {
+            let mut o = serde_json::Map::new();
+            o.insert("ok".into(), json!(true));
+            extra(&mut o);
+            o.insert("changed".into(), json!(applied.files));
+            o.insert(
+                "plan".into(),
+                json!({
+                    "identity": applied.reloaded.identity,
+                    "generation": applied.reloaded.number,
+                    "methods": applied.reloaded.methods,
+                    "rules": applied.reloaded.rules,
+                }),
+            );
+            if !applied.warnings.is_empty() {
+                o.insert("warnings".into(), json!(applied.warnings));
+            }
+            Response::json(200, &Json::Object(o))
+        }
+        Err(refused) => refusal(refused),
+    }
+}
+
+pub(super) fn refusal(refused: Refused) -> Response {
+    match refused {
+        Refused::Invalid(e) => Response::error(400, &e),
+        Refused::NotFound(e) => Response::error(404, &e),
+        Refused::Io(e) => Response::error(500, &e),
+        Refused::Plan(e) => Response::json(422, &json!({"error": e, "diagnostics": []})),
+        Refused::Diagnostics(d) => {
+            let first = d
+                .iter()
+                .find(|d| d.severity == wirestub_compiler::Severity::Error)
+                .map(|d| match &d.span {
+                    Some(s) => format!("{}:{}:{}: {}", s.file.name, s.line, s.col, d.message),
+                    None => d.message.clone(),
+                })
+                .unwrap_or_else(|| "the change does not compile".into());
+            Response::json(
+                422,
+                &json!({
+                    "error": format!("the change was not applied: {first}"),
+                    "diagnostics": diagnostics_json(&d),
+                    "rendered": d.render(),
+                }),
+            )
+        }
+    }
+}
+
+fn shown_path(rt: &Runtime, kind: Kind, name: &str) -> String {
+    let sources = rt.sources();
+    let text = match kind {
+        Kind::Proto => sources.protos.get(name),
+        Kind::Rule => sources.rules.get(name),
+    };
+    text.map(|t| t.shown.clone()).unwrap_or_else(|| name.to_string())
+}
+
+fn list_files(rt: &Runtime, kind: Kind) -> Response {
+    let sources = rt.sources();
+    let map = match kind {
+        Kind::Proto => &sources.protos,
+        Kind::Rule => &sources.rules,
+    };
+    let files: Vec<Json> =
+        map.iter().map(|(name, t)| json!({"filename": name, "path": t.shown, "size": t.text.len()})).collect();
+    Response::json(200, &json!({ "files": files }))
+}
+
+fn read_file(rt: &Runtime, kind: Kind, name: &str) -> Response {
+    let sources = rt.sources();
+    let text = match kind {
+        Kind::Proto => sources.protos.get(name),
+        Kind::Rule => sources.rules.get(name),
+    };
+    match text {
+        Some(t) => Response::json(200, &json!({"filename": name, "content": &*t.text})),
+        None => Response::error(404, &format!("{} file not found: {name}", kind.word())),
+    }
+}
+
+fn put_content(rt: &Runtime, state: &State, kind: Kind, name: &str, body: &[u8]) -> Response {
+    let o = match body_object(body) {
+        Ok(o) => o,
+        Err(r) => return r,
+    };
+    let Some(content) = o.get("content").and_then(Json::as_str) else {
+        return Response::error(400, "content required: a JSON string");
+    };
+    let result = rt.apply(state, &[kind.put(name.to_string(), content.to_string())]);
+    answer(result, |o| {
+        o.insert("filename".into(), json!(name));
+        o.insert("saved".into(), json!(shown_path(rt, kind, name)));
+    })
+}
+
+fn delete_file(rt: &Runtime, state: &State, kind: Kind, name: &str) -> Response {
+    let result = rt.apply(state, &[kind.delete(name.to_string())]);
+    answer(result, |o| {
+        o.insert("filename".into(), json!(name));
+        o.insert("removed".into(), json!(true));
+    })
+}
+
+fn upload(rt: &Runtime, state: &State, kind: Kind, body: &[u8], name_key: &str) -> Response {
+    let o = match body_object(body) {
+        Ok(o) => o,
+        Err(r) => return r,
+    };
+    let name = o.get(name_key).and_then(Json::as_str).unwrap_or_default();
+    let content = o.get("content").and_then(Json::as_str).unwrap_or_default();
+    if name.is_empty() || content.is_empty() {
+        return Response::error(400, &format!("{name_key} & content required"));
+    }
+    let result = rt.apply(state, &[kind.put(name.to_string(), content.to_string())]);
+    answer(result, |o| {
+        o.insert("filename".into(), json!(name));
+        o.insert("saved".into(), json!(shown_path(rt, kind, name)));
+        o.insert("action".into(), json!("swapped"));
+    })
+}
+
+fn list_descriptors(rt: &Runtime, state: &State) -> Response {
+    let sources = rt.sources();
+    let g = state.current();
+    let pool = g.schema();
+    let sets: Vec<Json> = sources
+        .descriptor_sets
+        .iter()
+        .map(|(name, bytes)| {
+            let files = wirestub_compiler::sources::decode_descriptor_set(bytes).unwrap_or_default();
+            let services: Vec<String> =
+                files.iter().flat_map(|f| f.service.iter().map(move |s| full_name(f.package(), s.name()))).collect();
+            let files: Vec<&str> = files.iter().map(|f| f.name()).collect();
+            json!({"name": name, "bytes": bytes.len(), "files": files, "serviceIDs": services})
+        })
+        .collect();
+    let services: Vec<String> =
+        pool.map(|p| p.services().map(|s| s.full_name().to_string()).collect()).unwrap_or_default();
+    Response::json(200, &json!({"descriptors": sets, "services": services}))
+}
+
+fn full_name(package: &str, name: &str) -> String {
+    match package {
+        "" => name.to_string(),
+        p => format!("{p}.{name}"),
+    }
+}
+
+fn upload_descriptors(rt: &Runtime, state: &State, body: &[u8]) -> Response {
+    let files = match wirestub_compiler::sources::decode_descriptor_set(body) {
+        Ok(f) if !f.is_empty() => f,
+        Ok(_) => return Response::error(400, "invalid FileDescriptorSet: it holds no files"),
+        Err(e) => return Response::error(400, &e),
+    };
+    let services: Vec<String> =
+        files.iter().flat_map(|f| f.service.iter().map(move |s| full_name(f.package(), s.name()))).collect();
+    let name = format!("descriptors/{:016x}.binpb", fnv64(body));
+    let started = std::time::Instant::now();
+    let result = rt.apply(state, &[Change::PutDescriptors { name: name.clone(), bytes: body.to_vec() }]);
+    answer(result, |o| {
+        o.insert("message".into(), json!("ok"));
+        o.insert("serviceIDs".into(), json!(services));
+        o.insert("name".into(), json!(name));
+        o.insert("time".into(), json!(crate::observe::journal::rfc3339(std::time::SystemTime::now())));
+        o.insert("compile_ms".into(), json!(started.elapsed().as_secs_f64() * 1e3));
+    })
+}
+
+pub(super) fn fnv64(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+fn list_sessions(rt: &Runtime) -> Response {
+    let sources = rt.sources();
+    let mut sessions: std::collections::BTreeMap<&str, usize> = Default::default();
+    for name in sources.rules.keys() {
+        if let Some(s) = wirestub_compiler::rules::session_of(name) {
+            *sessions.entry(s).or_default() += 1;
+        }
+    }
+    let list: Vec<Json> = sessions.iter().map(|(s, n)| json!({"id": s, "files": n})).collect();
+    Response::json(200, &json!({ "sessions": list }))
+}
+
+fn delete_session(rt: &Runtime, state: &State, id: &str) -> Response {
+    if !wirestub_compiler::rules::is_valid_session(id) {
+        return Response::error(400, &format!("`{}` is not a session name", id.escape_debug()));
+    }
+    let sources = rt.sources();
+    let changes: Vec<Change> = sources
+        .rules
+        .keys()
+        .filter(|name| wirestub_compiler::rules::session_of(name) == Some(id))
+        .map(|name| Change::DeleteRule { name: name.clone() })
+        .collect();
+    if changes.is_empty() {
+        return Response::json(200, &json!({"ok": true, "session": id, "removed": 0, "changed": []}));
+    }
+    let removed = changes.len();
+    answer(rt.apply(state, &changes), |o| {
+        o.insert("session".into(), json!(id));
+        o.insert("removed".into(), json!(removed));
+    })
+}
+
+/// `GET /admin/schema/{type}`: Wishmock's shape (field names in
+/// lowerCamelCase as its UI expects), with each field's resolved type
+/// added.
+fn schema(state: &State, name: &str) -> Response {
+    let g = state.current();
+    let Some(pool) = g.schema() else {
+        return Response::error(503, "schema unavailable: the plan's descriptors do not decode");
+    };
+    let name = name.trim_start_matches('.');
+    if let Some(m) = pool.get_message_by_name(name) {
+        let fields: Vec<Json> = m
+            .fields()
+            .map(|f| {
+                let mut o = json!({
+                    "name": f.json_name(),
+                    "proto_name": f.name(),
+                    "id": f.number(),
+                    "type": type_name(&f.kind()),
+                    "repeated": f.is_list(),
+                    "optional": f.field_descriptor_proto().proto3_optional(),
+                    "map": f.is_map(),
+                });
+                if f.is_map() {
+                    if let prost_reflect::Kind::Message(entry) = f.kind() {
+                        o["keyType"] = json!(type_name(&entry.map_entry_key_field().kind()));
+                        o["type"] = json!(type_name(&entry.map_entry_value_field().kind()));
+                    }
+                }
+                o
+            })
+            .collect();
+        let mut out = json!({"kind": "message", "name": m.full_name(), "fields": fields});
+        let oneofs: serde_json::Map<String, Json> = m
+            .oneofs()
+            .map(|o| (o.name().to_string(), json!(o.fields().map(|f| f.json_name().to_string()).collect::<Vec<_>>())))
+            .collect();
+        if !oneofs.is_empty() {
+            out["oneofs"] = Json::Object(oneofs);
+        }
+        let nested_enums: Vec<String> = m.child_enums().map(|e| e.full_name().to_string()).collect();
+        if !nested_enums.is_empty() {
+            out["enums"] = json!(nested_enums);
+        }
+        return Response::json(200, &out);
+    }
+    if let Some(e) = pool.get_enum_by_name(name) {
+        let values: serde_json::Map<String, Json> =
+            e.values().map(|v| (v.name().to_string(), json!(v.number()))).collect();
+        return Response::json(200, &json!({"kind": "enum", "name": e.full_name(), "values": values}));
+    }
+    Response::error(404, &format!("type not found: {name}"))
+}
+
+fn type_name(kind: &prost_reflect::Kind) -> String {
+    use prost_reflect::Kind as K;
+    match kind {
+        K::Message(m) => m.full_name().to_string(),
+        K::Enum(e) => e.full_name().to_string(),
+        K::Double => "double".into(),
+        K::Float => "float".into(),
+        K::Int32 => "int32".into(),
+        K::Int64 => "int64".into(),
+        K::Uint32 => "uint32".into(),
+        K::Uint64 => "uint64".into(),
+        K::Sint32 => "sint32".into(),
+        K::Sint64 => "sint64".into(),
+        K::Fixed32 => "fixed32".into(),
+        K::Fixed64 => "fixed64".into(),
+        K::Sfixed32 => "sfixed32".into(),
+        K::Sfixed64 => "sfixed64".into(),
+        K::Bool => "bool".into(),
+        K::String => "string".into(),
+        K::Bytes => "bytes".into(),
+    }
+}
