@@ -347,8 +347,11 @@ fn encode_head(response: &Response, minor: u8, close: bool) -> Vec<u8> {
     let mut out = Vec::with_capacity(256);
     let reason = reason(response.status);
     out.extend_from_slice(format!("HTTP/1.{minor} {} {reason}\r\n", response.status).as_bytes());
-    out.extend_from_slice(format!("Content-Type: {}\r\n", response.content_type).as_bytes());
-    out.extend_from_slice(format!("Content-Length: {}\r\n", response.body.len()).as_bytes());
+    // A 204 has no content, and no Content-Length (RFC 9110 §8.6).
+    if response.status != 204 {
+        out.extend_from_slice(format!("Content-Type: {}\r\n", response.content_type).as_bytes());
+        out.extend_from_slice(format!("Content-Length: {}\r\n", response.body.len()).as_bytes());
+    }
     out.extend_from_slice(b"Cache-Control: no-store\r\n");
     for (name, value) in &response.headers {
         // Values are made by the routes; strip line breaks all the same.
@@ -368,6 +371,7 @@ fn reason(status: u16) -> &'static str {
     match status {
         100 => "Continue",
         200 => "OK",
+        204 => "No Content",
         400 => "Bad Request",
         401 => "Unauthorized",
         404 => "Not Found",

@@ -21,7 +21,9 @@
 //! (`/pkg.Svc/Method`, `pkg.Svc/Method` or a service `pkg.Svc`), `status`
 //! (number or name), `matched` (true/false), `metadata` (`key=value`,
 //! repeatable), `body` (a JSON object, subset of the request), `since` (a
-//! sequence number: later calls only), `before` (a sequence number:
+//! sequence number: later calls only), `session` (the call's test
+//! session: `x-wirestub-session` or `x-gripmock-session`; empty for calls
+//! without one), `before` (a sequence number:
 //! earlier calls only). The list routes answer one page: the newest
 //! `limit` calls selected ([`DEFAULT_PAGE`], at most [`MAX_PAGE`]), fewer
 //! when their JSON would pass [`PAGE_BYTES`]; `"page": {"limit", "more",
@@ -436,12 +438,13 @@ fn filter_from_query(query: &[(String, String)], with_limit: bool) -> Result<(Fi
                 filter.metadata.push((key.trim().to_ascii_lowercase(), value.trim().to_string()));
             }
             "body" => filter.body = Some(body_pattern(serde_json::from_str(v).map_err(|e| format!("`body`: {e}"))?)?),
+            "session" => filter.session = Some(v.clone()),
             "limit" if with_limit => limit = Some(parse_number(k, v)?.min(usize::MAX as u64) as usize),
             other => {
                 let known = if with_limit {
-                    "method, status, matched, metadata, body, since, before, limit"
+                    "method, status, matched, metadata, body, session, since, before, limit"
                 } else {
-                    "method, status, matched, metadata, body, since, before"
+                    "method, status, matched, metadata, body, session, since, before"
                 };
                 return Err(format!("unknown parameter `{other}` (known: {known})"));
             }

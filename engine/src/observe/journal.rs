@@ -518,6 +518,8 @@ pub struct Filter {
     /// Only entries with a smaller sequence number (the cursor of the
     /// listing's next page).
     pub before: Option<u64>,
+    /// Only calls of this test session (empty: calls without one).
+    pub session: Option<String>,
 }
 
 impl Filter {
@@ -528,6 +530,7 @@ impl Filter {
             && self.status.is_none_or(|s| e.status == s)
             && self.matched.is_none_or(|m| e.rule.is_some() == m)
             && self.metadata.iter().all(|(k, v)| e.metadata_values(k).any(|have| have == *v))
+            && self.session.as_ref().is_none_or(|s| e.session().unwrap_or_default() == *s)
             && self.body.as_ref().is_none_or(|b| e.message_views().iter().any(|m| subset(b, &m.json)))
     }
 
@@ -855,6 +858,14 @@ fn json_options() -> prost_reflect::SerializeOptions {
 }
 
 impl Entry {
+    /// The call's test session: its `x-wirestub-session`, else its
+    /// `x-gripmock-session` metadata.
+    pub fn session(&self) -> Option<String> {
+        self.metadata_values(wirestub_plan::SESSION_KEY)
+            .next()
+            .or_else(|| self.metadata_values(wirestub_plan::SESSION_ALIAS).next())
+    }
+
     /// The method as served, if the index is in range.
     pub fn served(&self) -> Option<&ServedMethod> {
         self.generation.served.methods.get(self.method)

@@ -321,6 +321,27 @@ impl Registry {
         inner.live.push(stats);
     }
 
+    /// Calls each rule answered, by the rule's origin (`file:line:column`),
+    /// summed over every generation that served it.
+    pub fn rule_hits(&self) -> std::collections::HashMap<String, u64> {
+        let totals = {
+            let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+            inner.fold_dead();
+            let mut totals = inner.retired.clone();
+            for s in &inner.live {
+                s.fold_into(&mut totals);
+            }
+            totals
+        };
+        let mut out = std::collections::HashMap::new();
+        for m in totals.methods.into_values() {
+            for (origin, n) in m.rules {
+                *out.entry(origin).or_default() += n;
+            }
+        }
+        out
+    }
+
     /// The Prometheus text exposition of every counter.
     pub fn render(&self) -> String {
         let totals = {

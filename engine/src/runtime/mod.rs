@@ -32,6 +32,10 @@ use wirestub_compiler::sources::{self, Cache, Sources};
 use wirestub_compiler::Diagnostics;
 use wirestub_plan::Plan;
 
+/// The default bound on the bytes of every proto, rule file and descriptor
+/// set the runtime holds (`--runtime-max-bytes`).
+pub const DEFAULT_MAX_BYTES: usize = 256 << 20;
+
 /// Extensions of rule files.
 pub const RULE_EXTENSIONS: &[&str] = &["yaml", "yml", "json"];
 /// Extensions of proto files.
@@ -74,6 +78,8 @@ pub enum Refused {
     Plan(String),
     /// The files could not be written (500): nothing changed.
     Io(String),
+    /// The sources would pass `--runtime-max-bytes` (413).
+    TooLarge(String),
 }
 
 /// A change that was made.
@@ -112,6 +118,8 @@ pub struct Runtime {
     store: Option<Store>,
     /// The directories an engine compiled from (their first is `store`).
     dirs: Option<wirestub_compiler::Options>,
+    /// Most bytes of sources a change may leave.
+    max_bytes: std::sync::atomic::AtomicUsize,
 }
 
 /// A plan ready to swap in: the plan, its file's bytes when it is a plan
@@ -130,6 +138,7 @@ impl Runtime {
             inner: Mutex::new(Inner { sources: Sources::default(), cache: Cache::default(), base: None }),
             store: Some(store),
             dirs: Some(options),
+            max_bytes: DEFAULT_MAX_BYTES.into(),
         };
         let built = runtime.reread().map_err(|d| d.render())?;
         Ok((runtime, built))
@@ -154,6 +163,7 @@ impl Runtime {
             inner: Mutex::new(Inner { sources: Sources::default(), cache: Cache::default(), base: None }),
             store,
             dirs: None,
+            max_bytes: DEFAULT_MAX_BYTES.into(),
         };
         {
             let mut inner = runtime.lock();
@@ -163,6 +173,11 @@ impl Runtime {
         }
         let built = runtime.reread().map_err(|d| d.render())?;
         Ok((runtime, built))
+    }
+
+    /// Sets the bound on the bytes of sources held (`--runtime-max-bytes`).
+    pub fn set_max_bytes(&self, bytes: usize) {
+        self.max_bytes.store(bytes, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -235,6 +250,14 @@ impl Runtime {
         for change in changes {
             apply_one(&mut next, change, self.store.as_ref())?;
         }
+        let held = source_bytes(&next);
+        let limit = self.max_bytes.load(std::sync::atomic::Ordering::Relaxed);
+        if held > limit && held > source_bytes(&inner.sources) {
+            return Err(Refused::TooLarge(format!(
+                "the runtime's protos, rules and descriptor sets would hold {held} bytes, over the limit of {limit} \
+                 (--runtime-max-bytes); delete some first"
+            )));
+        }
         let built = build(&mut inner, &next).map_err(Refused::Diagnostics)?;
         let warnings = Vec::new();
         self.persist(changes).map_err(Refused::Io)?;
@@ -267,6 +290,13 @@ impl Runtime {
             None => format!("(runtime {kind})/{name}"),
         }
     }
+}
+
+/// The bytes of every file in `sources` (names included).
+fn source_bytes(sources: &Sources) -> usize {
+    let texts = sources.protos.iter().chain(sources.rules.iter()).map(|(n, t)| n.len() + t.text.len() + t.shown.len());
+    let sets = sources.descriptor_sets.iter().map(|(n, b)| n.len() + b.len());
+    texts.chain(sets).sum()
 }
 
 fn apply_one(next: &mut Sources, change: &Change, store: Option<&Store>) -> Result<(), Refused> {

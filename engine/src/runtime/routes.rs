@@ -186,6 +186,7 @@ pub(super) fn refusal(refused: Refused) -> Response {
         Refused::Invalid(e) => Response::error(400, &e),
         Refused::NotFound(e) => Response::error(404, &e),
         Refused::Io(e) => Response::error(500, &e),
+        Refused::TooLarge(e) => Response::error(413, &e),
         Refused::Plan(e) => Response::json(422, &json!({"error": e, "diagnostics": []})),
         Refused::Diagnostics(d) => {
             let first = d

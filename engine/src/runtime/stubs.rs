@@ -1,9 +1,531 @@
-//! GripMock's stubs API (written next).
+//! GripMock v3's stubs API, so its SDK and testcontainers users can switch
+//! by changing the address:
+//!
+//! ```text
+//! POST   /api/stubs              one stub or an array; upsert by id; answers the ids
+//! GET    /api/stubs              every stub (filters: service, method, session, q, limit, offset)
+//! GET    /api/stubs/{id}         one stub (404 if none)
+//! DELETE /api/stubs/{id}         204
+//! DELETE /api/stubs              204; the session's stubs with a session header, else all
+//! POST   /api/stubs/batchDelete  body: ["id", ...]
+//! POST   /api/stubs/search       which stub answers {service, method, headers, data|input}
+//! GET    /api/stubs/used         stubs that answered a call
+//! GET    /api/stubs/unused       stubs that never did
+//! GET    /api/history            the journal as GripMock shows it
+//! POST   /api/verify             {service, method, expectedCount}
+//! ```
+//!
+//! A stub is stored as a rule file, `stubs/ID.json`, or
+//! `sessions/SESSION/stubs/ID.json` for a session's stub (the session comes
+//! from the `X-Gripmock-Session` or `X-Wirestub-Session` header, or the
+//! stub's own `session`), and compiled like any rule file (the compiler
+//! translates GripMock stubs, `compiler/src/gripmock.rs`): a stub the rule
+//! language cannot express is refused with 422 and the compiler's
+//! diagnostics, never served differently.
 
-use super::Runtime;
+use super::routes::{not_allowed, only, refusal};
+use super::{Change, Runtime};
 use crate::admin::{Request, Response};
 use crate::state::State;
+use serde_json::{json, Map, Value as Json};
 
-pub fn handle(_rt: &Runtime, _state: &State, _req: &Request<'_>) -> Option<Response> {
-    None
+/// A stub as stored: its rule file's name, its id and session, and its JSON.
+struct Stored {
+    name: String,
+    shown: String,
+    id: String,
+    session: Option<String>,
+    stub: Map<String, Json>,
+}
+
+pub fn handle(rt: &Runtime, state: &State, req: &Request<'_>) -> Option<Response> {
+    let m = req.method;
+    let r = match req.segments {
+        ["api", "stubs"] => match m {
+            "GET" => list(rt, state, req),
+            "POST" => upsert(rt, state, req),
+            "DELETE" => purge(rt, state, req),
+            _ => not_allowed(&["GET", "POST", "DELETE"]),
+        },
+        ["api", "stubs", "batchDelete"] => only(m, &["POST"]).unwrap_or_else(|| batch_delete(rt, state, req.body)),
+        ["api", "stubs", "search"] => only(m, &["POST"]).unwrap_or_else(|| search(rt, state, req)),
+        ["api", "stubs", "used"] => only(m, &["GET"]).unwrap_or_else(|| used(rt, state, true)),
+        ["api", "stubs", "unused"] => only(m, &["GET"]).unwrap_or_else(|| used(rt, state, false)),
+        ["api", "stubs", id] => match m {
+            "GET" => match stored(rt).into_iter().find(|s| s.id == *id) {
+                Some(s) => Response::json(200, &output(&s, state)),
+                None => Response::error(404, &format!("Stub with ID '{id}' not found")),
+            },
+            "DELETE" => delete_ids(rt, state, &[id.to_string()], 204),
+            _ => not_allowed(&["GET", "DELETE"]),
+        },
+        ["api", "history"] => only(m, &["GET"]).unwrap_or_else(|| history(rt, state, req)),
+        ["api", "verify"] => only(m, &["POST"]).unwrap_or_else(|| verify(state, req)),
+        _ => return None,
+    };
+    Some(r)
+}
+
+/// The session a request names in its header, if any.
+fn header_session(req: &Request<'_>) -> Option<String> {
+    req.header("x-gripmock-session")
+        .or_else(|| req.header(wirestub_plan::SESSION_KEY))
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+}
+
+/// Whether `id` looks like a UUID (GripMock's ids are).
+fn is_uuid(id: &str) -> bool {
+    let b = id.as_bytes();
+    b.len() == 36
+        && b.iter().enumerate().all(|(i, c)| match i {
+            8 | 13 | 18 | 23 => *c == b'-',
+            _ => c.is_ascii_hexdigit(),
+        })
+}
+
+/// The rule file name of a stub.
+fn file_name(session: Option<&str>, id: &str) -> String {
+    match session {
+        Some(s) => format!("{}/{s}/stubs/{id}.json", wirestub_compiler::rules::SESSIONS_DIR),
+        None => format!("stubs/{id}.json"),
+    }
+}
+
+/// Every stub stored: rule files named like [`file_name`] that hold a JSON
+/// object.
+fn stored(rt: &Runtime) -> Vec<Stored> {
+    let sources = rt.sources();
+    let mut out = Vec::new();
+    for (name, text) in &sources.rules {
+        let session = wirestub_compiler::rules::session_of(name);
+        let rest = match session {
+            Some(s) => name.strip_prefix(&format!("{}/{s}/", wirestub_compiler::rules::SESSIONS_DIR)),
+            None => Some(name.as_str()),
+        };
+        let Some(id) = rest.and_then(|r| r.strip_prefix("stubs/")).and_then(|r| r.strip_suffix(".json")) else {
+            continue;
+        };
+        if !is_uuid(id) {
+            continue;
+        }
+        if let Ok(Json::Object(stub)) = serde_json::from_str::<Json>(&text.text) {
+            out.push(Stored {
+                name: name.clone(),
+                shown: text.shown.clone(),
+                id: id.to_string(),
+                session: session.map(str::to_string),
+                stub,
+            });
+        }
+    }
+    out
+}
+
+/// Calls each stored stub answered (rules compiled from its file), by id.
+fn hits(stubs: &[Stored], state: &State) -> std::collections::HashMap<String, u64> {
+    let by_origin = state.metrics.rule_hits();
+    stubs
+        .iter()
+        .map(|s| {
+            let prefix = format!("{}:", s.shown);
+            let n = by_origin.iter().filter(|(o, _)| o.starts_with(&prefix)).map(|(_, n)| n).sum();
+            (s.id.clone(), n)
+        })
+        .collect()
+}
+
+fn output(s: &Stored, state: &State) -> Json {
+    let mut o = s.stub.clone();
+    o.insert("id".into(), json!(s.id));
+    if let Some(session) = &s.session {
+        o.insert("session".into(), json!(session));
+    }
+    let n = hits(std::slice::from_ref(s), state).get(&s.id).copied().unwrap_or(0);
+    if n > 0 {
+        o.insert("used".into(), json!(true));
+    }
+    Json::Object(o)
+}
+
+fn list(rt: &Runtime, state: &State, req: &Request<'_>) -> Response {
+    let stubs = stored(rt);
+    let hits = hits(&stubs, state);
+    let text = |s: &Stored, k: &str| s.stub.get(k).and_then(Json::as_str).unwrap_or_default().to_string();
+    let mut selected: Vec<&Stored> = stubs
+        .iter()
+        .filter(|s| req.param("service").is_none_or(|v| text(s, "service") == v))
+        .filter(|s| req.param("method").is_none_or(|v| text(s, "method") == v))
+        .filter(|s| req.param("session").is_none_or(|v| s.session.as_deref().unwrap_or_default() == v))
+        .filter(|s| {
+            req.param("q").is_none_or(|q| {
+                let q = q.to_ascii_lowercase();
+                [text(s, "service"), text(s, "method"), s.id.clone()]
+                    .iter()
+                    .any(|t| t.to_ascii_lowercase().contains(&q))
+            })
+        })
+        .collect();
+    let priority = |s: &Stored| s.stub.get("priority").and_then(Json::as_i64).unwrap_or(0);
+    match req.param("sort") {
+        Some("priority_desc") => selected.sort_by_key(|s| std::cmp::Reverse(priority(s))),
+        Some("priority_asc") => selected.sort_by_key(|s| priority(s)),
+        Some("service_asc") => selected.sort_by_key(|s| text(s, "service")),
+        Some("method_asc") => selected.sort_by_key(|s| text(s, "method")),
+        _ => {}
+    }
+    let total = selected.len();
+    let offset = req.param("offset").and_then(|v| v.parse().ok()).unwrap_or(0usize);
+    let limit = req.param("limit").and_then(|v| v.parse().ok()).unwrap_or(usize::MAX);
+    let page: Vec<Json> = selected
+        .into_iter()
+        .skip(offset)
+        .take(limit)
+        .map(|s| {
+            let mut o = s.stub.clone();
+            o.insert("id".into(), json!(s.id));
+            if let Some(session) = &s.session {
+                o.insert("session".into(), json!(session));
+            }
+            if hits.get(&s.id).copied().unwrap_or(0) > 0 {
+                o.insert("used".into(), json!(true));
+            }
+            Json::Object(o)
+        })
+        .collect();
+    let mut r = Response::json(200, &Json::Array(page));
+    r.headers.push(("X-Total-Count", total.to_string()));
+    r
+}
+
+fn used(rt: &Runtime, state: &State, wanted: bool) -> Response {
+    let stubs = stored(rt);
+    let hits = hits(&stubs, state);
+    let list: Vec<Json> = stubs
+        .iter()
+        .filter(|s| (hits.get(&s.id).copied().unwrap_or(0) > 0) == wanted)
+        .map(|s| {
+            let mut o = s.stub.clone();
+            o.insert("id".into(), json!(s.id));
+            Json::Object(o)
+        })
+        .collect();
+    Response::json(200, &Json::Array(list))
+}
+
+fn upsert(rt: &Runtime, state: &State, req: &Request<'_>) -> Response {
+    let body: Json = match serde_json::from_slice(req.body) {
+        Ok(v) => v,
+        Err(e) => return Response::error(400, &format!("the body is not JSON: {e}")),
+    };
+    let items = match body {
+        Json::Array(items) => items,
+        one @ Json::Object(_) => vec![one],
+        _ => return Response::error(400, "the body must be a stub (a JSON object) or an array of stubs"),
+    };
+    if items.is_empty() {
+        return Response::json(200, &json!([]));
+    }
+    let header = header_session(req);
+    let existing = stored(rt);
+    let mut changes = Vec::new();
+    let mut ids = Vec::new();
+    for (i, item) in items.into_iter().enumerate() {
+        let Json::Object(mut stub) = item else {
+            return Response::error(400, &format!("stub {i} is not a JSON object"));
+        };
+        for key in ["service", "method"] {
+            if stub.get(key).and_then(Json::as_str).is_none_or(str::is_empty) {
+                return Response::error(400, &format!("stub {i}: {key} name is missing"));
+            }
+        }
+        let id = match stub.get("id") {
+            None | Some(Json::Null) => crate::rng::uuid(),
+            Some(Json::String(s)) if s.is_empty() || s == "00000000-0000-0000-0000-000000000000" => crate::rng::uuid(),
+            Some(Json::String(s)) if is_uuid(s) => s.to_ascii_lowercase(),
+            Some(other) => return Response::error(400, &format!("stub {i}: `id` must be a UUID, found {other}")),
+        };
+        let session = match header.clone() {
+            Some(s) => Some(s),
+            None => match stub.get("session") {
+                None | Some(Json::Null) => None,
+                Some(Json::String(s)) if s.is_empty() => None,
+                Some(Json::String(s)) => Some(s.clone()),
+                Some(other) => {
+                    return Response::error(400, &format!("stub {i}: `session` must be a string, found {other}"))
+                }
+            },
+        };
+        if let Some(s) = &session {
+            if !wirestub_compiler::rules::is_valid_session(s) {
+                return Response::error(
+                    400,
+                    &format!(
+                        "`{}` is not a session name (1 to 128 letters, digits, `-`, `_` or `.`)",
+                        s.escape_debug()
+                    ),
+                );
+            }
+            stub.insert("session".into(), json!(s));
+        } else {
+            stub.remove("session");
+        }
+        stub.insert("id".into(), json!(id));
+        stub.remove("used");
+        stub.remove("source");
+        let name = file_name(session.as_deref(), &id);
+        for old in existing.iter().filter(|s| s.id == id && s.name != name) {
+            changes.push(Change::DeleteRule { name: old.name.clone() });
+        }
+        let text = serde_json::to_string_pretty(&Json::Object(stub)).unwrap_or_default() + "\n";
+        changes.push(Change::PutRule { name, text });
+        ids.push(id);
+    }
+    match rt.apply(state, &changes) {
+        Ok(_) => Response::json(200, &json!(ids)),
+        Err(refused) => refusal(refused),
+    }
+}
+
+fn delete_ids(rt: &Runtime, state: &State, ids: &[String], status: u16) -> Response {
+    let changes: Vec<Change> =
+        stored(rt).into_iter().filter(|s| ids.contains(&s.id)).map(|s| Change::DeleteRule { name: s.name }).collect();
+    if changes.is_empty() {
+        return empty(status);
+    }
+    match rt.apply(state, &changes) {
+        Ok(_) => empty(status),
+        Err(refused) => refusal(refused),
+    }
+}
+
+fn empty(status: u16) -> Response {
+    Response { status, content_type: "application/json", headers: Vec::new(), body: Vec::new() }
+}
+
+fn purge(rt: &Runtime, state: &State, req: &Request<'_>) -> Response {
+    let session = header_session(req);
+    let ids: Vec<String> =
+        stored(rt).into_iter().filter(|s| session.is_none() || s.session == session).map(|s| s.id).collect();
+    delete_ids(rt, state, &ids, 204)
+}
+
+fn batch_delete(rt: &Runtime, state: &State, body: &[u8]) -> Response {
+    let ids: Vec<String> = match serde_json::from_slice::<Json>(body) {
+        Ok(Json::Array(items)) => {
+            let mut ids = Vec::new();
+            for item in items {
+                match item.as_str() {
+                    Some(s) if is_uuid(s) => ids.push(s.to_ascii_lowercase()),
+                    _ => return Response::error(400, &format!("`{item}` is not a stub id (a UUID)")),
+                }
+            }
+            ids
+        }
+        Ok(Json::String(s)) if is_uuid(&s) => vec![s.to_ascii_lowercase()],
+        Ok(_) => return Response::error(400, "the body must be an array of stub ids"),
+        Err(e) => return Response::error(400, &format!("the body is not JSON: {e}")),
+    };
+    delete_ids(rt, state, &ids, 200)
+}
+
+/// `POST /api/stubs/search`: the output of the stub that answers the
+/// request described, through the engine's own matcher on the current
+/// plan. As in GripMock, a stub limited by `times` counts the search.
+fn search(rt: &Runtime, state: &State, req: &Request<'_>) -> Response {
+    let o = match super::routes::body_object(req.body) {
+        Ok(o) => o,
+        Err(r) => return r,
+    };
+    let text = |k: &str| o.get(k).and_then(Json::as_str).unwrap_or_default();
+    let (service, method) = (text("service"), text("method"));
+    if service.is_empty() || method.is_empty() {
+        return Response::error(400, "`service` and `method` are required");
+    }
+    let g = state.current();
+    let Some(pool) = g.schema() else {
+        return Response::error(503, "the plan's descriptors do not decode");
+    };
+    // A bare service name is looked up among the plan's services.
+    let full = pool
+        .get_service_by_name(service)
+        .or_else(|| pool.services().find(|s| s.name() == service && s.methods().any(|m| m.name() == method)));
+    let Some(desc) = full.and_then(|s| s.methods().find(|m| m.name() == method)) else {
+        return Response::error(404, &format!("unknown method {service}/{method}"));
+    };
+    let path = format!("/{}/{}", desc.parent_service().full_name(), desc.name());
+    let Some(served) = g.served.method(&path) else {
+        return Response::error(404, &format!("the plan does not serve {path}"));
+    };
+    let inputs: Vec<Json> = match (o.get("input"), o.get("data")) {
+        (Some(Json::Array(list)), _) => list.clone(),
+        (_, Some(data)) => vec![data.clone()],
+        _ => vec![json!({})],
+    };
+    let mut messages = Vec::new();
+    for input in &inputs {
+        let msg = match prost_reflect::DynamicMessage::deserialize(desc.input(), input) {
+            Ok(m) => m,
+            Err(e) => {
+                return Response::error(400, &format!("the request does not fit {}: {e}", desc.input().full_name()))
+            }
+        };
+        messages.push(prost::Message::encode_to_vec(&msg));
+    }
+    let mut headers = http::HeaderMap::new();
+    if let Some(Json::Object(h)) = o.get("headers") {
+        for (k, v) in h {
+            let value = match v {
+                Json::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            if let (Ok(k), Ok(v)) =
+                (http::HeaderName::from_bytes(k.to_ascii_lowercase().as_bytes()), http::HeaderValue::from_str(&value))
+            {
+                headers.append(k, v);
+            }
+        }
+    }
+    if let Some(s) = header_session(req) {
+        if let Ok(v) = http::HeaderValue::from_str(&s) {
+            headers.insert(wirestub_plan::SESSION_KEY, v);
+        }
+    }
+    let refs: Vec<&[u8]> = messages.iter().map(Vec::as_slice).collect();
+    let view = crate::call::matcher::Messages { head: &refs, last: refs.last().copied(), count: refs.len() };
+    let chosen = crate::call::matcher::Request::read(served, &view, &headers).and_then(|r| r.select_rule());
+    let rule = match chosen {
+        Ok(Some(r)) => r,
+        Ok(None) => return Response::error(404, &format!("no stub or rule answers this request to {path}")),
+        Err(e) => return Response::error(400, &format!("the request cannot be read: {e:?}")),
+    };
+    let origin = served.plan.rules.get(rule as usize).map(|r| r.origin.clone()).unwrap_or_default();
+    let stub = stored(rt).into_iter().find(|s| origin.starts_with(&format!("{}:", s.shown)));
+    match stub {
+        Some(s) => {
+            let mut out = s.stub.get("output").cloned().unwrap_or_else(|| json!({}));
+            if let Json::Object(o) = &mut out {
+                o.insert("id".into(), json!(s.id));
+            }
+            Response::json(200, &out)
+        }
+        None => Response::json(200, &json!({"rule": {"index": rule, "origin": origin}})),
+    }
+}
+
+/// The calls a GripMock history or verify sees: with a session header, the
+/// session's calls and those without a session; else every call.
+fn in_scope(entry: &crate::observe::journal::Entry, session: &Option<String>) -> bool {
+    match session {
+        None => true,
+        Some(s) => entry.session().is_none_or(|e| e == *s),
+    }
+}
+
+fn split(path: &str) -> (&str, &str) {
+    path.strip_prefix('/').and_then(|p| p.split_once('/')).unwrap_or(("", path))
+}
+
+fn history(rt: &Runtime, state: &State, req: &Request<'_>) -> Response {
+    let Some(journal) = &state.journal else {
+        return Response::json(200, &json!([]));
+    };
+    let stubs = stored(rt);
+    let session = header_session(req);
+    let errors_only = req.param("error") == Some("true");
+    let entries: Vec<_> = journal
+        .snapshot()
+        .into_iter()
+        .filter(|e| in_scope(e, &session))
+        // Health and reflection calls are the engine's own, not history.
+        .filter(|e| e.served().is_some_and(|m| m.builtin.is_none()))
+        .filter(|e| {
+            let (s, m) = split(e.path());
+            req.param("service").is_none_or(|v| v == s) && req.param("method").is_none_or(|v| v == m)
+        })
+        .filter(|e| !errors_only || e.status != 0)
+        .collect();
+    let total = entries.len();
+    let offset = req.param("offset").and_then(|v| v.parse().ok()).unwrap_or(0usize);
+    let limit = req.param("limit").and_then(|v| v.parse().ok()).unwrap_or(usize::MAX);
+    let end = total.saturating_sub(offset);
+    let start = end.saturating_sub(limit);
+    let list: Vec<Json> = entries[start..end]
+        .iter()
+        .map(|e| {
+            let (s, m) = split(e.path());
+            let mut o = json!({
+                "service": s,
+                "method": m,
+                "timestamp": crate::observe::journal::rfc3339(e.time),
+                "elapsedMs": e.latency.as_millis() as u64,
+            });
+            let requests: Vec<Json> = e.message_views().into_iter().map(|v| v.json).collect();
+            if !requests.is_empty() {
+                o["requests"] = json!(requests);
+            }
+            if let Some(s) = e.session() {
+                o["session"] = json!(s);
+            }
+            if e.status != 0 {
+                o["code"] = json!(e.status);
+                o["error"] = json!(e.message);
+            }
+            if let (Some(r), Some(m)) = (e.rule, e.served()) {
+                let origin = m.plan.rules.get(r as usize).map(|r| r.origin.as_str()).unwrap_or("");
+                o["rule"] = json!(origin);
+                if let Some(s) = stubs.iter().find(|s| origin.starts_with(&format!("{}:", s.shown))) {
+                    o["stubId"] = json!(s.id);
+                }
+            }
+            o
+        })
+        .collect();
+    let mut r = Response::json(200, &Json::Array(list));
+    r.headers.push(("X-Total-Count", total.to_string()));
+    r
+}
+
+fn verify(state: &State, req: &Request<'_>) -> Response {
+    let o = match super::routes::body_object(req.body) {
+        Ok(o) => o,
+        Err(r) => return r,
+    };
+    let service = o.get("service").and_then(Json::as_str).unwrap_or_default();
+    let method = o.get("method").and_then(Json::as_str).unwrap_or_default();
+    let Some(expected) = o.get("expectedCount").and_then(Json::as_u64) else {
+        return Response::error(400, "invalid verify request: `expectedCount` must be a number of at least 0");
+    };
+    if service.is_empty() || method.is_empty() {
+        return Response::error(400, "invalid verify request: `service` and `method` are required");
+    }
+    let Some(journal) = &state.journal else {
+        return Response::json(400, &json!({"message": "history is disabled: start the engine with --journal N"}));
+    };
+    let session = header_session(req);
+    let actual = journal
+        .snapshot()
+        .iter()
+        .filter(|e| in_scope(e, &session))
+        .filter(|e| {
+            let (s, m) = split(e.path());
+            s == service && m == method
+        })
+        .count() as u64;
+    if actual == expected {
+        Response::json(
+            200,
+            &json!({"message": "ok", "time": crate::observe::journal::rfc3339(std::time::SystemTime::now())}),
+        )
+    } else {
+        Response::json(
+            400,
+            &json!({
+                "message": format!("expected {service}/{method} to be called {expected} times, got {actual}"),
+                "expected": expected,
+                "actual": actual,
+            }),
+        )
+    }
 }

@@ -115,6 +115,7 @@ fn plan_source(options: &Options) -> Result<(Arc<Runtime>, Loaded), String> {
             Runtime::from_dirs(options.compile.clone())?
         }
     };
+    runtime.set_max_bytes(options.runtime_max_bytes);
     tracing::info!(source = %built.2, "loaded");
     Ok((Arc::new(runtime), built))
 }

@@ -113,6 +113,15 @@ pub const FLAGS: &[Flag] = &[
         section: PLAN,
     },
     Flag {
+        name: "runtime-max-bytes",
+        value: "BYTES",
+        kind: Kind::Value,
+        default: "268435456",
+        help: "most bytes of protos, rules, stubs and descriptor sets the runtime API may hold; a change that \
+               would pass it is refused (413)",
+        section: PLAN,
+    },
+    Flag {
         name: "watch",
         value: "",
         kind: Kind::Switch,
@@ -612,6 +621,8 @@ pub struct Options {
     pub admin_insecure: bool,
     /// Where runtime changes over a plan are kept.
     pub state_dir: Option<PathBuf>,
+    /// Bound on the runtime API's sources.
+    pub runtime_max_bytes: usize,
     /// Time an admin connection has to send a whole request head.
     pub admin_head_timeout: Duration,
     pub journal: usize,
@@ -772,6 +783,7 @@ pub fn parse(args: &[String], env: &dyn Fn(&str) -> Option<String>) -> Result<Co
         admin_token: get("admin-token").map(|r| r.text().to_string()),
         admin_insecure: must("admin-insecure").switch()?,
         state_dir: get("state-dir").map(|r| r.path()),
+        runtime_max_bytes: must("runtime-max-bytes").number()?,
         admin_head_timeout,
         journal: must("journal").number()?,
         shutdown_grace: Duration::from_millis(must("shutdown-grace-ms").number()?),
