@@ -30,6 +30,8 @@ mod message_reader;
 mod plan_load;
 #[path = "../fuzz/checks/rule_file.rs"]
 mod rule_file;
+#[path = "../fuzz/checks/runtime_upload.rs"]
+mod runtime_upload;
 #[path = "../fuzz/checks/web_text.rs"]
 mod web_text;
 #[path = "../fuzz/checks/wire_scan.rs"]
@@ -40,7 +42,7 @@ type Check = fn(&[u8]);
 
 /// Every fuzz target with its checks: a target added under
 /// `fuzz/fuzz_targets/` must be added here too (see `every_target_is_replayed`).
-const TARGETS: [(&str, Check); 11] = [
+const TARGETS: [(&str, Check); 12] = [
     ("grpc_framing", grpc_framing::check),
     ("gzip", gzip::check),
     ("h2_conn", h2_conn::check),
@@ -50,6 +52,7 @@ const TARGETS: [(&str, Check); 11] = [
     ("message_reader", message_reader::check),
     ("plan_load", plan_load::check),
     ("rule_file", rule_file::check),
+    ("runtime_upload", runtime_upload::check),
     ("web_text", web_text::check),
     ("wire_scan", wire_scan::check),
 ];
@@ -141,6 +144,11 @@ fn plan_load() {
 #[test]
 fn rule_file() {
     replay("rule_file");
+}
+
+#[test]
+fn runtime_upload() {
+    replay("runtime_upload");
 }
 
 #[test]

@@ -42,6 +42,11 @@ pub struct Output {
     pub warnings: Diagnostics,
     pub proto_files: usize,
     pub rule_docs: usize,
+    /// The test sessions of the rule files, by file name (see
+    /// [`sources::Sources::rules`]); files without any are left out.
+    pub sessions: std::collections::BTreeMap<String, std::collections::BTreeSet<String>>,
+    /// Whether a file also holds documents without a session.
+    pub unscoped: std::collections::BTreeSet<String>,
 }
 
 impl Output {

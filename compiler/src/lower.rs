@@ -18,7 +18,7 @@
 //! in the order tests a subset of their conditions, and warns about them.
 
 use crate::diag::{Diagnostic, Diagnostics, Span};
-use crate::rules::{Cond, CondSource, RuleDoc};
+use crate::rules::{Cond, CondSource, RuleDoc, SESSION_KEY};
 use prost_reflect::DescriptorPool;
 use std::collections::{HashMap, HashSet};
 use wirestub_plan as plan;
@@ -49,6 +49,8 @@ pub fn lower(
 }
 
 struct Entry {
+    /// Written for a test session.
+    scoped: bool,
     tier: u8,
     priority: i64,
     order: usize,
@@ -91,6 +93,20 @@ fn lower_method(
     for doc in docs {
         let mut intern = |method: &mut plan::Method, c: &Cond| intern(method, &mut regex_index, regexes, c);
         let gate: Vec<plan::Condition> = doc.gate.iter().map(|c| intern(&mut method, c)).collect();
+        // A session's rules all need the call to name it, fallbacks too.
+        let session: Vec<plan::Condition> = doc
+            .session
+            .iter()
+            .map(|s| {
+                let test = plan::Test::Op(plan::Op::Eq(plan::Value::Bytes(s.as_bytes().to_vec())));
+                intern(&mut method, &Cond { source: CondSource::Metadata(SESSION_KEY.to_string()), test })
+            })
+            .collect();
+        let scoped = !session.is_empty();
+        let with_session = |mut conditions: Vec<plan::Condition>| {
+            conditions.splice(0..0, session.iter().cloned());
+            conditions
+        };
         for mut r in doc.responses {
             order += 1;
             let response = method.responses.len() as u32;
@@ -111,10 +127,11 @@ fn lower_method(
                     let mut conditions = gate.clone();
                     conditions.extend(when.iter().map(|c| intern(&mut method, c)));
                     entries.push(Entry {
+                        scoped,
                         tier: 1,
                         priority: r.priority,
                         order,
-                        conditions,
+                        conditions: with_session(conditions),
                         response,
                         origin: r.origin,
                         span: r.span,
@@ -123,20 +140,22 @@ fn lower_method(
                 None => {
                     if !gate.is_empty() {
                         entries.push(Entry {
+                            scoped,
                             tier: 3,
                             priority: r.priority,
                             order,
-                            conditions: Vec::new(),
+                            conditions: with_session(Vec::new()),
                             response,
                             origin: r.origin.clone(),
                             span: r.span.clone(),
                         });
                     }
                     entries.push(Entry {
+                        scoped,
                         tier: 2,
                         priority: r.priority,
                         order,
-                        conditions: gate.clone(),
+                        conditions: with_session(gate.clone()),
                         response,
                         origin: r.origin,
                         span: r.span,
@@ -145,7 +164,14 @@ fn lower_method(
             }
         }
     }
-    entries.sort_by(|a, b| a.tier.cmp(&b.tier).then(b.priority.cmp(&a.priority)).then(a.order.cmp(&b.order)));
+    // A session's rules first (they answer only its calls), then by tier,
+    // priority and the order written.
+    entries.sort_by(|a, b| {
+        (b.scoped.cmp(&a.scoped))
+            .then(a.tier.cmp(&b.tier))
+            .then(b.priority.cmp(&a.priority))
+            .then(a.order.cmp(&b.order))
+    });
     warn_shadowed(&method, &entries, diags);
     method.rules = entries
         .into_iter()

@@ -39,6 +39,10 @@ pub struct RuleDoc {
     /// The `match` gate.
     pub gate: Vec<Cond>,
     pub responses: Vec<Resp>,
+    /// The test session the document belongs to: every one of its rules
+    /// then also needs the call's [`SESSION_KEY`] to name it, and they are
+    /// tried before the rules without a session.
+    pub session: Option<String>,
 }
 
 /// A checked condition. `Op::Regex` indices refer to the list `load`
@@ -333,9 +337,7 @@ impl DocCx<'_> {
                 }
             }
         }
-        if let Some(session) = self.session_cond(get("session")) {
-            gate.push(session);
-        }
+        let session = self.session(get("session"));
         let mut responses = Vec::new();
         match get("responses") {
             None => {
@@ -356,12 +358,12 @@ impl DocCx<'_> {
                 }
             },
         }
-        Some(RuleDoc { method, duplex, gate, responses })
+        Some(RuleDoc { method, duplex, gate, responses, session })
     }
 
-    /// The gate condition of the document's session: its `session` key, or
-    /// the session of the file's place; both given must agree.
-    fn session_cond(&mut self, key: Option<&(Node, Node)>) -> Option<Cond> {
+    /// The document's session: its `session` key, or the session of the
+    /// file's place; both given must agree.
+    fn session(&mut self, key: Option<&(Node, Node)>) -> Option<String> {
         let name = match key {
             Some((_, v)) => {
                 let Some(name) = v.scalar().filter(|s| is_valid_session(s)) else {
@@ -382,8 +384,7 @@ impl DocCx<'_> {
             }
             None => self.session?.to_string(),
         };
-        let test = plan::Test::Op(plan::Op::Eq(plan::Value::Bytes(name.into_bytes())));
-        Some(Cond { source: CondSource::Metadata(SESSION_KEY.to_string()), test })
+        Some(name)
     }
 
     fn expect_map<'n>(&mut self, node: &'n Node, what: &str) -> Option<&'n [(Node, Node)]> {

@@ -17,7 +17,7 @@ use crate::rules::{self, CheckedFile, MethodIndex};
 use crate::{lower, regex, Output};
 use prost::Message as _;
 use prost_reflect::prost_types::{FileDescriptorProto, FileDescriptorSet};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 /// The inputs of one compilation.
@@ -156,6 +156,8 @@ pub fn compile(sources: &Sources, cache: &mut Cache) -> Result<Output, Diagnosti
     let mut docs = Vec::new();
     let mut specs = Vec::new();
     let mut kept = HashMap::with_capacity(sources.rules.len());
+    let mut sessions = BTreeMap::new();
+    let mut unscoped = BTreeSet::new();
     for (name, text) in &sources.rules {
         let text_hash = hash_str(&text.text);
         let entry = match cache.rules.remove(name) {
@@ -169,6 +171,16 @@ pub fn compile(sources: &Sources, cache: &mut Cache) -> Result<Output, Diagnosti
             }
         };
         diags.extend(&entry.diags);
+        for doc in &entry.checked.docs {
+            match &doc.session {
+                Some(s) => {
+                    sessions.entry(name.clone()).or_insert_with(BTreeSet::new).insert(s.clone());
+                }
+                None => {
+                    unscoped.insert(name.clone());
+                }
+            }
+        }
         let offset = specs.len() as u32;
         for doc in &entry.checked.docs {
             let mut doc = doc.clone();
@@ -205,7 +217,9 @@ pub fn compile(sources: &Sources, cache: &mut Cache) -> Result<Output, Diagnosti
     cache.regexes = used;
     diags.sort();
     match result {
-        Some(plan) => Ok(Output { plan, warnings: diags, proto_files: schema.schema.files, rule_docs }),
+        Some(plan) => {
+            Ok(Output { plan, warnings: diags, proto_files: schema.schema.files, rule_docs, sessions, unscoped })
+        }
         None => Err(diags),
     }
 }

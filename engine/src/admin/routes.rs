@@ -36,6 +36,7 @@ use super::Options;
 use crate::observe::journal::{self, Expect, Filter, Journal, MethodMatch, Verify};
 use crate::state::State;
 use serde_json::{json, Value as Json};
+use wirestub_plan::MethodKind;
 
 /// A response to send.
 #[derive(Debug, Clone, PartialEq)]
@@ -310,14 +311,26 @@ fn services(state: &State) -> Response {
             "output_type": m.plan.output_type,
             "rules": m.plan.rules.len(),
             "builtin": m.builtin.is_some(),
+            // Wishmock's names for the same facts, for its UI and scripts.
+            "full_method": format!("{service}/{name}"),
+            "rule_key": format!("{service}.{name}").to_ascii_lowercase(),
+            "request_type": m.plan.input_type.trim_start_matches('.'),
+            "response_type": m.plan.output_type.trim_start_matches('.'),
+            "request_stream": matches!(m.plan.kind, MethodKind::ClientStreaming | MethodKind::BidiStreaming),
+            "response_stream": matches!(m.plan.kind, MethodKind::ServerStreaming | MethodKind::BidiStreaming),
         });
         match services.iter_mut().find(|(s, _)| s == service) {
             Some((_, list)) => list.push(method),
             None => services.push((service.to_string(), vec![method])),
         }
     }
-    let list: Vec<Json> =
-        services.into_iter().map(|(name, methods)| json!({"name": name, "methods": methods})).collect();
+    let list: Vec<Json> = services
+        .into_iter()
+        .map(|(name, methods)| {
+            let (package, service) = name.rsplit_once('.').unwrap_or(("", &name));
+            json!({"name": name, "package": package, "service": service, "methods": methods})
+        })
+        .collect();
     Response::json(200, &json!({ "services": list }))
 }
 

@@ -110,6 +110,23 @@ struct Inner {
     sources: Sources,
     cache: Cache,
     base: Option<Base>,
+    /// What the last compilation found about the rule files' sessions.
+    scopes: Scopes,
+}
+
+/// The test sessions of the rule files: by file name, and the files that
+/// also hold rules without a session.
+#[derive(Default, Clone)]
+pub struct Scopes {
+    pub sessions: std::collections::BTreeMap<String, std::collections::BTreeSet<String>>,
+    pub unscoped: std::collections::BTreeSet<String>,
+}
+
+/// What a compilation gives besides the plan.
+struct Compiled {
+    built: Built,
+    warnings: Diagnostics,
+    scopes: Scopes,
 }
 
 /// The runtime store. See the module documentation.
@@ -135,7 +152,12 @@ impl Runtime {
             rules: options.rules.first().cloned().unwrap_or_else(|| PathBuf::from("rules")),
         };
         let runtime = Runtime {
-            inner: Mutex::new(Inner { sources: Sources::default(), cache: Cache::default(), base: None }),
+            inner: Mutex::new(Inner {
+                sources: Sources::default(),
+                cache: Cache::default(),
+                base: None,
+                scopes: Scopes::default(),
+            }),
             store: Some(store),
             dirs: Some(options),
             max_bytes: DEFAULT_MAX_BYTES.into(),
@@ -160,7 +182,12 @@ impl Runtime {
             None => None,
         };
         let runtime = Runtime {
-            inner: Mutex::new(Inner { sources: Sources::default(), cache: Cache::default(), base: None }),
+            inner: Mutex::new(Inner {
+                sources: Sources::default(),
+                cache: Cache::default(),
+                base: None,
+                scopes: Scopes::default(),
+            }),
             store,
             dirs: None,
             max_bytes: DEFAULT_MAX_BYTES.into(),
@@ -232,9 +259,16 @@ impl Runtime {
             return Err(diags);
         }
         sources.base = inner.sources.base.clone();
-        let built = build(&mut inner, &sources)?;
+        let compiled = build(&mut inner, &sources)?;
+        log_warnings(&compiled.warnings);
         inner.sources = sources;
-        Ok(built)
+        inner.scopes = compiled.scopes;
+        Ok(compiled.built)
+    }
+
+    /// The test sessions of the rule files.
+    pub fn scopes(&self) -> Scopes {
+        self.lock().scopes.clone()
     }
 
     /// A copy of the current sources.
@@ -258,12 +292,17 @@ impl Runtime {
                  (--runtime-max-bytes); delete some first"
             )));
         }
-        let built = build(&mut inner, &next).map_err(Refused::Diagnostics)?;
-        let warnings = Vec::new();
+        let compiled = build(&mut inner, &next).map_err(Refused::Diagnostics)?;
+        log_warnings(&compiled.warnings);
         self.persist(changes).map_err(Refused::Io)?;
-        let (plan, bytes, source) = built;
+        let (plan, bytes, source) = compiled.built;
         let reloaded = state.swap(plan, bytes.as_deref(), source).map_err(Refused::Plan)?;
         inner.sources = next;
+        inner.scopes = compiled.scopes;
+        let warnings = match diagnostics_json(&compiled.warnings) {
+            serde_json::Value::Array(list) => list,
+            _ => Vec::new(),
+        };
         Ok(Applied { files: changes.iter().map(Change::file).collect(), reloaded, warnings })
     }
 
@@ -336,24 +375,34 @@ fn apply_one(next: &mut Sources, change: &Change, store: Option<&Store>) -> Resu
 }
 
 /// Compiles `sources` (layered over the base plan, if any).
-fn build(inner: &mut Inner, sources: &Sources) -> Result<Built, Diagnostics> {
+fn build(inner: &mut Inner, sources: &Sources) -> Result<Compiled, Diagnostics> {
     match &inner.base {
-        Some(base) if sources.is_empty() => Ok((base.plan.clone(), Some(base.bytes.clone()), base_source(base, 0))),
+        Some(base) if sources.is_empty() => Ok(Compiled {
+            built: (base.plan.clone(), Some(base.bytes.clone()), base_source(base, 0)),
+            warnings: Diagnostics::default(),
+            scopes: Scopes::default(),
+        }),
         Some(base) => {
             let out = sources::compile(sources, &mut inner.cache)?;
-            log_warnings(&out.warnings);
             let plan = wirestub_plan::layer::layer(&base.plan, &out.plan).map_err(|e| {
                 let mut d = Diagnostics::default();
                 d.error(None, format!("runtime changes cannot be layered over `{}`: {e}", base.path.display()));
                 d
             })?;
             let files = sources.protos.len() + sources.rules.len() + sources.descriptor_sets.len();
-            Ok((plan, None, base_source(base, files)))
+            Ok(Compiled {
+                built: (plan, None, base_source(base, files)),
+                warnings: out.warnings,
+                scopes: Scopes { sessions: out.sessions, unscoped: out.unscoped },
+            })
         }
         None => {
             let out = sources::compile(sources, &mut inner.cache)?;
-            log_warnings(&out.warnings);
-            Ok((out.plan, None, "compiled from sources".to_string()))
+            Ok(Compiled {
+                built: (out.plan, None, "compiled from sources".to_string()),
+                warnings: out.warnings,
+                scopes: Scopes { sessions: out.sessions, unscoped: out.unscoped },
+            })
         }
     }
 }

@@ -339,28 +339,38 @@ pub(super) fn fnv64(bytes: &[u8]) -> u64 {
 }
 
 fn list_sessions(rt: &Runtime) -> Response {
-    let sources = rt.sources();
-    let mut sessions: std::collections::BTreeMap<&str, usize> = Default::default();
-    for name in sources.rules.keys() {
-        if let Some(s) = wirestub_compiler::rules::session_of(name) {
-            *sessions.entry(s).or_default() += 1;
+    let scopes = rt.scopes();
+    let mut sessions: std::collections::BTreeMap<&str, Vec<&str>> = Default::default();
+    for (file, names) in &scopes.sessions {
+        for s in names {
+            sessions.entry(s).or_default().push(file);
         }
     }
-    let list: Vec<Json> = sessions.iter().map(|(s, n)| json!({"id": s, "files": n})).collect();
+    let list: Vec<Json> = sessions.iter().map(|(s, files)| json!({"id": s, "files": files})).collect();
     Response::json(200, &json!({ "sessions": list }))
 }
 
+/// `DELETE /api/sessions/{id}`: every file whose rules all belong to the
+/// session; a file that mixes it with other sessions or with rules for
+/// everyone is left for the user to edit (409).
 fn delete_session(rt: &Runtime, state: &State, id: &str) -> Response {
     if !wirestub_compiler::rules::is_valid_session(id) {
         return Response::error(400, &format!("`{}` is not a session name", id.escape_debug()));
     }
-    let sources = rt.sources();
-    let changes: Vec<Change> = sources
-        .rules
-        .keys()
-        .filter(|name| wirestub_compiler::rules::session_of(name) == Some(id))
-        .map(|name| Change::DeleteRule { name: name.clone() })
-        .collect();
+    let scopes = rt.scopes();
+    let mut changes = Vec::new();
+    for (file, names) in &scopes.sessions {
+        if !names.contains(id) {
+            continue;
+        }
+        if names.len() > 1 || scopes.unscoped.contains(file) {
+            return Response::error(
+                409,
+                &format!("rule file `{file}` holds rules of session `{id}` and others; edit or delete it by name"),
+            );
+        }
+        changes.push(Change::DeleteRule { name: file.clone() });
+    }
     if changes.is_empty() {
         return Response::json(200, &json!({"ok": true, "session": id, "removed": 0, "changed": []}));
     }

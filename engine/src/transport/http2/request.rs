@@ -250,7 +250,7 @@ impl<'s> RequestHead<'s> {
                     let name = String::from_utf8_lossy(name).into_owned().into_boxed_str();
                     all.push((name, bytes::Bytes::copy_from_slice(value)));
                 }
-                if let Some(m) = self.method {
+                if let Some(m) = self.method.filter(|m| !m.plan.metadata_keys.is_empty()) {
                     // GripMock's session header reads as wirestub's.
                     let name = match name {
                         b"x-gripmock-session" => wirestub_plan::SESSION_KEY.as_bytes(),
