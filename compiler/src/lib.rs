@@ -8,7 +8,7 @@ mod canonical;
 pub mod conditions;
 mod details;
 pub mod diag;
-mod gripmock;
+pub mod gripmock;
 mod lower;
 pub mod protos;
 mod regex;

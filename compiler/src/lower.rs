@@ -166,6 +166,10 @@ fn lower_method(
     }
     // A session's rules first (they answer only its calls), then by tier,
     // priority and the order written.
+    // `times` is counted per test session: the engine reads the call's.
+    if method.responses.iter().any(|r| r.times > 0) && !method.metadata_keys.iter().any(|k| k == SESSION_KEY) {
+        method.metadata_keys.push(SESSION_KEY.to_string());
+    }
     entries.sort_by(|a, b| {
         (b.scoped.cmp(&a.scoped))
             .then(a.tier.cmp(&b.tier))

@@ -156,6 +156,42 @@ pub fn compile(
     if too_deep {
         return None;
     }
+    // protox and prost-reflect panic on some malformed descriptors (an
+    // uploaded descriptor set is anything a client sends): such a panic is
+    // this compilation's error, not the process's end.
+    let mut local = Diagnostics::default();
+    let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| link(protos, extra, cache, &mut local)));
+    cache.prune();
+    diags.extend(&local);
+    match run {
+        Ok(schema) => schema,
+        Err(payload) => {
+            let why = payload
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| payload.downcast_ref::<&str>().copied())
+                .unwrap_or("no message");
+            diags.push(
+                Diagnostic::error(
+                    None,
+                    format!("the descriptors could not be linked: the proto compiler failed ({why})"),
+                )
+                .with_help(
+                    "a descriptor set or .proto file that protoc accepts should link; check the uploaded descriptors",
+                ),
+            );
+            None
+        }
+    }
+}
+
+/// Links the files with protox into a schema.
+fn link(
+    protos: &BTreeMap<String, Text>,
+    extra: &[prost_reflect::prost_types::FileDescriptorProto],
+    cache: &ParseCache,
+    diags: &mut Diagnostics,
+) -> Option<Schema> {
     let memory = MemoryFileResolver { protos: protos.clone(), extra: extra.to_vec(), cache: cache.clone() };
     let mut resolver = ChainFileResolver::new();
     resolver.add(memory);
@@ -173,7 +209,6 @@ pub fn compile(
             failed = true;
         }
     }
-    cache.prune();
     if failed {
         return None;
     }

@@ -117,6 +117,7 @@ impl State {
         let rules = plan.methods.iter().map(|m| m.rules.len()).sum();
         let methods = plan.methods.len();
         let generation = prepare(plan, bytes, source, self.no_match, self.workers, number)?;
+        generation.served.inherit_uses(&self.current().served);
         self.metrics.register(generation.stats.clone());
         let services = generation.services();
         let identity = generation.identity.clone();

@@ -7,7 +7,9 @@
 //! is a descriptor set's bytes; 1: a `.proto` file's text; 2: a rule file's
 //! text, named as a GripMock stub file), then the upload.
 //!
-//! Invariants: nothing panics; a failed compilation carries an error; a
+//! Invariants: nothing panics (but inside protox or prost-reflect, which
+//! panic on some malformed descriptors: the compiler catches those and
+//! reports them as errors); a failed compilation carries an error; a
 //! compiled overlay loads; layered over the example plan it loads in
 //! `plan/` and the engine (or layering refuses a method whose kind or types
 //! changed); compiling again through the cache gives the same bytes.

@@ -160,7 +160,12 @@ impl<'a> Request<'a> {
             // the count is shared by every worker.
             let times = method.responses[rule.response as usize].times;
             if times > 0 {
-                let used = method.used[rule.response as usize].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let session = method.session_uses.slot.and_then(|i| request.metadata.get(i).copied().flatten());
+                let claimed =
+                    session.filter(|s| !s.is_empty()).and_then(|s| method.session_uses.claim(rule.response, s));
+                let used = claimed.unwrap_or_else(|| {
+                    method.used[rule.response as usize].fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                });
                 return Ok(used < times as u64);
             }
             Ok(true)

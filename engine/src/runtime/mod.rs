@@ -137,6 +137,11 @@ pub struct Runtime {
     dirs: Option<wirestub_compiler::Options>,
     /// Most bytes of sources a change may leave.
     max_bytes: std::sync::atomic::AtomicUsize,
+    /// The GripMock stubs of users' rule files, parsed, by file name and a
+    /// hash of its text (for the stubs API's listings).
+    file_stubs: Mutex<std::collections::HashMap<(String, u64), Vec<stubs::FileStub>>>,
+    /// What the stubs API counts as a stub's use.
+    stub_use: Mutex<stubs::StubUse>,
 }
 
 /// A plan ready to swap in: the plan, its file's bytes when it is a plan
@@ -161,6 +166,8 @@ impl Runtime {
             store: Some(store),
             dirs: Some(options),
             max_bytes: DEFAULT_MAX_BYTES.into(),
+            file_stubs: Mutex::default(),
+            stub_use: Mutex::default(),
         };
         let built = runtime.reread().map_err(|d| d.render())?;
         Ok((runtime, built))
@@ -191,6 +198,8 @@ impl Runtime {
             store,
             dirs: None,
             max_bytes: DEFAULT_MAX_BYTES.into(),
+            file_stubs: Mutex::default(),
+            stub_use: Mutex::default(),
         };
         {
             let mut inner = runtime.lock();

@@ -36,6 +36,25 @@ struct Stored {
     id: String,
     session: Option<String>,
     stub: Map<String, Json>,
+    /// Where it is written, as GripMock says: `rest` (a file of its own,
+    /// made by this API) or `file` (one of the stubs of a rule file the user
+    /// wrote, changed through the file routes).
+    source: &'static str,
+    /// The lines of its file it spans, `[from, to)`: the rules compiled from
+    /// it have origins there.
+    lines: (u32, u32),
+}
+
+impl Stored {
+    /// Whether a rule with this origin (`file:line:col`) was compiled from
+    /// the stub.
+    fn owns(&self, origin: &str) -> bool {
+        let Some(rest) = origin.strip_prefix(&self.shown).and_then(|r| r.strip_prefix(':')) else {
+            return false;
+        };
+        let line: u32 = rest.split(':').next().and_then(|l| l.parse().ok()).unwrap_or(0);
+        (self.lines.0..self.lines.1).contains(&line)
+    }
 }
 
 pub fn handle(rt: &Runtime, state: &State, req: &Request<'_>) -> Option<Response> {
@@ -53,10 +72,10 @@ pub fn handle(rt: &Runtime, state: &State, req: &Request<'_>) -> Option<Response
         ["api", "stubs", "unused"] => only(m, &["GET"]).unwrap_or_else(|| used(rt, state, false)),
         ["api", "stubs", id] => match m {
             "GET" => match stored(rt).into_iter().find(|s| s.id == *id) {
-                Some(s) => Response::json(200, &output(&s, state)),
+                Some(s) => Response::json(200, &output(rt, &s, state)),
                 None => Response::error(404, &format!("Stub with ID '{id}' not found")),
             },
-            "DELETE" => delete_ids(rt, state, &[id.to_string()], 204),
+            "DELETE" => delete_ids(rt, state, &[id.to_ascii_lowercase()], 204, true),
             _ => not_allowed(&["GET", "DELETE"]),
         },
         ["api", "history"] => only(m, &["GET"]).unwrap_or_else(|| history(rt, state, req)),
@@ -93,8 +112,8 @@ fn file_name(session: Option<&str>, id: &str) -> String {
     }
 }
 
-/// Every stub stored: rule files named like [`file_name`] that hold a JSON
-/// object.
+/// Every stub: the files this API writes (named like [`file_name`], one
+/// stub each) and the GripMock stubs of other rule files.
 fn stored(rt: &Runtime) -> Vec<Stored> {
     let sources = rt.sources();
     let mut out = Vec::new();
@@ -104,45 +123,158 @@ fn stored(rt: &Runtime) -> Vec<Stored> {
             Some(s) => name.strip_prefix(&format!("{}/{s}/", wirestub_compiler::rules::SESSIONS_DIR)),
             None => Some(name.as_str()),
         };
-        let Some(id) = rest.and_then(|r| r.strip_prefix("stubs/")).and_then(|r| r.strip_suffix(".json")) else {
-            continue;
-        };
-        if !is_uuid(id) {
-            continue;
+        let api_id = rest.and_then(|r| r.strip_prefix("stubs/")).and_then(|r| r.strip_suffix(".json"));
+        if let Some(id) = api_id.filter(|id| is_uuid(id)) {
+            if let Ok(Json::Object(stub)) = serde_json::from_str::<Json>(&text.text) {
+                out.push(Stored {
+                    name: name.clone(),
+                    shown: text.shown.clone(),
+                    id: id.to_string(),
+                    session: session.map(str::to_string),
+                    stub,
+                    source: "rest",
+                    lines: (0, u32::MAX),
+                });
+                continue;
+            }
         }
-        if let Ok(Json::Object(stub)) = serde_json::from_str::<Json>(&text.text) {
-            out.push(Stored {
-                name: name.clone(),
-                shown: text.shown.clone(),
-                id: id.to_string(),
-                session: session.map(str::to_string),
-                stub,
-            });
-        }
+        out.extend(file_stubs(rt, name, &text.shown, &text.text));
     }
     out
 }
 
-/// Calls each stored stub answered (rules compiled from its file), by id.
-fn hits(stubs: &[Stored], state: &State) -> std::collections::HashMap<String, u64> {
+/// The GripMock stubs of a rule file the user wrote (none for a Wishmock
+/// rule file), parsed once per text.
+fn file_stubs(rt: &Runtime, name: &str, shown: &str, text: &str) -> Vec<Stored> {
+    // Cheap refusal first: a stub has an `input`, `inputs` or `output`.
+    if !(text.contains("input") || text.contains("output")) {
+        return Vec::new();
+    }
+    let key = (name.to_string(), super::routes::fnv64(text.as_bytes()));
+    if let Some(hit) = rt.file_stubs.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+        return hit.iter().map(|s| s.to_stored(name, shown)).collect();
+    }
+    let file = wirestub_compiler::diag::SourceFile::named(shown, text.to_string());
+    let docs = wirestub_compiler::yaml::parse(&file).unwrap_or_default();
+    let mut nodes: Vec<&wirestub_compiler::yaml::Node> = Vec::new();
+    for doc in &docs {
+        match &doc.kind {
+            wirestub_compiler::yaml::NodeKind::Seq(items) => nodes.extend(items.iter()),
+            _ => nodes.push(doc),
+        }
+    }
+    let mut found = Vec::new();
+    for (i, node) in nodes.iter().enumerate() {
+        if !wirestub_compiler::gripmock::is_stub(node) {
+            continue;
+        }
+        let Json::Object(stub) = node.to_json() else { continue };
+        let id = match stub.get("id").and_then(Json::as_str) {
+            Some(id) if is_uuid(id) => id.to_ascii_lowercase(),
+            _ => derived_id(name, i),
+        };
+        let from = node.span.line;
+        let to = nodes.get(i + 1).map(|n| n.span.line).filter(|&l| l > from).unwrap_or(u32::MAX);
+        let session = stub.get("session").and_then(Json::as_str).map(str::to_string);
+        found.push(FileStub { id, session, stub, lines: (from, to) });
+    }
+    let out = found.iter().map(|s| s.to_stored(name, shown)).collect();
+    let mut cache = rt.file_stubs.lock().unwrap_or_else(|e| e.into_inner());
+    // The cache holds the parse of the current files only.
+    let names: std::collections::HashSet<String> = rt.sources().rules.keys().cloned().collect();
+    cache.retain(|(n, _), _| names.contains(n));
+    cache.insert(key, found);
+    out
+}
+
+/// A stub of a rule file, as cached.
+pub struct FileStub {
+    id: String,
+    session: Option<String>,
+    stub: Map<String, Json>,
+    lines: (u32, u32),
+}
+
+impl FileStub {
+    fn to_stored(&self, name: &str, shown: &str) -> Stored {
+        Stored {
+            name: name.to_string(),
+            shown: shown.to_string(),
+            id: self.id.clone(),
+            session: self.session.clone(),
+            stub: self.stub.clone(),
+            source: "file",
+            lines: self.lines,
+        }
+    }
+}
+
+/// A stable id in UUID form for the `index`th stub of file `name` that has
+/// none of its own.
+fn derived_id(name: &str, index: usize) -> String {
+    let a = super::routes::fnv64(format!("{name}#{index}").as_bytes());
+    let b = super::routes::fnv64(format!("{index}#{name}").as_bytes());
+    format!(
+        "{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
+        a >> 32,
+        (a >> 16) & 0xffff,
+        a & 0xfff,
+        b >> 52,
+        b & 0xffff_ffff_ffff
+    )
+}
+
+/// Calls each stub answered since it was last written, by id, and whether
+/// a search matched it.
+fn hits(rt: &Runtime, stubs: &[Stored], state: &State) -> std::collections::HashMap<String, u64> {
     let by_origin = state.metrics.rule_hits();
+    let book = rt.stub_use.lock().unwrap_or_else(|e| e.into_inner());
     stubs
         .iter()
         .map(|s| {
-            let prefix = format!("{}:", s.shown);
-            let n = by_origin.iter().filter(|(o, _)| o.starts_with(&prefix)).map(|(_, n)| n).sum();
-            (s.id.clone(), n)
+            let n: u64 = by_origin.iter().filter(|(o, _)| s.owns(o)).map(|(_, n)| n).sum();
+            let since = n.saturating_sub(book.baseline.get(&s.id).copied().unwrap_or(0));
+            let searched = u64::from(book.searched.contains(&s.id));
+            (s.id.clone(), since + searched)
         })
         .collect()
 }
 
-fn output(s: &Stored, state: &State) -> Json {
+/// Call counts at the time each stub was last written (the counters are
+/// by rule origin and outlive the stub), and the stubs a search matched.
+#[derive(Default)]
+pub struct StubUse {
+    baseline: std::collections::HashMap<String, u64>,
+    searched: std::collections::HashSet<String>,
+}
+
+/// Starts counting the stubs `ids` afresh (they were just written or
+/// deleted).
+fn reset_use(rt: &Runtime, state: &State, ids: &[String], shown: impl Fn(&str) -> Option<String>) {
+    let by_origin = state.metrics.rule_hits();
+    let mut book = rt.stub_use.lock().unwrap_or_else(|e| e.into_inner());
+    for id in ids {
+        book.searched.remove(id);
+        let n = match shown(id) {
+            Some(prefix) => by_origin.iter().filter(|(o, _)| o.starts_with(&prefix)).map(|(_, n)| n).sum(),
+            None => 0,
+        };
+        book.baseline.insert(id.clone(), n);
+    }
+    // Forget stubs that are gone.
+    let live: std::collections::HashSet<String> = stored(rt).into_iter().map(|s| s.id).collect();
+    book.baseline.retain(|id, _| live.contains(id) || ids.contains(id));
+    book.searched.retain(|id| live.contains(id));
+}
+
+fn output(rt: &Runtime, s: &Stored, state: &State) -> Json {
     let mut o = s.stub.clone();
     o.insert("id".into(), json!(s.id));
+    o.insert("source".into(), json!(s.source));
     if let Some(session) = &s.session {
         o.insert("session".into(), json!(session));
     }
-    let n = hits(std::slice::from_ref(s), state).get(&s.id).copied().unwrap_or(0);
+    let n = hits(rt, std::slice::from_ref(s), state).get(&s.id).copied().unwrap_or(0);
     if n > 0 {
         o.insert("used".into(), json!(true));
     }
@@ -151,7 +283,7 @@ fn output(s: &Stored, state: &State) -> Json {
 
 fn list(rt: &Runtime, state: &State, req: &Request<'_>) -> Response {
     let stubs = stored(rt);
-    let hits = hits(&stubs, state);
+    let hits = hits(rt, &stubs, state);
     let text = |s: &Stored, k: &str| s.stub.get(k).and_then(Json::as_str).unwrap_or_default().to_string();
     let mut selected: Vec<&Stored> = stubs
         .iter()
@@ -185,6 +317,7 @@ fn list(rt: &Runtime, state: &State, req: &Request<'_>) -> Response {
         .map(|s| {
             let mut o = s.stub.clone();
             o.insert("id".into(), json!(s.id));
+            o.insert("source".into(), json!(s.source));
             if let Some(session) = &s.session {
                 o.insert("session".into(), json!(session));
             }
@@ -201,7 +334,7 @@ fn list(rt: &Runtime, state: &State, req: &Request<'_>) -> Response {
 
 fn used(rt: &Runtime, state: &State, wanted: bool) -> Response {
     let stubs = stored(rt);
-    let hits = hits(&stubs, state);
+    let hits = hits(rt, &stubs, state);
     let list: Vec<Json> = stubs
         .iter()
         .filter(|s| (hits.get(&s.id).copied().unwrap_or(0) > 0) == wanted)
@@ -274,6 +407,12 @@ fn upsert(rt: &Runtime, state: &State, req: &Request<'_>) -> Response {
         stub.insert("id".into(), json!(id));
         stub.remove("used");
         stub.remove("source");
+        if let Some(f) = existing.iter().find(|s| s.id == id && s.source == "file") {
+            return Response::error(
+                409,
+                &format!("stub {id} comes from rule file `{}`; change it through /admin/rule/grpc/{}", f.name, f.name),
+            );
+        }
         let name = file_name(session.as_deref(), &id);
         for old in existing.iter().filter(|s| s.id == id && s.name != name) {
             changes.push(Change::DeleteRule { name: old.name.clone() });
@@ -283,19 +422,36 @@ fn upsert(rt: &Runtime, state: &State, req: &Request<'_>) -> Response {
         ids.push(id);
     }
     match rt.apply(state, &changes) {
-        Ok(_) => Response::json(200, &json!(ids)),
+        Ok(_) => {
+            let names: Vec<(String, String)> = stored(rt).into_iter().map(|s| (s.id, s.shown)).collect();
+            let shown = |id: &str| names.iter().find(|(i, _)| i == id).map(|(_, s)| format!("{s}:"));
+            reset_use(rt, state, &ids, shown);
+            Response::json(200, &json!(ids))
+        }
         Err(refused) => refusal(refused),
     }
 }
 
-fn delete_ids(rt: &Runtime, state: &State, ids: &[String], status: u16) -> Response {
+/// Deletes the stubs `ids` made by this API; a stub of a user's rule file
+/// is refused (409) when `strict`, else left alone.
+fn delete_ids(rt: &Runtime, state: &State, ids: &[String], status: u16, strict: bool) -> Response {
+    let selected: Vec<Stored> = stored(rt).into_iter().filter(|s| ids.contains(&s.id)).collect();
+    if let Some(f) = selected.iter().find(|s| s.source == "file").filter(|_| strict) {
+        return Response::error(
+            409,
+            &format!("stub {} comes from rule file `{}`; delete it through /admin/rule/grpc/{}", f.id, f.name, f.name),
+        );
+    }
     let changes: Vec<Change> =
-        stored(rt).into_iter().filter(|s| ids.contains(&s.id)).map(|s| Change::DeleteRule { name: s.name }).collect();
+        selected.into_iter().filter(|s| s.source == "rest").map(|s| Change::DeleteRule { name: s.name }).collect();
     if changes.is_empty() {
         return empty(status);
     }
     match rt.apply(state, &changes) {
-        Ok(_) => empty(status),
+        Ok(_) => {
+            reset_use(rt, state, &[], |_| None);
+            empty(status)
+        }
         Err(refused) => refusal(refused),
     }
 }
@@ -308,7 +464,7 @@ fn purge(rt: &Runtime, state: &State, req: &Request<'_>) -> Response {
     let session = header_session(req);
     let ids: Vec<String> =
         stored(rt).into_iter().filter(|s| session.is_none() || s.session == session).map(|s| s.id).collect();
-    delete_ids(rt, state, &ids, 204)
+    delete_ids(rt, state, &ids, 204, false)
 }
 
 fn batch_delete(rt: &Runtime, state: &State, body: &[u8]) -> Response {
@@ -327,7 +483,7 @@ fn batch_delete(rt: &Runtime, state: &State, body: &[u8]) -> Response {
         Ok(_) => return Response::error(400, "the body must be an array of stub ids"),
         Err(e) => return Response::error(400, &format!("the body is not JSON: {e}")),
     };
-    delete_ids(rt, state, &ids, 200)
+    delete_ids(rt, state, &ids, 200, true)
 }
 
 /// `POST /api/stubs/search`: the output of the stub that answers the
@@ -401,9 +557,10 @@ fn search(rt: &Runtime, state: &State, req: &Request<'_>) -> Response {
         Err(e) => return Response::error(400, &format!("the request cannot be read: {e:?}")),
     };
     let origin = served.plan.rules.get(rule as usize).map(|r| r.origin.clone()).unwrap_or_default();
-    let stub = stored(rt).into_iter().find(|s| origin.starts_with(&format!("{}:", s.shown)));
+    let stub = stored(rt).into_iter().find(|s| s.owns(&origin));
     match stub {
         Some(s) => {
+            rt.stub_use.lock().unwrap_or_else(|e| e.into_inner()).searched.insert(s.id.clone());
             let mut out = s.stub.get("output").cloned().unwrap_or_else(|| json!({}));
             if let Json::Object(o) = &mut out {
                 o.insert("id".into(), json!(s.id));
@@ -473,9 +630,17 @@ fn history(rt: &Runtime, state: &State, req: &Request<'_>) -> Response {
                 o["error"] = json!(e.message);
             }
             if let (Some(r), Some(m)) = (e.rule, e.served()) {
+                if let Some((responses, headers)) = answered(e, m, r) {
+                    if !responses.is_empty() {
+                        o["responses"] = json!(responses);
+                    }
+                    if !headers.is_empty() {
+                        o["responseHeaders"] = Json::Object(headers);
+                    }
+                }
                 let origin = m.plan.rules.get(r as usize).map(|r| r.origin.as_str()).unwrap_or("");
                 o["rule"] = json!(origin);
-                if let Some(s) = stubs.iter().find(|s| origin.starts_with(&format!("{}:", s.shown))) {
+                if let Some(s) = stubs.iter().find(|s| s.owns(origin)) {
                     o["stubId"] = json!(s.id);
                 }
             }
@@ -485,6 +650,43 @@ fn history(rt: &Runtime, state: &State, req: &Request<'_>) -> Response {
     let mut r = Response::json(200, &Json::Array(list));
     r.headers.push(("X-Total-Count", total.to_string()));
     r
+}
+
+/// What rule `rule` answers, as GripMock's history shows it: the response
+/// messages as JSON (None for an answer rendered from a template, which
+/// the journal does not keep) and the metadata sent.
+fn answered(
+    e: &crate::observe::journal::Entry,
+    m: &crate::served::ServedMethod,
+    rule: u32,
+) -> Option<(Vec<Json>, Map<String, Json>)> {
+    let response = m.plan.responses.get(m.plan.rules.get(rule as usize)?.response as usize)?;
+    if !response.templates.is_empty() {
+        return None;
+    }
+    let desc = e.generation.schema()?.get_message_by_name(&m.plan.output_type)?;
+    let decode = |framed: &[u8]| -> Option<Json> {
+        let body = framed.get(5..).filter(|_| framed.first() == Some(&0)).unwrap_or(framed);
+        let msg = prost_reflect::DynamicMessage::decode(desc.clone(), body).ok()?;
+        let options = prost_reflect::SerializeOptions::new().use_proto_field_name(true);
+        msg.serialize_with_options(serde_json::value::Serializer, &options).ok()
+    };
+    let mut messages = Vec::new();
+    if !response.body.is_empty() && response.status == 0 {
+        messages.extend(decode(&response.body));
+    }
+    let sent = match response.error_after {
+        0 => response.stream.len(),
+        n => (n as usize).min(response.stream.len()),
+    };
+    messages.extend(response.stream.iter().take(sent).filter_map(|item| decode(item)));
+    let mut headers = Map::new();
+    for (k, v) in response.headers.iter().chain(response.trailers.iter()) {
+        if !matches!(k.as_str(), "grpc-status" | "grpc-message" | "grpc-status-details-bin") {
+            headers.insert(k.clone(), json!(String::from_utf8_lossy(v)));
+        }
+    }
+    Some((messages, headers))
 }
 
 fn verify(state: &State, req: &Request<'_>) -> Response {

@@ -120,6 +120,61 @@ impl Prepared {
     }
 }
 
+/// Most (response, session) counts a method keeps for responses limited
+/// by `times`; calls of further sessions count as calls without one.
+pub const MAX_SESSION_COUNTS: usize = 65_536;
+
+/// Calls answered by each response limited by `times`, counted per test
+/// session (as GripMock counts per stub and session), so parallel suites
+/// sharing an engine each get their N answers. Calls without a session use
+/// [`ServedMethod::used`]. Touched only by responses limited by `times`,
+/// for calls that carry a session.
+pub struct SessionUses {
+    /// Where the call's session is among the method's metadata values (the
+    /// compiler adds the key to methods with such responses).
+    pub slot: Option<usize>,
+    counts: std::sync::Mutex<HashMap<SessionCount, u64>>,
+}
+
+/// A response (its index) and a session.
+type SessionCount = (u32, Box<[u8]>);
+
+impl SessionUses {
+    fn new(keys: &[String]) -> SessionUses {
+        SessionUses {
+            slot: keys.iter().position(|k| k == wirestub_plan::SESSION_KEY),
+            counts: std::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn copy_from(&self, old: &SessionUses, old_response: u32, response: u32) {
+        let old_counts = old.counts.lock().unwrap_or_else(|e| e.into_inner());
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        for ((r, session), n) in old_counts.iter() {
+            if *r == old_response && counts.len() < MAX_SESSION_COUNTS {
+                counts.insert((response, session.clone()), *n);
+            }
+        }
+    }
+
+    /// Counts one call of `session` for `response`; returns the calls
+    /// counted before it, or None when the table is full and this session
+    /// is new (the caller counts the call as one without a session).
+    pub fn claim(&self, response: u32, session: &[u8]) -> Option<u64> {
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (response, Box::<[u8]>::from(session));
+        if let Some(n) = counts.get_mut(&key) {
+            *n += 1;
+            return Some(*n - 1);
+        }
+        if counts.len() >= MAX_SESSION_COUNTS {
+            return None;
+        }
+        counts.insert(key, 1);
+        Some(0)
+    }
+}
+
 pub struct ServedMethod {
     pub plan: Method,
     pub responses: Vec<Prepared>,
@@ -143,6 +198,8 @@ pub struct ServedMethod {
     /// `times`: the only state shared between workers on the request path,
     /// and touched only by such responses.
     pub used: Vec<std::sync::atomic::AtomicU64>,
+    /// The same counts for calls of a test session, per session.
+    pub session_uses: SessionUses,
     /// A service the engine answers itself (health, reflection), for
     /// methods the plan has no rules for.
     pub builtin: Option<Builtin>,
@@ -538,6 +595,7 @@ impl Served {
             let index = build_index(&m);
             by_path.insert(m.path.clone().into_boxed_str(), methods.len());
             let used = (0..m.responses.len()).map(|_| std::sync::atomic::AtomicU64::new(0)).collect();
+            let m_keys = m.metadata_keys.clone();
             let literals = build_literals(&m);
             // A built-in service the plan declares but has no rules for
             // is still answered by the engine.
@@ -554,6 +612,7 @@ impl Served {
                 index,
                 keep: 0,
                 used,
+                session_uses: SessionUses::new(&m_keys),
                 literals,
                 builtin,
                 position: methods.len(),
@@ -588,6 +647,7 @@ impl Served {
                 index: None,
                 keep: 1,
                 used: Vec::new(),
+                session_uses: SessionUses::new(&[]),
                 literals: Vec::new(),
                 builtin: Some(builtin),
                 position: methods.len(),
@@ -597,6 +657,35 @@ impl Served {
         }
         let ok = prepare(0, "", Bytes::new(), &[], &[], Duration::ZERO);
         Ok(Served { methods, by_path, ok })
+    }
+
+    /// Carries the `times` counts of `old` (the plan this one replaces)
+    /// over to the responses that are unchanged: written at the same place
+    /// (a rule's origin), with the same limit and the same answer. A change
+    /// to one rule file so leaves every other limited response's count as
+    /// it was.
+    pub fn inherit_uses(&self, old: &Served) {
+        use std::sync::atomic::Ordering::Relaxed;
+        for m in &self.methods {
+            if !m.plan.responses.iter().any(|r| r.times > 0) {
+                continue;
+            }
+            let Some(o) = old.method(&m.plan.path) else { continue };
+            let by_origin: HashMap<&str, u32> = o.plan.rules.iter().map(|r| (r.origin.as_str(), r.response)).collect();
+            for rule in &m.plan.rules {
+                let response = &m.plan.responses[rule.response as usize];
+                if response.times == 0 {
+                    continue;
+                }
+                let Some(&before) = by_origin.get(rule.origin.as_str()) else { continue };
+                if o.plan.responses.get(before as usize) != Some(response) {
+                    continue;
+                }
+                let n = o.used[before as usize].load(Relaxed);
+                m.used[rule.response as usize].store(n, Relaxed);
+                m.session_uses.copy_from(&o.session_uses, before, rule.response);
+            }
+        }
     }
 
     pub fn method(&self, path: &str) -> Option<&ServedMethod> {
