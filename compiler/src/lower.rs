@@ -273,29 +273,29 @@ fn remap_regexes(test: &mut plan::Test, map: &mut dyn FnMut(u32) -> u32) {
 /// exhaustively for up to 8 conditions (enough for any hand-written rule),
 /// so the cost stays linear in the number of rules.
 fn warn_shadowed(method: &plan::Method, entries: &[Entry], diags: &mut Diagnostics) {
-    let key = |c: &plan::Condition| {
-        let source = match c.source {
-            plan::Source::Field(i) => {
-                let f = &method.fields[i as usize];
-                format!("{:?}{:?}{:?}", f.numbers, f.shape, f.message)
-            }
-            plan::Source::Metadata(i) => format!("md:{}", method.metadata_keys[i as usize]),
-        };
-        format!("{source}{:?}", c.test)
+    // A condition's identity: its source (interned, so equal sources have
+    // equal indices) and a hash of its test. Hashing rather than rendering
+    // keeps this cheap for methods with thousands of rules.
+    let key = |c: &plan::Condition| -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        c.source.hash(&mut h);
+        hash_test(&c.test, &mut h);
+        h.finish()
     };
-    let mut seen: HashMap<Vec<String>, usize> = HashMap::new();
+    let mut seen: HashMap<Vec<u64>, usize> = HashMap::new();
     let mut warned = HashSet::new();
     for (i, e) in entries.iter().enumerate() {
         // A response limited by `times` stops answering, so it shadows
         // nothing for good.
         let limited = method.responses[e.response as usize].times > 0;
-        let mut keys: Vec<String> = e.conditions.iter().map(key).collect();
-        keys.sort();
+        let mut keys: Vec<u64> = e.conditions.iter().map(key).collect();
+        keys.sort_unstable();
         keys.dedup();
         if keys.len() <= 8 {
             let shadow = (0u32..1 << keys.len()).find_map(|mask| {
-                let subset: Vec<String> =
-                    keys.iter().enumerate().filter(|(b, _)| mask & (1 << b) != 0).map(|(_, k)| k.clone()).collect();
+                let subset: Vec<u64> =
+                    keys.iter().enumerate().filter(|(b, _)| mask & (1 << b) != 0).map(|(_, k)| *k).collect();
                 seen.get(&subset).copied()
             });
             if let Some(j) = shadow {
@@ -317,6 +317,51 @@ fn warn_shadowed(method: &plan::Method, entries: &[Entry], diags: &mut Diagnosti
         }
         if !limited {
             seen.entry(keys).or_insert(i);
+        }
+    }
+}
+
+/// Feeds a test into a hasher (floats by their bits).
+fn hash_test(t: &plan::Test, h: &mut impl std::hash::Hasher) {
+    use std::hash::Hash;
+    fn value(v: &plan::Value, h: &mut impl std::hash::Hasher) {
+        match v {
+            plan::Value::I64(x) => (0u8, *x).hash(h),
+            plan::Value::U64(x) => (1u8, *x).hash(h),
+            plan::Value::F64(x) => (2u8, x.to_bits()).hash(h),
+            plan::Value::Bool(x) => (3u8, *x).hash(h),
+            plan::Value::Bytes(x) => (4u8, x).hash(h),
+        }
+    }
+    match t {
+        plan::Test::Op(op) => {
+            0u8.hash(h);
+            op.name().hash(h);
+            match op {
+                plan::Op::Eq(v) | plan::Op::Gt(v) | plan::Op::Gte(v) | plan::Op::Lt(v) | plan::Op::Lte(v) => {
+                    value(v, h)
+                }
+                plan::Op::Contains(v) => value(v, h),
+                plan::Op::In(vs) => vs.iter().for_each(|v| value(v, h)),
+                plan::Op::Prefix(b) | plan::Op::Suffix(b) => b.hash(h),
+                plan::Op::Regex(i) => i.hash(h),
+                plan::Op::Len(inner) => hash_test(inner, h),
+                plan::Op::Exists => {}
+            }
+        }
+        plan::Test::Not(inner) => {
+            1u8.hash(h);
+            hash_test(inner, h);
+        }
+        plan::Test::Any(list) => {
+            2u8.hash(h);
+            list.len().hash(h);
+            list.iter().for_each(|t| hash_test(t, h));
+        }
+        plan::Test::All(list) => {
+            3u8.hash(h);
+            list.len().hash(h);
+            list.iter().for_each(|t| hash_test(t, h));
         }
     }
 }

@@ -47,6 +47,26 @@ pub struct State {
     reloader: Mutex<Option<Reloader>>,
     /// Serialises reloads, so two at once cannot interleave.
     reloading: Mutex<()>,
+    /// Generations swapped out, kept until no call holds them, so the last
+    /// reference (and freeing a large plan) is dropped by the reaper
+    /// thread, never by a serving worker.
+    retired: Arc<Mutex<Vec<Arc<Generation>>>>,
+}
+
+/// How often the reaper looks for retired generations no call holds.
+const REAP_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Drops the retired generations no one else holds; true when none is
+/// left.
+fn reap(retired: &Mutex<Vec<Arc<Generation>>>) -> bool {
+    let dead: Vec<Arc<Generation>> = {
+        let mut list = lock(retired);
+        let (dead, live) = std::mem::take(&mut *list).into_iter().partition(|g| Arc::strong_count(g) == 1);
+        *list = live;
+        dead
+    };
+    drop(dead);
+    lock(retired).is_empty()
 }
 
 /// The outcome of a successful reload.
@@ -95,6 +115,7 @@ impl State {
             listeners: Mutex::new(Vec::new()),
             reloader: Mutex::new(None),
             reloading: Mutex::new(()),
+            retired: Arc::new(Mutex::new(Vec::new())),
         })
     }
 
@@ -116,22 +137,50 @@ impl State {
         let number = self.number.load(Ordering::Acquire) + 1;
         let rules = plan.methods.iter().map(|m| m.rules.len()).sum();
         let methods = plan.methods.len();
-        let generation = prepare(plan, bytes, source, self.no_match, self.workers, number)?;
-        generation.served.inherit_uses(&self.current().served);
+        let previous = self.current();
+        let generation = prepare_after(plan, bytes, source, self.no_match, self.workers, number, Some(&previous))?;
+        generation.served.inherit_uses(&previous.served);
         self.metrics.register(generation.stats.clone());
         let services = generation.services();
         let identity = generation.identity.clone();
-        let changed = {
+        let (changed, old) = {
             let mut current = lock(&self.current);
             let changed = current.identity != identity;
-            *current = Arc::new(generation);
-            changed
+            (changed, std::mem::replace(&mut *current, Arc::new(generation)))
         };
+        drop(previous);
+        self.retire(old);
         self.number.store(number, Ordering::Release);
         if !self.is_draining() {
             self.health.set_services(&services);
         }
         Ok(Reloaded { identity, number, methods, rules, changed })
+    }
+
+    /// Hands a swapped-out generation to the reaper thread (started with
+    /// the first), which frees it once no call holds it.
+    fn retire(&self, old: Arc<Generation>) {
+        let start = {
+            let mut list = lock(&self.retired);
+            list.push(old);
+            list.len() == 1
+        };
+        if !start {
+            return;
+        }
+        let retired = self.retired.clone();
+        let spawned = std::thread::Builder::new().name("wirestub-reaper".into()).spawn(move || loop {
+            std::thread::sleep(REAP_EVERY);
+            // Done when everything retired is freed; the next swap starts
+            // another.
+            if reap(&retired) {
+                return;
+            }
+        });
+        if spawned.is_err() {
+            // No thread to spare: free what can be freed here.
+            reap(&self.retired);
+        }
     }
 
     /// Installs what [`State::reload`] calls to get the next plan.
@@ -200,6 +249,20 @@ pub fn prepare(
     workers: usize,
     number: u64,
 ) -> Result<Generation, String> {
+    prepare_after(plan, bytes, source, no_match, workers, number, None)
+}
+
+/// [`prepare`], sharing what is unchanged with `previous`, the generation
+/// it replaces.
+fn prepare_after(
+    plan: Plan,
+    bytes: Option<&[u8]>,
+    source: String,
+    no_match: NoMatch,
+    workers: usize,
+    number: u64,
+    previous: Option<&Generation>,
+) -> Result<Generation, String> {
     let encoded;
     let (identity_bytes, version) = match bytes {
         Some(b) => (b, b.get(12..16).map(|v| u32::from_le_bytes([v[0], v[1], v[2], v[3]])).unwrap_or(0)),
@@ -210,7 +273,7 @@ pub fn prepare(
     };
     let identity = format!("{:016x}", fnv64(identity_bytes));
     let descriptors = Bytes::from(plan.descriptors.clone());
-    let served = Served::new(plan, no_match).map_err(|e| e.to_string())?;
+    let served = Served::new_after(plan, no_match, previous.map(|g| &g.served)).map_err(|e| e.to_string())?;
     let stats = Arc::new(Stats::new(workers, &served));
     let reflection = Reflection::new(&descriptors);
     Ok(Generation {

@@ -299,7 +299,15 @@ fn list_descriptors(rt: &Runtime, state: &State) -> Response {
         .collect();
     let services: Vec<String> =
         pool.map(|p| p.services().map(|s| s.full_name().to_string()).collect()).unwrap_or_default();
-    Response::json(200, &json!({"descriptors": sets, "services": services}))
+    // GripMock's answer: the services added through descriptor sets.
+    let mut added: Vec<String> = sets
+        .iter()
+        .flat_map(|s| s["serviceIDs"].as_array().cloned().unwrap_or_default())
+        .filter_map(|v| v.as_str().map(str::to_string))
+        .collect();
+    added.sort();
+    added.dedup();
+    Response::json(200, &json!({"serviceIDs": added, "descriptors": sets, "services": services}))
 }
 
 fn full_name(package: &str, name: &str) -> String {

@@ -422,11 +422,11 @@ fn upsert(rt: &Runtime, state: &State, req: &Request<'_>) -> Response {
         ids.push(id);
     }
     match rt.apply(state, &changes) {
-        Ok(_) => {
+        Ok(applied) => {
             let names: Vec<(String, String)> = stored(rt).into_iter().map(|s| (s.id, s.shown)).collect();
             let shown = |id: &str| names.iter().find(|(i, _)| i == id).map(|(_, s)| format!("{s}:"));
             reset_use(rt, state, &ids, shown);
-            Response::json(200, &json!(ids))
+            with_plan(Response::json(200, &json!(ids)), &applied)
         }
         Err(refused) => refusal(refused),
     }
@@ -448,12 +448,19 @@ fn delete_ids(rt: &Runtime, state: &State, ids: &[String], status: u16, strict: 
         return empty(status);
     }
     match rt.apply(state, &changes) {
-        Ok(_) => {
+        Ok(applied) => {
             reset_use(rt, state, &[], |_| None);
-            empty(status)
+            with_plan(empty(status), &applied)
         }
         Err(refused) => refusal(refused),
     }
+}
+
+/// GripMock's answers have no room for the new plan: it goes in headers.
+fn with_plan(mut r: Response, applied: &super::Applied) -> Response {
+    r.headers.push(("X-Wirestub-Plan-Identity", applied.reloaded.identity.clone()));
+    r.headers.push(("X-Wirestub-Plan-Generation", applied.reloaded.number.to_string()));
+    r
 }
 
 fn empty(status: u16) -> Response {

@@ -13,6 +13,7 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 use regex_automata::dfa::dense::DFA;
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 use wirestub_plan::{MessageSel, Method, MethodKind, Op, Plan, Shape, Source, Test, Value};
 
@@ -120,6 +121,35 @@ impl Prepared {
     }
 }
 
+/// FNV-1a 64.
+fn fnv64(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// A hash of what a response answers, to find the same response in the
+/// plan before (equality decides).
+fn response_key(r: &wirestub_plan::Response) -> u64 {
+    let mut h = fnv64(&r.body);
+    let mut mix = |bytes: &[u8]| h = (h ^ fnv64(bytes)).wrapping_mul(0x0100_0000_01b3);
+    mix(&[r.status]);
+    mix(r.message.as_bytes());
+    for (k, v) in r.headers.iter().chain(r.trailers.iter()) {
+        mix(k.as_bytes());
+        mix(v);
+    }
+    for item in &r.stream {
+        mix(item);
+    }
+    mix(&r.delay_ms.to_le_bytes());
+    mix(&r.times.to_le_bytes());
+    h
+}
+
 /// Most (response, session) counts a method keeps for responses limited
 /// by `times`; calls of further sessions count as calls without one.
 pub const MAX_SESSION_COUNTS: usize = 65_536;
@@ -177,7 +207,9 @@ impl SessionUses {
 
 pub struct ServedMethod {
     pub plan: Method,
-    pub responses: Vec<Prepared>,
+    /// Shared with the plan this one replaced where a response is the
+    /// same (see [`Served::new_after`]).
+    pub responses: Vec<Arc<Prepared>>,
     /// The answer when no rule matches.
     pub no_match: Prepared,
     /// The singular fields, grouped by the message they read: each group is
@@ -448,6 +480,10 @@ fn build_index(m: &Method) -> Option<Index> {
 pub struct Served {
     pub methods: Vec<ServedMethod>,
     by_path: HashMap<Box<str>, usize>,
+    /// A hash of the plan's descriptors: prepared answers (their JSON
+    /// forms) are shared with a later plan only if its descriptors are the
+    /// same.
+    descriptors: u64,
     /// Headers and an OK trailer for answers the engine makes itself
     /// (health, reflection).
     pub ok: Prepared,
@@ -534,18 +570,44 @@ pub fn status_answer(status: &crate::protocol::grpc::Status) -> Prepared {
 
 impl Served {
     pub fn new(plan: Plan, no_match: NoMatch) -> Result<Served, PrepareError> {
+        Served::new_after(plan, no_match, None)
+    }
+
+    /// Prepares `plan`, taking the prepared answers that are the same from
+    /// `previous` (the plan it replaces) rather than preparing them again:
+    /// a change to one rule of many prepares that rule's answer only.
+    pub fn new_after(plan: Plan, no_match: NoMatch, previous: Option<&Served>) -> Result<Served, PrepareError> {
         // The descriptors, for the JSON mapping (a plan without them, as
         // some tests build, serves protobuf only).
         let pool = prost_reflect::DescriptorPool::decode(&plan.descriptors[..]).ok();
+        let descriptors = fnv64(&plan.descriptors);
+        let previous = previous.filter(|p| p.descriptors == descriptors);
         let mut methods = Vec::with_capacity(plan.methods.len());
         let mut by_path = HashMap::with_capacity(plan.methods.len());
         for m in plan.methods {
             let json = pool.as_ref().and_then(|pool| JsonCodec::new(pool, &m.input_type, &m.output_type));
             let get = pool.as_ref().is_some_and(|pool| no_side_effects(pool, &m.path));
+            let old = previous
+                .and_then(|p| p.method(&m.path))
+                .filter(|o| o.plan.input_type == m.input_type && o.plan.output_type == m.output_type);
+            let mut by_key: HashMap<u64, Vec<usize>> = HashMap::new();
+            if let Some(o) = old {
+                for (i, r) in o.plan.responses.iter().enumerate() {
+                    by_key.entry(response_key(r)).or_default().push(i);
+                }
+            }
+            let reuse = |r: &wirestub_plan::Response| -> Option<Arc<Prepared>> {
+                let o = old?;
+                let i = by_key.get(&response_key(r))?.iter().find(|&&i| o.plan.responses[i] == *r)?;
+                o.responses.get(*i).cloned()
+            };
             let responses = m
                 .responses
                 .iter()
                 .map(|r| {
+                    if let Some(p) = reuse(r) {
+                        return p;
+                    }
                     let mut p = prepare(
                         r.status,
                         &r.message,
@@ -569,7 +631,7 @@ impl Served {
                             stream: p.stream.iter().map(|item| codec.response(item)).collect(),
                         }));
                     }
-                    p
+                    Arc::new(p)
                 })
                 .collect();
             let no_match = match no_match {
@@ -656,7 +718,7 @@ impl Served {
             });
         }
         let ok = prepare(0, "", Bytes::new(), &[], &[], Duration::ZERO);
-        Ok(Served { methods, by_path, ok })
+        Ok(Served { methods, by_path, descriptors, ok })
     }
 
     /// Carries the `times` counts of `old` (the plan this one replaces)
