@@ -140,6 +140,13 @@ fn stored(rt: &Runtime) -> Vec<Stored> {
         }
         out.extend(file_stubs(rt, name, &text.shown, &text.text));
     }
+    // The cache holds the parse of the current files only.
+    let current: std::collections::HashSet<(String, u64)> = sources
+        .rules
+        .iter()
+        .map(|(name, text)| (name.clone(), super::routes::fnv64(text.text.as_bytes())))
+        .collect();
+    rt.file_stubs.lock().unwrap_or_else(|e| e.into_inner()).retain(|key, _| current.contains(key));
     out
 }
 
@@ -179,11 +186,7 @@ fn file_stubs(rt: &Runtime, name: &str, shown: &str, text: &str) -> Vec<Stored> 
         found.push(FileStub { id, session, stub, lines: (from, to) });
     }
     let out = found.iter().map(|s| s.to_stored(name, shown)).collect();
-    let mut cache = rt.file_stubs.lock().unwrap_or_else(|e| e.into_inner());
-    // The cache holds the parse of the current files only.
-    let names: std::collections::HashSet<String> = rt.sources().rules.keys().cloned().collect();
-    cache.retain(|(n, _), _| names.contains(n));
-    cache.insert(key, found);
+    rt.file_stubs.lock().unwrap_or_else(|e| e.into_inner()).insert(key, found);
     out
 }
 
