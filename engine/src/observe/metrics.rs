@@ -360,13 +360,37 @@ impl Registry {
 impl RegistryInner {
     /// Generations held only here can no longer count: their counters move
     /// into the running totals.
+    ///
+    /// The totals keep only methods and rules a live generation still
+    /// serves: counters of a deleted rule or service go with it, so a
+    /// process that keeps adding and deleting rules (the runtime API) holds
+    /// counters for what it serves, not for everything it ever served.
     fn fold_dead(&mut self) {
         let (dead, live): (Vec<_>, Vec<_>) =
             std::mem::take(&mut self.live).into_iter().partition(|s| Arc::strong_count(s) == 1);
+        let folded = !dead.is_empty();
         for s in dead {
             s.fold_into(&mut self.retired);
         }
         self.live = live;
+        if folded && !self.live.is_empty() {
+            let mut serving: std::collections::HashMap<(&str, &str), std::collections::HashSet<&str>> =
+                std::collections::HashMap::new();
+            for s in &self.live {
+                for m in &s.methods {
+                    serving.entry((&m.service, &m.method)).or_default().extend(m.rules.iter().map(String::as_str));
+                }
+            }
+            self.retired.methods.retain(|(service, method), totals| {
+                match serving.get(&(service.as_str(), method.as_str())) {
+                    Some(rules) => {
+                        totals.rules.retain(|origin, _| rules.contains(origin.as_str()));
+                        true
+                    }
+                    None => false,
+                }
+            });
+        }
     }
 }
 
@@ -458,6 +482,10 @@ mod tests {
     use super::*;
 
     fn served() -> Served {
+        served_with_rule(None)
+    }
+
+    fn served_with_rule(origin: Option<&str>) -> Served {
         let method = wirestub_plan::Method {
             path: "/demo.Greeter/SayHello".into(),
             kind: wirestub_plan::MethodKind::Unary,
@@ -465,8 +493,16 @@ mod tests {
             output_type: "demo.HelloReply".into(),
             fields: Vec::new(),
             metadata_keys: Vec::new(),
-            responses: Vec::new(),
-            rules: Vec::new(),
+            responses: origin.iter().map(|_| wirestub_plan::Response::default()).collect(),
+            rules: origin
+                .iter()
+                .map(|o| wirestub_plan::Rule {
+                    conditions: Vec::new(),
+                    response: 0,
+                    priority: 0,
+                    origin: o.to_string(),
+                })
+                .collect(),
             duplex: false,
             regexes: Vec::new(),
         };
@@ -497,5 +533,26 @@ mod tests {
         assert!(text.contains(&format!("grpc_server_handled_total{{{labels},grpc_code=\"OK\"}} 2000\n")), "{text}");
         assert!(text.contains(&format!("grpc_server_handling_seconds_bucket{{{labels},le=\"0.005\"}} 2000\n")));
         assert!(text.contains(&format!("grpc_server_handling_seconds_sum{{{labels}}} 6\n")), "{text}");
+    }
+
+    #[test]
+    fn counters_of_rules_no_plan_serves_are_let_go() {
+        // A rule per generation, each written somewhere new (as stubs added
+        // and deleted through the runtime API are): the totals keep the
+        // rules still served, not every rule ever served.
+        let registry = Registry::default();
+        let mut current: Option<Arc<Stats>> = None;
+        for i in 0..500 {
+            let served = served_with_rule(Some(&format!("stubs/{i}.json:2:3")));
+            let stats = Arc::new(Stats::new(1, &served));
+            stats.worker(0).rule(0, Some(0));
+            registry.register(stats.clone());
+            current = Some(stats);
+        }
+        let retired_rules: usize = registry.inner.lock().unwrap().retired.methods.values().map(|m| m.rules.len()).sum();
+        assert!(retired_rules <= 2, "{retired_rules} rule counters kept for rules no plan serves");
+        let hits = registry.rule_hits();
+        assert_eq!(hits.get("stubs/499.json:2:3"), Some(&1), "{hits:?}");
+        drop(current);
     }
 }

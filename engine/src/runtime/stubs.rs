@@ -141,11 +141,8 @@ fn stored(rt: &Runtime) -> Vec<Stored> {
         out.extend(file_stubs(rt, name, &text.shown, &text.text));
     }
     // The cache holds the parse of the current files only.
-    let current: std::collections::HashSet<(String, u64)> = sources
-        .rules
-        .iter()
-        .map(|(name, text)| (name.clone(), super::routes::fnv64(text.text.as_bytes())))
-        .collect();
+    let current: std::collections::HashSet<(String, u64)> =
+        sources.rules.iter().map(|(name, text)| (name.clone(), super::routes::fnv64(text.text.as_bytes()))).collect();
     rt.file_stubs.lock().unwrap_or_else(|e| e.into_inner()).retain(|key, _| current.contains(key));
     out
 }
