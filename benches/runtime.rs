@@ -173,7 +173,7 @@ fn runtime(c: &mut Criterion) {
         b.iter_batched(
             || {
                 m += 1;
-                let mut next = base.clone();
+                let mut next = (*base).clone();
                 let text = rule_text(&format!("cached-{m}"), "cached");
                 next.rules.insert(
                     "extra.yaml".into(),

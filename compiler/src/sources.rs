@@ -41,8 +41,8 @@ pub struct Sources {
 
 impl Sources {
     /// Reads the `.proto` and rule files below the directories. Rule files
-    /// of a second directory are named by their full path, so they cannot
-    /// collide with the first's.
+    /// of a second directory are named `DIR//PATH`, so they cannot collide
+    /// with the first's.
     pub fn read(options: &crate::Options, diags: &mut Diagnostics) -> Sources {
         let protos = protos::read_dirs(&options.protos, diags);
         let mut descriptor_sets = BTreeMap::new();
@@ -73,7 +73,9 @@ impl Sources {
             };
             for path in files {
                 let rel = path.strip_prefix(dir).unwrap_or(&path).to_string_lossy().replace('\\', "/");
-                let name = if i == 0 { rel } else { path.display().to_string() };
+                // `//` keeps them apart from the first directory's names
+                // (no uploaded name has an empty component).
+                let name = if i == 0 { rel } else { format!("{}//{rel}", dir.display()) };
                 match std::fs::read_to_string(&path) {
                     Ok(text) => {
                         rules.insert(name, Text { shown: path.display().to_string(), text: text.into() });
@@ -84,6 +86,11 @@ impl Sources {
         }
         Sources { protos, rules, descriptor_sets, base: None, missing_rules_dirs }
     }
+}
+
+/// A rule file's path below its directory (see [`Sources::rules`]).
+pub fn relative(name: &str) -> &str {
+    name.rsplit_once("//").map_or(name, |(_, rel)| rel)
 }
 
 /// Extensions of binary `FileDescriptorSet` files among the protos: their
@@ -165,8 +172,13 @@ pub fn compile(sources: &Sources, cache: &mut Cache) -> Result<Output, Diagnosti
             _ => {
                 let mut file_diags = Diagnostics::default();
                 let file = SourceFile::named(&text.shown, text.text.to_string());
-                let checked =
-                    rules::check_file(&file, rules::session_of(name), &schema.methods, &mut budget, &mut file_diags);
+                let checked = rules::check_file(
+                    &file,
+                    rules::session_of(relative(name)),
+                    &schema.methods,
+                    &mut budget,
+                    &mut file_diags,
+                );
                 CachedRules { schema: schema_key, text: text_hash, checked: Arc::new(checked), diags: file_diags }
             }
         };

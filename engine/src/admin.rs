@@ -100,7 +100,7 @@ impl Admin {
     pub fn start(listener: std::net::TcpListener, state: Arc<State>, options: Options) -> std::io::Result<Admin> {
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().max_blocking_threads(8).build()?;
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().max_blocking_threads(16).build()?;
         let listener = {
             let _context = runtime.enter();
             tokio::net::TcpListener::from_std(listener)?

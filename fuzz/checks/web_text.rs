@@ -46,7 +46,7 @@ fn decode(chunks: &[&[u8]]) -> (Result<(), TextError>, Vec<u8>) {
 /// is not valid.
 fn model(body: &[u8]) -> Option<Vec<u8>> {
     let chars: Vec<u8> = body.iter().copied().filter(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r' | 0x0c)).collect();
-    if chars.len() % 4 != 0 {
+    if !chars.len().is_multiple_of(4) {
         return None;
     }
     let mut out = Vec::new();

@@ -320,11 +320,12 @@ def charge_rule(
 
 def tree(root: Path) -> dict[str, bytes]:
     """Every file under `root` (hidden ones too), relative path -> bytes,
-    but the engines' logs (the `engines` fixture's logs/)."""
+    but the engines' logs (the `engines` fixture's logs/) and the lock file
+    that keeps a second engine off a store."""
     return {
         str(p.relative_to(root)): p.read_bytes()
         for p in sorted(root.rglob("*"))
-        if p.is_file() and p.relative_to(root).parts[0] != "logs"
+        if p.is_file() and p.relative_to(root).parts[0] != "logs" and p.name != ".wirestub.lock"
     }
 
 

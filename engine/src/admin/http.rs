@@ -459,6 +459,17 @@ async fn serve(mut stream: TcpStream, shared: Arc<Shared>, entry: Entry) {
             return send_refusal(&mut stream, refusal, head.minor).await;
         }
 
+        // A request without the token is answered before its body is read
+        // (and the connection closed), so clients without it cannot hold a
+        // connection slot with a slow body.
+        if !routes::is_probe(&head.path) {
+            if let Some(refused) = routes::authorize(&shared.options, &head.headers) {
+                let _ = write(&mut stream, &encode(&refused, head.minor, true, false)).await;
+                let _ = stream.shutdown().await;
+                return;
+            }
+        }
+
         // The body.
         let deadline = Instant::now() + READ_TIMEOUT;
         let end = head.len + head.content_length;

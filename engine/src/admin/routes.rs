@@ -172,9 +172,10 @@ fn not_allowed(allowed: &[&str]) -> Response {
         .with_header("Allow", list.join(", "))
 }
 
-/// None when the request may go on, else a 401.
-fn authorize(options: &Options, headers: &[(String, String)]) -> Option<Response> {
-    let token = options.token.as_deref().filter(|t| !t.is_empty())?;
+/// None when the request may go on, else a 401. A token of nothing but
+/// white space is no token.
+pub fn authorize(options: &Options, headers: &[(String, String)]) -> Option<Response> {
+    let token = options.token.as_deref().map(str::trim).filter(|t| !t.is_empty())?;
     let presented = headers.iter().find(|(k, _)| k == "authorization").and_then(|(_, v)| {
         let (scheme, rest) = v.trim().split_once(' ')?;
         scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())

@@ -270,7 +270,7 @@ async fn send_items<O: Outbound>(
     };
     let mut schedule = Schedule::new(prepared, items.len());
     while let Some(i) = schedule.next() {
-        if schedule.sent() % ITEMS_PER_TURN == 0 {
+        if schedule.sent().is_multiple_of(ITEMS_PER_TURN) {
             tokio::task::yield_now().await;
         }
         if schedule.sent() > 1 && !prepared.stream_delay.is_zero() {

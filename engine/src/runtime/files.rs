@@ -36,8 +36,10 @@ pub fn check_name(name: &str, extensions: &[&str]) -> Result<String, String> {
             _ => {}
         }
     }
+    // Exactly, as directories are read (`x.YAML` would be written, then
+    // never read again).
     let ext = name.rsplit_once('.').map(|(_, e)| e).unwrap_or_default();
-    if !extensions.iter().any(|e| e.eq_ignore_ascii_case(ext)) {
+    if !extensions.contains(&ext) {
         let list: Vec<String> = extensions.iter().map(|e| format!(".{e}")).collect();
         return Err(format!("`{name}` must end in {}", list.join(", ")));
     }
@@ -90,6 +92,97 @@ pub fn write(root: &Path, name: &str, bytes: &[u8]) -> Result<(), String> {
         let _ = std::fs::remove_file(&tmp);
         format!("cannot write `{}`: {e}", path.display())
     })
+}
+
+/// A set of writes and removals made all or nothing: [`Batch::write`]
+/// puts each new file beside its place (a hidden temporary, fsynced),
+/// [`Batch::commit`] renames them all into place and then removes; a batch
+/// dropped before its commit removes its temporaries. Every path is checked
+/// before anything is renamed or removed, so a name that cannot be written
+/// changes nothing.
+#[derive(Default)]
+pub struct Batch {
+    writes: Vec<(PathBuf, PathBuf)>,
+    removals: Vec<(PathBuf, String)>,
+    committed: bool,
+}
+
+impl Batch {
+    pub fn write(&mut self, root: &Path, name: &str, bytes: &[u8]) -> Result<(), String> {
+        let path = confined(root, name)?;
+        let dir = path.parent().unwrap_or(root).to_path_buf();
+        std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create `{}`: {e}", dir.display()))?;
+        // `create_dir_all` followed no link: `confined` checked the way.
+        let file_name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+        let tmp = dir.join(format!(".{file_name}.{:016x}.tmp", crate::rng::next_u64()));
+        let written = (|| {
+            let mut f = std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+            f.write_all(bytes)?;
+            f.sync_all()
+        })();
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(format!("cannot write `{}`: {e}", path.display()));
+        }
+        self.writes.push((tmp, path));
+        Ok(())
+    }
+
+    pub fn remove(&mut self, root: &Path, name: &str) -> Result<(), String> {
+        confined(root, name)?;
+        self.removals.push((root.to_path_buf(), name.to_string()));
+        Ok(())
+    }
+
+    pub fn commit(mut self) -> Result<(), String> {
+        self.committed = true;
+        for (tmp, path) in &self.writes {
+            if let Err(e) = std::fs::rename(tmp, path) {
+                return Err(format!("cannot write `{}`: {e}", path.display()));
+            }
+            if let Some(d) = path.parent().and_then(|d| std::fs::File::open(d).ok()) {
+                let _ = d.sync_all();
+            }
+        }
+        for (root, name) in &self.removals {
+            remove(root, name)?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Batch {
+    fn drop(&mut self) {
+        if !self.committed {
+            for (tmp, _) in &self.writes {
+                let _ = std::fs::remove_file(tmp);
+            }
+        }
+    }
+}
+
+/// Removes the temporary files (`.NAME.<16 hex digits>.tmp`) an engine
+/// killed while writing left below `dir`.
+pub fn remove_stale_temporaries(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let Ok(kind) = entry.file_type() else { continue };
+        if kind.is_dir() {
+            remove_stale_temporaries(&path);
+            continue;
+        }
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        let stale = name.starts_with('.')
+            && name
+                .strip_suffix(".tmp")
+                .and_then(|n| n.rsplit_once('.'))
+                .is_some_and(|(_, hex)| hex.len() == 16 && hex.bytes().all(|b| b.is_ascii_hexdigit()));
+        if kind.is_file() && stale {
+            let _ = std::fs::remove_file(&path);
+        }
+    }
 }
 
 /// Removes `root/name`, then the directories below `root` it leaves empty.

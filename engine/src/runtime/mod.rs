@@ -44,12 +44,32 @@ pub const PROTO_EXTENSIONS: &[&str] = &["proto"];
 /// One change to the sources.
 #[derive(Debug, Clone)]
 pub enum Change {
-    PutProto { name: String, text: String },
-    DeleteProto { name: String },
-    PutRule { name: String, text: String },
-    DeleteRule { name: String },
-    PutDescriptors { name: String, bytes: Vec<u8> },
-    DeleteDescriptors { name: String },
+    PutProto {
+        name: String,
+        text: String,
+    },
+    DeleteProto {
+        name: String,
+    },
+    PutRule {
+        name: String,
+        text: String,
+    },
+    DeleteRule {
+        name: String,
+    },
+    /// Deletes a rule file if it is there (a stub moved or purged while
+    /// another writer changed it too).
+    ForgetRule {
+        name: String,
+    },
+    PutDescriptors {
+        name: String,
+        bytes: Vec<u8>,
+    },
+    DeleteDescriptors {
+        name: String,
+    },
 }
 
 impl Change {
@@ -60,7 +80,9 @@ impl Change {
             | Change::DeleteProto { name }
             | Change::PutDescriptors { name, .. }
             | Change::DeleteDescriptors { name } => format!("protos/{name}"),
-            Change::PutRule { name, .. } | Change::DeleteRule { name } => format!("rules/{name}"),
+            Change::PutRule { name, .. } | Change::DeleteRule { name } | Change::ForgetRule { name } => {
+                format!("rules/{name}")
+            }
         }
     }
 }
@@ -80,6 +102,8 @@ pub enum Refused {
     Io(String),
     /// The sources would pass `--runtime-max-bytes` (413).
     TooLarge(String),
+    /// Too many changes are waiting already (503).
+    Busy(String),
 }
 
 /// A change that was made.
@@ -97,6 +121,9 @@ pub struct Applied {
 struct Store {
     protos: PathBuf,
     rules: PathBuf,
+    /// Where the lock file goes: the state directory, or the rules
+    /// directory (hidden there, so never read as a rule).
+    lock_dir: PathBuf,
 }
 
 /// A plan file the runtime sources are layered over.
@@ -104,6 +131,9 @@ struct Base {
     path: PathBuf,
     plan: Plan,
     bytes: Vec<u8>,
+    /// The names of the plan's descriptor files: uploads may import them,
+    /// not replace them.
+    files: std::collections::HashSet<String>,
 }
 
 struct Inner {
@@ -142,7 +172,39 @@ pub struct Runtime {
     file_stubs: Mutex<std::collections::HashMap<(String, u64), Vec<stubs::FileStub>>>,
     /// What the stubs API counts as a stub's use.
     stub_use: Mutex<stubs::StubUse>,
+    /// The sources and sessions of the plan serving, for readers, who so
+    /// never wait for a compilation in progress.
+    published: Mutex<Published>,
+    /// Writers waiting for the lock (see [`MAX_WAITING`]).
+    waiting: std::sync::atomic::AtomicUsize,
+    /// Most bytes of protos and descriptor sets a change may leave.
+    max_schema_bytes: std::sync::atomic::AtomicUsize,
+    /// Held for the process's life: one engine per store.
+    _store_lock: Option<std::fs::File>,
 }
+
+/// What readers see: the last sources that compiled and were swapped in.
+#[derive(Clone, Default)]
+struct Published {
+    sources: Arc<Sources>,
+    scopes: Arc<Scopes>,
+    base_path: Option<PathBuf>,
+}
+
+/// Writers that may wait for a compilation at once; more are told to come
+/// back (503), so waiting writers cannot take every thread of the admin
+/// API's pool from its readers.
+pub const MAX_WAITING: usize = 8;
+
+/// The default bound on the bytes of protos and descriptor sets
+/// (`--runtime-max-schema-bytes`): descriptors cost far more in memory than
+/// their size (the compiler's pool and cache, the plan's JSON codecs and
+/// reflection index, twice during a swap), up to some 400 times for a file
+/// of nothing but small messages.
+pub const DEFAULT_MAX_SCHEMA_BYTES: usize = 4 << 20;
+
+/// The lock file that keeps a second engine off a store.
+const LOCK_FILE: &str = ".wirestub.lock";
 
 /// A plan ready to swap in: the plan, its file's bytes when it is a plan
 /// file served as is, and where it came from.
@@ -152,25 +214,39 @@ impl Runtime {
     /// Compiles from directories; changes are written into the first
     /// `--protos` and `--rules` directories.
     pub fn from_dirs(options: wirestub_compiler::Options) -> Result<(Runtime, Built), String> {
+        let rules = options.rules.first().cloned().unwrap_or_else(|| PathBuf::from("rules"));
         let store = Store {
             protos: options.protos.first().cloned().unwrap_or_else(|| PathBuf::from("protos")),
-            rules: options.rules.first().cloned().unwrap_or_else(|| PathBuf::from("rules")),
+            lock_dir: rules.clone(),
+            rules,
         };
-        let runtime = Runtime {
+        let runtime = Runtime::new(Some(store), Some(options))?;
+        let built = runtime.reread().map_err(|d| d.render())?;
+        Ok((runtime, built))
+    }
+
+    fn new(store: Option<Store>, dirs: Option<wirestub_compiler::Options>) -> Result<Runtime, String> {
+        let store_lock = match &store {
+            Some(s) => Some(lock_store(s)?),
+            None => None,
+        };
+        Ok(Runtime {
             inner: Mutex::new(Inner {
                 sources: Sources::default(),
                 cache: Cache::default(),
                 base: None,
                 scopes: Scopes::default(),
             }),
-            store: Some(store),
-            dirs: Some(options),
+            store,
+            dirs,
             max_bytes: DEFAULT_MAX_BYTES.into(),
             file_stubs: Mutex::default(),
             stub_use: Mutex::default(),
-        };
-        let built = runtime.reread().map_err(|d| d.render())?;
-        Ok((runtime, built))
+            published: Mutex::default(),
+            waiting: 0.into(),
+            max_schema_bytes: DEFAULT_MAX_SCHEMA_BYTES.into(),
+            _store_lock: store_lock,
+        })
     }
 
     /// Serves the plan file at `path`, with runtime changes layered over it
@@ -179,7 +255,7 @@ impl Runtime {
     pub fn over_plan(path: &Path, state_dir: Option<&Path>) -> Result<(Runtime, Built), String> {
         let store = match state_dir {
             Some(dir) => {
-                let store = Store { protos: dir.join("protos"), rules: dir.join("rules") };
+                let store = Store { protos: dir.join("protos"), rules: dir.join("rules"), lock_dir: dir.to_path_buf() };
                 for d in [&store.protos, &store.rules] {
                     std::fs::create_dir_all(d)
                         .map_err(|e| format!("cannot create state directory `{}`: {e}", d.display()))?;
@@ -188,19 +264,7 @@ impl Runtime {
             }
             None => None,
         };
-        let runtime = Runtime {
-            inner: Mutex::new(Inner {
-                sources: Sources::default(),
-                cache: Cache::default(),
-                base: None,
-                scopes: Scopes::default(),
-            }),
-            store,
-            dirs: None,
-            max_bytes: DEFAULT_MAX_BYTES.into(),
-            file_stubs: Mutex::default(),
-            stub_use: Mutex::default(),
-        };
+        let runtime = Runtime::new(store, None)?;
         {
             let mut inner = runtime.lock();
             let base = read_plan(path)?;
@@ -216,6 +280,25 @@ impl Runtime {
         self.max_bytes.store(bytes, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// Sets the bound on the bytes of protos and descriptor sets
+    /// (`--runtime-max-schema-bytes`).
+    pub fn set_max_schema_bytes(&self, bytes: usize) {
+        self.max_schema_bytes.store(bytes, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn publish(&self, inner: &Inner) {
+        let published = Published {
+            sources: Arc::new(inner.sources.clone()),
+            scopes: Arc::new(inner.scopes.clone()),
+            base_path: inner.base.as_ref().map(|b| b.path.clone()),
+        };
+        *self.published.lock().unwrap_or_else(|e| e.into_inner()) = published;
+    }
+
+    fn published(&self) -> Published {
+        self.published.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -228,12 +311,12 @@ impl Runtime {
                 "persistent": true,
                 "protos": s.protos.display().to_string(),
                 "rules": s.rules.display().to_string(),
-                "layered_over_plan": self.lock().base.as_ref().map(|b| b.path.display().to_string()),
+                "layered_over_plan": self.published().base_path.map(|p| p.display().to_string()),
             }),
             None => serde_json::json!({
                 "persistent": false,
                 "note": "runtime changes live in memory only: start with --state-dir DIR to keep them",
-                "layered_over_plan": self.lock().base.as_ref().map(|b| b.path.display().to_string()),
+                "layered_over_plan": self.published().base_path.map(|p| p.display().to_string()),
             }),
         }
     }
@@ -243,18 +326,18 @@ impl Runtime {
     pub fn reread(&self) -> Result<Built, Diagnostics> {
         let mut inner = self.lock();
         let mut diags = Diagnostics::default();
-        if let Some(base) = &inner.base {
-            match read_plan(&base.path) {
-                Ok(b) => {
-                    inner.sources.base = Some(Arc::new(b.plan.descriptors.clone()));
-                    inner.base = Some(b);
-                }
+        // The plan file read again; it replaces the base only if the whole
+        // result compiles.
+        let base = match &inner.base {
+            Some(base) => match read_plan(&base.path) {
+                Ok(b) => Some(b),
                 Err(e) => {
                     diags.error(None, e);
                     return Err(diags);
                 }
-            }
-        }
+            },
+            None => None,
+        };
         let mut sources = match (&self.dirs, &self.store) {
             (Some(options), _) => Sources::read(options, &mut diags),
             (None, Some(store)) => Sources::read(
@@ -267,47 +350,73 @@ impl Runtime {
             diags.sort();
             return Err(diags);
         }
-        sources.base = inner.sources.base.clone();
-        let compiled = build(&mut inner, &sources)?;
+        sources.base = base.as_ref().map(|b| Arc::new(b.plan.descriptors.clone()));
+        let compiled = build(&mut inner.cache, base.as_ref(), &sources)?;
         log_warnings(&compiled.warnings);
         inner.sources = sources;
         inner.scopes = compiled.scopes;
+        inner.base = base;
+        self.publish(&inner);
         Ok(compiled.built)
     }
 
     /// The test sessions of the rule files.
-    pub fn scopes(&self) -> Scopes {
-        self.lock().scopes.clone()
+    pub fn scopes(&self) -> Arc<Scopes> {
+        self.published().scopes
     }
 
-    /// A copy of the current sources.
-    pub fn sources(&self) -> Sources {
-        self.lock().sources.clone()
+    /// The sources of the plan serving (never waits for a compilation).
+    pub fn sources(&self) -> Arc<Sources> {
+        self.published().sources
     }
 
     /// Applies `changes` together: compiles the result, writes the files,
     /// swaps the plan. Nothing changes unless all of it succeeds.
     pub fn apply(&self, state: &State, changes: &[Change]) -> Result<Applied, Refused> {
-        let mut inner = self.lock();
-        let mut next = inner.sources.clone();
-        for change in changes {
-            apply_one(&mut next, change, self.store.as_ref())?;
+        use std::sync::atomic::Ordering::Relaxed;
+        struct Waiting<'a>(&'a std::sync::atomic::AtomicUsize);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Relaxed);
+            }
         }
+        let _waiting = Waiting(&self.waiting);
+        if self.waiting.fetch_add(1, Relaxed) >= MAX_WAITING {
+            return Err(Refused::Busy(format!(
+                "{MAX_WAITING} changes are already waiting for the compiler; try again shortly"
+            )));
+        }
+        let mut inner = self.lock();
+        let inner = &mut *inner;
+        let mut next = inner.sources.clone();
+        let base_files = inner.base.as_ref().map(|b| &b.files);
+        for change in changes {
+            apply_one(&mut next, change, self.store.as_ref(), base_files)?;
+        }
+        let limit = self.max_bytes.load(Relaxed);
         let held = source_bytes(&next);
-        let limit = self.max_bytes.load(std::sync::atomic::Ordering::Relaxed);
         if held > limit && held > source_bytes(&inner.sources) {
             return Err(Refused::TooLarge(format!(
                 "the runtime's protos, rules and descriptor sets would hold {held} bytes, over the limit of {limit} \
                  (--runtime-max-bytes); delete some first"
             )));
         }
-        let compiled = build(&mut inner, &next).map_err(Refused::Diagnostics)?;
+        let limit = self.max_schema_bytes.load(Relaxed);
+        let held = schema_bytes(&next);
+        if held > limit && held > schema_bytes(&inner.sources) {
+            return Err(Refused::TooLarge(format!(
+                "the runtime's protos and descriptor sets would hold {held} bytes, over the limit of {limit} \
+                 (--runtime-max-schema-bytes); delete some first"
+            )));
+        }
+        let compiled = build(&mut inner.cache, inner.base.as_ref(), &next).map_err(Refused::Diagnostics)?;
         log_warnings(&compiled.warnings);
         self.persist(changes).map_err(Refused::Io)?;
         let (plan, bytes, source) = compiled.built;
         let reloaded = state.swap(plan, bytes.as_deref(), source).map_err(Refused::Plan)?;
         inner.sources = next;
         inner.scopes = compiled.scopes;
+        self.publish(inner);
         let warnings = match diagnostics_json(&compiled.warnings) {
             serde_json::Value::Array(list) => list,
             _ => Vec::new(),
@@ -315,20 +424,24 @@ impl Runtime {
         Ok(Applied { files: changes.iter().map(Change::file).collect(), reloaded, warnings })
     }
 
+    /// Writes the changes to disk all or nothing: every new file is written
+    /// beside its place first, then all are renamed into place, then the
+    /// deleted ones go.
     fn persist(&self, changes: &[Change]) -> Result<(), String> {
         let Some(store) = &self.store else { return Ok(()) };
+        let mut batch = files::Batch::default();
         for change in changes {
             match change {
-                Change::PutProto { name, text } => files::write(&store.protos, name, text.as_bytes())?,
-                Change::PutRule { name, text } => files::write(&store.rules, name, text.as_bytes())?,
-                Change::PutDescriptors { name, bytes } => files::write(&store.protos, name, bytes)?,
+                Change::PutProto { name, text } => batch.write(&store.protos, name, text.as_bytes())?,
+                Change::PutRule { name, text } => batch.write(&store.rules, name, text.as_bytes())?,
+                Change::PutDescriptors { name, bytes } => batch.write(&store.protos, name, bytes)?,
                 Change::DeleteProto { name } | Change::DeleteDescriptors { name } => {
-                    files::remove(&store.protos, name)?
+                    batch.remove(&store.protos, name)?
                 }
-                Change::DeleteRule { name } => files::remove(&store.rules, name)?,
+                Change::DeleteRule { name } | Change::ForgetRule { name } => batch.remove(&store.rules, name)?,
             }
         }
-        Ok(())
+        batch.commit()
     }
 
     /// The name a file is shown under in diagnostics.
@@ -347,27 +460,85 @@ fn source_bytes(sources: &Sources) -> usize {
     texts.chain(sets).sum()
 }
 
-fn apply_one(next: &mut Sources, change: &Change, store: Option<&Store>) -> Result<(), Refused> {
+/// The bytes of the protos and descriptor sets in `sources`.
+fn schema_bytes(sources: &Sources) -> usize {
+    let texts = sources.protos.values().map(|t| t.text.len());
+    let sets = sources.descriptor_sets.values().map(|b| b.len());
+    texts.chain(sets).sum()
+}
+
+/// Refuses a name that is a directory of another file, or has a file as a
+/// directory (`a.yaml` beside `a.yaml/b.yaml`).
+fn check_place<T>(files: &std::collections::BTreeMap<String, T>, name: &str) -> Result<(), Refused> {
+    let below = format!("{name}/");
+    if let Some((other, _)) = files.range(below.clone()..).next().filter(|(k, _)| k.starts_with(&below)) {
+        return Err(Refused::Invalid(format!("`{name}` is a directory here: `{other}` is below it")));
+    }
+    for (i, _) in name.match_indices('/') {
+        if files.contains_key(&name[..i]) {
+            return Err(Refused::Invalid(format!("`{}` is a file here, so `{name}` cannot be below it", &name[..i])));
+        }
+    }
+    Ok(())
+}
+
+/// Refuses to change a file that is not in the directory changes are
+/// written to (a second `--protos` or `--rules` directory).
+fn check_writable(existing: Option<&Text>, shown: &str, name: &str) -> Result<(), Refused> {
+    match existing {
+        Some(t) if t.shown != shown => Err(Refused::Invalid(format!(
+            "`{name}` is `{}`, in a directory the runtime API does not write (only the first --protos and --rules \
+             directories change)",
+            t.shown
+        ))),
+        _ => Ok(()),
+    }
+}
+
+fn apply_one(
+    next: &mut Sources,
+    change: &Change,
+    store: Option<&Store>,
+    base_files: Option<&std::collections::HashSet<String>>,
+) -> Result<(), Refused> {
+    let proto_shown = |name: &str| Runtime::shown(store, |s| &s.protos, "protos", name);
+    let rule_shown = |name: &str| Runtime::shown(store, |s| &s.rules, "rules", name);
     match change {
         Change::PutProto { name, text } => {
             let name = files::check_name(name, PROTO_EXTENSIONS).map_err(Refused::Invalid)?;
-            let shown = Runtime::shown(store, |s| &s.protos, "protos", &name);
+            if base_files.is_some_and(|f| f.contains(&name)) {
+                return Err(Refused::Invalid(format!(
+                    "`{name}` is a file of the plan being served: uploads may import it but not replace it; upload \
+                     under another name, or rebuild the plan"
+                )));
+            }
+            let shown = proto_shown(&name);
+            check_writable(next.protos.get(&name), &shown, &name)?;
+            check_place(&next.protos, &name)?;
             next.protos.insert(name, Text { shown, text: text.as_str().into() });
         }
         Change::DeleteProto { name } => {
+            check_writable(next.protos.get(name), &proto_shown(name), name)?;
             if next.protos.remove(name).is_none() {
                 return Err(Refused::NotFound(format!("no proto file `{name}`")));
             }
         }
         Change::PutRule { name, text } => {
             let name = files::check_name(name, RULE_EXTENSIONS).map_err(Refused::Invalid)?;
-            let shown = Runtime::shown(store, |s| &s.rules, "rules", &name);
+            let shown = rule_shown(&name);
+            check_writable(next.rules.get(&name), &shown, &name)?;
+            check_place(&next.rules, &name)?;
             next.rules.insert(name, Text { shown, text: text.as_str().into() });
         }
         Change::DeleteRule { name } => {
+            check_writable(next.rules.get(name), &rule_shown(name), name)?;
             if next.rules.remove(name).is_none() {
                 return Err(Refused::NotFound(format!("no rule file `{name}`")));
             }
+        }
+        Change::ForgetRule { name } => {
+            check_writable(next.rules.get(name), &rule_shown(name), name)?;
+            next.rules.remove(name);
         }
         Change::PutDescriptors { name, bytes } => {
             let name = files::check_name(name, sources::DESCRIPTOR_SET_EXTENSIONS).map_err(Refused::Invalid)?;
@@ -383,16 +554,45 @@ fn apply_one(next: &mut Sources, change: &Change, store: Option<&Store>) -> Resu
     Ok(())
 }
 
+/// Takes the store's lock file, or says which engine holds it; removes the
+/// temporary files a killed engine left behind.
+fn lock_store(store: &Store) -> Result<std::fs::File, String> {
+    for d in [&store.protos, &store.rules] {
+        files::remove_stale_temporaries(d);
+    }
+    if !store.lock_dir.is_dir() {
+        // Nothing to guard: compiling will say the directory is missing.
+        return std::fs::File::open("/dev/null").map_err(|e| format!("cannot open /dev/null: {e}"));
+    }
+    let path = store.lock_dir.join(LOCK_FILE);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| format!("cannot open the lock file `{}`: {e}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(format!(
+            "another engine is using `{}` and `{}` (it holds `{}`): two engines would overwrite each other's changes",
+            store.protos.display(),
+            store.rules.display(),
+            path.display()
+        )),
+        Err(std::fs::TryLockError::Error(e)) => Err(format!("cannot lock `{}`: {e}", path.display())),
+    }
+}
+
 /// Compiles `sources` (layered over the base plan, if any).
-fn build(inner: &mut Inner, sources: &Sources) -> Result<Compiled, Diagnostics> {
-    match &inner.base {
+fn build(cache: &mut Cache, base: Option<&Base>, sources: &Sources) -> Result<Compiled, Diagnostics> {
+    match base {
         Some(base) if sources.is_empty() => Ok(Compiled {
             built: (base.plan.clone(), Some(base.bytes.clone()), base_source(base, 0)),
             warnings: Diagnostics::default(),
             scopes: Scopes::default(),
         }),
         Some(base) => {
-            let out = sources::compile(sources, &mut inner.cache)?;
+            let out = sources::compile(sources, cache)?;
             let plan = wirestub_plan::layer::layer(&base.plan, &out.plan).map_err(|e| {
                 let mut d = Diagnostics::default();
                 d.error(None, format!("runtime changes cannot be layered over `{}`: {e}", base.path.display()));
@@ -406,7 +606,7 @@ fn build(inner: &mut Inner, sources: &Sources) -> Result<Compiled, Diagnostics> 
             })
         }
         None => {
-            let out = sources::compile(sources, &mut inner.cache)?;
+            let out = sources::compile(sources, cache)?;
             Ok(Compiled {
                 built: (out.plan, None, "compiled from sources".to_string()),
                 warnings: out.warnings,
@@ -432,7 +632,10 @@ fn log_warnings(warnings: &Diagnostics) {
 fn read_plan(path: &Path) -> Result<Base, String> {
     let bytes = std::fs::read(path).map_err(|e| format!("cannot read plan `{}`: {e}", path.display()))?;
     let plan = Plan::from_bytes(&bytes).map_err(|e| format!("`{}`: {e}", path.display()))?;
-    Ok(Base { path: path.to_path_buf(), plan, bytes })
+    let files = sources::decode_descriptor_set(&plan.descriptors)
+        .map(|files| files.into_iter().map(|f| f.name().to_string()).collect())
+        .unwrap_or_default();
+    Ok(Base { path: path.to_path_buf(), plan, bytes, files })
 }
 
 /// Diagnostics as JSON: `{severity, message, file, line, column, hint}`.

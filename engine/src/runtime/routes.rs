@@ -16,8 +16,10 @@
 //! POST   /admin/upload/rule/grpc            body {"filename", "content"} (also /admin/upload/rule)
 //! GET    /admin/schema/{type}               fields, oneofs and enums of a message or enum type
 //! Descriptor sets (GripMock's shape):
-//! POST   /api/descriptors                   body: a binary FileDescriptorSet
+//! POST   /api/descriptors                   body: a binary FileDescriptorSet (replaces a set
+//!                                           that defined the same files)
 //! GET    /api/descriptors                   the sets loaded and their services
+//! DELETE /api/descriptors/{name}            one set, by the name listed
 //! Sessions:
 //! GET    /api/sessions                      sessions that have rules or stubs
 //! DELETE /api/sessions/{id}                 removes every rule and stub of the session
@@ -81,6 +83,9 @@ impl Extension for Api {
                 "POST" => upload_descriptors(rt, state, req.body),
                 _ => not_allowed(&["GET", "POST"]),
             },
+            ["api", "descriptors", name @ ..] if !name.is_empty() => {
+                only(m, &["DELETE"]).unwrap_or_else(|| delete_descriptors(rt, state, &name.join("/")))
+            }
             ["api", "sessions"] => only(m, &["GET"]).unwrap_or_else(|| list_sessions(rt)),
             ["api", "sessions", id] => only(m, &["DELETE"]).unwrap_or_else(|| delete_session(rt, state, id)),
             ["api", ..] => return super::stubs::handle(rt, state, req),
@@ -187,6 +192,11 @@ pub(super) fn refusal(refused: Refused) -> Response {
         Refused::NotFound(e) => Response::error(404, &e),
         Refused::Io(e) => Response::error(500, &e),
         Refused::TooLarge(e) => Response::error(413, &e),
+        Refused::Busy(e) => {
+            let mut r = Response::error(503, &e);
+            r.headers.push(("Retry-After", "1".into()));
+            r
+        }
         Refused::Plan(e) => Response::json(422, &json!({"error": e, "diagnostics": []})),
         Refused::Diagnostics(d) => {
             let first = d
@@ -326,14 +336,49 @@ fn upload_descriptors(rt: &Runtime, state: &State, body: &[u8]) -> Response {
     let services: Vec<String> =
         files.iter().flat_map(|f| f.service.iter().map(move |s| full_name(f.package(), s.name()))).collect();
     let name = format!("descriptors/{:016x}.binpb", fnv64(body));
+    // A set that defines a file an earlier set defined replaces it (the
+    // protos changed and were uploaded again); files both merely import
+    // (well-known types, the plan's files) do not count.
+    let defined: std::collections::HashSet<&str> = files
+        .iter()
+        .map(|f| f.name())
+        .filter(|n| !n.starts_with("google/protobuf/") && !n.starts_with("google/rpc/"))
+        .collect();
+    let sources = rt.sources();
+    let mut changes: Vec<Change> = sources
+        .descriptor_sets
+        .iter()
+        .filter(|(other, _)| **other != name)
+        .filter(|(_, bytes)| {
+            let theirs = wirestub_compiler::sources::decode_descriptor_set(bytes).unwrap_or_default();
+            theirs.iter().any(|f| defined.contains(f.name()))
+        })
+        .map(|(other, _)| Change::DeleteDescriptors { name: other.clone() })
+        .collect();
+    let replaced: Vec<String> = changes.iter().map(Change::file).collect();
+    changes.push(Change::PutDescriptors { name: name.clone(), bytes: body.to_vec() });
     let started = std::time::Instant::now();
-    let result = rt.apply(state, &[Change::PutDescriptors { name: name.clone(), bytes: body.to_vec() }]);
+    let result = rt.apply(state, &changes);
     answer(result, |o| {
+        o.insert("replaced".into(), json!(replaced));
         o.insert("message".into(), json!("ok"));
         o.insert("serviceIDs".into(), json!(services));
         o.insert("name".into(), json!(name));
         o.insert("time".into(), json!(crate::observe::journal::rfc3339(std::time::SystemTime::now())));
         o.insert("compile_ms".into(), json!(started.elapsed().as_secs_f64() * 1e3));
+    })
+}
+
+/// `DELETE /api/descriptors/{name}`: a set by its name
+/// (`descriptors/HASH.binpb`, as listed) or its hash alone.
+fn delete_descriptors(rt: &Runtime, state: &State, name: &str) -> Response {
+    let name = match name.contains('/') || name.contains('.') {
+        true => name.to_string(),
+        false => format!("descriptors/{name}.binpb"),
+    };
+    answer(rt.apply(state, &[Change::DeleteDescriptors { name: name.clone() }]), |o| {
+        o.insert("name".into(), json!(name));
+        o.insert("removed".into(), json!(true));
     })
 }
 

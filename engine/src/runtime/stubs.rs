@@ -71,7 +71,7 @@ pub fn handle(rt: &Runtime, state: &State, req: &Request<'_>) -> Option<Response
         ["api", "stubs", "used"] => only(m, &["GET"]).unwrap_or_else(|| used(rt, state, true)),
         ["api", "stubs", "unused"] => only(m, &["GET"]).unwrap_or_else(|| used(rt, state, false)),
         ["api", "stubs", id] => match m {
-            "GET" => match stored(rt).into_iter().find(|s| s.id == *id) {
+            "GET" => match stored(rt).into_iter().find(|s| s.id.eq_ignore_ascii_case(id)) {
                 Some(s) => Response::json(200, &output(rt, &s, state)),
                 None => Response::error(404, &format!("Stub with ID '{id}' not found")),
             },
@@ -129,7 +129,7 @@ fn stored(rt: &Runtime) -> Vec<Stored> {
                 out.push(Stored {
                     name: name.clone(),
                     shown: text.shown.clone(),
-                    id: id.to_string(),
+                    id: id.to_ascii_lowercase(),
                     session: session.map(str::to_string),
                     stub,
                     source: "rest",
@@ -227,15 +227,34 @@ fn derived_id(name: &str, index: usize) -> String {
 /// Calls each stub answered since it was last written, by id, and whether
 /// a search matched it.
 fn hits(rt: &Runtime, stubs: &[Stored], state: &State) -> std::collections::HashMap<String, u64> {
+    // Calls by file, then line: one pass over the counters, one lookup per
+    // stub.
     let by_origin = state.metrics.rule_hits();
-    let book = rt.stub_use.lock().unwrap_or_else(|e| e.into_inner());
-    stubs
+    let mut by_file: std::collections::HashMap<&str, Vec<(u32, u64)>> = std::collections::HashMap::new();
+    for (origin, n) in &by_origin {
+        let mut parts = origin.rsplitn(3, ':');
+        let (_col, line, file) = (parts.next(), parts.next(), parts.next());
+        if let (Some(line), Some(file)) = (line.and_then(|l| l.parse().ok()), file) {
+            by_file.entry(file).or_default().push((line, *n));
+        }
+    }
+    let counted: Vec<(String, u64)> = stubs
         .iter()
         .map(|s| {
-            let n: u64 = by_origin.iter().filter(|(o, _)| s.owns(o)).map(|(_, n)| n).sum();
-            let since = n.saturating_sub(book.baseline.get(&s.id).copied().unwrap_or(0));
-            let searched = u64::from(book.searched.contains(&s.id));
-            (s.id.clone(), since + searched)
+            let n = by_file
+                .get(s.shown.as_str())
+                .map(|lines| lines.iter().filter(|(l, _)| (s.lines.0..s.lines.1).contains(l)).map(|(_, n)| n).sum())
+                .unwrap_or(0);
+            (s.id.clone(), n)
+        })
+        .collect();
+    let book = rt.stub_use.lock().unwrap_or_else(|e| e.into_inner());
+    counted
+        .into_iter()
+        .map(|(id, n)| {
+            let since = n.saturating_sub(book.baseline.get(&id).copied().unwrap_or(0));
+            let searched = u64::from(book.searched.contains(&id));
+            (id, since + searched)
         })
         .collect()
 }
@@ -415,7 +434,12 @@ fn upsert(rt: &Runtime, state: &State, req: &Request<'_>) -> Response {
         }
         let name = file_name(session.as_deref(), &id);
         for old in existing.iter().filter(|s| s.id == id && s.name != name) {
-            changes.push(Change::DeleteRule { name: old.name.clone() });
+            changes.push(Change::ForgetRule { name: old.name.clone() });
+        }
+        // The same id twice in one batch: the last one is the stub.
+        if let Some(at) = ids.iter().position(|known| *known == id) {
+            ids.remove(at);
+            changes.retain(|c| !matches!(c, Change::PutRule { name, .. } if name.ends_with(&format!("/{id}.json"))));
         }
         let text = serde_json::to_string_pretty(&Json::Object(stub)).unwrap_or_default() + "\n";
         changes.push(Change::PutRule { name, text });
@@ -443,7 +467,7 @@ fn delete_ids(rt: &Runtime, state: &State, ids: &[String], status: u16, strict: 
         );
     }
     let changes: Vec<Change> =
-        selected.into_iter().filter(|s| s.source == "rest").map(|s| Change::DeleteRule { name: s.name }).collect();
+        selected.into_iter().filter(|s| s.source == "rest").map(|s| Change::ForgetRule { name: s.name }).collect();
     if changes.is_empty() {
         return empty(status);
     }

@@ -116,6 +116,7 @@ fn plan_source(options: &Options) -> Result<(Arc<Runtime>, Loaded), String> {
         }
     };
     runtime.set_max_bytes(options.runtime_max_bytes);
+    runtime.set_max_schema_bytes(options.runtime_max_schema_bytes);
     tracing::info!(source = %built.2, "loaded");
     Ok((Arc::new(runtime), built))
 }
@@ -168,7 +169,7 @@ fn run(options: Options) -> Result<ExitCode, String> {
     };
 
     if let Some(addr) = admin_listener.as_ref().and_then(|l| l.local_addr().ok()) {
-        if options.admin_token.as_deref().is_none_or(str::is_empty)
+        if options.admin_token.as_deref().is_none_or(|t| t.trim().is_empty())
             && !addr.ip().is_loopback()
             && !options.admin_insecure
         {

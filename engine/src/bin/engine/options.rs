@@ -122,6 +122,15 @@ pub const FLAGS: &[Flag] = &[
         section: PLAN,
     },
     Flag {
+        name: "runtime-max-schema-bytes",
+        value: "BYTES",
+        kind: Kind::Value,
+        default: "4194304",
+        help: "most bytes of protos and descriptor sets the runtime API may hold (descriptors cost up to some 400 \
+               times their size in memory); a change that would pass it is refused (413)",
+        section: PLAN,
+    },
+    Flag {
         name: "watch",
         value: "",
         kind: Kind::Switch,
@@ -623,6 +632,8 @@ pub struct Options {
     pub state_dir: Option<PathBuf>,
     /// Bound on the runtime API's sources.
     pub runtime_max_bytes: usize,
+    /// Bound on the runtime API's protos and descriptor sets.
+    pub runtime_max_schema_bytes: usize,
     /// Time an admin connection has to send a whole request head.
     pub admin_head_timeout: Duration,
     pub journal: usize,
@@ -784,6 +795,7 @@ pub fn parse(args: &[String], env: &dyn Fn(&str) -> Option<String>) -> Result<Co
         admin_insecure: must("admin-insecure").switch()?,
         state_dir: get("state-dir").map(|r| r.path()),
         runtime_max_bytes: must("runtime-max-bytes").number()?,
+        runtime_max_schema_bytes: must("runtime-max-schema-bytes").number()?,
         admin_head_timeout,
         journal: must("journal").number()?,
         shutdown_grace: Duration::from_millis(must("shutdown-grace-ms").number()?),

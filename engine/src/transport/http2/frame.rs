@@ -154,7 +154,7 @@ pub fn u32_payload(payload: &[u8]) -> Result<u32, u32> {
 /// Checks a SETTINGS payload and yields its (identifier, value) pairs.
 /// Values that RFC 9113 §6.5.2 forbids are reported with their error code.
 pub fn settings(payload: &[u8]) -> Result<impl Iterator<Item = (u16, u32)> + '_, u32> {
-    if payload.len() % 6 != 0 {
+    if !payload.len().is_multiple_of(6) {
         return Err(code::FRAME_SIZE_ERROR);
     }
     let pairs = payload

@@ -684,7 +684,7 @@ impl<'s> Conn<'s> {
         if dependency == head.stream {
             if self.streams.contains_key(&head.stream) {
                 self.stream_error(head.stream, code::PROTOCOL_ERROR)?;
-            } else if head.stream > self.highest_seen || head.stream % 2 == 0 {
+            } else if head.stream > self.highest_seen || head.stream.is_multiple_of(2) {
                 // No RST_STREAM may name an idle stream (RFC 9113 §6.4).
                 return Err(conn_err(code::PROTOCOL_ERROR, "PRIORITY of an idle stream depends on itself"));
             }
@@ -745,7 +745,7 @@ impl<'s> Conn<'s> {
     }
 
     fn on_headers(&mut self, head: Head, payload: &[u8]) -> Result<(), ConnError> {
-        if head.stream == 0 || head.stream % 2 == 0 {
+        if head.stream == 0 || head.stream.is_multiple_of(2) {
             return Err(conn_err(code::PROTOCOL_ERROR, "HEADERS on an invalid stream id"));
         }
         let (fragment, dependency) =
