@@ -1356,6 +1356,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="during --soak, swap the plan (POST /admin/reload) every MS milliseconds",
     )  # fmt: skip
     p.add_argument(
+        "--soak-stubs-ms", type=int, metavar="MS",
+        help="during --soak, every MS milliseconds add a GripMock stub through the runtime API (POST /api/stubs) "
+        "and delete the one added before: a swap per change, and new rule origins each time",
+    )  # fmt: skip
+    p.add_argument(
         "--soak-warmup", type=int, help="seconds of soak before the reference sample (default SECONDS/4, 10-60)"
     )
     p.add_argument("--soak-out", default=str(RESULTS_DIR / "soak.md"), help="soak report path")
@@ -1823,7 +1828,7 @@ def soak(args: argparse.Namespace, argv: list[str]) -> int:
         plan = compile_plan(bins, work)
         files = write_files(work)
         extra = list(args.engine_arg)
-        if args.soak_reload_ms:
+        if args.soak_reload_ms or args.soak_stubs_ms:
             extra += ["--admin-listen", "127.0.0.1:0"]
         eng = Server("engine", engine_cmd(bins, plan, "2", extra), None, work)
         for key in WORKLOADS:
@@ -1867,12 +1872,49 @@ def soak(args: argparse.Namespace, argv: list[str]) -> int:
                 except (OSError, urllib.error.URLError):
                     reloads["failed"] += 1
 
+        stubs = {"ok": 0, "failed": 0}
+
+        def stubber() -> None:
+            # Every --soak-stubs-ms: a new stub, then the one before it
+            # deleted; each change a compile and a swap, each stub a rule
+            # written somewhere new.
+            deadline = time.monotonic() + 30
+            while eng.admin_port is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            base = f"http://127.0.0.1:{eng.admin_port}/api/stubs"
+            previous = None
+            n = 0
+            while not stop.wait(args.soak_stubs_ms / 1000):
+                n += 1
+                stub = {
+                    "service": "helloworld.Greeter",
+                    "method": "SayHello",
+                    "input": {"equals": {"name": f"soak-{n}"}},
+                    "output": {"data": {"message": f"stub {n}"}},
+                }
+                try:
+                    req = urllib.request.Request(base, data=json.dumps(stub).encode(), method="POST")
+                    with urllib.request.urlopen(req, timeout=30) as r:
+                        [stub_id] = json.loads(r.read())
+                    stubs["ok"] += 1
+                    if previous:
+                        req = urllib.request.Request(f"{base}/{previous}", method="DELETE")
+                        with urllib.request.urlopen(req, timeout=30) as r:
+                            r.read()
+                        stubs["ok"] += 1
+                    previous = stub_id
+                except (OSError, urllib.error.URLError, ValueError):
+                    stubs["failed"] += 1
+
         sample()
         thread = threading.Thread(target=sampler, daemon=True)
         thread.start()
         reload_thread = threading.Thread(target=reloader, daemon=True)
         if args.soak_reload_ms:
             reload_thread.start()
+        stub_thread = threading.Thread(target=stubber, daemon=True)
+        if args.soak_stubs_ms:
+            stub_thread.start()
         paths = [WORKLOADS[k].path for k in SOAK_WORKLOADS]
         totals = {"done": 0, "succeeded": 0, "bad": 0}
         chunks = 0
@@ -1894,6 +1936,8 @@ def soak(args: argparse.Namespace, argv: list[str]) -> int:
             thread.join(SOAK_SAMPLE_S + 5)
             if reload_thread.is_alive():
                 reload_thread.join(35)
+            if stub_thread.is_alive():
+                stub_thread.join(35)
         if time.monotonic() - t0 - samples[-1].t_s > 2:
             sample()
         for key in WORKLOADS:
@@ -1929,6 +1973,11 @@ def soak(args: argparse.Namespace, argv: list[str]) -> int:
                 [f"- plan reloads (POST /admin/reload every {args.soak_reload_ms} ms): {reloads['ok']:,} swapped, "
                  f"{reloads['failed']:,} failed"]
                 if args.soak_reload_ms else []
+            ),  # fmt: skip
+            *(
+                [f"- runtime changes (a stub added and the one before deleted every {args.soak_stubs_ms} ms): "
+                 f"{stubs['ok']:,} applied, {stubs['failed']:,} failed"]
+                if args.soak_stubs_ms else []
             ),  # fmt: skip
             f"- resident memory (VmRSS), sampled every {SOAK_SAMPLE_S} s:",
             "",
