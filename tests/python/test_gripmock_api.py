@@ -23,7 +23,9 @@ Data (tests/python/gripmock_fixtures/):
 
 The other tests cover the HTTP API itself (CRUD, used/unused, search,
 sessions, history, verify, refusals), as /tmp/gripmock-api.md describes
-GripMock's real shapes.
+GripMock's real shapes, and what an attacker review found: upper-case ids,
+one id twice in a batch, changes of several files written all or nothing,
+listings of thousands of stubs in linear time.
 """
 
 from __future__ import annotations
@@ -947,3 +949,183 @@ def test_times_counts_survive_other_changes(engine, schema, channel):
     assert answer(say_hello(schema, channel, "Una")) == "NOT_FOUND"
     assert answer(say_hello(schema, channel, "Una", session="s9")) == "NOT_FOUND"
     assert answer(say_hello(schema, channel, "Una", session="s10")) == "Hello Una"
+
+
+# --------------------------------------------------------------------------
+# Ids, batches, files written together, large listings
+# --------------------------------------------------------------------------
+
+UPPER_ID = "AAAAAAAA-39D8-4D27-ABD8-E4BE65B01D34"
+
+
+@pytest.mark.parametrize("delete_with", ["upper-case", "lower-case", "batch-upper-case"])
+def test_an_upper_case_id_is_found_and_deleted_in_either_case(engine, schema, channel, delete_with):
+    assert engine.post_stubs(hello("Up", "Hi Up", id=UPPER_ID)) == [UPPER_ID.lower()]
+    for form in (UPPER_ID, UPPER_ID.lower()):
+        status, _, got = engine.http("GET", f"/api/stubs/{form}")
+        assert status == 200 and got["id"] == UPPER_ID.lower(), (form, status, got)
+    assert answer(say_hello(schema, channel, "Up")) == "Hi Up"
+    if delete_with == "batch-upper-case":
+        status, _, body = engine.http("POST", "/api/stubs/batchDelete", [UPPER_ID])
+        assert status == 200, (status, body)
+    else:
+        form = UPPER_ID if delete_with == "upper-case" else UPPER_ID.lower()
+        status, _, body = engine.http("DELETE", f"/api/stubs/{form}")
+        assert status == 204, (status, body)
+    assert engine.stubs() == []
+    for form in (UPPER_ID, UPPER_ID.lower()):
+        assert engine.http("GET", f"/api/stubs/{form}")[0] == 404
+    assert answer(say_hello(schema, channel, "Up")) == "NOT_FOUND"
+
+
+TWICE = "bbbbbbbb-2222-4333-8444-555555555555"
+
+
+# The sessions of the first and the last stub with that id.
+TWICE_SESSIONS = {
+    "global": (None, None),
+    "two-sessions": ("s1", "s2"),
+    "global-then-session": (None, "s2"),
+    "session-then-global": ("s1", None),
+}
+
+
+@pytest.mark.parametrize("first,last", TWICE_SESSIONS.values(), ids=TWICE_SESSIONS.keys())
+def test_the_same_id_twice_in_one_batch_is_one_stub_the_last(engine, workdir, schema, channel, first, last):
+    def stub(message: str, session: str | None) -> dict:
+        return hello("Twice", message, id=TWICE, **({"session": session} if session else {}))
+
+    ids = engine.post_stubs([stub("first", first), stub("last", last)])
+    assert set(ids) == {TWICE}, ids
+    listed = engine.stubs()
+    assert [(s["id"], s.get("session")) for s in listed] == [(TWICE, last)], listed
+    assert listed[0]["output"] == {"data": {"message": "last"}}, listed
+    assert len(list((workdir / "rules").rglob(f"{TWICE}.json"))) == 1
+    assert answer(say_hello(schema, channel, "Twice", session=last)) == "last"
+    if first and first != last:
+        assert answer(say_hello(schema, channel, "Twice", session=first)) == ("last" if last is None else "NOT_FOUND")
+
+
+@pytest.fixture
+def own_engine(tmp_path):
+    """An engine of this test's own (its rules directory is looked at and
+    reloaded): (engine, rules directory, channel)."""
+    protos = proto_copy(tmp_path)
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (tmp_path / "logs").mkdir()
+    eng = start_engine(tmp_path / "logs", protos, rules)
+    ch = grpc.insecure_channel(f"127.0.0.1:{eng.port}", options=[("grpc.enable_http_proxy", 0)])
+    grpc.channel_ready_future(ch).result(timeout=TIMEOUT)
+    yield eng, rules, ch
+    ch.close()
+    stop_engine(eng)
+
+
+def rule_files(rules: Path) -> dict[str, bytes]:
+    """The files below `rules` (hidden ones too: a temporary left behind
+    would show), but the engine's lock file."""
+    return {
+        str(p.relative_to(rules)): p.read_bytes()
+        for p in sorted(rules.rglob("*"))
+        if p.is_file() and p.name != ".wirestub.lock"
+    }
+
+
+KEPT = "11111111-2222-4333-8444-555555555555"
+GHOST = "aaaaaaaa-2222-4333-8444-555555555555"
+# A rule file where the directory of the session `x.yaml` would go.
+COLLIDING = (
+    "sessions/x.yaml",
+    "service: helloworld.Greeter\nmethod: SayHello\nresponses:\n  - when:\n      request.name: zz\n"
+    "    body:\n      message: zz\n",
+)
+# (stubs posted after KEPT's, their session header): each change writes a
+# file and needs another below sessions/x.yaml/, which cannot be.
+ALL_OR_NOTHING = [
+    pytest.param(hello("keep", "moved", id=KEPT), "x.yaml", id="stub-moved-into-a-session"),
+    pytest.param(
+        [hello("ghost", "ghost", id=GHOST), hello("b", "b", session="x.yaml")], None, id="batch-second-in-a-session"
+    ),
+]
+
+
+@pytest.mark.parametrize("stubs,session", ALL_OR_NOTHING)
+def test_a_change_of_several_files_is_written_all_or_nothing(own_engine, schema, stubs, session):
+    eng, rules, ch = own_engine
+    assert eng.post_stubs(hello("keep", "kept", id=KEPT)) == [KEPT]
+    name, text = COLLIDING
+    status, _, body = eng.http("POST", "/admin/upload/rule/grpc", {"filename": name, "content": text})
+    assert status == 200, (status, body)
+    before = rule_files(rules)
+    assert f"stubs/{KEPT}.json" in before, before
+
+    status, _, body = eng.http("POST", "/api/stubs", stubs, session=session)
+    assert status == 400 and "sessions/x.yaml" in body["error"], (status, body)
+    assert rule_files(rules) == before
+    # What is on disk is what is served, now and after a reload.
+
+    def served() -> tuple:
+        listed = [(s["id"], s.get("session")) for s in eng.stubs()]
+        return answer(say_hello(schema, ch, "keep")), answer(say_hello(schema, ch, "ghost")), listed
+
+    assert served() == ("kept", "NOT_FOUND", [(KEPT, None)])
+    status, _, body = eng.http("POST", "/admin/reload")
+    assert status == 200, (status, body)
+    assert served() == ("kept", "NOT_FOUND", [(KEPT, None)])
+
+
+LISTING_SIZES = (1000, 3000)
+LISTING_BATCH = 500
+
+
+def timed(fn) -> float:
+    started = time.monotonic()
+    fn()
+    return time.monotonic() - started
+
+
+def test_listing_thousands_of_stubs_is_linear_and_holds_no_writer(engine):
+    # Best of 5: the whole listing, and its first page (which still looks
+    # at every stub: X-Total-Count, the calls each answered).
+    full: dict[int, float] = {}
+    page: dict[int, float] = {}
+    posted = 0
+    for size in LISTING_SIZES:
+        while posted < size:
+            engine.post_stubs([hello(f"n{posted + i}", "m") for i in range(LISTING_BATCH)])
+            posted += LISTING_BATCH
+        status, headers, _ = engine.http("GET", "/api/stubs", params={"limit": 1})
+        assert status == 200 and headers["x-total-count"] == str(size), (status, headers)
+        full[size] = min(timed(lambda: engine.stubs()) for _ in range(5))
+        page[size] = min(timed(lambda: engine.http("GET", "/api/stubs", params={"limit": 1})) for _ in range(5))
+    small, large = LISTING_SIZES
+    print(
+        f"GET /api/stubs for {small} and {large} stubs: {full[small] * 1000:.0f} and {full[large] * 1000:.0f} ms, "
+        f"?limit=1 {page[small] * 1000:.0f} and {page[large] * 1000:.0f} ms"
+    )
+    assert full[large] < 1.0, full
+    # Three times the stubs, at most about three times the time (quadratic:
+    # nine; before the fix, seven).
+    assert page[large] < 3 * page[small] + 0.03, page
+
+    # A POST made while listings run is not held for them.
+    alone = timed(lambda: engine.post_stubs(hello("alone", "m")))
+    stop = threading.Event()
+    listings: list[float] = []
+
+    def lister() -> None:
+        while not stop.is_set() and len(listings) < 50:
+            listings.append(timed(lambda: engine.http("GET", "/api/stubs")))
+
+    thread = threading.Thread(target=lister, daemon=True)
+    thread.start()
+    try:
+        time.sleep(0.05)
+        meanwhile = timed(lambda: engine.post_stubs(hello("meanwhile", "m")))
+    finally:
+        stop.set()
+        thread.join(30)
+    print(f"POST alone {alone * 1000:.0f} ms, beside listings {meanwhile * 1000:.0f} ms")
+    assert listings and meanwhile < alone + 1.0, (alone, meanwhile, listings)
+    assert len(engine.stubs()) == LISTING_SIZES[-1] + 2

@@ -22,7 +22,8 @@ The sources the tests upload live in runtime_fixtures/:
   `compiler build` for the persistence test; ext.proto, uploaded over it,
   imports base.proto;
 - descriptors/inventory.proto: turned into a FileDescriptorSet
-  (--include_imports) and posted to /api/descriptors.
+  (--include_imports) and posted to /api/descriptors; descriptors/v2/ holds
+  the same file with a second method, posted after it to replace it.
 
 The tests:
 1. a new user builds a mock from empty directories: uploads, reflection,
@@ -36,7 +37,15 @@ The tests:
 5. descriptor sets posted as binary;
 6. 16 grpcio clients calling while rules are added, replaced and deleted
    in a loop: no call fails;
-7. 8 concurrent writers: no change lost.
+7. 8 concurrent writers: no change lost; 24: those past 8 waiting may be
+   told to come back (503, Retry-After), none answered 200 is lost;
+8. uploads cannot replace a file of the plan; a changed descriptor set
+   replaces the earlier one, sets are deleted by name or hash; a refused
+   reload leaves the old plan as the base of later changes;
+9. the admin token checked before a body is read; files of a second
+   --rules or --protos directory are not changed; one engine per store (a
+   lock file); stale temporaries removed at start;
+   --runtime-max-schema-bytes.
 
 Environment:
   WIRESTUB_ENGINE        engine binary (default target/debug/engine)
@@ -87,11 +96,44 @@ DIAGNOSTIC_KEYS = {"severity", "message", "file", "line", "column", "hint"}
 class Engine(engine_process.EngineProcess):
     """An engine with its gRPC port, its admin port and its command."""
 
-    def __init__(self, proc, grpc_port: int, admin_port: int, log_path: Path, args: list[str]):
+    def __init__(
+        self, proc, grpc_port: int, admin_port: int, log_path: Path, args: list[str], cwd: Path = REPO_ROOT
+    ):
         super().__init__(proc, grpc_port, log_path)
         self.admin_port = admin_port
         self.args = args
+        self.cwd = cwd
         self._channels: list[grpc.Channel] = []
+
+    def exchange(
+        self,
+        method: str,
+        path: str,
+        body: object | None = None,
+        content_type: str = "application/json",
+        headers: dict[str, str] | None = None,
+        timeout: float = 30,
+    ) -> tuple[int, dict[str, str], object]:
+        """One admin request: (status, lower-case headers, JSON body or
+        text). A dict or list body is sent as JSON, bytes and str as they
+        are."""
+        headers = dict(headers or {})
+        data = None
+        if body is not None:
+            data = body if isinstance(body, (bytes, str)) else json.dumps(body)
+            headers["Content-Type"] = content_type
+        conn = http.client.HTTPConnection("127.0.0.1", self.admin_port, timeout=timeout)
+        try:
+            conn.request(method, path, body=data, headers=headers)
+            resp = conn.getresponse()
+            raw = resp.read().decode()
+            got = {k.lower(): v for k, v in resp.getheaders()}
+        finally:
+            conn.close()
+        parsed: object = raw
+        if got.get("content-type", "").startswith("application/json"):
+            parsed = json.loads(raw)
+        return resp.status, got, parsed
 
     def request(
         self,
@@ -100,25 +142,9 @@ class Engine(engine_process.EngineProcess):
         body: object | None = None,
         content_type: str = "application/json",
     ) -> tuple[int, object]:
-        """One admin request: (status, JSON body or text). A dict or list
-        body is sent as JSON, bytes and str as they are."""
-        headers = {}
-        data = None
-        if body is not None:
-            data = body if isinstance(body, (bytes, str)) else json.dumps(body)
-            headers["Content-Type"] = content_type
-        conn = http.client.HTTPConnection("127.0.0.1", self.admin_port, timeout=30)
-        try:
-            conn.request(method, path, body=data, headers=headers)
-            resp = conn.getresponse()
-            raw = resp.read().decode()
-            ctype = resp.getheader("content-type", "")
-        finally:
-            conn.close()
-        parsed: object = raw
-        if ctype.startswith("application/json"):
-            parsed = json.loads(raw)
-        return resp.status, parsed
+        """One admin request: (status, JSON body or text)."""
+        status, _, parsed = self.exchange(method, path, body, content_type)
+        return status, parsed
 
     def get(self, path: str) -> dict:
         status, body = self.request("GET", path)
@@ -148,16 +174,16 @@ class Engine(engine_process.EngineProcess):
         self._channels.clear()
 
 
-def start_engine(log_dir: Path, *args: str) -> Engine:
+def start_engine(log_dir: Path, *args: str, cwd: Path = REPO_ROOT) -> Engine:
     """Starts `engine run ARGS... --listen 127.0.0.1:0 --admin-listen
-    127.0.0.1:0` and waits for both `listening on` lines."""
+    127.0.0.1:0` (in `cwd`) and waits for both `listening on` lines."""
     timeout = float(os.environ.get("WIRESTUB_START_TIMEOUT", "120"))
     full = ["run", *args, "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"]
     cmd = [str(engine_process.engine_binary()), *full]
     log_path = log_dir / f"engine-{len(list(log_dir.glob('engine-*.log')))}.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            cmd, cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log, text=True
+            cmd, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log, text=True
         )
     lines: list[str] = []
     ports: dict[str, int] = {}
@@ -186,7 +212,7 @@ def start_engine(log_dir: Path, *args: str) -> Engine:
             f"(exit code {proc.returncode}).\nstdout: {''.join(lines)!r}\n"
             f"stderr:\n{log_path.read_text(errors='replace')[-4000:]}"
         )
-    return Engine(proc, ports["engine"], ports["admin"], log_path, list(args))
+    return Engine(proc, ports["engine"], ports["admin"], log_path, list(args), cwd)
 
 
 def stop_engine(engine: Engine) -> None:
@@ -199,14 +225,15 @@ def stop_engine(engine: Engine) -> None:
 
 @pytest.fixture
 def engines(tmp_path):
-    """Starts engines for one test (`engines(*args)`) and stops them all at
-    its end, checking none panicked."""
+    """Starts engines for one test (`engines(*args)`, `cwd=` the working
+    directory, default the repository root) and stops them all at its end,
+    checking none panicked."""
     started: list[Engine] = []
     log_dir = tmp_path / "logs"
     log_dir.mkdir()
 
-    def start(*args: str) -> Engine:
-        eng = start_engine(log_dir, *args)
+    def start(*args: str, cwd: Path = REPO_ROOT) -> Engine:
+        eng = start_engine(log_dir, *args, cwd=cwd)
         started.append(eng)
         return eng
 
@@ -219,7 +246,7 @@ def engines(tmp_path):
 def restart(engine: Engine, engines) -> Engine:
     """Stops `engine` (cleanly) and starts another with the same arguments."""
     stop_engine(engine)
-    return engines(*engine.args)
+    return engines(*engine.args, cwd=engine.cwd)
 
 
 # --------------------------------------------------------------------------
@@ -652,13 +679,19 @@ def test_an_applied_change_reports_the_compilers_warnings(seeded, pay):
 
 
 BAD_NAMES = ["../x", "/abs", "a/.hidden", "a/../../x", "x.txt"]
+# Extensions are exact, as the directories are read: `pay.YAML` would be
+# served, then lost at the next reload. (proto name, rule name)
+UPPER_CASE_EXTENSIONS = [("a.PROTO", "pay.YAML"), ("common/v1/a.Proto", "sessions/a/pay.Yml")]
 
 
-def bad_name_requests(name: str):
+def bad_name_requests(name: str | tuple[str, str]):
     """Every route that takes a file name, with `name` (extension added
-    unless it has one)."""
-    proto = name if name.endswith(".txt") else f"{name}.proto"
-    rule = name if name.endswith(".txt") else f"{name}.yaml"
+    unless it has one), or a (proto name, rule name) pair."""
+    if isinstance(name, tuple):
+        proto, rule = name
+    else:
+        proto = name if name.endswith(".txt") else f"{name}.proto"
+        rule = name if name.endswith(".txt") else f"{name}.yaml"
     proto_text = 'syntax = "proto3";\npackage evil.v1;\n'
     rule_text = charge_rule("evil")
     return [
@@ -671,7 +704,9 @@ def bad_name_requests(name: str):
     ]
 
 
-@pytest.mark.parametrize("name", BAD_NAMES)
+@pytest.mark.parametrize(
+    "name", [*BAD_NAMES, *(pytest.param(pair, id="-".join(pair)) for pair in UPPER_CASE_EXTENSIONS)]
+)
 def test_invalid_file_names_are_refused_and_nothing_is_written(seeded, pay, tmp_path, name):
     eng, ch, src = seeded
     before_plan = eng.plan()
@@ -855,19 +890,35 @@ def compiler_binary() -> Path:
     return path
 
 
-@pytest.fixture
-def plan_file(tmp_path) -> Path:
-    """runtime_fixtures/plan's protos and rules, copied to a temporary
-    directory and compiled by `compiler build` into a plan file."""
-    src = tmp_path / "plan-src"
-    shutil.copytree(PLAN_SOURCES / "protos", src / "protos")
-    shutil.copytree(PLAN_SOURCES / "rules", src / "rules")
-    out = tmp_path / "plan.bin"
+def compile_plan(src: Path, out: Path, protos: dict[str, Path], rules: dict[str, str]) -> Path:
+    """`compiler build` of `protos` (name in the plan -> source file) and
+    `rules` (name -> text), copied under `src`, into the plan file `out`."""
+    for name, source in protos.items():
+        (src / "protos" / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source, src / "protos" / name)
+    (src / "rules").mkdir(parents=True, exist_ok=True)
+    for name, text in rules.items():
+        (src / "rules" / name).write_text(text)
     cmd = [str(compiler_binary()), "build", "--protos", str(src / "protos"), "--rules", str(src / "rules")]
     cmd += ["-o", str(out)]
     run = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and out.exists(), f"{' '.join(cmd)}: {run.returncode}\n{run.stdout}\n{run.stderr}"
     return out
+
+
+def files_below(root: Path, pattern: str) -> dict[str, Path]:
+    return {str(p.relative_to(root)): p for p in sorted(root.rglob(pattern)) if p.is_file()}
+
+
+PLAN_PROTOS = files_below(PLAN_SOURCES / "protos", "*.proto")
+PLAN_RULES = {name: p.read_text() for name, p in files_below(PLAN_SOURCES / "rules", "*.yaml").items()}
+
+
+@pytest.fixture
+def plan_file(tmp_path) -> Path:
+    """runtime_fixtures/plan's protos and rules, copied to a temporary
+    directory and compiled by `compiler build` into a plan file."""
+    return compile_plan(tmp_path / "plan-src", tmp_path / "plan.bin", PLAN_PROTOS, PLAN_RULES)
 
 
 EXT_PROTO = (PLAN_SOURCES / "ext.proto").read_text()
@@ -1097,3 +1148,475 @@ def test_concurrent_writers_lose_no_change(seeded, pay):
         assert (src / "rules" / f"writer-{i}.yaml").exists()
         assert charge(pay, ch, id=f"w{i}") == f"writer-{i}"
     assert charge(pay, ch) == "global"
+
+
+# Past MAX_WAITING (8) writers waiting for the compiler, a writer is told to
+# come back (503, Retry-After); none that was answered 200 is lost.
+MANY_WRITERS = 24
+
+
+def test_writers_past_eight_waiting_are_told_to_come_back_and_none_is_lost(seeded, pay):
+    eng, ch, src = seeded
+    first = eng.plan()["generation"]
+    barrier = threading.Barrier(MANY_WRITERS)
+    answers: list[object] = [None] * MANY_WRITERS
+
+    def writer(i: int) -> None:
+        body = {"filename": f"many-{i}.yaml", "content": charge_rule(f"many-{i}", when_id=f"m{i}")}
+        barrier.wait(TIMEOUT)
+        answers[i] = eng.exchange("POST", "/admin/upload/rule/grpc", body)
+
+    threads = [threading.Thread(target=writer, args=(i,), daemon=True) for i in range(MANY_WRITERS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert all(a is not None and a[0] in (200, 503) for a in answers), answers
+    applied = [i for i, a in enumerate(answers) if a[0] == 200]
+    for i, (status, headers, body) in enumerate(answers):
+        if status == 503:
+            assert headers.get("retry-after") == "1" and "error" in body, (i, headers, body)
+            assert not (src / "rules" / f"many-{i}.yaml").exists()
+        else:
+            assert body["ok"] is True, body
+    print(f"{len(applied)} of {MANY_WRITERS} writers applied, {MANY_WRITERS - len(applied)} told to come back")
+    assert applied, answers
+    assert sorted(answers[i][2]["plan"]["generation"] for i in applied) == list(
+        range(first + 1, first + len(applied) + 1)
+    )
+    assert eng.plan()["generation"] == first + len(applied)
+    listed = {f["filename"] for f in eng.get("/admin/rules/grpc")["files"]}
+    assert listed == {"global.yaml", *(f"many-{i}.yaml" for i in applied)}, listed
+    for i in applied:
+        assert (src / "rules" / f"many-{i}.yaml").exists()
+        assert charge(pay, ch, id=f"m{i}") == f"many-{i}"
+    assert charge(pay, ch) == "global"
+
+
+# --------------------------------------------------------------------------
+# 8. The plan's files, descriptor sets replaced, refused reloads
+# --------------------------------------------------------------------------
+
+# A plan serving base.proto and inventory.proto, which imports
+# google/protobuf/timestamp.proto: none of the three may be replaced by an
+# upload (an upload may import them).
+FAKE_PROTO = 'syntax = "proto3";\npackage fake.v1;\nmessage Fake {\n  string s = 1;\n}\n'
+
+
+def proto_uploads(name: str, text: str) -> list[tuple[str, str, dict]]:
+    """Every route that uploads a .proto, with `name`."""
+    return [
+        ("POST", "/admin/upload/proto", {"filename": name, "content": text}),
+        ("POST", "/upload_proto", {"filename": name, "content": text}),
+        ("POST", "/admin/upload/proto/path", {"path": name, "content": text}),
+        ("PUT", f"/admin/proto/{quoted(name)}", {"content": text}),
+    ]
+
+
+@pytest.mark.parametrize(
+    "name,text",
+    [
+        ("base.proto", (PLAN_SOURCES / "protos/base.proto").read_text().replace("Ping(", "Pong(")),
+        ("inventory.proto", FAKE_PROTO),
+        ("google/protobuf/timestamp.proto", FAKE_PROTO.replace("fake.v1", "google.protobuf")),
+    ],
+)
+def test_uploads_cannot_replace_a_file_of_the_plan(engines, tmp_path, echo, name, text):
+    protos = {**PLAN_PROTOS, "inventory.proto": INVENTORY / "inventory.proto"}
+    plan = compile_plan(tmp_path / "plan-src", tmp_path / "plan.bin", protos, PLAN_RULES)
+    state = tmp_path / "state"
+    eng = engines(str(plan), "--state-dir", str(state))
+    before_plan, before_files = eng.plan(), tree(state)
+    for method, path, body in proto_uploads(name, text):
+        status, answer = eng.request(method, path, body)
+        assert status == 400, (method, path, status, answer)
+        assert name in answer["error"], answer
+    after = eng.plan()
+    assert (after["identity"], after["generation"]) == (before_plan["identity"], before_plan["generation"])
+    assert tree(state) == before_files
+    assert eng.get("/admin/protos") == {"files": []}
+    assert echo_answers(echo, eng) == ("from the plan", "from the plan", "!UNIMPLEMENTED")
+    # Importing the plan's files is still the way.
+    upload_over_plan(eng)
+    assert echo_answers(echo, eng) == ("from runtime", "from the plan", "relayed")
+
+
+def test_descriptor_sets_may_carry_the_plans_files_only_as_served(engines, tmp_path, echo, plan_file):
+    # A set made with --include_imports carries the plan's base.proto: as
+    # it is served, it is an import and the set's own file is served; a set
+    # whose base.proto differs is refused (400), nothing changed.
+    eng = engines(str(plan_file), "--state-dir", str(tmp_path / "state"))
+    src = tmp_path / "ds"
+    src.mkdir()
+    (src / "ext.proto").write_text(EXT_PROTO)
+    (src / "base.proto").write_text((PLAN_SOURCES / "protos/base.proto").read_text())
+    answer = eng.write("POST", "/api/descriptors", descriptor_set(src / "ok.binpb", [src], [str(src / "ext.proto")]))
+    assert answer["ok"], answer
+    upload_rule(eng, "ext.v1.ext.relay.yaml", RELAY_RULE)
+    assert echo_answers(echo, eng)[2] == "relayed"
+
+    changed = (PLAN_SOURCES / "protos/base.proto").read_text().replace("string text", "int64 text")
+    assert changed != (PLAN_SOURCES / "protos/base.proto").read_text()
+    (src / "base.proto").write_text(changed)
+    before = eng.plan()
+    status, answer = eng.request(
+        "POST", "/api/descriptors", descriptor_set(src / "bad.binpb", [src], [str(src / "ext.proto")])
+    )
+    assert status == 400 and "base.proto" in answer["error"], (status, answer)
+    assert eng.plan() == before
+    assert echo_answers(echo, eng) == ("from the plan", "from the plan", "relayed")
+
+
+RESTOCK = "/inv.v1.Inventory/Restock"
+RESTOCK_RULE = "service: inv.v1.Inventory\nmethod: Restock\nresponses:\n  - body:\n      count: 9\n"
+
+
+@pytest.mark.parametrize("form", ["as-listed", "percent-encoded", "hash"])
+def test_a_changed_descriptor_set_replaces_the_earlier_one_and_sets_are_deleted(engines, tmp_path, buf, form):
+    protos, rules = tmp_path / "protos", tmp_path / "rules"
+    protos.mkdir()
+    rules.mkdir()
+    eng = engines("--protos", str(protos), "--rules", str(rules))
+    # The same file, inventory.proto, before and after a method was added.
+    v1 = descriptor_set(tmp_path / "v1.binpb", [INVENTORY], ["inventory.proto"])
+    v2 = descriptor_set(tmp_path / "v2.binpb", [INVENTORY / "v2"], ["inventory.proto"])
+    inventory = Schema(v2)
+
+    def post(fds: bytes) -> dict:
+        return eng.write("POST", "/api/descriptors", fds, content_type="application/octet-stream")
+
+    first = post(v1)
+    assert first["replaced"] == [], first
+    second = post(v2)
+    name = second["name"]
+    assert name != first["name"], (first, second)
+    assert second["replaced"] == [f"protos/{first['name']}"], second
+    assert sorted(second["changed"]) == sorted([f"protos/{first['name']}", f"protos/{name}"]), second
+    assert tree(protos) == {name: v2}
+    [entry] = eng.get("/api/descriptors")["descriptors"]
+    assert entry["name"] == name and entry["bytes"] == len(v2), entry
+
+    # The new method: ruled, served, and in reflection.
+    upload_rule(eng, "restock.yaml", RESTOCK_RULE)
+    ch = eng.channel()
+    assert inventory.call(ch, RESTOCK, inventory.message("inv.v1.StockRequest", sku="B")).count == 9
+    assert "inv.v1.Inventory/Restock" in buf_list_methods(buf, eng, "grpc-v1")
+
+    # Deleted by the name listed, %2F-encoded, or its hash alone (once its
+    # rule has gone: a set a rule needs is refused like a proto).
+    path = {
+        "as-listed": name,
+        "percent-encoded": quoted(name),
+        "hash": name.removeprefix("descriptors/").removesuffix(".binpb"),
+    }[form]
+    status, answer = eng.request("DELETE", f"/api/descriptors/{path}")
+    assert status == 422 and "inv.v1.Inventory" in answer["error"], (status, answer)
+    eng.write("DELETE", "/admin/rule/grpc/restock.yaml")
+    answer = eng.write("DELETE", f"/api/descriptors/{path}")
+    assert answer["changed"] == [f"protos/{name}"], answer
+    assert eng.get("/api/descriptors")["descriptors"] == []
+    assert tree(protos) == {}
+    try:
+        inventory.call(ch, RESTOCK, inventory.message("inv.v1.StockRequest", sku="B"))
+        raise AssertionError("Restock still served after its descriptor set was deleted")
+    except grpc.RpcError as e:
+        assert e.code() == grpc.StatusCode.UNIMPLEMENTED, e
+    status, answer = eng.request("DELETE", f"/api/descriptors/{path}")
+    assert status == 404, (status, answer)
+
+
+# Reloads refused (422): the plan file replaced by one lacking base.v1.Echo,
+# which a runtime rule needs; or by a valid one while a broken rule file
+# sits in the state directory. The old plan must stay the base of later
+# runtime changes, not only keep serving: (the new plan file's protos and
+# rules, a broken file put in the state directory by hand).
+REFUSED_RELOADS = [
+    pytest.param(
+        {"inventory.proto": INVENTORY / "inventory.proto"}, {}, None, id="new-plan-lacks-a-service-a-runtime-rule-needs"
+    ),
+    pytest.param(
+        PLAN_PROTOS,
+        {name: text.replace("from the plan", "from plan two") for name, text in PLAN_RULES.items()},
+        "broken.yaml",
+        id="new-plan-valid-runtime-file-broken",
+    ),
+]
+
+
+@pytest.mark.parametrize("new_protos,new_rules,broken", REFUSED_RELOADS)
+def test_a_refused_reload_leaves_the_old_plan_as_the_base(
+    engines, tmp_path, plan_file, echo, new_protos, new_rules, broken
+):
+    live, state = tmp_path / "live.bin", tmp_path / "state"
+    shutil.copy(plan_file, live)
+    eng = engines(str(live), "--state-dir", str(state))
+    upload_over_plan(eng)
+    expected = ("from runtime", "from the plan", "relayed")
+    assert echo_answers(echo, eng) == expected
+    before = eng.plan()
+
+    compile_plan(tmp_path / "next-src", live, new_protos, new_rules)
+    if broken:
+        (state / "rules" / broken).write_text("service: [\n")
+    status, answer = eng.request("POST", "/admin/reload")
+    assert status == 422, (status, answer)
+    after = eng.plan()
+    assert (after["identity"], after["generation"]) == (before["identity"], before["generation"])
+    assert echo_answers(echo, eng) == expected
+
+    # The next runtime change compiles against the old plan and swaps in
+    # the old plan's answers with it.
+    later = PING_OVERRIDE.replace('"rt"', '"later"').replace("from runtime", "later")
+    answer = upload_rule(eng, "later.yaml", later)
+    assert answer["plan"]["generation"] == before["generation"] + 1, answer
+    assert ping(echo, eng.channel(), id="later") == "later"
+    assert echo_answers(echo, eng) == expected
+
+
+# --------------------------------------------------------------------------
+# 9. The admin token, second directories, the store's lock and temporaries,
+#    the bound on schema bytes
+# --------------------------------------------------------------------------
+
+TOKEN = "s3cret"
+SLOW_BODIES = 300
+
+
+def slow_head(authorization: str | None) -> bytes:
+    """A request head announcing a body that never comes."""
+    auth = f"Authorization: {authorization}\r\n".encode() if authorization else b""
+    return (
+        b"POST /api/stubs HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 100000\r\n" + auth + b"\r\n"
+    )
+
+
+def answer_then_close(s: socket.socket, within: float) -> bytes:
+    """What the server sends on `s` until it closes it; fails unless it
+    has closed within `within` seconds."""
+    deadline = time.monotonic() + within
+    data = b""
+    while True:
+        left = deadline - time.monotonic()
+        assert left > 0, f"not closed within {within}s; got {data!r}"
+        s.settimeout(left)
+        try:
+            chunk = s.recv(4096)
+        except TimeoutError:
+            raise AssertionError(f"not closed within {within}s; got {data!r}") from None
+        except ConnectionResetError:
+            return data
+        if not chunk:
+            return data
+        data += chunk
+
+
+@pytest.mark.parametrize(
+    "authorization", [None, "Bearer wrong", f"Basic {TOKEN}"], ids=["no-token", "wrong-token", "not-bearer"]
+)
+def test_requests_without_the_token_are_answered_before_their_body(engines, plan_file, authorization):
+    eng = engines(str(plan_file), "--admin-token", TOKEN)
+    authorised = {"Authorization": f"Bearer {TOKEN}"}
+    head = slow_head(authorization)
+    # One: 401 at once, and the connection closed.
+    with socket.create_connection(("127.0.0.1", eng.admin_port), timeout=TIMEOUT) as s:
+        started = time.monotonic()
+        s.sendall(head)
+        answer = answer_then_close(s, 1.0)
+        assert time.monotonic() - started < 1.0
+    assert answer.startswith(b"HTTP/1.1 401 "), answer
+
+    # Many at once do not keep an authorised request from being answered.
+    conns: list[socket.socket] = []
+    try:
+        for _ in range(SLOW_BODIES):
+            s = socket.create_connection(("127.0.0.1", eng.admin_port), timeout=TIMEOUT)
+            conns.append(s)
+            s.sendall(head)
+        started = time.monotonic()
+        status, _, body = eng.exchange("GET", "/admin/status", headers=authorised, timeout=5)
+        took = time.monotonic() - started
+        assert status == 200 and "plan" in body, (status, body)
+        assert took < 1.0, f"authorised GET /admin/status took {took:.2f}s beside {SLOW_BODIES} slow bodies"
+        for s in conns:
+            assert answer_then_close(s, 5.0).startswith(b"HTTP/1.1 401 ")
+    finally:
+        for s in conns:
+            s.close()
+    status, _, _ = eng.exchange("GET", "/admin/status")
+    assert status == 401
+    assert eng.exchange("GET", "/admin/status", headers=authorised)[0] == 200
+
+
+# A second directory of each kind: (kind, routes' prefix, the second
+# directory's file, its text, the text a change would write)
+SECOND_DIRS = [
+    ("rules", "/admin/rule/grpc", "extra.yaml", charge_rule("extra", when_id="x"), charge_rule("changed", when_id="x")),
+    (
+        "protos",
+        "/admin/proto",
+        "common/v1/money.proto",
+        (PAY_PROTOS / "common/v1/money.proto").read_text(),
+        (PAY_PROTOS / "common/v1/money.proto").read_text() + "\nmessage Extra {}\n",
+    ),
+]
+
+
+@pytest.mark.parametrize("kind,route,name,text,changed", SECOND_DIRS, ids=[d[0] for d in SECOND_DIRS])
+def test_files_of_a_second_directory_are_not_changed(engines, tmp_path, pay, kind, route, name, text, changed):
+    protos, rules = seeded_dirs(tmp_path, {"global.yaml": charge_rule("global")})
+    src = tmp_path / "src"
+    second = src / f"second-{kind}"
+    (second / name).parent.mkdir(parents=True)
+    if kind == "protos":
+        (protos / name).rename(second / name)
+    else:
+        (second / name).write_text(text)
+    eng = engines("--protos", str(protos), "--rules", str(rules), f"--{kind}", str(second))
+    ch = eng.channel()
+    listed = [f["filename"] for f in eng.get(f"/admin/{'protos' if kind == 'protos' else 'rules/grpc'}")["files"]]
+    [listed_name] = [n for n in listed if n.endswith(name)]
+    before_plan, before = eng.plan(), tree(src)
+    for method, path, body in [
+        ("DELETE", f"{route}/{quoted(listed_name)}", None),
+        ("PUT", f"{route}/{quoted(listed_name)}", {"content": changed}),
+    ]:
+        status, answer = eng.request(method, path, body)
+        assert status == 400, (method, path, status, answer)
+        assert "error" in answer, answer
+    assert tree(src) == before and (second / name).read_text() == text
+    assert eng.plan()["identity"] == before_plan["identity"]
+    assert charge(pay, ch) == "global"
+    if kind == "rules":
+        assert charge(pay, ch, id="x") == "extra"
+
+
+def test_a_name_equal_to_a_second_directorys_path_is_a_file_of_the_first(engines, tmp_path, pay):
+    protos, rules = seeded_dirs(tmp_path, {"global.yaml": charge_rule("global")})
+    src = tmp_path / "src"
+    (src / "extra").mkdir()
+    extra_text = charge_rule("extra", when_id="x")
+    (src / "extra/extra.yaml").write_text(extra_text)
+    # Relative directories, so `extra/extra.yaml` is also a name below the
+    # first.
+    eng = engines("--protos", "protos", "--rules", "rules", "--rules", "extra", cwd=src)
+    ch = eng.channel()
+    assert charge(pay, ch, id="x") == "extra"
+    first_dir_text = charge_rule("first-dir", when_id="y")
+    answer = eng.write("PUT", f"/admin/rule/grpc/{quoted('extra/extra.yaml')}", {"content": first_dir_text})
+    assert answer["changed"] == ["rules/extra/extra.yaml"], answer
+    assert (rules / "extra/extra.yaml").read_text() == first_dir_text
+    assert (src / "extra/extra.yaml").read_text() == extra_text
+    assert (charge(pay, ch, id="x"), charge(pay, ch, id="y")) == ("extra", "first-dir")
+
+    eng = restart(eng, engines)
+    ch = eng.channel()
+    assert (charge(pay, ch, id="x"), charge(pay, ch, id="y"), charge(pay, ch)) == ("extra", "first-dir", "global")
+    listed = {f["path"] for f in eng.get("/admin/rules/grpc")["files"]}
+    assert {str(Path("rules/extra/extra.yaml")), str(Path("extra/extra.yaml"))} <= {
+        str(Path(p)) for p in listed
+    }, listed
+
+
+def store_args(layout: str, tmp_path: Path, plan_file: Path) -> tuple[list[str], Path]:
+    """An engine's arguments for a store laid out as `layout` (`state-dir`:
+    over a plan; `directories`: --protos and --rules), and the store."""
+    if layout == "state-dir":
+        state = tmp_path / "state"
+        return [str(plan_file), "--state-dir", str(state)], state
+    protos, rules = seeded_dirs(tmp_path, {"global.yaml": charge_rule("global")})
+    return ["--protos", str(protos), "--rules", str(rules)], tmp_path / "src"
+
+
+LAYOUTS = ["state-dir", "directories"]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_second_engine_on_the_same_store_refuses_to_start(engines, tmp_path, plan_file, layout):
+    args, _ = store_args(layout, tmp_path, plan_file)
+    first = engines(*args)
+    cmd = [str(engine_process.engine_binary()), "run", *args]
+    cmd += ["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"]
+    run = subprocess.run(cmd, cwd=REPO_ROOT, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=10)
+    assert run.returncode != 0, (run.returncode, run.stdout, run.stderr)
+    assert ".wirestub.lock" in run.stderr and "listening on" not in run.stdout, (run.stdout, run.stderr)
+    assert first.alive() and first.get("/admin/status")
+    # Once the first has stopped, the store is free.
+    restart(first, engines)
+
+
+# Temporaries an engine killed while writing leaves (`.NAME.<16 hex>.tmp`),
+# and hidden files that only look like them.
+STALE = [
+    "protos/.pay.proto.0123456789abcdef.tmp",
+    "rules/.global.yaml.fedcba9876543210.tmp",
+    "rules/sessions/a/.charge.yaml.00000000DEADBEEF.tmp",
+]
+NOT_STALE = ["rules/.notes.tmp", "rules/.global.yaml.0123.tmp"]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_stale_temporaries_are_removed_at_start(engines, tmp_path, plan_file, pay, layout):
+    args, store = store_args(layout, tmp_path, plan_file)
+    for name in STALE + NOT_STALE:
+        (store / name).parent.mkdir(parents=True, exist_ok=True)
+        (store / name).write_text("half-written")
+    eng = engines(*args)
+    assert [n for n in STALE if (store / n).exists()] == []
+    assert [n for n in NOT_STALE if not (store / n).exists()] == []
+    listed = [f["filename"] for f in eng.get("/admin/rules/grpc")["files"]]
+    assert listed == ([] if layout == "state-dir" else ["global.yaml"]), listed
+    if layout == "directories":
+        assert charge(pay, eng.channel()) == "global"
+
+
+MAX_SCHEMA_BYTES = 20_000
+
+
+def padded_proto(package: str, size: int) -> str:
+    """A valid .proto of about `size` bytes (a long comment)."""
+    head = f'syntax = "proto3";\npackage {package};\nmessage Padded {{\n  string s = 1;\n}}\n'
+    return head + "// " + "x" * max(0, size - len(head) - 4) + "\n"
+
+
+def padded_descriptor_set(size: int) -> bytes:
+    """A FileDescriptorSet of about `size` bytes (many messages)."""
+    fds = descriptor_pb2.FileDescriptorSet()
+    f = fds.file.add(name="padded.proto", package="padded.v1", syntax="proto3")
+    n = 0
+    while fds.ByteSize() < size:
+        f.message_type.add(name=f"Padding{n:05d}")
+        n += 1
+    return fds.SerializeToString()
+
+
+# What pushes the protos and descriptor sets past the bound: (method, path,
+# body; bytes are posted as application/octet-stream).
+OVER_SCHEMA_BYTES = [
+    ("POST", "/admin/upload/proto", {"filename": "big.proto", "content": padded_proto("big.v1", MAX_SCHEMA_BYTES)}),
+    ("POST", "/admin/upload/proto/path", {"path": "a/big.proto", "content": padded_proto("big.v1", MAX_SCHEMA_BYTES)}),
+    ("PUT", "/admin/proto/pay.proto", {"content": (PAY_PROTOS / "pay.proto").read_text() + "// " + "x" * 20_000}),
+    ("POST", "/api/descriptors", padded_descriptor_set(MAX_SCHEMA_BYTES)),
+]
+
+
+@pytest.mark.parametrize("method,path,body", OVER_SCHEMA_BYTES, ids=[f"{m}-{p}" for m, p, _ in OVER_SCHEMA_BYTES])
+def test_protos_past_the_schema_bound_are_refused_with_413(engines, tmp_path, pay, method, path, body):
+    protos, rules = seeded_dirs(tmp_path, {"global.yaml": charge_rule("global")})
+    args = ["--protos", str(protos), "--rules", str(rules), "--runtime-max-schema-bytes", str(MAX_SCHEMA_BYTES)]
+    eng = engines(*args)
+    ch = eng.channel()
+    # Under the bound, a proto is taken.
+    eng.write("POST", "/admin/upload/proto", {"filename": "small.proto", "content": padded_proto("small.v1", 5000)})
+    before_plan, before = eng.plan(), tree(tmp_path / "src")
+    ctype = "application/octet-stream" if isinstance(body, bytes) else "application/json"
+    status, answer = eng.request(method, path, body, content_type=ctype)
+    assert status == 413, (status, answer)
+    assert "--runtime-max-schema-bytes" in answer["error"], answer
+    assert tree(tmp_path / "src") == before
+    after = eng.plan()
+    assert (after["identity"], after["generation"]) == (before_plan["identity"], before_plan["generation"])
+    assert charge(pay, ch) == "global"
+    # A change that adds no schema bytes still applies.
+    upload_rule(eng, "next.yaml", charge_rule("n", "n"))
+    assert charge(pay, ch, id="n") == "n"

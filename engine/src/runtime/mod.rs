@@ -189,6 +189,7 @@ struct Published {
     sources: Arc<Sources>,
     scopes: Arc<Scopes>,
     base_path: Option<PathBuf>,
+    base_files: Arc<std::collections::HashSet<String>>,
 }
 
 /// Writers that may wait for a compilation at once; more are told to come
@@ -291,6 +292,7 @@ impl Runtime {
             sources: Arc::new(inner.sources.clone()),
             scopes: Arc::new(inner.scopes.clone()),
             base_path: inner.base.as_ref().map(|b| b.path.clone()),
+            base_files: Arc::new(inner.base.as_ref().map(|b| b.files.clone()).unwrap_or_default()),
         };
         *self.published.lock().unwrap_or_else(|e| e.into_inner()) = published;
     }
@@ -363,6 +365,11 @@ impl Runtime {
     /// The test sessions of the rule files.
     pub fn scopes(&self) -> Arc<Scopes> {
         self.published().scopes
+    }
+
+    /// The names of the files of the plan the sources are layered over.
+    pub fn base_files(&self) -> Arc<std::collections::HashSet<String>> {
+        self.published().base_files
     }
 
     /// The sources of the plan serving (never waits for a compilation).

@@ -336,15 +336,34 @@ fn upload_descriptors(rt: &Runtime, state: &State, body: &[u8]) -> Response {
     let services: Vec<String> =
         files.iter().flat_map(|f| f.service.iter().map(move |s| full_name(f.package(), s.name()))).collect();
     let name = format!("descriptors/{:016x}.binpb", fnv64(body));
-    // A set that defines a file an earlier set defined replaces it (the
-    // protos changed and were uploaded again); files both merely import
-    // (well-known types, the plan's files) do not count.
-    let defined: std::collections::HashSet<&str> = files
-        .iter()
-        .map(|f| f.name())
-        .filter(|n| !n.starts_with("google/protobuf/") && !n.starts_with("google/rpc/"))
-        .collect();
+    // Files the plan or the uploaded protos bring, and the built-in ones,
+    // are imports here: a set may carry them (`--include_imports`), but
+    // only as they are served.
     let sources = rt.sources();
+    let base_files = rt.base_files();
+    let elsewhere = |n: &str| {
+        n.starts_with("google/protobuf/")
+            || n.starts_with("google/rpc/")
+            || base_files.contains(n)
+            || sources.protos.contains_key(n)
+    };
+    if let Some(pool) = state.current().schema() {
+        for f in files.iter().filter(|f| elsewhere(f.name()) && !f.name().starts_with("google/")) {
+            if let Some(why) = differs(pool, f) {
+                return Response::error(
+                    400,
+                    &format!(
+                        "the set's `{}` is not the one served ({why}): a file of the plan or of the uploaded protos \
+                         cannot be replaced by a descriptor set; rename it, or rebuild the plan",
+                        f.name()
+                    ),
+                );
+            }
+        }
+    }
+    // A set that defines a file an earlier set defined replaces it (the
+    // protos changed and were uploaded again).
+    let defined: std::collections::HashSet<&str> = files.iter().map(|f| f.name()).filter(|n| !elsewhere(n)).collect();
     let mut changes: Vec<Change> = sources
         .descriptor_sets
         .iter()
@@ -367,6 +386,67 @@ fn upload_descriptors(rt: &Runtime, state: &State, body: &[u8]) -> Response {
         o.insert("time".into(), json!(crate::observe::journal::rfc3339(std::time::SystemTime::now())));
         o.insert("compile_ms".into(), json!(started.elapsed().as_secs_f64() * 1e3));
     })
+}
+
+/// How a set's copy of a file differs from the file served (its messages'
+/// fields and its services' methods), or None when it does not.
+fn differs(
+    pool: &prost_reflect::DescriptorPool,
+    file: &prost_reflect::prost_types::FileDescriptorProto,
+) -> Option<String> {
+    use prost_reflect::prost_types::DescriptorProto;
+    let package = file.package();
+    let served = pool.get_file_by_name(file.name())?;
+    fn message(pool: &prost_reflect::DescriptorPool, scope: &str, m: &DescriptorProto) -> Option<String> {
+        let name = full_name(scope, m.name());
+        let Some(have) = pool.get_message_by_name(&name) else {
+            return Some(format!("`{name}` is not served"));
+        };
+        use prost_reflect::prost_types::field_descriptor_proto::{Label, Type};
+        let theirs: Vec<(i32, &str, Type, Label, &str)> =
+            m.field.iter().map(|f| (f.number(), f.name(), f.r#type(), f.label(), f.type_name())).collect();
+        let ours: Vec<(i32, String, Type, Label, String)> = have
+            .fields()
+            .map(|f| {
+                let p = f.field_descriptor_proto();
+                (p.number(), p.name().to_string(), p.r#type(), p.label(), p.type_name().to_string())
+            })
+            .collect();
+        let same = theirs.len() == ours.len()
+            && theirs.iter().all(|t| ours.iter().any(|o| (o.0, o.1.as_str(), o.2, o.3, o.4.as_str()) == *t));
+        if !same {
+            return Some(format!("the fields of `{name}` differ"));
+        }
+        m.nested_type.iter().find_map(|n| message(pool, &name, n))
+    }
+    if served.package_name() != package {
+        return Some(format!("its package is `{package}`, not `{}`", served.package_name()));
+    }
+    if let Some(why) = file.message_type.iter().find_map(|m| message(pool, package, m)) {
+        return Some(why);
+    }
+    for s in &file.service {
+        let name = full_name(package, s.name());
+        let Some(have) = pool.get_service_by_name(&name) else {
+            return Some(format!("service `{name}` is not served"));
+        };
+        let ours: Vec<(String, String, String)> = have
+            .methods()
+            .map(|m| (m.name().to_string(), m.input().full_name().to_string(), m.output().full_name().to_string()))
+            .collect();
+        let theirs: Vec<(String, String, String)> = s
+            .method
+            .iter()
+            .map(|m| {
+                let t = |n: &str| n.trim_start_matches('.').to_string();
+                (m.name().to_string(), t(m.input_type()), t(m.output_type()))
+            })
+            .collect();
+        if ours.len() != theirs.len() || !theirs.iter().all(|t| ours.contains(t)) {
+            return Some(format!("the methods of `{name}` differ"));
+        }
+    }
+    None
 }
 
 /// `DELETE /api/descriptors/{name}`: a set by its name
