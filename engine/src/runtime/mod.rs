@@ -20,6 +20,8 @@
 //! [`Cache`](wirestub_compiler::sources::Cache) kept between changes means
 //! a change re-checks only the files it touched.
 
+pub mod answer;
+pub mod api;
 pub mod files;
 pub mod routes;
 pub mod stubs;

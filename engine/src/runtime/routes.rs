@@ -23,7 +23,7 @@
 //! Sessions:
 //! GET    /api/sessions                      sessions that have rules or stubs
 //! DELETE /api/sessions/{id}                 removes every rule and stub of the session
-//! GripMock's stubs API: see `stubs.rs`.
+//! (GripMock's stubs API is `stubs.rs`; `api.rs` serves both.)
 //! ```
 //!
 //! `{name}` may hold `/` (percent-encoded as `%2F`) for files in
@@ -32,77 +32,59 @@
 //! with `{"error", "diagnostics": [{severity, message, file, line, column,
 //! hint}]}` while the old plan keeps serving.
 
-use super::{diagnostics_json, Applied, Change, Refused, Runtime};
-use crate::admin::{Extension, Request, Response};
+use super::answer::{answer, body_object, fnv64, not_allowed, only};
+use super::{Change, Runtime};
+use crate::admin::{Request, Response};
 use crate::state::State;
 use serde_json::{json, Value as Json};
-use std::sync::Arc;
 
-/// The runtime API as an admin extension.
-pub struct Api {
-    pub runtime: Arc<Runtime>,
-}
-
-impl Extension for Api {
-    fn handle(&self, state: &State, req: &Request<'_>) -> Option<Response> {
-        let rt = &self.runtime;
-        let m = req.method;
-        let r = match req.segments {
-            ["admin", "protos"] => only(m, &["GET"]).unwrap_or_else(|| list_files(rt, Kind::Proto)),
-            ["admin", "proto", name @ ..] if !name.is_empty() => {
-                let name = name.join("/");
-                match m {
-                    "GET" => read_file(rt, Kind::Proto, &name),
-                    "PUT" => put_content(rt, state, Kind::Proto, &name, req.body),
-                    "DELETE" => delete_file(rt, state, Kind::Proto, &name),
-                    _ => not_allowed(&["GET", "PUT", "DELETE"]),
-                }
+/// Answers the routes above, or None for a path they do not know.
+pub fn handle(rt: &Runtime, state: &State, req: &Request<'_>) -> Option<Response> {
+    let m = req.method;
+    let r = match req.segments {
+        ["admin", "protos"] => only(m, &["GET"]).unwrap_or_else(|| list_files(rt, Kind::Proto)),
+        ["admin", "proto", name @ ..] if !name.is_empty() => {
+            let name = name.join("/");
+            match m {
+                "GET" => read_file(rt, Kind::Proto, &name),
+                "PUT" => put_content(rt, state, Kind::Proto, &name, req.body),
+                "DELETE" => delete_file(rt, state, Kind::Proto, &name),
+                _ => not_allowed(&["GET", "PUT", "DELETE"]),
             }
-            ["admin", "upload", "proto"] | ["upload_proto"] => {
-                only(m, &["POST"]).unwrap_or_else(|| upload(rt, state, Kind::Proto, req.body, "filename"))
+        }
+        ["admin", "upload", "proto"] | ["upload_proto"] => {
+            only(m, &["POST"]).unwrap_or_else(|| upload(rt, state, Kind::Proto, req.body, "filename"))
+        }
+        ["admin", "upload", "proto", "path"] => {
+            only(m, &["POST"]).unwrap_or_else(|| upload(rt, state, Kind::Proto, req.body, "path"))
+        }
+        ["admin", "rules", "grpc"] => only(m, &["GET"]).unwrap_or_else(|| list_files(rt, Kind::Rule)),
+        ["admin", "rule", "grpc", name @ ..] if !name.is_empty() => {
+            let name = name.join("/");
+            match m {
+                "GET" => read_file(rt, Kind::Rule, &name),
+                "PUT" => put_content(rt, state, Kind::Rule, &name, req.body),
+                "DELETE" => delete_file(rt, state, Kind::Rule, &name),
+                _ => not_allowed(&["GET", "PUT", "DELETE"]),
             }
-            ["admin", "upload", "proto", "path"] => {
-                only(m, &["POST"]).unwrap_or_else(|| upload(rt, state, Kind::Proto, req.body, "path"))
-            }
-            ["admin", "rules", "grpc"] => only(m, &["GET"]).unwrap_or_else(|| list_files(rt, Kind::Rule)),
-            ["admin", "rule", "grpc", name @ ..] if !name.is_empty() => {
-                let name = name.join("/");
-                match m {
-                    "GET" => read_file(rt, Kind::Rule, &name),
-                    "PUT" => put_content(rt, state, Kind::Rule, &name, req.body),
-                    "DELETE" => delete_file(rt, state, Kind::Rule, &name),
-                    _ => not_allowed(&["GET", "PUT", "DELETE"]),
-                }
-            }
-            ["admin", "upload", "rule", "grpc"] | ["admin", "upload", "rule"] => {
-                only(m, &["POST"]).unwrap_or_else(|| upload(rt, state, Kind::Rule, req.body, "filename"))
-            }
-            ["admin", "schema", name] => only(m, &["GET"]).unwrap_or_else(|| schema(state, name)),
-            ["api", "descriptors"] => match m {
-                "GET" => list_descriptors(rt, state),
-                "POST" => upload_descriptors(rt, state, req.body),
-                _ => not_allowed(&["GET", "POST"]),
-            },
-            ["api", "descriptors", name @ ..] if !name.is_empty() => {
-                only(m, &["DELETE"]).unwrap_or_else(|| delete_descriptors(rt, state, &name.join("/")))
-            }
-            ["api", "sessions"] => only(m, &["GET"]).unwrap_or_else(|| list_sessions(rt)),
-            ["api", "sessions", id] => only(m, &["DELETE"]).unwrap_or_else(|| delete_session(rt, state, id)),
-            ["api", ..] => return super::stubs::handle(rt, state, req),
-            _ => return None,
-        };
-        Some(r)
-    }
-
-    fn status(&self) -> Json {
-        let sources = self.runtime.sources();
-        json!({
-            "storage": self.runtime.storage(),
-            "protos": sources.protos.len(),
-            "rules": sources.rules.len(),
-            "descriptor_sets": sources.descriptor_sets.len(),
-        })
-    }
+        }
+        ["admin", "upload", "rule", "grpc"] | ["admin", "upload", "rule"] => {
+            only(m, &["POST"]).unwrap_or_else(|| upload(rt, state, Kind::Rule, req.body, "filename"))
+        }
+        ["admin", "schema", name] => only(m, &["GET"]).unwrap_or_else(|| schema(state, name)),
+        ["api", "descriptors"] => match m {
+            "GET" => list_descriptors(rt, state),
+            "POST" => upload_descriptors(rt, state, req.body),
+            _ => not_allowed(&["GET", "POST"]),
+        },
+        ["api", "descriptors", name @ ..] if !name.is_empty() => {
+            only(m, &["DELETE"]).unwrap_or_else(|| delete_descriptors(rt, state, &name.join("/")))
+        }
+        ["api", "sessions"] => only(m, &["GET"]).unwrap_or_else(|| list_sessions(rt)),
+        ["api", "sessions", id] => only(m, &["DELETE"]).unwrap_or_else(|| delete_session(rt, state, id)),
+        _ => return None,
+    };
+    Some(r)
 }
 
 #[derive(Clone, Copy)]
@@ -130,91 +112,6 @@ impl Kind {
         match self {
             Kind::Proto => Change::DeleteProto { name },
             Kind::Rule => Change::DeleteRule { name },
-        }
-    }
-}
-
-pub(super) fn only(method: &str, allowed: &[&str]) -> Option<Response> {
-    (!allowed.contains(&method)).then(|| not_allowed(allowed))
-}
-
-pub(super) fn not_allowed(allowed: &[&str]) -> Response {
-    let mut list: Vec<&str> = allowed.to_vec();
-    if list.contains(&"GET") {
-        list.push("HEAD");
-    }
-    let mut r = Response::error(405, &format!("method not allowed here; use {}", allowed.join(" or ")));
-    r.headers.push(("Allow", list.join(", ")));
-    r
-}
-
-/// The JSON object of a request body, or a 400.
-pub(super) fn body_object(body: &[u8]) -> Result<serde_json::Map<String, Json>, Response> {
-    match serde_json::from_slice::<Json>(body) {
-        Ok(Json::Object(o)) => Ok(o),
-        Ok(_) => Err(Response::error(400, "the body must be a JSON object")),
-        Err(e) => Err(Response::error(400, &format!("the body is not JSON: {e}"))),
-    }
-}
-
-/// The answer to a change: 200 with what changed, or the refusal.
-pub(super) fn answer(
-    result: Result<Applied, Refused>,
-    extra: impl FnOnce(&mut serde_json::Map<String, Json>),
-) -> Response {
-    match result {
-        Ok(applied) => {
-            let mut o = serde_json::Map::new();
-            o.insert("ok".into(), json!(true));
-            extra(&mut o);
-            o.insert("changed".into(), json!(applied.files));
-            o.insert(
-                "plan".into(),
-                json!({
-                    "identity": applied.reloaded.identity,
-                    "generation": applied.reloaded.number,
-                    "methods": applied.reloaded.methods,
-                    "rules": applied.reloaded.rules,
-                }),
-            );
-            if !applied.warnings.is_empty() {
-                o.insert("warnings".into(), json!(applied.warnings));
-            }
-            Response::json(200, &Json::Object(o))
-        }
-        Err(refused) => refusal(refused),
-    }
-}
-
-pub(super) fn refusal(refused: Refused) -> Response {
-    match refused {
-        Refused::Invalid(e) => Response::error(400, &e),
-        Refused::NotFound(e) => Response::error(404, &e),
-        Refused::Io(e) => Response::error(500, &e),
-        Refused::TooLarge(e) => Response::error(413, &e),
-        Refused::Busy(e) => {
-            let mut r = Response::error(503, &e);
-            r.headers.push(("Retry-After", "1".into()));
-            r
-        }
-        Refused::Plan(e) => Response::json(422, &json!({"error": e, "diagnostics": []})),
-        Refused::Diagnostics(d) => {
-            let first = d
-                .iter()
-                .find(|d| d.severity == wirestub_compiler::Severity::Error)
-                .map(|d| match &d.span {
-                    Some(s) => format!("{}:{}:{}: {}", s.file.name, s.line, s.col, d.message),
-                    None => d.message.clone(),
-                })
-                .unwrap_or_else(|| "the change does not compile".into());
-            Response::json(
-                422,
-                &json!({
-                    "error": format!("the change was not applied: {first}"),
-                    "diagnostics": diagnostics_json(&d),
-                    "rendered": d.render(),
-                }),
-            )
         }
     }
 }
@@ -460,15 +357,6 @@ fn delete_descriptors(rt: &Runtime, state: &State, name: &str) -> Response {
         o.insert("name".into(), json!(name));
         o.insert("removed".into(), json!(true));
     })
-}
-
-pub(super) fn fnv64(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in bytes {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h
 }
 
 fn list_sessions(rt: &Runtime) -> Response {

@@ -201,7 +201,7 @@ fn run(options: Options) -> Result<ExitCode, String> {
                 admin::Options {
                     token,
                     head_timeout: options.admin_head_timeout,
-                    extension: Some(Arc::new(wirestub_engine::runtime::routes::Api { runtime: runtime.clone() })),
+                    extension: Some(Arc::new(wirestub_engine::runtime::api::Api { runtime: runtime.clone() })),
                 },
             )
             .map_err(|e| format!("cannot start the admin API on {addr}: {e}"))?;
