@@ -133,13 +133,25 @@ impl State {
     /// Prepares `plan` and makes it the current generation. On error the
     /// current generation keeps serving.
     pub fn swap(&self, plan: Plan, bytes: Option<&[u8]>, source: String) -> Result<Reloaded, String> {
+        self.swap_resetting(plan, bytes, source, &|_| false)
+    }
+
+    /// [`State::swap`], but the `times` counts of rules whose origin
+    /// (`file:line:col`) `reset` picks start again (a stub posted again).
+    pub fn swap_resetting(
+        &self,
+        plan: Plan,
+        bytes: Option<&[u8]>,
+        source: String,
+        reset: &dyn Fn(&str) -> bool,
+    ) -> Result<Reloaded, String> {
         let _one = lock(&self.reloading);
         let number = self.number.load(Ordering::Acquire) + 1;
         let rules = plan.methods.iter().map(|m| m.rules.len()).sum();
         let methods = plan.methods.len();
         let previous = self.current();
         let generation = prepare_after(plan, bytes, source, self.no_match, self.workers, number, Some(&previous))?;
-        generation.served.inherit_uses(&previous.served);
+        generation.served.inherit_uses(&previous.served, reset);
         self.metrics.register(generation.stats.clone());
         let services = generation.services();
         let identity = generation.identity.clone();

@@ -1129,3 +1129,15 @@ def test_listing_thousands_of_stubs_is_linear_and_holds_no_writer(engine):
     print(f"POST alone {alone * 1000:.0f} ms, beside listings {meanwhile * 1000:.0f} ms")
     assert listings and meanwhile < alone + 1.0, (alone, meanwhile, listings)
     assert len(engine.stubs()) == LISTING_SIZES[-1] + 2
+
+
+def test_a_stub_posted_again_starts_its_times_again(engine, schema, channel):
+    # GripMock users post a stub again to reset it; a change to another
+    # stub leaves its count alone (test_times_counts_survive_other_changes).
+    stub = hello("Reo", "Hello Reo", id="22222222-3333-4444-5555-666666666666", options={"times": 1})
+    engine.post_stubs(stub)
+    assert answer(say_hello(schema, channel, "Reo")) == "Hello Reo"
+    assert answer(say_hello(schema, channel, "Reo")) == "NOT_FOUND"
+    engine.post_stubs(stub)
+    assert answer(say_hello(schema, channel, "Reo")) == "Hello Reo"
+    assert answer(say_hello(schema, channel, "Reo")) == "NOT_FOUND"

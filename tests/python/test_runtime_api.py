@@ -1531,18 +1531,27 @@ def store_args(layout: str, tmp_path: Path, plan_file: Path) -> tuple[list[str],
 LAYOUTS = ["state-dir", "directories"]
 
 
+def another_rule(layout: str) -> dict:
+    """A rule upload that compiles in the store `layout` makes."""
+    content = PING_OVERRIDE if layout == "state-dir" else charge_rule("another")
+    return {"filename": "another.yaml", "content": content}
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_a_second_engine_on_the_same_store_refuses_to_start(engines, tmp_path, plan_file, layout):
+def test_one_engine_writes_a_store_others_may_serve_it(engines, tmp_path, plan_file, layout):
+    # Several engines may serve the same directories (two test runs of the
+    # bundled example); the first change makes an engine the store's
+    # writer, and another's changes are refused (409) until it stops.
     args, _ = store_args(layout, tmp_path, plan_file)
     first = engines(*args)
-    cmd = [str(engine_process.engine_binary()), "run", *args]
-    cmd += ["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"]
-    run = subprocess.run(cmd, cwd=REPO_ROOT, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=10)
-    assert run.returncode != 0, (run.returncode, run.stdout, run.stderr)
-    assert ".wirestub.lock" in run.stderr and "listening on" not in run.stdout, (run.stdout, run.stderr)
-    assert first.alive() and first.get("/admin/status")
+    second = engines(*args)
+    assert first.write("POST", "/admin/upload/rule/grpc", another_rule(layout))["ok"]
+    status, answer = second.request("POST", "/admin/upload/rule/grpc", another_rule(layout))
+    assert status == 409 and ".wirestub.lock" in answer["error"], (status, answer)
+    assert second.alive() and second.get("/admin/status")
     # Once the first has stopped, the store is free.
-    restart(first, engines)
+    stop_engine(first)
+    assert second.write("POST", "/admin/upload/rule/grpc", another_rule(layout))["ok"]
 
 
 # Temporaries an engine killed while writing leaves (`.NAME.<16 hex>.tmp`),
@@ -1556,12 +1565,17 @@ NOT_STALE = ["rules/.notes.tmp", "rules/.global.yaml.0123.tmp"]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_stale_temporaries_are_removed_at_start(engines, tmp_path, plan_file, pay, layout):
+def test_stale_temporaries_are_removed_by_the_writer(engines, tmp_path, plan_file, pay, layout):
+    # Removed when the engine becomes the store's writer (its first change):
+    # only then is no other engine writing them.
     args, store = store_args(layout, tmp_path, plan_file)
     for name in STALE + NOT_STALE:
         (store / name).parent.mkdir(parents=True, exist_ok=True)
         (store / name).write_text("half-written")
     eng = engines(*args)
+    assert [n for n in STALE if not (store / n).exists()] == []
+    assert eng.write("POST", "/admin/upload/rule/grpc", another_rule(layout))["ok"]
+    eng.write("DELETE", "/admin/rule/grpc/another.yaml")
     assert [n for n in STALE if (store / n).exists()] == []
     assert [n for n in NOT_STALE if not (store / n).exists()] == []
     listed = [f["filename"] for f in eng.get("/admin/rules/grpc")["files"]]

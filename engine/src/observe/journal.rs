@@ -378,7 +378,7 @@ impl Journal {
         let mut entries = Vec::new();
         let mut matched = 0;
         for e in self.snapshot().into_iter().rev() {
-            if (unmatched && e.rule.is_some()) || !filter.matches(&e) {
+            if (unmatched && !e.unmatched()) || !filter.matches(&e) {
                 continue;
             }
             matched += 1;
@@ -414,7 +414,7 @@ impl Journal {
 
     /// The calls no rule answered that `filter` selects, oldest first.
     pub fn unmatched(&self, filter: &Filter) -> Vec<Arc<Entry>> {
-        self.snapshot().into_iter().filter(|e| e.rule.is_none() && filter.matches(e)).collect()
+        self.snapshot().into_iter().filter(|e| e.unmatched() && filter.matches(e)).collect()
     }
 
     /// Checks that the calls `verify.filter` selects number as expected.
@@ -858,6 +858,12 @@ fn json_options() -> prost_reflect::SerializeOptions {
 }
 
 impl Entry {
+    /// A call to a method of the plan that no rule answered (the engine's
+    /// own health and reflection services answer without rules).
+    pub fn unmatched(&self) -> bool {
+        self.rule.is_none() && self.served().is_none_or(|m| m.builtin.is_none())
+    }
+
     /// The call's test session: its `x-wirestub-session`, else its
     /// `x-gripmock-session` metadata.
     pub fn session(&self) -> Option<String> {

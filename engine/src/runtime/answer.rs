@@ -62,6 +62,7 @@ pub fn refusal(refused: Refused) -> Response {
         Refused::NotFound(e) => Response::error(404, &e),
         Refused::Io(e) => Response::error(500, &e),
         Refused::TooLarge(e) => Response::error(413, &e),
+        Refused::Conflict(e) => Response::error(409, &e),
         Refused::Busy(e) => {
             let mut r = Response::error(503, &e);
             r.headers.push(("Retry-After", "1".into()));
@@ -82,7 +83,7 @@ pub fn refusal(refused: Refused) -> Response {
                 &json!({
                     "error": format!("the change was not applied: {first}"),
                     "diagnostics": diagnostics_json(&d),
-                    "rendered": d.render(),
+                    "rendered": d.render().replace("no plan written", "nothing changed"),
                 }),
             )
         }

@@ -106,6 +106,8 @@ pub enum Refused {
     TooLarge(String),
     /// Too many changes are waiting already (503).
     Busy(String),
+    /// Another engine writes these directories (409).
+    Conflict(String),
 }
 
 /// A change that was made.
@@ -181,8 +183,10 @@ pub struct Runtime {
     waiting: std::sync::atomic::AtomicUsize,
     /// Most bytes of protos and descriptor sets a change may leave.
     max_schema_bytes: std::sync::atomic::AtomicUsize,
-    /// Held for the process's life: one engine per store.
-    _store_lock: Option<std::fs::File>,
+    /// The store's lock file, taken by the first change and held for the
+    /// process's life: several engines may serve the same directories, one
+    /// writes them.
+    store_lock: Mutex<Option<std::fs::File>>,
 }
 
 /// What readers see: the last sources that compiled and were swapped in.
@@ -229,10 +233,6 @@ impl Runtime {
     }
 
     fn new(store: Option<Store>, dirs: Option<wirestub_compiler::Options>) -> Result<Runtime, String> {
-        let store_lock = match &store {
-            Some(s) => Some(lock_store(s)?),
-            None => None,
-        };
         Ok(Runtime {
             inner: Mutex::new(Inner {
                 sources: Sources::default(),
@@ -248,7 +248,7 @@ impl Runtime {
             published: Mutex::default(),
             waiting: 0.into(),
             max_schema_bytes: DEFAULT_MAX_SCHEMA_BYTES.into(),
-            _store_lock: store_lock,
+            store_lock: Mutex::new(None),
         })
     }
 
@@ -382,6 +382,13 @@ impl Runtime {
     /// Applies `changes` together: compiles the result, writes the files,
     /// swaps the plan. Nothing changes unless all of it succeeds.
     pub fn apply(&self, state: &State, changes: &[Change]) -> Result<Applied, Refused> {
+        self.apply_resetting(state, changes, &[])
+    }
+
+    /// [`Runtime::apply`], and the `times` counts of the rules of the files
+    /// `reset` names (by name, as in [`Change`]) start again, as a GripMock
+    /// stub posted again does.
+    pub fn apply_resetting(&self, state: &State, changes: &[Change], reset: &[String]) -> Result<Applied, Refused> {
         use std::sync::atomic::Ordering::Relaxed;
         struct Waiting<'a>(&'a std::sync::atomic::AtomicUsize);
         impl Drop for Waiting<'_> {
@@ -397,6 +404,7 @@ impl Runtime {
         }
         let mut inner = self.lock();
         let inner = &mut *inner;
+        self.take_store()?;
         let mut next = inner.sources.clone();
         let base_files = inner.base.as_ref().map(|b| &b.files);
         for change in changes {
@@ -422,7 +430,10 @@ impl Runtime {
         log_warnings(&compiled.warnings);
         self.persist(changes).map_err(Refused::Io)?;
         let (plan, bytes, source) = compiled.built;
-        let reloaded = state.swap(plan, bytes.as_deref(), source).map_err(Refused::Plan)?;
+        let shown: Vec<String> =
+            reset.iter().filter_map(|name| next.rules.get(name)).map(|t| format!("{}:", t.shown)).collect();
+        let reset = |origin: &str| shown.iter().any(|prefix| origin.starts_with(prefix.as_str()));
+        let reloaded = state.swap_resetting(plan, bytes.as_deref(), source, &reset).map_err(Refused::Plan)?;
         inner.sources = next;
         inner.scopes = compiled.scopes;
         self.publish(inner);
@@ -431,6 +442,17 @@ impl Runtime {
             _ => Vec::new(),
         };
         Ok(Applied { files: changes.iter().map(Change::file).collect(), reloaded, warnings })
+    }
+
+    /// Makes this engine the one that writes the store (once), or says
+    /// which engine does.
+    fn take_store(&self) -> Result<(), Refused> {
+        let Some(store) = &self.store else { return Ok(()) };
+        let mut held = self.store_lock.lock().unwrap_or_else(|e| e.into_inner());
+        if held.is_none() {
+            *held = Some(lock_store(store).map_err(Refused::Conflict)?);
+        }
+        Ok(())
     }
 
     /// Writes the changes to disk all or nothing: every new file is written
@@ -563,16 +585,11 @@ fn apply_one(
     Ok(())
 }
 
-/// Takes the store's lock file, or says which engine holds it; removes the
-/// temporary files a killed engine left behind.
+/// Takes the store's lock file, or says which engine holds it; then
+/// removes the temporary files a killed writer left behind.
 fn lock_store(store: &Store) -> Result<std::fs::File, String> {
-    for d in [&store.protos, &store.rules] {
-        files::remove_stale_temporaries(d);
-    }
-    if !store.lock_dir.is_dir() {
-        // Nothing to guard: compiling will say the directory is missing.
-        return std::fs::File::open("/dev/null").map_err(|e| format!("cannot open /dev/null: {e}"));
-    }
+    std::fs::create_dir_all(&store.lock_dir)
+        .map_err(|e| format!("cannot create `{}`: {e}", store.lock_dir.display()))?;
     let path = store.lock_dir.join(LOCK_FILE);
     let file = std::fs::OpenOptions::new()
         .create(true)
@@ -581,9 +598,15 @@ fn lock_store(store: &Store) -> Result<std::fs::File, String> {
         .open(&path)
         .map_err(|e| format!("cannot open the lock file `{}`: {e}", path.display()))?;
     match file.try_lock() {
-        Ok(()) => Ok(file),
+        Ok(()) => {
+            for d in [&store.protos, &store.rules] {
+                files::remove_stale_temporaries(d);
+            }
+            Ok(file)
+        }
         Err(std::fs::TryLockError::WouldBlock) => Err(format!(
-            "another engine is using `{}` and `{}` (it holds `{}`): two engines would overwrite each other's changes",
+            "another engine writes `{}` and `{}` (it holds `{}`): changes go through that engine, since two \
+             writers would overwrite each other's files",
             store.protos.display(),
             store.rules.display(),
             path.display()

@@ -445,7 +445,15 @@ fn upsert(rt: &Runtime, state: &State, req: &Request<'_>) -> Response {
         changes.push(Change::PutRule { name, text });
         ids.push(id);
     }
-    match rt.apply(state, &changes) {
+    // A stub posted again starts its `times` again, as in GripMock.
+    let written: Vec<String> = changes
+        .iter()
+        .filter_map(|c| match c {
+            Change::PutRule { name, .. } => Some(name.clone()),
+            _ => None,
+        })
+        .collect();
+    match rt.apply_resetting(state, &changes, &written) {
         Ok(applied) => {
             let names: Vec<(String, String)> = stored(rt).into_iter().map(|s| (s.id, s.shown)).collect();
             let shown = |id: &str| names.iter().find(|(i, _)| i == id).map(|(_, s)| format!("{s}:"));
@@ -742,8 +750,10 @@ fn verify(state: &State, req: &Request<'_>) -> Response {
         .iter()
         .filter(|e| in_scope(e, &session))
         .filter(|e| {
+            // The service as recorded (`package.Service`), or bare, as a
+            // stub may name it.
             let (s, m) = split(e.path());
-            s == service && m == method
+            (s == service || s.rsplit_once('.').is_some_and(|(_, bare)| bare == service)) && m == method
         })
         .count() as u64;
     if actual == expected {

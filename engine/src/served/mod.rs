@@ -726,7 +726,8 @@ impl Served {
     /// (a rule's origin), with the same limit and the same answer. A change
     /// to one rule file so leaves every other limited response's count as
     /// it was.
-    pub fn inherit_uses(&self, old: &Served) {
+    /// Rules whose origin `reset` picks start again.
+    pub fn inherit_uses(&self, old: &Served, reset: &dyn Fn(&str) -> bool) {
         use std::sync::atomic::Ordering::Relaxed;
         for m in &self.methods {
             if !m.plan.responses.iter().any(|r| r.times > 0) {
@@ -736,7 +737,7 @@ impl Served {
             let by_origin: HashMap<&str, u32> = o.plan.rules.iter().map(|r| (r.origin.as_str(), r.response)).collect();
             for rule in &m.plan.rules {
                 let response = &m.plan.responses[rule.response as usize];
-                if response.times == 0 {
+                if response.times == 0 || reset(&rule.origin) {
                     continue;
                 }
                 let Some(&before) = by_origin.get(rule.origin.as_str()) else { continue };
