@@ -242,16 +242,6 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// FNV-1a 64.
-fn fnv64(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in bytes {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h
-}
-
 /// Prepares a plan for serving as generation `number`.
 pub fn prepare(
     plan: Plan,
@@ -283,7 +273,7 @@ fn prepare_after(
             (&encoded[..], wirestub_plan::VERSION)
         }
     };
-    let identity = format!("{:016x}", fnv64(identity_bytes));
+    let identity = format!("{:016x}", wirestub_plan::fnv1a(identity_bytes));
     let descriptors = Bytes::from(plan.descriptors.clone());
     let served = Served::new_after(plan, no_match, previous.map(|g| &g.served)).map_err(|e| e.to_string())?;
     let stats = Arc::new(Stats::new(workers, &served));

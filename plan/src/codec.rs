@@ -99,8 +99,9 @@ impl fmt::Display for LoadError {
 
 impl std::error::Error for LoadError {}
 
-/// FNV-1a, 64-bit: enough to catch corruption, not meant as a MAC.
-fn fnv1a(bytes: &[u8]) -> u64 {
+/// FNV-1a, 64-bit: enough to catch corruption, not meant as a MAC. The
+/// engine names plans and runtime files with it too.
+pub fn fnv1a(bytes: &[u8]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for &b in bytes {
         h ^= b as u64;

@@ -111,6 +111,50 @@ def start(cmd: list[str], log_dir: Path, env: dict[str, str] | None = None) -> E
     return EngineProcess(proc, found["port"], log_path)
 
 
+LISTENING_BOTH = re.compile(r"wirestub (engine|admin) listening on (\S+):(\d+)\s*$")
+
+
+def start_with_admin(
+    args: list[str], log_dir: Path, cwd: Path = REPO_ROOT
+) -> tuple[subprocess.Popen, int, int, Path]:
+    """Starts `engine ARGS...` (which should listen on a port and on an
+    admin port), waits for both `listening on` lines and returns the
+    process, the gRPC port, the admin port and the log file (stderr)."""
+    timeout = float(os.environ.get("WIRESTUB_START_TIMEOUT", "120"))
+    cmd = [str(engine_binary()), *args]
+    log_path = log_dir / f"engine-{len(list(log_dir.glob('engine-*.log')))}.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log, text=True)
+    lines: list[str] = []
+    ports: dict[str, int] = {}
+    ready = threading.Event()
+
+    def pump() -> None:
+        # Reads the first lines, then keeps draining so the pipe never fills.
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if ready.is_set():
+                continue
+            lines.append(line)
+            m = LISTENING_BOTH.search(line)
+            if m:
+                ports[m.group(1)] = int(m.group(3))
+            if "engine" in ports and "admin" in ports:
+                ready.set()
+        ready.set()
+
+    threading.Thread(target=pump, daemon=True).start()
+    ready.wait(timeout)
+    if "engine" not in ports or "admin" not in ports:
+        stop(proc)
+        pytest.fail(
+            f"{' '.join(cmd)} did not print its `listening on` lines within {timeout:.0f}s "
+            f"(exit code {proc.returncode}).\nstdout: {''.join(lines)!r}\n"
+            f"stderr:\n{log_path.read_text(errors='replace')[-4000:]}"
+        )
+    return proc, ports["engine"], ports["admin"], log_path
+
+
 def stop(proc: subprocess.Popen, grace: float = 10.0) -> int | None:
     """SIGINT, then SIGKILL after `grace` seconds; returns the exit code."""
     if proc.poll() is None:

@@ -22,13 +22,11 @@ import http.client
 import importlib
 import importlib.resources
 import json
-import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.parse
 from pathlib import Path
@@ -43,7 +41,6 @@ PROTOS = REPO_ROOT / "protos"
 RULES = REPO_ROOT / "rules"
 TOKEN = "s3cret-admin-token"
 TIMEOUT = 10.0
-LISTENING = re.compile(r"wirestub (engine|admin) listening on (\S+):(\d+)\s*$")
 SAY_HELLO = "/helloworld.Greeter/SayHello"
 SEARCH = "/shop.v1.Catalog/SearchProducts"
 UPLOAD = "/chat.v1.Chat/Upload"
@@ -105,52 +102,11 @@ class Engine(engine_process.EngineProcess):
 
 
 def start_engine(log_dir: Path, *flags: str, token: str | None = None) -> Engine:
-    """Starts `engine run --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0
-    FLAGS...` and waits for both `listening on` lines."""
-    timeout = float(os.environ.get("WIRESTUB_START_TIMEOUT", "120"))
     args = ["run", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", *flags]
     if token:
         args += ["--admin-token", token]
-    cmd = [str(engine_process.engine_binary()), *args]
-    log_path = log_dir / f"engine-{len(list(log_dir.glob('engine-*.log')))}.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            cmd,
-            cwd=REPO_ROOT,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=log,
-            text=True,
-        )
-    lines: list[str] = []
-    ports: dict[str, int] = {}
-    ready = threading.Event()
-
-    def pump() -> None:
-        # Reads the first lines, then keeps draining so the pipe never fills.
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            if ready.is_set():
-                continue
-            lines.append(line)
-            m = LISTENING.search(line)
-            if m:
-                ports[m.group(1)] = int(m.group(3))
-            if "engine" in ports and "admin" in ports:
-                ready.set()
-        ready.set()
-
-    threading.Thread(target=pump, daemon=True).start()
-    ready.wait(timeout)
-    if "engine" not in ports or "admin" not in ports:
-        engine_process.stop(proc)
-        pytest.fail(
-            f"{' '.join(cmd)} did not print its `listening on` lines within {timeout:.0f}s "
-            f"(exit code {proc.returncode}).\nstdout: {''.join(lines)!r}\n"
-            f"stderr:\n{log_path.read_text(errors='replace')[-4000:]}"
-        )
-    return Engine(proc, ports["engine"], ports["admin"], log_path, token)
-
+    proc, port, admin, log_path = engine_process.start_with_admin(args, log_dir)
+    return Engine(proc, port, admin, log_path, token)
 
 def stop_engine(engine: Engine) -> None:
     engine_process.stop(engine.proc)

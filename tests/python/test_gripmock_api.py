@@ -33,7 +33,6 @@ from __future__ import annotations
 import http.client
 import importlib.resources
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -55,7 +54,6 @@ REFUSED = json.loads((FIXTURES / "refused.json").read_text())
 # the client needs them to decode `grpc-status-details-bin`.
 BUILTIN_PROTOS = REPO_ROOT / "compiler" / "src" / "builtin"
 TIMEOUT = 10.0
-LISTENING = re.compile(r"wirestub (engine|admin) listening on (\S+):(\d+)\s*$")
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 GREETER = "helloworld.Greeter"
 SESSION_HEADER = "X-Gripmock-Session"
@@ -130,55 +128,10 @@ class Engine:
 
 
 def start_engine(log_dir: Path, protos: Path, rules: Path) -> Engine:
-    """`engine run` on `protos` and `rules`, waiting for both `listening on`
-    lines."""
-    timeout = float(os.environ.get("WIRESTUB_START_TIMEOUT", "120"))
-    cmd = [
-        str(engine_process.engine_binary()),
-        "run",
-        "--protos",
-        str(protos),
-        "--rules",
-        str(rules),
-        "--listen",
-        "127.0.0.1:0",
-        "--admin-listen",
-        "127.0.0.1:0",
-        "--journal",
-        "1000",
-    ]
-    log_path = log_dir / f"engine-{len(list(log_dir.glob('engine-*.log')))}.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log, text=True)
-    lines: list[str] = []
-    ports: dict[str, int] = {}
-    ready = threading.Event()
-
-    def pump() -> None:
-        # Reads the first lines, then keeps draining so the pipe never fills.
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            if ready.is_set():
-                continue
-            lines.append(line)
-            m = LISTENING.search(line)
-            if m:
-                ports[m.group(1)] = int(m.group(3))
-            if "engine" in ports and "admin" in ports:
-                ready.set()
-        ready.set()
-
-    threading.Thread(target=pump, daemon=True).start()
-    ready.wait(timeout)
-    if "engine" not in ports or "admin" not in ports:
-        engine_process.stop(proc)
-        pytest.fail(
-            f"{' '.join(cmd)} did not print its `listening on` lines within {timeout:.0f}s "
-            f"(exit code {proc.returncode}).\nstdout: {''.join(lines)!r}\n"
-            f"stderr:\n{log_path.read_text(errors='replace')[-4000:]}"
-        )
-    return Engine(proc, ports["engine"], ports["admin"], log_path)
-
+    args = ["run", "--protos", str(protos), "--rules", str(rules)]
+    args += ["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--journal", "1000"]
+    proc, port, admin, log_path = engine_process.start_with_admin(args, log_dir)
+    return Engine(proc, port, admin, log_path)
 
 def stop_engine(engine: Engine) -> None:
     engine_process.stop(engine.proc)

@@ -80,7 +80,6 @@ PAY_PROTOS = FIXTURES / "protos"
 PLAN_SOURCES = FIXTURES / "plan"
 INVENTORY = FIXTURES / "descriptors"
 TIMEOUT = 10.0
-LISTENING = re.compile(r"wirestub (engine|admin) listening on (\S+):(\d+)\s*$")
 CHARGE = "/pay.v1.Payments/Charge"
 PING = "/base.v1.Echo/Ping"
 RELAY = "/ext.v1.Ext/Relay"
@@ -177,43 +176,9 @@ class Engine(engine_process.EngineProcess):
 def start_engine(log_dir: Path, *args: str, cwd: Path = REPO_ROOT) -> Engine:
     """Starts `engine run ARGS... --listen 127.0.0.1:0 --admin-listen
     127.0.0.1:0` (in `cwd`) and waits for both `listening on` lines."""
-    timeout = float(os.environ.get("WIRESTUB_START_TIMEOUT", "120"))
     full = ["run", *args, "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"]
-    cmd = [str(engine_process.engine_binary()), *full]
-    log_path = log_dir / f"engine-{len(list(log_dir.glob('engine-*.log')))}.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            cmd, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log, text=True
-        )
-    lines: list[str] = []
-    ports: dict[str, int] = {}
-    ready = threading.Event()
-
-    def pump() -> None:
-        # Reads the first lines, then keeps draining so the pipe never fills.
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            if ready.is_set():
-                continue
-            lines.append(line)
-            m = LISTENING.search(line)
-            if m:
-                ports[m.group(1)] = int(m.group(3))
-            if "engine" in ports and "admin" in ports:
-                ready.set()
-        ready.set()
-
-    threading.Thread(target=pump, daemon=True).start()
-    ready.wait(timeout)
-    if "engine" not in ports or "admin" not in ports:
-        engine_process.stop(proc)
-        pytest.fail(
-            f"{' '.join(cmd)} did not print its `listening on` lines within {timeout:.0f}s "
-            f"(exit code {proc.returncode}).\nstdout: {''.join(lines)!r}\n"
-            f"stderr:\n{log_path.read_text(errors='replace')[-4000:]}"
-        )
-    return Engine(proc, ports["engine"], ports["admin"], log_path, list(args), cwd)
-
+    proc, port, admin, log_path = engine_process.start_with_admin(full, log_dir, cwd)
+    return Engine(proc, port, admin, log_path, list(args), cwd)
 
 def stop_engine(engine: Engine) -> None:
     engine.close_channels()

@@ -159,11 +159,12 @@ pub fn handle(
 }
 
 /// None if `method` is one of `allowed`, else a 405.
-fn only(method: &str, allowed: &[&str]) -> Option<Response> {
+pub fn only(method: &str, allowed: &[&str]) -> Option<Response> {
     (!allowed.contains(&method)).then(|| not_allowed(allowed))
 }
 
-fn not_allowed(allowed: &[&str]) -> Response {
+/// A 405 with the `Allow` header.
+pub fn not_allowed(allowed: &[&str]) -> Response {
     let mut list: Vec<&str> = allowed.to_vec();
     if list.contains(&"GET") {
         list.push("HEAD");

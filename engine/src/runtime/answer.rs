@@ -4,22 +4,9 @@
 //! GripMock's stubs API (`stubs.rs`).
 
 use super::{diagnostics_json, Applied, Refused};
+pub use crate::admin::routes::{not_allowed, only};
 use crate::admin::Response;
 use serde_json::{json, Value as Json};
-
-pub fn only(method: &str, allowed: &[&str]) -> Option<Response> {
-    (!allowed.contains(&method)).then(|| not_allowed(allowed))
-}
-
-pub fn not_allowed(allowed: &[&str]) -> Response {
-    let mut list: Vec<&str> = allowed.to_vec();
-    if list.contains(&"GET") {
-        list.push("HEAD");
-    }
-    let mut r = Response::error(405, &format!("method not allowed here; use {}", allowed.join(" or ")));
-    r.headers.push(("Allow", list.join(", ")));
-    r
-}
 
 /// The JSON object of a request body, or a 400.
 pub fn body_object(body: &[u8]) -> Result<serde_json::Map<String, Json>, Response> {
@@ -88,13 +75,4 @@ pub fn refusal(refused: Refused) -> Response {
             )
         }
     }
-}
-
-pub fn fnv64(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in bytes {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h
 }

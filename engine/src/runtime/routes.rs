@@ -32,7 +32,7 @@
 //! with `{"error", "diagnostics": [{severity, message, file, line, column,
 //! hint}]}` while the old plan keeps serving.
 
-use super::answer::{answer, body_object, fnv64, not_allowed, only};
+use super::answer::{answer, body_object, not_allowed, only};
 use super::{Change, Runtime};
 use crate::admin::{Request, Response};
 use crate::state::State;
@@ -232,7 +232,7 @@ fn upload_descriptors(rt: &Runtime, state: &State, body: &[u8]) -> Response {
     };
     let services: Vec<String> =
         files.iter().flat_map(|f| f.service.iter().map(move |s| full_name(f.package(), s.name()))).collect();
-    let name = format!("descriptors/{:016x}.binpb", fnv64(body));
+    let name = format!("descriptors/{:016x}.binpb", wirestub_plan::fnv1a(body));
     // Files the plan or the uploaded protos bring, and the built-in ones,
     // are imports here: a set may carry them (`--include_imports`), but
     // only as they are served.

@@ -23,7 +23,7 @@
 //! language cannot express is refused with 422 and the compiler's
 //! diagnostics, never served differently.
 
-use super::answer::{body_object, fnv64, not_allowed, only, refusal};
+use super::answer::{body_object, not_allowed, only, refusal};
 use super::{Change, Runtime};
 use crate::admin::{Request, Response};
 use crate::state::State;
@@ -142,7 +142,7 @@ fn stored(rt: &Runtime) -> Vec<Stored> {
     }
     // The cache holds the parse of the current files only.
     let current: std::collections::HashSet<(String, u64)> =
-        sources.rules.iter().map(|(name, text)| (name.clone(), fnv64(text.text.as_bytes()))).collect();
+        sources.rules.iter().map(|(name, text)| (name.clone(), wirestub_plan::fnv1a(text.text.as_bytes()))).collect();
     rt.file_stubs.lock().unwrap_or_else(|e| e.into_inner()).retain(|key, _| current.contains(key));
     out
 }
@@ -154,7 +154,7 @@ fn file_stubs(rt: &Runtime, name: &str, shown: &str, text: &str) -> Vec<Stored> 
     if !(text.contains("input") || text.contains("output")) {
         return Vec::new();
     }
-    let key = (name.to_string(), fnv64(text.as_bytes()));
+    let key = (name.to_string(), wirestub_plan::fnv1a(text.as_bytes()));
     if let Some(hit) = rt.file_stubs.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
         return hit.iter().map(|s| s.to_stored(name, shown)).collect();
     }
@@ -212,8 +212,8 @@ impl FileStub {
 /// A stable id in UUID form for the `index`th stub of file `name` that has
 /// none of its own.
 fn derived_id(name: &str, index: usize) -> String {
-    let a = fnv64(format!("{name}#{index}").as_bytes());
-    let b = fnv64(format!("{index}#{name}").as_bytes());
+    let a = wirestub_plan::fnv1a(format!("{name}#{index}").as_bytes());
+    let b = wirestub_plan::fnv1a(format!("{index}#{name}").as_bytes());
     format!(
         "{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
         a >> 32,

@@ -121,21 +121,11 @@ impl Prepared {
     }
 }
 
-/// FNV-1a 64.
-fn fnv64(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in bytes {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h
-}
-
 /// A hash of what a response answers, to find the same response in the
 /// plan before (equality decides).
 fn response_key(r: &wirestub_plan::Response) -> u64 {
-    let mut h = fnv64(&r.body);
-    let mut mix = |bytes: &[u8]| h = (h ^ fnv64(bytes)).wrapping_mul(0x0100_0000_01b3);
+    let mut h = wirestub_plan::fnv1a(&r.body);
+    let mut mix = |bytes: &[u8]| h = (h ^ wirestub_plan::fnv1a(bytes)).wrapping_mul(0x0100_0000_01b3);
     mix(&[r.status]);
     mix(r.message.as_bytes());
     for (k, v) in r.headers.iter().chain(r.trailers.iter()) {
@@ -580,7 +570,7 @@ impl Served {
         // The descriptors, for the JSON mapping (a plan without them, as
         // some tests build, serves protobuf only).
         let pool = prost_reflect::DescriptorPool::decode(&plan.descriptors[..]).ok();
-        let descriptors = fnv64(&plan.descriptors);
+        let descriptors = wirestub_plan::fnv1a(&plan.descriptors);
         let previous = previous.filter(|p| p.descriptors == descriptors);
         let mut methods = Vec::with_capacity(plan.methods.len());
         let mut by_path = HashMap::with_capacity(plan.methods.len());
