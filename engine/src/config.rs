@@ -2,6 +2,7 @@
 //! read by the layers below. It imports nothing of the engine, so every
 //! module may import it.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Limits and behaviour of the server. The defaults suit load tests.
@@ -56,6 +57,39 @@ pub struct Config {
     /// `--journal-message-bytes`), applied to the state's journal when
     /// serving starts.
     pub journal: JournalLimits,
+    /// The real server calls are forwarded to (`--upstream`), when set.
+    pub upstream: Option<Arc<Upstream>>,
+}
+
+/// Which calls go to the upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UpstreamMode {
+    /// Calls the plan has no answer for: an unknown method, or no rule
+    /// matching.
+    #[default]
+    Fallback,
+    /// Every call except the engine's own services (health, reflection).
+    Always,
+}
+
+/// A real gRPC server (`--upstream URL` and its TLS options).
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    /// As given, for messages (`http://host:port`).
+    pub url: String,
+    /// `host:port` to connect to.
+    pub address: String,
+    /// `:authority` of forwarded requests.
+    pub authority: String,
+    /// TLS (`https://`): the client configuration, ALPN `h2`, and the
+    /// name the server's certificate must carry.
+    pub tls: Option<(Arc<rustls::ClientConfig>, rustls::pki_types::ServerName<'static>)>,
+    pub mode: UpstreamMode,
+    /// Time to open a connection (TCP and TLS handshakes) before the call
+    /// fails with UNAVAILABLE.
+    pub connect_timeout: Duration,
+    /// Largest response message taken from the upstream.
+    pub max_message: usize,
 }
 
 /// The HTTP/2 implementation connections are served with.
@@ -88,6 +122,7 @@ impl Default for Config {
             compress_responses: false,
             cors_origins: Vec::new(),
             journal: JournalLimits::DEFAULT,
+            upstream: None,
         }
     }
 }

@@ -28,6 +28,7 @@ pub mod served;
 pub mod server;
 pub mod state;
 pub mod transport;
+pub mod upstream;
 
 pub use config::{Config, JournalLimits, Stack};
 pub use served::generation::Generation;

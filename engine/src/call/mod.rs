@@ -4,6 +4,7 @@
 //! deadlines and injected faults.
 
 pub mod drive;
+pub mod forward;
 pub mod matcher;
 pub mod template;
 

@@ -165,7 +165,8 @@ impl WorkerStats<'_> {
     /// A call to method `m` started.
     #[inline]
     pub fn started(&self, m: usize) {
-        if let Some(c) = self.cells.get(PAD + m * STRIDE + STARTED) {
+        let Some(base) = m.checked_mul(STRIDE) else { return };
+        if let Some(c) = self.cells.get(PAD + base + STARTED) {
             bump(c, 1);
         }
     }
@@ -173,7 +174,8 @@ impl WorkerStats<'_> {
     /// A call to method `m` ended with `code` after `elapsed`.
     #[inline]
     pub fn handled(&self, m: usize, code: u8, elapsed: Duration) {
-        let base = PAD + m * STRIDE;
+        let Some(base) = m.checked_mul(STRIDE) else { return };
+        let base = PAD + base;
         let Some(cells) = self.cells.get(base..base + STRIDE) else { return };
         bump(&cells[HANDLED + (code as usize).min(16)], 1);
         let micros = elapsed.as_micros().min(u64::MAX as u128) as u64;
@@ -198,7 +200,10 @@ impl WorkerStats<'_> {
                 Some(&base) => base + r as usize,
                 None => return,
             },
-            None => PAD + m * STRIDE + MISSES,
+            None => match m.checked_mul(STRIDE) {
+                Some(base) => PAD + base + MISSES,
+                None => return,
+            },
         };
         if let Some(c) = self.cells.get(i) {
             bump(c, 1);

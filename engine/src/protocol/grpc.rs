@@ -9,13 +9,16 @@ use std::time::Duration;
 pub enum Code {
     Ok = 0,
     Canceled = 1,
+    Unknown = 2,
     InvalidArgument = 3,
     DeadlineExceeded = 4,
     NotFound = 5,
+    PermissionDenied = 7,
     ResourceExhausted = 8,
     Unimplemented = 12,
     Internal = 13,
     Unavailable = 14,
+    Unauthenticated = 16,
 }
 
 /// A status the engine answers with when no rule is involved.

@@ -477,6 +477,10 @@ pub struct Served {
     /// Headers and an OK trailer for answers the engine makes itself
     /// (health, reflection).
     pub ok: Prepared,
+    /// What a call to a method the plan lacks is served as when it is
+    /// forwarded to the upstream: no rules, no metrics of its own
+    /// (`position` is past every method).
+    pub forwarded: ServedMethod,
 }
 
 fn content_type() -> (HeaderName, HeaderValue) {
@@ -679,36 +683,16 @@ impl Served {
                 continue;
             }
             by_path.insert(path.into(), methods.len());
-            methods.push(ServedMethod {
-                plan: Method {
-                    path: path.into(),
-                    kind,
-                    input_type: input.into(),
-                    output_type: output.into(),
-                    fields: Vec::new(),
-                    metadata_keys: Vec::new(),
-                    responses: Vec::new(),
-                    rules: Vec::new(),
-                    duplex: kind == MethodKind::BidiStreaming,
-                    regexes: Vec::new(),
-                },
-                responses: Vec::new(),
-                no_match: status_response(12, "not implemented"),
-                singular: Vec::new(),
-                regexes: Vec::new(),
-                index: None,
-                keep: 1,
-                used: Vec::new(),
-                session_uses: SessionUses::new(&[]),
-                literals: Vec::new(),
-                builtin: Some(builtin),
-                position: methods.len(),
-                json: None,
-                no_side_effects: false,
-            });
+            let mut m = ServedMethod::bare(path, kind, input, output, methods.len());
+            m.plan.duplex = kind == MethodKind::BidiStreaming;
+            m.builtin = Some(builtin);
+            methods.push(m);
         }
         let ok = prepare(0, "", Bytes::new(), &[], &[], Duration::ZERO);
-        Ok(Served { methods, by_path, descriptors, ok })
+        // Calls to methods the plan lacks, forwarded to the upstream: a
+        // stream of messages either way, counted by no method's metrics.
+        let forwarded = ServedMethod::bare("", MethodKind::BidiStreaming, "", "", usize::MAX);
+        Ok(Served { methods, by_path, descriptors, ok, forwarded })
     }
 
     /// Carries the `times` counts of `old` (the plan this one replaces)
@@ -751,6 +735,37 @@ impl Served {
 }
 
 impl ServedMethod {
+    /// A method without rules.
+    fn bare(path: &str, kind: MethodKind, input: &str, output: &str, position: usize) -> ServedMethod {
+        ServedMethod {
+            plan: Method {
+                path: path.into(),
+                kind,
+                input_type: input.into(),
+                output_type: output.into(),
+                fields: Vec::new(),
+                metadata_keys: Vec::new(),
+                responses: Vec::new(),
+                rules: Vec::new(),
+                duplex: false,
+                regexes: Vec::new(),
+            },
+            responses: Vec::new(),
+            no_match: status_response(12, "not implemented"),
+            singular: Vec::new(),
+            regexes: Vec::new(),
+            index: None,
+            keep: 1,
+            used: Vec::new(),
+            session_uses: SessionUses::new(&[]),
+            literals: Vec::new(),
+            builtin: None,
+            position,
+            json: None,
+            no_side_effects: false,
+        }
+    }
+
     /// How many leading messages of a client stream the rules can name
     /// (`first`, `items.N`); later ones are dropped as they arrive, except
     /// the last, so memory stays bounded however long the stream.

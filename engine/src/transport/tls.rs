@@ -1,6 +1,7 @@
-//! TLS for the gRPC listener (rustls, ALPN `h2`): the server configuration
-//! from PEM files, with client certificates required when a client CA is
-//! given (mTLS).
+//! TLS from PEM files (rustls): the gRPC listener's server configuration
+//! (ALPN `h2`, client certificates required when a client CA is given:
+//! mTLS), and the client configuration of calls forwarded to an upstream
+//! (ALPN `h2`, its CA, an optional client certificate).
 //!
 //! Everything here runs once, at start-up: the files are read and checked
 //! (PEM syntax, at least one certificate, a private key in PKCS#8, PKCS#1
@@ -12,7 +13,7 @@
 use rustls::pki_types::pem::{self, PemObject};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
-use rustls::{RootCertStore, ServerConfig};
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -49,6 +50,46 @@ pub fn server_config(cert: &Path, key: &Path, client_ca: Option<&Path>) -> Resul
         e => format!("TLS key `{}` is not a usable private key: {e}", key.display()),
     })?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// The system's CA bundle, trusted by an upstream client given no CA.
+const SYSTEM_CAS: &[&str] =
+    &["/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt", "/etc/ssl/cert.pem"];
+
+/// Builds a client configuration for calls to an upstream: trusting the
+/// CA certificates in `ca` (else the system's bundle), presenting the
+/// client certificate and key of `identity` when given (mTLS), offering
+/// ALPN `h2`. Errors name the file and the cause.
+pub fn client_config(ca: Option<&Path>, identity: Option<(&Path, &Path)>) -> Result<Arc<ClientConfig>, String> {
+    let ca = match ca {
+        Some(path) => path.to_path_buf(),
+        None => SYSTEM_CAS.iter().map(Path::new).find(|p| p.exists()).map(Path::to_path_buf).ok_or_else(|| {
+            format!(
+                "no CA to check the upstream's certificate with: give `--upstream-ca` (none of {SYSTEM_CAS:?} exists)"
+            )
+        })?,
+    };
+    let mut roots = RootCertStore::empty();
+    let (added, _ignored) = roots.add_parsable_certificates(certificates(&ca, "upstream CA")?);
+    if added == 0 {
+        return Err(format!("upstream CA `{}` holds no usable CA certificate", ca.display()));
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("cannot set up TLS: {e}"))?
+        .with_root_certificates(roots);
+    let mut config = match identity {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => {
+            let chain = certificates(cert, "upstream client certificate")?;
+            builder.with_client_auth_cert(chain, private_key(key)?).map_err(|e| {
+                format!("upstream client key `{}` is not usable with `{}`: {e}", key.display(), cert.display())
+            })?
+        }
+    };
+    config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(config))
 }
 

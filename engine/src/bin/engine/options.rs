@@ -64,6 +64,7 @@ const PLAN: &str = "Plan";
 const LISTENERS: &str = "Listeners";
 const ADMIN: &str = "Admin API, metrics and logs";
 const LIMITS: &str = "Limits";
+const UPSTREAM: &str = "Upstream";
 
 /// Every flag of `engine run`, in `--help` order.
 pub const FLAGS: &[Flag] = &[
@@ -224,6 +225,64 @@ pub const FLAGS: &[Flag] = &[
         help: "comma-separated origins browsers may call the gRPC port from (gRPC-Web, Connect); * allows any \
                origin, without credentials; listed origins may send credentials",
         section: LISTENERS,
+    },
+    Flag {
+        name: "upstream",
+        value: "URL",
+        kind: Kind::Value,
+        default: "",
+        help: "real gRPC server to forward calls to (http://HOST:PORT, or https://HOST[:PORT] for TLS): calls \
+               to methods the plan lacks, and calls no rule matches; works without a plan or protos",
+        section: UPSTREAM,
+    },
+    Flag {
+        name: "upstream-mode",
+        value: "fallback|always",
+        kind: Kind::Value,
+        default: "fallback",
+        help: "fallback: forward only what the plan has no answer for; always: forward every call but the \
+               engine's health and reflection services (a pass-through that still journals and counts)",
+        section: UPSTREAM,
+    },
+    Flag {
+        name: "upstream-ca",
+        value: "FILE",
+        kind: Kind::Path,
+        default: "",
+        help: "CA certificates (PEM) the https:// upstream's certificate must chain to (default: the system's)",
+        section: UPSTREAM,
+    },
+    Flag {
+        name: "upstream-cert",
+        value: "FILE",
+        kind: Kind::Path,
+        default: "",
+        help: "client certificate (PEM) presented to the upstream (mutual TLS); needs --upstream-key",
+        section: UPSTREAM,
+    },
+    Flag {
+        name: "upstream-key",
+        value: "FILE",
+        kind: Kind::Path,
+        default: "",
+        help: "private key (PEM) of --upstream-cert",
+        section: UPSTREAM,
+    },
+    Flag {
+        name: "upstream-server-name",
+        value: "NAME",
+        kind: Kind::Value,
+        default: "",
+        help: "name the upstream's certificate must carry (default: the URL's host)",
+        section: UPSTREAM,
+    },
+    Flag {
+        name: "upstream-connect-timeout-ms",
+        value: "MS",
+        kind: Kind::Value,
+        default: "5000",
+        help: "time to connect to the upstream (TCP, TLS, HTTP/2) before the call fails with UNAVAILABLE",
+        section: UPSTREAM,
     },
     Flag {
         name: "workers",
@@ -768,6 +827,7 @@ pub fn parse(args: &[String], env: &dyn Fn(&str) -> Option<String>) -> Result<Co
             None
         }
     };
+    server.upstream = upstream(&get, server.max_recv_message)?;
     let listen = must("listen").address()?;
     if listen.is_none() && tls.is_none() {
         return Err("nothing to serve on: `--listen off` and no `--tls-listen`".into());
@@ -779,6 +839,15 @@ pub fn parse(args: &[String], env: &dyn Fn(&str) -> Option<String>) -> Result<Co
     }
     if let Some(r) = lookup("rules") {
         compile.rules = r.values.iter().map(PathBuf::from).collect();
+    }
+    // With an upstream, a plan is not needed: default directories that
+    // do not exist are left out rather than refused.
+    if server.upstream.is_some() {
+        for (flag, dirs) in [("protos", &mut compile.protos), ("rules", &mut compile.rules)] {
+            if lookup(flag).is_none() {
+                dirs.retain(|d| d.is_dir());
+            }
+        }
     }
 
     Ok(Command::Run(Box::new(Options {
@@ -858,6 +927,49 @@ fn command_line(args: &[String]) -> Result<(HashMap<&'static str, Raw>, Option<S
         }
     }
     Ok((given, positional))
+}
+
+/// The upstream calls are forwarded to, from `--upstream` and its options.
+fn upstream(
+    get: &dyn Fn(&'static str) -> Option<Raw>,
+    max_message: usize,
+) -> Result<Option<std::sync::Arc<wirestub_engine::config::Upstream>>, String> {
+    let options = ["upstream-ca", "upstream-cert", "upstream-key", "upstream-server-name"];
+    let Some(url) = get("upstream") else {
+        if let Some(r) = options.iter().find_map(|&name| get(name)) {
+            return Err(format!("{}: `--{}` is only used with `--upstream`", r.origin, r.flag.name));
+        }
+        return Ok(None);
+    };
+    let mode = get("upstream-mode").expect("a default").choice(&[
+        ("fallback", wirestub_engine::config::UpstreamMode::Fallback),
+        ("always", wirestub_engine::config::UpstreamMode::Always),
+    ])?;
+    let (cert, key) = (get("upstream-cert").map(|r| r.path()), get("upstream-key").map(|r| r.path()));
+    let identity = match (&cert, &key) {
+        (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
+        (None, None) => None,
+        (Some(_), None) => return Err("`--upstream-cert` needs `--upstream-key`".into()),
+        (None, Some(_)) => return Err("`--upstream-key` needs `--upstream-cert`".into()),
+    };
+    let ca = get("upstream-ca").map(|r| r.path());
+    let server_name = get("upstream-server-name").map(|r| r.text().to_string());
+    let timeout = get("upstream-connect-timeout-ms").expect("a default");
+    let connect_timeout = match timeout.millis_or_never()? {
+        Some(t) => t,
+        None => return Err(timeout.error("a number of at least 1")),
+    };
+    let options = wirestub_engine::upstream::Options {
+        url: url.text(),
+        mode,
+        ca: ca.as_deref(),
+        identity,
+        server_name: server_name.as_deref(),
+        connect_timeout,
+        max_message: max_message.max(4 << 20),
+    };
+    let upstream = wirestub_engine::upstream::configure(&options).map_err(|e| format!("{}: {e}", url.origin))?;
+    Ok(Some(std::sync::Arc::new(upstream)))
 }
 
 /// Reads a configuration file's text: one YAML mapping whose keys are flag

@@ -166,8 +166,12 @@ impl<'s> Conn<'s> {
             match &request.content_type {
                 ContentType::Known(d) => {
                     dialect = *d;
-                    let unary = request.method.is_none_or(|m| m.plan.kind == MethodKind::Unary && !m.plan.duplex);
-                    if !d.fits(unary) {
+                    // A method the plan lacks may be forwarded, whatever its kind.
+                    let fits = match request.method {
+                        Some(m) => d.fits(m.plan.kind == MethodKind::Unary && !m.plan.duplex),
+                        None => self.config.upstream.is_some() || d.fits(true),
+                    };
+                    if !fits {
                         http_status = Some(415);
                     } else if d.codec == Codec::Json && request.method.is_some_and(|m| m.json.is_none()) {
                         status = early(Code::Unimplemented as u8, "this method has no JSON mapping".into());
@@ -187,8 +191,22 @@ impl<'s> Conn<'s> {
             Some(m) => Some(m),
             None if http_status.is_none() && status.is_none() => {
                 let path = String::from_utf8_lossy(request.unknown_path.as_deref().unwrap_or_default());
-                status = early(Code::Unimplemented as u8, format!("unknown method {path}"));
-                None
+                match self.config.upstream.is_some() {
+                    // Forwarded as it comes: messages in envelopes, as bytes.
+                    true if dialect.enveloped() && dialect.codec == Codec::Proto => Some(&self.served.forwarded),
+                    true => {
+                        let why = format!(
+                            "unknown method {path}: only gRPC, gRPC-Web and Connect streaming calls in the \
+                             binary codec are forwarded for methods the plan does not describe"
+                        );
+                        status = early(Code::Unimplemented as u8, why);
+                        None
+                    }
+                    false => {
+                        status = early(Code::Unimplemented as u8, format!("unknown method {path}"));
+                        None
+                    }
+                }
             }
             None => None,
         };
@@ -305,16 +323,49 @@ impl<'s> Conn<'s> {
             generation: self.generation,
             started: self.now,
             status: None,
-            rec: request.all.map(|metadata| {
-                Box::new(Recording { time: Some(std::time::SystemTime::now()), metadata, ..Recording::default() })
-            }),
+            rec: None,
+            piped: method.plan.duplex,
+            forward: None,
         };
+        let mut all = request.all.take();
+        let upstream = self.config.upstream.as_deref().filter(|_| method.builtin.is_none());
+        let unknown = std::ptr::eq(method, &self.served.forwarded);
+        let mut forward_now = false;
+        let mut stream = stream;
+        if let Some(up) = upstream {
+            let path = match unknown {
+                true => String::from_utf8_lossy(request.unknown_path.as_deref().unwrap_or_default()).into(),
+                false => method.plan.path.clone().into_boxed_str(),
+            };
+            let metadata = match self.journal_on() {
+                true => all.clone().unwrap_or_default(),
+                false => all.take().unwrap_or_default(),
+            };
+            stream.forward = Some(Box::new(Forwarding { path, metadata }));
+            // Streams of requests go as they come when no rule can answer
+            // them (a method without rules, or every call); a single request
+            // once it has arrived (and, in fallback mode, matched no rule).
+            let streaming = method.plan.duplex
+                || matches!(method.plan.kind, MethodKind::ClientStreaming | MethodKind::BidiStreaming);
+            let no_rules = method.plan.rules.is_empty();
+            forward_now =
+                dialect.enveloped() && (unknown || (streaming && (up.mode == UpstreamMode::Always || no_rules)));
+            stream.piped |= forward_now;
+        }
+        if self.journal_on() {
+            stream.rec = all.map(|metadata| {
+                Box::new(Recording { time: Some(std::time::SystemTime::now()), metadata, ..Recording::default() })
+            });
+        }
         self.streams.insert(id, stream);
         if let Some(stats) = self.stats(self.generation) {
             stats.started(method.position);
             stats.protocol(dialect.index());
         }
-        if method.plan.duplex {
+        if forward_now {
+            self.streams.get_mut(&id).expect("inserted").task = true;
+            self.jobs.push(Job::Forward { id, first: Vec::new(), deadline });
+        } else if method.plan.duplex {
             self.streams.get_mut(&id).expect("inserted").task = true;
             self.jobs.push(Job::Duplex { id, deadline });
         } else if let Some(d) = deadline.filter(|_| !end_stream) {
@@ -338,7 +389,7 @@ impl<'s> Conn<'s> {
         let deadline = s.deadline;
         self.end_waiting(id, deadline);
         let s = self.streams.get_mut(&id).expect("present");
-        if s.method.plan.duplex {
+        if s.piped {
             s.wake();
             return Ok(());
         }
@@ -350,6 +401,7 @@ impl<'s> Conn<'s> {
                 if !body.is_empty() {
                     return self.fail_call(id, &Status::new(Code::Internal, "request message is truncated"));
                 }
+                let always = self.forwards_all(id);
                 let s = self.streams.get_mut(&id).expect("present");
                 let agg = s.agg.take().unwrap_or_default();
                 let held: usize = agg.head.iter().chain(agg.last.iter()).map(Bytes::len).sum();
@@ -358,8 +410,16 @@ impl<'s> Conn<'s> {
                 let last = agg.last.as_deref().or(head.last().copied());
                 let messages = Messages { head: &head, last, count: agg.count };
                 let method = s.method;
-                let picked = call::pick_explained(method, &messages, &s.metadata[..], s.rec.is_some());
-                self.answer(id, picked)
+                let picked = match always {
+                    true => None,
+                    false => Some(call::pick_explained(method, &messages, &s.metadata[..], s.rec.is_some())),
+                };
+                let unanswered = matches!(&picked, Some(Ok(a)) if a.rule.is_none()) && s.forward.is_some();
+                if always || unanswered {
+                    let first = agg.head.into_iter().chain(agg.last).collect();
+                    return self.forward(id, first);
+                }
+                self.answer(id, picked.expect("picked unless forwarded"))
             }
         }
     }
@@ -424,9 +484,38 @@ impl<'s> Conn<'s> {
         if let Some(builtin) = s.method.builtin {
             return self.answer_builtin(id, builtin, message);
         }
+        if self.forwards_all(id) {
+            return self.forward(id, vec![Bytes::copy_from_slice(message)]);
+        }
+        let s = self.streams.get(&id).expect("present");
         let one = [message];
         let picked = call::pick_explained(s.method, &Messages::one(&one), &s.metadata[..], s.rec.is_some());
+        if self.unanswered(id, &picked) {
+            return self.forward(id, vec![Bytes::copy_from_slice(message)]);
+        }
         self.answer(id, picked)
+    }
+
+    /// Whether every call of this stream's kind goes to the upstream
+    /// (`--upstream-mode always`).
+    fn forwards_all(&self, id: u32) -> bool {
+        let always = self.config.upstream.as_deref().is_some_and(|u| u.mode == UpstreamMode::Always);
+        always && self.streams.get(&id).is_some_and(|s| s.forward.is_some())
+    }
+
+    /// Whether a call goes to the upstream because no rule answers it.
+    fn unanswered(&self, id: u32, picked: &Result<Answer<'s>, Status>) -> bool {
+        matches!(picked, Ok(a) if a.rule.is_none()) && self.streams.get(&id).is_some_and(|s| s.forward.is_some())
+    }
+
+    /// Hands the call to a task that forwards it to the upstream, `first`
+    /// being the request messages read so far.
+    fn forward(&mut self, id: u32, first: Vec<Bytes>) -> Result<(), ConnError> {
+        let Some(s) = self.streams.get_mut(&id) else { return Ok(()) };
+        s.task = true;
+        let deadline = s.deadline;
+        self.jobs.push(Job::Forward { id, first, deadline });
+        Ok(())
     }
 
     /// Health checks: answered by the engine itself.
@@ -858,13 +947,15 @@ pub(super) fn deframe(s: &mut Stream<'_>, max: usize, buffered: &mut usize) -> O
         if let Some(rec) = &mut s.rec {
             *buffered = buffered.saturating_add_signed(rec.messages.push(&message));
         }
-        if s.method.plan.duplex {
+        if s.piped {
             s.queued += message.len() + QUEUED_OVERHEAD;
             *buffered += QUEUED_OVERHEAD;
             s.queue.push_back(message);
             continue;
         }
-        let keep = s.method.keep;
+        // A call that may yet be forwarded keeps every message for the
+        // upstream (bounded by `--max-buffered-bytes` like the rest).
+        let keep = if s.forward.is_some() { usize::MAX } else { s.method.keep };
         let agg = s.agg.get_or_insert_with(Default::default);
         agg.count += 1;
         if agg.head.len() < keep {

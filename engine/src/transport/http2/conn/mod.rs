@@ -20,13 +20,13 @@
 use super::frame::{self, code, flag, kind, Head};
 use super::request::{ContentType, RequestHead};
 use crate::budget::{Reported, CALL_COST};
-use crate::call::drive;
 use crate::call::drive::message_of;
 use crate::call::matcher::Closest;
 use crate::call::matcher::Messages;
 use crate::call::{self, Answer};
+use crate::call::{drive, forward};
 use crate::codec::hpack::Decoder;
-use crate::config::Config;
+use crate::config::{Config, UpstreamMode};
 use crate::observe::journal::Entry;
 use crate::observe::metrics::WorkerStats;
 use crate::protocol::compression::{self, Encoding};
@@ -236,6 +236,18 @@ struct Stream<'s> {
     status: Option<u8>,
     /// What the journal keeps of the call, when it is on.
     rec: Option<Box<Recording>>,
+    /// Request messages go to a task as they arrive (`queue`): a duplex
+    /// call, or one forwarded to the upstream from its start.
+    piped: bool,
+    /// What forwarding the call to the upstream takes (None without one).
+    forward: Option<Box<Forwarding>>,
+}
+
+/// What a call keeps so that it can be forwarded to the upstream.
+struct Forwarding {
+    path: Box<str>,
+    /// Every metadata entry of the request, in order.
+    metadata: Vec<(Box<str>, Bytes)>,
 }
 
 /// A call being recorded for the journal.
@@ -267,6 +279,9 @@ enum Job<'s> {
     Duplex { id: u32, deadline: Option<Instant> },
     /// `grpc.health.v1.Health/Watch`: the status now and on every change.
     Watch { id: u32, service: String },
+    /// Forwarded to the upstream: `first` are the request messages read
+    /// so far (those the engine looked for a rule in).
+    Forward { id: u32, first: Vec<Bytes>, deadline: Option<Instant> },
 }
 
 /// A header block being received in HEADERS and CONTINUATION frames.
@@ -801,7 +816,7 @@ impl<'s> Conn<'s> {
         }
         self.refresh();
         let mut request = RequestHead::new(self.served);
-        if self.journal_on() {
+        if self.journal_on() || self.config.upstream.is_some() {
             request = request.keep_all();
         }
         let oversized = self
@@ -919,7 +934,7 @@ impl<'s> Conn<'s> {
         }
         let max = self.config.max_recv_message;
         let kind = s.method.plan.kind;
-        let duplex = s.method.plan.duplex;
+        let duplex = s.piped;
         // The common case, a whole unary request in one DATA frame with
         // END_STREAM, is answered straight from the read buffer.
         if end_stream

@@ -122,6 +122,29 @@ pub(super) fn start_job<'s>(conn: &Shared<'s>, job: Job<'s>) -> Task<'s> {
         }
         Job::Duplex { id, deadline } => Box::pin(duplex(Handle { conn: conn.clone(), id }, deadline)),
         Job::Watch { id, service } => Box::pin(watch(Handle { conn: conn.clone(), id }, service)),
+        Job::Forward { id, first, deadline } => Box::pin(forward(Handle { conn: conn.clone(), id }, first, deadline)),
+    }
+}
+
+/// A call forwarded to the upstream: the call layer's [`forward::run`]
+/// over the stream's queue of request messages.
+pub(super) async fn forward<'s>(h: Handle<'s>, first: Vec<Bytes>, deadline: Option<Instant>) {
+    let Some((upstream, path, metadata, json)) = h.with(|c| {
+        let up = c.config.upstream.as_deref()?;
+        let s = c.streams.get_mut(&h.id)?;
+        let f = s.forward.take()?;
+        let json = s.method.json.as_ref().filter(|_| s.dialect.codec == Codec::Json);
+        Some((up, f.path, f.metadata, json))
+    }) else {
+        return;
+    };
+    let mut input = NativeIn(h.clone());
+    let mut out = NativeOut(h.clone());
+    let mut report = NativeReport(h.clone());
+    let f = forward::Forward { upstream, path: &path, metadata: &metadata, deadline, json };
+    tokio::select! {
+        () = forward::run(f, first, &mut input, &mut out, &mut report) => {}
+        () = h.gone() => {}
     }
 }
 

@@ -1,0 +1,230 @@
+//! The engine as a client: calls forwarded to a real gRPC server
+//! (`--upstream`) over HTTP/2 on the `h2` crate's client, cleartext or
+//! TLS. Nothing here decodes a message: a forwarded call is its path, its
+//! metadata and its messages as bytes.
+//!
+//! Connections are kept and reused, one per upstream per worker thread
+//! (a thread-local pool: HTTP/2 multiplexes the worker's calls on it, and
+//! no lock is shared between workers). A connection that has failed or
+//! received GOAWAY is replaced by the next call that needs it. Every
+//! failure to reach the upstream is an UNAVAILABLE status naming it.
+
+use crate::config::Upstream;
+use crate::protocol::grpc::{Code, Status};
+use bytes::Bytes;
+use h2::client::{ResponseFuture, SendRequest};
+use h2::SendStream;
+use std::cell::RefCell;
+use std::time::Duration;
+
+/// A call opened on the upstream: its response to come, and its request
+/// body to send.
+pub struct Opened {
+    pub response: ResponseFuture,
+    pub send: SendStream<Bytes>,
+}
+
+/// Request headers that are never forwarded: HTTP/2 connection-specific
+/// ones (RFC 9113 §8.2.2), those the engine sets itself, and those of the
+/// protocol the client spoke when it was not gRPC (the call goes out as
+/// gRPC, uncompressed).
+const NOT_FORWARDED: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+    "te",
+    "content-type",
+    "content-length",
+    "grpc-timeout",
+    "grpc-encoding",
+    "grpc-accept-encoding",
+    "accept-encoding",
+    "content-encoding",
+    "connect-protocol-version",
+    "connect-timeout-ms",
+    "connect-content-encoding",
+    "connect-accept-encoding",
+    "x-grpc-web",
+    "x-user-agent",
+];
+
+/// Whether a request metadata entry goes to the upstream.
+pub fn forwarded(name: &str) -> bool {
+    !name.starts_with(':') && !NOT_FORWARDED.contains(&name)
+}
+
+thread_local! {
+    /// This worker's connections, by upstream address (and scheme).
+    static POOL: RefCell<Vec<(String, SendRequest<Bytes>)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The pool's key for an upstream.
+fn key(up: &Upstream) -> String {
+    format!("{}{}", if up.tls.is_some() { "https://" } else { "http://" }, up.address)
+}
+
+fn unavailable(up: &Upstream, what: impl std::fmt::Display) -> Status {
+    Status::new(Code::Unavailable, format!("upstream {}: {what}", up.url))
+}
+
+/// A connection ready for a new call: this worker's, or a new one.
+async fn connection(up: &Upstream) -> Result<SendRequest<Bytes>, Status> {
+    let key = key(up);
+    let kept = POOL.with(|p| p.borrow().iter().find(|(k, _)| *k == key).map(|(_, s)| s.clone()));
+    if let Some(send) = kept {
+        match send.ready().await {
+            Ok(send) => return Ok(send),
+            Err(_) => POOL.with(|p| p.borrow_mut().retain(|(k, _)| *k != key)),
+        }
+    }
+    let send = tokio::time::timeout(up.connect_timeout, connect(up))
+        .await
+        .map_err(|_| unavailable(up, format_args!("no connection within {:?}", up.connect_timeout)))??;
+    POOL.with(|p| {
+        let mut p = p.borrow_mut();
+        p.retain(|(k, _)| *k != key);
+        p.push((key, send.clone()));
+    });
+    send.ready().await.map_err(|e| unavailable(up, e))
+}
+
+/// Opens a connection: TCP, TLS when asked, the HTTP/2 handshake; the
+/// connection's own future runs as a task of this worker.
+async fn connect(up: &Upstream) -> Result<SendRequest<Bytes>, Status> {
+    let tcp = tokio::net::TcpStream::connect(&up.address).await.map_err(|e| unavailable(up, e))?;
+    tcp.set_nodelay(true).ok();
+    let mut builder = h2::client::Builder::new();
+    builder.initial_window_size(1 << 20).initial_connection_window_size(4 << 20);
+    match &up.tls {
+        None => {
+            let (send, conn) = builder.handshake(tcp).await.map_err(|e| unavailable(up, e))?;
+            tokio::spawn(async move { conn.await.ok() });
+            Ok(send)
+        }
+        Some((config, name)) => {
+            let tls = tokio_rustls::TlsConnector::from(config.clone())
+                .connect(name.clone(), tcp)
+                .await
+                .map_err(|e| unavailable(up, format_args!("TLS: {e}")))?;
+            if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
+                return Err(unavailable(up, "TLS: the server did not agree to HTTP/2 (ALPN h2)"));
+            }
+            let (send, conn) = builder.handshake(tls).await.map_err(|e| unavailable(up, e))?;
+            tokio::spawn(async move { conn.await.ok() });
+            Ok(send)
+        }
+    }
+}
+
+/// Opens a call on the upstream: `path` with the client's metadata (those
+/// entries [`forwarded`] allows) and what is left of its deadline.
+pub async fn open(
+    up: &Upstream,
+    path: &str,
+    metadata: &[(Box<str>, Bytes)],
+    timeout: Option<Duration>,
+) -> Result<Opened, Status> {
+    let mut send = connection(up).await?;
+    let scheme = if up.tls.is_some() { "https" } else { "http" };
+    let uri = format!("{scheme}://{}{path}", up.authority);
+    let mut request = http::Request::builder()
+        .method(http::Method::POST)
+        .uri(uri)
+        .header(http::header::CONTENT_TYPE, "application/grpc")
+        .header(http::header::TE, "trailers")
+        .body(())
+        .map_err(|e| Status::new(Code::Internal, format!("cannot forward to {path}: {e}")))?;
+    let headers = request.headers_mut();
+    if let Some(t) = timeout {
+        // Whole milliseconds, at least one (a zero would be no time at all).
+        let ms = t.as_millis().clamp(1, 99_999_999);
+        headers.insert("grpc-timeout", http::HeaderValue::from_str(&format!("{ms}m")).expect("digits"));
+    }
+    for (name, value) in metadata {
+        if !forwarded(name) {
+            continue;
+        }
+        if let (Ok(n), Ok(v)) = (http::HeaderName::from_bytes(name.as_bytes()), http::HeaderValue::from_bytes(value)) {
+            headers.append(n, v);
+        }
+    }
+    let (response, send) = send.send_request(request, false).map_err(|e| unavailable(up, e))?;
+    Ok(Opened { response, send })
+}
+
+/// The gRPC status for an upstream answer that is not gRPC (an HTTP status
+/// other than 200), as the gRPC HTTP mapping says.
+pub fn http_status_code(status: u16) -> Code {
+    match status {
+        400 => Code::Internal,
+        401 => Code::Unauthenticated,
+        403 => Code::PermissionDenied,
+        404 => Code::Unimplemented,
+        429 | 502 | 503 | 504 => Code::Unavailable,
+        _ => Code::Unknown,
+    }
+}
+
+/// How the binary describes an upstream.
+pub struct Options<'a> {
+    pub url: &'a str,
+    pub mode: crate::config::UpstreamMode,
+    pub ca: Option<&'a std::path::Path>,
+    /// Client certificate and key (mutual TLS).
+    pub identity: Option<(&'a std::path::Path, &'a std::path::Path)>,
+    /// The name the server's certificate must carry (default: the URL's
+    /// host).
+    pub server_name: Option<&'a str>,
+    pub connect_timeout: Duration,
+    pub max_message: usize,
+}
+
+/// Checks an upstream's URL (`http://HOST:PORT` or `https://HOST[:PORT]`,
+/// nothing after the authority) and builds its TLS configuration.
+pub fn configure(o: &Options<'_>) -> Result<Upstream, String> {
+    let bad = |why: &str| format!("upstream `{}`: {why}", o.url);
+    let (tls, rest) = if let Some(r) = o.url.strip_prefix("http://") {
+        (false, r)
+    } else if let Some(r) = o.url.strip_prefix("https://") {
+        (true, r)
+    } else {
+        return Err(bad("expected http://HOST:PORT (cleartext HTTP/2) or https://HOST:PORT (TLS)"));
+    };
+    let authority = rest.strip_suffix('/').unwrap_or(rest);
+    if authority.is_empty() || authority.contains(['/', '?', '#', '@', ' ']) {
+        return Err(bad("expected only a host and a port after the scheme"));
+    }
+    let uri: http::uri::Authority = authority.parse().map_err(|_| bad("not a valid host and port"))?;
+    let host = uri.host().trim_start_matches('[').trim_end_matches(']').to_string();
+    let port = match uri.port_u16() {
+        Some(p) => p,
+        None if tls => 443,
+        None => return Err(bad("a cleartext upstream needs a port (http://HOST:PORT)")),
+    };
+    let address = if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };
+    if !tls && (o.ca.is_some() || o.identity.is_some() || o.server_name.is_some()) {
+        return Err(bad("TLS options are given but the upstream is http://; use https://"));
+    }
+    let tls = match tls {
+        false => None,
+        true => {
+            let config = crate::transport::tls::client_config(o.ca, o.identity)?;
+            let name = o.server_name.unwrap_or(&host).to_string();
+            let name = rustls::pki_types::ServerName::try_from(name.clone())
+                .map_err(|_| format!("upstream server name `{name}` is not a valid DNS name or IP address"))?;
+            Some((config, name))
+        }
+    };
+    Ok(Upstream {
+        url: o.url.to_string(),
+        address,
+        authority: authority.to_string(),
+        tls,
+        mode: o.mode,
+        connect_timeout: o.connect_timeout,
+        max_message: o.max_message,
+    })
+}

@@ -1,0 +1,460 @@
+"""Forwarding to a real upstream (`engine run --upstream URL`).
+
+The upstream is a grpcio server of protos/chat/v1/chat.proto in this
+process, on loopback. Every behaviour is checked differentially: the same
+call made directly to the upstream and through the engine must give the
+same messages, status, message, details and metadata. Engines under test:
+
+- `bare`: no plan, no protos, no rules: every call is to a method the
+  engine does not know, forwarded as bytes;
+- `fallback`: protos/ and the few rules of upstream_fixtures/rules: what a
+  rule answers is the mock's, the rest goes to the upstream;
+- `always`: the same plan with `--upstream-mode always`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.resources
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent import futures
+from pathlib import Path
+
+import engine_process
+import grpc
+import pytest
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+PROTOS = REPO_ROOT / "protos"
+FIXTURES = Path(__file__).resolve().parent / "upstream_fixtures"
+BUF_TIMEOUT = 60
+
+
+@pytest.fixture(scope="module")
+def chat(tmp_path_factory):
+    """The Python modules of chat.proto (messages and stubs)."""
+    from grpc_tools import protoc
+
+    out = tmp_path_factory.mktemp("stubs")
+    wkt = importlib.resources.files("grpc_tools") / "_proto"
+    args = [
+        "grpc_tools.protoc",
+        f"-I{PROTOS}",
+        f"-I{wkt}",
+        f"--python_out={out}",
+        f"--grpc_python_out={out}",
+        "chat/v1/chat.proto",
+    ]
+    assert protoc.main(args) == 0
+    sys.path.insert(0, str(out))
+    try:
+        pb = importlib.import_module("chat.v1.chat_pb2")
+        rpc = importlib.import_module("chat.v1.chat_pb2_grpc")
+    finally:
+        sys.path.remove(str(out))
+    return pb, rpc
+
+
+class WithTrailers(grpc.Status):
+    """A rich status with more trailing metadata beside its details."""
+
+    def __init__(self, status):
+        self.code = status.code
+        self.details = status.details
+        self.trailing_metadata = (*status.trailing_metadata, ("x-why", "gone"), ("x-bin-bin", b"\x00\x01\xff"))
+
+
+class Upstream:
+    """The real server: what it saw, for the checks that need it."""
+
+    def __init__(self, pb, rpc):
+        self.pb = pb
+        self.cancelled = threading.Event()
+        self.metadata: dict[str, list] = {}
+        self.remaining: list[float | None] = []
+        outer = self
+
+        class Chat(rpc.ChatServicer):
+            def GetRoom(self, request, context):
+                md = dict(context.invocation_metadata())
+                outer.metadata[request.room] = list(context.invocation_metadata())
+                outer.remaining.append(context.time_remaining())
+                if request.room == "missing":
+                    detail = error_details_pb2.ResourceInfo(
+                        resource_type="room", resource_name="missing", description="no such room"
+                    )
+                    status = status_pb2.Status(code=grpc.StatusCode.NOT_FOUND.value[0], message="room missing: ünïcode")
+                    status.details.add().Pack(detail)
+                    context.abort_with_status(WithTrailers(rpc_status.to_status(status)))
+                if request.room == "slow":
+                    time.sleep(2)
+                context.send_initial_metadata((("x-up", "1"), ("x-echo", md.get("x-topic", "-"))))
+                context.set_trailing_metadata((("x-trail", "t"), ("x-count-bin", b"\x07")))
+                return pb.Room(room=request.room, topic="upstream: " + md.get("x-topic", "none"))
+
+            def Subscribe(self, request, context):
+                if request.room == "forever":
+                    n = 0
+                    while context.is_active():
+                        yield pb.ChatMessage(user="up", text="tick", seq=n)
+                        n += 1
+                        time.sleep(0.05)
+                    outer.cancelled.set()
+                    return
+                count = int(request.room.split(":")[1]) if request.room.startswith("n:") else 3
+                for i in range(count):
+                    yield pb.ChatMessage(user="up", text=f"m{i}", seq=i)
+                if request.room.endswith(":fail"):
+                    context.abort(grpc.StatusCode.ABORTED, "stream failed on purpose")
+
+            def Upload(self, request_iterator, context):
+                n, size, first = 0, 0, ""
+                for m in request_iterator:
+                    if n == 0:
+                        first = m.text[:10]
+                    n += 1
+                    size += len(m.text)
+                return pb.UploadSummary(note=f"{n} messages, {size} bytes, first {first}")
+
+            def Converse(self, request_iterator, context):
+                for m in request_iterator:
+                    yield pb.ChatMessage(user="up", text=m.text.upper(), seq=m.seq)
+
+            def Talk(self, request_iterator, context):
+                for m in request_iterator:
+                    yield pb.ChatMessage(user="up", text=m.text[::-1], seq=m.seq)
+
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
+        rpc.add_ChatServicer_to_server(Chat(), self.server)
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+
+    def stop(self):
+        self.server.stop(0)
+
+
+@pytest.fixture(scope="module")
+def upstream(chat):
+    up = Upstream(*chat)
+    yield up
+    up.stop()
+
+
+def start_engine(tmp_path_factory, name: str, args: list[str]):
+    logs = tmp_path_factory.mktemp(f"logs-{name}")
+    cmd = [str(engine_process.engine_binary()), "run", "--listen", "127.0.0.1:0", "--admin-listen", "off", *args]
+    return engine_process.start(cmd, logs)
+
+
+@pytest.fixture(scope="module")
+def bare(tmp_path_factory, upstream):
+    empty = tmp_path_factory.mktemp("empty")
+    srv = start_engine(
+        tmp_path_factory,
+        "bare",
+        ["--protos", str(empty), "--rules", str(empty), "--upstream", f"http://127.0.0.1:{upstream.port}"],
+    )
+    yield srv
+    engine_process.stop(srv.proc)
+
+
+def mocked_args(upstream) -> list[str]:
+    return [
+        "--protos",
+        str(PROTOS),
+        "--rules",
+        str(FIXTURES / "rules"),
+        "--upstream",
+        f"http://127.0.0.1:{upstream.port}",
+    ]
+
+
+@pytest.fixture(scope="module")
+def fallback(tmp_path_factory, upstream):
+    srv = start_engine(tmp_path_factory, "fallback", mocked_args(upstream))
+    yield srv
+    engine_process.stop(srv.proc)
+
+
+@pytest.fixture(scope="module")
+def always(tmp_path_factory, upstream):
+    srv = start_engine(tmp_path_factory, "always", [*mocked_args(upstream), "--upstream-mode", "always"])
+    yield srv
+    engine_process.stop(srv.proc)
+
+
+def stub(chat, port):
+    _, rpc = chat
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    return channel, rpc.ChatStub(channel)
+
+
+def outcome(call):
+    """What a finished unary or client-streaming call gave, as comparable
+    values: the response (or the error's code, message and details) with
+    the metadata the upstream set."""
+    try:
+        response, c = call()
+        return {
+            "response": response.SerializeToString(),
+            "code": c.code(),
+            "initial": sorted(m for m in c.initial_metadata() if m[0] in ("x-up", "x-echo")),
+            "trailing": sorted(m for m in c.trailing_metadata() if m[0].startswith("x-")),
+        }
+    except grpc.RpcError as e:
+        trailing = dict(e.trailing_metadata() or ())
+        return {
+            "code": e.code(),
+            "details": e.details(),
+            "status": trailing.get("grpc-status-details-bin"),
+            "trailing": sorted(m for m in (e.trailing_metadata() or ()) if m[0].startswith("x-")),
+        }
+
+
+def both(chat, upstream, engine, fn):
+    """`fn(stub)` directly and through `engine`, the two results."""
+    results = []
+    for port in (upstream.port, engine.port):
+        channel, s = stub(chat, port)
+        try:
+            results.append(fn(s))
+        finally:
+            channel.close()
+    return results
+
+
+ENGINES = ["bare", "fallback", "always"]
+
+
+@pytest.fixture(params=ENGINES)
+def engine(request):
+    return request.getfixturevalue(request.param)
+
+
+def test_unary_with_metadata_is_identical(chat, upstream, engine):
+    pb, _ = chat
+    direct, through = both(
+        chat,
+        upstream,
+        engine,
+        lambda s: outcome(
+            lambda: s.GetRoom.with_call(pb.GetRoomRequest(room="lobby"), metadata=(("x-topic", "cats"),), timeout=10)
+        ),
+    )
+    assert direct["code"] == grpc.StatusCode.OK
+    assert direct["initial"] == [("x-echo", "cats"), ("x-up", "1")]
+    assert direct["trailing"] == [("x-count-bin", b"\x07"), ("x-trail", "t")]
+    assert through == direct
+
+
+def test_error_with_details_and_trailers_is_identical(chat, upstream, engine):
+    pb, _ = chat
+    direct, through = both(
+        chat,
+        upstream,
+        engine,
+        lambda s: outcome(lambda: s.GetRoom.with_call(pb.GetRoomRequest(room="missing"), timeout=10)),
+    )
+    assert direct["code"] == grpc.StatusCode.NOT_FOUND
+    assert direct["details"] == "room missing: ünïcode"
+    status = status_pb2.Status.FromString(direct["status"])
+    assert status.details[0].TypeName() == "google.rpc.ResourceInfo"
+    assert ("x-bin-bin", b"\x00\x01\xff") in direct["trailing"]
+    assert through == direct
+
+
+def stream_outcome(it):
+    messages = []
+    try:
+        for m in it:
+            messages.append(m.SerializeToString())
+        return messages, it.code(), it.details(), sorted(m for m in it.trailing_metadata() if m[0].startswith("x-"))
+    except grpc.RpcError as e:
+        return messages, e.code(), e.details(), None
+
+
+@pytest.mark.parametrize("room", ["n:0", "n:200", "n:5:fail"])
+def test_server_stream_is_identical(chat, upstream, engine, room):
+    pb, _ = chat
+    direct, through = both(
+        chat, upstream, engine, lambda s: stream_outcome(s.Subscribe(pb.SubscribeRequest(room=room), timeout=10))
+    )
+    count = int(room.split(":")[1])
+    assert len(direct[0]) == count
+    assert through == direct
+
+
+def test_client_stream_with_a_large_message_is_identical(chat, upstream, engine):
+    pb, _ = chat
+
+    def upload(s):
+        def messages():
+            for i in range(40):
+                yield pb.ChatMessage(user="u", text=("x" * 1_500_000 if i == 7 else f"t{i}"), seq=i)
+
+        return outcome(lambda: s.Upload.with_call(messages(), timeout=30))
+
+    direct, through = both(chat, upstream, engine, upload)
+    assert direct["code"] == grpc.StatusCode.OK
+    assert pb.UploadSummary.FromString(direct["response"]).note.startswith("40 messages")
+    assert through == direct
+
+
+@pytest.mark.parametrize("method", ["Converse", "Talk"])
+def test_bidi_is_full_duplex(chat, upstream, engine, method):
+    """Each reply arrives before the client sends its next message: the
+    engine forwards as it goes, in both directions."""
+    pb, _ = chat
+    def converse(s):
+        outbox: list = []
+        cond = threading.Condition()
+        done = threading.Event()
+
+        def requests():
+            for i in range(20):
+                with cond:
+                    cond.notify_all()
+                yield pb.ChatMessage(user="u", text=f"hello {i}", seq=i)
+                with cond:
+                    if not cond.wait_for(lambda: len(outbox) > i, timeout=10):
+                        return
+            done.set()
+
+        call = getattr(s, method)(requests(), timeout=30)
+        for reply in call:
+            with cond:
+                outbox.append(reply.SerializeToString())
+                cond.notify_all()
+        return outbox, call.code(), done.is_set()
+
+    direct, through = both(chat, upstream, engine, converse)
+    assert direct[1] == grpc.StatusCode.OK and direct[2], direct
+    assert len(direct[0]) == 20
+    assert through == direct
+
+
+def test_deadline_is_forwarded_and_kept(chat, upstream, engine):
+    pb, _ = chat
+    channel, s = stub(chat, engine.port)
+    try:
+        upstream.remaining.clear()
+        s.GetRoom(pb.GetRoomRequest(room="deadline"), timeout=3)
+        assert upstream.remaining and upstream.remaining[-1] is not None
+        assert 1.0 < upstream.remaining[-1] <= 3.0
+        start = time.monotonic()
+        with pytest.raises(grpc.RpcError) as e:
+            s.GetRoom(pb.GetRoomRequest(room="slow"), timeout=0.4)
+        assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert time.monotonic() - start < 1.5
+    finally:
+        channel.close()
+
+
+def test_request_metadata_is_forwarded_and_hop_by_hop_is_not(chat, upstream, engine):
+    pb, _ = chat
+    channel, s = stub(chat, engine.port)
+    try:
+        md = (("x-one", "1"), ("x-many", "a"), ("x-many", "b"), ("authorization", "Bearer t"), ("x-b-bin", b"\x00\xff"))
+        s.GetRoom(pb.GetRoomRequest(room="md"), metadata=md, timeout=10)
+    finally:
+        channel.close()
+    seen = upstream.metadata["md"]
+    for m in md:
+        assert m in seen, (m, seen)
+    assert [v for k, v in seen if k == "x-many"] == ["a", "b"]
+    names = {k for k, _ in seen}
+    assert not names & {"connection", "te", "grpc-timeout", "host"}
+
+
+def test_cancellation_reaches_the_upstream(chat, upstream, engine):
+    pb, _ = chat
+    upstream.cancelled.clear()
+    channel, s = stub(chat, engine.port)
+    try:
+        call = s.Subscribe(pb.SubscribeRequest(room="forever"), timeout=30)
+        next(call)
+        call.cancel()
+    finally:
+        channel.close()
+    assert upstream.cancelled.wait(5), "the upstream's stream went on after the client cancelled"
+
+
+def test_unreachable_upstream_is_unavailable_naming_it(chat, tmp_path_factory):
+    pb, _ = chat
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    empty = tmp_path_factory.mktemp("empty-unreachable")
+    url = f"http://127.0.0.1:{port}"
+    srv = start_engine(tmp_path_factory, "unreachable", ["--protos", str(empty), "--rules", str(empty), "--upstream", url])
+    try:
+        channel, s = stub(chat, srv.port)
+        for _ in range(2):
+            start = time.monotonic()
+            with pytest.raises(grpc.RpcError) as e:
+                s.GetRoom(pb.GetRoomRequest(room="x"), timeout=10)
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert url in e.value.details()
+            assert time.monotonic() - start < 5
+        channel.close()
+    finally:
+        engine_process.stop(srv.proc)
+
+
+def test_fallback_answers_from_rules_first(chat, upstream, fallback, always):
+    pb, _ = chat
+    for srv, expected in ((fallback, "from the mock"), (always, "upstream: none")):
+        channel, s = stub(chat, srv.port)
+        try:
+            assert s.GetRoom(pb.GetRoomRequest(room="general"), timeout=10).topic == expected
+            assert s.GetRoom(pb.GetRoomRequest(room="other"), timeout=10).topic == "upstream: none"
+            three = [pb.ChatMessage(text=f"{i}") for i in range(3)]
+            note = s.Upload(iter(three), timeout=10).note
+            assert note == ("three, from the mock" if srv is fallback else "3 messages, 3 bytes, first 0")
+            assert s.Upload(iter(three[:2]), timeout=10).note == "2 messages, 2 bytes, first 0"
+            items = [m.text for m in s.Subscribe(pb.SubscribeRequest(room="general"), timeout=10)]
+            assert items == (["one", "two"] if srv is fallback else ["m0", "m1", "m2"])
+        finally:
+            channel.close()
+
+
+@pytest.fixture(scope="module")
+def buf() -> str:
+    configured = os.environ.get("WIRESTUB_BUF")
+    path = Path(configured) if configured else REPO_ROOT / "node_modules" / ".bin" / "buf"
+    if not path.is_absolute():
+        path = REPO_ROOT / path
+    if not path.exists():
+        pytest.fail(f"buf not found at {path}: run tests/python/run.sh, which installs it with npm")
+    return str(path)
+
+
+@pytest.mark.parametrize("protocol", ["connect", "grpcweb"])
+def test_browser_protocols_reach_a_grpc_upstream(buf, fallback, protocol):
+    """Connect (JSON) and gRPC-Web calls no rule answers go to the upstream
+    as gRPC and its answer comes back in the client's protocol."""
+    cmd = [
+        buf,
+        "curl",
+        "--schema",
+        str(PROTOS),
+        "--protocol",
+        protocol,
+        "--http2-prior-knowledge",
+        "-H",
+        "x-topic: dogs",
+        "-d",
+        json.dumps({"room": "elsewhere"}),
+        f"http://127.0.0.1:{fallback.port}/chat.v1.Chat/GetRoom",
+    ]
+    run = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=BUF_TIMEOUT)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout) == {"room": "elsewhere", "topic": "upstream: dogs"}
