@@ -185,6 +185,25 @@ def fallback(tmp_path_factory, upstream):
 
 
 @pytest.fixture(scope="module")
+def bare_h2(tmp_path_factory, upstream):
+    empty = tmp_path_factory.mktemp("empty-h2")
+    srv = start_engine(
+        tmp_path_factory,
+        "bare-h2",
+        ["--http2", "h2", "--protos", str(empty), "--rules", str(empty), "--upstream", f"http://127.0.0.1:{upstream.port}"],
+    )
+    yield srv
+    engine_process.stop(srv.proc)
+
+
+@pytest.fixture(scope="module")
+def fallback_h2(tmp_path_factory, upstream):
+    srv = start_engine(tmp_path_factory, "fallback-h2", ["--http2", "h2", *mocked_args(upstream)])
+    yield srv
+    engine_process.stop(srv.proc)
+
+
+@pytest.fixture(scope="module")
 def always(tmp_path_factory, upstream):
     srv = start_engine(tmp_path_factory, "always", [*mocked_args(upstream), "--upstream-mode", "always"])
     yield srv
@@ -231,7 +250,8 @@ def both(chat, upstream, engine, fn):
     return results
 
 
-ENGINES = ["bare", "fallback", "always"]
+# Each on the engine's own HTTP/2 stack, and the first two on the h2 crate's.
+ENGINES = ["bare", "fallback", "always", "bare_h2", "fallback_h2"]
 
 
 @pytest.fixture(params=ENGINES)
@@ -348,7 +368,8 @@ def test_deadline_is_forwarded_and_kept(chat, upstream, engine):
         upstream.remaining.clear()
         s.GetRoom(pb.GetRoomRequest(room="deadline"), timeout=3)
         assert upstream.remaining and upstream.remaining[-1] is not None
-        assert 1.0 < upstream.remaining[-1] <= 3.0
+        # grpc-timeout travels in whole units, rounded: a few ms either way.
+        assert 1.0 < upstream.remaining[-1] <= 3.05
         start = time.monotonic()
         with pytest.raises(grpc.RpcError) as e:
             s.GetRoom(pb.GetRoomRequest(room="slow"), timeout=0.4)
@@ -409,19 +430,25 @@ def test_unreachable_upstream_is_unavailable_naming_it(chat, tmp_path_factory):
         engine_process.stop(srv.proc)
 
 
-def test_fallback_answers_from_rules_first(chat, upstream, fallback, always):
+def test_fallback_answers_from_rules_first(chat, upstream, fallback, fallback_h2, always):
     pb, _ = chat
-    for srv, expected in ((fallback, "from the mock"), (always, "upstream: none")):
+    for srv, expected in ((fallback, "from the mock"), (fallback_h2, "from the mock"), (always, "upstream: none")):
+        mocked = srv is not always
         channel, s = stub(chat, srv.port)
         try:
             assert s.GetRoom(pb.GetRoomRequest(room="general"), timeout=10).topic == expected
             assert s.GetRoom(pb.GetRoomRequest(room="other"), timeout=10).topic == "upstream: none"
             three = [pb.ChatMessage(text=f"{i}") for i in range(3)]
             note = s.Upload(iter(three), timeout=10).note
-            assert note == ("three, from the mock" if srv is fallback else "3 messages, 3 bytes, first 0")
+            assert note == ("three, from the mock" if mocked else "3 messages, 3 bytes, first 0")
             assert s.Upload(iter(three[:2]), timeout=10).note == "2 messages, 2 bytes, first 0"
             items = [m.text for m in s.Subscribe(pb.SubscribeRequest(room="general"), timeout=10)]
-            assert items == (["one", "two"] if srv is fallback else ["m0", "m1", "m2"])
+            assert items == (["one", "two"] if mocked else ["m0", "m1", "m2"])
+            # Duplex: the first message decides whose the call is.
+            talk = [m.text for m in s.Talk(iter([pb.ChatMessage(text="ping"), pb.ChatMessage(text="ping")]), timeout=10)]
+            assert talk == (["pong", "pong"] if mocked else ["gnip", "gnip"])
+            talk = [m.text for m in s.Talk(iter([pb.ChatMessage(text="hello"), pb.ChatMessage(text="ping")]), timeout=10)]
+            assert talk == ["olleh", "gnip"]
         finally:
             channel.close()
 
@@ -437,10 +464,13 @@ def buf() -> str:
     return str(path)
 
 
+@pytest.mark.parametrize("http", ["http1.1", "http2"])
 @pytest.mark.parametrize("protocol", ["connect", "grpcweb"])
-def test_browser_protocols_reach_a_grpc_upstream(buf, fallback, protocol):
+@pytest.mark.parametrize("stack", ["fallback", "fallback_h2"])
+def test_browser_protocols_reach_a_grpc_upstream(request, buf, stack, protocol, http):
     """Connect (JSON) and gRPC-Web calls no rule answers go to the upstream
     as gRPC and its answer comes back in the client's protocol."""
+    srv = request.getfixturevalue(stack)
     cmd = [
         buf,
         "curl",
@@ -448,12 +478,12 @@ def test_browser_protocols_reach_a_grpc_upstream(buf, fallback, protocol):
         str(PROTOS),
         "--protocol",
         protocol,
-        "--http2-prior-knowledge",
+        *(["--http2-prior-knowledge"] if http == "http2" else []),
         "-H",
         "x-topic: dogs",
         "-d",
         json.dumps({"room": "elsewhere"}),
-        f"http://127.0.0.1:{fallback.port}/chat.v1.Chat/GetRoom",
+        f"http://127.0.0.1:{srv.port}/chat.v1.Chat/GetRoom",
     ]
     run = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=BUF_TIMEOUT)
     assert run.returncode == 0, run.stderr

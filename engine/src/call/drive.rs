@@ -12,6 +12,7 @@
 //! buffer, hands its delayed and streamed answers to [`respond`] and its
 //! duplex calls to [`duplex`].
 
+use super::forward::{self, Forward};
 use super::matcher::{Closest, Messages, Metadata};
 use super::{deadline_exceeded, fault_fires, pick_explained, prepare_fault, sleep_until, Answer, Schedule};
 use crate::protocol::grpc::{Code, Status};
@@ -113,6 +114,8 @@ pub struct Call<'m, 'r, M: Metadata + ?Sized, R: Report> {
     /// The client speaks the JSON codec: answers go out transcoded.
     pub json: bool,
     pub record: &'r mut R,
+    /// Where the call goes when no rule answers it (`--upstream`).
+    pub upstream: Option<Forward<'m>>,
 }
 
 /// Runs one call to its end: reads the request, picks the answer, sends it.
@@ -123,16 +126,23 @@ where
     O: Outbound,
     R: Report,
 {
-    let Call { method, metadata, deadline, ok, json, record } = call;
-    if method.plan.duplex {
-        return duplex(Call { method, metadata, deadline, ok, json, record }, input, out).await;
+    let Call { method, metadata, deadline, ok, json, record, upstream } = call;
+    if let Some(f) = upstream.filter(|f| f.from_start(method)) {
+        return forward::run(f, Vec::new(), input, out, record).await;
     }
+    if method.plan.duplex {
+        return duplex(Call { method, metadata, deadline, ok, json, record, upstream }, input, out).await;
+    }
+    let keep_all = upstream.is_some();
     let picked = tokio::select! {
-        r = pick(method, metadata, input, &mut *record) => r,
+        r = pick(method, metadata, input, &mut *record, keep_all) => r,
         _ = sleep_until(deadline) => Err(deadline_exceeded().into()),
     };
     match picked {
-        Ok(answer) => {
+        Ok((answer, read)) => {
+            if let Some(f) = upstream.filter(|_| answer.rule.is_none()) {
+                return forward::run(f, read, input, out, record).await;
+            }
             record.rule(answer.rule, answer.closest);
             let delay = answer.prepared.draw_delay();
             respond(answer, delay, deadline, method, json, out, record).await
@@ -141,13 +151,16 @@ where
     }
 }
 
-/// Reads a unary or client-streaming request and picks its answer.
+/// Reads a unary or client-streaming request and picks its answer; with
+/// `keep_all`, also gives back every request message read (for the
+/// upstream, should no rule answer).
 async fn pick<'m, M, I, R>(
     method: &'m ServedMethod,
     metadata: &M,
     input: &mut I,
     record: &mut R,
-) -> Result<Answer<'m>, Stop<'m>>
+    keep_all: bool,
+) -> Result<(Answer<'m>, Vec<Bytes>), Stop<'m>>
 where
     M: Metadata + ?Sized,
     I: Inbound,
@@ -164,7 +177,8 @@ where
                 return Err(Status::new(Code::Unimplemented, more).into());
             }
             let one = [&m[..]];
-            Ok(pick_explained(method, &Messages::one(&one), metadata, record.explain())?)
+            let answer = pick_explained(method, &Messages::one(&one), metadata, record.explain())?;
+            Ok((answer, if keep_all { vec![m] } else { Vec::new() }))
         }
         MethodKind::ClientStreaming | MethodKind::BidiStreaming => {
             let mut head: Vec<Bytes> = Vec::new();
@@ -173,7 +187,7 @@ where
             while let Some(m) = input.next().await? {
                 count += 1;
                 record.message(&m);
-                if head.len() < method.keep {
+                if keep_all || head.len() < method.keep {
                     head.push(m);
                 } else {
                     last = Some(m);
@@ -182,7 +196,8 @@ where
             let refs: Vec<&[u8]> = head.iter().map(|b| &b[..]).collect();
             let last = last.as_deref().or(refs.last().copied());
             let messages = Messages { head: &refs, last, count };
-            Ok(pick_explained(method, &messages, metadata, record.explain())?)
+            let answer = pick_explained(method, &messages, metadata, record.explain())?;
+            Ok((answer, head))
         }
     }
 }
@@ -292,13 +307,19 @@ where
     O: Outbound,
     R: Report,
 {
-    let Call { method, metadata, deadline, ok, json, record } = call;
+    let Call { method, metadata, deadline, ok, json, record, upstream } = call;
     let work = async {
         let mut head_sent = false;
         while let Some(m) = input.next().await? {
             record.message(&m);
             let one = [&m[..]];
             let answer = pick_explained(method, &Messages::one(&one), metadata, record.explain())?;
+            if let Some(f) = upstream.filter(|_| answer.rule.is_none() && !head_sent) {
+                // No rule answers the first message: the call is the
+                // upstream's from here on.
+                forward::run(f, vec![m], input, out, record).await;
+                return Err(Stop::Gone);
+            }
             record.rule(answer.rule, answer.closest);
             let prepared = answer.prepared;
             let delay = prepared.draw_delay();

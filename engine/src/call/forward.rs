@@ -20,10 +20,10 @@
 use super::drive::{Halt, Inbound, Outbound, Report};
 use super::{deadline_exceeded, sleep_until};
 use crate::codec::json::JsonCodec;
-use crate::config::Upstream;
+use crate::config::{Upstream, UpstreamMode};
 use crate::protocol::compression::{self, Encoding};
 use crate::protocol::grpc::{Code, Status};
-use crate::served::{prepare, status_answer, Prepared};
+use crate::served::{prepare, status_answer, Prepared, ServedMethod};
 use crate::upstream;
 use bytes::{BufMut, Bytes, BytesMut};
 use h2::SendStream;
@@ -32,6 +32,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 /// What a forwarded call needs besides its messages.
+#[derive(Clone, Copy)]
 pub struct Forward<'a> {
     pub upstream: &'a Upstream,
     /// `/package.Service/Method`.
@@ -42,6 +43,22 @@ pub struct Forward<'a> {
     /// The client speaks the JSON codec: response messages go out
     /// transcoded with the method's mapping.
     pub json: Option<&'a JsonCodec>,
+}
+
+impl Forward<'_> {
+    /// Whether the call goes to the upstream before any rule is tried:
+    /// every call in `--upstream-mode always`, and calls to a method
+    /// without rules (one the plan lacks among them), which no rule can
+    /// answer; these are forwarded as they come, message by message.
+    pub fn from_start(&self, method: &ServedMethod) -> bool {
+        self.upstream.mode == UpstreamMode::Always || method.plan.rules.is_empty()
+    }
+}
+
+/// Every metadata entry of a request head, in order, as [`Forward`]
+/// takes them.
+pub fn metadata_of(headers: &http::HeaderMap) -> Vec<(Box<str>, Bytes)> {
+    headers.iter().map(|(n, v)| (n.as_str().into(), Bytes::copy_from_slice(v.as_bytes()))).collect()
 }
 
 /// Response headers the engine does not relay: connection-specific ones,

@@ -18,7 +18,8 @@ use wirestub_plan::MethodKind;
 #[derive(Debug)]
 pub struct Setup {
     pub dialect: Dialect,
-    /// The method's position in the plan.
+    /// The method's position in the plan ([`Served::at`]: past the last
+    /// for a method the plan lacks, forwarded to the upstream).
     pub method: usize,
     pub deadline: Option<Instant>,
     /// How request messages are compressed.
@@ -89,8 +90,14 @@ pub fn check(
             _ => return Err(Refusal::Http(415)),
         }
     };
-    let Some(m) = m else {
-        return Err(Refusal::Status(dialect, Status::new(Code::Unimplemented, format!("unknown method {path}"))));
+    let m = match m {
+        Some(m) => m,
+        // Forwarded as it comes: messages in envelopes, as bytes.
+        None if config.upstream.is_some() && dialect.enveloped() && dialect.codec == Codec::Proto => &served.forwarded,
+        None => {
+            let status = Status::new(Code::Unimplemented, format!("unknown method {path}"));
+            return Err(Refusal::Status(dialect, status));
+        }
     };
     let unary = m.plan.kind == MethodKind::Unary && !m.plan.duplex;
     if get.is_some() && !(unary && m.no_side_effects) {

@@ -725,6 +725,11 @@ impl Served {
         }
     }
 
+    /// The method at `position`; [`Served::forwarded`] past the last.
+    pub fn at(&self, position: usize) -> &ServedMethod {
+        self.methods.get(position).unwrap_or(&self.forwarded)
+    }
+
     pub fn method(&self, path: &str) -> Option<&ServedMethod> {
         self.by_path.get(path).map(|&i| &self.methods[i])
     }

@@ -7,6 +7,7 @@
 
 use crate::budget::{Held, H2_CALL_COST};
 use crate::call::drive::{self, Call, Gone, Inbound, Outbound, Report};
+use crate::call::forward::{self, Forward};
 use crate::call::{deadline_exceeded, sleep_until};
 use crate::config::Config;
 use crate::observe::record::CallRecord;
@@ -256,7 +257,7 @@ async fn call(
         }
     };
     let head::Setup { dialect, method: index, deadline, encoding, compress, query } = setup;
-    let method = &served.methods[index];
+    let method = served.at(index);
     // The call's state counts in the budget of bytes held for calls.
     let mut call_held = Held::new(config.max_buffered);
     if let Err(s) = call_held.grow(H2_CALL_COST) {
@@ -283,7 +284,13 @@ async fn call(
         match method.builtin {
             Some(b) => builtin(state, &generation, b, deadline, &mut input, &mut responder, &mut record).await,
             None => {
-                let call = Call { method, metadata: headers, deadline, ok: &served.ok, json, record: &mut record };
+                let forwarded = config.upstream.as_ref().map(|_| forward::metadata_of(headers));
+                let upstream = config.upstream.as_deref().zip(forwarded.as_deref()).map(|(upstream, metadata)| {
+                    let json = method.json.as_ref().filter(|_| json);
+                    Forward { upstream, path, metadata, deadline, json }
+                });
+                let ok = &served.ok;
+                let call = Call { method, metadata: headers, deadline, ok, json, record: &mut record, upstream };
                 drive::run(call, &mut input, &mut responder).await
             }
         }

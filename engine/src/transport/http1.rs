@@ -12,6 +12,7 @@
 //! bytes held for requests (`--max-buffered-bytes`).
 
 use crate::call::drive::{self, Call, Gone};
+use crate::call::forward::{self, Forward};
 use crate::config::Config;
 use crate::observe::record::CallRecord;
 use crate::protocol::grpc::{Code, Status};
@@ -207,6 +208,7 @@ async fn call(req: Request<Incoming>, ctx: &Rc<Ctx>) -> Response<CallBody> {
         }
     };
     let Setup { dialect, method: index, deadline, encoding, compress, query } = setup;
+    let path = path.to_string();
     let pipe = Rc::new(RefCell::new(Pipe::default()));
     let sink = PipeSink(pipe.clone());
     let config = ctx.config.clone();
@@ -218,7 +220,7 @@ async fn call(req: Request<Incoming>, ctx: &Rc<Ctx>) -> Response<CallBody> {
     let driver = async move {
         let _guard = guard;
         let generation = generation;
-        let method = &generation.served.methods[index];
+        let method = generation.served.at(index);
         let stats = config.metrics.then(|| generation.stats.worker(crate::observe::metrics::worker()));
         let mut record = CallRecord::start(stats, state.journal.as_ref(), &generation, index, dialect.name(), &headers);
         let source = match query {
@@ -233,7 +235,12 @@ async fn call(req: Request<Incoming>, ctx: &Rc<Ctx>) -> Response<CallBody> {
         let mut out = Responder::new(dialect, sink);
         out.compress = compress;
         let ok = &generation.served.ok;
-        let call = Call { method, metadata: &headers, deadline, ok, json, record: &mut record };
+        let forwarded = config.upstream.as_ref().map(|_| forward::metadata_of(&headers));
+        let upstream = config.upstream.as_deref().zip(forwarded.as_deref()).map(|(upstream, metadata)| {
+            let json = method.json.as_ref().filter(|_| json);
+            Forward { upstream, path: &path, metadata, deadline, json }
+        });
+        let call = Call { method, metadata: &headers, deadline, ok, json, record: &mut record, upstream };
         drive::run(call, &mut input, &mut out).await;
     };
     respond(pipe, Box::pin(driver), done).await

@@ -200,21 +200,25 @@ pub(super) async fn respond<'s>(h: Handle<'s>, answer: Answer<'s>, delay: Durati
 /// queue of request messages (reflection is answered here, message by
 /// message).
 pub(super) async fn duplex<'s>(h: Handle<'s>, deadline: Option<Instant>) {
-    let Some((method, metadata, json, ok)) = h.with(|c| {
-        let s = c.streams.get(&h.id)?;
+    let Some((method, metadata, json, ok, forwarding)) = h.with(|c| {
+        let s = c.streams.get_mut(&h.id)?;
         // The metadata rules read, out of the connection's state for the
         // length of the call.
-        Some((s.method, s.metadata.clone(), s.dialect.codec == Codec::Json, &c.served.ok))
+        Some((s.method, s.metadata.clone(), s.dialect.codec == Codec::Json, &c.served.ok, s.forward.take()))
     }) else {
         return;
     };
+    let upstream = h.with(|c| c.config.upstream.as_deref()).zip(forwarding.as_deref()).map(|(upstream, f)| {
+        let json = method.json.as_ref().filter(|_| json);
+        forward::Forward { upstream, path: &f.path, metadata: &f.metadata, deadline, json }
+    });
     if method.builtin == Some(Builtin::Reflection) {
         return reflect(h, deadline).await;
     }
     let mut input = NativeIn(h.clone());
     let mut out = NativeOut(h.clone());
     let mut report = NativeReport(h.clone());
-    let call = drive::Call { method, metadata: &metadata[..], deadline, ok, json, record: &mut report };
+    let call = drive::Call { method, metadata: &metadata[..], deadline, ok, json, record: &mut report, upstream };
     tokio::select! {
         () = drive::duplex(call, &mut input, &mut out) => {}
         () = h.gone() => {}
