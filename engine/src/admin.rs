@@ -68,6 +68,8 @@ pub struct Options {
     pub head_timeout: Duration,
     /// More routes (the runtime API).
     pub extension: Option<Arc<dyn Extension>>,
+    /// The upstream calls are forwarded to, for the status.
+    pub upstream: Option<Arc<crate::config::Upstream>>,
 }
 
 impl std::fmt::Debug for Options {
@@ -82,7 +84,7 @@ impl std::fmt::Debug for Options {
 
 impl Default for Options {
     fn default() -> Options {
-        Options { token: None, head_timeout: DEFAULT_HEAD_TIMEOUT, extension: None }
+        Options { token: None, head_timeout: DEFAULT_HEAD_TIMEOUT, extension: None, upstream: None }
     }
 }
 

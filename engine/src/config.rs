@@ -73,7 +73,7 @@ pub enum UpstreamMode {
 }
 
 /// A real gRPC server (`--upstream URL` and its TLS options).
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Upstream {
     /// As given, for messages (`http://host:port`).
     pub url: String,
@@ -90,6 +90,18 @@ pub struct Upstream {
     pub connect_timeout: Duration,
     /// Largest response message taken from the upstream.
     pub max_message: usize,
+    /// How its connections are doing, for the admin status.
+    pub health: Arc<UpstreamHealth>,
+}
+
+/// The state of an upstream's connections, over all workers.
+#[derive(Debug, Default)]
+pub struct UpstreamHealth {
+    /// Connections open now.
+    pub open: std::sync::atomic::AtomicUsize,
+    /// The last failure to connect (when, and why), cleared by the next
+    /// connection made.
+    pub last_error: std::sync::Mutex<Option<(std::time::SystemTime, String)>>,
 }
 
 /// The HTTP/2 implementation connections are served with.

@@ -488,3 +488,87 @@ def test_browser_protocols_reach_a_grpc_upstream(request, buf, stack, protocol, 
     run = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=BUF_TIMEOUT)
     assert run.returncode == 0, run.stderr
     assert json.loads(run.stdout) == {"room": "elsewhere", "topic": "upstream: dogs"}
+
+
+def admin_get(port: int, path: str):
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as r:
+        body = r.read().decode()
+    return json.loads(body) if path.startswith("/admin") else body
+
+
+@pytest.mark.parametrize("stack", ["native", "h2"])
+def test_journal_metrics_and_status_show_forwarded_calls(chat, upstream, tmp_path, stack):
+    """Forwarded calls are journaled with their path and the upstream's
+    latency, counted per method (calls to methods the plan lacks under
+    `(unknown)`), and the admin status shows the upstream's state."""
+    pb, _ = chat
+    args = [
+        "run",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--http2",
+        stack,
+        "--journal",
+        "100",
+        "--protos",
+        str(PROTOS),
+        "--rules",
+        str(FIXTURES / "rules"),
+        "--upstream",
+        f"http://127.0.0.1:{upstream.port}",
+    ]
+    proc, port, admin, _ = engine_process.start_with_admin(args, tmp_path)
+    try:
+        status = admin_get(admin, "/admin/status")["upstream"]
+        assert status["url"] == f"http://127.0.0.1:{upstream.port}" and status["mode"] == "fallback"
+        assert status["state"] == "not connected"
+        channel, s = stub(chat, port)
+        try:
+            assert s.GetRoom(pb.GetRoomRequest(room="general"), timeout=10).topic == "from the mock"
+            assert s.GetRoom(pb.GetRoomRequest(room="other"), timeout=10).topic == "upstream: none"
+            with pytest.raises(grpc.RpcError):
+                s.GetRoom(pb.GetRoomRequest(room="missing"), timeout=10)
+        finally:
+            channel.close()
+        # A method the plan lacks: the plan knows Chat, so call a path of its own.
+        unknown = channel_call_unknown(port)
+        assert unknown == grpc.StatusCode.UNIMPLEMENTED
+        status = admin_get(admin, "/admin/status")["upstream"]
+        assert status["state"] == "connected" and status["connections"] >= 1, status
+        entries = admin_get(admin, "/admin/journal")["entries"]
+        by_room = {}
+        for e in entries:
+            by_room.setdefault(e["method"], []).append(e)
+        rooms = by_room["/chat.v1.Chat/GetRoom"]
+        mocked = [e for e in rooms if "upstream" not in e]
+        forwarded = [e for e in rooms if "upstream" in e]
+        assert len(mocked) == 1 and mocked[0]["rule"] is not None
+        assert len(forwarded) == 2
+        assert all(e["upstream"]["latency_ms"] > 0 and not e["upstream"]["failed"] for e in forwarded)
+        assert sorted(e["status"]["code"] for e in forwarded) == [0, 5]
+        assert by_room["/chat.v1.Nowhere/Missing"][0]["upstream"]["failed"] is False
+        unmatched = admin_get(admin, "/admin/journal/unmatched")["entries"]
+        assert unmatched == [], "forwarded calls are not unmatched"
+        metrics = admin_get(admin, "/metrics")
+        assert 'wirestub_upstream_calls_total{grpc_service="chat.v1.Chat",grpc_method="GetRoom"} 2' in metrics
+        assert 'wirestub_upstream_errors_total{grpc_service="chat.v1.Chat",grpc_method="GetRoom"} 0' in metrics
+        assert 'wirestub_upstream_calls_total{grpc_service="(unknown)",grpc_method="(unknown)"} 1' in metrics
+    finally:
+        engine_process.stop(proc)
+
+
+def channel_call_unknown(port: int):
+    """A unary call to a method neither the plan nor the upstream has:
+    the upstream's UNIMPLEMENTED comes back."""
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        call = channel.unary_unary("/chat.v1.Nowhere/Missing")
+        with pytest.raises(grpc.RpcError) as e:
+            call(b"", timeout=10)
+        return e.value.code()
+    finally:
+        channel.close()

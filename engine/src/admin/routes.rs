@@ -295,6 +295,7 @@ fn status(state: &State, options: &Options) -> Response {
             "workers": state.workers,
             "draining": state.is_draining(),
             "runtime": options.extension.as_ref().map(|e| e.status()),
+            "upstream": options.upstream.as_ref().map(|u| u.status()),
         }),
     )
 }

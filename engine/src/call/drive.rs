@@ -59,6 +59,10 @@ pub trait Report {
     fn rule(&mut self, rule: Option<u32>, closest: Option<Closest>);
     /// The status the call ends with.
     fn status(&mut self, code: u8, message: &str);
+    /// The call went to the upstream (`path`), which took `latency` to
+    /// answer; `failed`: the engine ended it (the upstream unreachable, or
+    /// failing mid-call).
+    fn forwarded(&mut self, path: &str, latency: Duration, failed: bool);
 }
 
 /// The client has left: nothing more can be sent.

@@ -139,10 +139,13 @@ pub async fn run<I: Inbound, O: Outbound, R: Report>(
             end = requests => end,
         }
     };
+    let started = Instant::now();
     let end = tokio::select! {
         end = work => end,
         _ = sleep_until(f.deadline) => End::Status(deadline_exceeded()),
     };
+    let failed = matches!(&end, End::Status(s) if s.code == Code::Unavailable || s.code == Code::Internal);
+    record.forwarded(f.path, started.elapsed(), failed);
     let owned;
     let p = match end {
         End::Gone => return,

@@ -66,6 +66,20 @@ pub struct Entry {
     pub closest: Option<Closest>,
     /// The protocol that carried it: `grpc`, `grpc-web` or `connect`.
     pub protocol: &'static str,
+    /// For a call forwarded to the upstream: how it went there.
+    pub upstream: Option<Box<Upstreamed>>,
+}
+
+/// A call forwarded to the upstream, as the journal keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstreamed {
+    /// The path called (a method the plan lacks has no other record of it).
+    pub path: Box<str>,
+    /// From opening the call on the upstream to the end of its answer.
+    pub latency: Duration,
+    /// The engine ended the call itself (the upstream could not be reached,
+    /// or failed mid-call), rather than relaying the upstream's status.
+    pub failed: bool,
 }
 
 /// The per-call limits new recordings start with ([`RequestMessages::default`]):
@@ -861,7 +875,7 @@ impl Entry {
     /// A call to a method of the plan that no rule answered (the engine's
     /// own health and reflection services answer without rules).
     pub fn unmatched(&self) -> bool {
-        self.rule.is_none() && self.served().is_none_or(|m| m.builtin.is_none())
+        self.rule.is_none() && self.upstream.is_none() && self.served().is_none_or(|m| m.builtin.is_none())
     }
 
     /// The call's test session: its `x-wirestub-session`, else its
@@ -879,7 +893,11 @@ impl Entry {
 
     /// The method's path, `/pkg.Service/Method`.
     pub fn path(&self) -> &str {
-        self.served().map(|m| m.plan.path.as_str()).unwrap_or("")
+        match (&self.upstream, self.served()) {
+            (Some(u), _) => &u.path,
+            (None, Some(m)) => m.plan.path.as_str(),
+            (None, None) => "",
+        }
     }
 
     /// The values of metadata `key` as shown in the JSON view.
@@ -990,7 +1008,9 @@ impl Entry {
             }),
             _ => Json::Null,
         };
-        if self.rule.is_none() {
+        if let Some(u) = &self.upstream {
+            out["upstream"] = json!({"latency_ms": u.latency.as_secs_f64() * 1000.0, "failed": u.failed});
+        } else if self.rule.is_none() {
             out["closest"] = self.closest_json();
         }
         out
@@ -1524,6 +1544,7 @@ pub(crate) mod fixture {
             latency: Duration::from_micros(1500),
             closest,
             protocol: "grpc",
+            upstream: None,
         }
     }
 }

@@ -108,8 +108,12 @@ const HANDLED: usize = 1; // 17 codes
 const BUCKET: usize = HANDLED + 17; // 11 bounds + +Inf
 const SUM_MICROS: usize = BUCKET + 12;
 const MISSES: usize = SUM_MICROS + 1;
-const STRIDE: usize = 32;
-const _: () = assert!(MISSES < STRIDE);
+const FORWARDED: usize = MISSES + 1;
+const UPSTREAM_ERRORS: usize = FORWARDED + 1;
+const STRIDE: usize = 34;
+const _: () = assert!(UPSTREAM_ERRORS < STRIDE);
+/// The service and method labels of calls to methods the plan lacks.
+const UNKNOWN: &str = "(unknown)";
 /// Counters kept clear of a block's neighbours (one cache line each side).
 const PAD: usize = 8;
 /// The protocols calls are counted by, in the order of their counters.
@@ -211,6 +215,19 @@ impl WorkerStats<'_> {
     }
 }
 
+impl WorkerStats<'_> {
+    /// A call to method `m` went to the upstream; `failed`: the engine
+    /// could not reach it or it failed mid-call.
+    pub fn forwarded(&self, m: usize, failed: bool) {
+        let Some(base) = m.checked_mul(STRIDE) else { return };
+        let Some(cells) = self.cells.get(PAD + base..PAD + base + STRIDE) else { return };
+        bump(&cells[FORWARDED], 1);
+        if failed {
+            bump(&cells[UPSTREAM_ERRORS], 1);
+        }
+    }
+}
+
 fn split_path(path: &str) -> (String, String) {
     match path.strip_prefix('/').and_then(|p| p.split_once('/')) {
         Some((s, m)) => (s.to_string(), m.to_string()),
@@ -220,11 +237,17 @@ fn split_path(path: &str) -> (String, String) {
 
 impl Stats {
     pub fn new(workers: usize, served: &Served) -> Stats {
+        // The last block counts the calls to methods the plan lacks that
+        // went to the upstream (`Served::forwarded`).
         let methods: Vec<MethodLabels> = served
             .methods
             .iter()
+            .chain(std::iter::once(&served.forwarded))
             .map(|m| {
-                let (service, method) = split_path(&m.plan.path);
+                let (service, method) = match m.plan.path.is_empty() {
+                    true => (UNKNOWN.to_string(), UNKNOWN.to_string()),
+                    false => split_path(&m.plan.path),
+                };
                 let kind = match m.plan.kind {
                     wirestub_plan::MethodKind::Unary => "unary",
                     wirestub_plan::MethodKind::ServerStreaming => "server_stream",
@@ -271,13 +294,16 @@ impl Stats {
     fn fold_into(&self, totals: &mut Totals) {
         let sum = self.sum();
         for (i, m) in self.methods.iter().enumerate() {
+            let base = PAD + i * STRIDE;
+            if m.service == UNKNOWN && sum[base..base + STRIDE].iter().all(|&n| n == 0) {
+                continue;
+            }
             let t = totals.methods.entry((m.service.clone(), m.method.clone())).or_insert_with(|| MethodTotals {
                 kind: m.kind,
                 counters: [0; STRIDE],
                 rules: BTreeMap::new(),
             });
             t.kind = m.kind;
-            let base = PAD + i * STRIDE;
             for (k, c) in t.counters.iter_mut().enumerate() {
                 *c += sum[base + k];
             }
@@ -291,7 +317,7 @@ impl Stats {
     }
 }
 
-#[derive(Default, Clone)]
+#[derive(Clone)]
 struct MethodTotals {
     kind: &'static str,
     counters: [u64; STRIDE],
@@ -473,6 +499,24 @@ fn render(totals: &Totals) -> String {
             escape(m),
             t.counters[MISSES]
         );
+    }
+    out.push_str("# HELP wirestub_upstream_calls_total Calls forwarded to the upstream.\n");
+    out.push_str("# TYPE wirestub_upstream_calls_total counter\n");
+    let forwarded = || totals.methods.iter().filter(|(_, t)| t.counters[FORWARDED] > 0);
+    for ((s, m), t) in forwarded() {
+        let (s, m) = (escape(s), escape(m));
+        let n = t.counters[FORWARDED];
+        let _ = writeln!(out, "wirestub_upstream_calls_total{{grpc_service=\"{s}\",grpc_method=\"{m}\"}} {n}");
+    }
+    out.push_str(
+        "# HELP wirestub_upstream_errors_total Forwarded calls the engine ended itself: the upstream could not be \
+         reached or failed mid-call.\n",
+    );
+    out.push_str("# TYPE wirestub_upstream_errors_total counter\n");
+    for ((s, m), t) in forwarded() {
+        let (s, m) = (escape(s), escape(m));
+        let n = t.counters[UPSTREAM_ERRORS];
+        let _ = writeln!(out, "wirestub_upstream_errors_total{{grpc_service=\"{s}\",grpc_method=\"{m}\"}} {n}");
     }
     out.push_str("# HELP wirestub_protocol_calls_total Calls by the protocol that carried them.\n");
     out.push_str("# TYPE wirestub_protocol_calls_total counter\n");

@@ -7,7 +7,7 @@
 use crate::call::drive::Report;
 use crate::call::matcher::Closest;
 use crate::codec::percent;
-use crate::observe::journal::{Entry, Journal, RequestMessages};
+use crate::observe::journal::{Entry, Journal, RequestMessages, Upstreamed};
 use crate::observe::metrics::WorkerStats;
 use crate::served::generation::Generation;
 use bytes::Bytes;
@@ -27,6 +27,7 @@ struct Journaled<'a> {
     messages: RequestMessages,
     rule: Option<u32>,
     closest: Option<Closest>,
+    upstream: Option<Box<Upstreamed>>,
 }
 
 /// One call's record. Counted as started when made; recorded as handled
@@ -75,6 +76,7 @@ impl<'a> CallRecord<'a> {
                     messages: RequestMessages::default(),
                     rule: None,
                     closest: None,
+                    upstream: None,
                 })
             }),
         }
@@ -110,6 +112,16 @@ impl Report for CallRecord<'_> {
         self.code = code;
         self.message = percent::decode(message, false);
     }
+
+    /// The call went to the upstream.
+    fn forwarded(&mut self, path: &str, latency: std::time::Duration, failed: bool) {
+        if let Some(s) = &self.stats {
+            s.forwarded(self.method, failed);
+        }
+        if let Some(j) = &mut self.journal {
+            j.upstream = Some(Box::new(Upstreamed { path: path.into(), latency, failed }));
+        }
+    }
 }
 
 impl Drop for CallRecord<'_> {
@@ -134,6 +146,7 @@ impl Drop for CallRecord<'_> {
                 latency,
                 closest: j.closest,
                 protocol: self.protocol,
+                upstream: j.upstream,
             });
         }
     }

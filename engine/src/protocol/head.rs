@@ -18,8 +18,8 @@ use wirestub_plan::MethodKind;
 #[derive(Debug)]
 pub struct Setup {
     pub dialect: Dialect,
-    /// The method's position in the plan ([`Served::at`]: past the last
-    /// for a method the plan lacks, forwarded to the upstream).
+    /// The method's position in the plan ([`Served::at`]: one past the
+    /// last for a method the plan lacks, forwarded to the upstream).
     pub method: usize,
     pub deadline: Option<Instant>,
     /// How request messages are compressed.

@@ -478,8 +478,8 @@ pub struct Served {
     /// (health, reflection).
     pub ok: Prepared,
     /// What a call to a method the plan lacks is served as when it is
-    /// forwarded to the upstream: no rules, no metrics of its own
-    /// (`position` is past every method).
+    /// forwarded to the upstream: no rules, no path; its `position` is
+    /// one past the plan's methods (its metrics are labelled `(unknown)`).
     pub forwarded: ServedMethod,
 }
 
@@ -690,8 +690,8 @@ impl Served {
         }
         let ok = prepare(0, "", Bytes::new(), &[], &[], Duration::ZERO);
         // Calls to methods the plan lacks, forwarded to the upstream: a
-        // stream of messages either way, counted by no method's metrics.
-        let forwarded = ServedMethod::bare("", MethodKind::BidiStreaming, "", "", usize::MAX);
+        // stream of messages either way, counted past the plan's methods.
+        let forwarded = ServedMethod::bare("", MethodKind::BidiStreaming, "", "", methods.len());
         Ok(Served { methods, by_path, descriptors, ok, forwarded })
     }
 

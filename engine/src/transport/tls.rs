@@ -84,7 +84,8 @@ pub fn client_config(ca: Option<&Path>, identity: Option<(&Path, &Path)>) -> Res
         None => builder.with_no_client_auth(),
         Some((cert, key)) => {
             let chain = certificates(cert, "upstream client certificate")?;
-            builder.with_client_auth_cert(chain, private_key(key)?).map_err(|e| {
+            let private = private_key(key).map_err(|e| e.replacen("TLS key", "upstream client key", 1))?;
+            builder.with_client_auth_cert(chain, private).map_err(|e| {
                 format!("upstream client key `{}` is not usable with `{}`: {e}", key.display(), cert.display())
             })?
         }

@@ -80,9 +80,16 @@ async fn connection(up: &Upstream) -> Result<SendRequest<Bytes>, Status> {
             Err(_) => POOL.with(|p| p.borrow_mut().retain(|(k, _)| *k != key)),
         }
     }
-    let send = tokio::time::timeout(up.connect_timeout, connect(up))
+    let connected = tokio::time::timeout(up.connect_timeout, connect(up))
         .await
-        .map_err(|_| unavailable(up, format_args!("no connection within {:?}", up.connect_timeout)))??;
+        .map_err(|_| unavailable(up, format_args!("no connection within {:?}", up.connect_timeout)))
+        .and_then(|r| r);
+    let noted = match &connected {
+        Ok(_) => None,
+        Err(status) => Some((std::time::SystemTime::now(), status.message.clone())),
+    };
+    *up.health.last_error.lock().unwrap_or_else(|e| e.into_inner()) = noted;
+    let send = connected?;
     POOL.with(|p| {
         let mut p = p.borrow_mut();
         p.retain(|(k, _)| *k != key);
@@ -101,7 +108,7 @@ async fn connect(up: &Upstream) -> Result<SendRequest<Bytes>, Status> {
     match &up.tls {
         None => {
             let (send, conn) = builder.handshake(tcp).await.map_err(|e| unavailable(up, e))?;
-            tokio::spawn(async move { conn.await.ok() });
+            run(up, conn);
             Ok(send)
         }
         Some((config, name)) => {
@@ -113,10 +120,25 @@ async fn connect(up: &Upstream) -> Result<SendRequest<Bytes>, Status> {
                 return Err(unavailable(up, "TLS: the server did not agree to HTTP/2 (ALPN h2)"));
             }
             let (send, conn) = builder.handshake(tls).await.map_err(|e| unavailable(up, e))?;
-            tokio::spawn(async move { conn.await.ok() });
+            run(up, conn);
             Ok(send)
         }
     }
+}
+
+/// Runs a connection's own future (its reads and writes) as a task of
+/// this worker, counted open until it ends.
+fn run<F>(up: &Upstream, conn: F)
+where
+    F: std::future::Future + Send + 'static,
+{
+    use std::sync::atomic::Ordering::Relaxed;
+    up.health.open.fetch_add(1, Relaxed);
+    let health = up.health.clone();
+    tokio::spawn(async move {
+        conn.await;
+        health.open.fetch_sub(1, Relaxed);
+    });
 }
 
 /// Opens a call on the upstream: `path` with the client's metadata (those
@@ -182,6 +204,30 @@ pub struct Options<'a> {
     pub max_message: usize,
 }
 
+impl Upstream {
+    /// The upstream as the admin status shows it.
+    pub fn status(&self) -> serde_json::Value {
+        let open = self.health.open.load(std::sync::atomic::Ordering::Relaxed);
+        let last_error = self.health.last_error.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let state = match (open, &last_error) {
+            (0, Some(_)) => "failing",
+            (0, None) => "not connected",
+            _ => "connected",
+        };
+        serde_json::json!({
+            "url": self.url,
+            "mode": match self.mode { crate::config::UpstreamMode::Fallback => "fallback", crate::config::UpstreamMode::Always => "always" },
+            "tls": self.tls.is_some(),
+            "state": state,
+            "connections": open,
+            "last_error": last_error.map(|(at, message)| serde_json::json!({
+                "at": crate::observe::journal::rfc3339(at),
+                "message": message,
+            })),
+        })
+    }
+}
+
 /// Checks an upstream's URL (`http://HOST:PORT` or `https://HOST[:PORT]`,
 /// nothing after the authority) and builds its TLS configuration.
 pub fn configure(o: &Options<'_>) -> Result<Upstream, String> {
@@ -205,8 +251,13 @@ pub fn configure(o: &Options<'_>) -> Result<Upstream, String> {
         None => return Err(bad("a cleartext upstream needs a port (http://HOST:PORT)")),
     };
     let address = if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };
-    if !tls && (o.ca.is_some() || o.identity.is_some() || o.server_name.is_some()) {
-        return Err(bad("TLS options are given but the upstream is http://; use https://"));
+    let tls_options = [("upstream-ca", o.ca.is_some()), ("upstream-cert", o.identity.is_some())];
+    let tls_options = tls_options.into_iter().chain([("upstream-server-name", o.server_name.is_some())]);
+    if let Some((flag, _)) = tls_options.into_iter().find(|(_, given)| *given && !tls) {
+        return Err(bad(&format!("`--{flag}` is for TLS, but the upstream is http://; use https://")));
+    }
+    if host.is_empty() {
+        return Err(bad("no host"));
     }
     let tls = match tls {
         false => None,
@@ -226,5 +277,6 @@ pub fn configure(o: &Options<'_>) -> Result<Upstream, String> {
         mode: o.mode,
         connect_timeout: o.connect_timeout,
         max_message: o.max_message,
+        health: Default::default(),
     })
 }

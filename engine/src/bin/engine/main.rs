@@ -202,6 +202,7 @@ fn run(options: Options) -> Result<ExitCode, String> {
                     token,
                     head_timeout: options.admin_head_timeout,
                     extension: Some(Arc::new(wirestub_engine::runtime::api::Api { runtime: runtime.clone() })),
+                    upstream: options.server.upstream.clone(),
                 },
             )
             .map_err(|e| format!("cannot start the admin API on {addr}: {e}"))?;

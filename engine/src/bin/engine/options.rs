@@ -949,8 +949,8 @@ fn upstream(
     let identity = match (&cert, &key) {
         (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
         (None, None) => None,
-        (Some(_), None) => return Err("`--upstream-cert` needs `--upstream-key`".into()),
-        (None, Some(_)) => return Err("`--upstream-key` needs `--upstream-cert`".into()),
+        (Some(_), None) => return Err(format!("{}: `--upstream-cert` needs `--upstream-key`", url.origin)),
+        (None, Some(_)) => return Err(format!("{}: `--upstream-key` needs `--upstream-cert`", url.origin)),
     };
     let ca = get("upstream-ca").map(|r| r.path());
     let server_name = get("upstream-server-name").map(|r| r.text().to_string());

@@ -37,7 +37,19 @@ impl<'s> Conn<'s> {
             latency: s.started.elapsed(),
             closest: rec.closest,
             protocol: s.dialect.name(),
+            upstream: rec.upstream,
         });
+    }
+
+    /// Notes that a call went to the upstream (for metrics and the journal).
+    pub(super) fn note_forwarded(&mut self, id: u32, path: &str, latency: Duration, failed: bool) {
+        let Some(s) = self.streams.get_mut(&id) else { return };
+        if let Some(g) = s.generation.filter(|_| self.config.metrics) {
+            g.stats.worker(self.worker).forwarded(s.method.position, failed);
+        }
+        if let Some(rec) = &mut s.rec {
+            rec.upstream = Some(Box::new(Upstreamed { path: path.into(), latency, failed }));
+        }
     }
 
     /// Notes the status a call ends with (for metrics and the journal).

@@ -27,7 +27,7 @@ use crate::call::{self, Answer};
 use crate::call::{drive, forward};
 use crate::codec::hpack::Decoder;
 use crate::config::{Config, UpstreamMode};
-use crate::observe::journal::Entry;
+use crate::observe::journal::{Entry, Upstreamed};
 use crate::observe::metrics::WorkerStats;
 use crate::protocol::compression::{self, Encoding};
 use crate::protocol::grpc::{self, Code, Status};
@@ -260,6 +260,7 @@ struct Recording {
     rule: Option<u32>,
     closest: Option<Closest>,
     message: String,
+    upstream: Option<Box<Upstreamed>>,
 }
 
 impl Stream<'_> {

@@ -336,6 +336,11 @@ impl drive::Report for NativeReport<'_> {
         let id = self.0.id;
         self.0.with(|c| c.note_status(id, code, message));
     }
+
+    fn forwarded(&mut self, path: &str, latency: Duration, failed: bool) {
+        let id = self.0.id;
+        self.0.with(|c| c.note_forwarded(id, path, latency, failed));
+    }
 }
 
 /// A duplex stream's queue of request messages as the call driver's
