@@ -80,6 +80,7 @@ class Upstream:
         self.cancelled = threading.Event()
         self.metadata: dict[str, list] = {}
         self.remaining: list[float | None] = []
+        self.counter = 0
         outer = self
 
         class Chat(rpc.ChatServicer):
@@ -96,6 +97,13 @@ class Upstream:
                     context.abort_with_status(WithTrailers(rpc_status.to_status(status)))
                 if request.room == "slow":
                     time.sleep(2)
+                if request.room == "counter":
+                    outer.counter += 1
+                    return pb.Room(room="counter", topic=f"call {min(outer.counter, 3)}")
+                if request.room == "secret":
+                    context.send_initial_metadata((("set-cookie", "s=1"), ("x-visible", "yes")))
+                    context.set_trailing_metadata((("x-api-key", "k"), ("authorization", "Bearer up")))
+                    return pb.Room(room="secret")
                 context.send_initial_metadata((("x-up", "1"), ("x-echo", md.get("x-topic", "-"))))
                 context.set_trailing_metadata((("x-trail", "t"), ("x-count-bin", b"\x07")))
                 return pb.Room(room=request.room, topic="upstream: " + md.get("x-topic", "none"))
@@ -328,32 +336,37 @@ def test_client_stream_with_a_large_message_is_identical(chat, upstream, engine)
     assert through == direct
 
 
+def interactive(pb, s, method: str, n: int):
+    """A bidi call whose client sends each message only once the reply to
+    the previous one has arrived: the replies, the status, and whether
+    every message went out."""
+    outbox: list = []
+    cond = threading.Condition()
+    done = threading.Event()
+
+    def requests():
+        for i in range(n):
+            yield pb.ChatMessage(user="u", text=f"hello {i}", seq=i)
+            with cond:
+                if not cond.wait_for(lambda: len(outbox) > i, timeout=10):
+                    return
+        done.set()
+
+    call = getattr(s, method)(requests(), timeout=30)
+    for reply in call:
+        with cond:
+            outbox.append(reply.SerializeToString())
+            cond.notify_all()
+    return outbox, call.code(), done.is_set()
+
+
 @pytest.mark.parametrize("method", ["Converse", "Talk"])
 def test_bidi_is_full_duplex(chat, upstream, engine, method):
     """Each reply arrives before the client sends its next message: the
     engine forwards as it goes, in both directions."""
     pb, _ = chat
     def converse(s):
-        outbox: list = []
-        cond = threading.Condition()
-        done = threading.Event()
-
-        def requests():
-            for i in range(20):
-                with cond:
-                    cond.notify_all()
-                yield pb.ChatMessage(user="u", text=f"hello {i}", seq=i)
-                with cond:
-                    if not cond.wait_for(lambda: len(outbox) > i, timeout=10):
-                        return
-            done.set()
-
-        call = getattr(s, method)(requests(), timeout=30)
-        for reply in call:
-            with cond:
-                outbox.append(reply.SerializeToString())
-                cond.notify_all()
-        return outbox, call.code(), done.is_set()
+        return interactive(pb, s, method, 20)
 
     direct, through = both(chat, upstream, engine, converse)
     assert direct[1] == grpc.StatusCode.OK and direct[2], direct
@@ -405,7 +418,7 @@ def test_cancellation_reaches_the_upstream(chat, upstream, engine):
         call.cancel()
     finally:
         channel.close()
-    assert upstream.cancelled.wait(5), "the upstream's stream went on after the client cancelled"
+    assert upstream.cancelled.wait(10), "the upstream's stream went on after the client cancelled"
 
 
 def test_unreachable_upstream_is_unavailable_naming_it(chat, tmp_path_factory):
@@ -572,3 +585,107 @@ def channel_call_unknown(port: int):
         return e.value.code()
     finally:
         channel.close()
+
+
+def compiler_binary() -> Path:
+    """The compiler next to the engine under test."""
+    path = engine_process.engine_binary().parent / "compiler"
+    if not path.exists():
+        pytest.fail(f"{path} not found: build it with `cargo build -p wirestub-compiler`")
+    return path
+
+
+def test_record_compile_replay(chat, tmp_path):
+    """Calls recorded through the engine compile with `compiler build` and
+    replay with the same answers once the upstream is gone; no secret is
+    written."""
+    pb, _ = chat
+    up = Upstream(*chat)
+    record = tmp_path / "recorded"
+    args = ["--protos", str(PROTOS), "--rules", str(tmp_path), "--upstream", f"http://127.0.0.1:{up.port}"]
+    srv = start_engine(tmp_path_factory_shim(tmp_path), "record", [*args, "--record", str(record)])
+
+    def calls(s):
+        out = []
+        md = (("authorization", "Bearer client-secret"), ("x-topic", "cats"))
+        out.append(outcome(lambda: s.GetRoom.with_call(pb.GetRoomRequest(room="lobby"), metadata=md, timeout=10)))
+        out.append(outcome(lambda: s.GetRoom.with_call(pb.GetRoomRequest(room="missing"), timeout=10)))
+        out.append(outcome(lambda: s.GetRoom.with_call(pb.GetRoomRequest(room="secret"), timeout=10)))
+        for _ in range(4):
+            out.append(outcome(lambda: s.GetRoom.with_call(pb.GetRoomRequest(room="counter"), timeout=10)))
+        out.append(stream_outcome(s.Subscribe(pb.SubscribeRequest(room="n:3"), timeout=10)))
+        out.append(stream_outcome(s.Subscribe(pb.SubscribeRequest(room="n:2:fail"), timeout=10)))
+        for n in (3, 5):
+            msgs = [pb.ChatMessage(user="u", text=f"t{i}", seq=i) for i in range(n)]
+            out.append(outcome(lambda: s.Upload.with_call(iter(msgs), timeout=10)))
+        talk = [pb.ChatMessage(text=t, seq=i) for i, t in enumerate(["abc", "hello"])]
+        out.append(stream_outcome(s.Talk(iter(talk), timeout=10)))
+        # A client that waits for each reply: recorded reply by reply.
+        out.append(interactive(pb, s, "Converse", 3))
+        return out
+
+    try:
+        channel, s = stub(chat, srv.port)
+        try:
+            recorded = calls(s)
+        finally:
+            channel.close()
+        # The recorder writes behind the calls.
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and len(list(record.glob("*.yaml"))) < 5:
+            time.sleep(0.05)
+        time.sleep(0.3)
+    finally:
+        engine_process.stop(srv.proc)
+        up.stop()
+    files = sorted(p.name for p in record.glob("*.yaml"))
+    assert files == [
+        "chat.v1.chat.converse.yaml",
+        "chat.v1.chat.getroom.yaml",
+        "chat.v1.chat.subscribe.yaml",
+        "chat.v1.chat.talk.yaml",
+        "chat.v1.chat.upload.yaml",
+    ]
+    text = "".join(p.read_text() for p in record.glob("*.yaml"))
+    for secret in ("client-secret", "Bearer", "set-cookie", "x-api-key", "authorization", "s=1"):
+        assert secret not in text, secret
+    assert "x-visible" in text
+    assert "mode: duplex" in (record / "chat.v1.chat.converse.yaml").read_text()
+    assert not list(record.glob(".*.tmp"))
+
+    plan = tmp_path / "plan.bin"
+    build = subprocess.run(
+        [str(compiler_binary()), "build", "--protos", str(PROTOS), "--rules", str(record), "-o", str(plan)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert build.returncode == 0, build.stderr + text
+    replay = start_engine(tmp_path_factory_shim(tmp_path), "replay", [str(plan)])
+    try:
+        channel, s = stub(chat, replay.port)
+        try:
+            replayed = calls(s)
+        finally:
+            channel.close()
+    finally:
+        engine_process.stop(replay.proc)
+    # The secrets the upstream sent are, by design, not replayed.
+    secret = recorded[2]["trailing"]
+    assert ("x-api-key", "k") in secret
+    recorded[2]["trailing"] = [m for m in secret if m[0] != "x-api-key"]
+    assert len(replayed) == len(recorded)
+    for i, (a, b) in enumerate(zip(recorded, replayed)):
+        assert a == b, (i, a, b)
+
+
+def tmp_path_factory_shim(tmp_path: Path):
+    """start_engine's log directory maker, for a test with a tmp_path."""
+
+    class Factory:
+        def mktemp(self, name):
+            d = tmp_path / name
+            d.mkdir(exist_ok=True)
+            return d
+
+    return Factory()

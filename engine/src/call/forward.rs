@@ -24,9 +24,10 @@ use crate::config::{Upstream, UpstreamMode};
 use crate::protocol::compression::{self, Encoding};
 use crate::protocol::grpc::{Code, Status};
 use crate::served::{prepare, status_answer, Prepared, ServedMethod};
-use crate::upstream;
+use crate::upstream::{self, record, record::Capture};
 use bytes::{BufMut, Bytes, BytesMut};
 use h2::SendStream;
+use std::cell::RefCell;
 use std::future::poll_fn;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -100,6 +101,7 @@ pub async fn run<I: Inbound, O: Outbound, R: Report>(
     out: &mut O,
     record: &mut R,
 ) {
+    let capture = record::recording().then(|| RefCell::new(Capture { path: f.path.into(), ..Capture::default() }));
     let work = async {
         let timeout = f.deadline.map(|d| d.saturating_duration_since(Instant::now()));
         if timeout.is_some_and(|t| t.is_zero()) {
@@ -110,8 +112,10 @@ pub async fn run<I: Inbound, O: Outbound, R: Report>(
             Err(s) => return End::Status(s),
         };
         let mut send = opened.send;
+        let capture = capture.as_ref();
         let requests = async {
             for m in first {
+                keep_request(capture, &m);
                 if send_message(&mut send, &m).await.is_err() {
                     return std::future::pending().await;
                 }
@@ -120,6 +124,7 @@ pub async fn run<I: Inbound, O: Outbound, R: Report>(
                 match input.next().await {
                     Ok(Some(m)) => {
                         record.message(&m);
+                        keep_request(capture, &m);
                         if send_message(&mut send, &m).await.is_err() {
                             // The upstream ended the call; its answer says how.
                             return std::future::pending().await;
@@ -133,7 +138,7 @@ pub async fn run<I: Inbound, O: Outbound, R: Report>(
                 }
             }
         };
-        let responses = relay(&f, opened.response, out);
+        let responses = relay(&f, opened.response, out, capture);
         tokio::select! {
             end = responses => end,
             end = requests => end,
@@ -151,6 +156,14 @@ pub async fn run<I: Inbound, O: Outbound, R: Report>(
         End::Gone => return,
         End::Upstream(p) => {
             owned = *p;
+            if let Some(c) = capture {
+                let mut c = c.into_inner();
+                c.status = owned.status;
+                c.message = super::drive::message_of(&owned).to_string();
+                c.trailers =
+                    pairs(&owned.trailers).filter(|(n, _)| n != "grpc-status" && n != "grpc-message").collect();
+                record::submit(c);
+            }
             &owned
         }
         End::Status(s) => {
@@ -160,6 +173,24 @@ pub async fn run<I: Inbound, O: Outbound, R: Report>(
     };
     record.status(p.status, super::drive::message_of(p));
     out.end(p);
+}
+
+/// Keeps a request message for the recording, with how many replies came
+/// before it.
+fn keep_request(capture: Option<&RefCell<Capture>>, m: &Bytes) {
+    if let Some(c) = capture {
+        let mut c = c.borrow_mut();
+        if c.take(m.len()) {
+            let before = c.replies.len();
+            c.replies_before.push(before);
+            c.requests.push(m.clone());
+        }
+    }
+}
+
+/// A header map's entries as owned pairs.
+fn pairs(map: &http::HeaderMap) -> impl Iterator<Item = (String, Vec<u8>)> + '_ {
+    map.iter().map(|(n, v)| (n.as_str().to_owned(), v.as_bytes().to_vec()))
 }
 
 /// One request message to the upstream, gRPC-framed and uncompressed, as
@@ -187,7 +218,12 @@ async fn send_message(send: &mut SendStream<Bytes>, message: &[u8]) -> Result<()
 
 /// The upstream's answer to the client: headers, each message once the
 /// client may take it, then the status and trailers.
-async fn relay<O: Outbound>(f: &Forward<'_>, response: h2::client::ResponseFuture, out: &mut O) -> End {
+async fn relay<O: Outbound>(
+    f: &Forward<'_>,
+    response: h2::client::ResponseFuture,
+    out: &mut O,
+    capture: Option<&RefCell<Capture>>,
+) -> End {
     let up = f.upstream;
     let failed = |e: h2::Error| End::Status(failure(up, &e));
     let response = match response.await {
@@ -213,8 +249,13 @@ async fn relay<O: Outbound>(f: &Forward<'_>, response: h2::client::ResponseFutur
             return End::Status(Status::new(Code::Internal, msg));
         }
     };
-    out.head(&prepare(0, "", Bytes::new(), &relayed(&head.headers), &[], Duration::ZERO));
+    let metadata = relayed(&head.headers);
+    if let Some(c) = capture {
+        c.borrow_mut().headers = metadata.clone();
+    }
+    out.head(&prepare(0, "", Bytes::new(), &metadata, &[], Duration::ZERO));
     let mut buffer = BytesMut::new();
+    let mut last = Instant::now();
     while let Some(chunk) = body.data().await {
         let chunk = match chunk {
             Ok(c) => c,
@@ -229,6 +270,14 @@ async fn relay<O: Outbound>(f: &Forward<'_>, response: h2::client::ResponseFutur
                 Ok(None) => break,
                 Err(s) => return End::Status(s),
             };
+            if let Some(c) = capture {
+                let mut c = c.borrow_mut();
+                if c.take(message.len()) {
+                    let now = Instant::now();
+                    c.replies.push((message.slice(5..), now - last));
+                    last = now;
+                }
+            }
             let message = match f.json {
                 Some(codec) => codec.response(&message),
                 None => message,

@@ -9,6 +9,8 @@
 //! received GOAWAY is replaced by the next call that needs it. Every
 //! failure to reach the upstream is an UNAVAILABLE status naming it.
 
+pub mod record;
+
 use crate::config::Upstream;
 use crate::protocol::grpc::{Code, Status};
 use bytes::Bytes;

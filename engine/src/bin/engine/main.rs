@@ -145,6 +145,9 @@ fn run(options: Options) -> Result<ExitCode, String> {
         State::new(plan, bytes.as_deref(), source.clone(), options.no_match, options.server.workers, options.journal)
             .map_err(|e| format!("`{source}`: {e}"))?;
     let state = Arc::new(state);
+    if let Some(record) = options.record.clone() {
+        wirestub_engine::upstream::record::start(record, state.clone())?;
+    }
     let reloads_from = runtime.clone();
     let reloader: Reloader = Box::new(move || reloads_from.reread().map_err(|d| d.render()));
     state.set_reloader(reloader);

@@ -285,6 +285,58 @@ pub const FLAGS: &[Flag] = &[
         section: UPSTREAM,
     },
     Flag {
+        name: "record",
+        value: "DIR",
+        kind: Kind::Path,
+        default: "",
+        help: "write every call the upstream answered as rule files in DIR (one file per method, created or \
+               replaced atomically), which `compiler build` compiles unchanged; needs --upstream and the \
+               methods' .proto files (--protos or the plan)",
+        section: UPSTREAM,
+    },
+    Flag {
+        name: "record-ignore-fields",
+        value: "PATHS",
+        kind: Kind::Value,
+        default: "",
+        help: "comma-separated request fields (as in `when`, e.g. `meta.request_id,sent_at`) left out of the \
+               recorded conditions",
+        section: UPSTREAM,
+    },
+    Flag {
+        name: "record-redact",
+        value: "NAMES",
+        kind: Kind::Value,
+        default: "",
+        help: "comma-separated response metadata names never written, besides authorization, cookies, API keys \
+               and tokens (request metadata is never written)",
+        section: UPSTREAM,
+    },
+    Flag {
+        name: "record-pacing",
+        value: "",
+        kind: Kind::Switch,
+        default: "false",
+        help: "write the observed gap between streamed messages as `stream_delay_ms`",
+        section: UPSTREAM,
+    },
+    Flag {
+        name: "record-max-call-bytes",
+        value: "BYTES",
+        kind: Kind::Value,
+        default: "16777216",
+        help: "largest call (request and response messages) recorded; larger calls are forwarded, not recorded",
+        section: UPSTREAM,
+    },
+    Flag {
+        name: "record-max-bytes",
+        value: "BYTES",
+        kind: Kind::Value,
+        default: "268435456",
+        help: "most bytes of calls waiting to be written and of recordings held; past it, calls are not recorded",
+        section: UPSTREAM,
+    },
+    Flag {
         name: "workers",
         value: "N",
         kind: Kind::Value,
@@ -677,6 +729,8 @@ pub struct Options {
     pub no_match: NoMatch,
     /// The server's limits and behaviour.
     pub server: Config,
+    /// Recording of forwarded calls (`--record`).
+    pub record: Option<wirestub_engine::upstream::record::Options>,
     /// The cleartext listener's address; None for `off`.
     pub listen: Option<String>,
     pub tls: Option<Tls>,
@@ -828,6 +882,25 @@ pub fn parse(args: &[String], env: &dyn Fn(&str) -> Option<String>) -> Result<Co
         }
     };
     server.upstream = upstream(&get, server.max_recv_message)?;
+    let record = match get("record") {
+        None => None,
+        Some(_) if server.upstream.is_none() => return Err("`--record` needs `--upstream`".into()),
+        Some(dir) => {
+            let list = |name: &'static str| -> Vec<String> {
+                get(name).map_or_else(Vec::new, |r| {
+                    r.text().split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_string).collect()
+                })
+            };
+            Some(wirestub_engine::upstream::record::Options {
+                dir: dir.path(),
+                ignore_fields: list("record-ignore-fields"),
+                redact: list("record-redact"),
+                pacing: must("record-pacing").switch()?,
+                max_call_bytes: must("record-max-call-bytes").number()?,
+                max_bytes: must("record-max-bytes").number()?,
+            })
+        }
+    };
     let listen = must("listen").address()?;
     if listen.is_none() && tls.is_none() {
         return Err("nothing to serve on: `--listen off` and no `--tls-listen`".into());
@@ -865,6 +938,7 @@ pub fn parse(args: &[String], env: &dyn Fn(&str) -> Option<String>) -> Result<Co
         state_dir: get("state-dir").map(|r| r.path()),
         runtime_max_bytes: must("runtime-max-bytes").number()?,
         runtime_max_schema_bytes: must("runtime-max-schema-bytes").number()?,
+        record,
         admin_head_timeout,
         journal: must("journal").number()?,
         shutdown_grace: Duration::from_millis(must("shutdown-grace-ms").number()?),

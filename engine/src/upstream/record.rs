@@ -1,0 +1,542 @@
+//! Recording (`--record DIR`): every call the upstream answered becomes a
+//! rule in an ordinary rule file, so that `compiler build` compiles the
+//! directory unchanged and the engine replays the calls without the
+//! upstream.
+//!
+//! The request path only hands a [`Capture`] (the call's messages and
+//! metadata as bytes, bounded per call) to a channel; one recorder thread
+//! decodes it with the current plan's descriptors into the protobuf JSON
+//! mapping and rewrites the method's file: one file per method,
+//! `DIR/<package.service>.<method>.yaml`, with one rule per distinct
+//! request (its set fields as `when` conditions), the answer's body or
+//! stream items, metadata, trailers, status and details. Identical calls
+//! are recorded once; a request answered differently over time becomes a
+//! sequence (`times`) in the order seen. A client stream is matched on its
+//! aggregate view (count, first and last message); a bidi stream too when
+//! its client sent every message before the first reply, else as a
+//! `mode: duplex` rule per request message with the replies that came
+//! before the next one. Files are replaced atomically (a temporary file, fsync, rename),
+//! so a file is never half-written.
+//!
+//! Secrets are never written: request metadata is not recorded at all,
+//! and response metadata named in [`SECRETS`] (or by `--record-redact`)
+//! is left out. Fields named by `--record-ignore-fields` (timestamps,
+//! request ids) are left out of `when`. A method the descriptors do not
+//! describe is not recorded (logged once).
+
+use crate::state::State;
+use base64::Engine as _;
+use bytes::Bytes;
+use prost_reflect::{DescriptorPool, DynamicMessage, Kind, MessageDescriptor, ReflectMessage, Value};
+use serde_json::{json, Map, Value as Json};
+use std::collections::{HashMap, HashSet};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+/// Response metadata never written into a recording.
+pub const SECRETS: &[&str] = &[
+    "authorization",
+    "proxy-authorization",
+    "cookie",
+    "set-cookie",
+    "x-api-key",
+    "api-key",
+    "x-auth-token",
+    "x-csrf-token",
+    "x-amz-security-token",
+];
+
+/// Response metadata that describes the transport, not the answer.
+const TRANSPORT: &[&str] = &["content-type", "grpc-encoding", "grpc-accept-encoding", "te", "user-agent", "date"];
+
+/// What `--record` and its options ask for.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub dir: PathBuf,
+    /// Request fields (dotted paths, as in `when`) left out of conditions.
+    pub ignore_fields: Vec<String>,
+    /// More metadata names never written.
+    pub redact: Vec<String>,
+    /// Write the observed gap between streamed messages as
+    /// `stream_delay_ms`.
+    pub pacing: bool,
+    /// Largest call (request and response bytes) recorded; larger ones are
+    /// forwarded but not recorded.
+    pub max_call_bytes: usize,
+    /// Bytes of captured calls waiting for the recorder thread, and of
+    /// recordings held in memory; past either, calls are not recorded.
+    pub max_bytes: usize,
+}
+
+/// One forwarded call, as the request path hands it over.
+#[derive(Debug, Default)]
+pub struct Capture {
+    pub path: Box<str>,
+    /// Request messages, unframed.
+    pub requests: Vec<Bytes>,
+    /// For each request message, how many response messages had arrived
+    /// when it was sent (bidi streams are recorded reply by reply).
+    pub replies_before: Vec<usize>,
+    /// Response metadata.
+    pub headers: Vec<(String, Vec<u8>)>,
+    /// Response messages, unframed, each with the time since the previous.
+    pub replies: Vec<(Bytes, Duration)>,
+    pub status: u8,
+    /// `grpc-message` as sent (percent-encoded).
+    pub message: String,
+    pub trailers: Vec<(String, Vec<u8>)>,
+    /// Bytes held; the capture is abandoned past `max_call_bytes`.
+    pub bytes: usize,
+    pub abandoned: bool,
+}
+
+impl Capture {
+    /// Counts `n` more bytes; false once the call is too large to record.
+    pub fn take(&mut self, n: usize) -> bool {
+        self.bytes += n;
+        if self.bytes > recorder().map_or(0, |r| r.options.max_call_bytes) {
+            self.abandoned = true;
+            self.requests = Vec::new();
+            self.replies = Vec::new();
+        }
+        !self.abandoned
+    }
+}
+
+struct Recorder {
+    options: Options,
+    sender: SyncSender<Capture>,
+    /// Bytes of captures sent and not yet written.
+    pending: Arc<AtomicUsize>,
+}
+
+static RECORDER: OnceLock<Recorder> = OnceLock::new();
+
+fn recorder() -> Option<&'static Recorder> {
+    RECORDER.get()
+}
+
+/// Whether calls are being recorded.
+pub fn recording() -> bool {
+    RECORDER.get().is_some()
+}
+
+/// Starts recording into `options.dir` (created if missing), decoding with
+/// the descriptors of `state`'s current plan. Once per process.
+pub fn start(options: Options, state: Arc<State>) -> Result<(), String> {
+    std::fs::create_dir_all(&options.dir)
+        .map_err(|e| format!("cannot create the --record directory `{}`: {e}", options.dir.display()))?;
+    let probe = options.dir.join(".wirestub-record-probe");
+    std::fs::write(&probe, b"").map_err(|e| format!("cannot write in `{}`: {e}", options.dir.display()))?;
+    std::fs::remove_file(&probe).ok();
+    let (sender, receiver) = sync_channel(1024);
+    let pending = Arc::new(AtomicUsize::new(0));
+    let writer = Writer {
+        options: options.clone(),
+        state,
+        pending: pending.clone(),
+        methods: HashMap::new(),
+        held: 0,
+        warned: HashSet::new(),
+    };
+    std::thread::Builder::new()
+        .name("wirestub-recorder".into())
+        .spawn(move || writer.run(receiver))
+        .map_err(|e| format!("cannot start the recorder: {e}"))?;
+    RECORDER.set(Recorder { options, sender, pending }).map_err(|_| "recording already started".to_string())
+}
+
+/// Hands a finished call to the recorder (dropped, with a warning, when
+/// the recorder is that far behind).
+pub fn submit(capture: Capture) {
+    let Some(r) = recorder() else { return };
+    if capture.abandoned {
+        tracing::warn!(path = %capture.path, max = r.options.max_call_bytes, "call too large to record");
+        return;
+    }
+    let bytes = capture.bytes;
+    if r.pending.fetch_add(bytes, Ordering::Relaxed) + bytes > r.options.max_bytes {
+        r.pending.fetch_sub(bytes, Ordering::Relaxed);
+        tracing::warn!(path = %capture.path, "the recorder is behind: call not recorded");
+        return;
+    }
+    if r.sender.try_send(capture).is_err() {
+        r.pending.fetch_sub(bytes, Ordering::Relaxed);
+        tracing::warn!("the recorder is behind: call not recorded");
+    }
+}
+
+/// The recordings of one method.
+struct MethodRecording {
+    service: String,
+    method: String,
+    /// Bidi: `mode: duplex`.
+    duplex: bool,
+    /// Distinct requests in the order first seen.
+    entries: Vec<Entry>,
+}
+
+/// One distinct request (by its conditions) and the answers it got.
+struct Entry {
+    when: Map<String, Json>,
+    /// Distinct answers in the order seen, each with how many calls in a
+    /// row got it.
+    answers: Vec<(Json, u32)>,
+}
+
+struct Writer {
+    options: Options,
+    state: Arc<State>,
+    pending: Arc<AtomicUsize>,
+    methods: HashMap<Box<str>, MethodRecording>,
+    /// Bytes of JSON the recordings hold.
+    held: usize,
+    /// Paths already warned about.
+    warned: HashSet<Box<str>>,
+}
+
+impl Writer {
+    fn run(mut self, receiver: Receiver<Capture>) {
+        while let Ok(capture) = receiver.recv() {
+            let bytes = capture.bytes;
+            self.record(capture);
+            self.pending.fetch_sub(bytes, Ordering::Relaxed);
+        }
+    }
+
+    fn warn_once(&mut self, path: &str, why: &str) {
+        if self.warned.insert(path.into()) {
+            tracing::warn!(path, "not recorded: {why}");
+        }
+    }
+
+    fn record(&mut self, c: Capture) {
+        let generation = self.state.current();
+        let Some(pool) = generation.schema() else {
+            return self.warn_once(&c.path, "the plan has no descriptors");
+        };
+        let Some((service, name)) = c.path.strip_prefix('/').and_then(|p| p.split_once('/')) else { return };
+        let Some(method) = pool.get_service_by_name(service).and_then(|s| s.methods().find(|m| m.name() == name))
+        else {
+            return self.warn_once(&c.path, "no descriptors for this method (give its .proto with --protos)");
+        };
+        let (input, output) = (method.input(), method.output());
+        let ignore = &self.options.ignore_fields;
+        let decode = |d: &MessageDescriptor, b: &[u8]| DynamicMessage::decode(d.clone(), b).ok();
+        let requests: Option<Vec<DynamicMessage>> = c.requests.iter().map(|b| decode(&input, b)).collect();
+        let replies: Option<Vec<DynamicMessage>> = c.replies.iter().map(|(b, _)| decode(&output, b)).collect();
+        let (Some(requests), Some(replies)) = (requests, replies) else {
+            return self.warn_once(&c.path, "a message does not decode with the method's types");
+        };
+        let meta = self.metadata(&c.headers);
+        let ends = self.ending(pool, &c);
+        let pace = |from: usize| {
+            let gaps: Vec<Duration> = c.replies.iter().skip(from + 1).map(|(_, d)| *d).collect();
+            (self.options.pacing && !gaps.is_empty())
+                .then(|| (gaps.iter().sum::<Duration>() / gaps.len() as u32).as_millis() as u64)
+        };
+        let mut calls: Vec<(Map<String, Json>, Json)> = Vec::new();
+        let bidi = method.is_client_streaming() && method.is_server_streaming();
+        // A bidi method is recorded reply by reply (`mode: duplex`) when its
+        // first recorded call had replies before its last request message
+        // (the client waited for them); else as a client stream answered
+        // at its end, which replays a client that sends everything first.
+        let duplex = match self.methods.get(&c.path) {
+            Some(r) => r.duplex,
+            None => bidi && c.replies_before.last().is_some_and(|&n| n > 0),
+        };
+        match (method.is_client_streaming(), method.is_server_streaming()) {
+            (true, true) if duplex => {
+                // Reply by reply: each request message with the replies
+                // that came before the next one.
+                for (i, r) in requests.iter().enumerate() {
+                    let from = c.replies_before[i];
+                    let to = c.replies_before.get(i + 1).copied().unwrap_or(replies.len());
+                    let last = i + 1 == requests.len();
+                    let items: Vec<Json> = replies[from..to].iter().map(to_json).collect();
+                    let mut answer = Map::new();
+                    answer.insert("stream_items".into(), Json::Array(items.clone()));
+                    if let Some(ms) = pace(from).filter(|_| items.len() > 1) {
+                        answer.insert("stream_delay_ms".into(), json!(ms));
+                    }
+                    if i == 0 && !meta.is_empty() {
+                        answer.insert("metadata".into(), Json::Object(meta.clone()));
+                    }
+                    if last && c.status != 0 {
+                        answer.extend(ends.clone());
+                        answer.insert("stream_error_after".into(), json!(items.len()));
+                    }
+                    calls.push((conditions(r, "", ignore), Json::Object(answer)));
+                }
+                if requests.is_empty() {
+                    return self.warn_once(&c.path, "a bidi call without request messages cannot be replayed");
+                }
+            }
+            (client, server) => {
+                let when = if client {
+                    let mut when = Map::new();
+                    when.insert("request.count".into(), json!(requests.len()));
+                    if let Some(first) = requests.first() {
+                        when.extend(conditions(first, "first.", ignore));
+                    }
+                    if requests.len() > 1 {
+                        when.extend(conditions(requests.last().expect("non-empty"), "last.", ignore));
+                    }
+                    when
+                } else {
+                    match requests.first() {
+                        Some(r) => conditions(r, "", ignore),
+                        None => return self.warn_once(&c.path, "a call without a request message"),
+                    }
+                };
+                let mut answer = Map::new();
+                if server {
+                    let items: Vec<Json> = replies.iter().map(to_json).collect();
+                    let n = items.len();
+                    answer.insert("stream_items".into(), Json::Array(items));
+                    if let Some(ms) = pace(0).filter(|_| n > 1) {
+                        answer.insert("stream_delay_ms".into(), json!(ms));
+                    }
+                    if c.status != 0 {
+                        answer.insert("stream_error_after".into(), json!(n));
+                    }
+                } else if c.status == 0 {
+                    answer.insert("body".into(), replies.first().map(to_json).unwrap_or_else(|| json!({})));
+                }
+                if !meta.is_empty() {
+                    answer.insert("metadata".into(), Json::Object(meta));
+                }
+                answer.extend(ends);
+                calls.push((when, Json::Object(answer)));
+            }
+        }
+        let key: Box<str> = c.path.clone();
+        let recording = self.methods.entry(key).or_insert_with(|| MethodRecording {
+            service: service.to_string(),
+            method: name.to_string(),
+            duplex,
+            entries: Vec::new(),
+        });
+        let mut grew = 0usize;
+        let mut changed = false;
+        for (when, answer) in calls {
+            match recording.entries.iter_mut().find(|e| e.when == when) {
+                Some(e) => match e.answers.last_mut() {
+                    Some((last, n)) if *last == answer => {
+                        // Identical calls: one rule; in a sequence, one
+                        // call more for its step.
+                        *n += 1;
+                        changed |= e.answers.len() > 1;
+                    }
+                    _ => {
+                        grew += answer.to_string().len();
+                        e.answers.push((answer, 1));
+                        changed = true;
+                    }
+                },
+                None => {
+                    grew += answer.to_string().len() + Json::Object(when.clone()).to_string().len();
+                    recording.entries.push(Entry { when, answers: vec![(answer, 1)] });
+                    changed = true;
+                }
+            }
+        }
+        if !changed {
+            return;
+        }
+        self.held += grew;
+        if self.held > self.options.max_bytes {
+            tracing::warn!(max = self.options.max_bytes, "recordings reached --record-max-bytes: recording stops");
+            return;
+        }
+        let recording = &self.methods[&c.path];
+        if let Err(e) = write(&self.options.dir, recording) {
+            tracing::warn!(path = %c.path, "cannot write the recording: {e}");
+        }
+    }
+
+    /// Response metadata as a rule's `metadata`: secrets, transport
+    /// headers and `grpc-` keys left out, binary values in base64.
+    fn metadata(&self, pairs: &[(String, Vec<u8>)]) -> Map<String, Json> {
+        let mut out = Map::new();
+        for (name, value) in pairs {
+            if !self.keeps(name) {
+                continue;
+            }
+            out.insert(name.clone(), Json::String(metadata_text(value)));
+        }
+        out
+    }
+
+    fn keeps(&self, name: &str) -> bool {
+        !(name.starts_with("grpc-")
+            || name.starts_with(':')
+            || SECRETS.contains(&name)
+            || TRANSPORT.contains(&name)
+            || self.options.redact.iter().any(|r| r.eq_ignore_ascii_case(name)))
+    }
+
+    /// The end of the answer as a rule's `trailers` (status, message and
+    /// trailing metadata) and `details`.
+    fn ending(&self, pool: &DescriptorPool, c: &Capture) -> Map<String, Json> {
+        let mut out = Map::new();
+        let mut trailers = Map::new();
+        for (name, value) in &c.trailers {
+            if name == "grpc-status-details-bin" || !self.keeps(name) {
+                continue;
+            }
+            trailers.insert(name.clone(), Json::String(metadata_text(value)));
+        }
+        if c.status != 0 {
+            trailers.insert("grpc-status".into(), json!(if c.status <= 16 { c.status } else { 2 }));
+            let message = crate::codec::percent::decode(&c.message, false);
+            if !message.is_empty() {
+                trailers.insert("grpc-message".into(), Json::String(message));
+            }
+            let details = c.trailers.iter().find(|(n, _)| n == "grpc-status-details-bin").map(|(_, v)| v);
+            if let Some(details) = details.and_then(|v| status_details(pool, v)) {
+                out.insert("details".into(), details);
+            }
+        }
+        if !trailers.is_empty() {
+            out.insert("trailers".into(), Json::Object(trailers));
+        }
+        out
+    }
+}
+
+/// A metadata value as rules write it: as it travelled (binary `-bin`
+/// values travel base64-encoded, which is how rules write them too).
+fn metadata_text(value: &[u8]) -> String {
+    String::from_utf8_lossy(value).into_owned()
+}
+
+/// The `details` of a `google.rpc.Status` (base64, as the trailer carries
+/// it, padded or not), as JSON `Any`s; None when they do not decode with
+/// the descriptors at hand.
+fn status_details(pool: &DescriptorPool, value: &[u8]) -> Option<Json> {
+    let text = std::str::from_utf8(value).ok()?.trim_end_matches('=');
+    let bytes = base64::engine::general_purpose::STANDARD_NO_PAD.decode(text).ok()?;
+    let status = DynamicMessage::decode(pool.get_message_by_name("google.rpc.Status")?, &bytes[..]).ok()?;
+    let json = status.serialize_with_options(serde_json::value::Serializer, &options()).ok()?;
+    json.get("details").cloned().filter(|d| d.as_array().is_some_and(|a| !a.is_empty()))
+}
+
+fn options() -> prost_reflect::SerializeOptions {
+    prost_reflect::SerializeOptions::new().use_proto_field_name(true)
+}
+
+fn to_json(m: &DynamicMessage) -> Json {
+    m.serialize_with_options(serde_json::value::Serializer, &options()).unwrap_or_else(|_| json!({}))
+}
+
+/// A request's set fields as `when` conditions: `request.<prefix><path>`
+/// for scalars (strings, numbers, booleans, enum names), the length of
+/// repeated fields, nested messages by their fields; bytes, maps and the
+/// ignored paths left out.
+fn conditions(m: &DynamicMessage, prefix: &str, ignore: &[String]) -> Map<String, Json> {
+    let mut out = Map::new();
+    walk(m, "", &mut |path, value| {
+        if ignore.iter().any(|i| i == path || path.starts_with(&format!("{i}."))) {
+            return;
+        }
+        out.insert(format!("request.{prefix}{path}"), value);
+    });
+    out
+}
+
+fn walk(m: &DynamicMessage, at: &str, emit: &mut dyn FnMut(&str, Json)) {
+    for (field, value) in m.fields() {
+        let path = format!("{at}{}", field.name());
+        if field.is_map() {
+            continue;
+        }
+        if field.is_list() {
+            if let Value::List(items) = value {
+                emit(&path, json!({"len": items.len()}));
+            }
+            continue;
+        }
+        match (value, field.kind()) {
+            // Well-known types are written in their JSON forms by the
+            // protobuf JSON mapping; conditions test plain fields.
+            (Value::Message(inner), _) if !inner.descriptor().full_name().starts_with("google.protobuf.") => {
+                walk(inner, &format!("{path}."), emit);
+            }
+            (Value::EnumNumber(n), Kind::Enum(e)) => match e.get_value(*n) {
+                Some(v) => emit(&path, json!(v.name())),
+                None => emit(&path, json!(n)),
+            },
+            (Value::String(s), _) => emit(&path, json!(s)),
+            (Value::Bool(b), _) => emit(&path, json!(b)),
+            (Value::I32(n), _) => emit(&path, json!(n)),
+            (Value::I64(n), _) => emit(&path, json!(n)),
+            (Value::U32(n), _) => emit(&path, json!(n)),
+            (Value::U64(n), _) => emit(&path, json!(n)),
+            (Value::F32(n), _) if n.is_finite() => emit(&path, json!(n)),
+            (Value::F64(n), _) if n.is_finite() => emit(&path, json!(n)),
+            _ => {}
+        }
+    }
+}
+
+/// The rule file of a method's recordings: YAML block structure in the
+/// order people read rules (`service`, `method`, `mode`, then per rule
+/// `when`, the answer, `times`), each value in JSON's flow form, which
+/// YAML reads as is.
+fn render(r: &MethodRecording) -> String {
+    let flow = |v: &Json| serde_json::to_string(v).unwrap_or_default();
+    let mut out = format!(
+        "# Recorded by wirestub from calls to /{}/{} (`engine run --record`).\n\
+         # An ordinary rule file: edit it freely.\nservice: {}\nmethod: {}\n",
+        r.service,
+        r.method,
+        flow(&json!(r.service)),
+        flow(&json!(r.method))
+    );
+    if r.duplex {
+        out.push_str("mode: duplex\n");
+    }
+    out.push_str("responses:\n");
+    const ORDER: &[&str] =
+        &["body", "stream_items", "stream_delay_ms", "stream_error_after", "metadata", "trailers", "details"];
+    for e in &r.entries {
+        let sequence = e.answers.len() > 1;
+        for (answer, n) in &e.answers {
+            let mut lines: Vec<(&str, Json)> = Vec::new();
+            if !e.when.is_empty() {
+                lines.push(("when", Json::Object(e.when.clone())));
+            }
+            lines.extend(ORDER.iter().filter_map(|k| answer.get(*k).map(|v| (*k, v.clone()))));
+            if sequence {
+                lines.push(("times", json!(n)));
+            }
+            if lines.is_empty() {
+                // An answer with nothing to say: the empty message.
+                lines.push(("body", json!({})));
+            }
+            for (i, (key, value)) in lines.iter().enumerate() {
+                let lead = if i == 0 { "  - " } else { "    " };
+                out.push_str(&format!("{lead}{key}: {}\n", flow(value)));
+            }
+        }
+    }
+    out
+}
+
+/// Replaces the method's file: a temporary file, written and synced, then
+/// renamed over it.
+fn write(dir: &Path, r: &MethodRecording) -> std::io::Result<()> {
+    let name = format!("{}.{}.yaml", r.service, r.method).to_ascii_lowercase();
+    let path = dir.join(&name);
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(render(r).as_bytes())?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, &path)
+}
