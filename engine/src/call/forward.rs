@@ -21,10 +21,10 @@ use super::drive::{Halt, Inbound, Outbound, Report};
 use super::{deadline_exceeded, sleep_until};
 use crate::codec::json::JsonCodec;
 use crate::config::{Upstream, UpstreamMode};
-use crate::protocol::compression::{self, Encoding};
+use crate::protocol::compression::Encoding;
 use crate::protocol::grpc::{Code, Status};
 use crate::served::{prepare, status_answer, Prepared, ServedMethod};
-use crate::upstream::{self, record, record::Capture};
+use crate::upstream::{self, answer, record, record::Capture};
 use bytes::{BufMut, Bytes, BytesMut};
 use h2::SendStream;
 use std::cell::RefCell;
@@ -254,7 +254,7 @@ async fn relay<O: Outbound>(
         c.borrow_mut().headers = metadata.clone();
     }
     out.head(&prepare(0, "", Bytes::new(), &metadata, &[], Duration::ZERO));
-    let mut buffer = BytesMut::new();
+    let mut messages = answer::Messages::new(up.max_message, encoding);
     let mut last = Instant::now();
     while let Some(chunk) = body.data().await {
         let chunk = match chunk {
@@ -262,13 +262,13 @@ async fn relay<O: Outbound>(
             Err(e) => return failed(e),
         };
         let n = chunk.len();
-        buffer.extend_from_slice(&chunk);
+        messages.push(&chunk);
         drop(chunk);
         loop {
-            let message = match cut(&mut buffer, up, encoding) {
+            let message = match messages.next() {
                 Ok(Some(m)) => m,
                 Ok(None) => break,
-                Err(s) => return End::Status(s),
+                Err(e) => return End::Status(bad_answer(up, &e)),
             };
             if let Some(c) = capture {
                 let mut c = c.borrow_mut();
@@ -290,14 +290,20 @@ async fn relay<O: Outbound>(
         // Window back only for what went on to the client.
         body.flow_control().release_capacity(n).ok();
     }
-    if !buffer.is_empty() {
-        return End::Status(Status::new(Code::Internal, format!("upstream {} ended within a message", up.url)));
+    if let Err(e) = messages.finish() {
+        return End::Status(bad_answer(up, &e));
     }
     match body.trailers().await {
         Ok(Some(t)) => End::Upstream(Box::new(ending(&t))),
         Ok(None) => End::Status(Status::new(Code::Internal, format!("upstream {} sent no grpc-status", up.url))),
         Err(e) => failed(e),
     }
+}
+
+/// The status for an answer the upstream should not have sent.
+fn bad_answer(up: &Upstream, e: &str) -> Status {
+    let code = if e.contains("over the limit") { Code::ResourceExhausted } else { Code::Internal };
+    Status::new(code, format!("upstream {}: {e}", up.url))
 }
 
 /// The status for a failure of the upstream's connection or stream.
@@ -309,33 +315,6 @@ fn failure(up: &Upstream, e: &h2::Error) -> Status {
         }
         _ => Status::new(Code::Unavailable, format!("upstream {}: {e}", up.url)),
     }
-}
-
-/// The next whole message in `buffer`, gRPC-framed and uncompressed.
-fn cut(buffer: &mut BytesMut, up: &Upstream, encoding: Encoding) -> Result<Option<Bytes>, Status> {
-    if buffer.len() < 5 {
-        return Ok(None);
-    }
-    let compressed = buffer[0] & 1 == 1;
-    let len = u32::from_be_bytes([buffer[1], buffer[2], buffer[3], buffer[4]]) as usize;
-    if len > up.max_message {
-        let msg = format!("upstream {} sent a message of {len} bytes, over the limit of {}", up.url, up.max_message);
-        return Err(Status::new(Code::ResourceExhausted, msg));
-    }
-    if buffer.len() < 5 + len {
-        return Ok(None);
-    }
-    let framed = buffer.split_to(5 + len).freeze();
-    if !compressed {
-        return Ok(Some(framed));
-    }
-    let inflated = compression::decompress(encoding, &framed[5..], up.max_message)
-        .map_err(|e| Status::new(Code::Internal, format!("upstream {}: {e}", up.url)))?;
-    let mut m = BytesMut::with_capacity(5 + inflated.len());
-    m.put_u8(0);
-    m.put_u32(inflated.len() as u32);
-    m.put(inflated);
-    Ok(Some(m.freeze()))
 }
 
 /// The upstream's headers the client gets as its response metadata.
@@ -351,11 +330,7 @@ fn relayed(headers: &http::HeaderMap) -> Vec<(String, Vec<u8>)> {
 /// percent-encoded) and trailers (for a trailers-only answer, the
 /// metadata that came in the same block).
 fn ending(block: &http::HeaderMap) -> Prepared {
-    let status = block
-        .get("grpc-status")
-        .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
-        .and_then(|v| v.trim().parse::<u8>().ok())
-        .unwrap_or(Code::Unknown as u8);
+    let status = answer::status(block);
     let message = block.get("grpc-message").map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
     let trailers: Vec<(String, Vec<u8>)> =
         relayed(block).into_iter().filter(|(n, _)| n != "grpc-status" && n != "grpc-message").collect();

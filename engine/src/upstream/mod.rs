@@ -9,6 +9,7 @@
 //! received GOAWAY is replaced by the next call that needs it. Every
 //! failure to reach the upstream is an UNAVAILABLE status naming it.
 
+pub mod answer;
 pub mod record;
 
 use crate::config::Upstream;
