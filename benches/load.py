@@ -3,8 +3,8 @@
 
 One command, standard library only:
 
-    python3 benches/load.py                 # full run (about 45 minutes)
-    python3 benches/load.py --quick         # CI: 16x10, static + match, 200 B, protocols (~1.5 minutes)
+    python3 benches/load.py                 # full run (about 50 minutes)
+    python3 benches/load.py --quick         # CI: 16x10, static + match, 200 B, protocols, proxy (~1.5 minutes)
     python3 benches/load.py --soak 600      # memory growth of the engine alone
 
 The workloads are the methods of the bench service (benches/plan/: protos/
@@ -34,6 +34,19 @@ cell of that call (`grpc`) in the same layout and repeat:
     connect-json      Connect unary over HTTP/2, application/json {"name":"Tom"}
     grpc-web-proto    gRPC-Web over HTTP/2, application/grpc-web+proto
     connect-proto-h1  Connect unary over HTTP/1.1 (h2load --h1, no pipelining)
+
+The proxy cell (`--proxy-layouts`, `--proxy-cell`, default 16x10) makes the
+main workload's call to the tonic baseline in two ways, in the same run and
+layout, in turn:
+
+    direct            straight to the baseline
+    proxied           through an engine started for the cell with no plan
+                      (`engine run --protos EMPTY --rules EMPTY --upstream
+                      http://127.0.0.1:BASELINE_PORT --upstream-mode always`),
+                      which forwards every call to that same baseline
+
+and reports the engine's CPU per proxied call, alone and with the
+baseline's, against the baseline's per direct call, and both throughputs.
 
 What a run does, following shared/guides/performance.md:
   1. builds the engine, the compiler, the baseline and the latency client in
@@ -74,20 +87,36 @@ What a run does, following shared/guides/performance.md:
      16x10; HTTP/1.1 cells at --h1-cell, default 16x1), CPU per call
      sampled as in 5; reported with ratios to the gRPC cell of the same
      repeat;
-  8. after the timed runs, checks every workload again with nghttp and with
+  8. proxy cell: starts the forwarding engine in front of the layout's
+     baseline, pinned like the servers (pinned: core 0, sharing it with the
+     baseline, --workers 1; shared: --workers 2), and checks every workload
+     through it with nghttp (the expected reply bytes, grpc-status and
+     grpc-message: those the baseline answers directly) and grpcio; then,
+     after an untimed warm-up of each path, per repeat the direct and the
+     proxied path in turn with h2load at --proxy-cell, sampling as in 5 the
+     baseline's CPU (direct) or the engine's and the baseline's (proxied)
+     over the same window; any failed, errored or timed-out call is an
+     error; after the timed runs every workload is checked again through
+     the engine, and a latency client burst of the main workload (every
+     response checked), then the engine is stopped;
+  9. after the timed runs, checks every workload again with nghttp and with
      a short burst of the latency client (every response checked), so a
      server that answered wrongly under load cannot go unnoticed (h2load
      counts any HTTP 200 as a success, whatever grpc-status says), and 500
      calls of each protocol cell, every answer checked as in 7;
-  9. prints a markdown report with medians, ranges and engine/baseline
-     ratios (protocol cells: ratios to gRPC) and writes it to
-     benches/results/latest.md (raw runs in latest.json, the protocol
-     cells' under "protocols").
+ 10. prints a markdown report with medians, ranges and engine/baseline
+     ratios (protocol cells: ratios to gRPC; proxy cell: proxied/direct)
+     and writes it to benches/results/latest.md (raw runs in latest.json,
+     the protocol cells' under "protocols", the proxy cell's under "proxy").
 
 --quick (for CI) runs the 16x10 cell only, match-200B and static-200B,
 one repeat of 3 s, and one 2-second latency run per server at 50%, in both
 layouts; the protocol cells, one repeat of 3 s each without the untimed
-warm-up runs, in the first layout only (--protocol-layouts overrides). `--soak SECONDS` starts the engine
+warm-up runs, in the first layout only (--protocol-layouts overrides); the
+proxy cell, one repeat of 3 s per path without the untimed warm-up runs, in
+the first layout only (--proxy-layouts overrides). `--cells none --extra
+none --protocols none --no-latency` leaves the proxy cell alone (with the
+correctness checks). `--soak SECONDS` starts the engine
 alone (--workers 2), drives it with h2load over the four 200-byte rule
 kinds for SECONDS, in runs of at most 60 s, samples its resident memory
 (VmRSS) every 10 s, and writes benches/results/soak.md (start, after
@@ -807,6 +836,25 @@ class RunResult:
     lat_mean_us: float | None
     lat_max_us: float | None
     window_s: float
+    # Proxy cell, calls through the engine: the upstream's CPU over the
+    # same window (the engine's is cpu_s).
+    upstream_cpu_s: float | None = None
+    upstream_cpu_us_per_req: float | None = None
+
+    @classmethod
+    def from_h2load(cls, layout: str, workload: str, cell: str, server: str, repeat: int, fig: dict) -> RunResult:
+        upstream_cpu_s = fig.get("upstream_cpu_s")
+        return cls(
+            layout=layout, workload=workload, cell=cell, server=server, repeat=repeat,
+            rps=fig["rps"], done=fig["done"], succeeded=fig["succeeded"],
+            failed=fig["failed"], errored=fig["errored"], timeout=fig["timeout"],
+            cpu_s=fig["cpu_s"],
+            cpu_us_per_req=fig["cpu_s"] * 1e6 / fig["succeeded"],
+            lat_mean_us=fig["lat_mean_us"], lat_max_us=fig["lat_max_us"],
+            window_s=fig["window_s"],
+            upstream_cpu_s=upstream_cpu_s,
+            upstream_cpu_us_per_req=None if upstream_cpu_s is None else upstream_cpu_s * 1e6 / fig["succeeded"],
+        )  # fmt: skip
 
 
 UNITS = {"us": 1.0, "ms": 1e3, "s": 1e6}
@@ -830,11 +878,14 @@ def h2load(
     cpus: str | None,
     headers: list[str] | None = None,
     h1: bool = False,
+    upstream: Server | None = None,
 ) -> tuple[dict, str]:
     """One bounded h2load run over `paths` (requests spread over them, all
     with the same body); returns parsed figures and the raw output.
     `headers` are h2load arguments (`-H`, `name: value`, ...), gRPC's by
-    default; `h1` speaks HTTP/1.1 (`--h1`; then `streams` > 1 pipelines)."""
+    default; `h1` speaks HTTP/1.1 (`--h1`; then `streams` > 1 pipelines).
+    `upstream`: the server `srv` forwards to, whose CPU over the same
+    window is then `upstream_cpu_s` (the server's own is `cpu_s`)."""
     cmd = (["taskset", "-c", cpus] if cpus else []) + [
         "h2load",
         *(["--h1"] if h1 else []),
@@ -860,9 +911,14 @@ def h2load(
 
     timer = threading.Timer(limit, watchdog)
     timer.start()
+    watched = [srv] if upstream is None else [srv, upstream]
+
+    def cpu_ticks() -> list[int]:
+        return [s.cpu_ticks() for s in watched]
+
     lines = []
     cpu0 = cpu1 = t0 = t1 = None
-    start_ticks = srv.cpu_ticks()
+    start_ticks = cpu_ticks()
     start_time = time.monotonic()
     try:
         assert proc.stdout is not None
@@ -871,9 +927,9 @@ def h2load(
             # h2load flushes these lines as the events happen: sample the
             # server's CPU exactly over the measurement window.
             if "Main benchmark duration is started" in line and cpu0 is None:
-                cpu0, t0 = srv.cpu_ticks(), time.monotonic()
+                cpu0, t0 = cpu_ticks(), time.monotonic()
             elif "Main benchmark duration is over" in line and cpu1 is None:
-                cpu1, t1 = srv.cpu_ticks(), time.monotonic()
+                cpu1, t1 = cpu_ticks(), time.monotonic()
         rc = proc.wait()
     finally:
         timer.cancel()
@@ -887,9 +943,11 @@ def h2load(
         raise BenchError(f"h2load exited with {rc}:\n{output[-2000:]}")
     if cpu0 is None or cpu1 is None:  # older h2load: whole run, warm-up included
         cpu0, t0 = start_ticks, start_time
-        cpu1, t1 = srv.cpu_ticks(), time.monotonic()
+        cpu1, t1 = cpu_ticks(), time.monotonic()
     fig = parse_h2load(output)
-    fig["cpu_s"] = (cpu1 - cpu0) / CLK_TCK
+    fig["cpu_s"] = (cpu1[0] - cpu0[0]) / CLK_TCK
+    if upstream is not None:
+        fig["upstream_cpu_s"] = (cpu1[1] - cpu0[1]) / CLK_TCK
     fig["window_s"] = t1 - t0
     return fig, output
 
@@ -1052,7 +1110,7 @@ def fmt_ratio(v: float | None) -> str:
 
 def build_report(
     meta: dict, runs: list[RunResult], lat: list[LatencyResult], notes: list[str], memory: list[str],
-    proto_runs: list[RunResult] | None = None,
+    proto_runs: list[RunResult] | None = None, proxy_runs: list[RunResult] | None = None,
 ) -> str:  # fmt: skip
     lines = [
         "# End-to-end load bench: wirestub engine vs tonic baseline",
@@ -1073,7 +1131,7 @@ def build_report(
         "",
     ]
     used = []
-    for r in [*runs, *lat]:
+    for r in [*runs, *lat, *(proxy_runs or [])]:
         if r.workload not in used:
             used.append(r.workload)
     for key in used:
@@ -1089,46 +1147,9 @@ def build_report(
         "in a run (closed loop: h2load 1.52 prints no percentiles). "
         "Ratios are engine/baseline per repeat pair: above 1 is better for req/s, "
         "below 1 is better for CPU/req and latency.",
-        "",
-        "## Throughput (h2load, closed loop)",
-        "",
-        "| layout | workload | c×m | server | req/s | CPU µs/req | lat mean | lat max |",
-        "|---|---|---|---|---:|---:|---:|---:|",
     ]
-    keys = []
-    for r in runs:
-        k = (r.layout, r.workload, r.cell)
-        if k not in keys:
-            keys.append(k)
-    for layout, workload, cell in keys:
-        for server in ("engine", "baseline"):
-            rs = [r for r in runs if (r.layout, r.workload, r.cell, r.server) == (layout, workload, cell, server)]
-            if not rs:
-                continue
-            flag = " ⚠" if any(r.failed or r.errored or r.timeout or r.succeeded != r.done for r in rs) else ""
-            lines.append(
-                f"| {layout} | {workload} | {cell} | {server}{flag} "
-                f"| {spread([r.rps for r in rs], fmt_num)} "
-                f"| {spread([r.cpu_us_per_req for r in rs], lambda v: fmt_num(v, 2))} "
-                f"| {spread([r.lat_mean_us for r in rs], fmt_us)} "
-                f"| {spread([r.lat_max_us for r in rs], fmt_us)} |"
-            )
-    lines += [
-        "",
-        "| layout | workload | c×m | req/s engine/baseline | CPU/req engine/baseline "
-        "| lat mean engine/baseline | lat max engine/baseline |",
-        "|---|---|---|---:|---:|---:|---:|",
-    ]
-    for layout, workload, cell in keys:
-        sel = [r for r in runs if (r.layout, r.workload, r.cell) == (layout, workload, cell)]
-        eng = {r.repeat: r for r in sel if r.server == "engine"}
-        base = {r.repeat: r for r in sel if r.server == "baseline"}
-        pairs = [(eng[i], base[i]) for i in sorted(eng) if i in base]
-        cols = []
-        for attr in ("rps", "cpu_us_per_req", "lat_mean_us", "lat_max_us"):
-            cols.append(spread([ratio(getattr(e, attr), getattr(b, attr)) for e, b in pairs], fmt_ratio))
-        lines.append(f"| {layout} | {workload} | {cell} | " + " | ".join(cols) + " |")
-
+    if runs:
+        lines += throughput_report(runs)
     if lat:
         lines += [
             "",
@@ -1193,6 +1214,8 @@ def build_report(
             )
     if proto_runs:
         lines += protocol_report(meta, proto_runs)
+    if proxy_runs:
+        lines += proxy_report(meta, proxy_runs)
     if memory:
         lines += ["", "Memory after the runs of each layout (VmRSS / peak VmHWM):", ""]
         lines += [f"- {m}" for m in memory]
@@ -1200,6 +1223,52 @@ def build_report(
         lines += ["", "Notes:", ""]
         lines += [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
+
+
+def throughput_report(runs: list[RunResult]) -> list[str]:
+    """The h2load section: each server's figures, then engine/baseline
+    ratios per repeat pair."""
+    lines = [
+        "",
+        "## Throughput (h2load, closed loop)",
+        "",
+        "| layout | workload | c×m | server | req/s | CPU µs/req | lat mean | lat max |",
+        "|---|---|---|---|---:|---:|---:|---:|",
+    ]
+    keys = []
+    for r in runs:
+        k = (r.layout, r.workload, r.cell)
+        if k not in keys:
+            keys.append(k)
+    for layout, workload, cell in keys:
+        for server in ("engine", "baseline"):
+            rs = [r for r in runs if (r.layout, r.workload, r.cell, r.server) == (layout, workload, cell, server)]
+            if not rs:
+                continue
+            flag = " ⚠" if any(r.failed or r.errored or r.timeout or r.succeeded != r.done for r in rs) else ""
+            lines.append(
+                f"| {layout} | {workload} | {cell} | {server}{flag} "
+                f"| {spread([r.rps for r in rs], fmt_num)} "
+                f"| {spread([r.cpu_us_per_req for r in rs], lambda v: fmt_num(v, 2))} "
+                f"| {spread([r.lat_mean_us for r in rs], fmt_us)} "
+                f"| {spread([r.lat_max_us for r in rs], fmt_us)} |"
+            )
+    lines += [
+        "",
+        "| layout | workload | c×m | req/s engine/baseline | CPU/req engine/baseline "
+        "| lat mean engine/baseline | lat max engine/baseline |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
+    for layout, workload, cell in keys:
+        sel = [r for r in runs if (r.layout, r.workload, r.cell) == (layout, workload, cell)]
+        eng = {r.repeat: r for r in sel if r.server == "engine"}
+        base = {r.repeat: r for r in sel if r.server == "baseline"}
+        pairs = [(eng[i], base[i]) for i in sorted(eng) if i in base]
+        cols = []
+        for attr in ("rps", "cpu_us_per_req", "lat_mean_us", "lat_max_us"):
+            cols.append(spread([ratio(getattr(e, attr), getattr(b, attr)) for e, b in pairs], fmt_ratio))
+        lines.append(f"| {layout} | {workload} | {cell} | " + " | ".join(cols) + " |")
+    return lines
 
 
 def protocol_report(meta: dict, proto_runs: list[RunResult]) -> list[str]:
@@ -1262,6 +1331,67 @@ def protocol_report(meta: dict, proto_runs: list[RunResult]) -> list[str]:
     return lines
 
 
+def proxy_report(meta: dict, proxy_runs: list[RunResult]) -> list[str]:
+    """The proxy section: each path's figures, then proxied/direct ratios
+    per layout and repeat."""
+    keys = []
+    for r in proxy_runs:
+        if (r.layout, r.workload, r.cell) not in keys:
+            keys.append((r.layout, r.workload, r.cell))
+    lines = [
+        "",
+        "## Proxy: the engine forwarding every call to the tonic baseline",
+        "",
+        "The main workload's call made straight to the tonic baseline (*direct*) and through an engine with no "
+        "plan that forwards every call to that same baseline, byte for byte over one HTTP/2 connection per "
+        "worker (*proxied*: `engine run --protos EMPTY --rules EMPTY --upstream http://127.0.0.1:PORT "
+        "--upstream-mode always --admin-listen off`), in turn in every repeat"
+        + (", after one untimed warm-up run of each" if meta.get("proxy_warmup_runs", True) else
+           "; no untimed warm-up runs in --quick, only h2load's `--warm-up-time`")  # fmt: skip
+        + ". The engine runs like the servers: pinned, on core 0 with `--workers 1`, sharing that core with the "
+        "baseline, h2load on core 1; shared, unpinned with `--workers 2`. CPU per call: *engine* is the "
+        "forwarding engine's utime+stime, *baseline* the tonic server's, *total* their sum, each over h2load's "
+        "measurement window, divided by the succeeded calls. Ratios are proxied/direct per repeat pair: "
+        "*engine ÷ direct* is what forwarding costs the engine for each call the baseline answers, "
+        "*total ÷ direct* what the whole chain costs against the baseline alone.",
+        "",
+        "| layout | workload | c×m | path | req/s | CPU µs/call engine | CPU µs/call baseline "
+        "| CPU µs/call total | lat mean | lat max |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for layout, workload, cell in keys:
+        for path in PROXY_PATHS:
+            rs = [r for r in proxy_runs if (r.layout, r.workload, r.cell, r.server) == (layout, workload, cell, path)]
+            if not rs:
+                continue
+            engine, baseline, total = zip(*(proxy_cpu(r) for r in rs))
+            lines.append(
+                f"| {layout} | {workload} | {cell} | {path} "
+                f"| {spread([r.rps for r in rs], fmt_num)} "
+                f"| {spread(list(engine), lambda v: fmt_num(v, 2))} "
+                f"| {spread(list(baseline), lambda v: fmt_num(v, 2))} "
+                f"| {spread(list(total), lambda v: fmt_num(v, 2))} "
+                f"| {spread([r.lat_mean_us for r in rs], fmt_us)} "
+                f"| {spread([r.lat_max_us for r in rs], fmt_us)} |"
+            )
+    lines += [
+        "",
+        "| layout | workload | c×m | CPU/call engine ÷ direct | CPU/call total ÷ direct | req/s proxied/direct "
+        "| lat mean proxied/direct |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
+    for layout, workload, cell in keys:
+        sel = [r for r in proxy_runs if (r.layout, r.workload, r.cell) == (layout, workload, cell)]
+        direct = {r.repeat: r for r in sel if r.server == "direct"}
+        pairs = [(r, direct[r.repeat]) for r in sel if r.server == "proxied" and r.repeat in direct]
+        engine = spread([ratio(proxy_cpu(p)[0], proxy_cpu(d)[2]) for p, d in pairs], fmt_ratio)
+        total = spread([ratio(proxy_cpu(p)[2], proxy_cpu(d)[2]) for p, d in pairs], fmt_ratio)
+        rps = spread([ratio(p.rps, d.rps) for p, d in pairs], fmt_ratio)
+        lat_mean = spread([ratio(p.lat_mean_us, d.lat_mean_us) for p, d in pairs], fmt_ratio)
+        lines.append(f"| {layout} | {workload} | {cell} | {engine} | {total} | {rps} | {lat_mean} |")
+    return lines
+
+
 # --------------------------------------------------------------------------
 # Main
 # --------------------------------------------------------------------------
@@ -1312,11 +1442,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--quick", action="store_true", help="CI: 16x10, match + static 200 B, 1 short repeat (~1 min)")
+    p.add_argument("--quick", action="store_true", help="CI: 16x10, match + static 200 B, 1 short repeat (~1.5 min)")
     p.add_argument("--duration", type=int, help="whole seconds measured per h2load run (default 10, quick 3)")
     p.add_argument("--warmup", type=int, help="h2load --warm-up-time seconds (default 2, quick 1)")
     p.add_argument("--repeats", type=int, help="timed runs per server, workload and cell (default 3, quick 1)")
-    p.add_argument("--cells", help="comma-separated CxM list for the main workload, e.g. 1x1,16x10,64x100")
+    p.add_argument(
+        "--cells", help="comma-separated CxM list for the main workload, e.g. 1x1,16x10,64x100, or `none`"
+    )
     p.add_argument("--layouts", default="pinned,shared", help="pinned, shared or both (default both)")
     p.add_argument(
         "--workload", choices=sorted(WORKLOADS), default=MAIN_WORKLOAD, help="main workload (default %(default)s)"
@@ -1341,6 +1473,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--protocol-layouts",
         help="layouts the protocol cells run in (default every layout run; quick: the first one)",
     )
+    p.add_argument(
+        "--proxy-layouts",
+        help="layouts the proxy cell runs in, or `none` (default every layout run; quick: the first one)",
+    )
+    p.add_argument("--proxy-cell", default="16x10", help="CxM cell of the proxy cell (default 16x10)")
     p.add_argument("--latency-fractions", help="latency runs at these fractions of the lower h2load req/s "
                    "(default 0.5,0.9; quick 0.5)")  # fmt: skip
     p.add_argument("--latency-rate", type=float, help="one fixed latency rate in req/s instead of fractions")
@@ -1386,7 +1523,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args.warmup = 1 if args.quick else 2
     if args.repeats is None:
         args.repeats = 1 if args.quick else 3
-    if args.cells:
+    if args.cells and args.cells.strip().lower() == "none":
+        args.cells = []
+    elif args.cells:
         args.cells = [parse_cell(x) for x in args.cells.split(",")]
     else:
         args.cells = QUICK_CELLS if args.quick else FULL_CELLS
@@ -1412,6 +1551,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             p.error(f"unknown protocol cell {key!r} in --protocols (known: {', '.join(DEFAULT_PROTOCOLS)})")
     args.protocol_cell = parse_cell(args.protocol_cell)
     args.h1_cell = parse_cell(args.h1_cell)
+    args.proxy_cell = parse_cell(args.proxy_cell)
     if args.latency_fractions is None:
         args.latency_fractions = [0.5] if args.quick else [0.5, 0.9]
     else:
@@ -1433,7 +1573,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         for layout in args.protocol_layouts:
             if layout not in args.layouts:
                 p.error(f"--protocol-layouts: {layout!r} is not in --layouts")
-    if any(c < 1 or m < 1 for c, m in [*args.cells, args.extra_cell, args.protocol_cell, args.h1_cell]):
+    if args.proxy_layouts is not None:
+        given = args.proxy_layouts.strip().lower()
+        args.proxy_layouts = [] if given == "none" else [x.strip() for x in given.split(",") if x.strip()]
+        for layout in args.proxy_layouts:
+            if layout not in args.layouts:
+                p.error(f"--proxy-layouts: {layout!r} is not in --layouts")
+    cells = [*args.cells, args.extra_cell, args.protocol_cell, args.h1_cell, args.proxy_cell]
+    if any(c < 1 or m < 1 for c, m in cells):
         p.error("cells need at least 1 connection and 1 stream")
     bad_rate = args.latency_rate is not None and args.latency_rate <= 0
     if not all(0 < f <= 1.5 for f in args.latency_fractions) or bad_rate:
@@ -1528,15 +1675,7 @@ def timed_h2load(
                 raise BenchError(f"{name} died during the run:\n{srv.log_tail()}")
             if fig["succeeded"] == 0:
                 raise BenchError(f"{name}: no request succeeded at {key} {cell}:\n{output[-2000:]}")
-            res = RunResult(
-                layout=layout, workload=key, cell=cell, server=name, repeat=rep,
-                rps=fig["rps"], done=fig["done"], succeeded=fig["succeeded"],
-                failed=fig["failed"], errored=fig["errored"], timeout=fig["timeout"],
-                cpu_s=fig["cpu_s"],
-                cpu_us_per_req=fig["cpu_s"] * 1e6 / fig["succeeded"],
-                lat_mean_us=fig["lat_mean_us"], lat_max_us=fig["lat_max_us"],
-                window_s=fig["window_s"],
-            )  # fmt: skip
+            res = RunResult.from_h2load(layout, key, cell, name, rep, fig)
             runs.append(res)
             say(
                 f"{layout} {key} {cell} #{rep + 1} {name:8}: {res.rps:>10,.0f} req/s, "
@@ -1587,15 +1726,7 @@ def timed_protocols(
                 raise BenchError(f"{srv.name} died during the {key} run:\n{srv.log_tail()}")
             if fig["succeeded"] == 0:
                 raise BenchError(f"{srv.name}: no request succeeded for protocol {key} at {cell}:\n{output[-2000:]}")
-            res = RunResult(
-                layout=layout, workload=key, cell=cell, server=srv.name, repeat=rep,
-                rps=fig["rps"], done=fig["done"], succeeded=fig["succeeded"],
-                failed=fig["failed"], errored=fig["errored"], timeout=fig["timeout"],
-                cpu_s=fig["cpu_s"],
-                cpu_us_per_req=fig["cpu_s"] * 1e6 / fig["succeeded"],
-                lat_mean_us=fig["lat_mean_us"], lat_max_us=fig["lat_max_us"],
-                window_s=fig["window_s"],
-            )  # fmt: skip
+            res = RunResult.from_h2load(layout, key, cell, srv.name, rep, fig)
             proto_runs.append(res)
             if key == "grpc":
                 ref = res
@@ -1610,6 +1741,107 @@ def timed_protocols(
                     f"{layout} protocol {key} {cell} #{rep + 1}: h2load counted {res.failed} failed, "
                     f"{res.errored} errored, {res.timeout} timed-out requests"
                 )
+
+
+PROXY_PATHS = ("direct", "proxied")  # the two sides of the proxy cell, in the order they run
+
+
+def proxy_cmd(bins: Binaries, upstream: Server, workers: str, empty: Path, extra: list[str]) -> list[str]:
+    """The engine as a pure pass-through: no plan (empty protos and rules
+    directories), every call forwarded to `upstream`, no admin API."""
+    return [
+        str(bins.engine), "run",
+        "--protos", str(empty), "--rules", str(empty),
+        "--upstream", f"http://127.0.0.1:{upstream.port}", "--upstream-mode", "always",
+        "--listen", "127.0.0.1:0", "--workers", workers, "--admin-listen", "off",
+        *extra,
+    ]  # fmt: skip
+
+
+def timed_proxy(
+    layout: str, upstream: Server, bins: Binaries, work: Path, files: dict[str, Files],
+    args: argparse.Namespace, workers: str, server_cpus: str | None, loader_cpus: str | None,
+    proxy_runs: list[RunResult], notes: list[str],
+) -> None:  # fmt: skip
+    """The proxy cell: the main workload's call made straight to the tonic
+    baseline (`direct`) and through an engine that forwards every call to
+    that same baseline (`proxied`), alternating, both servers' CPU sampled
+    over each measurement window. The engine starts here, pinned like the
+    servers, and every workload is checked through it before and after the
+    timed runs; any failed call is an error. --quick skips the untimed
+    warm-up runs (h2load's --warm-up-time stays)."""
+    key = args.workload
+    wl = WORKLOADS[key]
+    conns, streams = args.proxy_cell
+    cell = f"{conns}×{streams}"
+    empty = work / "empty"
+    empty.mkdir(exist_ok=True)
+    proxy = Server("proxy", proxy_cmd(bins, upstream, workers, empty, args.engine_arg), server_cpus, work)
+    try:
+        # The baseline answered every workload with the expected bytes
+        # (check_servers): through the engine they must be the same.
+        for k in WORKLOADS:
+            check_nghttp(proxy, k, files[k])
+        grpcio_note = check_grpcio(proxy, list(WORKLOADS))
+        say(grpcio_note)
+        targets = {"direct": (upstream, None), "proxied": (proxy, upstream)}
+
+        def once(path: str, duration: int, warmup: int) -> tuple[dict, str]:
+            srv, behind = targets[path]
+            return h2load(
+                srv, [wl.path], files[key].body, conns, streams, duration, warmup, loader_cpus, upstream=behind
+            )
+
+        if not args.quick:
+            for path in PROXY_PATHS:
+                say(f"{layout} proxy {key} {cell} warm-up {path}")
+                once(path, max(1, args.duration // 3), 0)
+        for rep in range(args.repeats):
+            for path in PROXY_PATHS:
+                fig, output = once(path, args.duration, args.warmup)
+                for srv in (proxy, upstream):
+                    if not srv.alive():
+                        raise BenchError(f"{srv.name} died during the proxy cell:\n{srv.log_tail()}")
+                bad = fig["failed"] + fig["errored"] + fig["timeout"]
+                if fig["succeeded"] == 0 or bad:
+                    raise BenchError(
+                        f"proxy cell, {path}: {fig['succeeded']} calls succeeded, {bad} failed, errored or "
+                        f"timed out at {key} {cell}:\n{output[-2000:]}"
+                    )
+                res = RunResult.from_h2load(layout, key, cell, path, rep, fig)
+                proxy_runs.append(res)
+                engine_cpu, baseline_cpu, total_cpu = proxy_cpu(res)
+                say(
+                    f"{layout} proxy {key} {cell} #{rep + 1} {path:8}: {res.rps:>10,.0f} req/s, CPU µs/call "
+                    f"engine {fmt_num(engine_cpu, 2)}, baseline {fmt_num(baseline_cpu, 2)}, "
+                    f"total {fmt_num(total_cpu, 2)}, lat mean {fmt_us(res.lat_mean_us)}, "
+                    f"max {fmt_us(res.lat_max_us)}, {res.succeeded} ok"
+                )
+        # Still forwarding correctly after the load (h2load counts any
+        # HTTP 200 as a success, an UNAVAILABLE from the engine too).
+        for k in WORKLOADS:
+            check_nghttp(proxy, k, files[k])
+        burst_check(bins.latency, proxy, key, files[key], loader_cpus)
+    finally:
+        proxy.stop()
+    for note in (
+        f"proxy cell: through the forwarding engine, nghttp saw :status 200, the grpc-status and exactly the "
+        f"reply bytes the baseline answers directly for {len(WORKLOADS)} workloads, before and after the timed "
+        "runs",
+        grpcio_note,
+        f"{layout}: proxy cell: no h2load call failed, errored or timed out, and every response of a 2,000-call "
+        f"burst of `{key}` through the engine after the timed runs was right (latency client)",
+    ):
+        if note not in notes:
+            notes.append(note)
+
+
+def proxy_cpu(r: RunResult) -> tuple[float | None, float | None, float | None]:
+    """(engine, baseline, total) CPU µs per call of a proxy cell run; no
+    engine on the direct path."""
+    if r.upstream_cpu_us_per_req is None or r.cpu_us_per_req is None:
+        return None, r.cpu_us_per_req, r.cpu_us_per_req
+    return r.cpu_us_per_req, r.upstream_cpu_us_per_req, r.cpu_us_per_req + r.upstream_cpu_us_per_req
 
 
 def timed_latency(
@@ -1691,6 +1923,10 @@ def bench(args: argparse.Namespace, argv: list[str]) -> int:
             proto_layouts = layouts[:1] if args.quick else list(layouts)
         if not args.protocols:
             proto_layouts = []
+        if args.proxy_layouts is not None:
+            proxy_layouts = [x for x in args.proxy_layouts if x in layouts]
+        else:
+            proxy_layouts = layouts[:1] if args.quick else list(layouts)
         for key in [args.workload, *args.extra]:
             say(f"{key}: {WORKLOADS[key].path}, request body {len(grpc_frame(WORKLOADS[key].request))} bytes")
 
@@ -1713,9 +1949,13 @@ def bench(args: argparse.Namespace, argv: list[str]) -> int:
             h1_cell="x".join(map(str, args.h1_cell)),
             protocol_burst=PROTOCOL_BURST,
             protocol_warmup_runs=not args.quick,
+            proxy_layouts=proxy_layouts,
+            proxy_cell="x".join(map(str, args.proxy_cell)),
+            proxy_warmup_runs=not args.quick,
         )
         runs: list[RunResult] = []
         proto_runs: list[RunResult] = []
+        proxy_runs: list[RunResult] = []
         lat: list[LatencyResult] = []
         memory: list[str] = []
         for layout in layouts:
@@ -1748,6 +1988,11 @@ def bench(args: argparse.Namespace, argv: list[str]) -> int:
                 timed_h2load(layout, key, servers, files, conns, streams, args, loader_cpus, runs, notes)
             if with_protocols:
                 timed_protocols(layout, servers["engine"], pfiles, args, loader_cpus, proto_runs, notes)
+            if layout in proxy_layouts:
+                timed_proxy(
+                    layout, servers["baseline"], bins, work, files, args, workers, server_cpus, loader_cpus,
+                    proxy_runs, notes,
+                )  # fmt: skip
             if not args.no_latency:
                 for conns, streams in args.cells:
                     timed_latency(
@@ -1781,7 +2026,7 @@ def bench(args: argparse.Namespace, argv: list[str]) -> int:
                     f"`{PROTOCOL_WORKLOAD}` (latency client)"
                 )
 
-        report = build_report(meta, runs, lat, notes, memory, proto_runs)
+        report = build_report(meta, runs, lat, notes, memory, proto_runs, proxy_runs)
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(report)
@@ -1792,6 +2037,7 @@ def bench(args: argparse.Namespace, argv: list[str]) -> int:
                     "runs": [asdict(r) for r in runs],
                     "latency": [asdict(r) for r in lat],
                     "protocols": [asdict(r) for r in proto_runs],
+                    "proxy": [asdict(r) for r in proxy_runs],
                 },
                 indent=1,
             )

@@ -39,7 +39,7 @@ pub fn check(data: &[u8]) {
         messages.push(chunk);
         assert!(messages.held() <= 5 + max + chunk.len(), "held {} with limit {max}", messages.held());
         loop {
-            match messages.next() {
+            match messages.cut() {
                 Ok(Some(m)) => {
                     assert!(m.len() >= 5 && m[0] == 0);
                     let len = u32::from_be_bytes([m[1], m[2], m[3], m[4]]) as usize;

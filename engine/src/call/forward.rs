@@ -265,7 +265,7 @@ async fn relay<O: Outbound>(
         messages.push(&chunk);
         drop(chunk);
         loop {
-            let message = match messages.next() {
+            let message = match messages.cut() {
                 Ok(Some(m)) => m,
                 Ok(None) => break,
                 Err(e) => return End::Status(bad_answer(up, &e)),

@@ -33,7 +33,7 @@ impl Messages {
     /// The next whole message, gRPC-framed and uncompressed; None until
     /// more bytes come; an error for a message over the limit or one that
     /// does not inflate.
-    pub fn next(&mut self) -> Result<Option<Bytes>, String> {
+    pub fn cut(&mut self) -> Result<Option<Bytes>, String> {
         let b = &self.buffer;
         if b.len() < 5 {
             return Ok(None);
