@@ -110,6 +110,9 @@ class Upstream:
 
             def Subscribe(self, request, context):
                 if request.room == "forever":
+                    # Runs when the call ends, however grpcio learns of it
+                    # (it may stop pulling this generator at once).
+                    context.add_callback(outer.cancelled.set)
                     n = 0
                     while context.is_active():
                         yield pb.ChatMessage(user="up", text="tick", seq=n)
