@@ -69,7 +69,7 @@ pub struct Options {
     /// More routes (the runtime API).
     pub extension: Option<Arc<dyn Extension>>,
     /// The upstream calls are forwarded to, for the status.
-    pub upstream: Option<Arc<crate::config::Upstream>>,
+    pub upstream: Option<Arc<crate::config::Upstreams>>,
 }
 
 impl std::fmt::Debug for Options {

@@ -57,8 +57,9 @@ pub struct Config {
     /// `--journal-message-bytes`), applied to the state's journal when
     /// serving starts.
     pub journal: JournalLimits,
-    /// The real server calls are forwarded to (`--upstream`), when set.
-    pub upstream: Option<Arc<Upstream>>,
+    /// The real servers calls are forwarded to (`--upstream`,
+    /// `--upstream-for`), when set.
+    pub upstream: Option<Arc<Upstreams>>,
 }
 
 /// Which calls go to the upstream.
@@ -70,6 +71,29 @@ pub enum UpstreamMode {
     Fallback,
     /// Every call except the engine's own services (health, reflection).
     Always,
+}
+
+/// Where forwarded calls go: a service's own upstream, else the default.
+#[derive(Debug, Default)]
+pub struct Upstreams {
+    /// `--upstream`: every service without one of its own.
+    pub default: Option<Arc<Upstream>>,
+    /// `--upstream-for SERVICE=URL`, by fully-qualified service name.
+    pub services: Vec<(Box<str>, Arc<Upstream>)>,
+}
+
+impl Upstreams {
+    /// The upstream of the method at `path` (`/package.Service/Method`).
+    pub fn route(&self, path: &str) -> Option<&Upstream> {
+        let service = path.strip_prefix('/').and_then(|p| p.split_once('/')).map(|(s, _)| s);
+        let own = service.and_then(|s| self.services.iter().find(|(name, _)| &**name == s));
+        own.map(|(_, u)| &**u).or(self.default.as_deref())
+    }
+
+    /// Every upstream, the default first.
+    pub fn all(&self) -> impl Iterator<Item = &Upstream> {
+        self.default.iter().chain(self.services.iter().map(|(_, u)| u)).map(|u| &**u)
+    }
 }
 
 /// A real gRPC server (`--upstream URL` and its TLS options).

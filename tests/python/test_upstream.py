@@ -692,3 +692,58 @@ def tmp_path_factory_shim(tmp_path: Path):
             return d
 
     return Factory()
+
+
+def test_each_service_to_its_own_upstream(chat, tmp_path):
+    """`upstream-for` in the configuration file: chat.v1.Chat goes to its
+    own upstream, other services to the default one; with no default, a
+    service without an upstream is not forwarded."""
+    pb, _ = chat
+    own, default = Upstream(*chat), Upstream(*chat)
+    config = tmp_path / "wirestub.yaml"
+    config.write_text(
+        f"upstream: http://127.0.0.1:{default.port}\n"
+        f"upstream-for:\n  - chat.v1.Chat=http://127.0.0.1:{own.port}\n"
+    )
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    srv = start_engine(
+        tmp_path_factory_shim(tmp_path),
+        "per-service",
+        ["--config", str(config), "--protos", str(empty), "--rules", str(empty)],
+    )
+    only = start_engine(
+        tmp_path_factory_shim(tmp_path),
+        "only-chat",
+        ["--upstream-for", f"chat.v1.Chat=http://127.0.0.1:{own.port}", "--protos", str(empty), "--rules", str(empty)],
+    )
+    try:
+        channel, s = stub(chat, srv.port)
+        try:
+            assert s.GetRoom(pb.GetRoomRequest(room="routed"), timeout=10).room == "routed"
+        finally:
+            channel.close()
+        assert "routed" in own.metadata and "routed" not in default.metadata
+        # Another service: the default upstream answers (it lacks the
+        # method, so UNIMPLEMENTED comes from it, in grpcio's words).
+        channel = grpc.insecure_channel(f"127.0.0.1:{srv.port}")
+        try:
+            with pytest.raises(grpc.RpcError) as e:
+                channel.unary_unary("/other.v1.Service/Call")(b"", timeout=10)
+            assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            assert "unknown method" not in e.value.details()
+        finally:
+            channel.close()
+        channel = grpc.insecure_channel(f"127.0.0.1:{only.port}")
+        try:
+            with pytest.raises(grpc.RpcError) as e:
+                channel.unary_unary("/other.v1.Service/Call")(b"", timeout=10)
+            assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            assert "unknown method /other.v1.Service/Call" in e.value.details()
+        finally:
+            channel.close()
+    finally:
+        engine_process.stop(srv.proc)
+        engine_process.stop(only.proc)
+        own.stop()
+        default.stop()

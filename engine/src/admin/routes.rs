@@ -295,7 +295,10 @@ fn status(state: &State, options: &Options) -> Response {
             "workers": state.workers,
             "draining": state.is_draining(),
             "runtime": options.extension.as_ref().map(|e| e.status()),
-            "upstream": options.upstream.as_ref().map(|u| u.status()),
+            "upstream": options.upstream.as_ref().and_then(|u| u.default.as_ref()).map(|u| u.status()),
+            "upstreams_by_service": options.upstream.as_ref().map(|u| {
+                u.services.iter().map(|(s, u)| (s.to_string(), u.status())).collect::<serde_json::Map<_, _>>()
+            }),
         }),
     )
 }

@@ -93,7 +93,12 @@ pub fn check(
     let m = match m {
         Some(m) => m,
         // Forwarded as it comes: messages in envelopes, as bytes.
-        None if config.upstream.is_some() && dialect.enveloped() && dialect.codec == Codec::Proto => &served.forwarded,
+        None if config.upstream.as_ref().is_some_and(|u| u.route(path).is_some())
+            && dialect.enveloped()
+            && dialect.codec == Codec::Proto =>
+        {
+            &served.forwarded
+        }
         None => {
             let status = Status::new(Code::Unimplemented, format!("unknown method {path}"));
             return Err(Refusal::Status(dialect, status));

@@ -284,8 +284,9 @@ async fn call(
         match method.builtin {
             Some(b) => builtin(state, &generation, b, deadline, &mut input, &mut responder, &mut record).await,
             None => {
-                let forwarded = config.upstream.as_ref().map(|_| forward::metadata_of(headers));
-                let upstream = config.upstream.as_deref().zip(forwarded.as_deref()).map(|(upstream, metadata)| {
+                let routed = config.upstream.as_ref().and_then(|u| u.route(path));
+                let forwarded = routed.map(|_| forward::metadata_of(headers));
+                let upstream = routed.zip(forwarded.as_deref()).map(|(upstream, metadata)| {
                     let json = method.json.as_ref().filter(|_| json);
                     Forward { upstream, path, metadata, deadline, json }
                 });

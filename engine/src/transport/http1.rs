@@ -235,8 +235,9 @@ async fn call(req: Request<Incoming>, ctx: &Rc<Ctx>) -> Response<CallBody> {
         let mut out = Responder::new(dialect, sink);
         out.compress = compress;
         let ok = &generation.served.ok;
-        let forwarded = config.upstream.as_ref().map(|_| forward::metadata_of(&headers));
-        let upstream = config.upstream.as_deref().zip(forwarded.as_deref()).map(|(upstream, metadata)| {
+        let routed = config.upstream.as_ref().and_then(|u| u.route(&path));
+        let forwarded = routed.map(|_| forward::metadata_of(&headers));
+        let upstream = routed.zip(forwarded.as_deref()).map(|(upstream, metadata)| {
             let json = method.json.as_ref().filter(|_| json);
             Forward { upstream, path: &path, metadata, deadline, json }
         });

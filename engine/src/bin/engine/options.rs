@@ -30,6 +30,10 @@ pub enum Kind {
     /// `:`-separated list in the environment, a YAML list (or one path) in
     /// the configuration file.
     Paths,
+    /// A list of values: the flag repeated on the command line, a
+    /// `,`-separated list in the environment, a YAML list (or one value)
+    /// in the configuration file.
+    Values,
     /// On when given (`--watch`, or `--watch=false`); `true` or `false` in
     /// the environment and the configuration file.
     Switch,
@@ -233,6 +237,15 @@ pub const FLAGS: &[Flag] = &[
         default: "",
         help: "real gRPC server to forward calls to (http://HOST:PORT, or https://HOST[:PORT] for TLS): calls \
                to methods the plan lacks, and calls no rule matches; works without a plan or protos",
+        section: UPSTREAM,
+    },
+    Flag {
+        name: "upstream-for",
+        value: "SERVICE=URL",
+        kind: Kind::Values,
+        default: "",
+        help: "the upstream of one service (`package.Service`), instead of --upstream, so that one engine fronts \
+               several real services; repeatable; TLS and mode options apply to each",
         section: UPSTREAM,
     },
     Flag {
@@ -559,13 +572,15 @@ pub fn help() -> String {
         }
         let value = match flag.kind {
             Kind::Switch => String::new(),
-            Kind::Paths => format!(" {}...", flag.value),
+            Kind::Paths | Kind::Values => format!(" {}...", flag.value),
             _ => format!(" {}", flag.value),
         };
         out.push_str(&format!("  --{}{value}\n", flag.name));
         let mut text = flag.help.to_string();
-        if flag.kind == Kind::Paths {
-            text.push_str(" (a `:`-separated list in the environment, a list in the file)");
+        match flag.kind {
+            Kind::Paths => text.push_str(" (a `:`-separated list in the environment, a list in the file)"),
+            Kind::Values => text.push_str(" (a `,`-separated list in the environment, a list in the file)"),
+            _ => {}
         }
         wrap(&mut out, &text);
         let mut tail = String::new();
@@ -811,6 +826,7 @@ pub fn parse(args: &[String], env: &dyn Fn(&str) -> Option<String>) -> Result<Co
         if let Some(v) = env(&var) {
             let values = match flag.kind {
                 Kind::Paths => v.split(':').filter(|s| !s.is_empty()).map(str::to_string).collect(),
+                Kind::Values => v.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_string).collect(),
                 _ => vec![v],
             };
             return Some(raw(flag, values, Origin::Env(var)));
@@ -994,7 +1010,7 @@ fn command_line(args: &[String]) -> Result<(HashMap<&'static str, Raw>, Option<S
             (_, None) => it.next().cloned().ok_or_else(|| format!("command line: `--{name}` needs a value"))?,
         };
         match given.get_mut(flag.name) {
-            Some(r) if flag.kind == Kind::Paths => r.values.push(value),
+            Some(r) if matches!(flag.kind, Kind::Paths | Kind::Values) => r.values.push(value),
             _ => {
                 given.insert(flag.name, raw(flag, vec![value], Origin::CommandLine));
             }
@@ -1007,9 +1023,10 @@ fn command_line(args: &[String]) -> Result<(HashMap<&'static str, Raw>, Option<S
 fn upstream(
     get: &dyn Fn(&'static str) -> Option<Raw>,
     max_message: usize,
-) -> Result<Option<std::sync::Arc<wirestub_engine::config::Upstream>>, String> {
+) -> Result<Option<std::sync::Arc<wirestub_engine::config::Upstreams>>, String> {
     let options = ["upstream-ca", "upstream-cert", "upstream-key", "upstream-server-name"];
-    let Some(url) = get("upstream") else {
+    let (default, services) = (get("upstream"), get("upstream-for"));
+    let Some(url) = default.as_ref().or(services.as_ref()) else {
         if let Some(r) = options.iter().find_map(|&name| get(name)) {
             return Err(format!("{}: `--{}` is only used with `--upstream`", r.origin, r.flag.name));
         }
@@ -1033,17 +1050,37 @@ fn upstream(
         Some(t) => t,
         None => return Err(timeout.error("a number of at least 1")),
     };
-    let options = wirestub_engine::upstream::Options {
-        url: url.text(),
-        mode,
-        ca: ca.as_deref(),
-        identity,
-        server_name: server_name.as_deref(),
-        connect_timeout,
-        max_message: max_message.max(4 << 20),
+    let configure = |raw: &Raw, url: &str| {
+        let options = wirestub_engine::upstream::Options {
+            url,
+            mode,
+            ca: ca.as_deref(),
+            identity,
+            server_name: server_name.as_deref(),
+            connect_timeout,
+            max_message: max_message.max(4 << 20),
+        };
+        wirestub_engine::upstream::configure(&options)
+            .map(std::sync::Arc::new)
+            .map_err(|e| format!("{}: {e}", raw.origin))
     };
-    let upstream = wirestub_engine::upstream::configure(&options).map_err(|e| format!("{}: {e}", url.origin))?;
-    Ok(Some(std::sync::Arc::new(upstream)))
+    let mut upstreams = wirestub_engine::config::Upstreams::default();
+    if let Some(raw) = &default {
+        upstreams.default = Some(configure(raw, raw.text())?);
+    }
+    if let Some(raw) = &services {
+        for value in &raw.values {
+            let Some((service, url)) = value.split_once('=').filter(|(s, u)| !s.is_empty() && !u.is_empty()) else {
+                return Err(format!("{}: `--upstream-for` takes SERVICE=URL, got `{value}`", raw.origin));
+            };
+            let service = service.trim().trim_start_matches('.');
+            if upstreams.services.iter().any(|(s, _)| &**s == service) {
+                return Err(format!("{}: `--upstream-for` names `{service}` twice", raw.origin));
+            }
+            upstreams.services.push((service.into(), configure(raw, url.trim())?));
+        }
+    }
+    Ok(Some(std::sync::Arc::new(upstreams)))
 }
 
 /// Reads a configuration file's text: one YAML mapping whose keys are flag
@@ -1094,7 +1131,9 @@ fn config_text(path: &Path, text: &str) -> Result<HashMap<&'static str, Raw>, St
         };
         let mut values = match (&value.kind, flag.kind) {
             (NodeKind::Null, _) => return Err(format!("{where_}: `{name}` has no value")),
-            (NodeKind::Seq(items), Kind::Paths) => items.iter().map(scalar).collect::<Result<Vec<_>, _>>()?,
+            (NodeKind::Seq(items), Kind::Paths | Kind::Values) => {
+                items.iter().map(scalar).collect::<Result<Vec<_>, _>>()?
+            }
             _ => vec![scalar(value)?],
         };
         if matches!(flag.kind, Kind::Path | Kind::Paths) {

@@ -203,7 +203,7 @@ impl<'s> Conn<'s> {
             Some(m) => Some(m),
             None if http_status.is_none() && status.is_none() => {
                 let path = String::from_utf8_lossy(request.unknown_path.as_deref().unwrap_or_default());
-                match self.config.upstream.is_some() {
+                match self.config.upstream.as_ref().is_some_and(|u| u.route(&path).is_some()) {
                     // Forwarded as it comes: messages in envelopes, as bytes.
                     true if dialect.enveloped() && dialect.codec == Codec::Proto => Some(&self.served.forwarded),
                     true => {
@@ -340,15 +340,15 @@ impl<'s> Conn<'s> {
             forward: None,
         };
         let mut all = request.all.take();
-        let upstream = self.config.upstream.as_deref().filter(|_| method.builtin.is_none());
         let unknown = std::ptr::eq(method, &self.served.forwarded);
+        let path: Box<str> = match unknown {
+            true => String::from_utf8_lossy(request.unknown_path.as_deref().unwrap_or_default()).into(),
+            false => method.plan.path.as_str().into(),
+        };
+        let upstream = self.config.upstream.as_ref().and_then(|u| u.route(&path)).filter(|_| method.builtin.is_none());
         let mut forward_now = false;
         let mut stream = stream;
         if let Some(up) = upstream {
-            let path = match unknown {
-                true => String::from_utf8_lossy(request.unknown_path.as_deref().unwrap_or_default()).into(),
-                false => method.plan.path.clone().into_boxed_str(),
-            };
             let metadata = match self.journal_on() {
                 true => all.clone().unwrap_or_default(),
                 false => all.take().unwrap_or_default(),
@@ -511,8 +511,9 @@ impl<'s> Conn<'s> {
     /// Whether every call of this stream's kind goes to the upstream
     /// (`--upstream-mode always`).
     fn forwards_all(&self, id: u32) -> bool {
-        let always = self.config.upstream.as_deref().is_some_and(|u| u.mode == UpstreamMode::Always);
-        always && self.streams.get(&id).is_some_and(|s| s.forward.is_some())
+        let Some(upstreams) = self.config.upstream.as_deref() else { return false };
+        let Some(f) = self.streams.get(&id).and_then(|s| s.forward.as_deref()) else { return false };
+        upstreams.route(&f.path).is_some_and(|u| u.mode == UpstreamMode::Always)
     }
 
     /// Whether a call goes to the upstream because no rule answers it.

@@ -130,9 +130,9 @@ pub(super) fn start_job<'s>(conn: &Shared<'s>, job: Job<'s>) -> Task<'s> {
 /// over the stream's queue of request messages.
 pub(super) async fn forward<'s>(h: Handle<'s>, first: Vec<Bytes>, deadline: Option<Instant>) {
     let Some((upstream, path, metadata, json)) = h.with(|c| {
-        let up = c.config.upstream.as_deref()?;
         let s = c.streams.get_mut(&h.id)?;
         let f = s.forward.take()?;
+        let up = c.config.upstream.as_deref()?.route(&f.path)?;
         let json = s.method.json.as_ref().filter(|_| s.dialect.codec == Codec::Json);
         Some((up, f.path, f.metadata, json))
     }) else {
@@ -208,7 +208,9 @@ pub(super) async fn duplex<'s>(h: Handle<'s>, deadline: Option<Instant>) {
     }) else {
         return;
     };
-    let upstream = h.with(|c| c.config.upstream.as_deref()).zip(forwarding.as_deref()).map(|(upstream, f)| {
+    let upstreams = h.with(|c| c.config.upstream.as_deref());
+    let routed = forwarding.as_deref().and_then(|f| Some((upstreams?.route(&f.path)?, f)));
+    let upstream = routed.map(|(upstream, f)| {
         let json = method.json.as_ref().filter(|_| json);
         forward::Forward { upstream, path: &f.path, metadata: &f.metadata, deadline, json }
     });
