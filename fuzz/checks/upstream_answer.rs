@@ -51,7 +51,8 @@ pub fn check(data: &[u8]) {
                         body[consumed + 3],
                         body[consumed + 4],
                     ]) as usize;
-                    if body[consumed] & 1 == 0 {
+                    assert!(body[consumed] <= 1, "a reserved flag was accepted");
+                    if body[consumed] == 0 {
                         assert_eq!(&m[5..], &body[consumed + 5..consumed + 5 + declared]);
                     }
                     consumed += 5 + declared;

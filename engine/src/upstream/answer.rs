@@ -38,7 +38,11 @@ impl Messages {
         if b.len() < 5 {
             return Ok(None);
         }
-        let compressed = b[0] & 1 == 1;
+        let compressed = match b[0] {
+            0 => false,
+            1 => true,
+            flag => return Err(format!("a message with flags {flag:#04x} (only 0 and 1 are gRPC's)")),
+        };
         let len = u32::from_be_bytes([b[1], b[2], b[3], b[4]]) as usize;
         if len > self.max {
             return Err(format!("a message of {len} bytes, over the limit of {}", self.max));
