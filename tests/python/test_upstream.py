@@ -747,3 +747,42 @@ def test_each_service_to_its_own_upstream(chat, tmp_path):
         engine_process.stop(only.proc)
         own.stop()
         default.stop()
+
+
+def test_record_ignored_fields_are_echoed(chat, tmp_path):
+    """A field named by --record-ignore-fields is left out of `when`, and
+    where the answer repeats it, the replay echoes the request's value."""
+    pb, _ = chat
+    up = Upstream(*chat)
+    record = tmp_path / "recorded"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    args = ["--protos", str(PROTOS), "--rules", str(empty), "--upstream", f"http://127.0.0.1:{up.port}"]
+    srv = start_engine(
+        tmp_path_factory_shim(tmp_path), "record", [*args, "--record", str(record), "--record-ignore-fields", "room"]
+    )
+    try:
+        channel, s = stub(chat, srv.port)
+        try:
+            s.GetRoom(pb.GetRoomRequest(room="r-1234"), timeout=10)
+        finally:
+            channel.close()
+        path = record / "chat.v1.chat.getroom.yaml"
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not path.exists():
+            time.sleep(0.05)
+    finally:
+        engine_process.stop(srv.proc)
+        up.stop()
+    text = path.read_text()
+    assert "when" not in text and "{{request.room}}" in text, text
+    replay = start_engine(tmp_path_factory_shim(tmp_path), "replay", ["--protos", str(PROTOS), "--rules", str(record)])
+    try:
+        channel, s = stub(chat, replay.port)
+        try:
+            room = s.GetRoom(pb.GetRoomRequest(room="another-5678"), timeout=10)
+        finally:
+            channel.close()
+    finally:
+        engine_process.stop(replay.proc)
+    assert (room.room, room.topic) == ("another-5678", "upstream: none")

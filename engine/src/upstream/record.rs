@@ -21,7 +21,8 @@
 //! Secrets are never written: request metadata is not recorded at all,
 //! and response metadata named in [`SECRETS`] (or by `--record-redact`)
 //! is left out. Fields named by `--record-ignore-fields` (timestamps,
-//! request ids) are left out of `when`. A method the descriptors do not
+//! request ids) are left out of `when`, and where the answer repeats their
+//! value it becomes a template echoing the request's (`{{request.id}}`). A method the descriptors do not
 //! describe is not recorded (logged once).
 
 use crate::state::State;
@@ -270,26 +271,31 @@ impl Writer {
                         answer.extend(ends.clone());
                         answer.insert("stream_error_after".into(), json!(items.len()));
                     }
-                    calls.push((conditions(r, "", ignore), Json::Object(answer)));
+                    let mut echoes = Vec::new();
+                    let when = conditions(r, "", ignore, &mut echoes);
+                    echo(&mut answer, &echoes);
+                    calls.push((when, Json::Object(answer)));
                 }
                 if requests.is_empty() {
                     return self.warn_once(&c.path, "a bidi call without request messages cannot be replayed");
                 }
             }
             (client, server) => {
+                let mut echoes = Vec::new();
                 let when = if client {
                     let mut when = Map::new();
                     when.insert("request.count".into(), json!(requests.len()));
                     if let Some(first) = requests.first() {
-                        when.extend(conditions(first, "first.", ignore));
+                        when.extend(conditions(first, "first.", ignore, &mut echoes));
                     }
                     if requests.len() > 1 {
-                        when.extend(conditions(requests.last().expect("non-empty"), "last.", ignore));
+                        let last = requests.last().expect("non-empty");
+                        when.extend(conditions(last, "last.", ignore, &mut echoes));
                     }
                     when
                 } else {
                     match requests.first() {
-                        Some(r) => conditions(r, "", ignore),
+                        Some(r) => conditions(r, "", ignore, &mut echoes),
                         None => return self.warn_once(&c.path, "a call without a request message"),
                     }
                 };
@@ -311,6 +317,7 @@ impl Writer {
                     answer.insert("metadata".into(), Json::Object(meta));
                 }
                 answer.extend(ends);
+                echo(&mut answer, &echoes);
                 calls.push((when, Json::Object(answer)));
             }
         }
@@ -438,15 +445,56 @@ fn to_json(m: &DynamicMessage) -> Json {
 /// for scalars (strings, numbers, booleans, enum names), the length of
 /// repeated fields, nested messages by their fields; bytes, maps and the
 /// ignored paths left out.
-fn conditions(m: &DynamicMessage, prefix: &str, ignore: &[String]) -> Map<String, Json> {
+fn conditions(
+    m: &DynamicMessage,
+    prefix: &str,
+    ignore: &[String],
+    echoes: &mut Vec<(Json, String)>,
+) -> Map<String, Json> {
     let mut out = Map::new();
     walk(m, "", &mut |path, value| {
+        let name = format!("request.{prefix}{path}");
         if ignore.iter().any(|i| i == path || path.starts_with(&format!("{i}."))) {
+            let echoable = match &value {
+                Json::String(s) => !s.is_empty(),
+                Json::Number(n) => n.as_f64() != Some(0.0),
+                _ => false,
+            };
+            if echoable {
+                echoes.push((value, name));
+            }
             return;
         }
-        out.insert(format!("request.{prefix}{path}"), value);
+        out.insert(name, value);
     });
     out
+}
+
+/// Where the answer repeats the value of an ignored request field (a
+/// request id, a timestamp), a template echoing it instead, so that the
+/// replay answers each request with its own value.
+fn echo(answer: &mut Map<String, Json>, echoes: &[(Json, String)]) {
+    fn visit(v: &mut Json, echoes: &[(Json, String)]) {
+        match v {
+            Json::Object(m) => m.values_mut().for_each(|v| visit(v, echoes)),
+            Json::Array(a) => a.iter_mut().for_each(|v| visit(v, echoes)),
+            leaf => {
+                // The JSON mapping writes 64-bit integers as strings.
+                let same = |e: &Json| e == leaf || (e.is_number() && leaf.as_str() == Some(&e.to_string()));
+                if let Some((_, path)) = echoes.iter().find(|(e, _)| same(e)) {
+                    *leaf = Json::String(format!("{{{{{path}}}}}"));
+                }
+            }
+        }
+    }
+    if echoes.is_empty() {
+        return;
+    }
+    for key in ["body", "stream_items"] {
+        if let Some(v) = answer.get_mut(key) {
+            visit(v, echoes);
+        }
+    }
 }
 
 fn walk(m: &DynamicMessage, at: &str, emit: &mut dyn FnMut(&str, Json)) {
