@@ -786,3 +786,34 @@ def test_record_ignored_fields_are_echoed(chat, tmp_path):
     finally:
         engine_process.stop(replay.proc)
     assert (room.room, room.topic) == ("another-5678", "upstream: none")
+
+
+@pytest.mark.parametrize("stack", ["native", "h2"])
+def test_client_stream_held_for_the_upstream_is_bounded(chat, upstream, tmp_path, stack):
+    """In fallback mode a client stream is held whole while the engine
+    looks for a rule (it may yet go to the upstream): past
+    --max-buffered-bytes the call fails with RESOURCE_EXHAUSTED, and
+    another client is served meanwhile."""
+    pb, _ = chat
+    args = ["--http2", stack, "--max-buffered-bytes", str(2 << 20), *mocked_args(upstream)]
+    srv = start_engine(tmp_path_factory_shim(tmp_path), f"bounded-{stack}", args)
+    try:
+        channel, s = stub(chat, srv.port)
+        other_channel, other = stub(chat, srv.port)
+        try:
+            def big():
+                for i in range(60):
+                    yield pb.ChatMessage(text="x" * 100_000, seq=i)
+                    if i == 10:
+                        assert other.GetRoom(pb.GetRoomRequest(room="general"), timeout=10).topic == "from the mock"
+
+            with pytest.raises(grpc.RpcError) as e:
+                s.Upload(big(), timeout=30)
+            assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e.value.details()
+            assert other.GetRoom(pb.GetRoomRequest(room="other"), timeout=10).topic == "upstream: none"
+        finally:
+            channel.close()
+            other_channel.close()
+        assert srv.alive()
+    finally:
+        engine_process.stop(srv.proc)

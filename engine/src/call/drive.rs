@@ -137,7 +137,7 @@ where
     if method.plan.duplex {
         return duplex(Call { method, metadata, deadline, ok, json, record, upstream }, input, out).await;
     }
-    let keep_all = upstream.is_some();
+    let keep_all = upstream.map(|f| f.max_held);
     let picked = tokio::select! {
         r = pick(method, metadata, input, &mut *record, keep_all) => r,
         _ = sleep_until(deadline) => Err(deadline_exceeded().into()),
@@ -156,14 +156,14 @@ where
 }
 
 /// Reads a unary or client-streaming request and picks its answer; with
-/// `keep_all`, also gives back every request message read (for the
-/// upstream, should no rule answer).
+/// `keep_all` (a byte limit), also gives back every request message read
+/// (for the upstream, should no rule answer).
 async fn pick<'m, M, I, R>(
     method: &'m ServedMethod,
     metadata: &M,
     input: &mut I,
     record: &mut R,
-    keep_all: bool,
+    keep_all: Option<usize>,
 ) -> Result<(Answer<'m>, Vec<Bytes>), Stop<'m>>
 where
     M: Metadata + ?Sized,
@@ -182,16 +182,22 @@ where
             }
             let one = [&m[..]];
             let answer = pick_explained(method, &Messages::one(&one), metadata, record.explain())?;
-            Ok((answer, if keep_all { vec![m] } else { Vec::new() }))
+            Ok((answer, if keep_all.is_some() { vec![m] } else { Vec::new() }))
         }
         MethodKind::ClientStreaming | MethodKind::BidiStreaming => {
             let mut head: Vec<Bytes> = Vec::new();
             let mut last: Option<Bytes> = None;
             let mut count = 0usize;
+            // Messages kept for the upstream count in the process's budget
+            // of bytes held for calls until the call ends.
+            let mut held = keep_all.map(crate::budget::Held::new);
             while let Some(m) = input.next().await? {
                 count += 1;
                 record.message(&m);
-                if keep_all || head.len() < method.keep {
+                if let Some(held) = &mut held {
+                    held.grow(m.len())?;
+                }
+                if keep_all.is_some() || head.len() < method.keep {
                     head.push(m);
                 } else {
                     last = Some(m);

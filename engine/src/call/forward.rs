@@ -44,6 +44,9 @@ pub struct Forward<'a> {
     /// The client speaks the JSON codec: response messages go out
     /// transcoded with the method's mapping.
     pub json: Option<&'a JsonCodec>,
+    /// Bytes of request messages a call may hold while the engine looks
+    /// for a rule before forwarding (`--max-buffered-bytes`).
+    pub max_held: usize,
 }
 
 impl Forward<'_> {

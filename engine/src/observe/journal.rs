@@ -220,14 +220,16 @@ impl RequestMessages {
 impl Entry {
     /// The bytes the entry holds, as counted against `--journal-bytes`:
     /// [`ENTRY_OVERHEAD`], the messages kept, the metadata (names, values,
-    /// the list) and the status message. The plan generation it shares is
-    /// not counted.
+    /// the list), the status message and a forwarded call's path. The plan
+    /// generation it shares is not counted.
     pub fn bytes(&self) -> usize {
         let metadata = self.metadata.capacity() * std::mem::size_of::<(Box<str>, Bytes)>()
             + if self.metadata.capacity() > 0 { ALLOCATION } else { 0 }
             + self.metadata.iter().map(|(k, v)| k.len() + v.len() + 2 * ALLOCATION).sum::<usize>();
         let message = self.message.capacity() + if self.message.capacity() > 0 { ALLOCATION } else { 0 };
-        ENTRY_OVERHEAD + self.messages.bytes() + metadata + message
+        let upstream =
+            self.upstream.as_ref().map_or(0, |u| std::mem::size_of::<Upstreamed>() + u.path.len() + 2 * ALLOCATION);
+        ENTRY_OVERHEAD + self.messages.bytes() + metadata + message + upstream
     }
 }
 

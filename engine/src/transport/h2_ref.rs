@@ -288,7 +288,7 @@ async fn call(
                 let forwarded = routed.map(|_| forward::metadata_of(headers));
                 let upstream = routed.zip(forwarded.as_deref()).map(|(upstream, metadata)| {
                     let json = method.json.as_ref().filter(|_| json);
-                    Forward { upstream, path, metadata, deadline, json }
+                    Forward { upstream, path, metadata, deadline, json, max_held: config.max_buffered }
                 });
                 let ok = &served.ok;
                 let call = Call { method, metadata: headers, deadline, ok, json, record: &mut record, upstream };

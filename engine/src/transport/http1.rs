@@ -239,7 +239,7 @@ async fn call(req: Request<Incoming>, ctx: &Rc<Ctx>) -> Response<CallBody> {
         let forwarded = routed.map(|_| forward::metadata_of(&headers));
         let upstream = routed.zip(forwarded.as_deref()).map(|(upstream, metadata)| {
             let json = method.json.as_ref().filter(|_| json);
-            Forward { upstream, path: &path, metadata, deadline, json }
+            Forward { upstream, path: &path, metadata, deadline, json, max_held: config.max_buffered }
         });
         let call = Call { method, metadata: &headers, deadline, ok, json, record: &mut record, upstream };
         drive::run(call, &mut input, &mut out).await;

@@ -54,6 +54,9 @@ pub const SECRETS: &[&str] = &[
 /// Response metadata that describes the transport, not the answer.
 const TRANSPORT: &[&str] = &["content-type", "grpc-encoding", "grpc-accept-encoding", "te", "user-agent", "date"];
 
+/// Methods named in "not recorded" warnings, at most.
+const MAX_WARNED: usize = 256;
+
 /// What `--record` and its options ask for.
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -210,8 +213,13 @@ impl Writer {
     }
 
     fn warn_once(&mut self, path: &str, why: &str) {
-        if self.warned.insert(path.into()) {
+        // Paths come from clients: the set is bounded, and past it
+        // nothing more is said.
+        if self.warned.len() < MAX_WARNED && self.warned.insert(path.into()) {
             tracing::warn!(path, "not recorded: {why}");
+            if self.warned.len() == MAX_WARNED {
+                tracing::warn!("{MAX_WARNED} methods not recorded: no more will be named");
+            }
         }
     }
 

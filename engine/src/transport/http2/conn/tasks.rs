@@ -129,19 +129,19 @@ pub(super) fn start_job<'s>(conn: &Shared<'s>, job: Job<'s>) -> Task<'s> {
 /// A call forwarded to the upstream: the call layer's [`forward::run`]
 /// over the stream's queue of request messages.
 pub(super) async fn forward<'s>(h: Handle<'s>, first: Vec<Bytes>, deadline: Option<Instant>) {
-    let Some((upstream, path, metadata, json)) = h.with(|c| {
+    let Some((upstream, path, metadata, json, max_held)) = h.with(|c| {
         let s = c.streams.get_mut(&h.id)?;
         let f = s.forward.take()?;
         let up = c.config.upstream.as_deref()?.route(&f.path)?;
         let json = s.method.json.as_ref().filter(|_| s.dialect.codec == Codec::Json);
-        Some((up, f.path, f.metadata, json))
+        Some((up, f.path, f.metadata, json, c.config.max_buffered))
     }) else {
         return;
     };
     let mut input = NativeIn(h.clone());
     let mut out = NativeOut(h.clone());
     let mut report = NativeReport(h.clone());
-    let f = forward::Forward { upstream, path: &path, metadata: &metadata, deadline, json };
+    let f = forward::Forward { upstream, path: &path, metadata: &metadata, deadline, json, max_held };
     tokio::select! {
         () = forward::run(f, first, &mut input, &mut out, &mut report) => {}
         () = h.gone() => {}
@@ -208,11 +208,11 @@ pub(super) async fn duplex<'s>(h: Handle<'s>, deadline: Option<Instant>) {
     }) else {
         return;
     };
-    let upstreams = h.with(|c| c.config.upstream.as_deref());
+    let (upstreams, max_held) = h.with(|c| (c.config.upstream.as_deref(), c.config.max_buffered));
     let routed = forwarding.as_deref().and_then(|f| Some((upstreams?.route(&f.path)?, f)));
     let upstream = routed.map(|(upstream, f)| {
         let json = method.json.as_ref().filter(|_| json);
-        forward::Forward { upstream, path: &f.path, metadata: &f.metadata, deadline, json }
+        forward::Forward { upstream, path: &f.path, metadata: &f.metadata, deadline, json, max_held }
     });
     if method.builtin == Some(Builtin::Reflection) {
         return reflect(h, deadline).await;
