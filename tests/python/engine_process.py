@@ -155,6 +155,16 @@ def start_with_admin(
     return proc, ports["engine"], ports["admin"], log_path
 
 
+def stop_cleanly(e: EngineProcess) -> None:
+    """Stops an engine a test started, checking it ran to the end: it did
+    not exit on its own, it exits 0 on SIGINT, and it never panicked."""
+    crashed = e.proc.poll()
+    code = stop(e.proc)
+    assert crashed is None, f"engine exited during the test ({crashed}):\n{e.log()}"
+    assert code == 0, f"engine exited with {code} on SIGINT:\n{e.log()}"
+    assert "panicked" not in e.log_path.read_text(errors="replace"), e.log()
+
+
 def stop(proc: subprocess.Popen, grace: float = 10.0) -> int | None:
     """SIGINT, then SIGKILL after `grace` seconds; returns the exit code."""
     if proc.poll() is None:

@@ -275,11 +275,7 @@ def engine_with(tmp_path, pki):
 
     yield start
     for e in started:
-        crashed = e.proc.poll()
-        code = engine_process.stop(e.proc)
-        assert crashed is None, f"engine exited during the test ({crashed}):\n{e.log()}"
-        assert code == 0, f"engine exited with {code} on SIGINT:\n{e.log()}"
-        assert "panicked" not in e.log_path.read_text(errors="replace"), e.log()
+        engine_process.stop_cleanly(e)
 
 
 def run_engine_expecting_failure(args: list[str]) -> subprocess.CompletedProcess:

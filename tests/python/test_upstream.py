@@ -165,16 +165,22 @@ def start_engine(tmp_path_factory, name: str, args: list[str]):
     return engine_process.start(cmd, logs)
 
 
-@pytest.fixture(scope="module")
-def bare(tmp_path_factory, upstream):
+def bare_args(tmp_path_factory, upstream) -> list[str]:
+    """No plan, no protos, no rules: only the upstream."""
     empty = tmp_path_factory.mktemp("empty")
-    srv = start_engine(
-        tmp_path_factory,
-        "bare",
-        ["--protos", str(empty), "--rules", str(empty), "--upstream", f"http://127.0.0.1:{upstream.port}"],
-    )
-    yield srv
-    engine_process.stop(srv.proc)
+    return ["--protos", str(empty), "--rules", str(empty), "--upstream", f"http://127.0.0.1:{upstream.port}"]
+
+
+def engine_fixture(name: str, args, stack: str = "native"):
+    """A module-scoped engine started with `args(tmp_path_factory, upstream)`."""
+
+    @pytest.fixture(scope="module", name=name)
+    def fixture(tmp_path_factory, upstream):
+        srv = start_engine(tmp_path_factory, name, ["--http2", stack, *args(tmp_path_factory, upstream)])
+        yield srv
+        engine_process.stop(srv.proc)
+
+    return fixture
 
 
 def mocked_args(upstream) -> list[str]:
@@ -188,37 +194,11 @@ def mocked_args(upstream) -> list[str]:
     ]
 
 
-@pytest.fixture(scope="module")
-def fallback(tmp_path_factory, upstream):
-    srv = start_engine(tmp_path_factory, "fallback", mocked_args(upstream))
-    yield srv
-    engine_process.stop(srv.proc)
-
-
-@pytest.fixture(scope="module")
-def bare_h2(tmp_path_factory, upstream):
-    empty = tmp_path_factory.mktemp("empty-h2")
-    srv = start_engine(
-        tmp_path_factory,
-        "bare-h2",
-        ["--http2", "h2", "--protos", str(empty), "--rules", str(empty), "--upstream", f"http://127.0.0.1:{upstream.port}"],
-    )
-    yield srv
-    engine_process.stop(srv.proc)
-
-
-@pytest.fixture(scope="module")
-def fallback_h2(tmp_path_factory, upstream):
-    srv = start_engine(tmp_path_factory, "fallback-h2", ["--http2", "h2", *mocked_args(upstream)])
-    yield srv
-    engine_process.stop(srv.proc)
-
-
-@pytest.fixture(scope="module")
-def always(tmp_path_factory, upstream):
-    srv = start_engine(tmp_path_factory, "always", [*mocked_args(upstream), "--upstream-mode", "always"])
-    yield srv
-    engine_process.stop(srv.proc)
+bare = engine_fixture("bare", bare_args)
+bare_h2 = engine_fixture("bare_h2", bare_args, "h2")
+fallback = engine_fixture("fallback", lambda _, up: mocked_args(up))
+fallback_h2 = engine_fixture("fallback_h2", lambda _, up: mocked_args(up), "h2")
+always = engine_fixture("always", lambda _, up: [*mocked_args(up), "--upstream-mode", "always"])
 
 
 def stub(chat, port):
@@ -530,12 +510,7 @@ def test_journal_metrics_and_status_show_forwarded_calls(chat, upstream, tmp_pat
         stack,
         "--journal",
         "100",
-        "--protos",
-        str(PROTOS),
-        "--rules",
-        str(FIXTURES / "rules"),
-        "--upstream",
-        f"http://127.0.0.1:{upstream.port}",
+        *mocked_args(upstream),
     ]
     proc, port, admin, _ = engine_process.start_with_admin(args, tmp_path)
     try:

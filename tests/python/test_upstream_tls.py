@@ -164,11 +164,7 @@ def engine(tmp_path_factory, empty):
 
     yield start
     for e in started:
-        crashed = e.proc.poll()
-        code = engine_process.stop(e.proc)
-        assert crashed is None, f"engine exited during the test ({crashed}):\n{e.log()}"
-        assert code == 0, f"engine exited with {code} on SIGINT:\n{e.log()}"
-        assert "panicked" not in e.log_path.read_text(errors="replace"), e.log()
+        engine_process.stop_cleanly(e)
 
 
 # --------------------------------------------------------------------------
@@ -215,6 +211,18 @@ def unavailable(chat, port: int, url: str, stream: bool = False) -> grpc.RpcErro
     assert url in (err.details() or ""), err.details()
     assert elapsed < FAIL_BOUND, f"the failure took {elapsed:.1f}s: {err.details()}"
     return err
+
+
+def mtls_flags(pki) -> list[str]:
+    """The engine's flags for mutual TLS with the test PKI's upstream."""
+    return [
+        "--upstream-ca",
+        str(pki.ca.cert_path),
+        "--upstream-cert",
+        str(pki.client.cert_path),
+        "--upstream-key",
+        str(pki.client.key_path),
+    ]
 
 
 def still_serving(e: engine_process.EngineProcess) -> None:
@@ -282,12 +290,7 @@ def test_upstream_restart_is_reconnected(chat, pki, serve, engine):
     up = serve(pki.server, client_ca=pki.ca)
     e = engine(
         up.url(),
-        "--upstream-ca",
-        str(pki.ca.cert_path),
-        "--upstream-cert",
-        str(pki.client.cert_path),
-        "--upstream-key",
-        str(pki.client.key_path),
+        *mtls_flags(pki),
     )
     answered(chat, e.port)
     up.server.stop(0).wait(5)
@@ -307,12 +310,7 @@ def test_mtls_with_client_certificate(chat, pki, serve, engine):
     up = serve(pki.server, client_ca=pki.ca)
     e = engine(
         up.url(),
-        "--upstream-ca",
-        str(pki.ca.cert_path),
-        "--upstream-cert",
-        str(pki.client.cert_path),
-        "--upstream-key",
-        str(pki.client.key_path),
+        *mtls_flags(pki),
     )
     answered(chat, e.port)
     assert subscribe(chat, e.port, 5) == [(f"m{i}", i) for i in range(5)]
@@ -464,30 +462,20 @@ def test_upstream_key_without_cert(empty, pki):
     assert "--upstream-cert" in line and "--upstream-key" in line, line
 
 
+def client_key_error(empty, pki, key) -> str:
+    """The start-up error with the test client's certificate and `key`."""
+    flags = ["--upstream-cert", str(pki.client.cert_path), "--upstream-key", str(key)]
+    return start_error(empty, "--upstream", "https://127.0.0.1:1", *flags)
+
+
 def test_missing_upstream_client_key_file(empty, pki, tmp_path):
     missing = tmp_path / "nonexistent.key"
-    line = start_error(
-        empty,
-        "--upstream",
-        "https://127.0.0.1:1",
-        "--upstream-cert",
-        str(pki.client.cert_path),
-        "--upstream-key",
-        str(missing),
-    )
+    line = client_key_error(empty, pki, missing)
     assert f"`{missing}`" in line, line
 
 
 def test_upstream_client_key_that_does_not_match(empty, pki):
-    line = start_error(
-        empty,
-        "--upstream",
-        "https://127.0.0.1:1",
-        "--upstream-cert",
-        str(pki.client.cert_path),
-        "--upstream-key",
-        str(pki.other_client.key_path),
-    )
+    line = client_key_error(empty, pki, pki.other_client.key_path)
     assert f"`{pki.other_client.key_path}`" in line, line
 
 
