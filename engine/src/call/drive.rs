@@ -119,7 +119,7 @@ pub struct Call<'m, 'r, M: Metadata + ?Sized, R: Report> {
     pub json: bool,
     pub record: &'r mut R,
     /// Where the call goes when no rule answers it (`--upstream`).
-    pub upstream: Option<Forward<'m>>,
+    pub upstream: Option<Box<Forward<'m>>>,
 }
 
 /// Runs one call to its end: reads the request, picks the answer, sends it.
@@ -130,23 +130,53 @@ where
     O: Outbound,
     R: Report,
 {
-    let Call { method, metadata, deadline, ok, json, record, upstream } = call;
-    if let Some(f) = upstream.filter(|f| f.from_start(method)) {
-        return forward::run(f, Vec::new(), input, out, record).await;
+    if call.upstream.is_some() {
+        // Its own future, boxed: what forwarding needs would otherwise
+        // make every call's future larger, forwarded or not.
+        return Box::pin(run_forwarding(call, input, out)).await;
     }
+    let Call { method, metadata, deadline, ok, json, record, upstream } = call;
     if method.plan.duplex {
         return duplex(Call { method, metadata, deadline, ok, json, record, upstream }, input, out).await;
     }
-    let keep_all = upstream.map(|f| f.max_held);
     let picked = tokio::select! {
-        r = pick(method, metadata, input, &mut *record, keep_all) => r,
+        r = pick(method, metadata, input, &mut *record, None) => r,
         _ = sleep_until(deadline) => Err(deadline_exceeded().into()),
     };
     match picked {
-        Ok((answer, read)) => {
-            if let Some(f) = upstream.filter(|_| answer.rule.is_none()) {
-                return forward::run(f, read, input, out, record).await;
-            }
+        Ok((answer, _)) => {
+            record.rule(answer.rule, answer.closest);
+            let delay = answer.prepared.draw_delay();
+            respond(answer, delay, deadline, method, json, out, record).await
+        }
+        Err(stop) => finish(Err(stop), out, record),
+    }
+}
+
+/// [`run`] for a call that goes to the upstream when no rule answers it
+/// (or before any rule, see [`Forward::from_start`]).
+async fn run_forwarding<M, I, O, R>(call: Call<'_, '_, M, R>, input: &mut I, out: &mut O)
+where
+    M: Metadata + ?Sized,
+    I: Inbound,
+    O: Outbound,
+    R: Report,
+{
+    let Call { method, metadata, deadline, ok, json, record, upstream } = call;
+    let Some(f) = upstream else { return };
+    if f.from_start(method) {
+        return forward::run(f, Vec::new(), input, out, record).await;
+    }
+    if method.plan.duplex {
+        return duplex(Call { method, metadata, deadline, ok, json, record, upstream: Some(f) }, input, out).await;
+    }
+    let picked = tokio::select! {
+        r = pick(method, metadata, input, &mut *record, Some(f.max_held)) => r,
+        _ = sleep_until(deadline) => Err(deadline_exceeded().into()),
+    };
+    match picked {
+        Ok((answer, read)) if answer.rule.is_none() => forward::run(f, read, input, out, record).await,
+        Ok((answer, _)) => {
             record.rule(answer.rule, answer.closest);
             let delay = answer.prepared.draw_delay();
             respond(answer, delay, deadline, method, json, out, record).await
@@ -317,17 +347,17 @@ where
     O: Outbound,
     R: Report,
 {
-    let Call { method, metadata, deadline, ok, json, record, upstream } = call;
+    let Call { method, metadata, deadline, ok, json, record, mut upstream } = call;
     let work = async {
         let mut head_sent = false;
         while let Some(m) = input.next().await? {
             record.message(&m);
             let one = [&m[..]];
             let answer = pick_explained(method, &Messages::one(&one), metadata, record.explain())?;
-            if let Some(f) = upstream.filter(|_| answer.rule.is_none() && !head_sent) {
+            if let Some(f) = upstream.take_if(|_| answer.rule.is_none() && !head_sent) {
                 // No rule answers the first message: the call is the
                 // upstream's from here on.
-                forward::run(f, vec![m], input, out, record).await;
+                Box::pin(forward::run(f, vec![m], input, out, record)).await;
                 return Err(Stop::Gone);
             }
             record.rule(answer.rule, answer.closest);

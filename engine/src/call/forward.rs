@@ -32,14 +32,14 @@ use std::future::poll_fn;
 use std::time::Duration;
 use tokio::time::Instant;
 
-/// What a forwarded call needs besides its messages.
-#[derive(Clone, Copy)]
+/// What a forwarded call needs besides its messages. A call carries it
+/// boxed (`Option<Box<Forward>>`): calls without an upstream pay one word.
 pub struct Forward<'a> {
     pub upstream: &'a Upstream,
     /// `/package.Service/Method`.
-    pub path: &'a str,
+    pub path: Box<str>,
     /// The client's metadata, every entry in order.
-    pub metadata: &'a [(Box<str>, Bytes)],
+    pub metadata: Vec<(Box<str>, Bytes)>,
     pub deadline: Option<Instant>,
     /// The client speaks the JSON codec: response messages go out
     /// transcoded with the method's mapping.
@@ -98,19 +98,19 @@ impl From<Halt> for End {
 /// Forwards a call: `first` are the request messages already read (the
 /// engine looked for a rule in them), the rest come from `input`.
 pub async fn run<I: Inbound, O: Outbound, R: Report>(
-    f: Forward<'_>,
+    f: Box<Forward<'_>>,
     first: Vec<Bytes>,
     input: &mut I,
     out: &mut O,
     record: &mut R,
 ) {
-    let capture = record::recording().then(|| RefCell::new(Capture { path: f.path.into(), ..Capture::default() }));
+    let capture = record::recording().then(|| RefCell::new(Capture { path: f.path.clone(), ..Capture::default() }));
     let work = async {
         let timeout = f.deadline.map(|d| d.saturating_duration_since(Instant::now()));
         if timeout.is_some_and(|t| t.is_zero()) {
             return End::Status(deadline_exceeded());
         }
-        let opened = match upstream::open(f.upstream, f.path, f.metadata, timeout).await {
+        let opened = match upstream::open(f.upstream, &f.path, &f.metadata, timeout).await {
             Ok(o) => o,
             Err(s) => return End::Status(s),
         };
@@ -153,7 +153,7 @@ pub async fn run<I: Inbound, O: Outbound, R: Report>(
         _ = sleep_until(f.deadline) => End::Status(deadline_exceeded()),
     };
     let failed = matches!(&end, End::Status(s) if s.code == Code::Unavailable || s.code == Code::Internal);
-    record.forwarded(f.path, started.elapsed(), failed);
+    record.forwarded(&f.path, started.elapsed(), failed);
     let owned;
     let p = match end {
         End::Gone => return,

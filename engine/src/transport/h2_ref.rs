@@ -284,11 +284,11 @@ async fn call(
         match method.builtin {
             Some(b) => builtin(state, &generation, b, deadline, &mut input, &mut responder, &mut record).await,
             None => {
-                let routed = config.upstream.as_ref().and_then(|u| u.route(path));
-                let forwarded = routed.map(|_| forward::metadata_of(headers));
-                let upstream = routed.zip(forwarded.as_deref()).map(|(upstream, metadata)| {
+                let upstream = config.upstream.as_ref().and_then(|u| u.route(path)).map(|upstream| {
                     let json = method.json.as_ref().filter(|_| json);
-                    Forward { upstream, path, metadata, deadline, json, max_held: config.max_buffered }
+                    let metadata = forward::metadata_of(headers);
+                    let max_held = config.max_buffered;
+                    Box::new(Forward { upstream, path: path.into(), metadata, deadline, json, max_held })
                 });
                 let ok = &served.ok;
                 let call = Call { method, metadata: headers, deadline, ok, json, record: &mut record, upstream };

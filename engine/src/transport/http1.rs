@@ -235,11 +235,10 @@ async fn call(req: Request<Incoming>, ctx: &Rc<Ctx>) -> Response<CallBody> {
         let mut out = Responder::new(dialect, sink);
         out.compress = compress;
         let ok = &generation.served.ok;
-        let routed = config.upstream.as_ref().and_then(|u| u.route(&path));
-        let forwarded = routed.map(|_| forward::metadata_of(&headers));
-        let upstream = routed.zip(forwarded.as_deref()).map(|(upstream, metadata)| {
+        let upstream = config.upstream.as_ref().and_then(|u| u.route(&path)).map(|upstream| {
             let json = method.json.as_ref().filter(|_| json);
-            Forward { upstream, path: &path, metadata, deadline, json, max_held: config.max_buffered }
+            let (metadata, max_held) = (forward::metadata_of(&headers), config.max_buffered);
+            Box::new(Forward { upstream, path: path.as_str().into(), metadata, deadline, json, max_held })
         });
         let call = Call { method, metadata: &headers, deadline, ok, json, record: &mut record, upstream };
         drive::run(call, &mut input, &mut out).await;

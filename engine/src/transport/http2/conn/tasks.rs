@@ -141,7 +141,7 @@ pub(super) async fn forward<'s>(h: Handle<'s>, first: Vec<Bytes>, deadline: Opti
     let mut input = NativeIn(h.clone());
     let mut out = NativeOut(h.clone());
     let mut report = NativeReport(h.clone());
-    let f = forward::Forward { upstream, path: &path, metadata: &metadata, deadline, json, max_held };
+    let f = Box::new(forward::Forward { upstream, path, metadata, deadline, json, max_held });
     tokio::select! {
         () = forward::run(f, first, &mut input, &mut out, &mut report) => {}
         () = h.gone() => {}
@@ -209,10 +209,11 @@ pub(super) async fn duplex<'s>(h: Handle<'s>, deadline: Option<Instant>) {
         return;
     };
     let (upstreams, max_held) = h.with(|c| (c.config.upstream.as_deref(), c.config.max_buffered));
-    let routed = forwarding.as_deref().and_then(|f| Some((upstreams?.route(&f.path)?, f)));
+    let routed = forwarding.and_then(|f| Some((upstreams?.route(&f.path)?, f)));
     let upstream = routed.map(|(upstream, f)| {
         let json = method.json.as_ref().filter(|_| json);
-        forward::Forward { upstream, path: &f.path, metadata: &f.metadata, deadline, json, max_held }
+        let Forwarding { path, metadata } = *f;
+        Box::new(forward::Forward { upstream, path, metadata, deadline, json, max_held })
     });
     if method.builtin == Some(Builtin::Reflection) {
         return reflect(h, deadline).await;
