@@ -5,6 +5,8 @@
 //! [`transport`] (HTTP/2 on the engine's own stack or on `h2`, TLS), which
 //! speaks a [`protocol`] (gRPC), which drives a [`call`] (rule selection,
 //! templates, streaming, timing, faults) answered from the [`served`] plan.
+//! A call no rule answers may go to a real server through [`upstream`]
+//! (the engine as an HTTP/2 client, and the recording of what it answered).
 //! [`observe`] holds what watches calls (metrics, journal) and the
 //! engine's own services (health, reflection); [`state`] ties the current
 //! plan generation to them; [`admin`] is the admin HTTP API, and `runtime`
