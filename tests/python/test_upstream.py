@@ -101,7 +101,9 @@ class Upstream:
                     outer.counter += 1
                     return pb.Room(room="counter", topic=f"call {min(outer.counter, 3)}")
                 if request.room == "secret":
-                    context.send_initial_metadata((("set-cookie", "s=1"), ("x-visible", "yes")))
+                    context.send_initial_metadata(
+                        (("set-cookie", "s=1"), ("x-visible", "yes"), ("x-session-token", "st-1"), ("x-goog-api-key", "gk-1"))
+                    )
                     context.set_trailing_metadata((("x-api-key", "k"), ("authorization", "Bearer up")))
                     return pb.Room(room="secret")
                 context.send_initial_metadata((("x-up", "1"), ("x-echo", md.get("x-topic", "-"))))
@@ -625,7 +627,7 @@ def test_record_compile_replay(chat, tmp_path):
         "chat.v1.chat.upload.yaml",
     ]
     text = "".join(p.read_text() for p in record.glob("*.yaml"))
-    for secret in ("client-secret", "Bearer", "set-cookie", "x-api-key", "authorization", "s=1"):
+    for secret in ("client-secret", "Bearer", "set-cookie", "x-api-key", "authorization", "s=1", "st-1", "gk-1"):
         assert secret not in text, secret
     assert "x-visible" in text
     assert "mode: duplex" in (record / "chat.v1.chat.converse.yaml").read_text()
@@ -765,26 +767,38 @@ def test_record_ignored_fields_are_echoed(chat, tmp_path):
 
 @pytest.mark.parametrize("stack", ["native", "h2"])
 def test_client_stream_held_for_the_upstream_is_bounded(chat, upstream, tmp_path, stack):
-    """In fallback mode a client stream is held whole while the engine
-    looks for a rule (it may yet go to the upstream): past
-    --max-buffered-bytes the call fails with RESOURCE_EXHAUSTED, and
-    another client is served meanwhile."""
+    """In fallback mode a client stream is held whole while its rules are
+    tried, as it may yet go to the upstream, up to 8 MiB (each message
+    counting 64 bytes more than its length); past that the call is the
+    mock's. A 24 MiB stream and a flood of empty messages get the mock's
+    no-match answer, in bounded memory, while another client is served."""
     pb, _ = chat
-    args = ["--http2", stack, "--max-buffered-bytes", str(2 << 20), *mocked_args(upstream)]
-    srv = start_engine(tmp_path_factory_shim(tmp_path), f"bounded-{stack}", args)
+    srv = start_engine(tmp_path_factory_shim(tmp_path), f"bounded-{stack}", ["--http2", stack, *mocked_args(upstream)])
     try:
         channel, s = stub(chat, srv.port)
         other_channel, other = stub(chat, srv.port)
         try:
+            rss = srv.rss_kib()
+
             def big():
-                for i in range(60):
+                for i in range(240):
                     yield pb.ChatMessage(text="x" * 100_000, seq=i)
-                    if i == 10:
+                    if i == 100:
                         assert other.GetRoom(pb.GetRoomRequest(room="general"), timeout=10).topic == "from the mock"
 
             with pytest.raises(grpc.RpcError) as e:
-                s.Upload(big(), timeout=30)
-            assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e.value.details()
+                s.Upload(big(), timeout=60)
+            assert e.value.code() == grpc.StatusCode.NOT_FOUND, e.value.details()
+
+            def empty():
+                for _ in range(150_000):
+                    yield pb.ChatMessage()
+
+            with pytest.raises(grpc.RpcError) as e:
+                s.Upload(empty(), timeout=120)
+            assert e.value.code() == grpc.StatusCode.NOT_FOUND, e.value.details()
+            grown = (srv.rss_kib() - rss) / 1024
+            assert grown < 64, f"the engine grew by {grown:.0f} MiB"
             assert other.GetRoom(pb.GetRoomRequest(room="other"), timeout=10).topic == "upstream: none"
         finally:
             channel.close()

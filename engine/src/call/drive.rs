@@ -175,7 +175,7 @@ where
         _ = sleep_until(deadline) => Err(deadline_exceeded().into()),
     };
     match picked {
-        Ok((answer, read)) if answer.rule.is_none() => forward::run(f, read, input, out, record).await,
+        Ok((answer, Some(read))) if answer.rule.is_none() => forward::run(f, read, input, out, record).await,
         Ok((answer, _)) => {
             record.rule(answer.rule, answer.closest);
             let delay = answer.prepared.draw_delay();
@@ -186,15 +186,16 @@ where
 }
 
 /// Reads a unary or client-streaming request and picks its answer; with
-/// `keep_all` (a byte limit), also gives back every request message read
-/// (for the upstream, should no rule answer).
+/// `keep_all` (the process-wide budget), also gives back every request
+/// message read, for the upstream should no rule answer (None when there
+/// were too many to hold, see [`forward::HOLD`]).
 async fn pick<'m, M, I, R>(
     method: &'m ServedMethod,
     metadata: &M,
     input: &mut I,
     record: &mut R,
     keep_all: Option<usize>,
-) -> Result<(Answer<'m>, Vec<Bytes>), Stop<'m>>
+) -> Result<(Answer<'m>, Option<Vec<Bytes>>), Stop<'m>>
 where
     M: Metadata + ?Sized,
     I: Inbound,
@@ -212,22 +213,31 @@ where
             }
             let one = [&m[..]];
             let answer = pick_explained(method, &Messages::one(&one), metadata, record.explain())?;
-            Ok((answer, if keep_all.is_some() { vec![m] } else { Vec::new() }))
+            Ok((answer, keep_all.is_some().then(|| vec![m])))
         }
         MethodKind::ClientStreaming | MethodKind::BidiStreaming => {
             let mut head: Vec<Bytes> = Vec::new();
             let mut last: Option<Bytes> = None;
             let mut count = 0usize;
-            // Messages kept for the upstream count in the process's budget
-            // of bytes held for calls until the call ends.
+            // Messages kept for the upstream (each counting HELD_OVERHEAD
+            // more than its bytes) count in the process's budget, up to
+            // forward::HOLD; past either, the call is the mock's.
             let mut held = keep_all.map(crate::budget::Held::new);
+            let mut kept = 0usize;
             while let Some(m) = input.next().await? {
                 count += 1;
                 record.message(&m);
-                if let Some(held) = &mut held {
-                    held.grow(m.len())?;
+                if let Some(h) = &mut held {
+                    let cost = m.len() + forward::HELD_OVERHEAD;
+                    if kept + cost <= forward::HOLD && h.grow(cost).is_ok() {
+                        kept += cost;
+                        head.push(m);
+                        continue;
+                    }
+                    held = None;
+                    head.truncate(method.keep);
                 }
-                if keep_all.is_some() || head.len() < method.keep {
+                if head.len() < method.keep {
                     head.push(m);
                 } else {
                     last = Some(m);
@@ -237,7 +247,7 @@ where
             let last = last.as_deref().or(refs.last().copied());
             let messages = Messages { head: &refs, last, count };
             let answer = pick_explained(method, &messages, metadata, record.explain())?;
-            Ok((answer, head))
+            Ok((answer, held.is_some().then_some(head)))
         }
     }
 }

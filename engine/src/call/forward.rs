@@ -32,6 +32,16 @@ use std::future::poll_fn;
 use std::time::Duration;
 use tokio::time::Instant;
 
+/// Bytes of request messages a client stream may hold while its rules are
+/// tried, should none answer and the call go to the upstream (each message
+/// counting [`HELD_OVERHEAD`] more than its bytes). Past it the call is the
+/// mock's: it keeps only what its rules read, and no rule answering gets
+/// the mock's no-match answer.
+pub const HOLD: usize = 8 << 20;
+
+/// What a message held for the upstream counts for besides its bytes.
+pub const HELD_OVERHEAD: usize = 64;
+
 /// What a forwarded call needs besides its messages. A call carries it
 /// boxed (`Option<Box<Forward>>`): calls without an upstream pay one word.
 pub struct Forward<'a> {
@@ -44,8 +54,8 @@ pub struct Forward<'a> {
     /// The client speaks the JSON codec: response messages go out
     /// transcoded with the method's mapping.
     pub json: Option<&'a JsonCodec>,
-    /// Bytes of request messages a call may hold while the engine looks
-    /// for a rule before forwarding (`--max-buffered-bytes`).
+    /// The process-wide budget the messages held for the upstream count in
+    /// (`--max-buffered-bytes`).
     pub max_held: usize,
 }
 

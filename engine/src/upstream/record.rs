@@ -18,9 +18,12 @@
 //! before the next one. Files are replaced atomically (a temporary file, fsync, rename),
 //! so a file is never half-written.
 //!
-//! Secrets are never written: request metadata is not recorded at all,
-//! and response metadata named in [`SECRETS`] (or by `--record-redact`)
-//! is left out. Fields named by `--record-ignore-fields` (timestamps,
+//! Request metadata is never written, nor response metadata that may hold
+//! a secret: named in [`SECRETS`] or by `--record-redact`, or with a name
+//! holding `token`, `secret`, `password`, `auth`, `session`, `cookie`,
+//! `api-key`, `credential` or `signature`. Message fields are written as
+//! they are (leave them out with `--record-ignore-fields`). An answer
+//! holding `{{` is not recorded: a rule file would read it as a template. Fields named by `--record-ignore-fields` (timestamps,
 //! request ids) are left out of `when`, and where the answer repeats their
 //! value it becomes a template echoing the request's (`{{request.id}}`). A method the descriptors do not
 //! describe is not recorded (logged once).
@@ -50,6 +53,27 @@ pub const SECRETS: &[&str] = &[
     "x-csrf-token",
     "x-amz-security-token",
 ];
+
+/// Parts of a metadata name that mark it as a secret.
+const SECRET_PARTS: &[&str] = &[
+    "token",
+    "secret",
+    "password",
+    "passwd",
+    "auth",
+    "session",
+    "cookie",
+    "apikey",
+    "api-key",
+    "credential",
+    "signature",
+];
+
+/// Whether metadata `name` may hold a secret: one of [`SECRETS`], or a name
+/// holding one of [`SECRET_PARTS`].
+fn secret(name: &str) -> bool {
+    SECRETS.contains(&name) || SECRET_PARTS.iter().any(|p| name.contains(p))
+}
 
 /// Response metadata that describes the transport, not the answer.
 const TRANSPORT: &[&str] = &["content-type", "grpc-encoding", "grpc-accept-encoding", "te", "user-agent", "date"];
@@ -146,6 +170,7 @@ pub fn start(options: Options, state: Arc<State>) -> Result<(), String> {
         methods: HashMap::new(),
         held: 0,
         warned: HashSet::new(),
+        full: false,
     };
     std::thread::Builder::new()
         .name("wirestub-recorder".into())
@@ -159,18 +184,28 @@ pub fn start(options: Options, state: Arc<State>) -> Result<(), String> {
 pub fn submit(capture: Capture) {
     let Some(r) = recorder() else { return };
     if capture.abandoned {
-        tracing::warn!(path = %capture.path, max = r.options.max_call_bytes, "call too large to record");
+        warn_once(&TOO_LARGE, "a call over --record-max-call-bytes was not recorded (said once)");
         return;
     }
     let bytes = capture.bytes;
     if r.pending.fetch_add(bytes, Ordering::Relaxed) + bytes > r.options.max_bytes {
         r.pending.fetch_sub(bytes, Ordering::Relaxed);
-        tracing::warn!(path = %capture.path, "the recorder is behind: call not recorded");
+        warn_once(&BEHIND, "the recorder is behind: calls not recorded (said once)");
         return;
     }
     if r.sender.try_send(capture).is_err() {
         r.pending.fetch_sub(bytes, Ordering::Relaxed);
-        tracing::warn!("the recorder is behind: call not recorded");
+        warn_once(&BEHIND, "the recorder is behind: calls not recorded (said once)");
+    }
+}
+
+static TOO_LARGE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static BEHIND: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Logs `what` the first time only: clients decide how often it happens.
+fn warn_once(flag: &std::sync::atomic::AtomicBool, what: &str) {
+    if !flag.swap(true, Ordering::Relaxed) {
+        tracing::warn!("{what}");
     }
 }
 
@@ -201,6 +236,8 @@ struct Writer {
     held: usize,
     /// Paths already warned about.
     warned: HashSet<Box<str>>,
+    /// `--record-max-bytes` was reached: nothing more is recorded.
+    full: bool,
 }
 
 impl Writer {
@@ -241,6 +278,12 @@ impl Writer {
         let (Some(requests), Some(replies)) = (requests, replies) else {
             return self.warn_once(&c.path, "a message does not decode with the method's types");
         };
+        // Strings holding `{{` would read as templates in a rule file.
+        let texts = c.message.contains("{{")
+            || c.headers.iter().chain(&c.trailers).any(|(_, v)| v.windows(2).any(|w| w == b"{{"));
+        if texts || requests.iter().chain(&replies).any(|m| has_braces(&to_json(m))) {
+            return self.warn_once(&c.path, "a value holds `{{`, which a rule file would read as a template");
+        }
         let meta = self.metadata(&c.headers);
         let ends = self.ending(pool, &c);
         let pace = |from: usize| {
@@ -329,6 +372,18 @@ impl Writer {
                 calls.push((when, Json::Object(answer)));
             }
         }
+        if self.full {
+            return;
+        }
+        let grew: usize = calls
+            .iter()
+            .map(|(when, answer)| answer.to_string().len() + Json::Object(when.clone()).to_string().len())
+            .sum();
+        if self.held + grew > self.options.max_bytes {
+            self.full = true;
+            tracing::warn!(max = self.options.max_bytes, "recordings reached --record-max-bytes: recording stops");
+            return;
+        }
         let key: Box<str> = c.path.clone();
         let recording = self.methods.entry(key).or_insert_with(|| MethodRecording {
             service: service.to_string(),
@@ -336,7 +391,6 @@ impl Writer {
             duplex,
             entries: Vec::new(),
         });
-        let mut grew = 0usize;
         let mut changed = false;
         for (when, answer) in calls {
             match recording.entries.iter_mut().find(|e| e.when == when) {
@@ -348,13 +402,11 @@ impl Writer {
                         changed |= e.answers.len() > 1;
                     }
                     _ => {
-                        grew += answer.to_string().len();
                         e.answers.push((answer, 1));
                         changed = true;
                     }
                 },
                 None => {
-                    grew += answer.to_string().len() + Json::Object(when.clone()).to_string().len();
                     recording.entries.push(Entry { when, answers: vec![(answer, 1)] });
                     changed = true;
                 }
@@ -363,11 +415,8 @@ impl Writer {
         if !changed {
             return;
         }
+        // Counted as if every call added its text (an upper bound).
         self.held += grew;
-        if self.held > self.options.max_bytes {
-            tracing::warn!(max = self.options.max_bytes, "recordings reached --record-max-bytes: recording stops");
-            return;
-        }
         let recording = &self.methods[&c.path];
         if let Err(e) = write(&self.options.dir, recording) {
             tracing::warn!(path = %c.path, "cannot write the recording: {e}");
@@ -390,7 +439,7 @@ impl Writer {
     fn keeps(&self, name: &str) -> bool {
         !(name.starts_with("grpc-")
             || name.starts_with(':')
-            || SECRETS.contains(&name)
+            || secret(name)
             || TRANSPORT.contains(&name)
             || self.options.redact.iter().any(|r| r.eq_ignore_ascii_case(name)))
     }
@@ -421,6 +470,16 @@ impl Writer {
             out.insert("trailers".into(), Json::Object(trailers));
         }
         out
+    }
+}
+
+/// Whether a string in `v` holds `{{`.
+fn has_braces(v: &Json) -> bool {
+    match v {
+        Json::String(s) => s.contains("{{"),
+        Json::Array(a) => a.iter().any(has_braces),
+        Json::Object(m) => m.iter().any(|(k, v)| k.contains("{{") || has_braces(v)),
+        _ => false,
     }
 }
 

@@ -416,8 +416,7 @@ impl<'s> Conn<'s> {
                 let always = self.forwards_all(id);
                 let s = self.streams.get_mut(&id).expect("present");
                 let agg = s.agg.take().unwrap_or_default();
-                let held: usize = agg.head.iter().chain(agg.last.iter()).map(Bytes::len).sum();
-                self.buffered -= held;
+                self.buffered -= agg.held;
                 let head: Vec<&[u8]> = agg.head.iter().map(|b| &b[..]).collect();
                 let last = agg.last.as_deref().or(head.last().copied());
                 let messages = Messages { head: &head, last, count: agg.count };
@@ -966,16 +965,37 @@ pub(super) fn deframe(s: &mut Stream<'_>, max: usize, buffered: &mut usize) -> O
             s.queue.push_back(message);
             continue;
         }
-        // A call that may yet be forwarded keeps every message for the
-        // upstream (bounded by `--max-buffered-bytes` like the rest).
-        let keep = if s.forward.is_some() { usize::MAX } else { s.method.keep };
         let agg = s.agg.get_or_insert_with(Default::default);
         agg.count += 1;
-        if agg.head.len() < keep {
+        if s.forward.is_some() {
+            // A call that may yet be forwarded keeps every message for the
+            // upstream, each counting QUEUED_OVERHEAD more than its bytes,
+            // up to forward::HOLD in all; past it the call is the mock's,
+            // and keeps only what its rules read.
+            if agg.held + message.len() + QUEUED_OVERHEAD <= forward::HOLD {
+                agg.held += message.len() + QUEUED_OVERHEAD;
+                *buffered += QUEUED_OVERHEAD;
+                agg.head.push(message);
+                continue;
+            }
+            s.forward = None;
+            let overhead = agg.head.len() * QUEUED_OVERHEAD;
+            *buffered -= overhead;
+            agg.held -= overhead;
+            let keep = s.method.keep.min(agg.head.len());
+            for dropped in agg.head.drain(keep..) {
+                *buffered -= dropped.len();
+                agg.held -= dropped.len();
+            }
+        }
+        if agg.head.len() < s.method.keep {
+            agg.held += message.len();
             agg.head.push(message);
         } else {
+            agg.held += message.len();
             if let Some(old) = agg.last.replace(message) {
                 *buffered -= old.len();
+                agg.held -= old.len();
             }
         }
     }

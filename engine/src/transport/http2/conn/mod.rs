@@ -73,6 +73,10 @@ const OUT_HIGH: usize = 256 << 10;
 /// worker (fairness: a connection whose client reads as fast as the engine
 /// writes would otherwise keep the worker to itself).
 const MAX_ROUNDS: u32 = 16;
+// Holding a client stream for the upstream never stops the connection's
+// window.
+const _: () = assert!(forward::HOLD <= BUFFER_BUDGET / 2);
+
 /// What a message waiting in a duplex call's queue counts for besides its
 /// bytes (its place in the queue), so that empty messages cannot queue
 /// without bound: the queue is held to a stream window of these.
@@ -176,6 +180,8 @@ struct Aggregate {
     head: Vec<Bytes>,
     last: Option<Bytes>,
     count: usize,
+    /// What the kept messages count for in the connection's `buffered`.
+    held: usize,
 }
 
 struct Stream<'s> {
@@ -887,7 +893,7 @@ impl<'s> Conn<'s> {
             self.buffered -= rec.messages.kept_bytes();
         }
         if let Some(agg) = &s.agg {
-            self.buffered -= agg.head.iter().chain(agg.last.iter()).map(Bytes::len).sum::<usize>();
+            self.buffered -= agg.held;
         }
         if let Some(d) = s.deadline {
             self.waiting.remove(&(d, id));
