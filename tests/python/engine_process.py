@@ -114,17 +114,24 @@ def start(cmd: list[str], log_dir: Path, env: dict[str, str] | None = None) -> E
 LISTENING_BOTH = re.compile(r"wirestub (engine|admin) listening on (\S+):(\d+)\s*$")
 
 
-def start_with_admin(
-    args: list[str], log_dir: Path, cwd: Path = REPO_ROOT
-) -> tuple[subprocess.Popen, int, int, Path]:
-    """Starts `engine ARGS...` (which should listen on a port and on an
-    admin port), waits for both `listening on` lines and returns the
-    process, the gRPC port, the admin port and the log file (stderr)."""
+def start_reading_ports(
+    cmd: list[str],
+    log_dir: Path,
+    port_of,
+    ready_with,
+    cwd: Path = REPO_ROOT,
+    env: dict[str, str] | None = None,
+) -> tuple[subprocess.Popen, dict[str, int], Path]:
+    """Runs `cmd` (stderr to a log file in `log_dir`) and reads its stdout:
+    `port_of(line)` names a port a line announces (a key and the port, or
+    None), until `ready_with(ports)` holds. Returns the process, the ports
+    and the log file; fails the test if they do not come in time."""
     timeout = float(os.environ.get("WIRESTUB_START_TIMEOUT", "120"))
-    cmd = [str(engine_binary()), *args]
     log_path = log_dir / f"engine-{len(list(log_dir.glob('engine-*.log')))}.log"
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log, text=True)
+        proc = subprocess.Popen(
+            cmd, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log, text=True, env=env
+        )
     lines: list[str] = []
     ports: dict[str, int] = {}
     ready = threading.Event()
@@ -136,22 +143,38 @@ def start_with_admin(
             if ready.is_set():
                 continue
             lines.append(line)
-            m = LISTENING_BOTH.search(line)
-            if m:
-                ports[m.group(1)] = int(m.group(3))
-            if "engine" in ports and "admin" in ports:
+            found = port_of(line)
+            if found:
+                ports[found[0]] = found[1]
+            if ready_with(ports):
                 ready.set()
         ready.set()
 
     threading.Thread(target=pump, daemon=True).start()
     ready.wait(timeout)
-    if "engine" not in ports or "admin" not in ports:
+    if not ready_with(ports):
         stop(proc)
         pytest.fail(
             f"{' '.join(cmd)} did not print its `listening on` lines within {timeout:.0f}s "
             f"(exit code {proc.returncode}).\nstdout: {''.join(lines)!r}\n"
             f"stderr:\n{log_path.read_text(errors='replace')[-4000:]}"
         )
+    return proc, ports, log_path
+
+
+def start_with_admin(
+    args: list[str], log_dir: Path, cwd: Path = REPO_ROOT
+) -> tuple[subprocess.Popen, int, int, Path]:
+    """Starts `engine ARGS...` (which should listen on a port and on an
+    admin port), waits for both `listening on` lines and returns the
+    process, the gRPC port, the admin port and the log file (stderr)."""
+
+    def port_of(line: str):
+        m = LISTENING_BOTH.search(line)
+        return (m.group(1), int(m.group(3))) if m else None
+
+    cmd = [str(engine_binary()), *args]
+    proc, ports, log_path = start_reading_ports(cmd, log_dir, port_of, lambda p: "engine" in p and "admin" in p, cwd)
     return proc, ports["engine"], ports["admin"], log_path
 
 

@@ -29,7 +29,6 @@ import re
 import socket
 import ssl
 import subprocess
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -212,49 +211,19 @@ def engine_args(files: tuple[Path, Path], *flags: str, client_ca: Path | None = 
 def start_engine(log_dir: Path, args: list[str]) -> TlsEngine:
     """Runs the engine with `args` and waits for its `listening on` lines:
     the TLS one, and the cleartext one unless `--listen off`."""
-    timeout = float(os.environ.get("WIRESTUB_START_TIMEOUT", "120"))
     cmd = [str(engine_process.engine_binary()), *args]
     want_plain = not any(a == "--listen" and b == "off" for a, b in zip(args, args[1:]))
-    log_path = log_dir / f"engine-{len(list(log_dir.glob('engine-*.log')))}.log"
     env = dict(os.environ)
     env.setdefault("RUST_LOG", "debug,h2=info")
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            cmd,
-            cwd=engine_process.REPO_ROOT,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=log,
-            text=True,
-            env=env,
-        )
-    lines: list[str] = []
-    ports: dict[str, int] = {}
-    ready = threading.Event()
 
-    def pump() -> None:
-        # Reads the first lines, then keeps draining so the pipe never fills.
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            if ready.is_set():
-                continue
-            lines.append(line)
-            m = LISTENING.search(line)
-            if m:
-                ports["tls" if m.group(3) else "plain"] = int(m.group(2))
-            if "tls" in ports and ("plain" in ports or not want_plain):
-                ready.set()
-        ready.set()
+    def port_of(line: str):
+        m = LISTENING.search(line)
+        return ("tls" if m.group(3) else "plain", int(m.group(2))) if m else None
 
-    threading.Thread(target=pump, daemon=True).start()
-    ready.wait(timeout)
-    if "tls" not in ports or (want_plain and "plain" not in ports):
-        engine_process.stop(proc)
-        pytest.fail(
-            f"{' '.join(cmd)} did not print its `listening on` lines within {timeout:.0f}s "
-            f"(exit code {proc.returncode}).\nstdout: {''.join(lines)!r}\n"
-            f"stderr:\n{log_path.read_text(errors='replace')[-4000:]}"
-        )
+    def ready_with(ports: dict[str, int]) -> bool:
+        return "tls" in ports and ("plain" in ports or not want_plain)
+
+    proc, ports, log_path = engine_process.start_reading_ports(cmd, log_dir, port_of, ready_with, env=env)
     return TlsEngine(proc, ports.get("plain"), ports["tls"], log_path)
 
 
