@@ -11,6 +11,7 @@ pub mod diag;
 pub mod gripmock;
 mod lower;
 pub mod protos;
+pub mod raw;
 mod regex;
 pub mod rules;
 pub mod sources;
@@ -70,15 +71,23 @@ impl Output {
 pub fn compile(options: &Options) -> Result<Output, Diagnostics> {
     let mut diags = Diagnostics::default();
     let sources = sources::Sources::read(options, &mut diags);
-    if sources.protos.is_empty() && sources.descriptor_sets.is_empty() && !diags.has_errors() {
-        let shown: Vec<String> = options.protos.iter().map(|d| format!("`{}`", d.display())).collect();
-        diags.error(None, format!("no .proto files found in {}", shown.join(", ")));
-    }
     if diags.has_errors() {
         diags.sort();
         return Err(diags);
     }
-    sources::compile(&sources, &mut sources::Cache::default())
+    let out = sources::compile(&sources, &mut sources::Cache::default());
+    // Without protos only recordings (raw rules) have anything to serve.
+    if sources.protos.is_empty() && sources.descriptor_sets.is_empty() {
+        let untyped = |o: &Output| o.plan.methods.iter().any(|m| m.input_type.is_empty());
+        if !out.as_ref().is_ok_and(untyped) {
+            let mut diags = out.err().unwrap_or_default();
+            let shown: Vec<String> = options.protos.iter().map(|d| format!("`{}`", d.display())).collect();
+            diags.error(None, format!("no .proto files found in {}", shown.join(", ")));
+            diags.sort();
+            return Err(diags);
+        }
+    }
+    out
 }
 
 /// Renders a plan readably, decoding each response body to protobuf JSON

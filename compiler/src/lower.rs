@@ -18,6 +18,7 @@
 //! in the order tests a subset of their conditions, and warns about them.
 
 use crate::diag::{Diagnostic, Diagnostics, Span};
+use crate::raw::RawDoc;
 use crate::rules::{Cond, CondSource, RuleDoc, SESSION_KEY};
 use prost_reflect::DescriptorPool;
 use std::collections::{HashMap, HashSet};
@@ -29,6 +30,7 @@ pub fn lower(
     pool: &DescriptorPool,
     descriptors: Vec<u8>,
     docs: Vec<RuleDoc>,
+    raw: Vec<RawDoc>,
     regexes: &[Vec<u8>],
     diags: &mut Diagnostics,
 ) -> plan::Plan {
@@ -36,12 +38,48 @@ pub fn lower(
     for doc in docs {
         by_method.entry(doc.method.full_name().to_string()).or_default().push(doc);
     }
+    let mut raw_by_path: HashMap<String, Vec<RawDoc>> = HashMap::new();
+    for doc in raw {
+        raw_by_path.entry(doc.path.clone()).or_default().push(doc);
+    }
     let mut methods = Vec::new();
     for service in pool.services() {
         for m in service.methods() {
             let docs = by_method.remove(m.full_name()).unwrap_or_default();
-            methods.push(lower_method(&service, &m, docs, regexes, diags));
+            let mut method = lower_method(&service, &m, docs, regexes, diags);
+            if let Some(raw) = raw_by_path.remove(&method.path) {
+                add_raw(&mut method, raw);
+            }
+            methods.push(method);
         }
+    }
+    // Methods only recordings describe: served from their bytes, untyped.
+    let mut untyped: Vec<(String, Vec<RawDoc>)> = raw_by_path.into_iter().collect();
+    untyped.sort_by(|a, b| a.0.cmp(&b.0));
+    for (path, docs) in untyped {
+        let kind = docs[0].kind;
+        if let Some(other) = docs.iter().find(|d| d.kind != kind) {
+            let span = other.entries.first().map(|e| e.span.clone());
+            diags.push(Diagnostic::error(
+                span,
+                format!("recordings of {path} disagree on its shape: {} and {}", kind.name(), other.kind.name()),
+            ));
+            continue;
+        }
+        let mut method = plan::Method {
+            path,
+            kind,
+            input_type: String::new(),
+            output_type: String::new(),
+            fields: Vec::new(),
+            metadata_keys: Vec::new(),
+            responses: Vec::new(),
+            rules: Vec::new(),
+            regexes: Vec::new(),
+            duplex: false,
+        };
+        add_raw(&mut method, docs);
+        methods.push(method);
     }
     methods.sort_by(|a, b| a.path.cmp(&b.path));
     methods.dedup_by(|a, b| a.path == b.path);
@@ -179,9 +217,72 @@ fn lower_method(
     warn_shadowed(&method, &entries, diags);
     method.rules = entries
         .into_iter()
-        .map(|e| plan::Rule { conditions: e.conditions, response: e.response, priority: e.priority, origin: e.origin })
+        .map(|e| plan::Rule {
+            conditions: e.conditions,
+            response: e.response,
+            priority: e.priority,
+            origin: e.origin,
+            raw: None,
+        })
         .collect();
     method
+}
+
+/// Appends a method's recordings as raw rules, after its typed rules (the
+/// engine tries them only when no typed rule answers). Each rule's
+/// conditions are the staged match: the call's test session, then, over
+/// the metadata names any recording of the method carried, exactly the
+/// recorded ones present; the recorded content type (protocol); the
+/// recorded compression, when one was. The engine then compares messages.
+fn add_raw(method: &mut plan::Method, mut docs: Vec<RawDoc>) {
+    // A session's recordings first, as for typed rules.
+    docs.sort_by_key(|d| d.session.is_none());
+    let mut names: Vec<String> =
+        docs.iter().flat_map(|d| d.entries.iter().flat_map(|e| e.request.metadata_keys.iter().cloned())).collect();
+    names.sort();
+    names.dedup();
+    let mut regex_index = HashMap::new();
+    let op = |op: plan::Op| plan::Test::Op(op);
+    let bytes = |s: &str| plan::Value::Bytes(s.as_bytes().to_vec());
+    for doc in docs {
+        for e in doc.entries {
+            let mut conds = Vec::new();
+            if let Some(s) = &doc.session {
+                conds.push(Cond { source: CondSource::Metadata(SESSION_KEY.into()), test: op(plan::Op::Eq(bytes(s))) });
+            }
+            for name in &names {
+                let test = match e.request.metadata_keys.binary_search(name) {
+                    Ok(_) => op(plan::Op::Exists),
+                    Err(_) => plan::Test::Not(Box::new(op(plan::Op::Exists))),
+                };
+                conds.push(Cond { source: CondSource::Metadata(name.clone()), test });
+            }
+            let types = crate::raw::content_type_aliases(&e.request.content_type);
+            conds.push(Cond {
+                source: CondSource::Metadata("content-type".into()),
+                test: op(plan::Op::In(types.iter().map(|t| bytes(t)).collect())),
+            });
+            if !e.request.encoding.is_empty() {
+                conds.push(Cond {
+                    source: CondSource::Metadata("grpc-encoding".into()),
+                    test: op(plan::Op::Eq(bytes(&e.request.encoding))),
+                });
+            }
+            let conditions = conds.iter().map(|c| intern(method, &mut regex_index, &[], c)).collect();
+            let response = method.responses.len() as u32;
+            method.responses.push(e.response);
+            method.rules.push(plan::Rule {
+                conditions,
+                response,
+                priority: 0,
+                origin: e.origin,
+                raw: Some(Box::new(e.request)),
+            });
+        }
+    }
+    if method.responses.iter().any(|r| r.times > 0) && !method.metadata_keys.iter().any(|k| k == SESSION_KEY) {
+        method.metadata_keys.push(SESSION_KEY.to_string());
+    }
 }
 
 fn intern(

@@ -153,6 +153,8 @@ pub fn session_of(rel: &str) -> Option<&str> {
 pub struct CheckedFile {
     pub docs: Vec<RuleDoc>,
     pub regexes: Vec<RegexSpec>,
+    /// Documents of recorded calls (see `raw.rs`).
+    pub raw: Vec<crate::raw::RawDoc>,
 }
 
 /// Parses and checks one rule file; problems go to `diags`. `session`
@@ -164,7 +166,7 @@ pub fn check_file(
     budget: &mut yaml::Budget,
     diags: &mut Diagnostics,
 ) -> CheckedFile {
-    let mut out = CheckedFile { docs: Vec::new(), regexes: Vec::new() };
+    let mut out = CheckedFile { docs: Vec::new(), regexes: Vec::new(), raw: Vec::new() };
     let nodes = match yaml::parse_with(file, budget) {
         Ok(n) => n,
         Err(d) => {
@@ -178,8 +180,9 @@ pub fn check_file(
     let nodes = crate::gripmock::expand(nodes, methods.services.values(), diags);
     for node in &nodes {
         let mut cx = DocCx { stem: &stem, methods, diags, regexes: &mut out.regexes, aggregate: false, session };
-        if let Some(doc) = cx.doc(node) {
-            out.docs.push(doc);
+        match node.map().filter(|e| e.iter().any(|(k, _)| k.scalar() == Some("raw"))) {
+            Some(entries) => out.raw.extend(cx.raw_doc(node, entries)),
+            None => out.docs.extend(cx.doc(node)),
         }
     }
     out
@@ -232,6 +235,11 @@ impl MethodIndex {
         MethodIndex { by_dotted, services }
     }
 
+    /// The method `name` of service `service`, if the schema has it.
+    pub fn find(&self, service: &str, name: &str) -> Option<MethodDescriptor> {
+        self.services.get(service)?.methods().find(|m| m.name() == name)
+    }
+
     fn dotted_names(&self) -> Vec<String> {
         let mut v: Vec<String> = self
             .services
@@ -243,10 +251,10 @@ impl MethodIndex {
     }
 }
 
-struct DocCx<'a> {
+pub(crate) struct DocCx<'a> {
     stem: &'a str,
-    methods: &'a MethodIndex,
-    diags: &'a mut Diagnostics,
+    pub(crate) methods: &'a MethodIndex,
+    pub(crate) diags: &'a mut Diagnostics,
     regexes: &'a mut Vec<RegexSpec>,
     /// Whether request paths in this document use the aggregate view of a
     /// client stream (`first`, `last`, `items.N`, `count`).
@@ -256,7 +264,7 @@ struct DocCx<'a> {
 }
 
 impl DocCx<'_> {
-    fn err(&mut self, span: &Span, msg: impl Into<String>) -> Diagnostic {
+    pub(crate) fn err(&mut self, span: &Span, msg: impl Into<String>) -> Diagnostic {
         Diagnostic::error(Some(span.clone()), msg)
     }
 
@@ -363,7 +371,7 @@ impl DocCx<'_> {
 
     /// The document's session: its `session` key, or the session of the
     /// file's place; both given must agree.
-    fn session(&mut self, key: Option<&(Node, Node)>) -> Option<String> {
+    pub(crate) fn session(&mut self, key: Option<&(Node, Node)>) -> Option<String> {
         let name = match key {
             Some((_, v)) => {
                 let Some(name) = v.scalar().filter(|s| is_valid_session(s)) else {
@@ -387,7 +395,7 @@ impl DocCx<'_> {
         Some(name)
     }
 
-    fn expect_map<'n>(&mut self, node: &'n Node, what: &str) -> Option<&'n [(Node, Node)]> {
+    pub(crate) fn expect_map<'n>(&mut self, node: &'n Node, what: &str) -> Option<&'n [(Node, Node)]> {
         match &node.kind {
             NodeKind::Map(m) => Some(m),
             NodeKind::Null => Some(&[]),
@@ -831,7 +839,7 @@ impl DocCx<'_> {
         ok.then_some(fault)
     }
 
-    fn metadata_pairs(&mut self, node: &Node, what: &str) -> Vec<(String, Vec<u8>)> {
+    pub(crate) fn metadata_pairs(&mut self, node: &Node, what: &str) -> Vec<(String, Vec<u8>)> {
         let mut out = Vec::new();
         for (k, v) in self.expect_map(node, what).unwrap_or_default() {
             if let Some(p) = self.metadata_pair(k, v) {
@@ -841,7 +849,7 @@ impl DocCx<'_> {
         out
     }
 
-    fn metadata_pair(&mut self, key: &Node, value: &Node) -> Option<(String, Vec<u8>)> {
+    pub(crate) fn metadata_pair(&mut self, key: &Node, value: &Node) -> Option<(String, Vec<u8>)> {
         let raw = key.scalar().unwrap_or_default();
         let name = raw.to_ascii_lowercase();
         if !plan::is_valid_metadata_key(&name) {
@@ -926,14 +934,14 @@ pub fn is_valid_session(name: &str) -> bool {
 }
 
 /// Where to point for a whole document: its first key.
-fn doc_span(doc: &Node) -> Span {
+pub(crate) fn doc_span(doc: &Node) -> Span {
     match doc.map().and_then(|m| m.first()) {
         Some((k, _)) => k.span.clone(),
         None => doc.span.clone(),
     }
 }
 
-fn read_status(node: &Node) -> Result<u8, String> {
+pub(crate) fn read_status(node: &Node) -> Result<u8, String> {
     let text = node.scalar().ok_or_else(|| format!("expected a status code, found {}", node.describe()))?;
     if let Ok(n) = text.trim().parse::<u8>() {
         if n <= 16 {

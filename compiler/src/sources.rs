@@ -161,6 +161,7 @@ pub fn compile(sources: &Sources, cache: &mut Cache) -> Result<Output, Diagnosti
     // the same; new ones share one expansion allowance.
     let mut budget = crate::yaml::Budget::new();
     let mut docs = Vec::new();
+    let mut raw = Vec::new();
     let mut specs = Vec::new();
     let mut kept = HashMap::with_capacity(sources.rules.len());
     let mut sessions = BTreeMap::new();
@@ -183,8 +184,10 @@ pub fn compile(sources: &Sources, cache: &mut Cache) -> Result<Output, Diagnosti
             }
         };
         diags.extend(&entry.diags);
-        for doc in &entry.checked.docs {
-            match &doc.session {
+        let sessions_of =
+            entry.checked.docs.iter().map(|d| &d.session).chain(entry.checked.raw.iter().map(|d| &d.session));
+        for session in sessions_of {
+            match session {
                 Some(s) => {
                     sessions.entry(name.clone()).or_insert_with(BTreeSet::new).insert(s.clone());
                 }
@@ -200,6 +203,7 @@ pub fn compile(sources: &Sources, cache: &mut Cache) -> Result<Output, Diagnosti
             docs.push(doc);
         }
         specs.extend(entry.checked.regexes.iter().cloned());
+        raw.extend(entry.checked.raw.iter().cloned());
         kept.insert(name.clone(), entry);
     }
 
@@ -217,12 +221,12 @@ pub fn compile(sources: &Sources, cache: &mut Cache) -> Result<Output, Diagnosti
         }
         regexes.push(compiled);
     }
-    let rule_docs = docs.len();
+    let rule_docs = docs.len() + raw.len();
     let result = if diags.has_errors() {
         None
     } else {
         let regexes: Vec<Vec<u8>> = regexes.into_iter().flatten().collect();
-        let plan = lower::lower(&schema.schema.pool, schema.schema.encoded.clone(), docs, &regexes, &mut diags);
+        let plan = lower::lower(&schema.schema.pool, schema.schema.encoded.clone(), docs, raw, &regexes, &mut diags);
         (!diags.has_errors()).then_some(plan)
     };
     cache.rules = kept;

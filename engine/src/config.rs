@@ -39,6 +39,9 @@ pub struct Config {
     /// Seed of the random source (worker i uses seed + i), for runs whose
     /// latencies, faults and shuffles repeat; None seeds from the clock.
     pub seed: Option<u64>,
+    /// The lowest similarity at which a recording (raw rule) answers a
+    /// call that is not identical to it, from 0 to 1 (`--raw-threshold`).
+    pub raw_threshold: f32,
     /// A connection whose output the client has not taken for this long
     /// (its socket buffers full) is dropped; None waits forever. On the
     /// `h2` stack, while its calls wait for the socket (see `outflow`).
@@ -152,6 +155,7 @@ impl Default for Config {
             idle_timeout: Some(Duration::from_secs(300)),
             handshake_timeout: Some(Duration::from_secs(10)),
             seed: None,
+            raw_threshold: crate::call::raw::DEFAULT_THRESHOLD,
             stack: Stack::Native,
             write_timeout: Some(Duration::from_secs(30)),
             metrics: true,

@@ -113,6 +113,7 @@ impl Server {
             senders.push(tx);
             let (state, config, stop_rx) = (state.clone(), config.clone(), stop_rx.clone());
             threads.push(std::thread::Builder::new().name(format!("wirestub-worker-{i}")).spawn(move || {
+                crate::call::raw::set_threshold(config.raw_threshold);
                 if let Some(seed) = config.seed {
                     crate::rng::seed(seed.wrapping_add(i as u64));
                 }

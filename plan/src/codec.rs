@@ -526,6 +526,22 @@ fn write_methods(out: &mut Vec<u8>, methods: &[Method]) {
             put_u32(out, rule.response);
             out.extend_from_slice(&rule.priority.to_le_bytes());
             put_bytes(out, rule.origin.as_bytes());
+            match &rule.raw {
+                None => out.push(0),
+                Some(raw) => {
+                    out.push(1);
+                    put_u32(out, raw.messages.len() as u32);
+                    for m in &raw.messages {
+                        put_bytes(out, m);
+                    }
+                    put_u32(out, raw.metadata_keys.len() as u32);
+                    for k in &raw.metadata_keys {
+                        put_bytes(out, k.as_bytes());
+                    }
+                    put_bytes(out, raw.content_type.as_bytes());
+                    put_bytes(out, raw.encoding.as_bytes());
+                }
+            }
         }
         out.push(m.duplex as u8);
     }
@@ -613,6 +629,39 @@ impl<'a> Reader<'a> {
 }
 
 impl Reader<'_> {
+    /// A rule's recorded request (version 6 on): tag 0 none, 1 present.
+    fn raw(&mut self, at: &dyn Fn() -> String) -> Result<Option<Box<RawRequest>>, LoadError> {
+        match self.u8(at)? {
+            0 => Ok(None),
+            1 => {
+                let n = self.count(at)?;
+                let mut messages = Vec::with_capacity(n);
+                for _ in 0..n {
+                    messages.push(self.bytes(at)?.to_vec());
+                }
+                let n = self.count(at)?;
+                let mut metadata_keys: Vec<String> = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let k = self.string(at)?;
+                    if !is_valid_metadata_key(&k) || metadata_keys.last().is_some_and(|p| *p >= k) {
+                        return Err(LoadError::invalid(
+                            at(),
+                            format!("recorded metadata name {k:?} invalid or out of order"),
+                        ));
+                    }
+                    metadata_keys.push(k);
+                }
+                let content_type = self.string(at)?;
+                let encoding = self.string(at)?;
+                if !is_valid_metadata_value(content_type.as_bytes()) || !is_valid_metadata_value(encoding.as_bytes()) {
+                    return Err(LoadError::invalid(at(), "recorded content type or encoding invalid"));
+                }
+                Ok(Some(Box::new(RawRequest { messages, metadata_keys, content_type, encoding })))
+            }
+            t => Err(LoadError::invalid(at(), format!("unknown recorded-request tag {t}"))),
+        }
+    }
+
     fn pieces(&mut self, at: &dyn Fn() -> String, depth: usize) -> Result<Vec<Piece>, LoadError> {
         if depth > MAX_TEST_DEPTH * 2 {
             return Err(LoadError::invalid(at(), "template nested too deeply"));
@@ -1094,7 +1143,8 @@ fn read_methods(r: &mut Reader) -> Result<Vec<Method>, LoadError> {
             }
             let priority = r.u64(&at)? as i64;
             let origin = r.string(&at)?;
-            rules.push(Rule { conditions, response, priority, origin });
+            let raw = if r.version >= 6 { r.raw(&at)? } else { None };
+            rules.push(Rule { conditions, response, priority, origin, raw });
         }
         let duplex = if r.version >= 3 {
             match r.u8(&|| at("duplex"))? {
@@ -1192,31 +1242,46 @@ mod tests {
                         ..Default::default()
                     },
                 ],
-                rules: vec![Rule {
-                    conditions: vec![
-                        Condition { source: Source::Field(0), test: Test::Op(Op::Eq(Value::Bytes(b"7".to_vec()))) },
-                        Condition { source: Source::Metadata(0), test: Test::Op(Op::Regex(0)) },
-                        Condition {
-                            source: Source::Field(1),
-                            test: Test::All(vec![
-                                Test::Op(Op::Contains(Value::I64(-3))),
-                                Test::Op(Op::Len(Box::new(Test::Op(Op::Gte(Value::U64(2)))))),
-                            ]),
-                        },
-                        Condition {
-                            source: Source::Field(2),
-                            test: Test::Not(Box::new(Test::Any(vec![
-                                Test::Op(Op::Gt(Value::F64(1.5))),
-                                Test::Op(Op::In(vec![Value::F64(0.5), Value::F64(-1.0)])),
-                            ]))),
-                        },
-                        Condition { source: Source::Field(3), test: Test::Op(Op::Eq(Value::I64(6))) },
-                        Condition { source: Source::Metadata(0), test: Test::Op(Op::Lt(Value::F64(10.0))) },
-                    ],
-                    response: 1,
-                    priority: 3,
-                    origin: "rules/x.yaml:3:5".into(),
-                }],
+                rules: vec![
+                    Rule {
+                        conditions: vec![
+                            Condition { source: Source::Field(0), test: Test::Op(Op::Eq(Value::Bytes(b"7".to_vec()))) },
+                            Condition { source: Source::Metadata(0), test: Test::Op(Op::Regex(0)) },
+                            Condition {
+                                source: Source::Field(1),
+                                test: Test::All(vec![
+                                    Test::Op(Op::Contains(Value::I64(-3))),
+                                    Test::Op(Op::Len(Box::new(Test::Op(Op::Gte(Value::U64(2)))))),
+                                ]),
+                            },
+                            Condition {
+                                source: Source::Field(2),
+                                test: Test::Not(Box::new(Test::Any(vec![
+                                    Test::Op(Op::Gt(Value::F64(1.5))),
+                                    Test::Op(Op::In(vec![Value::F64(0.5), Value::F64(-1.0)])),
+                                ]))),
+                            },
+                            Condition { source: Source::Field(3), test: Test::Op(Op::Eq(Value::I64(6))) },
+                            Condition { source: Source::Metadata(0), test: Test::Op(Op::Lt(Value::F64(10.0))) },
+                        ],
+                        response: 1,
+                        priority: 3,
+                        origin: "rules/x.yaml:3:5".into(),
+                        raw: None,
+                    },
+                    Rule {
+                        conditions: vec![],
+                        response: 0,
+                        priority: 0,
+                        origin: "rec/x.yaml:9:5".into(),
+                        raw: Some(Box::new(RawRequest {
+                            messages: vec![b"\x0a\x02hi".to_vec(), vec![]],
+                            metadata_keys: vec!["authorization".into(), "x-id".into()],
+                            content_type: "application/grpc".into(),
+                            encoding: String::new(),
+                        })),
+                    },
+                ],
                 regexes: vec![vec![1, 2, 3, 4]],
                 duplex: false,
             }],

@@ -96,6 +96,18 @@ pub(crate) fn dump(plan: &Plan, body: &dyn Fn(&Method, &[u8]) -> String) -> Stri
                 };
                 let _ = writeln!(s, "    {src} {}", test(&c.test));
             }
+            if let Some(raw) = &r.raw {
+                let messages: Vec<String> = raw.messages.iter().map(|m| escape_bytes(m)).collect();
+                let _ = writeln!(
+                    s,
+                    "    recorded {} metadata [{}] content-type {:?} encoding {:?} messages [{}]",
+                    raw.messages.len(),
+                    raw.metadata_keys.join(", "),
+                    raw.content_type,
+                    raw.encoding,
+                    messages.join(", ")
+                );
+            }
         }
         for (i, r) in m.regexes.iter().enumerate() {
             let _ = writeln!(s, "  regex#{i} ({} bytes of DFA)", r.len());

@@ -581,7 +581,7 @@ mod tests {
     }
 
     fn rule(conditions: Vec<Condition>, response: u32, origin: &str) -> Rule {
-        Rule { conditions, response, priority: 0, origin: origin.into() }
+        Rule { conditions, response, priority: 0, origin: origin.into(), raw: None }
     }
 
     fn cond(source: Source, test: Test) -> Condition {
@@ -1111,7 +1111,13 @@ mod tests {
                 }
             }
             let response = rng.below(m.responses.len()) as u32;
-            m.rules.push(Rule { conditions, response, priority: rng.below(3) as i64, origin: format!("r:{i}:1") });
+            m.rules.push(Rule {
+                conditions,
+                response,
+                priority: rng.below(3) as i64,
+                origin: format!("r:{i}:1"),
+                raw: None,
+            });
         }
         m
     }

@@ -36,7 +36,7 @@ pub use layer::layer;
 /// First eight bytes of every plan file.
 pub const MAGIC: [u8; 8] = *b"WSTBPLAN";
 /// The layout version this crate writes. It also reads every earlier version.
-pub const VERSION: u32 = 5;
+pub const VERSION: u32 = 6;
 /// The oldest layout version this crate still reads.
 pub const OLDEST_VERSION: u32 = 1;
 
@@ -307,6 +307,28 @@ pub struct Rule {
     pub priority: i64,
     /// Where the rule was written, `file:line:column`.
     pub origin: String,
+    /// A recording replayed without descriptors: the rule holds only if the
+    /// call looks like the recorded one (see [`RawRequest`]); `conditions`
+    /// then hold at most the session test.
+    pub raw: Option<Box<RawRequest>>,
+}
+
+/// A request recorded as bytes (raw mode, no `.proto`): replay matches a
+/// call to it in stages. The call must carry the same set of metadata
+/// names (after the engine's ignore list), the same content type and the
+/// same compression; then identical messages win, else the most similar
+/// recording above the engine's threshold.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct RawRequest {
+    /// The request messages, unframed and uncompressed, in order.
+    pub messages: Vec<Vec<u8>>,
+    /// The names of the request's metadata, lower-case, sorted, distinct.
+    pub metadata_keys: Vec<String>,
+    /// The request's `content-type`, lower-case (`application/grpc` is
+    /// also written `application/grpc+proto`).
+    pub content_type: String,
+    /// `grpc-encoding` of the request messages; empty for identity.
+    pub encoding: String,
 }
 
 /// A test on one input of the call.

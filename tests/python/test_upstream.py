@@ -806,3 +806,159 @@ def test_client_stream_held_for_the_upstream_is_bounded(chat, upstream, tmp_path
         assert srv.alive()
     finally:
         engine_process.stop(srv.proc)
+
+
+def record_raw(chat, tmp_path, calls) -> Path:
+    """Runs `calls(stub)` through an engine with no protos at all that
+    records into a directory; returns it once the recorder has written."""
+    up = Upstream(*chat)
+    record = tmp_path / "raw"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    args = ["--protos", str(empty), "--rules", str(empty), "--upstream", f"http://127.0.0.1:{up.port}"]
+    srv = start_engine(tmp_path_factory_shim(tmp_path), "record-raw", [*args, "--record", str(record)])
+    try:
+        channel, s = stub(chat, srv.port)
+        try:
+            result = calls(s)
+        finally:
+            channel.close()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and len(list(record.glob("*.yaml"))) < 4:
+            time.sleep(0.05)
+        time.sleep(0.5)
+    finally:
+        engine_process.stop(srv.proc)
+        up.stop()
+    return record, result
+
+
+def build_plan(tmp_path, rules: Path, protos: Path | None = None, name: str = "plan.bin") -> Path:
+    plan = tmp_path / name
+    if protos is None:
+        protos = tmp_path / "no-protos"
+        protos.mkdir(exist_ok=True)
+    build = subprocess.run(
+        [str(compiler_binary()), "build", "--protos", str(protos), "--rules", str(rules), "-o", str(plan)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    texts = "".join(p.read_text() for p in rules.glob("*.yaml"))
+    assert build.returncode == 0, build.stderr + texts
+    return plan
+
+
+def raw_calls(pb, s):
+    out = []
+    md = (("authorization", "Bearer client-secret"), ("x-topic", "cats"))
+    out.append(outcome(lambda: s.GetRoom.with_call(pb.GetRoomRequest(room="lobby"), metadata=md, timeout=10)))
+    out.append(outcome(lambda: s.GetRoom.with_call(pb.GetRoomRequest(room="missing"), timeout=10)))
+    for _ in range(4):
+        out.append(outcome(lambda: s.GetRoom.with_call(pb.GetRoomRequest(room="counter"), timeout=10)))
+    out.append(stream_outcome(s.Subscribe(pb.SubscribeRequest(room="n:3"), timeout=10)))
+    out.append(stream_outcome(s.Subscribe(pb.SubscribeRequest(room="n:2:fail"), timeout=10)))
+    for n in (3, 5):
+        msgs = [pb.ChatMessage(user="u", text=f"t{i}", seq=i) for i in range(n)]
+        out.append(outcome(lambda: s.Upload.with_call(iter(msgs), timeout=10)))
+    talk = [pb.ChatMessage(text=t, seq=i) for i, t in enumerate(["abc", "hello"])]
+    out.append(stream_outcome(s.Talk(iter(talk), timeout=10)))
+    return out
+
+
+@pytest.mark.parametrize("stack", ["native", "h2"])
+def test_raw_record_compile_replay_without_protos(chat, tmp_path, stack):
+    """With no .proto anywhere: calls are recorded as raw rules (base64
+    messages, a wire dump in comments, no secret), compile with an empty
+    protos directory, and replay the same answers, each recording as many
+    times as it was seen and then NOT_FOUND."""
+    pb, _ = chat
+    record, recorded = record_raw(chat, tmp_path, lambda s: raw_calls(pb, s))
+    files = sorted(p.name for p in record.glob("*.yaml"))
+    assert files == [
+        "chat.v1.chat.getroom.yaml",
+        "chat.v1.chat.subscribe.yaml",
+        "chat.v1.chat.talk.yaml",
+        "chat.v1.chat.upload.yaml",
+    ]
+    text = "".join(p.read_text() for p in record.glob("*.yaml"))
+    for secret in ("client-secret", "Bearer", "Bearer up"):
+        assert secret not in text, secret
+    getroom = (record / "chat.v1.chat.getroom.yaml").read_text()
+    assert "raw: unary" in getroom and '"authorization"' in getroom  # the name, never the value
+    assert '# request 1: 1: "lobby"' in getroom
+    assert "raw: server_streaming" in (record / "chat.v1.chat.subscribe.yaml").read_text()
+    assert "raw: client_streaming" in (record / "chat.v1.chat.upload.yaml").read_text()
+    assert "raw: bidi_streaming" in (record / "chat.v1.chat.talk.yaml").read_text()
+
+    # With the protos, the same recordings compile against the method's
+    # types: the bodies decode, and the plan shows them as JSON.
+    typed = build_plan(tmp_path, record, PROTOS, "typed.bin")
+    dump = subprocess.run([str(compiler_binary()), "dump", str(typed)], capture_output=True, text=True, timeout=60)
+    assert dump.returncode == 0, dump.stderr
+    assert '{"room":"lobby","topic":"upstream: cats"}' in dump.stdout, dump.stdout
+
+    plan = build_plan(tmp_path, record)
+    replay = start_engine(tmp_path_factory_shim(tmp_path), "replay-raw", ["--http2", stack, str(plan)])
+    try:
+        channel, s = stub(chat, replay.port)
+        try:
+            replayed = raw_calls(pb, s)
+            # Every recording is used up: the same call again is unmatched.
+            with pytest.raises(grpc.RpcError) as e:
+                s.GetRoom(pb.GetRoomRequest(room="lobby"), metadata=(("authorization", "x"), ("x-topic", "c")), timeout=10)
+            assert e.value.code() == grpc.StatusCode.NOT_FOUND
+        finally:
+            channel.close()
+    finally:
+        engine_process.stop(replay.proc)
+    assert len(replayed) == len(recorded)
+    for i, (a, b) in enumerate(zip(recorded, replayed)):
+        assert a == b, (i, a, b)
+
+
+def test_raw_replay_picks_the_closest_recording_above_the_threshold(chat, tmp_path):
+    """A call that is not identical to any recording gets the most similar
+    one when it is at least `--raw-threshold` alike (the journal shows the
+    score), else NOT_FOUND; the staged match keeps a call with other
+    metadata names from any recording."""
+    pb, _ = chat
+
+    def calls(s):
+        s.GetRoom(pb.GetRoomRequest(room="the-long-room-name-alpha"), metadata=(("x-tenant", "t1"),), timeout=10)
+        s.GetRoom(pb.GetRoomRequest(room="zz"), timeout=10)
+        return None
+
+    record, _ = record_raw(chat, tmp_path, calls)
+    text = (record / "chat.v1.chat.getroom.yaml").read_text()
+    # Recordings are reusable by editing `times`: let them answer many calls.
+    (record / "chat.v1.chat.getroom.yaml").write_text(text.replace("times: 1", "times: 100"))
+    plan = build_plan(tmp_path, record)
+    args = ["run", str(plan), "--listen", "127.0.0.1:0"]
+    args += ["--admin-listen", "127.0.0.1:0", "--journal", "100", "--raw-threshold", "0.75"]
+    proc, port, admin, _ = engine_process.start_with_admin(args, tmp_path)
+    try:
+        channel, s = stub(chat, port)
+        try:
+            tenant = (("x-tenant", "t2"),)
+            exact = s.GetRoom(pb.GetRoomRequest(room="the-long-room-name-alpha"), metadata=tenant, timeout=10)
+            near = s.GetRoom(pb.GetRoomRequest(room="the-long-room-name-alphb"), metadata=tenant, timeout=10)
+            assert near == exact and exact.room == "the-long-room-name-alpha"
+            assert s.GetRoom(pb.GetRoomRequest(room="zz"), timeout=10).room == "zz"
+            with pytest.raises(grpc.RpcError) as e:
+                s.GetRoom(pb.GetRoomRequest(room="a-different-request"), metadata=tenant, timeout=10)
+            assert e.value.code() == grpc.StatusCode.NOT_FOUND
+            # The very body of a recording, but with a metadata name its
+            # call did not carry: the staged match refuses it.
+            with pytest.raises(grpc.RpcError) as e:
+                s.GetRoom(pb.GetRoomRequest(room="zz"), metadata=tenant, timeout=10)
+            assert e.value.code() == grpc.StatusCode.NOT_FOUND
+        finally:
+            channel.close()
+        entries = admin_get(admin, "/admin/journal")["entries"]
+        scores = [e.get("similarity") for e in entries]
+        assert scores.count(None) == len(entries) - 1, scores
+        score = next(s for s in scores if s is not None)
+        assert 0.75 <= score < 1.0, score
+    finally:
+        engine_process.stop(proc)

@@ -57,6 +57,8 @@ pub trait Report {
     fn message(&mut self, m: &[u8]);
     /// The rule that answered (None: no rule matched).
     fn rule(&mut self, rule: Option<u32>, closest: Option<Closest>);
+    /// A recording answered a call not identical to it, this similar.
+    fn similarity(&mut self, score: f32);
     /// The status the call ends with.
     fn status(&mut self, code: u8, message: &str);
     /// The call went to the upstream (`path`), which took `latency` to
@@ -146,6 +148,9 @@ where
     match picked {
         Ok((answer, _)) => {
             record.rule(answer.rule, answer.closest);
+            if let Some(score) = answer.similarity {
+                record.similarity(score);
+            }
             let delay = answer.prepared.draw_delay();
             respond(answer, delay, deadline, method, json, out, record).await
         }
@@ -178,6 +183,9 @@ where
         Ok((answer, Some(read))) if answer.rule.is_none() => forward::run(f, read, input, out, record).await,
         Ok((answer, _)) => {
             record.rule(answer.rule, answer.closest);
+            if let Some(score) = answer.similarity {
+                record.similarity(score);
+            }
             let delay = answer.prepared.draw_delay();
             respond(answer, delay, deadline, method, json, out, record).await
         }
@@ -371,6 +379,9 @@ where
                 return Err(Stop::Gone);
             }
             record.rule(answer.rule, answer.closest);
+            if let Some(score) = answer.similarity {
+                record.similarity(score);
+            }
             let prepared = answer.prepared;
             let delay = prepared.draw_delay();
             if !delay.is_zero() {

@@ -57,6 +57,9 @@ pub struct Forward<'a> {
     /// The process-wide budget the messages held for the upstream count in
     /// (`--max-buffered-bytes`).
     pub max_held: usize,
+    /// The protocol the client spoke, as its content type (recordings made
+    /// without protos expect it on replay).
+    pub content_type: &'static str,
 }
 
 impl Forward<'_> {
@@ -114,7 +117,7 @@ pub async fn run<I: Inbound, O: Outbound, R: Report>(
     out: &mut O,
     record: &mut R,
 ) {
-    let capture = record::recording().then(|| RefCell::new(Capture { path: f.path.clone(), ..Capture::default() }));
+    let capture = record::recording().then(|| RefCell::new(Capture::new(&f.path, &f.metadata, f.content_type)));
     let work = async {
         let timeout = f.deadline.map(|d| d.saturating_duration_since(Instant::now()));
         if timeout.is_some_and(|t| t.is_zero()) {

@@ -72,6 +72,9 @@ pub struct Request<'a> {
     /// For inputs with a literal automaton: which of its literals occur,
     /// found in one pass on first use.
     literal_hits: SmallVec<[OnceCell<Vec<bool>>; 16]>,
+    /// When a recording answered a call that was not identical to it: how
+    /// similar they were.
+    similarity: std::cell::Cell<Option<f32>>,
 }
 
 /// The request messages of a call as the rules see them: the one message of
@@ -135,6 +138,7 @@ impl<'a> Request<'a> {
             lazy: (0..plan.fields.len()).map(|_| OnceCell::new()).collect(),
             metadata: plan.metadata_keys.iter().enumerate().map(|(i, k)| headers.value(i, k)).collect(),
             literal_hits: (0..method.literals.len()).map(|_| OnceCell::new()).collect(),
+            similarity: std::cell::Cell::new(None),
         })
     }
 
@@ -144,31 +148,101 @@ impl<'a> Request<'a> {
     }
 
     /// Like [`Request::select`], but the rule (index into the method's
-    /// rules) rather than its response.
+    /// rules) rather than its response: the first typed rule that holds,
+    /// else the recording (raw rule) that fits the call best.
     pub fn select_rule(&self) -> Result<Option<u32>, Malformed> {
+        match self.select_typed()? {
+            None if !self.method.raw.is_empty() => self.select_raw(),
+            r => Ok(r),
+        }
+    }
+
+    /// When a recording answered a call not identical to it: the
+    /// similarity of the two (see [`crate::call::raw`]).
+    pub fn similarity(&self) -> Option<f32> {
+        self.similarity.get()
+    }
+
+    /// Claims one call of `response`: true unless it is limited by `times`
+    /// and used up. The count is shared by every worker (per test session
+    /// for a session's calls).
+    fn claim(&self, response: u32) -> bool {
+        let method = self.method;
+        let times = method.responses[response as usize].times;
+        if times == 0 {
+            return true;
+        }
+        let session = method.session_uses.slot.and_then(|i| self.metadata.get(i).copied().flatten());
+        let claimed = session.filter(|s| !s.is_empty()).and_then(|s| method.session_uses.claim(response, s));
+        let used = claimed
+            .unwrap_or_else(|| method.used[response as usize].fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+        used < times as u64
+    }
+
+    /// The recording for a call no typed rule answered: among those whose
+    /// staged conditions hold, the first (in recorded order) with the
+    /// call's very messages, else the most similar at or above the
+    /// threshold; each answers as often as its `times` allows.
+    fn select_raw(&self) -> Result<Option<u32>, Malformed> {
+        let plan = &self.method.plan;
+        let m = self.messages;
+        let mut messages: SmallVec<[&[u8]; 4]> = m.head.iter().copied().collect();
+        if let Some(last) = m.last.filter(|_| m.count > m.head.len()) {
+            messages.push(last);
+        }
+        let complete = messages.len() == m.count;
+        let mut call = crate::call::raw::Call::new(&messages);
+        let threshold = crate::call::raw::threshold();
+        let mut near: SmallVec<[(f32, u32); 8]> = SmallVec::new();
+        'recordings: for rec in &self.method.raw {
+            let rule = &plan.rules[rec.rule as usize];
+            let Some(recorded) = rule.raw.as_deref() else { continue };
+            for c in &rule.conditions {
+                if !self.condition(c.source, &c.test)? {
+                    continue 'recordings;
+                }
+            }
+            let identical = complete
+                && recorded.messages.len() == messages.len()
+                && recorded.messages.iter().zip(&messages).all(|(a, b)| a.as_slice() == *b);
+            if identical {
+                if self.claim(rule.response) {
+                    return Ok(Some(rec.rule));
+                }
+                continue;
+            }
+            let score = call.similarity(rec);
+            if score >= threshold {
+                near.push((score, rec.rule));
+            }
+        }
+        near.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+        for (score, r) in near {
+            if self.claim(plan.rules[r as usize].response) {
+                self.similarity.set(Some(score));
+                return Ok(Some(r));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The first typed rule (in plan order) that holds.
+    fn select_typed(&self) -> Result<Option<u32>, Malformed> {
         let request = self;
         let method = self.method;
         let plan = &method.plan;
         let holds = |r: u32| -> Result<bool, Malformed> {
             let rule = &plan.rules[r as usize];
+            if rule.raw.is_some() {
+                return Ok(false);
+            }
             for c in &rule.conditions {
                 if !request.condition(c.source, &c.test)? {
                     return Ok(false);
                 }
             }
-            // A response limited by `times` answers only while calls remain;
-            // the count is shared by every worker.
-            let times = method.responses[rule.response as usize].times;
-            if times > 0 {
-                let session = method.session_uses.slot.and_then(|i| request.metadata.get(i).copied().flatten());
-                let claimed =
-                    session.filter(|s| !s.is_empty()).and_then(|s| method.session_uses.claim(rule.response, s));
-                let used = claimed.unwrap_or_else(|| {
-                    method.used[rule.response as usize].fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-                });
-                return Ok(used < times as u64);
-            }
-            Ok(true)
+            // A response limited by `times` answers only while calls remain.
+            Ok(request.claim(rule.response))
         };
 
         let Some(index) = &method.index else {

@@ -6,6 +6,7 @@
 pub mod drive;
 pub mod forward;
 pub mod matcher;
+pub mod raw;
 pub mod template;
 
 use crate::protocol::grpc::{Code, Status};
@@ -28,6 +29,8 @@ pub struct Answer<'m> {
     /// When no rule matched and the caller asked: the rule that came
     /// closest.
     pub closest: Option<crate::call::matcher::Closest>,
+    /// When a recording answered a call not identical to it: how similar.
+    pub similarity: Option<f32>,
 }
 
 impl<'m> Answer<'m> {
@@ -39,6 +42,7 @@ impl<'m> Answer<'m> {
             items: Cow::Borrowed(&prepared.stream),
             rule: None,
             closest: None,
+            similarity: None,
         }
     }
 
@@ -107,10 +111,11 @@ pub fn pick_explained<'m>(
         (None, true) => request.closest(),
         _ => None,
     };
+    let similarity = request.similarity();
     if prepared.templates.is_empty() {
-        return Ok(Answer { rule, closest, ..Answer::of(prepared) });
+        return Ok(Answer { rule, closest, similarity, ..Answer::of(prepared) });
     }
-    let mut answer = Answer { rule, closest, ..Answer::of(prepared) };
+    let mut answer = Answer { rule, closest, similarity, ..Answer::of(prepared) };
     let total = prepared.stream.len() as u64;
     for (slot, t) in &prepared.templates {
         let index = slot.saturating_sub(1) as u64;

@@ -64,6 +64,9 @@ pub struct Entry {
     pub latency: Duration,
     /// For a call no rule matched: the rule that held the most conditions.
     pub closest: Option<Closest>,
+    /// For a call a recording answered without being identical to it: how
+    /// similar the two were, from 0 to 1.
+    pub similarity: Option<f32>,
     /// The protocol that carried it: `grpc`, `grpc-web` or `connect`.
     pub protocol: &'static str,
     /// For a call forwarded to the upstream: how it went there.
@@ -1010,6 +1013,9 @@ impl Entry {
             }),
             _ => Json::Null,
         };
+        if let Some(s) = self.similarity {
+            out["similarity"] = json!((s as f64 * 1e4).round() / 1e4);
+        }
         if let Some(u) = &self.upstream {
             out["upstream"] = json!({"latency_ms": u.latency.as_secs_f64() * 1000.0, "failed": u.failed});
         } else if self.rule.is_none() {
@@ -1417,6 +1423,7 @@ pub(crate) mod fixture {
             response,
             priority,
             origin: format!("rules/demo.yaml:{line}:9"),
+            raw: None,
         };
         let say_hello = Method {
             path: SAY_HELLO.into(),
@@ -1545,6 +1552,7 @@ pub(crate) mod fixture {
             message: if status == 0 { String::new() } else { "no rule matches".into() },
             latency: Duration::from_micros(1500),
             closest,
+            similarity: None,
             protocol: "grpc",
             upstream: None,
         }

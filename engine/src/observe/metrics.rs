@@ -550,6 +550,7 @@ mod tests {
                     response: 0,
                     priority: 0,
                     origin: o.to_string(),
+                    raw: None,
                 })
                 .collect(),
             duplex: false,

@@ -27,6 +27,7 @@ struct Journaled<'a> {
     messages: RequestMessages,
     rule: Option<u32>,
     closest: Option<Closest>,
+    similarity: Option<f32>,
     upstream: Option<Box<Upstreamed>>,
 }
 
@@ -76,6 +77,7 @@ impl<'a> CallRecord<'a> {
                     messages: RequestMessages::default(),
                     rule: None,
                     closest: None,
+                    similarity: None,
                     upstream: None,
                 })
             }),
@@ -104,6 +106,12 @@ impl Report for CallRecord<'_> {
         if let Some(j) = &mut self.journal {
             j.rule = rule;
             j.closest = closest;
+        }
+    }
+
+    fn similarity(&mut self, score: f32) {
+        if let Some(j) = &mut self.journal {
+            j.similarity = Some(score);
         }
     }
 
@@ -145,6 +153,7 @@ impl Drop for CallRecord<'_> {
                 message: std::mem::take(&mut self.message),
                 latency,
                 closest: j.closest,
+                similarity: j.similarity,
                 protocol: self.protocol,
                 upstream: j.upstream,
             });

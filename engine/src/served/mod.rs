@@ -233,6 +233,9 @@ pub struct ServedMethod {
     /// Marked `idempotency_level = NO_SIDE_EFFECTS`: Connect clients may
     /// call it with GET.
     pub no_side_effects: bool,
+    /// The method's recordings (raw rules), in plan order, prepared for
+    /// comparing calls with them (see `call::raw`).
+    pub raw: Vec<crate::call::raw::Recording>,
 }
 
 /// Whether the method at `path` (`/package.Service/Method`) is marked
@@ -674,7 +677,9 @@ impl Served {
                 position: methods.len(),
                 json,
                 no_side_effects: get,
+                raw: Vec::new(),
             };
+            served.raw = crate::call::raw::prepare(&served.plan);
             served.keep = served.messages_kept();
             methods.push(served);
         }
@@ -768,6 +773,7 @@ impl ServedMethod {
             position,
             json: None,
             no_side_effects: false,
+            raw: Vec::new(),
         }
     }
 
@@ -783,6 +789,7 @@ impl ServedMethod {
                 MessageSel::First | MessageSel::Single => 1,
                 MessageSel::Last | MessageSel::Count => 0,
             })
+            .chain(self.raw.iter().map(|r| r.messages + 1))
             .max()
             .unwrap_or(0)
     }
@@ -828,7 +835,13 @@ mod tests {
             responses: vec![Default::default()],
             rules: ["a", "b", "c", "d", "b"]
                 .iter()
-                .map(|w| Rule { conditions: vec![contains(w)], response: 0, priority: 0, origin: String::new() })
+                .map(|w| Rule {
+                    conditions: vec![contains(w)],
+                    response: 0,
+                    priority: 0,
+                    origin: String::new(),
+                    raw: None,
+                })
                 .collect(),
             regexes: vec![],
             duplex: false,

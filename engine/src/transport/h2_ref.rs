@@ -288,7 +288,8 @@ async fn call(
                     let json = method.json.as_ref().filter(|_| json);
                     let metadata = forward::metadata_of(headers);
                     let max_held = config.max_buffered;
-                    Box::new(Forward { upstream, path: path.into(), metadata, deadline, json, max_held })
+                    let content_type = dialect.content_type();
+                    Box::new(Forward { upstream, path: path.into(), metadata, deadline, json, max_held, content_type })
                 });
                 let ok = &served.ok;
                 let call = Call { method, metadata: headers, deadline, ok, json, record: &mut record, upstream };

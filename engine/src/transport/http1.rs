@@ -238,7 +238,8 @@ async fn call(req: Request<Incoming>, ctx: &Rc<Ctx>) -> Response<CallBody> {
         let upstream = config.upstream.as_ref().and_then(|u| u.route(&path)).map(|upstream| {
             let json = method.json.as_ref().filter(|_| json);
             let (metadata, max_held) = (forward::metadata_of(&headers), config.max_buffered);
-            Box::new(Forward { upstream, path: path.as_str().into(), metadata, deadline, json, max_held })
+            let content_type = dialect.content_type();
+            Box::new(Forward { upstream, path: path.as_str().into(), metadata, deadline, json, max_held, content_type })
         });
         let call = Call { method, metadata: &headers, deadline, ok, json, record: &mut record, upstream };
         drive::run(call, &mut input, &mut out).await;

@@ -78,6 +78,38 @@ fn secret(name: &str) -> bool {
 /// Response metadata that describes the transport, not the answer.
 const TRANSPORT: &[&str] = &["content-type", "grpc-encoding", "grpc-accept-encoding", "te", "user-agent", "date"];
 
+/// Request metadata a recording made without protos does not expect on
+/// replay: the transport's, tracing's and test sessions' (besides
+/// `--record-ignore-metadata`).
+const NOT_EXPECTED: &[&str] = &[
+    "content-type",
+    "content-length",
+    "te",
+    "user-agent",
+    "x-user-agent",
+    "host",
+    "accept",
+    "accept-encoding",
+    "accept-language",
+    "origin",
+    "referer",
+    "via",
+    "forwarded",
+    "traceparent",
+    "tracestate",
+    "grpc-trace-bin",
+    "grpc-tags-bin",
+    "b3",
+    "uber-trace-id",
+    "x-request-id",
+    "x-grpc-web",
+    wirestub_plan::SESSION_KEY,
+    wirestub_plan::SESSION_ALIAS,
+];
+
+/// Prefixes of request metadata names [`NOT_EXPECTED`] too.
+const NOT_EXPECTED_PREFIXES: &[&str] = &["grpc-", "connect-", "x-b3-", "x-forwarded-", "x-amzn-trace", "sec-", ":"];
+
 /// Methods named in "not recorded" warnings, at most.
 const MAX_WARNED: usize = 256;
 
@@ -89,6 +121,8 @@ pub struct Options {
     pub ignore_fields: Vec<String>,
     /// More metadata names never written.
     pub redact: Vec<String>,
+    /// More request metadata names a raw recording does not expect.
+    pub ignore_metadata: Vec<String>,
     /// Write the observed gap between streamed messages as
     /// `stream_delay_ms`.
     pub pacing: bool,
@@ -104,6 +138,12 @@ pub struct Options {
 #[derive(Debug, Default)]
 pub struct Capture {
     pub path: Box<str>,
+    /// The names of the request's metadata, in order.
+    pub request_names: Vec<Box<str>>,
+    /// The client's protocol, as its content type.
+    pub content_type: &'static str,
+    /// The request's `grpc-encoding`, when one was named.
+    pub encoding: Option<Box<str>>,
     /// Request messages, unframed.
     pub requests: Vec<Bytes>,
     /// For each request message, how many response messages had arrived
@@ -123,6 +163,19 @@ pub struct Capture {
 }
 
 impl Capture {
+    /// The capture of a call to `path` with the request metadata
+    /// `metadata`.
+    pub fn new(path: &str, metadata: &[(Box<str>, Bytes)], content_type: &'static str) -> Self {
+        let encoding = metadata.iter().find(|(n, _)| &**n == "grpc-encoding").map(|(_, v)| v);
+        Capture {
+            path: path.into(),
+            request_names: metadata.iter().map(|(n, _)| n.clone()).collect(),
+            content_type,
+            encoding: encoding.filter(|v| *v != "identity").map(|v| String::from_utf8_lossy(v).into()),
+            ..Capture::default()
+        }
+    }
+
     /// Counts `n` more bytes; false once the call is too large to record.
     pub fn take(&mut self, n: usize) -> bool {
         self.bytes += n;
@@ -215,6 +268,9 @@ struct MethodRecording {
     method: String,
     /// Bidi: `mode: duplex`.
     duplex: bool,
+    /// Recorded without descriptors (raw rules): the call's shape as seen
+    /// so far, whether the client and the server streamed.
+    raw: Option<(bool, bool)>,
     /// Distinct requests in the order first seen.
     entries: Vec<Entry>,
 }
@@ -262,13 +318,17 @@ impl Writer {
 
     fn record(&mut self, c: Capture) {
         let generation = self.state.current();
-        let Some(pool) = generation.schema() else {
-            return self.warn_once(&c.path, "the plan has no descriptors");
-        };
         let Some((service, name)) = c.path.strip_prefix('/').and_then(|p| p.split_once('/')) else { return };
-        let Some(method) = pool.get_service_by_name(service).and_then(|s| s.methods().find(|m| m.name() == name))
-        else {
-            return self.warn_once(&c.path, "no descriptors for this method (give its .proto with --protos)");
+        let valid = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.');
+        if !valid(service) || !valid(name) || name.contains('.') {
+            return self.warn_once(&c.path, "not a method path");
+        }
+        let described = generation
+            .schema()
+            .and_then(|pool| Some((pool, pool.get_service_by_name(service)?.methods().find(|m| m.name() == name)?)));
+        let Some((pool, method)) = described else {
+            let (service, name) = (service.to_string(), name.to_string());
+            return self.record_raw(c, &service, &name);
         };
         let (input, output) = (method.input(), method.output());
         let ignore = &self.options.ignore_fields;
@@ -372,6 +432,79 @@ impl Writer {
                 calls.push((when, Json::Object(answer)));
             }
         }
+        self.merge(&c.path, service, name, duplex, None, calls);
+    }
+
+    /// A call to a method without descriptors, as a raw rule: its messages
+    /// as base64, the names of its metadata, its protocol; the answer's
+    /// messages, metadata and ending as received.
+    fn record_raw(&mut self, c: Capture, service: &str, name: &str) {
+        let b64 = |b: &[u8]| Json::String(base64::engine::general_purpose::STANDARD.encode(b));
+        let mut names: Vec<String> = c
+            .request_names
+            .iter()
+            .map(|n| n.to_ascii_lowercase())
+            .filter(|n| {
+                !(NOT_EXPECTED.contains(&n.as_str())
+                    || NOT_EXPECTED_PREFIXES.iter().any(|p| n.starts_with(p))
+                    || self.options.ignore_metadata.iter().any(|i| i.eq_ignore_ascii_case(n)))
+            })
+            .collect();
+        names.sort();
+        names.dedup();
+        let mut when = Map::new();
+        when.insert("messages".into(), Json::Array(c.requests.iter().map(|m| b64(m)).collect()));
+        when.insert("metadata".into(), json!(names));
+        when.insert("content_type".into(), json!(c.content_type));
+        if let Some(e) = &c.encoding {
+            when.insert("encoding".into(), json!(e));
+        }
+        let mut answer = Map::new();
+        answer.insert("messages".into(), Json::Array(c.replies.iter().map(|(m, _)| b64(m)).collect()));
+        let gaps: Vec<Duration> = c.replies.iter().skip(1).map(|(_, d)| *d).collect();
+        if self.options.pacing && !gaps.is_empty() {
+            let ms = (gaps.iter().sum::<Duration>() / gaps.len() as u32).as_millis() as u64;
+            answer.insert("stream_delay_ms".into(), json!(ms));
+        }
+        let meta = self.metadata(&c.headers);
+        if !meta.is_empty() {
+            answer.insert("metadata".into(), Json::Object(meta));
+        }
+        let mut trailers = Map::new();
+        for (name, value) in &c.trailers {
+            if name == "grpc-status-details-bin" {
+                if c.status != 0 && wirestub_plan::is_valid_metadata_value(value) {
+                    trailers.insert(name.clone(), Json::String(String::from_utf8_lossy(value).into()));
+                }
+            } else if self.keeps(name) {
+                trailers.insert(name.clone(), Json::String(metadata_text(value)));
+            }
+        }
+        if c.status != 0 {
+            trailers.insert("grpc-status".into(), json!(if c.status <= 16 { c.status } else { 2 }));
+            let message = crate::codec::percent::decode(&c.message, false);
+            if !message.is_empty() {
+                trailers.insert("grpc-message".into(), Json::String(message));
+            }
+        }
+        if !trailers.is_empty() {
+            answer.insert("trailers".into(), Json::Object(trailers));
+        }
+        let shape = (c.requests.len() != 1, c.replies.len() > 1 || (c.replies.is_empty() && c.status == 0));
+        self.merge(&c.path, service, name, false, Some(shape), vec![(when, Json::Object(answer))]);
+    }
+
+    /// Adds a call's rules to its method's recording and rewrites the file
+    /// when that changed it.
+    fn merge(
+        &mut self,
+        path: &str,
+        service: &str,
+        name: &str,
+        duplex: bool,
+        raw: Option<(bool, bool)>,
+        calls: Vec<(Map<String, Json>, Json)>,
+    ) {
         if self.full {
             return;
         }
@@ -384,14 +517,20 @@ impl Writer {
             tracing::warn!(max = self.options.max_bytes, "recordings reached --record-max-bytes: recording stops");
             return;
         }
-        let key: Box<str> = c.path.clone();
-        let recording = self.methods.entry(key).or_insert_with(|| MethodRecording {
+        let recording = self.methods.entry(path.into()).or_insert_with(|| MethodRecording {
             service: service.to_string(),
             method: name.to_string(),
             duplex,
+            raw: None,
             entries: Vec::new(),
         });
         let mut changed = false;
+        if let Some((client, server)) = raw {
+            // Every raw recording answers as many calls as it saw.
+            changed = true;
+            let (c, s) = recording.raw.unwrap_or_default();
+            recording.raw = Some((c || client, s || server));
+        }
         for (when, answer) in calls {
             match recording.entries.iter_mut().find(|e| e.when == when) {
                 Some(e) => match e.answers.last_mut() {
@@ -417,9 +556,9 @@ impl Writer {
         }
         // Counted as if every call added its text (an upper bound).
         self.held += grew;
-        let recording = &self.methods[&c.path];
+        let recording = &self.methods[path];
         if let Err(e) = write(&self.options.dir, recording) {
-            tracing::warn!(path = %c.path, "cannot write the recording: {e}");
+            tracing::warn!(path, "cannot write the recording: {e}");
         }
     }
 
@@ -605,6 +744,9 @@ fn walk(m: &DynamicMessage, at: &str, emit: &mut dyn FnMut(&str, Json)) {
 /// YAML reads as is.
 fn render(r: &MethodRecording) -> String {
     let flow = |v: &Json| serde_json::to_string(v).unwrap_or_default();
+    if let Some(shape) = r.raw {
+        return render_raw(r, shape);
+    }
     let mut out = format!(
         "# Recorded by wirestub from calls to /{}/{} (`engine run --record`).\n\
          # An ordinary rule file: edit it freely.\nservice: {}\nmethod: {}\n",
@@ -638,6 +780,50 @@ fn render(r: &MethodRecording) -> String {
                 let lead = if i == 0 { "  - " } else { "    " };
                 out.push_str(&format!("{lead}{key}: {}\n", flow(value)));
             }
+        }
+    }
+    out
+}
+
+/// A raw recording's file: the call's shape (`raw:`), then per call the
+/// request to recognise, the answer, and `times` (each recording answers
+/// as many calls as it saw); every message shown decoded by wire type in
+/// a comment above its rule.
+fn render_raw(r: &MethodRecording, (client, server): (bool, bool)) -> String {
+    let flow = |v: &Json| serde_json::to_string(v).unwrap_or_default();
+    let kind = wirestub_plan::MethodKind::from_streaming(client, server);
+    let mut out = format!(
+        "# Recorded by wirestub from calls to /{}/{} (`engine run --record`), without descriptors:\n\
+         # messages are base64 protobuf, each shown decoded by wire type in a comment.\n\
+         # `compiler build` replays it as it is; with the method's .proto the bodies must decode.\n\
+         service: {}\nmethod: {}\nraw: {}\nresponses:\n",
+        r.service,
+        r.method,
+        flow(&json!(r.service)),
+        flow(&json!(r.method)),
+        kind.name()
+    );
+    let dump = |list: Option<&Json>, what: &str, out: &mut String| {
+        let items = list.and_then(Json::as_array).map(Vec::as_slice).unwrap_or_default();
+        for (i, item) in items.iter().enumerate() {
+            let bytes = item
+                .as_str()
+                .and_then(|s| base64::engine::general_purpose::STANDARD.decode(s).ok())
+                .unwrap_or_default();
+            out.push_str(&format!("  # {what} {}: {}\n", i + 1, crate::codec::wire_dump::dump(&bytes, 160)));
+        }
+    };
+    for e in &r.entries {
+        for (answer, n) in &e.answers {
+            dump(e.when.get("messages"), "request", &mut out);
+            dump(answer.get("messages"), "answer", &mut out);
+            out.push_str(&format!("  - request: {}\n", flow(&Json::Object(e.when.clone()))));
+            for key in ["messages", "stream_delay_ms", "metadata", "trailers"] {
+                if let Some(v) = answer.get(key) {
+                    out.push_str(&format!("    {key}: {}\n", flow(v)));
+                }
+            }
+            out.push_str(&format!("    times: {n}\n"));
         }
     }
     out

@@ -162,6 +162,15 @@ pub const FLAGS: &[Flag] = &[
         section: PLAN,
     },
     Flag {
+        name: "raw-threshold",
+        value: "0..1",
+        kind: Kind::Value,
+        default: "0.8",
+        help: "lowest similarity (0 to 1) at which a recording made without protos answers a call that is not \
+               identical to it; below it the call is unmatched (NOT_FOUND, or forwarded)",
+        section: PLAN,
+    },
+    Flag {
         name: "listen",
         value: "HOST:PORT",
         kind: Kind::Value,
@@ -323,6 +332,15 @@ pub const FLAGS: &[Flag] = &[
         default: "",
         help: "comma-separated response metadata names never written, besides authorization, cookies, API keys \
                and tokens (request metadata is never written)",
+        section: UPSTREAM,
+    },
+    Flag {
+        name: "record-ignore-metadata",
+        value: "NAMES",
+        kind: Kind::Value,
+        default: "",
+        help: "comma-separated request metadata names a recording made without protos does not expect on \
+               replay (besides transport, tracing and session headers)",
         section: UPSTREAM,
     },
     Flag {
@@ -874,6 +892,11 @@ pub fn parse(args: &[String], env: &dyn Fn(&str) -> Option<String>) -> Result<Co
     if let Some(seed) = get("seed") {
         server.seed = Some(seed.number()?);
     }
+    let threshold = must("raw-threshold");
+    server.raw_threshold = match threshold.number::<f32>() {
+        Ok(t) if (0.0..=1.0).contains(&t) => t,
+        _ => return Err(threshold.error("a number from 0 to 1")),
+    };
 
     let tls_listen = match get("tls-listen") {
         Some(r) => r.address()?,
@@ -911,6 +934,7 @@ pub fn parse(args: &[String], env: &dyn Fn(&str) -> Option<String>) -> Result<Co
                 dir: dir.path(),
                 ignore_fields: list("record-ignore-fields"),
                 redact: list("record-redact"),
+                ignore_metadata: list("record-ignore-metadata"),
                 pacing: must("record-pacing").switch()?,
                 max_call_bytes: must("record-max-call-bytes").number()?,
                 max_bytes: must("record-max-bytes").number()?,

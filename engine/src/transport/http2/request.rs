@@ -250,17 +250,19 @@ impl<'s> RequestHead<'s> {
                     let name = String::from_utf8_lossy(name).into_owned().into_boxed_str();
                     all.push((name, bytes::Bytes::copy_from_slice(value)));
                 }
-                if let Some(m) = self.method.filter(|m| !m.plan.metadata_keys.is_empty()) {
-                    // GripMock's session header reads as wirestub's.
-                    let name = match name {
-                        b"x-gripmock-session" => wirestub_plan::SESSION_KEY.as_bytes(),
-                        n => n,
-                    };
-                    for (i, key) in m.plan.metadata_keys.iter().enumerate() {
-                        if key.as_bytes() == name && self.metadata[i].is_none() {
-                            self.metadata[i] = Some(value.into());
-                        }
-                    }
+            }
+        }
+        // Every regular header may be a key the rules read (recordings
+        // read `content-type` and `grpc-encoding` too).
+        if let Some(m) = self.method.filter(|m| !m.plan.metadata_keys.is_empty()) {
+            // GripMock's session header reads as wirestub's.
+            let name = match name {
+                b"x-gripmock-session" => wirestub_plan::SESSION_KEY.as_bytes(),
+                n => n,
+            };
+            for (i, key) in m.plan.metadata_keys.iter().enumerate() {
+                if key.as_bytes() == name && self.metadata[i].is_none() {
+                    self.metadata[i] = Some(value.into());
                 }
             }
         }

@@ -36,6 +36,7 @@ impl<'s> Conn<'s> {
             message: crate::codec::percent::decode(&rec.message, false),
             latency: s.started.elapsed(),
             closest: rec.closest,
+            similarity: rec.similarity,
             protocol: s.dialect.name(),
             upstream: rec.upstream,
         });
@@ -67,7 +68,16 @@ impl<'s> Conn<'s> {
     /// Notes the rule that answered (or that none did) for metrics and
     /// the journal.
     pub(super) fn note_rule(&mut self, id: u32, answer: &Answer<'s>) {
-        self.note_rule_parts(id, answer.rule, answer.closest)
+        self.note_rule_parts(id, answer.rule, answer.closest);
+        if let Some(score) = answer.similarity {
+            self.note_similarity(id, score);
+        }
+    }
+
+    pub(super) fn note_similarity(&mut self, id: u32, score: f32) {
+        if let Some(rec) = self.streams.get_mut(&id).and_then(|s| s.rec.as_mut()) {
+            rec.similarity = Some(score);
+        }
     }
 
     pub(super) fn note_rule_parts(&mut self, id: u32, rule: Option<u32>, closest: Option<Closest>) {

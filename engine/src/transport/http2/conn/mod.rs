@@ -265,6 +265,7 @@ struct Recording {
     messages: crate::observe::journal::RequestMessages,
     rule: Option<u32>,
     closest: Option<Closest>,
+    similarity: Option<f32>,
     message: String,
     upstream: Option<Box<Upstreamed>>,
 }

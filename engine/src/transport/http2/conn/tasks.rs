@@ -129,19 +129,19 @@ pub(super) fn start_job<'s>(conn: &Shared<'s>, job: Job<'s>) -> Task<'s> {
 /// A call forwarded to the upstream: the call layer's [`forward::run`]
 /// over the stream's queue of request messages.
 pub(super) async fn forward<'s>(h: Handle<'s>, first: Vec<Bytes>, deadline: Option<Instant>) {
-    let Some((upstream, path, metadata, json, max_held)) = h.with(|c| {
+    let Some((upstream, path, metadata, json, max_held, content_type)) = h.with(|c| {
         let s = c.streams.get_mut(&h.id)?;
         let f = s.forward.take()?;
         let up = c.config.upstream.as_deref()?.route(&f.path)?;
         let json = s.method.json.as_ref().filter(|_| s.dialect.codec == Codec::Json);
-        Some((up, f.path, f.metadata, json, c.config.max_buffered))
+        Some((up, f.path, f.metadata, json, c.config.max_buffered, s.dialect.content_type()))
     }) else {
         return;
     };
     let mut input = NativeIn(h.clone());
     let mut out = NativeOut(h.clone());
     let mut report = NativeReport(h.clone());
-    let f = Box::new(forward::Forward { upstream, path, metadata, deadline, json, max_held });
+    let f = Box::new(forward::Forward { upstream, path, metadata, deadline, json, max_held, content_type });
     tokio::select! {
         () = forward::run(f, first, &mut input, &mut out, &mut report) => {}
         () = h.gone() => {}
@@ -200,20 +200,23 @@ pub(super) async fn respond<'s>(h: Handle<'s>, answer: Answer<'s>, delay: Durati
 /// queue of request messages (reflection is answered here, message by
 /// message).
 pub(super) async fn duplex<'s>(h: Handle<'s>, deadline: Option<Instant>) {
-    let Some((method, metadata, json, ok, forwarding)) = h.with(|c| {
+    let Some((method, metadata, dialect, ok, forwarding)) = h.with(|c| {
         let s = c.streams.get_mut(&h.id)?;
         // The metadata rules read, out of the connection's state for the
         // length of the call.
-        Some((s.method, s.metadata.clone(), s.dialect.codec == Codec::Json, &c.served.ok, s.forward.take()))
+        let f = s.forward.take();
+        Some((s.method, s.metadata.clone(), s.dialect, &c.served.ok, f))
     }) else {
         return;
     };
+    let json = dialect.codec == Codec::Json;
     let (upstreams, max_held) = h.with(|c| (c.config.upstream.as_deref(), c.config.max_buffered));
     let routed = forwarding.and_then(|f| Some((upstreams?.route(&f.path)?, f)));
     let upstream = routed.map(|(upstream, f)| {
         let json = method.json.as_ref().filter(|_| json);
         let Forwarding { path, metadata } = *f;
-        Box::new(forward::Forward { upstream, path, metadata, deadline, json, max_held })
+        let content_type = dialect.content_type();
+        Box::new(forward::Forward { upstream, path, metadata, deadline, json, max_held, content_type })
     });
     if method.builtin == Some(Builtin::Reflection) {
         return reflect(h, deadline).await;
@@ -333,6 +336,11 @@ impl drive::Report for NativeReport<'_> {
     fn rule(&mut self, rule: Option<u32>, closest: Option<Closest>) {
         let id = self.0.id;
         self.0.with(|c| c.note_rule_parts(id, rule, closest));
+    }
+
+    fn similarity(&mut self, score: f32) {
+        let id = self.0.id;
+        self.0.with(|c| c.note_similarity(id, score));
     }
 
     fn status(&mut self, code: u8, message: &str) {
