@@ -25,8 +25,13 @@
 //! they are (leave them out with `--record-ignore-fields`). An answer
 //! holding `{{` is not recorded: a rule file would read it as a template. Fields named by `--record-ignore-fields` (timestamps,
 //! request ids) are left out of `when`, and where the answer repeats their
-//! value it becomes a template echoing the request's (`{{request.id}}`). A method the descriptors do not
-//! describe is not recorded (logged once).
+//! value it becomes a template echoing the request's (`{{request.id}}`).
+//!
+//! A method the descriptors do not describe is recorded raw (see the
+//! compiler's `raw.rs`): each call as a rule holding its messages as base64
+//! (with a wire dump in a comment), the names of its metadata (those not in
+//! [`NOT_EXPECTED`] and `--record-ignore-metadata`), its protocol and the
+//! answer as received, with `times` counting the identical calls seen.
 
 use crate::state::State;
 use base64::Engine as _;
