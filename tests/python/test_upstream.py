@@ -962,3 +962,67 @@ def test_raw_replay_picks_the_closest_recording_above_the_threshold(chat, tmp_pa
         assert 0.75 <= score < 1.0, score
     finally:
         engine_process.stop(proc)
+
+
+def test_a_second_recording_run_keeps_the_first(chat, tmp_path):
+    """Recording again into the same directory writes new files beside
+    the old ones (`name.2.yaml`), never over them; both compile together."""
+    pb, _ = chat
+    up = Upstream(*chat)
+    record = tmp_path / "recorded"
+    args = ["--protos", str(PROTOS), "--rules", str(tmp_path / "none"), "--upstream", f"http://127.0.0.1:{up.port}"]
+    (tmp_path / "none").mkdir()
+    try:
+        for run, room in enumerate(("first", "second")):
+            srv = start_engine(tmp_path_factory_shim(tmp_path), f"rec-{run}", [*args, "--record", str(record)])
+            try:
+                channel, s = stub(chat, srv.port)
+                try:
+                    s.GetRoom(pb.GetRoomRequest(room=room), timeout=10)
+                finally:
+                    channel.close()
+                deadline = time.monotonic() + 10
+                while time.monotonic() < deadline and len(list(record.glob("*.yaml"))) < run + 1:
+                    time.sleep(0.05)
+            finally:
+                engine_process.stop(srv.proc)
+    finally:
+        up.stop()
+    first = (record / "chat.v1.chat.getroom.yaml").read_text()
+    second = (record / "chat.v1.chat.getroom.2.yaml").read_text()
+    assert '"request.room":"first"' in first and "second" not in first
+    assert '"request.room":"second"' in second
+    build_plan(tmp_path, record, PROTOS)
+
+
+def test_json_client_gets_an_error_for_an_upstream_message_that_does_not_decode(tmp_path):
+    """A Connect JSON client whose call is forwarded gets INTERNAL naming
+    the upstream when the upstream's message is not the method's type,
+    never an empty object."""
+    import urllib.error
+    import urllib.request
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    handler = grpc.unary_unary_rpc_method_handler(lambda request, context: b"\xff\xff\xff")
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("chat.v1.Chat", {"GetRoom": handler}),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    args = ["--protos", str(PROTOS), "--rules", str(empty), "--upstream", f"http://127.0.0.1:{port}"]
+    srv = start_engine(tmp_path_factory_shim(tmp_path), "json-bad", args)
+    try:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{srv.port}/chat.v1.Chat/GetRoom",
+            data=b'{"room": "x"}',
+            headers={"Content-Type": "application/json"},
+        )
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(request, timeout=10)
+        assert e.value.code == 500
+        error = json.loads(e.value.read())
+        assert error["code"] == "internal", error
+        assert "does not decode as chat.v1.Room" in error["message"] and str(port) in error["message"], error
+    finally:
+        engine_process.stop(srv.proc)
+        server.stop(0)

@@ -294,8 +294,14 @@ async fn relay<O: Outbound>(
                     last = now;
                 }
             }
-            let message = match f.json {
-                Some(codec) => codec.response(&message),
+            let message = match f.json.map(|codec| (codec, codec.try_response(&message))) {
+                Some((_, Some(json))) => json,
+                Some((codec, None)) => {
+                    // A JSON client would get `{}`: say what happened instead.
+                    let msg =
+                        format!("upstream {} sent a message that does not decode as {}", up.url, codec.output_name());
+                    return End::Status(Status::new(Code::Internal, msg));
+                }
                 None => message,
             };
             if let Err(h) = out.ready(message.len()).await {
@@ -337,7 +343,9 @@ fn failure(up: &Upstream, e: &h2::Error) -> Status {
 fn relayed(headers: &http::HeaderMap) -> Vec<(String, Vec<u8>)> {
     headers
         .iter()
-        .filter(|(n, _)| !NOT_RELAYED.contains(&n.as_str()))
+        // The engine answers CORS itself (`protocol/cors.rs`): the
+        // upstream's access-control headers would contradict it.
+        .filter(|(n, _)| !NOT_RELAYED.contains(&n.as_str()) && !n.as_str().starts_with("access-control-"))
         .map(|(n, v)| (n.as_str().to_owned(), v.as_bytes().to_vec()))
         .collect()
 }

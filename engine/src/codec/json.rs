@@ -34,6 +34,19 @@ impl JsonCodec {
     /// A gRPC-framed protobuf response message as a framed JSON one.
     /// Messages that do not decode (a rule's hand-written bytes) become
     /// `{}`: the plan checked every static answer against its type.
+    /// [`JsonCodec::response`], or None when the message does not decode
+    /// as the response type.
+    pub fn try_response(&self, framed: &[u8]) -> Option<Bytes> {
+        let proto = framed.get(5..).unwrap_or_default();
+        DynamicMessage::decode(self.output.clone(), proto).ok()?;
+        Some(self.response(framed))
+    }
+
+    /// The response type's full name.
+    pub fn output_name(&self) -> &str {
+        self.output.full_name()
+    }
+
     pub fn response(&self, framed: &[u8]) -> Bytes {
         let proto = framed.get(5..).unwrap_or_default();
         let json = match DynamicMessage::decode(self.output.clone(), proto) {

@@ -52,11 +52,31 @@ const NOT_FORWARDED: &[&str] = &[
     "connect-accept-encoding",
     "x-grpc-web",
     "x-user-agent",
+    // A browser's, about the page and CORS, not the call.
+    "origin",
+    "referer",
+    "access-control-request-method",
+    "access-control-request-headers",
 ];
 
 /// Whether a request metadata entry goes to the upstream.
 pub fn forwarded(name: &str) -> bool {
-    !name.starts_with(':') && !NOT_FORWARDED.contains(&name)
+    !name.starts_with(':') && !name.starts_with("sec-") && !NOT_FORWARDED.contains(&name)
+}
+
+/// A `grpc-timeout` value for `t`: at most eight digits (the protocol's
+/// limit), in the finest unit that holds it, at least one millisecond.
+pub fn timeout_value(t: Duration) -> String {
+    let ms = t.as_millis().max(1);
+    const MAX: u128 = 99_999_999;
+    if ms <= MAX {
+        return format!("{ms}m");
+    }
+    let s = t.as_secs() as u128;
+    if s <= MAX {
+        return format!("{s}S");
+    }
+    format!("{}M", (s / 60).min(MAX))
 }
 
 thread_local! {
@@ -164,9 +184,8 @@ pub async fn open(
         .map_err(|e| Status::new(Code::Internal, format!("cannot forward to {path}: {e}")))?;
     let headers = request.headers_mut();
     if let Some(t) = timeout {
-        // Whole milliseconds, at least one (a zero would be no time at all).
-        let ms = t.as_millis().clamp(1, 99_999_999);
-        headers.insert("grpc-timeout", http::HeaderValue::from_str(&format!("{ms}m")).expect("digits"));
+        let value = timeout_value(t);
+        headers.insert("grpc-timeout", http::HeaderValue::from_str(&value).expect("digits and a unit"));
     }
     for (name, value) in metadata {
         if !forwarded(name) {
@@ -282,4 +301,29 @@ pub fn configure(o: &Options<'_>) -> Result<Upstream, String> {
         max_message: o.max_message,
         health: Default::default(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timeouts_fit_eight_digits() {
+        assert_eq!(timeout_value(Duration::ZERO), "1m");
+        assert_eq!(timeout_value(Duration::from_millis(1500)), "1500m");
+        assert_eq!(timeout_value(Duration::from_millis(99_999_999)), "99999999m");
+        assert_eq!(timeout_value(Duration::from_millis(100_000_000)), "100000S");
+        assert_eq!(timeout_value(Duration::from_secs(100_000_000)), "1666666M");
+        assert_eq!(timeout_value(Duration::MAX), "99999999M");
+    }
+
+    #[test]
+    fn browser_and_protocol_headers_stay_here() {
+        for name in ["origin", "sec-fetch-mode", "access-control-request-headers", "x-grpc-web", ":path", "te"] {
+            assert!(!forwarded(name), "{name}");
+        }
+        for name in ["authorization", "x-topic", "cookie"] {
+            assert!(forwarded(name), "{name}");
+        }
+    }
 }

@@ -115,6 +115,10 @@ const NOT_EXPECTED: &[&str] = &[
 /// Prefixes of request metadata names [`NOT_EXPECTED`] too.
 const NOT_EXPECTED_PREFIXES: &[&str] = &["grpc-", "connect-", "x-b3-", "x-forwarded-", "x-amzn-trace", "sec-", ":"];
 
+/// Files one method's recordings may take in one directory
+/// (`name.yaml`, `name.2.yaml`, ...), one per run that recorded it.
+const MAX_FILES_PER_METHOD: usize = 1000;
+
 /// Methods named in "not recorded" warnings, at most.
 const MAX_WARNED: usize = 256;
 
@@ -228,6 +232,7 @@ pub fn start(options: Options, state: Arc<State>) -> Result<(), String> {
         methods: HashMap::new(),
         held: 0,
         warned: HashSet::new(),
+        files: HashSet::new(),
         full: false,
     };
     std::thread::Builder::new()
@@ -278,6 +283,8 @@ struct MethodRecording {
     raw: Option<(bool, bool)>,
     /// Distinct requests in the order first seen.
     entries: Vec<Entry>,
+    /// Its file's name in the directory, chosen at the first write.
+    file: Option<String>,
 }
 
 /// One distinct request (by its conditions) and the answers it got.
@@ -299,6 +306,8 @@ struct Writer {
     warned: HashSet<Box<str>>,
     /// `--record-max-bytes` was reached: nothing more is recorded.
     full: bool,
+    /// The file names this process writes.
+    files: HashSet<String>,
 }
 
 impl Writer {
@@ -444,6 +453,11 @@ impl Writer {
     /// as base64, the names of its metadata, its protocol; the answer's
     /// messages, metadata and ending as received.
     fn record_raw(&mut self, c: Capture, service: &str, name: &str) {
+        if c.message.contains("{{")
+            || c.headers.iter().chain(&c.trailers).any(|(_, v)| v.windows(2).any(|w| w == b"{{"))
+        {
+            return self.warn_once(&c.path, "a value holds `{{`, which a rule file would read as a template");
+        }
         let b64 = |b: &[u8]| Json::String(base64::engine::general_purpose::STANDARD.encode(b));
         let mut names: Vec<String> = c
             .request_names
@@ -528,6 +542,7 @@ impl Writer {
             duplex,
             raw: None,
             entries: Vec::new(),
+            file: None,
         });
         let mut changed = false;
         if let Some((client, server)) = raw {
@@ -561,8 +576,30 @@ impl Writer {
         }
         // Counted as if every call added its text (an upper bound).
         self.held += grew;
+        let dir = &self.options.dir;
+        let recording = self.methods.get_mut(path).expect("just recorded");
+        if recording.file.is_none() {
+            // A file of its own: never one an earlier run wrote (which
+            // stays as it was) nor one of a method named alike but for case.
+            let stem = format!("{}.{}", recording.service, recording.method).to_ascii_lowercase();
+            let free = (1..=MAX_FILES_PER_METHOD).map(|i| match i {
+                1 => format!("{stem}.yaml"),
+                i => format!("{stem}.{i}.yaml"),
+            });
+            let taken = &self.files;
+            recording.file = free.into_iter().find(|n| !taken.contains(n) && !dir.join(n).exists());
+            match &recording.file {
+                Some(name) => {
+                    self.files.insert(name.clone());
+                }
+                None => {
+                    let why = "every file name for it is taken: move the old recordings away";
+                    return self.warn_once(path, why);
+                }
+            }
+        }
         let recording = &self.methods[path];
-        if let Err(e) = write(&self.options.dir, recording) {
+        if let Err(e) = write(dir, recording) {
             tracing::warn!(path, "cannot write the recording: {e}");
         }
     }
@@ -835,14 +872,18 @@ fn render_raw(r: &MethodRecording, (client, server): (bool, bool)) -> String {
 }
 
 /// Replaces the method's file: a temporary file, written and synced, then
-/// renamed over it.
+/// renamed over it, and the directory synced so the rename lasts.
 fn write(dir: &Path, r: &MethodRecording) -> std::io::Result<()> {
-    let name = format!("{}.{}.yaml", r.service, r.method).to_ascii_lowercase();
-    let path = dir.join(&name);
+    let Some(name) = &r.file else { return Ok(()) };
+    let path = dir.join(name);
     let tmp = dir.join(format!(".{name}.tmp"));
     let mut f = std::fs::File::create(&tmp)?;
     f.write_all(render(r).as_bytes())?;
     f.sync_all()?;
     drop(f);
-    std::fs::rename(&tmp, &path)
+    std::fs::rename(&tmp, &path)?;
+    if let Ok(d) = std::fs::File::open(dir) {
+        d.sync_all().ok();
+    }
+    Ok(())
 }
