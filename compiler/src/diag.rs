@@ -204,6 +204,12 @@ impl Diagnostics {
     /// Every diagnostic kept rendered, a note counting those not kept, then
     /// a summary line when there are errors.
     pub fn render(&self) -> String {
+        self.render_ending(None)
+    }
+
+    /// [`Diagnostics::render`], its summary line saying what the errors
+    /// caused (`no plan written`).
+    pub fn render_ending(&self, consequence: Option<&str>) -> String {
         let mut s = String::new();
         for d in &self.list {
             s.push_str(&d.render());
@@ -221,7 +227,11 @@ impl Diagnostics {
         }
         let errors = self.error_count();
         if errors > 0 {
-            let _ = writeln!(s, "error: {} error{} found; no plan written", errors, if errors == 1 { "" } else { "s" });
+            let plural = if errors == 1 { "" } else { "s" };
+            let _ = match consequence {
+                Some(c) => writeln!(s, "error: {errors} error{plural} found; {c}"),
+                None => writeln!(s, "error: {errors} error{plural} found"),
+            };
         }
         s
     }
@@ -273,7 +283,7 @@ mod tests {
         assert_eq!(diags.iter().count(), MAX_SHOWN);
         assert_eq!(diags.error_count(), 250);
         assert!(diags.has_errors());
-        let text = diags.render();
+        let text = diags.render_ending(Some("no plan written"));
         assert_eq!(text.matches("error: bad").count(), MAX_SHOWN);
         assert!(text.ends_with(
             "note: 150 more errors and 1 more warning not shown; only the first 100 diagnostics are\n\n\

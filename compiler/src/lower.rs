@@ -336,6 +336,11 @@ fn remap_template(pieces: &mut [plan::Piece], refs: &[plan::Source]) {
                     plan::Source::Metadata(k) => plan::Expr::Metadata(k),
                 }
             }
+            plan::Expr::EnumName(i, _) => {
+                if let plan::Source::Field(f) = refs[*i as usize] {
+                    *i = f;
+                }
+            }
             plan::Expr::Format(_, args) => args.iter_mut().for_each(|a| expr(a, refs)),
             plan::Expr::Arith(l, _, r) => {
                 expr(l, refs);

@@ -11,6 +11,7 @@ usage:
   compiler build [--protos DIR]... [--rules DIR]... [-o plan.bin]
   compiler check [--protos DIR]... [--rules DIR]...
   compiler dump plan.bin
+  compiler --help | --version
 
 defaults: --protos protos --rules rules -o plan.bin
 exit status: 0 success, 1 errors in the inputs, 2 bad usage";
@@ -53,6 +54,9 @@ fn run(args: &[String]) -> Result<ExitCode, String> {
     if matches!(cmd.as_str(), "-h" | "--help" | "help") {
         return Ok(print(&format!("{USAGE}\n")));
     }
+    if matches!(cmd.as_str(), "-V" | "--version" | "version") {
+        return Ok(print(&format!("compiler {}\n", env!("CARGO_PKG_VERSION"))));
+    }
     let mut protos = Vec::new();
     let mut rules = Vec::new();
     let mut out = PathBuf::from("plan.bin");
@@ -83,7 +87,7 @@ fn run(args: &[String]) -> Result<ExitCode, String> {
             }
             match compile(&options) {
                 Err(diags) => {
-                    report(&diags.render());
+                    report(&diags.render_ending((cmd == "build").then_some("no plan written")));
                     Ok(ExitCode::from(1))
                 }
                 Ok(output) => {

@@ -626,6 +626,7 @@ impl DocCx<'_> {
                 input: method.input(),
                 refs: &mut template_refs,
                 scope: crate::template::Scope { stream, aggregate },
+                enums: Vec::new(),
             };
             let pieces = t.message(node, &output)?;
             if crate::template::pieces_depth(&pieces) > crate::template::MAX_PIECES_DEPTH {
@@ -874,6 +875,13 @@ impl DocCx<'_> {
                 return None;
             }
         };
+        if text.contains("{{") {
+            let d = self
+                .err(&value.span, format!("`{name}` holds `{{{{`: templates are not rendered in metadata values"))
+                .with_help("the value would be sent as this literal text; template a body field instead");
+            self.diags.push(d);
+            return None;
+        }
         if name.ends_with("-bin") {
             if values::read_bytes(value).is_err() {
                 let d = self
@@ -949,11 +957,12 @@ pub(crate) fn read_status(node: &Node) -> Result<u8, String> {
         }
     }
     let upper = text.trim().to_ascii_uppercase();
-    plan::STATUS_NAMES
-        .iter()
-        .position(|n| *n == upper)
-        .map(|p| p as u8)
-        .ok_or_else(|| format!("`{text}` is not a gRPC status code"))
+    plan::STATUS_NAMES.iter().position(|n| *n == upper).map(|p| p as u8).ok_or_else(|| {
+        match crate::diag::near_miss(&upper, plan::STATUS_NAMES.iter().copied()) {
+            Some(near) => format!("`{text}` is not a gRPC status code; did you mean `{near}`?"),
+            None => format!("`{text}` is not a gRPC status code"),
+        }
+    })
 }
 
 pub fn scalar_kind(kind: &Kind) -> plan::ScalarKind {

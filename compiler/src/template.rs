@@ -9,7 +9,8 @@
 //! `utils.random(a, b)`, `utils.format("%s-%s", x, y)`, number and string
 //! literals, and `+ - * /` on numbers. A template can fill a string or bytes
 //! field, or a number, bool or enum field when the whole rendered text reads
-//! as one.
+//! as one. An enum field renders as its value's name in text (a number in
+//! arithmetic and in numeric fields).
 
 use crate::conditions::{Cx, Target};
 use crate::diag::{Diagnostic, Span};
@@ -76,6 +77,58 @@ pub struct Compiler<'a, 'c> {
     pub input: MessageDescriptor,
     pub refs: &'a mut Vec<CondSource>,
     pub scope: Scope,
+    /// For the refs that read an enum field: its values' names, sorted by
+    /// number, so text renders the name (`Expr::EnumName`).
+    pub enums: Vec<(u32, EnumNames)>,
+}
+
+/// An enum's values as (number, name), sorted by number.
+pub type EnumNames = Vec<(i32, Vec<u8>)>;
+
+/// The enum type of the field `path` (as written after `request.`) names,
+/// if it is an enum field or a map's enum value; words of the aggregate
+/// view (`first`, `items.N`) are skipped.
+fn enum_of(input: &MessageDescriptor, path: &str) -> Option<prost_reflect::EnumDescriptor> {
+    let segments: Vec<&str> = path.split('.').collect();
+    let mut desc = input.clone();
+    for (n, seg) in segments.iter().enumerate() {
+        let Some(f) = find_field(&desc, seg) else { continue };
+        let last = n + 1 == segments.len();
+        if f.is_map() {
+            let Kind::Message(entry) = f.kind() else { return None };
+            return match entry.map_entry_value_field().kind() {
+                Kind::Enum(e) if n + 2 == segments.len() => Some(e),
+                _ => None,
+            };
+        }
+        match f.kind() {
+            Kind::Message(m) if !last => desc = m,
+            Kind::Enum(e) if last => return Some(e),
+            _ => return None,
+        }
+    }
+    None
+}
+
+/// Text parts with enum fields read as their names (not inside arithmetic,
+/// which needs the number).
+fn enum_names(parts: &mut [Part], enums: &[(u32, EnumNames)]) {
+    fn expr(e: &mut Expr, enums: &[(u32, EnumNames)]) {
+        match e {
+            Expr::Field(i) => {
+                if let Some((_, names)) = enums.iter().find(|(r, _)| r == i) {
+                    *e = Expr::EnumName(*i, names.clone());
+                }
+            }
+            Expr::Format(_, args) => args.iter_mut().for_each(|a| expr(a, enums)),
+            _ => {}
+        }
+    }
+    for p in parts {
+        if let Part::Expr(e) = p {
+            expr(e, enums);
+        }
+    }
 }
 
 fn key(number: u32, wire_type: u8) -> Vec<u8> {
@@ -199,9 +252,12 @@ impl Compiler<'_, '_> {
                     );
                     return None;
                 };
-                let parts = self.text(text, &node.span)?;
+                let mut parts = self.text(text, &node.span)?;
                 Some(match kind {
-                    Kind::String | Kind::Bytes => Piece::Text { key: key(field.number(), 2), parts },
+                    Kind::String | Kind::Bytes => {
+                        enum_names(&mut parts, &self.enums);
+                        Piece::Text { key: key(field.number(), 2), parts }
+                    }
                     k => {
                         let scalar = crate::rules::scalar_kind(&k);
                         Piece::Number { key: key(field.number(), scalar.wire_type()), kind: scalar, parts }
@@ -279,8 +335,19 @@ impl Compiler<'_, '_> {
                     "templates read singular fields, map entries and oneof cases",
                 );
             }
+            let is_enum =
+                fp.kind == plan::ScalarKind::Enum && matches!(fp.shape, Shape::Singular | Shape::MapValue { .. });
             self.refs.push(CondSource::Field(fp));
-            return Some(Expr::Field(self.refs.len() as u32 - 1));
+            let index = self.refs.len() as u32 - 1;
+            if let Some(e) = enum_of(&self.input, path).filter(|_| is_enum) {
+                let mut names: Vec<(i32, Vec<u8>)> =
+                    e.values().map(|v| (v.number(), v.name().as_bytes().to_vec())).collect();
+                names.sort_by_key(|(n, _)| *n);
+                // An alias (allow_alias) renders as the first name.
+                names.dedup_by_key(|(n, _)| *n);
+                self.enums.push((index, names));
+            }
+            return Some(Expr::Field(index));
         }
         if let Some(key) = name.strip_prefix("metadata.") {
             let key = key.to_ascii_lowercase();

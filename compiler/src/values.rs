@@ -33,6 +33,9 @@ pub(crate) const SPECIAL_WKT: &[&str] = &[
     "google.protobuf.BytesValue",
 ];
 
+/// Well-known types whose JSON form is itself an object.
+const JSON_OBJECTS: &[&str] = &["google.protobuf.Any", "google.protobuf.Struct", "google.protobuf.Value"];
+
 /// A short name for a field's type, for messages.
 pub fn kind_name(kind: &Kind) -> String {
     match kind {
@@ -182,7 +185,11 @@ pub fn read_message(node: &Node, desc: &MessageDescriptor, diags: &mut Diagnosti
 
 fn build_message(node: &Node, desc: &MessageDescriptor, diags: &mut Diagnostics) -> DynamicMessage {
     let mut msg = DynamicMessage::new(desc.clone());
-    if SPECIAL_WKT.contains(&desc.full_name()) {
+    // Timestamp, Duration, FieldMask and the wrappers are strings or
+    // scalars in the JSON mapping; written as a mapping (Wishmock writes
+    // `{seconds, nanos}`), they are read field by field like any message.
+    let object_form = matches!(node.kind, NodeKind::Map(_)) && !JSON_OBJECTS.contains(&desc.full_name());
+    if SPECIAL_WKT.contains(&desc.full_name()) && !object_form {
         match DynamicMessage::deserialize(desc.clone(), node.to_json()) {
             Ok(m) => return m,
             Err(e) => {

@@ -401,6 +401,15 @@ fn put_expr(out: &mut Vec<u8>, e: &Expr) {
             out.push(*op);
             put_expr(out, r);
         }
+        Expr::EnumName(i, names) => {
+            out.push(14);
+            put_u32(out, *i);
+            put_u32(out, names.len() as u32);
+            for (n, name) in names {
+                put_u32(out, *n as u32);
+                put_bytes(out, name);
+            }
+        }
     }
 }
 
@@ -752,6 +761,19 @@ impl Reader<'_> {
                 }
                 Expr::Arith(Box::new(l), op, Box::new(self.expr(at, depth + 1)?))
             }
+            14 if self.version >= 6 => {
+                let field = self.u32(at)?;
+                let n = self.count(at)?;
+                let mut names: Vec<(i32, Vec<u8>)> = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let number = self.u32(at)? as i32;
+                    if names.last().is_some_and(|(p, _)| *p >= number) {
+                        return Err(LoadError::invalid(at(), "enum names out of order"));
+                    }
+                    names.push((number, self.bytes(at)?.to_vec()));
+                }
+                Expr::EnumName(field, names)
+            }
             t => return Err(LoadError::invalid(at(), format!("unknown template expression {t}"))),
         })
     }
@@ -810,7 +832,9 @@ impl Reader<'_> {
 fn check_template(t: &Template, fields: usize, keys: usize) -> Result<(), String> {
     fn expr(e: &Expr, fields: usize, keys: usize) -> Result<(), String> {
         match e {
-            Expr::Field(i) if *i as usize >= fields => Err(format!("template field index {i} out of range")),
+            Expr::Field(i) | Expr::EnumName(i, _) if *i as usize >= fields => {
+                Err(format!("template field index {i} out of range"))
+            }
             Expr::Metadata(i) if *i as usize >= keys => Err(format!("template metadata index {i} out of range")),
             Expr::Format(_, args) => args.iter().try_for_each(|a| expr(a, fields, keys)),
             Expr::Arith(l, _, r) => expr(l, fields, keys).and_then(|_| expr(r, fields, keys)),

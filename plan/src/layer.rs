@@ -329,7 +329,7 @@ impl Remap<'_> {
             return Err("template expression nested too deeply".into());
         }
         match e {
-            Expr::Field(i) => *i = lookup(self.fields, *i, "template field")?,
+            Expr::Field(i) | Expr::EnumName(i, _) => *i = lookup(self.fields, *i, "template field")?,
             Expr::Metadata(i) => *i = lookup(self.keys, *i, "template metadata")?,
             Expr::Format(_, args) => {
                 for a in args {

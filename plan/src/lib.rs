@@ -510,6 +510,10 @@ pub enum Expr {
     Str(Vec<u8>),
     /// `left op right` on numbers: op is one of `+ - * /`.
     Arith(Box<Expr>, u8, Box<Expr>),
+    /// An enum field (index into [`Method::fields`]) rendered as the name
+    /// of its value, from the table (number, name) sorted by number; a
+    /// number the table lacks renders as the number.
+    EnumName(u32, Vec<(i32, Vec<u8>)>),
 }
 
 impl Default for Response {

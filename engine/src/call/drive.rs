@@ -368,6 +368,9 @@ where
     let Call { method, metadata, deadline, ok, json, record, mut upstream } = call;
     let work = async {
         let mut head_sent = false;
+        // The call ends OK with the trailing metadata of the last rule
+        // that answered (the engine's plain OK if none did).
+        let mut last = ok;
         while let Some(m) = input.next().await? {
             record.message(&m);
             let one = [&m[..]];
@@ -398,8 +401,9 @@ where
             if prepared.status != 0 {
                 return Err(Stop::Rule(prepared));
             }
+            last = prepared;
         }
-        Err(Stop::Rule(ok))
+        Err(Stop::Rule(last))
     };
     let result: Result<(), Stop<'_>> = tokio::select! {
         r = work => r,

@@ -125,6 +125,13 @@ fn eval<'x>(e: &'x Expr, cx: &'x Context) -> Result<V<'x>, Malformed> {
             ValueRef::Bool(b) => V::Bool(b),
             ValueRef::Bytes(b) => V::Text(Cow::Owned(b.to_vec())),
         },
+        Expr::EnumName(i, names) => match cx.request.scalar(Source::Field(*i))?.0 {
+            ValueRef::I64(v) => match names.binary_search_by_key(&v, |(n, _)| *n as i64) {
+                Ok(at) => V::Text(Cow::Borrowed(&names[at].1)),
+                Err(_) => V::Int(v as i128),
+            },
+            _ => V::Text(Cow::Borrowed(b"")),
+        },
         Expr::Metadata(i) => match cx.request.scalar(Source::Metadata(*i))?.0 {
             ValueRef::Bytes(b) => V::Text(Cow::Owned(b.to_vec())),
             _ => V::Text(Cow::Borrowed(b"")),

@@ -70,7 +70,7 @@ pub fn refusal(refused: Refused) -> Response {
                 &json!({
                     "error": format!("the change was not applied: {first}"),
                     "diagnostics": diagnostics_json(&d),
-                    "rendered": d.render().replace("no plan written", "nothing changed"),
+                    "rendered": d.render_ending(Some("nothing changed")),
                 }),
             )
         }
