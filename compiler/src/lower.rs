@@ -228,8 +228,9 @@ fn lower_method(
     method
 }
 
-/// Appends a method's recordings as raw rules, after its typed rules (the
-/// engine tries them only when no typed rule answers). Each rule's
+/// Appends a method's recordings after its typed rules: as typed rules
+/// when the protos describe the method, else as raw rules (the engine
+/// tries them only when no typed rule answers). Each raw rule's
 /// conditions are the staged match: the call's test session, then, over
 /// the metadata names any recording of the method carried, exactly the
 /// recorded ones present; the recorded content type (protocol); the
@@ -249,6 +250,15 @@ fn add_raw(method: &mut plan::Method, mut docs: Vec<RawDoc>) {
             let mut conds = Vec::new();
             if let Some(s) = &doc.session {
                 conds.push(Cond { source: CondSource::Metadata(SESSION_KEY.into()), test: op(plan::Op::Eq(bytes(s))) });
+            }
+            if let Some(typed) = e.typed {
+                // The protos describe the method: a typed rule.
+                conds.extend(typed);
+                let conditions = conds.iter().map(|c| intern(method, &mut regex_index, &[], c)).collect();
+                let response = method.responses.len() as u32;
+                method.responses.push(e.response);
+                method.rules.push(plan::Rule { conditions, response, priority: 0, origin: e.origin, raw: None });
+                continue;
             }
             for name in &names {
                 let test = match e.request.metadata_keys.binary_search(name) {

@@ -17,13 +17,17 @@
 //! ```
 //!
 //! A raw document compiles with no protos at all: its method joins the plan
-//! without types. When the protos do describe the method, the recorded
-//! messages must decode as its types (a mismatch is an error at the line),
-//! and the method keeps its types, so `compiler dump` shows the recorded
-//! bodies as JSON and JSON clients get them transcoded.
+//! without types, and the engine replays it by comparing bytes. When the
+//! protos describe the method, the recordings become typed rules: the
+//! recorded messages must decode as its types (a mismatch is an error at
+//! the line), each request's set fields become `eq` conditions (repeated
+//! fields by their length; maps left out; a client stream by its count,
+//! first and last message), and the answers are sent as recorded, so
+//! `compiler dump` shows them as JSON and every protocol and codec gets
+//! them.
 
 use crate::diag::{Diagnostic, Span};
-use crate::rules::DocCx;
+use crate::rules::{Cond, CondSource, DocCx};
 use crate::values;
 use crate::yaml::{Node, NodeKind};
 use base64::Engine as _;
@@ -54,6 +58,8 @@ pub struct RawDoc {
 #[derive(Clone)]
 pub struct RawEntry {
     pub request: plan::RawRequest,
+    /// With the method's descriptor: the request as typed conditions.
+    pub typed: Option<Vec<Cond>>,
     pub response: plan::Response,
     pub origin: String,
     pub span: Span,
@@ -251,8 +257,10 @@ impl DocCx<'_> {
             // empty for that, so the body is empty and not framed.
             response.body = Vec::new();
         }
+        let typed = method.map(|m| typed_conditions(&request.messages, kind, &m.input()));
         (self.diags.error_count() == errors_before).then(|| RawEntry {
             request,
+            typed,
             response,
             origin: format!("{}:{}:{}", node.span.file.name, node.span.line, node.span.col),
             span: node.span.clone(),
@@ -347,6 +355,83 @@ impl DocCx<'_> {
             out.push(bytes);
         }
         out
+    }
+}
+
+/// A recorded request as typed conditions on the method's input (its
+/// messages decode: checked when they were read).
+fn typed_conditions(messages: &[Vec<u8>], kind: plan::MethodKind, input: &MessageDescriptor) -> Vec<Cond> {
+    use plan::MessageSel;
+    let decode = |b: &Vec<u8>| DynamicMessage::decode(input.clone(), b.as_slice()).ok();
+    let mut out = Vec::new();
+    match kind {
+        plan::MethodKind::Unary | plan::MethodKind::ServerStreaming => {
+            if let Some(m) = messages.first().and_then(decode) {
+                set_fields(&m, MessageSel::Single, &[], "", &mut out);
+            }
+        }
+        plan::MethodKind::ClientStreaming | plan::MethodKind::BidiStreaming => {
+            let count = plan::FieldPath {
+                name: "count".into(),
+                numbers: Vec::new(),
+                kind: plan::ScalarKind::Uint64,
+                default: plan::Value::U64(0),
+                shape: plan::Shape::Singular,
+                message: MessageSel::Count,
+            };
+            let n = plan::Value::U64(messages.len() as u64);
+            out.push(Cond { source: CondSource::Field(count), test: plan::Test::Op(plan::Op::Eq(n)) });
+            if let Some(m) = messages.first().and_then(decode) {
+                set_fields(&m, MessageSel::First, &[], "first.", &mut out);
+            }
+            if let Some(m) = messages.last().filter(|_| messages.len() > 1).and_then(decode) {
+                set_fields(&m, MessageSel::Last, &[], "last.", &mut out);
+            }
+        }
+    }
+    out
+}
+
+/// An `eq` condition on every set scalar of `m` (below embedded messages),
+/// a length condition on every set repeated scalar; maps and repeated
+/// messages are left out.
+fn set_fields(m: &DynamicMessage, sel: plan::MessageSel, numbers: &[u32], prefix: &str, out: &mut Vec<Cond>) {
+    use prost_reflect::{Kind, Value};
+    for (field, value) in m.fields() {
+        if field.is_map() {
+            continue;
+        }
+        let name = format!("{prefix}{}", field.name());
+        let mut at = numbers.to_vec();
+        at.push(field.number());
+        if let (Value::Message(inner), false) = (value, field.is_list()) {
+            set_fields(inner, sel, &at, &format!("{name}."), out);
+            continue;
+        }
+        if matches!(field.kind(), Kind::Message(_)) {
+            continue;
+        }
+        let kind = crate::rules::scalar_kind(&field.kind());
+        let path = |shape| plan::FieldPath {
+            name: name.clone(),
+            numbers: at.clone(),
+            kind,
+            default: crate::rules::to_plan_value(&field.default_value(), kind),
+            shape,
+            message: sel,
+        };
+        let test = match value {
+            Value::List(items) => {
+                let n = plan::Test::Op(plan::Op::Eq(plan::Value::U64(items.len() as u64)));
+                out.push(Cond {
+                    source: CondSource::Field(path(plan::Shape::Repeated)),
+                    test: plan::Test::Op(plan::Op::Len(Box::new(n))),
+                });
+                continue;
+            }
+            v => plan::Test::Op(plan::Op::Eq(crate::rules::to_plan_value(v, kind))),
+        };
+        out.push(Cond { source: CondSource::Field(path(plan::Shape::Singular)), test });
     }
 }
 

@@ -891,30 +891,33 @@ def test_raw_record_compile_replay_without_protos(chat, tmp_path, stack):
     assert "raw: client_streaming" in (record / "chat.v1.chat.upload.yaml").read_text()
     assert "raw: bidi_streaming" in (record / "chat.v1.chat.talk.yaml").read_text()
 
-    # With the protos, the same recordings compile against the method's
-    # types: the bodies decode, and the plan shows them as JSON.
+    # With the protos, the same recordings compile into typed rules: the
+    # set fields as conditions, the answers shown as JSON.
     typed = build_plan(tmp_path, record, PROTOS, "typed.bin")
     dump = subprocess.run([str(compiler_binary()), "dump", str(typed)], capture_output=True, text=True, timeout=60)
     assert dump.returncode == 0, dump.stderr
     assert '{"room":"lobby","topic":"upstream: cats"}' in dump.stdout, dump.stdout
+    assert 'request.room == b"lobby"' in dump.stdout and "recorded" not in dump.stdout, dump.stdout
 
-    plan = build_plan(tmp_path, record)
-    replay = start_engine(tmp_path_factory_shim(tmp_path), "replay-raw", ["--http2", stack, str(plan)])
-    try:
-        channel, s = stub(chat, replay.port)
+    raw = build_plan(tmp_path, record)
+    for plan in (raw, typed):
+        replay = start_engine(tmp_path_factory_shim(tmp_path), f"replay-{plan.stem}", ["--http2", stack, str(plan)])
         try:
-            replayed = raw_calls(pb, s)
-            # Every recording is used up: the same call again is unmatched.
-            with pytest.raises(grpc.RpcError) as e:
-                s.GetRoom(pb.GetRoomRequest(room="lobby"), metadata=(("authorization", "x"), ("x-topic", "c")), timeout=10)
-            assert e.value.code() == grpc.StatusCode.NOT_FOUND
+            channel, s = stub(chat, replay.port)
+            try:
+                replayed = raw_calls(pb, s)
+                # Every recording is used up: the same call again is unmatched.
+                with pytest.raises(grpc.RpcError) as e:
+                    md = (("authorization", "x"), ("x-topic", "c"))
+                    s.GetRoom(pb.GetRoomRequest(room="lobby"), metadata=md, timeout=10)
+                assert e.value.code() == grpc.StatusCode.NOT_FOUND
+            finally:
+                channel.close()
         finally:
-            channel.close()
-    finally:
-        engine_process.stop(replay.proc)
-    assert len(replayed) == len(recorded)
-    for i, (a, b) in enumerate(zip(recorded, replayed)):
-        assert a == b, (i, a, b)
+            engine_process.stop(replay.proc)
+        assert len(replayed) == len(recorded)
+        for i, (a, b) in enumerate(zip(recorded, replayed)):
+            assert a == b, (plan.name, i, a, b)
 
 
 def test_raw_replay_picks_the_closest_recording_above_the_threshold(chat, tmp_path):
