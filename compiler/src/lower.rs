@@ -356,6 +356,7 @@ fn remap_template(pieces: &mut [plan::Piece], refs: &[plan::Source]) {
                 expr(l, refs);
                 expr(r, refs);
             }
+            plan::Expr::Fill(n, _) => expr(n, refs),
             _ => {}
         }
     }

@@ -6,7 +6,8 @@
 //! `request.last.<path>`, `request.items.<N>.<path>`, `request.count`),
 //! `metadata.<key>`, `stream.index`, `stream.total`, `stream.isFirst`,
 //! `stream.isLast` (in stream items), `utils.now()`, `utils.uuid()`,
-//! `utils.random(a, b)`, `utils.format("%s-%s", x, y)`, number and string
+//! `utils.random(a, b)`, `utils.format("%s-%s", x, y)`, `utils.bytes(n)`
+//! and `utils.bytes(n, "pattern")` (a payload sized from the request), number and string
 //! literals, and `+ - * /` on numbers. A template can fill a string or bytes
 //! field, or a number, bool or enum field when the whole rendered text reads
 //! as one. An enum field renders as its value's name in text (a number in
@@ -48,6 +49,7 @@ fn expr_depth(e: &Expr) -> usize {
     match e {
         Expr::Arith(l, _, r) => 1 + expr_depth(l).max(expr_depth(r)),
         Expr::Format(_, args) => 1 + args.iter().map(expr_depth).max().unwrap_or(0),
+        Expr::Fill(n, _) => 1 + expr_depth(n),
         _ => 0,
     }
 }
@@ -567,6 +569,15 @@ fn call(c: &mut Compiler, name: &str, args: Vec<Expr>, span: &Span, src: &str) -
             "`utils.random` takes two numbers, low then high".into(),
             "e.g. utils.random(1, 100): an integer from 1 to 100",
         ),
+        ("utils.bytes", [n]) if !matches!(n, Expr::Str(_)) => Some(Expr::Fill(Box::new(n.clone()), vec![0])),
+        ("utils.bytes", [n, Expr::Str(p)]) if !matches!(n, Expr::Str(_)) && !p.is_empty() => {
+            Some(Expr::Fill(Box::new(n.clone()), p.clone()))
+        }
+        ("utils.bytes", _) => fail(
+            c,
+            "`utils.bytes` takes a length, then optionally a non-empty pattern".into(),
+            "e.g. utils.bytes(request.size) (zero bytes) or utils.bytes(request.size, \"ab\")",
+        ),
         ("utils.format", [Expr::Str(f), rest @ ..]) => Some(Expr::Format(f.clone(), rest.to_vec())),
         ("utils.format", _) => fail(
             c,
@@ -576,7 +587,7 @@ fn call(c: &mut Compiler, name: &str, args: Vec<Expr>, span: &Span, src: &str) -
         _ => fail(
             c,
             format!("unknown function `{name}`"),
-            "functions are utils.now(), utils.uuid(), utils.random(a, b) and utils.format(text, ...)",
+            "functions are utils.now(), utils.uuid(), utils.random(a, b), utils.format(text, ...) and utils.bytes(n)",
         ),
     }
 }

@@ -12,6 +12,8 @@ pub struct Config {
     pub workers: usize,
     /// Largest request message accepted, from its length prefix.
     pub max_recv_message: usize,
+    /// The most bytes one `utils.bytes(n)` template writes.
+    pub max_fill: usize,
     /// Request bytes held for calls whose request is still arriving (the
     /// partial message of each stream, whole messages waiting for a call's
     /// task, the messages a client stream's rules read), over all
@@ -146,6 +148,7 @@ impl Default for Config {
         Config {
             workers: 0,
             max_recv_message: 4 << 20,
+            max_fill: 4 << 20,
             max_buffered: 512 << 20,
             max_concurrent_streams: 1024,
             max_header_list_size: 16 << 10,

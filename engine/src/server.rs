@@ -114,6 +114,7 @@ impl Server {
             let (state, config, stop_rx) = (state.clone(), config.clone(), stop_rx.clone());
             threads.push(std::thread::Builder::new().name(format!("wirestub-worker-{i}")).spawn(move || {
                 crate::call::raw::set_threshold(config.raw_threshold);
+                crate::call::template::set_max_fill(config.max_fill);
                 if let Some(seed) = config.seed {
                     crate::rng::seed(seed.wrapping_add(i as u64));
                 }

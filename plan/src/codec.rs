@@ -401,6 +401,11 @@ fn put_expr(out: &mut Vec<u8>, e: &Expr) {
             out.push(*op);
             put_expr(out, r);
         }
+        Expr::Fill(n, pattern) => {
+            out.push(15);
+            put_expr(out, n);
+            put_bytes(out, pattern);
+        }
         Expr::EnumName(i, names) => {
             out.push(14);
             put_u32(out, *i);
@@ -774,6 +779,14 @@ impl Reader<'_> {
                 }
                 Expr::EnumName(field, names)
             }
+            15 if self.version >= 6 => {
+                let n = self.expr(at, depth + 1)?;
+                let pattern = self.bytes(at)?.to_vec();
+                if pattern.is_empty() {
+                    return Err(LoadError::invalid(at(), "fill pattern is empty"));
+                }
+                Expr::Fill(Box::new(n), pattern)
+            }
             t => return Err(LoadError::invalid(at(), format!("unknown template expression {t}"))),
         })
     }
@@ -838,6 +851,7 @@ fn check_template(t: &Template, fields: usize, keys: usize) -> Result<(), String
             Expr::Metadata(i) if *i as usize >= keys => Err(format!("template metadata index {i} out of range")),
             Expr::Format(_, args) => args.iter().try_for_each(|a| expr(a, fields, keys)),
             Expr::Arith(l, _, r) => expr(l, fields, keys).and_then(|_| expr(r, fields, keys)),
+            Expr::Fill(n, _) => expr(n, fields, keys),
             _ => Ok(()),
         }
     }

@@ -340,6 +340,7 @@ impl Remap<'_> {
                 self.expr(l, depth + 1)?;
                 self.expr(r, depth + 1)?;
             }
+            Expr::Fill(n, _) => self.expr(n, depth + 1)?,
             Expr::StreamIndex
             | Expr::StreamTotal
             | Expr::StreamIsFirst

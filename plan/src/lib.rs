@@ -514,6 +514,10 @@ pub enum Expr {
     /// of its value, from the table (number, name) sorted by number; a
     /// number the table lacks renders as the number.
     EnumName(u32, Vec<(i32, Vec<u8>)>),
+    /// `utils.bytes(n)`: as many bytes as the expression says (a number,
+    /// rounded down; bounded by the engine's send limit), the pattern
+    /// repeated (one zero byte for none).
+    Fill(Box<Expr>, Vec<u8>),
 }
 
 impl Default for Response {

@@ -717,3 +717,35 @@ def test_sigint_stops_engine_cleanly(tmp_path, hello):
         srv.proc.wait(5)
         pytest.fail("engine did not stop within 5 s of SIGINT")
     assert code == 0, f"engine exited with {code} after SIGINT\n{srv.log()}"
+
+
+def test_sized_payloads_stop_at_the_fill_limit_while_another_client_is_served(tmp_path):
+    """`utils.bytes(request.n)` asked for a gigabyte writes at most
+    `--max-fill-bytes`, at once, and a second client is answered
+    meanwhile."""
+    case = REPO_ROOT / "tests" / "cases" / "templates"
+    cmd = [str(engine_process.engine_binary()), "run", "--listen", "127.0.0.1:0", "--admin-listen", "off"]
+    cmd += ["--protos", str(case / "protos"), "--rules", str(case / "rules"), "--max-fill-bytes", "1000"]
+    srv = engine_process.start(cmd, tmp_path)
+
+    def request(name: bytes, n: int) -> bytes:
+        varint = bytearray()
+        while True:
+            byte, n = n & 0x7F, n >> 7
+            varint.append(byte | (0x80 if n else 0))
+            if not n:
+                break
+        return b"\x0a" + bytes([len(name)]) + name + b"\x10" + bytes(varint)
+
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{srv.port}") as a, grpc.insecure_channel(f"127.0.0.1:{srv.port}") as b:
+            echo_a, echo_b = a.unary_unary("/tpl.Tpl/Echo"), b.unary_unary("/tpl.Tpl/Echo")
+            big = echo_a.future(request(b"sized", 1_000_000_000), timeout=10)
+            small = echo_b(request(b"sized", 3), timeout=10)
+            # Field 1 (text): "aba".
+            assert small.startswith(b"\x0a\x03aba"), small
+            reply = big.result()
+            # Field 1 holds 1000 bytes: key, a two-byte length, the text.
+            assert reply[:3] == b"\x0a\xe8\x07" and reply[3:1003] == b"ab" * 500, reply[:16]
+    finally:
+        engine_process.stop(srv.proc)

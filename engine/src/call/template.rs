@@ -110,8 +110,42 @@ fn render_parts(parts: &[Part], cx: &Context, out: &mut Vec<u8>) -> Result<(), M
     for part in parts {
         match part {
             Part::Lit(b) => out.extend_from_slice(b),
+            // Written in place: a large payload is built once.
+            Part::Expr(Expr::Fill(n, pattern)) => fill(n, pattern, cx, out)?,
             Part::Expr(e) => eval(e, cx)?.write(out),
         }
+    }
+    Ok(())
+}
+
+/// The most bytes one `utils.bytes` writes (`--max-send-bytes`); set at
+/// start, process-wide.
+static MAX_FILL: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(4 << 20);
+
+/// Bounds `utils.bytes` (the engine's send limit).
+pub fn set_max_fill(bytes: usize) {
+    MAX_FILL.store(bytes, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// `utils.bytes(n, pattern)`: `n` bytes of the pattern repeated, at most
+/// [`MAX_FILL`]; a count that is not a number writes nothing.
+fn fill(n: &Expr, pattern: &[u8], cx: &Context, out: &mut Vec<u8>) -> Result<(), Malformed> {
+    let max = MAX_FILL.load(std::sync::atomic::Ordering::Relaxed);
+    let count = match eval(n, cx)?.number() {
+        Some(c) if c >= 1.0 => (c.min(max as f64) as usize).min(max),
+        _ => 0,
+    };
+    if let [byte] = pattern {
+        out.resize(out.len() + count, *byte);
+        return Ok(());
+    }
+    out.reserve(count);
+    let start = out.len();
+    out.extend_from_slice(&pattern[..pattern.len().min(count)]);
+    // Doubling copies: a few calls however long the payload.
+    while out.len() - start < count {
+        let have = out.len() - start;
+        out.extend_from_within(start..start + have.min(count - have));
     }
     Ok(())
 }
@@ -164,6 +198,11 @@ fn eval<'x>(e: &'x Expr, cx: &'x Context) -> Result<V<'x>, Malformed> {
                 rest = &rest[at + 2..];
             }
             out.extend_from_slice(rest);
+            V::Text(Cow::Owned(out))
+        }
+        Expr::Fill(n, pattern) => {
+            let mut out = Vec::new();
+            fill(n, pattern, cx, &mut out)?;
             V::Text(Cow::Owned(out))
         }
         Expr::Number(n) => V::Num(*n),

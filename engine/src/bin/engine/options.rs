@@ -471,6 +471,14 @@ pub const FLAGS: &[Flag] = &[
         section: LIMITS,
     },
     Flag {
+        name: "max-fill-bytes",
+        value: "N",
+        kind: Kind::Value,
+        default: "4194304",
+        help: "most bytes one `utils.bytes(n)` template writes (a payload sized from the request)",
+        section: LIMITS,
+    },
+    Flag {
         name: "max-buffered-bytes",
         value: "N",
         kind: Kind::Value,
@@ -863,6 +871,7 @@ pub fn parse(args: &[String], env: &dyn Fn(&str) -> Option<String>) -> Result<Co
     let mut server = Config {
         workers: must("workers").number()?,
         max_recv_message: must("max-recv-bytes").number()?,
+        max_fill: must("max-fill-bytes").number()?,
         max_buffered: must("max-buffered-bytes").number()?,
         max_concurrent_streams: must("max-concurrent-streams").number()?,
         max_header_list_size: must("max-header-list-size").number()?,
