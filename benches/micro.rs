@@ -193,8 +193,13 @@ fn served_with_rules(n: usize) -> wirestub_engine::Served {
     text.push_str("  - { when: { request.region: { regex: \"^eu-\" } }, body: { who: europe } }\n");
     text.push_str("  - { body: { who: nobody } }\n");
     std::fs::write(rules.join("b.yaml"), text).unwrap();
-    let out = wirestub_compiler::compile(&wirestub_compiler::Options { protos: vec![protos], rules: vec![rules] })
-        .unwrap_or_else(|d| panic!("{}", d.render()));
+    let out = wirestub_compiler::compile(&wirestub_compiler::Options {
+        protos: vec![protos],
+        rules: vec![rules],
+        protos_only: Vec::new(),
+        lenient: false,
+    })
+    .unwrap_or_else(|d| panic!("{}", d.render()));
     let _ = std::fs::remove_dir_all(&dir);
     wirestub_engine::load(&out.plan.to_bytes(), wirestub_engine::NoMatch::NotFound).unwrap()
 }

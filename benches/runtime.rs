@@ -106,7 +106,12 @@ fn rule_count(state: &State) -> usize {
 
 fn runtime(c: &mut Criterion) {
     let dir = scratch(RULES);
-    let options = wirestub_compiler::Options { protos: vec![dir.join("protos")], rules: vec![dir.join("rules")] };
+    let options = wirestub_compiler::Options {
+        protos: vec![dir.join("protos")],
+        rules: vec![dir.join("rules")],
+        protos_only: Vec::new(),
+        lenient: false,
+    };
     let t = Instant::now();
     let (runtime, (plan, bytes, source)) = Runtime::from_dirs(options).unwrap_or_else(|e| panic!("{e}"));
     let first_compile = t.elapsed();

@@ -30,9 +30,14 @@ use wirestub_engine::{NoMatch, Plan, Served};
 // ---- plans ------------------------------------------------------------------
 
 fn compile(protos: &[PathBuf], rules: &[PathBuf]) -> Plan {
-    wirestub_compiler::compile(&wirestub_compiler::Options { protos: protos.to_vec(), rules: rules.to_vec() })
-        .unwrap_or_else(|d| panic!("{}", d.render()))
-        .plan
+    wirestub_compiler::compile(&wirestub_compiler::Options {
+        protos: protos.to_vec(),
+        rules: rules.to_vec(),
+        protos_only: Vec::new(),
+        lenient: false,
+    })
+    .unwrap_or_else(|d| panic!("{}", d.render()))
+    .plan
 }
 
 fn workspace() -> PathBuf {

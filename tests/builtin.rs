@@ -57,7 +57,12 @@ fn builtin_descriptors_are_up_to_date() {
 // ----------------------------------------------------------------------------
 
 fn example_descriptors() -> Vec<u8> {
-    let options = wirestub_compiler::Options { protos: vec![root().join("protos")], rules: vec![root().join("rules")] };
+    let options = wirestub_compiler::Options {
+        protos: vec![root().join("protos")],
+        rules: vec![root().join("rules")],
+        protos_only: Vec::new(),
+        lenient: false,
+    };
     match wirestub_compiler::compile(&options) {
         Ok(o) => o.plan.descriptors,
         Err(d) => panic!("the bundled example does not compile:\n{}", d.render()),

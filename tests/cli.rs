@@ -74,7 +74,12 @@ impl TempDir {
     /// Compiles the sources as they are now into `name`, written whole
     /// under another name first and renamed, as a deployment would.
     fn write_plan(&self, name: &str) -> PathBuf {
-        let options = wirestub_compiler::Options { protos: vec![self.path("protos")], rules: vec![self.path("rules")] };
+        let options = wirestub_compiler::Options {
+            protos: vec![self.path("protos")],
+            rules: vec![self.path("rules")],
+            protos_only: Vec::new(),
+            lenient: false,
+        };
         let out = match wirestub_compiler::compile(&options) {
             Ok(o) => o,
             Err(d) => panic!("test sources do not compile:\n{}", d.render()),

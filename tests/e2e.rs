@@ -143,7 +143,13 @@ fn diagnostics() {
         // Cases without protos of their own share tests/diagnostics-protos.
         let protos =
             if dir.join("protos").is_dir() { dir.join("protos") } else { root().join("tests/diagnostics-protos") };
-        let options = wirestub_compiler::Options { protos: vec![protos], rules: vec![dir.join("rules")] };
+        // A case with a file named `lenient` compiles with `--lenient`.
+        let options = wirestub_compiler::Options {
+            protos: vec![protos],
+            rules: vec![dir.join("rules")],
+            protos_only: Vec::new(),
+            lenient: dir.join("lenient").exists(),
+        };
         let text = match wirestub_compiler::compile(&options) {
             Ok(out) => format!("{}ok: {}\n", out.warnings.render(), out.summary()),
             Err(d) => d.render_ending(Some("no plan written")),
@@ -159,6 +165,7 @@ fn bundled_example_dump_is_stable() {
     let out = wirestub_compiler::compile(&wirestub_compiler::Options {
         protos: vec![root().join("protos")],
         rules: vec![root().join("rules")],
+        ..Default::default()
     })
     .unwrap_or_else(|d| panic!("{}", d.render()));
     let text = wirestub_compiler::dump(&out.plan).replace(&format!("{}/", root().display()), "");
@@ -167,7 +174,12 @@ fn bundled_example_dump_is_stable() {
 
 #[test]
 fn compiling_twice_gives_identical_plans() {
-    let options = wirestub_compiler::Options { protos: vec![root().join("protos")], rules: vec![root().join("rules")] };
+    let options = wirestub_compiler::Options {
+        protos: vec![root().join("protos")],
+        rules: vec![root().join("rules")],
+        protos_only: Vec::new(),
+        lenient: false,
+    };
     let a = wirestub_compiler::compile(&options).unwrap_or_else(|d| panic!("{}", d.render())).plan.to_bytes();
     let b = wirestub_compiler::compile(&options).unwrap_or_else(|d| panic!("{}", d.render())).plan.to_bytes();
     assert!(a == b, "plan bytes differ between two compilations of the same inputs");
@@ -514,4 +526,27 @@ fn compiler_exit_codes() {
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("compiler "));
     let out = std::process::Command::new(bin("compiler")).arg("frobnicate").output().unwrap();
     assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn protos_only_compiles_the_entry_files_and_their_imports() {
+    let case = root().join("tests/diagnostics/lenient");
+    let rules = std::env::temp_dir().join(format!("wirestub-protos-only-{}", std::process::id()));
+    std::fs::create_dir_all(&rules).unwrap();
+    std::fs::write(rules.join("shop.shop.get.yaml"), "responses:\n  - body: { title: ok }\n").unwrap();
+    let options = |only: &[&str]| wirestub_compiler::Options {
+        protos: vec![case.join("protos")],
+        rules: vec![rules.clone()],
+        protos_only: only.iter().map(|s| s.to_string()).collect(),
+        lenient: false,
+    };
+    // The whole tree fails: vendor/copy.proto redefines shop.Item.
+    let all = wirestub_compiler::compile(&options(&[])).err().expect("the tree does not compile").render();
+    assert!(all.contains("vendor/copy.proto"), "{all}");
+    // Only shop.proto and what it imports: vendor/copy.proto is never read.
+    let out = wirestub_compiler::compile(&options(&["shop.proto"])).unwrap_or_else(|d| panic!("{}", d.render()));
+    assert!(out.plan.method("/shop.Shop/Get").is_some());
+    let missing = wirestub_compiler::compile(&options(&["nowhere.proto"])).err().expect("an unknown entry").render();
+    assert!(missing.contains("entry file `nowhere.proto` is not among the protos"), "{missing}");
+    std::fs::remove_dir_all(&rules).ok();
 }

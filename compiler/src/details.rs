@@ -224,7 +224,8 @@ mod tests {
         let mut protos = std::collections::BTreeMap::new();
         let text = "syntax = \"proto3\"; package a; message M { string s = 1; }";
         protos.insert("a.proto".to_string(), crate::protos::Text { shown: "a.proto".into(), text: text.into() });
-        let schema = crate::protos::compile(&protos, &[], &Default::default(), &mut diags).expect("compiles");
+        let schema =
+            crate::protos::compile(&protos, &[], false, &[], &Default::default(), &mut diags).expect("compiles");
         let bytes = encode_status(3, "bad", &[("type.googleapis.com/a.M".into(), b"\x0a\x01x".to_vec())]);
         let desc = schema.pool.get_message_by_name("google.rpc.Status").expect("built in");
         let status = prost_reflect::DynamicMessage::decode(desc, bytes.as_slice()).unwrap();

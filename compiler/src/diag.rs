@@ -173,6 +173,20 @@ impl Diagnostics {
         self.more_warnings += other.more_warnings;
     }
 
+    /// Adds `other`'s diagnostics with every error made a warning saying
+    /// what was left out (`--lenient`).
+    pub fn extend_lenient(&mut self, other: &Diagnostics, left_out: &str) {
+        for d in &other.list {
+            let mut d = d.clone();
+            if d.severity == Severity::Error {
+                d.severity = Severity::Warning;
+                d.message = format!("{} ({left_out}: --lenient)", d.message);
+            }
+            self.push(d);
+        }
+        self.more_warnings += other.more_errors + other.more_warnings;
+    }
+
     pub fn has_errors(&self) -> bool {
         self.more_errors > 0 || self.list.iter().any(|d| d.severity == Severity::Error)
     }

@@ -1849,7 +1849,12 @@ mod tests {
         for (name, text) in files {
             std::fs::write(rules.join(name), text).unwrap();
         }
-        let result = crate::compile(&crate::Options { protos: vec![protos], rules: vec![rules] });
+        let result = crate::compile(&crate::Options {
+            protos: vec![protos],
+            rules: vec![rules],
+            protos_only: Vec::new(),
+            lenient: false,
+        });
         let _ = std::fs::remove_dir_all(&dir);
         result
     }

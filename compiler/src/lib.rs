@@ -28,11 +28,22 @@ pub use wirestub_plan::Plan;
 pub struct Options {
     pub protos: Vec<PathBuf>,
     pub rules: Vec<PathBuf>,
+    /// Entry files (paths below a protos directory): only they and what
+    /// they import are compiled; empty for every file.
+    pub protos_only: Vec<String>,
+    /// What Wishmock ignores is a warning, not an error (see
+    /// [`sources::Sources::lenient`]).
+    pub lenient: bool,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { protos: vec![PathBuf::from("protos")], rules: vec![PathBuf::from("rules")] }
+        Options {
+            protos: vec![PathBuf::from("protos")],
+            rules: vec![PathBuf::from("rules")],
+            protos_only: Vec::new(),
+            lenient: false,
+        }
     }
 }
 

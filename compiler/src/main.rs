@@ -8,8 +8,14 @@ use wirestub_compiler::{compile, dump, Options, Plan};
 
 const USAGE: &str = "\
 usage:
-  compiler build [--protos DIR]... [--rules DIR]... [-o plan.bin]
-  compiler check [--protos DIR]... [--rules DIR]...
+  compiler build [--protos DIR]... [--protos-only FILE]... [--rules DIR]... [--lenient] [-o plan.bin]
+  compiler check [--protos DIR]... [--protos-only FILE]... [--rules DIR]... [--lenient]
+
+--protos-only FILE compiles only that file (a path below a --protos
+directory) and what it imports, instead of every .proto of the tree.
+--lenient makes what Wishmock ignores a warning: a .proto file that does
+not compile, a rule document or entry with an error, are left out (a rule
+file starting with `# wirestub: lenient` is lenient on its own).
   compiler dump plan.bin
   compiler --help | --version
 
@@ -59,6 +65,8 @@ fn run(args: &[String]) -> Result<ExitCode, String> {
     }
     let mut protos = Vec::new();
     let mut rules = Vec::new();
+    let mut protos_only = Vec::new();
+    let mut lenient = false;
     let mut out = PathBuf::from("plan.bin");
     let mut positional = Vec::new();
     let mut it = args[1..].iter();
@@ -67,6 +75,8 @@ fn run(args: &[String]) -> Result<ExitCode, String> {
         match a.as_str() {
             "--protos" => protos.push(PathBuf::from(value(a)?)),
             "--rules" => rules.push(PathBuf::from(value(a)?)),
+            "--protos-only" => protos_only.push(value(a)?.replace('\\', "/")),
+            "--lenient" => lenient = true,
             "-o" | "--out" => out = PathBuf::from(value(a)?),
             "-h" | "--help" => return Ok(print(&format!("{USAGE}\n"))),
             s if s.starts_with('-') => return Err(format!("unknown flag `{s}`")),
@@ -80,6 +90,8 @@ fn run(args: &[String]) -> Result<ExitCode, String> {
     if !rules.is_empty() {
         options.rules = rules;
     }
+    options.protos_only = protos_only;
+    options.lenient = lenient;
     match cmd.as_str() {
         "build" | "check" => {
             if !positional.is_empty() {

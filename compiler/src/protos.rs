@@ -6,6 +6,15 @@
 //! user protos may import them without shipping them, and they are always
 //! part of the schema (and so of the plan's descriptors), for error details.
 //! A user's own copy, under the same import name or any other, wins.
+//!
+//! Trees found in the wild vendor the well-known types: a user's copy of a
+//! `google/protobuf/*.proto` file protox ships is set aside for the
+//! built-in one (the same file, at the version the compiler knows), so a
+//! newer vendored `descriptor.proto` cannot break the build. A single
+//! extension number with options (`extensions 1000 [declaration = ...]`,
+//! which protoc accepts and protox's parser does not) is read as the range
+//! `1000 to 1000`, which means the same. With entry files given
+//! (`--protos-only`), only they and what they import are compiled.
 
 use crate::diag::{Diagnostic, Diagnostics, SourceFile, Span};
 use prost_reflect::DescriptorPool;
@@ -80,7 +89,10 @@ impl ParseCache {
             self.lock().used.insert(key);
             return Ok(f);
         }
-        let file = File::from_source(name, text)?;
+        let file = match single_extension_ranges(text) {
+            Some(widened) => File::from_source(name, &widened)?,
+            None => File::from_source(name, text)?,
+        };
         let mut inner = self.lock();
         inner.files.insert(key.clone(), file.clone());
         inner.used.insert(key);
@@ -129,16 +141,100 @@ pub fn read_dirs(dirs: &[PathBuf], diags: &mut Diagnostics) -> BTreeMap<String, 
     out
 }
 
+/// `text` with every `extensions N [` (a single number with options) read
+/// as `extensions N to N [`; None when it has none. Comments and strings
+/// are left alone.
+fn single_extension_ranges(text: &str) -> Option<String> {
+    let b = text.as_bytes();
+    let mut out: Option<String> = None;
+    let mut copied = 0;
+    let mut i = 0;
+    let word = |at: usize| at == 0 || !(b[at - 1].is_ascii_alphanumeric() || b[at - 1] == b'_' || b[at - 1] == b'.');
+    while i < b.len() {
+        match b[i] {
+            b'/' if b.get(i + 1) == Some(&b'/') => {
+                i = b[i..].iter().position(|&c| c == b'\n').map_or(b.len(), |n| i + n);
+                continue;
+            }
+            b'/' if b.get(i + 1) == Some(&b'*') => {
+                i = text[i + 2..].find("*/").map_or(b.len(), |n| i + 2 + n + 2);
+                continue;
+            }
+            q @ (b'"' | b'\'') => {
+                i += 1;
+                while i < b.len() && b[i] != q && b[i] != b'\n' {
+                    i += if b[i] == b'\\' { 2 } else { 1 };
+                }
+                i += 1;
+                continue;
+            }
+            b'e' if word(i) && text[i..].starts_with("extensions") => {
+                let mut j = i + "extensions".len();
+                let space = j;
+                while j < b.len() && b[j].is_ascii_whitespace() {
+                    j += 1;
+                }
+                let digits = j;
+                while j < b.len() && b[j].is_ascii_digit() {
+                    j += 1;
+                }
+                let number = &text[digits..j];
+                let after = j;
+                while j < b.len() && b[j].is_ascii_whitespace() {
+                    j += 1;
+                }
+                if j > space && !number.is_empty() && digits > space && b.get(j) == Some(&b'[') {
+                    let o = out.get_or_insert_with(|| String::with_capacity(text.len() + 32));
+                    o.push_str(&text[copied..after]);
+                    o.push_str(" to ");
+                    o.push_str(number);
+                    copied = after;
+                }
+                i = j;
+                continue;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    let mut o = out?;
+    o.push_str(&text[copied..]);
+    Some(o)
+}
+
+/// Whether protox ships the file (a well-known type): a user's copy under
+/// that name is set aside for it.
+fn well_known(name: &str) -> bool {
+    name.starts_with("google/protobuf/") && GoogleFileResolver::new().open_file(name).is_ok()
+}
+
 /// Compiles the given `.proto` files (by import name) together with
 /// `extra` files given as descriptors (an uploaded descriptor set, a base
 /// plan's files): all are part of the schema, and imports resolve to any of
 /// them, to the well-known types and to the built-in google.rpc files.
+/// With `entries`, only those files (and what they import) are compiled.
 pub fn compile(
     protos: &BTreeMap<String, Text>,
+    entries: &[String],
+    lenient: bool,
     extra: &[prost_reflect::prost_types::FileDescriptorProto],
     cache: &ParseCache,
     diags: &mut Diagnostics,
 ) -> Option<Schema> {
+    let protos: BTreeMap<String, Text> =
+        protos.iter().filter(|(name, _)| !well_known(name)).map(|(n, t)| (n.clone(), t.clone())).collect();
+    let protos = &protos;
+    for e in entries {
+        if !protos.contains_key(e) {
+            diags.error(
+                None,
+                format!("entry file `{e}` is not among the protos (give its path below a --protos directory)"),
+            );
+        }
+    }
+    if diags.has_errors() {
+        return None;
+    }
     // protox's parser recurses on nested option values: check the nesting
     // before any file is parsed (a file may be parsed as another's import).
     let mut too_deep = false;
@@ -160,7 +256,9 @@ pub fn compile(
     // uploaded descriptor set is anything a client sends): such a panic is
     // this compilation's error, not the process's end.
     let mut local = Diagnostics::default();
-    let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| link(protos, extra, cache, &mut local)));
+    let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        link(protos, entries, lenient, extra, cache, &mut local)
+    }));
     cache.prune();
     diags.extend(&local);
     match run {
@@ -188,6 +286,8 @@ pub fn compile(
 /// Links the files with protox into a schema.
 fn link(
     protos: &BTreeMap<String, Text>,
+    entries: &[String],
+    lenient: bool,
     extra: &[prost_reflect::prost_types::FileDescriptorProto],
     cache: &ParseCache,
     diags: &mut Diagnostics,
@@ -202,11 +302,23 @@ fn link(
     // Open files one by one so that every broken file is reported, not only
     // the first.
     let mut failed = false;
-    let names = protos.keys().map(String::as_str).chain(extra.iter().map(|f| f.name()));
+    let all: Vec<&str> = match entries {
+        [] => protos.keys().map(String::as_str).collect(),
+        e => e.iter().map(String::as_str).collect(),
+    };
+    let names = all.into_iter().chain(extra.iter().map(|f| f.name()));
     for name in names {
         if let Err(e) = compiler.open_file(name) {
-            diags.push(to_diagnostic(&e, protos));
-            failed = true;
+            let d = to_diagnostic(&e, protos);
+            if lenient {
+                // Left out, as Wishmock leaves out a file it cannot load.
+                let mut one = Diagnostics::default();
+                one.push(d);
+                diags.extend_lenient(&one, &format!("`{name}` left out"));
+            } else {
+                diags.push(d);
+                failed = true;
+            }
         }
     }
     if failed {
@@ -215,7 +327,13 @@ fn link(
     add_builtins(&mut compiler, diags)?;
     let encoded = compiler.encode_file_descriptor_set();
     match DescriptorPool::decode(encoded.as_slice()) {
-        Ok(pool) => Some(Schema { pool, encoded, files: protos.len() + extra.len() }),
+        Ok(pool) => {
+            let files = match entries {
+                [] => protos.len(),
+                _ => pool.files().filter(|f| protos.contains_key(f.name())).count(),
+            };
+            Some(Schema { pool, encoded, files: files + extra.len() })
+        }
         Err(e) => {
             diags.error(None, format!("protos compiled but could not be loaded: {e}"));
             None

@@ -128,7 +128,7 @@ pub fn load(dirs: &[PathBuf], pool: &DescriptorPool, diags: &mut Diagnostics) ->
             };
             let rel = path.strip_prefix(dir).unwrap_or(&path).to_string_lossy().replace('\\', "/");
             let file = SourceFile::new(&path, text);
-            let checked = check_file(&file, session_of(&rel), &methods, &mut budget, diags);
+            let checked = check_file(&file, session_of(&rel), &methods, &mut budget, diags, false);
             let offset = regexes.len() as u32;
             docs.extend(checked.docs.into_iter().map(|mut d| {
                 d.offset_regexes(offset);
@@ -165,7 +165,9 @@ pub fn check_file(
     methods: &MethodIndex,
     budget: &mut yaml::Budget,
     diags: &mut Diagnostics,
+    lenient: bool,
 ) -> CheckedFile {
+    let lenient = lenient || file.text.lines().take(20).any(|l| l.trim() == LENIENT_DIRECTIVE);
     let mut out = CheckedFile { docs: Vec::new(), regexes: Vec::new(), raw: Vec::new() };
     let nodes = match yaml::parse_with(file, budget) {
         Ok(n) => n,
@@ -179,10 +181,34 @@ pub fn check_file(
     // GripMock stubs become rule documents first (see `gripmock.rs`).
     let nodes = crate::gripmock::expand(nodes, methods.services.values(), diags);
     for node in &nodes {
-        let mut cx = DocCx { stem: &stem, methods, diags, regexes: &mut out.regexes, aggregate: false, session };
+        // Lenient: a document with an error is left out, its errors
+        // warnings.
+        let mut local = Diagnostics::default();
+        let regexes_before = out.regexes.len();
+        let target = if lenient { &mut local } else { &mut *diags };
+        let mut cx = DocCx {
+            stem: &stem,
+            methods,
+            diags: target,
+            regexes: &mut out.regexes,
+            aggregate: false,
+            session,
+            lenient,
+        };
+        let (docs, raw) = (out.docs.len(), out.raw.len());
         match node.map().filter(|e| e.iter().any(|(k, _)| k.scalar() == Some("raw"))) {
             Some(entries) => out.raw.extend(cx.raw_doc(node, entries)),
             None => out.docs.extend(cx.doc(node)),
+        }
+        if lenient {
+            if local.has_errors() {
+                out.docs.truncate(docs);
+                out.raw.truncate(raw);
+                out.regexes.truncate(regexes_before);
+                diags.extend_lenient(&local, "document left out");
+            } else {
+                diags.extend(&local);
+            }
         }
     }
     out
@@ -251,6 +277,9 @@ impl MethodIndex {
     }
 }
 
+/// The comment that makes one rule file lenient (as `--lenient` makes all).
+pub const LENIENT_DIRECTIVE: &str = "# wirestub: lenient";
+
 pub(crate) struct DocCx<'a> {
     stem: &'a str,
     pub(crate) methods: &'a MethodIndex,
@@ -261,6 +290,9 @@ pub(crate) struct DocCx<'a> {
     aggregate: bool,
     /// The session of the file's place, if any.
     session: Option<&'a str>,
+    /// What Wishmock ignores is a warning, and the document or entry is
+    /// left out (`--lenient`, or the file's directive).
+    lenient: bool,
 }
 
 impl DocCx<'_> {
@@ -355,8 +387,22 @@ impl DocCx<'_> {
             Some((_, list)) => match &list.kind {
                 NodeKind::Seq(items) => {
                     for item in items {
-                        if let Some(r) = self.response(&method, item) {
-                            responses.push(r);
+                        if !self.lenient {
+                            responses.extend(self.response(&method, item));
+                            continue;
+                        }
+                        // Lenient: an entry with an error is left out.
+                        let mut local = Diagnostics::default();
+                        std::mem::swap(self.diags, &mut local);
+                        let regexes_before = self.regexes.len();
+                        let r = self.response(&method, item);
+                        std::mem::swap(self.diags, &mut local);
+                        if local.has_errors() {
+                            self.regexes.truncate(regexes_before);
+                            self.diags.extend_lenient(&local, "entry left out");
+                        } else {
+                            self.diags.extend(&local);
+                            responses.extend(r);
                         }
                     }
                 }

@@ -37,6 +37,13 @@ pub struct Sources {
     /// Rules directories that do not exist: an error once the protos
     /// compile (a broken proto is reported alone).
     pub missing_rules_dirs: Vec<String>,
+    /// Entry files (import names): only they and their imports are
+    /// compiled; empty for every file.
+    pub entries: Vec<String>,
+    /// What Wishmock ignores is a warning (`--lenient`): a `.proto` file
+    /// that does not compile, a rule document or entry with an error, are
+    /// left out.
+    pub lenient: bool,
 }
 
 impl Sources {
@@ -84,7 +91,9 @@ impl Sources {
                 }
             }
         }
-        Sources { protos, rules, descriptor_sets, base: None, missing_rules_dirs }
+        let entries = options.protos_only.clone();
+        let lenient = options.lenient;
+        Sources { protos, rules, descriptor_sets, base: None, missing_rules_dirs, entries, lenient }
     }
 }
 
@@ -167,7 +176,7 @@ pub fn compile(sources: &Sources, cache: &mut Cache) -> Result<Output, Diagnosti
     let mut sessions = BTreeMap::new();
     let mut unscoped = BTreeSet::new();
     for (name, text) in &sources.rules {
-        let text_hash = hash_str(&text.text);
+        let text_hash = hash_str(&text.text) ^ sources.lenient as u64;
         let entry = match cache.rules.remove(name) {
             Some(c) if c.schema == schema_key && c.text == text_hash => c,
             _ => {
@@ -179,6 +188,7 @@ pub fn compile(sources: &Sources, cache: &mut Cache) -> Result<Output, Diagnosti
                     &schema.methods,
                     &mut budget,
                     &mut file_diags,
+                    sources.lenient,
                 );
                 CachedRules { schema: schema_key, text: text_hash, checked: Arc::new(checked), diags: file_diags }
             }
@@ -273,7 +283,7 @@ fn schema(sources: &Sources, cache: &mut Cache, diags: &mut Diagnostics) -> Opti
     if diags.has_errors() {
         return None;
     }
-    let schema = protos::compile(&sources.protos, &extra, &cache.parsed, diags)?;
+    let schema = protos::compile(&sources.protos, &sources.entries, sources.lenient, &extra, &cache.parsed, diags)?;
     let methods = MethodIndex::new(&schema.pool);
     let cached = Arc::new(CachedSchema { schema, methods });
     // Checked rule files hold descriptors of the old schema.
@@ -295,5 +305,7 @@ fn schema_key(sources: &Sources) -> u64 {
         b.hash(&mut h);
     }
     sources.base.hash(&mut h);
+    sources.entries.hash(&mut h);
+    sources.lenient.hash(&mut h);
     h.finish()
 }

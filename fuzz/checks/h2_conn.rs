@@ -17,7 +17,12 @@ fn served() -> &'static Served {
     static SERVED: OnceLock<Served> = OnceLock::new();
     SERVED.get_or_init(|| {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-        let options = Options { protos: vec![root.join("protos")], rules: vec![root.join("rules")] };
+        let options = Options {
+            protos: vec![root.join("protos")],
+            rules: vec![root.join("rules")],
+            protos_only: Vec::new(),
+            lenient: false,
+        };
         let out = compile(&options).unwrap_or_else(|d| panic!("the bundled example:\n{}", d.render()));
         wirestub_engine::load(&out.plan.to_bytes(), NoMatch::NotFound)
             .unwrap_or_else(|e| panic!("the bundled example: {e}"))

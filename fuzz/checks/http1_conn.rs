@@ -45,7 +45,12 @@ fn state() -> &'static Arc<State> {
     static STATE: OnceLock<Arc<State>> = OnceLock::new();
     STATE.get_or_init(|| {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-        let options = Options { protos: vec![root.join("protos")], rules: vec![root.join("rules")] };
+        let options = Options {
+            protos: vec![root.join("protos")],
+            rules: vec![root.join("rules")],
+            protos_only: Vec::new(),
+            lenient: false,
+        };
         let out = compile(&options).unwrap_or_else(|d| panic!("the bundled example:\n{}", d.render()));
         let state = State::new(out.plan, None, "fuzz".into(), NoMatch::NotFound, 1, 16)
             .unwrap_or_else(|e| panic!("the bundled example: {e}"));

@@ -33,7 +33,12 @@ fn plans() -> &'static [Served] {
         std::iter::once(root)
             .chain(cases)
             .map(|dir| {
-                let options = Options { protos: vec![dir.join("protos")], rules: vec![dir.join("rules")] };
+                let options = Options {
+                    protos: vec![dir.join("protos")],
+                    rules: vec![dir.join("rules")],
+                    protos_only: Vec::new(),
+                    lenient: false,
+                };
                 let out = compile(&options).unwrap_or_else(|d| panic!("{}:\n{}", dir.display(), d.render()));
                 wirestub_engine::load(&out.plan.to_bytes(), NoMatch::NotFound)
                     .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))

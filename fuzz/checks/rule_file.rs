@@ -22,7 +22,12 @@ pub fn check(data: &[u8]) {
     let rules = dir.0.join("rules");
     std::fs::create_dir_all(&rules).expect("creating the rules directory");
     std::fs::write(rules.join(FILE_NAME), text.as_bytes()).expect("writing the rule file");
-    let options = Options { protos: vec![Path::new(env!("CARGO_MANIFEST_DIR")).join("../protos")], rules: vec![rules] };
+    let options = Options {
+        protos: vec![Path::new(env!("CARGO_MANIFEST_DIR")).join("../protos")],
+        rules: vec![rules],
+        protos_only: Vec::new(),
+        lenient: false,
+    };
 
     let out = match compile(&options) {
         Ok(out) => out,

@@ -16,7 +16,12 @@ fn base() -> &'static Plan {
     static BASE: OnceLock<Plan> = OnceLock::new();
     BASE.get_or_init(|| {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-        let options = Options { protos: vec![root.join("protos")], rules: vec![root.join("rules")] };
+        let options = Options {
+            protos: vec![root.join("protos")],
+            rules: vec![root.join("rules")],
+            protos_only: Vec::new(),
+            lenient: false,
+        };
         compile(&options).unwrap_or_else(|d| panic!("the example compiles:\n{}", d.render())).plan
     })
 }

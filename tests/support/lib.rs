@@ -15,7 +15,12 @@ use wirestub_engine::{Config, NoMatch, Server, State};
 
 /// Compiles the bundled example's protos with `rules` (a directory).
 pub fn compile_with_rules(rules: &Path) -> wirestub_engine::Plan {
-    let options = Options { protos: vec![root().join("protos")], rules: vec![rules.to_path_buf()] };
+    let options = Options {
+        protos: vec![root().join("protos")],
+        rules: vec![rules.to_path_buf()],
+        protos_only: Vec::new(),
+        lenient: false,
+    };
     match compile(&options) {
         Ok(o) => o.plan,
         Err(d) => panic!("rules {} do not compile:\n{}", rules.display(), d.render()),
@@ -47,7 +52,12 @@ impl TestServer {
     /// Compiles `dir/protos` and `dir/rules` and serves the plan on a free
     /// loopback port. The plan goes through its byte form, as in production.
     pub fn start(dir: &Path, no_match: NoMatch) -> TestServer {
-        let options = Options { protos: vec![dir.join("protos")], rules: vec![dir.join("rules")] };
+        let options = Options {
+            protos: vec![dir.join("protos")],
+            rules: vec![dir.join("rules")],
+            protos_only: Vec::new(),
+            lenient: false,
+        };
         let output = match compile(&options) {
             Ok(o) => o,
             Err(d) => panic!("case {} does not compile:\n{}", dir.display(), d.render()),

@@ -345,7 +345,12 @@ impl Runtime {
         let mut sources = match (&self.dirs, &self.store) {
             (Some(options), _) => Sources::read(options, &mut diags),
             (None, Some(store)) => Sources::read(
-                &wirestub_compiler::Options { protos: vec![store.protos.clone()], rules: vec![store.rules.clone()] },
+                &wirestub_compiler::Options {
+                    protos: vec![store.protos.clone()],
+                    rules: vec![store.rules.clone()],
+                    protos_only: Vec::new(),
+                    lenient: false,
+                },
                 &mut diags,
             ),
             (None, None) => inner.sources.clone(),

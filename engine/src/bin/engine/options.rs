@@ -100,6 +100,23 @@ pub const FLAGS: &[Flag] = &[
         section: PLAN,
     },
     Flag {
+        name: "protos-only",
+        value: "FILE",
+        kind: Kind::Values,
+        default: "",
+        help: "compile only this .proto file (a path below a protos directory) and what it imports; repeatable",
+        section: PLAN,
+    },
+    Flag {
+        name: "lenient",
+        value: "",
+        kind: Kind::Switch,
+        default: "false",
+        help: "what Wishmock ignores is a warning: a .proto that does not compile, a rule document or entry with \
+               an error, are left out",
+        section: PLAN,
+    },
+    Flag {
         name: "rules",
         value: "DIR",
         kind: Kind::Paths,
@@ -961,6 +978,10 @@ pub fn parse(args: &[String], env: &dyn Fn(&str) -> Option<String>) -> Result<Co
     }
     if let Some(r) = lookup("rules") {
         compile.rules = r.values.iter().map(PathBuf::from).collect();
+    }
+    compile.lenient = must("lenient").switch()?;
+    if let Some(r) = lookup("protos-only") {
+        compile.protos_only = r.values.iter().map(|v| v.replace('\\', "/")).collect();
     }
     // With an upstream, a plan is not needed: default directories that
     // do not exist are left out rather than refused.
