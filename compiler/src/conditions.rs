@@ -123,7 +123,7 @@ impl Cx<'_> {
                     self.error(&key.span, format!("map `{seg}` has message values, which cannot be tested yet"));
                     return None;
                 }
-                let key_kind = crate::rules::scalar_kind(&kf.kind());
+                let key_kind = crate::paths::scalar_kind(&kf.kind());
                 let key_node =
                     Node { kind: NodeKind::Scalar { text: key_text.to_string(), plain: true }, span: key.span.clone() };
                 let key_value = match read_literal(&key_node, &kf.kind()) {
@@ -134,7 +134,7 @@ impl Cx<'_> {
                     }
                 };
                 let kind = vf.kind();
-                let scalar = crate::rules::scalar_kind(&kind);
+                let scalar = crate::paths::scalar_kind(&kind);
                 let path = plan::FieldPath {
                     name: path.to_string(),
                     numbers,
@@ -156,7 +156,7 @@ impl Cx<'_> {
                 }
                 let (scalar, message) = match field.kind() {
                     Kind::Message(_) => (plan::ScalarKind::Bytes, true),
-                    k => (crate::rules::scalar_kind(&k), false),
+                    k => (crate::paths::scalar_kind(&k), false),
                 };
                 let path = plan::FieldPath {
                     name: path.to_string(),
@@ -190,7 +190,7 @@ impl Cx<'_> {
                     return None;
                 }
                 kind => {
-                    let scalar = crate::rules::scalar_kind(&kind);
+                    let scalar = crate::paths::scalar_kind(&kind);
                     let path = plan::FieldPath {
                         name: path.to_string(),
                         numbers,
@@ -674,14 +674,14 @@ fn zero_of(kind: plan::ScalarKind) -> plan::Value {
 }
 
 fn default_of(kind: plan::ScalarKind, v: &prost_reflect::Value) -> plan::Value {
-    crate::rules::to_plan_value(v, kind)
+    crate::paths::to_plan_value(v, kind)
 }
 
 /// Reads a literal as the given field kind, normalised as the engine will
 /// normalise the wire value (floats rounded to f32 for float fields).
 pub fn read_literal(node: &Node, kind: &Kind) -> Result<plan::Value, (String, Option<String>)> {
     use plan::ScalarKind as S;
-    let scalar = crate::rules::scalar_kind(kind);
+    let scalar = crate::paths::scalar_kind(kind);
     let plain = |e: String| (e, None);
     let name = kind_name(kind);
     Ok(match scalar {

@@ -5,11 +5,13 @@
 //! one [`Diagnostics`], so a run shows every problem at once.
 
 mod canonical;
+pub mod check;
 pub mod conditions;
 mod details;
 pub mod diag;
 pub mod gripmock;
 mod lower;
+pub mod paths;
 pub mod protos;
 pub mod raw;
 mod regex;

@@ -18,8 +18,9 @@
 //! in the order tests a subset of their conditions, and warns about them.
 
 use crate::diag::{Diagnostic, Diagnostics, Span};
+use crate::paths::{Cond, CondSource};
 use crate::raw::RawDoc;
-use crate::rules::{Cond, CondSource, RuleDoc, SESSION_KEY};
+use crate::rules::{RuleDoc, SESSION_KEY};
 use prost_reflect::DescriptorPool;
 use std::collections::{HashMap, HashSet};
 use wirestub_plan as plan;

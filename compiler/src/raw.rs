@@ -27,7 +27,8 @@
 //! them.
 
 use crate::diag::{Diagnostic, Span};
-use crate::rules::{Cond, CondSource, DocCx};
+use crate::paths::{Cond, CondSource};
+use crate::rules::DocCx;
 use crate::values;
 use crate::yaml::{Node, NodeKind};
 use base64::Engine as _;
@@ -411,12 +412,12 @@ fn set_fields(m: &DynamicMessage, sel: plan::MessageSel, numbers: &[u32], prefix
         if matches!(field.kind(), Kind::Message(_)) {
             continue;
         }
-        let kind = crate::rules::scalar_kind(&field.kind());
+        let kind = crate::paths::scalar_kind(&field.kind());
         let path = |shape| plan::FieldPath {
             name: name.clone(),
             numbers: at.clone(),
             kind,
-            default: crate::rules::to_plan_value(&field.default_value(), kind),
+            default: crate::paths::to_plan_value(&field.default_value(), kind),
             shape,
             message: sel,
         };
@@ -429,7 +430,7 @@ fn set_fields(m: &DynamicMessage, sel: plan::MessageSel, numbers: &[u32], prefix
                 });
                 continue;
             }
-            v => plan::Test::Op(plan::Op::Eq(crate::rules::to_plan_value(v, kind))),
+            v => plan::Test::Op(plan::Op::Eq(crate::paths::to_plan_value(v, kind))),
         };
         out.push(Cond { source: CondSource::Field(path(plan::Shape::Singular)), test });
     }

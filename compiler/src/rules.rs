@@ -21,13 +21,13 @@
 //! ```
 
 use crate::conditions::{Cx, RegexSpec, Target};
-use crate::diag::{suggest, Diagnostic, Diagnostics, SourceFile, Span};
+use crate::diag::{suggest, Diagnostic, Diagnostics, Span};
+pub use crate::paths::{Cond, CondSource};
 use crate::values;
-use crate::yaml::{self, Node, NodeKind};
+use crate::yaml::{Node, NodeKind};
 use prost::Message as _;
-use prost_reflect::{DescriptorPool, Kind, MethodDescriptor};
+use prost_reflect::{DescriptorPool, MethodDescriptor};
 use std::collections::HashMap;
-use std::path::PathBuf;
 use wirestub_plan as plan;
 
 /// One rule document after checking.
@@ -43,20 +43,6 @@ pub struct RuleDoc {
     /// then also needs the call's [`SESSION_KEY`] to name it, and they are
     /// tried before the rules without a session.
     pub session: Option<String>,
-}
-
-/// A checked condition. `Op::Regex` indices refer to the list `load`
-/// returns beside the documents.
-#[derive(Clone)]
-pub struct Cond {
-    pub source: CondSource,
-    pub test: plan::Test,
-}
-
-#[derive(Clone)]
-pub enum CondSource {
-    Field(plan::FieldPath),
-    Metadata(String),
 }
 
 /// A checked response entry.
@@ -102,116 +88,12 @@ const RESERVED_HEADERS: &[&str] = &[
     "upgrade",
 ];
 
-/// Reads every rule file below the given directories. Returns the checked
-/// documents and the regular expressions their conditions use.
-pub fn load(dirs: &[PathBuf], pool: &DescriptorPool, diags: &mut Diagnostics) -> (Vec<RuleDoc>, Vec<RegexSpec>) {
-    let methods = MethodIndex::new(pool);
-    let mut docs = Vec::new();
-    let mut regexes = Vec::new();
-    // One expansion allowance for all the files (see `yaml::Budget`).
-    let mut budget = yaml::Budget::new();
-    for dir in dirs {
-        let files = match crate::protos::list_files(dir, &["yaml", "yml", "json"]) {
-            Ok(f) => f,
-            Err(e) => {
-                diags.error(None, format!("cannot read rules directory `{}`: {e}", dir.display()));
-                continue;
-            }
-        };
-        for path in files {
-            let text = match std::fs::read_to_string(&path) {
-                Ok(t) => t,
-                Err(e) => {
-                    diags.error(None, format!("cannot read rule file `{}`: {e}", path.display()));
-                    continue;
-                }
-            };
-            let rel = path.strip_prefix(dir).unwrap_or(&path).to_string_lossy().replace('\\', "/");
-            let file = SourceFile::new(&path, text);
-            let checked = check_file(&file, session_of(&rel), &methods, &mut budget, diags, false);
-            let offset = regexes.len() as u32;
-            docs.extend(checked.docs.into_iter().map(|mut d| {
-                d.offset_regexes(offset);
-                d
-            }));
-            regexes.extend(checked.regexes);
-        }
-    }
-    (docs, regexes)
-}
-
 /// The session a rule file belongs to by its path relative to its rules
 /// directory: `sessions/NAME/...`.
 pub fn session_of(rel: &str) -> Option<&str> {
     let rest = rel.strip_prefix(SESSIONS_DIR)?.strip_prefix('/')?;
     let (name, file) = rest.split_once('/')?;
     (!name.is_empty() && !file.is_empty()).then_some(name)
-}
-
-/// The documents of one rule file, with the regular expressions their
-/// conditions use (`Op::Regex` indices count from 0 in this file).
-pub struct CheckedFile {
-    pub docs: Vec<RuleDoc>,
-    pub regexes: Vec<RegexSpec>,
-    /// Documents of recorded calls (see `raw.rs`).
-    pub raw: Vec<crate::raw::RawDoc>,
-}
-
-/// Parses and checks one rule file; problems go to `diags`. `session`
-/// applies to every document (from the file's place, see [`session_of`]).
-pub fn check_file(
-    file: &std::sync::Arc<SourceFile>,
-    session: Option<&str>,
-    methods: &MethodIndex,
-    budget: &mut yaml::Budget,
-    diags: &mut Diagnostics,
-    lenient: bool,
-) -> CheckedFile {
-    let lenient = lenient || file.text.lines().take(20).any(|l| l.trim() == LENIENT_DIRECTIVE);
-    let mut out = CheckedFile { docs: Vec::new(), regexes: Vec::new(), raw: Vec::new() };
-    let nodes = match yaml::parse_with(file, budget) {
-        Ok(n) => n,
-        Err(d) => {
-            diags.push(d);
-            return out;
-        }
-    };
-    let name = file.name.rsplit(['/', '\\']).next().unwrap_or_default();
-    let stem = name.rsplit_once('.').map(|(s, _)| s).unwrap_or(name).to_string();
-    // GripMock stubs become rule documents first (see `gripmock.rs`).
-    let nodes = crate::gripmock::expand(nodes, methods.services.values(), diags);
-    for node in &nodes {
-        // Lenient: a document with an error is left out, its errors
-        // warnings.
-        let mut local = Diagnostics::default();
-        let regexes_before = out.regexes.len();
-        let target = if lenient { &mut local } else { &mut *diags };
-        let mut cx = DocCx {
-            stem: &stem,
-            methods,
-            diags: target,
-            regexes: &mut out.regexes,
-            aggregate: false,
-            session,
-            lenient,
-        };
-        let (docs, raw) = (out.docs.len(), out.raw.len());
-        match node.map().filter(|e| e.iter().any(|(k, _)| k.scalar() == Some("raw"))) {
-            Some(entries) => out.raw.extend(cx.raw_doc(node, entries)),
-            None => out.docs.extend(cx.doc(node)),
-        }
-        if lenient {
-            if local.has_errors() {
-                out.docs.truncate(docs);
-                out.raw.truncate(raw);
-                out.regexes.truncate(regexes_before);
-                diags.extend_lenient(&local, "document left out");
-            } else {
-                diags.extend(&local);
-            }
-        }
-    }
-    out
 }
 
 impl RuleDoc {
@@ -245,7 +127,7 @@ pub struct MethodIndex {
     /// Lower-case `package.service.method` to method.
     by_dotted: HashMap<String, MethodDescriptor>,
     /// Full service name to its methods.
-    services: HashMap<String, prost_reflect::ServiceDescriptor>,
+    pub(crate) services: HashMap<String, prost_reflect::ServiceDescriptor>,
 }
 
 impl MethodIndex {
@@ -277,22 +159,19 @@ impl MethodIndex {
     }
 }
 
-/// The comment that makes one rule file lenient (as `--lenient` makes all).
-pub const LENIENT_DIRECTIVE: &str = "# wirestub: lenient";
-
 pub(crate) struct DocCx<'a> {
-    stem: &'a str,
+    pub(crate) stem: &'a str,
     pub(crate) methods: &'a MethodIndex,
     pub(crate) diags: &'a mut Diagnostics,
-    regexes: &'a mut Vec<RegexSpec>,
+    pub(crate) regexes: &'a mut Vec<RegexSpec>,
     /// Whether request paths in this document use the aggregate view of a
     /// client stream (`first`, `last`, `items.N`, `count`).
-    aggregate: bool,
+    pub(crate) aggregate: bool,
     /// The session of the file's place, if any.
-    session: Option<&'a str>,
+    pub(crate) session: Option<&'a str>,
     /// What Wishmock ignores is a warning, and the document or entry is
     /// left out (`--lenient`, or the file's directive).
-    lenient: bool,
+    pub(crate) lenient: bool,
 }
 
 impl DocCx<'_> {
@@ -304,7 +183,7 @@ impl DocCx<'_> {
         format!("{}:{}:{}", span.file.name, span.line, span.col)
     }
 
-    fn doc(&mut self, node: &Node) -> Option<RuleDoc> {
+    pub(crate) fn doc(&mut self, node: &Node) -> Option<RuleDoc> {
         if node.is_null() {
             return None; // an empty document, e.g. after a trailing `---`
         }
@@ -1009,50 +888,4 @@ pub(crate) fn read_status(node: &Node) -> Result<u8, String> {
             None => format!("`{text}` is not a gRPC status code"),
         }
     })
-}
-
-pub fn scalar_kind(kind: &Kind) -> plan::ScalarKind {
-    use plan::ScalarKind as S;
-    match kind {
-        Kind::Double => S::Double,
-        Kind::Float => S::Float,
-        Kind::Int32 => S::Int32,
-        Kind::Int64 => S::Int64,
-        Kind::Uint32 => S::Uint32,
-        Kind::Uint64 => S::Uint64,
-        Kind::Sint32 => S::Sint32,
-        Kind::Sint64 => S::Sint64,
-        Kind::Fixed32 => S::Fixed32,
-        Kind::Fixed64 => S::Fixed64,
-        Kind::Sfixed32 => S::Sfixed32,
-        Kind::Sfixed64 => S::Sfixed64,
-        Kind::Bool => S::Bool,
-        Kind::String => S::String,
-        Kind::Bytes => S::Bytes,
-        Kind::Enum(_) => S::Enum,
-        Kind::Message(_) => unreachable!("message fields are rejected before"),
-    }
-}
-
-pub(crate) fn to_plan_value(v: &prost_reflect::Value, kind: plan::ScalarKind) -> plan::Value {
-    use prost_reflect::Value as V;
-    match v {
-        V::Bool(b) => plan::Value::Bool(*b),
-        V::I32(i) => plan::Value::I64(*i as i64),
-        V::I64(i) => plan::Value::I64(*i),
-        V::U32(u) => plan::Value::U64(*u as u64),
-        V::U64(u) => plan::Value::U64(*u),
-        V::F32(f) => plan::Value::F64(*f as f64),
-        V::F64(f) => plan::Value::F64(*f),
-        V::String(s) => plan::Value::Bytes(s.as_bytes().to_vec()),
-        V::Bytes(b) => plan::Value::Bytes(b.to_vec()),
-        V::EnumNumber(n) => plan::Value::I64(*n as i64),
-        _ => match kind.value_class() {
-            plan::ValueClass::I64 => plan::Value::I64(0),
-            plan::ValueClass::U64 => plan::Value::U64(0),
-            plan::ValueClass::F64 => plan::Value::F64(0.0),
-            plan::ValueClass::Bool => plan::Value::Bool(false),
-            plan::ValueClass::Bytes => plan::Value::Bytes(Vec::new()),
-        },
-    }
 }

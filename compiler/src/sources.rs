@@ -11,9 +11,10 @@
 //! itself), a rule file is re-checked only when its text or the schema
 //! changed, and a regular expression is determinized once.
 
+use crate::check::{self, CheckedFile};
 use crate::diag::{Diagnostics, SourceFile};
 use crate::protos::{self, hash_str, ParseCache, Schema, Text};
-use crate::rules::{self, CheckedFile, MethodIndex};
+use crate::rules::{self, MethodIndex};
 use crate::{lower, regex, Output};
 use prost::Message as _;
 use prost_reflect::prost_types::{FileDescriptorProto, FileDescriptorSet};
@@ -182,7 +183,7 @@ pub fn compile(sources: &Sources, cache: &mut Cache) -> Result<Output, Diagnosti
             _ => {
                 let mut file_diags = Diagnostics::default();
                 let file = SourceFile::named(&text.shown, text.text.to_string());
-                let checked = rules::check_file(
+                let checked = check::check_file(
                     &file,
                     rules::session_of(relative(name)),
                     &schema.methods,

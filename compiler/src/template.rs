@@ -15,7 +15,7 @@
 
 use crate::conditions::{Cx, Target};
 use crate::diag::{Diagnostic, Span};
-use crate::rules::CondSource;
+use crate::paths::CondSource;
 use crate::values::{self, find_field, kind_name};
 use crate::yaml::{Node, NodeKind};
 use prost::Message as _;
@@ -261,7 +261,7 @@ impl Compiler<'_, '_> {
                         Piece::Text { key: key(field.number(), 2), parts }
                     }
                     k => {
-                        let scalar = crate::rules::scalar_kind(&k);
+                        let scalar = crate::paths::scalar_kind(&k);
                         Piece::Number { key: key(field.number(), scalar.wire_type()), kind: scalar, parts }
                     }
                 })
