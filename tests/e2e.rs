@@ -524,6 +524,9 @@ fn compiler_exit_codes() {
     let out = std::process::Command::new(bin("compiler")).arg("--version").output().unwrap();
     assert_eq!(out.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("compiler "));
+    let out = std::process::Command::new(bin("compiler")).args(["completions", "bash"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("complete -F _wirestub_compiler compiler"));
     let out = std::process::Command::new(bin("compiler")).arg("frobnicate").output().unwrap();
     assert_eq!(out.status.code(), Some(2));
 }

@@ -17,10 +17,43 @@ directory) and what it imports, instead of every .proto of the tree.
 not compile, a rule document or entry with an error, are left out (a rule
 file starting with `# wirestub: lenient` is lenient on its own).
   compiler dump plan.bin
+  compiler completions bash|zsh|fish
   compiler --help | --version
 
 defaults: --protos protos --rules rules -o plan.bin
 exit status: 0 success, 1 errors in the inputs, 2 bad usage";
+
+/// `compiler completions bash` (zsh runs it through bashcompinit).
+const BASH: &str = r#"# bash completion for the wirestub compiler (made by `compiler completions bash`).
+_wirestub_compiler() {
+    local cur="${COMP_WORDS[COMP_CWORD]}" prev="${COMP_WORDS[COMP_CWORD-1]}"
+    if [[ $COMP_CWORD -eq 1 ]]; then
+        COMPREPLY=($(compgen -W "build check dump completions --help --version" -- "$cur")); return
+    fi
+    case "$prev" in
+        --protos|--rules) COMPREPLY=($(compgen -d -- "$cur")); return ;;
+        --protos-only|-o|--out) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        completions) COMPREPLY=($(compgen -W "bash zsh fish" -- "$cur")); return ;;
+    esac
+    if [[ $cur == -* ]]; then
+        COMPREPLY=($(compgen -W "--protos --protos-only --rules --lenient -o --out --help" -- "$cur"))
+    else
+        COMPREPLY=($(compgen -f -- "$cur"))
+    fi
+}
+complete -F _wirestub_compiler compiler
+"#;
+
+/// `compiler completions fish`.
+const FISH: &str = "# fish completion for the wirestub compiler (made by `compiler completions fish`).
+complete -c compiler -f -n __fish_use_subcommand -a 'build check dump completions'
+complete -c compiler -f -n '__fish_seen_subcommand_from completions' -a 'bash zsh fish'
+complete -c compiler -l protos -r -a '(__fish_complete_directories)' -d 'directory of .proto files'
+complete -c compiler -l rules -r -a '(__fish_complete_directories)' -d 'directory of rule files'
+complete -c compiler -l protos-only -r -F -d 'compile only this .proto and its imports'
+complete -c compiler -l lenient -d 'what Wishmock ignores is a warning'
+complete -c compiler -s o -l out -r -F -d 'the plan file to write'
+";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -59,6 +92,14 @@ fn run(args: &[String]) -> Result<ExitCode, String> {
     let Some(cmd) = args.first() else { return Err("no command given".into()) };
     if matches!(cmd.as_str(), "-h" | "--help" | "help") {
         return Ok(print(&format!("{USAGE}\n")));
+    }
+    if cmd == "completions" {
+        return match args.get(1).map(String::as_str) {
+            Some("bash") => Ok(print(BASH)),
+            Some("zsh") => Ok(print(&format!("autoload -U +X bashcompinit && bashcompinit\n{BASH}"))),
+            Some("fish") => Ok(print(FISH)),
+            _ => Err("`compiler completions` takes a shell: bash, zsh or fish".into()),
+        };
     }
     if matches!(cmd.as_str(), "-V" | "--version" | "version") {
         return Ok(print(&format!("compiler {}\n", env!("CARGO_PKG_VERSION"))));

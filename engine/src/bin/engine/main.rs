@@ -12,6 +12,7 @@
 //! calls finish up to `--drain-timeout-ms`) and the
 //! engine exits 0; a second signal during the drain exits at once with 1.
 
+mod completions;
 mod options;
 mod watch;
 
@@ -37,6 +38,13 @@ fn main() -> ExitCode {
         Ok(Command::Run(o)) => o,
         Ok(Command::Help) => return print(&format!("{}\n", options::help())),
         Ok(Command::Version) => return print(&format!("engine {}\n", env!("CARGO_PKG_VERSION"))),
+        Ok(Command::Completions(shell)) => match completions::script(&shell) {
+            Ok(script) => return print(&script),
+            Err(e) => {
+                report(&format!("error: {e}\n"));
+                return ExitCode::from(2);
+            }
+        },
         Err(msg) => {
             report(&format!("error: {msg}\n(`engine --help` lists the options)\n"));
             return ExitCode::from(2);

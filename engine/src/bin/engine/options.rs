@@ -575,6 +575,7 @@ pub const FLAGS: &[Flag] = &[
 const HEADER: &str = "\
 usage:
   engine run [PLAN] [options]
+  engine completions bash|zsh|fish
   engine --help | --version
 
 Serves PLAN (a file written by `compiler build`). Without PLAN, compiles
@@ -821,6 +822,8 @@ pub struct Options {
 pub enum Command {
     Help,
     Version,
+    /// `engine completions SHELL`: the shell's completion script.
+    Completions(String),
     Run(Box<Options>),
 }
 
@@ -832,6 +835,10 @@ pub fn parse(args: &[String], env: &dyn Fn(&str) -> Option<String>) -> Result<Co
         Some("run") => {}
         Some("-h" | "--help" | "help") => return Ok(Command::Help),
         Some("-V" | "--version") => return Ok(Command::Version),
+        Some("completions") => {
+            let [_, shell] = args else { return Err("`engine completions` takes a shell: bash, zsh or fish".into()) };
+            return Ok(Command::Completions(shell.clone()));
+        }
         Some(other) => return Err(format!("unknown command `{other}`; the command is `engine run`")),
         None => return Err("no command given; the command is `engine run`".into()),
     }
