@@ -160,6 +160,12 @@ fn lower_method(
             for (_, t) in &mut r.response.templates {
                 remap_template(&mut t.pieces, &refs);
             }
+            for t in &mut r.response.metadata_templates {
+                let mut piece = [plan::Piece::Text { key: Vec::new(), parts: std::mem::take(&mut t.parts) }];
+                remap_template(&mut piece, &refs);
+                let [plan::Piece::Text { parts, .. }] = piece else { unreachable!("one text piece") };
+                t.parts = parts;
+            }
             method.responses.push(r.response);
             match &r.when {
                 Some(when) => {

@@ -384,6 +384,8 @@ impl DocCx<'_> {
         let mut stream_nodes: Option<&[Node]> = None;
         let mut stream_delay = None;
         let mut error_after = None;
+        // Metadata values holding `{{`: (trailer, key, value).
+        let mut templated: Vec<(bool, &Node, &Node)> = Vec::new();
         let errors_before = self.diags.error_count();
         for (key, value) in entries {
             let name = key.scalar().unwrap_or_default();
@@ -411,7 +413,15 @@ impl DocCx<'_> {
                 }
                 "body" => body_node = Some(value),
                 "details" => details = Some((key, value)),
-                "metadata" => response.headers = self.metadata_pairs(value, "`metadata`"),
+                "metadata" => {
+                    for (k, v) in self.expect_map(value, "`metadata`").unwrap_or_default() {
+                        if crate::template::has_template(v) {
+                            templated.push((false, k, v));
+                        } else if let Some(pair) = self.metadata_pair(k, v) {
+                            response.headers.push(pair);
+                        }
+                    }
+                }
                 "trailers" => {
                     for (k, v) in self.expect_map(value, "`trailers`").unwrap_or_default() {
                         match k.scalar().unwrap_or_default() {
@@ -432,6 +442,7 @@ impl DocCx<'_> {
                                     self.diags.push(d);
                                 }
                             },
+                            _ if crate::template::has_template(v) => templated.push((true, k, v)),
                             _ => {
                                 if let Some(pair) = self.metadata_pair(k, v) {
                                     response.trailers.push(pair);
@@ -609,6 +620,21 @@ impl DocCx<'_> {
                 response.templates.insert(0, (0, t));
             }
         }
+        for (trailer, k, v) in templated {
+            let Some(name) = self.template_key(k) else { continue };
+            let Some(text) = v.scalar() else { continue };
+            let mut conditions = Cx { diags: self.diags, regexes: self.regexes };
+            let mut t = crate::template::Compiler {
+                cx: &mut conditions,
+                input: method.input(),
+                refs: &mut template_refs,
+                scope: crate::template::Scope { stream: false, aggregate },
+                enums: Vec::new(),
+            };
+            if let Some(parts) = t.text_value(text, &v.span) {
+                response.metadata_templates.push(plan::MetadataTemplate { trailer, name, parts });
+            }
+        }
         // After the loop: the status must be known, whatever the key order.
         if let Some((k, v)) = details {
             crate::details::attach(node, k, v, &mut response, method.parent_pool(), self.diags);
@@ -775,6 +801,20 @@ impl DocCx<'_> {
         out
     }
 
+    /// The key of a metadata value that is a template: a valid name the
+    /// engine does not write itself.
+    fn template_key(&mut self, key: &Node) -> Option<String> {
+        let raw = key.scalar().unwrap_or_default();
+        let name = raw.to_ascii_lowercase();
+        if !plan::is_valid_metadata_key(&name) || name.starts_with("grpc-") || RESERVED_HEADERS.contains(&name.as_str())
+        {
+            let d = self.err(&key.span, format!("`{raw}` cannot carry a templated value"));
+            self.diags.push(d.with_help("use a valid metadata key other than `grpc-` keys and connection headers"));
+            return None;
+        }
+        Some(name)
+    }
+
     pub(crate) fn metadata_pair(&mut self, key: &Node, value: &Node) -> Option<(String, Vec<u8>)> {
         let raw = key.scalar().unwrap_or_default();
         let name = raw.to_ascii_lowercase();
@@ -802,8 +842,8 @@ impl DocCx<'_> {
         };
         if text.contains("{{") {
             let d = self
-                .err(&value.span, format!("`{name}` holds `{{{{`: templates are not rendered in metadata values"))
-                .with_help("the value would be sent as this literal text; template a body field instead");
+                .err(&value.span, format!("`{name}` holds `{{{{`: templates are not rendered here"))
+                .with_help("the value would be sent as this literal text");
             self.diags.push(d);
             return None;
         }

@@ -269,6 +269,13 @@ impl Compiler<'_, '_> {
         }
     }
 
+    /// A metadata value's text as parts, enum fields read as their names.
+    pub fn text_value(&mut self, text: &str, span: &Span) -> Option<Vec<Part>> {
+        let mut parts = self.text(text, span)?;
+        enum_names(&mut parts, &self.enums);
+        Some(parts)
+    }
+
     /// Splits text into literal parts and `{{ expression }}` parts.
     pub fn text(&mut self, text: &str, span: &Span) -> Option<Vec<Part>> {
         let mut parts = Vec::new();

@@ -516,6 +516,12 @@ fn write_methods(out: &mut Vec<u8>, methods: &[Method]) {
                 }
             }
             put_u32(out, r.times);
+            put_u32(out, r.metadata_templates.len() as u32);
+            for t in &r.metadata_templates {
+                out.push(t.trailer as u8);
+                put_bytes(out, t.name.as_bytes());
+                put_parts(out, &t.parts);
+            }
         }
         put_u32(out, m.regexes.len() as u32);
         for r in &m.regexes {
@@ -1123,6 +1129,25 @@ fn read_methods(r: &mut Reader) -> Result<Vec<Method>, LoadError> {
                     t => return Err(LoadError::invalid(at(), format!("unknown fault tag {t}"))),
                 };
                 response.times = r.u32(&at)?;
+            }
+            if r.version >= 6 {
+                let n = r.count(&at)?;
+                for _ in 0..n {
+                    let trailer = match r.u8(&at)? {
+                        0 => false,
+                        1 => true,
+                        b => return Err(LoadError::invalid(at(), format!("bad bool {b}"))),
+                    };
+                    let name = r.string(&at)?;
+                    if !is_valid_metadata_key(&name) || name.starts_with("grpc-") {
+                        return Err(LoadError::invalid(at(), format!("invalid metadata key {name:?}")));
+                    }
+                    let parts = r.parts(&at)?;
+                    let as_template = Template { pieces: vec![Piece::Text { key: vec![10], parts: parts.clone() }] };
+                    check_template(&as_template, fields.len(), metadata_keys.len())
+                        .map_err(|why| LoadError::invalid(at(), why))?;
+                    response.metadata_templates.push(MetadataTemplate { trailer, name, parts });
+                }
             }
             responses.push(response);
         }

@@ -131,6 +131,13 @@ fn merge_method(base: &Method, over: &Method) -> Result<Method, String> {
         for (_, t) in &mut r.templates {
             remap.pieces(&mut t.pieces, 0).map_err(|why| format!("method {path}: overlay response {i}: {why}"))?;
         }
+        for t in &mut r.metadata_templates {
+            for part in &mut t.parts {
+                if let Part::Expr(e) = part {
+                    remap.expr(e, 0).map_err(|why| format!("method {path}: overlay response {i}: {why}"))?;
+                }
+            }
+        }
         responses.push(r);
     }
     let mut rules = Vec::with_capacity(rule_count);

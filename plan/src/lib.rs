@@ -451,6 +451,19 @@ pub struct Response {
     /// is `body`, slot `i + 1` is `stream[i]` (whose prepared bytes are then
     /// unused).
     pub templates: Vec<(u32, Template)>,
+    /// Metadata values rendered per call, sent after `headers` (or
+    /// `trailers`); a value that renders empty or invalid is left out.
+    pub metadata_templates: Vec<MetadataTemplate>,
+}
+
+/// A header or trailer whose value is a template (`{{metadata.x-id}}`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct MetadataTemplate {
+    /// Sent with the trailers rather than the headers.
+    pub trailer: bool,
+    /// The metadata key, lower-case.
+    pub name: String,
+    pub parts: Vec<Part>,
 }
 
 /// A response message with holes: encoded protobuf pieces around values
@@ -538,6 +551,7 @@ impl Default for Response {
             fault: None,
             times: 0,
             templates: Vec::new(),
+            metadata_templates: Vec::new(),
         }
     }
 }

@@ -87,10 +87,20 @@ impl From<Gone> for Halt {
     }
 }
 
+/// An answer as the call's end: the plan's, or this call's rendering.
+fn end<'m>(a: Answer<'m>) -> Stop<'m> {
+    match a.rendered {
+        Some(r) => Stop::Owned(r),
+        None => Stop::Rule(a.plan),
+    }
+}
+
 /// How a call stopped before its natural end.
 enum Stop<'m> {
     Status(Status),
     Rule(&'m Prepared),
+    /// An answer made for this call (templated metadata, a fault).
+    Owned(Box<Prepared>),
     Gone,
 }
 
@@ -139,7 +149,9 @@ where
     }
     let Call { method, metadata, deadline, ok, json, record, upstream } = call;
     if method.plan.duplex {
-        return duplex(Call { method, metadata, deadline, ok, json, record, upstream }, input, out).await;
+        // Boxed: a duplex call's state would otherwise make every call's
+        // future larger (idle calls count in memory by it).
+        return Box::pin(duplex(Call { method, metadata, deadline, ok, json, record, upstream }, input, out)).await;
     }
     let picked = tokio::select! {
         r = pick(method, metadata, input, &mut *record, None) => r,
@@ -151,8 +163,10 @@ where
             if let Some(score) = answer.similarity {
                 record.similarity(score);
             }
-            let delay = answer.prepared.draw_delay();
-            respond(answer, delay, deadline, method, json, out, record).await
+            let delay = answer.prepared().draw_delay();
+            // Boxed: its state would otherwise make every call's future,
+            // idle ones included, larger by its size.
+            Box::pin(respond(answer, delay, deadline, method, json, out, record)).await
         }
         Err(stop) => finish(Err(stop), out, record),
     }
@@ -186,7 +200,7 @@ where
             if let Some(score) = answer.similarity {
                 record.similarity(score);
             }
-            let delay = answer.prepared.draw_delay();
+            let delay = answer.prepared().draw_delay();
             respond(answer, delay, deadline, method, json, out, record).await
         }
         Err(stop) => finish(Err(stop), out, record),
@@ -272,7 +286,7 @@ pub async fn respond<O: Outbound, R: Report>(
     out: &mut O,
     record: &mut R,
 ) {
-    let prepared = answer.prepared;
+    let prepared = answer.prepared();
     let work = async {
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
@@ -300,7 +314,7 @@ pub async fn respond<O: Outbound, R: Report>(
             record.status(Code::Internal as u8, "stream reset by an injected fault");
             out.abort();
         }
-        Ok(Some(fault)) => finish(Err(Stop::Rule(&prepare_fault(fault))), out, record),
+        Ok(Some(fault)) => finish(Err(Stop::Owned(Box::new(prepare_fault(fault)))), out, record),
         Ok(None) => {}
         Err(stop) => finish(Err(stop), out, record),
     }
@@ -310,9 +324,14 @@ pub async fn respond<O: Outbound, R: Report>(
 /// engine's); nothing for a client that has left.
 fn finish<O: Outbound, R: Report>(result: Result<(), Stop<'_>>, out: &mut O, record: &mut R) {
     let owned;
+    let owned_rule;
     let end = match result {
         Ok(()) | Err(Stop::Gone) => return,
         Err(Stop::Rule(p)) => p,
+        Err(Stop::Owned(p)) => {
+            owned_rule = p;
+            &*owned_rule
+        }
         Err(Stop::Status(s)) => {
             owned = status_answer(&s);
             &owned
@@ -330,7 +349,7 @@ async fn send_items<O: Outbound>(
     json: bool,
     out: &mut O,
 ) -> Result<(), Halt> {
-    let prepared = answer.prepared;
+    let prepared = answer.prepared();
     if prepared.stream.is_empty() && prepared.status != 0 {
         return Ok(());
     }
@@ -370,7 +389,7 @@ where
         let mut head_sent = false;
         // The call ends OK with the trailing metadata of the last rule
         // that answered (the engine's plain OK if none did).
-        let mut last = ok;
+        let mut last = Stop::Rule(ok);
         while let Some(m) = input.next().await? {
             record.message(&m);
             let one = [&m[..]];
@@ -385,25 +404,24 @@ where
             if let Some(score) = answer.similarity {
                 record.similarity(score);
             }
-            let prepared = answer.prepared;
-            let delay = prepared.draw_delay();
+            let delay = answer.prepared().draw_delay();
             if !delay.is_zero() {
                 tokio::time::sleep(delay).await;
             }
-            if prepared.status != 0 && prepared.error_after == 0 {
-                return Err(Stop::Rule(prepared));
+            if answer.prepared().status != 0 && answer.prepared().error_after == 0 {
+                return Err(end(answer));
             }
             if !head_sent {
-                out.head(prepared);
+                out.head(answer.prepared());
                 head_sent = true;
             }
             send_items(&answer, method, json, out).await?;
-            if prepared.status != 0 {
-                return Err(Stop::Rule(prepared));
+            if answer.prepared().status != 0 {
+                return Err(end(answer));
             }
-            last = prepared;
+            last = end(answer);
         }
-        Err(Stop::Rule(last))
+        Err(last)
     };
     let result: Result<(), Stop<'_>> = tokio::select! {
         r = work => r,

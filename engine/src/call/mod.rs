@@ -20,7 +20,11 @@ use tokio::time::Instant;
 /// The chosen response with its messages ready: the prepared bytes, or for
 /// templated messages, bytes rendered for this call.
 pub struct Answer<'m> {
-    pub prepared: &'m Prepared,
+    /// The rule's prepared answer (see [`Answer::prepared`]).
+    pub plan: &'m Prepared,
+    /// For an answer with templated metadata: a copy with this call's
+    /// values (boxed, so that calls holding the plan's stay small).
+    pub rendered: Option<Box<Prepared>>,
     pub body: Bytes,
     pub items: Cow<'m, [Bytes]>,
     /// The rule that chose it (index into the method's rules); None when
@@ -34,10 +38,16 @@ pub struct Answer<'m> {
 }
 
 impl<'m> Answer<'m> {
+    /// The answer to send: this call's rendering, or the plan's.
+    pub fn prepared(&self) -> &Prepared {
+        self.rendered.as_deref().unwrap_or(self.plan)
+    }
+
     /// A response without templates.
     pub fn of(prepared: &'m Prepared) -> Self {
         Answer {
-            prepared,
+            plan: prepared,
+            rendered: None,
             body: prepared.body.clone(),
             items: Cow::Borrowed(&prepared.stream),
             rule: None,
@@ -48,7 +58,7 @@ impl<'m> Answer<'m> {
 
     /// The messages to stream: the items, or the body alone.
     pub fn messages(&self) -> &[Bytes] {
-        if self.prepared.stream.is_empty() {
+        if self.plan.stream.is_empty() {
             std::slice::from_ref(&self.body)
         } else {
             &self.items
@@ -59,7 +69,11 @@ impl<'m> Answer<'m> {
     /// transcoded at load, rendered ones (templates) transcoded now.
     pub fn json_messages(&self, method: &ServedMethod) -> Cow<'m, [Bytes]> {
         let Some(codec) = &method.json else { return Cow::Owned(self.messages().to_vec()) };
-        let p = self.prepared;
+        // Metadata does not change the messages: the plan's forms serve.
+        self.json_of(self.plan, codec)
+    }
+
+    fn json_of(&self, p: &'m Prepared, codec: &crate::codec::json::JsonCodec) -> Cow<'m, [Bytes]> {
         let rendered = |slot: u32| p.templates.iter().any(|(s, _)| *s == slot);
         let one = |slot: u32, bytes: &Bytes, at_load: Option<&Bytes>| match at_load {
             Some(j) if !rendered(slot) => j.clone(),
@@ -112,10 +126,14 @@ pub fn pick_explained<'m>(
         _ => None,
     };
     let similarity = request.similarity();
-    if prepared.templates.is_empty() {
+    if prepared.templates.is_empty() && prepared.metadata_templates.is_none() {
         return Ok(Answer { rule, closest, similarity, ..Answer::of(prepared) });
     }
     let mut answer = Answer { rule, closest, similarity, ..Answer::of(prepared) };
+    if let Some(templates) = &prepared.metadata_templates {
+        let (headers, trailers) = template::render_metadata(templates, &request).map_err(malformed)?;
+        answer.rendered = Some(Box::new(prepared.with_metadata(&headers, &trailers)));
+    }
     let total = prepared.stream.len() as u64;
     for (slot, t) in &prepared.templates {
         let index = slot.saturating_sub(1) as u64;
@@ -136,7 +154,7 @@ pub fn prepare_fault(fault: &wirestub_plan::Fault) -> Prepared {
 
 /// Whether an injected fault fires for this call.
 pub fn fault_fires(prepared: &Prepared) -> Option<&wirestub_plan::Fault> {
-    prepared.fault.as_ref().filter(|f| crate::rng::unit() < f.rate)
+    prepared.fault.as_deref().filter(|f| crate::rng::unit() < f.rate)
 }
 
 pub async fn sleep_until(deadline: Option<Instant>) {

@@ -295,3 +295,33 @@ fn encode_number(text: &[u8], kind: ScalarKind, out: &mut Vec<u8>) -> bool {
     }
     true
 }
+
+/// Renders templated metadata values: (headers, trailers) to add. A `-bin`
+/// key's value is the rendered bytes in base64; another key's is the text,
+/// left out when it is empty or not a valid header value.
+#[allow(clippy::type_complexity)]
+pub fn render_metadata(
+    templates: &[wirestub_plan::MetadataTemplate],
+    request: &Request<'_>,
+) -> Result<(Vec<(String, Vec<u8>)>, Vec<(String, Vec<u8>)>), Malformed> {
+    use base64::Engine as _;
+    let cx = Context { request, index: 0, total: 0 };
+    let (mut headers, mut trailers) = (Vec::new(), Vec::new());
+    for t in templates {
+        let mut value = Vec::new();
+        render_parts(&t.parts, &cx, &mut value)?;
+        let value = if t.name.ends_with("-bin") {
+            base64::engine::general_purpose::STANDARD_NO_PAD.encode(&value).into_bytes()
+        } else {
+            value
+        };
+        if value.is_empty() || !wirestub_plan::is_valid_metadata_value(&value) {
+            continue;
+        }
+        match t.trailer {
+            true => trailers.push((t.name.clone(), value)),
+            false => headers.push((t.name.clone(), value)),
+        }
+    }
+    Ok((headers, trailers))
+}

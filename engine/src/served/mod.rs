@@ -54,12 +54,38 @@ pub struct Prepared {
     /// Messages rendered per call (slot 0: the body; slot i + 1: item i).
     pub templates: Vec<(u32, wirestub_plan::Template)>,
     pub latency: wirestub_plan::Latency,
-    pub fault: Option<wirestub_plan::Fault>,
+    /// Boxed, as is everything rare here: calls that hold a `Prepared`
+    /// (builtin services, refusals) stay small.
+    pub fault: Option<Box<wirestub_plan::Fault>>,
     /// Calls this response may answer; 0 for no limit.
     pub times: u32,
     /// `body` and `stream` in the protobuf JSON mapping, framed, for
     /// JSON clients (see [`JsonCodec`]); None: transcoded per call.
     pub json: Option<Box<JsonForms>>,
+    /// Metadata values rendered per call (see [`Prepared::with_metadata`]).
+    pub metadata_templates: Option<Box<[wirestub_plan::MetadataTemplate]>>,
+}
+
+impl Prepared {
+    /// This answer with more metadata: `headers` after its headers,
+    /// `trailers` after its trailers, the header blocks encoded again.
+    /// For answers with templated metadata, once per call.
+    pub fn with_metadata(&self, headers: &[(String, Vec<u8>)], trailers: &[(String, Vec<u8>)]) -> Prepared {
+        let mut p = self.clone();
+        let append = |map: &mut HeaderMap, pairs: &[(String, Vec<u8>)]| {
+            for (k, v) in pairs {
+                if let (Ok(k), Ok(v)) = (HeaderName::from_bytes(k.as_bytes()), HeaderValue::from_bytes(v)) {
+                    map.append(k, v);
+                }
+            }
+        };
+        append(&mut p.headers, headers);
+        append(&mut p.trailers, trailers);
+        append(&mut p.trailers_only, headers);
+        append(&mut p.trailers_only, trailers);
+        p.blocks = Blocks::encode(&p.headers, &p.trailers, &p.trailers_only);
+        p
+    }
 }
 
 /// A response's messages transcoded to JSON once, at load.
@@ -540,6 +566,7 @@ pub fn prepare(
         fault: None,
         times: 0,
         json: None,
+        metadata_templates: None,
     }
 }
 
@@ -620,8 +647,10 @@ impl Served {
                     p.error_after = r.error_after;
                     p.templates = r.templates.clone();
                     p.latency = r.latency;
-                    p.fault = r.fault.clone();
+                    p.fault = r.fault.clone().map(Box::new);
                     p.times = r.times;
+                    p.metadata_templates =
+                        (!r.metadata_templates.is_empty()).then(|| r.metadata_templates.clone().into_boxed_slice());
                     if let Some(codec) = &json {
                         p.json = Some(Box::new(JsonForms {
                             body: codec.response(&p.body),

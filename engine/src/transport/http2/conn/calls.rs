@@ -580,7 +580,7 @@ impl<'s> Conn<'s> {
             return self.fail_call(id, &call::deadline_exceeded());
         }
         self.note_rule(id, &answer);
-        let prepared = answer.prepared;
+        let prepared = answer.prepared();
         if let Some(fault) = call::fault_fires(prepared) {
             if fault.drop {
                 return self.reset(id, code::INTERNAL_ERROR);
