@@ -41,7 +41,12 @@ pub fn lower(
     }
     let mut raw_by_path: HashMap<String, Vec<RawDoc>> = HashMap::new();
     for doc in raw {
-        raw_by_path.entry(doc.path.clone()).or_default().push(doc);
+        match doc.typed() {
+            // Described by the protos: a rule document like any, ordered
+            // and checked for shadowing with the method's other rules.
+            Some(typed) => by_method.entry(typed.method.full_name().to_string()).or_default().push(typed),
+            None => raw_by_path.entry(doc.path.clone()).or_default().push(doc),
+        }
     }
     let mut methods = Vec::new();
     for service in pool.services() {
@@ -58,15 +63,11 @@ pub fn lower(
     let mut untyped: Vec<(String, Vec<RawDoc>)> = raw_by_path.into_iter().collect();
     untyped.sort_by(|a, b| a.0.cmp(&b.0));
     for (path, docs) in untyped {
-        let kind = docs[0].kind;
-        if let Some(other) = docs.iter().find(|d| d.kind != kind) {
-            let span = other.entries.first().map(|e| e.span.clone());
-            diags.push(Diagnostic::error(
-                span,
-                format!("recordings of {path} disagree on its shape: {} and {}", kind.name(), other.kind.name()),
-            ));
-            continue;
-        }
+        // Recordings see counts, not the shape: the method streams on each
+        // side any of them saw streaming.
+        let (client, server) =
+            docs.iter().map(|d| crate::raw::streaming(d.kind)).fold((false, false), |a, b| (a.0 || b.0, a.1 || b.1));
+        let kind = plan::MethodKind::from_streaming(client, server);
         let mut method = plan::Method {
             path,
             kind,
@@ -235,9 +236,9 @@ fn lower_method(
     method
 }
 
-/// Appends a method's recordings after its typed rules: as typed rules
-/// when the protos describe the method, else as raw rules (the engine
-/// tries them only when no typed rule answers). Each raw rule's
+/// Appends the recordings of a method the protos do not describe as raw
+/// rules (those of described methods are typed rule documents, see
+/// `RawDoc::typed`). Each raw rule's
 /// conditions are the staged match: the call's test session, then, over
 /// the metadata names any recording of the method carried, exactly the
 /// recorded ones present; the recorded content type (protocol); the
@@ -257,15 +258,6 @@ fn add_raw(method: &mut plan::Method, mut docs: Vec<RawDoc>) {
             let mut conds = Vec::new();
             if let Some(s) = &doc.session {
                 conds.push(Cond { source: CondSource::Metadata(SESSION_KEY.into()), test: op(plan::Op::Eq(bytes(s))) });
-            }
-            if let Some(typed) = e.typed {
-                // The protos describe the method: a typed rule.
-                conds.extend(typed);
-                let conditions = conds.iter().map(|c| intern(method, &mut regex_index, &[], c)).collect();
-                let response = method.responses.len() as u32;
-                method.responses.push(e.response);
-                method.rules.push(plan::Rule { conditions, response, priority: 0, origin: e.origin, raw: None });
-                continue;
             }
             for name in &names {
                 let test = match e.request.metadata_keys.binary_search(name) {

@@ -66,6 +66,39 @@ pub struct RawEntry {
     pub span: Span,
 }
 
+/// Whether the client and the server stream in a call of this shape.
+pub fn streaming(kind: plan::MethodKind) -> (bool, bool) {
+    use plan::MethodKind::*;
+    (matches!(kind, ClientStreaming | BidiStreaming), matches!(kind, ServerStreaming | BidiStreaming))
+}
+
+impl RawDoc {
+    /// The document as a typed rule document, when the protos describe its
+    /// method: each recording a `when` entry.
+    pub fn typed(&self) -> Option<crate::rules::RuleDoc> {
+        let method = self.method.clone()?;
+        let responses = self
+            .entries
+            .iter()
+            .map(|e| crate::rules::Resp {
+                when: Some(e.typed.clone().unwrap_or_default()),
+                priority: 0,
+                response: e.response.clone(),
+                template_refs: Vec::new(),
+                origin: e.origin.clone(),
+                span: e.span.clone(),
+            })
+            .collect();
+        Some(crate::rules::RuleDoc {
+            method,
+            duplex: false,
+            gate: Vec::new(),
+            responses,
+            session: self.session.clone(),
+        })
+    }
+}
+
 fn kind_of(name: &str) -> Option<plan::MethodKind> {
     use plan::MethodKind::*;
     [Unary, ServerStreaming, ClientStreaming, BidiStreaming].into_iter().find(|k| k.name() == name)
@@ -113,8 +146,12 @@ impl DocCx<'_> {
         }
         let method = self.methods.find(&service, &name);
         if let Some(m) = &method {
+            // The recorder sees counts, not the shape: a server stream that
+            // sent one reply is recorded as unary. A shape fits when every
+            // side it saw streaming streams in the protos.
             let described = plan::MethodKind::from_streaming(m.is_client_streaming(), m.is_server_streaming());
-            if described != kind {
+            let (client, server) = streaming(kind);
+            if (client && !m.is_client_streaming()) || (server && !m.is_server_streaming()) {
                 let d = self.err(
                     &kind_node.span,
                     format!("`{}` is {} in the protos, recorded as {}", m.full_name(), described.name(), kind.name()),
@@ -129,8 +166,20 @@ impl DocCx<'_> {
             Some((_, list)) => match &list.kind {
                 NodeKind::Seq(items) => {
                     for item in items {
-                        if let Some(e) = self.raw_entry(item, kind, method.as_ref()) {
-                            out.push(e);
+                        if !self.lenient {
+                            out.extend(self.raw_entry(item, kind, method.as_ref()));
+                            continue;
+                        }
+                        // Lenient: an entry with an error is left out.
+                        let mut local = crate::diag::Diagnostics::default();
+                        std::mem::swap(self.diags, &mut local);
+                        let e = self.raw_entry(item, kind, method.as_ref());
+                        std::mem::swap(self.diags, &mut local);
+                        if local.has_errors() {
+                            self.diags.extend_lenient(&local, "entry left out");
+                        } else {
+                            self.diags.extend(&local);
+                            out.extend(e);
                         }
                     }
                 }
@@ -258,7 +307,11 @@ impl DocCx<'_> {
             // empty for that, so the body is empty and not framed.
             response.body = Vec::new();
         }
-        let typed = method.map(|m| typed_conditions(&request.messages, kind, &m.input()));
+        // Typed conditions read the request as the protos' shape does.
+        let typed = method.map(|m| {
+            let described = plan::MethodKind::from_streaming(m.is_client_streaming(), m.is_server_streaming());
+            typed_conditions(&request.messages, described, &m.input())
+        });
         (self.diags.error_count() == errors_before).then(|| RawEntry {
             request,
             typed,

@@ -60,6 +60,8 @@ pub struct Forward<'a> {
     /// The protocol the client spoke, as its content type (recordings made
     /// without protos expect it on replay).
     pub content_type: &'static str,
+    /// How the client compressed its messages (the recording notes it).
+    pub encoding: crate::protocol::compression::Encoding,
 }
 
 impl Forward<'_> {
@@ -117,7 +119,8 @@ pub async fn run<I: Inbound, O: Outbound, R: Report>(
     out: &mut O,
     record: &mut R,
 ) {
-    let capture = record::recording().then(|| RefCell::new(Capture::new(&f.path, &f.metadata, f.content_type)));
+    let capture =
+        record::recording().then(|| RefCell::new(Capture::new(&f.path, &f.metadata, f.content_type, f.encoding)));
     let work = async {
         let timeout = f.deadline.map(|d| d.saturating_duration_since(Instant::now()));
         if timeout.is_some_and(|t| t.is_zero()) {

@@ -9,13 +9,18 @@
 //! recording's: the normalised Levenshtein similarity (1 − distance ÷ the
 //! longer length) when both are printable text of at most
 //! [`LEVENSHTEIN_MAX`] bytes, else the Jaccard index of their sets of
-//! 3-byte shingles, which the recording's side prepares at plan load. The
-//! cost per unmatched call is linear in the recordings' total size (plus
-//! a sort of the call's shingles); it is paid only for calls to methods
-//! with recordings that no typed rule answered.
+//! 3-byte shingles, which the recording's side prepares at plan load. Only
+//! the first [`COMPARE_MAX`] bytes of each side are compared, so the cost
+//! per unmatched call is at most one pass of that size per recording
+//! (plus one sort of the call's shingles); it is paid only for calls to
+//! methods with recordings that no typed rule answered.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use wirestub_plan::Method;
+
+/// Bytes of each side compared for similarity: the first 64 KiB of the
+/// messages joined, so a large call costs a bounded pass per recording.
+pub const COMPARE_MAX: usize = 64 << 10;
 
 /// The default `--raw-threshold`.
 pub const DEFAULT_THRESHOLD: f32 = 0.8;
@@ -58,7 +63,7 @@ pub fn prepare(method: &Method) -> Vec<Recording> {
         .enumerate()
         .filter_map(|(i, r)| {
             let raw = r.raw.as_deref()?;
-            let joined: Vec<u8> = raw.messages.concat();
+            let joined = join(raw.messages.iter().map(Vec::as_slice));
             Some(Recording {
                 rule: i as u32,
                 messages: raw.messages.len(),
@@ -79,7 +84,7 @@ pub struct Call {
 
 impl Call {
     pub fn new(messages: &[&[u8]]) -> Self {
-        let joined = messages.concat();
+        let joined = join(messages.iter().copied());
         Call { text: is_text(&joined), joined, shingles: None }
     }
 
@@ -95,6 +100,19 @@ impl Call {
         let mine = self.shingles.get_or_insert_with(|| shingles(&self.joined));
         jaccard(mine, &r.shingles)
     }
+}
+
+/// The messages joined, at most [`COMPARE_MAX`] bytes of them.
+fn join<'b>(messages: impl Iterator<Item = &'b [u8]>) -> Vec<u8> {
+    let mut out = Vec::new();
+    for m in messages {
+        let room = COMPARE_MAX - out.len();
+        out.extend_from_slice(&m[..m.len().min(room)]);
+        if out.len() == COMPARE_MAX {
+            break;
+        }
+    }
+    out
 }
 
 /// Printable ASCII text (and whitespace), at most [`LEVENSHTEIN_MAX`] bytes.

@@ -118,7 +118,7 @@ fn render_parts(parts: &[Part], cx: &Context, out: &mut Vec<u8>) -> Result<(), M
     Ok(())
 }
 
-/// The most bytes one `utils.bytes` writes (`--max-send-bytes`); set at
+/// The most bytes one `utils.bytes` writes (`--max-fill-bytes`); set at
 /// start, process-wide.
 static MAX_FILL: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(4 << 20);
 
@@ -131,10 +131,19 @@ pub fn set_max_fill(bytes: usize) {
 /// [`MAX_FILL`]; a count that is not a number writes nothing.
 fn fill(n: &Expr, pattern: &[u8], cx: &Context, out: &mut Vec<u8>) -> Result<(), Malformed> {
     let max = MAX_FILL.load(std::sync::atomic::Ordering::Relaxed);
-    let count = match eval(n, cx)?.number() {
+    let mut count = match eval(n, cx)?.number() {
         Some(c) if c >= 1.0 => (c.min(max as f64) as usize).min(max),
         _ => 0,
     };
+    // A text pattern is never cut inside a character (string fields must
+    // stay UTF-8): the last repetition ends at a character boundary.
+    if let Ok(text) = std::str::from_utf8(pattern) {
+        let mut tail = count % pattern.len();
+        while !text.is_char_boundary(tail) {
+            tail -= 1;
+            count -= 1;
+        }
+    }
     if let [byte] = pattern {
         out.resize(out.len() + count, *byte);
         return Ok(());

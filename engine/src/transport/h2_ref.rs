@@ -289,7 +289,17 @@ async fn call(
                     let metadata = forward::metadata_of(headers);
                     let max_held = config.max_buffered;
                     let content_type = dialect.content_type();
-                    Box::new(Forward { upstream, path: path.into(), metadata, deadline, json, max_held, content_type })
+                    let f = Forward {
+                        upstream,
+                        path: path.into(),
+                        metadata,
+                        deadline,
+                        json,
+                        max_held,
+                        content_type,
+                        encoding,
+                    };
+                    Box::new(f)
                 });
                 let ok = &served.ok;
                 let call = Call { method, metadata: headers, deadline, ok, json, record: &mut record, upstream };

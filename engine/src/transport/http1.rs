@@ -239,7 +239,8 @@ async fn call(req: Request<Incoming>, ctx: &Rc<Ctx>) -> Response<CallBody> {
             let json = method.json.as_ref().filter(|_| json);
             let (metadata, max_held) = (forward::metadata_of(&headers), config.max_buffered);
             let content_type = dialect.content_type();
-            Box::new(Forward { upstream, path: path.as_str().into(), metadata, deadline, json, max_held, content_type })
+            let path = path.as_str().into();
+            Box::new(Forward { upstream, path, metadata, deadline, json, max_held, content_type, encoding })
         });
         let call = Call { method, metadata: &headers, deadline, ok, json, record: &mut record, upstream };
         drive::run(call, &mut input, &mut out).await;

@@ -174,13 +174,18 @@ pub struct Capture {
 impl Capture {
     /// The capture of a call to `path` with the request metadata
     /// `metadata`.
-    pub fn new(path: &str, metadata: &[(Box<str>, Bytes)], content_type: &'static str) -> Self {
-        let encoding = metadata.iter().find(|(n, _)| &**n == "grpc-encoding").map(|(_, v)| v);
+    pub fn new(
+        path: &str,
+        metadata: &[(Box<str>, Bytes)],
+        content_type: &'static str,
+        encoding: crate::protocol::compression::Encoding,
+    ) -> Self {
+        use crate::protocol::compression::Encoding;
         Capture {
             path: path.into(),
             request_names: metadata.iter().map(|(n, _)| n.clone()).collect(),
             content_type,
-            encoding: encoding.filter(|v| *v != "identity").map(|v| String::from_utf8_lossy(v).into()),
+            encoding: (encoding != Encoding::Identity).then(|| encoding.name().into()),
             ..Capture::default()
         }
     }
@@ -544,7 +549,7 @@ impl Writer {
             entries: Vec::new(),
             file: None,
         });
-        let mut changed = false;
+        let (mut changed, mut added) = (false, false);
         if let Some((client, server)) = raw {
             // Every raw recording answers as many calls as it saw.
             changed = true;
@@ -563,19 +568,24 @@ impl Writer {
                     _ => {
                         e.answers.push((answer, 1));
                         changed = true;
+                        added = true;
                     }
                 },
                 None => {
                     recording.entries.push(Entry { when, answers: vec![(answer, 1)] });
                     changed = true;
+                    added = true;
                 }
             }
         }
         if !changed {
             return;
         }
-        // Counted as if every call added its text (an upper bound).
-        self.held += grew;
+        // What the new rules hold (counted as the calls' whole text, an
+        // upper bound); a repeated call only counts one more.
+        if added {
+            self.held += grew;
+        }
         let dir = &self.options.dir;
         let recording = self.methods.get_mut(path).expect("just recorded");
         if recording.file.is_none() {

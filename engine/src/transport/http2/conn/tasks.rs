@@ -129,19 +129,20 @@ pub(super) fn start_job<'s>(conn: &Shared<'s>, job: Job<'s>) -> Task<'s> {
 /// A call forwarded to the upstream: the call layer's [`forward::run`]
 /// over the stream's queue of request messages.
 pub(super) async fn forward<'s>(h: Handle<'s>, first: Vec<Bytes>, deadline: Option<Instant>) {
-    let Some((upstream, path, metadata, json, max_held, content_type)) = h.with(|c| {
+    let Some((upstream, path, metadata, json, max_held, (content_type, encoding))) = h.with(|c| {
         let s = c.streams.get_mut(&h.id)?;
         let f = s.forward.take()?;
         let up = c.config.upstream.as_deref()?.route(&f.path)?;
         let json = s.method.json.as_ref().filter(|_| s.dialect.codec == Codec::Json);
-        Some((up, f.path, f.metadata, json, c.config.max_buffered, s.dialect.content_type()))
+        Some((up, f.path, f.metadata, json, c.config.max_buffered, (s.dialect.content_type(), s.encoding)))
     }) else {
         return;
     };
     let mut input = NativeIn(h.clone());
     let mut out = NativeOut(h.clone());
     let mut report = NativeReport(h.clone());
-    let f = Box::new(forward::Forward { upstream, path, metadata, deadline, json, max_held, content_type });
+    let f = forward::Forward { upstream, path, metadata, deadline, json, max_held, content_type, encoding };
+    let f = Box::new(f);
     tokio::select! {
         () = forward::run(f, first, &mut input, &mut out, &mut report) => {}
         () = h.gone() => {}
@@ -200,12 +201,12 @@ pub(super) async fn respond<'s>(h: Handle<'s>, answer: Answer<'s>, delay: Durati
 /// queue of request messages (reflection is answered here, message by
 /// message).
 pub(super) async fn duplex<'s>(h: Handle<'s>, deadline: Option<Instant>) {
-    let Some((method, metadata, dialect, ok, forwarding)) = h.with(|c| {
+    let Some((method, metadata, (dialect, encoding), ok, forwarding)) = h.with(|c| {
         let s = c.streams.get_mut(&h.id)?;
         // The metadata rules read, out of the connection's state for the
         // length of the call.
         let f = s.forward.take();
-        Some((s.method, s.metadata.clone(), s.dialect, &c.served.ok, f))
+        Some((s.method, s.metadata.clone(), (s.dialect, s.encoding), &c.served.ok, f))
     }) else {
         return;
     };
@@ -216,7 +217,7 @@ pub(super) async fn duplex<'s>(h: Handle<'s>, deadline: Option<Instant>) {
         let json = method.json.as_ref().filter(|_| json);
         let Forwarding { path, metadata } = *f;
         let content_type = dialect.content_type();
-        Box::new(forward::Forward { upstream, path, metadata, deadline, json, max_held, content_type })
+        Box::new(forward::Forward { upstream, path, metadata, deadline, json, max_held, content_type, encoding })
     });
     if method.builtin == Some(Builtin::Reflection) {
         return reflect(h, deadline).await;
