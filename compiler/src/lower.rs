@@ -68,18 +68,7 @@ pub fn lower(
         let (client, server) =
             docs.iter().map(|d| crate::raw::streaming(d.kind)).fold((false, false), |a, b| (a.0 || b.0, a.1 || b.1));
         let kind = plan::MethodKind::from_streaming(client, server);
-        let mut method = plan::Method {
-            path,
-            kind,
-            input_type: String::new(),
-            output_type: String::new(),
-            fields: Vec::new(),
-            metadata_keys: Vec::new(),
-            responses: Vec::new(),
-            rules: Vec::new(),
-            regexes: Vec::new(),
-            duplex: false,
-        };
+        let mut method = empty_method(path, kind, String::new(), String::new());
         add_raw(&mut method, docs);
         methods.push(method);
     }
@@ -107,18 +96,12 @@ fn lower_method(
     regexes: &[Vec<u8>],
     diags: &mut Diagnostics,
 ) -> plan::Method {
-    let mut method = plan::Method {
-        path: format!("/{}/{}", service.full_name(), m.name()),
-        kind: plan::MethodKind::from_streaming(m.is_client_streaming(), m.is_server_streaming()),
-        input_type: m.input().full_name().to_string(),
-        output_type: m.output().full_name().to_string(),
-        fields: Vec::new(),
-        metadata_keys: Vec::new(),
-        responses: Vec::new(),
-        rules: Vec::new(),
-        regexes: Vec::new(),
-        duplex: false,
-    };
+    let mut method = empty_method(
+        format!("/{}/{}", service.full_name(), m.name()),
+        plan::MethodKind::from_streaming(m.is_client_streaming(), m.is_server_streaming()),
+        m.input().full_name().to_string(),
+        m.output().full_name().to_string(),
+    );
     method.duplex = docs.iter().any(|d| d.duplex);
     if let Some(aggregate) = docs.iter().find(|d| !d.duplex).filter(|_| method.duplex) {
         let span = aggregate.responses.first().map(|r| r.span.clone());
@@ -291,6 +274,22 @@ fn add_raw(method: &mut plan::Method, mut docs: Vec<RawDoc>) {
     }
     if method.responses.iter().any(|r| r.times > 0) && !method.metadata_keys.iter().any(|k| k == SESSION_KEY) {
         method.metadata_keys.push(SESSION_KEY.to_string());
+    }
+}
+
+/// A method with no rules yet.
+fn empty_method(path: String, kind: plan::MethodKind, input_type: String, output_type: String) -> plan::Method {
+    plan::Method {
+        path,
+        kind,
+        input_type,
+        output_type,
+        fields: Vec::new(),
+        metadata_keys: Vec::new(),
+        responses: Vec::new(),
+        rules: Vec::new(),
+        regexes: Vec::new(),
+        duplex: false,
     }
 }
 

@@ -151,23 +151,11 @@ fn single_extension_ranges(text: &str) -> Option<String> {
     let mut i = 0;
     let word = |at: usize| at == 0 || !(b[at - 1].is_ascii_alphanumeric() || b[at - 1] == b'_' || b[at - 1] == b'.');
     while i < b.len() {
+        if let Some(next) = past_comment_or_string(text, i) {
+            i = next;
+            continue;
+        }
         match b[i] {
-            b'/' if b.get(i + 1) == Some(&b'/') => {
-                i = b[i..].iter().position(|&c| c == b'\n').map_or(b.len(), |n| i + n);
-                continue;
-            }
-            b'/' if b.get(i + 1) == Some(&b'*') => {
-                i = text[i + 2..].find("*/").map_or(b.len(), |n| i + 2 + n + 2);
-                continue;
-            }
-            q @ (b'"' | b'\'') => {
-                i += 1;
-                while i < b.len() && b[i] != q && b[i] != b'\n' {
-                    i += if b[i] == b'\\' { 2 } else { 1 };
-                }
-                i += 1;
-                continue;
-            }
             b'e' if word(i) && text[i..].starts_with("extensions") => {
                 let mut j = i + "extensions".len();
                 let space = j;
@@ -367,6 +355,25 @@ impl FileResolver for MemoryFileResolver {
 /// do not decode anyway, and messages nest at most 32 deep.
 pub const MAX_NESTING: usize = 128;
 
+/// Where scanning resumes when a comment or a string literal starts at
+/// byte `i` of a `.proto` text: past it (or at the end of its line, for an
+/// unterminated string or a line comment); None when neither starts there.
+fn past_comment_or_string(text: &str, i: usize) -> Option<usize> {
+    let b = text.as_bytes();
+    match b[i] {
+        b'/' if b.get(i + 1) == Some(&b'/') => Some(b[i..].iter().position(|&c| c == b'\n').map_or(b.len(), |n| i + n)),
+        b'/' if b.get(i + 1) == Some(&b'*') => Some(text[i + 2..].find("*/").map_or(b.len(), |n| i + 2 + n + 2)),
+        q @ (b'"' | b'\'') => {
+            let mut j = i + 1;
+            while j < b.len() && b[j] != q && b[j] != b'\n' {
+                j += if b[j] == b'\\' { 2 } else { 1 };
+            }
+            Some((j + 1).min(b.len()))
+        }
+        _ => None,
+    }
+}
+
 /// The byte offset of the first opening bracket nested deeper than
 /// [`MAX_NESTING`], outside comments and strings; None if there is none.
 fn nesting_past_limit(text: &str) -> Option<usize> {
@@ -374,20 +381,11 @@ fn nesting_past_limit(text: &str) -> Option<usize> {
     let mut depth = 0usize;
     let mut i = 0;
     while i < b.len() {
+        if let Some(next) = past_comment_or_string(text, i) {
+            i = next;
+            continue;
+        }
         match b[i] {
-            b'/' if b.get(i + 1) == Some(&b'/') => {
-                i = b[i..].iter().position(|&c| c == b'\n').map_or(b.len(), |n| i + n);
-            }
-            b'/' if b.get(i + 1) == Some(&b'*') => {
-                i = text[i + 2..].find("*/").map_or(b.len(), |n| i + 2 + n + 2);
-                continue;
-            }
-            q @ (b'"' | b'\'') => {
-                i += 1;
-                while i < b.len() && b[i] != q && b[i] != b'\n' {
-                    i += if b[i] == b'\\' { 2 } else { 1 };
-                }
-            }
             b'{' | b'[' | b'(' | b'<' => {
                 depth += 1;
                 if depth > MAX_NESTING {

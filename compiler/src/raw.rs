@@ -166,21 +166,7 @@ impl DocCx<'_> {
             Some((_, list)) => match &list.kind {
                 NodeKind::Seq(items) => {
                     for item in items {
-                        if !self.lenient {
-                            out.extend(self.raw_entry(item, kind, method.as_ref()));
-                            continue;
-                        }
-                        // Lenient: an entry with an error is left out.
-                        let mut local = crate::diag::Diagnostics::default();
-                        std::mem::swap(self.diags, &mut local);
-                        let e = self.raw_entry(item, kind, method.as_ref());
-                        std::mem::swap(self.diags, &mut local);
-                        if local.has_errors() {
-                            self.diags.extend_lenient(&local, "entry left out");
-                        } else {
-                            self.diags.extend(&local);
-                            out.extend(e);
-                        }
+                        out.extend(self.leniently(|cx| cx.raw_entry(item, kind, method.as_ref())));
                     }
                 }
                 _ => {
@@ -217,20 +203,6 @@ impl DocCx<'_> {
                 "trailers" => {
                     for (k, v) in self.expect_map(value, "`trailers`").unwrap_or_default() {
                         match k.scalar().unwrap_or_default() {
-                            "grpc-status" => match crate::rules::read_status(v) {
-                                Ok(s) => response.status = s,
-                                Err(e) => {
-                                    let d = self.err(&v.span, e);
-                                    self.diags.push(d);
-                                }
-                            },
-                            "grpc-message" => match values::read_string(v) {
-                                Ok(s) => response.message = plan::percent_encode_message(&s),
-                                Err(e) => {
-                                    let d = self.err(&v.span, e);
-                                    self.diags.push(d);
-                                }
-                            },
                             // Recorded rich error details travel as recorded.
                             crate::details::TRAILER => match values::read_string(v) {
                                 Ok(s) if base64_any(&s).is_some() && plan::is_valid_metadata_value(s.as_bytes()) => {
@@ -241,11 +213,7 @@ impl DocCx<'_> {
                                     self.diags.push(d);
                                 }
                             },
-                            _ => {
-                                if let Some(pair) = self.metadata_pair(k, v) {
-                                    response.trailers.push(pair);
-                                }
-                            }
+                            _ => self.trailer(k, v, &mut response),
                         }
                     }
                 }

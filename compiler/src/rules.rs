@@ -266,23 +266,7 @@ impl DocCx<'_> {
             Some((_, list)) => match &list.kind {
                 NodeKind::Seq(items) => {
                     for item in items {
-                        if !self.lenient {
-                            responses.extend(self.response(&method, item));
-                            continue;
-                        }
-                        // Lenient: an entry with an error is left out.
-                        let mut local = Diagnostics::default();
-                        std::mem::swap(self.diags, &mut local);
-                        let regexes_before = self.regexes.len();
-                        let r = self.response(&method, item);
-                        std::mem::swap(self.diags, &mut local);
-                        if local.has_errors() {
-                            self.regexes.truncate(regexes_before);
-                            self.diags.extend_lenient(&local, "entry left out");
-                        } else {
-                            self.diags.extend(&local);
-                            responses.extend(r);
-                        }
+                        responses.extend(self.leniently(|cx| cx.response(&method, item)));
                     }
                 }
                 _ => {
@@ -425,29 +409,10 @@ impl DocCx<'_> {
                 "trailers" => {
                     for (k, v) in self.expect_map(value, "`trailers`").unwrap_or_default() {
                         match k.scalar().unwrap_or_default() {
-                            "grpc-status" => match read_status(v) {
-                                Ok(s) => response.status = s,
-                                Err(e) => {
-                                    let d = self
-                                        .err(&v.span, e)
-                                        .with_help("use a code from 0 to 16 or its name, e.g. 5 or NOT_FOUND");
-                                    self.diags.push(d);
-                                }
-                            },
                             crate::details::TRAILER => self.diags.push(crate::details::hand_written(k)),
-                            "grpc-message" => match values::read_string(v) {
-                                Ok(s) => response.message = plan::percent_encode_message(&s),
-                                Err(e) => {
-                                    let d = self.err(&v.span, e);
-                                    self.diags.push(d);
-                                }
-                            },
+                            "grpc-status" | "grpc-message" => self.trailer(k, v, &mut response),
                             _ if crate::template::has_template(v) => templated.push((true, k, v)),
-                            _ => {
-                                if let Some(pair) = self.metadata_pair(k, v) {
-                                    response.trailers.push(pair);
-                                }
-                            }
+                            _ => self.trailer(k, v, &mut response),
                         }
                     }
                 }
@@ -799,6 +764,52 @@ impl DocCx<'_> {
             }
         }
         out
+    }
+
+    /// Checks one response entry; under `--lenient` an entry with an error
+    /// is left out (None), its errors made warnings.
+    pub(crate) fn leniently<T>(&mut self, check: impl FnOnce(&mut Self) -> Option<T>) -> Option<T> {
+        if !self.lenient {
+            return check(self);
+        }
+        let mut local = Diagnostics::default();
+        std::mem::swap(self.diags, &mut local);
+        let regexes_before = self.regexes.len();
+        let checked = check(self);
+        std::mem::swap(self.diags, &mut local);
+        if local.has_errors() {
+            self.regexes.truncate(regexes_before);
+            self.diags.extend_lenient(&local, "entry left out");
+            return None;
+        }
+        self.diags.extend(&local);
+        checked
+    }
+
+    /// One entry of `trailers` other than the details: the status, the
+    /// message, or trailing metadata.
+    pub(crate) fn trailer(&mut self, k: &Node, v: &Node, response: &mut plan::Response) {
+        match k.scalar().unwrap_or_default() {
+            "grpc-status" => match read_status(v) {
+                Ok(s) => response.status = s,
+                Err(e) => {
+                    let d = self.err(&v.span, e).with_help("use a code from 0 to 16 or its name, e.g. 5 or NOT_FOUND");
+                    self.diags.push(d);
+                }
+            },
+            "grpc-message" => match values::read_string(v) {
+                Ok(s) => response.message = plan::percent_encode_message(&s),
+                Err(e) => {
+                    let d = self.err(&v.span, e);
+                    self.diags.push(d);
+                }
+            },
+            _ => {
+                if let Some(pair) = self.metadata_pair(k, v) {
+                    response.trailers.push(pair);
+                }
+            }
+        }
     }
 
     /// The key of a metadata value that is a template: a valid name the

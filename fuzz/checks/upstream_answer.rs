@@ -81,27 +81,9 @@ fn recorded(data: &[u8]) {
     let shown = wirestub_engine::codec::wire_dump::dump(data, 160);
     assert!(shown.len() <= 160 + '…'.len_utf8(), "{} chars", shown.len());
     let (a, b) = data.split_at(data.len() / 2);
-    let method = |body: &[u8]| wirestub_plan::Method {
-        path: "/f.S/M".into(),
-        kind: wirestub_plan::MethodKind::Unary,
-        input_type: String::new(),
-        output_type: String::new(),
-        fields: vec![],
-        metadata_keys: vec![],
-        responses: vec![wirestub_plan::Response::default()],
-        rules: vec![wirestub_plan::Rule {
-            conditions: vec![],
-            response: 0,
-            priority: 0,
-            origin: String::new(),
-            raw: Some(Box::new(wirestub_plan::RawRequest { messages: vec![body.to_vec()], ..Default::default() })),
-        }],
-        duplex: false,
-        regexes: vec![],
-    };
-    let whole = raw::prepare(&method(data));
-    assert_eq!(raw::Call::new(&[a, b]).similarity(&whole[0]), 1.0);
-    let half = raw::prepare(&method(a));
-    let s = raw::Call::new(&[b]).similarity(&half[0]);
+    let whole = raw::recording(0, &[data.to_vec()]);
+    assert_eq!(raw::Call::new(&[a, b]).similarity(&whole), 1.0);
+    let half = raw::recording(0, &[a.to_vec()]);
+    let s = raw::Call::new(&[b]).similarity(&half);
     assert!((0.0..=1.0).contains(&s), "{s}");
 }

@@ -61,18 +61,21 @@ pub fn prepare(method: &Method) -> Vec<Recording> {
         .rules
         .iter()
         .enumerate()
-        .filter_map(|(i, r)| {
-            let raw = r.raw.as_deref()?;
-            let joined = join(raw.messages.iter().map(Vec::as_slice));
-            Some(Recording {
-                rule: i as u32,
-                messages: raw.messages.len(),
-                text: is_text(&joined),
-                shingles: shingles(&joined).into(),
-                joined: joined.into(),
-            })
-        })
+        .filter_map(|(i, r)| Some(recording(i as u32, &r.raw.as_deref()?.messages)))
         .collect()
+}
+
+/// Request messages prepared for comparison, as the recording of rule
+/// `rule`.
+pub fn recording(rule: u32, messages: &[Vec<u8>]) -> Recording {
+    let joined = join(messages.iter().map(Vec::as_slice));
+    Recording {
+        rule,
+        messages: messages.len(),
+        text: is_text(&joined),
+        shingles: shingles(&joined).into(),
+        joined: joined.into(),
+    }
 }
 
 /// A call's messages, joined once for all the comparisons.
@@ -194,32 +197,14 @@ mod tests {
 
     #[test]
     fn text_uses_edit_distance_and_binary_uses_shingles() {
-        let method = |body: &[u8]| Method {
-            path: "/p.S/M".into(),
-            kind: wirestub_plan::MethodKind::Unary,
-            input_type: String::new(),
-            output_type: String::new(),
-            fields: vec![],
-            metadata_keys: vec![],
-            responses: vec![wirestub_plan::Response::default()],
-            rules: vec![wirestub_plan::Rule {
-                conditions: vec![],
-                response: 0,
-                priority: 0,
-                origin: String::new(),
-                raw: Some(Box::new(wirestub_plan::RawRequest { messages: vec![body.to_vec()], ..Default::default() })),
-            }],
-            duplex: false,
-            regexes: vec![],
-        };
-        let r = prepare(&method(b"hello world"));
-        assert!(r[0].text);
-        let s = Call::new(&[b"hello worle"]).similarity(&r[0]);
+        let r = recording(0, &[b"hello world".to_vec()]);
+        assert!(r.text);
+        let s = Call::new(&[b"hello worle"]).similarity(&r);
         assert!((s - (1.0 - 1.0 / 11.0)).abs() < 1e-6, "{s}");
-        let r = prepare(&method(b"\x0a\x05hello\x10\x01"));
-        assert!(!r[0].text);
-        assert_eq!(Call::new(&[b"\x0a\x05hello\x10\x01"]).similarity(&r[0]), 1.0);
-        let s = Call::new(&[b"\x0a\x05hellp\x10\x01"]).similarity(&r[0]);
+        let r = recording(0, &[b"\x0a\x05hello\x10\x01".to_vec()]);
+        assert!(!r.text);
+        assert_eq!(Call::new(&[b"\x0a\x05hello\x10\x01"]).similarity(&r), 1.0);
+        let s = Call::new(&[b"\x0a\x05hellp\x10\x01"]).similarity(&r);
         assert!(s > 0.3 && s < 1.0, "{s}");
     }
 }

@@ -364,7 +364,7 @@ impl Writer {
             return self.warn_once(&c.path, "a value holds `{{`, which a rule file would read as a template");
         }
         let meta = self.metadata(&c.headers);
-        let ends = self.ending(pool, &c);
+        let ends = self.ending(Some(pool), &c);
         let pace = |from: usize| {
             let gaps: Vec<Duration> = c.replies.iter().skip(from + 1).map(|(_, d)| *d).collect();
             (self.options.pacing && !gaps.is_empty())
@@ -494,26 +494,7 @@ impl Writer {
         if !meta.is_empty() {
             answer.insert("metadata".into(), Json::Object(meta));
         }
-        let mut trailers = Map::new();
-        for (name, value) in &c.trailers {
-            if name == "grpc-status-details-bin" {
-                if c.status != 0 && wirestub_plan::is_valid_metadata_value(value) {
-                    trailers.insert(name.clone(), Json::String(String::from_utf8_lossy(value).into()));
-                }
-            } else if self.keeps(name) {
-                trailers.insert(name.clone(), Json::String(metadata_text(value)));
-            }
-        }
-        if c.status != 0 {
-            trailers.insert("grpc-status".into(), json!(if c.status <= 16 { c.status } else { 2 }));
-            let message = crate::codec::percent::decode(&c.message, false);
-            if !message.is_empty() {
-                trailers.insert("grpc-message".into(), Json::String(message));
-            }
-        }
-        if !trailers.is_empty() {
-            answer.insert("trailers".into(), Json::Object(trailers));
-        }
+        answer.extend(self.ending(None, &c));
         let shape = (c.requests.len() != 1, c.replies.len() > 1 || (c.replies.is_empty() && c.status == 0));
         self.merge(&c.path, service, name, false, Some(shape), vec![(when, Json::Object(answer))]);
     }
@@ -637,10 +618,16 @@ impl Writer {
 
     /// The end of the answer as a rule's `trailers` (status, message and
     /// trailing metadata) and `details`.
-    fn ending(&self, pool: &DescriptorPool, c: &Capture) -> Map<String, Json> {
+    /// Without descriptors (`pool` None: a raw recording) the details
+    /// stay the trailer they came as, base64.
+    fn ending(&self, pool: Option<&DescriptorPool>, c: &Capture) -> Map<String, Json> {
         let mut out = Map::new();
         let mut trailers = Map::new();
         for (name, value) in &c.trailers {
+            let raw_details = name == "grpc-status-details-bin" && pool.is_none() && c.status != 0;
+            if raw_details && wirestub_plan::is_valid_metadata_value(value) {
+                trailers.insert(name.clone(), Json::String(String::from_utf8_lossy(value).into()));
+            }
             if name == "grpc-status-details-bin" || !self.keeps(name) {
                 continue;
             }
@@ -653,7 +640,7 @@ impl Writer {
                 trailers.insert("grpc-message".into(), Json::String(message));
             }
             let details = c.trailers.iter().find(|(n, _)| n == "grpc-status-details-bin").map(|(_, v)| v);
-            if let Some(details) = details.and_then(|v| status_details(pool, v)) {
+            if let Some(details) = details.zip(pool).and_then(|(v, pool)| status_details(pool, v)) {
                 out.insert("details".into(), details);
             }
         }
