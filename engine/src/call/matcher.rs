@@ -191,10 +191,10 @@ impl<'a> Request<'a> {
             messages.push(last);
         }
         let complete = messages.len() == m.count;
-        let mut call = crate::call::raw::Call::new(&messages);
-        let threshold = crate::call::raw::threshold();
-        let mut near: SmallVec<[(f32, u32); 8]> = SmallVec::new();
-        'recordings: for rec in &self.method.raw {
+        // First the recordings whose staged conditions hold, and among
+        // them the identical ones; similarity only when none answers.
+        let mut staged: SmallVec<[usize; 16]> = SmallVec::new();
+        'recordings: for (i, rec) in self.method.raw.iter().enumerate() {
             let rule = &plan.rules[rec.rule as usize];
             let Some(recorded) = rule.raw.as_deref() else { continue };
             for c in &rule.conditions {
@@ -205,12 +205,17 @@ impl<'a> Request<'a> {
             let identical = complete
                 && recorded.messages.len() == messages.len()
                 && recorded.messages.iter().zip(&messages).all(|(a, b)| a.as_slice() == *b);
-            if identical {
-                if self.claim(rule.response) {
-                    return Ok(Some(rec.rule));
-                }
-                continue;
+            match identical {
+                true if self.claim(rule.response) => return Ok(Some(rec.rule)),
+                true => {}
+                false => staged.push(i),
             }
+        }
+        let mut call = crate::call::raw::Call::new(&messages);
+        let threshold = crate::call::raw::threshold();
+        let mut near: SmallVec<[(f32, u32); 8]> = SmallVec::new();
+        for i in staged {
+            let rec = &self.method.raw[i];
             let score = call.similarity(rec);
             if score >= threshold {
                 near.push((score, rec.rule));
