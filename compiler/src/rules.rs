@@ -587,7 +587,18 @@ impl DocCx<'_> {
         }
         for (trailer, k, v) in templated {
             let Some(name) = self.template_key(k) else { continue };
-            let Some(text) = v.scalar() else { continue };
+            let Some(text) = v.scalar() else {
+                let d = self.err(&v.span, format!("metadata values must be scalars, found {}", v.describe()));
+                self.diags.push(d);
+                continue;
+            };
+            if !name.ends_with("-bin") && !plan::is_valid_metadata_value(text.as_bytes()) {
+                let d = self
+                    .err(&v.span, format!("the value of `{name}` must be printable ASCII"))
+                    .with_help("use a `-bin` key for binary or non-ASCII values");
+                self.diags.push(d);
+                continue;
+            }
             let mut conditions = Cx { diags: self.diags, regexes: self.regexes };
             let mut t = crate::template::Compiler {
                 cx: &mut conditions,
@@ -597,6 +608,12 @@ impl DocCx<'_> {
                 enums: Vec::new(),
             };
             if let Some(parts) = t.text_value(text, &v.span) {
+                // A client-sized payload has no place in a header.
+                if parts.iter().any(|p| matches!(p, plan::Part::Expr(e) if has_fill(e))) {
+                    let d = self.err(&v.span, "`utils.bytes` is for message fields, not metadata values");
+                    self.diags.push(d);
+                    continue;
+                }
                 response.metadata_templates.push(plan::MetadataTemplate { trailer, name, parts });
             }
         }
@@ -797,6 +814,12 @@ impl DocCx<'_> {
                     self.diags.push(d);
                 }
             },
+            "grpc-message" if crate::template::has_template(v) => {
+                let name = k.scalar().unwrap_or_default();
+                let d = self
+                    .err(&v.span, format!("`{name}` holds `{{{{`: it is not rendered, it would be sent as written"));
+                self.diags.push(d.with_help("template a trailer of your own, e.g. `x-reason`"));
+            }
             "grpc-message" => match values::read_string(v) {
                 Ok(s) => response.message = plan::percent_encode_message(&s),
                 Err(e) => {
@@ -918,6 +941,16 @@ pub fn is_valid_session(name: &str) -> bool {
 }
 
 /// Where to point for a whole document: its first key.
+/// Whether an expression writes a `utils.bytes` payload.
+fn has_fill(e: &plan::Expr) -> bool {
+    match e {
+        plan::Expr::Fill(..) => true,
+        plan::Expr::Format(_, args) => args.iter().any(has_fill),
+        plan::Expr::Arith(l, _, r) => has_fill(l) || has_fill(r),
+        _ => false,
+    }
+}
+
 pub(crate) fn doc_span(doc: &Node) -> Span {
     match doc.map().and_then(|m| m.first()) {
         Some((k, _)) => k.span.clone(),

@@ -305,9 +305,13 @@ fn encode_number(text: &[u8], kind: ScalarKind, out: &mut Vec<u8>) -> bool {
     true
 }
 
+/// The longest rendered metadata value sent (a header, not a payload).
+pub const MAX_METADATA_VALUE: usize = 8 << 10;
+
 /// Renders templated metadata values: (headers, trailers) to add. A `-bin`
 /// key's value is the rendered bytes in base64; another key's is the text,
-/// left out when it is empty or not a valid header value.
+/// left out when it is empty, longer than [`MAX_METADATA_VALUE`] or not a
+/// valid header value.
 #[allow(clippy::type_complexity)]
 pub fn render_metadata(
     templates: &[wirestub_plan::MetadataTemplate],
@@ -324,7 +328,7 @@ pub fn render_metadata(
         } else {
             value
         };
-        if value.is_empty() || !wirestub_plan::is_valid_metadata_value(&value) {
+        if value.is_empty() || value.len() > MAX_METADATA_VALUE || !wirestub_plan::is_valid_metadata_value(&value) {
             continue;
         }
         match t.trailer {

@@ -495,7 +495,10 @@ impl Writer {
             answer.insert("metadata".into(), Json::Object(meta));
         }
         answer.extend(self.ending(None, &c));
-        let shape = (c.requests.len() != 1, c.replies.len() > 1 || (c.replies.is_empty() && c.status == 0));
+        // A unary answer has one message or an error, never both: replies
+        // then an error, or no reply and OK, is a server stream.
+        let server = c.replies.len() > 1 || (c.replies.is_empty() == (c.status == 0));
+        let shape = (c.requests.len() != 1, server);
         self.merge(&c.path, service, name, false, Some(shape), vec![(when, Json::Object(answer))]);
     }
 
