@@ -217,27 +217,14 @@ impl DocCx<'_> {
                         }
                     }
                 }
-                "delay_ms" => match values::read_int(value, 0, u32::MAX as i128, "delay_ms") {
-                    Ok(v) => response.delay_ms = v as u32,
-                    Err(e) => {
-                        let d = self.err(&value.span, e);
-                        self.diags.push(d);
-                    }
-                },
-                "stream_delay_ms" => match values::read_int(value, 0, u32::MAX as i128, "stream_delay_ms") {
-                    Ok(v) => stream_delay = v as u32,
-                    Err(e) => {
-                        let d = self.err(&value.span, e);
-                        self.diags.push(d);
-                    }
-                },
-                "times" => match values::read_int(value, 1, u32::MAX as i128, "times") {
-                    Ok(v) => response.times = v as u32,
-                    Err(e) => {
-                        let d = self.err(&value.span, e);
-                        self.diags.push(d);
-                    }
-                },
+                "delay_ms" => response.delay_ms = self.count(value, 0, "delay_ms", None).unwrap_or(response.delay_ms),
+                "stream_delay_ms" => {
+                    stream_delay = self.count(value, 0, "stream_delay_ms", None).unwrap_or(stream_delay)
+                }
+                "times" => {
+                    let help = Some(crate::rules::TIMES_HELP);
+                    response.times = self.count(value, 1, "times", help).unwrap_or(response.times)
+                }
                 _ => {
                     let d = self
                         .err(&key.span, format!("unknown key `{name}` in a raw response entry"))

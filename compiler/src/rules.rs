@@ -71,6 +71,8 @@ const RESPONSE_KEYS: &[&str] =
     &["when", "body", "metadata", "trailers", "details", "delay_ms", "latency", "fault", "times", "priority"];
 const STREAM_KEYS: &[&str] =
     &["stream_items", "stream_delay_ms", "stream_loop", "stream_random_order", "stream_error_after"];
+/// What `times` means, for its diagnostics.
+pub(crate) const TIMES_HELP: &str = "`times` is how many calls this response may answer, at least 1";
 /// Wishmock's pause between streamed items when the rule gives none.
 const DEFAULT_STREAM_DELAY_MS: u32 = 100;
 /// Header names a rule may not set: HTTP/2 connection headers and the ones
@@ -416,28 +418,14 @@ impl DocCx<'_> {
                         }
                     }
                 }
-                "delay_ms" => match values::read_int(value, 0, u32::MAX as i128, "delay_ms") {
-                    Ok(v) => response.delay_ms = v as u32,
-                    Err(e) => {
-                        let d = self.err(&value.span, e);
-                        self.diags.push(d);
-                    }
-                },
+                "delay_ms" => response.delay_ms = self.count(value, 0, "delay_ms", None).unwrap_or(response.delay_ms),
                 "latency" => {
                     if let Some(l) = self.latency(value) {
                         response.latency = l;
                     }
                 }
                 "fault" => response.fault = self.fault(value),
-                "times" => match values::read_int(value, 1, u32::MAX as i128, "times") {
-                    Ok(v) => response.times = v as u32,
-                    Err(e) => {
-                        let d = self
-                            .err(&value.span, e)
-                            .with_help("`times` is how many calls this response may answer, at least 1");
-                        self.diags.push(d);
-                    }
-                },
+                "times" => response.times = self.count(value, 1, "times", Some(TIMES_HELP)).unwrap_or(response.times),
                 "priority" => match values::read_int(value, i64::MIN as i128, i64::MAX as i128, "priority") {
                     Ok(v) => priority = v as i64,
                     Err(e) => {
@@ -465,13 +453,7 @@ impl DocCx<'_> {
                         self.diags.push(d);
                     }
                 },
-                "stream_delay_ms" => match values::read_int(value, 0, u32::MAX as i128, "stream_delay_ms") {
-                    Ok(v) => stream_delay = Some(v as u32),
-                    Err(e) => {
-                        let d = self.err(&value.span, e);
-                        self.diags.push(d);
-                    }
-                },
+                "stream_delay_ms" => stream_delay = self.count(value, 0, "stream_delay_ms", None).or(stream_delay),
                 "stream_loop" => {
                     match (values::read_bool(value), values::read_int(value, 1, u32::MAX as i128, "stream_loop")) {
                         // true: until the client cancels; a number: that many passes.
@@ -801,6 +783,22 @@ impl DocCx<'_> {
         }
         self.diags.extend(&local);
         checked
+    }
+
+    /// A whole number from `min` to `u32::MAX` (`delay_ms`, `times`, ...);
+    /// None, with a diagnostic, when the value is not one.
+    pub(crate) fn count(&mut self, value: &Node, min: u32, what: &str, help: Option<&str>) -> Option<u32> {
+        match values::read_int(value, min as i128, u32::MAX as i128, what) {
+            Ok(v) => Some(v as u32),
+            Err(e) => {
+                let mut d = self.err(&value.span, e);
+                if let Some(h) = help {
+                    d = d.with_help(h);
+                }
+                self.diags.push(d);
+                None
+            }
+        }
     }
 
     /// One entry of `trailers` other than the details: the status, the

@@ -610,11 +610,7 @@ def test_record_compile_replay(chat, tmp_path):
             recorded = calls(s)
         finally:
             channel.close()
-        # The recorder writes behind the calls.
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and len(list(record.glob("*.yaml"))) < 5:
-            time.sleep(0.05)
-        time.sleep(0.3)
+        wait_for_recordings(record, 5)
     finally:
         engine_process.stop(srv.proc)
         up.stop()
@@ -657,6 +653,16 @@ def test_record_compile_replay(chat, tmp_path):
     assert len(replayed) == len(recorded)
     for i, (a, b) in enumerate(zip(recorded, replayed)):
         assert a == b, (i, a, b)
+
+
+def wait_for_recordings(record: Path, files: int) -> None:
+    """The recorder writes behind the calls: waits (10 s at most) for
+    `files` rule files in `record`, then a little more for their last
+    rewrites."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and len(list(record.glob("*.yaml"))) < files:
+        time.sleep(0.05)
+    time.sleep(0.5)
 
 
 def tmp_path_factory_shim(tmp_path: Path):
@@ -823,10 +829,7 @@ def record_raw(chat, tmp_path, calls) -> Path:
             result = calls(s)
         finally:
             channel.close()
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and len(list(record.glob("*.yaml"))) < 4:
-            time.sleep(0.05)
-        time.sleep(0.5)
+        wait_for_recordings(record, 4)
     finally:
         engine_process.stop(srv.proc)
         up.stop()
@@ -984,9 +987,7 @@ def test_a_second_recording_run_keeps_the_first(chat, tmp_path):
                     s.GetRoom(pb.GetRoomRequest(room=room), timeout=10)
                 finally:
                     channel.close()
-                deadline = time.monotonic() + 10
-                while time.monotonic() < deadline and len(list(record.glob("*.yaml"))) < run + 1:
-                    time.sleep(0.05)
+                wait_for_recordings(record, run + 1)
             finally:
                 engine_process.stop(srv.proc)
     finally:

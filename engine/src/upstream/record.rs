@@ -172,6 +172,13 @@ pub struct Capture {
 }
 
 impl Capture {
+    /// Whether the status message or a metadata value holds `{{`, which a
+    /// rule file would read as a template.
+    fn texts_hold_braces(&self) -> bool {
+        self.message.contains("{{")
+            || self.headers.iter().chain(&self.trailers).any(|(_, v)| v.windows(2).any(|w| w == b"{{"))
+    }
+
     /// The capture of a call to `path` with the request metadata
     /// `metadata`.
     pub fn new(
@@ -357,10 +364,7 @@ impl Writer {
         let (Some(requests), Some(replies)) = (requests, replies) else {
             return self.warn_once(&c.path, "a message does not decode with the method's types");
         };
-        // Strings holding `{{` would read as templates in a rule file.
-        let texts = c.message.contains("{{")
-            || c.headers.iter().chain(&c.trailers).any(|(_, v)| v.windows(2).any(|w| w == b"{{"));
-        if texts || requests.iter().chain(&replies).any(|m| has_braces(&to_json(m))) {
+        if c.texts_hold_braces() || requests.iter().chain(&replies).any(|m| has_braces(&to_json(m))) {
             return self.warn_once(&c.path, "a value holds `{{`, which a rule file would read as a template");
         }
         let meta = self.metadata(&c.headers);
@@ -458,9 +462,7 @@ impl Writer {
     /// as base64, the names of its metadata, its protocol; the answer's
     /// messages, metadata and ending as received.
     fn record_raw(&mut self, c: Capture, service: &str, name: &str) {
-        if c.message.contains("{{")
-            || c.headers.iter().chain(&c.trailers).any(|(_, v)| v.windows(2).any(|w| w == b"{{"))
-        {
+        if c.texts_hold_braces() {
             return self.warn_once(&c.path, "a value holds `{{`, which a rule file would read as a template");
         }
         let b64 = |b: &[u8]| Json::String(base64::engine::general_purpose::STANDARD.encode(b));
