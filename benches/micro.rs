@@ -433,5 +433,44 @@ fn raw_replay(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, wire, matching, hpack, answers, raw_replay);
+/// Paths through repeated fields (tests/cases/repeated-paths): `[*]` and
+/// `[all]` conditions over a 10-item cart, and a body aggregating it.
+fn repeated_paths(c: &mut Criterion) {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/cases/repeated-paths");
+    let out = wirestub_compiler::compile(&wirestub_compiler::Options {
+        protos: vec![dir.join("protos")],
+        rules: vec![dir.join("rules")],
+        ..Default::default()
+    })
+    .unwrap_or_else(|d| panic!("{}", d.render()));
+    let served = wirestub_engine::load(&out.plan.to_bytes(), wirestub_engine::NoMatch::NotFound).unwrap();
+    let method = served.method("/cart.Cart/Check").unwrap();
+    let headers = http::HeaderMap::new();
+    // Order { id, items: 10 x { sku, size, kind: BOOK } }, the big one last.
+    let request = |id: &str| {
+        let mut m = Vec::new();
+        put_bytes_field(&mut m, 1, id.as_bytes());
+        for i in 0..10u64 {
+            let mut item = Vec::new();
+            put_bytes_field(&mut item, 1, format!("sku-{i}").as_bytes());
+            put_varint_field(&mut item, 2, if i == 9 { 50 } else { i });
+            put_varint_field(&mut item, 3, 1);
+            put_bytes_field(&mut m, 2, &item);
+        }
+        m
+    };
+    let mut group = c.benchmark_group("repeated_paths");
+    for (label, id) in [("any_of_10_items", "any"), ("all_of_10_items", "all"), ("aggregates_of_10_items", "sum")] {
+        let req = request(id);
+        let pick = |r: &[u8]| {
+            let one = [r];
+            wirestub_engine::call::pick(method, &Messages::one(&one), &headers).unwrap().body.len()
+        };
+        assert!(pick(&req) > 5, "{label} answers");
+        group.bench_function(label, |b| b.iter(|| pick(black_box(&req))));
+    }
+    group.finish();
+}
+
+criterion_group!(benches, wire, matching, hpack, answers, raw_replay, repeated_paths);
 criterion_main!(benches);

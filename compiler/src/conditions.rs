@@ -74,14 +74,31 @@ impl Cx<'_> {
     pub fn field_target(&mut self, input: &MessageDescriptor, path: &str, key: &Node) -> Option<Target> {
         let mut desc = input.clone();
         let mut numbers = Vec::new();
+        let mut picks: Vec<plan::Pick> = Vec::new();
         let segments: Vec<&str> = path.split('.').collect();
         let mut i = 0;
         while i < segments.len() {
-            let seg = segments[i];
             let last = i + 1 == segments.len();
+            let (seg, elem) = match split_pick(segments[i]) {
+                Ok(s) => s,
+                Err(e) => {
+                    self.error_help(&key.span, format!("`{path}`: {e}"), PICK_HELP);
+                    return None;
+                }
+            };
             let Some(field) = find_field(&desc, seg) else {
+                if elem.is_some() {
+                    self.error_help(
+                        &key.span,
+                        format!("unknown field `{seg}` in message `{}` (in path `{path}`)", desc.full_name()),
+                        suggest(seg, values::field_names(&desc).iter().map(String::as_str)),
+                    );
+                    return None;
+                }
                 if last {
-                    if let Some(oneof) = desc.oneofs().find(|o| o.name() == seg && !o.is_synthetic()) {
+                    if let Some(oneof) =
+                        desc.oneofs().find(|o| o.name() == seg && !o.is_synthetic()).filter(|_| picks.is_empty())
+                    {
                         let members = oneof.fields().map(|f| f.number()).collect();
                         let path = plan::FieldPath {
                             name: path.to_string(),
@@ -90,6 +107,7 @@ impl Cx<'_> {
                             default: plan::Value::I64(0),
                             shape: Shape::OneofCase { members },
                             message: MessageSel::Single,
+                            picks: picks.clone(),
                         };
                         return Some(Target::Field { path, kind: Kind::Message(desc.clone()), message: false });
                     }
@@ -104,6 +122,66 @@ impl Cx<'_> {
                 return None;
             };
             numbers.push(field.number());
+            if let Some(elem) = elem {
+                if !field.is_list() {
+                    let what = if field.is_map() { "a map, read by key (`name.key`)" } else { "not repeated" };
+                    self.error_help(&key.span, format!("field `{seg}` in path `{path}` is {what}"), PICK_HELP);
+                    return None;
+                }
+                let quantifier = |e: &plan::Elem| matches!(e, plan::Elem::Any | plan::Elem::All);
+                let quantifiers = picks.iter().map(|p| &p.elem).chain([&elem]).filter(|e| quantifier(e)).count();
+                if picks.len() >= plan::MAX_PICKS || quantifiers > 1 {
+                    self.error_help(
+                        &key.span,
+                        format!("`{path}` goes through too many repeated fields"),
+                        format!(
+                            "a path may pick in at most {} repeated fields, with at most one `[*]` or `[all]`",
+                            plan::MAX_PICKS
+                        ),
+                    );
+                    return None;
+                }
+                picks.push(plan::Pick { step: numbers.len() as u32 - 1, elem });
+                match field.kind() {
+                    Kind::Message(m) if !last => {
+                        desc = m;
+                        i += 1;
+                        continue;
+                    }
+                    _ if !last => {
+                        self.error(
+                            &key.span,
+                            format!(
+                                "field `{seg}` in path `{path}` is repeated {}, not a message",
+                                kind_name(&field.kind())
+                            ),
+                        );
+                        return None;
+                    }
+                    // The element itself: a scalar, or a message (only
+                    // presence can be tested).
+                    kind => {
+                        let (scalar, message) = match &kind {
+                            Kind::Message(_) => (plan::ScalarKind::Bytes, true),
+                            k => (crate::paths::scalar_kind(k), false),
+                        };
+                        let path = plan::FieldPath {
+                            name: path.to_string(),
+                            numbers,
+                            kind: scalar,
+                            default: zero_of(scalar),
+                            shape: Shape::Singular,
+                            message: MessageSel::Single,
+                            picks,
+                        };
+                        return Some(Target::Field { path, kind, message });
+                    }
+                }
+            }
+            if field.is_map() && !picks.is_empty() {
+                self.error(&key.span, format!("`{path}`: a map cannot be read through a repeated field yet"));
+                return None;
+            }
             if field.is_map() {
                 let Kind::Message(entry) = field.kind() else { return None };
                 let (kf, vf) = (entry.map_entry_key_field(), entry.map_entry_value_field());
@@ -142,6 +220,7 @@ impl Cx<'_> {
                     default: default_of(scalar, &vf.default_value()),
                     shape: Shape::MapValue { key_kind, key: key_value },
                     message: MessageSel::Single,
+                    picks: picks.clone(),
                 };
                 return Some(Target::Field { path, kind, message: false });
             }
@@ -149,8 +228,8 @@ impl Cx<'_> {
                 if !last {
                     self.error_help(
                         &key.span,
-                        format!("field `{seg}` in path `{path}` is repeated"),
-                        "paths cannot go through repeated fields yet; test the repeated field itself with `contains` or `len`",
+                        format!("field `{seg}` in path `{path}` is repeated: say which elements"),
+                        PICK_HELP,
                     );
                     return None;
                 }
@@ -165,6 +244,7 @@ impl Cx<'_> {
                     default: zero_of(scalar),
                     shape: Shape::Repeated,
                     message: MessageSel::Single,
+                    picks: picks.clone(),
                 };
                 return Some(Target::Field { path, kind: field.kind(), message });
             }
@@ -178,6 +258,7 @@ impl Cx<'_> {
                         default: plan::Value::Bytes(Vec::new()),
                         shape: Shape::Singular,
                         message: MessageSel::Single,
+                        picks: picks.clone(),
                     };
                     return Some(Target::Field { path, kind: Kind::Message(m), message: true });
                 }
@@ -198,6 +279,7 @@ impl Cx<'_> {
                         default: default_of(scalar, &field.default_value()),
                         shape: Shape::Singular,
                         message: MessageSel::Single,
+                        picks: picks.clone(),
                     };
                     return Some(Target::Field { path, kind, message: false });
                 }
@@ -215,7 +297,28 @@ impl Cx<'_> {
             Some((h, r)) => (h, Some(r)),
             None => (path, None),
         };
+        // `items[0]`, `items[-1]` and `items[*]` name messages of the stream.
+        let picked = match (head, rest) {
+            ("items[0]", Some(r)) => Some((MessageSel::First, r)),
+            ("items[-1]", Some(r)) => Some((MessageSel::Last, r)),
+            ("items[*]" | "items[any]", Some(r)) => Some((MessageSel::Each, r)),
+            (h, _) if h.starts_with("items[") => match split_pick(h) {
+                Ok((_, Some(plan::Elem::Index(n)))) if n >= 0 && rest.is_some() => {
+                    Some((MessageSel::Nth(n as u32), rest.unwrap_or_default()))
+                }
+                _ => {
+                    self.error_help(
+                        &key.span,
+                        format!("`{path}`: the messages of a client stream are `items[N]`, `items[-1]` or `items[*]`, followed by a field"),
+                        "e.g. `items[0].name`, `items[-1].name`, or `sum(request.items[*].size)` in a template; `count` is the number of messages",
+                    );
+                    return None;
+                }
+            },
+            _ => None,
+        };
         let (message, rest) = match (head, rest) {
+            _ if picked.is_some() => picked.unwrap_or((MessageSel::First, "")),
             ("count", None) => {
                 let path = plan::FieldPath {
                     name: path.to_string(),
@@ -224,6 +327,7 @@ impl Cx<'_> {
                     default: plan::Value::U64(0),
                     shape: Shape::Singular,
                     message: MessageSel::Count,
+                    picks: Vec::new(),
                 };
                 return Some(Target::Field { path, kind: Kind::Uint64, message: false });
             }
@@ -707,4 +811,30 @@ pub fn read_literal(node: &Node, kind: &Kind) -> Result<plan::Value, (String, Op
             plan::Value::I64(values::read_enum(node, e)? as i64)
         }
     })
+}
+
+/// How picks are written, for diagnostics.
+const PICK_HELP: &str =
+    "pick elements of a repeated field: `items[0].size`, `items[-1].size` (the last), `items[*].size` (any element) or `items[all].size` (every element)";
+
+/// Splits a path segment into the field name and the elements it picks:
+/// `items[0]`, `items[-1]`, `items[*]` (or `[any]`) and `items[all]`.
+pub fn split_pick(seg: &str) -> Result<(&str, Option<plan::Elem>), String> {
+    let Some(open) = seg.find('[') else { return Ok((seg, None)) };
+    let (name, rest) = seg.split_at(open);
+    let Some(inner) = rest.strip_prefix('[').and_then(|r| r.strip_suffix(']')) else {
+        return Err(format!("`{seg}` is not `name[index]`"));
+    };
+    let elem = match inner.trim() {
+        "*" | "any" => plan::Elem::Any,
+        "all" => plan::Elem::All,
+        n => match n.parse::<i32>() {
+            Ok(i) if i.unsigned_abs() < 1 << 24 => plan::Elem::Index(i),
+            _ => return Err(format!("`[{inner}]` is not an index, `*`, `any` or `all`")),
+        },
+    };
+    if name.is_empty() {
+        return Err(format!("`{seg}` names no field"));
+    }
+    Ok((name, Some(elem)))
 }

@@ -302,7 +302,11 @@ fn intern(
     let source = match &c.source {
         CondSource::Field(path) => {
             let same = |f: &plan::FieldPath| {
-                f.numbers == path.numbers && f.shape == path.shape && f.kind == path.kind && f.message == path.message
+                f.numbers == path.numbers
+                    && f.shape == path.shape
+                    && f.kind == path.kind
+                    && f.message == path.message
+                    && f.picks == path.picks
             };
             let i = match method.fields.iter().position(same) {
                 Some(i) => i,
@@ -344,7 +348,7 @@ fn remap_template(pieces: &mut [plan::Piece], refs: &[plan::Source]) {
                     plan::Source::Metadata(k) => plan::Expr::Metadata(k),
                 }
             }
-            plan::Expr::EnumName(i, _) => {
+            plan::Expr::EnumName(i, _) | plan::Expr::Aggregate(i, _) => {
                 if let plan::Source::Field(f) = refs[*i as usize] {
                     *i = f;
                 }

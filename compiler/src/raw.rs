@@ -387,6 +387,7 @@ fn typed_conditions(messages: &[Vec<u8>], kind: plan::MethodKind, input: &Messag
                 default: plan::Value::U64(0),
                 shape: plan::Shape::Singular,
                 message: MessageSel::Count,
+                picks: Vec::new(),
             };
             let n = plan::Value::U64(messages.len() as u64);
             out.push(Cond { source: CondSource::Field(count), test: plan::Test::Op(plan::Op::Eq(n)) });
@@ -428,6 +429,7 @@ fn set_fields(m: &DynamicMessage, sel: plan::MessageSel, numbers: &[u32], prefix
             default: crate::paths::to_plan_value(&field.default_value(), kind),
             shape,
             message: sel,
+            picks: Vec::new(),
         };
         let test = match value {
             Value::List(items) => {

@@ -689,16 +689,55 @@ impl DocCx<'_> {
         Some(latency)
     }
 
-    /// `fault: { rate: 0.1, status: UNAVAILABLE, message: "..." }` or
-    /// `fault: { rate: 0.05, drop: true }`.
+    /// `fault: { rate: 0.1, status: UNAVAILABLE, message: "..." }`,
+    /// `fault: { rate: 0.05, drop: true }`, or a transport fault:
+    /// `reset: CANCEL`, `goaway: graceful | immediate`, `close: true`,
+    /// `stall: { write_ms | read_ms: N }`, `trickle: { bytes, every_ms }`
+    /// or `malformed_frame: true`, each with an optional `after: N`
+    /// (response messages sent first).
     fn fault(&mut self, node: &Node) -> Option<plan::Fault> {
-        const KEYS: &[&str] = &["rate", "status", "message", "drop"];
+        const KEYS: &[&str] = &[
+            "rate",
+            "status",
+            "message",
+            "drop",
+            "reset",
+            "goaway",
+            "close",
+            "stall",
+            "trickle",
+            "malformed_frame",
+            "after",
+        ];
         let entries = self.expect_map(node, "`fault`")?;
-        let mut fault = plan::Fault { rate: 0.0, drop: false, status: 14, message: String::new() };
+        let mut fault = plan::Fault { rate: 0.0, drop: false, status: 14, message: String::new(), transport: None };
         let mut ok = true;
         let mut has_rate = false;
+        // Keys that make it a status fault, and the transport action.
+        let mut status_keys: Option<&Span> = None;
+        let mut action: Option<(plan::Transport, &Span)> = None;
+        let mut after: Option<(u32, &Span)> = None;
         for (k, v) in entries {
-            match k.scalar().unwrap_or_default() {
+            let key = k.scalar().unwrap_or_default();
+            let mut read_action = |this: &mut Self, a: Result<plan::Transport, String>| match a {
+                Ok(_) if action.is_some() => {
+                    let d = this
+                        .err(&k.span, format!("a fault does one thing: `{key}` comes after another transport fault"))
+                        .with_help("write one of reset, goaway, close, stall, trickle or malformed_frame");
+                    this.diags.push(d);
+                    false
+                }
+                Ok(a) => {
+                    action = Some((a, &k.span));
+                    true
+                }
+                Err(e) => {
+                    let d = this.err(&v.span, e);
+                    this.diags.push(d);
+                    false
+                }
+            };
+            match key {
                 "rate" => match values::read_float(v, "rate") {
                     Ok(r) if r > 0.0 && r <= 1.0 => {
                         fault.rate = r;
@@ -712,26 +751,73 @@ impl DocCx<'_> {
                         ok = false;
                     }
                 },
-                "status" => match read_status(v) {
-                    Ok(0) | Err(_) => {
-                        let d = self.err(&v.span, "a fault's `status` is an error code, 1 to 16 or its name");
-                        self.diags.push(d);
-                        ok = false;
+                "status" => {
+                    status_keys = Some(&k.span);
+                    match read_status(v) {
+                        Ok(0) | Err(_) => {
+                            let d = self.err(&v.span, "a fault's `status` is an error code, 1 to 16 or its name");
+                            self.diags.push(d);
+                            ok = false;
+                        }
+                        Ok(s) => fault.status = s,
                     }
-                    Ok(s) => fault.status = s,
-                },
-                "message" => match values::read_string(v) {
-                    Ok(m) => fault.message = plan::percent_encode_message(&m),
-                    Err(e) => {
-                        let d = self.err(&v.span, e);
-                        self.diags.push(d);
-                        ok = false;
+                }
+                "message" => {
+                    status_keys = Some(&k.span);
+                    match values::read_string(v) {
+                        Ok(m) => fault.message = plan::percent_encode_message(&m),
+                        Err(e) => {
+                            let d = self.err(&v.span, e);
+                            self.diags.push(d);
+                            ok = false;
+                        }
                     }
-                },
-                "drop" => match values::read_bool(v) {
-                    Ok(b) => fault.drop = b,
+                }
+                "drop" => {
+                    status_keys = Some(&k.span);
+                    match values::read_bool(v) {
+                        Ok(b) => fault.drop = b,
+                        Err(e) => {
+                            let d = self.err(&v.span, e);
+                            self.diags.push(d);
+                            ok = false;
+                        }
+                    }
+                }
+                "reset" => ok &= read_action(self, read_h2_code(v).map(plan::Transport::Reset)),
+                "goaway" => {
+                    let a = match v.scalar() {
+                        Some("graceful") => Ok(plan::Transport::GoAway { graceful: true }),
+                        Some("immediate") => Ok(plan::Transport::GoAway { graceful: false }),
+                        Some(other) => Err(format!("`goaway` is `graceful` or `immediate`, not `{other}`")),
+                        None => Err(format!("`goaway` is `graceful` or `immediate`, not {}", v.describe())),
+                    };
+                    ok &= read_action(self, a);
+                }
+                "close" | "malformed_frame" => {
+                    let a = match values::read_bool(v) {
+                        Ok(true) if key == "close" => Ok(plan::Transport::Close),
+                        Ok(true) => Ok(plan::Transport::Malformed),
+                        Ok(false) => Err(format!("`{key}: false` asks for nothing; leave it out")),
+                        Err(e) => Err(e),
+                    };
+                    ok &= read_action(self, a);
+                }
+                "stall" => {
+                    let a = self.ms_pair(v, "stall", &["write_ms", "read_ms"]).map(|(k, ms)| match k {
+                        "write_ms" => plan::Transport::StallWrite(ms),
+                        _ => plan::Transport::StallRead(ms),
+                    });
+                    ok &= read_action(self, a);
+                }
+                "trickle" => {
+                    let a = self.trickle(v);
+                    ok &= read_action(self, a);
+                }
+                "after" => match values::read_int(v, 0, u32::MAX as i128, "after") {
+                    Ok(n) => after = Some((n as u32, &k.span)),
                     Err(e) => {
-                        let d = self.err(&v.span, e);
+                        let d = self.err(&v.span, e).with_help("the number of response messages sent before the fault");
                         self.diags.push(d);
                         ok = false;
                     }
@@ -745,6 +831,26 @@ impl DocCx<'_> {
                 }
             }
         }
+        match (action, status_keys, after) {
+            (Some(_), Some(span), _) => {
+                let d = self
+                    .err(span, "a transport fault has no status: the client sees the connection or stream fail")
+                    .with_help("write `status`/`message`/`drop` or a transport fault (reset, goaway, close, stall, trickle, malformed_frame), not both");
+                self.diags.push(d);
+                ok = false;
+            }
+            (None, _, Some((_, span))) => {
+                let d = self
+                    .err(span, "`after` places a transport fault; this fault has none")
+                    .with_help("e.g. `fault: { rate: 1, reset: CANCEL, after: 2 }`");
+                self.diags.push(d);
+                ok = false;
+            }
+            (Some((a, _)), None, after) => {
+                fault.transport = Some(plan::TransportFault { after: after.map_or(0, |(n, _)| n), action: a });
+            }
+            (None, _, None) => {}
+        }
         if !has_rate && ok {
             let d = self
                 .err(&node.span, "`fault` needs a `rate`")
@@ -753,6 +859,39 @@ impl DocCx<'_> {
             ok = false;
         }
         ok.then_some(fault)
+    }
+
+    /// `{ key: N }` with one key of `keys`, N milliseconds (at most a day).
+    fn ms_pair<'k>(&mut self, node: &Node, what: &str, keys: &[&'k str]) -> Result<(&'k str, u32), String> {
+        let entries = match &node.kind {
+            NodeKind::Map(entries) if entries.len() == 1 => entries,
+            _ => return Err(format!("`{what}` is `{{ {}: N }}` (milliseconds)", keys.join(": N }` or `{ "))),
+        };
+        let (k, v) = &entries[0];
+        let name = k.scalar().unwrap_or_default();
+        let Some(key) = keys.iter().find(|x| **x == name) else {
+            return Err(format!("`{what}` takes {}, not `{name}`", keys.join(" or ")));
+        };
+        let ms = values::read_int(v, 0, 86_400_000, "milliseconds")?;
+        Ok((key, ms as u32))
+    }
+
+    /// `trickle: { bytes: N, every_ms: M }`.
+    fn trickle(&mut self, node: &Node) -> Result<plan::Transport, String> {
+        let help = "`trickle` is `{ bytes: N, every_ms: M }`: N bytes (at least 1) every M ms (at most 60000)";
+        let NodeKind::Map(entries) = &node.kind else { return Err(help.into()) };
+        let (mut bytes, mut every) = (None, None);
+        for (k, v) in entries {
+            match k.scalar().unwrap_or_default() {
+                "bytes" => bytes = Some(values::read_int(v, 1, 1 << 20, "bytes")? as u32),
+                "every_ms" => every = Some(values::read_int(v, 0, 60_000, "every_ms")? as u32),
+                _ => return Err(help.into()),
+            }
+        }
+        match (bytes, every) {
+            (Some(bytes), Some(every_ms)) => Ok(plan::Transport::Trickle { bytes, every_ms }),
+            _ => Err(help.into()),
+        }
     }
 
     pub(crate) fn metadata_pairs(&mut self, node: &Node, what: &str) -> Vec<(String, Vec<u8>)> {
@@ -923,6 +1062,13 @@ impl DocCx<'_> {
         let mut cx = Cx { diags: self.diags, regexes: self.regexes };
         let target =
             if self.aggregate { cx.aggregate_target(input, path, key)? } else { cx.field_target(input, path, key)? };
+        if matches!(&target, Target::Field { path, .. } if path.message == plan::MessageSel::Each) {
+            cx.diags.push(
+                Diagnostic::error(Some(key.span.clone()), format!("`{path}`: a condition cannot read every message of the stream"))
+                    .with_help("test `items[0]`, `items[-1]` or `items[N]`; `items[*]` is for aggregates in templates, e.g. `{{sum(request.items[*].size)}}`"),
+            );
+            return None;
+        }
         let test = cx.condition(value, &target)?;
         let Target::Field { path, .. } = target else { return None };
         Some(Cond { source: CondSource::Field(path), test })
@@ -954,6 +1100,23 @@ pub(crate) fn doc_span(doc: &Node) -> Span {
         Some((k, _)) => k.span.clone(),
         None => doc.span.clone(),
     }
+}
+
+/// An HTTP/2 error code: its name (RFC 9113 §7) or number.
+fn read_h2_code(node: &Node) -> Result<u32, String> {
+    let text = node.scalar().ok_or_else(|| format!("expected an HTTP/2 error code, found {}", node.describe()))?;
+    if let Ok(n) = text.trim().parse::<u32>() {
+        if n <= 0xff {
+            return Ok(n);
+        }
+    }
+    let upper = text.trim().to_ascii_uppercase();
+    plan::H2_ERROR_NAMES.iter().position(|n| *n == upper).map(|p| p as u32).ok_or_else(|| {
+        match crate::diag::near_miss(&upper, plan::H2_ERROR_NAMES.iter().copied()) {
+            Some(near) => format!("`{text}` is not an HTTP/2 error code; did you mean `{near}`?"),
+            None => format!("`{text}` is not an HTTP/2 error code (NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, REFUSED_STREAM, CANCEL, ENHANCE_YOUR_CALM, ... or a number)"),
+        }
+    })
 }
 
 pub(crate) fn read_status(node: &Node) -> Result<u8, String> {

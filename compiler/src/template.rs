@@ -94,6 +94,7 @@ fn enum_of(input: &MessageDescriptor, path: &str) -> Option<prost_reflect::EnumD
     let segments: Vec<&str> = path.split('.').collect();
     let mut desc = input.clone();
     for (n, seg) in segments.iter().enumerate() {
+        let seg = seg.split('[').next().unwrap_or(seg);
         let Some(f) = find_field(&desc, seg) else { continue };
         let last = n + 1 == segments.len();
         if f.is_map() {
@@ -105,7 +106,7 @@ fn enum_of(input: &MessageDescriptor, path: &str) -> Option<prost_reflect::EnumD
         }
         match f.kind() {
             Kind::Message(m) if !last => desc = m,
-            Kind::Enum(e) if last => return Some(e),
+            Kind::Enum(e) if last && (!f.is_list() || segments[n].contains('[')) => return Some(e),
             _ => return None,
         }
     }
@@ -337,11 +338,11 @@ impl Compiler<'_, '_> {
                 self.cx.field_target(&self.input, path, &node)?
             };
             let Target::Field { path: fp, message, .. } = target else { return None };
-            if message || fp.shape == Shape::Repeated {
+            if message || fp.is_multi() {
                 return bad(
                     self,
                     format!("`{name}` is not a single value"),
-                    "templates read singular fields, map entries and oneof cases",
+                    "templates read singular fields, elements (`items[0].x`), map entries and oneof cases; aggregate many values with count(), sum(), min() or max()",
                 );
             }
             let is_enum =
@@ -387,6 +388,38 @@ impl Compiler<'_, '_> {
             };
         }
         bad(self, format!("unknown name `{name}`"), "names start with request., metadata., stream. or utils.")
+    }
+
+    /// Resolves `count(path)`, `sum(path)`, `min(path)` or `max(path)`:
+    /// the path must read many values (a repeated field, a path through
+    /// `[*]` or `[all]`, or `items[*]` of a client stream), numbers for all
+    /// but `count`.
+    fn aggregate(&mut self, agg: plan::Agg, arg: &str, span: &Span, source: &str) -> Option<Expr> {
+        let bad = |c: &mut Self, msg: String| {
+            let help = "e.g. count(request.items), sum(request.items[*].size), max(request.scores); in a client stream, sum(request.items[*].size) adds a field of every message";
+            c.error(span, format!("in template `{{{{{source}}}}}`: {msg}"), Some(help));
+            None
+        };
+        let Some(path) = arg.strip_prefix("request.") else {
+            return bad(self, format!("`{}` takes a request path, not `{arg}`", agg.name()));
+        };
+        let node = Node { kind: NodeKind::Scalar { text: path.to_string(), plain: true }, span: span.clone() };
+        let target = if self.scope.aggregate {
+            self.cx.aggregate_target(&self.input, path, &node)?
+        } else {
+            self.cx.field_target(&self.input, path, &node)?
+        };
+        let Target::Field { path: fp, .. } = target else { return None };
+        if !fp.is_multi() {
+            return bad(self, format!("`{arg}` is a single value, not a list to {}", agg.name()));
+        }
+        let numeric =
+            matches!(fp.kind.value_class(), plan::ValueClass::I64 | plan::ValueClass::U64 | plan::ValueClass::F64);
+        if agg != plan::Agg::Count && !numeric {
+            return bad(self, format!("`{}` needs numbers; `{arg}` is {}", agg.name(), fp.kind.name()));
+        }
+        self.refs.push(CondSource::Field(fp));
+        Some(Expr::Aggregate(self.refs.len() as u32 - 1, agg))
     }
 }
 
@@ -453,10 +486,16 @@ fn tokenize(s: &str) -> Result<Vec<Token>, String> {
             }
             _ if c.is_ascii_alphabetic() || c == b'_' => {
                 let start = i;
-                while i < b.len() && (b[i].is_ascii_alphanumeric() || matches!(b[i], b'_' | b'.' | b'-')) {
+                while i < b.len() && (b[i].is_ascii_alphanumeric() || matches!(b[i], b'_' | b'.' | b'-' | b'[')) {
                     // A `-` belongs to a name only inside metadata keys.
                     if b[i] == b'-' && !s[start..i].starts_with("metadata.") {
                         break;
+                    }
+                    // `items[0]`, `items[-1]`, `items[*]`: the brackets
+                    // belong to the name.
+                    if b[i] == b'[' {
+                        let close = s[i..].find(']').ok_or("unclosed `[`")?;
+                        i += close;
                     }
                     i += 1;
                 }
@@ -527,6 +566,16 @@ impl Parser {
                 _ => fail(c, "`-` goes before a number".into()),
             },
             Some(Token::Str(s)) => Some(Expr::Str(s.into_bytes())),
+            Some(Token::Name(name)) if self.peek() == Some(&Token::Open) && aggregate_of(&name).is_some() => {
+                let agg = aggregate_of(&name)?;
+                match (self.tokens.get(self.pos + 1).cloned(), self.tokens.get(self.pos + 2)) {
+                    (Some(Token::Name(arg)), Some(Token::Close)) => {
+                        self.pos += 3;
+                        c.aggregate(agg, &arg, span, src)
+                    }
+                    _ => fail(c, format!("`{name}` takes one request path, e.g. {name}(request.items[*].size)")),
+                }
+            }
             Some(Token::Name(name)) if self.peek() == Some(&Token::Open) => {
                 self.pos += 1;
                 if self.calls >= MAX_EXPR_DEPTH {
@@ -553,6 +602,18 @@ impl Parser {
             None => fail(c, "empty expression".into()),
         }
     }
+}
+
+/// The aggregate a function name calls for, if it is one (`utils.` is
+/// optional).
+fn aggregate_of(name: &str) -> Option<plan::Agg> {
+    Some(match name.strip_prefix("utils.").unwrap_or(name) {
+        "count" => plan::Agg::Count,
+        "sum" => plan::Agg::Sum,
+        "min" => plan::Agg::Min,
+        "max" => plan::Agg::Max,
+        _ => return None,
+    })
 }
 
 fn call(c: &mut Compiler, name: &str, args: Vec<Expr>, span: &Span, src: &str) -> Option<Expr> {
@@ -594,7 +655,7 @@ fn call(c: &mut Compiler, name: &str, args: Vec<Expr>, span: &Span, src: &str) -
         _ => fail(
             c,
             format!("unknown function `{name}`"),
-            "functions are utils.now(), utils.uuid(), utils.random(a, b), utils.format(text, ...) and utils.bytes(n)",
+            "functions are utils.now(), utils.uuid(), utils.random(a, b), utils.format(text, ...), utils.bytes(n), and count, sum, min and max of a list",
         ),
     }
 }

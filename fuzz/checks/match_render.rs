@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use wirestub_compiler::{compile, Options};
 use wirestub_engine::call::matcher::{Messages, Request};
+use wirestub_engine::call::picks::Fold;
 use wirestub_engine::call::template::{render, Context};
 use wirestub_engine::protocol::grpc::{check_unary, Framing};
 use wirestub_engine::served::ServedMethod;
@@ -101,7 +102,17 @@ pub fn check(data: &[u8]) {
                 // What the server keeps of a client stream.
                 let head: Vec<&[u8]> = messages.iter().copied().take(method.keep).collect();
                 let last = messages.get(method.keep..).and_then(|l| l.last().copied()).or(head.last().copied());
-                pick(method, &Messages { head: &head, last, count: messages.len() }, &headers);
+                // Aggregates over every message, folded as the server does.
+                let folds: Vec<_> = method
+                    .each
+                    .iter()
+                    .map(|&i| {
+                        let mut fold = Fold::default();
+                        let f = &method.plan.fields[i as usize];
+                        messages.iter().try_for_each(|m| fold.add_message(f, m)).map(|_| fold)
+                    })
+                    .collect();
+                pick(method, &Messages { head: &head, last, count: messages.len(), folds: &folds }, &headers);
             }
         }
     }

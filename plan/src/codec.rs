@@ -12,7 +12,9 @@
 //!              | shape (tag 1: 0 singular, 1 repeated, 2 map value: key kind (1)
 //!                key (Value), 3 oneof case: members (count, u32...))  [v2]
 //!              | message (tag 1: 0 single, 1 first, 2 last, 3 nth: index (4),
-//!                4 count)  [v3]
+//!                4 count, 5 each [v7])  [v3]
+//!              | picks (count, step (4) elem (tag 1: 0 index: i32 (4), 1 any,
+//!                2 all))  [v7]
 //! Value        tag (1: 0 i64, 1 u64, 2 f64, 3 bool, 4 bytes) | payload
 //! Response     status (1) | message (str) | body (bytes) | headers (pairs)
 //!              | trailers (pairs) | delay_ms (4)
@@ -22,6 +24,11 @@
 //!              | latency (tag 1: 0 fixed, 1 uniform, 2 normal, 3 log-normal;
 //!                then two f64 for 1-3) | fault (1: 0 none, 1: rate (8)
 //!                drop (1) status (1) message (str)) | times (4)  [v5]
+//!              | metadata templates (count, trailer (1) name (str) parts)  [v6]
+//!              | transport fault (1: 0 none, 1: after (4) action (tag 1:
+//!                0 reset: code (4), 1 goaway: graceful (1), 2 close,
+//!                3 stall write: ms (4), 4 stall read: ms (4), 5 trickle:
+//!                bytes (4) every ms (4), 6 malformed))  [v7]
 //! Template     pieces (count, Piece...)
 //! Piece        tag (1: 0 bytes: bytes, 1 nested: key (bytes) pieces,
 //!              2 text: key (bytes) parts, 3 number: key (bytes) kind (1) parts)
@@ -29,7 +36,10 @@
 //! Expr         tag (1: 0 field (4), 1 metadata (4), 2 stream index, 3 total,
 //!              4 is-first, 5 is-last, 6 now, 7 uuid, 8 random int (8, 8),
 //!              9 random float (8, 8), 10 format: bytes (count, Expr...),
-//!              11 number (8), 12 string: bytes, 13 arith: Expr op (1) Expr)
+//!              11 number (8), 12 string: bytes, 13 arith: Expr op (1) Expr,
+//!              14 enum name: field (4) (count, number (4) name (bytes)...),
+//!              15 fill: Expr pattern (bytes) [v6], 16 aggregate: field (4)
+//!              agg (1: 0 count, 1 sum, 2 min, 3 max) [v7])
 //! Rule         conditions (count, Condition...) | response (4) | priority (8)
 //!              | origin (str)
 //! Condition    source tag (1: 0 field, 1 metadata) | index (4) | Test
@@ -39,6 +49,9 @@
 //! str, bytes   length (4) | bytes
 //! ```
 //!
+//! Version 6 had no picks into repeated fields, no `each` message selector
+//! and no aggregates.
+//! Version 5 had no raw recordings, metadata templates, enum names or fills.
 //! Version 4 had no latency distributions, faults or call limits.
 //! Version 3 had no templates.
 //! Version 2 had no message selectors, streams or duplex flag.
@@ -406,6 +419,11 @@ fn put_expr(out: &mut Vec<u8>, e: &Expr) {
             put_expr(out, n);
             put_bytes(out, pattern);
         }
+        Expr::Aggregate(i, agg) => {
+            out.push(16);
+            put_u32(out, *i);
+            out.push(*agg as u8);
+        }
         Expr::EnumName(i, names) => {
             out.push(14);
             put_u32(out, *i);
@@ -459,6 +477,19 @@ fn write_methods(out: &mut Vec<u8>, methods: &[Method]) {
                     put_u32(out, n);
                 }
                 MessageSel::Count => out.push(4),
+                MessageSel::Each => out.push(5),
+            }
+            put_u32(out, f.picks.len() as u32);
+            for p in &f.picks {
+                put_u32(out, p.step);
+                match p.elem {
+                    Elem::Index(i) => {
+                        out.push(0);
+                        put_u32(out, i as u32);
+                    }
+                    Elem::Any => out.push(1),
+                    Elem::All => out.push(2),
+                }
             }
         }
         put_u32(out, m.metadata_keys.len() as u32);
@@ -521,6 +552,38 @@ fn write_methods(out: &mut Vec<u8>, methods: &[Method]) {
                 out.push(t.trailer as u8);
                 put_bytes(out, t.name.as_bytes());
                 put_parts(out, &t.parts);
+            }
+            match r.fault.as_ref().and_then(|f| f.transport) {
+                None => out.push(0),
+                Some(t) => {
+                    out.push(1);
+                    put_u32(out, t.after);
+                    match t.action {
+                        Transport::Reset(code) => {
+                            out.push(0);
+                            put_u32(out, code);
+                        }
+                        Transport::GoAway { graceful } => {
+                            out.push(1);
+                            out.push(graceful as u8);
+                        }
+                        Transport::Close => out.push(2),
+                        Transport::StallWrite(ms) => {
+                            out.push(3);
+                            put_u32(out, ms);
+                        }
+                        Transport::StallRead(ms) => {
+                            out.push(4);
+                            put_u32(out, ms);
+                        }
+                        Transport::Trickle { bytes, every_ms } => {
+                            out.push(5);
+                            put_u32(out, bytes);
+                            put_u32(out, every_ms);
+                        }
+                        Transport::Malformed => out.push(6),
+                    }
+                }
             }
         }
         put_u32(out, m.regexes.len() as u32);
@@ -793,6 +856,17 @@ impl Reader<'_> {
                 }
                 Expr::Fill(Box::new(n), pattern)
             }
+            16 if self.version >= 7 => {
+                let field = self.u32(at)?;
+                let agg = match self.u8(at)? {
+                    0 => Agg::Count,
+                    1 => Agg::Sum,
+                    2 => Agg::Min,
+                    3 => Agg::Max,
+                    t => return Err(LoadError::invalid(at(), format!("unknown aggregate {t}"))),
+                };
+                Expr::Aggregate(field, agg)
+            }
             t => return Err(LoadError::invalid(at(), format!("unknown template expression {t}"))),
         })
     }
@@ -847,12 +921,25 @@ impl Reader<'_> {
 }
 
 /// Checks that every expression of a template refers to a field and a
-/// metadata key the method has.
-fn check_template(t: &Template, fields: usize, keys: usize) -> Result<(), String> {
-    fn expr(e: &Expr, fields: usize, keys: usize) -> Result<(), String> {
+/// metadata key the method has, that single values are read from paths
+/// with one value and aggregates from paths with many (numeric ones for
+/// all but `count`).
+fn check_template(t: &Template, fields: &[FieldPath], keys: usize) -> Result<(), String> {
+    fn expr(e: &Expr, fields: &[FieldPath], keys: usize) -> Result<(), String> {
         match e {
-            Expr::Field(i) | Expr::EnumName(i, _) if *i as usize >= fields => {
+            Expr::Field(i) | Expr::EnumName(i, _) | Expr::Aggregate(i, _) if *i as usize >= fields.len() => {
                 Err(format!("template field index {i} out of range"))
+            }
+            Expr::Field(i) | Expr::EnumName(i, _) if fields[*i as usize].is_multi() => {
+                Err(format!("template field {i} reads several values"))
+            }
+            Expr::Aggregate(i, agg) => {
+                let f = &fields[*i as usize];
+                let numeric = matches!(f.kind.value_class(), ValueClass::I64 | ValueClass::U64 | ValueClass::F64);
+                match (f.is_multi(), *agg == Agg::Count || numeric) {
+                    (true, true) => Ok(()),
+                    _ => Err(format!("template aggregate over field {i} does not fit it")),
+                }
             }
             Expr::Metadata(i) if *i as usize >= keys => Err(format!("template metadata index {i} out of range")),
             Expr::Format(_, args) => args.iter().try_for_each(|a| expr(a, fields, keys)),
@@ -861,7 +948,7 @@ fn check_template(t: &Template, fields: usize, keys: usize) -> Result<(), String
             _ => Ok(()),
         }
     }
-    fn pieces(ps: &[Piece], fields: usize, keys: usize) -> Result<(), String> {
+    fn pieces(ps: &[Piece], fields: &[FieldPath], keys: usize) -> Result<(), String> {
         for p in ps {
             match p {
                 Piece::Bytes(_) => {}
@@ -1009,9 +1096,40 @@ fn read_methods(r: &mut Reader) -> Result<Vec<Method>, LoadError> {
                     2 => MessageSel::Last,
                     3 => MessageSel::Nth(r.u32(&at)?),
                     4 => MessageSel::Count,
+                    5 if r.version >= 7 => MessageSel::Each,
                     t => return Err(LoadError::invalid(at(), format!("unknown message selector {t}"))),
                 }
             };
+            let mut picks = Vec::new();
+            if r.version >= 7 {
+                let n = r.count(&at)?;
+                if n > MAX_PICKS {
+                    return Err(LoadError::invalid(at(), format!("more than {MAX_PICKS} picks")));
+                }
+                for _ in 0..n {
+                    let step = r.u32(&at)?;
+                    let elem = match r.u8(&at)? {
+                        0 => Elem::Index(r.u32(&at)? as i32),
+                        1 => Elem::Any,
+                        2 => Elem::All,
+                        t => return Err(LoadError::invalid(at(), format!("unknown pick {t}"))),
+                    };
+                    if picks.last().is_some_and(|p: &Pick| p.step >= step) || step as usize >= numbers.len() {
+                        return Err(LoadError::invalid(at(), "picks out of order or past the path"));
+                    }
+                    picks.push(Pick { step, elem });
+                }
+                let quantifiers = picks.iter().filter(|p| matches!(p.elem, Elem::Any | Elem::All)).count();
+                let fits_shape = match shape {
+                    Shape::Singular => true,
+                    // A repeated leaf is read whole in each element picked.
+                    Shape::Repeated => picks.last().is_none_or(|p| p.step as usize + 1 < numbers.len()),
+                    _ => picks.is_empty(),
+                };
+                if quantifiers > 1 || !fits_shape || (message == MessageSel::Count && !picks.is_empty()) {
+                    return Err(LoadError::invalid(at(), "picks do not fit the path"));
+                }
+            }
             if message == MessageSel::Count && !(numbers.is_empty() && kind == ScalarKind::Uint64) {
                 return Err(LoadError::invalid(at(), "a message count is a uint64 with no field path"));
             }
@@ -1019,7 +1137,7 @@ fn read_methods(r: &mut Reader) -> Result<Vec<Method>, LoadError> {
             if numbers.is_empty() && !matches!(shape, Shape::OneofCase { .. }) && message != MessageSel::Count {
                 return Err(LoadError::invalid(at(), "empty field path"));
             }
-            fields.push(FieldPath { name, numbers, kind, default, shape, message });
+            fields.push(FieldPath { name, numbers, kind, default, shape, message, picks });
         }
 
         let nk = r.count(&|| at("metadata keys"))?;
@@ -1079,7 +1197,7 @@ fn read_methods(r: &mut Reader) -> Result<Vec<Method>, LoadError> {
                     }
                     let pieces = r.pieces(&at, 0)?;
                     let template = Template { pieces };
-                    check_template(&template, fields.len(), metadata_keys.len())
+                    check_template(&template, &fields, metadata_keys.len())
                         .map_err(|why| LoadError::invalid(at(), why))?;
                     response.templates.push((slot, template));
                 }
@@ -1124,7 +1242,7 @@ fn read_methods(r: &mut Reader) -> Result<Vec<Method>, LoadError> {
                         if status == 0 || status > 16 || !is_valid_metadata_value(message.as_bytes()) {
                             return Err(LoadError::invalid(at(), "fault status or message invalid"));
                         }
-                        Some(Fault { rate, drop, status, message })
+                        Some(Fault { rate, drop, status, message, transport: None })
                     }
                     t => return Err(LoadError::invalid(at(), format!("unknown fault tag {t}"))),
                 };
@@ -1144,9 +1262,32 @@ fn read_methods(r: &mut Reader) -> Result<Vec<Method>, LoadError> {
                     }
                     let parts = r.parts(&at)?;
                     let as_template = Template { pieces: vec![Piece::Text { key: vec![10], parts: parts.clone() }] };
-                    check_template(&as_template, fields.len(), metadata_keys.len())
+                    check_template(&as_template, &fields, metadata_keys.len())
                         .map_err(|why| LoadError::invalid(at(), why))?;
                     response.metadata_templates.push(MetadataTemplate { trailer, name, parts });
+                }
+            }
+            if r.version >= 7 && r.u8(&at)? == 1 {
+                let after = r.u32(&at)?;
+                let action = match r.u8(&at)? {
+                    0 => Transport::Reset(r.u32(&at)?),
+                    1 => Transport::GoAway { graceful: r.u8(&at)? != 0 },
+                    2 => Transport::Close,
+                    3 => Transport::StallWrite(r.u32(&at)?),
+                    4 => Transport::StallRead(r.u32(&at)?),
+                    5 => Transport::Trickle { bytes: r.u32(&at)?, every_ms: r.u32(&at)? },
+                    6 => Transport::Malformed,
+                    t => return Err(LoadError::invalid(at(), format!("unknown transport fault {t}"))),
+                };
+                let sane = match action {
+                    Transport::Reset(code) => code <= 0xff,
+                    Transport::StallWrite(ms) | Transport::StallRead(ms) => ms <= 86_400_000,
+                    Transport::Trickle { bytes, every_ms } => bytes >= 1 && every_ms <= 60_000,
+                    _ => true,
+                };
+                match &mut response.fault {
+                    Some(f) if sane && !f.drop => f.transport = Some(TransportFault { after, action }),
+                    _ => return Err(LoadError::invalid(at(), "transport fault without a fault, or out of range")),
                 }
             }
             responses.push(response);
@@ -1178,6 +1319,9 @@ fn read_methods(r: &mut Reader) -> Result<Vec<Method>, LoadError> {
                             Shape::Repeated => View::Repeated(class),
                             _ => View::Scalar(class),
                         };
+                        if f.message == MessageSel::Each {
+                            return Err(LoadError::invalid(at(), "a condition reads every message of a stream"));
+                        }
                         (Source::Field(i), view)
                     }
                     1 => {
@@ -1259,6 +1403,7 @@ mod tests {
                         default: Value::Bytes(vec![]),
                         shape: Shape::Singular,
                         message: MessageSel::Single,
+                        picks: Vec::new(),
                     },
                     FieldPath {
                         name: "tags".into(),
@@ -1267,6 +1412,7 @@ mod tests {
                         default: Value::I64(0),
                         shape: Shape::Repeated,
                         message: MessageSel::Single,
+                        picks: Vec::new(),
                     },
                     FieldPath {
                         name: "attrs.color".into(),
@@ -1275,6 +1421,7 @@ mod tests {
                         default: Value::F64(0.0),
                         shape: Shape::MapValue { key_kind: ScalarKind::String, key: Value::Bytes(b"color".to_vec()) },
                         message: MessageSel::Single,
+                        picks: Vec::new(),
                     },
                     FieldPath {
                         name: "result".into(),
@@ -1283,6 +1430,25 @@ mod tests {
                         default: Value::I64(0),
                         shape: Shape::OneofCase { members: vec![5, 6] },
                         message: MessageSel::Last,
+                        picks: Vec::new(),
+                    },
+                    FieldPath {
+                        name: "items[-1].tags[*].size".into(),
+                        numbers: vec![7, 2, 1],
+                        kind: ScalarKind::Uint32,
+                        default: Value::U64(0),
+                        shape: Shape::Singular,
+                        message: MessageSel::Single,
+                        picks: vec![Pick { step: 0, elem: Elem::Index(-1) }, Pick { step: 1, elem: Elem::Any }],
+                    },
+                    FieldPath {
+                        name: "items[*].n".into(),
+                        numbers: vec![1],
+                        kind: ScalarKind::Int64,
+                        default: Value::I64(0),
+                        shape: Shape::Singular,
+                        message: MessageSel::Each,
+                        picks: vec![],
                     },
                 ],
                 metadata_keys: vec!["x-tenant".into()],
@@ -1294,8 +1460,30 @@ mod tests {
                         stream_repeat: 0,
                         stream_random_order: true,
                         latency: Latency::LogNormal { median: 20.0, p99: 250.0 },
-                        fault: Some(Fault { rate: 0.25, drop: false, status: 14, message: "x".into() }),
+                        fault: Some(Fault {
+                            rate: 0.25,
+                            drop: false,
+                            status: 14,
+                            message: "x".into(),
+                            transport: Some(TransportFault {
+                                after: 2,
+                                action: Transport::Trickle { bytes: 3, every_ms: 7 },
+                            }),
+                        }),
                         times: 2,
+                        templates: vec![(
+                            0,
+                            Template {
+                                pieces: vec![Piece::Text {
+                                    key: vec![10],
+                                    parts: vec![
+                                        Part::Expr(Expr::Aggregate(4, Agg::Sum)),
+                                        Part::Expr(Expr::Aggregate(5, Agg::Max)),
+                                        Part::Expr(Expr::Aggregate(1, Agg::Count)),
+                                    ],
+                                }],
+                            },
+                        )],
                         ..Default::default()
                     },
                     Response {
@@ -1325,6 +1513,7 @@ mod tests {
                                 ]))),
                             },
                             Condition { source: Source::Field(3), test: Test::Op(Op::Eq(Value::I64(6))) },
+                            Condition { source: Source::Field(4), test: Test::Op(Op::Gt(Value::U64(6))) },
                             Condition { source: Source::Metadata(0), test: Test::Op(Op::Lt(Value::F64(10.0))) },
                         ],
                         response: 1,

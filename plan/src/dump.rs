@@ -74,6 +74,7 @@ pub(crate) fn dump(plan: &Plan, body: &dyn Fn(&Method, &[u8]) -> String) -> Stri
                 MessageSel::Last => format!("{shape} of the last message"),
                 MessageSel::Nth(n) => format!("{shape} of message {n}"),
                 MessageSel::Count => " (number of messages)".to_string(),
+                MessageSel::Each => format!("{shape} of every message"),
             };
             let _ = writeln!(
                 s,

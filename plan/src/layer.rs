@@ -15,7 +15,7 @@
 //! indices are left exactly as they are.
 
 use crate::codec::MAX_TEST_DEPTH;
-use crate::{Expr, FieldPath, MessageSel, Method, Op, Part, Piece, Plan, Shape, Source, Test, Value};
+use crate::{Elem, Expr, FieldPath, MessageSel, Method, Op, Part, Piece, Plan, Shape, Source, Test, Value};
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 use std::hash::Hash;
@@ -260,6 +260,18 @@ fn field_key(f: &FieldPath) -> Vec<u8> {
             out.extend_from_slice(&n.to_le_bytes());
         }
         MessageSel::Count => out.push(4),
+        MessageSel::Each => out.push(5),
+    }
+    for p in &f.picks {
+        out.extend_from_slice(&p.step.to_le_bytes());
+        match p.elem {
+            Elem::Index(i) => {
+                out.push(0);
+                out.extend_from_slice(&i.to_le_bytes());
+            }
+            Elem::Any => out.push(1),
+            Elem::All => out.push(2),
+        }
     }
     out
 }
@@ -336,7 +348,9 @@ impl Remap<'_> {
             return Err("template expression nested too deeply".into());
         }
         match e {
-            Expr::Field(i) | Expr::EnumName(i, _) => *i = lookup(self.fields, *i, "template field")?,
+            Expr::Field(i) | Expr::EnumName(i, _) | Expr::Aggregate(i, _) => {
+                *i = lookup(self.fields, *i, "template field")?
+            }
             Expr::Metadata(i) => *i = lookup(self.keys, *i, "template metadata")?,
             Expr::Format(_, args) => {
                 for a in args {
@@ -574,6 +588,7 @@ mod tests {
             default: Value::Bytes(vec![]),
             shape: Shape::Singular,
             message: MessageSel::Single,
+            picks: Vec::new(),
         }
     }
 
@@ -585,6 +600,7 @@ mod tests {
             default: Value::I64(0),
             shape: Shape::Singular,
             message: MessageSel::Single,
+            picks: Vec::new(),
         }
     }
 
@@ -1065,7 +1081,13 @@ mod tests {
 
     fn random_expr(rng: &mut Rng, m: &Method, depth: usize) -> Expr {
         match rng.below(if depth >= 2 { 4 } else { 6 }) {
-            0 if !m.fields.is_empty() => Expr::Field(rng.below(m.fields.len()) as u32),
+            0 if !m.fields.is_empty() => {
+                let i = rng.below(m.fields.len()) as u32;
+                match m.fields[i as usize].is_multi() {
+                    true => Expr::Aggregate(i, Agg::Count),
+                    false => Expr::Field(i),
+                }
+            }
             1 if !m.metadata_keys.is_empty() => Expr::Metadata(rng.below(m.metadata_keys.len()) as u32),
             2 => Expr::RandomInt(1, 6),
             4 => Expr::Format(b"%s-%s".to_vec(), vec![random_expr(rng, m, depth + 1), random_expr(rng, m, depth + 1)]),
@@ -1179,6 +1201,7 @@ mod tests {
         fn expr(m: &Method, e: &Expr) -> String {
             match e {
                 Expr::Field(i) => format!("{:?}", m.fields[*i as usize]),
+                Expr::Aggregate(i, agg) => format!("{agg:?} {:?}", m.fields[*i as usize]),
                 Expr::Metadata(i) => format!("meta {}", m.metadata_keys[*i as usize]),
                 Expr::Format(f, args) => {
                     format!("format({f:?}, {})", args.iter().map(|a| expr(m, a)).collect::<Vec<_>>().join(", "))

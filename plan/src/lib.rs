@@ -36,7 +36,7 @@ pub use layer::layer;
 /// First eight bytes of every plan file.
 pub const MAGIC: [u8; 8] = *b"WSTBPLAN";
 /// The layout version this crate writes. It also reads every earlier version.
-pub const VERSION: u32 = 6;
+pub const VERSION: u32 = 7;
 /// The oldest layout version this crate still reads.
 pub const OLDEST_VERSION: u32 = 1;
 
@@ -129,7 +129,51 @@ pub struct FieldPath {
     pub shape: Shape,
     /// Which request message of the call the path reads.
     pub message: MessageSel,
+    /// The steps that go into a repeated field, in path order, and which of
+    /// its elements the path goes on in (`items[0].size`, `items[*].size`).
+    /// A step before the last is then a repeated message field; a pick on
+    /// the last step reads that element itself. At most one pick is a
+    /// quantifier ([`Elem::Any`] or [`Elem::All`]).
+    pub picks: Vec<Pick>,
 }
+
+impl FieldPath {
+    /// The quantifier of the path, if one of its picks is.
+    pub fn quantifier(&self) -> Option<Elem> {
+        self.picks.iter().map(|p| p.elem).find(|e| matches!(e, Elem::Any | Elem::All))
+    }
+
+    /// Whether the path reads several values: through a quantifier, a
+    /// repeated field at its end or every message of a client stream.
+    /// Such a path is read by aggregates in templates, not as one value.
+    pub fn is_multi(&self) -> bool {
+        self.quantifier().is_some() || self.shape == Shape::Repeated || self.message == MessageSel::Each
+    }
+}
+
+/// A step of a [`FieldPath`] into a repeated field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pick {
+    /// Index into [`FieldPath::numbers`] of the repeated field.
+    pub step: u32,
+    pub elem: Elem,
+}
+
+/// Which elements of a repeated field a path goes on in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Elem {
+    /// The element at this position; negative counts from the end (-1 is
+    /// the last). An element the field lacks reads as absent.
+    Index(i32),
+    /// Any element: a test holds if it holds for at least one.
+    Any,
+    /// Every element: a test holds if it holds for all of them (and so
+    /// when there are none).
+    All,
+}
+
+/// The most picks one path may have.
+pub const MAX_PICKS: usize = 4;
 
 /// Which message of a call a field path reads. Unary and server-streaming
 /// calls have one request message; for client-streaming and aggregated
@@ -147,6 +191,9 @@ pub enum MessageSel {
     /// Not a field: the number of messages received (`numbers` is empty,
     /// kind Uint64).
     Count,
+    /// Every message of a client stream, each read as it arrives: only
+    /// aggregates in templates read such a path (`sum(request.items[*].n)`).
+    Each,
 }
 
 /// How a field path is read from the request.
@@ -531,6 +578,34 @@ pub enum Expr {
     /// rounded down; bounded by the engine's send limit), the pattern
     /// repeated (one zero byte for none).
     Fill(Box<Expr>, Vec<u8>),
+    /// An aggregate of the values a multi-valued path reads (see
+    /// [`FieldPath::is_multi`]; index into [`Method::fields`]).
+    Aggregate(u32, Agg),
+}
+
+/// What an [`Expr::Aggregate`] computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Agg {
+    /// How many values (0 for none).
+    Count = 0,
+    /// Their sum (0 for none); numeric paths only.
+    Sum = 1,
+    /// The least; empty for none; numeric paths only.
+    Min = 2,
+    /// The greatest; empty for none; numeric paths only.
+    Max = 3,
+}
+
+impl Agg {
+    pub fn name(self) -> &'static str {
+        match self {
+            Agg::Count => "count",
+            Agg::Sum => "sum",
+            Agg::Min => "min",
+            Agg::Max => "max",
+        }
+    }
 }
 
 impl Default for Response {
@@ -587,6 +662,104 @@ pub struct Fault {
     pub status: u8,
     /// Its message, percent-encoded.
     pub message: String,
+    /// A fault below gRPC, on the HTTP/2 stream or connection, instead of
+    /// a status (then `drop` is false).
+    pub transport: Option<TransportFault>,
+}
+
+/// A fault on the HTTP/2 stream or connection of a call.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TransportFault {
+    /// How many response messages go out first; it fires before the call
+    /// ends if fewer do.
+    pub after: u32,
+    pub action: Transport,
+}
+
+/// What a transport fault does.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Transport {
+    /// RST_STREAM with this HTTP/2 error code.
+    Reset(u32),
+    /// GOAWAY: graceful lets the calls in flight finish; immediate closes
+    /// the connection after it.
+    GoAway { graceful: bool },
+    /// Closes the TCP connection (no GOAWAY).
+    Close,
+    /// Stops writing to the connection for this many milliseconds.
+    StallWrite(u32),
+    /// Stops reading from the connection for this many milliseconds.
+    StallRead(u32),
+    /// Writes the connection's output `bytes` at a time, one write every
+    /// `every_ms`, until the call ends.
+    Trickle { bytes: u32, every_ms: u32 },
+    /// Sends a frame the protocol forbids (a DATA frame on stream 0) and
+    /// closes the connection.
+    Malformed,
+}
+
+/// The names of the HTTP/2 error codes (RFC 9113 §7), indexed by code.
+pub const H2_ERROR_NAMES: [&str; 14] = [
+    "NO_ERROR",
+    "PROTOCOL_ERROR",
+    "INTERNAL_ERROR",
+    "FLOW_CONTROL_ERROR",
+    "SETTINGS_TIMEOUT",
+    "STREAM_CLOSED",
+    "FRAME_SIZE_ERROR",
+    "REFUSED_STREAM",
+    "CANCEL",
+    "COMPRESSION_ERROR",
+    "CONNECT_ERROR",
+    "ENHANCE_YOUR_CALM",
+    "INADEQUATE_SECURITY",
+    "HTTP_1_1_REQUIRED",
+];
+
+impl TransportFault {
+    /// The fault as the journal and the logs name it.
+    pub fn describe(&self) -> String {
+        let what = match self.action {
+            Transport::Reset(code) => match H2_ERROR_NAMES.get(code as usize) {
+                Some(name) => format!("RST_STREAM {name}"),
+                None => format!("RST_STREAM {code:#x}"),
+            },
+            Transport::GoAway { graceful: true } => "GOAWAY (graceful)".into(),
+            Transport::GoAway { graceful: false } => "GOAWAY (immediate)".into(),
+            Transport::Close => "TCP close".into(),
+            Transport::StallWrite(ms) => format!("writes stalled {ms} ms"),
+            Transport::StallRead(ms) => format!("reads stalled {ms} ms"),
+            Transport::Trickle { bytes, every_ms } => format!("trickle {bytes} bytes every {every_ms} ms"),
+            Transport::Malformed => "malformed frame".into(),
+        };
+        format!("{what} after {} message(s)", self.after)
+    }
+
+    /// The short name metrics count it under.
+    pub fn kind(&self) -> &'static str {
+        match self.action {
+            Transport::Reset(_) => "reset",
+            Transport::GoAway { graceful: true } => "goaway_graceful",
+            Transport::GoAway { graceful: false } => "goaway_immediate",
+            Transport::Close => "close",
+            Transport::StallWrite(_) => "stall_write",
+            Transport::StallRead(_) => "stall_read",
+            Transport::Trickle { .. } => "trickle",
+            Transport::Malformed => "malformed",
+        }
+    }
+
+    /// Whether the call goes on after it (a stall, a trickle, a graceful
+    /// GOAWAY) rather than ending there.
+    pub fn call_goes_on(&self) -> bool {
+        matches!(
+            self.action,
+            Transport::StallWrite(_)
+                | Transport::StallRead(_)
+                | Transport::Trickle { .. }
+                | Transport::GoAway { graceful: true }
+        )
+    }
 }
 
 /// Frames a protobuf message as one uncompressed gRPC message.

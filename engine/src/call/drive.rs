@@ -14,7 +14,9 @@
 
 use super::forward::{self, Forward};
 use super::matcher::{Closest, Messages, Metadata};
+use super::picks::Fold;
 use super::{deadline_exceeded, fault_fires, pick_explained, prepare_fault, sleep_until, Answer, Schedule};
+use crate::codec::wire::Malformed;
 use crate::protocol::grpc::{Code, Status};
 use crate::served::{status_answer, Prepared, ServedMethod};
 use bytes::Bytes;
@@ -246,9 +248,18 @@ where
             // forward::HOLD; past either, the call is the mock's.
             let mut held = keep_all.map(crate::budget::Held::new);
             let mut kept = 0usize;
+            // Aggregates over every message, folded as each arrives.
+            let mut folds: Vec<Result<Fold, Malformed>> = vec![Ok(Fold::default()); method.each.len()];
             while let Some(m) = input.next().await? {
                 count += 1;
                 record.message(&m);
+                for (fold, &i) in folds.iter_mut().zip(&method.each) {
+                    if let Ok(f) = fold {
+                        if let Err(e) = f.add_message(&method.plan.fields[i as usize], &m) {
+                            *fold = Err(e);
+                        }
+                    }
+                }
                 if let Some(h) = &mut held {
                     let cost = m.len() + forward::HELD_OVERHEAD;
                     if kept + cost <= forward::HOLD && h.grow(cost).is_ok() {
@@ -267,7 +278,7 @@ where
             }
             let refs: Vec<&[u8]> = head.iter().map(|b| &b[..]).collect();
             let last = last.as_deref().or(refs.last().copied());
-            let messages = Messages { head: &refs, last, count };
+            let messages = Messages { head: &refs, last, count, folds: &folds };
             let answer = pick_explained(method, &messages, metadata, record.explain())?;
             Ok((answer, held.is_some().then_some(head)))
         }

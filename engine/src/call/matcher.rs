@@ -10,6 +10,7 @@
 //! rules keyed on distinct values. No allocation for methods testing up to
 //! 16 fields and 8 metadata keys.
 
+use crate::call::picks::{self, Fold, Leaf};
 use crate::codec::wire::{self, Malformed, PathSpec, Raw, ValueRef};
 use crate::served::{IndexKey, ServedMethod};
 use http::HeaderMap;
@@ -52,7 +53,7 @@ impl Metadata for [Option<Box<[u8]>>] {
 use regex_automata::dfa::Automaton;
 use smallvec::SmallVec;
 use std::cell::OnceCell;
-use wirestub_plan::{MessageSel, Op, Shape, Source, Test, Value};
+use wirestub_plan::{Agg, Elem, FieldPath, MessageSel, Op, Shape, Source, Test, Value};
 
 /// A value read on first use: the raw value if present, or why the message
 /// could not be read.
@@ -86,12 +87,16 @@ pub struct Messages<'a> {
     pub head: &'a [&'a [u8]],
     pub last: Option<&'a [u8]>,
     pub count: usize,
+    /// The aggregates of the paths that read every message of the stream,
+    /// folded as the messages arrived, in the order of
+    /// [`ServedMethod::each`]; `Err` if one of the messages was malformed.
+    pub folds: &'a [Result<Fold, Malformed>],
 }
 
 impl<'a> Messages<'a> {
     /// The view of a call with exactly one request message.
     pub fn one(message: &'a [&'a [u8]; 1]) -> Self {
-        Messages { head: message, last: None, count: 1 }
+        Messages { head: message, last: None, count: 1, folds: &[] }
     }
 }
 
@@ -332,6 +337,7 @@ impl<'a> Request<'a> {
                     return Ok((ValueRef::U64(self.messages.count as u64), true));
                 }
                 let raw = match &f.shape {
+                    _ if !f.picks.is_empty() => self.lazy[i as usize].get_or_init(|| self.read_lazy(i)).clone()?,
                     Shape::Singular => self.singular[i as usize],
                     Shape::Repeated => None,
                     Shape::MapValue { .. } | Shape::OneofCase { .. } => {
@@ -350,6 +356,15 @@ impl<'a> Request<'a> {
     fn read_lazy(&self, i: u32) -> Result<Option<Raw<'a>>, Malformed> {
         let f = &self.method.plan.fields[i as usize];
         let Some(message) = message_of(self.messages, f.message) else { return Ok(None) };
+        if !f.picks.is_empty() {
+            // A path with indices only: the one leaf it reaches, if any.
+            let mut value = None;
+            picks::leaves(f, message, &mut |leaf| {
+                value = picks::leaf_value(f, leaf)?;
+                Ok(false)
+            })?;
+            return Ok(value);
+        }
         match &f.shape {
             Shape::MapValue { key_kind, key } => {
                 let (prefix, number) = f.numbers.split_at(f.numbers.len() - 1);
@@ -398,8 +413,12 @@ impl<'a> Request<'a> {
     fn condition(&self, source: Source, test: &Test) -> Result<bool, Malformed> {
         if let Source::Field(i) = source {
             let f = &self.method.plan.fields[i as usize];
+            if !f.picks.is_empty() {
+                return self.picked(f, test);
+            }
             if f.shape == Shape::Repeated {
-                return self.repeated(i, test);
+                let message = message_of(self.messages, f.message).unwrap_or_default();
+                return self.repeated(f, message, &f.numbers, test);
             }
         }
         let (value, present) = self.scalar(source)?;
@@ -461,22 +480,73 @@ impl<'a> Request<'a> {
         }
     }
 
+    /// Evaluates a test on a path through repeated fields: on the one
+    /// element its indices reach (absent if none), or on each element its
+    /// quantifier reaches, holding for any or for all of them.
+    fn picked(&self, f: &FieldPath, test: &Test) -> Result<bool, Malformed> {
+        let message = message_of(self.messages, f.message).unwrap_or_default();
+        let all = f.quantifier() == Some(Elem::All);
+        let (mut seen, mut result) = (false, all);
+        picks::leaves(f, message, &mut |leaf| {
+            seen = true;
+            let holds = self.leaf(f, leaf, test)?;
+            result = holds;
+            // `all` goes on while tests hold, `any` (and an index) until one does.
+            Ok(holds == all)
+        })?;
+        if !seen && f.quantifier().is_none() {
+            // No such element: its fields read as absent.
+            let from = f.picks.last().map_or(0, |p| p.step as usize + 1);
+            return self.leaf(f, Leaf::Message(b"", from), test);
+        }
+        Ok(result)
+    }
+
+    /// Evaluates a test on one leaf of a picked path.
+    fn leaf(&self, f: &FieldPath, leaf: Leaf<'_>, test: &Test) -> Result<bool, Malformed> {
+        if let (Leaf::Message(m, from), Shape::Repeated) = (leaf, &f.shape) {
+            return self.repeated(f, m, &f.numbers[from..], test);
+        }
+        Ok(match picks::leaf_value(f, leaf)? {
+            Some(raw) => self.eval(test, wire::normalize(raw, f.kind), true, None),
+            None => self.eval(test, wire::as_ref(&f.default), false, None),
+        })
+    }
+
+    /// An aggregate of the values a multi-valued path reads; None where it
+    /// has none (the least of no values).
+    pub fn aggregate(&self, i: u32, agg: Agg) -> Result<Option<f64>, Malformed> {
+        let f = &self.method.plan.fields[i as usize];
+        if f.message == MessageSel::Each {
+            let at = self.method.each.iter().position(|&e| e == i);
+            return match at.and_then(|at| self.messages.folds.get(at)) {
+                Some(Ok(fold)) => Ok(fold.get(agg)),
+                Some(Err(e)) => Err(e.clone()),
+                None => Ok(Fold::default().get(agg)),
+            };
+        }
+        let mut fold = Fold::default();
+        if let Some(message) = message_of(self.messages, f.message) {
+            fold.add_message(f, message)?;
+        }
+        Ok(fold.get(agg))
+    }
+
     /// Evaluates a test on a repeated field: `contains` looks for an equal
     /// element, `len` counts, `exists` means at least one element.
-    fn repeated(&self, i: u32, test: &Test) -> Result<bool, Malformed> {
-        let f = &self.method.plan.fields[i as usize];
-        let (prefix, number) = f.numbers.split_at(f.numbers.len() - 1);
-        let message = message_of(self.messages, f.message).unwrap_or_default();
+    /// `numbers` is the path from `message` to the repeated field.
+    fn repeated(&self, f: &FieldPath, message: &[u8], numbers: &[u32], test: &Test) -> Result<bool, Malformed> {
+        let (prefix, number) = numbers.split_at(numbers.len() - 1);
         let each = |stop_when: &mut dyn FnMut(ValueRef<'_>) -> bool| -> Result<(), Malformed> {
             wire::for_each_element(message, prefix, number[0], f.kind.wire_type(), &mut |raw| {
                 !stop_when(wire::normalize(raw, f.kind))
             })
         };
         Ok(match test {
-            Test::Not(t) => !self.repeated(i, t)?,
+            Test::Not(t) => !self.repeated(f, message, numbers, t)?,
             Test::Any(list) => {
                 for t in list {
-                    if self.repeated(i, t)? {
+                    if self.repeated(f, message, numbers, t)? {
                         return Ok(true);
                     }
                 }
@@ -484,7 +554,7 @@ impl<'a> Request<'a> {
             }
             Test::All(list) => {
                 for t in list {
-                    if !self.repeated(i, t)? {
+                    if !self.repeated(f, message, numbers, t)? {
                         return Ok(false);
                     }
                 }
@@ -526,7 +596,7 @@ fn message_of<'a>(messages: &Messages<'a>, sel: MessageSel) -> Option<&'a [u8]> 
         MessageSel::Single | MessageSel::First => messages.head.first().copied(),
         MessageSel::Last => messages.last.or_else(|| messages.head.last().copied()),
         MessageSel::Nth(n) => messages.head.get(n as usize).copied(),
-        MessageSel::Count => None,
+        MessageSel::Count | MessageSel::Each => None,
     }
 }
 

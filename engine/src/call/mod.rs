@@ -6,6 +6,7 @@
 pub mod drive;
 pub mod forward;
 pub mod matcher;
+pub mod picks;
 pub mod raw;
 pub mod template;
 

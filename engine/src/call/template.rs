@@ -214,6 +214,10 @@ fn eval<'x>(e: &'x Expr, cx: &'x Context) -> Result<V<'x>, Malformed> {
             fill(n, pattern, cx, &mut out)?;
             V::Text(Cow::Owned(out))
         }
+        Expr::Aggregate(i, agg) => match cx.request.aggregate(*i, *agg)? {
+            Some(n) => V::Num(n),
+            None => V::Text(Cow::Borrowed(b"")),
+        },
         Expr::Number(n) => V::Num(*n),
         Expr::Str(s) => V::Text(Cow::Borrowed(s)),
         Expr::Arith(l, op, r) => {

@@ -36,7 +36,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use wirestub_plan::{Condition, MessageSel, Method, MethodKind, Op, Shape, Source, Test, Value, STATUS_NAMES};
+use wirestub_plan::{Condition, MessageSel, Method, MethodKind, Op, Source, Test, Value, STATUS_NAMES};
 
 /// One received call.
 pub struct Entry {
@@ -1100,7 +1100,7 @@ impl Entry {
             (true, Some(last)) => std::slice::from_ref(last),
             _ => &slices,
         };
-        let messages = Messages { head, last, count };
+        let messages = Messages { head, last, count, folds: &[] };
         if field.message == MessageSel::Count {
             return Ok(Actual {
                 value: json!(count),
@@ -1108,21 +1108,19 @@ impl Entry {
                 text: format!("the call sent {count} message(s)"),
             });
         }
-        if field.shape == Shape::Repeated {
+        if field.is_multi() {
             let message = match field.message {
                 MessageSel::Single | MessageSel::First => head.first().copied(),
                 MessageSel::Last => last,
                 MessageSel::Nth(n) => slices.get(n as usize).copied(),
-                MessageSel::Count => None,
+                MessageSel::Count | MessageSel::Each => None,
             };
             let Some(message) = message else {
                 return Ok(Actual { value: json!([]), present: false, text: "the call has no such message".into() });
             };
-            let (prefix, number) = field.numbers.split_at(field.numbers.len().saturating_sub(1));
-            let Some(&number) = number.first() else { return Err("empty field path".into()) };
             let mut elements = Vec::new();
-            wire::for_each_element(message, prefix, number, field.kind.wire_type(), &mut |raw| {
-                elements.push(value_ref_json(wire::normalize(raw, field.kind)));
+            crate::call::picks::for_each_value(field, message, &mut |v| {
+                elements.push(value_ref_json(v));
                 elements.len() < 100
             })
             .map_err(|e| e.to_string())?;
@@ -1344,6 +1342,7 @@ pub(crate) mod fixture {
         DescriptorProto, FieldDescriptorProto, FileDescriptorProto, FileDescriptorSet, MethodDescriptorProto,
         ServiceDescriptorProto,
     };
+    use wirestub_plan::Shape;
     use wirestub_plan::{FieldPath, Plan, Response, Rule, ScalarKind};
 
     pub const SAY_HELLO: &str = "/demo.Greeter/SayHello";
@@ -1406,7 +1405,7 @@ pub(crate) mod fixture {
             wirestub_plan::ValueClass::I64 => Value::I64(0),
             _ => Value::Bytes(Vec::new()),
         };
-        FieldPath { name: name.into(), numbers, kind, default, shape, message: MessageSel::Single }
+        FieldPath { name: name.into(), numbers, kind, default, shape, message: MessageSel::Single, picks: Vec::new() }
     }
 
     fn cond(source: Source, op: Op) -> Condition {

@@ -588,7 +588,16 @@ fn search(rt: &Runtime, state: &State, req: &Request<'_>) -> Response {
         }
     }
     let refs: Vec<&[u8]> = messages.iter().map(Vec::as_slice).collect();
-    let view = crate::call::matcher::Messages { head: &refs, last: refs.last().copied(), count: refs.len() };
+    let folds: Vec<_> = served
+        .each
+        .iter()
+        .map(|&i| {
+            let mut fold = crate::call::picks::Fold::default();
+            refs.iter().try_for_each(|m| fold.add_message(&served.plan.fields[i as usize], m)).map(|_| fold)
+        })
+        .collect();
+    let view =
+        crate::call::matcher::Messages { head: &refs, last: refs.last().copied(), count: refs.len(), folds: &folds };
     let chosen = crate::call::matcher::Request::read(served, &view, &headers).and_then(|r| r.select_rule());
     let rule = match chosen {
         Ok(Some(r)) => r,

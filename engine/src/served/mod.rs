@@ -238,6 +238,9 @@ pub struct ServedMethod {
     pub index: Option<Index>,
     /// See [`ServedMethod::messages_kept`].
     pub keep: usize,
+    /// The fields that read every message of a client stream (aggregates
+    /// in templates), folded as the messages arrive.
+    pub each: Vec<u32>,
     /// For inputs tested with `contains` for many different literals: one
     /// Aho-Corasick automaton finding them all in a single pass, indexed
     /// like [`Method::fields`] then [`Method::metadata_keys`].
@@ -358,7 +361,9 @@ fn build_literals(m: &Method) -> Vec<Option<Literals>> {
     let mut per_slot: Vec<Vec<Vec<u8>>> = vec![Vec::new(); m.fields.len() + m.metadata_keys.len()];
     for r in &m.rules {
         for c in &r.conditions {
-            let repeated = matches!(c.source, Source::Field(i) if m.fields[i as usize].shape == Shape::Repeated);
+            // Repeated fields and paths through them are read per element,
+            // not as one text an automaton scans.
+            let repeated = matches!(c.source, Source::Field(i) if m.fields[i as usize].shape == Shape::Repeated || !m.fields[i as usize].picks.is_empty());
             if !repeated {
                 collect(&c.test, &mut per_slot[literal_slot(m, c.source)]);
             }
@@ -454,7 +459,7 @@ fn build_index(m: &Method) -> Option<Index> {
     }
     let indexable = |s: Source| match s {
         Source::Metadata(_) => true,
-        Source::Field(i) => m.fields[i as usize].shape != Shape::Repeated,
+        Source::Field(i) => !m.fields[i as usize].is_multi(),
     };
     let eq_values = |t: &Test| -> Option<Vec<Value>> {
         match t {
@@ -672,7 +677,10 @@ impl Served {
                 .collect::<Result<Vec<_>, _>>()?;
             let mut singular: Vec<(MessageSel, Vec<u32>)> = Vec::new();
             for (i, f) in m.fields.iter().enumerate() {
-                if f.shape != Shape::Singular || f.message == MessageSel::Count {
+                if f.shape != Shape::Singular
+                    || !f.picks.is_empty()
+                    || matches!(f.message, MessageSel::Count | MessageSel::Each)
+                {
                     continue;
                 }
                 match singular.iter_mut().find(|(sel, _)| *sel == f.message) {
@@ -684,6 +692,8 @@ impl Served {
             by_path.insert(m.path.clone().into_boxed_str(), methods.len());
             let used = (0..m.responses.len()).map(|_| std::sync::atomic::AtomicU64::new(0)).collect();
             let m_keys = m.metadata_keys.clone();
+            let each =
+                (0..m.fields.len() as u32).filter(|&i| m.fields[i as usize].message == MessageSel::Each).collect();
             let literals = build_literals(&m);
             // A built-in service the plan declares but has no rules for
             // is still answered by the engine.
@@ -699,6 +709,7 @@ impl Served {
                 regexes,
                 index,
                 keep: 0,
+                each,
                 used,
                 session_uses: SessionUses::new(&m_keys),
                 literals,
@@ -795,6 +806,7 @@ impl ServedMethod {
             regexes: Vec::new(),
             index: None,
             keep: 1,
+            each: Vec::new(),
             used: Vec::new(),
             session_uses: SessionUses::new(&[]),
             literals: Vec::new(),
@@ -816,7 +828,7 @@ impl ServedMethod {
             .map(|f| match f.message {
                 MessageSel::Nth(n) => n as usize + 1,
                 MessageSel::First | MessageSel::Single => 1,
-                MessageSel::Last | MessageSel::Count => 0,
+                MessageSel::Last | MessageSel::Count | MessageSel::Each => 0,
             })
             .chain(self.raw.iter().map(|r| r.messages + 1))
             .max()
@@ -859,6 +871,7 @@ mod tests {
                 default: Value::Bytes(vec![]),
                 shape: Shape::Singular,
                 message: MessageSel::Single,
+                picks: Vec::new(),
             }],
             metadata_keys: vec![],
             responses: vec![Default::default()],

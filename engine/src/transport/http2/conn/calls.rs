@@ -429,7 +429,7 @@ impl<'s> Conn<'s> {
                 self.buffered -= agg.held;
                 let head: Vec<&[u8]> = agg.head.iter().map(|b| &b[..]).collect();
                 let last = agg.last.as_deref().or(head.last().copied());
-                let messages = Messages { head: &head, last, count: agg.count };
+                let messages = Messages { head: &head, last, count: agg.count, folds: &agg.folds };
                 let method = s.method;
                 let picked = match always {
                     true => None,
@@ -977,6 +977,16 @@ pub(super) fn deframe(s: &mut Stream<'_>, max: usize, buffered: &mut usize) -> O
         }
         let agg = s.agg.get_or_insert_with(Default::default);
         agg.count += 1;
+        if !s.method.each.is_empty() {
+            agg.folds.resize(s.method.each.len(), Ok(Default::default()));
+            for (fold, &i) in agg.folds.iter_mut().zip(&s.method.each) {
+                if let Ok(f) = fold {
+                    if let Err(e) = f.add_message(&s.method.plan.fields[i as usize], &message) {
+                        *fold = Err(e);
+                    }
+                }
+            }
+        }
         if s.forward.is_some() {
             // A call that may yet be forwarded keeps every message for the
             // upstream, each counting QUEUED_OVERHEAD more than its bytes,

@@ -182,6 +182,8 @@ struct Aggregate {
     count: usize,
     /// What the kept messages count for in the connection's `buffered`.
     held: usize,
+    /// Aggregates over every message (see [`ServedMethod::each`]).
+    folds: Vec<Result<crate::call::picks::Fold, crate::codec::wire::Malformed>>,
 }
 
 struct Stream<'s> {
