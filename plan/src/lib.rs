@@ -693,8 +693,8 @@ pub enum Transport {
     /// Writes the connection's output `bytes` at a time, one write every
     /// `every_ms`, until the call ends.
     Trickle { bytes: u32, every_ms: u32 },
-    /// Sends a frame the protocol forbids (a DATA frame on stream 0) and
-    /// closes the connection.
+    /// Sends a malformed response header block (an upper-case field
+    /// name, RFC 9113 §8.2.1), which the client takes as a stream error.
     Malformed,
 }
 

@@ -15,7 +15,9 @@
 use super::forward::{self, Forward};
 use super::matcher::{Closest, Messages, Metadata};
 use super::picks::Fold;
-use super::{deadline_exceeded, fault_fires, pick_explained, prepare_fault, sleep_until, Answer, Schedule};
+use super::{
+    client_status, deadline_exceeded, pick_explained, prepare_fault, sleep_until, status_fault_text, Answer, Schedule,
+};
 use crate::codec::wire::Malformed;
 use crate::protocol::grpc::{Code, Status};
 use crate::served::{status_answer, Prepared, ServedMethod};
@@ -23,7 +25,7 @@ use bytes::Bytes;
 use std::future::Future;
 use std::time::Duration;
 use tokio::time::Instant;
-use wirestub_plan::MethodKind;
+use wirestub_plan::{MethodKind, TransportFault};
 
 /// Streamed messages sent before the driver yields to other calls.
 const ITEMS_PER_TURN: u64 = 64;
@@ -49,6 +51,14 @@ pub trait Outbound {
     fn end(&mut self, p: &Prepared);
     /// Ends the call abruptly (an injected `drop` fault).
     fn abort(&mut self);
+    /// Injects a transport fault: None when the call goes on (a stall, a
+    /// trickle, a graceful GOAWAY), else the fault that ended it as done.
+    /// A transport that cannot do it resets the stream (or aborts the
+    /// response), and says so.
+    fn transport(&mut self, fault: &TransportFault) -> Option<TransportFault> {
+        self.abort();
+        Some(TransportFault { action: wirestub_plan::Transport::Reset(2), ..*fault })
+    }
 }
 
 /// What observers learn of a call as it runs.
@@ -63,6 +73,9 @@ pub trait Report {
     fn similarity(&mut self, score: f32);
     /// The status the call ends with.
     fn status(&mut self, code: u8, message: &str);
+    /// A rule injected a fault of `kind` (one of
+    /// [`crate::observe::metrics::FAULT_KINDS`]), described by `what`.
+    fn fault(&mut self, kind: &'static str, what: String);
     /// The call went to the upstream (`path`), which took `latency` to
     /// answer; `failed`: the engine ended it (the upstream unreachable, or
     /// failing mid-call).
@@ -298,6 +311,9 @@ pub async fn respond<O: Outbound, R: Report>(
     record: &mut R,
 ) {
     let prepared = answer.prepared();
+    let fault = answer.fault();
+    // A transport fault, until it fires.
+    let mut armed = fault.and_then(|f| f.transport);
     let work = async {
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
@@ -306,20 +322,31 @@ pub async fn respond<O: Outbound, R: Report>(
             // A deadline shorter than the timers' resolution.
             return Err(deadline_exceeded().into());
         }
-        if let Some(fault) = fault_fires(prepared) {
+        if let Some(fault) = fault.filter(|f| f.transport.is_none()) {
             return Ok(Some(fault));
         }
         if prepared.status != 0 && prepared.stream.is_empty() {
+            fire(&mut armed, 0, true, out, record)?;
             return Err(Stop::Rule(prepared));
         }
+        fire(&mut armed, 0, false, out, record)?;
         out.head(prepared);
-        send_items(&answer, method, json, out).await?;
+        send_items(&answer, method, json, out, &mut armed, record).await?;
+        // Fewer messages went out than the fault waits for: it fires
+        // before the end.
+        fire(&mut armed, 0, true, out, record)?;
         Err(Stop::Rule(prepared))
     };
     let result = tokio::select! {
         r = work => r,
         _ = sleep_until(deadline) => Err(deadline_exceeded().into()),
     };
+    if let Some(f) = fault.filter(|f| f.transport.is_none()) {
+        if matches!(result, Ok(Some(_))) {
+            let (kind, what) = status_fault_text(f);
+            record.fault(kind, what);
+        }
+    }
     match result {
         Ok(Some(fault)) if fault.drop => {
             record.status(Code::Internal as u8, "stream reset by an injected fault");
@@ -329,6 +356,25 @@ pub async fn respond<O: Outbound, R: Report>(
         Ok(None) => {}
         Err(stop) => finish(Err(stop), out, record),
     }
+}
+
+/// Fires an armed transport fault once `sent` response messages went
+/// out (or at once with `now`). A fault that ends the call stops it as
+/// gone, with the status its client reports noted.
+fn fire<O: Outbound, R: Report>(
+    armed: &mut Option<TransportFault>,
+    sent: u64,
+    now: bool,
+    out: &mut O,
+    record: &mut R,
+) -> Result<(), Halt> {
+    let Some(t) = armed.filter(|t| now || u64::from(t.after) == sent) else { return Ok(()) };
+    *armed = None;
+    record.fault(t.kind(), t.describe());
+    let Some(done) = out.transport(&t) else { return Ok(()) };
+    let (code, message) = client_status(&done);
+    record.status(code as u8, message);
+    Err(Halt::Gone)
 }
 
 /// Ends a call as `result` says (a rule's status, OK included, or the
@@ -354,11 +400,13 @@ fn finish<O: Outbound, R: Report>(result: Result<(), Stop<'_>>, out: &mut O, rec
 
 /// Sends an answer's messages, each once the client takes the previous
 /// ones, pausing between them as the rule says.
-async fn send_items<O: Outbound>(
+async fn send_items<O: Outbound, R: Report>(
     answer: &Answer<'_>,
     method: &ServedMethod,
     json: bool,
     out: &mut O,
+    armed: &mut Option<TransportFault>,
+    record: &mut R,
 ) -> Result<(), Halt> {
     let prepared = answer.prepared();
     if prepared.stream.is_empty() && prepared.status != 0 {
@@ -382,6 +430,7 @@ async fn send_items<O: Outbound>(
         let item = items[i].clone();
         out.ready(item.len()).await?;
         out.message(item);
+        fire(armed, schedule.sent(), false, out, record)?;
     }
     Ok(())
 }
@@ -426,7 +475,7 @@ where
                 out.head(answer.prepared());
                 head_sent = true;
             }
-            send_items(&answer, method, json, out).await?;
+            send_items(&answer, method, json, out, &mut None, &mut *record).await?;
             if answer.prepared().status != 0 {
                 return Err(end(answer));
             }

@@ -36,6 +36,9 @@ pub struct Answer<'m> {
     pub closest: Option<crate::call::matcher::Closest>,
     /// When a recording answered a call not identical to it: how similar.
     pub similarity: Option<f32>,
+    /// Whether the response's injected fault fires for this call (drawn
+    /// once, when the answer is chosen).
+    pub faulted: bool,
 }
 
 impl<'m> Answer<'m> {
@@ -54,7 +57,13 @@ impl<'m> Answer<'m> {
             rule: None,
             closest: None,
             similarity: None,
+            faulted: false,
         }
+    }
+
+    /// The injected fault, when it fires for this call.
+    pub fn fault(&self) -> Option<&wirestub_plan::Fault> {
+        self.prepared().fault.as_deref().filter(|_| self.faulted)
     }
 
     /// The messages to stream: the items, or the body alone.
@@ -127,10 +136,11 @@ pub fn pick_explained<'m>(
         _ => None,
     };
     let similarity = request.similarity();
+    let faulted = prepared.fault.as_deref().is_some_and(|f| crate::rng::unit() < f.rate);
     if prepared.templates.is_empty() && prepared.metadata_templates.is_none() {
-        return Ok(Answer { rule, closest, similarity, ..Answer::of(prepared) });
+        return Ok(Answer { rule, closest, similarity, faulted, ..Answer::of(prepared) });
     }
-    let mut answer = Answer { rule, closest, similarity, ..Answer::of(prepared) };
+    let mut answer = Answer { rule, closest, similarity, faulted, ..Answer::of(prepared) };
     if let Some(templates) = &prepared.metadata_templates {
         let (headers, trailers) = template::render_metadata(templates, &request).map_err(malformed)?;
         answer.rendered = Some(Box::new(prepared.with_metadata(&headers, &trailers)));
@@ -153,9 +163,29 @@ pub fn prepare_fault(fault: &wirestub_plan::Fault) -> Prepared {
     crate::served::prepare(fault.status, &fault.message, Bytes::new(), &[], &[], Duration::ZERO)
 }
 
-/// Whether an injected fault fires for this call.
-pub fn fault_fires(prepared: &Prepared) -> Option<&wirestub_plan::Fault> {
-    prepared.fault.as_deref().filter(|f| crate::rng::unit() < f.rate)
+/// How an injected status fault is named in the journal and counted.
+pub fn status_fault_text(fault: &wirestub_plan::Fault) -> (&'static str, String) {
+    match fault.drop {
+        true => ("reset", "RST_STREAM INTERNAL_ERROR (drop)".into()),
+        false => ("status", format!("status {}", wirestub_plan::STATUS_NAMES[fault.status as usize])),
+    }
+}
+
+/// The status a gRPC client reports for a call a transport fault ended
+/// (gRPC's HTTP/2 mapping of RST_STREAM codes; a malformed response is
+/// INTERNAL; a connection lost is UNAVAILABLE), for the journal and
+/// metrics.
+pub fn client_status(fault: &wirestub_plan::TransportFault) -> (Code, &'static str) {
+    use wirestub_plan::Transport;
+    match fault.action {
+        Transport::Reset(8) => (Code::Canceled, "stream reset (CANCEL) by an injected fault"),
+        Transport::Reset(7) => (Code::Unavailable, "stream refused (REFUSED_STREAM) by an injected fault"),
+        Transport::Reset(11) => (Code::ResourceExhausted, "stream reset (ENHANCE_YOUR_CALM) by an injected fault"),
+        Transport::Reset(12) => (Code::PermissionDenied, "stream reset (INADEQUATE_SECURITY) by an injected fault"),
+        Transport::Reset(_) => (Code::Internal, "stream reset by an injected fault"),
+        Transport::Malformed => (Code::Internal, "a malformed response header block sent by an injected fault"),
+        _ => (Code::Unavailable, "connection ended by an injected fault"),
+    }
 }
 
 pub async fn sleep_until(deadline: Option<Instant>) {

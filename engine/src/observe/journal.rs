@@ -71,6 +71,8 @@ pub struct Entry {
     pub protocol: &'static str,
     /// For a call forwarded to the upstream: how it went there.
     pub upstream: Option<Box<Upstreamed>>,
+    /// The fault a rule injected into the call, described.
+    pub fault: Option<Box<str>>,
 }
 
 /// A call forwarded to the upstream, as the journal keeps it.
@@ -1016,6 +1018,9 @@ impl Entry {
         if let Some(s) = self.similarity {
             out["similarity"] = json!((s as f64 * 1e4).round() / 1e4);
         }
+        if let Some(f) = &self.fault {
+            out["fault"] = json!(f);
+        }
         if let Some(u) = &self.upstream {
             out["upstream"] = json!({"latency_ms": u.latency.as_secs_f64() * 1000.0, "failed": u.failed});
         } else if self.rule.is_none() {
@@ -1552,6 +1557,7 @@ pub(crate) mod fixture {
             latency: Duration::from_micros(1500),
             closest,
             similarity: None,
+            fault: None,
             protocol: "grpc",
             upstream: None,
         }

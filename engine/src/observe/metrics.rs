@@ -110,8 +110,22 @@ const SUM_MICROS: usize = BUCKET + 12;
 const MISSES: usize = SUM_MICROS + 1;
 const FORWARDED: usize = MISSES + 1;
 const UPSTREAM_ERRORS: usize = FORWARDED + 1;
-const STRIDE: usize = 34;
-const _: () = assert!(UPSTREAM_ERRORS < STRIDE);
+const FAULTS: usize = UPSTREAM_ERRORS + 1; // one per FAULT_KINDS
+const STRIDE: usize = FAULTS + FAULT_KINDS.len();
+/// The injected faults counted, by the `kind` label: a status (or a
+/// dropped stream), then the transport faults
+/// (`wirestub_plan::TransportFault::kind`).
+pub const FAULT_KINDS: [&str; 9] = [
+    "status",
+    "reset",
+    "goaway_graceful",
+    "goaway_immediate",
+    "close",
+    "stall_write",
+    "stall_read",
+    "trickle",
+    "malformed",
+];
 /// The service and method labels of calls to methods the plan lacks.
 const UNKNOWN: &str = "(unknown)";
 /// Counters kept clear of a block's neighbours (one cache line each side).
@@ -216,6 +230,16 @@ impl WorkerStats<'_> {
 }
 
 impl WorkerStats<'_> {
+    /// An injected fault of `kind` (one of [`FAULT_KINDS`]) fired on a
+    /// call to method `m`.
+    pub fn fault(&self, m: usize, kind: &str) {
+        let Some(k) = FAULT_KINDS.iter().position(|&n| n == kind) else { return };
+        let Some(base) = m.checked_mul(STRIDE) else { return };
+        if let Some(c) = self.cells.get(PAD + base + FAULTS + k) {
+            bump(c, 1);
+        }
+    }
+
     /// A call to method `m` went to the upstream; `failed`: the engine
     /// could not reach it or it failed mid-call.
     pub fn forwarded(&self, m: usize, failed: bool) {
@@ -517,6 +541,20 @@ fn render(totals: &Totals) -> String {
         let (s, m) = (escape(s), escape(m));
         let n = t.counters[UPSTREAM_ERRORS];
         let _ = writeln!(out, "wirestub_upstream_errors_total{{grpc_service=\"{s}\",grpc_method=\"{m}\"}} {n}");
+    }
+    out.push_str("# HELP wirestub_injected_faults_total Faults the rules injected, by kind.\n");
+    out.push_str("# TYPE wirestub_injected_faults_total counter\n");
+    for ((s, m), t) in &totals.methods {
+        for (k, kind) in FAULT_KINDS.iter().enumerate() {
+            let n = t.counters[FAULTS + k];
+            if n > 0 {
+                let (s, m) = (escape(s), escape(m));
+                let _ = writeln!(
+                    out,
+                    "wirestub_injected_faults_total{{grpc_service=\"{s}\",grpc_method=\"{m}\",kind=\"{kind}\"}} {n}"
+                );
+            }
+        }
     }
     out.push_str("# HELP wirestub_protocol_calls_total Calls by the protocol that carried them.\n");
     out.push_str("# TYPE wirestub_protocol_calls_total counter\n");

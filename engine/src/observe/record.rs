@@ -29,6 +29,7 @@ struct Journaled<'a> {
     closest: Option<Closest>,
     similarity: Option<f32>,
     upstream: Option<Box<Upstreamed>>,
+    fault: Option<Box<str>>,
 }
 
 /// One call's record. Counted as started when made; recorded as handled
@@ -79,6 +80,7 @@ impl<'a> CallRecord<'a> {
                     closest: None,
                     similarity: None,
                     upstream: None,
+                    fault: None,
                 })
             }),
         }
@@ -121,6 +123,16 @@ impl Report for CallRecord<'_> {
         self.message = percent::decode(message, false);
     }
 
+    /// A rule injected a fault.
+    fn fault(&mut self, kind: &'static str, what: String) {
+        if let Some(s) = &self.stats {
+            s.fault(self.method, kind);
+        }
+        if let Some(j) = &mut self.journal {
+            j.fault = Some(what.into());
+        }
+    }
+
     /// The call went to the upstream.
     fn forwarded(&mut self, path: &str, latency: std::time::Duration, failed: bool) {
         if let Some(s) = &self.stats {
@@ -156,6 +168,7 @@ impl Drop for CallRecord<'_> {
                 similarity: j.similarity,
                 protocol: self.protocol,
                 upstream: j.upstream,
+                fault: j.fault,
             });
         }
     }

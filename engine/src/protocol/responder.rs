@@ -26,6 +26,11 @@ pub trait Sink {
     /// Ends the response abruptly (the stream reset, or the connection
     /// closed for HTTP/1.1).
     fn abort(&mut self);
+    /// Resets the stream with this HTTP/2 error code (HTTP/1.1: aborts).
+    fn reset(&mut self, code: u32) {
+        let _ = code;
+        self.abort();
+    }
 }
 
 /// Frames a call's answer for `dialect` onto a [`Sink`].
@@ -166,5 +171,19 @@ impl<S: Sink> Outbound for Responder<S> {
     fn abort(&mut self) {
         self.ended = true;
         self.sink.abort();
+    }
+
+    /// Only a stream reset reaches these transports (the h2 crate keeps
+    /// its connection to itself; HTTP/1.1 has no streams): every other
+    /// transport fault resets the stream too (or aborts the response).
+    fn transport(&mut self, fault: &wirestub_plan::TransportFault) -> Option<wirestub_plan::TransportFault> {
+        use wirestub_plan::{Transport, TransportFault};
+        self.ended = true;
+        let code = match fault.action {
+            Transport::Reset(code) => code,
+            _ => 2,
+        };
+        self.sink.reset(code);
+        Some(TransportFault { action: Transport::Reset(code), ..*fault })
     }
 }

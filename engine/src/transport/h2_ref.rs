@@ -511,10 +511,15 @@ impl Sink for H2Sink {
     }
 
     fn abort(&mut self) {
+        self.reset(h2::Reason::INTERNAL_ERROR.into());
+    }
+
+    fn reset(&mut self, code: u32) {
+        let reason = h2::Reason::from(code);
         let mut o = self.0.borrow_mut();
         match &mut o.stream {
-            Some(s) => s.send_reset(h2::Reason::INTERNAL_ERROR),
-            None => o.respond.send_reset(h2::Reason::INTERNAL_ERROR),
+            Some(s) => s.send_reset(reason),
+            None => o.respond.send_reset(reason),
         }
     }
 }

@@ -39,7 +39,19 @@ impl<'s> Conn<'s> {
             similarity: rec.similarity,
             protocol: s.dialect.name(),
             upstream: rec.upstream,
+            fault: rec.fault,
         });
+    }
+
+    /// Notes a fault a rule injected (for metrics and the journal).
+    pub(super) fn note_fault(&mut self, id: u32, kind: &'static str, what: String) {
+        let Some(s) = self.streams.get_mut(&id) else { return };
+        if let Some(g) = s.generation.filter(|_| self.config.metrics) {
+            g.stats.worker(self.worker).fault(s.method.position, kind);
+        }
+        if let Some(rec) = &mut s.rec {
+            rec.fault = Some(what.into());
+        }
     }
 
     /// Notes that a call went to the upstream (for metrics and the journal).
@@ -581,7 +593,10 @@ impl<'s> Conn<'s> {
         }
         self.note_rule(id, &answer);
         let prepared = answer.prepared();
-        if let Some(fault) = call::fault_fires(prepared) {
+        let fault = answer.fault();
+        if let Some(fault) = fault.filter(|f| f.transport.is_none()) {
+            let (kind, what) = call::status_fault_text(fault);
+            self.note_fault(id, kind, what);
             if fault.drop {
                 return self.reset(id, code::INTERNAL_ERROR);
             }
@@ -594,7 +609,9 @@ impl<'s> Conn<'s> {
         let kind = s.method.plan.kind;
         let streams = matches!(kind, MethodKind::ServerStreaming | MethodKind::BidiStreaming);
         let delay = prepared.draw_delay();
-        let simple = !streams || (prepared.stream.is_empty() && prepared.error_after == 0);
+        // A transport fault is placed among the messages by the call
+        // driver, in a task.
+        let simple = (!streams || (prepared.stream.is_empty() && prepared.error_after == 0)) && fault.is_none();
         if delay.is_zero() && simple {
             if prepared.status != 0 {
                 self.note_status(id, prepared.status, message_of(prepared));

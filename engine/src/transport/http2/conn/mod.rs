@@ -53,9 +53,10 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use typed_arena::Arena;
-use wirestub_plan::MethodKind;
+use wirestub_plan::{MethodKind, TransportFault};
 
 mod calls;
+mod faults;
 mod tasks;
 
 use calls::*;
@@ -270,6 +271,7 @@ struct Recording {
     similarity: Option<f32>,
     message: String,
     upstream: Option<Box<Upstreamed>>,
+    fault: Option<Box<str>>,
 }
 
 impl Stream<'_> {
@@ -368,6 +370,8 @@ pub struct Conn<'s> {
     /// Something (a task, or queued data) waits for the output to fall
     /// below [`OUT_HIGH`].
     out_starved: bool,
+    /// Transport faults a rule injected that are still in force.
+    faults: Option<Box<faults::ConnFaults>>,
 }
 
 /// The part of a connection that outlives a plan epoch (everything that
@@ -397,6 +401,7 @@ struct Carry {
     control_frames: u32,
     waiting: BTreeSet<(Instant, u32)>,
     opened: u64,
+    faults: Option<Box<faults::ConnFaults>>,
 }
 
 impl Carry {
@@ -442,6 +447,7 @@ impl Carry {
             control_frames: 0,
             waiting: BTreeSet::new(),
             opened: 0,
+            faults: None,
         }
     }
 }
@@ -474,6 +480,7 @@ impl<'s> Conn<'s> {
             control_frames: self.control_frames,
             waiting: self.waiting,
             opened: self.opened,
+            faults: self.faults,
         }
     }
 
@@ -533,6 +540,7 @@ impl<'s> Conn<'s> {
             now: Instant::now(),
             worker: crate::observe::metrics::worker(),
             out_starved: false,
+            faults: c.faults,
         }
     }
 
@@ -1216,10 +1224,12 @@ where
                 // Read and handle frames.
                 {
                     let mut c = conn.borrow_mut();
+                    // An injected stall: nothing is read or handled until it lapses.
+                    let read_stalled = c.faults.as_mut().is_some_and(|f| f.read_stalled(Instant::now()));
                     // Tokio's readiness: try_read's WouldBlock clears it, and only
                     // a poll that returns Pending registers for the next event,
                     // so the loop polls until it does.
-                    while !read_closed && c.ending != Ending::Now && c.out.len() < OUT_HIGH {
+                    while !read_closed && !read_stalled && c.ending != Ending::Now && c.out.len() < OUT_HIGH {
                         rbuf.reserve(16 << 10);
                         match tokio_util::io::poll_read_buf(Pin::new(&mut socket), cx, &mut rbuf) {
                             Poll::Pending => break,
@@ -1230,7 +1240,7 @@ where
                             }
                         }
                     }
-                    if !rbuf.is_empty() && c.ending != Ending::Now {
+                    if !rbuf.is_empty() && !read_stalled && c.ending != Ending::Now {
                         match c.receive(&rbuf) {
                             Ok(n) => {
                                 if n > 0 {
@@ -1261,16 +1271,33 @@ where
                 // Write.
                 {
                     let mut c = conn.borrow_mut();
-                    while !c.out.is_empty() && !write_failed {
-                        match Pin::new(&mut socket).poll_write(cx, &c.out) {
+                    let c = &mut *c;
+                    // An injected stall or trickle limits what goes now.
+                    let mut budget = match &mut c.faults {
+                        Some(f) => {
+                            let streams = &c.streams;
+                            f.write_budget(Instant::now(), |id| streams.contains_key(&id), written, c.out.len())
+                        }
+                        None => None,
+                    };
+                    while !c.out.is_empty() && !write_failed && budget != Some(0) {
+                        let chunk = budget.map_or(c.out.len(), |b| b.min(c.out.len()));
+                        match Pin::new(&mut socket).poll_write(cx, &c.out[..chunk]) {
                             Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => write_failed = true,
                             Poll::Ready(Ok(n)) => {
                                 c.out.advance(n);
                                 written += n as u64;
                                 progress = true;
+                                if let (Some(b), Some(f)) = (&mut budget, &mut c.faults) {
+                                    f.wrote(Instant::now(), n);
+                                    *b = 0;
+                                }
                             }
                             Poll::Pending => break,
                         }
+                    }
+                    if c.faults.as_ref().is_some_and(|f| f.is_idle()) {
+                        c.faults = None;
                     }
                     // TLS keeps written records until flushed (TCP: no-op).
                     if !write_failed && c.out.is_empty() && unflushed != written {
@@ -1312,7 +1339,8 @@ where
                     if let (Some(t), Some(at)) = (tick, next_tick) {
                         if now >= at {
                             next_tick = Some(now + t);
-                            if c.out.is_empty() || written != written_at_tick {
+                            // An injected stall is not the client's.
+                            if c.out.is_empty() || written != written_at_tick || c.faults.is_some() {
                                 stalled_for = Duration::ZERO;
                             } else {
                                 stalled_for += t;
@@ -1372,6 +1400,7 @@ where
                         at = earliest(at, handshake_deadline);
                     }
                     at = earliest(at, next_tick);
+                    at = earliest(at, c.faults.as_ref().and_then(|f| f.wake_at()));
                     if at != timer_at {
                         timer_at = at;
                         if let Some(at) = at {

@@ -321,6 +321,12 @@ impl drive::Outbound for NativeOut<'_> {
         let id = self.0.id;
         self.0.with(|c| c.reset(id, code::INTERNAL_ERROR).ok());
     }
+
+    fn transport(&mut self, fault: &TransportFault) -> Option<TransportFault> {
+        let id = self.0.id;
+        let goes_on = self.0.with(|c| c.inject(id, fault));
+        (!goes_on).then_some(*fault)
+    }
 }
 
 /// A stream as what observers learn of its call: the connection keeps it
@@ -352,6 +358,11 @@ impl drive::Report for NativeReport<'_> {
     fn forwarded(&mut self, path: &str, latency: Duration, failed: bool) {
         let id = self.0.id;
         self.0.with(|c| c.note_forwarded(id, path, latency, failed));
+    }
+
+    fn fault(&mut self, kind: &'static str, what: String) {
+        let id = self.0.id;
+        self.0.with(|c| c.note_fault(id, kind, what));
     }
 }
 
