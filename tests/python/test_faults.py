@@ -167,6 +167,7 @@ def test_a_fault_rate_repeats_under_the_same_seed(tmp_path):
 def test_grpc_js_sees_each_fault(server, node, node_modules):
     calls = [{"name": n, "method": "unary", "request": n} for n, _ in UNARY]
     calls += [{"name": r, "method": "stream", "request": r} for r, _, _ in STREAMS]
+    calls += [{"name": "stall-write", "method": "unary", "request": "stall-write", "timeoutMs": 1000}]
     run = subprocess.run(
         [node, str(NODE_DIR / "faults.mjs"), json.dumps(calls)],
         cwd=NODE_DIR,
@@ -177,7 +178,7 @@ def test_grpc_js_sees_each_fault(server, node, node_modules):
     )
     assert run.returncode == 0, run.stderr
     seen = {r["name"]: r for r in map(json.loads, run.stdout.splitlines())}
-    expected = {n: s for n, s in UNARY} | {r: s for r, s, _ in STREAMS}
+    expected = {n: s for n, s in UNARY} | {r: s for r, s, _ in STREAMS} | {"stall-write": "DEADLINE_EXCEEDED"}
     got = {n: seen[n]["code"] for n in expected}
     assert got == expected
     for room, _, before in STREAMS:
