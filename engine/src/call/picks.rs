@@ -114,7 +114,7 @@ pub fn leaf_value<'a>(f: &FieldPath, leaf: Leaf<'a>) -> Result<Option<Raw<'a>>, 
 pub fn for_each_value<'a>(
     f: &FieldPath,
     message: &'a [u8],
-    each: &mut dyn FnMut(ValueRef<'a>) -> bool,
+    each: &mut dyn FnMut(ValueRef<'_>) -> bool,
 ) -> Result<(), Malformed> {
     let default = wire::as_ref(&f.default);
     let mut leaf_values = |leaf: Leaf<'a>| -> Result<bool, Malformed> {
@@ -130,25 +130,11 @@ pub fn for_each_value<'a>(
             }
             (leaf, _) => Ok(match leaf_value(f, leaf)? {
                 Some(raw) => each(wire::normalize(raw, f.kind)),
-                None => each(default_of(default)),
+                None => each(default),
             }),
         }
     };
     leaves(f, message, &mut leaf_values).map(|_| ())
-}
-
-/// A default value with the lifetime of the message (defaults are small
-/// scalars or the plan's bytes, which outlive the call).
-fn default_of<'a>(v: ValueRef<'_>) -> ValueRef<'a> {
-    match v {
-        ValueRef::I64(x) => ValueRef::I64(x),
-        ValueRef::U64(x) => ValueRef::U64(x),
-        ValueRef::F64(x) => ValueRef::F64(x),
-        ValueRef::Bool(x) => ValueRef::Bool(x),
-        // Bytes defaults are only read as lengths and text, which `Fold`
-        // does not keep.
-        ValueRef::Bytes(_) => ValueRef::Bytes(b""),
-    }
 }
 
 /// A running aggregate of values: how many, their sum, least and
