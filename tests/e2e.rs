@@ -53,7 +53,8 @@ async fn cases() {
             _ => NoMatch::NotFound,
         };
         let source = if dir.join("protos").is_dir() { dir.clone() } else { root() };
-        let server = tokio::task::block_in_place(|| TestServer::start(&source, no_match));
+        let validation = spec.get("validation").and_then(J::as_str) == Some("on");
+        let server = tokio::task::block_in_place(|| TestServer::start_validating(&source, no_match, validation));
         let mut client = Client::connect(&server).await;
         for call in spec["calls"].as_array().expect("calls: [...]") {
             count += 1;

@@ -41,7 +41,7 @@ pub const MAX_TEST_DEPTH: usize = 32;
 /// How deep a test nests: 0 for a single operator.
 pub fn test_depth(test: &Test) -> usize {
     match test {
-        Test::Op(Op::Len(t)) | Test::Not(t) => 1 + test_depth(t),
+        Test::Op(Op::Len(t) | Op::Chars(t)) | Test::Not(t) => 1 + test_depth(t),
         Test::Any(list) | Test::All(list) => 1 + list.iter().map(test_depth).max().unwrap_or(0),
         Test::Op(_) => 0,
     }

@@ -18,6 +18,7 @@ mod regex;
 pub mod rules;
 pub mod sources;
 mod template;
+mod validation;
 pub mod values;
 pub mod yaml;
 

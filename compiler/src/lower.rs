@@ -87,6 +87,7 @@ struct Entry {
     response: u32,
     origin: String,
     span: Span,
+    skip_validation: bool,
 }
 
 fn lower_method(
@@ -164,6 +165,7 @@ fn lower_method(
                         response,
                         origin: r.origin,
                         span: r.span,
+                        skip_validation: r.skip_validation,
                     });
                 }
                 None => {
@@ -177,6 +179,7 @@ fn lower_method(
                             response,
                             origin: r.origin.clone(),
                             span: r.span.clone(),
+                            skip_validation: r.skip_validation,
                         });
                     }
                     entries.push(Entry {
@@ -188,6 +191,7 @@ fn lower_method(
                         response,
                         origin: r.origin,
                         span: r.span,
+                        skip_validation: r.skip_validation,
                     });
                 }
             }
@@ -214,8 +218,10 @@ fn lower_method(
             priority: e.priority,
             origin: e.origin,
             raw: None,
+            skip_validation: e.skip_validation,
         })
         .collect();
+    crate::validation::add_checks(&mut method, &m.input(), diags);
     method
 }
 
@@ -269,6 +275,7 @@ fn add_raw(method: &mut plan::Method, mut docs: Vec<RawDoc>) {
                 priority: 0,
                 origin: e.origin,
                 raw: Some(Box::new(e.request)),
+                skip_validation: false,
             });
         }
     }
@@ -290,6 +297,7 @@ fn empty_method(path: String, kind: plan::MethodKind, input_type: String, output
         rules: Vec::new(),
         regexes: Vec::new(),
         duplex: false,
+        checks: Vec::new(),
     }
 }
 
@@ -381,7 +389,7 @@ fn remap_template(pieces: &mut [plan::Piece], refs: &[plan::Source]) {
 fn remap_regexes(test: &mut plan::Test, map: &mut dyn FnMut(u32) -> u32) {
     match test {
         plan::Test::Op(plan::Op::Regex(i)) => *i = map(*i),
-        plan::Test::Op(plan::Op::Len(t)) | plan::Test::Not(t) => remap_regexes(t, map),
+        plan::Test::Op(plan::Op::Len(t) | plan::Op::Chars(t)) | plan::Test::Not(t) => remap_regexes(t, map),
         plan::Test::Any(list) | plan::Test::All(list) => list.iter_mut().for_each(|t| remap_regexes(t, map)),
         plan::Test::Op(_) => {}
     }
@@ -464,7 +472,7 @@ fn hash_test(t: &plan::Test, h: &mut impl std::hash::Hasher) {
                 plan::Op::In(vs) => vs.iter().for_each(|v| value(v, h)),
                 plan::Op::Prefix(b) | plan::Op::Suffix(b) => b.hash(h),
                 plan::Op::Regex(i) => i.hash(h),
-                plan::Op::Len(inner) => hash_test(inner, h),
+                plan::Op::Len(inner) | plan::Op::Chars(inner) => hash_test(inner, h),
                 plan::Op::Exists => {}
             }
         }

@@ -406,13 +406,20 @@ const BUILTIN: &[(&str, &str)] = &[
     ("google/rpc/error_details.proto", include_str!("builtin/google/rpc/error_details.proto")),
 ];
 
+/// Built-in files compiled only when a user's proto imports them: the
+/// validation rules of protovalidate and of protoc-gen-validate.
+const ON_IMPORT: &[(&str, &str)] = &[
+    ("buf/validate/validate.proto", include_str!("builtin/buf/validate/validate.proto")),
+    ("validate/validate.proto", include_str!("builtin/validate/validate.proto")),
+];
+
 /// Resolves the built-in files by import name. It comes after the include
 /// directories in the chain, so a user's copy under the same name wins.
 struct BuiltinFileResolver;
 
 impl FileResolver for BuiltinFileResolver {
     fn open_file(&self, name: &str) -> Result<File, protox::Error> {
-        match BUILTIN.iter().find(|(n, _)| *n == name) {
+        match BUILTIN.iter().chain(ON_IMPORT).find(|(n, _)| *n == name) {
             Some((n, source)) => File::from_source(n, source),
             None => Err(protox::Error::file_not_found(name)),
         }

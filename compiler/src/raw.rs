@@ -83,6 +83,7 @@ impl RawDoc {
             .map(|e| crate::rules::Resp {
                 when: Some(e.typed.clone().unwrap_or_default()),
                 priority: 0,
+                skip_validation: false,
                 response: e.response.clone(),
                 template_refs: Vec::new(),
                 origin: e.origin.clone(),

@@ -50,6 +50,8 @@ pub struct RuleDoc {
 pub struct Resp {
     pub when: Option<Vec<Cond>>,
     pub priority: i64,
+    /// `validate: false`: answers requests that fail validation too.
+    pub skip_validation: bool,
     /// `response.templates` expressions `Expr::Field(i)` refer to
     /// `template_refs[i]` until lowering interns them.
     pub response: plan::Response,
@@ -67,8 +69,9 @@ pub use wirestub_plan::SESSION_KEY;
 /// session NAME.
 pub const SESSIONS_DIR: &str = "sessions";
 const MATCH_KEYS: &[&str] = &["request", "metadata"];
-const RESPONSE_KEYS: &[&str] =
-    &["when", "body", "metadata", "trailers", "details", "delay_ms", "latency", "fault", "times", "priority"];
+const RESPONSE_KEYS: &[&str] = &[
+    "when", "body", "metadata", "trailers", "details", "delay_ms", "latency", "fault", "times", "priority", "validate",
+];
 const STREAM_KEYS: &[&str] =
     &["stream_items", "stream_delay_ms", "stream_loop", "stream_random_order", "stream_error_after"];
 /// What `times` means, for its diagnostics.
@@ -108,7 +111,9 @@ impl RuleDoc {
         fn walk(t: &mut plan::Test, offset: u32) {
             match t {
                 plan::Test::Op(plan::Op::Regex(i)) => *i += offset,
-                plan::Test::Op(plan::Op::Len(inner)) | plan::Test::Not(inner) => walk(inner, offset),
+                plan::Test::Op(plan::Op::Len(inner) | plan::Op::Chars(inner)) | plan::Test::Not(inner) => {
+                    walk(inner, offset)
+                }
                 plan::Test::Any(list) | plan::Test::All(list) => list.iter_mut().for_each(|t| walk(t, offset)),
                 plan::Test::Op(_) => {}
             }
@@ -367,6 +372,7 @@ impl DocCx<'_> {
         let mut details = None;
         let mut response = plan::Response::default();
         let mut priority = 0i64;
+        let mut skip_validation = false;
         let mut stream_nodes: Option<&[Node]> = None;
         let mut stream_delay = None;
         let mut error_after = None;
@@ -426,6 +432,15 @@ impl DocCx<'_> {
                 }
                 "fault" => response.fault = self.fault(value),
                 "times" => response.times = self.count(value, 1, "times", Some(TIMES_HELP)).unwrap_or(response.times),
+                "validate" => match values::read_bool(value) {
+                    Ok(v) => skip_validation = !v,
+                    Err(e) => {
+                        let d = self
+                            .err(&value.span, e)
+                            .with_help("`validate: false` answers requests that fail validation too");
+                        self.diags.push(d);
+                    }
+                },
                 "priority" => match values::read_int(value, i64::MIN as i128, i64::MAX as i128, "priority") {
                     Ok(v) => priority = v as i64,
                     Err(e) => {
@@ -607,6 +622,7 @@ impl DocCx<'_> {
         ok.then(|| Resp {
             when,
             priority,
+            skip_validation,
             response,
             template_refs,
             origin: self.origin(&node.span),

@@ -44,6 +44,9 @@ pub struct Config {
     /// The lowest similarity at which a recording (raw rule) answers a
     /// call that is not identical to it, from 0 to 1 (`--raw-threshold`).
     pub raw_threshold: f32,
+    /// Requests are checked against their `buf.validate` rules
+    /// (`--validation on`).
+    pub validation: bool,
     /// A connection whose output the client has not taken for this long
     /// (its socket buffers full) is dropped; None waits forever. On the
     /// `h2` stack, while its calls wait for the socket (see `outflow`).
@@ -159,6 +162,7 @@ impl Default for Config {
             handshake_timeout: Some(Duration::from_secs(10)),
             seed: None,
             raw_threshold: crate::call::raw::DEFAULT_THRESHOLD,
+            validation: false,
             stack: Stack::Native,
             write_timeout: Some(Duration::from_secs(30)),
             metrics: true,

@@ -115,6 +115,7 @@ impl Server {
             threads.push(std::thread::Builder::new().name(format!("wirestub-worker-{i}")).spawn(move || {
                 crate::call::raw::set_threshold(config.raw_threshold);
                 crate::call::template::set_max_fill(config.max_fill);
+                crate::call::validate::set_enabled(config.validation);
                 if let Some(seed) = config.seed {
                     crate::rng::seed(seed.wrapping_add(i as u64));
                 }

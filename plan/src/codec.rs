@@ -319,6 +319,10 @@ fn put_op(out: &mut Vec<u8>, op: &Op) {
             out.push(11);
             put_test(out, t);
         }
+        Op::Chars(t) => {
+            out.push(12);
+            put_test(out, t);
+        }
     }
 }
 
@@ -625,8 +629,41 @@ fn write_methods(out: &mut Vec<u8>, methods: &[Method]) {
                     put_bytes(out, raw.encoding.as_bytes());
                 }
             }
+            out.push(rule.skip_validation as u8);
         }
         out.push(m.duplex as u8);
+        put_u32(out, m.checks.len() as u32);
+        for c in &m.checks {
+            put_source(out, c.source);
+            put_test(out, &c.test);
+            put_u32(out, c.guards.len() as u32);
+            for g in &c.guards {
+                put_u32(out, *g);
+            }
+            put_bytes(out, c.rule_id.as_bytes());
+            put_bytes(out, c.message.as_bytes());
+            for steps in [&c.path, &c.rule] {
+                put_u32(out, steps.len() as u32);
+                for (number, name, kind) in steps {
+                    put_u32(out, *number);
+                    put_bytes(out, name.as_bytes());
+                    out.push(*kind);
+                }
+            }
+        }
+    }
+}
+
+fn put_source(out: &mut Vec<u8>, source: Source) {
+    match source {
+        Source::Field(i) => {
+            out.push(0);
+            put_u32(out, i);
+        }
+        Source::Metadata(i) => {
+            out.push(1);
+            put_u32(out, i);
+        }
     }
 }
 
@@ -915,6 +952,7 @@ impl Reader<'_> {
             9 => Op::Suffix(self.bytes(at)?.to_vec()),
             10 => Op::Regex(self.u32(at)?),
             11 => Op::Len(Box::new(self.test(at, depth + 1)?)),
+            12 if self.version >= 7 => Op::Chars(Box::new(self.test(at, depth + 1)?)),
             t => return Err(LoadError::invalid(at(), format!("unknown operator tag {t}"))),
         })
     }
@@ -995,6 +1033,9 @@ fn check_test(test: &Test, view: View, regexes: usize) -> Result<(), String> {
                 (Op::Prefix(_) | Op::Suffix(_), View::Scalar(ValueClass::Bytes)) => true,
                 (Op::Regex(i), View::Scalar(ValueClass::Bytes)) => (*i as usize) < regexes,
                 (Op::Len(t), View::Repeated(_) | View::Scalar(ValueClass::Bytes)) => {
+                    return check_test(t, View::Scalar(ValueClass::U64), regexes)
+                }
+                (Op::Chars(t), View::Scalar(ValueClass::Bytes)) => {
                     return check_test(t, View::Scalar(ValueClass::U64), regexes)
                 }
                 _ => false,
@@ -1351,7 +1392,8 @@ fn read_methods(r: &mut Reader) -> Result<Vec<Method>, LoadError> {
             let priority = r.u64(&at)? as i64;
             let origin = r.string(&at)?;
             let raw = if r.version >= 6 { r.raw(&at)? } else { None };
-            rules.push(Rule { conditions, response, priority, origin, raw });
+            let skip_validation = r.version >= 7 && r.u8(&at)? != 0;
+            rules.push(Rule { conditions, response, priority, origin, raw, skip_validation });
         }
         let duplex = if r.version >= 3 {
             match r.u8(&|| at("duplex"))? {
@@ -1367,6 +1409,51 @@ fn read_methods(r: &mut Reader) -> Result<Vec<Method>, LoadError> {
         } else {
             false
         };
+        let mut checks = Vec::new();
+        if r.version >= 7 {
+            let n = r.count(&|| at("checks"))?;
+            for ci in 0..n {
+                let at = || at(&format!("check {ci}"));
+                let (source, view) = match r.u8(&at)? {
+                    0 => {
+                        let i = r.u32(&at)?;
+                        let f = fields
+                            .get(i as usize)
+                            .ok_or_else(|| LoadError::invalid(at(), format!("field index {i} out of range")))?;
+                        let view = match f.shape {
+                            Shape::Repeated => View::Repeated(f.kind.value_class()),
+                            _ => View::Scalar(f.kind.value_class()),
+                        };
+                        (Source::Field(i), view)
+                    }
+                    t => return Err(LoadError::invalid(at(), format!("a check reads a field, not source {t}"))),
+                };
+                let test = r.test(&at, 0)?;
+                check_test(&test, view, regexes.len()).map_err(|why| LoadError::invalid(at(), why))?;
+                let ng = r.count(&at)?;
+                let mut guards = Vec::with_capacity(ng);
+                for _ in 0..ng {
+                    let g = r.u32(&at)?;
+                    if g as usize >= fields.len() {
+                        return Err(LoadError::invalid(at(), format!("guard index {g} out of range")));
+                    }
+                    guards.push(g);
+                }
+                let rule_id = r.string(&at)?;
+                let message = r.string(&at)?;
+                let steps = |r: &mut Reader| -> Result<Vec<(u32, String, u8)>, LoadError> {
+                    let n = r.count(&at)?;
+                    let mut out = Vec::with_capacity(n);
+                    for _ in 0..n {
+                        out.push((r.u32(&at)?, r.string(&at)?, r.u8(&at)?));
+                    }
+                    Ok(out)
+                };
+                let path = steps(r)?;
+                let rule = steps(r)?;
+                checks.push(Check { source, test, guards, rule_id, message, path, rule });
+            }
+        }
         methods.push(Method {
             path,
             kind,
@@ -1378,6 +1465,7 @@ fn read_methods(r: &mut Reader) -> Result<Vec<Method>, LoadError> {
             rules,
             regexes,
             duplex,
+            checks,
         });
     }
     Ok(methods)
@@ -1520,6 +1608,7 @@ mod tests {
                         priority: 3,
                         origin: "rules/x.yaml:3:5".into(),
                         raw: None,
+                        skip_validation: true,
                     },
                     Rule {
                         conditions: vec![],
@@ -1532,10 +1621,20 @@ mod tests {
                             content_type: "application/grpc".into(),
                             encoding: String::new(),
                         })),
+                        skip_validation: false,
                     },
                 ],
                 regexes: vec![vec![1, 2, 3, 4]],
                 duplex: false,
+                checks: vec![Check {
+                    source: Source::Field(0),
+                    test: Test::Op(Op::Chars(Box::new(Test::Op(Op::Gte(Value::U64(3)))))),
+                    guards: vec![1],
+                    rule_id: "string.min_len".into(),
+                    message: "must be at least 3 characters".into(),
+                    path: vec![(1, "user".into(), 11), (2, "id".into(), 9)],
+                    rule: vec![(14, "string".into(), 11), (2, "min_len".into(), 4)],
+                }],
             }],
         }
     }

@@ -46,6 +46,7 @@ fn test(t: &Test) -> String {
             Op::Suffix(b) => format!("suffix {}", escape_bytes(b)),
             Op::Regex(i) => format!("matches regex#{i}"),
             Op::Len(t) => format!("len {}", test(t)),
+            Op::Chars(t) => format!("chars {}", test(t)),
         },
         Test::Not(t) => format!("not ({})", test(t)),
         Test::Any(l) => format!("any of {}", list(l, " | ")),
@@ -97,6 +98,9 @@ pub(crate) fn dump(plan: &Plan, body: &dyn Fn(&Method, &[u8]) -> String) -> Stri
                 };
                 let _ = writeln!(s, "    {src} {}", test(&c.test));
             }
+            if r.skip_validation {
+                let _ = writeln!(s, "    answers invalid requests too (validate: false)");
+            }
             if let Some(raw) = &r.raw {
                 let messages: Vec<String> = raw.messages.iter().map(|m| escape_bytes(m)).collect();
                 let _ = writeln!(
@@ -109,6 +113,16 @@ pub(crate) fn dump(plan: &Plan, body: &dyn Fn(&Method, &[u8]) -> String) -> Stri
                     messages.join(", ")
                 );
             }
+        }
+        for (i, c) in m.checks.iter().enumerate() {
+            let src = match c.source {
+                Source::Field(f) => format!("request.{}", m.fields[f as usize].name),
+                Source::Metadata(k) => format!("metadata.{}", m.metadata_keys[k as usize]),
+            };
+            let guards: Vec<String> =
+                c.guards.iter().map(|g| format!("request.{}", m.fields[*g as usize].name)).collect();
+            let when = if guards.is_empty() { String::new() } else { format!(" when {} set", guards.join(", ")) };
+            let _ = writeln!(s, "  check#{i} {} [{}]{when}: {src} {}", c.message, c.rule_id, test(&c.test));
         }
         for (i, r) in m.regexes.iter().enumerate() {
             let _ = writeln!(s, "  regex#{i} ({} bytes of DFA)", r.len());

@@ -158,6 +158,19 @@ fn merge_method(base: &Method, over: &Method) -> Result<Method, String> {
         responses,
         rules,
         duplex,
+        checks: match base.checks.is_empty() {
+            true => over
+                .checks
+                .iter()
+                .cloned()
+                .map(|mut c| {
+                    remap.check(&mut c)?;
+                    Ok(c)
+                })
+                .collect::<Result<_, String>>()
+                .map_err(|why| format!("method {path}: overlay check: {why}"))?,
+            false => base.checks.clone(),
+        },
         regexes,
     })
 }
@@ -305,6 +318,16 @@ impl Remap<'_> {
         Ok(())
     }
 
+    fn check(&self, c: &mut crate::Check) -> Result<(), String> {
+        if let Source::Field(i) = c.source {
+            c.source = Source::Field(lookup(self.fields, i, "field")?);
+        }
+        for g in &mut c.guards {
+            *g = lookup(self.fields, *g, "field")?;
+        }
+        self.test(&mut c.test, 0)
+    }
+
     /// Depths count as in the reader, which refuses anything deeper.
     fn test(&self, t: &mut Test, depth: usize) -> Result<(), String> {
         if depth > MAX_TEST_DEPTH {
@@ -312,7 +335,7 @@ impl Remap<'_> {
         }
         match t {
             Test::Op(Op::Regex(i)) => *i = lookup(self.regexes, *i, "regex")?,
-            Test::Op(Op::Len(inner)) | Test::Not(inner) => self.test(inner, depth + 1)?,
+            Test::Op(Op::Len(inner) | Op::Chars(inner)) | Test::Not(inner) => self.test(inner, depth + 1)?,
             Test::Op(_) => {}
             Test::Any(list) | Test::All(list) => {
                 for t in list {
@@ -577,6 +600,7 @@ mod tests {
             rules: vec![],
             duplex: false,
             regexes: vec![],
+            checks: vec![],
         }
     }
 
@@ -605,7 +629,7 @@ mod tests {
     }
 
     fn rule(conditions: Vec<Condition>, response: u32, origin: &str) -> Rule {
-        Rule { conditions, response, priority: 0, origin: origin.into(), raw: None }
+        Rule { conditions, response, priority: 0, origin: origin.into(), raw: None, skip_validation: false }
     }
 
     fn cond(source: Source, test: Test) -> Condition {
@@ -1147,6 +1171,7 @@ mod tests {
                 priority: rng.below(3) as i64,
                 origin: format!("r:{i}:1"),
                 raw: None,
+                skip_validation: rng.below(4) == 0,
             });
         }
         m
@@ -1175,6 +1200,7 @@ mod tests {
             match t {
                 Test::Op(Op::Regex(i)) => format!("regex {:?}", m.regexes[*i as usize]),
                 Test::Op(Op::Len(t)) => format!("len({})", test(m, t)),
+                Test::Op(Op::Chars(t)) => format!("chars({})", test(m, t)),
                 Test::Op(op) => format!("{op:?}"),
                 Test::Not(t) => format!("not({})", test(m, t)),
                 Test::Any(l) => format!("any({})", l.iter().map(|t| test(m, t)).collect::<Vec<_>>().join(", ")),

@@ -106,6 +106,10 @@ pub struct Method {
     /// (rules see that message), instead of once after the client
     /// half-closes (rules see the aggregate view).
     pub duplex: bool,
+    /// Request validation (buf.validate rules of the input message): checks
+    /// that must all hold for a call to be valid, in field order. Used
+    /// only when the engine runs with validation on.
+    pub checks: Vec<Check>,
     /// Regular expressions the rules use, each a dense DFA from
     /// regex-automata serialized little-endian for unanchored search
     /// (`DFA::to_bytes_little_endian`). Validated when the engine loads them.
@@ -358,6 +362,9 @@ pub struct Rule {
     /// call looks like the recorded one (see [`RawRequest`]); `conditions`
     /// then hold at most the session test.
     pub raw: Option<Box<RawRequest>>,
+    /// Answers requests that fail validation too (`validate: false`), so
+    /// that a mock can give the real service's own error answer.
+    pub skip_validation: bool,
 }
 
 /// A request recorded as bytes (raw mode, no `.proto`): replay matches a
@@ -376,6 +383,28 @@ pub struct RawRequest {
     pub content_type: String,
     /// `grpc-encoding` of the request messages; empty for identity.
     pub encoding: String,
+}
+
+/// One validation rule of the input message, compiled: the call is
+/// invalid if `test` fails on `source` while every `guards` field is
+/// present (rules of a field inside an optional message apply when that
+/// message is set).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Check {
+    pub source: Source,
+    pub test: Test,
+    /// Indices into [`Method::fields`] of paths that must be present.
+    pub guards: Vec<u32>,
+    /// The rule's id, as protovalidate names it (`string.min_len`).
+    pub rule_id: String,
+    /// What a violation says (`must be at least 3 characters`).
+    pub message: String,
+    /// The field, from the request message down: (number, name, type as
+    /// in `FieldDescriptorProto.Type`) per step; the violation's path.
+    pub path: Vec<(u32, String, u8)>,
+    /// The rule, from `buf.validate.FieldRules` down: (number, name,
+    /// type) per step (`string` then `min_len`).
+    pub rule: Vec<(u32, String, u8)>,
 }
 
 /// A test on one input of the call.
@@ -433,6 +462,9 @@ pub enum Op {
     /// The test applies to the length: elements of a repeated field, bytes
     /// of a string, bytes or metadata value. The inner test sees a U64.
     Len(Box<Test>),
+    /// The test applies to the number of Unicode code points of a string
+    /// (U64).
+    Chars(Box<Test>),
 }
 
 impl Op {
@@ -450,6 +482,7 @@ impl Op {
             Op::Suffix(_) => "suffix",
             Op::Regex(_) => "regex",
             Op::Len(_) => "len",
+            Op::Chars(_) => "chars",
         }
     }
 }

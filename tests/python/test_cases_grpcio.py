@@ -67,6 +67,8 @@ def test_case_with_grpcio(case, tmp_path):
     cmd += ["--protos", str(source / "protos"), "--rules", str(source / "rules")]
     if spec.get("no_match") == "empty-ok":
         cmd += ["--no-match", "empty-ok"]
+    if spec.get("validation") == "on":
+        cmd += ["--validation", "on"]
     srv = engine_process.start(cmd, tmp_path)
     failures = []
     try:

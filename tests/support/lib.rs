@@ -52,6 +52,12 @@ impl TestServer {
     /// Compiles `dir/protos` and `dir/rules` and serves the plan on a free
     /// loopback port. The plan goes through its byte form, as in production.
     pub fn start(dir: &Path, no_match: NoMatch) -> TestServer {
+        Self::start_validating(dir, no_match, false)
+    }
+
+    /// [`TestServer::start`], checking requests against their protos'
+    /// validation rules when `validation` (`--validation on`).
+    pub fn start_validating(dir: &Path, no_match: NoMatch, validation: bool) -> TestServer {
         let options = Options {
             protos: vec![dir.join("protos")],
             rules: vec![dir.join("rules")],
@@ -64,7 +70,7 @@ impl TestServer {
         };
         let bytes = output.plan.to_bytes();
         let plan = wirestub_engine::Plan::from_bytes(&bytes).expect("plan loads");
-        Self::serve(plan, no_match)
+        Self::serve_configured(plan, no_match, 0, validation)
     }
 
     /// Serves `plan` on a free loopback port with two workers.
@@ -74,10 +80,25 @@ impl TestServer {
 
     /// [`TestServer::serve`] with a journal of `journal` calls (0: none).
     pub fn serve_with(plan: wirestub_engine::Plan, no_match: NoMatch, journal: usize) -> TestServer {
+        Self::serve_configured(plan, no_match, journal, false)
+    }
+
+    fn serve_configured(
+        plan: wirestub_engine::Plan,
+        no_match: NoMatch,
+        journal: usize,
+        validation: bool,
+    ) -> TestServer {
         let pool = DescriptorPool::decode(&plan.descriptors[..]).expect("descriptors decode");
         let state = State::new(plan, None, "test".into(), no_match, 2, journal).expect("plan prepares");
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let config = Config { workers: 2, drain_timeout: Duration::from_secs(2), stack: stack(), ..Config::default() };
+        let config = Config {
+            workers: 2,
+            drain_timeout: Duration::from_secs(2),
+            stack: stack(),
+            validation,
+            ..Config::default()
+        };
         let listeners = Listeners { plain: Some(listener), tls: None };
         let server = Server::start(listeners, Arc::new(state), config).unwrap();
         TestServer { addr: server.local_addr(), pool, server: Some(server) }

@@ -263,9 +263,13 @@ where
             let mut kept = 0usize;
             // Aggregates over every message, folded as each arrives.
             let mut folds: Vec<Result<Fold, Malformed>> = vec![Ok(Fold::default()); method.each.len()];
+            let mut violations = Vec::new();
             while let Some(m) = input.next().await? {
                 count += 1;
                 record.message(&m);
+                if let Err(e) = super::validate::check_stream_message(method, &m, &mut violations) {
+                    return Err(Status::new(Code::Internal, format!("cannot parse request message: {e}")).into());
+                }
                 for (fold, &i) in folds.iter_mut().zip(&method.each) {
                     if let Ok(f) = fold {
                         if let Err(e) = f.add_message(&method.plan.fields[i as usize], &m) {
@@ -291,7 +295,7 @@ where
             }
             let refs: Vec<&[u8]> = head.iter().map(|b| &b[..]).collect();
             let last = last.as_deref().or(refs.last().copied());
-            let messages = Messages { head: &refs, last, count, folds: &folds };
+            let messages = Messages { head: &refs, last, count, folds: &folds, violations: &violations };
             let answer = pick_explained(method, &messages, metadata, record.explain())?;
             Ok((answer, held.is_some().then_some(head)))
         }

@@ -76,6 +76,9 @@ pub struct Request<'a> {
     /// When a recording answered a call that was not identical to it: how
     /// similar they were.
     similarity: std::cell::Cell<Option<f32>>,
+    /// The request failed validation: only rules marked `validate: false`
+    /// may answer it.
+    invalid: std::cell::Cell<bool>,
 }
 
 /// The request messages of a call as the rules see them: the one message of
@@ -91,12 +94,15 @@ pub struct Messages<'a> {
     /// folded as the messages arrived, in the order of
     /// [`ServedMethod::each`]; `Err` if one of the messages was malformed.
     pub folds: &'a [Result<Fold, Malformed>],
+    /// The validation checks the stream's messages failed as they came
+    /// (see [`crate::call::validate::check_stream_message`]).
+    pub violations: &'a [u32],
 }
 
 impl<'a> Messages<'a> {
     /// The view of a call with exactly one request message.
     pub fn one(message: &'a [&'a [u8]; 1]) -> Self {
-        Messages { head: message, last: None, count: 1, folds: &[] }
+        Messages { head: message, last: None, count: 1, folds: &[], violations: &[] }
     }
 }
 
@@ -144,7 +150,38 @@ impl<'a> Request<'a> {
             metadata: plan.metadata_keys.iter().enumerate().map(|(i, k)| headers.value(i, k)).collect(),
             literal_hits: (0..method.literals.len()).map(|_| OnceCell::new()).collect(),
             similarity: std::cell::Cell::new(None),
+            invalid: std::cell::Cell::new(false),
         })
+    }
+
+    /// The validation checks of the method the request fails (indices
+    /// into its checks, at most `max`); from then on only rules marked
+    /// `validate: false` may answer it.
+    pub fn failed_checks(&self, max: usize) -> Result<Vec<u32>, Malformed> {
+        let mut failed = Vec::new();
+        for (i, c) in self.method.plan.checks.iter().enumerate() {
+            let mut applies = true;
+            for &g in &c.guards {
+                if !self.scalar(Source::Field(g))?.1 {
+                    applies = false;
+                    break;
+                }
+            }
+            if applies && !self.condition(c.source, &c.test)? {
+                failed.push(i as u32);
+                if failed.len() >= max {
+                    break;
+                }
+            }
+        }
+        self.invalid.set(!failed.is_empty());
+        Ok(failed)
+    }
+
+    /// Marks the request invalid (its messages failed validation as they
+    /// came): only rules marked `validate: false` may answer it.
+    pub fn mark_invalid(&self, invalid: bool) {
+        self.invalid.set(invalid);
     }
 
     /// The first rule (in plan order) whose conditions all hold.
@@ -243,7 +280,7 @@ impl<'a> Request<'a> {
         let plan = &method.plan;
         let holds = |r: u32| -> Result<bool, Malformed> {
             let rule = &plan.rules[r as usize];
-            if rule.raw.is_some() {
+            if rule.raw.is_some() || (request.invalid.get() && !rule.skip_validation) {
                 return Ok(false);
             }
             for c in &rule.conditions {
@@ -474,6 +511,14 @@ impl<'a> Request<'a> {
                 },
                 Op::Len(t) => match value {
                     ValueRef::Bytes(h) => self.eval(t, ValueRef::U64(h.len() as u64), true, None),
+                    _ => false,
+                },
+                Op::Chars(t) => match value {
+                    // Code points: every byte but UTF-8 continuation bytes.
+                    ValueRef::Bytes(h) => {
+                        let n = h.iter().filter(|&&b| (b as i8) >= -0x40).count();
+                        self.eval(t, ValueRef::U64(n as u64), true, None)
+                    }
                     _ => false,
                 },
             },

@@ -9,6 +9,7 @@ pub mod matcher;
 pub mod picks;
 pub mod raw;
 pub mod template;
+pub mod validate;
 
 use crate::protocol::grpc::{Code, Status};
 use crate::served::{Prepared, ServedMethod};
@@ -39,6 +40,9 @@ pub struct Answer<'m> {
     /// Whether the response's injected fault fires for this call (drawn
     /// once, when the answer is chosen).
     pub faulted: bool,
+    /// How many validation rules the request broke, when it is answered
+    /// as invalid (INVALID_ARGUMENT).
+    pub violations: u32,
 }
 
 impl<'m> Answer<'m> {
@@ -58,6 +62,7 @@ impl<'m> Answer<'m> {
             closest: None,
             similarity: None,
             faulted: false,
+            violations: 0,
         }
     }
 
@@ -126,7 +131,22 @@ pub fn pick_explained<'m>(
     let malformed =
         |e: crate::codec::wire::Malformed| Status::new(Code::Internal, format!("cannot parse request message: {e}"));
     let request = matcher::Request::read(method, messages, metadata).map_err(malformed)?;
+    // A client stream's messages were validated as they came.
+    let failed = match validate::applies(method) {
+        true if messages.count <= 1 && messages.violations.is_empty() => {
+            validate::violations(&request).map_err(malformed)?
+        }
+        true => {
+            request.mark_invalid(!messages.violations.is_empty());
+            messages.violations.to_vec()
+        }
+        false => Vec::new(),
+    };
     let rule = request.select_rule().map_err(malformed)?;
+    if !failed.is_empty() && rule.is_none() {
+        let invalid = Box::new(validate::invalid_answer(method, &failed));
+        return Ok(Answer { rendered: Some(invalid), violations: failed.len() as u32, ..Answer::of(&method.no_match) });
+    }
     let prepared = match rule {
         Some(r) => &method.responses[method.plan.rules[r as usize].response as usize],
         None => &method.no_match,

@@ -1105,7 +1105,7 @@ impl Entry {
             (true, Some(last)) => std::slice::from_ref(last),
             _ => &slices,
         };
-        let messages = Messages { head, last, count, folds: &[] };
+        let messages = Messages { head, last, count, folds: &[], violations: &[] };
         if field.message == MessageSel::Count {
             return Ok(Actual {
                 value: json!(count),
@@ -1208,7 +1208,7 @@ fn op_operand(op: &Op) -> Json {
         Op::Exists => json!(true),
         Op::Prefix(b) | Op::Suffix(b) => bytes_json(b),
         Op::Regex(i) => json!(format!("regex #{i}")),
-        Op::Len(t) => json!(render_test(t)),
+        Op::Len(t) | Op::Chars(t) => json!(render_test(t)),
     }
 }
 
@@ -1229,6 +1229,7 @@ pub fn render_test(t: &Test) -> String {
             Op::Suffix(b) => format!("ends with {}", bytes_text(b)),
             Op::Regex(i) => format!("matches regex #{i}"),
             Op::Len(t) => format!("length {}", render_test(t)),
+            Op::Chars(t) => format!("character count {}", render_test(t)),
         },
         Test::Not(t) => format!("not ({})", render_test(t)),
         Test::Any(l) => format!("any of {}", list(l, " | ")),
@@ -1428,6 +1429,7 @@ pub(crate) mod fixture {
             priority,
             origin: format!("rules/demo.yaml:{line}:9"),
             raw: None,
+            skip_validation: false,
         };
         let say_hello = Method {
             path: SAY_HELLO.into(),
@@ -1467,6 +1469,7 @@ pub(crate) mod fixture {
             ],
             duplex: false,
             regexes: vec![],
+            checks: Vec::new(),
         };
         let chat = Method {
             path: CHAT.into(),
@@ -1479,6 +1482,7 @@ pub(crate) mod fixture {
             rules: vec![],
             duplex: false,
             regexes: vec![],
+            checks: Vec::new(),
         };
         Plan { descriptors: descriptors(), methods: vec![chat, say_hello] }
     }

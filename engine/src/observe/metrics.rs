@@ -589,10 +589,12 @@ mod tests {
                     priority: 0,
                     origin: o.to_string(),
                     raw: None,
+                    skip_validation: false,
                 })
                 .collect(),
             duplex: false,
             regexes: Vec::new(),
+            checks: Vec::new(),
         };
         let plan = wirestub_plan::Plan { descriptors: Vec::new(), methods: vec![method] };
         Served::new(plan, crate::NoMatch::NotFound).expect("prepares")

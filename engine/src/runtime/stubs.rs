@@ -596,8 +596,13 @@ fn search(rt: &Runtime, state: &State, req: &Request<'_>) -> Response {
             refs.iter().try_for_each(|m| fold.add_message(&served.plan.fields[i as usize], m)).map(|_| fold)
         })
         .collect();
-    let view =
-        crate::call::matcher::Messages { head: &refs, last: refs.last().copied(), count: refs.len(), folds: &folds };
+    let view = crate::call::matcher::Messages {
+        head: &refs,
+        last: refs.last().copied(),
+        count: refs.len(),
+        folds: &folds,
+        violations: &[],
+    };
     let chosen = crate::call::matcher::Request::read(served, &view, &headers).and_then(|r| r.select_rule());
     let rule = match chosen {
         Ok(Some(r)) => r,

@@ -799,6 +799,7 @@ impl ServedMethod {
                 rules: Vec::new(),
                 duplex: false,
                 regexes: Vec::new(),
+                checks: Vec::new(),
             },
             responses: Vec::new(),
             no_match: status_response(12, "not implemented"),
@@ -883,10 +884,12 @@ mod tests {
                     priority: 0,
                     origin: String::new(),
                     raw: None,
+                    skip_validation: false,
                 })
                 .collect(),
             regexes: vec![],
             duplex: false,
+            checks: Vec::new(),
         };
         let literals = build_literals(&m);
         assert_eq!(literals[0].as_ref().map(|l| l.ids.len()), Some(4));

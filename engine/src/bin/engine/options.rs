@@ -179,6 +179,16 @@ pub const FLAGS: &[Flag] = &[
         section: PLAN,
     },
     Flag {
+        name: "validation",
+        value: "on|off",
+        kind: Kind::Value,
+        default: "off",
+        help: "check requests against the buf.validate rules of their protos before matching; an invalid one gets \
+               INVALID_ARGUMENT with every violation (BadRequest and buf.validate.Violations details), unless a \
+               rule marked `validate: false` answers it",
+        section: PLAN,
+    },
+    Flag {
         name: "raw-threshold",
         value: "0..1",
         kind: Kind::Value,
@@ -907,6 +917,7 @@ pub fn parse(args: &[String], env: &dyn Fn(&str) -> Option<String>) -> Result<Co
         stack: must("http2").choice(&[("native", Stack::Native), ("h2", Stack::H2)])?,
         metrics: must("metrics").choice(&[("on", true), ("off", false)])?,
         compress_responses: must("compress-responses").choice(&[("on", true), ("off", false)])?,
+        validation: must("validation").choice(&[("on", true), ("off", false)])?,
         cors_origins: must("cors-origins").origins()?,
         journal: wirestub_engine::JournalLimits {
             bytes: must("journal-bytes").number()?,

@@ -441,11 +441,15 @@ impl<'s> Conn<'s> {
                 self.buffered -= agg.held;
                 let head: Vec<&[u8]> = agg.head.iter().map(|b| &b[..]).collect();
                 let last = agg.last.as_deref().or(head.last().copied());
-                let messages = Messages { head: &head, last, count: agg.count, folds: &agg.folds };
+                let messages =
+                    Messages { head: &head, last, count: agg.count, folds: &agg.folds, violations: &agg.violations };
                 let method = s.method;
-                let picked = match always {
-                    true => None,
-                    false => Some(call::pick_explained(method, &messages, &s.metadata[..], s.rec.is_some())),
+                let picked = match (always, &agg.malformed) {
+                    (true, _) => None,
+                    (false, Some(e)) => {
+                        Some(Err(Status::new(Code::Internal, format!("cannot parse request message: {e}"))))
+                    }
+                    (false, None) => Some(call::pick_explained(method, &messages, &s.metadata[..], s.rec.is_some())),
                 };
                 let unanswered = matches!(&picked, Some(Ok(a)) if a.rule.is_none()) && s.forward.is_some();
                 if always || unanswered {
@@ -994,6 +998,11 @@ pub(super) fn deframe(s: &mut Stream<'_>, max: usize, buffered: &mut usize) -> O
         }
         let agg = s.agg.get_or_insert_with(Default::default);
         agg.count += 1;
+        if agg.malformed.is_none() {
+            if let Err(e) = call::validate::check_stream_message(s.method, &message, &mut agg.violations) {
+                agg.malformed = Some(e);
+            }
+        }
         if !s.method.each.is_empty() {
             agg.folds.resize(s.method.each.len(), Ok(Default::default()));
             for (fold, &i) in agg.folds.iter_mut().zip(&s.method.each) {

@@ -185,6 +185,10 @@ struct Aggregate {
     held: usize,
     /// Aggregates over every message (see [`ServedMethod::each`]).
     folds: Vec<Result<crate::call::picks::Fold, crate::codec::wire::Malformed>>,
+    /// Validation checks the messages failed as they came.
+    violations: Vec<u32>,
+    /// A message could not be read for validation.
+    malformed: Option<crate::codec::wire::Malformed>,
 }
 
 struct Stream<'s> {

@@ -1,0 +1,660 @@
+//! Request validation: protovalidate's `buf.validate` rules of a method's
+//! input message, read from the descriptors and compiled into plan checks
+//! (a field path and a test that must hold), so that the engine checks
+//! them on the wire with the matcher, without decoding the message.
+//!
+//! Compiled: `required`, `ignore`, the rules of scalar fields (numbers,
+//! `bool`, `string`, `bytes`, enums: const, ranges, in / not_in, lengths,
+//! pattern, prefix / suffix / contains, `defined_only`), the item and
+//! pair counts of repeated and map fields, oneof `required`, and the rules
+//! of fields of nested (singular) messages, which apply when the message is
+//! set. What is not compiled yet (CEL expressions, well-known string
+//! formats, `unique`, rules on items, keys and values, rules of the
+//! well-known types, message oneof rules) is a warning naming the field
+//! and the rule, never silently skipped.
+
+use crate::diag::{Diagnostic, Diagnostics};
+use crate::paths::scalar_kind;
+use prost_reflect::{DynamicMessage, FieldDescriptor, Kind, MessageDescriptor, ReflectMessage, Value as PValue};
+use std::collections::HashSet;
+use wirestub_plan::{self as plan, Check, MessageSel, Op, Shape, Source, Test, Value};
+
+/// How deep nested messages are followed.
+const MAX_DEPTH: usize = 8;
+/// `FieldDescriptorProto.Type` of a message field, for violation paths.
+const TYPE_MESSAGE: u8 = 11;
+
+/// A field's step in a violation path: (number, name, type).
+type Step = (u32, String, u8);
+
+/// Adds the checks of the input message's rules to `method`.
+pub fn add_checks(method: &mut plan::Method, input: &MessageDescriptor, diags: &mut Diagnostics) {
+    let pool = input.parent_pool();
+    let Some(field_ext) = pool.get_extension_by_name("buf.validate.field") else { return };
+    let oneof_ext = pool.get_extension_by_name("buf.validate.oneof");
+    let message_ext = pool.get_extension_by_name("buf.validate.message");
+    let mut cx = Cx {
+        method,
+        input: input.clone(),
+        field_ext,
+        oneof_ext,
+        message_ext,
+        warned: HashSet::new(),
+        diags,
+        regex_specs: Vec::new(),
+    };
+    cx.message(input, &[], &[], &[], 0, &mut Vec::new());
+}
+
+struct Cx<'a> {
+    method: &'a mut plan::Method,
+    input: MessageDescriptor,
+    field_ext: prost_reflect::ExtensionDescriptor,
+    oneof_ext: Option<prost_reflect::ExtensionDescriptor>,
+    message_ext: Option<prost_reflect::ExtensionDescriptor>,
+    warned: HashSet<String>,
+    diags: &'a mut Diagnostics,
+    regex_specs: Vec<String>,
+}
+
+impl Cx<'_> {
+    fn warn(&mut self, what: &str, field: &str, rule: &str) {
+        if self.warned.insert(format!("{field}/{rule}")) {
+            let pool = self.input.parent_pool();
+            let file = pool
+                .get_message_by_name(field.rsplit_once('.').map_or(field, |(m, _)| m))
+                .or_else(|| pool.get_message_by_name(field))
+                .map(|m| format!(" ({})", m.parent_file().name()))
+                .unwrap_or_default();
+            self.diags.push(
+                Diagnostic::warning(None, format!("{what}: `{rule}` on `{field}`{file} is not enforced yet"))
+                    .with_help("the request is validated without it; the rules compiled so far are listed in README"),
+            );
+        }
+    }
+
+    /// The checks of one message reached by `numbers` (field numbers from
+    /// the input message), whose rules apply while every `guards` path is
+    /// present.
+    fn message(
+        &mut self,
+        desc: &MessageDescriptor,
+        numbers: &[u32],
+        steps: &[Step],
+        guards: &[u32],
+        depth: usize,
+        open: &mut Vec<String>,
+    ) {
+        if depth > MAX_DEPTH || open.iter().any(|n| n == desc.full_name()) {
+            return;
+        }
+        open.push(desc.full_name().to_string());
+        if let Some(ext) = &self.message_ext {
+            let options = desc.options();
+            if options.has_extension(ext) {
+                if let PValue::Message(rules) = &*options.get_extension(ext) {
+                    for (f, _) in rules.fields() {
+                        self.warn("message rules", desc.full_name(), f.name());
+                    }
+                }
+            }
+        }
+        for oneof in desc.oneofs().filter(|o| !o.is_synthetic()) {
+            let required = self.oneof_ext.as_ref().is_some_and(|ext| {
+                let options = oneof.options();
+                options.has_extension(ext)
+                    && matches!(&*options.get_extension(ext), PValue::Message(r) if get_bool(r, "required"))
+            });
+            if required {
+                let members = oneof.fields().map(|f| f.number()).collect();
+                let path = plan::FieldPath {
+                    name: oneof.name().to_string(),
+                    numbers: numbers.to_vec(),
+                    kind: plan::ScalarKind::Int32,
+                    default: Value::I64(0),
+                    shape: Shape::OneofCase { members },
+                    message: MessageSel::Single,
+                    picks: Vec::new(),
+                };
+                let mut at = steps.to_vec();
+                at.push((0, oneof.name().to_string(), 0));
+                let test = Test::Not(Box::new(Test::Op(Op::Eq(Value::I64(0)))));
+                self.push(path, test, guards, "required", "exactly one field is required in oneof", at, Vec::new());
+            }
+        }
+        for field in desc.fields() {
+            self.field(&field, numbers, steps, guards, depth, open);
+        }
+        open.pop();
+    }
+
+    fn field(
+        &mut self,
+        field: &FieldDescriptor,
+        numbers: &[u32],
+        steps: &[Step],
+        guards: &[u32],
+        depth: usize,
+        open: &mut Vec<String>,
+    ) {
+        let options = field.options();
+        let rules = match options.has_extension(&self.field_ext) {
+            true => match &*options.get_extension(&self.field_ext) {
+                PValue::Message(m) => Some(m.clone()),
+                _ => None,
+            },
+            false => None,
+        };
+        // IGNORE_ALWAYS (3): nothing about the field is checked.
+        let ignore = rules.as_ref().map(|r| get_enum(r, "ignore")).unwrap_or(0);
+        if ignore == 3 {
+            return;
+        }
+        let mut numbers = numbers.to_vec();
+        numbers.push(field.number());
+        let mut at = steps.to_vec();
+        at.push((field.number(), field.name().to_string(), kind_code(field)));
+        let name = field.full_name().to_string();
+        let repeated = field.is_list() || field.is_map();
+        let message_kind = matches!(field.kind(), Kind::Message(_));
+
+        if let Some(rules) = &rules {
+            for (f, _) in rules.fields() {
+                if matches!(f.name(), "cel" | "cel_expression") {
+                    self.warn("CEL rule", &name, f.name());
+                }
+            }
+            let presence = field.supports_presence() && !repeated;
+            if get_bool(rules, "required") {
+                let (path, test) = if repeated {
+                    (self.path(field, &numbers, Shape::Repeated), len_test(Op::Gte(Value::U64(1))))
+                } else if presence {
+                    (self.path(field, &numbers, Shape::Singular), Test::Op(Op::Exists))
+                } else {
+                    let p = self.path(field, &numbers, Shape::Singular);
+                    let zero = p.default.clone();
+                    (p, Test::Not(Box::new(Test::Op(Op::Eq(zero)))))
+                };
+                self.push(
+                    path,
+                    test,
+                    guards,
+                    "required",
+                    "value is required",
+                    at.clone(),
+                    vec![(25, "required".into(), 8)],
+                );
+            }
+            if let Some((type_field, type_rules)) = type_rules(rules) {
+                let skip_zero = ignore == 1;
+                self.type_rules(field, &numbers, &at, guards, &type_field, &type_rules, presence, skip_zero);
+            }
+        }
+        // Rules of a nested message apply when it is set.
+        if let Kind::Message(m) = field.kind() {
+            if !repeated && message_kind && !m.full_name().starts_with("google.protobuf.") {
+                let guard = self.intern(self.path(field, &numbers, Shape::Singular));
+                let mut g = guards.to_vec();
+                g.push(guard);
+                self.message(&m, &numbers, &at, &g, depth + 1, open);
+            } else if repeated && has_rules(&m, &self.field_ext, 0) {
+                self.warn("rules of repeated or map message elements", &name, m.full_name());
+            }
+        }
+    }
+
+    /// The rules of a field's type (`string`, `int32`, `repeated`, ...).
+    #[allow(clippy::too_many_arguments)]
+    fn type_rules(
+        &mut self,
+        field: &FieldDescriptor,
+        numbers: &[u32],
+        at: &[Step],
+        guards: &[u32],
+        type_field: &FieldDescriptor,
+        rules: &DynamicMessage,
+        presence: bool,
+        skip_zero: bool,
+    ) {
+        let kind = type_field.name();
+        let name = field.full_name().to_string();
+        let rule_base = (type_field.number(), kind.to_string(), TYPE_MESSAGE);
+        // A rule applies only when the field is set (presence) or, with
+        // IGNORE_IF_ZERO_VALUE, when it is not its zero value.
+        let applies = |cx: &mut Self, path: &plan::FieldPath, test: Test| -> Test {
+            let mut escapes = Vec::new();
+            if presence || skip_zero {
+                escapes.push(Test::Not(Box::new(Test::Op(Op::Exists))));
+            }
+            if skip_zero && path.shape == Shape::Singular {
+                escapes.push(Test::Op(Op::Eq(path.default.clone())));
+            }
+            if skip_zero && path.shape == Shape::Repeated {
+                escapes.push(len_test(Op::Eq(Value::U64(0))));
+            }
+            let _ = cx;
+            match escapes.is_empty() {
+                true => test,
+                false => {
+                    escapes.push(test);
+                    Test::Any(escapes)
+                }
+            }
+        };
+        match kind {
+            "repeated" | "map" => {
+                let path = self.path(field, numbers, Shape::Repeated);
+                for (f, v) in rules.fields() {
+                    let (id, test, message) = match (kind, f.name(), v) {
+                        ("repeated", "min_items", PValue::U64(n)) => (
+                            "repeated.min_items",
+                            Op::Gte(Value::U64(*n)),
+                            format!("must contain at least {n} item(s)"),
+                        ),
+                        ("repeated", "max_items", PValue::U64(n)) => (
+                            "repeated.max_items",
+                            Op::Lte(Value::U64(*n)),
+                            format!("must contain no more than {n} item(s)"),
+                        ),
+                        ("map", "min_pairs", PValue::U64(n)) => {
+                            ("map.min_pairs", Op::Gte(Value::U64(*n)), format!("map must be at least {n} entries"))
+                        }
+                        ("map", "max_pairs", PValue::U64(n)) => {
+                            ("map.max_pairs", Op::Lte(Value::U64(*n)), format!("map must be at most {n} entries"))
+                        }
+                        (_, other, _) => {
+                            self.warn("rule", &name, &format!("{kind}.{other}"));
+                            continue;
+                        }
+                    };
+                    let test = applies(self, &path, len_test(test));
+                    let rule = vec![rule_base.clone(), (f.number(), f.name().to_string(), kind_code(&f))];
+                    self.push(path.clone(), test, guards, id, &message, at.to_vec(), rule);
+                }
+            }
+            "any" | "duration" | "timestamp" | "field_mask" => self.warn("rule", &name, kind),
+            _ => {
+                let path = self.path(field, numbers, Shape::Singular);
+                for (id, test, message, rule_field) in scalar_rules(kind, rules, field, &path, self) {
+                    let test = applies(self, &path, test);
+                    let rule = vec![rule_base.clone(), rule_field];
+                    self.push(path.clone(), test, guards, &id, &message, at.to_vec(), rule);
+                }
+            }
+        }
+    }
+
+    fn path(&self, field: &FieldDescriptor, numbers: &[u32], shape: Shape) -> plan::FieldPath {
+        let (kind, default) = match field.kind() {
+            Kind::Message(_) => (plan::ScalarKind::Bytes, Value::Bytes(Vec::new())),
+            k => {
+                let s = scalar_kind(&k);
+                (s, crate::paths::to_plan_value(&field.default_value(), s))
+            }
+        };
+        let default = if shape == Shape::Repeated { zero_of(kind) } else { default };
+        plan::FieldPath {
+            name: self.names(numbers),
+            numbers: numbers.to_vec(),
+            kind,
+            default,
+            shape,
+            message: MessageSel::Single,
+            picks: Vec::new(),
+        }
+    }
+
+    /// The dotted field names of a path of numbers from the input message.
+    fn names(&self, numbers: &[u32]) -> String {
+        let mut desc = self.input.clone();
+        let mut out = Vec::new();
+        for n in numbers {
+            let Some(f) = desc.get_field(*n) else { break };
+            out.push(f.name().to_string());
+            match f.kind() {
+                Kind::Message(m) => desc = m,
+                _ => break,
+            }
+        }
+        out.join(".")
+    }
+
+    fn intern(&mut self, path: plan::FieldPath) -> u32 {
+        let same = |f: &plan::FieldPath| {
+            f.numbers == path.numbers
+                && f.shape == path.shape
+                && f.kind == path.kind
+                && f.message == path.message
+                && f.picks == path.picks
+        };
+        match self.method.fields.iter().position(same) {
+            Some(i) => i as u32,
+            None => {
+                self.method.fields.push(path);
+                self.method.fields.len() as u32 - 1
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn push(
+        &mut self,
+        path: plan::FieldPath,
+        test: Test,
+        guards: &[u32],
+        rule_id: &str,
+        message: &str,
+        at: Vec<Step>,
+        rule: Vec<Step>,
+    ) {
+        let source = Source::Field(self.intern(path));
+        self.method.checks.push(Check {
+            source,
+            test,
+            guards: guards.to_vec(),
+            rule_id: rule_id.to_string(),
+            message: message.to_string(),
+            path: at,
+            rule,
+        });
+    }
+
+    /// A `pattern` rule's regular expression as a plan regex index.
+    fn regex(&mut self, pattern: &str, field: &FieldDescriptor) -> Option<u32> {
+        use regex_automata::dfa::{dense, StartKind};
+        if let Some(i) = self.regex_specs.iter().position(|p| p == pattern) {
+            return Some(i as u32 + self.first_regex());
+        }
+        let config = dense::Config::new()
+            .start_kind(StartKind::Unanchored)
+            .dfa_size_limit(Some(8 << 20))
+            .determinize_size_limit(Some(8 << 20));
+        match dense::Builder::new().configure(config).build(pattern) {
+            Ok(dfa) => {
+                let (bytes, pad) = dfa.to_bytes_little_endian();
+                self.method.regexes.push(bytes[pad..].to_vec());
+                self.regex_specs.push(pattern.to_string());
+                Some(self.method.regexes.len() as u32 - 1)
+            }
+            Err(e) => {
+                let mut cause: &dyn std::error::Error = &e;
+                while let Some(next) = cause.source() {
+                    cause = next;
+                }
+                let detail = cause.to_string().lines().last().unwrap_or_default().trim().to_string();
+                self.diags.push(Diagnostic::error(
+                    None,
+                    format!(
+                        "`{}` ({}): its validation pattern `{pattern}` does not compile: {detail}",
+                        field.full_name(),
+                        field.parent_file().name()
+                    ),
+                ));
+                None
+            }
+        }
+    }
+
+    fn first_regex(&self) -> u32 {
+        (self.method.regexes.len() - self.regex_specs.len()) as u32
+    }
+}
+
+/// The (id, test, message, rule step) of each rule set in a scalar
+/// field's rules message.
+fn scalar_rules(
+    kind: &str,
+    rules: &DynamicMessage,
+    field: &FieldDescriptor,
+    path: &plan::FieldPath,
+    cx: &mut Cx,
+) -> Vec<(String, Test, String, Step)> {
+    let mut out = Vec::new();
+    let value = |v: &PValue| crate::paths::to_plan_value(v, path.kind);
+    let shown = |v: &PValue| match v {
+        PValue::String(s) => s.clone(),
+        PValue::Bytes(b) => b.iter().map(|x| format!("{x:02x}")).collect(),
+        PValue::List(l) => format!("[{}]", l.iter().map(show_value).collect::<Vec<_>>().join(", ")),
+        other => show_value(other),
+    };
+    let get = |n: &str| {
+        rules
+            .descriptor()
+            .get_field_by_name(n)
+            .filter(|f| rules.has_field(f))
+            .map(|f| (rules.get_field(&f).into_owned(), f))
+    };
+    let step = |f: &FieldDescriptor| (f.number(), f.name().to_string(), kind_code(f));
+    let op = |o: Op| Test::Op(o);
+    let not = |t: Test| Test::Not(Box::new(t));
+    let bytes_like = matches!(kind, "string" | "bytes");
+    for (f, v) in rules.fields() {
+        let id = format!("{kind}.{}", f.name());
+        let s = shown(v);
+        let entry: Option<(Test, String)> = match f.name() {
+            "const" => Some((
+                op(Op::Eq(value(v))),
+                if kind == "string" { format!("must equal `{s}`") } else { format!("must equal {s}") },
+            )),
+            "in" => match v {
+                PValue::List(l) if !l.is_empty() => {
+                    Some((op(Op::In(l.iter().map(value).collect())), format!("must be in list {s}")))
+                }
+                _ => None,
+            },
+            "not_in" => match v {
+                PValue::List(l) if !l.is_empty() => {
+                    Some((not(op(Op::In(l.iter().map(value).collect()))), format!("must not be in list {s}")))
+                }
+                _ => None,
+            },
+            "example" => None,
+            "defined_only" if get_bool(rules, "defined_only") => {
+                let Kind::Enum(e) = field.kind() else { continue };
+                let values = e.values().map(|v| Value::I64(v.number() as i64)).collect();
+                Some((op(Op::In(values)), "value must be one of the defined enum values".to_string()))
+            }
+            "defined_only" => None,
+            "finite" if matches!(v, PValue::Bool(true)) => {
+                let inf = Value::F64(f64::INFINITY);
+                let ninf = Value::F64(f64::NEG_INFINITY);
+                // NaN fails both orderings; infinities are excluded.
+                Some((Test::All(vec![op(Op::Gt(ninf)), op(Op::Lt(inf))]), "must be finite".to_string()))
+            }
+            "finite" => None,
+            "lt" | "lte" if get("gt").is_none() && get("gte").is_none() => {
+                let u = value(v);
+                let (o, m) = match f.name() {
+                    "lt" => (Op::Lt(u), format!("must be less than {s}")),
+                    _ => (Op::Lte(u), format!("must be less than or equal to {s}")),
+                };
+                Some((op(o), m))
+            }
+            "lt" | "lte" => None,
+            "gt" | "gte" => {
+                let low = value(v);
+                let upper = get("lt").map(|(u, _)| (true, u)).or_else(|| get("lte").map(|(u, _)| (false, u)));
+                let (lo_op, lo_text) = match f.name() {
+                    "gt" => (Op::Gt(low.clone()), "greater than"),
+                    _ => (Op::Gte(low.clone()), "greater than or equal to"),
+                };
+                match upper {
+                    None => Some((op(lo_op), format!("must be {lo_text} {s}"))),
+                    Some((strict, u)) => {
+                        let hi = value(&u);
+                        let (hi_op, hi_text, suffix) = match strict {
+                            true => (Op::Lt(hi.clone()), "less than", "lt"),
+                            false => (Op::Lte(hi.clone()), "less than or equal to", "lte"),
+                        };
+                        let us = shown(&u);
+                        // protovalidate: an upper bound at or above the
+                        // lower one is a range the value must be in;
+                        // below it, one the value must be out of.
+                        let exclusive = wirestub_order(&hi, &low) == Some(std::cmp::Ordering::Less);
+                        let base = format!("{kind}.{}_{suffix}", f.name());
+                        if exclusive {
+                            out.push((
+                                format!("{base}_exclusive"),
+                                Test::Any(vec![op(lo_op), op(hi_op)]),
+                                format!("must be {lo_text} {s} or {hi_text} {us}"),
+                                step(&f),
+                            ));
+                        } else {
+                            out.push((
+                                base,
+                                Test::All(vec![op(lo_op), op(hi_op)]),
+                                format!("must be {lo_text} {s} and {hi_text} {us}"),
+                                step(&f),
+                            ));
+                        }
+                        None
+                    }
+                }
+            }
+            "len" | "min_len" | "max_len" if bytes_like => {
+                let PValue::U64(n) = v else { continue };
+                let n = Value::U64(*n);
+                let o = match f.name() {
+                    "len" => Op::Eq(n),
+                    "min_len" => Op::Gte(n),
+                    _ => Op::Lte(n),
+                };
+                let unit = if kind == "string" { "characters" } else { "bytes" };
+                let m = match f.name() {
+                    "len" => format!("must be {s} {unit}"),
+                    "min_len" => format!("must be at least {s} {unit}"),
+                    _ => format!("must be at most {s} {unit}"),
+                };
+                let inner = Box::new(Test::Op(o));
+                Some((if kind == "string" { op(Op::Chars(inner)) } else { op(Op::Len(inner)) }, m))
+            }
+            "len_bytes" | "min_bytes" | "max_bytes" => {
+                let PValue::U64(n) = v else { continue };
+                let n = Value::U64(*n);
+                let (o, m) = match f.name() {
+                    "len_bytes" => (Op::Eq(n), format!("must be {s} bytes")),
+                    "min_bytes" => (Op::Gte(n), format!("must be at least {s} bytes")),
+                    _ => (Op::Lte(n), format!("must be at most {s} bytes")),
+                };
+                Some((op(Op::Len(Box::new(Test::Op(o)))), m))
+            }
+            "prefix" | "suffix" | "contains" | "not_contains" if bytes_like => {
+                let needle = match v {
+                    PValue::String(t) => t.as_bytes().to_vec(),
+                    PValue::Bytes(b) => b.to_vec(),
+                    _ => continue,
+                };
+                let quoted = if kind == "string" { format!("`{s}`") } else { s.clone() };
+                Some(match f.name() {
+                    "prefix" => (op(Op::Prefix(needle)), format!("does not have prefix {quoted}")),
+                    "suffix" => (op(Op::Suffix(needle)), format!("does not have suffix {quoted}")),
+                    "contains" if kind == "string" => {
+                        (op(Op::Contains(Value::Bytes(needle))), format!("does not contain substring {quoted}"))
+                    }
+                    "contains" => (op(Op::Contains(Value::Bytes(needle))), format!("does not contain {quoted}")),
+                    _ => (not(op(Op::Contains(Value::Bytes(needle)))), format!("contains substring {quoted}")),
+                })
+            }
+            "pattern" => {
+                let PValue::String(p) = v else { continue };
+                let Some(i) = cx.regex(p, field) else { continue };
+                let m = if kind == "string" {
+                    format!("does not match regex pattern `{p}`")
+                } else {
+                    format!("must match regex pattern `{p}`")
+                };
+                Some((op(Op::Regex(i)), m))
+            }
+            other => {
+                cx.warn("rule", field.full_name(), &format!("{kind}.{other}"));
+                None
+            }
+        };
+        if let Some((test, message)) = entry {
+            out.push((id, test, message, step(&f)));
+        }
+    }
+    out
+}
+
+/// Orders two plan values of the same class.
+fn wirestub_order(a: &Value, b: &Value) -> Option<std::cmp::Ordering> {
+    match (a, b) {
+        (Value::I64(x), Value::I64(y)) => Some(x.cmp(y)),
+        (Value::U64(x), Value::U64(y)) => Some(x.cmp(y)),
+        (Value::F64(x), Value::F64(y)) => x.partial_cmp(y),
+        _ => None,
+    }
+}
+
+fn show_value(v: &PValue) -> String {
+    match v {
+        PValue::Bool(b) => b.to_string(),
+        PValue::I32(i) => i.to_string(),
+        PValue::I64(i) => i.to_string(),
+        PValue::U32(u) => u.to_string(),
+        PValue::U64(u) => u.to_string(),
+        PValue::F32(f) => f.to_string(),
+        PValue::F64(f) => f.to_string(),
+        PValue::String(s) => s.clone(),
+        PValue::EnumNumber(n) => n.to_string(),
+        PValue::Bytes(b) => b.iter().map(|x| format!("{x:02x}")).collect(),
+        other => format!("{other:?}"),
+    }
+}
+
+fn len_test(op: Op) -> Test {
+    Test::Op(Op::Len(Box::new(Test::Op(op))))
+}
+
+fn zero_of(kind: plan::ScalarKind) -> Value {
+    match kind.value_class() {
+        plan::ValueClass::I64 => Value::I64(0),
+        plan::ValueClass::U64 => Value::U64(0),
+        plan::ValueClass::F64 => Value::F64(0.0),
+        plan::ValueClass::Bool => Value::Bool(false),
+        plan::ValueClass::Bytes => Value::Bytes(Vec::new()),
+    }
+}
+
+/// The set member of `FieldRules.type` and its rules message.
+fn type_rules(rules: &DynamicMessage) -> Option<(FieldDescriptor, DynamicMessage)> {
+    let oneof = rules.descriptor().oneofs().find(|o| o.name() == "type")?;
+    let field = oneof.fields().find(|f| rules.has_field(f))?;
+    let value = rules.get_field(&field);
+    match &*value {
+        PValue::Message(m) => Some((field.clone(), m.clone())),
+        _ => None,
+    }
+}
+
+fn get_bool(m: &DynamicMessage, name: &str) -> bool {
+    m.descriptor()
+        .get_field_by_name(name)
+        .is_some_and(|f| m.has_field(&f) && matches!(&*m.get_field(&f), PValue::Bool(true)))
+}
+
+fn get_enum(m: &DynamicMessage, name: &str) -> i32 {
+    match m.descriptor().get_field_by_name(name).map(|f| m.get_field(&f).into_owned()) {
+        Some(PValue::EnumNumber(n)) => n,
+        _ => 0,
+    }
+}
+
+/// Whether a message (or one it holds) carries any field rules.
+fn has_rules(desc: &MessageDescriptor, ext: &prost_reflect::ExtensionDescriptor, depth: usize) -> bool {
+    depth <= MAX_DEPTH
+        && desc.fields().any(|f| {
+            f.options().has_extension(ext)
+                || matches!(f.kind(), Kind::Message(m) if m.full_name() != desc.full_name() && has_rules(&m, ext, depth + 1))
+        })
+}
+
+/// A field's type as `FieldDescriptorProto.Type` numbers it.
+fn kind_code(field: &FieldDescriptor) -> u8 {
+    match field.kind() {
+        Kind::Message(_) if field.is_group() => 10,
+        Kind::Message(_) => TYPE_MESSAGE,
+        k => scalar_kind(&k) as u8,
+    }
+}

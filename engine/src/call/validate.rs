@@ -1,0 +1,158 @@
+//! Request validation (`engine run --validation on`): the checks the
+//! compiler made of the input message's `buf.validate` rules, evaluated
+//! on the wire by the matcher before a rule is chosen, and the answer to
+//! an invalid request: INVALID_ARGUMENT with every violation, as
+//! `google.rpc.BadRequest` field violations and `buf.validate.Violations`
+//! in `grpc-status-details-bin` (which Connect and gRPC-Web carry as their
+//! error details).
+//!
+//! Cost: nothing with validation off (the default), nor for methods whose
+//! input has no rules; otherwise one matcher test per rule, on the values
+//! the request's single pass already read.
+
+use crate::call::matcher::Request;
+use crate::served::{Prepared, ServedMethod};
+use std::sync::atomic::{AtomicBool, Ordering};
+use wirestub_plan::Check;
+
+static ENABLED: AtomicBool = AtomicBool::new(false);
+
+/// Turns validation on or off, process-wide (`--validation`).
+pub fn set_enabled(on: bool) {
+    ENABLED.store(on, Ordering::Relaxed);
+}
+
+/// Whether calls to `method` are validated.
+pub fn applies(method: &ServedMethod) -> bool {
+    !method.plan.checks.is_empty() && ENABLED.load(Ordering::Relaxed)
+}
+
+/// The checks a request fails, as indices into the method's checks, at
+/// most [`MAX_VIOLATIONS`].
+pub fn violations(request: &Request<'_>) -> Result<Vec<u32>, crate::codec::wire::Malformed> {
+    request.failed_checks(MAX_VIOLATIONS)
+}
+
+/// The checks one message of a client stream fails (validated as it
+/// arrives, so that no message is kept for it); appended to `failed` up
+/// to [`MAX_VIOLATIONS`] in all.
+pub fn check_stream_message(
+    method: &ServedMethod,
+    message: &[u8],
+    failed: &mut Vec<u32>,
+) -> Result<(), crate::codec::wire::Malformed> {
+    if !applies(method) || failed.len() >= MAX_VIOLATIONS {
+        return Ok(());
+    }
+    let one = [message];
+    let view = crate::call::matcher::Messages::one(&one);
+    let none: [Option<Box<[u8]>>; 0] = [];
+    let request = Request::read(method, &view, &none[..])?;
+    for i in request.failed_checks(MAX_VIOLATIONS - failed.len())? {
+        if !failed.contains(&i) {
+            failed.push(i);
+        }
+    }
+    Ok(())
+}
+
+/// The most violations one answer lists.
+pub const MAX_VIOLATIONS: usize = 100;
+
+/// A field path as BadRequest names it: `user.name`, the oneof's name.
+fn field_text(c: &Check) -> String {
+    c.path.iter().map(|(_, name, _)| name.as_str()).collect::<Vec<_>>().join(".")
+}
+
+/// The answer to an invalid request.
+pub fn invalid_answer(method: &ServedMethod, failed: &[u32]) -> Prepared {
+    let checks: Vec<&Check> = failed.iter().filter_map(|&i| method.plan.checks.get(i as usize)).collect();
+    let mut message = String::from("validation error:");
+    for c in &checks {
+        message.push_str(&format!(" {}: {} [{}];", field_text(c), c.message, c.rule_id));
+    }
+    message.pop();
+    // google.rpc.BadRequest { field_violations: [{ field, description }] }
+    let mut bad_request = Vec::new();
+    // buf.validate.Violations { violations: [{ field, rule, rule_id, message }] }
+    let mut violations = Vec::new();
+    for c in &checks {
+        let mut fv = Vec::new();
+        put_str(&mut fv, 1, &field_text(c));
+        put_str(&mut fv, 2, &c.message);
+        put_bytes(&mut bad_request, 1, &fv);
+        let mut v = Vec::new();
+        put_bytes(&mut v, 5, &field_path(&c.path));
+        if !c.rule.is_empty() {
+            put_bytes(&mut v, 6, &field_path(&c.rule));
+        }
+        put_str(&mut v, 2, &c.rule_id);
+        put_str(&mut v, 3, &c.message);
+        put_bytes(&mut violations, 1, &v);
+    }
+    // google.rpc.Status { code, message, details: [Any...] }
+    let mut status = Vec::new();
+    put_varint_field(&mut status, 1, 3);
+    put_str(&mut status, 2, &message);
+    for (type_url, value) in [
+        ("type.googleapis.com/google.rpc.BadRequest", &bad_request),
+        ("type.googleapis.com/buf.validate.Violations", &violations),
+    ] {
+        let mut any = Vec::new();
+        put_str(&mut any, 1, type_url);
+        put_bytes(&mut any, 2, value);
+        put_bytes(&mut status, 3, &any);
+    }
+    use base64::Engine as _;
+    let details = base64::engine::general_purpose::STANDARD_NO_PAD.encode(&status);
+    let trailers = [("grpc-status-details-bin".to_string(), details.into_bytes())];
+    crate::served::prepare(
+        3,
+        &wirestub_plan::percent_encode_message(&message),
+        bytes::Bytes::new(),
+        &[],
+        &trailers,
+        std::time::Duration::ZERO,
+    )
+}
+
+/// A `buf.validate.FieldPath` of (number, name, type) steps; a step
+/// without a number is a oneof, named only.
+fn field_path(steps: &[(u32, String, u8)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (number, name, kind) in steps {
+        let mut e = Vec::new();
+        if *number != 0 {
+            put_varint_field(&mut e, 1, *number as u64);
+        }
+        put_str(&mut e, 2, name);
+        if *kind != 0 {
+            put_varint_field(&mut e, 3, *kind as u64);
+        }
+        put_bytes(&mut out, 1, &e);
+    }
+    out
+}
+
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push(v as u8 | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn put_varint_field(out: &mut Vec<u8>, number: u32, v: u64) {
+    put_varint(out, (number as u64) << 3);
+    put_varint(out, v);
+}
+
+fn put_bytes(out: &mut Vec<u8>, number: u32, b: &[u8]) {
+    put_varint(out, ((number as u64) << 3) | 2);
+    put_varint(out, b.len() as u64);
+    out.extend_from_slice(b);
+}
+
+fn put_str(out: &mut Vec<u8>, number: u32, s: &str) {
+    put_bytes(out, number, s.as_bytes());
+}

@@ -1,0 +1,258 @@
+"""Request validation (`engine run --validation on`) against protovalidate.
+
+tests/cases/validation holds a message with rules of each family the
+compiler checks on the wire. A corpus of requests (a valid one, and
+mutations of each field across and around its rules) goes to the engine
+with grpcio and to Python's `protovalidate` package (the reference
+implementation's port); both must agree on validity and on the set of
+(field path, rule id) violations. Invalid requests come back
+INVALID_ARGUMENT with google.rpc.BadRequest and buf.validate.Violations
+details, read with grpc_status.rpc_status; a rule marked `validate: false`
+still answers the invalid request it matches; with validation off the
+same request is answered by the rules.
+"""
+
+import importlib
+import importlib.resources
+import itertools
+import sys
+from pathlib import Path
+
+import engine_process
+import grpc
+import pytest
+from grpc_status import rpc_status
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CASE = REPO_ROOT / "tests" / "cases" / "validation"
+BUILTIN = REPO_ROOT / "compiler" / "src" / "builtin"
+
+
+@pytest.fixture(scope="module")
+def modules(tmp_path_factory):
+    from grpc_tools import protoc
+
+    out = tmp_path_factory.mktemp("validation_pb")
+    wkt = importlib.resources.files("grpc_tools") / "_proto"
+    args = ["protoc", f"-I{CASE / 'protos'}", f"-I{BUILTIN}", f"-I{wkt}", f"--python_out={out}"]
+    args += ["signup.proto", "buf/validate/validate.proto", "google/rpc/error_details.proto"]
+    assert protoc.main(args) == 0
+    sys.path.insert(0, str(out))
+    try:
+        signup = importlib.import_module("signup_pb2")
+        details = importlib.import_module("google.rpc.error_details_pb2")
+        violations = importlib.import_module("buf.validate.validate_pb2")
+        import protovalidate
+
+        return signup, details, violations, protovalidate
+    finally:
+        sys.path.remove(str(out))
+
+
+def start(tmp_path, validation, stack="native"):
+    cmd = [str(engine_process.engine_binary()), "run", "--listen", "127.0.0.1:0", "--admin-listen", "off"]
+    cmd += ["--protos", str(CASE / "protos"), "--rules", str(CASE / "rules"), "--validation", validation]
+    cmd += ["--http2", stack]
+    return engine_process.start(cmd, tmp_path)
+
+
+@pytest.fixture(scope="module", params=["native", "h2"])
+def engine(tmp_path_factory, request):
+    srv = start(tmp_path_factory.mktemp("validation"), "on", request.param)
+    yield srv
+    engine_process.stop(srv.proc)
+
+
+def valid_user(signup):
+    return signup.User(
+        name="alice",
+        email="a@example.com",
+        age=30,
+        plan=signup.PRO,
+        tags=["a", "b"],
+        address=signup.Address(city="Paris", zip="75001"),
+        token=b"\x01\x02\x03",
+        score=0.5,
+        phone="123",
+        quota=20,
+        country="fr",
+    )
+
+
+# Each mutation: a field and values around and across its rules.
+MUTATIONS = {
+    "name": ["", "ab", "abc", "é" * 3, "é" * 11, "abcdefghij", "abcdefghijk"],
+    "email": ["", "no-at", "x@y", "a@b@c"],
+    "age": [0, 17, 18, 129, 130, -5],
+    "plan": [0, 1, 2, 7],
+    "tags": [[], ["a"] * 3, ["a"] * 4],
+    "nickname": [None, "", "n-x", "x"],
+    "address": [None, "empty", "bad-zip"],
+    "code": ["", "abcd", "abc", "éééé"],
+    "token": [b"", b"\x01", b"\x01" * 8, b"\x01" * 9],
+    "score": [0.0, 0.0001, 1.0, 1.5, -1.0, float("nan")],
+    "contact": [None, "phone", "fax"],
+    "quota": [0, 10, 11, 30],
+    "country": ["", "fr", "de", "it"],
+}
+
+
+def corpus(signup):
+    out = [valid_user(signup)]
+    for field, values in MUTATIONS.items():
+        for v in values:
+            u = valid_user(signup)
+            if field == "address":
+                u.ClearField("address")
+                if v == "empty":
+                    u.address.SetInParent()
+                elif v == "bad-zip":
+                    u.address.city, u.address.zip = "X", "123"
+            elif field == "contact":
+                u.ClearField("contact")
+                if v == "phone":
+                    u.phone = "1"
+                elif v == "fax":
+                    u.fax = "2"
+            elif field == "nickname":
+                u.ClearField("nickname")
+                if v is not None:
+                    u.nickname = v
+            elif field == "tags":
+                del u.tags[:]
+                u.tags.extend(v)
+            else:
+                setattr(u, field, v)
+            out.append(u)
+    # A few with several violations at once.
+    for a, b in itertools.combinations(["name", "age", "token", "country"], 2):
+        u = valid_user(signup)
+        setattr(u, a, MUTATIONS[a][1])
+        setattr(u, b, MUTATIONS[b][1])
+        out.append(u)
+    return out
+
+
+def path_text(field_path):
+    parts = []
+    for e in field_path.elements:
+        parts.append(e.field_name)
+    return ".".join(parts)
+
+
+def reference(protovalidate, user):
+    try:
+        protovalidate.validate(user)
+        return set()
+    except protovalidate.ValidationError as e:
+        return {(path_text(v.proto.field), v.proto.rule_id) for v in e.violations}
+
+
+def call(port, user, signup, details_pb, violations_pb):
+    """(status name, set of (field, rule id), BadRequest fields)."""
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        create = ch.unary_unary(
+            "/signup.Signup/Create",
+            request_serializer=lambda m: m.SerializeToString(),
+            response_deserializer=signup.Reply.FromString,
+        )
+        try:
+            create(user, timeout=10)
+            return "OK", set(), set()
+        except grpc.RpcError as e:
+            status = rpc_status.from_call(e)
+            found, bad = set(), set()
+            for d in status.details if status else []:
+                if d.Is(violations_pb.Violations.DESCRIPTOR):
+                    vs = violations_pb.Violations()
+                    d.Unpack(vs)
+                    found |= {(path_text(v.field), v.rule_id) for v in vs.violations}
+                if d.Is(details_pb.BadRequest.DESCRIPTOR):
+                    br = details_pb.BadRequest()
+                    d.Unpack(br)
+                    bad |= {f.field for f in br.field_violations}
+            return e.code().name, found, bad
+
+
+def test_engine_agrees_with_protovalidate_on_a_corpus(engine, modules):
+    signup, details_pb, violations_pb, protovalidate = modules
+    users = corpus(signup)
+    disagreements = []
+    invalid = 0
+    for user in users:
+        want = reference(protovalidate, user)
+        code, got, bad = call(engine.port, user, signup, details_pb, violations_pb)
+        expected_code = "INVALID_ARGUMENT" if want else "OK"
+        invalid += bool(want)
+        if code != expected_code or got != want or bad != {f for f, _ in want}:
+            disagreements.append(f"{user}: engine {code} {sorted(got)}, protovalidate {sorted(want)}")
+    assert invalid >= 30 and len(users) - invalid >= 10, (invalid, len(users))
+    assert not disagreements, f"{len(disagreements)} of {len(users)} differ:\n" + "\n".join(disagreements)
+
+
+def test_a_rule_that_opts_out_answers_an_invalid_request(engine, modules):
+    signup, details_pb, violations_pb, _ = modules
+    user = valid_user(signup)
+    user.name = "x"
+    code, _, _ = call(engine.port, user, signup, details_pb, violations_pb)
+    assert code == "ALREADY_EXISTS"
+
+
+def test_validation_off_answers_by_the_rules(tmp_path, modules):
+    signup, details_pb, violations_pb, _ = modules
+    srv = start(tmp_path, "off")
+    try:
+        user = valid_user(signup)
+        user.age = 3
+        assert call(srv.port, user, signup, details_pb, violations_pb)[0] == "OK"
+    finally:
+        engine_process.stop(srv.proc)
+
+
+def test_a_client_stream_is_validated_message_by_message(engine, modules):
+    signup, details_pb, violations_pb, _ = modules
+    with grpc.insecure_channel(f"127.0.0.1:{engine.port}") as ch:
+        upload = ch.stream_unary(
+            "/signup.Signup/Upload",
+            request_serializer=lambda m: m.SerializeToString(),
+            response_deserializer=signup.Reply.FromString,
+        )
+        good = [valid_user(signup) for _ in range(3)]
+        assert upload(iter(good), timeout=10).text == "3 users"
+        bad = [valid_user(signup) for _ in range(3)]
+        bad[1].age = 3
+        bad[2].token = b""
+        with pytest.raises(grpc.RpcError) as e:
+            upload(iter(bad), timeout=10)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        status = rpc_status.from_call(e.value)
+        found = set()
+        for d in status.details:
+            if d.Is(violations_pb.Violations.DESCRIPTOR):
+                vs = violations_pb.Violations()
+                d.Unpack(vs)
+                found |= {(path_text(v.field), v.rule_id) for v in vs.violations}
+        assert found == {("age", "int32.gte_lt"), ("token", "bytes.min_len")}
+
+
+def test_connect_clients_get_the_violations_as_error_details(engine, modules):
+    import json
+    import urllib.error
+    import urllib.request
+
+    body = json.dumps({"name": "ab", "email": "a@b", "age": 30, "plan": "PRO", "phone": "1",
+                       "address": {"city": "P", "zip": "75001"}, "token": "AQID", "score": 0.5,
+                       "quota": 20, "country": "fr"}).encode()
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{engine.port}/signup.Signup/Create",
+        data=body,
+        headers={"content-type": "application/json", "connect-protocol-version": "1"},
+    )
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=10)
+    assert e.value.code == 400
+    error = json.loads(e.value.read())
+    assert error["code"] == "invalid_argument"
+    assert "name" in error["message"] and "string.min_len" in error["message"]
+    types = {d["type"] for d in error.get("details", [])}
+    assert types == {"google.rpc.BadRequest", "buf.validate.Violations"}, error
