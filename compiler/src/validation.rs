@@ -262,6 +262,10 @@ impl Cx<'_> {
                         ("map", "max_pairs", PValue::U64(n)) => {
                             ("map.max_pairs", Op::Lte(Value::U64(*n)), format!("map must be at most {n} entries"))
                         }
+                        ("repeated", "items", PValue::Message(items)) => {
+                            self.items(field, numbers, at, guards, &f, items, &rule_base);
+                            continue;
+                        }
                         (_, other, _) => {
                             self.warn("rule", &name, &format!("{kind}.{other}"));
                             continue;
@@ -281,6 +285,65 @@ impl Cx<'_> {
                     self.push(path.clone(), test, guards, &id, &message, at.to_vec(), rule);
                 }
             }
+        }
+    }
+
+    /// `repeated.items`: the element rules of a repeated scalar field,
+    /// checked on every element (`tags[all]`), a violation naming the
+    /// element.
+    #[allow(clippy::too_many_arguments)]
+    fn items(
+        &mut self,
+        field: &FieldDescriptor,
+        numbers: &[u32],
+        at: &[Step],
+        guards: &[u32],
+        items_field: &FieldDescriptor,
+        items: &DynamicMessage,
+        rule_base: &Step,
+    ) {
+        let name = field.full_name().to_string();
+        if matches!(field.kind(), Kind::Message(_)) {
+            self.warn("rules of repeated message elements", &name, "repeated.items");
+            return;
+        }
+        for (f, _) in items.fields() {
+            if !matches!(
+                f.name(),
+                "type"
+                    | "float"
+                    | "double"
+                    | "int32"
+                    | "int64"
+                    | "uint32"
+                    | "uint64"
+                    | "sint32"
+                    | "sint64"
+                    | "fixed32"
+                    | "fixed64"
+                    | "sfixed32"
+                    | "sfixed64"
+                    | "bool"
+                    | "string"
+                    | "bytes"
+                    | "enum"
+            ) {
+                self.warn("rule", &name, &format!("repeated.items.{}", f.name()));
+            }
+        }
+        let Some((type_field, type_rules)) = type_rules(items) else { return };
+        let mut path = self.path(field, numbers, Shape::Singular);
+        path.picks = vec![plan::Pick { step: numbers.len() as u32 - 1, elem: plan::Elem::All }];
+        path.name = format!("{}[all]", path.name);
+        let kind = type_field.name().to_string();
+        for (id, test, message, rule_field) in scalar_rules(&kind, &type_rules, field, &path, self) {
+            let rule = vec![
+                rule_base.clone(),
+                (items_field.number(), "items".to_string(), TYPE_MESSAGE),
+                (type_field.number(), kind.clone(), TYPE_MESSAGE),
+                rule_field,
+            ];
+            self.push(path.clone(), test, guards, &id, &message, at.to_vec(), rule);
         }
     }
 
@@ -554,6 +617,36 @@ fn scalar_rules(
                     "contains" => (op(Op::Contains(Value::Bytes(needle))), format!("does not contain {quoted}")),
                     _ => (not(op(Op::Contains(Value::Bytes(needle)))), format!("contains substring {quoted}")),
                 })
+            }
+            "email" | "uuid" | "tuuid" | "ipv4" if kind == "string" => {
+                if !matches!(v, PValue::Bool(true)) {
+                    continue;
+                }
+                let (pattern, what) = match f.name() {
+                    // The HTML standard's valid e-mail address, as protovalidate checks it.
+                    "email" => (
+                        r"^[a-zA-Z0-9.!#$%&'*+/=?^_`{|}~-]+@[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?)*$",
+                        "email address",
+                    ),
+                    "uuid" => {
+                        (r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$", "UUID")
+                    }
+                    "tuuid" => (r"^[0-9a-fA-F]{32}$", "trimmed UUID"),
+                    _ => (
+                        r"^(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])(?:\.(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])){3}$",
+                        "IPv4 address",
+                    ),
+                };
+                let Some(i) = cx.regex(pattern, field) else { continue };
+                let empty = Value::Bytes(Vec::new());
+                // An empty value is its own violation; others must match.
+                out.push((
+                    format!("{id}_empty"),
+                    not(op(Op::Eq(empty.clone()))),
+                    format!("value is empty, which is not a valid {what}"),
+                    step(&f),
+                ));
+                Some((Test::Any(vec![op(Op::Eq(empty)), op(Op::Regex(i))]), format!("must be a valid {what}")))
             }
             "pattern" => {
                 let PValue::String(p) = v else { continue };

@@ -76,6 +76,7 @@ def valid_user(signup):
         phone="123",
         quota=20,
         country="fr",
+        id="123e4567-e89b-12d3-a456-426614174000",
     )
 
 
@@ -85,7 +86,11 @@ MUTATIONS = {
     "email": ["", "no-at", "x@y", "a@b@c"],
     "age": [0, 17, 18, 129, 130, -5],
     "plan": [0, 1, 2, 7],
-    "tags": [[], ["a"] * 3, ["a"] * 4],
+    "tags": [[], ["a"] * 3, ["a"] * 4, ["ok", "", "toolong"], ["", ""]],
+    "scores": [[], [0, 10], [-1, 5, 11], [3]],
+    "contact_email": ["", "a@b", "a@b.c", "a.b+c@x-y.example.org", "no-at", "a@-b.c", "a@b..c", "é@x.y", "a@" + "x" * 64 + ".com"],
+    "id": ["", "123e4567-e89b-12d3-a456-426614174000", "123E4567-E89B-12D3-A456-426614174000", "123e4567e89b12d3a456426614174000", "xyz"],
+    "server": ["", "1.2.3.4", "255.255.255.255", "256.1.1.1", "01.2.3.4", "1.2.3", "::1"],
     "nickname": [None, "", "n-x", "x"],
     "address": [None, "empty", "bad-zip"],
     "code": ["", "abcd", "abc", "éééé"],
@@ -118,9 +123,9 @@ def corpus(signup):
                 u.ClearField("nickname")
                 if v is not None:
                     u.nickname = v
-            elif field == "tags":
-                del u.tags[:]
-                u.tags.extend(v)
+            elif field in ("tags", "scores"):
+                del getattr(u, field)[:]
+                getattr(u, field).extend(v)
             else:
                 setattr(u, field, v)
             out.append(u)
@@ -136,7 +141,10 @@ def corpus(signup):
 def path_text(field_path):
     parts = []
     for e in field_path.elements:
-        parts.append(e.field_name)
+        part = e.field_name
+        if e.HasField("index"):
+            part += f"[{e.index}]"
+        parts.append(part)
     return ".".join(parts)
 
 
@@ -256,3 +264,26 @@ def test_connect_clients_get_the_violations_as_error_details(engine, modules):
     assert "name" in error["message"] and "string.min_len" in error["message"]
     types = {d["type"] for d in error.get("details", [])}
     assert types == {"google.rpc.BadRequest", "buf.validate.Violations"}, error
+
+
+def test_metrics_count_failures_per_field_and_rule(tmp_path, modules):
+    import urllib.request
+
+    signup, details_pb, violations_pb, _ = modules
+    args = ["run", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--validation", "on"]
+    args += ["--protos", str(CASE / "protos"), "--rules", str(CASE / "rules")]
+    proc, port, admin, _ = engine_process.start_with_admin(args, tmp_path)
+    try:
+        user = valid_user(signup)
+        user.age = 3
+        for _ in range(2):
+            assert call(port, user, signup, details_pb, violations_pb)[0] == "INVALID_ARGUMENT"
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=10) as r:
+            metrics = r.read().decode()
+        line = (
+            'wirestub_validation_failures_total{grpc_service="signup.Signup",grpc_method="Create",'
+            'field="age",rule="int32.gte_lt"} 2'
+        )
+        assert line in metrics, metrics
+    finally:
+        engine_process.stop(proc)

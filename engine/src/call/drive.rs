@@ -71,6 +71,9 @@ pub trait Report {
     fn rule(&mut self, rule: Option<u32>, closest: Option<Closest>);
     /// A recording answered a call not identical to it, this similar.
     fn similarity(&mut self, score: f32);
+    /// The request broke these validation checks (indices into the
+    /// method's checks) and is answered INVALID_ARGUMENT.
+    fn invalid(&mut self, checks: &[u32]);
     /// The status the call ends with.
     fn status(&mut self, code: u8, message: &str);
     /// A rule injected a fault of `kind` (one of
@@ -178,6 +181,9 @@ where
             if let Some(score) = answer.similarity {
                 record.similarity(score);
             }
+            if let Some(v) = &answer.violations {
+                record.invalid(&v.iter().map(|b| b.check).collect::<Vec<_>>());
+            }
             let delay = answer.prepared().draw_delay();
             // Boxed: its state would otherwise make every call's future,
             // idle ones included, larger by its size.
@@ -209,11 +215,14 @@ where
         _ = sleep_until(deadline) => Err(deadline_exceeded().into()),
     };
     match picked {
-        Ok((answer, Some(read))) if answer.rule.is_none() => forward::run(f, read, input, out, record).await,
+        Ok((answer, Some(read))) if answer.unanswered() => forward::run(f, read, input, out, record).await,
         Ok((answer, _)) => {
             record.rule(answer.rule, answer.closest);
             if let Some(score) = answer.similarity {
                 record.similarity(score);
+            }
+            if let Some(v) = &answer.violations {
+                record.invalid(&v.iter().map(|b| b.check).collect::<Vec<_>>());
             }
             let delay = answer.prepared().draw_delay();
             respond(answer, delay, deadline, method, json, out, record).await
@@ -458,7 +467,7 @@ where
             record.message(&m);
             let one = [&m[..]];
             let answer = pick_explained(method, &Messages::one(&one), metadata, record.explain())?;
-            if let Some(f) = upstream.take_if(|_| answer.rule.is_none() && !head_sent) {
+            if let Some(f) = upstream.take_if(|_| answer.unanswered() && !head_sent) {
                 // No rule answers the first message: the call is the
                 // upstream's from here on.
                 Box::pin(forward::run(f, vec![m], input, out, record)).await;
@@ -467,6 +476,9 @@ where
             record.rule(answer.rule, answer.closest);
             if let Some(score) = answer.similarity {
                 record.similarity(score);
+            }
+            if let Some(v) = &answer.violations {
+                record.invalid(&v.iter().map(|b| b.check).collect::<Vec<_>>());
             }
             let delay = answer.prepared().draw_delay();
             if !delay.is_zero() {

@@ -96,7 +96,15 @@ pub struct Messages<'a> {
     pub folds: &'a [Result<Fold, Malformed>],
     /// The validation checks the stream's messages failed as they came
     /// (see [`crate::call::validate::check_stream_message`]).
-    pub violations: &'a [u32],
+    pub violations: &'a [Broken],
+}
+
+/// A validation check a request broke, and for a check on every element
+/// of a repeated field, which element (from 0).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Broken {
+    pub check: u32,
+    pub element: Option<u32>,
 }
 
 impl<'a> Messages<'a> {
@@ -157,7 +165,7 @@ impl<'a> Request<'a> {
     /// The validation checks of the method the request fails (indices
     /// into its checks, at most `max`); from then on only rules marked
     /// `validate: false` may answer it.
-    pub fn failed_checks(&self, max: usize) -> Result<Vec<u32>, Malformed> {
+    pub fn failed_checks(&self, max: usize) -> Result<Vec<Broken>, Malformed> {
         let mut failed = Vec::new();
         for (i, c) in self.method.plan.checks.iter().enumerate() {
             let mut applies = true;
@@ -167,11 +175,33 @@ impl<'a> Request<'a> {
                     break;
                 }
             }
-            if applies && !self.condition(c.source, &c.test)? {
-                failed.push(i as u32);
-                if failed.len() >= max {
-                    break;
-                }
+            if !applies || self.condition(c.source, &c.test)? {
+                continue;
+            }
+            let check = i as u32;
+            let f = match c.source {
+                Source::Field(f) => &self.method.plan.fields[f as usize],
+                Source::Metadata(_) => continue,
+            };
+            if f.quantifier().is_some() {
+                // Every element that breaks it, by position.
+                let message = message_of(self.messages, f.message).unwrap_or_default();
+                let mut at = 0u32;
+                let mut broken = Vec::new();
+                picks::leaves(f, message, &mut |leaf| {
+                    if !self.leaf(f, leaf, &c.test)? {
+                        broken.push(Broken { check, element: Some(at) });
+                    }
+                    at += 1;
+                    Ok(failed.len() + broken.len() < max)
+                })?;
+                failed.extend(broken);
+            } else {
+                failed.push(Broken { check, element: None });
+            }
+            if failed.len() >= max {
+                failed.truncate(max);
+                break;
             }
         }
         self.invalid.set(!failed.is_empty());

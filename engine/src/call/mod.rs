@@ -40,9 +40,10 @@ pub struct Answer<'m> {
     /// Whether the response's injected fault fires for this call (drawn
     /// once, when the answer is chosen).
     pub faulted: bool,
-    /// How many validation rules the request broke, when it is answered
-    /// as invalid (INVALID_ARGUMENT).
-    pub violations: u32,
+    /// The validation checks the request broke (indices into the
+    /// method's checks), when it is answered as invalid
+    /// (INVALID_ARGUMENT).
+    pub violations: Option<Box<[matcher::Broken]>>,
 }
 
 impl<'m> Answer<'m> {
@@ -62,8 +63,14 @@ impl<'m> Answer<'m> {
             closest: None,
             similarity: None,
             faulted: false,
-            violations: 0,
+            violations: None,
         }
+    }
+
+    /// No rule answers the call (it is not invalid either): the upstream
+    /// may take it.
+    pub fn unanswered(&self) -> bool {
+        self.rule.is_none() && self.violations.is_none()
     }
 
     /// The injected fault, when it fires for this call.
@@ -145,7 +152,8 @@ pub fn pick_explained<'m>(
     let rule = request.select_rule().map_err(malformed)?;
     if !failed.is_empty() && rule.is_none() {
         let invalid = Box::new(validate::invalid_answer(method, &failed));
-        return Ok(Answer { rendered: Some(invalid), violations: failed.len() as u32, ..Answer::of(&method.no_match) });
+        let violations = Some(failed.into_boxed_slice());
+        return Ok(Answer { rendered: Some(invalid), violations, ..Answer::of(&method.no_match) });
     }
     let prepared = match rule {
         Some(r) => &method.responses[method.plan.rules[r as usize].response as usize],

@@ -10,7 +10,7 @@
 //! input has no rules; otherwise one matcher test per rule, on the values
 //! the request's single pass already read.
 
-use crate::call::matcher::Request;
+use crate::call::matcher::{Broken, Request};
 use crate::served::{Prepared, ServedMethod};
 use std::sync::atomic::{AtomicBool, Ordering};
 use wirestub_plan::Check;
@@ -29,7 +29,7 @@ pub fn applies(method: &ServedMethod) -> bool {
 
 /// The checks a request fails, as indices into the method's checks, at
 /// most [`MAX_VIOLATIONS`].
-pub fn violations(request: &Request<'_>) -> Result<Vec<u32>, crate::codec::wire::Malformed> {
+pub fn violations(request: &Request<'_>) -> Result<Vec<Broken>, crate::codec::wire::Malformed> {
     request.failed_checks(MAX_VIOLATIONS)
 }
 
@@ -39,7 +39,7 @@ pub fn violations(request: &Request<'_>) -> Result<Vec<u32>, crate::codec::wire:
 pub fn check_stream_message(
     method: &ServedMethod,
     message: &[u8],
-    failed: &mut Vec<u32>,
+    failed: &mut Vec<Broken>,
 ) -> Result<(), crate::codec::wire::Malformed> {
     if !applies(method) || failed.len() >= MAX_VIOLATIONS {
         return Ok(());
@@ -48,9 +48,9 @@ pub fn check_stream_message(
     let view = crate::call::matcher::Messages::one(&one);
     let none: [Option<Box<[u8]>>; 0] = [];
     let request = Request::read(method, &view, &none[..])?;
-    for i in request.failed_checks(MAX_VIOLATIONS - failed.len())? {
-        if !failed.contains(&i) {
-            failed.push(i);
+    for b in request.failed_checks(MAX_VIOLATIONS - failed.len())? {
+        if !failed.contains(&b) {
+            failed.push(b);
         }
     }
     Ok(())
@@ -59,32 +59,59 @@ pub fn check_stream_message(
 /// The most violations one answer lists.
 pub const MAX_VIOLATIONS: usize = 100;
 
-/// A field path as BadRequest names it: `user.name`, the oneof's name.
-fn field_text(c: &Check) -> String {
-    c.path.iter().map(|(_, name, _)| name.as_str()).collect::<Vec<_>>().join(".")
+/// The step of a check's path that is a repeated field read element by
+/// element (its pick), if any.
+fn element_step(method: &ServedMethod, c: &Check) -> Option<usize> {
+    let wirestub_plan::Source::Field(f) = c.source else { return None };
+    let f = method.plan.fields.get(f as usize)?;
+    f.picks.iter().find(|p| !matches!(p.elem, wirestub_plan::Elem::Index(_))).map(|p| p.step as usize)
+}
+
+/// A field path as BadRequest names it: `user.name`, `tags[2]`, the
+/// oneof's name.
+fn field_text(c: &Check, element: Option<(usize, u32)>) -> String {
+    let mut out = String::new();
+    for (i, (_, name, _)) in c.path.iter().enumerate() {
+        if i > 0 {
+            out.push('.');
+        }
+        out.push_str(name);
+        if let Some((step, at)) = element.filter(|(s, _)| *s == i) {
+            let _ = step;
+            out.push_str(&format!("[{at}]"));
+        }
+    }
+    out
 }
 
 /// The answer to an invalid request.
-pub fn invalid_answer(method: &ServedMethod, failed: &[u32]) -> Prepared {
-    let checks: Vec<&Check> = failed.iter().filter_map(|&i| method.plan.checks.get(i as usize)).collect();
+pub fn invalid_answer(method: &ServedMethod, failed: &[Broken]) -> Prepared {
+    let checks: Vec<(&Check, Option<(usize, u32)>)> = failed
+        .iter()
+        .filter_map(|b| {
+            let c = method.plan.checks.get(b.check as usize)?;
+            let element = b.element.and_then(|at| Some((element_step(method, c)?, at)));
+            Some((c, element))
+        })
+        .collect();
     let mut message = String::from("validation error:");
-    for c in &checks {
-        message.push_str(&format!(" {}: {} [{}];", field_text(c), c.message, c.rule_id));
+    for (c, element) in &checks {
+        message.push_str(&format!(" {}: {} [{}];", field_text(c, *element), c.message, c.rule_id));
     }
     message.pop();
     // google.rpc.BadRequest { field_violations: [{ field, description }] }
     let mut bad_request = Vec::new();
     // buf.validate.Violations { violations: [{ field, rule, rule_id, message }] }
     let mut violations = Vec::new();
-    for c in &checks {
+    for (c, element) in &checks {
         let mut fv = Vec::new();
-        put_str(&mut fv, 1, &field_text(c));
+        put_str(&mut fv, 1, &field_text(c, *element));
         put_str(&mut fv, 2, &c.message);
         put_bytes(&mut bad_request, 1, &fv);
         let mut v = Vec::new();
-        put_bytes(&mut v, 5, &field_path(&c.path));
+        put_bytes(&mut v, 5, &field_path(&c.path, *element));
         if !c.rule.is_empty() {
-            put_bytes(&mut v, 6, &field_path(&c.rule));
+            put_bytes(&mut v, 6, &field_path(&c.rule, None));
         }
         put_str(&mut v, 2, &c.rule_id);
         put_str(&mut v, 3, &c.message);
@@ -118,9 +145,9 @@ pub fn invalid_answer(method: &ServedMethod, failed: &[u32]) -> Prepared {
 
 /// A `buf.validate.FieldPath` of (number, name, type) steps; a step
 /// without a number is a oneof, named only.
-fn field_path(steps: &[(u32, String, u8)]) -> Vec<u8> {
+fn field_path(steps: &[(u32, String, u8)], element: Option<(usize, u32)>) -> Vec<u8> {
     let mut out = Vec::new();
-    for (number, name, kind) in steps {
+    for (i, (number, name, kind)) in steps.iter().enumerate() {
         let mut e = Vec::new();
         if *number != 0 {
             put_varint_field(&mut e, 1, *number as u64);
@@ -128,6 +155,9 @@ fn field_path(steps: &[(u32, String, u8)]) -> Vec<u8> {
         put_str(&mut e, 2, name);
         if *kind != 0 {
             put_varint_field(&mut e, 3, *kind as u64);
+        }
+        if let Some((_, at)) = element.filter(|(s, _)| *s == i) {
+            put_varint_field(&mut e, 6, at as u64);
         }
         put_bytes(&mut out, 1, &e);
     }

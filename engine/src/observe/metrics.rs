@@ -154,6 +154,8 @@ struct MethodLabels {
     service: String,
     method: String,
     rules: Vec<String>,
+    /// Per validation check: the field and the rule id.
+    checks: Vec<(String, String)>,
 }
 
 /// The counters of one plan generation.
@@ -161,6 +163,8 @@ pub struct Stats {
     methods: Vec<MethodLabels>,
     /// Offset of each method's rule counters in a block.
     rule_base: Vec<usize>,
+    /// Offset of each method's validation check counters in a block.
+    check_base: Vec<usize>,
     /// Offset of the calls-by-protocol counters in a block.
     protocol_base: usize,
     blocks: Vec<Box<[AtomicU64]>>,
@@ -170,6 +174,7 @@ pub struct Stats {
 pub struct WorkerStats<'a> {
     cells: &'a [AtomicU64],
     rule_base: &'a [usize],
+    check_base: &'a [usize],
     protocol_base: usize,
 }
 
@@ -230,6 +235,14 @@ impl WorkerStats<'_> {
 }
 
 impl WorkerStats<'_> {
+    /// A request to method `m` broke validation check `c`.
+    pub fn check_failed(&self, m: usize, c: u32) {
+        let Some(&base) = self.check_base.get(m) else { return };
+        if let Some(cell) = self.cells.get(base + c as usize) {
+            bump(cell, 1);
+        }
+    }
+
     /// An injected fault of `kind` (one of [`FAULT_KINDS`]) fired on a
     /// call to method `m`.
     pub fn fault(&self, m: usize, kind: &str) {
@@ -278,7 +291,17 @@ impl Stats {
                     wirestub_plan::MethodKind::ClientStreaming => "client_stream",
                     wirestub_plan::MethodKind::BidiStreaming => "bidi_stream",
                 };
-                MethodLabels { kind, service, method, rules: m.plan.rules.iter().map(|r| r.origin.clone()).collect() }
+                let checks = m
+                    .plan
+                    .checks
+                    .iter()
+                    .map(|c| {
+                        let field = c.path.iter().map(|(_, n, _)| n.as_str()).collect::<Vec<_>>().join(".");
+                        (field, c.rule_id.clone())
+                    })
+                    .collect();
+                let rules = m.plan.rules.iter().map(|r| r.origin.clone()).collect();
+                MethodLabels { kind, service, method, rules, checks }
             })
             .collect();
         let mut rule_base = Vec::with_capacity(methods.len());
@@ -287,10 +310,15 @@ impl Stats {
             rule_base.push(next);
             next += m.rules.len();
         }
+        let mut check_base = Vec::with_capacity(methods.len());
+        for m in &methods {
+            check_base.push(next);
+            next += m.checks.len();
+        }
         let protocol_base = next;
         let len = next + PROTOCOLS.len() + PAD;
         let blocks = (0..workers.max(1)).map(|_| (0..len).map(|_| AtomicU64::new(0)).collect()).collect();
-        Stats { methods, rule_base, protocol_base, blocks }
+        Stats { methods, rule_base, check_base, protocol_base, blocks }
     }
 
     /// The block of worker `i`.
@@ -299,6 +327,7 @@ impl Stats {
         WorkerStats {
             cells: &self.blocks[i % self.blocks.len()],
             rule_base: &self.rule_base,
+            check_base: &self.check_base,
             protocol_base: self.protocol_base,
         }
     }
@@ -326,6 +355,7 @@ impl Stats {
                 kind: m.kind,
                 counters: [0; STRIDE],
                 rules: BTreeMap::new(),
+                checks: BTreeMap::new(),
             });
             t.kind = m.kind;
             for (k, c) in t.counters.iter_mut().enumerate() {
@@ -333,6 +363,9 @@ impl Stats {
             }
             for (r, origin) in m.rules.iter().enumerate() {
                 *t.rules.entry(origin.clone()).or_default() += sum[self.rule_base[i] + r];
+            }
+            for (c, label) in m.checks.iter().enumerate() {
+                *t.checks.entry(label.clone()).or_default() += sum[self.check_base[i] + c];
             }
         }
         for (p, n) in totals.protocols.iter_mut().enumerate() {
@@ -346,6 +379,8 @@ struct MethodTotals {
     kind: &'static str,
     counters: [u64; STRIDE],
     rules: BTreeMap<String, u64>,
+    /// Failures per (field, rule id) of request validation.
+    checks: BTreeMap<(String, String), u64>,
 }
 
 /// Counters by (service, method).
@@ -510,6 +545,22 @@ fn render(totals: &Totals) -> String {
                 escape(s),
                 escape(m),
                 escape(origin)
+            );
+        }
+    }
+    out.push_str(
+        "# HELP wirestub_validation_failures_total Requests that broke a validation rule, by field and rule.\n",
+    );
+    out.push_str("# TYPE wirestub_validation_failures_total counter\n");
+    for ((s, m), t) in &totals.methods {
+        for ((field, rule), n) in t.checks.iter().filter(|(_, n)| **n > 0) {
+            let _ = writeln!(
+                out,
+                "wirestub_validation_failures_total{{grpc_service=\"{}\",grpc_method=\"{}\",field=\"{}\",rule=\"{}\"}} {n}",
+                escape(s),
+                escape(m),
+                escape(field),
+                escape(rule)
             );
         }
     }

@@ -123,6 +123,15 @@ impl Report for CallRecord<'_> {
         self.message = percent::decode(message, false);
     }
 
+    /// The request broke validation checks.
+    fn invalid(&mut self, checks: &[u32]) {
+        if let Some(s) = &self.stats {
+            for &c in checks {
+                s.check_failed(self.method, c);
+            }
+        }
+    }
+
     /// A rule injected a fault.
     fn fault(&mut self, kind: &'static str, what: String) {
         if let Some(s) = &self.stats {

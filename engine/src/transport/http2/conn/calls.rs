@@ -43,6 +43,17 @@ impl<'s> Conn<'s> {
         });
     }
 
+    /// Notes the validation checks a request broke (for metrics).
+    pub(super) fn note_invalid(&mut self, id: u32, checks: &[u32]) {
+        let Some(s) = self.streams.get(&id) else { return };
+        if let Some(g) = s.generation.filter(|_| self.config.metrics) {
+            let stats = g.stats.worker(self.worker);
+            for &c in checks {
+                stats.check_failed(s.method.position, c);
+            }
+        }
+    }
+
     /// Notes a fault a rule injected (for metrics and the journal).
     pub(super) fn note_fault(&mut self, id: u32, kind: &'static str, what: String) {
         let Some(s) = self.streams.get_mut(&id) else { return };
@@ -81,6 +92,10 @@ impl<'s> Conn<'s> {
     /// the journal.
     pub(super) fn note_rule(&mut self, id: u32, answer: &Answer<'s>) {
         self.note_rule_parts(id, answer.rule, answer.closest);
+        if let Some(v) = &answer.violations {
+            let checks: Vec<u32> = v.iter().map(|b| b.check).collect();
+            self.note_invalid(id, &checks);
+        }
         if let Some(score) = answer.similarity {
             self.note_similarity(id, score);
         }
@@ -451,7 +466,7 @@ impl<'s> Conn<'s> {
                     }
                     (false, None) => Some(call::pick_explained(method, &messages, &s.metadata[..], s.rec.is_some())),
                 };
-                let unanswered = matches!(&picked, Some(Ok(a)) if a.rule.is_none()) && s.forward.is_some();
+                let unanswered = matches!(&picked, Some(Ok(a)) if a.unanswered()) && s.forward.is_some();
                 if always || unanswered {
                     let first = agg.head.into_iter().chain(agg.last).collect();
                     return self.forward(id, first);
@@ -543,7 +558,7 @@ impl<'s> Conn<'s> {
 
     /// Whether a call goes to the upstream because no rule answers it.
     fn unanswered(&self, id: u32, picked: &Result<Answer<'s>, Status>) -> bool {
-        matches!(picked, Ok(a) if a.rule.is_none()) && self.streams.get(&id).is_some_and(|s| s.forward.is_some())
+        matches!(picked, Ok(a) if a.unanswered()) && self.streams.get(&id).is_some_and(|s| s.forward.is_some())
     }
 
     /// Hands the call to a task that forwards it to the upstream, `first`

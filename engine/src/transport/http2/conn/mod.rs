@@ -186,7 +186,7 @@ struct Aggregate {
     /// Aggregates over every message (see [`ServedMethod::each`]).
     folds: Vec<Result<crate::call::picks::Fold, crate::codec::wire::Malformed>>,
     /// Validation checks the messages failed as they came.
-    violations: Vec<u32>,
+    violations: Vec<crate::call::matcher::Broken>,
     /// A message could not be read for validation.
     malformed: Option<crate::codec::wire::Malformed>,
 }

@@ -364,6 +364,11 @@ impl drive::Report for NativeReport<'_> {
         let id = self.0.id;
         self.0.with(|c| c.note_fault(id, kind, what));
     }
+
+    fn invalid(&mut self, checks: &[u32]) {
+        let id = self.0.id;
+        self.0.with(|c| c.note_invalid(id, checks));
+    }
 }
 
 /// A duplex stream's queue of request messages as the call driver's
