@@ -30,20 +30,26 @@ type Step = (u32, String, u8);
 /// Adds the checks of the input message's rules to `method`.
 pub fn add_checks(method: &mut plan::Method, input: &MessageDescriptor, diags: &mut Diagnostics) {
     let pool = input.parent_pool();
-    let Some(field_ext) = pool.get_extension_by_name("buf.validate.field") else { return };
-    let oneof_ext = pool.get_extension_by_name("buf.validate.oneof");
-    let message_ext = pool.get_extension_by_name("buf.validate.message");
-    let mut cx = Cx {
-        method,
-        input: input.clone(),
-        field_ext,
-        oneof_ext,
-        message_ext,
-        warned: HashSet::new(),
-        diags,
-        regex_specs: Vec::new(),
-    };
-    cx.message(input, &[], &[], &[], 0, &mut Vec::new());
+    // protovalidate's rules, then protoc-gen-validate's (the engine picks
+    // with `--validation-source`).
+    for (pgv, field, oneof, message) in [
+        (false, "buf.validate.field", "buf.validate.oneof", "buf.validate.message"),
+        (true, "validate.rules", "validate.required", "validate.disabled"),
+    ] {
+        let Some(field_ext) = pool.get_extension_by_name(field) else { continue };
+        let mut cx = Cx {
+            method: &mut *method,
+            input: input.clone(),
+            field_ext,
+            oneof_ext: pool.get_extension_by_name(oneof),
+            message_ext: pool.get_extension_by_name(message),
+            warned: HashSet::new(),
+            diags: &mut *diags,
+            regex_specs: Vec::new(),
+            pgv,
+        };
+        cx.message(input, &[], &[], &[], 0, &mut Vec::new());
+    }
 }
 
 struct Cx<'a> {
@@ -55,6 +61,8 @@ struct Cx<'a> {
     warned: HashSet<String>,
     diags: &'a mut Diagnostics,
     regex_specs: Vec<String>,
+    /// Reading protoc-gen-validate's options (`validate.rules`).
+    pgv: bool,
 }
 
 impl Cx<'_> {
@@ -88,22 +96,31 @@ impl Cx<'_> {
         if depth > MAX_DEPTH || open.iter().any(|n| n == desc.full_name()) {
             return;
         }
-        open.push(desc.full_name().to_string());
         if let Some(ext) = &self.message_ext {
             let options = desc.options();
             if options.has_extension(ext) {
-                if let PValue::Message(rules) = &*options.get_extension(ext) {
-                    for (f, _) in rules.fields() {
-                        self.warn("message rules", desc.full_name(), f.name());
+                match &*options.get_extension(ext) {
+                    // protoc-gen-validate's `(validate.disabled)`.
+                    PValue::Bool(true) => return,
+                    PValue::Message(rules) => {
+                        for (f, _) in rules.fields() {
+                            self.warn("message rules", desc.full_name(), f.name());
+                        }
                     }
+                    _ => {}
                 }
             }
         }
+        open.push(desc.full_name().to_string());
         for oneof in desc.oneofs().filter(|o| !o.is_synthetic()) {
             let required = self.oneof_ext.as_ref().is_some_and(|ext| {
                 let options = oneof.options();
                 options.has_extension(ext)
-                    && matches!(&*options.get_extension(ext), PValue::Message(r) if get_bool(r, "required"))
+                    && match &*options.get_extension(ext) {
+                        PValue::Message(r) => get_bool(r, "required"),
+                        PValue::Bool(b) => *b,
+                        _ => false,
+                    }
             });
             if required {
                 let members = oneof.fields().map(|f| f.number()).collect();
@@ -150,6 +167,14 @@ impl Cx<'_> {
         if ignore == 3 {
             return;
         }
+        // protoc-gen-validate: `message: { required, skip }`.
+        let pgv_message = rules.as_ref().filter(|_| self.pgv).and_then(|r| {
+            let f = r.descriptor().get_field_by_name("message")?;
+            match &*r.get_field(&f) {
+                PValue::Message(m) if r.has_field(&f) => Some((get_bool(m, "required"), get_bool(m, "skip"))),
+                _ => None,
+            }
+        });
         let mut numbers = numbers.to_vec();
         numbers.push(field.number());
         let mut at = steps.to_vec();
@@ -165,7 +190,7 @@ impl Cx<'_> {
                 }
             }
             let presence = field.supports_presence() && !repeated;
-            if get_bool(rules, "required") {
+            if get_bool(rules, "required") || pgv_message.is_some_and(|(required, _)| required) {
                 let (path, test) = if repeated {
                     (self.path(field, &numbers, Shape::Repeated), len_test(Op::Gte(Value::U64(1))))
                 } else if presence {
@@ -186,12 +211,14 @@ impl Cx<'_> {
                 );
             }
             if let Some((type_field, type_rules)) = type_rules(rules) {
-                let skip_zero = ignore == 1;
+                // protoc-gen-validate's `ignore_empty`: like IGNORE_IF_ZERO_VALUE.
+                let skip_zero = ignore == 1 || get_bool(&type_rules, "ignore_empty");
                 self.type_rules(field, &numbers, &at, guards, &type_field, &type_rules, presence, skip_zero);
             }
         }
         // Rules of a nested message apply when it is set.
-        if let Kind::Message(m) = field.kind() {
+        let skip = pgv_message.is_some_and(|(_, skip)| skip);
+        if let (Kind::Message(m), false) = (field.kind(), skip) {
             if !repeated && message_kind && !m.full_name().starts_with("google.protobuf.") {
                 let guard = self.intern(self.path(field, &numbers, Shape::Singular));
                 let mut g = guards.to_vec();
@@ -262,6 +289,7 @@ impl Cx<'_> {
                         ("map", "max_pairs", PValue::U64(n)) => {
                             ("map.max_pairs", Op::Lte(Value::U64(*n)), format!("map must be at most {n} entries"))
                         }
+                        (_, "ignore_empty", _) => continue,
                         ("repeated", "items", PValue::Message(items)) => {
                             self.items(field, numbers, at, guards, &f, items, &rule_base);
                             continue;
@@ -419,6 +447,7 @@ impl Cx<'_> {
             message: message.to_string(),
             path: at,
             rule,
+            pgv: self.pgv,
         });
     }
 
@@ -511,7 +540,7 @@ fn scalar_rules(
                 }
                 _ => None,
             },
-            "example" => None,
+            "example" | "ignore_empty" => None,
             "defined_only" if get_bool(rules, "defined_only") => {
                 let Kind::Enum(e) = field.kind() else { continue };
                 let values = e.values().map(|v| Value::I64(v.number() as i64)).collect();

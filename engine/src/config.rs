@@ -47,6 +47,8 @@ pub struct Config {
     /// Requests are checked against their `buf.validate` rules
     /// (`--validation on`).
     pub validation: bool,
+    /// Which annotations validation reads (`--validation-source`).
+    pub validation_source: crate::call::validate::RuleSource,
     /// A connection whose output the client has not taken for this long
     /// (its socket buffers full) is dropped; None waits forever. On the
     /// `h2` stack, while its calls wait for the socket (see `outflow`).
@@ -163,6 +165,7 @@ impl Default for Config {
             seed: None,
             raw_threshold: crate::call::raw::DEFAULT_THRESHOLD,
             validation: false,
+            validation_source: crate::call::validate::RuleSource::Auto,
             stack: Stack::Native,
             write_timeout: Some(Duration::from_secs(30)),
             metrics: true,

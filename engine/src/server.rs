@@ -116,6 +116,7 @@ impl Server {
                 crate::call::raw::set_threshold(config.raw_threshold);
                 crate::call::template::set_max_fill(config.max_fill);
                 crate::call::validate::set_enabled(config.validation);
+                crate::call::validate::set_source(config.validation_source);
                 if let Some(seed) = config.seed {
                     crate::rng::seed(seed.wrapping_add(i as u64));
                 }

@@ -650,6 +650,7 @@ fn write_methods(out: &mut Vec<u8>, methods: &[Method]) {
                     out.push(*kind);
                 }
             }
+            out.push(c.pgv as u8);
         }
     }
 }
@@ -1451,7 +1452,8 @@ fn read_methods(r: &mut Reader) -> Result<Vec<Method>, LoadError> {
                 };
                 let path = steps(r)?;
                 let rule = steps(r)?;
-                checks.push(Check { source, test, guards, rule_id, message, path, rule });
+                let pgv = r.u8(&at)? != 0;
+                checks.push(Check { source, test, guards, rule_id, message, path, rule, pgv });
             }
         }
         methods.push(Method {
@@ -1634,6 +1636,7 @@ mod tests {
                     message: "must be at least 3 characters".into(),
                     path: vec![(1, "user".into(), 11), (2, "id".into(), 9)],
                     rule: vec![(14, "string".into(), 11), (2, "min_len".into(), 4)],
+                    pgv: true,
                 }],
             }],
         }

@@ -405,6 +405,9 @@ pub struct Check {
     /// The rule, from `buf.validate.FieldRules` down: (number, name,
     /// type) per step (`string` then `min_len`).
     pub rule: Vec<(u32, String, u8)>,
+    /// Read from protoc-gen-validate's `validate.rules` rather than
+    /// protovalidate's `buf.validate` (`--validation-source`).
+    pub pgv: bool,
 }
 
 /// A test on one input of the call.

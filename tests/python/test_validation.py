@@ -287,3 +287,26 @@ def test_metrics_count_failures_per_field_and_rule(tmp_path, modules):
         assert line in metrics, metrics
     finally:
         engine_process.stop(proc)
+
+
+def test_the_rule_source_picks_the_annotations(tmp_path):
+    """tests/cases/validation-pgv has protoc-gen-validate rules only: they
+    count under `auto` and `pgv`, not under `protovalidate`."""
+    case = REPO_ROOT / "tests" / "cases" / "validation-pgv"
+    # Account { owner: "a" }: too short, and more.
+    request = b"\x0a\x01a"
+    for source, expected in [("auto", "INVALID_ARGUMENT"), ("pgv", "INVALID_ARGUMENT"), ("protovalidate", "OK")]:
+        cmd = [str(engine_process.engine_binary()), "run", "--listen", "127.0.0.1:0", "--admin-listen", "off"]
+        cmd += ["--protos", str(case / "protos"), "--rules", str(case / "rules"), "--validation", "on"]
+        cmd += ["--validation-source", source]
+        srv = engine_process.start(cmd, tmp_path / source if (tmp_path / source).mkdir() is None else tmp_path)
+        try:
+            with grpc.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
+                try:
+                    ch.unary_unary("/legacy.Accounts/Open")(request, timeout=10)
+                    code = "OK"
+                except grpc.RpcError as e:
+                    code = e.code().name
+            assert code == expected, source
+        finally:
+            engine_process.stop(srv.proc)

@@ -12,14 +12,41 @@
 
 use crate::call::matcher::{Broken, Request};
 use crate::served::{Prepared, ServedMethod};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use wirestub_plan::Check;
 
 static ENABLED: AtomicBool = AtomicBool::new(false);
+/// Which annotations count (`--validation-source`): 0 auto, 1
+/// protovalidate, 2 protoc-gen-validate.
+static SOURCE: AtomicU8 = AtomicU8::new(0);
 
 /// Turns validation on or off, process-wide (`--validation`).
 pub fn set_enabled(on: bool) {
     ENABLED.store(on, Ordering::Relaxed);
+}
+
+/// Where rules come from (`--validation-source`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RuleSource {
+    /// protovalidate's rules where a method has any, else
+    /// protoc-gen-validate's.
+    Auto,
+    Protovalidate,
+    Pgv,
+}
+
+/// Sets where rules come from, process-wide.
+pub fn set_source(source: RuleSource) {
+    SOURCE.store(source as u8, Ordering::Relaxed);
+}
+
+/// Whether `check` counts for `method` under the rule source.
+pub fn counts(method: &ServedMethod, check: &Check) -> bool {
+    match SOURCE.load(Ordering::Relaxed) {
+        1 => !check.pgv,
+        2 => check.pgv,
+        _ => !check.pgv || method.plan.checks.iter().all(|c| c.pgv),
+    }
 }
 
 /// Whether calls to `method` are validated.

@@ -189,6 +189,15 @@ pub const FLAGS: &[Flag] = &[
         section: PLAN,
     },
     Flag {
+        name: "validation-source",
+        value: "auto|protovalidate|pgv",
+        kind: Kind::Value,
+        default: "auto",
+        help: "which rules validation checks: protovalidate's (buf.validate), protoc-gen-validate's (validate.rules), \
+               or protovalidate's where a method's message has any and protoc-gen-validate's otherwise",
+        section: PLAN,
+    },
+    Flag {
         name: "raw-threshold",
         value: "0..1",
         kind: Kind::Value,
@@ -918,6 +927,11 @@ pub fn parse(args: &[String], env: &dyn Fn(&str) -> Option<String>) -> Result<Co
         metrics: must("metrics").choice(&[("on", true), ("off", false)])?,
         compress_responses: must("compress-responses").choice(&[("on", true), ("off", false)])?,
         validation: must("validation").choice(&[("on", true), ("off", false)])?,
+        validation_source: must("validation-source").choice(&[
+            ("auto", wirestub_engine::call::validate::RuleSource::Auto),
+            ("protovalidate", wirestub_engine::call::validate::RuleSource::Protovalidate),
+            ("pgv", wirestub_engine::call::validate::RuleSource::Pgv),
+        ])?,
         cors_origins: must("cors-origins").origins()?,
         journal: wirestub_engine::JournalLimits {
             bytes: must("journal-bytes").number()?,
