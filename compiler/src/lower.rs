@@ -298,6 +298,7 @@ fn empty_method(path: String, kind: plan::MethodKind, input_type: String, output
         regexes: Vec::new(),
         duplex: false,
         checks: Vec::new(),
+        cel_checks: Vec::new(),
     }
 }
 

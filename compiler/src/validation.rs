@@ -103,8 +103,22 @@ impl Cx<'_> {
                     // protoc-gen-validate's `(validate.disabled)`.
                     PValue::Bool(true) => return,
                     PValue::Message(rules) => {
-                        for (f, _) in rules.fields() {
-                            self.warn("message rules", desc.full_name(), f.name());
+                        for (f, v) in rules.fields() {
+                            match (f.name(), v) {
+                                ("cel" | "cel_expression", PValue::List(list)) => {
+                                    for rule in list {
+                                        self.cel(
+                                            rule,
+                                            numbers,
+                                            false,
+                                            steps,
+                                            desc.full_name(),
+                                            desc.parent_file().name(),
+                                        );
+                                    }
+                                }
+                                _ => self.warn("message rules", desc.full_name(), f.name()),
+                            }
                         }
                     }
                     _ => {}
@@ -184,9 +198,11 @@ impl Cx<'_> {
         let message_kind = matches!(field.kind(), Kind::Message(_));
 
         if let Some(rules) = &rules {
-            for (f, _) in rules.fields() {
-                if matches!(f.name(), "cel" | "cel_expression") {
-                    self.warn("CEL rule", &name, f.name());
+            for (f, v) in rules.fields() {
+                if let ("cel" | "cel_expression", PValue::List(list)) = (f.name(), v) {
+                    for rule in list {
+                        self.cel(rule, &numbers, true, &at, &name, field.parent_file().name());
+                    }
                 }
             }
             let presence = field.supports_presence() && !repeated;
@@ -314,6 +330,38 @@ impl Cx<'_> {
                 }
             }
         }
+    }
+
+    /// A CEL rule (`Rule { id, message, expression }`, or a bare
+    /// expression), parsed now so that a bad one is a compile error.
+    fn cel(&mut self, rule: &PValue, numbers: &[u32], field: bool, at: &[Step], owner: &str, file: &str) {
+        let (id, message, expression) = match rule {
+            PValue::Message(r) => {
+                let text = |n: &str| match r.get_field_by_name(n).as_deref() {
+                    Some(PValue::String(s)) => s.clone(),
+                    _ => String::new(),
+                };
+                (text("id"), text("message"), text("expression"))
+            }
+            PValue::String(e) => (e.clone(), String::new(), e.clone()),
+            _ => return,
+        };
+        if let Err(e) = cel::Program::compile(&expression) {
+            let first = e.to_string().lines().next().unwrap_or_default().to_string();
+            self.diags.push(Diagnostic::error(
+                None,
+                format!("`{owner}` ({file}): its CEL rule `{id}` does not parse: {first}"),
+            ));
+            return;
+        }
+        self.method.cel_checks.push(plan::CelCheck {
+            numbers: numbers.to_vec(),
+            field,
+            expression,
+            rule_id: id,
+            message,
+            path: at.to_vec(),
+        });
     }
 
     /// `repeated.items`: the element rules of a repeated scalar field,

@@ -652,6 +652,23 @@ fn write_methods(out: &mut Vec<u8>, methods: &[Method]) {
             }
             out.push(c.pgv as u8);
         }
+        put_u32(out, m.cel_checks.len() as u32);
+        for c in &m.cel_checks {
+            put_u32(out, c.numbers.len() as u32);
+            for n in &c.numbers {
+                put_u32(out, *n);
+            }
+            out.push(c.field as u8);
+            put_bytes(out, c.expression.as_bytes());
+            put_bytes(out, c.rule_id.as_bytes());
+            put_bytes(out, c.message.as_bytes());
+            put_u32(out, c.path.len() as u32);
+            for (number, name, kind) in &c.path {
+                put_u32(out, *number);
+                put_bytes(out, name.as_bytes());
+                out.push(*kind);
+            }
+        }
     }
 }
 
@@ -1456,6 +1473,31 @@ fn read_methods(r: &mut Reader) -> Result<Vec<Method>, LoadError> {
                 checks.push(Check { source, test, guards, rule_id, message, path, rule, pgv });
             }
         }
+        let mut cel_checks = Vec::new();
+        if r.version >= 7 {
+            let n = r.count(&|| at("CEL checks"))?;
+            for ci in 0..n {
+                let at = || at(&format!("CEL check {ci}"));
+                let nn = r.count(&at)?;
+                let mut numbers = Vec::with_capacity(nn);
+                for _ in 0..nn {
+                    numbers.push(r.u32(&at)?);
+                }
+                let field = r.u8(&at)? != 0;
+                if field && numbers.is_empty() {
+                    return Err(LoadError::invalid(at(), "a field's CEL rule names no field"));
+                }
+                let expression = r.string(&at)?;
+                let rule_id = r.string(&at)?;
+                let message = r.string(&at)?;
+                let np = r.count(&at)?;
+                let mut path = Vec::with_capacity(np);
+                for _ in 0..np {
+                    path.push((r.u32(&at)?, r.string(&at)?, r.u8(&at)?));
+                }
+                cel_checks.push(CelCheck { numbers, field, expression, rule_id, message, path });
+            }
+        }
         methods.push(Method {
             path,
             kind,
@@ -1468,6 +1510,7 @@ fn read_methods(r: &mut Reader) -> Result<Vec<Method>, LoadError> {
             regexes,
             duplex,
             checks,
+            cel_checks,
         });
     }
     Ok(methods)
@@ -1637,6 +1680,14 @@ mod tests {
                     path: vec![(1, "user".into(), 11), (2, "id".into(), 9)],
                     rule: vec![(14, "string".into(), 11), (2, "min_len".into(), 4)],
                     pgv: true,
+                }],
+                cel_checks: vec![CelCheck {
+                    numbers: vec![1],
+                    field: true,
+                    expression: "this.size() > 0".into(),
+                    rule_id: "id.nonempty".into(),
+                    message: "must not be empty".into(),
+                    path: vec![(1, "user".into(), 11)],
                 }],
             }],
         }

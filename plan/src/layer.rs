@@ -171,6 +171,10 @@ fn merge_method(base: &Method, over: &Method) -> Result<Method, String> {
                 .map_err(|why| format!("method {path}: overlay check: {why}"))?,
             false => base.checks.clone(),
         },
+        cel_checks: match base.cel_checks.is_empty() {
+            true => over.cel_checks.clone(),
+            false => base.cel_checks.clone(),
+        },
         regexes,
     })
 }
@@ -601,6 +605,7 @@ mod tests {
             duplex: false,
             regexes: vec![],
             checks: vec![],
+            cel_checks: vec![],
         }
     }
 

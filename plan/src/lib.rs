@@ -110,6 +110,10 @@ pub struct Method {
     /// that must all hold for a call to be valid, in field order. Used
     /// only when the engine runs with validation on.
     pub checks: Vec<Check>,
+    /// Validation rules written in CEL (protovalidate's `cel`): evaluated
+    /// on the decoded message, only for requests of methods that have
+    /// them.
+    pub cel_checks: Vec<CelCheck>,
     /// Regular expressions the rules use, each a dense DFA from
     /// regex-automata serialized little-endian for unanchored search
     /// (`DFA::to_bytes_little_endian`). Validated when the engine loads them.
@@ -408,6 +412,24 @@ pub struct Check {
     /// Read from protoc-gen-validate's `validate.rules` rather than
     /// protovalidate's `buf.validate` (`--validation-source`).
     pub pgv: bool,
+}
+
+/// A validation rule written in CEL.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CelCheck {
+    /// Field numbers from the request message to what `this` is: a field
+    /// (`field` true) or a message (empty for the request itself).
+    /// Rules inside a message that is not set do not apply.
+    pub numbers: Vec<u32>,
+    pub field: bool,
+    /// The expression: false, or a non-empty string (the violation's
+    /// message), is a violation.
+    pub expression: String,
+    pub rule_id: String,
+    /// The message of a violation whose expression gave false.
+    pub message: String,
+    /// The violation's field path, as in [`Check::path`].
+    pub path: Vec<(u32, String, u8)>,
 }
 
 /// A test on one input of the call.

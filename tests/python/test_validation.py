@@ -90,6 +90,8 @@ MUTATIONS = {
     "scores": [[], [0, 10], [-1, 5, 11], [3]],
     "contact_email": ["", "a@b", "a@b.c", "a.b+c@x-y.example.org", "no-at", "a@-b.c", "a@b..c", "é@x.y", "a@" + "x" * 64 + ".com"],
     "id": ["", "123e4567-e89b-12d3-a456-426614174000", "123E4567-E89B-12D3-A456-426614174000", "123e4567e89b12d3a456426614174000", "xyz"],
+    "even": [0, 2, 3, -7],
+    "nickname_same": [None],
     "server": ["", "1.2.3.4", "255.255.255.255", "256.1.1.1", "01.2.3.4", "1.2.3", "::1"],
     "nickname": [None, "", "n-x", "x"],
     "address": [None, "empty", "bad-zip"],
@@ -119,6 +121,9 @@ def corpus(signup):
                     u.phone = "1"
                 elif v == "fax":
                     u.fax = "2"
+            elif field == "nickname_same":
+                u.nickname = "n-" + u.name
+                u.name = u.nickname
             elif field == "nickname":
                 u.ClearField("nickname")
                 if v is not None:

@@ -100,11 +100,14 @@ pub struct Messages<'a> {
 }
 
 /// A validation check a request broke, and for a check on every element
-/// of a repeated field, which element (from 0).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// of a repeated field, which element (from 0). Checks past the method's
+/// wire checks are its CEL rules (`check - checks.len()`), which say
+/// their own message.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Broken {
     pub check: u32,
     pub element: Option<u32>,
+    pub message: Option<Box<str>>,
 }
 
 impl<'a> Messages<'a> {
@@ -193,18 +196,28 @@ impl<'a> Request<'a> {
                 let mut broken = Vec::new();
                 picks::leaves(f, message, &mut |leaf| {
                     if !self.leaf(f, leaf, &c.test)? {
-                        broken.push(Broken { check, element: Some(at) });
+                        broken.push(Broken { check, element: Some(at), message: None });
                     }
                     at += 1;
                     Ok(failed.len() + broken.len() < max)
                 })?;
                 failed.extend(broken);
             } else {
-                failed.push(Broken { check, element: None });
+                failed.push(Broken { check, element: None, message: None });
             }
             if failed.len() >= max {
                 failed.truncate(max);
                 break;
+            }
+        }
+        // Rules written in CEL, on the decoded message.
+        let plan = &self.method.plan;
+        if failed.len() < max && !plan.cel_checks.is_empty() && crate::call::validate::cel_counts() {
+            if let Some(message) = message_of(self.messages, MessageSel::Single) {
+                let base = plan.checks.len() as u32;
+                for (i, text) in crate::call::validate::cel_failures(self.method, message, max - failed.len()) {
+                    failed.push(Broken { check: base + i, element: None, message: Some(text.into()) });
+                }
             }
         }
         self.invalid.set(!failed.is_empty());

@@ -12,6 +12,7 @@
 
 use crate::call::matcher::{Broken, Request};
 use crate::served::{Prepared, ServedMethod};
+use prost_reflect::ReflectMessage;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use wirestub_plan::Check;
 
@@ -40,6 +41,11 @@ pub fn set_source(source: RuleSource) {
     SOURCE.store(source as u8, Ordering::Relaxed);
 }
 
+/// Whether CEL rules (protovalidate's only) count under the rule source.
+pub fn cel_counts() -> bool {
+    SOURCE.load(Ordering::Relaxed) != 2
+}
+
 /// Whether `check` counts for `method` under the rule source.
 pub fn counts(method: &ServedMethod, check: &Check) -> bool {
     match SOURCE.load(Ordering::Relaxed) {
@@ -51,7 +57,7 @@ pub fn counts(method: &ServedMethod, check: &Check) -> bool {
 
 /// Whether calls to `method` are validated.
 pub fn applies(method: &ServedMethod) -> bool {
-    !method.plan.checks.is_empty() && ENABLED.load(Ordering::Relaxed)
+    (!method.plan.checks.is_empty() || !method.plan.cel_checks.is_empty()) && ENABLED.load(Ordering::Relaxed)
 }
 
 /// The checks a request fails, as indices into the method's checks, at
@@ -83,6 +89,120 @@ pub fn check_stream_message(
     Ok(())
 }
 
+/// The CEL rules a request message breaks: (index into the method's
+/// CEL checks, the violation's message), at most `max`. The message is
+/// decoded once, only for methods that have such rules.
+pub fn cel_failures(method: &ServedMethod, message: &[u8], max: usize) -> Vec<(u32, String)> {
+    use prost_reflect::{DynamicMessage, Value as P};
+    let mut out = Vec::new();
+    let Some(codec) = method.json.as_ref().filter(|_| !method.cel.is_empty()) else { return out };
+    let Ok(root) = DynamicMessage::decode(codec.input().clone(), message) else { return out };
+    for (i, (check, program)) in method.plan.cel_checks.iter().zip(&method.cel).enumerate() {
+        if out.len() >= max {
+            break;
+        }
+        let Some(program) = program else { continue };
+        // Down to the message holding what `this` is; an unset message on
+        // the way means the rule does not apply.
+        let (steps, last) = match check.field {
+            true => (&check.numbers[..check.numbers.len() - 1], check.numbers.last().copied()),
+            false => (&check.numbers[..], None),
+        };
+        let mut at = std::borrow::Cow::Borrowed(&root);
+        let mut applies = true;
+        for &n in steps {
+            let Some(f) = at.descriptor().get_field(n) else {
+                applies = false;
+                break;
+            };
+            if !at.has_field(&f) {
+                applies = false;
+                break;
+            }
+            let next = match &*at.get_field(&f) {
+                P::Message(m) => m.clone(),
+                _ => {
+                    applies = false;
+                    break;
+                }
+            };
+            at = std::borrow::Cow::Owned(next);
+        }
+        if !applies {
+            continue;
+        }
+        let this = match last {
+            Some(n) => {
+                let Some(f) = at.descriptor().get_field(n) else { continue };
+                if f.supports_presence() && !f.is_list() && !f.is_map() && !at.has_field(&f) {
+                    continue;
+                }
+                to_cel(&at.get_field(&f))
+            }
+            None => message_to_cel(&at),
+        };
+        let mut context = cel::Context::default();
+        context.add_variable_from_value("this", this);
+        let broken = match program.execute(&context) {
+            Ok(cel::Value::Bool(true)) => None,
+            Ok(cel::Value::Bool(false)) => Some(check.message.clone()),
+            Ok(cel::Value::String(s)) if s.is_empty() => None,
+            Ok(cel::Value::String(s)) => Some(s.to_string()),
+            Ok(other) => Some(format!("the rule gave {other:?}, not a bool or a string")),
+            Err(e) => Some(format!("the rule could not be evaluated: {e}")),
+        };
+        if let Some(message) = broken {
+            let message = if message.is_empty() { format!("`{}` failed", check.expression) } else { message };
+            out.push((i as u32, message));
+        }
+    }
+    out
+}
+
+/// A protobuf value as CEL sees it.
+fn to_cel(v: &prost_reflect::Value) -> cel::Value {
+    use prost_reflect::Value as P;
+    use std::sync::Arc;
+    match v {
+        P::Bool(b) => cel::Value::Bool(*b),
+        P::I32(i) => cel::Value::Int(*i as i64),
+        P::I64(i) => cel::Value::Int(*i),
+        P::U32(u) => cel::Value::UInt(*u as u64),
+        P::U64(u) => cel::Value::UInt(*u),
+        P::F32(f) => cel::Value::Float(*f as f64),
+        P::F64(f) => cel::Value::Float(*f),
+        P::String(s) => cel::Value::String(Arc::new(s.clone())),
+        P::Bytes(b) => cel::Value::Bytes(Arc::new(b.to_vec())),
+        P::EnumNumber(n) => cel::Value::Int(*n as i64),
+        P::Message(m) => message_to_cel(m),
+        P::List(l) => cel::Value::List(Arc::new(l.iter().map(to_cel).collect())),
+        P::Map(m) => {
+            let map: std::collections::HashMap<cel::objects::Key, cel::Value> = m
+                .iter()
+                .map(|(k, v)| {
+                    let key = match k {
+                        prost_reflect::MapKey::Bool(b) => cel::objects::Key::Bool(*b),
+                        prost_reflect::MapKey::I32(i) => cel::objects::Key::Int(*i as i64),
+                        prost_reflect::MapKey::I64(i) => cel::objects::Key::Int(*i),
+                        prost_reflect::MapKey::U32(u) => cel::objects::Key::Uint(*u as u64),
+                        prost_reflect::MapKey::U64(u) => cel::objects::Key::Uint(*u),
+                        prost_reflect::MapKey::String(s) => cel::objects::Key::String(Arc::new(s.clone())),
+                    };
+                    (key, to_cel(v))
+                })
+                .collect();
+            map.into()
+        }
+    }
+}
+
+/// A message as a CEL map of its fields (unset ones at their defaults).
+fn message_to_cel(m: &prost_reflect::DynamicMessage) -> cel::Value {
+    let map: std::collections::HashMap<String, cel::Value> =
+        m.descriptor().fields().map(|f| (f.name().to_string(), to_cel(&m.get_field(&f)))).collect();
+    map.into()
+}
+
 /// The most violations one answer lists.
 pub const MAX_VIOLATIONS: usize = 100;
 
@@ -96,9 +216,9 @@ fn element_step(method: &ServedMethod, c: &Check) -> Option<usize> {
 
 /// A field path as BadRequest names it: `user.name`, `tags[2]`, the
 /// oneof's name.
-fn field_text(c: &Check, element: Option<(usize, u32)>) -> String {
+fn field_text(path: &[(u32, String, u8)], element: Option<(usize, u32)>) -> String {
     let mut out = String::new();
-    for (i, (_, name, _)) in c.path.iter().enumerate() {
+    for (i, (_, name, _)) in path.iter().enumerate() {
         if i > 0 {
             out.push('.');
         }
@@ -113,35 +233,52 @@ fn field_text(c: &Check, element: Option<(usize, u32)>) -> String {
 
 /// The answer to an invalid request.
 pub fn invalid_answer(method: &ServedMethod, failed: &[Broken]) -> Prepared {
-    let checks: Vec<(&Check, Option<(usize, u32)>)> = failed
+    // (field path, element, rule path, rule id, message) per violation.
+    let empty = Vec::new();
+    let checks: Vec<(&Vec<(u32, String, u8)>, Option<(usize, u32)>, &Vec<(u32, String, u8)>, &str, &str)> = failed
         .iter()
         .filter_map(|b| {
-            let c = method.plan.checks.get(b.check as usize)?;
-            let element = b.element.and_then(|at| Some((element_step(method, c)?, at)));
-            Some((c, element))
+            let wire = method.plan.checks.len();
+            match method.plan.checks.get(b.check as usize) {
+                Some(c) => {
+                    let element = b.element.and_then(|at| Some((element_step(method, c)?, at)));
+                    Some((&c.path, element, &c.rule, c.rule_id.as_str(), c.message.as_str()))
+                }
+                None => {
+                    let c = method.plan.cel_checks.get(b.check as usize - wire)?;
+                    let text = b.message.as_deref().unwrap_or(c.message.as_str());
+                    Some((&c.path, None, &empty, c.rule_id.as_str(), text))
+                }
+            }
         })
         .collect();
     let mut message = String::from("validation error:");
-    for (c, element) in &checks {
-        message.push_str(&format!(" {}: {} [{}];", field_text(c, *element), c.message, c.rule_id));
+    for (path, element, _, id, text) in &checks {
+        match field_text(path, *element) {
+            // A rule of the whole message.
+            field if field.is_empty() => message.push_str(&format!(" {text} [{id}];")),
+            field => message.push_str(&format!(" {field}: {text} [{id}];")),
+        }
     }
     message.pop();
     // google.rpc.BadRequest { field_violations: [{ field, description }] }
     let mut bad_request = Vec::new();
     // buf.validate.Violations { violations: [{ field, rule, rule_id, message }] }
     let mut violations = Vec::new();
-    for (c, element) in &checks {
+    for (path, element, rule, id, text) in &checks {
         let mut fv = Vec::new();
-        put_str(&mut fv, 1, &field_text(c, *element));
-        put_str(&mut fv, 2, &c.message);
+        put_str(&mut fv, 1, &field_text(path, *element));
+        put_str(&mut fv, 2, text);
         put_bytes(&mut bad_request, 1, &fv);
         let mut v = Vec::new();
-        put_bytes(&mut v, 5, &field_path(&c.path, *element));
-        if !c.rule.is_empty() {
-            put_bytes(&mut v, 6, &field_path(&c.rule, None));
+        if !path.is_empty() {
+            put_bytes(&mut v, 5, &field_path(path, *element));
         }
-        put_str(&mut v, 2, &c.rule_id);
-        put_str(&mut v, 3, &c.message);
+        if !rule.is_empty() {
+            put_bytes(&mut v, 6, &field_path(rule, None));
+        }
+        put_str(&mut v, 2, id);
+        put_str(&mut v, 3, text);
         put_bytes(&mut violations, 1, &v);
     }
     // google.rpc.Status { code, message, details: [Any...] }

@@ -22,6 +22,11 @@ impl JsonCodec {
         Some(JsonCodec { input: pool.get_message_by_name(input)?, output: pool.get_message_by_name(output)? })
     }
 
+    /// The request message type.
+    pub fn input(&self) -> &MessageDescriptor {
+        &self.input
+    }
+
     /// A JSON request message as protobuf bytes; the error says what is
     /// wrong and where (a field's name, a line and column).
     pub fn request(&self, json: &[u8]) -> Result<Bytes, String> {

@@ -1470,6 +1470,7 @@ pub(crate) mod fixture {
             duplex: false,
             regexes: vec![],
             checks: Vec::new(),
+            cel_checks: Vec::new(),
         };
         let chat = Method {
             path: CHAT.into(),
@@ -1483,6 +1484,7 @@ pub(crate) mod fixture {
             duplex: false,
             regexes: vec![],
             checks: Vec::new(),
+            cel_checks: Vec::new(),
         };
         Plan { descriptors: descriptors(), methods: vec![chat, say_hello] }
     }

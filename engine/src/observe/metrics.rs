@@ -237,9 +237,9 @@ impl WorkerStats<'_> {
 impl WorkerStats<'_> {
     /// A request to method `m` broke validation check `c`.
     pub fn check_failed(&self, m: usize, c: u32) {
-        let Some(&base) = self.check_base.get(m) else { return };
-        if let Some(cell) = self.cells.get(base + c as usize) {
-            bump(cell, 1);
+        let (Some(&base), Some(&end)) = (self.check_base.get(m), self.check_base.get(m + 1)) else { return };
+        if base + (c as usize) < end {
+            bump(&self.cells[base + c as usize], 1);
         }
     }
 
@@ -291,14 +291,15 @@ impl Stats {
                     wirestub_plan::MethodKind::ClientStreaming => "client_stream",
                     wirestub_plan::MethodKind::BidiStreaming => "bidi_stream",
                 };
+                let field =
+                    |path: &[(u32, String, u8)]| path.iter().map(|(_, n, _)| n.as_str()).collect::<Vec<_>>().join(".");
+                // The wire checks, then the CEL rules, as `Broken::check` counts them.
                 let checks = m
                     .plan
                     .checks
                     .iter()
-                    .map(|c| {
-                        let field = c.path.iter().map(|(_, n, _)| n.as_str()).collect::<Vec<_>>().join(".");
-                        (field, c.rule_id.clone())
-                    })
+                    .map(|c| (field(&c.path), c.rule_id.clone()))
+                    .chain(m.plan.cel_checks.iter().map(|c| (field(&c.path), c.rule_id.clone())))
                     .collect();
                 let rules = m.plan.rules.iter().map(|r| r.origin.clone()).collect();
                 MethodLabels { kind, service, method, rules, checks }
@@ -310,11 +311,13 @@ impl Stats {
             rule_base.push(next);
             next += m.rules.len();
         }
-        let mut check_base = Vec::with_capacity(methods.len());
+        let mut check_base = Vec::with_capacity(methods.len() + 1);
         for m in &methods {
             check_base.push(next);
             next += m.checks.len();
         }
+        // The end of the last method's counters.
+        check_base.push(next);
         let protocol_base = next;
         let len = next + PROTOCOLS.len() + PAD;
         let blocks = (0..workers.max(1)).map(|_| (0..len).map(|_| AtomicU64::new(0)).collect()).collect();
@@ -646,6 +649,7 @@ mod tests {
             duplex: false,
             regexes: Vec::new(),
             checks: Vec::new(),
+            cel_checks: Vec::new(),
         };
         let plan = wirestub_plan::Plan { descriptors: Vec::new(), methods: vec![method] };
         Served::new(plan, crate::NoMatch::NotFound).expect("prepares")

@@ -238,6 +238,9 @@ pub struct ServedMethod {
     pub index: Option<Index>,
     /// See [`ServedMethod::messages_kept`].
     pub keep: usize,
+    /// The method's CEL validation rules, parsed (in the order of the
+    /// plan's `cel_checks`).
+    pub cel: Vec<Option<cel::Program>>,
     /// The fields that read every message of a client stream (aggregates
     /// in templates), folded as the messages arrive.
     pub each: Vec<u32>,
@@ -692,6 +695,7 @@ impl Served {
             by_path.insert(m.path.clone().into_boxed_str(), methods.len());
             let used = (0..m.responses.len()).map(|_| std::sync::atomic::AtomicU64::new(0)).collect();
             let m_keys = m.metadata_keys.clone();
+            let cel = m.cel_checks.iter().map(|c| cel::Program::compile(&c.expression).ok()).collect();
             let each =
                 (0..m.fields.len() as u32).filter(|&i| m.fields[i as usize].message == MessageSel::Each).collect();
             let literals = build_literals(&m);
@@ -709,6 +713,7 @@ impl Served {
                 regexes,
                 index,
                 keep: 0,
+                cel,
                 each,
                 used,
                 session_uses: SessionUses::new(&m_keys),
@@ -800,6 +805,7 @@ impl ServedMethod {
                 duplex: false,
                 regexes: Vec::new(),
                 checks: Vec::new(),
+                cel_checks: Vec::new(),
             },
             responses: Vec::new(),
             no_match: status_response(12, "not implemented"),
@@ -807,6 +813,7 @@ impl ServedMethod {
             regexes: Vec::new(),
             index: None,
             keep: 1,
+            cel: Vec::new(),
             each: Vec::new(),
             used: Vec::new(),
             session_uses: SessionUses::new(&[]),
@@ -890,6 +897,7 @@ mod tests {
             regexes: vec![],
             duplex: false,
             checks: Vec::new(),
+            cel_checks: Vec::new(),
         };
         let literals = build_literals(&m);
         assert_eq!(literals[0].as_ref().map(|l| l.ids.len()), Some(4));
