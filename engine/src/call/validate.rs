@@ -231,23 +231,27 @@ fn field_text(path: &[(u32, String, u8)], element: Option<(usize, u32)>) -> Stri
     out
 }
 
+/// A violation as the answer shows it: field path, element (path step,
+/// position), rule path, rule id, message.
+type Shown<'a> = (&'a [(u32, String, u8)], Option<(usize, u32)>, &'a [(u32, String, u8)], &'a str, &'a str);
+
 /// The answer to an invalid request.
 pub fn invalid_answer(method: &ServedMethod, failed: &[Broken]) -> Prepared {
     // (field path, element, rule path, rule id, message) per violation.
     let empty = Vec::new();
-    let checks: Vec<(&Vec<(u32, String, u8)>, Option<(usize, u32)>, &Vec<(u32, String, u8)>, &str, &str)> = failed
+    let checks: Vec<Shown<'_>> = failed
         .iter()
         .filter_map(|b| {
             let wire = method.plan.checks.len();
             match method.plan.checks.get(b.check as usize) {
                 Some(c) => {
                     let element = b.element.and_then(|at| Some((element_step(method, c)?, at)));
-                    Some((&c.path, element, &c.rule, c.rule_id.as_str(), c.message.as_str()))
+                    Some((&c.path[..], element, &c.rule[..], c.rule_id.as_str(), c.message.as_str()))
                 }
                 None => {
                     let c = method.plan.cel_checks.get(b.check as usize - wire)?;
                     let text = b.message.as_deref().unwrap_or(c.message.as_str());
-                    Some((&c.path, None, &empty, c.rule_id.as_str(), text))
+                    Some((&c.path[..], None, &empty[..], c.rule_id.as_str(), text))
                 }
             }
         })
