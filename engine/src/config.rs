@@ -47,6 +47,9 @@ pub struct Config {
     /// Requests are checked against their `buf.validate` rules
     /// (`--validation on`).
     pub validation: bool,
+    /// Client streams end at their first invalid message
+    /// (`--validation-mode per-message`).
+    pub validation_per_message: bool,
     /// Which annotations validation reads (`--validation-source`).
     pub validation_source: crate::call::validate::RuleSource,
     /// A connection whose output the client has not taken for this long
@@ -165,6 +168,7 @@ impl Default for Config {
             seed: None,
             raw_threshold: crate::call::raw::DEFAULT_THRESHOLD,
             validation: false,
+            validation_per_message: false,
             validation_source: crate::call::validate::RuleSource::Auto,
             stack: Stack::Native,
             write_timeout: Some(Duration::from_secs(30)),

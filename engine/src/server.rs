@@ -117,6 +117,7 @@ impl Server {
                 crate::call::template::set_max_fill(config.max_fill);
                 crate::call::validate::set_enabled(config.validation);
                 crate::call::validate::set_source(config.validation_source);
+                crate::call::validate::set_per_message(config.validation_per_message);
                 if let Some(seed) = config.seed {
                     crate::rng::seed(seed.wrapping_add(i as u64));
                 }

@@ -315,3 +315,43 @@ def test_the_rule_source_picks_the_annotations(tmp_path):
             assert code == expected, source
         finally:
             engine_process.stop(srv.proc)
+
+
+def test_per_message_mode_ends_a_client_stream_at_its_first_invalid_message(tmp_path, modules):
+    signup, details_pb, violations_pb, _ = modules
+    for stack in ("native", "h2"):
+        cmd = [str(engine_process.engine_binary()), "run", "--listen", "127.0.0.1:0", "--admin-listen", "off"]
+        cmd += ["--protos", str(CASE / "protos"), "--rules", str(CASE / "rules"), "--validation", "on"]
+        cmd += ["--validation-mode", "per-message", "--http2", stack]
+        (tmp_path / stack).mkdir()
+        srv = engine_process.start(cmd, tmp_path / stack)
+        sent = []
+
+        def messages():
+            # An invalid message, then more that the engine need not read:
+            # the call ends before the client finishes.
+            bad = valid_user(signup)
+            bad.age = 1
+            sent.append(1)
+            yield bad
+            import time as _t
+
+            for _ in range(50):
+                _t.sleep(0.05)
+                sent.append(1)
+                yield valid_user(signup)
+
+        try:
+            with grpc.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
+                upload = ch.stream_unary(
+                    "/signup.Signup/Upload",
+                    request_serializer=lambda m: m.SerializeToString(),
+                    response_deserializer=signup.Reply.FromString,
+                )
+                with pytest.raises(grpc.RpcError) as e:
+                    upload(messages(), timeout=10)
+                assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, stack
+                assert "int32.gte_lt" in e.value.details()
+                assert len(sent) < 50, f"{stack}: the call waited for the whole stream"
+        finally:
+            engine_process.stop(srv.proc)

@@ -279,6 +279,10 @@ where
                 if let Err(e) = super::validate::check_stream_message(method, &m, &mut violations) {
                     return Err(Status::new(Code::Internal, format!("cannot parse request message: {e}")).into());
                 }
+                if !violations.is_empty() && super::validate::per_message() {
+                    // Answered now; what the client still sends is not read.
+                    return Ok((super::validate::invalid(method, violations), None));
+                }
                 for (fold, &i) in folds.iter_mut().zip(&method.each) {
                     if let Ok(f) = fold {
                         if let Err(e) = f.add_message(&method.plan.fields[i as usize], &m) {

@@ -151,9 +151,7 @@ pub fn pick_explained<'m>(
     };
     let rule = request.select_rule().map_err(malformed)?;
     if !failed.is_empty() && rule.is_none() {
-        let invalid = Box::new(validate::invalid_answer(method, &failed));
-        let violations = Some(failed.into_boxed_slice());
-        return Ok(Answer { rendered: Some(invalid), violations, ..Answer::of(&method.no_match) });
+        return Ok(validate::invalid(method, failed));
     }
     let prepared = match rule {
         Some(r) => &method.responses[method.plan.rules[r as usize].response as usize],

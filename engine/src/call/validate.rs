@@ -26,6 +26,30 @@ pub fn set_enabled(on: bool) {
     ENABLED.store(on, Ordering::Relaxed);
 }
 
+static PER_MESSAGE: AtomicBool = AtomicBool::new(false);
+
+/// How client streams are answered when a message is invalid
+/// (`--validation-mode`): at once (`per-message`), or once the stream ends
+/// with every invalid message's violations (`aggregate`).
+pub fn set_per_message(on: bool) {
+    PER_MESSAGE.store(on, Ordering::Relaxed);
+}
+
+/// Whether a client stream ends at its first invalid message.
+pub fn per_message() -> bool {
+    PER_MESSAGE.load(Ordering::Relaxed)
+}
+
+/// The answer for a request that broke `failed`.
+pub fn invalid<'m>(method: &'m ServedMethod, failed: Vec<Broken>) -> crate::call::Answer<'m> {
+    let rendered = Some(Box::new(invalid_answer(method, &failed)));
+    crate::call::Answer {
+        rendered,
+        violations: Some(failed.into_boxed_slice()),
+        ..crate::call::Answer::of(&method.no_match)
+    }
+}
+
 /// Where rules come from (`--validation-source`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RuleSource {

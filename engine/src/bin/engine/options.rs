@@ -198,6 +198,16 @@ pub const FLAGS: &[Flag] = &[
         section: PLAN,
     },
     Flag {
+        name: "validation-mode",
+        value: "aggregate|per-message",
+        kind: Kind::Value,
+        default: "aggregate",
+        help:
+            "client streams: answer INVALID_ARGUMENT once the stream ends, naming every invalid message's violations, \
+               or as soon as one message is invalid",
+        section: PLAN,
+    },
+    Flag {
         name: "raw-threshold",
         value: "0..1",
         kind: Kind::Value,
@@ -927,6 +937,7 @@ pub fn parse(args: &[String], env: &dyn Fn(&str) -> Option<String>) -> Result<Co
         metrics: must("metrics").choice(&[("on", true), ("off", false)])?,
         compress_responses: must("compress-responses").choice(&[("on", true), ("off", false)])?,
         validation: must("validation").choice(&[("on", true), ("off", false)])?,
+        validation_per_message: must("validation-mode").choice(&[("aggregate", false), ("per-message", true)])?,
         validation_source: must("validation-source").choice(&[
             ("auto", wirestub_engine::call::validate::RuleSource::Auto),
             ("protovalidate", wirestub_engine::call::validate::RuleSource::Protovalidate),

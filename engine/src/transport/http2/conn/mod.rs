@@ -1031,6 +1031,15 @@ impl<'s> Conn<'s> {
             }
         } else if duplex {
             s.wake();
+        } else if call::validate::per_message() && s.agg.as_ref().is_some_and(|a| !a.violations.is_empty()) {
+            // `--validation-mode per-message`: the first invalid message
+            // ends the call at once.
+            let method = s.method;
+            let agg = s.agg.take().unwrap_or_default();
+            self.buffered -= agg.held;
+            s.recv_done = true;
+            let answer = call::validate::invalid(method, agg.violations);
+            return self.answer(id, Ok(answer));
         }
         self.replenish_stream(id);
         if end_stream {
