@@ -1111,6 +1111,7 @@ def fmt_ratio(v: float | None) -> str:
 def build_report(
     meta: dict, runs: list[RunResult], lat: list[LatencyResult], notes: list[str], memory: list[str],
     proto_runs: list[RunResult] | None = None, proxy_runs: list[RunResult] | None = None,
+    validation_runs: list[RunResult] | None = None,
 ) -> str:  # fmt: skip
     lines = [
         "# End-to-end load bench: wirestub engine vs tonic baseline",
@@ -1216,6 +1217,8 @@ def build_report(
         lines += protocol_report(meta, proto_runs)
     if proxy_runs:
         lines += proxy_report(meta, proxy_runs)
+    if validation_runs:
+        lines += validation_report(validation_runs)
     if memory:
         lines += ["", "Memory after the runs of each layout (VmRSS / peak VmHWM):", ""]
         lines += [f"- {m}" for m in memory]
@@ -1392,6 +1395,45 @@ def proxy_report(meta: dict, proxy_runs: list[RunResult]) -> list[str]:
     return lines
 
 
+def validation_report(val_runs: list[RunResult]) -> list[str]:
+    """The validation section: the same call to two engines serving the
+    same plan, validation on and off, and the on/off ratios."""
+    lines = [
+        "",
+        "## Validation: the cost of checking requests",
+        "",
+        f"`{VALIDATED_PATH}` (`benches/plan/protos/bench/v1/validated.proto`: the 200 B request of `match-200B` "
+        "with protovalidate rules on its three fields: length, pattern, range, byte length), answered by one rule "
+        "without conditions, to an engine run with `--validation on` and to one without, in turn in every "
+        "repeat after one untimed warm-up run of each, both placed like the servers. Ratios are on/off per "
+        "repeat pair: what validating a valid request costs.",
+        "",
+        "| layout | c×m | engine | req/s | CPU µs/req | lat mean |",
+        "|---|---|---|---:|---:|---:|",
+    ]
+    keys = []
+    for r in val_runs:
+        if (r.layout, r.cell) not in keys:
+            keys.append((r.layout, r.cell))
+    for layout, cell in keys:
+        for name in VALIDATION_SERVERS:
+            rs = [r for r in val_runs if (r.layout, r.cell, r.server) == (layout, cell, name)]
+            lines.append(
+                f"| {layout} | {cell} | {name} | {spread([r.rps for r in rs], fmt_num)} "
+                f"| {spread([r.cpu_us_per_req for r in rs], lambda v: fmt_num(v, 2))} "
+                f"| {spread([r.lat_mean_us for r in rs], fmt_us)} |"
+            )
+    lines += ["", "| layout | c×m | CPU/req on/off | req/s on/off |", "|---|---|---:|---:|"]
+    for layout, cell in keys:
+        sel = [r for r in val_runs if (r.layout, r.cell) == (layout, cell)]
+        off = {r.repeat: r for r in sel if r.server == "validation-off"}
+        pairs = [(r, off[r.repeat]) for r in sel if r.server == "validation-on" and r.repeat in off]
+        cpu = spread([ratio(a.cpu_us_per_req, b.cpu_us_per_req) for a, b in pairs], fmt_ratio)
+        rps = spread([ratio(a.rps, b.rps) for a, b in pairs], fmt_ratio)
+        lines.append(f"| {layout} | {cell} | {cpu} | {rps} |")
+    return lines
+
+
 # --------------------------------------------------------------------------
 # Main
 # --------------------------------------------------------------------------
@@ -1478,6 +1520,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="layouts the proxy cell runs in, or `none` (default every layout run; quick: the first one)",
     )
     p.add_argument("--proxy-cell", default="16x10", help="CxM cell of the proxy cell (default 16x10)")
+    p.add_argument(
+        "--validation-layouts", type=lambda v: [x for x in v.split(",") if x] if v != "none" else [],
+        default=None, help="layouts with the validation cell, or `none` (default: the first layout; none in --quick)",
+    )  # fmt: skip
+    p.add_argument("--validation-cell", default="16x10", help="CxM cell of the validation cell (default 16x10)")
     p.add_argument("--latency-fractions", help="latency runs at these fractions of the lower h2load req/s "
                    "(default 0.5,0.9; quick 0.5)")  # fmt: skip
     p.add_argument("--latency-rate", type=float, help="one fixed latency rate in req/s instead of fractions")
@@ -1552,6 +1599,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.protocol_cell = parse_cell(args.protocol_cell)
     args.h1_cell = parse_cell(args.h1_cell)
     args.proxy_cell = parse_cell(args.proxy_cell)
+    args.validation_cell = parse_cell(args.validation_cell)
     if args.latency_fractions is None:
         args.latency_fractions = [0.5] if args.quick else [0.5, 0.9]
     else:
@@ -1579,7 +1627,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         for layout in args.proxy_layouts:
             if layout not in args.layouts:
                 p.error(f"--proxy-layouts: {layout!r} is not in --layouts")
-    cells = [*args.cells, args.extra_cell, args.protocol_cell, args.h1_cell, args.proxy_cell]
+    cells = [*args.cells, args.extra_cell, args.protocol_cell, args.h1_cell, args.proxy_cell, args.validation_cell]
     if any(c < 1 or m < 1 for c, m in cells):
         p.error("cells need at least 1 connection and 1 stream")
     bad_rate = args.latency_rate is not None and args.latency_rate <= 0
@@ -1844,6 +1892,61 @@ def proxy_cpu(r: RunResult) -> tuple[float | None, float | None, float | None]:
     return r.cpu_us_per_req, r.upstream_cpu_us_per_req, r.cpu_us_per_req + r.upstream_cpu_us_per_req
 
 
+VALIDATED_PATH = "/bench.v1.Validated/Check"
+VALIDATION_SERVERS = ("validation-on", "validation-off")
+
+
+def timed_validation(
+    layout: str, bins: Binaries, plan: Path, work: Path, args: argparse.Namespace, workers: str,
+    server_cpus: str | None, loader_cpus: str | None, val_runs: list[RunResult], notes: list[str],
+) -> None:  # fmt: skip
+    """The validation cell: the same valid request to an engine with
+    `--validation on` and to one without, alternating, after checking that
+    both answer it and that the validating one refuses an invalid one."""
+    conns, streams = args.validation_cell
+    cell = f"{conns}×{streams}"
+    body = work / "validated.body.bin"
+    body.write_bytes(grpc_frame(bench_request("medium", 200)))
+    bad = work / "validated-bad.body.bin"
+    bad.write_bytes(grpc_frame(bench_request("Medium!", 200)))
+    servers = {
+        "validation-on": Server(
+            "validation-on", engine_cmd(bins, plan, workers, [*args.engine_arg, "--validation", "on"]), server_cpus, work
+        ),
+        "validation-off": Server("validation-off", engine_cmd(bins, plan, workers, args.engine_arg), server_cpus, work),
+    }  # fmt: skip
+    try:
+        for name, srv in servers.items():
+            fig, output = h2load(srv, [VALIDATED_PATH], body, 1, 1, 1, 0, loader_cpus)
+            if fig["succeeded"] == 0:
+                raise BenchError(f"{name} does not answer {VALIDATED_PATH}:\n{output[-2000:]}")
+        probe = run(
+            ["nghttp", "-v", "-d", str(bad), "-H", "content-type: application/grpc", "-H", "te: trailers",
+             f"http://127.0.0.1:{servers['validation-on'].port}{VALIDATED_PATH}"],
+            30, capture_output=True, text=True,
+        )  # fmt: skip
+        if "grpc-status: 3" not in probe.stdout:
+            raise BenchError(f"the validating engine did not refuse an invalid request:\n{probe.stdout[-2000:]}")
+        for name, srv in servers.items():
+            say(f"{layout} validation {cell} warm-up {name}")
+            h2load(srv, [VALIDATED_PATH], body, conns, streams, max(1, args.duration // 3), 0, loader_cpus)
+        for rep in range(args.repeats):
+            for name, srv in servers.items():
+                fig, output = h2load(srv, [VALIDATED_PATH], body, conns, streams, args.duration, args.warmup, loader_cpus)
+                if not srv.alive() or fig["succeeded"] == 0:
+                    raise BenchError(f"{name} failed the validation cell:\n{output[-2000:]}")
+                res = RunResult.from_h2load(layout, "validated-200B", cell, name, rep, fig)
+                val_runs.append(res)
+                say(
+                    f"{layout} validation {cell} #{rep + 1} {name:14}: {res.rps:>10,.0f} req/s, "
+                    f"{res.cpu_us_per_req:6.2f} µs CPU/req"
+                )
+        notes.append(f"{layout}: the validating engine refused a request breaking its rules with INVALID_ARGUMENT")
+    finally:
+        for srv in servers.values():
+            srv.stop()
+
+
 def timed_latency(
     layout: str, key: str, servers: dict[str, Server], files: dict[str, Files],
     conns: int, streams: int, args: argparse.Namespace, bins: Binaries, loader_cpus: str | None,
@@ -1927,6 +2030,10 @@ def bench(args: argparse.Namespace, argv: list[str]) -> int:
             proxy_layouts = [x for x in args.proxy_layouts if x in layouts]
         else:
             proxy_layouts = layouts[:1] if args.quick else list(layouts)
+        if args.validation_layouts is not None:
+            validation_layouts = [x for x in args.validation_layouts if x in layouts]
+        else:
+            validation_layouts = [] if args.quick else layouts[:1]
         for key in [args.workload, *args.extra]:
             say(f"{key}: {WORKLOADS[key].path}, request body {len(grpc_frame(WORKLOADS[key].request))} bytes")
 
@@ -1952,10 +2059,13 @@ def bench(args: argparse.Namespace, argv: list[str]) -> int:
             proxy_layouts=proxy_layouts,
             proxy_cell="x".join(map(str, args.proxy_cell)),
             proxy_warmup_runs=not args.quick,
+            validation_layouts=validation_layouts,
+            validation_cell="x".join(map(str, args.validation_cell)),
         )
         runs: list[RunResult] = []
         proto_runs: list[RunResult] = []
         proxy_runs: list[RunResult] = []
+        validation_runs: list[RunResult] = []
         lat: list[LatencyResult] = []
         memory: list[str] = []
         for layout in layouts:
@@ -1993,6 +2103,8 @@ def bench(args: argparse.Namespace, argv: list[str]) -> int:
                     layout, servers["baseline"], bins, work, files, args, workers, server_cpus, loader_cpus,
                     proxy_runs, notes,
                 )  # fmt: skip
+            if layout in validation_layouts:
+                timed_validation(layout, bins, plan, work, args, workers, server_cpus, loader_cpus, validation_runs, notes)
             if not args.no_latency:
                 for conns, streams in args.cells:
                     timed_latency(
@@ -2026,7 +2138,7 @@ def bench(args: argparse.Namespace, argv: list[str]) -> int:
                     f"`{PROTOCOL_WORKLOAD}` (latency client)"
                 )
 
-        report = build_report(meta, runs, lat, notes, memory, proto_runs, proxy_runs)
+        report = build_report(meta, runs, lat, notes, memory, proto_runs, proxy_runs, validation_runs)
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(report)
@@ -2038,6 +2150,7 @@ def bench(args: argparse.Namespace, argv: list[str]) -> int:
                     "latency": [asdict(r) for r in lat],
                     "protocols": [asdict(r) for r in proto_runs],
                     "proxy": [asdict(r) for r in proxy_runs],
+                    "validation": [asdict(r) for r in validation_runs],
                 },
                 indent=1,
             )
