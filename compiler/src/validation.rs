@@ -47,6 +47,7 @@ pub fn add_checks(method: &mut plan::Method, input: &MessageDescriptor, diags: &
             diags: &mut *diags,
             regex_specs: Vec::new(),
             pgv,
+            within: None,
         };
         cx.message(input, &[], &[], &[], 0, &mut Vec::new());
     }
@@ -63,6 +64,9 @@ struct Cx<'a> {
     regex_specs: Vec<String>,
     /// Reading protoc-gen-validate's options (`validate.rules`).
     pgv: bool,
+    /// Inside the elements of a repeated message field: the pick (every
+    /// element) that paths below go through.
+    within: Option<plan::Pick>,
 }
 
 impl Cx<'_> {
@@ -136,7 +140,9 @@ impl Cx<'_> {
                         _ => false,
                     }
             });
-            if required {
+            if required && self.within.is_some() {
+                self.warn("oneof rules inside repeated elements", desc.full_name(), oneof.name());
+            } else if required {
                 let members = oneof.fields().map(|f| f.number()).collect();
                 let path = plan::FieldPath {
                     name: oneof.name().to_string(),
@@ -235,13 +241,20 @@ impl Cx<'_> {
         // Rules of a nested message apply when it is set.
         let skip = pgv_message.is_some_and(|(_, skip)| skip);
         if let (Kind::Message(m), false) = (field.kind(), skip) {
-            if !repeated && message_kind && !m.full_name().starts_with("google.protobuf.") {
+            let plain = !m.full_name().starts_with("google.protobuf.");
+            if !repeated && message_kind && plain && self.within.is_none() {
                 let guard = self.intern(self.path(field, &numbers, Shape::Singular));
                 let mut g = guards.to_vec();
                 g.push(guard);
                 self.message(&m, &numbers, &at, &g, depth + 1, open);
-            } else if repeated && has_rules(&m, &self.field_ext, 0) {
-                self.warn("rules of repeated or map message elements", &name, m.full_name());
+            } else if field.is_list() && plain && self.within.is_none() && has_rules(&m, &self.field_ext, 0) {
+                // The rules of each element's fields, checked on every
+                // element; a violation names the element.
+                self.within = Some(plan::Pick { step: numbers.len() as u32 - 1, elem: plan::Elem::All });
+                self.message(&m, &numbers, &at, guards, depth + 1, open);
+                self.within = None;
+            } else if (repeated || self.within.is_some()) && has_rules(&m, &self.field_ext, 0) {
+                self.warn("rules of map values or of messages inside repeated elements", &name, m.full_name());
             }
         }
     }
@@ -335,6 +348,10 @@ impl Cx<'_> {
     /// A CEL rule (`Rule { id, message, expression }`, or a bare
     /// expression), parsed now so that a bad one is a compile error.
     fn cel(&mut self, rule: &PValue, numbers: &[u32], field: bool, at: &[Step], owner: &str, file: &str) {
+        if self.within.is_some() {
+            self.warn("CEL rule inside repeated elements", owner, "cel");
+            return;
+        }
         let (id, message, expression) = match rule {
             PValue::Message(r) => {
                 let text = |n: &str| match r.get_field_by_name(n).as_deref() {
@@ -379,7 +396,7 @@ impl Cx<'_> {
         rule_base: &Step,
     ) {
         let name = field.full_name().to_string();
-        if matches!(field.kind(), Kind::Message(_)) {
+        if matches!(field.kind(), Kind::Message(_)) || self.within.is_some() {
             self.warn("rules of repeated message elements", &name, "repeated.items");
             return;
         }
@@ -439,7 +456,7 @@ impl Cx<'_> {
             default,
             shape,
             message: MessageSel::Single,
-            picks: Vec::new(),
+            picks: self.within.into_iter().collect(),
         }
     }
 

@@ -91,6 +91,7 @@ MUTATIONS = {
     "contact_email": ["", "a@b", "a@b.c", "a.b+c@x-y.example.org", "no-at", "a@-b.c", "a@b..c", "é@x.y", "a@" + "x" * 64 + ".com"],
     "id": ["", "123e4567-e89b-12d3-a456-426614174000", "123E4567-E89B-12D3-A456-426614174000", "123e4567e89b12d3a456426614174000", "xyz"],
     "even": [0, 2, 3, -7],
+    "items": [[], [("ab", 1)], [("ab", 1), ("x", 0), ("abc", 2)], [("", 0)]],
     "nickname_same": [None],
     "server": ["", "1.2.3.4", "255.255.255.255", "256.1.1.1", "01.2.3.4", "1.2.3", "::1"],
     "nickname": [None, "", "n-x", "x"],
@@ -128,6 +129,9 @@ def corpus(signup):
                 u.ClearField("nickname")
                 if v is not None:
                     u.nickname = v
+            elif field == "items":
+                for sku, qty in v:
+                    u.items.add(sku=sku, qty=qty)
             elif field in ("tags", "scores"):
                 del getattr(u, field)[:]
                 getattr(u, field).extend(v)
