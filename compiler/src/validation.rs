@@ -48,6 +48,8 @@ pub fn add_checks(method: &mut plan::Method, input: &MessageDescriptor, diags: &
             regex_specs: Vec::new(),
             pgv,
             within: None,
+            map_key: None,
+            for_key: false,
         };
         cx.message(input, &[], &[], &[], 0, &mut Vec::new());
     }
@@ -67,6 +69,10 @@ struct Cx<'a> {
     /// Inside the elements of a repeated message field: the pick (every
     /// element) that paths below go through.
     within: Option<plan::Pick>,
+    /// Building the rules of a map's keys or values: the keys' type, and
+    /// whether the rules are the keys'.
+    map_key: Option<plan::ScalarKind>,
+    for_key: bool,
 }
 
 impl Cx<'_> {
@@ -319,6 +325,10 @@ impl Cx<'_> {
                             ("map.max_pairs", Op::Lte(Value::U64(*n)), format!("map must be at most {n} entries"))
                         }
                         (_, "ignore_empty", _) => continue,
+                        ("map", part @ ("keys" | "values"), PValue::Message(rules)) => {
+                            self.map_entries(field, numbers, at, guards, &f, rules, &rule_base, part == "keys");
+                            continue;
+                        }
                         ("repeated", "items", PValue::Message(items)) => {
                             self.items(field, numbers, at, guards, &f, items, &rule_base);
                             continue;
@@ -440,6 +450,51 @@ impl Cx<'_> {
         }
     }
 
+    /// `map.keys` / `map.values`: rules checked on every entry's key or
+    /// value, a violation naming the entry by its key.
+    #[allow(clippy::too_many_arguments)]
+    fn map_entries(
+        &mut self,
+        field: &FieldDescriptor,
+        numbers: &[u32],
+        at: &[Step],
+        guards: &[u32],
+        part_field: &FieldDescriptor,
+        rules: &DynamicMessage,
+        rule_base: &Step,
+        keys: bool,
+    ) {
+        let name = field.full_name().to_string();
+        let Kind::Message(entry) = field.kind() else { return };
+        let (key, value) = (entry.map_entry_key_field(), entry.map_entry_value_field());
+        let target = if keys { key.clone() } else { value };
+        if matches!(target.kind(), Kind::Message(_)) || self.within.is_some() {
+            self.warn("rules of map message values", &name, part_field.name());
+            return;
+        }
+        let Some((type_field, type_rules)) = type_rules(rules) else { return };
+        let mut entry_numbers = numbers.to_vec();
+        entry_numbers.push(target.number());
+        self.within = Some(plan::Pick { step: numbers.len() as u32 - 1, elem: plan::Elem::All });
+        let mut path = self.path(&target, &entry_numbers, Shape::Singular);
+        self.within = None;
+        path.name = format!("{}[all].{}", self.names(numbers), target.name());
+        let kind = type_field.name().to_string();
+        self.map_key = Some(scalar_kind(&key.kind()));
+        self.for_key = keys;
+        for (id, test, message, rule_field) in scalar_rules(&kind, &type_rules, &target, &path, self) {
+            let rule = vec![
+                rule_base.clone(),
+                (part_field.number(), part_field.name().to_string(), TYPE_MESSAGE),
+                (type_field.number(), kind.clone(), TYPE_MESSAGE),
+                rule_field,
+            ];
+            self.push(path.clone(), test, guards, &id, &message, at.to_vec(), rule);
+        }
+        self.map_key = None;
+        self.for_key = false;
+    }
+
     fn path(&self, field: &FieldDescriptor, numbers: &[u32], shape: Shape) -> plan::FieldPath {
         let (kind, default) = match field.kind() {
             Kind::Message(_) => (plan::ScalarKind::Bytes, Value::Bytes(Vec::new())),
@@ -513,6 +568,8 @@ impl Cx<'_> {
             path: at,
             rule,
             pgv: self.pgv,
+            map_key: self.map_key,
+            for_key: self.for_key,
         });
     }
 

@@ -651,6 +651,8 @@ fn write_methods(out: &mut Vec<u8>, methods: &[Method]) {
                 }
             }
             out.push(c.pgv as u8);
+            out.push(c.map_key.map_or(0, |k| k as u8));
+            out.push(c.for_key as u8);
         }
         put_u32(out, m.cel_checks.len() as u32);
         for c in &m.cel_checks {
@@ -1470,7 +1472,12 @@ fn read_methods(r: &mut Reader) -> Result<Vec<Method>, LoadError> {
                 let path = steps(r)?;
                 let rule = steps(r)?;
                 let pgv = r.u8(&at)? != 0;
-                checks.push(Check { source, test, guards, rule_id, message, path, rule, pgv });
+                let map_key = match r.u8(&at)? {
+                    0 => None,
+                    k => Some(ScalarKind::from_u8(k).ok_or_else(|| LoadError::invalid(at(), "unknown map key kind"))?),
+                };
+                let for_key = r.u8(&at)? != 0;
+                checks.push(Check { source, test, guards, rule_id, message, path, rule, pgv, map_key, for_key });
             }
         }
         let mut cel_checks = Vec::new();
@@ -1680,6 +1687,8 @@ mod tests {
                     path: vec![(1, "user".into(), 11), (2, "id".into(), 9)],
                     rule: vec![(14, "string".into(), 11), (2, "min_len".into(), 4)],
                     pgv: true,
+                    map_key: Some(ScalarKind::String),
+                    for_key: true,
                 }],
                 cel_checks: vec![CelCheck {
                     numbers: vec![1],

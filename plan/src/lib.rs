@@ -412,6 +412,11 @@ pub struct Check {
     /// Read from protoc-gen-validate's `validate.rules` rather than
     /// protovalidate's `buf.validate` (`--validation-source`).
     pub pgv: bool,
+    /// A rule on the keys or values of a map: the keys' type, so that a
+    /// violation names the entry by its key.
+    pub map_key: Option<ScalarKind>,
+    /// A rule on the keys of a map (the violation is `for_key`).
+    pub for_key: bool,
 }
 
 /// A validation rule written in CEL.

@@ -14,6 +14,7 @@ same request is answered by the rules.
 
 import importlib
 import importlib.resources
+import json
 import itertools
 import sys
 from pathlib import Path
@@ -92,6 +93,7 @@ MUTATIONS = {
     "id": ["", "123e4567-e89b-12d3-a456-426614174000", "123E4567-E89B-12D3-A456-426614174000", "123e4567e89b12d3a456426614174000", "xyz"],
     "even": [0, 2, 3, -7],
     "items": [[], [("ab", 1)], [("ab", 1), ("x", 0), ("abc", 2)], [("", 0)]],
+    "limits": [{}, {"ab": 1}, {"a": 1}, {"ab": -1, "cd": 2}, {"a": -1}, {"aa": 1, "bb": 1, "cc": 1, "dd": 1}],
     "nickname_same": [None],
     "server": ["", "1.2.3.4", "255.255.255.255", "256.1.1.1", "01.2.3.4", "1.2.3", "::1"],
     "nickname": [None, "", "n-x", "x"],
@@ -129,6 +131,9 @@ def corpus(signup):
                 u.ClearField("nickname")
                 if v is not None:
                     u.nickname = v
+            elif field == "limits":
+                for k, n in v.items():
+                    u.limits[k] = n
             elif field == "items":
                 for sku, qty in v:
                     u.items.add(sku=sku, qty=qty)
@@ -153,6 +158,10 @@ def path_text(field_path):
         part = e.field_name
         if e.HasField("index"):
             part += f"[{e.index}]"
+        elif e.HasField("string_key"):
+            part += "[" + json.dumps(e.string_key) + "]"
+        elif e.HasField("int_key"):
+            part += f"[{e.int_key}]"
         parts.append(part)
     return ".".join(parts)
 

@@ -103,11 +103,24 @@ pub struct Messages<'a> {
 /// of a repeated field, which element (from 0). Checks past the method's
 /// wire checks are its CEL rules (`check - checks.len()`), which say
 /// their own message.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Broken {
     pub check: u32,
     pub element: Option<u32>,
+    /// For a rule on a map's keys or values: the entry's key.
+    pub key: Option<Value>,
     pub message: Option<Box<str>>,
+}
+
+/// A value read from the wire, owned.
+fn owned(v: ValueRef<'_>) -> Value {
+    match v {
+        ValueRef::I64(x) => Value::I64(x),
+        ValueRef::U64(x) => Value::U64(x),
+        ValueRef::F64(x) => Value::F64(x),
+        ValueRef::Bool(x) => Value::Bool(x),
+        ValueRef::Bytes(b) => Value::Bytes(b.to_vec()),
+    }
 }
 
 impl<'a> Messages<'a> {
@@ -196,14 +209,31 @@ impl<'a> Request<'a> {
                 let mut broken = Vec::new();
                 picks::leaves(f, message, &mut |leaf| {
                     if !self.leaf(f, leaf, &c.test)? {
-                        broken.push(Broken { check, element: Some(at), message: None });
+                        // A map entry is named by its key (absent: the default).
+                        let key = match (c.map_key, leaf) {
+                            (Some(kind), Leaf::Message(entry, _)) => {
+                                let mut found = [None];
+                                wire::extract(
+                                    entry,
+                                    &[PathSpec { numbers: &[1], wire_type: kind.wire_type() }],
+                                    &mut found,
+                                )?;
+                                Some(match found[0] {
+                                    Some(raw) => owned(wire::normalize(raw, kind)),
+                                    None => default_key_of(kind),
+                                })
+                            }
+                            _ => None,
+                        };
+                        let element = if key.is_some() { None } else { Some(at) };
+                        broken.push(Broken { check, element, key, message: None });
                     }
                     at += 1;
                     Ok(failed.len() + broken.len() < max)
                 })?;
                 failed.extend(broken);
             } else {
-                failed.push(Broken { check, element: None, message: None });
+                failed.push(Broken { check, element: None, key: None, message: None });
             }
             if failed.len() >= max {
                 failed.truncate(max);
@@ -216,7 +246,7 @@ impl<'a> Request<'a> {
             if let Some(message) = message_of(self.messages, MessageSel::Single) {
                 let base = plan.checks.len() as u32;
                 for (i, text) in crate::call::validate::cel_failures(self.method, message, max - failed.len()) {
-                    failed.push(Broken { check: base + i, element: None, message: Some(text.into()) });
+                    failed.push(Broken { check: base + i, element: None, key: None, message: Some(text.into()) });
                 }
             }
         }
@@ -688,6 +718,17 @@ fn message_of<'a>(messages: &Messages<'a>, sel: MessageSel) -> Option<&'a [u8]> 
         MessageSel::Last => messages.last.or_else(|| messages.head.last().copied()),
         MessageSel::Nth(n) => messages.head.get(n as usize).copied(),
         MessageSel::Count | MessageSel::Each => None,
+    }
+}
+
+/// The key of a map entry that has none: its type's zero.
+fn default_key_of(kind: wirestub_plan::ScalarKind) -> Value {
+    match kind.value_class() {
+        wirestub_plan::ValueClass::I64 => Value::I64(0),
+        wirestub_plan::ValueClass::U64 => Value::U64(0),
+        wirestub_plan::ValueClass::F64 => Value::F64(0.0),
+        wirestub_plan::ValueClass::Bool => Value::Bool(false),
+        wirestub_plan::ValueClass::Bytes => Value::Bytes(Vec::new()),
     }
 }
 

@@ -240,16 +240,24 @@ fn element_step(method: &ServedMethod, c: &Check) -> Option<usize> {
 
 /// A field path as BadRequest names it: `user.name`, `tags[2]`, the
 /// oneof's name.
-fn field_text(path: &[(u32, String, u8)], element: Option<(usize, u32)>) -> String {
+fn field_text(path: &[(u32, String, u8)], element: Option<(usize, Subscript)>) -> String {
     let mut out = String::new();
     for (i, (_, name, _)) in path.iter().enumerate() {
         if i > 0 {
             out.push('.');
         }
         out.push_str(name);
-        if let Some((step, at)) = element.filter(|(s, _)| *s == i) {
-            let _ = step;
-            out.push_str(&format!("[{at}]"));
+        if let Some((_, sub)) = element.as_ref().filter(|(s, _)| *s == i) {
+            match sub {
+                Subscript::Index(at) => out.push_str(&format!("[{at}]")),
+                Subscript::Key(wirestub_plan::Value::Bytes(k), _) => {
+                    out.push_str(&format!("[{:?}]", String::from_utf8_lossy(k)))
+                }
+                Subscript::Key(wirestub_plan::Value::I64(k), _) => out.push_str(&format!("[{k}]")),
+                Subscript::Key(wirestub_plan::Value::U64(k), _) => out.push_str(&format!("[{k}]")),
+                Subscript::Key(wirestub_plan::Value::Bool(k), _) => out.push_str(&format!("[{k}]")),
+                Subscript::Key(wirestub_plan::Value::F64(k), _) => out.push_str(&format!("[{k}]")),
+            }
         }
     }
     out
@@ -257,7 +265,15 @@ fn field_text(path: &[(u32, String, u8)], element: Option<(usize, u32)>) -> Stri
 
 /// A violation as the answer shows it: field path, element (path step,
 /// position), rule path, rule id, message.
-type Shown<'a> = (&'a [(u32, String, u8)], Option<(usize, u32)>, &'a [(u32, String, u8)], &'a str, &'a str);
+type Shown<'a> = (&'a [(u32, String, u8)], Option<(usize, Subscript)>, &'a [(u32, String, u8)], &'a str, &'a str, bool);
+
+/// How a violation names one element of a repeated field or map.
+#[derive(Clone)]
+enum Subscript {
+    Index(u32),
+    /// A map key of this type (`ScalarKind` number).
+    Key(wirestub_plan::Value, u8),
+}
 
 /// The answer to an invalid request.
 pub fn invalid_answer(method: &ServedMethod, failed: &[Broken]) -> Prepared {
@@ -269,20 +285,25 @@ pub fn invalid_answer(method: &ServedMethod, failed: &[Broken]) -> Prepared {
             let wire = method.plan.checks.len();
             match method.plan.checks.get(b.check as usize) {
                 Some(c) => {
-                    let element = b.element.and_then(|at| Some((element_step(method, c)?, at)));
-                    Some((&c.path[..], element, &c.rule[..], c.rule_id.as_str(), c.message.as_str()))
+                    let step = element_step(method, c);
+                    let element = match (&b.key, b.element, c.map_key) {
+                        (Some(k), _, Some(kind)) => step.map(|s| (s, Subscript::Key(k.clone(), kind as u8))),
+                        (_, Some(at), _) => step.map(|s| (s, Subscript::Index(at))),
+                        _ => None,
+                    };
+                    Some((&c.path[..], element, &c.rule[..], c.rule_id.as_str(), c.message.as_str(), c.for_key))
                 }
                 None => {
                     let c = method.plan.cel_checks.get(b.check as usize - wire)?;
                     let text = b.message.as_deref().unwrap_or(c.message.as_str());
-                    Some((&c.path[..], None, &empty[..], c.rule_id.as_str(), text))
+                    Some((&c.path[..], None, &empty[..], c.rule_id.as_str(), text, false))
                 }
             }
         })
         .collect();
     let mut message = String::from("validation error:");
-    for (path, element, _, id, text) in &checks {
-        match field_text(path, *element) {
+    for (path, element, _, id, text, _) in &checks {
+        match field_text(path, element.clone()) {
             // A rule of the whole message.
             field if field.is_empty() => message.push_str(&format!(" {text} [{id}];")),
             field => message.push_str(&format!(" {field}: {text} [{id}];")),
@@ -293,14 +314,17 @@ pub fn invalid_answer(method: &ServedMethod, failed: &[Broken]) -> Prepared {
     let mut bad_request = Vec::new();
     // buf.validate.Violations { violations: [{ field, rule, rule_id, message }] }
     let mut violations = Vec::new();
-    for (path, element, rule, id, text) in &checks {
+    for (path, element, rule, id, text, for_key) in &checks {
         let mut fv = Vec::new();
-        put_str(&mut fv, 1, &field_text(path, *element));
+        put_str(&mut fv, 1, &field_text(path, element.clone()));
         put_str(&mut fv, 2, text);
         put_bytes(&mut bad_request, 1, &fv);
         let mut v = Vec::new();
         if !path.is_empty() {
-            put_bytes(&mut v, 5, &field_path(path, *element));
+            put_bytes(&mut v, 5, &field_path(path, element.clone()));
+        }
+        if *for_key {
+            put_varint_field(&mut v, 4, 1);
         }
         if !rule.is_empty() {
             put_bytes(&mut v, 6, &field_path(rule, None));
@@ -337,7 +361,7 @@ pub fn invalid_answer(method: &ServedMethod, failed: &[Broken]) -> Prepared {
 
 /// A `buf.validate.FieldPath` of (number, name, type) steps; a step
 /// without a number is a oneof, named only.
-fn field_path(steps: &[(u32, String, u8)], element: Option<(usize, u32)>) -> Vec<u8> {
+fn field_path(steps: &[(u32, String, u8)], element: Option<(usize, Subscript)>) -> Vec<u8> {
     let mut out = Vec::new();
     for (i, (number, name, kind)) in steps.iter().enumerate() {
         let mut e = Vec::new();
@@ -348,8 +372,20 @@ fn field_path(steps: &[(u32, String, u8)], element: Option<(usize, u32)>) -> Vec
         if *kind != 0 {
             put_varint_field(&mut e, 3, *kind as u64);
         }
-        if let Some((_, at)) = element.filter(|(s, _)| *s == i) {
-            put_varint_field(&mut e, 6, at as u64);
+        if let Some((_, sub)) = element.as_ref().filter(|(s, _)| *s == i) {
+            match sub {
+                Subscript::Index(at) => put_varint_field(&mut e, 6, *at as u64),
+                Subscript::Key(k, kind) => {
+                    put_varint_field(&mut e, 4, *kind as u64);
+                    match k {
+                        wirestub_plan::Value::Bool(b) => put_varint_field(&mut e, 7, *b as u64),
+                        wirestub_plan::Value::I64(i) => put_varint_field(&mut e, 8, *i as u64),
+                        wirestub_plan::Value::U64(u) => put_varint_field(&mut e, 9, *u),
+                        wirestub_plan::Value::Bytes(b) => put_bytes(&mut e, 10, b),
+                        wirestub_plan::Value::F64(_) => {}
+                    }
+                }
+            }
         }
         put_bytes(&mut out, 1, &e);
     }
