@@ -341,17 +341,22 @@ fn hpack(c: &mut Criterion) {
     group.finish();
 }
 
-/// Picking and rendering an answer: a templated body alone, and with
-/// templated metadata too (tests/cases/templates).
-fn answers(c: &mut Criterion) {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/cases/templates");
+/// The plan of `tests/cases/NAME`, compiled and loaded.
+fn case(name: &str) -> wirestub_engine::Served {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/cases").join(name);
     let out = wirestub_compiler::compile(&wirestub_compiler::Options {
         protos: vec![dir.join("protos")],
         rules: vec![dir.join("rules")],
         ..Default::default()
     })
     .unwrap_or_else(|d| panic!("{}", d.render()));
-    let served = wirestub_engine::load(&out.plan.to_bytes(), wirestub_engine::NoMatch::NotFound).unwrap();
+    wirestub_engine::load(&out.plan.to_bytes(), wirestub_engine::NoMatch::NotFound).unwrap()
+}
+
+/// Picking and rendering an answer: a templated body alone, and with
+/// templated metadata too (tests/cases/templates).
+fn answers(c: &mut Criterion) {
+    let served = case("templates");
     let method = served.method("/tpl.Tpl/Echo").unwrap();
     let mut headers = http::HeaderMap::new();
     headers.insert("x-user", http::HeaderValue::from_static("ada@example.com"));
@@ -436,14 +441,7 @@ fn raw_replay(c: &mut Criterion) {
 /// Paths through repeated fields (tests/cases/repeated-paths): `[*]` and
 /// `[all]` conditions over a 10-item cart, and a body aggregating it.
 fn repeated_paths(c: &mut Criterion) {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/cases/repeated-paths");
-    let out = wirestub_compiler::compile(&wirestub_compiler::Options {
-        protos: vec![dir.join("protos")],
-        rules: vec![dir.join("rules")],
-        ..Default::default()
-    })
-    .unwrap_or_else(|d| panic!("{}", d.render()));
-    let served = wirestub_engine::load(&out.plan.to_bytes(), wirestub_engine::NoMatch::NotFound).unwrap();
+    let served = case("repeated-paths");
     let method = served.method("/cart.Cart/Check").unwrap();
     let headers = http::HeaderMap::new();
     // Order { id, items: 10 x { sku, size, kind: BOOK } }, the big one last.

@@ -309,23 +309,7 @@ fn intern(
     c: &Cond,
 ) -> plan::Condition {
     let source = match &c.source {
-        CondSource::Field(path) => {
-            let same = |f: &plan::FieldPath| {
-                f.numbers == path.numbers
-                    && f.shape == path.shape
-                    && f.kind == path.kind
-                    && f.message == path.message
-                    && f.picks == path.picks
-            };
-            let i = match method.fields.iter().position(same) {
-                Some(i) => i,
-                None => {
-                    method.fields.push(path.clone());
-                    method.fields.len() - 1
-                }
-            };
-            plan::Source::Field(i as u32)
-        }
+        CondSource::Field(path) => plan::Source::Field(method.intern_field(path)),
         CondSource::Metadata(key) => {
             let i = match method.metadata_keys.iter().position(|k| k == key) {
                 Some(i) => i,

@@ -531,20 +531,7 @@ impl Cx<'_> {
     }
 
     fn intern(&mut self, path: plan::FieldPath) -> u32 {
-        let same = |f: &plan::FieldPath| {
-            f.numbers == path.numbers
-                && f.shape == path.shape
-                && f.kind == path.kind
-                && f.message == path.message
-                && f.picks == path.picks
-        };
-        match self.method.fields.iter().position(same) {
-            Some(i) => i as u32,
-            None => {
-                self.method.fields.push(path);
-                self.method.fields.len() as u32 - 1
-            }
-        }
+        self.method.intern_field(&path)
     }
 
     #[allow(clippy::too_many_arguments)]

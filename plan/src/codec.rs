@@ -598,16 +598,7 @@ fn write_methods(out: &mut Vec<u8>, methods: &[Method]) {
         for rule in &m.rules {
             put_u32(out, rule.conditions.len() as u32);
             for c in &rule.conditions {
-                match c.source {
-                    Source::Field(i) => {
-                        out.push(0);
-                        put_u32(out, i);
-                    }
-                    Source::Metadata(i) => {
-                        out.push(1);
-                        put_u32(out, i);
-                    }
-                }
+                put_source(out, c.source);
                 put_test(out, &c.test);
             }
             put_u32(out, rule.response);

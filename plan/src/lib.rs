@@ -145,6 +145,27 @@ pub struct FieldPath {
     pub picks: Vec<Pick>,
 }
 
+impl Method {
+    /// The index of `path` in the method's field paths, added if new; two
+    /// paths are the same when they read the same value the same way.
+    pub fn intern_field(&mut self, path: &FieldPath) -> u32 {
+        let same = |f: &FieldPath| {
+            f.numbers == path.numbers
+                && f.shape == path.shape
+                && f.kind == path.kind
+                && f.message == path.message
+                && f.picks == path.picks
+        };
+        match self.fields.iter().position(same) {
+            Some(i) => i as u32,
+            None => {
+                self.fields.push(path.clone());
+                self.fields.len() as u32 - 1
+            }
+        }
+    }
+}
+
 impl FieldPath {
     /// The quantifier of the path, if one of its picks is.
     pub fn quantifier(&self) -> Option<Elem> {
