@@ -49,16 +49,19 @@ pub fn lower(
         }
     }
     let mut methods = Vec::new();
+    let mut unenforced = crate::validation::Unenforced::default();
     for service in pool.services() {
         for m in service.methods() {
             let docs = by_method.remove(m.full_name()).unwrap_or_default();
             let mut method = lower_method(&service, &m, docs, regexes, diags);
+            crate::validation::add_checks(&mut method, &m.input(), &mut unenforced, diags);
             if let Some(raw) = raw_by_path.remove(&method.path) {
                 add_raw(&mut method, raw);
             }
             methods.push(method);
         }
     }
+    unenforced.report(diags);
     // Methods only recordings describe: served from their bytes, untyped.
     let mut untyped: Vec<(String, Vec<RawDoc>)> = raw_by_path.into_iter().collect();
     untyped.sort_by(|a, b| a.0.cmp(&b.0));
@@ -221,7 +224,6 @@ fn lower_method(
             skip_validation: e.skip_validation,
         })
         .collect();
-    crate::validation::add_checks(&mut method, &m.input(), diags);
     method
 }
 

@@ -16,8 +16,23 @@
 use crate::diag::{Diagnostic, Diagnostics};
 use crate::paths::scalar_kind;
 use prost_reflect::{DynamicMessage, FieldDescriptor, Kind, MessageDescriptor, ReflectMessage, Value as PValue};
-use std::collections::HashSet;
 use wirestub_plan::{self as plan, Check, MessageSel, Op, Shape, Source, Test, Value};
+
+/// protovalidate's CEL functions, beyond standard CEL.
+const PROTOVALIDATE_FUNCTIONS: &[&str] = &[
+    "isEmail",
+    "isHostname",
+    "isIp",
+    "isIpPrefix",
+    "isUri",
+    "isUriRef",
+    "isHostAndPort",
+    "unique",
+    "isNan",
+    "isInf",
+    "getField",
+    "format",
+];
 
 /// How deep nested messages are followed.
 const MAX_DEPTH: usize = 8;
@@ -28,7 +43,37 @@ const TYPE_MESSAGE: u8 = 11;
 type Step = (u32, String, u8);
 
 /// Adds the checks of the input message's rules to `method`.
-pub fn add_checks(method: &mut plan::Method, input: &MessageDescriptor, diags: &mut Diagnostics) {
+/// The rules found but not checked yet, across a compilation: one warning
+/// says them all ([`Unenforced::report`]), so that a proto tree full of
+/// annotations is not a page of warnings on every build.
+#[derive(Default)]
+pub struct Unenforced(std::collections::BTreeSet<String>);
+
+impl Unenforced {
+    /// Pushes the one warning, if any rule went unchecked.
+    pub fn report(self, diags: &mut Diagnostics) {
+        const SHOWN: usize = 5;
+        if self.0.is_empty() {
+            return;
+        }
+        let n = self.0.len();
+        let mut list: Vec<String> = self.0.into_iter().take(SHOWN).collect();
+        if n > SHOWN {
+            list.push(format!("and {} more", n - SHOWN));
+        }
+        diags.push(
+            Diagnostic::warning(None, format!("{n} validation rule(s) are not enforced yet: {}", list.join("; ")))
+                .with_help("with --validation on, requests are validated without them; README lists the rules checked"),
+        );
+    }
+}
+
+pub fn add_checks(
+    method: &mut plan::Method,
+    input: &MessageDescriptor,
+    unenforced: &mut Unenforced,
+    diags: &mut Diagnostics,
+) {
     let pool = input.parent_pool();
     // protovalidate's rules, then protoc-gen-validate's (the engine picks
     // with `--validation-source`).
@@ -43,13 +88,14 @@ pub fn add_checks(method: &mut plan::Method, input: &MessageDescriptor, diags: &
             field_ext,
             oneof_ext: pool.get_extension_by_name(oneof),
             message_ext: pool.get_extension_by_name(message),
-            warned: HashSet::new(),
+            unenforced: &mut *unenforced,
             diags: &mut *diags,
             regex_specs: Vec::new(),
             pgv,
             within: None,
             map_key: None,
             for_key: false,
+            has_rules_memo: std::collections::HashMap::new(),
         };
         cx.message(input, &[], &[], &[], 0, &mut Vec::new());
     }
@@ -61,7 +107,7 @@ struct Cx<'a> {
     field_ext: prost_reflect::ExtensionDescriptor,
     oneof_ext: Option<prost_reflect::ExtensionDescriptor>,
     message_ext: Option<prost_reflect::ExtensionDescriptor>,
-    warned: HashSet<String>,
+    unenforced: &'a mut Unenforced,
     diags: &'a mut Diagnostics,
     regex_specs: Vec<String>,
     /// Reading protoc-gen-validate's options (`validate.rules`).
@@ -73,22 +119,20 @@ struct Cx<'a> {
     /// whether the rules are the keys'.
     map_key: Option<plan::ScalarKind>,
     for_key: bool,
+    has_rules_memo: std::collections::HashMap<String, bool>,
 }
 
 impl Cx<'_> {
+    /// Notes a rule the compiler cannot check yet (said once per field
+    /// and rule, in one warning for the whole plan: see [`Unenforced`]).
     fn warn(&mut self, what: &str, field: &str, rule: &str) {
-        if self.warned.insert(format!("{field}/{rule}")) {
-            let pool = self.input.parent_pool();
-            let file = pool
-                .get_message_by_name(field.rsplit_once('.').map_or(field, |(m, _)| m))
-                .or_else(|| pool.get_message_by_name(field))
-                .map(|m| format!(" ({})", m.parent_file().name()))
-                .unwrap_or_default();
-            self.diags.push(
-                Diagnostic::warning(None, format!("{what}: `{rule}` on `{field}`{file} is not enforced yet"))
-                    .with_help("the request is validated without it; the rules compiled so far are listed in README"),
-            );
-        }
+        let pool = self.input.parent_pool();
+        let file = pool
+            .get_message_by_name(field.rsplit_once('.').map_or(field, |(m, _)| m))
+            .or_else(|| pool.get_message_by_name(field))
+            .map(|m| format!(" ({})", m.parent_file().name()))
+            .unwrap_or_default();
+        self.unenforced.0.insert(format!("{what}: `{rule}` on `{field}`{file}"));
     }
 
     /// The checks of one message reached by `numbers` (field numbers from
@@ -248,18 +292,18 @@ impl Cx<'_> {
         let skip = pgv_message.is_some_and(|(_, skip)| skip);
         if let (Kind::Message(m), false) = (field.kind(), skip) {
             let plain = !m.full_name().starts_with("google.protobuf.");
-            if !repeated && message_kind && plain && self.within.is_none() {
+            if !repeated && message_kind && plain && self.within.is_none() && self.has_rules(&m) {
                 let guard = self.intern(self.path(field, &numbers, Shape::Singular));
                 let mut g = guards.to_vec();
                 g.push(guard);
                 self.message(&m, &numbers, &at, &g, depth + 1, open);
-            } else if field.is_list() && plain && self.within.is_none() && has_rules(&m, &self.field_ext, 0) {
+            } else if field.is_list() && plain && self.within.is_none() && self.has_rules(&m) {
                 // The rules of each element's fields, checked on every
                 // element; a violation names the element.
                 self.within = Some(plan::Pick { step: numbers.len() as u32 - 1, elem: plan::Elem::All });
                 self.message(&m, &numbers, &at, guards, depth + 1, open);
                 self.within = None;
-            } else if (repeated || self.within.is_some()) && has_rules(&m, &self.field_ext, 0) {
+            } else if (repeated || self.within.is_some()) && self.has_rules(&m) {
                 self.warn("rules of map values or of messages inside repeated elements", &name, m.full_name());
             }
         }
@@ -373,12 +417,30 @@ impl Cx<'_> {
             PValue::String(e) => (e.clone(), String::new(), e.clone()),
             _ => return,
         };
-        if let Err(e) = cel::Program::compile(&expression) {
-            let first = e.to_string().lines().next().unwrap_or_default().to_string();
-            self.diags.push(Diagnostic::error(
-                None,
-                format!("`{owner}` ({file}): its CEL rule `{id}` does not parse: {first}"),
-            ));
+        let program = match cel::Program::compile(&expression) {
+            Ok(p) => p,
+            Err(e) => {
+                let first = e.to_string().lines().next().unwrap_or_default().to_string();
+                self.diags.push(Diagnostic::error(
+                    None,
+                    format!("`{owner}` ({file}): its CEL rule `{id}` does not parse: {first}"),
+                ));
+                return;
+            }
+        };
+        // protovalidate's own functions and variables are not there yet:
+        // such a rule would fail every request, so it is left out, said.
+        let references = program.references();
+        let missing: Vec<String> = references
+            .functions()
+            .into_iter()
+            .filter(|f| PROTOVALIDATE_FUNCTIONS.contains(f))
+            .map(|f| format!("{f}()"))
+            .chain(references.variables().into_iter().filter(|v| *v != "this").map(str::to_string))
+            .collect();
+        if !missing.is_empty() {
+            let name = if id.is_empty() { &expression } else { &id };
+            self.warn(&format!("CEL rule `{name}` uses {}", missing.join(", ")), owner, "cel");
             return;
         }
         self.method.cel_checks.push(plan::CelCheck {
@@ -513,6 +575,35 @@ impl Cx<'_> {
             message: MessageSel::Single,
             picks: self.within.into_iter().collect(),
         }
+    }
+
+    /// Whether a message, or one it holds, carries any rules (of its
+    /// fields, its oneofs or itself); remembered per type, so that shared
+    /// and recursive types are looked at once.
+    fn has_rules(&mut self, desc: &MessageDescriptor) -> bool {
+        if let Some(&known) = self.has_rules_memo.get(desc.full_name()) {
+            return known;
+        }
+        // While a type is being looked at, a cycle back to it adds nothing.
+        self.has_rules_memo.insert(desc.full_name().to_string(), false);
+        let own = |ext: &Option<prost_reflect::ExtensionDescriptor>, options: DynamicMessage| {
+            ext.as_ref().is_some_and(|e| options.has_extension(e))
+        };
+        let mut found = own(&self.message_ext, desc.options())
+            || desc.oneofs().any(|o| own(&self.oneof_ext, o.options()))
+            || desc.fields().any(|f| f.options().has_extension(&self.field_ext));
+        if !found {
+            for f in desc.fields() {
+                if let Kind::Message(m) = f.kind() {
+                    if self.has_rules(&m) {
+                        found = true;
+                        break;
+                    }
+                }
+            }
+        }
+        self.has_rules_memo.insert(desc.full_name().to_string(), found);
+        found
     }
 
     /// The dotted field names of a path of numbers from the input message.
@@ -870,15 +961,6 @@ fn get_enum(m: &DynamicMessage, name: &str) -> i32 {
         Some(PValue::EnumNumber(n)) => n,
         _ => 0,
     }
-}
-
-/// Whether a message (or one it holds) carries any field rules.
-fn has_rules(desc: &MessageDescriptor, ext: &prost_reflect::ExtensionDescriptor, depth: usize) -> bool {
-    depth <= MAX_DEPTH
-        && desc.fields().any(|f| {
-            f.options().has_extension(ext)
-                || matches!(f.kind(), Kind::Message(m) if m.full_name() != desc.full_name() && has_rules(&m, ext, depth + 1))
-        })
 }
 
 /// A field's type as `FieldDescriptorProto.Type` numbers it.

@@ -5,7 +5,7 @@ as Wishmock users have it.
 The tree compiles under `--lenient` with the warnings Wishmock's
 behaviour implies (a .proto defining names another already defines, a
 rule file named after no method, a `when` on a field the message lacks),
-and no error. Then every unary method is probed with requests derived from
+one listing the validation rules not checked yet, and no error. Then every unary method is probed with requests derived from
 its rules' `when` clauses (and the document's `match` gate), and each
 answer is compared with the one Wishmock's documented selection gives:
 among the `when` entries that hold, the highest priority (the earlier on
@@ -39,6 +39,8 @@ EXPECTED_WARNINGS = [
     ("helloworld.greeter.bufmessageoneofcheck.yaml", "unknown field `e`"),
     ("streaming.streamservice.getmessages.error.yaml", "does not name a method"),
     ("streaming.streamservice.realtimedata.yaml", "does not name a method"),
+    # Its validation annotations use rules not checked yet (one warning).
+    ("", "validation rule(s) are not enforced yet"),
 ]
 
 

@@ -151,7 +151,11 @@ impl<'a> Request<'a> {
     ) -> Result<Request<'a>, Malformed> {
         let plan = &method.plan;
         let mut singular: SmallVec<[Option<Raw<'_>>; 16]> = SmallVec::from_elem(None, plan.fields.len());
-        for (sel, fields) in &method.singular {
+        let groups = match crate::call::validate::applies(method) {
+            true => &method.singular,
+            false => &method.singular_rules,
+        };
+        for (sel, fields) in groups {
             let Some(message) = message_of(messages, *sel) else { continue };
             let paths: SmallVec<[PathSpec<'_>; 16]> = fields
                 .iter()

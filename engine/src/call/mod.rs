@@ -140,7 +140,7 @@ pub fn pick_explained<'m>(
     let request = matcher::Request::read(method, messages, metadata).map_err(malformed)?;
     // A client stream's messages were validated as they came.
     let failed = match validate::applies(method) {
-        true if messages.count <= 1 && messages.violations.is_empty() => {
+        true if messages.count == 1 && messages.violations.is_empty() => {
             validate::violations(&request).map_err(malformed)?
         }
         true => {

@@ -163,7 +163,7 @@ pub fn cel_failures(method: &ServedMethod, message: &[u8], max: usize) -> Vec<(u
                 }
                 to_cel(&at.get_field(&f))
             }
-            None => message_to_cel(&at),
+            None => message_to_cel(&at, 0),
         };
         let mut context = cel::Context::default();
         context.add_variable_from_value("this", this);
@@ -198,7 +198,7 @@ fn to_cel(v: &prost_reflect::Value) -> cel::Value {
         P::String(s) => cel::Value::String(Arc::new(s.clone())),
         P::Bytes(b) => cel::Value::Bytes(Arc::new(b.to_vec())),
         P::EnumNumber(n) => cel::Value::Int(*n as i64),
-        P::Message(m) => message_to_cel(m),
+        P::Message(m) => message_to_cel(m, 0),
         P::List(l) => cel::Value::List(Arc::new(l.iter().map(to_cel).collect())),
         P::Map(m) => {
             let map: std::collections::HashMap<cel::objects::Key, cel::Value> = m
@@ -220,12 +220,29 @@ fn to_cel(v: &prost_reflect::Value) -> cel::Value {
     }
 }
 
-/// A message as a CEL map of its fields (unset ones at their defaults).
-fn message_to_cel(m: &prost_reflect::DynamicMessage) -> cel::Value {
-    let map: std::collections::HashMap<String, cel::Value> =
-        m.descriptor().fields().map(|f| (f.name().to_string(), to_cel(&m.get_field(&f)))).collect();
+/// A message as a CEL map of its fields: scalars and lists at their
+/// values (unset: defaults), message fields only when set, so that the
+/// conversion follows the request, never the schema (which may recurse),
+/// and at most [`MAX_CEL_DEPTH`] messages deep.
+fn message_to_cel(m: &prost_reflect::DynamicMessage, depth: usize) -> cel::Value {
+    let mut map: std::collections::HashMap<String, cel::Value> = std::collections::HashMap::new();
+    for f in m.descriptor().fields() {
+        let nested = matches!(f.kind(), prost_reflect::Kind::Message(_)) && !f.is_list() && !f.is_map();
+        if nested {
+            if m.has_field(&f) && depth < MAX_CEL_DEPTH {
+                if let prost_reflect::Value::Message(inner) = &*m.get_field(&f) {
+                    map.insert(f.name().to_string(), message_to_cel(inner, depth + 1));
+                }
+            }
+            continue;
+        }
+        map.insert(f.name().to_string(), to_cel(&m.get_field(&f)));
+    }
     map.into()
 }
+
+/// How deep CEL sees nested messages.
+const MAX_CEL_DEPTH: usize = 32;
 
 /// The most violations one answer lists.
 pub const MAX_VIOLATIONS: usize = 100;
@@ -250,9 +267,7 @@ fn field_text(path: &[(u32, String, u8)], element: Option<(usize, Subscript)>) -
         if let Some((_, sub)) = element.as_ref().filter(|(s, _)| *s == i) {
             match sub {
                 Subscript::Index(at) => out.push_str(&format!("[{at}]")),
-                Subscript::Key(wirestub_plan::Value::Bytes(k), _) => {
-                    out.push_str(&format!("[{:?}]", String::from_utf8_lossy(k)))
-                }
+                Subscript::Key(wirestub_plan::Value::Bytes(k), _) => out.push_str(&format!("[{:?}]", key_text(k))),
                 Subscript::Key(wirestub_plan::Value::I64(k), _) => out.push_str(&format!("[{k}]")),
                 Subscript::Key(wirestub_plan::Value::U64(k), _) => out.push_str(&format!("[{k}]")),
                 Subscript::Key(wirestub_plan::Value::Bool(k), _) => out.push_str(&format!("[{k}]")),
@@ -310,6 +325,14 @@ pub fn invalid_answer(method: &ServedMethod, failed: &[Broken]) -> Prepared {
         }
     }
     message.pop();
+    if message.len() > MAX_MESSAGE {
+        let mut cut = MAX_MESSAGE;
+        while !message.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        message.truncate(cut);
+        message.push_str(" …");
+    }
     // google.rpc.BadRequest { field_violations: [{ field, description }] }
     let mut bad_request = Vec::new();
     // buf.validate.Violations { violations: [{ field, rule, rule_id, message }] }
@@ -381,7 +404,7 @@ fn field_path(steps: &[(u32, String, u8)], element: Option<(usize, Subscript)>) 
                         wirestub_plan::Value::Bool(b) => put_varint_field(&mut e, 7, *b as u64),
                         wirestub_plan::Value::I64(i) => put_varint_field(&mut e, 8, *i as u64),
                         wirestub_plan::Value::U64(u) => put_varint_field(&mut e, 9, *u),
-                        wirestub_plan::Value::Bytes(b) => put_bytes(&mut e, 10, b),
+                        wirestub_plan::Value::Bytes(b) => put_str(&mut e, 10, &key_text(b)),
                         wirestub_plan::Value::F64(_) => {}
                     }
                 }
@@ -391,6 +414,24 @@ fn field_path(steps: &[(u32, String, u8)], element: Option<(usize, Subscript)>) 
     }
     out
 }
+
+/// A map key as a violation names it: text (invalid UTF-8 replaced), at
+/// most [`MAX_KEY_TEXT`] bytes, so that a client's long key cannot swell
+/// the answer.
+fn key_text(k: &[u8]) -> String {
+    let mut text = String::from_utf8_lossy(&k[..k.len().min(MAX_KEY_TEXT)]).into_owned();
+    if k.len() > MAX_KEY_TEXT {
+        text.push('…');
+    }
+    text
+}
+
+/// The most bytes of a map key a violation shows.
+const MAX_KEY_TEXT: usize = 64;
+
+/// The longest `grpc-message` of an invalid answer (the details list every
+/// violation).
+const MAX_MESSAGE: usize = 4 << 10;
 
 fn put_varint(out: &mut Vec<u8>, mut v: u64) {
     while v >= 0x80 {

@@ -231,6 +231,9 @@ pub struct ServedMethod {
     /// The singular fields, grouped by the message they read: each group is
     /// read in one pass over that message.
     pub singular: Vec<(MessageSel, Vec<u32>)>,
+    /// The same without the fields only validation reads: what a call
+    /// reads when validation is off.
+    pub singular_rules: Vec<(MessageSel, Vec<u32>)>,
     /// The method's regular expressions, deserialized.
     pub regexes: Vec<DFA<Vec<u32>>>,
     /// A lookup from one input's value to the rules that can match it;
@@ -453,6 +456,66 @@ fn load_dfa(bytes: &[u8]) -> Result<DFA<Vec<u32>>, String> {
 fn index_key_of(v: &Value) -> Option<Box<[u8]>> {
     let mut k = IndexKey::default();
     k.set(crate::codec::wire::as_ref(v)).then(|| k.as_slice().to_vec().into_boxed_slice())
+}
+
+/// Which field paths only validation checks read (no rule, template or
+/// aggregate does).
+fn check_only_fields(m: &Method) -> Vec<bool> {
+    use wirestub_plan::{Expr, Part, Piece};
+    let mut by_checks = vec![false; m.fields.len()];
+    for c in &m.checks {
+        if let Source::Field(i) = c.source {
+            by_checks[i as usize] = true;
+        }
+        for &g in &c.guards {
+            by_checks[g as usize] = true;
+        }
+    }
+    let mut used = vec![false; m.fields.len()];
+    for r in &m.rules {
+        for c in &r.conditions {
+            if let Source::Field(i) = c.source {
+                used[i as usize] = true;
+            }
+        }
+    }
+    fn expr(e: &Expr, used: &mut [bool]) {
+        match e {
+            Expr::Field(i) | Expr::EnumName(i, _) | Expr::Aggregate(i, _) => used[*i as usize] = true,
+            Expr::Format(_, args) => args.iter().for_each(|a| expr(a, used)),
+            Expr::Arith(l, _, r) => {
+                expr(l, used);
+                expr(r, used);
+            }
+            Expr::Fill(n, _) => expr(n, used),
+            _ => {}
+        }
+    }
+    fn parts(ps: &[Part], used: &mut [bool]) {
+        for p in ps {
+            if let Part::Expr(e) = p {
+                expr(e, used);
+            }
+        }
+    }
+    fn pieces(ps: &[Piece], used: &mut [bool]) {
+        for p in ps {
+            match p {
+                Piece::Bytes(_) => {}
+                Piece::Nested { pieces: inner, .. } => pieces(inner, used),
+                Piece::Text { parts: ps, .. } | Piece::Number { parts: ps, .. } => parts(ps, used),
+            }
+        }
+    }
+    for r in &m.responses {
+        for (_, t) in &r.templates {
+            pieces(&t.pieces, &mut used);
+        }
+        for t in &r.metadata_templates {
+            parts(&t.parts, &mut used);
+        }
+    }
+    by_checks.iter().zip(&used).map(|(c, u)| *c && !*u).collect()
 }
 
 /// Builds the index on the input most rules test for equality, if it pays.
@@ -678,7 +741,10 @@ impl Served {
                 .enumerate()
                 .map(|(i, r)| load_dfa(r).map_err(|e| PrepareError(format!("method {}: regex {i}: {e}", m.path))))
                 .collect::<Result<Vec<_>, _>>()?;
+            // Fields only validation reads are read only with validation on.
+            let check_only = check_only_fields(&m);
             let mut singular: Vec<(MessageSel, Vec<u32>)> = Vec::new();
+            let mut singular_rules: Vec<(MessageSel, Vec<u32>)> = Vec::new();
             for (i, f) in m.fields.iter().enumerate() {
                 if f.shape != Shape::Singular
                     || !f.picks.is_empty()
@@ -686,9 +752,15 @@ impl Served {
                 {
                     continue;
                 }
-                match singular.iter_mut().find(|(sel, _)| *sel == f.message) {
-                    Some((_, list)) => list.push(i as u32),
-                    None => singular.push((f.message, vec![i as u32])),
+                let groups = match check_only[i] {
+                    true => vec![&mut singular],
+                    false => vec![&mut singular, &mut singular_rules],
+                };
+                for group in groups {
+                    match group.iter_mut().find(|(sel, _)| *sel == f.message) {
+                        Some((_, list)) => list.push(i as u32),
+                        None => group.push((f.message, vec![i as u32])),
+                    }
                 }
             }
             let index = build_index(&m);
@@ -710,6 +782,7 @@ impl Served {
                 responses,
                 no_match,
                 singular,
+                singular_rules,
                 regexes,
                 index,
                 keep: 0,
@@ -810,6 +883,7 @@ impl ServedMethod {
             responses: Vec::new(),
             no_match: status_response(12, "not implemented"),
             singular: Vec::new(),
+            singular_rules: Vec::new(),
             regexes: Vec::new(),
             index: None,
             keep: 1,

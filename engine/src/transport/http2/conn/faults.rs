@@ -81,9 +81,15 @@ impl ConnFaults {
         }
     }
 
-    /// The next time something lapses or may go, for the loop's timer.
-    pub(super) fn wake_at(&self) -> Option<Instant> {
-        [self.read_until, self.write_until, self.trickle.as_ref().map(|t| t.next)].into_iter().flatten().min()
+    /// The next time something lapses or may go, for the loop's timer:
+    /// only times still ahead (a trickle whose turn has come waits for
+    /// output, which wakes the loop by itself).
+    pub(super) fn wake_at(&self, now: Instant) -> Option<Instant> {
+        [self.read_until, self.write_until, self.trickle.as_ref().map(|t| t.next)]
+            .into_iter()
+            .flatten()
+            .filter(|t| *t > now)
+            .min()
     }
 
     /// Whether nothing is in force any more.

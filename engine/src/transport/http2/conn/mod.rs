@@ -1037,7 +1037,9 @@ impl<'s> Conn<'s> {
             let method = s.method;
             let agg = s.agg.take().unwrap_or_default();
             self.buffered -= agg.held;
-            s.recv_done = true;
+            // The client is still sending: answering ends the stream with
+            // RST_STREAM(NO_ERROR) (RFC 9113 §8.1), and what it sends
+            // after is not read.
             let answer = call::validate::invalid(method, agg.violations);
             return self.answer(id, Ok(answer));
         }
@@ -1413,7 +1415,7 @@ where
                         at = earliest(at, handshake_deadline);
                     }
                     at = earliest(at, next_tick);
-                    at = earliest(at, c.faults.as_ref().and_then(|f| f.wake_at()));
+                    at = earliest(at, c.faults.as_ref().and_then(|f| f.wake_at(Instant::now())));
                     if at != timer_at {
                         timer_at = at;
                         if let Some(at) = at {
