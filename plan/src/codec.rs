@@ -323,6 +323,10 @@ fn put_op(out: &mut Vec<u8>, op: &Op) {
             out.push(12);
             put_test(out, t);
         }
+        Op::Format(f) => {
+            out.push(13);
+            out.push(*f as u8);
+        }
     }
 }
 
@@ -964,6 +968,9 @@ impl Reader<'_> {
             10 => Op::Regex(self.u32(at)?),
             11 => Op::Len(Box::new(self.test(at, depth + 1)?)),
             12 if self.version >= 7 => Op::Chars(Box::new(self.test(at, depth + 1)?)),
+            13 if self.version >= 7 => {
+                Op::Format(Format::from_u8(self.u8(at)?).ok_or_else(|| LoadError::invalid(at(), "unknown format"))?)
+            }
             t => return Err(LoadError::invalid(at(), format!("unknown operator tag {t}"))),
         })
     }
@@ -1049,6 +1056,7 @@ fn check_test(test: &Test, view: View, regexes: usize) -> Result<(), String> {
                 (Op::Chars(t), View::Scalar(ValueClass::Bytes)) => {
                     return check_test(t, View::Scalar(ValueClass::U64), regexes)
                 }
+                (Op::Format(_), View::Scalar(ValueClass::Bytes)) => true,
                 _ => false,
             };
             if ok {

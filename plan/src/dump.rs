@@ -47,6 +47,7 @@ fn test(t: &Test) -> String {
             Op::Regex(i) => format!("matches regex#{i}"),
             Op::Len(t) => format!("len {}", test(t)),
             Op::Chars(t) => format!("chars {}", test(t)),
+            Op::Format(f) => format!("is {f:?}"),
         },
         Test::Not(t) => format!("not ({})", test(t)),
         Test::Any(l) => format!("any of {}", list(l, " | ")),

@@ -1206,6 +1206,7 @@ mod tests {
                 Test::Op(Op::Regex(i)) => format!("regex {:?}", m.regexes[*i as usize]),
                 Test::Op(Op::Len(t)) => format!("len({})", test(m, t)),
                 Test::Op(Op::Chars(t)) => format!("chars({})", test(m, t)),
+                Test::Op(Op::Format(f)) => format!("format({f:?})"),
                 Test::Op(op) => format!("{op:?}"),
                 Test::Not(t) => format!("not({})", test(m, t)),
                 Test::Any(l) => format!("any({})", l.iter().map(|t| test(m, t)).collect::<Vec<_>>().join(", ")),

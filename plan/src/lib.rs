@@ -516,6 +516,32 @@ pub enum Op {
     /// The test applies to the number of Unicode code points of a string
     /// (U64).
     Chars(Box<Test>),
+    /// A string is a well-formed value of this format (validation).
+    Format(Format),
+}
+
+/// The string formats validation checks natively.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Format {
+    /// A host name (RFC 1034 labels; the last not all digits).
+    Hostname = 1,
+    /// An IPv4 or IPv6 address.
+    Ip = 2,
+    Ipv4 = 3,
+    Ipv6 = 4,
+}
+
+impl Format {
+    pub fn from_u8(v: u8) -> Option<Format> {
+        Some(match v {
+            1 => Format::Hostname,
+            2 => Format::Ip,
+            3 => Format::Ipv4,
+            4 => Format::Ipv6,
+            _ => return None,
+        })
+    }
 }
 
 impl Op {
@@ -534,6 +560,7 @@ impl Op {
             Op::Regex(_) => "regex",
             Op::Len(_) => "len",
             Op::Chars(_) => "chars",
+            Op::Format(_) => "format",
         }
     }
 }

@@ -593,6 +593,7 @@ impl<'a> Request<'a> {
                     ValueRef::Bytes(h) => self.eval(t, ValueRef::U64(h.len() as u64), true, None),
                     _ => false,
                 },
+                Op::Format(f) => matches!(value, ValueRef::Bytes(h) if crate::call::validate::is_format(*f, h)),
                 Op::Chars(t) => match value {
                     // Code points: every byte but UTF-8 continuation bytes.
                     ValueRef::Bytes(h) => {

@@ -1209,6 +1209,7 @@ fn op_operand(op: &Op) -> Json {
         Op::Prefix(b) | Op::Suffix(b) => bytes_json(b),
         Op::Regex(i) => json!(format!("regex #{i}")),
         Op::Len(t) | Op::Chars(t) => json!(render_test(t)),
+        Op::Format(f) => json!(format!("{f:?}")),
     }
 }
 
@@ -1230,6 +1231,7 @@ pub fn render_test(t: &Test) -> String {
             Op::Regex(i) => format!("matches regex #{i}"),
             Op::Len(t) => format!("length {}", render_test(t)),
             Op::Chars(t) => format!("character count {}", render_test(t)),
+            Op::Format(f) => format!("a valid {f:?}"),
         },
         Test::Not(t) => format!("not ({})", render_test(t)),
         Test::Any(l) => format!("any of {}", list(l, " | ")),
