@@ -461,6 +461,7 @@ fn hash_test(t: &plan::Test, h: &mut impl std::hash::Hasher) {
                 plan::Op::Regex(i) => i.hash(h),
                 plan::Op::Len(inner) | plan::Op::Chars(inner) => hash_test(inner, h),
                 plan::Op::Format(f) => (*f as u8).hash(h),
+                plan::Op::Unique => {}
                 plan::Op::Exists => {}
             }
         }

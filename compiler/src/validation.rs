@@ -357,6 +357,20 @@ impl Cx<'_> {
                             Op::Gte(Value::U64(*n)),
                             format!("must contain at least {n} item(s)"),
                         ),
+                        ("repeated", "unique", PValue::Bool(true)) if !matches!(field.kind(), Kind::Message(_)) => {
+                            let test = applies(self, &path, Test::Op(Op::Unique));
+                            let rule = vec![rule_base.clone(), (f.number(), f.name().to_string(), kind_code(&f))];
+                            self.push(
+                                path.clone(),
+                                test,
+                                guards,
+                                "repeated.unique",
+                                "repeated value must contain unique items",
+                                at.to_vec(),
+                                rule,
+                            );
+                            continue;
+                        }
                         ("repeated", "max_items", PValue::U64(n)) => (
                             "repeated.max_items",
                             Op::Lte(Value::U64(*n)),

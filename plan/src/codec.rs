@@ -327,6 +327,7 @@ fn put_op(out: &mut Vec<u8>, op: &Op) {
             out.push(13);
             out.push(*f as u8);
         }
+        Op::Unique => out.push(14),
     }
 }
 
@@ -968,6 +969,7 @@ impl Reader<'_> {
             10 => Op::Regex(self.u32(at)?),
             11 => Op::Len(Box::new(self.test(at, depth + 1)?)),
             12 if self.version >= 7 => Op::Chars(Box::new(self.test(at, depth + 1)?)),
+            14 if self.version >= 7 => Op::Unique,
             13 if self.version >= 7 => {
                 Op::Format(Format::from_u8(self.u8(at)?).ok_or_else(|| LoadError::invalid(at(), "unknown format"))?)
             }
@@ -1057,6 +1059,7 @@ fn check_test(test: &Test, view: View, regexes: usize) -> Result<(), String> {
                     return check_test(t, View::Scalar(ValueClass::U64), regexes)
                 }
                 (Op::Format(_), View::Scalar(ValueClass::Bytes)) => true,
+                (Op::Unique, View::Repeated(_)) => true,
                 _ => false,
             };
             if ok {

@@ -48,6 +48,7 @@ fn test(t: &Test) -> String {
             Op::Len(t) => format!("len {}", test(t)),
             Op::Chars(t) => format!("chars {}", test(t)),
             Op::Format(f) => format!("is {f:?}"),
+            Op::Unique => "unique".to_string(),
         },
         Test::Not(t) => format!("not ({})", test(t)),
         Test::Any(l) => format!("any of {}", list(l, " | ")),

@@ -1207,6 +1207,7 @@ mod tests {
                 Test::Op(Op::Len(t)) => format!("len({})", test(m, t)),
                 Test::Op(Op::Chars(t)) => format!("chars({})", test(m, t)),
                 Test::Op(Op::Format(f)) => format!("format({f:?})"),
+                Test::Op(Op::Unique) => "unique".to_string(),
                 Test::Op(op) => format!("{op:?}"),
                 Test::Not(t) => format!("not({})", test(m, t)),
                 Test::Any(l) => format!("any({})", l.iter().map(|t| test(m, t)).collect::<Vec<_>>().join(", ")),

@@ -518,6 +518,9 @@ pub enum Op {
     Chars(Box<Test>),
     /// A string is a well-formed value of this format (validation).
     Format(Format),
+    /// Every element of a repeated field differs from the others
+    /// (validation's `repeated.unique`).
+    Unique,
 }
 
 /// The string formats validation checks natively.
@@ -561,6 +564,7 @@ impl Op {
             Op::Len(_) => "len",
             Op::Chars(_) => "chars",
             Op::Format(_) => "format",
+            Op::Unique => "unique",
         }
     }
 }

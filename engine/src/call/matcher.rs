@@ -594,6 +594,9 @@ impl<'a> Request<'a> {
                     _ => false,
                 },
                 Op::Format(f) => matches!(value, ValueRef::Bytes(h) if crate::call::validate::is_format(*f, h)),
+                // Only repeated fields are unique or not (the loader admits
+                // it nowhere else).
+                Op::Unique => false,
                 Op::Chars(t) => match value {
                     // Code points: every byte but UTF-8 continuation bytes.
                     ValueRef::Bytes(h) => {
@@ -701,6 +704,24 @@ impl<'a> Request<'a> {
                     true
                 })?;
                 any
+            }
+            Test::Op(Op::Unique) => {
+                // Elements as their values compare (floats by bits, as
+                // equal numbers have equal bits but for 0 and -0).
+                let mut seen = std::collections::HashSet::new();
+                let mut unique = true;
+                each(&mut |e| {
+                    let key: (u8, Vec<u8>) = match e {
+                        ValueRef::I64(x) => (0, x.to_le_bytes().to_vec()),
+                        ValueRef::U64(x) => (1, x.to_le_bytes().to_vec()),
+                        ValueRef::F64(x) => (2, (if x == 0.0 { 0.0f64 } else { x }).to_bits().to_le_bytes().to_vec()),
+                        ValueRef::Bool(x) => (3, vec![x as u8]),
+                        ValueRef::Bytes(b) => (4, b.to_vec()),
+                    };
+                    unique = seen.insert(key);
+                    !unique
+                })?;
+                unique
             }
             Test::Op(Op::Len(t)) => {
                 let mut n = 0u64;

@@ -1210,6 +1210,7 @@ fn op_operand(op: &Op) -> Json {
         Op::Regex(i) => json!(format!("regex #{i}")),
         Op::Len(t) | Op::Chars(t) => json!(render_test(t)),
         Op::Format(f) => json!(format!("{f:?}")),
+        Op::Unique => json!(true),
     }
 }
 
@@ -1232,6 +1233,7 @@ pub fn render_test(t: &Test) -> String {
             Op::Len(t) => format!("length {}", render_test(t)),
             Op::Chars(t) => format!("character count {}", render_test(t)),
             Op::Format(f) => format!("a valid {f:?}"),
+            Op::Unique => "unique elements".to_string(),
         },
         Test::Not(t) => format!("not ({})", render_test(t)),
         Test::Any(l) => format!("any of {}", list(l, " | ")),
