@@ -70,12 +70,14 @@ pub fn cel_counts() -> bool {
     SOURCE.load(Ordering::Relaxed) != 2
 }
 
-/// Whether `check` counts for `method` under the rule source.
-pub fn counts(method: &ServedMethod, check: &Check) -> bool {
+/// Which checks of `method` count under the rule source: protoc-gen-
+/// validate's (true) or protovalidate's (false).
+pub fn counts_pgv(method: &ServedMethod) -> bool {
     match SOURCE.load(Ordering::Relaxed) {
-        1 => !check.pgv,
-        2 => check.pgv,
-        _ => !check.pgv || method.plan.checks.iter().all(|c| c.pgv),
+        1 => false,
+        2 => true,
+        // Auto: protovalidate's where the method has any.
+        _ => method.plan.checks.iter().all(|c| c.pgv),
     }
 }
 
@@ -121,6 +123,8 @@ pub fn cel_failures(method: &ServedMethod, message: &[u8], max: usize) -> Vec<(u
     let mut out = Vec::new();
     let Some(codec) = method.json.as_ref().filter(|_| !method.cel.is_empty()) else { return out };
     let Ok(root) = DynamicMessage::decode(codec.input().clone(), message) else { return out };
+    // One context for the message's rules; each sets its own `this`.
+    let mut context = cel::Context::default();
     for (i, (check, program)) in method.plan.cel_checks.iter().zip(&method.cel).enumerate() {
         if out.len() >= max {
             break;
@@ -165,7 +169,6 @@ pub fn cel_failures(method: &ServedMethod, message: &[u8], max: usize) -> Vec<(u
             }
             None => message_to_cel(&at, 0),
         };
-        let mut context = cel::Context::default();
         context.add_variable_from_value("this", this);
         let broken = match program.execute(&context) {
             Ok(cel::Value::Bool(true)) => None,
