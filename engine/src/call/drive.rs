@@ -271,19 +271,21 @@ where
             let mut held = keep_all.map(crate::budget::Held::new);
             let mut kept = 0usize;
             // Aggregates over every message, folded as each arrives.
-            let mut folds: Vec<Result<Fold, Malformed>> = vec![Ok(Fold::default()); method.each.len()];
-            let mut violations = Vec::new();
+            // Aggregates over every message and validation failures, in
+            // one box: every call's future, idle ones included, holds only
+            // its pointer.
+            let mut seen: Box<Seen> = Box::new((vec![Ok(Fold::default()); method.each.len()], Vec::new()));
             while let Some(m) = input.next().await? {
                 count += 1;
                 record.message(&m);
-                if let Err(e) = super::validate::check_stream_message(method, &m, &mut violations) {
+                if let Err(e) = super::validate::check_stream_message(method, &m, &mut seen.1) {
                     return Err(Status::new(Code::Internal, format!("cannot parse request message: {e}")).into());
                 }
-                if !violations.is_empty() && super::validate::per_message() {
+                if !seen.1.is_empty() && super::validate::per_message() {
                     // Answered now; what the client still sends is not read.
-                    return Ok((super::validate::invalid(method, violations), None));
+                    return Ok((super::validate::invalid(method, std::mem::take(&mut seen.1)), None));
                 }
-                for (fold, &i) in folds.iter_mut().zip(&method.each) {
+                for (fold, &i) in seen.0.iter_mut().zip(&method.each) {
                     if let Ok(f) = fold {
                         if let Err(e) = f.add_message(&method.plan.fields[i as usize], &m) {
                             *fold = Err(e);
@@ -308,12 +310,16 @@ where
             }
             let refs: Vec<&[u8]> = head.iter().map(|b| &b[..]).collect();
             let last = last.as_deref().or(refs.last().copied());
-            let messages = Messages { head: &refs, last, count, folds: &folds, violations: &violations };
+            let messages = Messages { head: &refs, last, count, folds: &seen.0, violations: &seen.1 };
             let answer = pick_explained(method, &messages, metadata, record.explain())?;
             Ok((answer, held.is_some().then_some(head)))
         }
     }
 }
+
+/// What a client stream's read keeps of its messages besides the messages:
+/// aggregates over all of them and the validation checks they broke.
+type Seen = (Vec<Result<Fold, Malformed>>, Vec<super::matcher::Broken>);
 
 /// Sends a chosen answer: waits out its delay, fires its fault, streams
 /// its messages as the client takes them, and ends the call, all under
