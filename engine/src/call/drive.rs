@@ -153,43 +153,65 @@ pub struct Call<'m, 'r, M: Metadata + ?Sized, R: Report> {
 }
 
 /// Runs one call to its end: reads the request, picks the answer, sends it.
-pub async fn run<M, I, O, R>(call: Call<'_, '_, M, R>, input: &mut I, out: &mut O)
+///
+/// An `async move` block rather than an `async fn`, which would hold its
+/// arguments twice in every call's future, idle ones included.
+#[allow(clippy::manual_async_fn)] // see above: the future's size
+pub fn run<'a, M, I, O, R>(call: Call<'a, 'a, M, R>, input: &'a mut I, out: &'a mut O) -> impl Future<Output = ()> + 'a
 where
     M: Metadata + ?Sized,
     I: Inbound,
     O: Outbound,
     R: Report,
 {
-    if call.upstream.is_some() {
-        // Its own future, boxed: what forwarding needs would otherwise
-        // make every call's future larger, forwarded or not.
-        return Box::pin(run_forwarding(call, input, out)).await;
-    }
-    let Call { method, metadata, deadline, ok, json, record, upstream } = call;
-    if method.plan.duplex {
-        // Boxed: a duplex call's state would otherwise make every call's
-        // future larger (idle calls count in memory by it).
-        return Box::pin(duplex(Call { method, metadata, deadline, ok, json, record, upstream }, input, out)).await;
-    }
-    let picked = tokio::select! {
-        r = pick(method, metadata, input, &mut *record, None) => r,
-        _ = sleep_until(deadline) => Err(deadline_exceeded().into()),
-    };
-    match picked {
-        Ok((answer, _)) => {
-            record.rule(answer.rule, answer.closest);
-            if let Some(score) = answer.similarity {
-                record.similarity(score);
-            }
-            if let Some(v) = &answer.violations {
-                record.invalid(&v.iter().map(|b| b.check).collect::<Vec<_>>());
-            }
-            let delay = answer.prepared().draw_delay();
-            // Boxed: its state would otherwise make every call's future,
-            // idle ones included, larger by its size.
-            Box::pin(respond(answer, delay, deadline, method, json, out, record)).await
+    async move {
+        if call.upstream.is_some() {
+            // Its own future, boxed: what forwarding needs would otherwise
+            // make every call's future larger, forwarded or not.
+            return Box::pin(run_forwarding(call, input, out)).await;
         }
-        Err(stop) => finish(Err(stop), out, record),
+        let Call { method, metadata, deadline, ok, json, record, upstream } = call;
+        if method.plan.duplex {
+            // Boxed: a duplex call's state would otherwise make every call's
+            // future larger (idle calls count in memory by it).
+            return Box::pin(duplex(Call { method, metadata, deadline, ok, json, record, upstream }, input, out)).await;
+        }
+        let answered = match pick_by(method, metadata, input, &mut *record, deadline).await {
+            Ok((answer, _)) => {
+                record.rule(answer.rule, answer.closest);
+                if let Some(score) = answer.similarity {
+                    record.similarity(score);
+                }
+                if let Some(v) = &answer.violations {
+                    record.invalid(&v.iter().map(|b| b.check).collect::<Vec<_>>());
+                }
+                let delay = answer.prepared().draw_delay();
+                // Boxed: its state would otherwise make every call's future,
+                // idle ones included, larger by its size.
+                Box::pin(respond(answer, delay, deadline, method, json, out, record))
+            }
+            Err(stop) => return finish(Err(stop), out, record),
+        };
+        answered.await
+    }
+}
+
+/// [`pick`] within the call's deadline (DEADLINE_EXCEEDED at it).
+async fn pick_by<'m, M, I, R>(
+    method: &'m ServedMethod,
+    metadata: &M,
+    input: &mut I,
+    record: &mut R,
+    deadline: Option<Instant>,
+) -> Result<(Answer<'m>, Option<Vec<Bytes>>), Stop<'m>>
+where
+    M: Metadata + ?Sized,
+    I: Inbound,
+    R: Report,
+{
+    tokio::select! {
+        r = pick(method, metadata, input, record, None) => r,
+        _ = sleep_until(deadline) => Err(deadline_exceeded().into()),
     }
 }
 

@@ -24,7 +24,7 @@ use bytes::Bytes;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use h2::server::SendResponse;
 use h2::{RecvStream, SendStream};
-use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http::{HeaderMap, HeaderValue, Method, Response, StatusCode};
 use std::cell::RefCell;
 use std::future::poll_fn;
 use std::rc::Rc;
@@ -164,7 +164,12 @@ where
                     if state.number() != generation.number {
                         generation = state.current();
                     }
-                    streams.push(call(state, generation.clone(), config, request, respond))
+                    {
+                        // Taken apart here: a request moved into the call's
+                        // future would be held there twice, whole and in parts.
+                        let (parts, body) = request.into_parts();
+                        streams.push(call(state, generation.clone(), config, parts, body, respond))
+                    }
                 }
                 Some(Err(e)) => {
                     tracing::debug!("connection error: {e}");
@@ -199,119 +204,126 @@ where
 /// ([`head::check`]), then the call driven by [`crate::call::drive`] (the
 /// engine's own services, health and reflection, here). Failures to send
 /// mean the client went away; there is nobody left to tell.
-async fn call(
-    state: &State,
+///
+/// An `async move` block rather than an `async fn`: an async fn moves its
+/// arguments into locals, so the request head would be held twice in
+/// every call's future, idle ones included.
+#[allow(clippy::manual_async_fn)] // see above: the future's size
+fn call<'a>(
+    state: &'a State,
     generation: Arc<Generation>,
-    config: &Config,
-    request: Request<RecvStream>,
+    config: &'a Config,
+    parts: http::request::Parts,
+    body: RecvStream,
     respond: SendResponse<Bytes>,
-) {
-    let (parts, body) = request.into_parts();
-    let origin = parts.headers.get(http::header::ORIGIN).cloned();
-    // A browser's call: every head carries the CORS headers.
-    let cors = origin.clone().filter(|_| parts.method != Method::OPTIONS).map(|o| (o, config.cors_origins.clone()));
-    let out = Rc::new(RefCell::new(H2Out { respond, stream: None, head: None, cors }));
-    if parts.method == Method::OPTIONS {
-        let requested = parts.headers.get(http::header::ACCESS_CONTROL_REQUEST_HEADERS).map(HeaderValue::as_bytes);
-        let head = match &origin {
-            None => {
-                let mut h = HeaderMap::new();
-                h.insert(http::header::ALLOW, HeaderValue::from_static("POST, GET, OPTIONS"));
-                Head { status: 204, headers: h }
-            }
-            Some(o) => match cors::preflight(&config.cors_origins, o.as_bytes(), requested) {
-                Ok(h) => Head { status: 204, headers: h },
-                Err(h) => Head { status: 403, headers: h },
-            },
-        };
-        let mut sink = H2Sink(out);
-        sink.head(head);
-        sink.finish(None);
-        return;
-    }
-    let served = &generation.served;
-    let (path, query) = (parts.uri.path(), parts.uri.query());
-    let setup = match head::check(&parts.method, path, query, &parts.headers, served, config, true) {
-        Ok(s) => s,
-        Err(Refusal::Http(code)) => {
-            let mut h = HeaderMap::new();
-            match code {
-                405 => h.insert(http::header::ALLOW, HeaderValue::from_static("POST, GET, OPTIONS")),
-                _ => h.insert("accept-post", HeaderValue::from_static(head::ACCEPT_POST)),
+) -> impl std::future::Future<Output = ()> + 'a {
+    async move {
+        let origin = parts.headers.get(http::header::ORIGIN);
+        // A browser's call: every head carries the CORS headers.
+        let cors = origin.filter(|_| parts.method != Method::OPTIONS).map(|o| (o.clone(), config.cors_origins.clone()));
+        let out = Rc::new(RefCell::new(H2Out { respond, stream: None, head: None, cors }));
+        if parts.method == Method::OPTIONS {
+            let requested = parts.headers.get(http::header::ACCESS_CONTROL_REQUEST_HEADERS).map(HeaderValue::as_bytes);
+            let head = match origin {
+                None => {
+                    let mut h = HeaderMap::new();
+                    h.insert(http::header::ALLOW, HeaderValue::from_static("POST, GET, OPTIONS"));
+                    Head { status: 204, headers: h }
+                }
+                Some(o) => match cors::preflight(&config.cors_origins, o.as_bytes(), requested) {
+                    Ok(h) => Head { status: 204, headers: h },
+                    Err(h) => Head { status: 403, headers: h },
+                },
             };
             let mut sink = H2Sink(out);
-            sink.head(Head { status: code, headers: h });
+            sink.head(head);
             sink.finish(None);
             return;
         }
-        Err(Refusal::Status(dialect, status)) => {
-            let p = status_answer(&status);
-            let r = protocol::without_messages(dialect, &p.headers, &p.trailers);
-            let mut sink = H2Sink(out);
-            sink.head(r.head);
-            if !r.body.is_empty() {
-                sink.data(r.body);
-            }
-            sink.finish(None);
-            return;
-        }
-    };
-    let head::Setup { dialect, method: index, deadline, encoding, compress, query } = setup;
-    let method = served.at(index);
-    // The call's state counts in the budget of bytes held for calls.
-    let mut call_held = Held::new(config.max_buffered);
-    if let Err(s) = call_held.grow(H2_CALL_COST) {
-        let mut r = Responder::new(dialect, H2Sink(out));
-        r.refuse(&status_answer(&s));
-        return;
-    }
-    let headers = &parts.headers;
-    let stats = config.metrics.then(|| generation.stats.worker(crate::observe::metrics::worker()));
-    let journal = state.journal.as_ref().filter(|_| method.builtin.is_none());
-    let mut record = CallRecord::start(stats, journal, &generation, index, dialect.name(), headers);
-    let source = match query {
-        Some(m) => Source::Query(Some(m)),
-        None => Source::Body(H2Body(body)),
-    };
-    let mut input = Reader::new(dialect, source, encoding, config.max_recv_message, config.max_buffered);
-    let json = dialect.codec == Codec::Json;
-    if json {
-        input.decode = method.json.clone().map(protocol::json_decoder);
-    }
-    let mut responder = Responder::new(dialect, H2Sink(out.clone()));
-    responder.compress = compress;
-    let work = async {
-        match method.builtin {
-            Some(b) => builtin(state, &generation, b, deadline, &mut input, &mut responder, &mut record).await,
-            None => {
-                let upstream = config.upstream.as_ref().and_then(|u| u.route(path)).map(|upstream| {
-                    let json = method.json.as_ref().filter(|_| json);
-                    let metadata = forward::metadata_of(headers);
-                    let max_held = config.max_buffered;
-                    let content_type = dialect.content_type();
-                    let f = Forward {
-                        upstream,
-                        path: path.into(),
-                        metadata,
-                        deadline,
-                        json,
-                        max_held,
-                        content_type,
-                        encoding,
+        let served = &generation.served;
+        let (path, query) = (parts.uri.path(), parts.uri.query());
+        let head::Setup { dialect, method: index, deadline, encoding, compress, query } =
+            match head::check(&parts.method, path, query, &parts.headers, served, config, true) {
+                Ok(s) => s,
+                Err(Refusal::Http(code)) => {
+                    let mut h = HeaderMap::new();
+                    match code {
+                        405 => h.insert(http::header::ALLOW, HeaderValue::from_static("POST, GET, OPTIONS")),
+                        _ => h.insert("accept-post", HeaderValue::from_static(head::ACCEPT_POST)),
                     };
-                    Box::new(f)
-                });
-                let ok = &served.ok;
-                let call = Call { method, metadata: headers, deadline, ok, json, record: &mut record, upstream };
-                drive::run(call, &mut input, &mut responder).await
-            }
+                    let mut sink = H2Sink(out);
+                    sink.head(Head { status: code, headers: h });
+                    sink.finish(None);
+                    return;
+                }
+                Err(Refusal::Status(dialect, status)) => {
+                    let p = status_answer(&status);
+                    let r = protocol::without_messages(dialect, &p.headers, &p.trailers);
+                    let mut sink = H2Sink(out);
+                    sink.head(r.head);
+                    if !r.body.is_empty() {
+                        sink.data(r.body);
+                    }
+                    sink.finish(None);
+                    return;
+                }
+            };
+        let method = served.at(index);
+        // The call's state counts in the budget of bytes held for calls.
+        let mut call_held = Held::new(config.max_buffered);
+        if let Err(s) = call_held.grow(H2_CALL_COST) {
+            let mut r = Responder::new(dialect, H2Sink(out));
+            r.refuse(&status_answer(&s));
+            return;
         }
-    };
-    // A client's reset ends the call at once.
-    let reset = poll_fn(|cx| out.borrow_mut().poll_reset(cx));
-    tokio::select! {
-        () = work => {}
-        () = reset => {}
+        let headers = &parts.headers;
+        let stats = config.metrics.then(|| generation.stats.worker(crate::observe::metrics::worker()));
+        let journal = state.journal.as_ref().filter(|_| method.builtin.is_none());
+        let mut record = CallRecord::start(stats, journal, &generation, index, dialect.name(), headers);
+        let source = match query {
+            Some(m) => Source::Query(Some(m)),
+            None => Source::Body(H2Body(body)),
+        };
+        let mut input = Reader::new(dialect, source, encoding, config.max_recv_message, config.max_buffered);
+        let json = dialect.codec == Codec::Json;
+        if json {
+            input.decode = method.json.clone().map(protocol::json_decoder);
+        }
+        let mut responder = Responder::new(dialect, H2Sink(out.clone()));
+        responder.compress = compress;
+        let work = async {
+            match method.builtin {
+                Some(b) => builtin(state, &generation, b, deadline, &mut input, &mut responder, &mut record).await,
+                None => {
+                    let upstream = config.upstream.as_ref().and_then(|u| u.route(path)).map(|upstream| {
+                        let json = method.json.as_ref().filter(|_| json);
+                        let metadata = forward::metadata_of(headers);
+                        let max_held = config.max_buffered;
+                        let content_type = dialect.content_type();
+                        let f = Forward {
+                            upstream,
+                            path: path.into(),
+                            metadata,
+                            deadline,
+                            json,
+                            max_held,
+                            content_type,
+                            encoding,
+                        };
+                        Box::new(f)
+                    });
+                    let ok = &served.ok;
+                    let call = Call { method, metadata: headers, deadline, ok, json, record: &mut record, upstream };
+                    drive::run(call, &mut input, &mut responder).await
+                }
+            }
+        };
+        // A client's reset ends the call at once.
+        let reset = poll_fn(|cx| out.borrow_mut().poll_reset(cx));
+        tokio::select! {
+            () = work => {}
+            () = reset => {}
+        }
     }
 }
 
