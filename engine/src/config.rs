@@ -47,6 +47,9 @@ pub struct Config {
     /// Requests are checked against their `buf.validate` rules
     /// (`--validation on`).
     pub validation: bool,
+    /// Validation on or off per service (`package.Service`), over
+    /// `validation` (`--validation-for`).
+    pub validation_services: Vec<(Box<str>, bool)>,
     /// Client streams end at their first invalid message
     /// (`--validation-mode per-message`).
     pub validation_per_message: bool,
@@ -168,6 +171,7 @@ impl Default for Config {
             seed: None,
             raw_threshold: crate::call::raw::DEFAULT_THRESHOLD,
             validation: false,
+            validation_services: Vec::new(),
             validation_per_message: false,
             validation_source: crate::call::validate::RuleSource::Auto,
             stack: Stack::Native,

@@ -115,7 +115,7 @@ impl Server {
             threads.push(std::thread::Builder::new().name(format!("wirestub-worker-{i}")).spawn(move || {
                 crate::call::raw::set_threshold(config.raw_threshold);
                 crate::call::template::set_max_fill(config.max_fill);
-                crate::call::validate::set_enabled(config.validation);
+                crate::call::validate::set_enabled(config.validation, &config.validation_services);
                 crate::call::validate::set_source(config.validation_source);
                 crate::call::validate::set_per_message(config.validation_per_message);
                 if let Some(seed) = config.seed {

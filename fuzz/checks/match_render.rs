@@ -25,7 +25,7 @@ fn plans() -> &'static [Served] {
     static PLANS: OnceLock<Vec<Served>> = OnceLock::new();
     PLANS.get_or_init(|| {
         // Requests are validated too, where a case's protos have rules.
-        wirestub_engine::call::validate::set_enabled(true);
+        wirestub_engine::call::validate::set_enabled(true, &[]);
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
         let mut cases: Vec<PathBuf> = std::fs::read_dir(root.join("tests/cases"))
             .expect("reading tests/cases")

@@ -371,3 +371,56 @@ def test_per_message_mode_ends_a_client_stream_at_its_first_invalid_message(tmp_
                 assert len(sent) < 50, f"{stack}: the call waited for the whole stream"
         finally:
             engine_process.stop(srv.proc)
+
+
+def test_validation_per_service_from_the_flags_and_the_configuration_file(tmp_path, modules):
+    """One engine serves signup.Signup (protovalidate rules) and
+    legacy.Accounts (protoc-gen-validate rules): --validation-for turns
+    validation on or off for one service over --validation, on the command
+    line and as a list in the configuration file; a bad entry is an error
+    naming the file and line."""
+    signup, details_pb, violations_pb, _ = modules
+    pgv = REPO_ROOT / "tests" / "cases" / "validation-pgv"
+    user = valid_user(signup)
+    user.age = 3
+
+    def codes(*flags, config=None):
+        cmd = [str(engine_process.engine_binary()), "run", "--listen", "127.0.0.1:0", "--admin-listen", "off"]
+        cmd += ["--protos", str(CASE / "protos"), "--rules", str(CASE / "rules")]
+        cmd += ["--protos", str(pgv / "protos"), "--rules", str(pgv / "rules"), *flags]
+        if config is not None:
+            path = tmp_path / "wirestub.yaml"
+            path.write_text(config)
+            cmd += ["--config", str(path)]
+        log_dir = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
+        log_dir.mkdir()
+        srv = engine_process.start(cmd, log_dir)
+        try:
+            with grpc.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
+                try:
+                    ch.unary_unary("/legacy.Accounts/Open")(b"\x0a\x01a", timeout=10)
+                    legacy = "OK"
+                except grpc.RpcError as e:
+                    legacy = e.code().name
+            return call(srv.port, user, signup, details_pb, violations_pb)[0], legacy
+        finally:
+            engine_process.stop(srv.proc)
+
+    assert codes("--validation", "on") == ("INVALID_ARGUMENT", "INVALID_ARGUMENT")
+    assert codes("--validation-for", "signup.Signup=on") == ("INVALID_ARGUMENT", "OK")
+    assert codes("--validation", "on", "--validation-for", "legacy.Accounts=off") == ("INVALID_ARGUMENT", "OK")
+    config = "validation: \"on\"\nvalidation-for:\n  - signup.Signup=off\n"
+    assert codes(config=config) == ("OK", "INVALID_ARGUMENT")
+    # The command line wins over the file, as for every flag.
+    assert codes("--validation-for", "legacy.Accounts=off", config=config) == ("INVALID_ARGUMENT", "OK")
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("validation-for:\n  - signup.Signup=maybe\n")
+    import subprocess
+
+    r = subprocess.run(
+        [str(engine_process.engine_binary()), "run", "--listen", "127.0.0.1:0", "--config", str(bad)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert r.returncode != 0
+    assert "bad.yaml" in r.stderr and "SERVICE=on|off" in r.stderr and "signup.Signup=maybe" in r.stderr, r.stderr

@@ -14,16 +14,34 @@ use crate::call::matcher::{Broken, Request};
 use crate::served::{Prepared, ServedMethod};
 use prost_reflect::ReflectMessage;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::RwLock;
 use wirestub_plan::Check;
 
 static ENABLED: AtomicBool = AtomicBool::new(false);
+/// Services validated or not whatever [`ENABLED`] says
+/// (`--validation-for`).
+static SERVICES: RwLock<Vec<(Box<str>, bool)>> = RwLock::new(Vec::new());
 /// Which annotations count (`--validation-source`): 0 auto, 1
 /// protovalidate, 2 protoc-gen-validate.
 static SOURCE: AtomicU8 = AtomicU8::new(0);
 
-/// Turns validation on or off, process-wide (`--validation`).
-pub fn set_enabled(on: bool) {
+/// Turns validation on or off, process-wide (`--validation`), and per
+/// service (`--validation-for`). Set before the first call: each method
+/// decides once.
+pub fn set_enabled(on: bool, services: &[(Box<str>, bool)]) {
     ENABLED.store(on, Ordering::Relaxed);
+    if let Ok(mut s) = SERVICES.write() {
+        s.clear();
+        s.extend_from_slice(services);
+    }
+}
+
+/// Whether calls to the method at `path` (`/package.Service/Method`) are
+/// validated, by the settings.
+fn enabled_for(path: &str) -> bool {
+    let service = path.strip_prefix('/').and_then(|p| p.split_once('/')).map_or("", |(s, _)| s);
+    let listed = SERVICES.read().ok().and_then(|s| s.iter().find(|(n, _)| &**n == service).map(|(_, on)| *on));
+    listed.unwrap_or_else(|| ENABLED.load(Ordering::Relaxed))
 }
 
 static PER_MESSAGE: AtomicBool = AtomicBool::new(false);
@@ -83,7 +101,8 @@ pub fn counts_pgv(method: &ServedMethod) -> bool {
 
 /// Whether calls to `method` are validated.
 pub fn applies(method: &ServedMethod) -> bool {
-    (!method.plan.checks.is_empty() || !method.plan.cel_checks.is_empty()) && ENABLED.load(Ordering::Relaxed)
+    (!method.plan.checks.is_empty() || !method.plan.cel_checks.is_empty())
+        && *method.validated.get_or_init(|| enabled_for(&method.plan.path))
 }
 
 /// The checks a request fails, as indices into the method's checks, at

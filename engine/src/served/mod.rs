@@ -241,6 +241,9 @@ pub struct ServedMethod {
     pub index: Option<Index>,
     /// See [`ServedMethod::messages_kept`].
     pub keep: usize,
+    /// Whether its calls are validated (`call::validate::applies`),
+    /// decided at its first call.
+    pub validated: std::sync::OnceLock<bool>,
     /// The method's CEL validation rules, parsed (in the order of the
     /// plan's `cel_checks`).
     pub cel: Vec<Option<cel::Program>>,
@@ -786,6 +789,7 @@ impl Served {
                 regexes,
                 index,
                 keep: 0,
+                validated: Default::default(),
                 cel,
                 each,
                 used,
@@ -887,6 +891,7 @@ impl ServedMethod {
             regexes: Vec::new(),
             index: None,
             keep: 1,
+            validated: Default::default(),
             cel: Vec::new(),
             each: Vec::new(),
             used: Vec::new(),

@@ -189,6 +189,15 @@ pub const FLAGS: &[Flag] = &[
         section: PLAN,
     },
     Flag {
+        name: "validation-for",
+        value: "SERVICE=on|off",
+        kind: Kind::Values,
+        default: "",
+        help: "validation of one service (`package.Service`), over --validation; repeatable (a list in the \
+               configuration file)",
+        section: PLAN,
+    },
+    Flag {
         name: "validation-source",
         value: "auto|protovalidate|pgv",
         kind: Kind::Value,
@@ -937,6 +946,7 @@ pub fn parse(args: &[String], env: &dyn Fn(&str) -> Option<String>) -> Result<Co
         metrics: must("metrics").choice(&[("on", true), ("off", false)])?,
         compress_responses: must("compress-responses").choice(&[("on", true), ("off", false)])?,
         validation: must("validation").choice(&[("on", true), ("off", false)])?,
+        validation_services: validation_services(get("validation-for").as_ref())?,
         validation_per_message: must("validation-mode").choice(&[("aggregate", false), ("per-message", true)])?,
         validation_source: must("validation-source").choice(&[
             ("auto", wirestub_engine::call::validate::RuleSource::Auto),
@@ -1178,6 +1188,34 @@ fn upstream(
         }
     }
     Ok(Some(std::sync::Arc::new(upstreams)))
+}
+
+/// Validation per service, from `--validation-for SERVICE=on|off`.
+fn validation_services(raw: Option<&Raw>) -> Result<Vec<(Box<str>, bool)>, String> {
+    let mut services: Vec<(Box<str>, bool)> = Vec::new();
+    for value in raw.map(|r| &r.values[..]).unwrap_or_default() {
+        let origin = raw.map(|r| r.origin.to_string()).unwrap_or_default();
+        let parsed = value.split_once('=').and_then(|(s, v)| {
+            let s = s.trim().trim_start_matches('.');
+            let valid = !s.is_empty() && !s.contains(|c: char| c == '/' || c.is_whitespace());
+            let on = match v.trim() {
+                "on" => Some(true),
+                "off" => Some(false),
+                _ => None,
+            };
+            on.filter(|_| valid).map(|on| (s, on))
+        });
+        let Some((service, on)) = parsed else {
+            return Err(format!(
+                "{origin}: `--validation-for` takes SERVICE=on|off (such as demo.Greeter=on), got `{value}`"
+            ));
+        };
+        if services.iter().any(|(s, _)| &**s == service) {
+            return Err(format!("{origin}: `--validation-for` names `{service}` twice"));
+        }
+        services.push((service.into(), on));
+    }
+    Ok(services)
 }
 
 /// Reads a configuration file's text: one YAML mapping whose keys are flag
