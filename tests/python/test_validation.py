@@ -424,3 +424,44 @@ def test_validation_per_service_from_the_flags_and_the_configuration_file(tmp_pa
     )
     assert r.returncode != 0
     assert "bad.yaml" in r.stderr and "SERVICE=on|off" in r.stderr and "signup.Signup=maybe" in r.stderr, r.stderr
+
+
+def test_connect_node_reads_the_violations_on_every_protocol(engine, modules, node, node_modules, tmp_path):
+    """@connectrpc/connect-node (tests/node/validation.mjs) sends one invalid
+    request over Connect (proto and JSON), gRPC-Web and gRPC, on HTTP/1.1
+    and HTTP/2, and finds in its ConnectError, with `findDetails`, the
+    google.rpc.BadRequest and buf.validate.Violations details: the same
+    field paths and rule ids as protovalidate's, on every transport."""
+    import subprocess
+
+    from google.protobuf import json_format
+    from grpc_tools import protoc
+
+    signup, _, _, protovalidate = modules
+    descriptors = tmp_path / "signup.binpb"
+    wkt = importlib.resources.files("grpc_tools") / "_proto"
+    args = ["protoc", f"-I{CASE / 'protos'}", f"-I{BUILTIN}", f"-I{wkt}", "--include_imports"]
+    args += [f"--descriptor_set_out={descriptors}", "signup.proto", "google/rpc/error_details.proto"]
+    assert protoc.main(args) == 0
+    user = valid_user(signup)
+    user.age = 3
+    user.tags.append("")
+    user.address.zip = "7"
+    want = reference(protovalidate, user)
+    assert len(want) >= 3, want
+    run = subprocess.run(
+        [node, str(REPO_ROOT / "tests" / "node" / "validation.mjs"), str(descriptors), json_format.MessageToJson(user)],
+        cwd=REPO_ROOT / "tests" / "node",
+        env={"WIRESTUB_ADDR": f"127.0.0.1:{engine.port}", "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    seen = [json.loads(line) for line in run.stdout.splitlines()]
+    assert len(seen) == 6, run.stdout
+    for s in seen:
+        assert s["code"] == "InvalidArgument", s
+        assert {tuple(v) for v in s["violations"]} == want, s
+        assert set(s["badRequest"]) == {f for f, _ in want}, s
+        assert "int32.gte_lt" in s["message"], s
