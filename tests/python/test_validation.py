@@ -287,18 +287,23 @@ def test_connect_clients_get_the_violations_as_error_details(engine, modules):
     assert types == {"google.rpc.BadRequest", "buf.validate.Violations"}, error
 
 
-def test_metrics_count_failures_per_field_and_rule(tmp_path, modules):
+@pytest.mark.parametrize("stack", ["native", "h2"])
+def test_metrics_and_the_journal_record_failures_per_field_and_rule(tmp_path, modules, stack):
     import urllib.request
 
     signup, details_pb, violations_pb, _ = modules
     args = ["run", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--validation", "on"]
-    args += ["--protos", str(CASE / "protos"), "--rules", str(CASE / "rules")]
+    args += ["--protos", str(CASE / "protos"), "--rules", str(CASE / "rules"), "--http2", stack, "--journal", "100"]
     proc, port, admin, _ = engine_process.start_with_admin(args, tmp_path)
     try:
         user = valid_user(signup)
         user.age = 3
         for _ in range(2):
             assert call(port, user, signup, details_pb, violations_pb)[0] == "INVALID_ARGUMENT"
+        user = valid_user(signup)
+        user.tags.append("")
+        user.address.zip = "7"
+        assert call(port, user, signup, details_pb, violations_pb)[0] == "INVALID_ARGUMENT"
         with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=10) as r:
             metrics = r.read().decode()
         line = (
@@ -306,6 +311,15 @@ def test_metrics_count_failures_per_field_and_rule(tmp_path, modules):
             'field="age",rule="int32.gte_lt"} 2'
         )
         assert line in metrics, metrics
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin}/admin/journal", timeout=10) as r:
+            entries = json.loads(r.read())["entries"]
+        assert [e["status"]["name"] for e in entries] == ["INVALID_ARGUMENT"] * 3, entries
+        assert [(v["field"], v["rule"]) for v in entries[0]["violations"]] == [("age", "int32.gte_lt")]
+        assert [(v["field"], v["rule"]) for v in entries[2]["violations"]] == [
+            ("tags[2]", "string.min_len"),
+            ("address.zip", "string.len_bytes"),
+        ], entries[2]
+        assert all(v["message"] for v in entries[2]["violations"])
     finally:
         engine_process.stop(proc)
 

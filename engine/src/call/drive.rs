@@ -71,9 +71,9 @@ pub trait Report {
     fn rule(&mut self, rule: Option<u32>, closest: Option<Closest>);
     /// A recording answered a call not identical to it, this similar.
     fn similarity(&mut self, score: f32);
-    /// The request broke these validation checks (indices into the
-    /// method's checks) and is answered INVALID_ARGUMENT.
-    fn invalid(&mut self, checks: &[u32]);
+    /// The request broke these validation checks and is answered
+    /// INVALID_ARGUMENT.
+    fn invalid(&mut self, failed: &[super::matcher::Broken]);
     /// The status the call ends with.
     fn status(&mut self, code: u8, message: &str);
     /// A rule injected a fault of `kind` (one of
@@ -183,7 +183,7 @@ where
                     record.similarity(score);
                 }
                 if let Some(v) = &answer.violations {
-                    record.invalid(&v.iter().map(|b| b.check).collect::<Vec<_>>());
+                    record.invalid(v);
                 }
                 let delay = answer.prepared().draw_delay();
                 // Boxed: its state would otherwise make every call's future,
@@ -244,7 +244,7 @@ where
                 record.similarity(score);
             }
             if let Some(v) = &answer.violations {
-                record.invalid(&v.iter().map(|b| b.check).collect::<Vec<_>>());
+                record.invalid(v);
             }
             let delay = answer.prepared().draw_delay();
             respond(answer, delay, deadline, method, json, out, record).await
@@ -510,7 +510,7 @@ where
                 record.similarity(score);
             }
             if let Some(v) = &answer.violations {
-                record.invalid(&v.iter().map(|b| b.check).collect::<Vec<_>>());
+                record.invalid(v);
             }
             let delay = answer.prepared().draw_delay();
             if !delay.is_zero() {

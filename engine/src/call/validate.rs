@@ -355,11 +355,10 @@ enum Subscript {
     Key(wirestub_plan::Value, u8),
 }
 
-/// The answer to an invalid request.
-pub fn invalid_answer(method: &ServedMethod, failed: &[Broken]) -> Prepared {
-    // (field path, element, rule path, rule id, message) per violation.
-    let empty = Vec::new();
-    let checks: Vec<Shown<'_>> = failed
+/// Each violation of `failed` as (field path, element, rule path, rule
+/// id, message, whether it is about a map key).
+fn shown<'a>(method: &'a ServedMethod, failed: &'a [Broken]) -> Vec<Shown<'a>> {
+    failed
         .iter()
         .filter_map(|b| {
             let wire = method.plan.checks.len();
@@ -376,11 +375,25 @@ pub fn invalid_answer(method: &ServedMethod, failed: &[Broken]) -> Prepared {
                 None => {
                     let c = method.plan.cel_checks.get(b.check as usize - wire)?;
                     let text = b.message.as_deref().unwrap_or(c.message.as_str());
-                    Some((&c.path[..], None, &empty[..], c.rule_id.as_str(), text, false))
+                    Some((&c.path[..], None, &[][..], c.rule_id.as_str(), text, false))
                 }
             }
         })
-        .collect();
+        .collect()
+}
+
+/// Each violation of `failed` as (field path, rule id, message), as the
+/// journal shows it.
+pub fn described(method: &ServedMethod, failed: &[Broken]) -> Vec<(String, String, String)> {
+    shown(method, failed)
+        .into_iter()
+        .map(|(path, element, _, id, text, _)| (field_text(path, element), id.to_string(), text.to_string()))
+        .collect()
+}
+
+/// The answer to an invalid request.
+pub fn invalid_answer(method: &ServedMethod, failed: &[Broken]) -> Prepared {
+    let checks = shown(method, failed);
     let mut message = String::from("validation error:");
     for (path, element, _, id, text, _) in &checks {
         match field_text(path, element.clone()) {

@@ -24,7 +24,7 @@
 //! the field names as written in the `.proto` files (the names rules use);
 //! filters accept those names and the lowerCamelCase JSON names alike.
 
-use crate::call::matcher::Closest;
+use crate::call::matcher::{Broken, Closest};
 use crate::call::matcher::{Messages, Request};
 use crate::codec::wire::{self, ValueRef};
 use crate::config::JournalLimits;
@@ -73,6 +73,8 @@ pub struct Entry {
     pub upstream: Option<Box<Upstreamed>>,
     /// The fault a rule injected into the call, described.
     pub fault: Option<Box<str>>,
+    /// The validation checks an invalid request broke.
+    pub violations: Option<Box<[Broken]>>,
 }
 
 /// A call forwarded to the upstream, as the journal keeps it.
@@ -234,7 +236,18 @@ impl Entry {
         let message = self.message.capacity() + if self.message.capacity() > 0 { ALLOCATION } else { 0 };
         let upstream =
             self.upstream.as_ref().map_or(0, |u| std::mem::size_of::<Upstreamed>() + u.path.len() + 2 * ALLOCATION);
-        ENTRY_OVERHEAD + self.messages.bytes() + metadata + message + upstream
+        let fault = self.fault.as_ref().map_or(0, |f| f.len() + ALLOCATION);
+        let violations = self.violations.as_ref().map_or(0, |v| {
+            let each = |b: &Broken| {
+                let key = match &b.key {
+                    Some(wirestub_plan::Value::Bytes(k)) => k.len() + ALLOCATION,
+                    _ => 0,
+                };
+                b.message.as_ref().map_or(0, |m| m.len() + ALLOCATION) + key
+            };
+            v.len() * std::mem::size_of::<Broken>() + ALLOCATION + v.iter().map(each).sum::<usize>()
+        });
+        ENTRY_OVERHEAD + self.messages.bytes() + metadata + message + upstream + fault + violations
     }
 }
 
@@ -1021,6 +1034,13 @@ impl Entry {
         if let Some(f) = &self.fault {
             out["fault"] = json!(f);
         }
+        if let (Some(v), Some(m)) = (&self.violations, served) {
+            let described = crate::call::validate::described(m, v);
+            out["violations"] = described
+                .into_iter()
+                .map(|(field, rule, message)| json!({"field": field, "rule": rule, "message": message}))
+                .collect();
+        }
         if let Some(u) = &self.upstream {
             out["upstream"] = json!({"latency_ms": u.latency.as_secs_f64() * 1000.0, "failed": u.failed});
         } else if self.rule.is_none() {
@@ -1568,6 +1588,7 @@ pub(crate) mod fixture {
             closest,
             similarity: None,
             fault: None,
+            violations: None,
             protocol: "grpc",
             upstream: None,
         }
@@ -1971,5 +1992,17 @@ mod tests {
         assert_eq!(rfc3339(UNIX_EPOCH + Duration::from_secs(951_782_400)), "2000-02-29T00:00:00.000Z");
         assert_eq!(rfc3339(UNIX_EPOCH + Duration::from_millis(4_102_444_799_999)), "2099-12-31T23:59:59.999Z");
         assert_eq!(rfc3339(UNIX_EPOCH - Duration::from_millis(1)), "1969-12-31T23:59:59.999Z");
+    }
+}
+#[cfg(test)]
+mod overhead {
+    /// README.md (`--journal-bytes`) and ARCHITECTURE.md state this figure.
+    #[test]
+    #[cfg(target_pointer_width = "64")]
+    fn the_fixed_cost_per_entry_is_the_documented_one() {
+        assert_eq!(super::ENTRY_OVERHEAD, 336);
+        for doc in [include_str!("../../../README.md"), include_str!("../../../ARCHITECTURE.md")] {
+            assert!(doc.contains("336 B") || doc.contains("336 bytes"), "a document states another figure");
+        }
     }
 }

@@ -5,7 +5,7 @@
 //! the same data on its streams.
 
 use crate::call::drive::Report;
-use crate::call::matcher::Closest;
+use crate::call::matcher::{Broken, Closest};
 use crate::codec::percent;
 use crate::observe::journal::{Entry, Journal, RequestMessages, Upstreamed};
 use crate::observe::metrics::WorkerStats;
@@ -30,6 +30,7 @@ struct Journaled<'a> {
     similarity: Option<f32>,
     upstream: Option<Box<Upstreamed>>,
     fault: Option<Box<str>>,
+    violations: Option<Box<[Broken]>>,
 }
 
 /// One call's record. Counted as started when made; recorded as handled
@@ -81,6 +82,7 @@ impl<'a> CallRecord<'a> {
                     similarity: None,
                     upstream: None,
                     fault: None,
+                    violations: None,
                 })
             }),
         }
@@ -124,11 +126,14 @@ impl Report for CallRecord<'_> {
     }
 
     /// The request broke validation checks.
-    fn invalid(&mut self, checks: &[u32]) {
+    fn invalid(&mut self, failed: &[Broken]) {
         if let Some(s) = &self.stats {
-            for &c in checks {
-                s.check_failed(self.method, c);
+            for b in failed {
+                s.check_failed(self.method, b.check);
             }
+        }
+        if let Some(j) = &mut self.journal {
+            j.violations = Some(failed.into());
         }
     }
 
@@ -178,6 +183,7 @@ impl Drop for CallRecord<'_> {
                 protocol: self.protocol,
                 upstream: j.upstream,
                 fault: j.fault,
+                violations: j.violations,
             });
         }
     }

@@ -40,17 +40,21 @@ impl<'s> Conn<'s> {
             protocol: s.dialect.name(),
             upstream: rec.upstream,
             fault: rec.fault,
+            violations: rec.violations,
         });
     }
 
     /// Notes the validation checks a request broke (for metrics).
-    pub(super) fn note_invalid(&mut self, id: u32, checks: &[u32]) {
-        let Some(s) = self.streams.get(&id) else { return };
+    pub(super) fn note_invalid(&mut self, id: u32, failed: &[crate::call::matcher::Broken]) {
+        let Some(s) = self.streams.get_mut(&id) else { return };
         if let Some(g) = s.generation.filter(|_| self.config.metrics) {
             let stats = g.stats.worker(self.worker);
-            for &c in checks {
-                stats.check_failed(s.method.position, c);
+            for b in failed {
+                stats.check_failed(s.method.position, b.check);
             }
+        }
+        if let Some(rec) = &mut s.rec {
+            rec.violations = Some(failed.into());
         }
     }
 
@@ -93,8 +97,7 @@ impl<'s> Conn<'s> {
     pub(super) fn note_rule(&mut self, id: u32, answer: &Answer<'s>) {
         self.note_rule_parts(id, answer.rule, answer.closest);
         if let Some(v) = &answer.violations {
-            let checks: Vec<u32> = v.iter().map(|b| b.check).collect();
-            self.note_invalid(id, &checks);
+            self.note_invalid(id, v);
         }
         if let Some(score) = answer.similarity {
             self.note_similarity(id, score);

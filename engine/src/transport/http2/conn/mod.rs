@@ -276,6 +276,7 @@ struct Recording {
     message: String,
     upstream: Option<Box<Upstreamed>>,
     fault: Option<Box<str>>,
+    violations: Option<Box<[crate::call::matcher::Broken]>>,
 }
 
 impl Stream<'_> {

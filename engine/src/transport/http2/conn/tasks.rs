@@ -365,9 +365,9 @@ impl drive::Report for NativeReport<'_> {
         self.0.with(|c| c.note_fault(id, kind, what));
     }
 
-    fn invalid(&mut self, checks: &[u32]) {
+    fn invalid(&mut self, failed: &[crate::call::matcher::Broken]) {
         let id = self.0.id;
-        self.0.with(|c| c.note_invalid(id, checks));
+        self.0.with(|c| c.note_invalid(id, failed));
     }
 }
 
