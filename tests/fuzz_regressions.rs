@@ -32,6 +32,8 @@ mod plan_load;
 mod rule_file;
 #[path = "../fuzz/checks/runtime_upload.rs"]
 mod runtime_upload;
+#[path = "../fuzz/checks/string_formats.rs"]
+mod string_formats;
 #[path = "../fuzz/checks/upstream_answer.rs"]
 mod upstream_answer;
 #[path = "../fuzz/checks/web_text.rs"]
@@ -44,7 +46,7 @@ type Check = fn(&[u8]);
 
 /// Every fuzz target with its checks: a target added under
 /// `fuzz/fuzz_targets/` must be added here too (see `every_target_is_replayed`).
-const TARGETS: [(&str, Check); 13] = [
+const TARGETS: [(&str, Check); 14] = [
     ("grpc_framing", grpc_framing::check),
     ("gzip", gzip::check),
     ("h2_conn", h2_conn::check),
@@ -55,6 +57,7 @@ const TARGETS: [(&str, Check); 13] = [
     ("plan_load", plan_load::check),
     ("rule_file", rule_file::check),
     ("runtime_upload", runtime_upload::check),
+    ("string_formats", string_formats::check),
     ("upstream_answer", upstream_answer::check),
     ("web_text", web_text::check),
     ("wire_scan", wire_scan::check),

@@ -18,22 +18,6 @@ use crate::paths::scalar_kind;
 use prost_reflect::{DynamicMessage, FieldDescriptor, Kind, MessageDescriptor, ReflectMessage, Value as PValue};
 use wirestub_plan::{self as plan, Check, MessageSel, Op, Shape, Source, Test, Value};
 
-/// protovalidate's CEL functions, beyond standard CEL.
-const PROTOVALIDATE_FUNCTIONS: &[&str] = &[
-    "isEmail",
-    "isHostname",
-    "isIp",
-    "isIpPrefix",
-    "isUri",
-    "isUriRef",
-    "isHostAndPort",
-    "unique",
-    "isNan",
-    "isInf",
-    "getField",
-    "format",
-];
-
 /// How deep nested messages are followed.
 const MAX_DEPTH: usize = 8;
 /// `FieldDescriptorProto.Type` of a message field, for violation paths.
@@ -442,16 +426,12 @@ impl Cx<'_> {
                 return;
             }
         };
-        // protovalidate's own functions and variables are not there yet:
-        // such a rule would fail every request, so it is left out, said.
+        // protovalidate's functions are the engine's too; of its
+        // variables only `this` is bound (not `rules` or `now`): a rule
+        // using another would fail every request, so it is left out, said.
         let references = program.references();
-        let missing: Vec<String> = references
-            .functions()
-            .into_iter()
-            .filter(|f| PROTOVALIDATE_FUNCTIONS.contains(f))
-            .map(|f| format!("{f}()"))
-            .chain(references.variables().into_iter().filter(|v| *v != "this").map(str::to_string))
-            .collect();
+        let missing: Vec<String> =
+            references.variables().into_iter().filter(|v| *v != "this").map(str::to_string).collect();
         if !missing.is_empty() {
             let name = if id.is_empty() { &expression } else { &id };
             self.warn(&format!("CEL rule `{name}` uses {}", missing.join(", ")), owner, "cel");
@@ -861,28 +841,76 @@ fn scalar_rules(
                     _ => (not(op(Op::Contains(Value::Bytes(needle)))), format!("contains substring {quoted}")),
                 })
             }
-            "email" | "uuid" | "tuuid" | "ipv4" | "ipv6" | "ip" | "hostname" if kind == "string" => {
+            "email"
+            | "uuid"
+            | "tuuid"
+            | "ipv4"
+            | "ipv6"
+            | "ip"
+            | "hostname"
+            | "uri"
+            | "uri_ref"
+            | "address"
+            | "host_and_port"
+            | "ip_prefix"
+            | "ipv4_prefix"
+            | "ipv6_prefix"
+            | "ip_with_prefixlen"
+            | "ipv4_with_prefixlen"
+            | "ipv6_with_prefixlen"
+                if kind == "string" =>
+            {
                 if !matches!(v, PValue::Bool(true)) {
                     continue;
                 }
+                use plan::Format as F;
                 // A regular expression where one says it (protovalidate's
                 // own for the UUIDs; the HTML standard's e-mail address),
-                // a native check for the rest.
-                let (check, what) = match f.name() {
+                // a native check for the rest; what a value must be, and
+                // (but for URI references, which may be empty) what an
+                // empty one is not.
+                let (check, what, empty) = match f.name() {
                     "email" => (
                         Err(
                             r"^[a-zA-Z0-9.!#$%&'*+/=?^_`{|}~-]+@[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?)*$",
                         ),
-                        "email address",
+                        "a valid email address",
+                        Some("a valid email address"),
                     ),
-                    "uuid" => {
-                        (Err(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"), "UUID")
+                    "uuid" => (
+                        Err(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"),
+                        "a valid UUID",
+                        Some("a valid UUID"),
+                    ),
+                    "tuuid" => (Err(r"^[0-9a-fA-F]{32}$"), "a valid trimmed UUID", Some("a valid trimmed UUID")),
+                    "ipv4" => (Ok(F::Ipv4), "a valid IPv4 address", Some("a valid IPv4 address")),
+                    "ipv6" => (Ok(F::Ipv6), "a valid IPv6 address", Some("a valid IPv6 address")),
+                    "ip" => (Ok(F::Ip), "a valid IP address", Some("a valid IP address")),
+                    "hostname" => (Ok(F::Hostname), "a valid hostname", Some("a valid hostname")),
+                    "uri" => (Ok(F::Uri), "a valid URI", Some("a valid URI")),
+                    "uri_ref" => (Ok(F::UriRef), "a valid URI Reference", None),
+                    "address" => {
+                        (Ok(F::Address), "a valid hostname, or ip address", Some("a valid hostname, or ip address"))
                     }
-                    "tuuid" => (Err(r"^[0-9a-fA-F]{32}$"), "trimmed UUID"),
-                    "ipv4" => (Ok(plan::Format::Ipv4), "IPv4 address"),
-                    "ipv6" => (Ok(plan::Format::Ipv6), "IPv6 address"),
-                    "ip" => (Ok(plan::Format::Ip), "IP address"),
-                    _ => (Ok(plan::Format::Hostname), "hostname"),
+                    "host_and_port" => (
+                        Ok(F::HostAndPort),
+                        "a valid host (hostname or IP address) and port pair",
+                        Some("a valid host and port pair"),
+                    ),
+                    "ip_prefix" => (Ok(F::IpPrefix), "a valid IP prefix", Some("a valid IP prefix")),
+                    "ipv4_prefix" => (Ok(F::Ipv4Prefix), "a valid IPv4 prefix", Some("a valid IPv4 prefix")),
+                    "ipv6_prefix" => (Ok(F::Ipv6Prefix), "a valid IPv6 prefix", Some("a valid IPv6 prefix")),
+                    "ip_with_prefixlen" => (Ok(F::IpWithPrefixlen), "a valid IP prefix", Some("a valid IP prefix")),
+                    "ipv4_with_prefixlen" => (
+                        Ok(F::Ipv4WithPrefixlen),
+                        "a valid IPv4 address with prefix length",
+                        Some("a valid IPv4 address with prefix length"),
+                    ),
+                    _ => (
+                        Ok(F::Ipv6WithPrefixlen),
+                        "a valid IPv6 address with prefix length",
+                        Some("a valid IPv6 address with prefix length"),
+                    ),
                 };
                 let test = match check {
                     Ok(format) => op(Op::Format(format)),
@@ -891,15 +919,19 @@ fn scalar_rules(
                         op(Op::Regex(i))
                     }
                 };
+                let Some(empty_what) = empty else {
+                    out.push((id, test, format!("must be {what}"), step(&f)));
+                    continue;
+                };
                 let empty = Value::Bytes(Vec::new());
                 // An empty value is its own violation; others must match.
                 out.push((
                     format!("{id}_empty"),
                     not(op(Op::Eq(empty.clone()))),
-                    format!("value is empty, which is not a valid {what}"),
+                    format!("value is empty, which is not {empty_what}"),
                     step(&f),
                 ));
-                Some((Test::Any(vec![op(Op::Eq(empty)), test]), format!("must be a valid {what}")))
+                Some((Test::Any(vec![op(Op::Eq(empty)), test]), format!("must be {what}")))
             }
             "pattern" => {
                 let PValue::String(p) = v else { continue };

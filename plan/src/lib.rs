@@ -533,6 +533,24 @@ pub enum Format {
     Ip = 2,
     Ipv4 = 3,
     Ipv6 = 4,
+    /// An RFC 3986 URI.
+    Uri = 5,
+    /// An RFC 3986 URI reference (a URI or a relative reference).
+    UriRef = 6,
+    /// A host name or an IP address.
+    Address = 7,
+    /// A host and a port: `example.com:443`, `[::1]:80`.
+    HostAndPort = 8,
+    /// An address and a prefix length, no host bits set: `10.0.0.0/8`.
+    IpPrefix = 9,
+    Ipv4Prefix = 10,
+    Ipv6Prefix = 11,
+    /// An address and a prefix length: `10.0.0.1/8`.
+    IpWithPrefixlen = 12,
+    Ipv4WithPrefixlen = 13,
+    Ipv6WithPrefixlen = 14,
+    /// An e-mail address as the HTML standard defines one.
+    Email = 15,
 }
 
 impl Format {
@@ -542,6 +560,17 @@ impl Format {
             2 => Format::Ip,
             3 => Format::Ipv4,
             4 => Format::Ipv6,
+            5 => Format::Uri,
+            6 => Format::UriRef,
+            7 => Format::Address,
+            8 => Format::HostAndPort,
+            9 => Format::IpPrefix,
+            10 => Format::Ipv4Prefix,
+            11 => Format::Ipv6Prefix,
+            12 => Format::IpWithPrefixlen,
+            13 => Format::Ipv4WithPrefixlen,
+            14 => Format::Ipv6WithPrefixlen,
+            15 => Format::Email,
             _ => return None,
         })
     }

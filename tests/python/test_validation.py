@@ -107,6 +107,23 @@ MUTATIONS = {
     "contact": [None, "phone", "fax"],
     "quota": [0, 10, 11, 30],
     "country": ["", "fr", "de", "it"],
+    "site": ["", "https://example.com/a?b#c", "example.com", "mailto:a@b.c", "http://[::1]:80/", "http://exa mple.com",
+             "1http://x", "http://x/%zz", "urn:isbn:0451450523", "http://user@host:8a/", "file:///etc/hosts",
+             "http://[fe80::1%25eth0]/", "http://[v1.fe]/"],
+    "link": ["", "../a", "/a b", "https://example.com", "?q#f", "//host/p", "a:b", "%", "a/b:c"],
+    "addr": ["", "example.com", "1.2.3.4", "::1", "-bad", "a b", "fe80::1%eth0"],
+    "endpoint": ["", "example.com:443", "[::1]:80", "1.2.3.4:0", "example.com", "example.com:65536", "example.com:080",
+                 "::1:80", "[::1]", "1.2.3.4:65535", ":80"],
+    "net": ["", "10.0.0.0/8", "10.0.0.1/8", "::/0", "2001:db8::/32", "2001:db8::1/32", "10.0.0.0/33", "10.0.0.0/08",
+            "10.0.0.0", "0.0.0.0/0"],
+    "net4": ["", "10.0.0.1/8", "10.0.0.1/32", "10.0.0.1/33", "::1/8", "10.0.0.1", "10.0.0.1/"],
+    "net6": ["", "2001:db8::/32", "2001:db8::1/32", "2001:db8::/129", "10.0.0.0/8", "::/0"],
+    "alias": ["", "a@b.com", "bad", "a@b@c"],
+    "labels": [[], ["a", "b"], ["a", "a"]],
+    "gateway": ["", "1.2.3.4", "2001:db8::/32", "::1", "x", "2001:db8::1/32"],
+    "ratio": [0.0, float("nan"), float("inf"), float("-inf"), 2.5],
+    "greeting": ["", "hi bob", "hi al"],
+    "web": ["", "example.com:80", "example.com", "https://x.y/z", "/path", "not a host"],
 }
 
 
@@ -140,7 +157,7 @@ def corpus(signup):
             elif field == "items":
                 for sku, qty in v:
                     u.items.add(sku=sku, qty=qty)
-            elif field in ("tags", "scores"):
+            elif field in ("tags", "scores", "labels"):
                 del getattr(u, field)[:]
                 getattr(u, field).extend(v)
             else:

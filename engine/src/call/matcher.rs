@@ -594,7 +594,7 @@ impl<'a> Request<'a> {
                     ValueRef::Bytes(h) => self.eval(t, ValueRef::U64(h.len() as u64), true, None),
                     _ => false,
                 },
-                Op::Format(f) => matches!(value, ValueRef::Bytes(h) if crate::call::validate::is_format(*f, h)),
+                Op::Format(f) => matches!(value, ValueRef::Bytes(h) if crate::call::formats::is_format(*f, h)),
                 // Only repeated fields are unique or not (the loader admits
                 // it nowhere else).
                 Op::Unique => false,

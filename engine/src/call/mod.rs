@@ -3,7 +3,9 @@
 //! ([`pick`]), the chosen answer ([`Answer`]), and small helpers for
 //! deadlines and injected faults.
 
+pub mod cel_ext;
 pub mod drive;
+pub mod formats;
 pub mod forward;
 pub mod matcher;
 pub mod picks;

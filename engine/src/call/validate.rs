@@ -143,7 +143,7 @@ pub fn cel_failures(method: &ServedMethod, message: &[u8], max: usize) -> Vec<(u
     let Some(codec) = method.json.as_ref().filter(|_| !method.cel.is_empty()) else { return out };
     let Ok(root) = DynamicMessage::decode(codec.input().clone(), message) else { return out };
     // One context for the message's rules; each sets its own `this`.
-    let mut context = cel::Context::default();
+    let mut context = super::cel_ext::context();
     for (i, (check, program)) in method.plan.cel_checks.iter().zip(&method.cel).enumerate() {
         if out.len() >= max {
             break;
@@ -265,49 +265,6 @@ fn message_to_cel(m: &prost_reflect::DynamicMessage, depth: usize) -> cel::Value
 
 /// How deep CEL sees nested messages.
 const MAX_CEL_DEPTH: usize = 32;
-
-/// Whether `text` is a well-formed value of `format`, as protovalidate
-/// defines it.
-pub fn is_format(format: wirestub_plan::Format, text: &[u8]) -> bool {
-    use wirestub_plan::Format as F;
-    let Ok(s) = std::str::from_utf8(text) else { return false };
-    match format {
-        F::Hostname => is_hostname(s),
-        F::Ip => s.parse::<std::net::Ipv4Addr>().is_ok() || is_ipv6(s),
-        F::Ipv4 => s.parse::<std::net::Ipv4Addr>().is_ok(),
-        F::Ipv6 => is_ipv6(s),
-    }
-}
-
-/// An IPv6 address, with a zone (`fe80::1%eth0`) or without.
-fn is_ipv6(s: &str) -> bool {
-    match s.split_once('%') {
-        Some((addr, zone)) => !zone.is_empty() && addr.parse::<std::net::Ipv6Addr>().is_ok(),
-        None => s.parse::<std::net::Ipv6Addr>().is_ok(),
-    }
-}
-
-/// RFC 1034 host names: at most 253 characters (a trailing dot aside),
-/// labels of 1 to 63 letters, digits and hyphens, not starting or ending
-/// with a hyphen, the last label not all digits.
-fn is_hostname(s: &str) -> bool {
-    let s = s.strip_suffix('.').unwrap_or(s);
-    if s.is_empty() || s.len() > 253 {
-        return false;
-    }
-    let mut last_all_digits = false;
-    for label in s.split('.') {
-        let b = label.as_bytes();
-        if b.is_empty() || b.len() > 63 || b[0] == b'-' || b[b.len() - 1] == b'-' {
-            return false;
-        }
-        if !b.iter().all(|c| c.is_ascii_alphanumeric() || *c == b'-') {
-            return false;
-        }
-        last_all_digits = b.iter().all(u8::is_ascii_digit);
-    }
-    !last_all_digits
-}
 
 /// The most violations one answer lists.
 pub const MAX_VIOLATIONS: usize = 100;
