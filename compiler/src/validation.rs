@@ -72,6 +72,7 @@ pub fn add_checks(
             field_ext,
             oneof_ext: pool.get_extension_by_name(oneof),
             message_ext: pool.get_extension_by_name(message),
+            predefined_ext: pool.get_extension_by_name("buf.validate.predefined").filter(|_| !pgv),
             unenforced: &mut *unenforced,
             diags: &mut *diags,
             regex_specs: Vec::new(),
@@ -91,6 +92,9 @@ struct Cx<'a> {
     field_ext: prost_reflect::ExtensionDescriptor,
     oneof_ext: Option<prost_reflect::ExtensionDescriptor>,
     message_ext: Option<prost_reflect::ExtensionDescriptor>,
+    /// `(buf.validate.predefined)`: the CEL rules of an extension of
+    /// protovalidate's rule messages (a predefined rule).
+    predefined_ext: Option<prost_reflect::ExtensionDescriptor>,
     unenforced: &'a mut Unenforced,
     diags: &'a mut Diagnostics,
     regex_specs: Vec<String>,
@@ -152,6 +156,7 @@ impl Cx<'_> {
                                             steps,
                                             desc.full_name(),
                                             desc.parent_file().name(),
+                                            ("", false),
                                         );
                                     }
                                 }
@@ -241,7 +246,7 @@ impl Cx<'_> {
             for (f, v) in rules.fields() {
                 if let ("cel" | "cel_expression", PValue::List(list)) = (f.name(), v) {
                     for rule in list {
-                        self.cel(rule, &numbers, true, &at, &name, field.parent_file().name());
+                        self.cel(rule, &numbers, true, &at, &name, field.parent_file().name(), ("", ignore == 1));
                     }
                 }
             }
@@ -309,6 +314,7 @@ impl Cx<'_> {
         let kind = type_field.name();
         let name = field.full_name().to_string();
         let rule_base = (type_field.number(), kind.to_string(), TYPE_MESSAGE);
+        self.predefined(rules, numbers, at, &name, field.parent_file().name(), skip_zero);
         // A rule applies only when the field is set (presence) or, with
         // IGNORE_IF_ZERO_VALUE, when it is not its zero value.
         let applies = |cx: &mut Self, path: &plan::FieldPath, test: Test| -> Test {
@@ -397,9 +403,52 @@ impl Cx<'_> {
         }
     }
 
+    /// The predefined rules set in `rules` (a field's `string`, `int32`,
+    /// `repeated`... rules): extensions of those messages that carry CEL
+    /// rules of their own, which read the extension's value as `rule`.
+    fn predefined(
+        &mut self,
+        rules: &DynamicMessage,
+        numbers: &[u32],
+        at: &[Step],
+        owner: &str,
+        file: &str,
+        skip_zero: bool,
+    ) {
+        let Some(ext) = self.predefined_ext.clone() else { return };
+        for (extension, value) in rules.extensions() {
+            let options = extension.options();
+            if !options.has_extension(&ext) {
+                continue;
+            }
+            let PValue::Message(predefined) = &*options.get_extension(&ext) else { continue };
+            let Some(literal) = cel_literal(value) else {
+                self.warn("predefined rule of a message or map value", owner, extension.full_name());
+                continue;
+            };
+            if let Some(PValue::List(list)) = predefined.get_field_by_name("cel").as_deref() {
+                for rule in list {
+                    self.cel(rule, numbers, true, at, owner, file, (&literal, skip_zero));
+                }
+            }
+        }
+    }
+
     /// A CEL rule (`Rule { id, message, expression }`, or a bare
-    /// expression), parsed now so that a bad one is a compile error.
-    fn cel(&mut self, rule: &PValue, numbers: &[u32], field: bool, at: &[Step], owner: &str, file: &str) {
+    /// expression), parsed now so that a bad one is a compile error;
+    /// `predefined`: a predefined rule's value as a CEL literal (empty for
+    /// others), and whether the field is ignored at its zero value.
+    #[allow(clippy::too_many_arguments)]
+    fn cel(
+        &mut self,
+        rule: &PValue,
+        numbers: &[u32],
+        field: bool,
+        at: &[Step],
+        owner: &str,
+        file: &str,
+        predefined: (&str, bool),
+    ) {
         if self.within.is_some() {
             self.warn("CEL rule inside repeated elements", owner, "cel");
             return;
@@ -430,8 +479,9 @@ impl Cx<'_> {
         // variables only `this` is bound (not `rules` or `now`): a rule
         // using another would fail every request, so it is left out, said.
         let references = program.references();
+        let bound = |v: &str| v == "this" || (v == "rule" && !predefined.0.is_empty());
         let missing: Vec<String> =
-            references.variables().into_iter().filter(|v| *v != "this").map(str::to_string).collect();
+            references.variables().into_iter().filter(|v| !bound(v)).map(str::to_string).collect();
         if !missing.is_empty() {
             let name = if id.is_empty() { &expression } else { &id };
             self.warn(&format!("CEL rule `{name}` uses {}", missing.join(", ")), owner, "cel");
@@ -444,6 +494,8 @@ impl Cx<'_> {
             rule_id: id,
             message,
             path: at.to_vec(),
+            rule: predefined.0.to_string(),
+            skip_zero: predefined.1,
         });
     }
 
@@ -953,6 +1005,62 @@ fn scalar_rules(
         }
     }
     out
+}
+
+/// A rule's value as a CEL literal (`5`, `5u`, `2.5`, `"text"`,
+/// `b"\x01"`, `[1, 2]`); None for messages and maps.
+fn cel_literal(v: &PValue) -> Option<String> {
+    let bytes = |s: &[u8]| {
+        let mut out = String::from("b\"");
+        for &b in s {
+            match b {
+                b'"' | b'\\' => out.extend(['\\', b as char]),
+                0x20..=0x7e => out.push(b as char),
+                _ => out.push_str(&format!("\\x{b:02x}")),
+            }
+        }
+        out.push('"');
+        out
+    };
+    Some(match v {
+        PValue::Bool(b) => b.to_string(),
+        PValue::I32(n) => n.to_string(),
+        PValue::I64(n) => n.to_string(),
+        PValue::EnumNumber(n) => n.to_string(),
+        PValue::U32(n) => format!("{n}u"),
+        PValue::U64(n) => format!("{n}u"),
+        PValue::F32(f) => float_literal(*f as f64),
+        PValue::F64(f) => float_literal(*f),
+        // In a string literal `\x` is a code point, not a byte: the text
+        // goes as it is, but for quotes, backslashes and control characters.
+        PValue::String(s) => {
+            let mut out = String::from("\"");
+            for c in s.chars() {
+                match c {
+                    '"' | '\\' => out.extend(['\\', c]),
+                    c if c.is_control() => out.push_str(&format!("\\u{:04x}", c as u32)),
+                    c => out.push(c),
+                }
+            }
+            out.push('"');
+            out
+        }
+        PValue::Bytes(b) => bytes(b),
+        PValue::List(items) => {
+            let items: Option<Vec<String>> = items.iter().map(cel_literal).collect();
+            format!("[{}]", items?.join(", "))
+        }
+        PValue::Message(_) | PValue::Map(_) => return None,
+    })
+}
+
+/// A double as a CEL literal (`2.0`, `double("inf")`).
+fn float_literal(f: f64) -> String {
+    match f {
+        f if f.is_nan() => "double(\"NaN\")".into(),
+        f if f.is_infinite() => format!("double(\"{}\")", if f > 0.0 { "Infinity" } else { "-Infinity" }),
+        f => format!("{f:?}"),
+    }
 }
 
 /// Orders two plan values of the same class.

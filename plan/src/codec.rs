@@ -666,6 +666,8 @@ fn write_methods(out: &mut Vec<u8>, methods: &[Method]) {
                 put_bytes(out, name.as_bytes());
                 out.push(*kind);
             }
+            put_bytes(out, c.rule.as_bytes());
+            out.push(c.skip_zero as u8);
         }
     }
 }
@@ -1504,7 +1506,9 @@ fn read_methods(r: &mut Reader) -> Result<Vec<Method>, LoadError> {
                 for _ in 0..np {
                     path.push((r.u32(&at)?, r.string(&at)?, r.u8(&at)?));
                 }
-                cel_checks.push(CelCheck { numbers, field, expression, rule_id, message, path });
+                let rule = r.string(&at)?;
+                let skip_zero = r.u8(&at)? != 0;
+                cel_checks.push(CelCheck { numbers, field, expression, rule_id, message, path, rule, skip_zero });
             }
         }
         methods.push(Method {
@@ -1699,6 +1703,8 @@ mod tests {
                     rule_id: "id.nonempty".into(),
                     message: "must not be empty".into(),
                     path: vec![(1, "user".into(), 11)],
+                    rule: "5u".into(),
+                    skip_zero: true,
                 }],
             }],
         }

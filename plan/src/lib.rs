@@ -456,6 +456,12 @@ pub struct CelCheck {
     pub message: String,
     /// The violation's field path, as in [`Check::path`].
     pub path: Vec<(u32, String, u8)>,
+    /// For a predefined rule (an extension of protovalidate's rules with
+    /// CEL rules of its own): the extension's value, as a CEL literal the
+    /// expression reads as `rule`; empty otherwise.
+    pub rule: String,
+    /// The field is ignored at its zero value (`IGNORE_IF_ZERO_VALUE`).
+    pub skip_zero: bool,
 }
 
 /// A test on one input of the call.

@@ -36,7 +36,7 @@ def modules(tmp_path_factory):
     out = tmp_path_factory.mktemp("validation_pb")
     wkt = importlib.resources.files("grpc_tools") / "_proto"
     args = ["protoc", f"-I{CASE / 'protos'}", f"-I{BUILTIN}", f"-I{wkt}", f"--python_out={out}"]
-    args += ["signup.proto", "buf/validate/validate.proto", "google/rpc/error_details.proto"]
+    args += ["signup.proto", "predefined.proto", "buf/validate/validate.proto", "google/rpc/error_details.proto"]
     assert protoc.main(args) == 0
     sys.path.insert(0, str(out))
     try:
@@ -123,6 +123,9 @@ MUTATIONS = {
     "gateway": ["", "1.2.3.4", "2001:db8::/32", "::1", "x", "2001:db8::1/32"],
     "ratio": [0.0, float("nan"), float("inf"), float("-inf"), 2.5],
     "greeting": ["", "hi bob", "hi al"],
+    "sku": ["", "SKU-1", "SKU-", "sku-1", "x"],
+    "motto": ["", "one two", "one two three", "a café\"x b", "café", "ééééééééééé"],
+    "lucky": [0, 13, -4, 4, 14],
     "web": ["", "example.com:80", "example.com", "https://x.y/z", "/path", "not a host"],
 }
 

@@ -11,6 +11,26 @@ use cel::{ExecutionError, Value};
 use std::collections::HashSet;
 use std::sync::Arc;
 
+/// A CEL rule of the plan, parsed at plan load.
+pub struct CelRule {
+    pub program: cel::Program,
+    /// A predefined rule's value, which the expression reads as `rule`.
+    pub rule: Option<Value>,
+}
+
+impl CelRule {
+    /// Parses `check`'s expression and its rule's value; None when either
+    /// does not parse (a plan the compiler made always does).
+    pub fn prepare(check: &wirestub_plan::CelCheck) -> Option<CelRule> {
+        let program = cel::Program::compile(&check.expression).ok()?;
+        let rule = match check.rule.is_empty() {
+            true => None,
+            false => Some(cel::Program::compile(&check.rule).ok()?.execute(&context()).ok()?),
+        };
+        Some(CelRule { program, rule })
+    }
+}
+
 /// Standard CEL and its strings extension (`format()`, `lowerAscii()`,
 /// ...), as protovalidate has them; built once.
 fn env() -> Arc<cel::Env> {

@@ -148,7 +148,7 @@ pub fn cel_failures(method: &ServedMethod, message: &[u8], max: usize) -> Vec<(u
         if out.len() >= max {
             break;
         }
-        let Some(program) = program else { continue };
+        let Some(prepared) = program else { continue };
         // Down to the message holding what `this` is; an unset message on
         // the way means the rule does not apply.
         let (steps, last) = match check.field {
@@ -184,12 +184,20 @@ pub fn cel_failures(method: &ServedMethod, message: &[u8], max: usize) -> Vec<(u
                 if f.supports_presence() && !f.is_list() && !f.is_map() && !at.has_field(&f) {
                     continue;
                 }
+                // IGNORE_IF_ZERO_VALUE: a field at its zero value (or an
+                // empty list or map) is not set.
+                if check.skip_zero && !at.has_field(&f) {
+                    continue;
+                }
                 to_cel(&at.get_field(&f))
             }
             None => message_to_cel(&at, 0),
         };
         context.add_variable_from_value("this", this);
-        let broken = match program.execute(&context) {
+        if let Some(rule) = &prepared.rule {
+            context.add_variable_from_value("rule", rule.clone());
+        }
+        let broken = match prepared.program.execute(&context) {
             Ok(cel::Value::Bool(true)) => None,
             Ok(cel::Value::Bool(false)) => Some(check.message.clone()),
             Ok(cel::Value::String(s)) if s.is_empty() => None,

@@ -246,7 +246,7 @@ pub struct ServedMethod {
     pub validated: std::sync::OnceLock<bool>,
     /// The method's CEL validation rules, parsed (in the order of the
     /// plan's `cel_checks`).
-    pub cel: Vec<Option<cel::Program>>,
+    pub cel: Vec<Option<crate::call::cel_ext::CelRule>>,
     /// The fields that read every message of a client stream (aggregates
     /// in templates), folded as the messages arrive.
     pub each: Vec<u32>,
@@ -770,7 +770,7 @@ impl Served {
             by_path.insert(m.path.clone().into_boxed_str(), methods.len());
             let used = (0..m.responses.len()).map(|_| std::sync::atomic::AtomicU64::new(0)).collect();
             let m_keys = m.metadata_keys.clone();
-            let cel = m.cel_checks.iter().map(|c| cel::Program::compile(&c.expression).ok()).collect();
+            let cel = m.cel_checks.iter().map(crate::call::cel_ext::CelRule::prepare).collect();
             let each =
                 (0..m.fields.len() as u32).filter(|&i| m.fields[i as usize].message == MessageSel::Each).collect();
             let literals = build_literals(&m);
