@@ -33,6 +33,7 @@ pub fn lower(
     docs: Vec<RuleDoc>,
     raw: Vec<RawDoc>,
     regexes: &[Vec<u8>],
+    files: &std::collections::BTreeMap<String, crate::protos::Text>,
     diags: &mut Diagnostics,
 ) -> plan::Plan {
     let mut by_method: HashMap<String, Vec<RuleDoc>> = HashMap::new();
@@ -54,7 +55,7 @@ pub fn lower(
         for m in service.methods() {
             let docs = by_method.remove(m.full_name()).unwrap_or_default();
             let mut method = lower_method(&service, &m, docs, regexes, diags);
-            crate::validation::add_checks(&mut method, &m.input(), &mut unenforced, diags);
+            crate::validation::add_checks(&mut method, &m.input(), files, &mut unenforced, diags);
             if let Some(raw) = raw_by_path.remove(&method.path) {
                 add_raw(&mut method, raw);
             }

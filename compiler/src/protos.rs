@@ -286,7 +286,9 @@ fn link(
     resolver.add(GoogleFileResolver::new());
     resolver.add(BuiltinFileResolver);
     let mut compiler = protox::Compiler::with_file_resolver(resolver);
-    compiler.include_imports(true).include_source_info(false);
+    // Source info (spans and comments) lets diagnostics about options name
+    // the line; it is stripped from the descriptors the plan carries.
+    compiler.include_imports(true).include_source_info(true);
     // Open files one by one so that every broken file is reported, not only
     // the first.
     let mut failed = false;
@@ -313,8 +315,9 @@ fn link(
         return None;
     }
     add_builtins(&mut compiler, diags)?;
-    let encoded = compiler.encode_file_descriptor_set();
-    match DescriptorPool::decode(encoded.as_slice()) {
+    let with_info = compiler.encode_file_descriptor_set();
+    let encoded = without_source_info(&with_info);
+    match DescriptorPool::decode(with_info.as_slice()) {
         Ok(pool) => {
             let files = match entries {
                 [] => protos.len(),
@@ -326,6 +329,21 @@ fn link(
             diags.error(None, format!("protos compiled but could not be loaded: {e}"));
             None
         }
+    }
+}
+
+/// A FileDescriptorSet without its files' source info.
+fn without_source_info(set: &[u8]) -> Vec<u8> {
+    use prost::Message as _;
+    match prost_reflect::prost_types::FileDescriptorSet::decode(set) {
+        Ok(mut s) => {
+            for f in &mut s.file {
+                f.source_code_info = None;
+            }
+            s.encode_to_vec()
+        }
+        // protox's own encoding always decodes; keep it as it is otherwise.
+        Err(_) => set.to_vec(),
     }
 }
 

@@ -237,7 +237,15 @@ pub fn compile(sources: &Sources, cache: &mut Cache) -> Result<Output, Diagnosti
         None
     } else {
         let regexes: Vec<Vec<u8>> = regexes.into_iter().flatten().collect();
-        let plan = lower::lower(&schema.schema.pool, schema.schema.encoded.clone(), docs, raw, &regexes, &mut diags);
+        let plan = lower::lower(
+            &schema.schema.pool,
+            schema.schema.encoded.clone(),
+            docs,
+            raw,
+            &regexes,
+            &sources.protos,
+            &mut diags,
+        );
         (!diags.has_errors()).then_some(plan)
     };
     cache.rules = kept;

@@ -55,6 +55,7 @@ impl Unenforced {
 pub fn add_checks(
     method: &mut plan::Method,
     input: &MessageDescriptor,
+    files: &std::collections::BTreeMap<String, crate::protos::Text>,
     unenforced: &mut Unenforced,
     diags: &mut Diagnostics,
 ) {
@@ -75,6 +76,7 @@ pub fn add_checks(
             predefined_ext: pool.get_extension_by_name("buf.validate.predefined").filter(|_| !pgv),
             unenforced: &mut *unenforced,
             diags: &mut *diags,
+            files,
             regex_specs: Vec::new(),
             pgv,
             within: None,
@@ -97,6 +99,8 @@ struct Cx<'a> {
     predefined_ext: Option<prost_reflect::ExtensionDescriptor>,
     unenforced: &'a mut Unenforced,
     diags: &'a mut Diagnostics,
+    /// The user's .proto files, by import name, for the spans of errors.
+    files: &'a std::collections::BTreeMap<String, crate::protos::Text>,
     regex_specs: Vec<String>,
     /// Reading protoc-gen-validate's options (`validate.rules`).
     pgv: bool,
@@ -111,6 +115,22 @@ struct Cx<'a> {
 }
 
 impl Cx<'_> {
+    /// Where the element at `path` (a descriptor's path in its file) is
+    /// declared, from the file's source info.
+    fn span(&self, file: &prost_reflect::FileDescriptor, path: &[i32]) -> Option<crate::diag::Span> {
+        let text = self.files.get(file.name())?;
+        let info = file.file_descriptor_proto().source_code_info.as_ref()?;
+        let location = info.location.iter().find(|l| l.path == path)?;
+        let (line, col) = (*location.span.first()?, *location.span.get(1)?);
+        let source = crate::diag::SourceFile::named(&text.shown, text.text.to_string());
+        let mut span = source.line_span(u32::try_from(line).ok()? + 1);
+        span.col = u32::try_from(col).ok()? + 1;
+        // The declaration's first line, from its column.
+        let rest = source.text.lines().nth(line as usize).unwrap_or("");
+        span.len = rest.chars().skip(col as usize).count().max(1) as u32;
+        Some(span)
+    }
+
     /// Notes a rule the compiler cannot check yet (said once per field
     /// and rule, in one warning for the whole plan: see [`Unenforced`]).
     fn warn(&mut self, what: &str, field: &str, rule: &str) {
@@ -149,13 +169,14 @@ impl Cx<'_> {
                             match (f.name(), v) {
                                 ("cel" | "cel_expression", PValue::List(list)) => {
                                     for rule in list {
+                                        let span = self.span(&desc.parent_file(), desc.path());
                                         self.cel(
                                             rule,
                                             numbers,
                                             false,
                                             steps,
                                             desc.full_name(),
-                                            desc.parent_file().name(),
+                                            (desc.parent_file().name(), span),
                                             ("", false),
                                         );
                                     }
@@ -246,7 +267,9 @@ impl Cx<'_> {
             for (f, v) in rules.fields() {
                 if let ("cel" | "cel_expression", PValue::List(list)) = (f.name(), v) {
                     for rule in list {
-                        self.cel(rule, &numbers, true, &at, &name, field.parent_file().name(), ("", ignore == 1));
+                        let span = self.span(&field.parent_file(), field.path());
+                        let file = field.parent_file();
+                        self.cel(rule, &numbers, true, &at, &name, (file.name(), span), ("", ignore == 1));
                     }
                 }
             }
@@ -314,7 +337,7 @@ impl Cx<'_> {
         let kind = type_field.name();
         let name = field.full_name().to_string();
         let rule_base = (type_field.number(), kind.to_string(), TYPE_MESSAGE);
-        self.predefined(rules, numbers, at, &name, field.parent_file().name(), skip_zero);
+        self.predefined(rules, numbers, at, field, skip_zero);
         // A rule applies only when the field is set (presence) or, with
         // IGNORE_IF_ZERO_VALUE, when it is not its zero value.
         let applies = |cx: &mut Self, path: &plan::FieldPath, test: Test| -> Test {
@@ -411,11 +434,11 @@ impl Cx<'_> {
         rules: &DynamicMessage,
         numbers: &[u32],
         at: &[Step],
-        owner: &str,
-        file: &str,
+        field: &FieldDescriptor,
         skip_zero: bool,
     ) {
         let Some(ext) = self.predefined_ext.clone() else { return };
+        let (owner, file) = (field.full_name(), field.parent_file());
         for (extension, value) in rules.extensions() {
             let options = extension.options();
             if !options.has_extension(&ext) {
@@ -428,7 +451,8 @@ impl Cx<'_> {
             };
             if let Some(PValue::List(list)) = predefined.get_field_by_name("cel").as_deref() {
                 for rule in list {
-                    self.cel(rule, numbers, true, at, owner, file, (&literal, skip_zero));
+                    let span = self.span(&file, field.path());
+                    self.cel(rule, numbers, true, at, owner, (file.name(), span), (&literal, skip_zero));
                 }
             }
         }
@@ -446,7 +470,7 @@ impl Cx<'_> {
         field: bool,
         at: &[Step],
         owner: &str,
-        file: &str,
+        (file, span): (&str, Option<crate::diag::Span>),
         predefined: (&str, bool),
     ) {
         if self.within.is_some() {
@@ -469,7 +493,7 @@ impl Cx<'_> {
             Err(e) => {
                 let first = e.to_string().lines().next().unwrap_or_default().to_string();
                 self.diags.push(Diagnostic::error(
-                    None,
+                    span,
                     format!("`{owner}` ({file}): its CEL rule `{id}` does not parse: {first}"),
                 ));
                 return;
@@ -720,8 +744,9 @@ impl Cx<'_> {
                     cause = next;
                 }
                 let detail = cause.to_string().lines().last().unwrap_or_default().trim().to_string();
+                let span = self.span(&field.parent_file(), field.path());
                 self.diags.push(Diagnostic::error(
-                    None,
+                    span,
                     format!(
                         "`{}` ({}): its validation pattern `{pattern}` does not compile: {detail}",
                         field.full_name(),
