@@ -332,19 +332,78 @@ fn link(
     }
 }
 
-/// A FileDescriptorSet without its files' source info.
+/// A FileDescriptorSet without its files' source info
+/// (`FileDescriptorProto.source_code_info`, field 9), every other byte
+/// kept as it is: options' extensions (`buf.validate`, `google.api`), which
+/// a decode into `prost_types` would drop, stay for reflection clients.
 fn without_source_info(set: &[u8]) -> Vec<u8> {
-    use prost::Message as _;
-    match prost_reflect::prost_types::FileDescriptorSet::decode(set) {
-        Ok(mut s) => {
-            for f in &mut s.file {
-                f.source_code_info = None;
+    /// One field: its number, its bytes, and a length-delimited one's
+    /// payload.
+    type Field<'a> = (u64, &'a [u8], Option<&'a [u8]>);
+    /// The fields of a message; None if the bytes do not parse.
+    fn fields(mut b: &[u8]) -> Option<Vec<Field<'_>>> {
+        fn varint(b: &mut &[u8]) -> Option<u64> {
+            let mut v = 0u64;
+            for shift in (0..64).step_by(7) {
+                let (&byte, rest) = b.split_first()?;
+                *b = rest;
+                v |= u64::from(byte & 0x7f) << shift;
+                if byte & 0x80 == 0 {
+                    return Some(v);
+                }
             }
-            s.encode_to_vec()
+            None
         }
-        // protox's own encoding always decodes; keep it as it is otherwise.
-        Err(_) => set.to_vec(),
+        let mut out = Vec::new();
+        while !b.is_empty() {
+            let start = b;
+            let key = varint(&mut b)?;
+            let payload = match key & 7 {
+                0 => {
+                    varint(&mut b)?;
+                    None
+                }
+                1 => {
+                    b = b.get(8..)?;
+                    None
+                }
+                5 => {
+                    b = b.get(4..)?;
+                    None
+                }
+                2 => {
+                    let len = usize::try_from(varint(&mut b)?).ok()?;
+                    let p = b.get(..len)?;
+                    b = &b[len..];
+                    Some(p)
+                }
+                _ => return None,
+            };
+            out.push((key >> 3, &start[..start.len() - b.len()], payload));
+        }
+        Some(out)
     }
+    let strip = || -> Option<Vec<u8>> {
+        let mut out = Vec::with_capacity(set.len());
+        for (number, whole, payload) in fields(set)? {
+            let (1, Some(file)) = (number, payload) else {
+                out.extend_from_slice(whole);
+                continue;
+            };
+            let mut kept = Vec::with_capacity(file.len());
+            for (n, w, _) in fields(file)? {
+                if n != 9 {
+                    kept.extend_from_slice(w);
+                }
+            }
+            out.push(0x0a);
+            prost::encoding::encode_varint(kept.len() as u64, &mut out);
+            out.extend_from_slice(&kept);
+        }
+        Some(out)
+    };
+    // protox's own encoding always parses; kept as it is otherwise.
+    strip().unwrap_or_else(|| set.to_vec())
 }
 
 /// Resolves import names to the in-memory files (parsed through the
@@ -493,6 +552,32 @@ fn to_diagnostic(e: &protox::Error, protos: &BTreeMap<String, Text>) -> Diagnost
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_plan_descriptors_are_those_compiled_without_source_info() {
+        const PROTO: &str = "syntax = \"proto3\";\npackage p;\nimport \"google/protobuf/descriptor.proto\";\n\
+            extend google.protobuf.FieldOptions { string note = 50001; }\n\
+            // A comment source info keeps.\nmessage M { string a = 1 [(note) = \"kept\"]; }\n";
+        struct One;
+        impl FileResolver for One {
+            fn open_file(&self, name: &str) -> Result<File, protox::Error> {
+                match name {
+                    "p.proto" => File::from_source(name, PROTO),
+                    _ => GoogleFileResolver::new().open_file(name),
+                }
+            }
+        }
+        let set = |info: bool| {
+            let mut c = protox::Compiler::with_file_resolver(One);
+            c.include_imports(true).include_source_info(info);
+            c.open_file("p.proto").expect("compiles");
+            c.encode_file_descriptor_set()
+        };
+        let (with, without) = (set(true), set(false));
+        assert!(with.len() > without.len());
+        assert_eq!(without_source_info(&with), without);
+        assert!(without.windows(4).any(|w| w == b"kept"), "the option's extension is kept");
+    }
 
     #[test]
     fn nesting_is_counted_outside_comments_and_strings() {

@@ -177,7 +177,7 @@ impl Cx<'_> {
                                             steps,
                                             desc.full_name(),
                                             (desc.parent_file().name(), span),
-                                            ("", false),
+                                            Bound::default(),
                                         );
                                     }
                                 }
@@ -269,7 +269,15 @@ impl Cx<'_> {
                     for rule in list {
                         let span = self.span(&field.parent_file(), field.path());
                         let file = field.parent_file();
-                        self.cel(rule, &numbers, true, &at, &name, (file.name(), span), ("", ignore == 1));
+                        self.cel(
+                            rule,
+                            &numbers,
+                            true,
+                            &at,
+                            &name,
+                            (file.name(), span),
+                            Bound { skip_zero: ignore == 1, ..Bound::default() },
+                        );
                     }
                 }
             }
@@ -414,6 +422,7 @@ impl Cx<'_> {
                     self.push(path.clone(), test, guards, id, &message, at.to_vec(), rule);
                 }
             }
+            "duration" | "timestamp" if !self.pgv => self.standard_cel(rules, numbers, at, field, skip_zero),
             "any" | "duration" | "timestamp" | "field_mask" => self.warn("rule", &name, kind),
             _ => {
                 let path = self.path(field, numbers, Shape::Singular);
@@ -452,7 +461,46 @@ impl Cx<'_> {
             if let Some(PValue::List(list)) = predefined.get_field_by_name("cel").as_deref() {
                 for rule in list {
                     let span = self.span(&file, field.path());
-                    self.cel(rule, numbers, true, at, owner, (file.name(), span), (&literal, skip_zero));
+                    self.cel(
+                        rule,
+                        numbers,
+                        true,
+                        at,
+                        owner,
+                        (file.name(), span),
+                        Bound { rule: literal.clone(), rules: String::new(), skip_zero },
+                    );
+                }
+            }
+        }
+    }
+
+    /// The rules protovalidate itself defines in CEL (a timestamp's or a
+    /// duration's): each set rule's own CEL rules, reading the rule's
+    /// value as `rule` and the whole rules message as `rules`.
+    fn standard_cel(
+        &mut self,
+        rules: &DynamicMessage,
+        numbers: &[u32],
+        at: &[Step],
+        field: &FieldDescriptor,
+        skip_zero: bool,
+    ) {
+        let Some(ext) = self.predefined_ext.clone() else { return };
+        let Some(all) = cel_literal(&PValue::Message(rules.clone())) else { return };
+        let (owner, file) = (field.full_name(), field.parent_file());
+        for (f, v) in rules.fields() {
+            let options = f.options();
+            if !options.has_extension(&ext) {
+                continue;
+            }
+            let PValue::Message(predefined) = &*options.get_extension(&ext) else { continue };
+            let Some(literal) = cel_literal(v) else { continue };
+            if let Some(PValue::List(list)) = predefined.get_field_by_name("cel").as_deref() {
+                for rule in list {
+                    let span = self.span(&file, field.path());
+                    let bound = Bound { rule: literal.clone(), rules: all.clone(), skip_zero };
+                    self.cel(rule, numbers, true, at, owner, (file.name(), span), bound);
                 }
             }
         }
@@ -460,8 +508,7 @@ impl Cx<'_> {
 
     /// A CEL rule (`Rule { id, message, expression }`, or a bare
     /// expression), parsed now so that a bad one is a compile error;
-    /// `predefined`: a predefined rule's value as a CEL literal (empty for
-    /// others), and whether the field is ignored at its zero value.
+    /// `bound`: what it reads besides `this` and `now`.
     #[allow(clippy::too_many_arguments)]
     fn cel(
         &mut self,
@@ -471,7 +518,7 @@ impl Cx<'_> {
         at: &[Step],
         owner: &str,
         (file, span): (&str, Option<crate::diag::Span>),
-        predefined: (&str, bool),
+        bound: Bound,
     ) {
         if self.within.is_some() {
             self.warn("CEL rule inside repeated elements", owner, "cel");
@@ -503,9 +550,14 @@ impl Cx<'_> {
         // variables only `this` is bound (not `rules` or `now`): a rule
         // using another would fail every request, so it is left out, said.
         let references = program.references();
-        let bound = |v: &str| v == "this" || (v == "rule" && !predefined.0.is_empty());
+        let known = |v: &str| {
+            v == "this"
+                || v == "now"
+                || (v == "rule" && !bound.rule.is_empty())
+                || (v == "rules" && !bound.rules.is_empty())
+        };
         let missing: Vec<String> =
-            references.variables().into_iter().filter(|v| !bound(v)).map(str::to_string).collect();
+            references.variables().into_iter().filter(|v| !known(v)).map(str::to_string).collect();
         if !missing.is_empty() {
             let name = if id.is_empty() { &expression } else { &id };
             self.warn(&format!("CEL rule `{name}` uses {}", missing.join(", ")), owner, "cel");
@@ -518,8 +570,9 @@ impl Cx<'_> {
             rule_id: id,
             message,
             path: at.to_vec(),
-            rule: predefined.0.to_string(),
-            skip_zero: predefined.1,
+            rule: bound.rule,
+            rules: bound.rules,
+            skip_zero: bound.skip_zero,
         });
     }
 
@@ -1032,6 +1085,18 @@ fn scalar_rules(
     out
 }
 
+/// What a CEL rule reads besides `this` and `now`, as CEL literals
+/// (empty: not bound).
+#[derive(Default)]
+struct Bound {
+    /// A predefined rule's value.
+    rule: String,
+    /// The field's whole rules message.
+    rules: String,
+    /// The field is ignored at its zero value.
+    skip_zero: bool,
+}
+
 /// A rule's value as a CEL literal (`5`, `5u`, `2.5`, `"text"`,
 /// `b"\x01"`, `[1, 2]`); None for messages and maps.
 fn cel_literal(v: &PValue) -> Option<String> {
@@ -1075,7 +1140,31 @@ fn cel_literal(v: &PValue) -> Option<String> {
             let items: Option<Vec<String>> = items.iter().map(cel_literal).collect();
             format!("[{}]", items?.join(", "))
         }
-        PValue::Message(_) | PValue::Map(_) => return None,
+        PValue::Message(m) => match m.descriptor().full_name() {
+            "google.protobuf.Timestamp" | "google.protobuf.Duration" => {
+                let int = |name: &str| match m.get_field_by_name(name).as_deref() {
+                    Some(PValue::I64(n)) => *n,
+                    Some(PValue::I32(n)) => *n as i64,
+                    _ => 0,
+                };
+                let (seconds, nanos) = (int("seconds"), int("nanos"));
+                if m.descriptor().full_name() == "google.protobuf.Duration" {
+                    // `1.500000000s`; a negative one has both parts negative.
+                    let sign = if seconds < 0 || nanos < 0 { "-" } else { "" };
+                    format!("duration(\"{sign}{}.{:09}s\")", seconds.unsigned_abs(), nanos.unsigned_abs())
+                } else {
+                    let t = chrono::DateTime::from_timestamp(seconds, nanos.clamp(0, 999_999_999) as u32)?;
+                    format!("timestamp(\"{}\")", t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true))
+                }
+            }
+            // A message as a map of its set fields.
+            _ => {
+                let fields: Option<Vec<String>> =
+                    m.fields().map(|(f, v)| Some(format!("'{}': {}", f.name(), cel_literal(v)?))).collect();
+                format!("{{{}}}", fields?.join(", "))
+            }
+        },
+        PValue::Map(_) => return None,
     })
 }
 

@@ -667,6 +667,7 @@ fn write_methods(out: &mut Vec<u8>, methods: &[Method]) {
                 out.push(*kind);
             }
             put_bytes(out, c.rule.as_bytes());
+            put_bytes(out, c.rules.as_bytes());
             out.push(c.skip_zero as u8);
         }
     }
@@ -1507,8 +1508,19 @@ fn read_methods(r: &mut Reader) -> Result<Vec<Method>, LoadError> {
                     path.push((r.u32(&at)?, r.string(&at)?, r.u8(&at)?));
                 }
                 let rule = r.string(&at)?;
+                let rules = r.string(&at)?;
                 let skip_zero = r.u8(&at)? != 0;
-                cel_checks.push(CelCheck { numbers, field, expression, rule_id, message, path, rule, skip_zero });
+                cel_checks.push(CelCheck {
+                    numbers,
+                    field,
+                    expression,
+                    rule_id,
+                    message,
+                    path,
+                    rule,
+                    rules,
+                    skip_zero,
+                });
             }
         }
         methods.push(Method {
@@ -1704,6 +1716,7 @@ mod tests {
                     message: "must not be empty".into(),
                     path: vec![(1, "user".into(), 11)],
                     rule: "5u".into(),
+                    rules: "{'gt': duration('1.5s')}".into(),
                     skip_zero: true,
                 }],
             }],

@@ -460,6 +460,10 @@ pub struct CelCheck {
     /// CEL rules of its own): the extension's value, as a CEL literal the
     /// expression reads as `rule`; empty otherwise.
     pub rule: String,
+    /// For the rules protovalidate defines in CEL (timestamps and
+    /// durations): the field's rules message as a CEL map literal, which
+    /// the expression reads as `rules`; empty otherwise.
+    pub rules: String,
     /// The field is ignored at its zero value (`IGNORE_IF_ZERO_VALUE`).
     pub skip_zero: bool,
 }

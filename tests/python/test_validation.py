@@ -126,6 +126,14 @@ MUTATIONS = {
     "sku": ["", "SKU-1", "SKU-", "sku-1", "x"],
     "motto": ["", "one two", "one two three", "a café\"x b", "café", "ééééééééééé"],
     "lucky": [0, 13, -4, 4, 14],
+    "born": [None, (1, 0), (0, 0), (-5, 0), (4102444800, 0), (1700000000, 5)],
+    "expires": [None, "now", "now+600", "now-600", "now+7200", "now-7200"],
+    # Not 1 ns off: Python's timestamps keep microseconds (protovalidate
+    # would find the two equal, CEL and the engine do not).
+    "at": [None, (1700000000, 0), (1700000000, 1000), (0, 0)],
+    "ttl": [None, (0, 0), (1, 0), (0, 999999999), (59, 999999999), (60, 0), (-1, 0)],
+    "step": [None, (5, 0), (0, 500000000), (1, 0)],
+    "gap": [None, (2, 0), (1, 0), (-3, 0), (-2, -500000000), (0, 0)],
     "web": ["", "example.com:80", "example.com", "https://x.y/z", "/path", "not a host"],
 }
 
@@ -160,6 +168,15 @@ def corpus(signup):
             elif field == "items":
                 for sku, qty in v:
                     u.items.add(sku=sku, qty=qty)
+            elif field in ("born", "expires", "at", "ttl", "step", "gap"):
+                if v is None:
+                    u.ClearField(field)
+                else:
+                    if isinstance(v, str):
+                        import time as _time
+                        offset = int(v[3:] or 0)
+                        v = (int(_time.time()) + offset, 0)
+                    getattr(u, field).seconds, getattr(u, field).nanos = v
             elif field in ("tags", "scores", "labels"):
                 del getattr(u, field)[:]
                 getattr(u, field).extend(v)

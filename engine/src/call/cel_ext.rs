@@ -16,6 +16,10 @@ pub struct CelRule {
     pub program: cel::Program,
     /// A predefined rule's value, which the expression reads as `rule`.
     pub rule: Option<Value>,
+    /// The field's rules message (a map), read as `rules`.
+    pub rules: Option<Value>,
+    /// The expression reads `now`.
+    pub now: bool,
 }
 
 impl CelRule {
@@ -23,11 +27,13 @@ impl CelRule {
     /// does not parse (a plan the compiler made always does).
     pub fn prepare(check: &wirestub_plan::CelCheck) -> Option<CelRule> {
         let program = cel::Program::compile(&check.expression).ok()?;
-        let rule = match check.rule.is_empty() {
-            true => None,
-            false => Some(cel::Program::compile(&check.rule).ok()?.execute(&context()).ok()?),
+        let literal = |text: &str| match text.is_empty() {
+            true => Some(None),
+            false => Some(Some(cel::Program::compile(text).ok()?.execute(&context()).ok()?)),
         };
-        Some(CelRule { program, rule })
+        let (rule, rules) = (literal(&check.rule)?, literal(&check.rules)?);
+        let now = program.references().variables().contains(&"now");
+        Some(CelRule { program, rule, rules, now })
     }
 }
 

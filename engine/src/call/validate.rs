@@ -197,6 +197,12 @@ pub fn cel_failures(method: &ServedMethod, message: &[u8], max: usize) -> Vec<(u
         if let Some(rule) = &prepared.rule {
             context.add_variable_from_value("rule", rule.clone());
         }
+        if let Some(rules) = &prepared.rules {
+            context.add_variable_from_value("rules", rules.clone());
+        }
+        if prepared.now {
+            context.add_variable_from_value("now", timestamp(std::time::SystemTime::now()));
+        }
         let broken = match prepared.program.execute(&context) {
             Ok(cel::Value::Bool(true)) => None,
             Ok(cel::Value::Bool(false)) => Some(check.message.clone()),
@@ -255,6 +261,28 @@ fn to_cel(v: &prost_reflect::Value) -> cel::Value {
 /// conversion follows the request, never the schema (which may recurse),
 /// and at most [`MAX_CEL_DEPTH`] messages deep.
 fn message_to_cel(m: &prost_reflect::DynamicMessage, depth: usize) -> cel::Value {
+    // The well-known types CEL has types of its own for.
+    let int = |name: &str| match m.get_field_by_name(name).as_deref() {
+        Some(prost_reflect::Value::I64(n)) => *n,
+        Some(prost_reflect::Value::I32(n)) => *n as i64,
+        _ => 0,
+    };
+    match m.descriptor().full_name() {
+        "google.protobuf.Timestamp" => {
+            let (seconds, nanos) = (int("seconds"), int("nanos").clamp(0, 999_999_999) as u32);
+            if let Some(t) = chrono::DateTime::from_timestamp(seconds, nanos) {
+                return cel::Value::Timestamp(t.fixed_offset());
+            }
+        }
+        "google.protobuf.Duration" => {
+            let d = chrono::Duration::try_seconds(int("seconds"))
+                .and_then(|s| s.checked_add(&chrono::Duration::nanoseconds(int("nanos"))));
+            if let Some(d) = d {
+                return cel::Value::Duration(d);
+            }
+        }
+        _ => {}
+    }
     let mut map: std::collections::HashMap<String, cel::Value> = std::collections::HashMap::new();
     for f in m.descriptor().fields() {
         let nested = matches!(f.kind(), prost_reflect::Kind::Message(_)) && !f.is_list() && !f.is_map();
@@ -269,6 +297,13 @@ fn message_to_cel(m: &prost_reflect::DynamicMessage, depth: usize) -> cel::Value
         map.insert(f.name().to_string(), to_cel(&m.get_field(&f)));
     }
     map.into()
+}
+
+/// A point in time as a CEL timestamp.
+fn timestamp(t: std::time::SystemTime) -> cel::Value {
+    let since = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let at = chrono::DateTime::from_timestamp(since.as_secs() as i64, since.subsec_nanos()).unwrap_or_default();
+    cel::Value::Timestamp(at.fixed_offset())
 }
 
 /// How deep CEL sees nested messages.
