@@ -423,7 +423,40 @@ impl Cx<'_> {
                 }
             }
             "duration" | "timestamp" if !self.pgv => self.standard_cel(rules, numbers, at, field, skip_zero),
-            "any" | "duration" | "timestamp" | "field_mask" => self.warn("rule", &name, kind),
+            "any" => {
+                // `in` and `not_in` on the type URL of an Any that is set.
+                let Kind::Message(any) = field.kind() else { return };
+                let Some(url_field) = any.get_field(1) else { return };
+                let mut url_numbers = numbers.to_vec();
+                url_numbers.push(1);
+                let path = self.path(&url_field, &url_numbers, Shape::Singular);
+                let mut g = guards.to_vec();
+                g.push(self.intern(self.path(field, numbers, Shape::Singular)));
+                for (f, v) in rules.fields() {
+                    let urls = match v {
+                        PValue::List(l) => l
+                            .iter()
+                            .filter_map(|x| match x {
+                                PValue::String(s) => Some(Value::Bytes(s.as_bytes().to_vec())),
+                                _ => None,
+                            })
+                            .collect(),
+                        _ => Vec::new(),
+                    };
+                    let in_list = Test::Op(Op::In(urls));
+                    let (id, test, message) = match f.name() {
+                        "in" => ("any.in", in_list, "type URL must be in the allow list"),
+                        "not_in" => ("any.not_in", Test::Not(Box::new(in_list)), "type URL must not be in the block list"),
+                        other => {
+                            self.warn("rule", &name, &format!("any.{other}"));
+                            continue;
+                        }
+                    };
+                    let rule = vec![rule_base.clone(), (f.number(), f.name().to_string(), kind_code(&f))];
+                    self.push(path.clone(), test, &g, id, message, at.to_vec(), rule);
+                }
+            }
+            "duration" | "timestamp" | "field_mask" => self.warn("rule", &name, kind),
             _ => {
                 let path = self.path(field, numbers, Shape::Singular);
                 for (id, test, message, rule_field) in scalar_rules(kind, rules, field, &path, self) {
@@ -448,6 +481,9 @@ impl Cx<'_> {
     ) {
         let Some(ext) = self.predefined_ext.clone() else { return };
         let (owner, file) = (field.full_name(), field.parent_file());
+        // `rules`: the standard rules set beside it (extensions are read
+        // through `rule`).
+        let all = cel_literal(&PValue::Message(rules.clone())).unwrap_or_default();
         for (extension, value) in rules.extensions() {
             let options = extension.options();
             if !options.has_extension(&ext) {
@@ -468,7 +504,7 @@ impl Cx<'_> {
                         at,
                         owner,
                         (file.name(), span),
-                        Bound { rule: literal.clone(), rules: String::new(), skip_zero },
+                        Bound { rule: literal.clone(), rules: all.clone(), skip_zero },
                     );
                 }
             }

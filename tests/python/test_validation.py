@@ -134,6 +134,8 @@ MUTATIONS = {
     "ttl": [None, (0, 0), (1, 0), (0, 999999999), (59, 999999999), (60, 0), (-1, 0)],
     "step": [None, (5, 0), (0, 500000000), (1, 0)],
     "gap": [None, (2, 0), (1, 0), (-3, 0), (-2, -500000000), (0, 0)],
+    "extra": [None, "Address", "Item", "Reply", ""],
+    "other": [None, "Address", "Item"],
     "web": ["", "example.com:80", "example.com", "https://x.y/z", "/path", "not a host"],
 }
 
@@ -177,6 +179,13 @@ def corpus(signup):
                         offset = int(v[3:] or 0)
                         v = (int(_time.time()) + offset, 0)
                     getattr(u, field).seconds, getattr(u, field).nanos = v
+            elif field in ("extra", "other"):
+                u.ClearField(field)
+                if v is not None:
+                    getattr(u, field).type_url = f"type.googleapis.com/signup.{v}" if v else ""
+                    getattr(u, field).value = b""
+                    if not v:
+                        getattr(u, field).SetInParent()
             elif field in ("tags", "scores", "labels"):
                 del getattr(u, field)[:]
                 getattr(u, field).extend(v)
