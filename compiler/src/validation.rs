@@ -181,6 +181,13 @@ impl Cx<'_> {
                                         );
                                     }
                                 }
+                                ("oneof", PValue::List(list)) if !self.pgv => {
+                                    for rule in list {
+                                        if let PValue::Message(rule) = rule {
+                                            self.message_oneof(desc, rule, numbers, steps);
+                                        }
+                                    }
+                                }
                                 _ => self.warn("message rules", desc.full_name(), f.name()),
                             }
                         }
@@ -446,7 +453,9 @@ impl Cx<'_> {
                     let in_list = Test::Op(Op::In(urls));
                     let (id, test, message) = match f.name() {
                         "in" => ("any.in", in_list, "type URL must be in the allow list"),
-                        "not_in" => ("any.not_in", Test::Not(Box::new(in_list)), "type URL must not be in the block list"),
+                        "not_in" => {
+                            ("any.not_in", Test::Not(Box::new(in_list)), "type URL must not be in the block list")
+                        }
                         other => {
                             self.warn("rule", &name, &format!("any.{other}"));
                             continue;
@@ -466,6 +475,63 @@ impl Cx<'_> {
                 }
             }
         }
+    }
+
+    /// A message's `oneof` rule (`MessageOneofRule { fields, required }`):
+    /// at most one of the fields set, and with `required` one, where a
+    /// field is set as protovalidate has it (a message present, a list or
+    /// map not empty, a scalar not its zero value). Written in CEL on the
+    /// message, rule id `message.oneof`.
+    fn message_oneof(&mut self, desc: &MessageDescriptor, rule: &DynamicMessage, numbers: &[u32], steps: &[Step]) {
+        let names: Vec<String> = match rule.get_field_by_name("fields").as_deref() {
+            Some(PValue::List(l)) => l.iter().filter_map(|v| v.as_str().map(str::to_string)).collect(),
+            _ => Vec::new(),
+        };
+        let span = self.span(&desc.parent_file(), desc.path());
+        let mut terms = Vec::new();
+        for name in &names {
+            let Some(f) = desc.get_field_by_name(name) else {
+                self.diags.push(Diagnostic::error(
+                    span.clone(),
+                    format!("`{}`: its oneof rule names `{name}`, which is not one of its fields", desc.full_name()),
+                ));
+                return;
+            };
+            let zero = match f.kind() {
+                _ if f.is_list() || f.is_map() => None,
+                Kind::Message(_) => None,
+                Kind::String => Some("''"),
+                Kind::Bytes => Some("b''"),
+                Kind::Bool => Some("false"),
+                Kind::Uint32 | Kind::Uint64 | Kind::Fixed32 | Kind::Fixed64 => Some("0u"),
+                Kind::Float | Kind::Double => Some("0.0"),
+                _ => Some("0"),
+            };
+            let set = match zero {
+                Some(z) => format!("this.{name} != {z}"),
+                None if f.is_list() || f.is_map() => format!("size(this.{name}) > 0"),
+                None => format!("has(this.{name})"),
+            };
+            terms.push(format!("({set} ? 1 : 0)"));
+        }
+        if names.is_empty() {
+            self.diags.push(Diagnostic::error(span, format!("`{}`: its oneof rule names no field", desc.full_name())));
+            return;
+        }
+        let count = terms.join(" + ");
+        let list = names.join(", ");
+        let mut expression = format!("{count} > 1 ? 'only one of {list} can be set' : ''");
+        if get_bool(rule, "required") {
+            expression = format!("{count} == 0 ? 'one of {list} must be set' : ({expression})");
+        }
+        let pool = desc.parent_pool();
+        let Some(rule_desc) = pool.get_message_by_name("buf.validate.Rule") else { return };
+        let mut cel_rule = DynamicMessage::new(rule_desc);
+        cel_rule.set_field_by_name("id", PValue::String("message.oneof".into()));
+        cel_rule.set_field_by_name("expression", PValue::String(expression));
+        let file = desc.parent_file();
+        let rule = PValue::Message(cel_rule);
+        self.cel(&rule, numbers, false, steps, desc.full_name(), (file.name(), span), Bound::default());
     }
 
     /// The predefined rules set in `rules` (a field's `string`, `int32`,

@@ -78,6 +78,7 @@ def valid_user(signup):
         quota=20,
         country="fr",
         id="123e4567-e89b-12d3-a456-426614174000",
+        pager="p",
     )
 
 
@@ -136,6 +137,8 @@ MUTATIONS = {
     "gap": [None, (2, 0), (1, 0), (-3, 0), (-2, -500000000), (0, 0)],
     "extra": [None, "Address", "Item", "Reply", ""],
     "other": [None, "Address", "Item"],
+    "reach": [None, "pager", "pigeon", "badges", "pager+pigeon", "all"],
+    "coupon": [0, 5, "voucher", "both", "voucher-false"],
     "web": ["", "example.com:80", "example.com", "https://x.y/z", "/path", "not a host"],
 }
 
@@ -186,6 +189,24 @@ def corpus(signup):
                     getattr(u, field).value = b""
                     if not v:
                         getattr(u, field).SetInParent()
+            elif field == "reach":
+                u.ClearField("pager")
+                if v in ("pager", "pager+pigeon", "all"):
+                    u.pager = "p"
+                if v in ("pigeon", "pager+pigeon", "all"):
+                    u.pigeon.sku = "ab"
+                    u.pigeon.qty = 1
+                if v in ("badges", "all"):
+                    u.badges.append("b")
+            elif field == "coupon":
+                if isinstance(v, int):
+                    u.coupon = v
+                if v in ("voucher", "both"):
+                    u.voucher = True
+                if v == "both":
+                    u.coupon = 3
+                if v == "voucher-false":
+                    u.voucher = False
             elif field in ("tags", "scores", "labels"):
                 del getattr(u, field)[:]
                 getattr(u, field).extend(v)
