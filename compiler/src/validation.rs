@@ -330,8 +330,24 @@ impl Cx<'_> {
                 self.within = Some(plan::Pick { step: numbers.len() as u32 - 1, elem: plan::Elem::All });
                 self.message(&m, &numbers, &at, guards, depth + 1, open);
                 self.within = None;
+            } else if field.is_map() && self.within.is_none() {
+                // The rules of each map value's fields, on every entry (an
+                // entry without a value has an empty one); a violation
+                // names the entry by its key: `stock["a"].sku`.
+                let value = m.map_entry_value_field();
+                if let Kind::Message(vm) = value.kind() {
+                    if !vm.full_name().starts_with("google.protobuf.") && self.has_rules(&vm) {
+                        self.within = Some(plan::Pick { step: numbers.len() as u32 - 1, elem: plan::Elem::All });
+                        self.map_key = Some(scalar_kind(&m.map_entry_key_field().kind()));
+                        let mut value_numbers = numbers.clone();
+                        value_numbers.push(value.number());
+                        self.message(&vm, &value_numbers, &at, guards, depth + 1, open);
+                        self.within = None;
+                        self.map_key = None;
+                    }
+                }
             } else if (repeated || self.within.is_some()) && self.has_rules(&m) {
-                self.warn("rules of map values or of messages inside repeated elements", &name, m.full_name());
+                self.warn("rules of messages inside repeated elements or map values", &name, m.full_name());
             }
         }
     }

@@ -139,6 +139,7 @@ MUTATIONS = {
     "other": [None, "Address", "Item"],
     "reach": [None, "pager", "pigeon", "badges", "pager+pigeon", "all"],
     "coupon": [0, 5, "voucher", "both", "voucher-false"],
+    "stock": [{}, {"a": ("ab", 1)}, {"b": ("x", 0), "c": ("abc", 2)}, {"d": None}],
     "web": ["", "example.com:80", "example.com", "https://x.y/z", "/path", "not a host"],
 }
 
@@ -167,6 +168,12 @@ def corpus(signup):
                 u.ClearField("nickname")
                 if v is not None:
                     u.nickname = v
+            elif field == "stock":
+                for k, item in v.items():
+                    if item is None:
+                        u.stock[k].SetInParent()
+                    else:
+                        u.stock[k].sku, u.stock[k].qty = item
             elif field == "limits":
                 for k, n in v.items():
                     u.limits[k] = n
