@@ -445,7 +445,9 @@ impl Cx<'_> {
                     self.push(path.clone(), test, guards, id, &message, at.to_vec(), rule);
                 }
             }
-            "duration" | "timestamp" if !self.pgv => self.standard_cel(rules, numbers, at, field, skip_zero),
+            "duration" | "timestamp" | "field_mask" if !self.pgv => {
+                self.standard_cel(rules, numbers, at, field, skip_zero)
+            }
             "any" => {
                 // `in` and `not_in` on the type URL of an Any that is set.
                 let Kind::Message(any) = field.kind() else { return };
@@ -664,18 +666,16 @@ impl Cx<'_> {
                 return;
             }
         };
-        // protovalidate's functions are the engine's too; of its
-        // variables only `this` is bound (not `rules` or `now`): a rule
-        // using another would fail every request, so it is left out, said.
+        // protovalidate's functions are the engine's too, and its variables
+        // `this` and `now`; `rule` and `rules` only where they have a value
+        // (predefined and standard rules): a rule reading one without
+        // would fail every request, so it is left out, said. (The
+        // references include the variables macros bind, such as `x` in
+        // `this.all(x, x > 0)`: only protovalidate's own count here.)
         let references = program.references();
-        let known = |v: &str| {
-            v == "this"
-                || v == "now"
-                || (v == "rule" && !bound.rule.is_empty())
-                || (v == "rules" && !bound.rules.is_empty())
-        };
+        let unbound = |v: &str| (v == "rule" && bound.rule.is_empty()) || (v == "rules" && bound.rules.is_empty());
         let missing: Vec<String> =
-            references.variables().into_iter().filter(|v| !known(v)).map(str::to_string).collect();
+            references.variables().into_iter().filter(|v| unbound(v)).map(str::to_string).collect();
         if !missing.is_empty() {
             let name = if id.is_empty() { &expression } else { &id };
             self.warn(&format!("CEL rule `{name}` uses {}", missing.join(", ")), owner, "cel");

@@ -140,6 +140,9 @@ MUTATIONS = {
     "reach": [None, "pager", "pigeon", "badges", "pager+pigeon", "all"],
     "coupon": [0, 5, "voucher", "both", "voucher-false"],
     "stock": [{}, {"a": ("ab", 1)}, {"b": ("x", 0), "c": ("abc", 2)}, {"d": None}],
+    "mask": [None, [], ["name"], ["address.city"], ["age"], ["name", "namex"]],
+    "exact": [None, ["a", "b"], ["b", "a"], ["a"]],
+    "lottery": [[], [1, 2], [7], [3, -1]],
     "web": ["", "example.com:80", "example.com", "https://x.y/z", "/path", "not a host"],
 }
 
@@ -168,6 +171,11 @@ def corpus(signup):
                 u.ClearField("nickname")
                 if v is not None:
                     u.nickname = v
+            elif field in ("mask", "exact"):
+                u.ClearField(field)
+                if v is not None:
+                    getattr(u, field).SetInParent()
+                    getattr(u, field).paths.extend(v)
             elif field == "stock":
                 for k, item in v.items():
                     if item is None:
@@ -214,7 +222,7 @@ def corpus(signup):
                     u.coupon = 3
                 if v == "voucher-false":
                     u.voucher = False
-            elif field in ("tags", "scores", "labels"):
+            elif field in ("tags", "scores", "labels", "lottery"):
                 del getattr(u, field)[:]
                 getattr(u, field).extend(v)
             else:
