@@ -640,10 +640,6 @@ impl Cx<'_> {
         (file, span): (&str, Option<crate::diag::Span>),
         bound: Bound,
     ) {
-        if self.within.is_some() {
-            self.warn("CEL rule inside repeated elements", owner, "cel");
-            return;
-        }
         let (id, message, expression) = match rule {
             PValue::Message(r) => {
                 let text = |n: &str| match r.get_field_by_name(n).as_deref() {
@@ -691,6 +687,8 @@ impl Cx<'_> {
             rule: bound.rule,
             rules: bound.rules,
             skip_zero: bound.skip_zero,
+            // Inside the elements of a list, or the values of a map.
+            each: self.within.map(|w| (w.step, self.map_key.map_or(0, |k| k as u8))),
         });
     }
 

@@ -669,6 +669,8 @@ fn write_methods(out: &mut Vec<u8>, methods: &[Method]) {
             put_bytes(out, c.rule.as_bytes());
             put_bytes(out, c.rules.as_bytes());
             out.push(c.skip_zero as u8);
+            put_u32(out, c.each.map_or(u32::MAX, |(step, _)| step));
+            out.push(c.each.map_or(0, |(_, kind)| kind));
         }
     }
 }
@@ -1510,6 +1512,12 @@ fn read_methods(r: &mut Reader) -> Result<Vec<Method>, LoadError> {
                 let rule = r.string(&at)?;
                 let rules = r.string(&at)?;
                 let skip_zero = r.u8(&at)? != 0;
+                let (step, key_kind) = (r.u32(&at)?, r.u8(&at)?);
+                let each = match step {
+                    u32::MAX => None,
+                    s if (s as usize) < numbers.len() => Some((s, key_kind)),
+                    _ => return Err(LoadError::invalid(at(), "a CEL rule's elements are past its field path")),
+                };
                 cel_checks.push(CelCheck {
                     numbers,
                     field,
@@ -1520,6 +1528,7 @@ fn read_methods(r: &mut Reader) -> Result<Vec<Method>, LoadError> {
                     rule,
                     rules,
                     skip_zero,
+                    each,
                 });
             }
         }
@@ -1718,6 +1727,7 @@ mod tests {
                     rule: "5u".into(),
                     rules: "{'gt': duration('1.5s')}".into(),
                     skip_zero: true,
+                    each: Some((0, 9)),
                 }],
             }],
         }

@@ -466,6 +466,11 @@ pub struct CelCheck {
     pub rules: String,
     /// The field is ignored at its zero value (`IGNORE_IF_ZERO_VALUE`).
     pub skip_zero: bool,
+    /// For a rule inside the elements of a repeated field or the values
+    /// of a map: the position in `numbers` of that field (a map's is
+    /// followed by its value's number, 2) and, for a map, its keys'
+    /// `ScalarKind` (0 for a list). The rule runs on every element.
+    pub each: Option<(u32, u8)>,
 }
 
 /// A test on one input of the call.

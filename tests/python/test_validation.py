@@ -78,7 +78,6 @@ def valid_user(signup):
         quota=20,
         country="fr",
         id="123e4567-e89b-12d3-a456-426614174000",
-        pager="p",
     )
 
 
@@ -93,7 +92,8 @@ MUTATIONS = {
     "contact_email": ["", "a@b", "a@b.c", "a.b+c@x-y.example.org", "no-at", "a@-b.c", "a@b..c", "é@x.y", "a@" + "x" * 64 + ".com"],
     "id": ["", "123e4567-e89b-12d3-a456-426614174000", "123E4567-E89B-12D3-A456-426614174000", "123e4567e89b12d3a456426614174000", "xyz"],
     "even": [0, 2, 3, -7],
-    "items": [[], [("ab", 1)], [("ab", 1), ("x", 0), ("abc", 2)], [("", 0)]],
+    "items": [[], [("ab", 1)], [("ab", 1), ("x", 0), ("abc", 2)], [("", 0)], [("ab", 101), ("abc", 101)],
+              [("ab", 1, "#x"), ("ab", 1, "x"), ("ab", 101, "y")]],
     "limits": [{}, {"ab": 1}, {"a": 1}, {"ab": -1, "cd": 2}, {"a": -1}, {"aa": 1, "bb": 1, "cc": 1, "dd": 1}],
     "nickname_same": [None],
     "host": ["", "example.com", "a-b.c", "example.com.", "-a.com", "a-.com", "a..b", "123", "1.2.3.4", "x" * 63 + ".com", "x" * 64 + ".com", "a_b.com", "UPPER.Case", "é.com"],
@@ -137,9 +137,9 @@ MUTATIONS = {
     "gap": [None, (2, 0), (1, 0), (-3, 0), (-2, -500000000), (0, 0)],
     "extra": [None, "Address", "Item", "Reply", ""],
     "other": [None, "Address", "Item"],
-    "reach": [None, "pager", "pigeon", "badges", "pager+pigeon", "all"],
+    "reach": [None, "none", "pager", "pigeon", "badges", "pager+pigeon", "all"],
     "coupon": [0, 5, "voucher", "both", "voucher-false"],
-    "stock": [{}, {"a": ("ab", 1)}, {"b": ("x", 0), "c": ("abc", 2)}, {"d": None}],
+    "stock": [{}, {"a": ("ab", 1)}, {"b": ("x", 0), "c": ("abc", 2)}, {"d": None}, {"e": ("ab", 500, "z")}],
     "mask": [None, [], ["name"], ["address.city"], ["age"], ["name", "namex"]],
     "exact": [None, ["a", "b"], ["b", "a"], ["a"]],
     "lottery": [[], [1, 2], [7], [3, -1]],
@@ -181,13 +181,15 @@ def corpus(signup):
                     if item is None:
                         u.stock[k].SetInParent()
                     else:
-                        u.stock[k].sku, u.stock[k].qty = item
+                        u.stock[k].sku, u.stock[k].qty = item[:2]
+                        if len(item) > 2:
+                            u.stock[k].note = item[2]
             elif field == "limits":
                 for k, n in v.items():
                     u.limits[k] = n
             elif field == "items":
-                for sku, qty in v:
-                    u.items.add(sku=sku, qty=qty)
+                for item in v:
+                    u.items.add(sku=item[0], qty=item[1], note=item[2] if len(item) > 2 else "")
             elif field in ("born", "expires", "at", "ttl", "step", "gap"):
                 if v is None:
                     u.ClearField(field)
@@ -205,14 +207,16 @@ def corpus(signup):
                     if not v:
                         getattr(u, field).SetInParent()
             elif field == "reach":
-                u.ClearField("pager")
+                u.ClearField("reach")
+                if v is not None:
+                    u.reach.SetInParent()
                 if v in ("pager", "pager+pigeon", "all"):
-                    u.pager = "p"
+                    u.reach.pager = "p"
                 if v in ("pigeon", "pager+pigeon", "all"):
-                    u.pigeon.sku = "ab"
-                    u.pigeon.qty = 1
+                    u.reach.pigeon.sku = "ab"
+                    u.reach.pigeon.qty = 1
                 if v in ("badges", "all"):
-                    u.badges.append("b")
+                    u.reach.badges.append("b")
             elif field == "coupon":
                 if isinstance(v, int):
                     u.coupon = v

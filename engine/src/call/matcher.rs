@@ -250,8 +250,9 @@ impl<'a> Request<'a> {
         if failed.len() < max && !plan.cel_checks.is_empty() && crate::call::validate::cel_counts() {
             if let Some(message) = message_of(self.messages, MessageSel::Single) {
                 let base = plan.checks.len() as u32;
-                for (i, text) in crate::call::validate::cel_failures(self.method, message, max - failed.len()) {
-                    failed.push(Broken { check: base + i, element: None, key: None, message: Some(text.into()) });
+                for b in crate::call::cel_rules::failures(self.method, message, max - failed.len()) {
+                    let message = Some(b.message.into());
+                    failed.push(Broken { check: base + b.check, element: b.element, key: b.key, message });
                 }
             }
         }

@@ -4,6 +4,7 @@
 //! deadlines and injected faults.
 
 pub mod cel_ext;
+pub mod cel_rules;
 pub mod drive;
 pub mod formats;
 pub mod forward;

@@ -12,7 +12,6 @@
 
 use crate::call::matcher::{Broken, Request};
 use crate::served::{Prepared, ServedMethod};
-use prost_reflect::ReflectMessage;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::RwLock;
 use wirestub_plan::Check;
@@ -134,181 +133,6 @@ pub fn check_stream_message(
     Ok(())
 }
 
-/// The CEL rules a request message breaks: (index into the method's
-/// CEL checks, the violation's message), at most `max`. The message is
-/// decoded once, only for methods that have such rules.
-pub fn cel_failures(method: &ServedMethod, message: &[u8], max: usize) -> Vec<(u32, String)> {
-    use prost_reflect::{DynamicMessage, Value as P};
-    let mut out = Vec::new();
-    let Some(codec) = method.json.as_ref().filter(|_| !method.cel.is_empty()) else { return out };
-    let Ok(root) = DynamicMessage::decode(codec.input().clone(), message) else { return out };
-    // One context for the message's rules; each sets its own `this`.
-    let mut context = super::cel_ext::context();
-    for (i, (check, program)) in method.plan.cel_checks.iter().zip(&method.cel).enumerate() {
-        if out.len() >= max {
-            break;
-        }
-        let Some(prepared) = program else { continue };
-        // Down to the message holding what `this` is; an unset message on
-        // the way means the rule does not apply.
-        let (steps, last) = match check.field {
-            true => (&check.numbers[..check.numbers.len() - 1], check.numbers.last().copied()),
-            false => (&check.numbers[..], None),
-        };
-        let mut at = std::borrow::Cow::Borrowed(&root);
-        let mut applies = true;
-        for &n in steps {
-            let Some(f) = at.descriptor().get_field(n) else {
-                applies = false;
-                break;
-            };
-            if !at.has_field(&f) {
-                applies = false;
-                break;
-            }
-            let next = match &*at.get_field(&f) {
-                P::Message(m) => m.clone(),
-                _ => {
-                    applies = false;
-                    break;
-                }
-            };
-            at = std::borrow::Cow::Owned(next);
-        }
-        if !applies {
-            continue;
-        }
-        let this = match last {
-            Some(n) => {
-                let Some(f) = at.descriptor().get_field(n) else { continue };
-                if f.supports_presence() && !f.is_list() && !f.is_map() && !at.has_field(&f) {
-                    continue;
-                }
-                // IGNORE_IF_ZERO_VALUE: a field at its zero value (or an
-                // empty list or map) is not set.
-                if check.skip_zero && !at.has_field(&f) {
-                    continue;
-                }
-                to_cel(&at.get_field(&f))
-            }
-            None => message_to_cel(&at, 0),
-        };
-        context.add_variable_from_value("this", this);
-        if let Some(rule) = &prepared.rule {
-            context.add_variable_from_value("rule", rule.clone());
-        }
-        if let Some(rules) = &prepared.rules {
-            context.add_variable_from_value("rules", rules.clone());
-        }
-        if prepared.now {
-            context.add_variable_from_value("now", timestamp(std::time::SystemTime::now()));
-        }
-        let broken = match prepared.program.execute(&context) {
-            Ok(cel::Value::Bool(true)) => None,
-            Ok(cel::Value::Bool(false)) => Some(check.message.clone()),
-            Ok(cel::Value::String(s)) if s.is_empty() => None,
-            Ok(cel::Value::String(s)) => Some(s.to_string()),
-            Ok(other) => Some(format!("the rule gave {other:?}, not a bool or a string")),
-            Err(e) => Some(format!("the rule could not be evaluated: {e}")),
-        };
-        if let Some(message) = broken {
-            let message = if message.is_empty() { format!("`{}` failed", check.expression) } else { message };
-            out.push((i as u32, message));
-        }
-    }
-    out
-}
-
-/// A protobuf value as CEL sees it.
-fn to_cel(v: &prost_reflect::Value) -> cel::Value {
-    use prost_reflect::Value as P;
-    use std::sync::Arc;
-    match v {
-        P::Bool(b) => cel::Value::Bool(*b),
-        P::I32(i) => cel::Value::Int(*i as i64),
-        P::I64(i) => cel::Value::Int(*i),
-        P::U32(u) => cel::Value::UInt(*u as u64),
-        P::U64(u) => cel::Value::UInt(*u),
-        P::F32(f) => cel::Value::Float(*f as f64),
-        P::F64(f) => cel::Value::Float(*f),
-        P::String(s) => cel::Value::String(Arc::new(s.clone())),
-        P::Bytes(b) => cel::Value::Bytes(Arc::new(b.to_vec())),
-        P::EnumNumber(n) => cel::Value::Int(*n as i64),
-        P::Message(m) => message_to_cel(m, 0),
-        P::List(l) => cel::Value::List(Arc::new(l.iter().map(to_cel).collect())),
-        P::Map(m) => {
-            let map: std::collections::HashMap<cel::objects::Key, cel::Value> = m
-                .iter()
-                .map(|(k, v)| {
-                    let key = match k {
-                        prost_reflect::MapKey::Bool(b) => cel::objects::Key::Bool(*b),
-                        prost_reflect::MapKey::I32(i) => cel::objects::Key::Int(*i as i64),
-                        prost_reflect::MapKey::I64(i) => cel::objects::Key::Int(*i),
-                        prost_reflect::MapKey::U32(u) => cel::objects::Key::Uint(*u as u64),
-                        prost_reflect::MapKey::U64(u) => cel::objects::Key::Uint(*u),
-                        prost_reflect::MapKey::String(s) => cel::objects::Key::String(Arc::new(s.clone())),
-                    };
-                    (key, to_cel(v))
-                })
-                .collect();
-            map.into()
-        }
-    }
-}
-
-/// A message as a CEL map of its fields: scalars and lists at their
-/// values (unset: defaults), message fields only when set, so that the
-/// conversion follows the request, never the schema (which may recurse),
-/// and at most [`MAX_CEL_DEPTH`] messages deep.
-fn message_to_cel(m: &prost_reflect::DynamicMessage, depth: usize) -> cel::Value {
-    // The well-known types CEL has types of its own for.
-    let int = |name: &str| match m.get_field_by_name(name).as_deref() {
-        Some(prost_reflect::Value::I64(n)) => *n,
-        Some(prost_reflect::Value::I32(n)) => *n as i64,
-        _ => 0,
-    };
-    match m.descriptor().full_name() {
-        "google.protobuf.Timestamp" => {
-            let (seconds, nanos) = (int("seconds"), int("nanos").clamp(0, 999_999_999) as u32);
-            if let Some(t) = chrono::DateTime::from_timestamp(seconds, nanos) {
-                return cel::Value::Timestamp(t.fixed_offset());
-            }
-        }
-        "google.protobuf.Duration" => {
-            let d = chrono::Duration::try_seconds(int("seconds"))
-                .and_then(|s| s.checked_add(&chrono::Duration::nanoseconds(int("nanos"))));
-            if let Some(d) = d {
-                return cel::Value::Duration(d);
-            }
-        }
-        _ => {}
-    }
-    let mut map: std::collections::HashMap<String, cel::Value> = std::collections::HashMap::new();
-    for f in m.descriptor().fields() {
-        let nested = matches!(f.kind(), prost_reflect::Kind::Message(_)) && !f.is_list() && !f.is_map();
-        if nested {
-            if m.has_field(&f) && depth < MAX_CEL_DEPTH {
-                if let prost_reflect::Value::Message(inner) = &*m.get_field(&f) {
-                    map.insert(f.name().to_string(), message_to_cel(inner, depth + 1));
-                }
-            }
-            continue;
-        }
-        map.insert(f.name().to_string(), to_cel(&m.get_field(&f)));
-    }
-    map.into()
-}
-
-/// A point in time as a CEL timestamp.
-fn timestamp(t: std::time::SystemTime) -> cel::Value {
-    let since = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    let at = chrono::DateTime::from_timestamp(since.as_secs() as i64, since.subsec_nanos()).unwrap_or_default();
-    cel::Value::Timestamp(at.fixed_offset())
-}
-
-/// How deep CEL sees nested messages.
-const MAX_CEL_DEPTH: usize = 32;
-
 /// The most violations one answer lists.
 pub const MAX_VIOLATIONS: usize = 100;
 
@@ -375,7 +199,13 @@ fn shown<'a>(method: &'a ServedMethod, failed: &'a [Broken]) -> Vec<Shown<'a>> {
                 None => {
                     let c = method.plan.cel_checks.get(b.check as usize - wire)?;
                     let text = b.message.as_deref().unwrap_or(c.message.as_str());
-                    Some((&c.path[..], None, &[][..], c.rule_id.as_str(), text, false))
+                    // Inside elements: the element, by position or key.
+                    let element = match (&b.key, b.element, c.each) {
+                        (Some(k), _, Some((step, kind))) => Some((step as usize, Subscript::Key(k.clone(), kind))),
+                        (_, Some(at), Some((step, _))) => Some((step as usize, Subscript::Index(at))),
+                        _ => None,
+                    };
+                    Some((&c.path[..], element, &[][..], c.rule_id.as_str(), text, false))
                 }
             }
         })
