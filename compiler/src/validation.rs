@@ -3,15 +3,17 @@
 //! (a field path and a test that must hold), so that the engine checks
 //! them on the wire with the matcher, without decoding the message.
 //!
-//! Compiled: `required`, `ignore`, the rules of scalar fields (numbers,
-//! `bool`, `string`, `bytes`, enums: const, ranges, in / not_in, lengths,
-//! pattern, prefix / suffix / contains, `defined_only`), the item and
-//! pair counts of repeated and map fields, oneof `required`, and the rules
-//! of fields of nested (singular) messages, which apply when the message is
-//! set. What is not compiled yet (CEL expressions, well-known string
-//! formats, `unique`, rules on items, keys and values, rules of the
-//! well-known types, message oneof rules) is a warning naming the field
-//! and the rule, never silently skipped.
+//! Checked on the wire: `required`, `ignore`, the rules of scalar fields
+//! (numbers, `bool`, `string` with its formats, `bytes`, enums), repeated
+//! and map fields (counts, `unique`, items, keys and values), oneof
+//! `required`, `any`, and the rules of fields of nested messages (when
+//! set), of list elements and of map values. Written in CEL, run on the
+//! decoded message: the user's `cel` rules, predefined rules (a rule's
+//! value as `rule`), the well-known types' rules (protovalidate's own CEL,
+//! the rules as `rules`) and message `oneof` rules. What is not compiled
+//! (`well_known_regex`, messages nested inside elements, a value CEL cannot
+//! hold) is a warning naming the field and the rule, never silently
+//! skipped; a bad pattern or CEL rule is an error at the field's line.
 
 use crate::diag::{Diagnostic, Diagnostics};
 use crate::paths::scalar_kind;
@@ -83,6 +85,7 @@ pub fn add_checks(
             map_key: None,
             for_key: false,
             has_rules_memo: std::collections::HashMap::new(),
+            oneof_members: Vec::new(),
         };
         cx.message(input, &[], &[], &[], 0, &mut Vec::new());
     }
@@ -112,6 +115,8 @@ struct Cx<'a> {
     map_key: Option<plan::ScalarKind>,
     for_key: bool,
     has_rules_memo: std::collections::HashMap<String, bool>,
+    /// The fields named by message `oneof` rules (full names).
+    oneof_members: Vec<String>,
 }
 
 impl Cx<'_> {
@@ -169,14 +174,13 @@ impl Cx<'_> {
                             match (f.name(), v) {
                                 ("cel" | "cel_expression", PValue::List(list)) => {
                                     for rule in list {
-                                        let span = self.span(&desc.parent_file(), desc.path());
                                         self.cel(
                                             rule,
                                             numbers,
                                             false,
                                             steps,
                                             desc.full_name(),
-                                            (desc.parent_file().name(), span),
+                                            (&desc.parent_file(), desc.path()),
                                             Bound::default(),
                                         );
                                     }
@@ -185,6 +189,13 @@ impl Cx<'_> {
                                     for rule in list {
                                         if let PValue::Message(rule) = rule {
                                             self.message_oneof(desc, rule, numbers, steps);
+                                            if let Some(PValue::List(names)) =
+                                                rule.get_field_by_name("fields").as_deref()
+                                            {
+                                                let full = |n: &str| format!("{}.{n}", desc.full_name());
+                                                let names = names.iter().filter_map(|v| v.as_str().map(full));
+                                                self.oneof_members.extend(names);
+                                            }
                                         }
                                     }
                                 }
@@ -250,7 +261,12 @@ impl Cx<'_> {
             false => None,
         };
         // IGNORE_ALWAYS (3): nothing about the field is checked.
-        let ignore = rules.as_ref().map(|r| get_enum(r, "ignore")).unwrap_or(0);
+        let mut ignore = rules.as_ref().map(|r| get_enum(r, "ignore")).unwrap_or(0);
+        // A member of a message `oneof` rule is ignored at its zero value
+        // (protovalidate sets IGNORE_IF_ZERO_VALUE on it).
+        if ignore == 0 && self.oneof_members.iter().any(|m| m == field.full_name()) {
+            ignore = 1;
+        }
         if ignore == 3 {
             return;
         }
@@ -274,7 +290,6 @@ impl Cx<'_> {
             for (f, v) in rules.fields() {
                 if let ("cel" | "cel_expression", PValue::List(list)) = (f.name(), v) {
                     for rule in list {
-                        let span = self.span(&field.parent_file(), field.path());
                         let file = field.parent_file();
                         self.cel(
                             rule,
@@ -282,7 +297,7 @@ impl Cx<'_> {
                             true,
                             &at,
                             &name,
-                            (file.name(), span),
+                            (&file, field.path()),
                             Bound { skip_zero: ignore == 1, ..Bound::default() },
                         );
                     }
@@ -507,30 +522,20 @@ impl Cx<'_> {
         };
         let span = self.span(&desc.parent_file(), desc.path());
         let mut terms = Vec::new();
-        for name in &names {
-            let Some(f) = desc.get_field_by_name(name) else {
-                self.diags.push(Diagnostic::error(
-                    span.clone(),
-                    format!("`{}`: its oneof rule names `{name}`, which is not one of its fields", desc.full_name()),
-                ));
+        for (i, name) in names.iter().enumerate() {
+            let problem = match desc.get_field_by_name(name) {
+                None => Some(format!("names `{name}`, which is not one of its fields")),
+                Some(_) if names[..i].contains(name) => Some(format!("names `{name}` twice")),
+                Some(_) => None,
+            };
+            if let Some(problem) = problem {
+                self.diags.push(Diagnostic::error(span, format!("`{}`: its oneof rule {problem}", desc.full_name())));
                 return;
-            };
-            let zero = match f.kind() {
-                _ if f.is_list() || f.is_map() => None,
-                Kind::Message(_) => None,
-                Kind::String => Some("''"),
-                Kind::Bytes => Some("b''"),
-                Kind::Bool => Some("false"),
-                Kind::Uint32 | Kind::Uint64 | Kind::Fixed32 | Kind::Fixed64 => Some("0u"),
-                Kind::Float | Kind::Double => Some("0.0"),
-                _ => Some("0"),
-            };
-            let set = match zero {
-                Some(z) => format!("this.{name} != {z}"),
-                None if f.is_list() || f.is_map() => format!("size(this.{name}) > 0"),
-                None => format!("has(this.{name})"),
-            };
-            terms.push(format!("({set} ? 1 : 0)"));
+            }
+            // Set as protovalidate has it: present (explicit presence),
+            // not empty (lists, maps), not zero (the others), which is
+            // what the engine lists under `@set`.
+            terms.push(format!("('{name}' in this['@set'] ? 1 : 0)"));
         }
         if names.is_empty() {
             self.diags.push(Diagnostic::error(span, format!("`{}`: its oneof rule names no field", desc.full_name())));
@@ -549,7 +554,7 @@ impl Cx<'_> {
         cel_rule.set_field_by_name("expression", PValue::String(expression));
         let file = desc.parent_file();
         let rule = PValue::Message(cel_rule);
-        self.cel(&rule, numbers, false, steps, desc.full_name(), (file.name(), span), Bound::default());
+        self.cel(&rule, numbers, false, steps, desc.full_name(), (&file, desc.path()), Bound::default());
     }
 
     /// The predefined rules set in `rules` (a field's `string`, `int32`,
@@ -580,14 +585,13 @@ impl Cx<'_> {
             };
             if let Some(PValue::List(list)) = predefined.get_field_by_name("cel").as_deref() {
                 for rule in list {
-                    let span = self.span(&file, field.path());
                     self.cel(
                         rule,
                         numbers,
                         true,
                         at,
                         owner,
-                        (file.name(), span),
+                        (&file, field.path()),
                         Bound { rule: literal.clone(), rules: all.clone(), skip_zero },
                     );
                 }
@@ -607,20 +611,25 @@ impl Cx<'_> {
         skip_zero: bool,
     ) {
         let Some(ext) = self.predefined_ext.clone() else { return };
-        let Some(all) = cel_literal(&PValue::Message(rules.clone())) else { return };
         let (owner, file) = (field.full_name(), field.parent_file());
+        let Some(all) = cel_literal(&PValue::Message(rules.clone())) else {
+            self.warn("rules CEL cannot hold", owner, rules.descriptor().name());
+            return;
+        };
         for (f, v) in rules.fields() {
             let options = f.options();
             if !options.has_extension(&ext) {
                 continue;
             }
             let PValue::Message(predefined) = &*options.get_extension(&ext) else { continue };
-            let Some(literal) = cel_literal(v) else { continue };
+            let Some(literal) = cel_literal(v) else {
+                self.warn("rule value CEL cannot hold", owner, f.name());
+                continue;
+            };
             if let Some(PValue::List(list)) = predefined.get_field_by_name("cel").as_deref() {
                 for rule in list {
-                    let span = self.span(&file, field.path());
                     let bound = Bound { rule: literal.clone(), rules: all.clone(), skip_zero };
-                    self.cel(rule, numbers, true, at, owner, (file.name(), span), bound);
+                    self.cel(rule, numbers, true, at, owner, (&file, field.path()), bound);
                 }
             }
         }
@@ -637,7 +646,7 @@ impl Cx<'_> {
         field: bool,
         at: &[Step],
         owner: &str,
-        (file, span): (&str, Option<crate::diag::Span>),
+        (file, place): (&prost_reflect::FileDescriptor, &[i32]),
         bound: Bound,
     ) {
         let (id, message, expression) = match rule {
@@ -655,26 +664,50 @@ impl Cx<'_> {
             Ok(p) => p,
             Err(e) => {
                 let first = e.to_string().lines().next().unwrap_or_default().to_string();
+                let span = self.span(file, place);
                 self.diags.push(Diagnostic::error(
                     span,
-                    format!("`{owner}` ({file}): its CEL rule `{id}` does not parse: {first}"),
+                    format!("`{owner}` ({}): its CEL rule `{id}` does not parse: {first}", file.name()),
                 ));
                 return;
             }
         };
-        // protovalidate's functions are the engine's too, and its variables
-        // `this` and `now`; `rule` and `rules` only where they have a value
-        // (predefined and standard rules): a rule reading one without
-        // would fail every request, so it is left out, said. (The
-        // references include the variables macros bind, such as `x` in
-        // `this.all(x, x > 0)`: only protovalidate's own count here.)
+        // The variables a rule reads: `this`, `now`, `rule` and `rules`
+        // where they have a value (predefined and standard rules), and what
+        // its macros bind (`x` in `this.all(x, x > 0)`). Another is a
+        // mistake protovalidate refuses to compile: an error here.
+        let binders = macro_binders(&expression);
+        let known = |v: &str| {
+            v == "this"
+                || v == "now"
+                || (v == "rule" && !bound.rule.is_empty())
+                || (v == "rules" && !bound.rules.is_empty())
+                || binders.iter().any(|b| b == v)
+        };
         let references = program.references();
-        let unbound = |v: &str| (v == "rule" && bound.rule.is_empty()) || (v == "rules" && bound.rules.is_empty());
-        let missing: Vec<String> =
-            references.variables().into_iter().filter(|v| unbound(v)).map(str::to_string).collect();
-        if !missing.is_empty() {
+        let unknown: Vec<&str> = references.variables().into_iter().filter(|v| !known(v)).collect();
+        if !unknown.is_empty() {
             let name = if id.is_empty() { &expression } else { &id };
-            self.warn(&format!("CEL rule `{name}` uses {}", missing.join(", ")), owner, "cel");
+            // A user's CEL rule reading protovalidate's `rules` (what
+            // this engine binds only for predefined rules) is left out, said.
+            if unknown.iter().all(|v| *v == "rules" || *v == "rule") {
+                self.warn(&format!("CEL rule `{name}` uses {}", unknown.join(", ")), owner, "cel");
+            } else {
+                let span = self.span(file, place);
+                self.diags.push(Diagnostic::error(
+                    span,
+                    format!(
+                        "`{owner}` ({}): its CEL rule `{name}` reads undeclared {}",
+                        file.name(),
+                        unknown.join(", ")
+                    ),
+                ));
+            }
+            return;
+        }
+        if !literal_evaluates(&bound.rule) || !literal_evaluates(&bound.rules) {
+            let name = if id.is_empty() { &expression } else { &id };
+            self.warn(&format!("CEL rule `{name}` has a value CEL cannot hold"), owner, "cel");
             return;
         }
         self.method.cel_checks.push(plan::CelCheck {
@@ -1265,23 +1298,69 @@ fn cel_literal(v: &PValue) -> Option<String> {
                 };
                 let (seconds, nanos) = (int("seconds"), int("nanos"));
                 if m.descriptor().full_name() == "google.protobuf.Duration" {
-                    // `1.500000000s`; a negative one has both parts negative.
+                    // `1s500000000ns`: each part exact (a decimal is read as
+                    // a float); a negative duration has both parts negative.
                     let sign = if seconds < 0 || nanos < 0 { "-" } else { "" };
-                    format!("duration(\"{sign}{}.{:09}s\")", seconds.unsigned_abs(), nanos.unsigned_abs())
+                    format!("duration(\"{sign}{}s{}ns\")", seconds.unsigned_abs(), nanos.unsigned_abs())
                 } else {
                     let t = chrono::DateTime::from_timestamp(seconds, nanos.clamp(0, 999_999_999) as u32)?;
                     format!("timestamp(\"{}\")", t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true))
                 }
             }
-            // A message as a map of its set fields.
+            // A message as the engine shows one to CEL: every field at its
+            // value (zero, empty), but messages only when set.
             _ => {
-                let fields: Option<Vec<String>> =
-                    m.fields().map(|(f, v)| Some(format!("'{}': {}", f.name(), cel_literal(v)?))).collect();
-                format!("{{{}}}", fields?.join(", "))
+                let mut fields = Vec::new();
+                for f in m.descriptor().fields() {
+                    let message = matches!(f.kind(), Kind::Message(_)) && !f.is_list() && !f.is_map();
+                    if message && !m.has_field(&f) {
+                        continue;
+                    }
+                    fields.push(format!("'{}': {}", f.name(), cel_literal(&m.get_field(&f))?));
+                }
+                format!("{{{}}}", fields.join(", "))
             }
         },
-        PValue::Map(_) => return None,
+        PValue::Map(entries) => {
+            let mut pairs = Vec::new();
+            for (k, v) in entries {
+                let key = match k {
+                    prost_reflect::MapKey::Bool(b) => b.to_string(),
+                    prost_reflect::MapKey::I32(n) => n.to_string(),
+                    prost_reflect::MapKey::I64(n) => n.to_string(),
+                    prost_reflect::MapKey::U32(n) => format!("{n}u"),
+                    prost_reflect::MapKey::U64(n) => format!("{n}u"),
+                    prost_reflect::MapKey::String(s) => cel_literal(&PValue::String(s.clone()))?,
+                };
+                pairs.push(format!("{key}: {}", cel_literal(v)?));
+            }
+            format!("{{{}}}", pairs.join(", "))
+        }
     })
+}
+
+/// The variables an expression's macros bind: `x` in `list.all(x, ...)`,
+/// `exists`, `exists_one`, `map`, `filter` (and `cel.bind`).
+fn macro_binders(expression: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for name in ["all(", "exists(", "exists_one(", "map(", "filter(", "bind("] {
+        let mut rest = expression;
+        while let Some(i) = rest.find(name) {
+            let after = &rest[i + name.len()..];
+            let ident: String = after.trim_start().chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect();
+            if !ident.is_empty() && after.trim_start()[ident.len()..].trim_start().starts_with(',') {
+                out.push(ident);
+            }
+            rest = after;
+        }
+    }
+    out
+}
+
+/// Whether a CEL literal the compiler wrote evaluates (a duration past
+/// CEL's range of about 292 years does not).
+fn literal_evaluates(literal: &str) -> bool {
+    literal.is_empty() || cel::Program::compile(literal).is_ok_and(|p| p.execute(&cel::Context::default()).is_ok())
 }
 
 /// A double as a CEL literal (`2.0`, `double("inf")`).

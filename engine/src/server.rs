@@ -104,6 +104,16 @@ impl Server {
         if let Some(journal) = &state.journal {
             journal.set_limits(config.journal);
         }
+        // A service named for validation that the plan lacks is most likely
+        // a misspelling: said once, at start (a later plan may add it).
+        let generation = state.current();
+        for (service, _) in &config.validation_services {
+            let prefix = format!("/{service}/");
+            if !generation.served.methods.iter().any(|m| m.plan.path.starts_with(&prefix)) {
+                tracing::warn!(%service, "--validation-for names a service the plan does not have");
+            }
+        }
+        drop(generation);
         let workers = state.workers.max(1);
         let (stop, stop_rx) = watch::channel(false);
         let mut senders = Vec::with_capacity(workers);

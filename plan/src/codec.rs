@@ -1509,15 +1509,20 @@ fn read_methods(r: &mut Reader) -> Result<Vec<Method>, LoadError> {
                 for _ in 0..np {
                     path.push((r.u32(&at)?, r.string(&at)?, r.u8(&at)?));
                 }
-                let rule = r.string(&at)?;
-                let rules = r.string(&at)?;
-                let skip_zero = r.u8(&at)? != 0;
-                let (step, key_kind) = (r.u32(&at)?, r.u8(&at)?);
-                let each = match step {
-                    u32::MAX => None,
-                    s if (s as usize) < numbers.len() => Some((s, key_kind)),
-                    _ => return Err(LoadError::invalid(at(), "a CEL rule's elements are past its field path")),
-                };
+                // Version 8: predefined and standard rules' values, the
+                // zero-value skip, rules inside elements.
+                let (mut rule, mut rules, mut skip_zero, mut each) = (String::new(), String::new(), false, None);
+                if r.version >= 8 {
+                    rule = r.string(&at)?;
+                    rules = r.string(&at)?;
+                    skip_zero = r.u8(&at)? != 0;
+                    let (step, key_kind) = (r.u32(&at)?, r.u8(&at)?);
+                    each = match step {
+                        u32::MAX => None,
+                        s if (s as usize) < numbers.len() => Some((s, key_kind)),
+                        _ => return Err(LoadError::invalid(at(), "a CEL rule's elements are past its field path")),
+                    };
+                }
                 cel_checks.push(CelCheck {
                     numbers,
                     field,

@@ -134,11 +134,13 @@ MUTATIONS = {
     "at": [None, (1700000000, 0), (1700000000, 1000), (0, 0)],
     "ttl": [None, (0, 0), (1, 0), (0, 999999999), (59, 999999999), (60, 0), (-1, 0)],
     "step": [None, (5, 0), (0, 500000000), (1, 0)],
+    # Python's durations keep microseconds: values a microsecond apart.
+    "tick": [None, (0, 62998929), (0, 62999929), (0, 62997000)],
     "gap": [None, (2, 0), (1, 0), (-3, 0), (-2, -500000000), (0, 0)],
     "extra": [None, "Address", "Item", "Reply", ""],
     "other": [None, "Address", "Item"],
-    "reach": [None, "none", "pager", "pigeon", "badges", "pager+pigeon", "all"],
-    "coupon": [0, 5, "voucher", "both", "voucher-false"],
+    "reach": [None, "none", "pager", "pigeon", "badges", "pager+pigeon", "all", "pager-long"],
+    "coupon": [0, 5, "voucher", "both", "voucher-false", "both-false"],
     "stock": [{}, {"a": ("ab", 1)}, {"b": ("x", 0), "c": ("abc", 2)}, {"d": None}, {"e": ("ab", 500, "z")}],
     "mask": [None, [], ["name"], ["address.city"], ["age"], ["name", "namex"]],
     "exact": [None, ["a", "b"], ["b", "a"], ["a"]],
@@ -190,7 +192,7 @@ def corpus(signup):
             elif field == "items":
                 for item in v:
                     u.items.add(sku=item[0], qty=item[1], note=item[2] if len(item) > 2 else "")
-            elif field in ("born", "expires", "at", "ttl", "step", "gap"):
+            elif field in ("born", "expires", "at", "ttl", "step", "gap", "tick"):
                 if v is None:
                     u.ClearField(field)
                 else:
@@ -217,6 +219,8 @@ def corpus(signup):
                     u.reach.pigeon.qty = 1
                 if v in ("badges", "all"):
                     u.reach.badges.append("b")
+                if v == "pager-long":
+                    u.reach.pager = "pp"
             elif field == "coupon":
                 if isinstance(v, int):
                     u.coupon = v
@@ -226,6 +230,8 @@ def corpus(signup):
                     u.coupon = 3
                 if v == "voucher-false":
                     u.voucher = False
+                if v == "both-false":
+                    u.coupon, u.voucher = 5, False
             elif field in ("tags", "scores", "labels", "lottery"):
                 del getattr(u, field)[:]
                 getattr(u, field).extend(v)

@@ -24,7 +24,7 @@ pub struct CelRule {
 
 impl CelRule {
     /// Parses `check`'s expression and its rule's value; None when either
-    /// does not parse (a plan the compiler made always does).
+    /// does not evaluate (the compiler leaves such rules out, said).
     pub fn prepare(check: &wirestub_plan::CelCheck) -> Option<CelRule> {
         let program = cel::Program::compile(&check.expression).ok()?;
         let literal = |text: &str| match text.is_empty() {
@@ -192,5 +192,9 @@ mod tests {
         m.insert("name".to_string(), s("x"));
         assert_eq!(eval("getField(this, 'name') == 'x'", m.into()), t);
         assert_eq!(eval("'%s-%d'.format([this, 2]) == 'a-2'", s("a")), t);
+        // Durations as the compiler writes them: exact to the nanosecond.
+        assert_eq!(eval("duration('0s62998929ns') == duration('62998929ns')", s("")), t);
+        assert_eq!(eval("duration('-1s500000000ns') < duration('-1s')", s("")), t);
+        assert_eq!(eval("duration('0s62998929ns') > duration('0s62998928ns')", s("")), t);
     }
 }

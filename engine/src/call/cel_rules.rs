@@ -85,7 +85,7 @@ fn collect(
                 if check.skip_zero && !at.has_field(&f) {
                     return;
                 }
-                to_cel(&at.get_field(&f))
+                to_cel(&at.get_field(&f), 0)
             }
             false => message_to_cel(at, 0),
         };
@@ -162,7 +162,7 @@ fn evaluate(
 }
 
 /// A protobuf value as CEL sees it.
-fn to_cel(v: &prost_reflect::Value) -> cel::Value {
+fn to_cel(v: &prost_reflect::Value, depth: usize) -> cel::Value {
     use prost_reflect::Value as P;
     use std::sync::Arc;
     match v {
@@ -176,8 +176,8 @@ fn to_cel(v: &prost_reflect::Value) -> cel::Value {
         P::String(s) => cel::Value::String(Arc::new(s.clone())),
         P::Bytes(b) => cel::Value::Bytes(Arc::new(b.to_vec())),
         P::EnumNumber(n) => cel::Value::Int(*n as i64),
-        P::Message(m) => message_to_cel(m, 0),
-        P::List(l) => cel::Value::List(Arc::new(l.iter().map(to_cel).collect())),
+        P::Message(m) => message_to_cel(m, depth),
+        P::List(l) => cel::Value::List(Arc::new(l.iter().map(|v| to_cel(v, depth)).collect())),
         P::Map(m) => {
             let map: std::collections::HashMap<cel::objects::Key, cel::Value> = m
                 .iter()
@@ -190,7 +190,7 @@ fn to_cel(v: &prost_reflect::Value) -> cel::Value {
                         prost_reflect::MapKey::U64(u) => cel::objects::Key::Uint(*u),
                         prost_reflect::MapKey::String(s) => cel::objects::Key::String(Arc::new(s.clone())),
                     };
-                    (key, to_cel(v))
+                    (key, to_cel(v, depth))
                 })
                 .collect();
             map.into()
@@ -201,7 +201,7 @@ fn to_cel(v: &prost_reflect::Value) -> cel::Value {
 /// A message as a CEL map of its fields: scalars and lists at their
 /// values (unset: defaults), message fields only when set, so that the
 /// conversion follows the request, never the schema (which may recurse),
-/// and at most [`MAX_CEL_DEPTH`] messages deep.
+/// and at most [`MAX_CEL_DEPTH`] messages deep (lists and maps count).
 fn message_to_cel(m: &prost_reflect::DynamicMessage, depth: usize) -> cel::Value {
     // The well-known types CEL has types of its own for.
     let int = |name: &str| match m.get_field_by_name(name).as_deref() {
@@ -223,10 +223,31 @@ fn message_to_cel(m: &prost_reflect::DynamicMessage, depth: usize) -> cel::Value
                 return cel::Value::Duration(d);
             }
         }
+        // The wrappers are their value, as in protovalidate.
+        "google.protobuf.DoubleValue"
+        | "google.protobuf.FloatValue"
+        | "google.protobuf.Int64Value"
+        | "google.protobuf.UInt64Value"
+        | "google.protobuf.Int32Value"
+        | "google.protobuf.UInt32Value"
+        | "google.protobuf.BoolValue"
+        | "google.protobuf.StringValue"
+        | "google.protobuf.BytesValue" => {
+            if let Some(f) = m.descriptor().get_field(1) {
+                return to_cel(&m.get_field(&f), depth);
+            }
+        }
         _ => {}
     }
     let mut map: std::collections::HashMap<String, cel::Value> = std::collections::HashMap::new();
+    // The names of the fields set, as protovalidate has it (present, or
+    // not empty, or not zero), under a key no field can have: what the
+    // message `oneof` rule counts.
+    let mut set = Vec::new();
     for f in m.descriptor().fields() {
+        if m.has_field(&f) {
+            set.push(cel::Value::String(std::sync::Arc::new(f.name().to_string())));
+        }
         let nested = matches!(f.kind(), prost_reflect::Kind::Message(_)) && !f.is_list() && !f.is_map();
         if nested {
             if m.has_field(&f) && depth < MAX_CEL_DEPTH {
@@ -236,10 +257,14 @@ fn message_to_cel(m: &prost_reflect::DynamicMessage, depth: usize) -> cel::Value
             }
             continue;
         }
-        map.insert(f.name().to_string(), to_cel(&m.get_field(&f)));
+        map.insert(f.name().to_string(), to_cel(&m.get_field(&f), depth + 1));
     }
+    map.insert(SET_FIELDS.to_string(), cel::Value::List(std::sync::Arc::new(set)));
     map.into()
 }
+
+/// The key of a message's CEL map listing the fields set.
+pub const SET_FIELDS: &str = "@set";
 
 /// A point in time as a CEL timestamp.
 fn timestamp(t: std::time::SystemTime) -> cel::Value {

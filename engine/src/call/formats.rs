@@ -33,8 +33,9 @@ pub fn is_format(format: Format, text: &[u8]) -> bool {
 /// with a zone (`fe80::1%eth0`) or without.
 pub fn is_ip(s: &str, version: i64) -> bool {
     let v4 = || s.parse::<Ipv4Addr>().is_ok();
+    // A zone follows a plain IPv6 address, not one ending in IPv4 form.
     let v6 = || match s.split_once('%') {
-        Some((addr, zone)) => !zone.is_empty() && addr.parse::<Ipv6Addr>().is_ok(),
+        Some((addr, zone)) => !zone.is_empty() && !addr.contains('.') && addr.parse::<Ipv6Addr>().is_ok(),
         None => s.parse::<Ipv6Addr>().is_ok(),
     };
     match version {
@@ -48,6 +49,9 @@ pub fn is_ip(s: &str, version: i64) -> bool {
 /// An address and a prefix length (`10.0.0.0/8`) of `version` (0:
 /// either); `strict`: the address has no bits set past the prefix.
 pub fn is_ip_prefix(s: &str, version: i64, strict: bool) -> bool {
+    if !matches!(version, 0 | 4 | 6) {
+        return false;
+    }
     let Some((addr, len)) = s.split_once('/') else { return false };
     let digits = !len.is_empty() && len.len() <= 3 && len.bytes().all(|b| b.is_ascii_digit());
     if !digits || (len.len() > 1 && len.starts_with('0')) {
@@ -72,8 +76,11 @@ pub fn is_ip_prefix(s: &str, version: i64, strict: bool) -> bool {
 /// labels of 1 to 63 letters, digits and hyphens, not starting or ending
 /// with a hyphen, the last label not all digits.
 pub fn is_hostname(s: &str) -> bool {
+    if s.len() > 253 {
+        return false;
+    }
     let s = s.strip_suffix('.').unwrap_or(s);
-    if s.is_empty() || s.len() > 253 {
+    if s.is_empty() {
         return false;
     }
     let mut last_all_digits = false;
@@ -251,8 +258,27 @@ fn is_authority(a: &[u8]) -> bool {
             None => (Some(hostport), None),
         }
     };
-    let host_ok = host.is_none_or(|h| escaped(h, |c| unreserved(c) || sub_delim(c)));
+    // A registered name's escapes must decode to UTF-8.
+    let host_ok = host.is_none_or(|h| escaped(h, |c| unreserved(c) || sub_delim(c)) && decodes_to_utf8(h));
     host_ok && port.is_none_or(|p| p.iter().all(u8::is_ascii_digit))
+}
+
+/// Whether `s`, its `%XX` escapes decoded, is UTF-8 (escapes already
+/// checked well-formed).
+fn decodes_to_utf8(s: &[u8]) -> bool {
+    let mut out = Vec::with_capacity(s.len());
+    let mut i = 0;
+    while i < s.len() {
+        if s[i] == b'%' && i + 2 < s.len() {
+            let hex = |c: u8| (c as char).to_digit(16).unwrap_or(0) as u8;
+            out.push(hex(s[i + 1]) << 4 | hex(s[i + 2]));
+            i += 3;
+        } else {
+            out.push(s[i]);
+            i += 1;
+        }
+    }
+    std::str::from_utf8(&out).is_ok()
 }
 
 /// What RFC 3986 (and RFC 6874's zones, `%25` escaped) allows between
@@ -302,6 +328,7 @@ mod tests {
             "http://[::1/",
             "http://x/%zz",
             "http://x:8a/",
+            "http://%ff/",
         ] {
             assert!(!is_uri(bad, false), "{bad}");
         }
@@ -323,6 +350,11 @@ mod tests {
         assert!(is_ip_prefix("2001:db8::/32", 6, true));
         assert!(!is_ip_prefix("2001:db8::/32", 4, true));
         assert!(is_ip_prefix("::/0", 0, true));
+        assert!(!is_ip_prefix("10.0.0.0/8", 5, false));
+        assert!(!is_ip("::ffff:1.2.3.4%eth0", 6));
+        assert!(is_ip("fe80::1%eth0", 6));
+        assert!(!is_hostname(&format!("{}.", "a".repeat(253))));
+        assert!(is_uri("http://%C3%A9.example/", false));
         assert!(is_host_and_port("example.com:443", true));
         assert!(is_host_and_port("[::1]:80", true));
         assert!(is_host_and_port("127.0.0.1:0", true));
