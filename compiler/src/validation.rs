@@ -461,7 +461,7 @@ impl Cx<'_> {
                 }
             }
             "duration" | "timestamp" | "field_mask" if !self.pgv => {
-                self.standard_cel(rules, numbers, at, field, skip_zero)
+                self.standard_cel(rules, numbers, at, field, skip_zero, None)
             }
             "any" => {
                 // `in` and `not_in` on the type URL of an Any that is set.
@@ -501,6 +501,9 @@ impl Cx<'_> {
             "duration" | "timestamp" | "field_mask" => self.warn("rule", &name, kind),
             _ => {
                 let path = self.path(field, numbers, Shape::Singular);
+                if kind == "string" && !self.pgv {
+                    self.standard_cel(rules, numbers, at, field, skip_zero, Some("well_known_regex"));
+                }
                 for (id, test, message, rule_field) in scalar_rules(kind, rules, field, &path, self) {
                     let test = applies(self, &path, test);
                     let rule = vec![rule_base.clone(), rule_field];
@@ -609,14 +612,26 @@ impl Cx<'_> {
         at: &[Step],
         field: &FieldDescriptor,
         skip_zero: bool,
+        only: Option<&str>,
     ) {
-        let Some(ext) = self.predefined_ext.clone() else { return };
         let (owner, file) = (field.full_name(), field.parent_file());
+        if let Some(name) = only {
+            if !rules.fields().any(|(f, _)| f.name() == name) {
+                return;
+            }
+        }
+        let Some(ext) = self.predefined_ext.clone() else {
+            self.warn("rule", owner, rules.descriptor().name());
+            return;
+        };
         let Some(all) = cel_literal(&PValue::Message(rules.clone())) else {
             self.warn("rules CEL cannot hold", owner, rules.descriptor().name());
             return;
         };
         for (f, v) in rules.fields() {
+            if only.is_some_and(|name| f.name() != name) {
+                continue;
+            }
             let options = f.options();
             if !options.has_extension(&ext) {
                 continue;
@@ -1014,6 +1029,8 @@ fn scalar_rules(
                 _ => None,
             },
             "example" | "ignore_empty" => None,
+            // Run as protovalidate's own CEL (`Cx::standard_cel`).
+            "well_known_regex" | "strict" if kind == "string" && !cx.pgv => None,
             "defined_only" if get_bool(rules, "defined_only") => {
                 let Kind::Enum(e) = field.kind() else { continue };
                 let values = e.values().map(|v| Value::I64(v.number() as i64)).collect();
@@ -1312,8 +1329,10 @@ fn cel_literal(v: &PValue) -> Option<String> {
             _ => {
                 let mut fields = Vec::new();
                 for f in m.descriptor().fields() {
-                    let message = matches!(f.kind(), Kind::Message(_)) && !f.is_list() && !f.is_map();
-                    if message && !m.has_field(&f) {
+                    // Unset fields with presence are left out, so that
+                    // `has(rules.strict)` is false for an unset one.
+                    let presence = f.supports_presence() && !f.is_list() && !f.is_map();
+                    if presence && !m.has_field(&f) {
                         continue;
                     }
                     fields.push(format!("'{}': {}", f.name(), cel_literal(&m.get_field(&f))?));

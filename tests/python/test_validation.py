@@ -145,6 +145,9 @@ MUTATIONS = {
     "mask": [None, [], ["name"], ["address.city"], ["age"], ["name", "namex"]],
     "exact": [None, ["a", "b"], ["b", "a"], ["a"]],
     "lottery": [[], [1, 2], [7], [3, -1]],
+    "header": ["", "x-role", ":path", "bad header", "a\x7f", "é"],
+    "hval": ["", "ok value", "a\x01b", "a\nb", "a\rb"],
+    "hval_strict": ["", "ok value", "a\x01b", "a\tb", "a\x7fb"],
     "web": ["", "example.com:80", "example.com", "https://x.y/z", "/path", "not a host"],
 }
 
