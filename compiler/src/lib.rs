@@ -5,6 +5,7 @@
 //! one [`Diagnostics`], so a run shows every problem at once.
 
 mod canonical;
+mod cel_text;
 pub mod check;
 pub mod conditions;
 mod details;

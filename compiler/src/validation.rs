@@ -15,6 +15,7 @@
 //! hold) is a warning naming the field and the rule, never silently
 //! skipped; a bad pattern or CEL rule is an error at the field's line.
 
+use crate::cel_text::{cel_literal, literal_evaluates, macro_binders};
 use crate::diag::{Diagnostic, Diagnostics};
 use crate::paths::scalar_kind;
 use prost_reflect::{DynamicMessage, FieldDescriptor, Kind, MessageDescriptor, ReflectMessage, Value as PValue};
@@ -1261,134 +1262,6 @@ struct Bound {
     rules: String,
     /// The field is ignored at its zero value.
     skip_zero: bool,
-}
-
-/// A rule's value as a CEL literal (`5`, `5u`, `2.5`, `"text"`,
-/// `b"\x01"`, `[1, 2]`); None for messages and maps.
-fn cel_literal(v: &PValue) -> Option<String> {
-    let bytes = |s: &[u8]| {
-        let mut out = String::from("b\"");
-        for &b in s {
-            match b {
-                b'"' | b'\\' => out.extend(['\\', b as char]),
-                0x20..=0x7e => out.push(b as char),
-                _ => out.push_str(&format!("\\x{b:02x}")),
-            }
-        }
-        out.push('"');
-        out
-    };
-    Some(match v {
-        PValue::Bool(b) => b.to_string(),
-        PValue::I32(n) => n.to_string(),
-        PValue::I64(n) => n.to_string(),
-        PValue::EnumNumber(n) => n.to_string(),
-        PValue::U32(n) => format!("{n}u"),
-        PValue::U64(n) => format!("{n}u"),
-        PValue::F32(f) => float_literal(*f as f64),
-        PValue::F64(f) => float_literal(*f),
-        // In a string literal `\x` is a code point, not a byte: the text
-        // goes as it is, but for quotes, backslashes and control characters.
-        PValue::String(s) => {
-            let mut out = String::from("\"");
-            for c in s.chars() {
-                match c {
-                    '"' | '\\' => out.extend(['\\', c]),
-                    c if c.is_control() => out.push_str(&format!("\\u{:04x}", c as u32)),
-                    c => out.push(c),
-                }
-            }
-            out.push('"');
-            out
-        }
-        PValue::Bytes(b) => bytes(b),
-        PValue::List(items) => {
-            let items: Option<Vec<String>> = items.iter().map(cel_literal).collect();
-            format!("[{}]", items?.join(", "))
-        }
-        PValue::Message(m) => match m.descriptor().full_name() {
-            "google.protobuf.Timestamp" | "google.protobuf.Duration" => {
-                let int = |name: &str| match m.get_field_by_name(name).as_deref() {
-                    Some(PValue::I64(n)) => *n,
-                    Some(PValue::I32(n)) => *n as i64,
-                    _ => 0,
-                };
-                let (seconds, nanos) = (int("seconds"), int("nanos"));
-                if m.descriptor().full_name() == "google.protobuf.Duration" {
-                    // `1s500000000ns`: each part exact (a decimal is read as
-                    // a float); a negative duration has both parts negative.
-                    let sign = if seconds < 0 || nanos < 0 { "-" } else { "" };
-                    format!("duration(\"{sign}{}s{}ns\")", seconds.unsigned_abs(), nanos.unsigned_abs())
-                } else {
-                    let t = chrono::DateTime::from_timestamp(seconds, nanos.clamp(0, 999_999_999) as u32)?;
-                    format!("timestamp(\"{}\")", t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true))
-                }
-            }
-            // A message as the engine shows one to CEL: every field at its
-            // value (zero, empty), but messages only when set.
-            _ => {
-                let mut fields = Vec::new();
-                for f in m.descriptor().fields() {
-                    // Unset fields with presence are left out, so that
-                    // `has(rules.strict)` is false for an unset one.
-                    let presence = f.supports_presence() && !f.is_list() && !f.is_map();
-                    if presence && !m.has_field(&f) {
-                        continue;
-                    }
-                    fields.push(format!("'{}': {}", f.name(), cel_literal(&m.get_field(&f))?));
-                }
-                format!("{{{}}}", fields.join(", "))
-            }
-        },
-        PValue::Map(entries) => {
-            let mut pairs = Vec::new();
-            for (k, v) in entries {
-                let key = match k {
-                    prost_reflect::MapKey::Bool(b) => b.to_string(),
-                    prost_reflect::MapKey::I32(n) => n.to_string(),
-                    prost_reflect::MapKey::I64(n) => n.to_string(),
-                    prost_reflect::MapKey::U32(n) => format!("{n}u"),
-                    prost_reflect::MapKey::U64(n) => format!("{n}u"),
-                    prost_reflect::MapKey::String(s) => cel_literal(&PValue::String(s.clone()))?,
-                };
-                pairs.push(format!("{key}: {}", cel_literal(v)?));
-            }
-            format!("{{{}}}", pairs.join(", "))
-        }
-    })
-}
-
-/// The variables an expression's macros bind: `x` in `list.all(x, ...)`,
-/// `exists`, `exists_one`, `map`, `filter` (and `cel.bind`).
-fn macro_binders(expression: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    for name in ["all(", "exists(", "exists_one(", "map(", "filter(", "bind("] {
-        let mut rest = expression;
-        while let Some(i) = rest.find(name) {
-            let after = &rest[i + name.len()..];
-            let ident: String = after.trim_start().chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect();
-            if !ident.is_empty() && after.trim_start()[ident.len()..].trim_start().starts_with(',') {
-                out.push(ident);
-            }
-            rest = after;
-        }
-    }
-    out
-}
-
-/// Whether a CEL literal the compiler wrote evaluates (a duration past
-/// CEL's range of about 292 years does not).
-fn literal_evaluates(literal: &str) -> bool {
-    literal.is_empty() || cel::Program::compile(literal).is_ok_and(|p| p.execute(&cel::Context::default()).is_ok())
-}
-
-/// A double as a CEL literal (`2.0`, `double("inf")`).
-fn float_literal(f: f64) -> String {
-    match f {
-        f if f.is_nan() => "double(\"NaN\")".into(),
-        f if f.is_infinite() => format!("double(\"{}\")", if f > 0.0 { "Infinity" } else { "-Infinity" }),
-        f => format!("{f:?}"),
-    }
 }
 
 /// Orders two plan values of the same class.

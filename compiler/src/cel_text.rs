@@ -1,0 +1,168 @@
+//! CEL text the compiler writes and reads: protobuf values (a rule's
+//! value, a whole rules message) as CEL literals the engine evaluates at
+//! plan load, and the variables an expression's macros bind.
+
+use prost_reflect::{ReflectMessage, Value as PValue};
+
+/// A rule's value as a CEL literal (`5`, `5u`, `2.5`, `"text"`,
+/// `b"\x01"`, `[1, 2]`); None for messages and maps.
+pub fn cel_literal(v: &PValue) -> Option<String> {
+    let bytes = |s: &[u8]| {
+        let mut out = String::from("b\"");
+        for &b in s {
+            match b {
+                b'"' | b'\\' => out.extend(['\\', b as char]),
+                0x20..=0x7e => out.push(b as char),
+                _ => out.push_str(&format!("\\x{b:02x}")),
+            }
+        }
+        out.push('"');
+        out
+    };
+    Some(match v {
+        PValue::Bool(b) => b.to_string(),
+        PValue::I32(n) => n.to_string(),
+        PValue::I64(n) => n.to_string(),
+        PValue::EnumNumber(n) => n.to_string(),
+        PValue::U32(n) => format!("{n}u"),
+        PValue::U64(n) => format!("{n}u"),
+        PValue::F32(f) => float_literal(*f as f64),
+        PValue::F64(f) => float_literal(*f),
+        // In a string literal `\x` is a code point, not a byte: the text
+        // goes as it is, but for quotes, backslashes and control characters.
+        PValue::String(s) => {
+            let mut out = String::from("\"");
+            for c in s.chars() {
+                match c {
+                    '"' | '\\' => out.extend(['\\', c]),
+                    c if c.is_control() => out.push_str(&format!("\\u{:04x}", c as u32)),
+                    c => out.push(c),
+                }
+            }
+            out.push('"');
+            out
+        }
+        PValue::Bytes(b) => bytes(b),
+        PValue::List(items) => {
+            let items: Option<Vec<String>> = items.iter().map(cel_literal).collect();
+            format!("[{}]", items?.join(", "))
+        }
+        PValue::Message(m) => match m.descriptor().full_name() {
+            "google.protobuf.Timestamp" | "google.protobuf.Duration" => {
+                let int = |name: &str| match m.get_field_by_name(name).as_deref() {
+                    Some(PValue::I64(n)) => *n,
+                    Some(PValue::I32(n)) => *n as i64,
+                    _ => 0,
+                };
+                let (seconds, nanos) = (int("seconds"), int("nanos"));
+                if m.descriptor().full_name() == "google.protobuf.Duration" {
+                    // `1s500000000ns`: each part exact (a decimal is read as
+                    // a float); a negative duration has both parts negative.
+                    let sign = if seconds < 0 || nanos < 0 { "-" } else { "" };
+                    format!("duration(\"{sign}{}s{}ns\")", seconds.unsigned_abs(), nanos.unsigned_abs())
+                } else {
+                    let t = chrono::DateTime::from_timestamp(seconds, nanos.clamp(0, 999_999_999) as u32)?;
+                    format!("timestamp(\"{}\")", t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true))
+                }
+            }
+            // A message as the engine shows one to CEL: every field at its
+            // value (zero, empty), but messages only when set.
+            _ => {
+                let mut fields = Vec::new();
+                for f in m.descriptor().fields() {
+                    // Unset fields with presence are left out, so that
+                    // `has(rules.strict)` is false for an unset one.
+                    let presence = f.supports_presence() && !f.is_list() && !f.is_map();
+                    if presence && !m.has_field(&f) {
+                        continue;
+                    }
+                    fields.push(format!("'{}': {}", f.name(), cel_literal(&m.get_field(&f))?));
+                }
+                format!("{{{}}}", fields.join(", "))
+            }
+        },
+        PValue::Map(entries) => {
+            let mut pairs = Vec::new();
+            for (k, v) in entries {
+                let key = match k {
+                    prost_reflect::MapKey::Bool(b) => b.to_string(),
+                    prost_reflect::MapKey::I32(n) => n.to_string(),
+                    prost_reflect::MapKey::I64(n) => n.to_string(),
+                    prost_reflect::MapKey::U32(n) => format!("{n}u"),
+                    prost_reflect::MapKey::U64(n) => format!("{n}u"),
+                    prost_reflect::MapKey::String(s) => cel_literal(&PValue::String(s.clone()))?,
+                };
+                pairs.push(format!("{key}: {}", cel_literal(v)?));
+            }
+            format!("{{{}}}", pairs.join(", "))
+        }
+    })
+}
+
+/// The variables an expression's macros bind: `x` in `list.all(x, ...)`,
+/// `exists`, `exists_one`, `map`, `filter` (and `cel.bind`).
+pub fn macro_binders(expression: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for name in ["all(", "exists(", "exists_one(", "map(", "filter(", "bind("] {
+        let mut rest = expression;
+        while let Some(i) = rest.find(name) {
+            let after = &rest[i + name.len()..];
+            let ident: String = after.trim_start().chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect();
+            if !ident.is_empty() && after.trim_start()[ident.len()..].trim_start().starts_with(',') {
+                out.push(ident);
+            }
+            rest = after;
+        }
+    }
+    out
+}
+
+/// Whether a CEL literal the compiler wrote evaluates (a duration past
+/// CEL's range of about 292 years does not).
+pub fn literal_evaluates(literal: &str) -> bool {
+    literal.is_empty() || cel::Program::compile(literal).is_ok_and(|p| p.execute(&cel::Context::default()).is_ok())
+}
+
+/// A double as a CEL literal (`2.0`, `double("inf")`).
+fn float_literal(f: f64) -> String {
+    match f {
+        f if f.is_nan() => "double(\"NaN\")".into(),
+        f if f.is_infinite() => format!("double(\"{}\")", if f > 0.0 { "Infinity" } else { "-Infinity" }),
+        f => format!("{f:?}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn eval(v: &PValue) -> cel::Value {
+        let literal = cel_literal(v).expect("a literal");
+        cel::Program::compile(&literal)
+            .unwrap_or_else(|e| panic!("{literal}: {e}"))
+            .execute(&cel::Context::default())
+            .unwrap_or_else(|e| panic!("{literal}: {e}"))
+    }
+
+    #[test]
+    fn literals_evaluate_to_their_values() {
+        let text = "a\"b\\c\né\u{1}'";
+        assert_eq!(eval(&PValue::String(text.into())), cel::Value::String(Arc::new(text.into())));
+        let bytes = vec![0u8, 255, b'"', b'\\', b'a'];
+        assert_eq!(eval(&PValue::Bytes(bytes.clone().into())), cel::Value::Bytes(Arc::new(bytes)));
+        assert_eq!(eval(&PValue::I64(i64::MIN)), cel::Value::Int(i64::MIN));
+        assert_eq!(eval(&PValue::U64(u64::MAX)), cel::Value::UInt(u64::MAX));
+        assert_eq!(eval(&PValue::F64(2.5)), cel::Value::Float(2.5));
+        assert_eq!(eval(&PValue::F64(f64::INFINITY)), cel::Value::Float(f64::INFINITY));
+        assert!(matches!(eval(&PValue::F64(f64::NAN)), cel::Value::Float(f) if f.is_nan()));
+        let list = PValue::List(vec![PValue::I32(1), PValue::I32(-2)]);
+        assert_eq!(eval(&list), cel::Value::List(Arc::new(vec![cel::Value::Int(1), cel::Value::Int(-2)])));
+    }
+
+    #[test]
+    fn macro_binders_are_found() {
+        assert_eq!(macro_binders("this.all(x, x > 0) && this.exists( y ,y < 3)"), vec!["x", "y"]);
+        assert!(macro_binders("size(this) > 0").is_empty());
+    }
+}
