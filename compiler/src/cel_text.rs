@@ -132,6 +132,59 @@ fn float_literal(f: f64) -> String {
     }
 }
 
+/// `has(this.f)` as protobuf has it: whether the request set `f`
+/// (present, or not empty, or not zero), which the engine lists under
+/// `@set` in the map it makes of a message; CEL's own `has()` on that map
+/// would hold for every field of the message. Only this exact form is
+/// rewritten (outside string literals); others keep CEL's meaning.
+pub fn presence_tests(expression: &str) -> String {
+    let mut out = String::with_capacity(expression.len());
+    let b = expression.as_bytes();
+    let mut i = 0;
+    let mut quote: Option<u8> = None;
+    while i < b.len() {
+        let c = b[i];
+        let ch = expression[i..].chars().next().unwrap_or(' ');
+        if let Some(q) = quote {
+            // Inside a string literal: copied as it is, escapes included.
+            out.push(ch);
+            i += ch.len_utf8();
+            if c == b'\\' {
+                if let Some(next) = expression[i..].chars().next() {
+                    out.push(next);
+                    i += next.len_utf8();
+                }
+            } else if c == q {
+                quote = None;
+            }
+            continue;
+        }
+        if c == b'"' || c == b'\'' {
+            quote = Some(c);
+            out.push(c as char);
+            i += 1;
+            continue;
+        }
+        let word_start = i == 0 || !(b[i - 1].is_ascii_alphanumeric() || b[i - 1] == b'_' || b[i - 1] == b'.');
+        if word_start && expression[i..].starts_with("has(") {
+            let rest = &expression[i + 4..];
+            let trimmed = rest.trim_start();
+            if let Some(after) = trimmed.strip_prefix("this.") {
+                let ident: String = after.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+                let tail = after[ident.len()..].trim_start();
+                if !ident.is_empty() && tail.starts_with(')') {
+                    out.push_str(&format!("('{ident}' in this['@set'])"));
+                    i = expression.len() - tail.len() + 1;
+                    continue;
+                }
+            }
+        }
+        out.push(ch);
+        i += ch.len_utf8();
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -158,6 +211,15 @@ mod tests {
         assert!(matches!(eval(&PValue::F64(f64::NAN)), cel::Value::Float(f) if f.is_nan()));
         let list = PValue::List(vec![PValue::I32(1), PValue::I32(-2)]);
         assert_eq!(eval(&list), cel::Value::List(Arc::new(vec![cel::Value::Int(1), cel::Value::Int(-2)])));
+    }
+
+    #[test]
+    fn presence_tests_are_rewritten() {
+        assert_eq!(
+            presence_tests("!has(this.a) || has( this.b_c ) && 'has(this.x)' != \"é\""),
+            "!('a' in this['@set']) || ('b_c' in this['@set']) && 'has(this.x)' != \"é\""
+        );
+        assert_eq!(presence_tests("has(this.a.b) || rehas(this.a)"), "has(this.a.b) || rehas(this.a)");
     }
 
     #[test]

@@ -15,7 +15,7 @@
 //! hold) is a warning naming the field and the rule, never silently
 //! skipped; a bad pattern or CEL rule is an error at the field's line.
 
-use crate::cel_text::{cel_literal, literal_evaluates, macro_binders};
+use crate::cel_text::{cel_literal, literal_evaluates, macro_binders, presence_tests};
 use crate::diag::{Diagnostic, Diagnostics};
 use crate::paths::scalar_kind;
 use prost_reflect::{DynamicMessage, FieldDescriptor, Kind, MessageDescriptor, ReflectMessage, Value as PValue};
@@ -676,6 +676,8 @@ impl Cx<'_> {
             PValue::String(e) => (e.clone(), String::new(), e.clone()),
             _ => return,
         };
+        // `has(this.f)` with protobuf's meaning (see `presence_tests`).
+        let expression = presence_tests(&expression);
         let program = match cel::Program::compile(&expression) {
             Ok(p) => p,
             Err(e) => {
