@@ -573,32 +573,43 @@ impl Cx<'_> {
         skip_zero: bool,
     ) {
         let Some(ext) = self.predefined_ext.clone() else { return };
-        let (owner, file) = (field.full_name(), field.parent_file());
+        let file = field.parent_file();
         // `rules`: the standard rules set beside it (extensions are read
         // through `rule`).
         let all = cel_literal(&PValue::Message(rules.clone())).unwrap_or_default();
         for (extension, value) in rules.extensions() {
-            let options = extension.options();
-            if !options.has_extension(&ext) {
-                continue;
-            }
-            let PValue::Message(predefined) = &*options.get_extension(&ext) else { continue };
-            let Some(literal) = cel_literal(value) else {
-                self.warn("predefined rule of a message or map value", owner, extension.full_name());
-                continue;
-            };
-            if let Some(PValue::List(list)) = predefined.get_field_by_name("cel").as_deref() {
-                for rule in list {
-                    self.cel(
-                        rule,
-                        numbers,
-                        true,
-                        at,
-                        owner,
-                        (&file, field.path()),
-                        Bound { rule: literal.clone(), rules: all.clone(), skip_zero },
-                    );
-                }
+            let site = Site { numbers, at, field, file: &file };
+            self.rule_cel(&ext, &extension.options(), extension.full_name(), value, &all, skip_zero, site);
+        }
+    }
+
+    /// The CEL rules `(buf.validate.predefined)` gives a rule field (whose
+    /// options are `options`), run with the rule's `value` as `rule` and
+    /// the field's rules message `all` as `rules`.
+    #[allow(clippy::too_many_arguments)]
+    fn rule_cel(
+        &mut self,
+        ext: &prost_reflect::ExtensionDescriptor,
+        options: &DynamicMessage,
+        name: &str,
+        value: &PValue,
+        all: &str,
+        skip_zero: bool,
+        site: Site<'_>,
+    ) {
+        if !options.has_extension(ext) {
+            return;
+        }
+        let PValue::Message(predefined) = &*options.get_extension(ext) else { return };
+        let owner = site.field.full_name();
+        let Some(literal) = cel_literal(value) else {
+            self.warn("rule value CEL cannot hold", owner, name);
+            return;
+        };
+        if let Some(PValue::List(list)) = predefined.get_field_by_name("cel").as_deref() {
+            for rule in list {
+                let bound = Bound { rule: literal.clone(), rules: all.to_string(), skip_zero };
+                self.cel(rule, site.numbers, true, site.at, owner, (site.file, site.field.path()), bound);
             }
         }
     }
@@ -633,21 +644,8 @@ impl Cx<'_> {
             if only.is_some_and(|name| f.name() != name) {
                 continue;
             }
-            let options = f.options();
-            if !options.has_extension(&ext) {
-                continue;
-            }
-            let PValue::Message(predefined) = &*options.get_extension(&ext) else { continue };
-            let Some(literal) = cel_literal(v) else {
-                self.warn("rule value CEL cannot hold", owner, f.name());
-                continue;
-            };
-            if let Some(PValue::List(list)) = predefined.get_field_by_name("cel").as_deref() {
-                for rule in list {
-                    let bound = Bound { rule: literal.clone(), rules: all.clone(), skip_zero };
-                    self.cel(rule, numbers, true, at, owner, (&file, field.path()), bound);
-                }
-            }
+            let site = Site { numbers, at, field, file: &file };
+            self.rule_cel(&ext, &f.options(), f.name(), v, &all, skip_zero, site);
         }
     }
 
@@ -1252,6 +1250,16 @@ fn scalar_rules(
         }
     }
     out
+}
+
+/// Where a field's CEL rules go: its path from the input message (field
+/// numbers, violation steps), the field and its file.
+#[derive(Clone, Copy)]
+struct Site<'a> {
+    numbers: &'a [u32],
+    at: &'a [Step],
+    field: &'a FieldDescriptor,
+    file: &'a prost_reflect::FileDescriptor,
 }
 
 /// What a CEL rule reads besides `this` and `now`, as CEL literals

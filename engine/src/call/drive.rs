@@ -178,13 +178,7 @@ where
         }
         let answered = match pick_by(method, metadata, input, &mut *record, deadline).await {
             Ok((answer, _)) => {
-                record.rule(answer.rule, answer.closest);
-                if let Some(score) = answer.similarity {
-                    record.similarity(score);
-                }
-                if let Some(v) = &answer.violations {
-                    record.invalid(v);
-                }
+                note(&answer, record);
                 let delay = answer.prepared().draw_delay();
                 // Boxed: its state would otherwise make every call's future,
                 // idle ones included, larger by its size.
@@ -193,6 +187,18 @@ where
             Err(stop) => return finish(Err(stop), out, record),
         };
         answered.await
+    }
+}
+
+/// Tells the call's record which rule answered (or the closest), how
+/// similar a recording was, and the violations of an invalid request.
+fn note<R: Report>(answer: &Answer<'_>, record: &mut R) {
+    record.rule(answer.rule, answer.closest);
+    if let Some(score) = answer.similarity {
+        record.similarity(score);
+    }
+    if let Some(v) = &answer.violations {
+        record.invalid(v);
     }
 }
 
@@ -239,13 +245,7 @@ where
     match picked {
         Ok((answer, Some(read))) if answer.unanswered() => forward::run(f, read, input, out, record).await,
         Ok((answer, _)) => {
-            record.rule(answer.rule, answer.closest);
-            if let Some(score) = answer.similarity {
-                record.similarity(score);
-            }
-            if let Some(v) = &answer.violations {
-                record.invalid(v);
-            }
+            note(&answer, record);
             let delay = answer.prepared().draw_delay();
             respond(answer, delay, deadline, method, json, out, record).await
         }
@@ -505,13 +505,7 @@ where
                 Box::pin(forward::run(f, vec![m], input, out, record)).await;
                 return Err(Stop::Gone);
             }
-            record.rule(answer.rule, answer.closest);
-            if let Some(score) = answer.similarity {
-                record.similarity(score);
-            }
-            if let Some(v) = &answer.violations {
-                record.invalid(v);
-            }
+            note(&answer, record);
             let delay = answer.prepared().draw_delay();
             if !delay.is_zero() {
                 tokio::time::sleep(delay).await;
