@@ -690,8 +690,9 @@ impl Cx<'_> {
         };
         // The variables a rule reads: `this`, `now`, `rule` and `rules`
         // where they have a value (predefined and standard rules), and what
-        // its macros bind (`x` in `this.all(x, x > 0)`). Another is a
-        // mistake protovalidate refuses to compile: an error here.
+        // its macros bind (`x` in `this.all(x, x > 0)`). A rule reading
+        // another (a misspelling, Wishmock's bare field names, a user's
+        // `rules`) would fail every request: it is left out, said.
         let binders = macro_binders(&expression);
         let known = |v: &str| {
             v == "this"
@@ -704,21 +705,7 @@ impl Cx<'_> {
         let unknown: Vec<&str> = references.variables().into_iter().filter(|v| !known(v)).collect();
         if !unknown.is_empty() {
             let name = if id.is_empty() { &expression } else { &id };
-            // A user's CEL rule reading protovalidate's `rules` (what
-            // this engine binds only for predefined rules) is left out, said.
-            if unknown.iter().all(|v| *v == "rules" || *v == "rule") {
-                self.warn(&format!("CEL rule `{name}` uses {}", unknown.join(", ")), owner, "cel");
-            } else {
-                let span = self.span(file, place);
-                self.diags.push(Diagnostic::error(
-                    span,
-                    format!(
-                        "`{owner}` ({}): its CEL rule `{name}` reads undeclared {}",
-                        file.name(),
-                        unknown.join(", ")
-                    ),
-                ));
-            }
+            self.warn(&format!("CEL rule `{name}` uses {}", unknown.join(", ")), owner, "cel");
             return;
         }
         if !literal_evaluates(&bound.rule) || !literal_evaluates(&bound.rules) {
