@@ -326,6 +326,37 @@ impl Cx<'_> {
                 );
             }
             if let Some((type_field, type_rules)) = type_rules(rules) {
+                // Rules of another type than the field's (`int32` rules on
+                // a string): refused, as protovalidate refuses them;
+                // protoc-gen-validate's are left out, said (trees made for
+                // tools that ignored them compile).
+                let expected = rules_kind(field);
+                let fits =
+                    expected.is_none_or(|e| e == type_field.name()) || (self.pgv && type_field.name() == "message");
+                if !fits && self.pgv {
+                    let what = format!("rules for `{}` fields", type_field.name());
+                    self.warn(&what, &name, expected.unwrap_or_default());
+                    return;
+                }
+                if !fits {
+                    let span = self.span(&field.parent_file(), field.path());
+                    let what = expected.unwrap_or_default();
+                    self.diags.push(Diagnostic::error(
+                        span,
+                        format!(
+                            "`{name}` ({}): its rules are `{}` rules, but the field takes `{what}` rules",
+                            field.parent_file().name(),
+                            type_field.name()
+                        ),
+                    ));
+                    return;
+                }
+                let wrapper = matches!(field.kind(), Kind::Message(m) if m.full_name().ends_with("Value") && m.full_name().starts_with("google.protobuf."));
+                if wrapper && !field.is_list() && !field.is_map() {
+                    // The rules of a wrapper's value (the field inside it).
+                    self.warn("rules of a wrapper type's value", &name, type_field.name());
+                    return;
+                }
                 // protoc-gen-validate's `ignore_empty`: like IGNORE_IF_ZERO_VALUE.
                 let skip_zero = ignore == 1 || get_bool(&type_rules, "ignore_empty");
                 self.type_rules(field, &numbers, &at, guards, &type_field, &type_rules, presence, skip_zero);
@@ -1237,6 +1268,52 @@ fn scalar_rules(
         }
     }
     out
+}
+
+/// The name of the rules a field takes (`string`, `int32`, `repeated`,
+/// `map`, `timestamp`, ...; a wrapper's are its value's); None for a
+/// message without rules of its own.
+fn rules_kind(field: &FieldDescriptor) -> Option<&'static str> {
+    if field.is_map() {
+        return Some("map");
+    }
+    if field.is_list() {
+        return Some("repeated");
+    }
+    Some(match field.kind() {
+        Kind::Double => "double",
+        Kind::Float => "float",
+        Kind::Int32 => "int32",
+        Kind::Int64 => "int64",
+        Kind::Uint32 => "uint32",
+        Kind::Uint64 => "uint64",
+        Kind::Sint32 => "sint32",
+        Kind::Sint64 => "sint64",
+        Kind::Fixed32 => "fixed32",
+        Kind::Fixed64 => "fixed64",
+        Kind::Sfixed32 => "sfixed32",
+        Kind::Sfixed64 => "sfixed64",
+        Kind::Bool => "bool",
+        Kind::String => "string",
+        Kind::Bytes => "bytes",
+        Kind::Enum(_) => "enum",
+        Kind::Message(m) => match m.full_name() {
+            "google.protobuf.Any" => "any",
+            "google.protobuf.Duration" => "duration",
+            "google.protobuf.Timestamp" => "timestamp",
+            "google.protobuf.FieldMask" => "field_mask",
+            "google.protobuf.DoubleValue" => "double",
+            "google.protobuf.FloatValue" => "float",
+            "google.protobuf.Int64Value" => "int64",
+            "google.protobuf.UInt64Value" => "uint64",
+            "google.protobuf.Int32Value" => "int32",
+            "google.protobuf.UInt32Value" => "uint32",
+            "google.protobuf.BoolValue" => "bool",
+            "google.protobuf.StringValue" => "string",
+            "google.protobuf.BytesValue" => "bytes",
+            _ => return None,
+        },
+    })
 }
 
 /// Where a field's CEL rules go: its path from the input message (field

@@ -228,8 +228,13 @@ pub fn invalid_answer(method: &ServedMethod, failed: &[Broken]) -> Prepared {
     for (path, element, _, id, text, _) in &checks {
         match field_text(path, element.clone()) {
             // A rule of the whole message.
-            field if field.is_empty() => message.push_str(&format!(" {text} [{id}];")),
-            field => message.push_str(&format!(" {field}: {text} [{id}];")),
+            field if field.is_empty() => message.push_str(&format!(" {text}")),
+            field => message.push_str(&format!(" {field}: {text}")),
+        }
+        // A rule without an id shows none.
+        match id.is_empty() {
+            true => message.push(';'),
+            false => message.push_str(&format!(" [{id}];")),
         }
     }
     message.pop();
