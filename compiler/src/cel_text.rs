@@ -185,6 +185,85 @@ pub fn presence_tests(expression: &str) -> String {
     out
 }
 
+/// protovalidate's CEL functions, which the engine provides: stand-ins
+/// here, so that a probe knows them.
+const PROTOVALIDATE_FUNCTIONS: [&str; 11] = [
+    "isEmail",
+    "isHostname",
+    "isIp",
+    "isIpPrefix",
+    "isUri",
+    "isUriRef",
+    "isHostAndPort",
+    "unique",
+    "isNan",
+    "isInf",
+    "getField",
+];
+
+/// A field's zero value as CEL, for a probe: scalars, enums, lists and
+/// maps (None for messages, whose CEL form is the engine's).
+pub fn zero(field: &prost_reflect::FieldDescriptor) -> Option<cel::Value> {
+    use prost_reflect::Kind;
+    use std::sync::Arc;
+    if field.is_list() {
+        return Some(cel::Value::List(Arc::new(Vec::new())));
+    }
+    if field.is_map() {
+        return Some(std::collections::HashMap::<String, cel::Value>::new().into());
+    }
+    Some(match field.kind() {
+        Kind::Double | Kind::Float => cel::Value::Float(0.0),
+        Kind::Int32 | Kind::Int64 | Kind::Sint32 | Kind::Sint64 | Kind::Sfixed32 | Kind::Sfixed64 | Kind::Enum(_) => {
+            cel::Value::Int(0)
+        }
+        Kind::Uint32 | Kind::Uint64 | Kind::Fixed32 | Kind::Fixed64 => cel::Value::UInt(0),
+        Kind::Bool => cel::Value::Bool(false),
+        Kind::String => cel::Value::String(Arc::new(String::new())),
+        Kind::Bytes => cel::Value::Bytes(Arc::new(Vec::new())),
+        Kind::Message(_) => return None,
+    })
+}
+
+/// Runs `program` with `this` at `zero` (and its bound `rule` and `rules`
+/// literals): what is wrong with it whatever the value, if anything (a
+/// function that does not exist, operands of the wrong types, a result
+/// that is neither a bool nor a string). Errors that depend on the value
+/// (a missing key, a division by zero) do not count.
+pub fn probe(program: &cel::Program, zero: &cel::Value, rule: &str, rules: &str) -> Result<(), String> {
+    use cel::ExecutionError as E;
+    let mut context = cel::Context::default();
+    // The strings extension (`format()`, ...) as the engine has it.
+    let mut env = cel::Env::stdlib();
+    if env.add_extension(cel::extensions::strings).is_ok() {
+        context = cel::Context::with_env(std::sync::Arc::new(env));
+    }
+    for name in PROTOVALIDATE_FUNCTIONS {
+        let _ = context.add_function(name, |cel::extractors::Arguments(_): cel::extractors::Arguments| false);
+    }
+    context.add_variable_from_value("this", zero.clone());
+    let now = chrono::DateTime::from_timestamp(0, 0).unwrap_or_default().fixed_offset();
+    context.add_variable_from_value("now", cel::Value::Timestamp(now));
+    for (name, literal) in [("rule", rule), ("rules", rules)] {
+        if let Some(v) = cel::Program::compile(literal).ok().and_then(|p| p.execute(&cel::Context::default()).ok()) {
+            context.add_variable_from_value(name, v);
+        }
+    }
+    match program.execute(&context) {
+        Ok(cel::Value::Bool(_) | cel::Value::String(_)) => Ok(()),
+        Ok(other) => Err(format!("gives {other:?}, not a bool or a string")),
+        Err(
+            e @ (E::UndeclaredReference(_)
+            | E::NoSuchOverload(_)
+            | E::UnsupportedBinaryOperator(..)
+            | E::ValuesNotComparable(..)
+            | E::NotSupportedAsMethod { .. }
+            | E::InvalidArgumentCount { .. }),
+        ) => Err(format!("cannot run: {e}")),
+        Err(_) => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

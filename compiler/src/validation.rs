@@ -299,7 +299,7 @@ impl Cx<'_> {
                             &at,
                             &name,
                             (&file, field.path()),
-                            Bound { skip_zero: ignore == 1, ..Bound::default() },
+                            Bound { skip_zero: ignore == 1, zero: crate::cel_text::zero(field), ..Bound::default() },
                         );
                     }
                 }
@@ -639,7 +639,8 @@ impl Cx<'_> {
         };
         if let Some(PValue::List(list)) = predefined.get_field_by_name("cel").as_deref() {
             for rule in list {
-                let bound = Bound { rule: literal.clone(), rules: all.to_string(), skip_zero };
+                let zero = crate::cel_text::zero(site.field);
+                let bound = Bound { rule: literal.clone(), rules: all.to_string(), skip_zero, zero };
                 self.cel(rule, site.numbers, true, site.at, owner, (site.file, site.field.path()), bound);
             }
         }
@@ -743,6 +744,20 @@ impl Cx<'_> {
             let name = if id.is_empty() { &expression } else { &id };
             self.warn(&format!("CEL rule `{name}` has a value CEL cannot hold"), owner, "cel");
             return;
+        }
+        // Tried on the field's zero value: a function that does not exist
+        // or operands of the wrong types fail whatever the value, and so
+        // would every request.
+        if let Some(zero) = &bound.zero {
+            if let Err(problem) = crate::cel_text::probe(&program, zero, &bound.rule, &bound.rules) {
+                let name = if id.is_empty() { &expression } else { &id };
+                let span = self.span(file, place);
+                self.diags.push(Diagnostic::error(
+                    span,
+                    format!("`{owner}` ({}): its CEL rule `{name}` {problem}", file.name()),
+                ));
+                return;
+            }
         }
         self.method.cel_checks.push(plan::CelCheck {
             numbers: numbers.to_vec(),
@@ -1336,6 +1351,9 @@ struct Bound {
     rules: String,
     /// The field is ignored at its zero value.
     skip_zero: bool,
+    /// The field's zero value as CEL (scalars, lists, maps), on which the
+    /// rule is tried at compile time (`cel_text::probe`).
+    zero: Option<cel::Value>,
 }
 
 /// Orders two plan values of the same class.
