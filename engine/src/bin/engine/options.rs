@@ -723,9 +723,17 @@ struct Raw {
     /// One value, except for [`Kind::Paths`].
     values: Vec<String>,
     origin: Origin,
+    /// Where each value came from, when they came from lines of their own
+    /// (a list in the configuration file); empty otherwise.
+    items: Vec<Origin>,
 }
 
 impl Raw {
+    /// Where value `i` came from.
+    fn origin_of(&self, i: usize) -> &Origin {
+        self.items.get(i).unwrap_or(&self.origin)
+    }
+
     fn text(&self) -> &str {
         self.values.first().map(String::as_str).unwrap_or("")
     }
@@ -1075,7 +1083,7 @@ fn flag(name: &str) -> &'static Flag {
 }
 
 fn raw(flag: &'static Flag, values: Vec<String>, origin: Origin) -> Raw {
-    Raw { flag, values, origin }
+    Raw { flag, values, origin, items: Vec::new() }
 }
 
 /// "; did you mean `--x`?" for a near miss of a flag name, or nothing.
@@ -1176,9 +1184,9 @@ fn upstream(
         upstreams.default = Some(configure(raw, raw.text())?);
     }
     if let Some(raw) = &services {
-        for value in &raw.values {
+        for (i, value) in raw.values.iter().enumerate() {
             let Some((service, url)) = value.split_once('=').filter(|(s, u)| !s.is_empty() && !u.is_empty()) else {
-                return Err(format!("{}: `--upstream-for` takes SERVICE=URL, got `{value}`", raw.origin));
+                return Err(format!("{}: `--upstream-for` takes SERVICE=URL, got `{value}`", raw.origin_of(i)));
             };
             let service = service.trim().trim_start_matches('.');
             if upstreams.services.iter().any(|(s, _)| &**s == service) {
@@ -1193,8 +1201,8 @@ fn upstream(
 /// Validation per service, from `--validation-for SERVICE=on|off`.
 fn validation_services(raw: Option<&Raw>) -> Result<Vec<(Box<str>, bool)>, String> {
     let mut services: Vec<(Box<str>, bool)> = Vec::new();
-    for value in raw.map(|r| &r.values[..]).unwrap_or_default() {
-        let origin = raw.map(|r| r.origin.to_string()).unwrap_or_default();
+    for (i, value) in raw.map(|r| &r.values[..]).unwrap_or_default().iter().enumerate() {
+        let origin = raw.map(|r| r.origin_of(i).to_string()).unwrap_or_default();
         let parsed = value.split_once('=').and_then(|(s, v)| {
             let s = s.trim().trim_start_matches('.');
             let valid = !s.is_empty() && !s.contains(|c: char| c == '/' || c.is_whitespace());
@@ -1259,15 +1267,21 @@ fn config_text(path: &Path, text: &str) -> Result<HashMap<&'static str, Raw>, St
                 _ => Err(format!(
                     "{}: `{name}` takes {}, found {}",
                     at(node.span.line, node.span.col),
-                    if flag.kind == Kind::Switch { "true or false" } else { "one value" },
+                    match flag.kind {
+                        Kind::Switch => "true or false",
+                        Kind::Paths | Kind::Values => "a list of values (or one value)",
+                        _ => "one value",
+                    },
                     node.describe()
                 )),
             }
         };
+        let mut items = Vec::new();
         let mut values = match (&value.kind, flag.kind) {
             (NodeKind::Null, _) => return Err(format!("{where_}: `{name}` has no value")),
-            (NodeKind::Seq(items), Kind::Paths | Kind::Values) => {
-                items.iter().map(scalar).collect::<Result<Vec<_>, _>>()?
+            (NodeKind::Seq(list), Kind::Paths | Kind::Values) => {
+                items = list.iter().map(|n| Origin::File(path.to_path_buf(), n.span.line)).collect();
+                list.iter().map(scalar).collect::<Result<Vec<_>, _>>()?
             }
             _ => vec![scalar(value)?],
         };
@@ -1276,7 +1290,9 @@ fn config_text(path: &Path, text: &str) -> Result<HashMap<&'static str, Raw>, St
                 *v = base.join(&*v).to_string_lossy().into_owned();
             }
         }
-        out.insert(flag.name, raw(flag, values, Origin::File(path.to_path_buf(), value.span.line)));
+        let mut r = raw(flag, values, Origin::File(path.to_path_buf(), value.span.line));
+        r.items = items;
+        out.insert(flag.name, r);
     }
     Ok(out)
 }
@@ -1498,6 +1514,17 @@ mod tests {
             ("duplicate", "seed: 1\nseed: 2\n", ":2:1: duplicate key `seed`"),
             ("syntax", "seed: [1\n", "syntax error"),
             ("config", "config: other.yaml\n", ":1:1: `config` cannot be set in a config file"),
+            // A list's bad entry is named at its own line.
+            (
+                "list-entry",
+                "validation-for:\n  - a.B=on\n  - c.D=maybe\n",
+                ":3: `--validation-for` takes SERVICE=on|off (such as demo.Greeter=on), got `c.D=maybe`",
+            ),
+            (
+                "list-mapping",
+                "validation-for: {a.B: on}\n",
+                ":1:17: `validation-for` takes a list of values (or one value), found a mapping",
+            ),
         ];
         for (name, text, expected) in cases {
             let path = config(name, text);
