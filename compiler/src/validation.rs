@@ -564,7 +564,9 @@ impl Cx<'_> {
                 Some(_) => None,
             };
             if let Some(problem) = problem {
-                self.diags.push(Diagnostic::error(span, format!("`{}`: its oneof rule {problem}", desc.full_name())));
+                let file = desc.parent_file();
+                let text = format!("`{}` ({}): its oneof rule {problem}", desc.full_name(), file.name());
+                self.diags.push(Diagnostic::error(span, text));
                 return;
             }
             // Set as protovalidate has it: present (explicit presence),
@@ -573,7 +575,9 @@ impl Cx<'_> {
             terms.push(format!("('{name}' in this['@set'] ? 1 : 0)"));
         }
         if names.is_empty() {
-            self.diags.push(Diagnostic::error(span, format!("`{}`: its oneof rule names no field", desc.full_name())));
+            let file = desc.parent_file();
+            let text = format!("`{}` ({}): its oneof rule names no field", desc.full_name(), file.name());
+            self.diags.push(Diagnostic::error(span, text));
             return;
         }
         let count = terms.join(" + ");
