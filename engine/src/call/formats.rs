@@ -2,7 +2,8 @@
 //! prefixes, URIs, e-mail addresses, host and port pairs), checked by hand
 //! on the text: one definition for the wire checks of the standard rules
 //! (`Op::Format`) and for protovalidate's CEL functions (`isUri()`, ...).
-//! Each is linear in the text and allocates nothing.
+//! Each is linear in the text and allocates nothing but the decoded
+//! escapes of a URI's host.
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 use wirestub_plan::Format;
@@ -259,26 +260,12 @@ fn is_authority(a: &[u8]) -> bool {
         }
     };
     // A registered name's escapes must decode to UTF-8.
-    let host_ok = host.is_none_or(|h| escaped(h, |c| unreserved(c) || sub_delim(c)) && decodes_to_utf8(h));
+    let host_ok = host.is_none_or(|h| {
+        escaped(h, |c| unreserved(c) || sub_delim(c))
+            && std::str::from_utf8(h)
+                .is_ok_and(|t| std::str::from_utf8(&crate::codec::percent::decode_bytes(t, false)).is_ok())
+    });
     host_ok && port.is_none_or(|p| p.iter().all(u8::is_ascii_digit))
-}
-
-/// Whether `s`, its `%XX` escapes decoded, is UTF-8 (escapes already
-/// checked well-formed).
-fn decodes_to_utf8(s: &[u8]) -> bool {
-    let mut out = Vec::with_capacity(s.len());
-    let mut i = 0;
-    while i < s.len() {
-        if s[i] == b'%' && i + 2 < s.len() {
-            let hex = |c: u8| (c as char).to_digit(16).unwrap_or(0) as u8;
-            out.push(hex(s[i + 1]) << 4 | hex(s[i + 2]));
-            i += 3;
-        } else {
-            out.push(s[i]);
-            i += 1;
-        }
-    }
-    std::str::from_utf8(&out).is_ok()
 }
 
 /// What RFC 3986 (and RFC 6874's zones, `%25` escaped) allows between

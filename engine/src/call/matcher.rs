@@ -666,9 +666,9 @@ impl<'a> Request<'a> {
     /// Evaluates a test on a repeated field: `contains` looks for an equal
     /// element, `len` counts, `exists` means at least one element.
     /// `numbers` is the path from `message` to the repeated field.
-    fn repeated(&self, f: &FieldPath, message: &[u8], numbers: &[u32], test: &Test) -> Result<bool, Malformed> {
+    fn repeated<'m>(&self, f: &FieldPath, message: &'m [u8], numbers: &[u32], test: &Test) -> Result<bool, Malformed> {
         let (prefix, number) = numbers.split_at(numbers.len() - 1);
-        let each = |stop_when: &mut dyn FnMut(ValueRef<'_>) -> bool| -> Result<(), Malformed> {
+        let each = |stop_when: &mut dyn FnMut(ValueRef<'m>) -> bool| -> Result<(), Malformed> {
             wire::for_each_element(message, prefix, number[0], f.kind.wire_type(), &mut |raw| {
                 !stop_when(wire::normalize(raw, f.kind))
             })
@@ -709,16 +709,25 @@ impl<'a> Request<'a> {
             }
             Test::Op(Op::Unique) => {
                 // Elements as their values compare (floats by bits, as
-                // equal numbers have equal bits but for 0 and -0).
+                // equal numbers have equal bits but for 0 and -0); bytes
+                // borrowed from the message, nothing copied.
+                #[derive(PartialEq, Eq, Hash)]
+                enum Key<'b> {
+                    I64(i64),
+                    U64(u64),
+                    F64(u64),
+                    Bool(bool),
+                    Bytes(&'b [u8]),
+                }
                 let mut seen = std::collections::HashSet::new();
                 let mut unique = true;
                 each(&mut |e| {
-                    let key: (u8, Vec<u8>) = match e {
-                        ValueRef::I64(x) => (0, x.to_le_bytes().to_vec()),
-                        ValueRef::U64(x) => (1, x.to_le_bytes().to_vec()),
-                        ValueRef::F64(x) => (2, (if x == 0.0 { 0.0f64 } else { x }).to_bits().to_le_bytes().to_vec()),
-                        ValueRef::Bool(x) => (3, vec![x as u8]),
-                        ValueRef::Bytes(b) => (4, b.to_vec()),
+                    let key = match e {
+                        ValueRef::I64(x) => Key::I64(x),
+                        ValueRef::U64(x) => Key::U64(x),
+                        ValueRef::F64(x) => Key::F64(if x == 0.0 { 0 } else { x.to_bits() }),
+                        ValueRef::Bool(x) => Key::Bool(x),
+                        ValueRef::Bytes(b) => Key::Bytes(b),
                     };
                     unique = seen.insert(key);
                     !unique
