@@ -13,6 +13,7 @@
 
 mod http;
 pub mod routes;
+mod ui;
 
 use crate::state::State;
 use std::net::SocketAddr;

@@ -372,6 +372,7 @@ fn reason(status: u16) -> &'static str {
         100 => "Continue",
         200 => "OK",
         204 => "No Content",
+        302 => "Found",
         400 => "Bad Request",
         401 => "Unauthorized",
         404 => "Not Found",
@@ -462,7 +463,7 @@ async fn serve(mut stream: TcpStream, shared: Arc<Shared>, entry: Entry) {
         // A request without the token is answered before its body is read
         // (and the connection closed), so clients without it cannot hold a
         // connection slot with a slow body.
-        if !routes::is_probe(&head.path) {
+        if !routes::is_public(&head.path) {
             if let Some(refused) = routes::authorize(&shared.options, &head.headers) {
                 let _ = write(&mut stream, &encode(&refused, head.minor, true, false)).await;
                 let _ = stream.shutdown().await;

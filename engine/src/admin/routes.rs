@@ -9,12 +9,17 @@
 //! GET    /admin/services                          services and their methods
 //! GET    /admin/methods/{pkg.Service}/{Method}/rules
 //!                                                 the method's rules in evaluation order
+//! GET    /admin/methods/{pkg.Service}/{Method}/rules/{index}
+//!                                                 one rule with its answer as JSON
 //! POST   /admin/reload                            load the plan again (422 if it is invalid)
 //! GET    /admin/journal                           recorded calls, oldest first (filters, a page)
 //! DELETE /admin/journal                           forget every recorded call
 //! GET    /admin/journal/count                     how many calls the filters select
 //! POST   /admin/journal/verify                    expected number of calls (JSON body)
 //! GET    /admin/journal/unmatched                 calls no rule answered, with the closest rule
+//! GET    /admin/stats                             the call counters as JSON (for the UI's charts)
+//! GET    /ui/...                                  the web UI's files (no token needed: they hold no data)
+//! GET    /                                        redirects to /ui/
 //! ```
 //!
 //! Journal filters (query parameters, values percent-encoded): `method`
@@ -23,7 +28,8 @@
 //! repeatable), `body` (a JSON object, subset of the request), `since` (a
 //! sequence number: later calls only), `session` (the call's test
 //! session: `x-wirestub-session` or `x-gripmock-session`; empty for calls
-//! without one), `before` (a sequence number:
+//! without one), `rule` (text the answering rule's origin,
+//! `file:line:column`, contains), `before` (a sequence number:
 //! earlier calls only). The list routes answer one page: the newest
 //! `limit` calls selected ([`DEFAULT_PAGE`], at most [`MAX_PAGE`]), fewer
 //! when their JSON would pass [`PAGE_BYTES`]; `"page": {"limit", "more",
@@ -109,7 +115,13 @@ pub fn handle(
                 false => Response::json(200, &json!({"status": "ready"})),
             });
         }
+        "/" => {
+            return only(method, &["GET"]).unwrap_or_else(|| super::ui::redirect("/ui/"));
+        }
         _ => {}
+    }
+    if let Some(asset) = super::ui::route(method, path) {
+        return asset;
     }
     if let Some(refused) = authorize(options, headers) {
         return refused;
@@ -129,7 +141,13 @@ pub fn handle(
         ["admin", "methods", service, name, "rules"] => {
             only(method, &["GET"]).unwrap_or_else(|| rules(state, service, name))
         }
+        ["admin", "methods", service, name, "rules", index] => {
+            only(method, &["GET"]).unwrap_or_else(|| rule(state, service, name, index))
+        }
         ["admin", "reload"] => only(method, &["POST"]).unwrap_or_else(|| reload(state)),
+        ["admin", "stats"] => {
+            only(method, &["GET"]).unwrap_or_else(|| Response::json(200, &state.metrics.stats_json()))
+        }
         ["admin", "journal"] => match method {
             "GET" => with_journal(state, |j| list(j, &query, false)),
             "DELETE" => with_journal(state, |j| Response::json(200, &json!({"removed": j.reset()}))),
@@ -294,6 +312,7 @@ fn status(state: &State, options: &Options) -> Response {
             "journal": journal,
             "workers": state.workers,
             "draining": state.is_draining(),
+            "validation": crate::call::validate::settings_json(),
             "runtime": options.extension.as_ref().map(|e| e.status()),
             "upstream": options.upstream.as_ref().and_then(|u| u.default.as_ref()).map(|u| u.status()),
             "upstreams_by_service": options.upstream.as_ref().map(|u| {
@@ -317,6 +336,8 @@ fn services(state: &State) -> Response {
             "output_type": m.plan.output_type,
             "rules": m.plan.rules.len(),
             "builtin": m.builtin.is_some(),
+            "validated": !(m.plan.checks.is_empty() && m.plan.cel_checks.is_empty())
+                && crate::call::validate::enabled_for(&m.plan.path),
             // Wishmock's names for the same facts, for its UI and scripts.
             "full_method": format!("{service}/{name}"),
             "rule_key": format!("{service}.{name}").to_ascii_lowercase(),
@@ -347,6 +368,7 @@ fn rules(state: &State, service: &str, name: &str) -> Response {
         return Response::error(404, &format!("no method {path} in the plan"));
     };
     let plan = &m.plan;
+    let hits = state.metrics.rule_hits();
     let rules: Vec<Json> = plan
         .rules
         .iter()
@@ -377,6 +399,7 @@ fn rules(state: &State, service: &str, name: &str) -> Response {
                 "origin": r.origin,
                 "priority": r.priority,
                 "conditions": r.conditions.iter().map(|c| journal::describe_condition(plan, c)).collect::<Vec<_>>(),
+                "hits": hits.get(&r.origin).copied().unwrap_or(0),
                 "response": response,
             })
         })
@@ -390,6 +413,72 @@ fn rules(state: &State, service: &str, name: &str) -> Response {
             "output_type": plan.output_type,
             "builtin": m.builtin.is_some(),
             "rules": rules,
+        }),
+    )
+}
+
+/// One rule with everything it answers: status, metadata, and the
+/// response messages decoded to JSON (those rendered per call are marked
+/// `"@template"` and shown as prepared, holes empty).
+fn rule(state: &State, service: &str, name: &str, index: &str) -> Response {
+    let g = state.current();
+    let path = format!("/{service}/{name}");
+    let Some(m) = g.served.method(&path) else {
+        return Response::error(404, &format!("no method {path} in the plan"));
+    };
+    let plan = &m.plan;
+    let Some((i, r)) = index.parse::<usize>().ok().and_then(|i| Some((i, plan.rules.get(i)?))) else {
+        return Response::error(404, &format!("{path} has no rule {index} (it has {})", plan.rules.len()));
+    };
+    let output = g.schema().and_then(|p| p.get_message_by_name(plan.output_type.trim_start_matches('.')));
+    let decode = |framed: &[u8], slot: u32, resp: &wirestub_plan::Response| -> Json {
+        let bytes = framed.get(5..).unwrap_or_default();
+        let json = output
+            .as_ref()
+            .and_then(|d| prost_reflect::DynamicMessage::decode(d.clone(), bytes).ok())
+            .and_then(|msg| msg.serialize_with_options(serde_json::value::Serializer, &journal::json_options()).ok())
+            .unwrap_or_else(|| json!({"@base64": journal::base64(bytes)}));
+        match resp.templates.iter().any(|(s, _)| *s == slot) {
+            true => json!({"@template": true, "prepared": json}),
+            false => json,
+        }
+    };
+    let metadata = |list: &[(String, Vec<u8>)]| -> serde_json::Map<String, Json> {
+        list.iter().map(|(k, v)| (k.clone(), json!(journal::metadata_text(k, v)))).collect()
+    };
+    let response = plan.responses.get(r.response as usize).map(|resp| {
+        let mut out = json!({
+            "index": r.response,
+            "status": {"code": resp.status, "name": journal::status_name(resp.status)},
+            "message": percent_decode(&resp.message, false),
+            "headers": metadata(&resp.headers),
+            "trailers": metadata(&resp.trailers),
+            "delay_ms": resp.delay_ms,
+            "times": resp.times,
+        });
+        if !resp.body.is_empty() {
+            out["body"] = decode(&resp.body, 0, resp);
+        }
+        if !resp.stream.is_empty() {
+            out["stream"] = resp.stream.iter().enumerate().map(|(k, item)| decode(item, k as u32 + 1, resp)).collect();
+        }
+        let templated: Vec<Json> =
+            resp.metadata_templates.iter().map(|t| json!({"name": t.name, "trailer": t.trailer})).collect();
+        if !templated.is_empty() {
+            out["metadata_templates"] = Json::Array(templated);
+        }
+        out
+    });
+    Response::json(
+        200,
+        &json!({
+            "method": plan.path,
+            "index": i,
+            "origin": r.origin,
+            "priority": r.priority,
+            "hits": state.metrics.rule_hits().get(&r.origin).copied().unwrap_or(0),
+            "conditions": r.conditions.iter().map(|c| journal::describe_condition(plan, c)).collect::<Vec<_>>(),
+            "response": response,
         }),
     )
 }
@@ -458,12 +547,13 @@ fn filter_from_query(query: &[(String, String)], with_limit: bool) -> Result<(Fi
             }
             "body" => filter.body = Some(body_pattern(serde_json::from_str(v).map_err(|e| format!("`body`: {e}"))?)?),
             "session" => filter.session = Some(v.clone()),
+            "rule" => filter.rule = Some(v.clone()),
             "limit" if with_limit => limit = Some(parse_number(k, v)?.min(usize::MAX as u64) as usize),
             other => {
                 let known = if with_limit {
-                    "method, status, matched, metadata, body, session, since, before, limit"
+                    "method, status, matched, metadata, body, session, rule, since, before, limit"
                 } else {
-                    "method, status, matched, metadata, body, session, since, before"
+                    "method, status, matched, metadata, body, session, rule, since, before"
                 };
                 return Err(format!("unknown parameter `{other}` (known: {known})"));
             }
@@ -529,6 +619,13 @@ fn list(j: &Journal, query: &[(String, String)], unmatched: bool) -> Response {
 /// server runs a few at a time).
 pub fn is_journal_query(path: &str) -> bool {
     path.starts_with("/admin/journal")
+}
+
+/// Whether a request is answered without the admin token: the probes,
+/// `/` and the UI's files (which hold no data; the UI sends the token with
+/// every request for data).
+pub fn is_public(path: &str) -> bool {
+    is_probe(path) || path == "/" || path == "/ui" || path.starts_with("/ui/")
 }
 
 /// Whether a request is a probe (`/healthz`, `/readyz`, `/metrics`):
@@ -682,7 +779,12 @@ mod tests {
         let t = Some("s3cret");
         assert_eq!(call(&state, t, "GET", "/healthz", "").status, 200);
         assert_eq!(call(&state, t, "GET", "/readyz", "").status, 200);
-        for target in ["/admin/status", "/metrics", "/admin/journal", "/nowhere"] {
+        // The UI's files hold no data: the page loads, then asks for the token.
+        assert_eq!(call(&state, t, "GET", "/ui/", "").status, 200);
+        assert_eq!(call(&state, t, "GET", "/ui/app.js", "").status, 200);
+        assert_eq!(call(&state, t, "GET", "/", "").status, 302);
+        assert!(is_public("/ui/app.js") && is_public("/") && !is_public("/uix") && !is_public("/admin/stats"));
+        for target in ["/admin/status", "/metrics", "/admin/journal", "/admin/stats", "/nowhere", "/uix"] {
             let r = call(&state, t, "GET", target, "");
             assert_eq!(r.status, 401, "{target}");
             assert!(r.headers.iter().any(|(k, v)| *k == "WWW-Authenticate" && v.starts_with("Bearer")), "{target}");
@@ -716,6 +818,9 @@ mod tests {
         assert_eq!((journal["size"].clone(), journal["recorded"].clone()), (json!(3), json!(3)));
         assert_eq!(journal["evicted"], 0);
         assert_eq!(s["draining"], false);
+        // Process-wide settings (other tests may change them): their shape.
+        assert!(s["validation"]["enabled"].is_boolean() && s["validation"]["services"].is_object());
+        assert!(["per-message", "aggregate"].contains(&s["validation"]["mode"].as_str().unwrap()));
         assert!(s["started_at"].as_str().unwrap().ends_with('Z'));
         assert!(s["uptime_seconds"].as_f64().unwrap() >= 0.0);
 
@@ -749,10 +854,52 @@ mod tests {
     }
 
     #[test]
+    fn one_rule_with_its_answer_and_hits() {
+        let state = fixture::state(0);
+        // SAY_HELLO is method 1 of the demo plan; its rule 0 answers twice.
+        let g = state.current();
+        let stats = g.stats.worker(0);
+        for _ in 0..2 {
+            stats.started(1);
+            stats.rule(1, Some(0));
+            stats.handled(1, 0, std::time::Duration::from_micros(300));
+        }
+        drop(g);
+        let rule = get(&state, "/admin/methods/demo.Greeter/SayHello/rules/0").body_json();
+        assert_eq!(rule["origin"], "rules/demo.yaml:3:9");
+        assert_eq!(rule["hits"], 2);
+        assert_eq!(rule["response"]["status"]["name"], "OK");
+        assert_eq!(rule["response"]["body"], json!({"message": "Hi"}));
+        let denied = get(&state, "/admin/methods/demo.Greeter/SayHello/rules/2").body_json();
+        assert_eq!(denied["response"]["status"], json!({"code": 7, "name": "PERMISSION_DENIED"}));
+        assert!(denied["response"].get("body").is_none());
+        for bad in ["4", "x", "-1"] {
+            let r = get(&state, &format!("/admin/methods/demo.Greeter/SayHello/rules/{bad}"));
+            assert_eq!(r.status, 404, "{bad}");
+        }
+        let list = get(&state, "/admin/methods/demo.Greeter/SayHello/rules").body_json();
+        assert_eq!(list["rules"][0]["hits"], 2);
+        assert_eq!(list["rules"][1]["hits"], 0);
+
+        // The same counters as JSON for the UI's charts.
+        let stats = get(&state, "/admin/stats").body_json();
+        assert_eq!(stats["le"][0], 0.005);
+        let hello = stats["methods"].as_array().unwrap().iter().find(|m| m["method"] == "SayHello").unwrap().clone();
+        assert_eq!((hello["started"].clone(), hello["handled"].clone()), (json!(2), json!(2)));
+        assert_eq!(hello["codes"], json!({"OK": 2}));
+        assert_eq!(hello["buckets"].as_array().unwrap().len(), 12);
+        assert_eq!(hello["buckets"][0], 2, "300 µs is in the first bucket, and the counts are cumulative");
+        assert_eq!(hello["buckets"][11], 2);
+        assert_eq!(hello["rules"]["rules/demo.yaml:3:9"], 2);
+        assert_eq!(get(&state, "/admin/stats").content_type, JSON);
+        assert_eq!(call(&state, None, "POST", "/admin/stats", "").status, 405);
+    }
+
+    #[test]
     fn unknown_routes_and_methods() {
         let state = fixture::state(0);
         assert_eq!(get(&state, "/admin/nothing").status, 404);
-        assert_eq!(get(&state, "/").status, 404);
+        assert_eq!(get(&state, "/").status, 302);
         let r = call(&state, None, "PUT", "/admin/status", "");
         assert_eq!(r.status, 405);
         assert!(r.headers.contains(&("Allow", "GET, HEAD".to_string())));
@@ -820,6 +967,11 @@ mod tests {
         assert_eq!(seqs("/admin/journal?status=0"), [1]);
         assert_eq!(seqs("/admin/journal?matched=false"), [2, 3]);
         assert_eq!(seqs("/admin/journal?metadata=x-role%3Droot"), [1]);
+        // The rule: its whole origin, or a file name for every rule of it.
+        assert_eq!(seqs("/admin/journal?rule=rules%2Fdemo.yaml%3A10%3A9"), [1]);
+        assert_eq!(seqs("/admin/journal?rule=demo.yaml"), [1]);
+        assert_eq!(seqs("/admin/journal?rule=demo.yaml:3:9"), Vec::<u64>::new());
+        assert_eq!(get(&state, "/admin/journal/count?rule=demo.yaml").body_json(), json!({"count": 1}));
         assert_eq!(seqs("/admin/journal?since=2"), [3]);
         assert_eq!(seqs("/admin/journal?body=%7B%22locale%22%3A%7B%22language%22%3A%22en%22%7D%7D"), [2]);
         assert_eq!(seqs("/admin/journal?body={\"name\":\"Tom\"}&limit=1"), [2]);

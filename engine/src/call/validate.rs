@@ -37,10 +37,30 @@ pub fn set_enabled(on: bool, services: &[(Box<str>, bool)]) {
 
 /// Whether calls to the method at `path` (`/package.Service/Method`) are
 /// validated, by the settings.
-fn enabled_for(path: &str) -> bool {
+pub fn enabled_for(path: &str) -> bool {
     let service = path.strip_prefix('/').and_then(|p| p.split_once('/')).map_or("", |(s, _)| s);
     let listed = SERVICES.read().ok().and_then(|s| s.iter().find(|(n, _)| &**n == service).map(|(_, on)| *on));
     listed.unwrap_or_else(|| ENABLED.load(Ordering::Relaxed))
+}
+
+/// The settings as the admin status shows them: on or off, the services
+/// set apart, the stream mode and the annotations read.
+pub fn settings_json() -> serde_json::Value {
+    let services: serde_json::Map<String, serde_json::Value> = SERVICES
+        .read()
+        .map(|s| s.iter().map(|(n, on)| (n.to_string(), serde_json::Value::from(*on))).collect())
+        .unwrap_or_default();
+    let source = match SOURCE.load(Ordering::Relaxed) {
+        1 => "protovalidate",
+        2 => "pgv",
+        _ => "auto",
+    };
+    serde_json::json!({
+        "enabled": ENABLED.load(Ordering::Relaxed),
+        "services": services,
+        "mode": if per_message() { "per-message" } else { "aggregate" },
+        "source": source,
+    })
 }
 
 static PER_MESSAGE: AtomicBool = AtomicBool::new(false);

@@ -554,6 +554,9 @@ pub struct Filter {
     pub before: Option<u64>,
     /// Only calls of this test session (empty: calls without one).
     pub session: Option<String>,
+    /// Only calls answered by a rule whose origin (`file:line:column`)
+    /// contains this text: a whole origin, or a file name for its rules.
+    pub rule: Option<String>,
 }
 
 impl Filter {
@@ -565,6 +568,7 @@ impl Filter {
             && self.matched.is_none_or(|m| e.rule.is_some() == m)
             && self.metadata.iter().all(|(k, v)| e.metadata_values(k).any(|have| have == *v))
             && self.session.as_ref().is_none_or(|s| e.session().unwrap_or_default() == *s)
+            && self.rule.as_ref().is_none_or(|r| e.rule_origin().is_some_and(|o| o.contains(r.as_str())))
             && self.body.as_ref().is_none_or(|b| e.message_views().iter().any(|m| subset(b, &m.json)))
     }
 
@@ -585,6 +589,9 @@ impl Filter {
         }
         if let Some(m) = self.matched.filter(|&m| m != e.rule.is_some()) {
             out.push(Difference::new("matched", json!(m), json!(!m)));
+        }
+        if let Some(r) = self.rule.as_ref().filter(|r| !e.rule_origin().is_some_and(|o| o.contains(r.as_str()))) {
+            out.push(Difference::new("rule", json!(r), json!(e.rule_origin())));
         }
         for (k, v) in &self.metadata {
             let have: Vec<String> = e.metadata_values(k).collect();
@@ -887,7 +894,7 @@ fn whole_fields(bytes: &[u8]) -> usize {
     whole
 }
 
-fn json_options() -> prost_reflect::SerializeOptions {
+pub fn json_options() -> prost_reflect::SerializeOptions {
     prost_reflect::SerializeOptions::new().use_proto_field_name(true)
 }
 
@@ -909,6 +916,13 @@ impl Entry {
     /// The method as served, if the index is in range.
     pub fn served(&self) -> Option<&ServedMethod> {
         self.generation.served.methods.get(self.method)
+    }
+
+    /// The origin (`file:line:column`) of the rule that answered, if one
+    /// did.
+    pub fn rule_origin(&self) -> Option<&str> {
+        let r = self.rule?;
+        self.served()?.plan.rules.get(r as usize).map(|r| r.origin.as_str())
     }
 
     /// The method's path, `/pkg.Service/Method`.
@@ -1173,7 +1187,7 @@ struct Actual {
     text: String,
 }
 
-fn metadata_text(key: &str, value: &[u8]) -> String {
+pub fn metadata_text(key: &str, value: &[u8]) -> String {
     let base64_text = |v: &[u8]| v.iter().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'='));
     if key.ends_with("-bin") && !base64_text(value) {
         return base64(value);

@@ -417,15 +417,7 @@ impl Registry {
     /// Calls each rule answered, by the rule's origin (`file:line:column`),
     /// summed over every generation that served it.
     pub fn rule_hits(&self) -> std::collections::HashMap<String, u64> {
-        let totals = {
-            let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-            inner.fold_dead();
-            let mut totals = inner.retired.clone();
-            for s in &inner.live {
-                s.fold_into(&mut totals);
-            }
-            totals
-        };
+        let totals = self.totals();
         let mut out = std::collections::HashMap::new();
         for m in totals.methods.into_values() {
             for (origin, n) in m.rules {
@@ -437,16 +429,69 @@ impl Registry {
 
     /// The Prometheus text exposition of every counter.
     pub fn render(&self) -> String {
-        let totals = {
-            let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-            inner.fold_dead();
-            let mut totals = inner.retired.clone();
-            for s in &inner.live {
-                s.fold_into(&mut totals);
-            }
-            totals
-        };
-        render(&totals)
+        render(&self.totals())
+    }
+
+    /// The counters as JSON, for the web UI's charts: per method the calls
+    /// started, handled by code, the handling-time histogram (cumulative
+    /// counts per upper bound, as Prometheus has it) and the misses; per
+    /// rule its hits; per protocol its calls. A client takes rates and
+    /// percentiles from the differences between two of these.
+    pub fn stats_json(&self) -> serde_json::Value {
+        use serde_json::json;
+        let totals = self.totals();
+        let methods: Vec<serde_json::Value> = totals
+            .methods
+            .iter()
+            .map(|((service, method), t)| {
+                let mut cumulative = 0;
+                let mut buckets: Vec<u64> = BUCKETS
+                    .iter()
+                    .enumerate()
+                    .map(|(i, _)| {
+                        cumulative += t.counters[BUCKET + i];
+                        cumulative
+                    })
+                    .collect();
+                buckets.push(cumulative + t.counters[BUCKET + 11]);
+                let codes: serde_json::Map<String, serde_json::Value> = CODE_NAMES
+                    .iter()
+                    .enumerate()
+                    .filter(|(c, _)| t.counters[HANDLED + c] > 0)
+                    .map(|(c, name)| (name.to_string(), json!(t.counters[HANDLED + c])))
+                    .collect();
+                let rules: serde_json::Map<String, serde_json::Value> =
+                    t.rules.iter().map(|(origin, n)| (origin.clone(), json!(n))).collect();
+                json!({
+                    "service": service,
+                    "method": method,
+                    "kind": t.kind,
+                    "started": t.counters[STARTED],
+                    "handled": buckets.last().copied().unwrap_or(0),
+                    "codes": codes,
+                    "buckets": buckets,
+                    "sum_seconds": t.counters[SUM_MICROS] as f64 / 1e6,
+                    "misses": t.counters[MISSES],
+                    "forwarded": t.counters[FORWARDED],
+                    "rules": rules,
+                })
+            })
+            .collect();
+        let protocols: serde_json::Map<String, serde_json::Value> =
+            PROTOCOLS.iter().zip(totals.protocols).map(|(p, n)| (p.to_string(), json!(n))).collect();
+        json!({"le": BUCKETS, "methods": methods, "protocols": protocols})
+    }
+
+    /// Every generation's counters summed, those no call can reach folded
+    /// first.
+    fn totals(&self) -> Totals {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        inner.fold_dead();
+        let mut totals = inner.retired.clone();
+        for s in &inner.live {
+            s.fold_into(&mut totals);
+        }
+        totals
     }
 }
 
