@@ -11,6 +11,8 @@ use std::sync::Arc;
 /// The runtime API as an admin extension.
 pub struct Api {
     pub runtime: Arc<Runtime>,
+    /// The replicas sharing its changes (`--shared-state`).
+    pub peers: Option<Arc<super::peers::Peers>>,
 }
 
 impl Extension for Api {
@@ -25,6 +27,7 @@ impl Extension for Api {
             "protos": sources.protos.len(),
             "rules": sources.rules.len(),
             "descriptor_sets": sources.descriptor_sets.len(),
+            "shared_state": self.peers.as_ref().map(|p| p.status()),
         })
     }
 }

@@ -23,6 +23,7 @@
 pub mod answer;
 pub mod api;
 pub mod files;
+pub mod peers;
 pub mod routes;
 pub mod stubs;
 
@@ -187,7 +188,13 @@ pub struct Runtime {
     /// process's life: several engines may serve the same directories, one
     /// writes them.
     store_lock: Mutex<Option<std::fs::File>>,
+    /// Told of every change applied here (not of those applied for a
+    /// peer): the replicas sharing state (`peers.rs`).
+    observer: std::sync::OnceLock<Observer>,
 }
+
+/// What is told of the changes applied on this replica.
+pub type Observer = Arc<dyn Fn(&[Change]) + Send + Sync>;
 
 /// What readers see: the last sources that compiled and were swapped in.
 #[derive(Clone, Default)]
@@ -249,6 +256,7 @@ impl Runtime {
             waiting: 0.into(),
             max_schema_bytes: DEFAULT_MAX_SCHEMA_BYTES.into(),
             store_lock: Mutex::new(None),
+            observer: std::sync::OnceLock::new(),
         })
     }
 
@@ -394,6 +402,25 @@ impl Runtime {
     /// `reset` names (by name, as in [`Change`]) start again, as a GripMock
     /// stub posted again does.
     pub fn apply_resetting(&self, state: &State, changes: &[Change], reset: &[String]) -> Result<Applied, Refused> {
+        let applied = self.apply_inner(state, changes, reset)?;
+        if let Some(observer) = self.observer.get() {
+            observer(changes);
+        }
+        Ok(applied)
+    }
+
+    /// Applies changes another replica made ([`Runtime::apply`], its
+    /// observer not told).
+    pub fn apply_from_peer(&self, state: &State, changes: &[Change]) -> Result<Applied, Refused> {
+        self.apply_inner(state, changes, &[])
+    }
+
+    /// Sets what is told of every change applied here (once).
+    pub fn observe(&self, observer: Observer) {
+        let _ = self.observer.set(observer);
+    }
+
+    fn apply_inner(&self, state: &State, changes: &[Change], reset: &[String]) -> Result<Applied, Refused> {
         use std::sync::atomic::Ordering::Relaxed;
         struct Waiting<'a>(&'a std::sync::atomic::AtomicUsize);
         impl Drop for Waiting<'_> {

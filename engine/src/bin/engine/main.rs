@@ -159,6 +159,16 @@ fn run(options: Options) -> Result<ExitCode, String> {
     let reloads_from = runtime.clone();
     let reloader: Reloader = Box::new(move || reloads_from.reread().map_err(|d| d.render()));
     state.set_reloader(reloader);
+    // Runtime changes shared with other replicas: caught up with before
+    // serving (for a few seconds at most: Redis may be down).
+    let peers = match &options.shared_state {
+        Some((url, prefix)) => {
+            let peers = Arc::new(wirestub_engine::runtime::peers::Peers::new(url, prefix)?);
+            peers.start(runtime.clone(), state.clone(), std::time::Duration::from_secs(5))?;
+            Some(peers)
+        }
+        None => None,
+    };
 
     // Everything that can fail is checked before anything starts serving.
     let plain = options.listen.as_deref().map(|a| bind("listen", a)).transpose()?;
@@ -212,7 +222,10 @@ fn run(options: Options) -> Result<ExitCode, String> {
                 admin::Options {
                     token,
                     head_timeout: options.admin_head_timeout,
-                    extension: Some(Arc::new(wirestub_engine::runtime::api::Api { runtime: runtime.clone() })),
+                    extension: Some(Arc::new(wirestub_engine::runtime::api::Api {
+                        runtime: runtime.clone(),
+                        peers: peers.clone(),
+                    })),
                     upstream: options.server.upstream.clone(),
                 },
             )

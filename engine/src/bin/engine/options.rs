@@ -153,6 +153,25 @@ pub const FLAGS: &[Flag] = &[
         section: PLAN,
     },
     Flag {
+        name: "shared-state",
+        value: "URL",
+        kind: Kind::Value,
+        default: "",
+        help:
+            "share runtime API changes with every replica using the same Redis (redis://[:PASSWORD@]HOST:PORT[/DB]): \
+               a change made on one is stored there and applied by all, and a replica that starts later catches up; \
+               serving never waits for Redis",
+        section: PLAN,
+    },
+    Flag {
+        name: "shared-state-prefix",
+        value: "TEXT",
+        kind: Kind::Value,
+        default: "wirestub",
+        help: "prefix of the Redis keys and channel of --shared-state: replicas with the same prefix share",
+        section: PLAN,
+    },
+    Flag {
         name: "watch",
         value: "",
         kind: Kind::Switch,
@@ -850,6 +869,9 @@ pub struct Options {
     pub state_dir: Option<PathBuf>,
     /// Bound on the runtime API's sources.
     pub runtime_max_bytes: usize,
+    /// Redis shared with other replicas (`--shared-state`), and the prefix
+    /// of its keys.
+    pub shared_state: Option<(String, String)>,
     /// Bound on the runtime API's protos and descriptor sets.
     pub runtime_max_schema_bytes: usize,
     /// Time an admin connection has to send a whole request head.
@@ -1068,6 +1090,10 @@ pub fn parse(args: &[String], env: &dyn Fn(&str) -> Option<String>) -> Result<Co
         admin_insecure: must("admin-insecure").switch()?,
         state_dir: get("state-dir").map(|r| r.path()),
         runtime_max_bytes: must("runtime-max-bytes").number()?,
+        shared_state: get("shared-state")
+            .map(|r| r.text().to_string())
+            .filter(|u| !u.is_empty())
+            .map(|u| (u, must("shared-state-prefix").text().to_string())),
         runtime_max_schema_bytes: must("runtime-max-schema-bytes").number()?,
         record,
         admin_head_timeout,
