@@ -71,6 +71,9 @@ pub struct Options {
     pub extension: Option<Arc<dyn Extension>>,
     /// The upstream calls are forwarded to, for the status.
     pub upstream: Option<Arc<crate::config::Upstreams>>,
+    /// The listener is on a loopback address: requests must name it
+    /// (`Host`), see [`routes::foreign`]. Set by [`Admin::start`].
+    pub loopback: bool,
 }
 
 impl std::fmt::Debug for Options {
@@ -85,7 +88,7 @@ impl std::fmt::Debug for Options {
 
 impl Default for Options {
     fn default() -> Options {
-        Options { token: None, head_timeout: DEFAULT_HEAD_TIMEOUT, extension: None, upstream: None }
+        Options { token: None, head_timeout: DEFAULT_HEAD_TIMEOUT, extension: None, upstream: None, loopback: false }
     }
 }
 
@@ -100,9 +103,10 @@ impl Admin {
     /// Serves the admin API on `listener` from its own thread, and adds it
     /// to the state's listeners (kind `admin`). Dropping the `Admin` leaves
     /// it serving; [`Admin::shutdown`] stops it.
-    pub fn start(listener: std::net::TcpListener, state: Arc<State>, options: Options) -> std::io::Result<Admin> {
+    pub fn start(listener: std::net::TcpListener, state: Arc<State>, mut options: Options) -> std::io::Result<Admin> {
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
+        options.loopback = addr.ip().is_loopback();
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().max_blocking_threads(16).build()?;
         let listener = {
             let _context = runtime.enter();
@@ -181,7 +185,7 @@ mod tests {
         // Two pipelined requests on one keep-alive connection.
         writer
             .write_all(
-                b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\nGET /admin/status HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer t0k\r\n\r\n",
+                b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\nGET /admin/status HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer t0k\r\n\r\n",
             )
             .unwrap();
         let (status, _, body) = response(&mut reader);
@@ -191,14 +195,14 @@ mod tests {
         assert!(headers.contains(&("content-type".into(), "application/json".into())));
         assert!(body.contains("\"kind\":\"admin\""), "{body}");
         // No token: 401 with a challenge, and the connection stays usable.
-        writer.write_all(b"GET /metrics HTTP/1.1\r\nHost: a\r\n\r\n").unwrap();
+        writer.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
         let (status, headers, _) = response(&mut reader);
         assert_eq!(status, 401);
         assert!(headers.iter().any(|(k, v)| k == "www-authenticate" && v.starts_with("Bearer")));
         // A body announced with Expect: 100-continue.
         let verify = br#"{"method": "demo.Greeter/SayHello", "times": 0}"#;
         let head = format!(
-            "POST /admin/journal/verify HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer t0k\r\nContent-Length: {}\r\nExpect: 100-continue\r\n\r\n",
+            "POST /admin/journal/verify HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer t0k\r\nContent-Length: {}\r\nExpect: 100-continue\r\n\r\n",
             verify.len()
         );
         writer.write_all(head.as_bytes()).unwrap();
@@ -211,7 +215,7 @@ mod tests {
         assert_eq!(status, 200, "{body}");
         assert!(body.contains("\"ok\":true"), "{body}");
         // HEAD: the headers of GET, no body.
-        writer.write_all(b"HEAD /readyz HTTP/1.1\r\nHost: a\r\n\r\n").unwrap();
+        writer.write_all(b"HEAD /readyz HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
         let mut head = String::new();
         loop {
             let mut l = String::new();
@@ -223,7 +227,7 @@ mod tests {
         }
         assert!(head.starts_with("HTTP/1.1 200 OK\r\n") && head.contains("Content-Length: 19\r\n"), "{head}");
         // Connection: close ends the connection after the answer.
-        writer.write_all(b"GET /healthz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").unwrap();
+        writer.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").unwrap();
         let (status, headers, _) = response(&mut reader);
         assert_eq!(status, 200);
         assert!(headers.contains(&("connection".into(), "close".into())));
@@ -236,7 +240,7 @@ mod tests {
         let mut writer = stream.try_clone().unwrap();
         let mut reader = BufReader::new(stream);
         writer
-            .write_all(b"POST /admin/reload HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+            .write_all(b"POST /admin/reload HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
             .unwrap();
         let (status, _, body) = response(&mut reader);
         assert_eq!(status, 411, "{body}");

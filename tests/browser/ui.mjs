@@ -82,23 +82,24 @@ const go = async (hash) => {
 };
 
 /** A Connect JSON call from the page itself to the serving port. */
-async function callFromPage(path, body) {
-  return page.evaluate(async ([path, body]) => {
+async function callFromPage(path, body, metadata = {}) {
+  return page.evaluate(async ([path, body, metadata]) => {
     const base = document.getElementById("try-endpoint")?.value;
     const status = await (await fetch("/admin/status", { headers: { authorization: `Bearer ${sessionStorage.getItem("wirestub-admin-token") || ""}` } })).json();
     const l = status.listeners.find((x) => x.kind === "grpc");
     const url = (base || `http://127.0.0.1:${l.addr.split(":").pop()}`) + path;
-    const r = await fetch(url, { method: "POST", headers: { "content-type": "application/json", "connect-protocol-version": "1" }, body: JSON.stringify(body) });
+    const r = await fetch(url, { method: "POST", headers: { ...metadata, "content-type": "application/json", "connect-protocol-version": "1" }, body: JSON.stringify(body) });
     return { status: r.status, body: await r.json() };
-  }, [path, body]);
+  }, [path, body, metadata]);
 }
 
-async function trySend(method, request, metadata = "") {
+async function trySend(method, request, metadata = "", deadlineMs = 10000) {
   const [svc, m] = method.split("/").slice(1);
   await go(`#/try/${svc}/${m}`);
   await page.waitForFunction((p) => document.getElementById("try-method")?.value === p && document.getElementById("try-request").value.length > 1, method, { timeout: WAIT });
   await page.fill("#try-request", JSON.stringify(request));
   await page.fill("#try-metadata", metadata);
+  await page.fill("#try-timeout", String(deadlineMs));
   await page.evaluate(() => document.getElementById("try-result").replaceChildren());
   await page.click("#try-send");
   await page.waitForFunction(() => {
@@ -108,7 +109,9 @@ async function trySend(method, request, metadata = "") {
   return {
     status: await text("#try-status"),
     message: (await page.locator("#try-message").count()) ? await text("#try-message") : "",
-    messages: await page.locator("#try-messages pre").allInnerTexts(),
+    messages: await page.locator("#try-messages pre").evaluateAll((l) => l.slice(0, 20).map((e) => e.innerText)),
+    shown: await page.locator("#try-messages pre").count(),
+    more: (await page.locator("#try-result p.muted:not([hidden])").allInnerTexts()).join(" "),
     headers: await text("#try-headers"),
     trailers: await text("#try-trailers"),
   };
@@ -150,6 +153,8 @@ async function main() {
 
   await step("try it: a streaming answer", async () => trySend("/chat.v1.Chat/Subscribe", { room: "general" }));
 
+  await step("try it: an endless stream until its deadline", async () => trySend("/chat.v1.Chat/Subscribe", { room: "firehose" }, "", 1000));
+
   await step("try it: a client stream", async () => trySend("/chat.v1.Chat/Upload", [{ user: "ann", text: "a" }, { user: "bob", text: "b" }]));
 
   await step("try it: a call no rule answers", async () => trySend("/shop.v1.Catalog/SearchProducts", { query: "zzz" }));
@@ -159,7 +164,9 @@ async function main() {
     await page.waitForSelector('#calls-body tr[data-seq]', { timeout: WAIT });
     const before = await page.locator("#calls-body tr").count();
     const top = Number(await page.locator("#calls-body tr").first().getAttribute("data-seq"));
-    const answered = await callFromPage("/helloworld.Greeter/SayHello", { name: "live" });
+    // What a client sends is shown as text, never run as markup.
+    const answered = await callFromPage("/helloworld.Greeter/SayHello", { name: "<img src=x onerror=window.__pwned=1>" },
+      { "x-note": "<script>window.__pwned=2</script>" });
     await page.waitForFunction((n) => document.querySelectorAll("#calls-body tr").length > n, before, { timeout: WAIT });
     const first = page.locator("#calls-body tr").first();
     return {
@@ -168,6 +175,18 @@ async function main() {
       after: await page.locator("#calls-body tr").count(),
       newSeqAbove: Number(await first.getAttribute("data-seq")) > top,
       firstRow: await first.innerText(),
+    };
+  });
+
+  await step("calls: what clients send stays text", async () => {
+    await page.locator("#calls-body tr").first().click();
+    await page.waitForSelector("#call-request", { timeout: WAIT });
+    return {
+      request: await text("#call-request"),
+      metadata: await page.locator("#call-detail").innerText(),
+      images: await page.locator("#call-detail img, #call-detail script").count(),
+      pwned: await page.evaluate(() => window.__pwned ?? null),
+      focused: await page.evaluate(() => document.activeElement?.id ?? ""),
     };
   });
 

@@ -9,7 +9,8 @@ The page asks for the token, then:
   conditions in words and a "never hit" marker;
 - Try it sends SayHello {"name": "Tom"} over Connect JSON to the serving
   port and shows "Hi Tom (from mock)"; Subscribe streams three messages
-  and the x-room header; Upload takes a list of two messages and answers
+  and the x-room header; an endless stream runs until its 1 s deadline
+  without the page falling behind; Upload takes a list of two messages and answers
   once; SearchProducts {"query": "zzz"} gets NOT_FOUND;
 - Calls shows the calls, and a call made while it is open appears at the
   top without a reload; the SearchProducts call opens to the rule that came
@@ -144,6 +145,11 @@ def test_the_ui_end_to_end(tmp_path, node, chromium, node_modules):  # noqa: F81
     assert stream["status"] == "OK" and len(stream["messages"]) == 3
     assert json.loads(stream["messages"][2]) == {"user": "ann", "text": "bye", "seq": 3}
     assert "x-room\tgeneral" in stream["headers"]
+    # A stream that never ends by itself: the page keeps up (the first 500
+    # messages shown, the rest counted) until the deadline ends it.
+    firehose = seen["try it: an endless stream until its deadline"]
+    assert firehose["status"] == "DEADLINE_EXCEEDED", firehose["status"]
+    assert firehose["shown"] == 500 and "more messages received" in firehose["more"], firehose
     upload = seen["try it: a client stream"]
     assert upload["status"] == "OK" and [json.loads(m) for m in upload["messages"]] == [{"note": "uploaded"}]
     missed = seen["try it: a call no rule answers"]
@@ -154,6 +160,13 @@ def test_the_ui_end_to_end(tmp_path, node, chromium, node_modules):  # noqa: F81
     assert live["answered"]["status"] == 200
     assert live["after"] == live["before"] + 1 and live["newSeqAbove"]
     assert "/helloworld.Greeter/SayHello" in live["firstRow"]
+    assert live["answered"]["body"] == {"message": "Hello, stranger"}
+
+    text = seen["calls: what clients send stays text"]
+    assert json.loads(text["request"]) == {"name": "<img src=x onerror=window.__pwned=1>"}
+    assert "<script>window.__pwned=2</script>" in text["metadata"]
+    assert text["images"] == 0 and text["pwned"] is None, text
+    assert text["focused"] == "call-detail", "opening a call moves the focus to it"
 
     why = seen["calls: a call that missed"]
     assert why["condition"] == "request.category == 2"

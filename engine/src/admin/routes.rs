@@ -123,6 +123,9 @@ pub fn handle(
     if let Some(asset) = super::ui::route(method, path) {
         return asset;
     }
+    if let Some(refused) = foreign(options, headers) {
+        return refused;
+    }
     if let Some(refused) = authorize(options, headers) {
         return refused;
     }
@@ -204,6 +207,48 @@ pub fn authorize(options: &Options, headers: &[(String, String)]) -> Option<Resp
         Some(_) => Some(unauthorized("the bearer token is not the admin token", "invalid_token")),
         None => Some(unauthorized("this route needs `Authorization: Bearer TOKEN` (the engine's --admin-token)", "")),
     }
+}
+
+/// None when a request may come from where it comes, else a 403: web pages
+/// of other origins may not use the admin API from a browser (a page's
+/// `fetch` or form would otherwise change the mocks of an engine without a
+/// token), and on a loopback listener the `Host` must name this machine
+/// (a DNS name pointing at 127.0.0.1 would otherwise let a remote page
+/// read the API). Clients that are not browsers send neither `Origin` nor
+/// `Sec-Fetch-Site`, and are not affected.
+pub fn foreign(options: &Options, headers: &[(String, String)]) -> Option<Response> {
+    let header = |name: &str| headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.trim());
+    let host = header("host").unwrap_or("");
+    if header("sec-fetch-site").is_some_and(|s| s.eq_ignore_ascii_case("cross-site")) {
+        return Some(Response::error(403, "requests from pages of other sites are refused by the admin API"));
+    }
+    if let Some(origin) = header("origin") {
+        let authority = origin.split_once("://").map(|(_, rest)| rest).unwrap_or("");
+        if authority.is_empty() || !authority.eq_ignore_ascii_case(host) {
+            return Some(Response::error(
+                403,
+                &format!("requests from pages of other origins are refused by the admin API (Origin `{origin}`)"),
+            ));
+        }
+    }
+    if options.loopback && !host.is_empty() && !names_this_machine(host) {
+        return Some(Response::error(
+            403,
+            &format!("the admin API listens on loopback and answers only for it: Host `{host}` is refused"),
+        ));
+    }
+    None
+}
+
+/// Whether a `Host` value names the local machine: `localhost` (or a name
+/// below it) or an IP address, with any port.
+fn names_this_machine(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(v6) => return v6.split(']').next().is_some_and(|a| a.parse::<std::net::Ipv6Addr>().is_ok()),
+        None => host.rsplit_once(':').map_or(host, |(n, port)| if port.parse::<u16>().is_ok() { n } else { host }),
+    };
+    let name = name.trim_end_matches('.').to_ascii_lowercase();
+    name == "localhost" || name.ends_with(".localhost") || name.parse::<std::net::IpAddr>().is_ok()
 }
 
 fn unauthorized(message: &str, error: &str) -> Response {
@@ -893,6 +938,43 @@ mod tests {
         assert_eq!(hello["rules"]["rules/demo.yaml:3:9"], 2);
         assert_eq!(get(&state, "/admin/stats").content_type, JSON);
         assert_eq!(call(&state, None, "POST", "/admin/stats", "").status, 405);
+    }
+
+    #[test]
+    fn pages_of_other_origins_and_other_hosts_are_refused() {
+        let state = fixture::state(0);
+        let ask = |loopback: bool, headers: &[(&str, &str)], method: &str, target: &str| {
+            let options = Options { loopback, ..Options::default() };
+            let headers: Vec<(String, String)> = headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+            handle(&state, &options, method, target, "", &headers, b"").status
+        };
+        let host = ("host", "127.0.0.1:9901");
+        // Not a browser: no Origin, no Sec-Fetch-Site.
+        assert_eq!(ask(true, &[host], "GET", "/admin/status"), 200);
+        assert_eq!(ask(true, &[], "GET", "/admin/status"), 200);
+        // The UI itself: same origin.
+        assert_eq!(ask(true, &[host, ("origin", "http://127.0.0.1:9901")], "POST", "/admin/reload"), 422);
+        assert_eq!(ask(true, &[host, ("sec-fetch-site", "same-origin")], "GET", "/admin/status"), 200);
+        // Another page: refused before anything happens.
+        for headers in [
+            &[host, ("origin", "http://evil.example")][..],
+            &[host, ("origin", "null")][..],
+            &[host, ("origin", "http://127.0.0.1:9902")][..],
+            &[host, ("sec-fetch-site", "cross-site")][..],
+        ] {
+            assert_eq!(ask(true, headers, "POST", "/admin/reload"), 403, "{headers:?}");
+            assert_eq!(ask(false, headers, "GET", "/admin/status"), 403, "{headers:?}");
+        }
+        // DNS rebinding: on loopback, only names of this machine.
+        for ok in ["localhost:9901", "LOCALHOST", "app.localhost:1", "[::1]:9901", "10.0.0.7:9901", "127.0.0.1"] {
+            assert_eq!(ask(true, &[("host", ok)], "GET", "/admin/status"), 200, "{ok}");
+        }
+        for bad in ["evil.example:9901", "evil.example", "localhost.evil.example", "[evil]:1"] {
+            assert_eq!(ask(true, &[("host", bad)], "GET", "/admin/status"), 403, "{bad}");
+            assert_eq!(ask(false, &[("host", bad)], "GET", "/admin/status"), 200, "{bad}: not on loopback");
+        }
+        // Probes and the UI's files are answered whatever the Host.
+        assert_eq!(ask(true, &[("host", "evil.example")], "GET", "/healthz"), 200);
     }
 
     #[test]

@@ -46,7 +46,6 @@ pub fn route(method: &str, path: &str) -> Option<Response> {
             status: 200,
             content_type: media_type,
             headers: vec![
-                ("Cache-Control", "no-cache".into()),
                 ("X-Content-Type-Options", "nosniff".into()),
                 ("Content-Security-Policy", CSP.into()),
                 ("Referrer-Policy", "no-referrer".into()),

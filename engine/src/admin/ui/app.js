@@ -28,12 +28,23 @@ let shown = "";
 function route() {
   const [name, ...rest] = (location.hash.replace(/^#\/?/, "") || "services").split("/");
   const entry = VIEWS.find(([n]) => n === name) || VIEWS[0];
-  const args = rest.map(decodeURIComponent);
+  const args = rest.map((a) => {
+    try {
+      return decodeURIComponent(a);
+    } catch {
+      return a;
+    }
+  });
   for (const a of nav.querySelectorAll("a")) {
     if (a.dataset.view === entry[0]) a.setAttribute("aria-current", "page");
     else a.removeAttribute("aria-current");
   }
   const key = `${entry[0]}/${args.join("/")}`;
+  if (cleanup && cleanup.leave && entry[0] !== shown && !cleanup.leave()) {
+    // Unsaved edits kept: back to the view that has them.
+    history.replaceState(null, "", `#/${view.dataset.route || shown}`);
+    return;
+  }
   if (cleanup && entry[0] === shown && cleanup.update) {
     // The same view with other arguments (a method picked): it updates itself.
     cleanup.update(args);
@@ -67,7 +78,7 @@ function askToken(message) {
           e.preventDefault();
           setToken(input.value.trim());
           dialog.close();
-          dialog.remove();
+          forgetButton();
           shown = "";
           if (cleanup && cleanup.stop) cleanup.stop();
           cleanup = null;
@@ -88,6 +99,7 @@ function askToken(message) {
       h("button", { type: "submit", id: "token-save" }, "Use it"),
     ),
   );
+  dialog.addEventListener("close", () => dialog.remove());
   document.body.append(dialog);
   dialog.showModal();
   input.focus();
@@ -102,12 +114,18 @@ async function header() {
   }
 }
 
-function start() {
-  fill(
-    nav,
-    VIEWS.map(([name, label]) => h("a", { href: `#/${name}`, dataset: { view: name } }, label)),
-    token() ? h("button", { class: "link", type: "button", onclick: () => { setToken(""); location.reload(); } }, "Forget token") : null,
+function forgetButton() {
+  if (!token() || document.getElementById("forget-token")) return;
+  nav.append(
+    h("button", { class: "link", type: "button", id: "forget-token", onclick: () => { setToken(""); location.reload(); } }, "Forget token"),
   );
+}
+
+function start() {
+  fill(nav, VIEWS.map(([name, label]) => h("a", { href: `#/${name}`, dataset: { view: name } }, label)));
+  forgetButton();
+  // The plan may change from elsewhere (another tab, the API, a reload).
+  setInterval(() => { if (!document.hidden) header(); }, 10000);
   whenUnauthorized(askToken);
   window.addEventListener("hashchange", route);
   window.addEventListener("wirestub:plan", header);

@@ -40,7 +40,7 @@ export function mount(root, args) {
   const tbody = h("tbody", { id: "calls-body" });
   const older = h("button", { type: "button", id: "load-older", hidden: true, onclick: () => loadOlder() }, "Load older calls");
   const counter = h("span", { class: "muted", id: "calls-count" });
-  const detail = h("section", { class: "detail", id: "call-detail", "aria-live": "polite" });
+  const detail = h("section", { class: "detail", id: "call-detail", "aria-live": "polite", tabindex: "-1" });
   const form = h(
     "form",
     {
@@ -68,13 +68,17 @@ export function mount(root, args) {
   );
   if (args[0]) method.append(h("option", { value: args[0], selected: true }, args[0]));
 
-  let entries = new Map(); // seq -> entry
+  // Per call shown, only what its row needs: the whole call is fetched
+  // when it is opened, so the page holds little per row.
+  let entries = new Map(); // seq -> summary
   let newest = 0;
   let oldest = null;
   let timer = null;
   let busy = false;
   let stopped = false;
   let generation = 0;
+  // The filters as of the last Apply (the form may be changed meanwhile).
+  let applied = {};
 
   api("/admin/services").then((res) => {
     if (!res.ok) return;
@@ -83,20 +87,27 @@ export function mount(root, args) {
         if (!m.builtin && m.path !== args[0]) method.append(h("option", { value: m.path }, m.path));
   });
 
+  function capture() {
+    applied = {
+      method: method.value,
+      status: status.value,
+      matched: matched.value,
+      rule: rule.value.trim(),
+      session: session.value.trim(),
+      metadata: metadata.value.split(",").map((s) => s.trim()).filter(Boolean),
+    };
+  }
+
   function query(extra) {
     const q = new URLSearchParams();
-    if (method.value) q.set("method", method.value);
-    if (status.value) q.set("status", status.value);
-    if (matched.value) q.set("matched", matched.value);
-    if (rule.value.trim()) q.set("rule", rule.value.trim());
-    if (session.value.trim()) q.set("session", session.value.trim());
-    for (const m of metadata.value.split(",").map((s) => s.trim()).filter(Boolean)) q.append("metadata", m);
+    for (const k of ["method", "status", "matched", "rule", "session"]) if (applied[k]) q.set(k, applied[k]);
+    for (const m of applied.metadata || []) q.append("metadata", m);
     for (const [k, v] of Object.entries(extra)) q.set(k, v);
     return `/admin/journal?${q}`;
   }
 
   function row(e) {
-    const open = () => openCall(detail, e);
+    const open = () => openCall(detail, e.seq);
     const r = h(
       "tr",
       { dataset: { seq: e.seq, matched: e.rule ? "yes" : "no" }, class: e.rule ? "" : "missed", onclick: open },
@@ -115,7 +126,7 @@ export function mount(root, args) {
     const rows = [];
     for (const e of list) {
       if (entries.has(e.seq)) continue;
-      entries.set(e.seq, e);
+      entries.set(e.seq, true);
       rows.push(row(e));
       newest = Math.max(newest, e.seq);
       oldest = oldest === null ? e.seq : Math.min(oldest, e.seq);
@@ -143,7 +154,6 @@ export function mount(root, args) {
     }
     fill(problem);
     add(res.data.entries, true);
-    newest = Math.max(newest, res.data.recorded || 0);
     older.hidden = !res.data.page.more;
     schedule();
   }
@@ -154,17 +164,23 @@ export function mount(root, args) {
     if (!live.checked || document.hidden || busy) return schedule();
     busy = true;
     const mine = generation;
-    const res = await api(query({ since: newest, limit: 1000 }));
+    const since = newest;
+    // Everything after the last call seen: the newest page, then the pages
+    // before it down to `since`, so no call is passed over (at most
+    // MAX_ROWS calls a poll).
+    let res = await api(query({ since, limit: 1000 }));
+    let got = 0;
+    while (res.ok && mine === generation && !stopped) {
+      add(res.data.entries, true);
+      got += res.data.entries.length;
+      if (!res.data.page.more || got >= MAX_ROWS) break;
+      res = await api(query({ since, before: res.data.page.before, limit: 1000 }));
+    }
     busy = false;
     if (mine !== generation || stopped) return;
-    if (res.ok) {
-      fill(problem);
-      add(res.data.entries, true);
-      newest = Math.max(newest, res.data.recorded || 0);
-      if (res.data.page.more) fill(problem, note("More calls arrived than one poll shows: the table skips some; use the filters or “Load older”.", "muted"));
-    } else {
-      fill(problem, note(errorOf(res)));
-    }
+    if (res.ok) fill(problem);
+    else fill(problem, note(errorOf(res)));
+    if (res.ok && res.data.page.more) fill(problem, note("More calls arrived than the table holds; the oldest of them are left out (filters narrow it).", "muted"));
     schedule();
   }
 
@@ -175,7 +191,7 @@ export function mount(root, args) {
     const before = entries.size;
     for (const e of res.data.entries.slice().reverse()) {
       if (entries.has(e.seq)) continue;
-      entries.set(e.seq, e);
+      entries.set(e.seq, true);
       tbody.append(row(e));
       oldest = Math.min(oldest, e.seq);
     }
@@ -189,6 +205,7 @@ export function mount(root, args) {
   }
 
   function restart() {
+    capture();
     generation++;
     entries = new Map();
     newest = 0;
@@ -201,6 +218,7 @@ export function mount(root, args) {
   }
 
   fill(detail, note("Open a call to see its metadata, messages and the rule that answered.", "muted"));
+  capture();
   first();
   return {
     stop: () => {
@@ -210,7 +228,12 @@ export function mount(root, args) {
   };
 }
 
-function openCall(el, e) {
+/** Fetches call `seq` whole and shows it. */
+async function openCall(el, seq) {
+  const res = await api(`/admin/journal?since=${seq - 1}&before=${seq + 1}&limit=1`);
+  if (!res.ok) return fill(el, note(errorOf(res)));
+  const e = res.data.entries[0];
+  if (!e) return fill(el, note(`Call ${seq} is no longer in the journal (it keeps the last calls within its limits).`, "muted"));
   for (const tr of document.querySelectorAll("#calls-body tr[aria-selected]")) tr.removeAttribute("aria-selected");
   document.querySelector(`#calls-body tr[data-seq="${e.seq}"]`)?.setAttribute("aria-selected", "true");
   const [, service, name] = e.method.split("/");
@@ -271,10 +294,17 @@ function openCall(el, e) {
       h("summary", null, "The rule's answer, as the plan has it now"), answer));
   }
   fill(el, parts);
-  el.focus?.();
+  el.focus();
 }
 
+/** The answer of the rule that answered `e`, found by its origin (its index may have moved since). */
 async function showAnswer(el, e) {
-  const res = await api(rulesPath(e.method, e.rule.index));
+  let res = await api(rulesPath(e.method, e.rule.index));
+  if (res.ok && res.data.origin !== e.rule.origin) {
+    const all = await api(rulesPath(e.method));
+    const now = all.ok ? all.data.rules.find((r) => r.origin === e.rule.origin) : null;
+    if (!now) return fill(el, note(`The rule at ${e.rule.origin} is no longer in the plan.`, "muted"));
+    res = await api(rulesPath(e.method, now.index));
+  }
   fill(el, res.ok ? code(res.data.response) : note(errorOf(res)));
 }

@@ -6,14 +6,14 @@ import { h, fill, note } from "./dom.js";
 import { api, errorOf, planChanged, seg } from "./api.js";
 
 const KINDS = {
-  rule: { list: "/admin/rules/grpc", file: (n) => `/admin/rule/grpc/${seg(n)}`, title: "Rule files", fresh: "responses:\n  - body: {}\n" },
+  rule: { list: "/admin/rules/grpc", file: (n) => `/admin/rule/grpc/${seg(n)}`, title: "Rule files", fresh: "service: package.Service\nmethod: Method\nresponses:\n  - body: {}\n" },
   proto: { list: "/admin/protos", file: (n) => `/admin/proto/${seg(n)}`, title: "Protos", fresh: 'syntax = "proto3";\n\npackage example.v1;\n' },
 };
 
 export function mount(root, args) {
   const lists = { rule: h("ul", { class: "plain", id: "rule-files" }), proto: h("ul", { class: "plain", id: "proto-files" }) };
   const editorArea = h("section", { class: "detail", id: "editor" });
-  const newName = h("input", { id: "new-name", placeholder: "greeter.sayhello.yaml or api/v1/x.proto", "aria-label": "New file name" });
+  const newName = h("input", { id: "new-name", placeholder: "extra.yaml or api/v1/x.proto", "aria-label": "New file name" });
   const upload = h("input", { type: "file", id: "upload-file", accept: ".proto,.yaml,.yml,.json", "aria-label": "Upload a file" });
   root.append(
     h("h1", null, "Edit"),
@@ -29,6 +29,20 @@ export function mount(root, args) {
       editorArea),
   );
 
+  let known = { rule: new Set(), proto: new Set() };
+  let dirty = false;
+  let flash = null;
+  let openedHash = location.hash;
+  const beforeUnload = (e) => {
+    if (dirty) e.preventDefault();
+  };
+  window.addEventListener("beforeunload", beforeUnload);
+  // A template naming a method this plan serves.
+  api("/admin/services").then((res) => {
+    const m = res.ok && res.data.services.flatMap((s) => s.methods).find((x) => !x.builtin);
+    if (m) KINDS.rule.fresh = `service: ${m.path.split("/")[1]}\nmethod: ${m.name}\nresponses:\n  - body: {}\n`;
+  });
+
   async function refresh() {
     for (const kind of Object.keys(KINDS)) {
       const res = await api(KINDS[kind].list);
@@ -37,6 +51,7 @@ export function mount(root, args) {
         continue;
       }
       const files = res.data.files.slice().sort((a, b) => a.filename.localeCompare(b.filename));
+      known[kind] = new Set(files.map((f) => f.filename));
       fill(lists[kind], files.length
         ? files.map((f) => h("li", null, h("a", { href: `#/edit/${kind}/${seg(f.filename)}`, dataset: { file: f.filename } }, f.filename)))
         : h("li", { class: "muted" }, "none"));
@@ -45,28 +60,57 @@ export function mount(root, args) {
 
   function create() {
     const name = newName.value.trim();
-    if (!name) return;
+    if (!name || !leave()) return;
     const kind = name.endsWith(".proto") ? "proto" : "rule";
+    if (known[kind].has(name)) {
+      // An existing file opens as it is, never replaced by a template.
+      location.hash = `#/edit/${kind}/${seg(name)}`;
+      return;
+    }
     open(kind, name, KINDS[kind].fresh, true);
   }
 
   upload.addEventListener("change", async () => {
     const file = upload.files[0];
-    if (!file) return;
-    const kind = file.name.endsWith(".proto") ? "proto" : "rule";
-    open(kind, file.name, await file.text(), true);
     upload.value = "";
+    if (!file || !leave()) return;
+    const kind = file.name.endsWith(".proto") ? "proto" : "rule";
+    if (known[kind].has(file.name) && !confirm(`${file.name} exists; saving the upload replaces it. Go on?`)) return;
+    open(kind, file.name, await file.text(), !known[kind].has(file.name));
+    dirty = true;
   });
 
+  /** Whether unsaved text may be dropped (asked only when there is some). */
+  function leave() {
+    if (dirty && !confirm("Drop the unsaved changes?")) return false;
+    dirty = false;
+    return true;
+  }
+
   async function show(args) {
+    if (!leave()) {
+      history.replaceState(null, "", openedHash);
+      return;
+    }
+    openedHash = location.hash;
     const [kind, name] = args;
-    if (!KINDS[kind] || !name) return fill(editorArea, note("Pick a file to edit, or create one.", "muted"));
+    if (!KINDS[kind] || !name) {
+      const text = flash;
+      flash = null;
+      return fill(editorArea, text ? note(text, "ok") : note("Pick a file to edit, or create one.", "muted"));
+    }
     const res = await api(KINDS[kind].file(name));
     if (!res.ok) return fill(editorArea, note(errorOf(res)));
     open(kind, name, res.data.content, false);
   }
 
   function open(kind, name, content, unsaved) {
+    if (unsaved) {
+      // A file not saved yet has no address of its own: any file of the
+      // lists opens from here.
+      openedHash = "#/edit";
+      history.pushState(null, "", openedHash);
+    }
     for (const a of root.querySelectorAll("a[aria-current]")) a.removeAttribute("aria-current");
     root.querySelector(`a[data-file="${CSS.escape(name)}"]`)?.setAttribute("aria-current", "true");
     const gutter = h("pre", { class: "gutter", "aria-hidden": "true" });
@@ -75,15 +119,21 @@ export function mount(root, args) {
     const diags = h("ol", { class: "diagnostics", id: "diagnostics", "aria-live": "polite" });
     const result = h("div", { id: "save-result", "aria-live": "polite" });
     let marks = new Map();
-    const lines = () => {
+    let drawn = -1;
+    const lines = (force) => {
       const n = text.value.split("\n").length;
+      if (n === drawn && !force) return;
+      drawn = n;
       fill(gutter, Array.from({ length: n }, (_, i) => {
         const m = marks.get(i + 1);
         return h("span", { class: m ? `line ${m}` : "line", dataset: { line: i + 1 } }, `${i + 1}\n`);
       }));
       gutter.scrollTop = text.scrollTop;
     };
-    text.addEventListener("input", lines);
+    text.addEventListener("input", () => {
+      dirty = true;
+      lines();
+    });
     text.addEventListener("scroll", () => { gutter.scrollTop = text.scrollTop; });
     const save = h("button", { type: "button", id: "save" }, unsaved ? "Create" : "Save");
     const del = h("button", { type: "button", id: "delete", hidden: unsaved }, "Delete");
@@ -94,10 +144,16 @@ export function mount(root, args) {
       save.disabled = false;
       report(res, `Applied: plan ${res.data?.plan?.identity?.slice(0, 12) ?? ""} (generation ${res.data?.plan?.generation ?? "?"}) serves it now.`);
       if (res.ok) {
+        dirty = false;
         save.textContent = "Save";
         del.hidden = false;
         refresh();
-        if (location.hash !== `#/edit/${kind}/${seg(name)}`) history.replaceState(null, "", `#/edit/${kind}/${seg(name)}`);
+        const here = `#/edit/${kind}/${seg(name)}`;
+        if (location.hash !== here) {
+          // Updates the address without opening the file again.
+          openedHash = here;
+          history.pushState(null, "", here);
+        }
       }
     });
     del.addEventListener("click", async () => {
@@ -105,6 +161,8 @@ export function mount(root, args) {
       const res = await api(KINDS[kind].file(name), { method: "DELETE" });
       report(res, `Deleted ${name}.`);
       if (res.ok) {
+        dirty = false;
+        flash = `Deleted ${name}.`;
         refresh();
         location.hash = "#/edit";
       }
@@ -126,7 +184,7 @@ export function mount(root, args) {
           ` ${d.severity}: ${d.message}`, d.hint ? h("span", { class: "muted" }, ` (${d.hint})`) : null);
       }));
       fill(result, res.ok ? note(okText, "ok") : note(errorOf(res)));
-      lines();
+      lines(true);
       if (res.ok) planChanged();
       else if (marks.size) goTo(Math.min(...marks.keys()));
     }
@@ -152,5 +210,5 @@ export function mount(root, args) {
   }
 
   refresh().then(() => show(args));
-  return { update: show };
+  return { update: show, leave, stop: () => window.removeEventListener("beforeunload", beforeUnload) };
 }

@@ -17,7 +17,7 @@ export function mount(root, args) {
     oninput: () => list(),
   });
   const listEl = h("nav", { class: "side", "aria-label": "Methods" });
-  const detail = h("section", { class: "detail", id: "method-detail", "aria-live": "polite" });
+  const detail = h("section", { class: "detail", id: "method-detail", "aria-live": "polite", tabindex: "-1" });
   root.append(h("h1", null, "Services"), h("div", { class: "split" }, h("div", null, filter, listEl), detail));
   let services = [];
 
@@ -97,6 +97,7 @@ export function mount(root, args) {
     fields(input, m.input_type, 0);
     fields(output, m.output_type, 0);
     showRules(rules, path, m.rules, RULES_PAGE);
+    if (document.activeElement?.closest?.(".side")) detail.focus();
   }
 
   load().then(() => show(args));

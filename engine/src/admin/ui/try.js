@@ -102,21 +102,21 @@ export function mount(root, args) {
     controller = new AbortController();
     const url = endpoint.value.replace(/\/+$/, "") + m.path;
     const streaming = m.request_stream || m.response_stream;
-    const started = performance.now();
+    const view = answerView(out);
     send.disabled = true;
-    fill(out, h("p", { class: "muted" }, "Sending…"));
     try {
-      if (streaming) await stream(url, headers, m.request_stream ? (Array.isArray(body) ? body : [body]) : [body], started);
-      else await unary(url, headers, body, started);
+      if (streaming) await stream(url, headers, m.request_stream ? (Array.isArray(body) ? body : [body]) : [body], view);
+      else await unary(url, headers, body, view);
     } catch (e) {
-      fill(out, note(`The call failed in the browser: ${e.message}. Is the engine serving at ${endpoint.value}, and does --cors-origins allow this page's origin?`));
+      if (e.name === "AbortError") view.end("CANCELLED", "cancelled here; the messages received so far are kept");
+      else fill(out, note(`The call failed in the browser: ${e.message}. Is the engine serving at ${endpoint.value}, and does --cors-origins allow this page's origin?`));
     } finally {
       send.disabled = false;
       controller = null;
     }
   }
 
-  async function unary(url, headers, body, started) {
+  async function unary(url, headers, body, view) {
     const r = await fetch(url, {
       method: "POST",
       headers: { ...headers, "content-type": "application/json" },
@@ -128,18 +128,14 @@ export function mount(root, args) {
     try { data = JSON.parse(text); } catch { /* shown as text */ }
     const [head, trailers] = split(r.headers);
     const ok = r.status === 200;
-    show({
-      status: ok ? "OK" : (data && data.code ? data.code.toUpperCase() : `HTTP ${r.status}`),
-      message: ok ? "" : data && data.message,
-      details: ok ? null : data && data.details,
-      headers: head,
-      trailers,
-      messages: ok ? [data] : [],
-      elapsed: performance.now() - started,
-    });
+    view.headers(head);
+    if (ok) view.message(data);
+    view.trailers(trailers);
+    if (ok) view.end("OK");
+    else view.end(data && data.code ? data.code.toUpperCase() : `HTTP ${r.status}`, data && data.message, data && data.details);
   }
 
-  async function stream(url, headers, messages, started) {
+  async function stream(url, headers, messages, view) {
     const parts = messages.map((m) => envelope(0, new TextEncoder().encode(JSON.stringify(m))));
     const r = await fetch(url, {
       method: "POST",
@@ -148,69 +144,99 @@ export function mount(root, args) {
       signal: controller.signal,
     });
     const [head] = split(r.headers);
-    const state = { status: "…", headers: head, trailers: {}, messages: [], elapsed: 0 };
+    view.headers(head);
     if (r.status !== 200) {
       const text = await r.text();
       let data = {};
       try { data = JSON.parse(text); } catch { /* not JSON */ }
-      return show({ ...state, status: data.code ? data.code.toUpperCase() : `HTTP ${r.status}`, message: data.message || text, elapsed: performance.now() - started });
+      return view.end(data.code ? data.code.toUpperCase() : `HTTP ${r.status}`, data.message || text);
     }
     const reader = r.body.getReader();
+    const decoder = new TextDecoder();
+    // Unparsed bytes: the rest of the last chunk, then what comes; a chunk
+    // is copied at most once, however many messages it holds.
     let buf = new Uint8Array(0);
-    show(state);
+    let ended = false;
     for (;;) {
       const { value, done } = await reader.read();
-      if (value) buf = concat([buf, value]);
-      while (buf.length >= 5) {
-        const len = new DataView(buf.buffer, buf.byteOffset + 1, 4).getUint32(0);
-        if (buf.length < 5 + len) break;
-        const flags = buf[0];
-        const json = JSON.parse(new TextDecoder().decode(buf.subarray(5, 5 + len)) || "{}");
-        buf = buf.slice(5 + len);
+      if (value) buf = buf.length ? concat([buf, value]) : value;
+      let at = 0;
+      while (buf.length - at >= 5) {
+        const len = new DataView(buf.buffer, buf.byteOffset + at + 1, 4).getUint32(0);
+        if (buf.length - at < 5 + len) break;
+        const flags = buf[at];
+        const json = JSON.parse(decoder.decode(buf.subarray(at + 5, at + 5 + len)) || "{}");
+        at += 5 + len;
         if (flags & 2) {
           const err = json.error;
-          state.status = err ? (err.code || "unknown").toUpperCase() : "OK";
-          state.message = err && err.message;
-          state.details = err && err.details;
-          state.trailers = Object.fromEntries(Object.entries(json.metadata || {}).map(([k, v]) => [k, v.join(", ")]));
+          view.trailers(Object.fromEntries(Object.entries(json.metadata || {}).map(([k, v]) => [k, v.join(", ")])));
+          view.end(err ? (err.code || "unknown").toUpperCase() : "OK", err && err.message, err && err.details);
+          ended = true;
         } else {
-          state.messages.push(json);
+          view.message(json);
         }
-        state.elapsed = performance.now() - started;
-        show(state);
       }
+      buf = buf.subarray(at);
       if (done) break;
     }
-    if (state.status === "…") {
-      state.status = "UNKNOWN";
-      state.message = "the stream ended without its end message";
-      show(state);
-    }
-  }
-
-  function show(r) {
-    const kv = (o) => {
-      const rows = Object.entries(o).map(([k, v]) => h("tr", null, h("td", null, k), h("td", null, v)));
-      return rows.length ? table(["Key", "Value"], rows) : note("none", "muted");
-    };
-    fill(
-      out,
-      h("h2", null, "Answer"),
-      h("p", null, h("strong", { id: "try-status", class: r.status === "OK" ? "ok" : "bad" }, r.status),
-        r.message ? [": ", h("span", { id: "try-message" }, r.message)] : null,
-        h("span", { class: "muted" }, ` after ${r.elapsed.toFixed(1)} ms`)),
-      r.details && r.details.length ? [h("h3", null, "Error details"), code(r.details)] : null,
-      h("h3", null, `Messages (${r.messages.length})`),
-      h("div", { id: "try-messages" }, r.messages.map((m, i) => code(m, { "aria-label": `message ${i}`, class: "json message" }))),
-      h("h3", null, "Headers"),
-      h("div", { id: "try-headers" }, kv(r.headers)),
-      h("h3", null, "Trailers"),
-      h("div", { id: "try-trailers" }, kv(r.trailers)),
-    );
+    if (!ended) view.end("UNKNOWN", "the stream ended without its end message");
   }
 
   init();
   return { update: select };
+}
+
+/** Messages shown at most; more are only counted. */
+const SHOWN = 500;
+
+/**
+ * The answer, drawn as it comes: messages are appended as they arrive (the
+ * first SHOWN; the rest counted), the status once the call ends.
+ */
+function answerView(out) {
+  const started = performance.now();
+  const status = h("strong", { id: "try-status" }, "…");
+  const message = h("span", { id: "try-message" });
+  const elapsed = h("span", { class: "muted" });
+  const count = h("span", null, "0");
+  const messages = h("div", { id: "try-messages" });
+  const more = h("p", { class: "muted", hidden: true });
+  const details = h("div");
+  const headersEl = h("div", { id: "try-headers" }, note("none", "muted"));
+  const trailersEl = h("div", { id: "try-trailers" }, note("none", "muted"));
+  let n = 0;
+  const kv = (el, o) => {
+    const rows = Object.entries(o).map(([k, v]) => h("tr", null, h("td", null, k), h("td", null, v)));
+    fill(el, rows.length ? table(["Key", "Value"], rows) : note("none", "muted"));
+  };
+  fill(out,
+    h("h2", null, "Answer"),
+    h("p", null, status, message, " ", elapsed),
+    details,
+    h("h3", null, "Messages (", count, ")"),
+    messages, more,
+    h("h3", null, "Headers"), headersEl,
+    h("h3", null, "Trailers"), trailersEl);
+  return {
+    headers: (o) => kv(headersEl, o),
+    trailers: (o) => kv(trailersEl, o),
+    message(m) {
+      n++;
+      count.textContent = String(n);
+      if (n <= SHOWN) messages.append(code(m, { "aria-label": `message ${n - 1}`, class: "json message" }));
+      else {
+        more.hidden = false;
+        more.textContent = `${n - SHOWN} more messages received, not shown.`;
+      }
+    },
+    end(name, text, errorDetails) {
+      status.textContent = name;
+      status.className = name === "OK" ? "ok" : "bad";
+      message.textContent = text ? `: ${text}` : "";
+      elapsed.textContent = ` after ${(performance.now() - started).toFixed(1)} ms`;
+      if (errorDetails && errorDetails.length) fill(details, h("h3", null, "Error details"), code(errorDetails));
+    },
+  };
 }
 
 /** The serving address the browser can reach: this page's host, the first gRPC listener's port. */
@@ -228,7 +254,7 @@ export function servingUrl(listeners) {
 function split(headers) {
   const head = {};
   const trailers = {};
-  const skip = new Set(["content-type", "content-length", "content-encoding", "date", "vary", "connect-content-encoding"]);
+  const skip = new Set(["content-type", "content-length", "content-encoding", "date", "vary", "connect-content-encoding", "connection", "keep-alive", "transfer-encoding"]);
   headers.forEach((v, k) => {
     if (k.startsWith("access-control-") || skip.has(k)) return;
     if (k.startsWith("trailer-")) trailers[k.slice(8)] = v;
@@ -273,6 +299,8 @@ async function build(type, depth, cache) {
   const oneofOf = {};
   for (const [o, members] of Object.entries(s.oneofs || {})) for (const f of members) oneofOf[f] = o;
   for (const f of s.fields) {
+    // A proto3 `optional` field is left unset (setting it, even to zero, is a choice).
+    if (f.optional) continue;
     const o = oneofOf[f.name];
     if (o) {
       if (taken.has(o)) continue;

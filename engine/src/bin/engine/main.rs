@@ -227,6 +227,7 @@ fn run(options: Options) -> Result<ExitCode, String> {
                         peers: peers.clone(),
                     })),
                     upstream: options.server.upstream.clone(),
+                    loopback: false,
                 },
             )
             .map_err(|e| format!("cannot start the admin API on {addr}: {e}"))?;
