@@ -28,6 +28,7 @@ pub mod rng;
 pub mod runtime;
 pub mod served;
 pub mod server;
+pub mod shared;
 pub mod state;
 pub mod transport;
 pub mod upstream;

@@ -191,3 +191,245 @@ def test_redis_down_loses_no_call_and_replicas_converge_when_it_is_back(cluster)
     for r in (a, b, c):
         assert r.admin_call("GET", "/admin/status")["runtime"]["shared_state"]["up"] is True
         assert "Redis unreachable" in r.log.read_text()
+
+
+# --------------------------------------------------------------------------
+# `times` counted across replicas, behind nginx
+# --------------------------------------------------------------------------
+
+LIMITED_RULES = """service: helloworld.Greeter
+method: SayHello
+responses:
+  - when: { request.name: "once" }
+    body: { message: "the one" }
+    times: 1
+    priority: 50
+  - when: { request.name: "once" }
+    body: { message: "already taken" }
+    priority: 40
+  - when: { request.name: "retry" }
+    trailers: { grpc-status: UNAVAILABLE, grpc-message: "try again" }
+    times: 1
+    priority: 33
+  - when: { request.name: "retry" }
+    body: { message: "second" }
+    times: 1
+    priority: 32
+  - when: { request.name: "retry" }
+    body: { message: "steady" }
+    priority: 31
+---
+service: chat.v1.Chat
+method: Upload
+responses:
+  - when: { request.count: 2 }
+    body: { note: "first pair" }
+    times: 1
+    priority: 9
+"""
+
+NGINX = os.environ.get("WIRESTUB_NGINX", shutil.which("nginx") or "/usr/sbin/nginx")
+
+
+class Nginx:
+    """nginx in front of the replicas: HTTP/2 on one loopback port,
+    `grpc_pass` to them round robin."""
+
+    def __init__(self, tmp: Path, ports: list[int]):
+        if not os.path.exists(NGINX):
+            hint = "install it with `apt-get install -y nginx` or set WIRESTUB_NGINX"
+            if os.environ.get("CI"):
+                pytest.fail(f"nginx not found (CI is set, so this fails): {hint}")
+            pytest.skip(f"nginx not found: {hint}")
+        self.port = free_port()
+        home = tmp / "nginx"
+        home.mkdir()
+        servers = "\n".join(f"    server 127.0.0.1:{p};" for p in ports)
+        temp = "\n".join(f"  {k}_temp_path {home}/{k};" for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+        (home / "nginx.conf").write_text(
+            f"""worker_processes 1;
+pid {home}/nginx.pid;
+error_log {home}/error.log warn;
+daemon off;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+{temp}
+  upstream engines {{
+{servers}
+    keepalive 32;
+  }}
+  server {{
+    listen 127.0.0.1:{self.port} http2;
+    location / {{
+      grpc_pass grpc://engines;
+      grpc_read_timeout 30s;
+    }}
+  }}
+}}
+"""
+        )
+        self.proc = subprocess.Popen(
+            [NGINX, "-p", str(home), "-c", str(home / "nginx.conf")],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=open(home / "stderr.log", "wb"),
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                if self.proc.poll() is not None:
+                    break
+                time.sleep(0.05)
+        pytest.fail(f"nginx did not start:\n{(home / 'stderr.log').read_text()}\n{(home / 'error.log').read_text()}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+class LimitedReplica(Replica):
+    def __init__(self, tmp: Path, name: str, redis: Redis, *flags: str):
+        home = tmp / name
+        shutil.copytree(REPO_ROOT / "rules", home / "rules")
+        (home / "rules" / "limited.yaml").write_text(LIMITED_RULES)
+        self.proc, self.port, self.admin, self.log = engine_process.start_with_admin(
+            ["run", "--protos", str(REPO_ROOT / "protos"), "--rules", "rules", "--listen", "127.0.0.1:0",
+             "--admin-listen", "127.0.0.1:0", "--shared-state", redis.url, *flags],
+            home,
+            cwd=home,
+        )
+        self.home = home
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
+        self.say_hello = self.channel.unary_unary("/helloworld.Greeter/SayHello")
+
+    def metric(self, name: str) -> float:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+
+@pytest.fixture
+def balanced(tmp_path):
+    """Three replicas (the middle one on the reference HTTP/2 stack), one
+    Redis, nginx in front."""
+    redis = Redis(tmp_path)
+    replicas = [
+        LimitedReplica(tmp_path, "n0", redis),
+        LimitedReplica(tmp_path, "n1", redis, "--http2", "h2"),
+        LimitedReplica(tmp_path, "n2", redis),
+    ]
+    lb = Nginx(tmp_path, [r.port for r in replicas])
+    channel = grpc.insecure_channel(f"127.0.0.1:{lb.port}")
+    grpc.channel_ready_future(channel).result(timeout=30)
+    yield redis, replicas, channel
+    channel.close()
+    lb.stop()
+    for r in replicas:
+        r.stop()
+    redis.stop()
+
+
+def hello_bytes(name: str) -> bytes:
+    data = name.encode()
+    return b"\x0a" + bytes([len(data)]) + data
+
+
+def reply_text(reply: bytes) -> str:
+    return reply[2 : 2 + reply[1]].decode() if reply[:1] == b"\x0a" else ""
+
+
+def test_times_1_answers_once_across_replicas_under_1000_concurrent_calls(balanced):
+    _, replicas, channel = balanced
+    call = channel.unary_unary("/helloworld.Greeter/SayHello")
+    futures = [call.future(hello_bytes("once"), timeout=60) for _ in range(1000)]
+    answers = [reply_text(f.result()) for f in futures]
+    assert answers.count("the one") == 1, {a: answers.count(a) for a in set(answers)}
+    assert answers.count("already taken") == 999
+    # Every replica took calls, and counted them in Redis.
+    for r in replicas:
+        assert r.metric('wirestub_shared_state_claims_total{counted="shared"}') > 0, r.log.read_text()[-2000:]
+        assert r.metric('wirestub_shared_state_claims_total{counted="local"}') == 0
+
+
+def test_a_sequence_answers_in_order_across_replicas(balanced):
+    _, replicas, channel = balanced
+    call = channel.unary_unary("/helloworld.Greeter/SayHello")
+    seen = []
+    for _ in range(5):
+        try:
+            seen.append(reply_text(call(hello_bytes("retry"), timeout=10)))
+        except grpc.RpcError as e:
+            seen.append(f"{e.code().name}: {e.details()}")
+    assert seen == ["UNAVAILABLE: try again", "second", "steady", "steady", "steady"]
+    # A client stream counts the same way, on either stack.
+    upload = [r.channel.stream_unary("/chat.v1.Chat/Upload") for r in replicas]
+    message = b"\x0a\x03ann\x12\x02hi"
+    notes = [u(iter([message, message]), timeout=10) for u in upload]
+    assert notes[0] == b"\x0a\x0afirst pair"
+    assert notes[1] != notes[0] and notes[2] != notes[0], notes
+
+
+def test_redis_killed_mid_load_loses_no_call_and_counting_recovers(balanced):
+    redis, replicas, channel = balanced
+    call = channel.unary_unary("/helloworld.Greeter/SayHello")
+    failures = []
+    answers = []
+    stop = time.monotonic() + 3.0
+    done = 0
+
+    def one(i: int) -> None:
+        name = "once" if i % 2 else "Tom"
+        try:
+            answers.append(reply_text(call(hello_bytes(name), timeout=20)))
+        except grpc.RpcError as e:
+            failures.append(f"{e.code().name}: {e.details()}")
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(16) as pool:
+        i = 0
+        killed = False
+        while time.monotonic() < stop and i < 20_000:
+            list(pool.map(one, range(i, i + 64)))
+            i += 64
+            if not killed and time.monotonic() > stop - 2.0:
+                redis.stop()
+                killed = True
+        done = i
+    assert done > 0 and not failures, failures[:5]
+    # Policy `local`: while Redis was away each replica counted by itself.
+    assert sum(r.metric('wirestub_shared_state_claims_total{counted="local"}') for r in replicas) > 0
+    assert all(r.metric("wirestub_shared_state_up") == 0 for r in replicas if
+               r.metric('wirestub_shared_state_claims_total{counted="local"}') > 0)
+    redis.start()
+    time.sleep(1.2)  # each worker leaves Redis alone for a second after a failure
+    recovered = wait_for(
+        lambda: all(reply_text(r.say_hello(hello_bytes("once"), timeout=10)) for r in replicas)
+        and all(r.metric("wirestub_shared_state_up") == 1 for r in replicas),
+        timeout=20,
+        poll=0.2,
+    )
+    assert recovered is not None, [r.log.read_text()[-1500:] for r in replicas]
+    for r in replicas:
+        assert "Redis unreachable" in r.log.read_text() and "Redis reachable again" in r.log.read_text()
+
+
+def test_the_refuse_policy_answers_unavailable_while_redis_is_down(tmp_path):
+    redis = Redis(tmp_path)
+    r = LimitedReplica(tmp_path, "refusing", redis, "--shared-state-policy", "refuse")
+    try:
+        assert r.hello("once") == "the one"
+        redis.stop()
+        with pytest.raises(grpc.RpcError) as refused:
+            r.hello("once")
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "--shared-state-policy refuse" in refused.value.details()
+        # Calls that reach no limited rule are answered as always.
+        assert r.hello("Tom") == "Hi Tom (from mock)"
+        assert r.metric('wirestub_shared_state_claims_total{counted="refused"}') >= 1
+    finally:
+        r.stop()
+        redis.stop()

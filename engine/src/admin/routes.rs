@@ -296,6 +296,7 @@ fn metrics(state: &State) -> String {
         evicted: j.evicted(),
     });
     text.push_str(&crate::observe::metrics::render_gauges(journal));
+    text.push_str(&crate::shared::render_metrics());
     text
 }
 

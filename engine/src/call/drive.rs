@@ -16,7 +16,7 @@ use super::forward::{self, Forward};
 use super::matcher::{Closest, Messages, Metadata};
 use super::picks::Fold;
 use super::{
-    client_status, deadline_exceeded, pick_explained, prepare_fault, sleep_until, status_fault_text, Answer, Schedule,
+    client_status, deadline_exceeded, pick_shared, prepare_fault, sleep_until, status_fault_text, Answer, Schedule,
 };
 use crate::codec::wire::Malformed;
 use crate::protocol::grpc::{Code, Status};
@@ -280,7 +280,7 @@ where
                 return Err(Status::new(Code::Unimplemented, more).into());
             }
             let one = [&m[..]];
-            let answer = pick_explained(method, &Messages::one(&one), metadata, record.explain())?;
+            let answer = pick_shared(method, &Messages::one(&one), metadata, record.explain()).await?;
             Ok((answer, keep_all.is_some().then(|| vec![m])))
         }
         MethodKind::ClientStreaming | MethodKind::BidiStreaming => {
@@ -333,7 +333,7 @@ where
             let refs: Vec<&[u8]> = head.iter().map(|b| &b[..]).collect();
             let last = last.as_deref().or(refs.last().copied());
             let messages = Messages { head: &refs, last, count, folds: &seen.0, violations: &seen.1 };
-            let answer = pick_explained(method, &messages, metadata, record.explain())?;
+            let answer = pick_shared(method, &messages, metadata, record.explain()).await?;
             Ok((answer, held.is_some().then_some(head)))
         }
     }
@@ -498,7 +498,7 @@ where
         while let Some(m) = input.next().await? {
             record.message(&m);
             let one = [&m[..]];
-            let answer = pick_explained(method, &Messages::one(&one), metadata, record.explain())?;
+            let answer = pick_shared(method, &Messages::one(&one), metadata, record.explain()).await?;
             if let Some(f) = upstream.take_if(|_| answer.unanswered() && !head_sent) {
                 // No rule answers the first message: the call is the
                 // upstream's from here on.

@@ -79,6 +79,10 @@ pub struct Request<'a> {
     /// The request failed validation: only rules marked `validate: false`
     /// may answer it.
     invalid: std::cell::Cell<bool>,
+    /// Rules limited by `times` are not claimed here but collected, for a
+    /// claim in the shared store (see [`Request::defer_claims`]).
+    defer: std::cell::Cell<bool>,
+    deferred: std::cell::RefCell<SmallVec<[u32; 2]>>,
 }
 
 /// The request messages of a call as the rules see them: the one message of
@@ -179,6 +183,8 @@ impl<'a> Request<'a> {
             literal_hits: (0..method.literals.len()).map(|_| OnceCell::new()).collect(),
             similarity: std::cell::Cell::new(None),
             invalid: std::cell::Cell::new(false),
+            defer: std::cell::Cell::new(false),
+            deferred: std::cell::RefCell::new(SmallVec::new()),
         })
     }
 
@@ -291,16 +297,38 @@ impl<'a> Request<'a> {
     /// and used up. The count is shared by every worker (per test session
     /// for a session's calls).
     fn claim(&self, response: u32) -> bool {
-        let method = self.method;
-        let times = method.responses[response as usize].times;
-        if times == 0 {
-            return true;
+        self.method.claim_local(response, self.session())
+    }
+
+    /// Like [`Request::claim`], but while claims are deferred a rule whose
+    /// response is limited by `times` is set aside (and does not answer
+    /// here): the caller claims those in the shared store, in order.
+    fn claim_or_defer(&self, rule: u32, response: u32) -> bool {
+        if self.defer.get() && self.method.responses[response as usize].times > 0 {
+            self.deferred.borrow_mut().push(rule);
+            return false;
         }
-        let session = method.session_uses.slot.and_then(|i| self.metadata.get(i).copied().flatten());
-        let claimed = session.filter(|s| !s.is_empty()).and_then(|s| method.session_uses.claim(response, s));
-        let used = claimed
-            .unwrap_or_else(|| method.used[response as usize].fetch_add(1, std::sync::atomic::Ordering::Relaxed));
-        used < times as u64
+        self.claim(response)
+    }
+
+    /// From now on, rules limited by `times` that hold are collected
+    /// rather than claimed ([`Request::take_deferred`]).
+    pub fn defer_claims(&self) {
+        self.defer.set(true);
+    }
+
+    /// The rules limited by `times` that held, in evaluation order, before
+    /// the rule selection returned (which then is the first unlimited rule
+    /// that held, or none).
+    pub fn take_deferred(&self) -> SmallVec<[u32; 2]> {
+        self.deferred.take()
+    }
+
+    /// The call's test session (`x-wirestub-session`), when its method has
+    /// responses limited by `times` and the call names one.
+    pub fn session(&self) -> Option<&'a [u8]> {
+        let slot = self.method.session_uses.slot?;
+        self.metadata.get(slot).copied().flatten().filter(|s| !s.is_empty())
     }
 
     /// The recording for a call no typed rule answered: among those whose
@@ -371,7 +399,7 @@ impl<'a> Request<'a> {
                 }
             }
             // A response limited by `times` answers only while calls remain.
-            Ok(request.claim(rule.response))
+            Ok(request.claim_or_defer(r, rule.response))
         };
 
         let Some(index) = &method.index else {

@@ -138,6 +138,105 @@ pub fn pick_explained<'m>(
     metadata: &(impl Metadata + ?Sized),
     explain: bool,
 ) -> Result<Answer<'m>, Status> {
+    match pick_with(method, messages, metadata, explain, Choice::Select) {
+        Picked::Answer(a) => a,
+        // Not asked for.
+        Picked::Claim(_) => Err(Status::new(Code::Internal, "a claim was not expected here")),
+    }
+}
+
+/// What [`pick_or_claim`] gives: the answer, or the claim to make in the
+/// shared store first (then [`pick_chosen`]).
+pub enum Picked<'m> {
+    Answer(Result<Answer<'m>, Status>),
+    Claim(Box<crate::shared::Claim>),
+}
+
+/// [`pick_explained`], except that with `--shared-state` a call whose
+/// selection reaches rules limited by `times` gives the claim to make in
+/// Redis instead (calls that reach none are answered as always).
+pub fn pick_or_claim<'m>(
+    method: &'m ServedMethod,
+    messages: &Messages<'_>,
+    metadata: &(impl Metadata + ?Sized),
+    explain: bool,
+) -> Picked<'m> {
+    let choice = if crate::shared::enabled() { Choice::Defer } else { Choice::Select };
+    pick_with(method, messages, metadata, explain, choice)
+}
+
+/// The answer of the rule a claim chose (None: no rule answers).
+pub fn pick_chosen<'m>(
+    method: &'m ServedMethod,
+    messages: &Messages<'_>,
+    metadata: &(impl Metadata + ?Sized),
+    explain: bool,
+    chosen: Option<u32>,
+) -> Result<Answer<'m>, Status> {
+    match pick_with(method, messages, metadata, explain, Choice::Chosen(chosen)) {
+        Picked::Answer(a) => a,
+        Picked::Claim(_) => Err(Status::new(Code::Internal, "a claim was not expected here")),
+    }
+}
+
+/// [`pick_or_claim`] and, for a claim, the claim and [`pick_chosen`]: for
+/// the callers that may wait (the boxed claim keeps their futures small).
+pub async fn pick_shared<'m>(
+    method: &'m ServedMethod,
+    messages: &Messages<'_>,
+    metadata: &(impl Metadata + ?Sized),
+    explain: bool,
+) -> Result<Answer<'m>, Status> {
+    match pick_or_claim(method, messages, metadata, explain) {
+        Picked::Answer(a) => a,
+        Picked::Claim(claim) => {
+            let chosen = Box::pin(claim_shared(method, *claim)).await?;
+            pick_chosen(method, messages, metadata, explain, chosen)
+        }
+    }
+}
+
+/// Makes a claim in the shared store (or by its policy): the rule chosen.
+pub async fn claim_shared(method: &ServedMethod, claim: crate::shared::Claim) -> Result<Option<u32>, Status> {
+    let session = claim.session.clone();
+    crate::shared::claim(&claim, |response| method.claim_local(response, session.as_deref()))
+        .await
+        .map_err(|e| Status::new(Code::Unavailable, e))
+}
+
+/// How a pick chooses its rule.
+#[derive(Clone, Copy)]
+enum Choice {
+    /// By the rules, claiming `times` here.
+    Select,
+    /// By the rules, setting the rules limited by `times` aside for a claim.
+    Defer,
+    /// The rule a claim chose.
+    Chosen(Option<u32>),
+}
+
+fn pick_with<'m>(
+    method: &'m ServedMethod,
+    messages: &Messages<'_>,
+    metadata: &(impl Metadata + ?Sized),
+    explain: bool,
+    choice: Choice,
+) -> Picked<'m> {
+    match pick_inner(method, messages, metadata, explain, choice) {
+        Ok(Ok(answer)) => Picked::Answer(Ok(answer)),
+        Ok(Err(claim)) => Picked::Claim(claim),
+        Err(status) => Picked::Answer(Err(status)),
+    }
+}
+
+#[allow(clippy::type_complexity)]
+fn pick_inner<'m>(
+    method: &'m ServedMethod,
+    messages: &Messages<'_>,
+    metadata: &(impl Metadata + ?Sized),
+    explain: bool,
+    choice: Choice,
+) -> Result<Result<Answer<'m>, Box<crate::shared::Claim>>, Status> {
     let malformed =
         |e: crate::codec::wire::Malformed| Status::new(Code::Internal, format!("cannot parse request message: {e}"));
     let request = matcher::Request::read(method, messages, metadata).map_err(malformed)?;
@@ -152,9 +251,31 @@ pub fn pick_explained<'m>(
         }
         false => Vec::new(),
     };
-    let rule = request.select_rule().map_err(malformed)?;
+    let rule = match choice {
+        Choice::Select => request.select_rule().map_err(malformed)?,
+        Choice::Chosen(rule) => rule,
+        Choice::Defer => {
+            request.defer_claims();
+            let fallback = request.select_rule().map_err(malformed)?;
+            let deferred = request.take_deferred();
+            if !deferred.is_empty() {
+                let name = method.shared_name.get().cloned().unwrap_or_else(|| method.plan.path.as_str().into());
+                let candidates = deferred
+                    .iter()
+                    .map(|&r| {
+                        let response = method.plan.rules[r as usize].response;
+                        let times = method.responses[response as usize].times;
+                        crate::shared::Candidate { rule: r, response, times }
+                    })
+                    .collect();
+                let session = request.session().map(Box::from);
+                return Ok(Err(Box::new(crate::shared::Claim { name, candidates, fallback, session })));
+            }
+            fallback
+        }
+    };
     if !failed.is_empty() && rule.is_none() {
-        return Ok(validate::invalid(method, failed));
+        return Ok(Ok(validate::invalid(method, failed)));
     }
     let prepared = match rule {
         Some(r) => &method.responses[method.plan.rules[r as usize].response as usize],
@@ -167,7 +288,7 @@ pub fn pick_explained<'m>(
     let similarity = request.similarity();
     let faulted = prepared.fault.as_deref().is_some_and(|f| crate::rng::unit() < f.rate);
     if prepared.templates.is_empty() && prepared.metadata_templates.is_none() {
-        return Ok(Answer { rule, closest, similarity, faulted, ..Answer::of(prepared) });
+        return Ok(Ok(Answer { rule, closest, similarity, faulted, ..Answer::of(prepared) }));
     }
     let mut answer = Answer { rule, closest, similarity, faulted, ..Answer::of(prepared) };
     if let Some(templates) = &prepared.metadata_templates {
@@ -184,7 +305,7 @@ pub fn pick_explained<'m>(
             n => answer.items.to_mut()[*n as usize - 1] = rendered,
         }
     }
-    Ok(answer)
+    Ok(Ok(answer))
 }
 
 /// The error an injected fault answers with.

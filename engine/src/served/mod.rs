@@ -274,6 +274,10 @@ pub struct ServedMethod {
     /// The method's recordings (raw rules), in plan order, prepared for
     /// comparing calls with them (see `call::raw`).
     pub raw: Vec<crate::call::raw::Recording>,
+    /// What this method's `times` counts are named by in the shared store
+    /// (`--shared-state`): the plan's identity and the method's path; set
+    /// once the plan's identity is known.
+    pub shared_name: std::sync::OnceLock<Arc<str>>,
 }
 
 /// Whether the method at `path` (`/package.Service/Method`) is marked
@@ -794,6 +798,7 @@ impl Served {
                 each,
                 used,
                 session_uses: SessionUses::new(&m_keys),
+                shared_name: std::sync::OnceLock::new(),
                 literals,
                 builtin,
                 position: methods.len(),
@@ -867,6 +872,20 @@ impl Served {
 }
 
 impl ServedMethod {
+    /// Claims one call of `response` in this process's counts: true unless
+    /// it is limited by `times` and used up. Counted per test session for
+    /// a call of one (`session`).
+    pub fn claim_local(&self, response: u32, session: Option<&[u8]>) -> bool {
+        let times = self.responses[response as usize].times;
+        if times == 0 {
+            return true;
+        }
+        let claimed = session.and_then(|s| self.session_uses.claim(response, s));
+        let used =
+            claimed.unwrap_or_else(|| self.used[response as usize].fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+        used < times as u64
+    }
+
     /// A method without rules.
     fn bare(path: &str, kind: MethodKind, input: &str, output: &str, position: usize) -> ServedMethod {
         ServedMethod {
@@ -896,6 +915,7 @@ impl ServedMethod {
             each: Vec::new(),
             used: Vec::new(),
             session_uses: SessionUses::new(&[]),
+            shared_name: std::sync::OnceLock::new(),
             literals: Vec::new(),
             builtin: None,
             position,

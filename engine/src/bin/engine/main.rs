@@ -163,6 +163,16 @@ fn run(options: Options) -> Result<ExitCode, String> {
     // serving (for a few seconds at most: Redis may be down).
     let peers = match &options.shared_state {
         Some((url, prefix)) => {
+            let client = redis::Client::open(url.as_str()).map_err(|e| format!("--shared-state: {e}"))?;
+            wirestub_engine::shared::configure(wirestub_engine::shared::Settings {
+                client,
+                prefix: prefix.clone(),
+                policy: match options.shared_refuse {
+                    true => wirestub_engine::shared::Policy::Refuse,
+                    false => wirestub_engine::shared::Policy::Local,
+                },
+                timeout: options.shared_timeout,
+            });
             let peers = Arc::new(wirestub_engine::runtime::peers::Peers::new(url, prefix)?);
             peers.start(runtime.clone(), state.clone(), std::time::Duration::from_secs(5))?;
             Some(peers)

@@ -157,10 +157,9 @@ pub const FLAGS: &[Flag] = &[
         value: "URL",
         kind: Kind::Value,
         default: "",
-        help:
-            "share runtime API changes with every replica using the same Redis (redis://[:PASSWORD@]HOST:PORT[/DB]): \
-               a change made on one is stored there and applied by all, and a replica that starts later catches up; \
-               serving never waits for Redis",
+        help: "share state with every replica using the same Redis (redis://[:PASSWORD@]HOST:PORT[/DB]): `times` \
+               limits and sequences count calls across replicas, and a runtime API change made on one is applied by \
+               all (a replica that starts later catches up); serving never waits for Redis for long",
         section: PLAN,
     },
     Flag {
@@ -169,6 +168,24 @@ pub const FLAGS: &[Flag] = &[
         kind: Kind::Value,
         default: "wirestub",
         help: "prefix of the Redis keys and channel of --shared-state: replicas with the same prefix share",
+        section: PLAN,
+    },
+    Flag {
+        name: "shared-state-policy",
+        value: "local|refuse",
+        kind: Kind::Value,
+        default: "local",
+        help: "while Redis cannot be reached, calls of rules limited by `times` are counted by this replica alone \
+               (local; added to Redis once it is back) or answered UNAVAILABLE (refuse)",
+        section: PLAN,
+    },
+    Flag {
+        name: "shared-state-timeout-ms",
+        value: "MS",
+        kind: Kind::Value,
+        default: "100",
+        help: "longest a call waits for Redis to count it before the policy decides (--shared-state-policy); \
+               after a failure a worker leaves Redis alone for a second",
         section: PLAN,
     },
     Flag {
@@ -872,6 +889,10 @@ pub struct Options {
     /// Redis shared with other replicas (`--shared-state`), and the prefix
     /// of its keys.
     pub shared_state: Option<(String, String)>,
+    /// `--shared-state-policy refuse`.
+    pub shared_refuse: bool,
+    /// `--shared-state-timeout-ms`.
+    pub shared_timeout: Duration,
     /// Bound on the runtime API's protos and descriptor sets.
     pub runtime_max_schema_bytes: usize,
     /// Time an admin connection has to send a whole request head.
@@ -1094,6 +1115,8 @@ pub fn parse(args: &[String], env: &dyn Fn(&str) -> Option<String>) -> Result<Co
             .map(|r| r.text().to_string())
             .filter(|u| !u.is_empty())
             .map(|u| (u, must("shared-state-prefix").text().to_string())),
+        shared_refuse: must("shared-state-policy").choice(&[("local", false), ("refuse", true)])?,
+        shared_timeout: Duration::from_millis(must("shared-state-timeout-ms").number::<u64>()?.max(1)),
         runtime_max_schema_bytes: must("runtime-max-schema-bytes").number()?,
         record,
         admin_head_timeout,

@@ -467,7 +467,14 @@ impl<'s> Conn<'s> {
                     (false, Some(e)) => {
                         Some(Err(Status::new(Code::Internal, format!("cannot parse request message: {e}"))))
                     }
-                    (false, None) => Some(call::pick_explained(method, &messages, &s.metadata[..], s.rec.is_some())),
+                    (false, None) => match call::pick_or_claim(method, &messages, &s.metadata[..], s.rec.is_some()) {
+                        call::Picked::Answer(a) => Some(a),
+                        call::Picked::Claim(claim) => {
+                            s.task = true;
+                            self.jobs.push(Job::Claim { id, claim, held: Held::Stream(agg) });
+                            return Ok(());
+                        }
+                    },
                 };
                 let unanswered = matches!(&picked, Some(Ok(a)) if a.unanswered()) && s.forward.is_some();
                 if always || unanswered {
@@ -542,13 +549,62 @@ impl<'s> Conn<'s> {
         if self.forwards_all(id) {
             return self.forward(id, vec![Bytes::copy_from_slice(message)]);
         }
-        let s = self.streams.get(&id).expect("present");
+        let s = self.streams.get_mut(&id).expect("present");
         let one = [message];
-        let picked = call::pick_explained(s.method, &Messages::one(&one), &s.metadata[..], s.rec.is_some());
+        let picked = match call::pick_or_claim(s.method, &Messages::one(&one), &s.metadata[..], s.rec.is_some()) {
+            call::Picked::Answer(a) => a,
+            call::Picked::Claim(claim) => {
+                s.task = true;
+                let held = Held::Unary(Bytes::copy_from_slice(message));
+                self.jobs.push(Job::Claim { id, claim, held });
+                return Ok(());
+            }
+        };
         if self.unanswered(id, &picked) {
             return self.forward(id, vec![Bytes::copy_from_slice(message)]);
         }
         self.answer(id, picked)
+    }
+
+    /// Answers a call once its claim chose `chosen` (see [`Job::Claim`]),
+    /// from the request messages kept for it.
+    pub(super) fn answer_claimed(
+        &mut self,
+        id: u32,
+        held: Held,
+        chosen: Result<Option<u32>, Status>,
+    ) -> Result<(), ConnError> {
+        if !self.streams.contains_key(&id) {
+            return Ok(());
+        }
+        let chosen = match chosen {
+            Ok(c) => c,
+            Err(status) => return self.fail_call(id, &status),
+        };
+        let s = self.streams.get(&id).expect("present");
+        let (method, explain) = (s.method, s.rec.is_some());
+        match held {
+            Held::Unary(message) => {
+                let one = [&message[..]];
+                let picked = call::pick_chosen(method, &Messages::one(&one), &s.metadata[..], explain, chosen);
+                if self.unanswered(id, &picked) {
+                    return self.forward(id, vec![message]);
+                }
+                self.answer(id, picked)
+            }
+            Held::Stream(agg) => {
+                let head: Vec<&[u8]> = agg.head.iter().map(|b| &b[..]).collect();
+                let last = agg.last.as_deref().or(head.last().copied());
+                let messages =
+                    Messages { head: &head, last, count: agg.count, folds: &agg.folds, violations: &agg.violations };
+                let picked = call::pick_chosen(method, &messages, &s.metadata[..], explain, chosen);
+                if self.unanswered(id, &picked) {
+                    let first = agg.head.iter().cloned().chain(agg.last.clone()).collect();
+                    return self.forward(id, first);
+                }
+                self.answer(id, picked)
+            }
+        }
     }
 
     /// Whether every call of this stream's kind goes to the upstream

@@ -299,6 +299,15 @@ enum Job<'s> {
     /// Forwarded to the upstream: `first` are the request messages read
     /// so far (those the engine looked for a rule in).
     Forward { id: u32, first: Vec<Bytes>, deadline: Option<Instant> },
+    /// A claim of `times` counts in the shared store before the answer:
+    /// the request's messages are kept for it.
+    Claim { id: u32, claim: Box<crate::shared::Claim>, held: Held },
+}
+
+/// The request messages a claim's call is answered from afterwards.
+enum Held {
+    Unary(Bytes),
+    Stream(Box<Aggregate>),
 }
 
 /// A header block being received in HEADERS and CONTINUATION frames.

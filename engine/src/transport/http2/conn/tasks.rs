@@ -123,7 +123,24 @@ pub(super) fn start_job<'s>(conn: &Shared<'s>, job: Job<'s>) -> Task<'s> {
         Job::Duplex { id, deadline } => Box::pin(duplex(Handle { conn: conn.clone(), id }, deadline)),
         Job::Watch { id, service } => Box::pin(watch(Handle { conn: conn.clone(), id }, service)),
         Job::Forward { id, first, deadline } => Box::pin(forward(Handle { conn: conn.clone(), id }, first, deadline)),
+        Job::Claim { id, claim, held } => Box::pin(claim_then_answer(Handle { conn: conn.clone(), id }, claim, held)),
     }
+}
+
+/// A call that reached rules limited by `times` under `--shared-state`:
+/// the claim in Redis (or by the outage policy), then the answer of the
+/// rule it chose, as the connection would have given it at once.
+async fn claim_then_answer<'s>(h: Handle<'s>, claim: Box<crate::shared::Claim>, held: Held) {
+    let Some(method) = h.with(|c| c.streams.get(&h.id).map(|s| s.method)) else { return };
+    let chosen = tokio::select! {
+        c = call::claim_shared(method, *claim) => c,
+        () = h.gone() => return,
+    };
+    h.with(|c| {
+        if let Err(e) = c.answer_claimed(h.id, held, chosen) {
+            c.goaway(e.code, e.debug.as_bytes());
+        }
+    });
 }
 
 /// A call forwarded to the upstream: the call layer's [`forward::run`]
