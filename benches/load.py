@@ -140,6 +140,7 @@ import platform
 import re
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -1111,7 +1112,7 @@ def fmt_ratio(v: float | None) -> str:
 def build_report(
     meta: dict, runs: list[RunResult], lat: list[LatencyResult], notes: list[str], memory: list[str],
     proto_runs: list[RunResult] | None = None, proxy_runs: list[RunResult] | None = None,
-    validation_runs: list[RunResult] | None = None,
+    validation_runs: list[RunResult] | None = None, shared_runs: list[RunResult] | None = None,
 ) -> str:  # fmt: skip
     lines = [
         "# End-to-end load bench: wirestub engine vs tonic baseline",
@@ -1219,6 +1220,8 @@ def build_report(
         lines += proxy_report(meta, proxy_runs)
     if validation_runs:
         lines += validation_report(validation_runs)
+    if shared_runs:
+        lines += shared_report(shared_runs)
     if memory:
         lines += ["", "Memory after the runs of each layout (VmRSS / peak VmHWM):", ""]
         lines += [f"- {m}" for m in memory]
@@ -1395,6 +1398,50 @@ def proxy_report(meta: dict, proxy_runs: list[RunResult]) -> list[str]:
     return lines
 
 
+def shared_report(runs: list[RunResult]) -> list[str]:
+    """The shared-state section: a call to a rule limited by `times`,
+    counted in Redis by one engine and in memory by the other."""
+    lines = [
+        "",
+        "## Shared state: `times` counted in Redis",
+        "",
+        f"`{LIMITED_PATH}` (`benches/plan/protos/bench/v1/limited.proto`: the 200 B request of `match-200B`, "
+        "answered by one rule limited by `times` with a limit no run reaches, so every call claims a count), to "
+        "an engine run with `--shared-state` (a redis-server on loopback, unpinned) and to one counting in its "
+        "own memory, in turn in every repeat after one untimed warm-up run of each, both placed like the "
+        "servers. *Redis CPU/req* is redis-server's utime+stime over the same window. Ratios are shared/local "
+        "per repeat pair: what counting across replicas costs the engine, and the latency it adds.",
+        "",
+        "| layout | c×m | engine | req/s | CPU µs/req | Redis CPU µs/req | lat mean |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
+    keys = []
+    for r in runs:
+        if (r.layout, r.cell) not in keys:
+            keys.append((r.layout, r.cell))
+    for layout, cell in keys:
+        for name in SHARED_SERVERS:
+            rs = [r for r in runs if (r.layout, r.cell, r.server) == (layout, cell, name)]
+            lines.append(
+                f"| {layout} | {cell} | {name} | {spread([r.rps for r in rs], fmt_num)} "
+                f"| {spread([r.cpu_us_per_req for r in rs], lambda v: fmt_num(v, 2))} "
+                f"| {spread([r.upstream_cpu_us_per_req for r in rs], lambda v: fmt_num(v, 2))} "
+                f"| {spread([r.lat_mean_us for r in rs], fmt_us)} |"
+            )
+    lines += [
+        "", "| layout | c×m | CPU/req shared/local | lat mean shared/local | req/s shared/local |", "|---|---|---:|---:|---:|",
+    ]  # fmt: skip
+    for layout, cell in keys:
+        sel = [r for r in runs if (r.layout, r.cell) == (layout, cell)]
+        local = {r.repeat: r for r in sel if r.server == "local-counts"}
+        pairs = [(r, local[r.repeat]) for r in sel if r.server == "shared-counts" and r.repeat in local]
+        cpu = spread([ratio(a.cpu_us_per_req, b.cpu_us_per_req) for a, b in pairs], fmt_ratio)
+        lat = spread([ratio(a.lat_mean_us, b.lat_mean_us) for a, b in pairs], fmt_ratio)
+        rps = spread([ratio(a.rps, b.rps) for a, b in pairs], fmt_ratio)
+        lines.append(f"| {layout} | {cell} | {cpu} | {lat} | {rps} |")
+    return lines
+
+
 def validation_report(val_runs: list[RunResult]) -> list[str]:
     """The validation section: the same call to two engines serving the
     same plan, validation on and off, and the on/off ratios."""
@@ -1525,6 +1572,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=None, help="layouts with the validation cell, or `none` (default: the first layout; none in --quick)",
     )  # fmt: skip
     p.add_argument("--validation-cell", default="16x10", help="CxM cell of the validation cell (default 16x10)")
+    p.add_argument(
+        "--shared-layouts", type=lambda v: [x for x in v.split(",") if x] if v != "none" else [],
+        default=None, help="layouts with the shared-state cell, or `none` (default: the first layout; none in --quick; "
+        "needs redis-server)",
+    )  # fmt: skip
+    p.add_argument("--shared-cell", default="16x10", help="CxM cell of the shared-state cell (default 16x10)")
     p.add_argument("--latency-fractions", help="latency runs at these fractions of the lower h2load req/s "
                    "(default 0.5,0.9; quick 0.5)")  # fmt: skip
     p.add_argument("--latency-rate", type=float, help="one fixed latency rate in req/s instead of fractions")
@@ -1600,6 +1653,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.h1_cell = parse_cell(args.h1_cell)
     args.proxy_cell = parse_cell(args.proxy_cell)
     args.validation_cell = parse_cell(args.validation_cell)
+    args.shared_cell = parse_cell(args.shared_cell)
     if args.latency_fractions is None:
         args.latency_fractions = [0.5] if args.quick else [0.5, 0.9]
     else:
@@ -1627,7 +1681,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         for layout in args.proxy_layouts:
             if layout not in args.layouts:
                 p.error(f"--proxy-layouts: {layout!r} is not in --layouts")
-    cells = [*args.cells, args.extra_cell, args.protocol_cell, args.h1_cell, args.proxy_cell, args.validation_cell]
+    cells = [
+        *args.cells, args.extra_cell, args.protocol_cell, args.h1_cell, args.proxy_cell, args.validation_cell,
+        args.shared_cell,
+    ]  # fmt: skip
     if any(c < 1 or m < 1 for c, m in cells):
         p.error("cells need at least 1 connection and 1 stream")
     bad_rate = args.latency_rate is not None and args.latency_rate <= 0
@@ -1947,6 +2004,98 @@ def timed_validation(
             srv.stop()
 
 
+LIMITED_PATH = "/bench.v1.Limited/Count"
+SHARED_SERVERS = ("shared-counts", "local-counts")
+
+
+class Redis:
+    """A redis-server on a loopback port, for the shared-state cell."""
+
+    def __init__(self, work: Path):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(work)],
+            cwd=work, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.command(b"PING").startswith(b"+PONG"):
+                return
+            time.sleep(0.05)
+        raise BenchError("redis-server did not start")
+
+    def command(self, *words: bytes) -> bytes:
+        """One command in RESP; the raw answer (empty on failure)."""
+        req = b"*%d\r\n" % len(words) + b"".join(b"$%d\r\n%s\r\n" % (len(w), w) for w in words)
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
+                s.sendall(req)
+                return s.recv(65536)
+        except OSError:
+            return b""
+
+    def cpu_ticks(self) -> int:
+        with open(f"/proc/{self.proc.pid}/stat") as f:
+            stat = f.read()
+        rest = stat[stat.rindex(")") + 2 :].split()
+        return int(rest[11]) + int(rest[12])
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def timed_shared(
+    layout: str, bins: Binaries, plan: Path, work: Path, args: argparse.Namespace, workers: str,
+    server_cpus: str | None, loader_cpus: str | None, runs: list[RunResult], notes: list[str],
+) -> None:  # fmt: skip
+    """The shared-state cell: the same call to a rule limited by `times`,
+    to an engine counting in Redis and to one counting in memory,
+    alternating, after checking that both answer it and that the first one
+    counts in Redis."""
+    conns, streams = args.shared_cell
+    cell = f"{conns}×{streams}"
+    body = work / "limited.body.bin"
+    body.write_bytes(grpc_frame(bench_request("medium", 200)))
+    redis = Redis(work)
+    servers: dict[str, Server] = {}
+    try:
+        shared = [*args.engine_arg, "--shared-state", f"redis://127.0.0.1:{redis.port}"]
+        servers["shared-counts"] = Server("shared-counts", engine_cmd(bins, plan, workers, shared), server_cpus, work)
+        servers["local-counts"] = Server("local-counts", engine_cmd(bins, plan, workers, args.engine_arg), server_cpus, work)
+        for name, srv in servers.items():
+            fig, output = h2load(srv, [LIMITED_PATH], body, 1, 1, 1, 0, loader_cpus)
+            if fig["succeeded"] == 0:
+                raise BenchError(f"{name} does not answer {LIMITED_PATH}:\n{output[-2000:]}")
+        if b":times:" not in redis.command(b"KEYS", b"*"):
+            raise BenchError("the engine with --shared-state wrote no count to Redis")
+        for name, srv in servers.items():
+            say(f"{layout} shared {cell} warm-up {name}")
+            h2load(srv, [LIMITED_PATH], body, conns, streams, max(1, args.duration // 3), 0, loader_cpus)
+        for rep in range(args.repeats):
+            for name, srv in servers.items():
+                fig, output = h2load(
+                    srv, [LIMITED_PATH], body, conns, streams, args.duration, args.warmup, loader_cpus, upstream=redis
+                )
+                if not srv.alive() or fig["succeeded"] == 0 or fig.get("failed") or fig.get("errored"):
+                    raise BenchError(f"{name} failed the shared-state cell:\n{output[-2000:]}")
+                res = RunResult.from_h2load(layout, "limited-200B", cell, name, rep, fig)
+                runs.append(res)
+                say(
+                    f"{layout} shared {cell} #{rep + 1} {name:14}: {res.rps:>10,.0f} req/s, "
+                    f"{res.cpu_us_per_req:6.2f} µs CPU/req, Redis {res.upstream_cpu_us_per_req or 0:6.2f} µs/req"
+                )
+        notes.append(f"{layout}: the engine with --shared-state counted its calls in Redis (keys `PREFIX:times:...`)")
+    finally:
+        for srv in servers.values():
+            srv.stop()
+        redis.stop()
+
+
 def timed_latency(
     layout: str, key: str, servers: dict[str, Server], files: dict[str, Files],
     conns: int, streams: int, args: argparse.Namespace, bins: Binaries, loader_cpus: str | None,
@@ -2034,6 +2183,13 @@ def bench(args: argparse.Namespace, argv: list[str]) -> int:
             validation_layouts = [x for x in args.validation_layouts if x in layouts]
         else:
             validation_layouts = [] if args.quick else layouts[:1]
+        if args.shared_layouts is not None:
+            shared_layouts = [x for x in args.shared_layouts if x in layouts]
+        else:
+            shared_layouts = [] if args.quick else layouts[:1]
+        if shared_layouts and not shutil.which("redis-server"):
+            notes.append("shared-state cell skipped: no redis-server on PATH (Debian package redis-server)")
+            shared_layouts = []
         for key in [args.workload, *args.extra]:
             say(f"{key}: {WORKLOADS[key].path}, request body {len(grpc_frame(WORKLOADS[key].request))} bytes")
 
@@ -2061,11 +2217,14 @@ def bench(args: argparse.Namespace, argv: list[str]) -> int:
             proxy_warmup_runs=not args.quick,
             validation_layouts=validation_layouts,
             validation_cell="x".join(map(str, args.validation_cell)),
+            shared_layouts=shared_layouts,
+            shared_cell="x".join(map(str, args.shared_cell)),
         )
         runs: list[RunResult] = []
         proto_runs: list[RunResult] = []
         proxy_runs: list[RunResult] = []
         validation_runs: list[RunResult] = []
+        shared_runs: list[RunResult] = []
         lat: list[LatencyResult] = []
         memory: list[str] = []
         for layout in layouts:
@@ -2105,6 +2264,8 @@ def bench(args: argparse.Namespace, argv: list[str]) -> int:
                 )  # fmt: skip
             if layout in validation_layouts:
                 timed_validation(layout, bins, plan, work, args, workers, server_cpus, loader_cpus, validation_runs, notes)
+            if layout in shared_layouts:
+                timed_shared(layout, bins, plan, work, args, workers, server_cpus, loader_cpus, shared_runs, notes)
             if not args.no_latency:
                 for conns, streams in args.cells:
                     timed_latency(

@@ -164,6 +164,27 @@ def test_a_rule_added_on_one_replica_answers_on_all(cluster):
     assert not (a.home / "rules" / "extra.yaml").exists()
 
 
+def test_any_replica_shows_which_plan_every_replica_serves(cluster):
+    _, replicas, _ = cluster
+
+    def seen() -> list[dict]:
+        return replicas[0].admin_call("GET", "/admin/status")["runtime"]["shared_state"]["replicas"]
+
+    assert wait_for(lambda: len(seen()) == 3, timeout=10, poll=0.2) is not None, seen()
+    identities = {r.admin_call("GET", "/admin/status")["plan"]["identity"] for r in replicas}
+    assert len(identities) == 1, "the same sources compile to the same plan"
+    listed = seen()
+    assert {e["identity"] for e in listed} == identities
+    assert sum(e["this_one"] for e in listed) == 1
+    ports = {str(r.port) for r in replicas}
+    assert {l.rsplit(":", 1)[1] for e in listed for l in e["listeners"] if l.startswith("grpc ")} == ports
+    # A change moves every replica to the new plan, and the list says so.
+    replicas[1].admin_call("PUT", "/admin/rule/grpc/extra.yaml", {"content": SHARED_RULE.format(text="x")})
+    new = replicas[1].admin_call("GET", "/admin/status")["plan"]["identity"]
+    assert new not in identities
+    assert wait_for(lambda: {e["identity"] for e in seen()} == {new}, timeout=10, poll=0.2) is not None, seen()
+
+
 def test_a_late_replica_catches_up_before_it_serves(cluster):
     redis, (a, _, _), tmp = cluster
     a.admin_call("PUT", "/admin/rule/grpc/extra.yaml", {"content": SHARED_RULE.format(text="from before")})

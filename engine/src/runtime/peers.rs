@@ -10,7 +10,12 @@
 //! ```text
 //! PREFIX:files     hash   rule/NAME | proto/NAME | descriptors/NAME  →  {"text": ...} | {"base64": ...} | {"deleted": true}
 //! PREFIX:changes   channel  a replica's id, published after it wrote the hash
+//! PREFIX:replicas  hash   replica id  →  {"identity", "generation", "listeners", "at"}, written every 2 s
 //! ```
+//!
+//! The last hash lets any replica's `/admin/status` show which plan every
+//! replica serves; a replica not heard of for 10 s is left out (and its
+//! field removed).
 //!
 //! The hash holds the files changed through the runtime API, each as last
 //! written by any replica (the last writer wins), and a deletion as a mark,
@@ -37,8 +42,11 @@ use std::time::{Duration, Instant};
 /// Longest a Redis command may take before the connection is given up and
 /// made again.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
-/// How often an idle connection is checked with PING.
-const PING_EVERY: Duration = Duration::from_secs(5);
+/// How often a replica says which plan it serves (which also checks the
+/// connection).
+const BEAT_EVERY: Duration = Duration::from_secs(2);
+/// A replica not heard of for this long is gone.
+const GONE_AFTER: Duration = Duration::from_secs(10);
 /// Waits between attempts to reach Redis: doubling from the first to the
 /// last.
 const RETRY: (Duration, Duration) = (Duration::from_millis(200), Duration::from_secs(5));
@@ -50,6 +58,9 @@ pub struct Peers {
     shown: String,
     hash: String,
     channel: String,
+    replicas_hash: String,
+    /// Every replica's last word, as read at the last beat.
+    replicas: Mutex<Vec<Json>>,
     /// This replica's id in announcements (so it skips its own).
     id: String,
     /// Fields written here and not yet stored in Redis, in order.
@@ -91,6 +102,8 @@ impl Peers {
             shown: without_password(url),
             hash: format!("{prefix}:files"),
             channel: format!("{prefix}:changes"),
+            replicas_hash: format!("{prefix}:replicas"),
+            replicas: Mutex::default(),
             id,
             pending: Mutex::default(),
             known: Mutex::default(),
@@ -146,6 +159,7 @@ impl Peers {
             "applied_from_peers": s.applied_from_peers,
             "refused_from_peers": s.refused_from_peers,
             "last_refusal": s.last_refusal,
+            "replicas": self.replicas.lock().map(|r| r.clone()).unwrap_or_default(),
         })
     }
 
@@ -223,8 +237,7 @@ impl Peers {
         self.catch_up(&mut con, runtime, state).await?;
         self.mark_synced();
         let mut messages = pubsub.on_message();
-        let mut ping = tokio::time::interval(PING_EVERY);
-        ping.tick().await;
+        let mut beat = tokio::time::interval(BEAT_EVERY);
         loop {
             tokio::select! {
                 m = messages.next() => {
@@ -235,11 +248,43 @@ impl Peers {
                     }
                 }
                 () = self.wake.notified() => self.flush(&mut con).await?,
-                _ = ping.tick() => {
-                    timed(redis::cmd("PING").query_async::<String>(&mut con)).await?;
-                }
+                _ = beat.tick() => self.beat(&mut con, state).await?,
             }
         }
+    }
+
+    /// Says which plan this replica serves, and reads what the others say.
+    async fn beat(&self, con: &mut redis::aio::MultiplexedConnection, state: &State) -> Result<(), String> {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
+        let g = state.current();
+        let listeners: Vec<String> = state.listeners().iter().map(|l| format!("{} {}", l.kind, l.addr)).collect();
+        let mine = json!({
+            "identity": g.identity,
+            "generation": g.number,
+            "listeners": listeners,
+            "draining": state.is_draining(),
+            "at": now,
+        });
+        drop(g);
+        timed(redis::cmd("HSET").arg(&self.replicas_hash).arg(&self.id).arg(mine.to_string()).query_async::<i64>(con))
+            .await?;
+        let all: Vec<(String, String)> =
+            timed(redis::cmd("HGETALL").arg(&self.replicas_hash).query_async::<Vec<(String, String)>>(con)).await?;
+        let mut seen = Vec::new();
+        for (id, text) in all {
+            let Ok(mut v) = serde_json::from_str::<Json>(&text) else { continue };
+            let at = v.get("at").and_then(Json::as_u64).unwrap_or(0);
+            if now.saturating_sub(at) > GONE_AFTER.as_secs() {
+                timed(redis::cmd("HDEL").arg(&self.replicas_hash).arg(&id).query_async::<i64>(con)).await?;
+                continue;
+            }
+            v["replica"] = json!(id);
+            v["this_one"] = json!(id == self.id);
+            seen.push(v);
+        }
+        seen.sort_by(|a, b| a["replica"].as_str().cmp(&b["replica"].as_str()));
+        *self.replicas.lock().unwrap_or_else(|e| e.into_inner()) = seen;
+        Ok(())
     }
 
     /// Writes the pending fields, then announces them.
