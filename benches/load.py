@@ -1401,43 +1401,47 @@ def proxy_report(meta: dict, proxy_runs: list[RunResult]) -> list[str]:
 def shared_report(runs: list[RunResult]) -> list[str]:
     """The shared-state section: a call to a rule limited by `times`,
     counted in Redis by one engine and in memory by the other."""
-    lines = [
-        "",
-        "## Shared state: `times` counted in Redis",
-        "",
+    intro = (
         f"`{LIMITED_PATH}` (`benches/plan/protos/bench/v1/limited.proto`: the 200 B request of `match-200B`, "
         "answered by one rule limited by `times` with a limit no run reaches, so every call claims a count), to "
         "an engine run with `--shared-state` (a redis-server on loopback, unpinned) and to one counting in its "
         "own memory, in turn in every repeat after one untimed warm-up run of each, both placed like the "
         "servers. *Redis CPU/req* is redis-server's utime+stime over the same window. Ratios are shared/local "
-        "per repeat pair: what counting across replicas costs the engine, and the latency it adds.",
-        "",
-        "| layout | c×m | engine | req/s | CPU µs/req | Redis CPU µs/req | lat mean |",
-        "|---|---|---|---:|---:|---:|---:|",
-    ]
+        "per repeat pair: what counting across replicas costs the engine, and the latency it adds."
+    )
+    return pair_report("Shared state: `times` counted in Redis", intro, runs, SHARED_SERVERS, "Redis CPU µs/req")
+
+
+def pair_report(
+    title: str, intro: str, runs: list[RunResult], servers: tuple[str, str], upstream_column: str | None = None,
+) -> list[str]:  # fmt: skip
+    """A section comparing two engines run in turn on one cell: each one's
+    figures, then the ratios of the first to the second per repeat pair."""
+    extra = f" {upstream_column} |" if upstream_column else ""
+    lines = ["", f"## {title}", "", intro, "", f"| layout | c×m | engine | req/s | CPU µs/req |{extra} lat mean |"]
+    lines.append("|---|---|---|---:|---:|" + ("---:|" if upstream_column else "") + "---:|")
     keys = []
     for r in runs:
         if (r.layout, r.cell) not in keys:
             keys.append((r.layout, r.cell))
     for layout, cell in keys:
-        for name in SHARED_SERVERS:
+        for name in servers:
             rs = [r for r in runs if (r.layout, r.cell, r.server) == (layout, cell, name)]
+            up = f" {spread([r.upstream_cpu_us_per_req for r in rs], lambda v: fmt_num(v, 2))} |" if extra else ""
             lines.append(
                 f"| {layout} | {cell} | {name} | {spread([r.rps for r in rs], fmt_num)} "
-                f"| {spread([r.cpu_us_per_req for r in rs], lambda v: fmt_num(v, 2))} "
-                f"| {spread([r.upstream_cpu_us_per_req for r in rs], lambda v: fmt_num(v, 2))} "
-                f"| {spread([r.lat_mean_us for r in rs], fmt_us)} |"
+                f"| {spread([r.cpu_us_per_req for r in rs], lambda v: fmt_num(v, 2))} |{up} "
+                f"{spread([r.lat_mean_us for r in rs], fmt_us)} |"
             )
-    lines += [
-        "", "| layout | c×m | CPU/req shared/local | lat mean shared/local | req/s shared/local |", "|---|---|---:|---:|---:|",
-    ]  # fmt: skip
+    a, b = servers
+    lines += ["", f"| layout | c×m | CPU/req {a}/{b} | lat mean {a}/{b} | req/s {a}/{b} |", "|---|---|---:|---:|---:|"]
     for layout, cell in keys:
         sel = [r for r in runs if (r.layout, r.cell) == (layout, cell)]
-        local = {r.repeat: r for r in sel if r.server == "local-counts"}
-        pairs = [(r, local[r.repeat]) for r in sel if r.server == "shared-counts" and r.repeat in local]
-        cpu = spread([ratio(a.cpu_us_per_req, b.cpu_us_per_req) for a, b in pairs], fmt_ratio)
-        lat = spread([ratio(a.lat_mean_us, b.lat_mean_us) for a, b in pairs], fmt_ratio)
-        rps = spread([ratio(a.rps, b.rps) for a, b in pairs], fmt_ratio)
+        second = {r.repeat: r for r in sel if r.server == b}
+        pairs = [(r, second[r.repeat]) for r in sel if r.server == a and r.repeat in second]
+        cpu = spread([ratio(x.cpu_us_per_req, y.cpu_us_per_req) for x, y in pairs], fmt_ratio)
+        lat = spread([ratio(x.lat_mean_us, y.lat_mean_us) for x, y in pairs], fmt_ratio)
+        rps = spread([ratio(x.rps, y.rps) for x, y in pairs], fmt_ratio)
         lines.append(f"| {layout} | {cell} | {cpu} | {lat} | {rps} |")
     return lines
 
@@ -1445,40 +1449,14 @@ def shared_report(runs: list[RunResult]) -> list[str]:
 def validation_report(val_runs: list[RunResult]) -> list[str]:
     """The validation section: the same call to two engines serving the
     same plan, validation on and off, and the on/off ratios."""
-    lines = [
-        "",
-        "## Validation: the cost of checking requests",
-        "",
+    intro = (
         f"`{VALIDATED_PATH}` (`benches/plan/protos/bench/v1/validated.proto`: the 200 B request of `match-200B` "
         "with protovalidate rules on its three fields: length, pattern, range, byte length), answered by one rule "
         "without conditions, to an engine run with `--validation on` and to one without, in turn in every "
         "repeat after one untimed warm-up run of each, both placed like the servers. Ratios are on/off per "
-        "repeat pair: what validating a valid request costs.",
-        "",
-        "| layout | c×m | engine | req/s | CPU µs/req | lat mean |",
-        "|---|---|---|---:|---:|---:|",
-    ]
-    keys = []
-    for r in val_runs:
-        if (r.layout, r.cell) not in keys:
-            keys.append((r.layout, r.cell))
-    for layout, cell in keys:
-        for name in VALIDATION_SERVERS:
-            rs = [r for r in val_runs if (r.layout, r.cell, r.server) == (layout, cell, name)]
-            lines.append(
-                f"| {layout} | {cell} | {name} | {spread([r.rps for r in rs], fmt_num)} "
-                f"| {spread([r.cpu_us_per_req for r in rs], lambda v: fmt_num(v, 2))} "
-                f"| {spread([r.lat_mean_us for r in rs], fmt_us)} |"
-            )
-    lines += ["", "| layout | c×m | CPU/req on/off | req/s on/off |", "|---|---|---:|---:|"]
-    for layout, cell in keys:
-        sel = [r for r in val_runs if (r.layout, r.cell) == (layout, cell)]
-        off = {r.repeat: r for r in sel if r.server == "validation-off"}
-        pairs = [(r, off[r.repeat]) for r in sel if r.server == "validation-on" and r.repeat in off]
-        cpu = spread([ratio(a.cpu_us_per_req, b.cpu_us_per_req) for a, b in pairs], fmt_ratio)
-        rps = spread([ratio(a.rps, b.rps) for a, b in pairs], fmt_ratio)
-        lines.append(f"| {layout} | {cell} | {cpu} | {rps} |")
-    return lines
+        "repeat pair: what validating a valid request costs."
+    )
+    return pair_report("Validation: the cost of checking requests", intro, val_runs, VALIDATION_SERVERS)
 
 
 # --------------------------------------------------------------------------

@@ -92,12 +92,16 @@ class Redis:
 
 
 class Replica:
-    def __init__(self, tmp: Path, name: str, redis: Redis):
+    def __init__(self, tmp: Path, name: str, redis: Redis, *flags: str, extra_rules: str = ""):
+        """An engine in `tmp/name` with its own copy of the example's rules
+        (and `extra_rules` as rules/limited.yaml), sharing `redis`."""
         home = tmp / name
         shutil.copytree(REPO_ROOT / "rules", home / "rules")
+        if extra_rules:
+            (home / "rules" / "limited.yaml").write_text(extra_rules)
         self.proc, self.port, self.admin, self.log = engine_process.start_with_admin(
             ["run", "--protos", str(REPO_ROOT / "protos"), "--rules", "rules", "--listen", "127.0.0.1:0",
-             "--admin-listen", "127.0.0.1:0", "--shared-state", redis.url],
+             "--admin-listen", "127.0.0.1:0", "--shared-state", redis.url, *flags],
             home,
             cwd=home,
         )
@@ -313,18 +317,7 @@ http {{
 
 class LimitedReplica(Replica):
     def __init__(self, tmp: Path, name: str, redis: Redis, *flags: str):
-        home = tmp / name
-        shutil.copytree(REPO_ROOT / "rules", home / "rules")
-        (home / "rules" / "limited.yaml").write_text(LIMITED_RULES)
-        self.proc, self.port, self.admin, self.log = engine_process.start_with_admin(
-            ["run", "--protos", str(REPO_ROOT / "protos"), "--rules", "rules", "--listen", "127.0.0.1:0",
-             "--admin-listen", "127.0.0.1:0", "--shared-state", redis.url, *flags],
-            home,
-            cwd=home,
-        )
-        self.home = home
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
-        self.say_hello = self.channel.unary_unary("/helloworld.Greeter/SayHello")
+        super().__init__(tmp, name, redis, *flags, extra_rules=LIMITED_RULES)
 
     def metric(self, name: str) -> float:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.admin}/metrics", timeout=10) as r:

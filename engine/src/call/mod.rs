@@ -138,11 +138,12 @@ pub fn pick_explained<'m>(
     metadata: &(impl Metadata + ?Sized),
     explain: bool,
 ) -> Result<Answer<'m>, Status> {
-    match pick_with(method, messages, metadata, explain, Choice::Select) {
-        Picked::Answer(a) => a,
-        // Not asked for.
-        Picked::Claim(_) => Err(Status::new(Code::Internal, "a claim was not expected here")),
-    }
+    pick_inner(method, messages, metadata, explain, Choice::Select).and_then(no_claim)
+}
+
+/// A pick that makes no claim (any but [`Choice::Defer`]).
+fn no_claim<T>(picked: Result<T, Box<crate::shared::Claim>>) -> Result<T, Status> {
+    picked.map_err(|_| Status::new(Code::Internal, "a claim was not expected here"))
 }
 
 /// What [`pick_or_claim`] gives: the answer, or the claim to make in the
@@ -162,7 +163,11 @@ pub fn pick_or_claim<'m>(
     explain: bool,
 ) -> Picked<'m> {
     let choice = if crate::shared::enabled() { Choice::Defer } else { Choice::Select };
-    pick_with(method, messages, metadata, explain, choice)
+    match pick_inner(method, messages, metadata, explain, choice) {
+        Ok(Ok(answer)) => Picked::Answer(Ok(answer)),
+        Ok(Err(claim)) => Picked::Claim(claim),
+        Err(status) => Picked::Answer(Err(status)),
+    }
 }
 
 /// The answer of the rule a claim chose (None: no rule answers).
@@ -173,10 +178,7 @@ pub fn pick_chosen<'m>(
     explain: bool,
     chosen: Option<u32>,
 ) -> Result<Answer<'m>, Status> {
-    match pick_with(method, messages, metadata, explain, Choice::Chosen(chosen)) {
-        Picked::Answer(a) => a,
-        Picked::Claim(_) => Err(Status::new(Code::Internal, "a claim was not expected here")),
-    }
+    pick_inner(method, messages, metadata, explain, Choice::Chosen(chosen)).and_then(no_claim)
 }
 
 /// [`pick_or_claim`] and, for a claim, the claim and [`pick_chosen`]: for
@@ -213,20 +215,6 @@ enum Choice {
     Defer,
     /// The rule a claim chose.
     Chosen(Option<u32>),
-}
-
-fn pick_with<'m>(
-    method: &'m ServedMethod,
-    messages: &Messages<'_>,
-    metadata: &(impl Metadata + ?Sized),
-    explain: bool,
-    choice: Choice,
-) -> Picked<'m> {
-    match pick_inner(method, messages, metadata, explain, choice) {
-        Ok(Ok(answer)) => Picked::Answer(Ok(answer)),
-        Ok(Err(claim)) => Picked::Claim(claim),
-        Err(status) => Picked::Answer(Err(status)),
-    }
 }
 
 #[allow(clippy::type_complexity)]
