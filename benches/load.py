@@ -2277,7 +2277,7 @@ def bench(args: argparse.Namespace, argv: list[str]) -> int:
                     f"`{PROTOCOL_WORKLOAD}` (latency client)"
                 )
 
-        report = build_report(meta, runs, lat, notes, memory, proto_runs, proxy_runs, validation_runs)
+        report = build_report(meta, runs, lat, notes, memory, proto_runs, proxy_runs, validation_runs, shared_runs)
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(report)
@@ -2290,6 +2290,7 @@ def bench(args: argparse.Namespace, argv: list[str]) -> int:
                     "protocols": [asdict(r) for r in proto_runs],
                     "proxy": [asdict(r) for r in proxy_runs],
                     "validation": [asdict(r) for r in validation_runs],
+                    "shared": [asdict(r) for r in shared_runs],
                 },
                 indent=1,
             )

@@ -157,6 +157,8 @@ const SCRIPT: &str = "for i, key in ipairs(KEYS) do \
   end \
   return 0";
 
+static CLAIM_SCRIPT: OnceLock<redis::Script> = OnceLock::new();
+
 thread_local! {
     /// This worker's connection, made on its first claim.
     static CONNECTION: RefCell<Option<MultiplexedConnection>> = const { RefCell::new(None) };
@@ -170,16 +172,17 @@ async fn claim_in_redis(settings: &Settings, c: &Claim) -> Result<i64, String> {
     }
     let result = tokio::time::timeout(settings.timeout, async {
         let mut con = connection(settings).await?;
-        let mut cmd = redis::cmd("EVAL");
-        cmd.arg(SCRIPT).arg(c.candidates.len());
+        // EVALSHA, the script loaded once per Redis (again after a restart).
+        let script = CLAIM_SCRIPT.get_or_init(|| redis::Script::new(SCRIPT));
+        let mut call = script.prepare_invoke();
         for x in &c.candidates {
-            cmd.arg(c.key(&settings.prefix, x));
+            call.key(c.key(&settings.prefix, x));
         }
         for x in &c.candidates {
-            cmd.arg(x.times);
+            call.arg(x.times);
         }
-        cmd.arg(KEEP_SECONDS);
-        cmd.query_async::<i64>(&mut con).await.map_err(|e| e.to_string())
+        call.arg(KEEP_SECONDS);
+        call.invoke_async::<i64>(&mut con).await.map_err(|e| e.to_string())
     })
     .await
     .unwrap_or_else(|_| Err(format!("no answer within {} ms", settings.timeout.as_millis())));
