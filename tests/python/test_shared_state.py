@@ -51,13 +51,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def require(path: str, name: str, hint: str) -> None:
+    """Skips the test when the tool at `path` is missing, except under CI
+    (CI set), where it fails."""
+    if os.path.exists(path):
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"{name} not found (CI is set, so this fails): {hint}")
+    pytest.skip(f"{name} not found: {hint}")
+
+
 class Redis:
     def __init__(self, tmp: Path):
-        if not os.path.exists(REDIS):
-            hint = "install it with `apt-get install -y redis-server` or set WIRESTUB_REDIS_SERVER"
-            if os.environ.get("CI"):
-                pytest.fail(f"redis-server not found (CI is set, so this fails): {hint}")
-            pytest.skip(f"redis-server not found: {hint}")
+        require(REDIS, "redis-server", "install it with `apt-get install -y redis-server` or set WIRESTUB_REDIS_SERVER")
         self.port = free_port()
         self.tmp = tmp
         self.proc = None
@@ -174,14 +180,20 @@ def test_any_replica_shows_which_plan_every_replica_serves(cluster):
     def seen() -> list[dict]:
         return replicas[0].admin_call("GET", "/admin/status")["runtime"]["shared_state"]["replicas"]
 
-    assert wait_for(lambda: len(seen()) == 3, timeout=10, poll=0.2) is not None, seen()
+    ports = {str(r.port) for r in replicas}
+
+    def grpc_ports(listed: list[dict]) -> set[str]:
+        return {l.rsplit(":", 1)[1] for e in listed for l in e["listeners"] if l.startswith("grpc ")}
+
+    # A replica's first word may come before its listeners are up: the
+    # next one (2 s later) names them.
+    assert wait_for(lambda: grpc_ports(seen()) == ports, timeout=10, poll=0.2) is not None, seen()
     identities = {r.admin_call("GET", "/admin/status")["plan"]["identity"] for r in replicas}
     assert len(identities) == 1, "the same sources compile to the same plan"
     listed = seen()
     assert {e["identity"] for e in listed} == identities
     assert sum(e["this_one"] for e in listed) == 1
-    ports = {str(r.port) for r in replicas}
-    assert {l.rsplit(":", 1)[1] for e in listed for l in e["listeners"] if l.startswith("grpc ")} == ports
+    assert len(listed) == 3 and grpc_ports(listed) == ports
     # A change moves every replica to the new plan, and the list says so.
     replicas[1].admin_call("PUT", "/admin/rule/grpc/extra.yaml", {"content": SHARED_RULE.format(text="x")})
     new = replicas[1].admin_call("GET", "/admin/status")["plan"]["identity"]
@@ -261,11 +273,7 @@ class Nginx:
     `grpc_pass` to them round robin."""
 
     def __init__(self, tmp: Path, ports: list[int]):
-        if not os.path.exists(NGINX):
-            hint = "install it with `apt-get install -y nginx` or set WIRESTUB_NGINX"
-            if os.environ.get("CI"):
-                pytest.fail(f"nginx not found (CI is set, so this fails): {hint}")
-            pytest.skip(f"nginx not found: {hint}")
+        require(NGINX, "nginx", "install it with `apt-get install -y nginx` or set WIRESTUB_NGINX")
         self.port = free_port()
         home = tmp / "nginx"
         home.mkdir()
