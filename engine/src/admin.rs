@@ -12,6 +12,8 @@
 //! path.
 
 mod http;
+mod journal;
+mod response;
 pub mod routes;
 mod ui;
 

@@ -24,6 +24,7 @@
 //! thread; other routes on the blocking pool, journal queries at most
 //! [`JOURNAL_QUERIES`] at a time, so the probes never wait behind them.
 
+use super::journal;
 use super::routes::{self, Response};
 use super::Options;
 use crate::state::State;
@@ -501,7 +502,7 @@ async fn serve(mut stream: TcpStream, shared: Arc<Shared>, entry: Entry) {
         // at most JOURNAL_WRITE_TIMEOUT; one that waits longer than
         // JOURNAL_QUERY_WAIT for a permit is told to come back (so clients
         // that do not read their pages cannot queue the others forever).
-        let permit = match routes::is_journal_query(&head.path) {
+        let permit = match journal::is_journal_query(&head.path) {
             true => match tokio::time::timeout(JOURNAL_QUERY_WAIT, shared.journal_queries.acquire()).await {
                 Ok(Ok(p)) => Some(p),
                 Ok(Err(_)) => return,

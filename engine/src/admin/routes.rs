@@ -31,62 +31,22 @@
 //! without one), `rule` (text the answering rule's origin,
 //! `file:line:column`, contains), `before` (a sequence number:
 //! earlier calls only). The list routes answer one page: the newest
-//! `limit` calls selected ([`DEFAULT_PAGE`], at most [`MAX_PAGE`]), fewer
-//! when their JSON would pass [`PAGE_BYTES`]; `"page": {"limit", "more",
+//! `limit` calls selected ([`journal::DEFAULT_PAGE`], at most [`journal::MAX_PAGE`]), fewer
+//! when their JSON would pass [`journal::PAGE_BYTES`]; `"page": {"limit", "more",
 //! "before"}` says whether older calls were selected and the `before` that
 //! asks for them. Entries are rendered one at a time into the body, so a
 //! query holds about a page. JSON everywhere except `/metrics`; errors are
 //! `{"error": "..."}` with a 4xx/5xx status.
 
+use super::journal;
+pub use super::response::Response;
 use super::Options;
-use crate::observe::journal::{self, Expect, Filter, Journal, MethodMatch, Verify};
+use crate::observe::journal as calls;
 use crate::state::State;
 use serde_json::{json, Value as Json};
 use wirestub_plan::MethodKind;
 
-/// A response to send.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Response {
-    pub status: u16,
-    pub content_type: &'static str,
-    /// Extra header fields.
-    pub headers: Vec<(&'static str, String)>,
-    pub body: Vec<u8>,
-}
-
-/// Entries a journal listing shows when `limit` is not given.
-pub const DEFAULT_PAGE: usize = 100;
-/// Most entries a journal listing shows (a larger `limit` is lowered).
-pub const MAX_PAGE: usize = 1000;
-/// A journal listing stops adding (older) entries once their JSON passes
-/// this many bytes (it shows at least one).
-pub const PAGE_BYTES: usize = 4 << 20;
-
-const JSON: &str = "application/json";
 const PROMETHEUS: &str = "text/plain; version=0.0.4; charset=utf-8";
-
-impl Response {
-    pub fn json(status: u16, value: &Json) -> Response {
-        let mut body = serde_json::to_vec(value).unwrap_or_else(|_| b"{}".to_vec());
-        body.push(b'\n');
-        Response { status, content_type: JSON, headers: Vec::new(), body }
-    }
-
-    /// `{"error": message}`.
-    pub fn error(status: u16, message: &str) -> Response {
-        Response::json(status, &json!({ "error": message }))
-    }
-
-    /// The body as JSON (for tests and clients of [`handle`]).
-    pub fn body_json(&self) -> Json {
-        serde_json::from_slice(&self.body).unwrap_or(Json::Null)
-    }
-
-    fn with_header(mut self, name: &'static str, value: impl Into<String>) -> Response {
-        self.headers.push((name, value.into()));
-        self
-    }
-}
 
 /// Answers one request. `path` and `query` are as received
 /// (percent-encoded); header names are lower-case. `HEAD` is answered as
@@ -151,23 +111,10 @@ pub fn handle(
         ["admin", "stats"] => {
             only(method, &["GET"]).unwrap_or_else(|| Response::json(200, &state.metrics.stats_json()))
         }
-        ["admin", "journal"] => match method {
-            "GET" => with_journal(state, |j| list(j, &query, false)),
-            "DELETE" => with_journal(state, |j| Response::json(200, &json!({"removed": j.reset()}))),
-            _ => not_allowed(&["GET", "DELETE"]),
-        },
-        ["admin", "journal", "count"] => only(method, &["GET"]).unwrap_or_else(|| {
-            with_journal(state, |j| match filter_from_query(&query, false) {
-                Ok((filter, _)) => Response::json(200, &json!({"count": j.count(&filter)})),
-                Err(e) => Response::error(400, &e),
-            })
-        }),
-        ["admin", "journal", "unmatched"] => {
-            only(method, &["GET"]).unwrap_or_else(|| with_journal(state, |j| list(j, &query, true)))
-        }
-        ["admin", "journal", "verify"] => {
-            only(method, &["POST"]).unwrap_or_else(|| with_journal(state, |j| verify(j, body)))
-        }
+        ["admin", "journal"] => journal::route(state, method, journal::Route::List, &query, body),
+        ["admin", "journal", "count"] => journal::route(state, method, journal::Route::Count, &query, body),
+        ["admin", "journal", "unmatched"] => journal::route(state, method, journal::Route::Unmatched, &query, body),
+        ["admin", "journal", "verify"] => journal::route(state, method, journal::Route::Verify, &query, body),
         _ => {
             let request = super::Request { method, segments: &segments, query: &query, headers, body };
             options
@@ -297,17 +244,10 @@ fn metrics(state: &State) -> String {
     });
     text.push_str(&crate::observe::metrics::render_gauges(journal));
     text.push_str(&crate::shared::render_metrics());
-    text
-}
-
-fn with_journal(state: &State, f: impl FnOnce(&Journal) -> Response) -> Response {
-    match &state.journal {
-        Some(j) => f(j),
-        None => Response::error(
-            409,
-            "the request journal is off: start the engine with `--journal N` to keep the last N calls",
-        ),
+    if let Some(s) = crate::observe::shared_journal::get() {
+        text.push_str(&s.render_metrics());
     }
+    text
 }
 
 // ---------------------------------------------------------------------------
@@ -333,6 +273,7 @@ fn status(state: &State, options: &Options) -> Response {
                     "messages": limits.messages,
                     "message_bytes": limits.message_bytes,
                 },
+                "shared": crate::observe::shared_journal::get().map(|s| s.status()),
             })
         }
         None => json!({"enabled": false}),
@@ -346,10 +287,10 @@ fn status(state: &State, options: &Options) -> Response {
                 "identity": g.identity,
                 "version": g.version,
                 "source": g.source,
-                "loaded_at": journal::rfc3339(g.loaded),
+                "loaded_at": calls::rfc3339(g.loaded),
                 "generation": g.number,
             },
-            "started_at": journal::rfc3339(state.started),
+            "started_at": calls::rfc3339(state.started),
             "uptime_seconds": state.uptime().as_secs_f64(),
             "services": g.services(),
             "methods": methods,
@@ -425,7 +366,7 @@ fn rules(state: &State, service: &str, name: &str) -> Response {
             let response = match response {
                 Some(resp) => json!({
                     "index": r.response,
-                    "status": {"code": resp.status, "name": journal::status_name(resp.status)},
+                    "status": {"code": resp.status, "name": calls::status_name(resp.status)},
                     "message": percent_decode(&resp.message, false),
                     "times": resp.times,
                     "used": if resp.times > 0 { used.map(|u| u.min(resp.times as u64)) } else { None },
@@ -435,7 +376,7 @@ fn rules(state: &State, service: &str, name: &str) -> Response {
                     "fault": resp.fault.as_ref().map(|f| json!({
                         "rate": f.rate,
                         "drop": f.drop,
-                        "status": journal::status_name(f.status),
+                        "status": calls::status_name(f.status),
                     })),
                 }),
                 None => Json::Null,
@@ -444,7 +385,7 @@ fn rules(state: &State, service: &str, name: &str) -> Response {
                 "index": i,
                 "origin": r.origin,
                 "priority": r.priority,
-                "conditions": r.conditions.iter().map(|c| journal::describe_condition(plan, c)).collect::<Vec<_>>(),
+                "conditions": r.conditions.iter().map(|c| calls::describe_condition(plan, c)).collect::<Vec<_>>(),
                 "hits": hits.get(&r.origin).copied().unwrap_or(0),
                 "response": response,
             })
@@ -482,20 +423,20 @@ fn rule(state: &State, service: &str, name: &str, index: &str) -> Response {
         let json = output
             .as_ref()
             .and_then(|d| prost_reflect::DynamicMessage::decode(d.clone(), bytes).ok())
-            .and_then(|msg| msg.serialize_with_options(serde_json::value::Serializer, &journal::json_options()).ok())
-            .unwrap_or_else(|| json!({"@base64": journal::base64(bytes)}));
+            .and_then(|msg| msg.serialize_with_options(serde_json::value::Serializer, &calls::json_options()).ok())
+            .unwrap_or_else(|| json!({"@base64": calls::base64(bytes)}));
         match resp.templates.iter().any(|(s, _)| *s == slot) {
             true => json!({"@template": true, "prepared": json}),
             false => json,
         }
     };
     let metadata = |list: &[(String, Vec<u8>)]| -> serde_json::Map<String, Json> {
-        list.iter().map(|(k, v)| (k.clone(), json!(journal::metadata_text(k, v)))).collect()
+        list.iter().map(|(k, v)| (k.clone(), json!(calls::metadata_text(k, v)))).collect()
     };
     let response = plan.responses.get(r.response as usize).map(|resp| {
         let mut out = json!({
             "index": r.response,
-            "status": {"code": resp.status, "name": journal::status_name(resp.status)},
+            "status": {"code": resp.status, "name": calls::status_name(resp.status)},
             "message": percent_decode(&resp.message, false),
             "headers": metadata(&resp.headers),
             "trailers": metadata(&resp.trailers),
@@ -523,7 +464,7 @@ fn rule(state: &State, service: &str, name: &str, index: &str) -> Response {
             "origin": r.origin,
             "priority": r.priority,
             "hits": state.metrics.rule_hits().get(&r.origin).copied().unwrap_or(0),
-            "conditions": r.conditions.iter().map(|c| journal::describe_condition(plan, c)).collect::<Vec<_>>(),
+            "conditions": r.conditions.iter().map(|c| calls::describe_condition(plan, c)).collect::<Vec<_>>(),
             "response": response,
         }),
     )
@@ -556,116 +497,8 @@ fn reload(state: &State) -> Response {
 }
 
 // ---------------------------------------------------------------------------
-// Journal
+// Access
 // ---------------------------------------------------------------------------
-
-fn parse_bool(name: &str, v: &str) -> Result<bool, String> {
-    match v.to_ascii_lowercase().as_str() {
-        "true" | "1" | "yes" => Ok(true),
-        "false" | "0" | "no" => Ok(false),
-        _ => Err(format!("`{name}` takes true or false, got `{v}`")),
-    }
-}
-
-fn parse_number(name: &str, v: &str) -> Result<u64, String> {
-    v.trim().parse().map_err(|_| format!("`{name}` takes a non-negative integer, got `{v}`"))
-}
-
-/// Reads the journal filters (and, for list routes, `limit`) from query
-/// parameters; unknown parameters are refused, so a typo is not a filter
-/// silently ignored.
-fn filter_from_query(query: &[(String, String)], with_limit: bool) -> Result<(Filter, Option<usize>), String> {
-    let mut filter = Filter::default();
-    let mut limit = None;
-    for (k, v) in query {
-        match k.as_str() {
-            "method" => filter.method = Some(MethodMatch::parse(v)?),
-            "status" => filter.status = Some(journal::parse_status(v)?),
-            "matched" => filter.matched = Some(parse_bool(k, v)?),
-            "since" => filter.since = Some(parse_number(k, v)?),
-            "before" => filter.before = Some(parse_number(k, v)?),
-            "metadata" => {
-                let (key, value) = v
-                    .split_once('=')
-                    .or_else(|| v.split_once(':'))
-                    .ok_or_else(|| format!("`metadata` takes key=value, got `{v}`"))?;
-                filter.metadata.push((key.trim().to_ascii_lowercase(), value.trim().to_string()));
-            }
-            "body" => filter.body = Some(body_pattern(serde_json::from_str(v).map_err(|e| format!("`body`: {e}"))?)?),
-            "session" => filter.session = Some(v.clone()),
-            "rule" => filter.rule = Some(v.clone()),
-            "limit" if with_limit => limit = Some(parse_number(k, v)?.min(usize::MAX as u64) as usize),
-            other => {
-                let known = if with_limit {
-                    "method, status, matched, metadata, body, session, rule, since, before, limit"
-                } else {
-                    "method, status, matched, metadata, body, session, rule, since, before"
-                };
-                return Err(format!("unknown parameter `{other}` (known: {known})"));
-            }
-        }
-    }
-    Ok((filter, limit))
-}
-
-fn body_pattern(v: Json) -> Result<Json, String> {
-    match v {
-        Json::Object(_) => Ok(v),
-        _ => Err("`body` must be a JSON object (fields the request must have)".into()),
-    }
-}
-
-/// `GET /admin/journal` and `GET /admin/journal/unmatched`: one page.
-fn list(j: &Journal, query: &[(String, String)], unmatched: bool) -> Response {
-    let (filter, limit) = match filter_from_query(query, true) {
-        Ok(f) => f,
-        Err(e) => return Response::error(400, &e),
-    };
-    let limit = limit.unwrap_or(DEFAULT_PAGE).min(MAX_PAGE);
-    let page = j.page(&filter, unmatched, limit);
-    // Newest first, each entry's JSON made and written out on its own,
-    // until the page is full.
-    let mut parts: Vec<Vec<u8>> = Vec::new();
-    let mut total = 0;
-    for e in page.entries.iter().rev() {
-        let part = serde_json::to_vec(&e.to_json()).unwrap_or_else(|_| b"null".to_vec());
-        if !parts.is_empty() && total + part.len() > PAGE_BYTES {
-            break;
-        }
-        total += part.len() + 1;
-        parts.push(part);
-    }
-    let shown = parts.len();
-    let oldest = shown.checked_sub(1).map(|_| page.entries[page.entries.len() - shown].seq);
-    let more = page.matched > shown;
-    let tail = json!({
-        "matched": page.matched,
-        "size": j.len(),
-        "capacity": j.capacity(),
-        "recorded": j.recorded(),
-        "page": {"limit": limit, "more": more, "before": if more { oldest.map(Json::from) } else { None }},
-    });
-    let tail = serde_json::to_vec(&tail).unwrap_or_else(|_| b"{}".to_vec());
-    let mut body = Vec::with_capacity(total + tail.len() + 16);
-    body.extend_from_slice(b"{\"entries\":[");
-    // Oldest first; each part is freed once copied.
-    for (i, part) in parts.into_iter().rev().enumerate() {
-        if i > 0 {
-            body.push(b',');
-        }
-        body.extend_from_slice(&part);
-    }
-    body.extend_from_slice(b"],");
-    body.extend_from_slice(&tail[1..]);
-    body.push(b'\n');
-    Response { status: 200, content_type: JSON, headers: Vec::new(), body }
-}
-
-/// Whether a request goes to the journal's query routes (which the HTTP
-/// server runs a few at a time).
-pub fn is_journal_query(path: &str) -> bool {
-    path.starts_with("/admin/journal")
-}
 
 /// Whether a request is answered without the admin token: the probes,
 /// `/` and the UI's files (which hold no data; the UI sends the token with
@@ -681,86 +514,11 @@ pub fn is_probe(path: &str) -> bool {
     matches!(path.trim_end_matches('/'), "/healthz" | "/readyz" | "/metrics")
 }
 
-/// `POST /admin/journal/verify` with
-/// `{"method": ..., "body": {...}, "metadata": {...}, "status": ...,
-/// "matched": ..., "since": ..., "times" | "at_least" / "at_most": N}`.
-fn verify(j: &Journal, body: &[u8]) -> Response {
-    match parse_verify(body) {
-        Ok(v) => Response::json(200, &j.verify(&v).to_json(&v.filter)),
-        Err(e) => Response::error(400, &e),
-    }
-}
-
-fn parse_verify(body: &[u8]) -> Result<Verify, String> {
-    let value: Json = serde_json::from_slice(body).map_err(|e| format!("the body is not JSON: {e}"))?;
-    let Json::Object(fields) = value else { return Err("the body must be a JSON object".into()) };
-    let mut filter = Filter::default();
-    let (mut times, mut at_least, mut at_most) = (None, None, None);
-    let count = |k: &str, v: &Json| v.as_u64().ok_or_else(|| format!("`{k}` takes a non-negative integer"));
-    for (k, v) in &fields {
-        match k.as_str() {
-            "method" => {
-                let text = v.as_str().ok_or("`method` takes a string")?;
-                filter.method = Some(MethodMatch::parse(text)?);
-            }
-            "body" | "request" => filter.body = Some(body_pattern(v.clone())?),
-            "metadata" => filter.metadata = metadata_pattern(v)?,
-            "status" => {
-                filter.status = Some(match v {
-                    Json::String(s) => journal::parse_status(s)?,
-                    v => journal::parse_status(&v.to_string())?,
-                })
-            }
-            "matched" => filter.matched = Some(v.as_bool().ok_or("`matched` takes true or false")?),
-            "since" => filter.since = Some(count(k, v)?),
-            "times" => times = Some(count(k, v)?),
-            "at_least" => at_least = Some(count(k, v)?),
-            "at_most" => at_most = Some(count(k, v)?),
-            other => {
-                return Err(format!(
-                    "unknown field `{other}` (known: method, body, metadata, status, matched, since, times, \
-                     at_least, at_most)"
-                ))
-            }
-        }
-    }
-    if filter.method.is_none() {
-        return Err("`method` is required (`/pkg.Service/Method`, `pkg.Service/Method` or a service)".into());
-    }
-    let expect = match (times, at_least, at_most) {
-        (Some(_), Some(_), _) | (Some(_), _, Some(_)) => {
-            return Err("give either `times` or `at_least`/`at_most`, not both".into());
-        }
-        (Some(n), None, None) => Expect::Exactly(n),
-        (None, None, None) => Expect::Between(1, u64::MAX),
-        (None, lo, hi) => {
-            let (lo, hi) = (lo.unwrap_or(0), hi.unwrap_or(u64::MAX));
-            if lo > hi {
-                return Err(format!("`at_least` ({lo}) is more than `at_most` ({hi})"));
-            }
-            Expect::Between(lo, hi)
-        }
-    };
-    Ok(Verify { filter, expect })
-}
-
-fn metadata_pattern(v: &Json) -> Result<Vec<(String, String)>, String> {
-    let Json::Object(map) = v else { return Err("`metadata` takes an object of key: value".into()) };
-    let mut out = Vec::with_capacity(map.len());
-    for (k, v) in map {
-        let value = match v {
-            Json::String(s) => s.clone(),
-            Json::Number(_) | Json::Bool(_) => v.to_string(),
-            _ => return Err(format!("`metadata.{k}` takes a string")),
-        };
-        out.push((k.to_ascii_lowercase(), value));
-    }
-    Ok(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::admin::journal::{DEFAULT_PAGE, MAX_PAGE, PAGE_BYTES};
+    use crate::admin::response::JSON;
     use crate::call::matcher::Closest;
     use crate::observe::journal::fixture::{self, entry, hello, CHAT, SAY_HELLO};
 

@@ -256,7 +256,15 @@ pub struct Journal {
     capacity: usize,
     bytes_limit: AtomicUsize,
     ring: Mutex<Ring>,
+    /// Where every recorded entry is also sent, when the calls are shared
+    /// with other replicas ([`Journal::tap`]).
+    tap: std::sync::OnceLock<Tap>,
 }
+
+/// Receives every entry recorded after it is set, with the journal's byte
+/// limit (`--journal-bytes`); must not block (it runs on the request path,
+/// outside the journal's lock).
+pub type Tap = Box<dyn Fn(&Arc<Entry>, usize) + Send + Sync>;
 
 struct Ring {
     /// Entries, oldest first, with the bytes each holds.
@@ -307,7 +315,17 @@ impl Journal {
             evicted: 0,
             generations: Default::default(),
         };
-        Journal { capacity, bytes_limit: AtomicUsize::new(limits.bytes), ring: Mutex::new(ring) }
+        Journal {
+            capacity,
+            bytes_limit: AtomicUsize::new(limits.bytes),
+            ring: Mutex::new(ring),
+            tap: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Sends every entry recorded from now on to `tap` too (set once).
+    pub fn tap(&self, tap: Tap) {
+        let _ = self.tap.set(tap);
     }
 
     /// Sets the limits, before calls are served: the total for this
@@ -346,7 +364,7 @@ impl Journal {
             if *held == 1 {
                 ring.bytes += generation_cost(&entry.generation);
             }
-            ring.entries.push_back((entry, size));
+            ring.entries.push_back((entry.clone(), size));
             ring.bytes += size;
             while ring.entries.len() > 1 && (ring.entries.len() > self.capacity || ring.bytes > limit) {
                 let Some((old, size)) = ring.entries.pop_front() else { break };
@@ -366,6 +384,9 @@ impl Journal {
         // Freed outside the lock: it may hold the last reference to an old
         // plan generation.
         drop(dropped);
+        if let Some(tap) = self.tap.get() {
+            tap(&entry, limit);
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Ring> {
@@ -412,7 +433,7 @@ impl Journal {
         let mut entries = Vec::new();
         let mut matched = 0;
         for e in self.snapshot().into_iter().rev() {
-            if (unmatched && !e.unmatched()) || !filter.matches(&e) {
+            if (unmatched && !e.unmatched()) || !filter.matches(&*e) {
                 continue;
             }
             matched += 1;
@@ -438,30 +459,26 @@ impl Journal {
 
     /// The entries `filter` selects, oldest first.
     pub fn query(&self, filter: &Filter) -> Vec<Arc<Entry>> {
-        self.snapshot().into_iter().filter(|e| filter.matches(e)).collect()
+        self.snapshot().into_iter().filter(|e| filter.matches(&**e)).collect()
     }
 
     /// How many entries `filter` selects.
     pub fn count(&self, filter: &Filter) -> usize {
-        self.snapshot().iter().filter(|e| filter.matches(e)).count()
+        self.snapshot().iter().filter(|e| filter.matches(&***e)).count()
     }
 
     /// The calls no rule answered that `filter` selects, oldest first.
     pub fn unmatched(&self, filter: &Filter) -> Vec<Arc<Entry>> {
-        self.snapshot().into_iter().filter(|e| e.unmatched() && filter.matches(e)).collect()
+        self.snapshot().into_iter().filter(|e| e.unmatched() && filter.matches(&**e)).collect()
     }
 
     /// Checks that the calls `verify.filter` selects number as expected.
     pub fn verify(&self, verify: &Verify) -> Verdict {
-        let entries = self.snapshot();
-        let matching: Vec<u64> = entries.iter().filter(|e| verify.filter.matches(e)).map(|e| e.seq).collect();
-        let count = matching.len() as u64;
-        let ok = verify.expect.holds(count);
-        // When too few calls matched, show the ones that came closest; when
-        // too many did, the matching ones are the story (`seqs`).
-        let closest =
-            if !ok && count < verify.expect.minimum() { candidates(&entries, &verify.filter, 3) } else { Vec::new() };
-        Verdict { ok, count, expect: verify.expect, seqs: matching, closest }
+        let mut tally = Tally::new(verify);
+        for e in self.snapshot() {
+            tally.offer(&*e, || e.clone());
+        }
+        tally.verdict(|e| e.to_json())
     }
 }
 
@@ -559,42 +576,97 @@ pub struct Filter {
     pub rule: Option<String>,
 }
 
+/// What filters read of a recorded call: an [`Entry`] of this replica's
+/// journal, or a call of the journal shared by every replica (read back
+/// from its JSON view, `observe::shared_journal`).
+pub trait Call {
+    /// Its sequence number in the journal it was read from.
+    fn seq(&self) -> u64;
+    /// The method's path, `/pkg.Service/Method`.
+    fn path(&self) -> &str;
+    /// The gRPC status sent.
+    fn status(&self) -> u8;
+    /// Whether a rule answered it.
+    fn answered(&self) -> bool;
+    /// A call to a method of the plan that no rule answered.
+    fn unmatched(&self) -> bool;
+    /// The values of metadata `key` as the JSON view shows them.
+    fn metadata_values(&self, key: &str) -> Vec<String>;
+    /// Its test session, if it has one.
+    fn session(&self) -> Option<String>;
+    /// The origin of the rule that answered.
+    fn rule_origin(&self) -> Option<&str>;
+    /// Its request messages as JSON.
+    fn requests(&self) -> Vec<std::borrow::Cow<'_, Json>>;
+}
+
+impl Call for Entry {
+    fn seq(&self) -> u64 {
+        self.seq
+    }
+    fn path(&self) -> &str {
+        Entry::path(self)
+    }
+    fn status(&self) -> u8 {
+        self.status
+    }
+    fn answered(&self) -> bool {
+        self.rule.is_some()
+    }
+    fn unmatched(&self) -> bool {
+        Entry::unmatched(self)
+    }
+    fn metadata_values(&self, key: &str) -> Vec<String> {
+        Entry::metadata_values(self, key).collect()
+    }
+    fn session(&self) -> Option<String> {
+        Entry::session(self)
+    }
+    fn rule_origin(&self) -> Option<&str> {
+        Entry::rule_origin(self)
+    }
+    fn requests(&self) -> Vec<std::borrow::Cow<'_, Json>> {
+        self.message_views().into_iter().map(|v| std::borrow::Cow::Owned(v.json)).collect()
+    }
+}
+
 impl Filter {
-    pub fn matches(&self, e: &Entry) -> bool {
-        self.since.is_none_or(|s| e.seq > s)
-            && self.before.is_none_or(|b| e.seq < b)
+    pub fn matches<C: Call + ?Sized>(&self, e: &C) -> bool {
+        self.since.is_none_or(|s| e.seq() > s)
+            && self.before.is_none_or(|b| e.seq() < b)
             && self.method.as_ref().is_none_or(|m| m.matches(e.path()))
-            && self.status.is_none_or(|s| e.status == s)
-            && self.matched.is_none_or(|m| e.rule.is_some() == m)
-            && self.metadata.iter().all(|(k, v)| e.metadata_values(k).any(|have| have == *v))
+            && self.status.is_none_or(|s| e.status() == s)
+            && self.matched.is_none_or(|m| e.answered() == m)
+            && self.metadata.iter().all(|(k, v)| e.metadata_values(k).iter().any(|have| have == v))
             && self.session.as_ref().is_none_or(|s| e.session().unwrap_or_default() == *s)
             && self.rule.as_ref().is_none_or(|r| e.rule_origin().is_some_and(|o| o.contains(r.as_str())))
-            && self.body.as_ref().is_none_or(|b| e.message_views().iter().any(|m| subset(b, &m.json)))
+            && self.body.as_ref().is_none_or(|b| e.requests().iter().any(|m| subset(b, m)))
     }
 
     /// Why `e` is not selected, criterion by criterion.
-    pub fn differences(&self, e: &Entry) -> Vec<Difference> {
+    pub fn differences<C: Call + ?Sized>(&self, e: &C) -> Vec<Difference> {
         let mut out = Vec::new();
+        let seq = e.seq();
         if let Some(m) = self.method.as_ref().filter(|m| !m.matches(e.path())) {
             out.push(Difference::new("method", json!(m.text()), json!(e.path())));
         }
-        if let Some(s) = self.since.filter(|&s| e.seq <= s) {
-            out.push(Difference::new("seq", json!(format!("after {s}")), json!(e.seq)));
+        if let Some(s) = self.since.filter(|&s| seq <= s) {
+            out.push(Difference::new("seq", json!(format!("after {s}")), json!(seq)));
         }
-        if let Some(b) = self.before.filter(|&b| e.seq >= b) {
-            out.push(Difference::new("seq", json!(format!("before {b}")), json!(e.seq)));
+        if let Some(b) = self.before.filter(|&b| seq >= b) {
+            out.push(Difference::new("seq", json!(format!("before {b}")), json!(seq)));
         }
-        if let Some(s) = self.status.filter(|&s| s != e.status) {
-            out.push(Difference::new("status", json!(status_name(s)), json!(status_name(e.status))));
+        if let Some(s) = self.status.filter(|&s| s != e.status()) {
+            out.push(Difference::new("status", json!(status_name(s)), json!(status_name(e.status()))));
         }
-        if let Some(m) = self.matched.filter(|&m| m != e.rule.is_some()) {
+        if let Some(m) = self.matched.filter(|&m| m != e.answered()) {
             out.push(Difference::new("matched", json!(m), json!(!m)));
         }
         if let Some(r) = self.rule.as_ref().filter(|r| !e.rule_origin().is_some_and(|o| o.contains(r.as_str()))) {
             out.push(Difference::new("rule", json!(r), json!(e.rule_origin())));
         }
         for (k, v) in &self.metadata {
-            let have: Vec<String> = e.metadata_values(k).collect();
+            let have = e.metadata_values(k);
             if !have.iter().any(|h| h == v) {
                 let actual = if have.is_empty() { Json::Null } else { json!(have.join(", ")) };
                 out.push(Difference::new(format!("metadata.{k}"), json!(v), actual));
@@ -602,11 +674,11 @@ impl Filter {
         }
         if let Some(body) = &self.body {
             let best = e
-                .message_views()
+                .requests()
                 .iter()
                 .map(|m| {
                     let mut d = Vec::new();
-                    diff(body, &m.json, "request", &mut d);
+                    diff(body, m, "request", &mut d);
                     d
                 })
                 .min_by_key(|d| d.len());
@@ -803,7 +875,9 @@ pub struct Verdict {
 /// A call that did not match a verification, and why.
 #[derive(Clone)]
 pub struct Candidate {
-    pub entry: Arc<Entry>,
+    pub seq: u64,
+    /// The call's JSON view.
+    pub call: Json,
     pub differences: Vec<Difference>,
 }
 
@@ -824,8 +898,8 @@ impl Verdict {
                     .iter()
                     .map(|c| {
                         json!({
-                            "seq": c.entry.seq,
-                            "call": c.entry.to_json(),
+                            "seq": c.seq,
+                            "call": c.call,
                             "differences": c.differences.iter().map(Difference::to_json).collect::<Vec<_>>(),
                         })
                     })
@@ -836,21 +910,71 @@ impl Verdict {
     }
 }
 
-/// The `max` entries not selected by `filter` that come closest to it:
-/// those of the filtered method first, then by fewest differences, then
-/// newest first.
-fn candidates(entries: &[Arc<Entry>], filter: &Filter, max: usize) -> Vec<Candidate> {
-    let mut scored: Vec<(bool, usize, u64, Candidate)> = entries
-        .iter()
-        .filter(|e| !filter.matches(e))
-        .map(|e| {
-            let differences = filter.differences(e);
-            let other_method = filter.method.as_ref().is_some_and(|m| !m.matches(e.path()));
-            (other_method, differences.len(), u64::MAX - e.seq, Candidate { entry: e.clone(), differences })
-        })
-        .collect();
-    scored.sort_by_key(|(a, b, c, _)| (*a, *b, *c));
-    scored.into_iter().take(max).map(|(_, _, _, c)| c).collect()
+/// How many calls the closest list of a failed verification shows.
+const CLOSEST: usize = 3;
+
+/// A verification made one call at a time, in any order: the count, the
+/// matching sequence numbers, and the [`CLOSEST`] calls that came nearest
+/// without matching (each kept as a `T`, made into its JSON view only if
+/// it is shown).
+pub struct Tally<'v, T> {
+    verify: &'v Verify,
+    seqs: Vec<u64>,
+    /// The nearest calls so far, best first: (other method, differences,
+    /// newest first) as the key.
+    nearest: Vec<(Nearness, Vec<Difference>, T)>,
+}
+
+/// How near a call came to a verification's filter, nearest first: of the
+/// filtered method, then by fewest differences, then newest.
+type Nearness = (bool, usize, u64);
+
+impl<'v, T> Tally<'v, T> {
+    pub fn new(verify: &'v Verify) -> Tally<'v, T> {
+        Tally { verify, seqs: Vec::new(), nearest: Vec::new() }
+    }
+
+    /// Counts `call` if it matches; else keeps it (as `keep()`) if it is
+    /// among the nearest so far.
+    pub fn offer<C: Call + ?Sized>(&mut self, call: &C, keep: impl FnOnce() -> T) {
+        let filter = &self.verify.filter;
+        if filter.matches(call) {
+            self.seqs.push(call.seq());
+            return;
+        }
+        let differences = filter.differences(call);
+        let other_method = filter.method.as_ref().is_some_and(|m| !m.matches(call.path()));
+        let key = (other_method, differences.len(), u64::MAX - call.seq());
+        if self.nearest.len() == CLOSEST && self.nearest.last().is_some_and(|(worst, _, _)| *worst <= key) {
+            return;
+        }
+        let at = self.nearest.partition_point(|(k, _, _)| *k <= key);
+        self.nearest.insert(at, (key, differences, keep()));
+        self.nearest.truncate(CLOSEST);
+    }
+
+    /// The outcome; `view` makes a kept call's JSON view. When too few
+    /// calls matched, the nearest ones are shown; when too many did, the
+    /// matching ones are the story (`seqs`, oldest first).
+    pub fn verdict(mut self, view: impl Fn(&T) -> Json) -> Verdict {
+        self.seqs.sort_unstable();
+        let count = self.seqs.len() as u64;
+        let expect = self.verify.expect;
+        let ok = expect.holds(count);
+        let closest = match !ok && count < expect.minimum() {
+            true => self
+                .nearest
+                .iter()
+                .map(|((_, _, newer), differences, t)| Candidate {
+                    seq: u64::MAX - newer,
+                    call: view(t),
+                    differences: differences.clone(),
+                })
+                .collect(),
+            false => Vec::new(),
+        };
+        Verdict { ok, count, expect, seqs: self.seqs, closest }
+    }
 }
 
 // ---------------------------------------------------------------------------

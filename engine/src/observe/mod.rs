@@ -7,3 +7,4 @@ pub mod journal;
 pub mod metrics;
 pub mod record;
 pub mod reflection;
+pub mod shared_journal;

@@ -145,6 +145,11 @@ impl Peers {
         Ok(())
     }
 
+    /// This replica's id, as the other replicas see it.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
     /// What `/admin/status` shows under `runtime.shared_state`.
     pub fn status(&self) -> Json {
         let s = self.status.lock().unwrap_or_else(|e| e.into_inner());

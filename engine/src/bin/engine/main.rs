@@ -174,6 +174,11 @@ fn run(options: Options) -> Result<ExitCode, String> {
                 timeout: options.shared_timeout,
             });
             let peers = Arc::new(wirestub_engine::runtime::peers::Peers::new(url, prefix)?);
+            if let (Some(journal), Some(keep)) = (&state.journal, options.shared_journal) {
+                let client = redis::Client::open(url.as_str()).map_err(|e| format!("--shared-state: {e}"))?;
+                let keep = if keep == 0 { options.journal } else { keep };
+                wirestub_engine::observe::shared_journal::start(journal, client, prefix, keep, peers.id())?;
+            }
             peers.start(runtime.clone(), state.clone(), std::time::Duration::from_secs(5))?;
             Some(peers)
         }

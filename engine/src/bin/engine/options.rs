@@ -189,6 +189,16 @@ pub const FLAGS: &[Flag] = &[
         section: PLAN,
     },
     Flag {
+        name: "shared-journal",
+        value: "N",
+        kind: Kind::Value,
+        default: "0",
+        help: "with --shared-state and --journal: the calls of every replica kept in a Redis stream (the newest N; \
+               0: --journal's N), which the journal's routes read unless given scope=local; off: each replica \
+               keeps its own only",
+        section: PLAN,
+    },
+    Flag {
         name: "watch",
         value: "",
         kind: Kind::Switch,
@@ -893,6 +903,9 @@ pub struct Options {
     pub shared_refuse: bool,
     /// `--shared-state-timeout-ms`.
     pub shared_timeout: Duration,
+    /// `--shared-journal`: the calls the shared journal keeps (0: as many
+    /// as `--journal`), or None when it is off.
+    pub shared_journal: Option<usize>,
     /// Bound on the runtime API's protos and descriptor sets.
     pub runtime_max_schema_bytes: usize,
     /// Time an admin connection has to send a whole request head.
@@ -1117,6 +1130,10 @@ pub fn parse(args: &[String], env: &dyn Fn(&str) -> Option<String>) -> Result<Co
             .map(|u| (u, must("shared-state-prefix").text().to_string())),
         shared_refuse: must("shared-state-policy").choice(&[("local", false), ("refuse", true)])?,
         shared_timeout: Duration::from_millis(must("shared-state-timeout-ms").number::<u64>()?.max(1)),
+        shared_journal: match must("shared-journal").text() {
+            "off" => None,
+            _ => Some(must("shared-journal").number()?),
+        },
         runtime_max_schema_bytes: must("runtime-max-schema-bytes").number()?,
         record,
         admin_head_timeout,

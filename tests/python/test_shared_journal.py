@@ -1,0 +1,197 @@
+"""The journal shared by replicas (`--shared-state redis://...` with
+`--journal N`), against a real redis-server and nginx `grpc_pass` in front
+of three replicas (one on the reference HTTP/2 stack):
+- `verify`, count and the listing on any replica see every replica's calls,
+  numbered once across all, each naming the replica that served it;
+- `since` polling and `before` paging walk the union without a gap;
+- `scope=local` reads one replica's own calls, and those add up to the union;
+- a failed verification shows the closest calls, from any replica;
+- deleting the journal on one replica empties it for all;
+- with Redis down the union cannot be read (503, saying so) while calls are
+  still served and recorded; once it is back, the calls made meanwhile are
+  in the union;
+- past `--journal-bytes` of calls waiting for Redis, calls are left out of
+  the union and counted, while another client is still served.
+
+Needs redis-server and nginx (skipped without them, except under CI).
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.parse
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+from test_shared_state import LimitedReplica, Nginx, Redis, hello_bytes, reply_text, wait_for
+
+CALLS = 300
+SAY_HELLO = "helloworld.Greeter/SayHello"
+
+
+def get(replica, path: str, **query) -> tuple[int, dict]:
+    url = f"http://127.0.0.1:{replica.admin}{path}"
+    if query:
+        url += "?" + urllib.parse.urlencode(query)
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r:
+            return r.status, json.load(r)
+    except urllib.error.HTTPError as e:
+        return e.code, json.load(e)
+
+
+def post(replica, path: str, body: dict) -> tuple[int, dict]:
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{replica.admin}{path}", data=json.dumps(body).encode(), method="POST"
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.load(r)
+    except urllib.error.HTTPError as e:
+        return e.code, json.load(e)
+
+
+def count(replica, **query) -> int:
+    status, body = get(replica, "/admin/journal/count", **query)
+    assert status == 200, body
+    return body["count"]
+
+
+@pytest.fixture
+def journaled(tmp_path):
+    redis = Redis(tmp_path)
+    flags = ("--journal", "2000")
+    replicas = [
+        LimitedReplica(tmp_path, "j0", redis, *flags),
+        LimitedReplica(tmp_path, "j1", redis, "--http2", "h2", *flags),
+        LimitedReplica(tmp_path, "j2", redis, *flags),
+    ]
+    lb = Nginx(tmp_path, [r.port for r in replicas])
+    channel = grpc.insecure_channel(f"127.0.0.1:{lb.port}")
+    grpc.channel_ready_future(channel).result(timeout=30)
+    yield redis, replicas, channel
+    channel.close()
+    lb.stop()
+    for r in replicas:
+        r.stop()
+    redis.stop()
+
+
+def send(channel, names: list[str], threads: int = 16) -> None:
+    call = channel.unary_unary("/helloworld.Greeter/SayHello")
+    with ThreadPoolExecutor(threads) as pool:
+        answers = list(pool.map(lambda n: reply_text(call(hello_bytes(n), timeout=20)), names))
+    assert all(answers), answers[:5]
+
+
+def test_verify_count_and_listing_on_any_replica_see_every_replicas_calls(journaled):
+    _, replicas, channel = journaled
+    send(channel, [f"j{i}" for i in range(CALLS)])
+    for r in replicas:
+        took = wait_for(lambda: count(r, method=SAY_HELLO) == CALLS, timeout=1.0)
+        assert took is not None, (r.port, count(r, method=SAY_HELLO))
+        status, v = post(r, "/admin/journal/verify", {"method": SAY_HELLO, "times": CALLS})
+        assert status == 200 and v["ok"] is True and v["scope"] == "all", v
+        status, v = post(r, "/admin/journal/verify", {"method": SAY_HELLO, "body": {"name": "j123"}, "times": 1})
+        assert v["ok"] is True, v
+    # Each replica's own calls add up to the union, and all took some.
+    local = [count(r, method=SAY_HELLO, scope="local") for r in replicas]
+    assert sum(local) == CALLS and all(n > 0 for n in local), local
+    status, v = post(replicas[0], "/admin/journal/verify", {"method": SAY_HELLO, "times": CALLS, "scope": "local"})
+    assert v["ok"] is False and v["count"] == local[0] and v["scope"] == "local", v
+
+    # The listing, paged with `before`: every call once, numbered in
+    # increasing order, each naming its replica.
+    seen, before = [], None
+    while True:
+        query = {"method": SAY_HELLO, "limit": 64, **({"before": before} if before else {})}
+        status, page = get(replicas[1], "/admin/journal", **query)
+        assert status == 200 and page["scope"] == "all" and page["matched"] >= len(page["entries"]), page
+        seen = page["entries"] + seen
+        if not page["page"]["more"]:
+            break
+        before = page["page"]["before"]
+    seqs = [e["seq"] for e in seen]
+    assert seqs == sorted(seqs) and len(set(seqs)) == CALLS, seqs[:10]
+    assert sorted(e["request"]["name"] for e in seen) == sorted(f"j{i}" for i in range(CALLS))
+    assert len({e["replica"] for e in seen}) == 3
+    assert all(e["status"]["name"] == "OK" and e["rule"]["origin"] and e["replica_seq"] >= 1 for e in seen)
+
+    # Polling with `since` gets exactly the newer calls.
+    _, page = get(replicas[2], "/admin/journal", limit=1)
+    last = page["recorded"]
+    send(channel, [f"later{i}" for i in range(7)], threads=4)
+    assert wait_for(lambda: get(replicas[2], "/admin/journal", since=last)[1]["matched"] == 7, timeout=1.0)
+    _, page = get(replicas[0], "/admin/journal", since=last)
+    assert sorted(e["request"]["name"] for e in page["entries"]) == sorted(f"later{i}" for i in range(7))
+
+    # A failed verification shows the closest calls, whichever replica
+    # served them.
+    status, v = post(replicas[2], "/admin/journal/verify", {"method": SAY_HELLO, "body": {"name": "j12"}, "times": 2})
+    assert v["ok"] is False and v["count"] == 1, v
+    status, v = post(replicas[2], "/admin/journal/verify", {"method": SAY_HELLO, "body": {"name": "nobody"}})
+    assert v["ok"] is False and v["count"] == 0 and len(v["closest"]) == 3, v
+    assert v["closest"][0]["differences"][0]["at"] == "request.name" and v["closest"][0]["call"]["replica"]
+
+    # Deleting on one replica empties the union for all.
+    req = urllib.request.Request(f"http://127.0.0.1:{replicas[0].admin}/admin/journal", method="DELETE")
+    with urllib.request.urlopen(req, timeout=30) as r:
+        removed = json.load(r)
+    assert removed["removed_shared"] == CALLS + 7, removed
+    assert [count(r) for r in replicas] == [0, 0, 0]
+
+
+def test_redis_down_the_union_says_so_and_calls_made_meanwhile_arrive_after(journaled):
+    redis, replicas, channel = journaled
+    send(channel, [f"before{i}" for i in range(30)])
+    assert wait_for(lambda: count(replicas[0]) == 30, timeout=1.0)
+    redis.stop()
+    send(channel, [f"during{i}" for i in range(60)])
+    status, body = get(replicas[0], "/admin/journal/count")
+    assert status == 503 and "scope=local" in body["error"] and "Redis" in body["error"], body
+    status, body = post(replicas[1], "/admin/journal/verify", {"method": SAY_HELLO})
+    assert status == 503, body
+    # This replica's own journal still answers.
+    assert count(replicas[0], scope="local") > 0
+    # Back, empty: the calls that waited are appended.
+    redis.start()
+    took = wait_for(lambda: get(replicas[2], "/admin/journal/count")[0] == 200
+                    and count(replicas[2], body=json.dumps({"name": "during7"})) == 1
+                    and count(replicas[2]) == 60, timeout=10, poll=0.2)
+    assert took is not None, [r.log.read_text()[-1500:] for r in replicas]
+    for r in replicas:
+        _, status = get(r, "/admin/status")
+        shared = status["journal"]["shared"]
+        assert shared["up"] is True and shared["dropped"] == 0 and shared["errors"] >= 1, shared
+        assert "shared journal: Redis unreachable" in r.log.read_text()
+
+
+def test_calls_waiting_past_journal_bytes_are_dropped_and_counted_while_others_are_served(tmp_path):
+    redis = Redis(tmp_path)
+    r = LimitedReplica(tmp_path, "small", redis, "--journal", "10000", "--journal-bytes", "200000")
+    try:
+        redis.stop()
+        big = r.channel.unary_unary("/helloworld.Greeter/SayHello")
+        name = "x" * 100
+        with ThreadPoolExecutor(8) as pool:
+            futures = [pool.submit(big, b"\x0a\x64" + name.encode(), timeout=20) for _ in range(3000)]
+            # A second client is served meanwhile.
+            assert r.hello("Tom") == "Hi Tom (from mock)"
+            for f in futures:
+                f.result()
+        metrics = r.metric("wirestub_shared_journal_dropped_total")
+        assert metrics > 0
+        _, status = get(r, "/admin/status")
+        shared = status["journal"]["shared"]
+        assert shared["waiting_bytes"] <= shared["bytes_limit"] == 200000, shared
+        redis.start()
+        assert wait_for(lambda: r.metric("wirestub_shared_journal_waiting_bytes") == 0, timeout=10, poll=0.2)
+        appended = count(r)
+        assert 0 < appended < 3001, appended
+        assert r.metric("wirestub_shared_journal_appended_total") == appended
+    finally:
+        r.stop()
+        redis.stop()
