@@ -32,6 +32,8 @@ mod plan_load;
 mod rule_file;
 #[path = "../fuzz/checks/runtime_upload.rs"]
 mod runtime_upload;
+#[path = "../fuzz/checks/shared_journal_call.rs"]
+mod shared_journal_call;
 #[path = "../fuzz/checks/string_formats.rs"]
 mod string_formats;
 #[path = "../fuzz/checks/upstream_answer.rs"]
@@ -46,7 +48,7 @@ type Check = fn(&[u8]);
 
 /// Every fuzz target with its checks: a target added under
 /// `fuzz/fuzz_targets/` must be added here too (see `every_target_is_replayed`).
-const TARGETS: [(&str, Check); 14] = [
+const TARGETS: [(&str, Check); 15] = [
     ("grpc_framing", grpc_framing::check),
     ("gzip", gzip::check),
     ("h2_conn", h2_conn::check),
@@ -57,6 +59,7 @@ const TARGETS: [(&str, Check); 14] = [
     ("plan_load", plan_load::check),
     ("rule_file", rule_file::check),
     ("runtime_upload", runtime_upload::check),
+    ("shared_journal_call", shared_journal_call::check),
     ("string_formats", string_formats::check),
     ("upstream_answer", upstream_answer::check),
     ("web_text", web_text::check),

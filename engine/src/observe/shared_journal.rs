@@ -324,8 +324,8 @@ impl SharedJournal {
             for (id, fields) in chunk {
                 let Some(seq) = seq_of(&id) else { continue };
                 let Some((_, text)) = fields.into_iter().find(|(k, _)| k == "j") else { continue };
-                let Ok(Json::Object(doc)) = serde_json::from_str::<Json>(&text) else { continue };
-                if !visit(SharedCall { seq, doc }) {
+                let Some(call) = SharedCall::from_stored(seq, &text) else { continue };
+                if !visit(call) {
                     return Ok(());
                 }
             }
@@ -427,6 +427,15 @@ pub struct SharedCall {
 }
 
 impl SharedCall {
+    /// A call as stored (a JSON object), numbered `seq`; None when the text
+    /// is not an object (a stream written by something else).
+    pub fn from_stored(seq: u64, text: &str) -> Option<SharedCall> {
+        match serde_json::from_str::<Json>(text) {
+            Ok(Json::Object(doc)) => Some(SharedCall { seq, doc }),
+            _ => None,
+        }
+    }
+
     /// The call as the journal's routes show it: `seq` first, the metadata
     /// as an object (as in a replica's own journal), the stored pairs and
     /// marks left out.
@@ -438,7 +447,8 @@ impl SharedCall {
                 "@metadata" => {
                     out.insert("metadata".into(), metadata_object(v));
                 }
-                "@unmatched" => {}
+                // The number is the stream's, whatever the text says.
+                "@unmatched" | "seq" => {}
                 _ => {
                     out.insert(k.clone(), v.clone());
                 }

@@ -86,10 +86,9 @@ struct Status {
 }
 
 impl Peers {
-    /// Checks `url` and makes the client (no connection yet).
-    pub fn new(url: &str, prefix: &str) -> Result<Peers, String> {
-        let client =
-            redis::Client::open(url).map_err(|e| format!("--shared-state `{}`: {e}", without_password(url)))?;
+    /// Shares through `client` (no connection yet); `url` is its address,
+    /// shown without its password.
+    pub fn new(client: redis::Client, url: &str, prefix: &str) -> Result<Peers, String> {
         // Not from `crate::rng`: replicas run with the same --seed.
         let id = {
             use std::hash::{BuildHasher, Hasher};
@@ -428,7 +427,7 @@ fn change_of(field: &str, value: &str, sources: &wirestub_compiler::sources::Sou
 }
 
 /// `redis://:secret@host/0` as `redis://:***@host/0`.
-fn without_password(url: &str) -> String {
+pub fn without_password(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
             let userinfo = &url[scheme + 3..at];

@@ -163,9 +163,9 @@ fn run(options: Options) -> Result<ExitCode, String> {
     // serving (for a few seconds at most: Redis may be down).
     let peers = match &options.shared_state {
         Some((url, prefix)) => {
-            let client = redis::Client::open(url.as_str()).map_err(|e| format!("--shared-state: {e}"))?;
+            let client = redis_client(url, &options.shared_tls)?;
             wirestub_engine::shared::configure(wirestub_engine::shared::Settings {
-                client,
+                client: client.clone(),
                 prefix: prefix.clone(),
                 policy: match options.shared_refuse {
                     true => wirestub_engine::shared::Policy::Refuse,
@@ -173,9 +173,8 @@ fn run(options: Options) -> Result<ExitCode, String> {
                 },
                 timeout: options.shared_timeout,
             });
-            let peers = Arc::new(wirestub_engine::runtime::peers::Peers::new(url, prefix)?);
+            let peers = Arc::new(wirestub_engine::runtime::peers::Peers::new(client.clone(), url, prefix)?);
             if let (Some(journal), Some(keep)) = (&state.journal, options.shared_journal) {
-                let client = redis::Client::open(url.as_str()).map_err(|e| format!("--shared-state: {e}"))?;
                 let keep = if keep == 0 { options.journal } else { keep };
                 wirestub_engine::observe::shared_journal::start(journal, client, prefix, keep, peers.id())?;
             }
@@ -410,4 +409,33 @@ impl Signals {
 fn second_signal() -> ExitCode {
     tracing::warn!("second signal: exiting without waiting for in-flight calls");
     ExitCode::from(1)
+}
+
+/// The client of the shared state's Redis: TLS with the given files for a
+/// `rediss://` URL that has them.
+fn redis_client(url: &str, tls: &options::SharedTls) -> Result<redis::Client, String> {
+    let shown = wirestub_engine::runtime::peers::without_password(url);
+    if tls == &options::SharedTls::default() {
+        return redis::Client::open(url).map_err(|e| format!("--shared-state `{shown}`: {e}"));
+    }
+    if !url.starts_with("rediss://") {
+        return Err(format!(
+            "--shared-state-ca, --shared-state-cert and --shared-state-key are for a TLS Redis (rediss://), not \
+             `{shown}`"
+        ));
+    }
+    let read = |flag: &str, path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| format!("--{flag} `{}`: {e}", path.display()))
+    };
+    let root_cert = tls.ca.as_deref().map(|p| read("shared-state-ca", p)).transpose()?;
+    let client_tls = match (&tls.cert, &tls.key) {
+        (Some(cert), Some(key)) => Some(redis::ClientTlsConfig {
+            client_cert: read("shared-state-cert", cert)?,
+            client_key: read("shared-state-key", key)?,
+        }),
+        (None, None) => None,
+        _ => return Err("--shared-state-cert and --shared-state-key go together".into()),
+    };
+    redis::Client::build_with_tls(url, redis::TlsCertificates { client_tls, root_cert })
+        .map_err(|e| format!("--shared-state `{shown}`: {e}"))
 }

@@ -163,6 +163,32 @@ pub const FLAGS: &[Flag] = &[
         section: PLAN,
     },
     Flag {
+        name: "shared-state-ca",
+        value: "FILE",
+        kind: Kind::Value,
+        default: "",
+        help: "PEM certificates that sign the Redis server's, for a rediss:// --shared-state (default: the \
+               system's roots)",
+        section: PLAN,
+    },
+    Flag {
+        name: "shared-state-cert",
+        value: "FILE",
+        kind: Kind::Value,
+        default: "",
+        help: "PEM certificate (chain) this replica presents to a rediss:// --shared-state that asks for one; \
+               with --shared-state-key",
+        section: PLAN,
+    },
+    Flag {
+        name: "shared-state-key",
+        value: "FILE",
+        kind: Kind::Value,
+        default: "",
+        help: "PEM private key of --shared-state-cert",
+        section: PLAN,
+    },
+    Flag {
         name: "shared-state-prefix",
         value: "TEXT",
         kind: Kind::Value,
@@ -870,6 +896,14 @@ pub struct Tls {
     pub client_ca: Option<PathBuf>,
 }
 
+/// The files for TLS to the shared state's Redis.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SharedTls {
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
 /// Everything `engine run` was asked to do.
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -899,6 +933,8 @@ pub struct Options {
     /// Redis shared with other replicas (`--shared-state`), and the prefix
     /// of its keys.
     pub shared_state: Option<(String, String)>,
+    /// `--shared-state-ca`, `--shared-state-cert` and `--shared-state-key`.
+    pub shared_tls: SharedTls,
     /// `--shared-state-policy refuse`.
     pub shared_refuse: bool,
     /// `--shared-state-timeout-ms`.
@@ -1128,6 +1164,11 @@ pub fn parse(args: &[String], env: &dyn Fn(&str) -> Option<String>) -> Result<Co
             .map(|r| r.text().to_string())
             .filter(|u| !u.is_empty())
             .map(|u| (u, must("shared-state-prefix").text().to_string())),
+        shared_tls: SharedTls {
+            ca: get("shared-state-ca").map(|r| r.path()).filter(|p| !p.as_os_str().is_empty()),
+            cert: get("shared-state-cert").map(|r| r.path()).filter(|p| !p.as_os_str().is_empty()),
+            key: get("shared-state-key").map(|r| r.path()).filter(|p| !p.as_os_str().is_empty()),
+        },
         shared_refuse: must("shared-state-policy").choice(&[("local", false), ("refuse", true)])?,
         shared_timeout: Duration::from_millis(must("shared-state-timeout-ms").number::<u64>()?.max(1)),
         shared_journal: match must("shared-journal").text() {
