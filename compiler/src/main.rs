@@ -152,10 +152,11 @@ fn run(args: &[String]) -> Result<ExitCode, String> {
                             return Ok(ExitCode::from(1));
                         }
                         report(&format!(
-                            "compiled {} -> {} ({} bytes)\n",
+                            "compiled {} -> {} ({} bytes, identity {})\n",
                             output.summary(),
                             out.display(),
-                            bytes.len()
+                            bytes.len(),
+                            wirestub_plan::identity(&bytes)
                         ));
                     } else {
                         report(&format!("checked {}: no errors\n", output.summary()));

@@ -273,7 +273,7 @@ fn prepare_after(
             (&encoded[..], wirestub_plan::VERSION)
         }
     };
-    let identity = format!("{:016x}", wirestub_plan::fnv1a(identity_bytes));
+    let identity = wirestub_plan::identity(identity_bytes);
     let descriptors = Bytes::from(plan.descriptors.clone());
     let served = Served::new_after(plan, no_match, previous.map(|g| &g.served)).map_err(|e| e.to_string())?;
     for m in &served.methods {

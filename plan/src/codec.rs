@@ -123,6 +123,13 @@ pub fn fnv1a(bytes: &[u8]) -> u64 {
     h
 }
 
+/// A plan's identity, as the engine reports it: the FNV-1a of its bytes,
+/// in 16 hex digits. It tells plans apart and catches a plan cut short or
+/// damaged on its way; it does not prove who made it.
+pub fn identity(bytes: &[u8]) -> String {
+    format!("{:016x}", fnv1a(bytes))
+}
+
 impl Plan {
     /// Serializes the plan. The output is deterministic for a given plan.
     pub fn to_bytes(&self) -> Vec<u8> {

@@ -30,7 +30,7 @@ mod codec;
 mod dump;
 pub mod layer;
 
-pub use codec::{fnv1a, LoadError};
+pub use codec::{fnv1a, identity, LoadError};
 pub use layer::layer;
 
 /// First eight bytes of every plan file.

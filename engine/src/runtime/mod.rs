@@ -24,6 +24,7 @@ pub mod answer;
 pub mod api;
 pub mod files;
 pub mod peers;
+pub mod remote;
 pub mod routes;
 pub mod stubs;
 

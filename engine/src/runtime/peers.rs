@@ -9,7 +9,8 @@
 //!
 //! ```text
 //! PREFIX:files     hash   rule/NAME | proto/NAME | descriptors/NAME  →  {"text": ...} | {"base64": ...} | {"deleted": true}
-//! PREFIX:changes   channel  a replica's id, published after it wrote the hash
+//! PREFIX:changes   channel  a replica's id, published after it wrote the hash; or `plan`: a new plan
+//!                           is stored (`runtime::remote`), for the replicas started with `--plan shared:`
 //! PREFIX:replicas  hash   replica id  →  {"identity", "generation", "listeners", "at"}, written every 2 s
 //! ```
 //!
@@ -72,6 +73,12 @@ pub struct Peers {
     status: Mutex<Status>,
     /// Set once the first catch-up is done (or given up).
     synced: (Mutex<bool>, Condvar),
+    /// This replica serves the plan stored in Redis (`--plan shared:`):
+    /// it reloads when one is announced.
+    follows_plan: std::sync::atomic::AtomicBool,
+    /// Connections made so far (the first follows the plan fetched at
+    /// start; later ones may have missed an announcement).
+    sessions: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Default)]
@@ -109,6 +116,8 @@ impl Peers {
             wake: tokio::sync::Notify::new(),
             status: Mutex::default(),
             synced: (Mutex::new(false), Condvar::new()),
+            follows_plan: std::sync::atomic::AtomicBool::new(false),
+            sessions: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -142,6 +151,27 @@ impl Peers {
                             rules, and catching up once it is");
         }
         Ok(())
+    }
+
+    /// Reloads the plan when one is announced on the channel (`plan`), and
+    /// after each reconnection (one may have been announced meanwhile).
+    pub fn follow_plan(&self) {
+        self.follows_plan.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Loads the plan stored in Redis again, if this replica follows it.
+    fn reload_plan(&self, state: &State) {
+        if !self.follows_plan.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+        match state.reload() {
+            Ok(r) if r.changed => {
+                tracing::info!(identity = %r.identity, generation = r.number, "shared state: serving the plan announced")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %e, "shared state: the plan announced does not load; this replica keeps \
+                                      its plan"),
+        }
     }
 
     /// This replica's id, as the other replicas see it.
@@ -238,6 +268,9 @@ impl Peers {
             timed(redis::cmd("HSETNX").arg(&self.hash).arg(field).arg(value).query_async::<i64>(&mut con)).await?;
         }
         self.flush(&mut con).await?;
+        if self.sessions.fetch_add(1, std::sync::atomic::Ordering::Relaxed) > 0 {
+            self.reload_plan(state);
+        }
         self.catch_up(&mut con, runtime, state).await?;
         self.mark_synced();
         let mut messages = pubsub.on_message();
@@ -247,7 +280,9 @@ impl Peers {
                 m = messages.next() => {
                     let Some(m) = m else { return Err("the subscription ended".into()) };
                     let from: String = m.get_payload().unwrap_or_default();
-                    if from != self.id {
+                    if from == "plan" {
+                        self.reload_plan(state);
+                    } else if from != self.id {
                         self.catch_up(&mut con, runtime, state).await?;
                     }
                 }

@@ -22,6 +22,7 @@ use std::net::TcpListener;
 use std::process::ExitCode;
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
+use wirestub_engine::runtime::remote::{self, Fetcher};
 use wirestub_engine::runtime::Runtime;
 use wirestub_engine::server::Listeners;
 use wirestub_engine::state::Reloader;
@@ -111,10 +112,24 @@ type Loaded = (Plan, Option<Vec<u8>>, String);
 
 /// Loads the first plan through the runtime store (which also answers the
 /// runtime API and reloads).
-fn plan_source(options: &Options) -> Result<(Arc<Runtime>, Loaded), String> {
-    let (runtime, built) = match &options.plan {
-        Some(path) => Runtime::over_plan(path, options.state_dir.as_deref())?,
-        None => {
+fn plan_source(options: &Options, fetcher: Option<&Fetcher>) -> Result<(Arc<Runtime>, Loaded), String> {
+    let (runtime, built) = match (&options.plan, fetcher) {
+        (Some(_), Some(f)) => {
+            let identity = f.fetch()?;
+            tracing::info!(from = %f.shown(), identity = %identity, copy = %f.local.display(), "fetched the plan");
+            Runtime::over_plan(&f.local, options.state_dir.as_deref())?
+        }
+        (Some(path), None) => {
+            if options.plan_identity.is_some() {
+                let bytes = std::fs::read(path).map_err(|e| format!("cannot read plan `{}`: {e}", path.display()))?;
+                remote::check(&bytes, options.plan_identity.as_deref(), &format!("`{}`", path.display()))?;
+            }
+            Runtime::over_plan(path, options.state_dir.as_deref())?
+        }
+        (None, _) => {
+            if options.plan_identity.is_some() {
+                return Err("--plan-identity checks a plan: give --plan too".into());
+            }
             if options.state_dir.is_some() {
                 return Err("--state-dir goes with a plan file; without one, runtime changes are written into \
                             the --protos and --rules directories"
@@ -147,7 +162,8 @@ fn run(options: Options) -> Result<ExitCode, String> {
             }
         })
     });
-    let (runtime, (plan, bytes, source)) = plan_source(&options)?;
+    let fetcher = fetcher(&options)?;
+    let (runtime, (plan, bytes, source)) = plan_source(&options, fetcher.as_ref())?;
     let methods = plan.methods.len();
     let state =
         State::new(plan, bytes.as_deref(), source.clone(), options.no_match, options.server.workers, options.journal)
@@ -157,7 +173,14 @@ fn run(options: Options) -> Result<ExitCode, String> {
         wirestub_engine::upstream::record::start(record, state.clone())?;
     }
     let reloads_from = runtime.clone();
-    let reloader: Reloader = Box::new(move || reloads_from.reread().map_err(|d| d.render()));
+    let fetches = fetcher.clone();
+    let reloader: Reloader = Box::new(move || {
+        if let Some(f) = &fetches {
+            let identity = f.fetch()?;
+            tracing::info!(from = %f.shown(), identity = %identity, "fetched the plan again");
+        }
+        reloads_from.reread().map_err(|d| d.render())
+    });
     state.set_reloader(reloader);
     // Runtime changes shared with other replicas: caught up with before
     // serving (for a few seconds at most: Redis may be down).
@@ -177,6 +200,9 @@ fn run(options: Options) -> Result<ExitCode, String> {
             if let (Some(journal), Some(keep)) = (&state.journal, options.shared_journal) {
                 let keep = if keep == 0 { options.journal } else { keep };
                 wirestub_engine::observe::shared_journal::start(journal, client, prefix, keep, peers.id())?;
+            }
+            if fetcher.as_ref().is_some_and(|f| f.origin == remote::Origin::Shared) {
+                peers.follow_plan();
             }
             peers.start(runtime.clone(), state.clone(), std::time::Duration::from_secs(5))?;
             Some(peers)
@@ -438,4 +464,30 @@ fn redis_client(url: &str, tls: &options::SharedTls) -> Result<redis::Client, St
     };
     redis::Client::build_with_tls(url, redis::TlsCertificates { client_tls, root_cert })
         .map_err(|e| format!("--shared-state `{shown}`: {e}"))
+}
+
+/// How `--plan` is fetched when it is a URL or `shared:`; None for a file.
+fn fetcher(options: &Options) -> Result<Option<Fetcher>, String> {
+    let Some(origin) = options.plan.as_deref().and_then(|p| p.to_str()).and_then(remote::Origin::of) else {
+        return Ok(None);
+    };
+    if options.watch {
+        return Err(format!(
+            "--watch watches files; a plan from {} is fetched again on each reload (POST /admin/reload{})",
+            options.plan.as_deref().map(|p| p.display().to_string()).unwrap_or_default(),
+            if origin == remote::Origin::Shared { ", or when announced on the shared state" } else { "" }
+        ));
+    }
+    let shared = match (&origin, &options.shared_state) {
+        (remote::Origin::Shared, None) => {
+            return Err("--plan shared: reads the plan stored in the shared state: give --shared-state too".into())
+        }
+        (_, Some((url, prefix))) => Some((redis_client(url, &options.shared_tls)?, prefix.clone())),
+        (_, None) => None,
+    };
+    let local = match &options.state_dir {
+        Some(dir) => dir.join("plan.bin"),
+        None => std::env::temp_dir().join(format!("wirestub-plan-{}.bin", std::process::id())),
+    };
+    Ok(Some(Fetcher { origin, identity: options.plan_identity.clone(), ca: options.plan_ca.clone(), shared, local }))
 }

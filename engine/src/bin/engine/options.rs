@@ -84,11 +84,30 @@ pub const FLAGS: &[Flag] = &[
     },
     Flag {
         name: "plan",
+        value: "FILE|URL|shared:",
+        kind: Kind::Path,
+        default: "",
+        help: "plan to serve, a file written by `compiler build` (the same as the PLAN argument), an http(s):// URL \
+               to fetch it from (again on each reload), or shared: for the one stored in --shared-state (loaded \
+               again when announced); without one, the .proto files and rules in --protos and --rules are \
+               compiled in process",
+        section: PLAN,
+    },
+    Flag {
+        name: "plan-identity",
+        value: "ID",
+        kind: Kind::Value,
+        default: "",
+        help: "the identity the plan must have (16 hex digits, as `compiler build` prints and /admin/status \
+               shows); a plan of another identity is refused, at start and on reload",
+        section: PLAN,
+    },
+    Flag {
+        name: "plan-ca",
         value: "FILE",
         kind: Kind::Path,
         default: "",
-        help: "plan to serve, a file written by `compiler build` (the same as the PLAN argument); without one, \
-               the .proto files and rules in --protos and --rules are compiled in process",
+        help: "PEM certificates that sign the server's of an https:// --plan (default: the system's)",
         section: PLAN,
     },
     Flag {
@@ -907,8 +926,13 @@ pub struct SharedTls {
 /// Everything `engine run` was asked to do.
 #[derive(Debug, Clone)]
 pub struct Options {
-    /// The plan file; None compiles `compile` in process.
+    /// The plan file (or URL, or `shared:`); None compiles `compile` in
+    /// process.
     pub plan: Option<PathBuf>,
+    /// `--plan-identity`.
+    pub plan_identity: Option<String>,
+    /// `--plan-ca`.
+    pub plan_ca: Option<PathBuf>,
     pub compile: wirestub_compiler::Options,
     pub watch: bool,
     pub no_match: NoMatch,
@@ -1148,6 +1172,8 @@ pub fn parse(args: &[String], env: &dyn Fn(&str) -> Option<String>) -> Result<Co
 
     Ok(Command::Run(Box::new(Options {
         plan: get("plan").map(|r| r.path()),
+        plan_identity: get("plan-identity").map(|r| r.text().to_string()).filter(|t| !t.is_empty()),
+        plan_ca: get("plan-ca").map(|r| r.path()).filter(|p| !p.as_os_str().is_empty()),
         compile,
         watch: must("watch").switch()?,
         no_match: must("no-match").choice(&[("not-found", NoMatch::NotFound), ("empty-ok", NoMatch::EmptyOk)])?,
