@@ -47,8 +47,8 @@ for (let i = 0; i < argv.length; i++) {
     process.exit(2);
   }
 }
-if (!opts.url || !["main", "scale"].includes(opts.scenario)) {
-  console.error("usage: node ui.mjs ADMIN_URL --scenario main|scale [--token T] [--screenshots DIR]");
+if (!opts.url || !["main", "scale", "shared"].includes(opts.scenario)) {
+  console.error("usage: node ui.mjs ADMIN_URL --scenario main|scale|shared [--token T] [--screenshots DIR]");
   process.exit(2);
 }
 if (opts.screenshots) mkdirSync(opts.screenshots, { recursive: true });
@@ -296,6 +296,29 @@ async function scale() {
   });
 }
 
+async function shared() {
+  await step("every replica's calls", async () => {
+    await page.goto(`${opts.url}/ui/#/calls`, { waitUntil: "load" });
+    await page.waitForSelector("#calls-body tr[data-seq]", { timeout: 60000 });
+    const rows = await page.locator("#calls-body tr[data-seq]").count();
+    const replicas = [];
+    for (let i = 0; i < Math.min(rows, 8); i++) {
+      const row = page.locator("#calls-body tr[data-seq]").nth(i);
+      const seq = await row.getAttribute("data-seq");
+      await row.click();
+      await page.waitForFunction((s) => document.querySelector("#call-detail h2")?.textContent === `Call ${s}`, seq, { timeout: WAIT });
+      const facts = await page.locator("#call-detail dl.facts").first().innerText();
+      const m = /Replica\s+(\S+) \(its call (\d+)\)/.exec(facts);
+      replicas.push(m ? m[1] : null);
+    }
+    await shot("shared-calls");
+    await page.evaluate(() => { location.hash = "#/status"; });
+    await page.waitForSelector("#plan-identity", { timeout: WAIT });
+    const status = await page.locator("main").innerText();
+    return { rows, replicas, status };
+  });
+}
+
 const userDataDir = mkdtempSync(join(tmpdir(), "wirestub-ui-"));
 let context;
 try {
@@ -315,6 +338,7 @@ try {
     else if (r.status() >= 400) report.failed.push({ url: r.url(), status: r.status() });
   });
   if (opts.scenario === "main") await main();
+  else if (opts.scenario === "shared") await shared();
   else await scale();
 } catch (e) {
   report.steps.push({ name: "driver", ok: false, seen: null, error: String(e?.stack ?? e) });

@@ -11,7 +11,9 @@ of three replicas (one on the reference HTTP/2 stack):
   still served and recorded; once it is back, the calls made meanwhile are
   in the union;
 - past `--journal-bytes` of calls waiting for Redis, calls are left out of
-  the union and counted, while another client is still served.
+  the union and counted, while another client is still served;
+- the web UI of one replica (headless Chromium) lists every replica's
+  calls, each naming its replica, and its status shows the shared journal.
 
 Needs redis-server and nginx (skipped without them, except under CI).
 """
@@ -26,7 +28,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
+from test_browser import chromium, node, node_modules  # noqa: F401 - fixtures
 from test_shared_state import LimitedReplica, Nginx, Redis, hello_bytes, reply_text, wait_for
+from test_ui import drive, steps
 
 CALLS = 300
 SAY_HELLO = "helloworld.Greeter/SayHello"
@@ -195,3 +199,16 @@ def test_calls_waiting_past_journal_bytes_are_dropped_and_counted_while_others_a
     finally:
         r.stop()
         redis.stop()
+
+
+def test_the_web_ui_of_one_replica_shows_every_replicas_calls(journaled, node, chromium, node_modules):  # noqa: F811
+    _, replicas, channel = journaled
+    send(channel, [f"ui{i}" for i in range(30)])
+    assert wait_for(lambda: count(replicas[0]) == 30, timeout=1.0)
+    report = drive(node, chromium, replicas[0].admin, "shared")
+    seen = steps(report)["every replica's calls"]
+    assert seen["rows"] == 30, seen
+    ids = {r.admin_call("GET", "/admin/status")["runtime"]["shared_state"]["replica"] for r in replicas}
+    assert None not in seen["replicas"] and set(seen["replicas"]) <= ids and len(set(seen["replicas"])) >= 2, seen
+    assert "appending to wirestub:journal" in seen["status"] and "0 left out" in seen["status"], seen["status"]
+    assert not report["failed"] and not [c for c in report["console"] if c["level"] in ("error", "pageerror")], report

@@ -246,6 +246,8 @@ async function openCall(el, seq) {
       ["Status", `${e.status.name} (${e.status.code})${e.message ? `: ${e.message}` : ""}`],
       ["Latency", ms(e.latency_ms)],
       ["Plan generation", e.generation],
+      e.replica ? ["Replica", `${e.replica} (its call ${e.replica_seq})`] : null,
+      e.request_omitted ? ["Request", e.request_omitted] : null,
       ["Rule", e.rule ? h("code", { id: "call-rule" }, e.rule.origin) : e.upstream ? `forwarded upstream (${ms(e.upstream.latency_ms)}${e.upstream.failed ? ", failed" : ""})` : "none answered"],
       e.similarity !== undefined ? ["Similarity", e.similarity] : null,
       e.fault ? ["Fault injected", JSON.stringify(e.fault)] : null,

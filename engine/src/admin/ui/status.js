@@ -72,6 +72,13 @@ export function mount(root) {
             ["Calls held", `${j.size} of ${j.capacity} (${j.bytes} of ${j.limits.bytes} bytes)`],
             ["Recorded", j.recorded],
             ["Evicted", j.evicted],
+            j.shared
+              ? [
+                  "Shared",
+                  `${j.shared.up ? "appending to" : "waiting for"} ${j.shared.stream}: ${j.shared.appended} appended, ` +
+                    `${j.shared.dropped} left out, ${j.shared.waiting_bytes} bytes waiting; the Calls view shows every replica's calls`,
+                ]
+              : null,
           ])
         : note("Off: start the engine with --journal N to see calls here.", "muted"),
       h("h2", null, "Validation"),
