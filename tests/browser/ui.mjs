@@ -302,8 +302,9 @@ async function shared() {
     await page.waitForSelector("#calls-body tr[data-seq]", { timeout: 60000 });
     const rows = await page.locator("#calls-body tr[data-seq]").count();
     const replicas = [];
+    // Rows spread over the list: a replica's calls arrive in batches.
     for (let i = 0; i < Math.min(rows, 8); i++) {
-      const row = page.locator("#calls-body tr[data-seq]").nth(i);
+      const row = page.locator("#calls-body tr[data-seq]").nth(Math.floor((i * rows) / Math.min(rows, 8)));
       const seq = await row.getAttribute("data-seq");
       await row.click();
       await page.waitForFunction((s) => document.querySelector("#call-detail h2")?.textContent === `Call ${s}`, seq, { timeout: WAIT });
