@@ -1409,7 +1409,20 @@ def shared_report(runs: list[RunResult]) -> list[str]:
         "servers. *Redis CPU/req* is redis-server's utime+stime over the same window. Ratios are shared/local "
         "per repeat pair: what counting across replicas costs the engine, and the latency it adds."
     )
-    return pair_report("Shared state: `times` counted in Redis", intro, runs, SHARED_SERVERS, "Redis CPU µs/req")
+    times = [r for r in runs if r.server in SHARED_SERVERS]
+    journal = [r for r in runs if r.server in JOURNAL_SERVERS]
+    lines = pair_report("Shared state: `times` counted in Redis", intro, times, SHARED_SERVERS, "Redis CPU µs/req")
+    if journal:
+        intro = (
+            "`match-200B`, every call recorded with `--journal 100000`: by an engine run with `--shared-state` "
+            "that also appends each call to the shared journal (a Redis stream, in background batches from a "
+            "thread of its own; the engine's CPU includes that thread) and by one that keeps it only in its own "
+            "journal, in turn in every repeat after one untimed warm-up run of each. Ratios are shared/local per "
+            "repeat pair: what sharing the journal costs the engine."
+        )
+        lines += pair_report("Shared state: the journal appended to Redis", intro, journal, JOURNAL_SERVERS,
+                             "Redis CPU µs/req")  # fmt: skip
+    return lines
 
 
 def pair_report(
@@ -1984,6 +1997,7 @@ def timed_validation(
 
 LIMITED_PATH = "/bench.v1.Limited/Count"
 SHARED_SERVERS = ("shared-counts", "local-counts")
+JOURNAL_SERVERS = ("shared-journal", "local-journal")
 
 
 class Redis:
@@ -2068,6 +2082,39 @@ def timed_shared(
                     f"{res.cpu_us_per_req:6.2f} µs CPU/req, Redis {res.upstream_cpu_us_per_req or 0:6.2f} µs/req"
                 )
         notes.append(f"{layout}: the engine with --shared-state counted its calls in Redis (keys `PREFIX:times:...`)")
+        # The journal: every call of match-200B recorded, by one engine
+        # that also appends it to the shared journal, and by one that keeps
+        # it only in its own.
+        for name in list(servers):
+            servers.pop(name).stop()
+        match = WORKLOADS["match-200B"]
+        mbody = work / "journal.body.bin"
+        mbody.write_bytes(grpc_frame(match.request))
+        journal = [*args.engine_arg, "--journal", "100000"]
+        servers["shared-journal"] = Server(
+            "shared-journal", engine_cmd(bins, plan, workers, [*journal, *shared[len(args.engine_arg):]]), server_cpus,
+            work,
+        )  # fmt: skip
+        servers["local-journal"] = Server("local-journal", engine_cmd(bins, plan, workers, journal), server_cpus, work)
+        for name, srv in servers.items():
+            say(f"{layout} journal {cell} warm-up {name}")
+            h2load(srv, [match.path], mbody, conns, streams, max(1, args.duration // 3), 0, loader_cpus)
+        if int(redis.command(b"XLEN", b"wirestub:journal").strip(b":\r\n") or 0) == 0:
+            raise BenchError("the engine with --shared-state and --journal appended nothing to the shared journal")
+        for rep in range(args.repeats):
+            for name, srv in servers.items():
+                fig, output = h2load(
+                    srv, [match.path], mbody, conns, streams, args.duration, args.warmup, loader_cpus, upstream=redis
+                )
+                if not srv.alive() or fig["succeeded"] == 0 or fig.get("failed") or fig.get("errored"):
+                    raise BenchError(f"{name} failed the shared-journal cell:\n{output[-2000:]}")
+                res = RunResult.from_h2load(layout, "journal-match-200B", cell, name, rep, fig)
+                runs.append(res)
+                say(
+                    f"{layout} journal {cell} #{rep + 1} {name:14}: {res.rps:>10,.0f} req/s, "
+                    f"{res.cpu_us_per_req:6.2f} µs CPU/req, Redis {res.upstream_cpu_us_per_req or 0:6.2f} µs/req"
+                )
+        notes.append(f"{layout}: the engine with --shared-state and --journal appended its calls to `wirestub:journal`")
     finally:
         for srv in servers.values():
             srv.stop()

@@ -196,6 +196,17 @@ def test_calls_waiting_past_journal_bytes_are_dropped_and_counted_while_others_a
         appended = count(r)
         assert 0 < appended < 3001, appended
         assert r.metric("wirestub_shared_journal_appended_total") == appended
+        # A call whose view passes --journal-bytes / the calls kept (here
+        # the 4 KiB floor) is stored without its request, and says where it is.
+        long = "y" * 5000
+        assert r.say_hello(b"\x0a\x88\x27" + long.encode(), timeout=10)[:1] == b"\x0a"  # 5000 = varint 88 27
+        assert wait_for(lambda: count(r) == appended + 1, timeout=2)
+        _, page = get(r, "/admin/journal", limit=1)
+        stored = page["entries"][0]
+        assert "request" not in stored and "scope=local" in stored["request_omitted"], stored
+        assert get(r, "/admin/status")[1]["journal"]["shared"]["view_bytes"] == 4096
+        _, own = get(r, "/admin/journal", limit=1, scope="local")
+        assert own["entries"][0]["request"]["name"] == long and own["scope"] == "local"
     finally:
         r.stop()
         redis.stop()

@@ -22,7 +22,8 @@
 //! `--journal-bytes`; past it, calls are left out of the shared journal
 //! (still in this replica's) and counted
 //! (`wirestub_shared_journal_dropped_total`). A call's view is at most
-//! [`VIEW_BYTES`]: a larger one is stored without its request messages.
+//! `--journal-bytes` / the calls the stream keeps, from 4 to 64 KiB
+//! ([`VIEW_BYTES`]): a larger one is stored without its request messages.
 //!
 //! Reads run on the admin API's blocking threads with a connection of their
 //! own, newest first, [`CHUNK`] calls per round trip, keeping only what the
@@ -39,8 +40,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::Duration;
 
-/// The largest JSON view of one call the shared journal stores whole.
-pub const VIEW_BYTES: usize = 64 * 1024;
+/// The bounds of the largest JSON view of one call the shared journal
+/// stores whole: `--journal-bytes` shared by the calls the stream keeps,
+/// within these (so the stream holds about `--journal-bytes` in Redis).
+pub const VIEW_BYTES: (usize, usize) = (4 * 1024, 64 * 1024);
 /// Calls read per round trip.
 const CHUNK: usize = 64;
 /// Most calls (and bytes) appended per script call.
@@ -268,7 +271,8 @@ impl SharedJournal {
             o.insert("@unmatched".into(), json!(e.unmatched()));
         }
         let text = v.to_string();
-        if text.len() <= VIEW_BYTES {
+        let most = self.view_bytes();
+        if text.len() <= most {
             return text;
         }
         self.cut.fetch_add(1, Relaxed);
@@ -281,11 +285,11 @@ impl SharedJournal {
                         "the call's JSON view was {} bytes, more than the {} the shared journal keeps of a call; \
                          its replica's own journal (`?scope=local` there) has it",
                         text.len(),
-                        VIEW_BYTES
+                        most
                     )),
                 );
             }
-            if v.to_string().len() > VIEW_BYTES {
+            if v.to_string().len() > most {
                 if let Json::Object(o) = &mut v {
                     o.insert("@metadata".into(), json!([]));
                     o.insert("metadata_omitted".into(), json!(true));
@@ -293,6 +297,11 @@ impl SharedJournal {
             }
         }
         v.to_string()
+    }
+
+    /// The largest view stored whole ([`VIEW_BYTES`]).
+    fn view_bytes(&self) -> usize {
+        (self.bytes_limit.load(Relaxed) / self.capacity).clamp(VIEW_BYTES.0, VIEW_BYTES.1)
     }
 
     /// Visits the shared calls newest first, within `since` and `before`
@@ -387,6 +396,7 @@ impl SharedJournal {
             "cut": self.cut.load(Relaxed),
             "waiting_bytes": q.bytes,
             "bytes_limit": self.bytes_limit.load(Relaxed),
+            "view_bytes": self.view_bytes(),
             "errors": self.errors.load(Relaxed),
             "last_error": *self.last_error.lock().unwrap_or_else(|e| e.into_inner()),
         })
