@@ -101,6 +101,10 @@ def test_verify_count_and_listing_on_any_replica_see_every_replicas_calls(journa
         assert status == 200 and v["ok"] is True and v["scope"] == "all", v
         status, v = post(r, "/admin/journal/verify", {"method": SAY_HELLO, "body": {"name": "j123"}, "times": 1})
         assert v["ok"] is True, v
+        # GripMock's verify too.
+        status, v = post(r, "/api/verify", {"service": "helloworld.Greeter", "method": "SayHello",
+                                            "expectedCount": CALLS})
+        assert status == 200 and v["message"] == "ok", v
     # Each replica's own calls add up to the union, and all took some.
     local = [count(r, method=SAY_HELLO, scope="local") for r in replicas]
     assert sum(local) == CALLS and all(n > 0 for n in local), local

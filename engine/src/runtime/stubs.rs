@@ -626,7 +626,7 @@ fn search(rt: &Runtime, state: &State, req: &Request<'_>) -> Response {
 
 /// The calls a GripMock history or verify sees: with a session header, the
 /// session's calls and those without a session; else every call.
-fn in_scope(entry: &crate::observe::journal::Entry, session: &Option<String>) -> bool {
+fn in_scope<C: crate::observe::journal::Call + ?Sized>(entry: &C, session: &Option<String>) -> bool {
     match session {
         None => true,
         Some(s) => entry.session().is_none_or(|e| e == *s),
@@ -647,7 +647,7 @@ fn history(rt: &Runtime, state: &State, req: &Request<'_>) -> Response {
     let entries: Vec<_> = journal
         .snapshot()
         .into_iter()
-        .filter(|e| in_scope(e, &session))
+        .filter(|e| in_scope(&**e, &session))
         // Health and reflection calls are the engine's own, not history.
         .filter(|e| e.served().is_some_and(|m| m.builtin.is_none()))
         .filter(|e| {
@@ -759,17 +759,27 @@ fn verify(state: &State, req: &Request<'_>) -> Response {
         return Response::json(400, &json!({"message": "history is disabled: start the engine with --journal N"}));
     };
     let session = header_session(req);
-    let actual = journal
-        .snapshot()
-        .iter()
-        .filter(|e| in_scope(e, &session))
-        .filter(|e| {
-            // The service as recorded (`package.Service`), or bare, as a
-            // stub may name it.
-            let (s, m) = split(e.path());
-            (s == service || s.rsplit_once('.').is_some_and(|(_, bare)| bare == service)) && m == method
-        })
-        .count() as u64;
+    // The service as recorded (`package.Service`), or bare, as a stub may
+    // name it.
+    let wanted = |path: &str| {
+        let (s, m) = split(path);
+        (s == service || s.rsplit_once('.').is_some_and(|(_, bare)| bare == service)) && m == method
+    };
+    // With a shared journal, every replica's calls.
+    let actual = match crate::observe::shared_journal::get() {
+        Some(shared) => {
+            let mut n = 0u64;
+            let scan = shared.each(None, None, |c| {
+                n += (in_scope(&c, &session) && wanted(crate::observe::journal::Call::path(&c))) as u64;
+                true
+            });
+            if let Err(e) = scan {
+                return Response::json(503, &json!({"message": e}));
+            }
+            n
+        }
+        None => journal.snapshot().iter().filter(|e| in_scope(&***e, &session) && wanted(e.path())).count() as u64,
+    };
     if actual == expected {
         Response::json(
             200,
