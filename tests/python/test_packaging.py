@@ -832,3 +832,27 @@ def test_helm_render_with_inline_mocks_serves(helm, dockerfile, engine_flags, tm
             assert served.health(service) == "SERVING", service
     finally:
         stop(served)
+
+
+def test_helm_render_with_a_shared_plan_and_state(helm, engine_flags, tmp_path):
+    """Every pod loading the plan stored in Redis, with its identity pinned,
+    and the Redis URL from a Secret: the render passes the schema check and
+    its arguments are flags the engine knows."""
+    values = {
+        "mocks": {"plan": "shared:", "planIdentity": "0123456789abcdef"},
+        "sharedState": {"redisUrl": "rediss://:pw@redis.example:6380/0"},
+        "journal": {"entries": 10000},
+        "replicaCount": 3,
+    }
+    values_file = tmp_path / "values.yaml"
+    values_file.write_text(yaml.safe_dump(values))
+    rendered = documents(helm("template", "shared", str(CHART.relative_to(REPO_ROOT)), "-f", str(values_file)))
+    validate(rendered)
+    check_deployment(rendered, engine_flags)
+    engine = container(by_kind(rendered, "Deployment"))
+    assert flag_value(engine["args"], "plan") == ["shared:"]
+    assert flag_value(engine["args"], "plan-identity") == ["0123456789abcdef"]
+    env = {e["name"]: e for e in engine["env"]}
+    ref = env["WIRESTUB_SHARED_STATE"]["valueFrom"]["secretKeyRef"]
+    secret = by_kind(rendered, "Secret")
+    assert ref["name"] == secret["metadata"]["name"] and ref["key"] in secret["data"]

@@ -115,6 +115,10 @@ The arguments of `engine run`, one per line of a YAML list.
 {{- if .Values.mocks.plan }}
 - --plan
 - {{ .Values.mocks.plan | quote }}
+{{- with .Values.mocks.planIdentity }}
+- --plan-identity
+- {{ . | quote }}
+{{- end }}
 {{- if .Values.runtimeChanges.enabled }}
 - --state-dir
 - {{ $runtime | quote }}
