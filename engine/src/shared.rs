@@ -10,9 +10,12 @@
 //! answers, else the first unlimited rule that held (or none). Each worker
 //! thread keeps its own multiplexed connection, made on its first claim.
 //!
-//! Counts are keys `PREFIX:times:IDENTITY:/pkg.Svc/Method:RESPONSE[:SESSION]`
-//! (the plan's identity: a new plan counts again), kept for a day after
-//! their last claim.
+//! Counts are keys `PREFIX:times:/pkg.Svc/Method:ANSWER[:SESSION]`, where
+//! ANSWER names what the response answers (`ServedMethod::shared_keys`):
+//! replicas whose plans differ elsewhere, or were compiled from other
+//! directories, count a response together, and a reload or a runtime change
+//! that leaves it unchanged counts on, as without shared state. They are
+//! kept for a day after their last claim, or until [`reset`].
 //!
 //! Serving never waits on Redis for long: a claim that does not come back
 //! within `--shared-state-timeout-ms` (or cannot be sent) fails, the
@@ -81,8 +84,9 @@ pub struct Candidate {
 /// What a call must claim before it is answered.
 #[derive(Debug, Clone)]
 pub struct Claim {
-    /// The counts' name: plan identity and method path.
-    pub name: Arc<str>,
+    /// The names of the method's responses' counts
+    /// (`ServedMethod::shared_keys`), by response.
+    pub names: Arc<[Arc<str>]>,
     /// Limited rules that held, in evaluation order.
     pub candidates: SmallVec<[Candidate; 2]>,
     /// The first unlimited rule that held after them, if any.
@@ -93,7 +97,8 @@ pub struct Claim {
 
 impl Claim {
     fn key(&self, prefix: &str, c: &Candidate) -> String {
-        let mut key = format!("{prefix}:times:{}:{}", self.name, c.response);
+        let name = self.names.get(c.response as usize).map_or("?", |n| n);
+        let mut key = format!("{prefix}:times:{name}");
         if let Some(s) = &self.session {
             key.push(':');
             for b in s.iter() {
@@ -208,6 +213,38 @@ async fn connection(settings: &Settings) -> Result<MultiplexedConnection, String
     Ok(con)
 }
 
+/// Forgets every shared count (all replicas' calls start counting again):
+/// the keys under `PREFIX:times:`, found with SCAN; how many there were.
+pub fn reset() -> Result<u64, String> {
+    let settings = SETTINGS.get().ok_or("the engine runs without --shared-state")?;
+    let mut con =
+        settings.client.get_connection_with_timeout(Duration::from_secs(5)).map_err(|e| format!("Redis: {e}"))?;
+    let _ = con.set_read_timeout(Some(Duration::from_secs(5)));
+    let pattern = format!("{}:times:*", settings.prefix);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (mut cursor, mut removed) = (0u64, 0u64);
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query(&mut con)
+            .map_err(|e| format!("Redis: {e}"))?;
+        if !keys.is_empty() {
+            removed += redis::cmd("UNLINK").arg(&keys).query::<u64>(&mut con).map_err(|e| format!("Redis: {e}"))?;
+        }
+        if next == 0 {
+            return Ok(removed);
+        }
+        if Instant::now() > deadline {
+            return Err(format!("removed {removed} counts, but more remain after 30 s; ask again"));
+        }
+        cursor = next;
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Outages: the log, the counts made meanwhile, the metrics
 // ---------------------------------------------------------------------------
@@ -303,22 +340,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn keys_name_the_plan_method_response_and_session() {
+    fn keys_name_the_method_answer_and_session() {
+        let names: Arc<[Arc<str>]> =
+            vec![Arc::from("/a.B/C:00"), Arc::from("/a.B/C:01"), Arc::from("/a.B/C:00-1")].into();
         let mut c = Claim {
-            name: "00ff:/a.B/C".into(),
+            names,
             candidates: SmallVec::from_slice(&[Candidate { rule: 3, response: 2, times: 1 }]),
             fallback: None,
             session: None,
         };
-        assert_eq!(c.key("ws", &c.candidates[0]), "ws:times:00ff:/a.B/C:2");
+        assert_eq!(c.key("ws", &c.candidates[0]), "ws:times:/a.B/C:00-1");
         c.session = Some(b"s 1".to_vec().into_boxed_slice());
-        assert_eq!(c.key("ws", &c.candidates[0]), "ws:times:00ff:/a.B/C:2:732031");
+        assert_eq!(c.key("ws", &c.candidates[0]), "ws:times:/a.B/C:00-1:732031");
     }
 
     #[test]
     fn without_redis_the_local_counts_decide_in_order() {
         let c = Claim {
-            name: "x".into(),
+            names: Arc::from(Vec::new()),
             candidates: SmallVec::from_slice(&[
                 Candidate { rule: 0, response: 0, times: 1 },
                 Candidate { rule: 1, response: 1, times: 1 },

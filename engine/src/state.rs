@@ -276,9 +276,6 @@ fn prepare_after(
     let identity = wirestub_plan::identity(identity_bytes);
     let descriptors = Bytes::from(plan.descriptors.clone());
     let served = Served::new_after(plan, no_match, previous.map(|g| &g.served)).map_err(|e| e.to_string())?;
-    for m in &served.methods {
-        let _ = m.shared_name.set(format!("{identity}:{}", m.plan.path).into());
-    }
     let stats = Arc::new(Stats::new(workers, &served));
     let reflection = Reflection::new(&descriptors);
     Ok(Generation {

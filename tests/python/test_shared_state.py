@@ -98,15 +98,16 @@ class Redis:
 
 
 class Replica:
-    def __init__(self, tmp: Path, name: str, redis: Redis, *flags: str, extra_rules: str = ""):
+    def __init__(self, tmp: Path, name: str, redis: Redis, *flags: str, extra_rules: str = "", rules: str = "rules"):
         """An engine in `tmp/name` with its own copy of the example's rules
-        (and `extra_rules` as rules/limited.yaml), sharing `redis`."""
+        in `rules` (and `extra_rules` as limited.yaml there), sharing
+        `redis`."""
         home = tmp / name
-        shutil.copytree(REPO_ROOT / "rules", home / "rules")
+        shutil.copytree(REPO_ROOT / "rules", home / rules)
         if extra_rules:
-            (home / "rules" / "limited.yaml").write_text(extra_rules)
+            (home / rules / "limited.yaml").write_text(extra_rules)
         self.proc, self.port, self.admin, self.log = engine_process.start_with_admin(
-            ["run", "--protos", str(REPO_ROOT / "protos"), "--rules", "rules", "--listen", "127.0.0.1:0",
+            ["run", "--protos", str(REPO_ROOT / "protos"), "--rules", rules, "--listen", "127.0.0.1:0",
              "--admin-listen", "127.0.0.1:0", "--shared-state", redis.url, *flags],
             home,
             cwd=home,
@@ -324,8 +325,8 @@ http {{
 
 
 class LimitedReplica(Replica):
-    def __init__(self, tmp: Path, name: str, redis: Redis, *flags: str):
-        super().__init__(tmp, name, redis, *flags, extra_rules=LIMITED_RULES)
+    def __init__(self, tmp: Path, name: str, redis: Redis, *flags: str, rules: str = "rules"):
+        super().__init__(tmp, name, redis, *flags, extra_rules=LIMITED_RULES, rules=rules)
 
     def metric(self, name: str) -> float:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.admin}/metrics", timeout=10) as r:
@@ -454,4 +455,30 @@ def test_the_refuse_policy_answers_unavailable_while_redis_is_down(tmp_path):
         assert r.metric('wirestub_shared_state_claims_total{counted="refused"}') >= 1
     finally:
         r.stop()
+        redis.stop()
+
+
+def test_counts_hold_across_directory_names_and_other_changes_until_reset(tmp_path):
+    """Replicas whose rules sit in directories of other names (so their
+    plans differ) count a response together; a runtime change elsewhere
+    keeps the counts; DELETE /admin/shared/times starts them again."""
+    redis = Redis(tmp_path)
+    replicas = [LimitedReplica(tmp_path, f"d{i}", redis, rules=f"rules-{i}") for i in range(3)]
+    a, b, c = replicas
+    try:
+        identities = {r.admin_call("GET", "/admin/status")["plan"]["identity"] for r in replicas}
+        assert len(identities) == 3, identities  # the rules' origins name their directories
+        assert [a.hello("once"), b.hello("once"), c.hello("once")] == ["the one", "already taken", "already taken"]
+        # A rule added to the same method: its responses are unchanged.
+        other = SHARED_RULE.format(text="added")
+        assert a.admin_call("PUT", "/admin/rule/grpc/other.yaml", {"content": other})["ok"] is True
+        assert wait_for(lambda: all(r.hello("shared") == "added" for r in replicas), timeout=2)
+        assert len({r.admin_call("GET", "/admin/status")["plan"]["identity"] for r in replicas}) == 3
+        assert [c.hello("once"), a.hello("once")] == ["already taken", "already taken"]
+        removed = b.admin_call("DELETE", "/admin/shared/times")
+        assert removed["removed"] >= 1, removed
+        assert [c.hello("once"), a.hello("once")] == ["the one", "already taken"]
+    finally:
+        for r in replicas:
+            r.stop()
         redis.stop()

@@ -12,6 +12,7 @@
 //! GET    /admin/methods/{pkg.Service}/{Method}/rules/{index}
 //!                                                 one rule with its answer as JSON
 //! POST   /admin/reload                            load the plan again (422 if it is invalid)
+//! DELETE /admin/shared/times                      every replica's `times` counts start again (--shared-state)
 //! GET    /admin/journal                           recorded calls, oldest first (filters, a page)
 //! DELETE /admin/journal                           forget every recorded call
 //! GET    /admin/journal/count                     how many calls the filters select
@@ -111,6 +112,13 @@ pub fn handle(
         ["admin", "stats"] => {
             only(method, &["GET"]).unwrap_or_else(|| Response::json(200, &state.metrics.stats_json()))
         }
+        ["admin", "shared", "times"] => only(method, &["DELETE"]).unwrap_or_else(|| match crate::shared::enabled() {
+            false => Response::error(409, "the engine runs without --shared-state: its `times` counts are its own"),
+            true => match crate::shared::reset() {
+                Ok(n) => Response::json(200, &json!({"removed": n})),
+                Err(e) => Response::error(503, &format!("the shared `times` counts cannot be reset: {e}")),
+            },
+        }),
         ["admin", "journal"] => journal::route(state, method, journal::Route::List, &query, body),
         ["admin", "journal", "count"] => journal::route(state, method, journal::Route::Count, &query, body),
         ["admin", "journal", "unmatched"] => journal::route(state, method, journal::Route::Unmatched, &query, body),

@@ -247,7 +247,6 @@ fn pick_inner<'m>(
             let fallback = request.select_rule().map_err(malformed)?;
             let deferred = request.take_deferred();
             if !deferred.is_empty() {
-                let name = method.shared_name.get().cloned().unwrap_or_else(|| method.plan.path.as_str().into());
                 let candidates = deferred
                     .iter()
                     .map(|&r| {
@@ -257,7 +256,8 @@ fn pick_inner<'m>(
                     })
                     .collect();
                 let session = request.session().map(Box::from);
-                return Ok(Err(Box::new(crate::shared::Claim { name, candidates, fallback, session })));
+                let names = method.shared_keys.clone();
+                return Ok(Err(Box::new(crate::shared::Claim { names, candidates, fallback, session })));
             }
             fallback
         }

@@ -149,6 +149,26 @@ impl Prepared {
 
 /// A hash of what a response answers, to find the same response in the
 /// plan before (equality decides).
+/// The names of a method's responses' shared `times` counts:
+/// `PATH:KEY` (the [`response_key`] in hex), with `-N` for the Nth response
+/// of the method with the same key, so identical responses count apart.
+fn shared_keys(m: &wirestub_plan::Method) -> Arc<[Arc<str>]> {
+    let mut seen: HashMap<u64, usize> = HashMap::new();
+    m.responses
+        .iter()
+        .map(|r| {
+            let key = response_key(r);
+            let n = seen.entry(key).or_insert(0);
+            let name = match *n {
+                0 => format!("{}:{key:016x}", m.path),
+                k => format!("{}:{key:016x}-{k}", m.path),
+            };
+            *n += 1;
+            Arc::from(name)
+        })
+        .collect()
+}
+
 fn response_key(r: &wirestub_plan::Response) -> u64 {
     let mut h = wirestub_plan::fnv1a(&r.body);
     let mut mix = |bytes: &[u8]| h = (h ^ wirestub_plan::fnv1a(bytes)).wrapping_mul(0x0100_0000_01b3);
@@ -274,10 +294,11 @@ pub struct ServedMethod {
     /// The method's recordings (raw rules), in plan order, prepared for
     /// comparing calls with them (see `call::raw`).
     pub raw: Vec<crate::call::raw::Recording>,
-    /// What this method's `times` counts are named by in the shared store
-    /// (`--shared-state`): the plan's identity and the method's path; set
-    /// once the plan's identity is known.
-    pub shared_name: std::sync::OnceLock<Arc<str>>,
+    /// What each response's `times` count is named by in the shared store
+    /// (`--shared-state`): the method's path and what the response answers
+    /// (so a plan that leaves a response unchanged, whatever else changed
+    /// or wherever its files are, counts on; see [`shared_keys`]).
+    pub shared_keys: Arc<[Arc<str>]>,
 }
 
 /// Whether the method at `path` (`/package.Service/Method`) is marked
@@ -771,6 +792,7 @@ impl Served {
                 }
             }
             let index = build_index(&m);
+            let counts_named = shared_keys(&m);
             by_path.insert(m.path.clone().into_boxed_str(), methods.len());
             let used = (0..m.responses.len()).map(|_| std::sync::atomic::AtomicU64::new(0)).collect();
             let m_keys = m.metadata_keys.clone();
@@ -798,7 +820,7 @@ impl Served {
                 each,
                 used,
                 session_uses: SessionUses::new(&m_keys),
-                shared_name: std::sync::OnceLock::new(),
+                shared_keys: counts_named,
                 literals,
                 builtin,
                 position: methods.len(),
@@ -915,7 +937,7 @@ impl ServedMethod {
             each: Vec::new(),
             used: Vec::new(),
             session_uses: SessionUses::new(&[]),
-            shared_name: std::sync::OnceLock::new(),
+            shared_keys: Arc::from(Vec::new()),
             literals: Vec::new(),
             builtin: None,
             position,

@@ -311,7 +311,14 @@ fn run(options: Options) -> Result<ExitCode, String> {
     let _ = stdout.flush();
     drop(stdout);
 
-    Ok(signals.serve(server, options.server.drain_timeout, options.shutdown_grace, reloads))
+    let code = signals.serve(server, options.server.drain_timeout, options.shutdown_grace, reloads);
+    // A copy of a fetched plan in a directory made for it goes with it.
+    if let Some(f) = fetcher.as_ref().filter(|_| options.state_dir.is_none()) {
+        if let Some(dir) = f.local.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+    Ok(code)
 }
 
 /// Starts the thread that reloads the plan on request. Requests that
@@ -487,7 +494,34 @@ fn fetcher(options: &Options) -> Result<Option<Fetcher>, String> {
     };
     let local = match &options.state_dir {
         Some(dir) => dir.join("plan.bin"),
-        None => std::env::temp_dir().join(format!("wirestub-plan-{}.bin", std::process::id())),
+        None => private_dir()?.join("plan.bin"),
     };
     Ok(Some(Fetcher { origin, identity: options.plan_identity.clone(), ca: options.plan_ca.clone(), shared, local }))
+}
+
+/// A directory of the system's temporary one that this process made (only
+/// its user may enter it), for the copy of a fetched plan: nobody else can
+/// have put a file or a link where the copy is written.
+fn private_dir() -> Result<std::path::PathBuf, String> {
+    use std::hash::{BuildHasher, Hasher};
+    let base = std::env::temp_dir();
+    let mut last = None;
+    for _ in 0..16 {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u32(std::process::id());
+        let dir = base.join(format!("wirestub-plan-{}-{:016x}", std::process::id(), h.finish()));
+        let mut builder = std::fs::DirBuilder::new();
+        #[cfg(unix)]
+        std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+        match builder.create(&dir) {
+            Ok(()) => return Ok(dir),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last = Some(e),
+            Err(e) => return Err(format!("cannot make a directory for the fetched plan in `{}`: {e}", base.display())),
+        }
+    }
+    Err(format!(
+        "cannot make a directory for the fetched plan in `{}`: {}",
+        base.display(),
+        last.map_or_else(String::new, |e| e.to_string())
+    ))
 }
