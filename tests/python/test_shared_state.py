@@ -77,7 +77,7 @@ class Redis:
         log = open(self.tmp / "redis.log", "ab")
         self.proc = subprocess.Popen(
             [REDIS, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.tmp)],
+             "--dir", str(self.tmp), "--enable-debug-command", "local"],
             stdin=subprocess.DEVNULL, stdout=log, stderr=log,
         )
         deadline = time.monotonic() + 10

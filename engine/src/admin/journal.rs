@@ -89,10 +89,10 @@ pub fn route(state: &State, method: &str, route: Route, query: &[(String, String
     }
 }
 
-/// Whether a request goes to the journal's query routes (which the HTTP
-/// server runs a few at a time).
+/// Whether a request goes to the journal's query routes, GripMock's
+/// included (which the HTTP server runs a few at a time).
 pub fn is_journal_query(path: &str) -> bool {
-    path.starts_with("/admin/journal")
+    path.starts_with("/admin/journal") || path.starts_with("/api/verify") || path.starts_with("/api/history")
 }
 
 fn parse_bool(name: &str, v: &str) -> Result<bool, String> {
@@ -172,7 +172,17 @@ fn list(j: &Journal, shared: Option<&SharedJournal>, query: &[(String, String)],
             json!({"size": j.len(), "capacity": j.capacity(), "recorded": j.recorded(), "scope": "local"})
         }
         Some(s) => {
-            let scan = s.each(filter.since, filter.before, |c| {
+            // The size and the last number first: calls appended during the
+            // scan are above it, so `recorded` never skips one as a cursor.
+            let (size, recorded) = match s.size() {
+                Ok(x) => x,
+                Err(e) => return Response::error(503, &e),
+            };
+            let before = match filter.before {
+                Some(b) => Some(b.min(recorded.saturating_add(1))),
+                None => Some(recorded.saturating_add(1)),
+            };
+            let scan = s.each(filter.since, before, |c| {
                 if (unmatched && !c.unmatched()) || !filter.matches(&c) {
                     return true;
                 }
@@ -182,10 +192,8 @@ fn list(j: &Journal, shared: Option<&SharedJournal>, query: &[(String, String)],
                 }
                 true
             });
-            match scan.and_then(|()| s.size()) {
-                Ok((size, recorded)) => {
-                    json!({"size": size, "capacity": s.capacity(), "recorded": recorded, "scope": "all"})
-                }
+            match scan {
+                Ok(()) => json!({"size": size, "capacity": s.capacity(), "recorded": recorded, "scope": "all"}),
                 Err(e) => return Response::error(503, &e),
             }
         }
@@ -254,21 +262,56 @@ fn count(j: &Journal, shared: Option<&SharedJournal>, query: &[(String, String)]
     match shared {
         None => Response::json(200, &json!({"count": j.count(&filter)})),
         Some(s) => {
-            let mut n = 0u64;
-            match s.each(filter.since, filter.before, |c| {
-                n += filter.matches(&c) as u64;
-                true
-            }) {
-                Ok(()) => Response::json(200, &json!({"count": n})),
+            let (mut n, mut undecided) = (0u64, 0u64);
+            let scan = s.settle(false).and_then(|settled| {
+                s.each(filter.since, filter.before, |c| {
+                    if filter.matches(&c) {
+                        n += 1;
+                    } else if undecidable(&filter, &c) {
+                        undecided += 1;
+                    }
+                    true
+                })
+                .map(|()| settled)
+            });
+            match scan {
+                Ok(settled) => {
+                    let mut out = json!({"count": n});
+                    if let Some(gap) = gap(&settled, undecided) {
+                        out["complete"] = json!(false);
+                        out["incomplete"] = json!(gap);
+                    }
+                    Response::json(200, &out)
+                }
                 Err(e) => Response::error(503, &e),
             }
         }
     }
 }
 
+/// Whether `filter` cannot tell if a shared call is selected: it reads a
+/// part of the call the shared journal did not keep.
+fn undecidable(filter: &journal::Filter, c: &SharedCall) -> bool {
+    (filter.body.is_some() && c.lacks("request")) || (!filter.metadata.is_empty() && c.lacks("metadata"))
+}
+
+/// Why a count over the shared journal may be short, if it may.
+fn gap(settled: &shared_journal::Settled, undecided: u64) -> Option<String> {
+    let mut why: Vec<String> = settled.gap().into_iter().collect();
+    if undecided > 0 {
+        why.push(format!(
+            "{undecided} call(s) were kept without the part the filters read (too large for the shared journal; \
+             each replica's own journal, scope=local, has them whole)"
+        ));
+    }
+    (!why.is_empty()).then(|| why.join("; "))
+}
+
 /// `DELETE /admin/journal`: this replica's calls, and the shared ones.
 fn reset(j: &Journal, shared: Option<&SharedJournal>) -> Response {
-    match shared.map(SharedJournal::reset).transpose() {
+    // Every replica's calls recorded so far are in before the stream goes.
+    let removed = shared.map(|s| s.settle(true).and_then(|_| s.reset())).transpose();
+    match removed {
         Ok(removed_shared) => {
             let mut out = json!({"removed": j.reset()});
             if let Some(n) = removed_shared {
@@ -289,14 +332,40 @@ fn verify(j: &Journal, shared: Option<&SharedJournal>, v: &Verify) -> Response {
         None => j.verify(v).to_json(&v.filter),
         Some(s) => {
             let mut tally: Tally<'_, SharedCall> = Tally::new(v);
-            let scan = s.each(v.filter.since, v.filter.before, |c| {
-                tally.offer(&c, || SharedCall::clone(&c));
-                true
+            let mut undecided = 0u64;
+            let scan = s.settle(false).and_then(|settled| {
+                s.each(v.filter.since, v.filter.before, |c| {
+                    if v.filter.matches(&c) || !undecidable(&v.filter, &c) {
+                        tally.offer(&c, || SharedCall::clone(&c));
+                    } else {
+                        undecided += 1;
+                    }
+                    true
+                })
+                .map(|()| settled)
             });
-            if let Err(e) = scan {
-                return Response::error(503, &e);
+            let settled = match scan {
+                Ok(settled) => settled,
+                Err(e) => return Response::error(503, &e),
+            };
+            let verdict = tally.verdict(SharedCall::view);
+            let mut out = verdict.to_json(&v.filter);
+            if let Some(gap) = gap(&settled, undecided) {
+                // Calls that may be missing can only lower the count: a
+                // lower bound already met still holds, nothing else does.
+                let met = matches!(v.expect, journal::Expect::Between(lo, u64::MAX) if verdict.count >= lo);
+                out["complete"] = json!(false);
+                out["incomplete"] = json!(gap);
+                if !met {
+                    out["ok"] = json!(false);
+                    out["message"] = json!(format!(
+                        "cannot verify: {gap}; found {} matching call(s), expected {}",
+                        verdict.count,
+                        v.expect.text()
+                    ));
+                }
             }
-            tally.verdict(SharedCall::view).to_json(&v.filter)
+            out
         }
     };
     verdict["scope"] = json!(if shared.is_some() { "all" } else { "local" });

@@ -52,26 +52,69 @@ const BATCH: (usize, usize) = (256, 1 << 20);
 const TIMEOUT: Duration = Duration::from_secs(5);
 /// Waits between attempts to reach Redis after a failure.
 const RETRY: Duration = Duration::from_secs(1);
+/// Metadata values longer than this are the first to be cut from a view
+/// too large to keep whole.
+const METADATA_VALUE: usize = 256;
 
-/// Appends a batch: numbers each view after the stream's last (even if the
-/// counter was lost) and adds it, capping the stream near `ARGV[1]`
-/// entries. Returns the last number given.
-const APPEND: &str = "local n = #ARGV - 1 \
-  local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1) \
-  local floor = 0 \
-  if #last > 0 then floor = tonumber(string.match(last[1][1], '^(%d+)')) end \
-  local seq = tonumber(redis.call('INCRBY', KEYS[2], n)) \
-  if seq - n < floor then seq = floor + n; redis.call('SET', KEYS[2], seq) end \
-  for i = 1, n do \
-    redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], (seq - n + i) .. '-0', 'j', ARGV[i + 1]) \
+/// Appends a batch. KEYS: the stream, the counter, the hash of each
+/// replica's last call appended. ARGV: the stream's cap, the replica, the
+/// last number this replica saw, then (the call's number in the replica,
+/// its view) pairs. A call at or below the replica's mark was appended
+/// already (a batch sent again after a lost answer) and is skipped. Numbers
+/// follow the stream's last, even if the counter was lost; when the counter
+/// and the stream are both gone (Redis restarted empty) while a replica had
+/// seen numbers, they go on from the clock (seconds × 10^6), above any
+/// number given before. Returns the last number given.
+const APPEND: &str = "local replica = ARGV[2] \
+  local mark = tonumber(redis.call('HGET', KEYS[3], replica) or '0') \
+  local keep = {} \
+  local top = mark \
+  for i = 4, #ARGV, 2 do \
+    local rs = tonumber(ARGV[i]) \
+    if rs > mark then keep[#keep + 1] = ARGV[i + 1]; if rs > top then top = rs end end \
   end \
+  local counter = redis.call('GET', KEYS[2]) \
+  local seq = 0 \
+  if counter then seq = tonumber(counter) \
+  elseif tonumber(ARGV[3]) > 0 then seq = tonumber(redis.call('TIME')[1]) * 1000000 end \
+  local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1) \
+  if #last > 0 then \
+    local floor = tonumber(string.match(last[1][1], '^(%d+)')) \
+    if floor > seq then seq = floor end \
+  end \
+  for i = 1, #keep do \
+    redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[1], string.format('%d-0', seq + i), 'j', keep[i]) \
+  end \
+  seq = seq + #keep \
+  redis.call('SET', KEYS[2], string.format('%d', seq)) \
+  if top > mark then redis.call('HSET', KEYS[3], replica, string.format('%d', top)) end \
   return seq";
+
+/// Longest a settled read waits for every replica to have appended what
+/// it recorded before the read began.
+pub const SETTLE: Duration = Duration::from_secs(2);
+/// How long a settling read lets calls answered just before it be
+/// recorded (the journal records a call as its answer goes out).
+const SETTLE_GRACE: Duration = Duration::from_millis(25);
+/// Longest a read of the stream may take in all.
+const SCAN_DEADLINE: Duration = Duration::from_secs(10);
+/// A replica not heard of for this long is gone (as `runtime::peers` says).
+const GONE_AFTER_SECONDS: u64 = 10;
 
 /// The shared journal's settings and state.
 pub struct SharedJournal {
     client: redis::Client,
     stream: String,
     counter: String,
+    /// Hash: replica → its last call appended.
+    marks: String,
+    /// Hash of the replicas' heartbeats (`runtime::peers`).
+    replicas: String,
+    /// The channel settling reads are announced on.
+    channel: String,
+    /// `PREFIX:journal:acks:` + a read's nonce: hash replica → calls it
+    /// left out.
+    acks: String,
     /// Calls the stream keeps (about: Redis trims in whole nodes).
     capacity: usize,
     replica: String,
@@ -83,6 +126,10 @@ pub struct SharedJournal {
     append_script: redis::Script,
     appended: AtomicU64,
     dropped: AtomicU64,
+    /// Calls left out since the shared journal was last emptied.
+    left_out: AtomicU64,
+    /// The highest number this replica saw Redis give.
+    last_seen: AtomicU64,
     cut: AtomicU64,
     up: AtomicBool,
     errors: AtomicU64,
@@ -91,9 +138,19 @@ pub struct SharedJournal {
 
 #[derive(Default)]
 struct Queue {
-    entries: VecDeque<(Arc<Entry>, usize)>,
+    items: VecDeque<Item>,
     /// Bytes of the entries queued and of the views waiting for Redis.
     bytes: usize,
+}
+
+/// What the appending thread is handed.
+enum Item {
+    /// A recorded call, with the bytes it counts for.
+    Call(Arc<Entry>, usize),
+    /// A settling read's request: answer once every call queued before it
+    /// is appended (or left out); `reset` starts the count of calls left
+    /// out again.
+    Settle { nonce: String, reset: bool },
 }
 
 static SHARED: OnceLock<SharedJournal> = OnceLock::new();
@@ -116,6 +173,10 @@ pub fn start(
         client,
         stream: format!("{prefix}:journal"),
         counter: format!("{prefix}:journal:seq"),
+        marks: format!("{prefix}:journal:marks"),
+        replicas: format!("{prefix}:replicas"),
+        channel: format!("{prefix}:changes"),
+        acks: format!("{prefix}:journal:acks:"),
         capacity: capacity.max(1),
         replica: replica.to_string(),
         bytes_limit: AtomicUsize::new(journal.limits().bytes),
@@ -124,6 +185,8 @@ pub fn start(
         append_script: redis::Script::new(APPEND),
         appended: AtomicU64::new(0),
         dropped: AtomicU64::new(0),
+        left_out: AtomicU64::new(0),
+        last_seen: AtomicU64::new(0),
         cut: AtomicU64::new(0),
         up: AtomicBool::new(false),
         errors: AtomicU64::new(0),
@@ -151,35 +214,76 @@ impl SharedJournal {
         if q.bytes + size > limit {
             drop(q);
             self.dropped.fetch_add(1, Relaxed);
+            self.left_out.fetch_add(1, Relaxed);
             return;
         }
         q.bytes += size;
-        q.entries.push_back((entry.clone(), size));
+        q.items.push_back(Item::Call(entry.clone(), size));
+        drop(q);
+        self.wake.notify_one();
+    }
+
+    /// A settling read asks (through the channel `runtime::peers`
+    /// follows): answers once what was queued before is appended.
+    pub fn settle_request(&self, nonce: &str, reset: bool) {
+        let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        // A flood of requests would only repeat one another: a few wait.
+        if q.items.iter().filter(|i| matches!(i, Item::Settle { .. })).count() >= 64 {
+            return;
+        }
+        q.items.push_back(Item::Settle { nonce: nonce.chars().take(64).collect(), reset });
         drop(q);
         self.wake.notify_one();
     }
 
     /// The appending thread: takes what is queued, makes the views, appends
-    /// them; on failure keeps them (within the bound) and tries again.
+    /// them, answers settling reads; on failure keeps the views (within the
+    /// bound) and tries again.
     fn run(&self) {
         let mut con: Option<redis::Connection> = None;
-        // Views made and not yet appended, oldest first, with their sizes.
-        let mut waiting: VecDeque<String> = VecDeque::new();
+        // Views made and not yet appended, oldest first, with the call's
+        // number in this replica.
+        let mut waiting: VecDeque<(u64, String)> = VecDeque::new();
+        // Settling reads to answer once `waiting` is empty, and whether
+        // they waited for calls being recorded.
+        let mut settles: Vec<(String, bool)> = Vec::new();
+        let mut graced = false;
+        // Say whether Redis is there from the start.
+        match self.connect() {
+            Ok(c) => {
+                con = Some(c);
+                self.set_up(None);
+            }
+            Err(e) => self.set_up(Some(e)),
+        }
         loop {
-            let taken: Vec<(Arc<Entry>, usize)> = {
+            let taken: Vec<Item> = {
                 let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-                while q.entries.is_empty() && waiting.is_empty() {
+                while q.items.is_empty() && waiting.is_empty() && settles.is_empty() {
                     q = self.wake.wait(q).unwrap_or_else(|e| e.into_inner());
                 }
-                q.entries.drain(..).collect()
+                q.items.drain(..).collect()
             };
             let mut made = 0usize;
             let mut freed = 0usize;
-            for (e, size) in taken {
-                let view = self.view_of(&e);
-                made += view.len();
-                freed += size;
-                waiting.push_back(view);
+            for item in taken {
+                match item {
+                    Item::Call(e, size) => {
+                        freed += size;
+                        // A view that cannot be made is left out, not the thread.
+                        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.view_of(&e))) {
+                            Ok(view) => {
+                                made += view.len();
+                                waiting.push_back((e.seq, view));
+                            }
+                            Err(_) => {
+                                self.dropped.fetch_add(1, Relaxed);
+                                self.left_out.fetch_add(1, Relaxed);
+                            }
+                        }
+                    }
+                    Item::Settle { nonce, reset } => settles.push((nonce, reset)),
+                }
             }
             {
                 let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
@@ -187,53 +291,110 @@ impl SharedJournal {
                 // Over the bound (views are larger than entries): the
                 // oldest waiting views give way.
                 while q.bytes > self.bytes_limit.load(Relaxed) && waiting.len() > 1 {
-                    if let Some(v) = waiting.pop_front() {
+                    if let Some((_, v)) = waiting.pop_front() {
                         q.bytes -= v.len();
                         self.dropped.fetch_add(1, Relaxed);
+                        self.left_out.fetch_add(1, Relaxed);
                     }
                 }
             }
+            let mut failed = false;
             while !waiting.is_empty() {
-                match self.append(&mut con, &mut waiting) {
+                // A connection Redis closed (it restarted) is made again
+                // once before the failure counts.
+                let mut result = self.append(&mut con, &mut waiting);
+                if result.is_err() {
+                    con = None;
+                    result = self.append(&mut con, &mut waiting);
+                }
+                match result {
                     Ok(()) => self.set_up(None),
                     Err(e) => {
                         con = None;
                         self.set_up(Some(e));
-                        std::thread::sleep(RETRY);
+                        failed = true;
                         break;
                     }
                 }
+            }
+            if !failed && !settles.is_empty() && !graced {
+                // A call's answer may reach its client an instant before
+                // the call is recorded: let those land, then answer.
+                std::thread::sleep(SETTLE_GRACE);
+                graced = true;
+                continue;
+            }
+            if !failed && !settles.is_empty() {
+                graced = false;
+                if let Err(e) = self.answer_settles(&mut con, &settles) {
+                    con = None;
+                    self.set_up(Some(e));
+                    failed = true;
+                } else {
+                    settles.clear();
+                }
+            }
+            if failed {
+                std::thread::sleep(RETRY);
             }
         }
     }
 
     /// Appends the oldest waiting views, one batch.
-    fn append(&self, con: &mut Option<redis::Connection>, waiting: &mut VecDeque<String>) -> Result<(), String> {
+    fn append(&self, con: &mut Option<redis::Connection>, waiting: &mut VecDeque<(u64, String)>) -> Result<(), String> {
         if con.is_none() {
             *con = Some(self.connect()?);
         }
         let Some(c) = con.as_mut() else { return Err("no connection".into()) };
         let (mut n, mut bytes) = (0, 0);
-        while n < waiting.len() && n < BATCH.0 && (n == 0 || bytes + waiting[n].len() <= BATCH.1) {
-            bytes += waiting[n].len();
+        while n < waiting.len() && n < BATCH.0 && (n == 0 || bytes + waiting[n].1.len() <= BATCH.1) {
+            bytes += waiting[n].1.len();
             n += 1;
         }
         let mut call = self.append_script.prepare_invoke();
-        call.key(&self.stream).key(&self.counter).arg(self.capacity);
-        for v in waiting.iter().take(n) {
-            call.arg(v.as_str());
+        call.key(&self.stream).key(&self.counter).key(&self.marks);
+        call.arg(self.stream_cap()).arg(&self.replica).arg(self.last_seen.load(Relaxed));
+        for (seq, v) in waiting.iter().take(n) {
+            call.arg(*seq).arg(v.as_str());
         }
-        call.invoke::<u64>(c).map_err(|e| e.to_string())?;
+        let last: u64 = call.invoke(c).map_err(|e| redis_error(&e))?;
+        self.last_seen.fetch_max(last, Relaxed);
         let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-        for v in waiting.drain(..n) {
+        for (_, v) in waiting.drain(..n) {
             q.bytes -= v.len();
         }
         self.appended.fetch_add(n as u64, Relaxed);
         Ok(())
     }
 
+    /// Tells the settling reads that what was queued before them is in
+    /// Redis, with the calls left out.
+    fn answer_settles(&self, con: &mut Option<redis::Connection>, settles: &[(String, bool)]) -> Result<(), String> {
+        if con.is_none() {
+            *con = Some(self.connect()?);
+        }
+        let Some(c) = con.as_mut() else { return Err("no connection".into()) };
+        let mut pipe = redis::pipe();
+        for (nonce, reset) in settles {
+            let left_out = match reset {
+                true => self.left_out.swap(0, Relaxed),
+                false => self.left_out.load(Relaxed),
+            };
+            let key = format!("{}{nonce}", self.acks);
+            pipe.cmd("HSET").arg(&key).arg(&self.replica).arg(left_out).ignore();
+            pipe.cmd("EXPIRE").arg(&key).arg(60).ignore();
+        }
+        pipe.query::<()>(c).map_err(|e| redis_error(&e))
+    }
+
+    /// The calls the stream keeps: `--shared-journal`, and no more than
+    /// `--journal-bytes` holds at the smallest view kept whole.
+    fn stream_cap(&self) -> usize {
+        self.capacity.min(self.bytes_limit.load(Relaxed) / VIEW_BYTES.0).max(1)
+    }
+
     fn connect(&self) -> Result<redis::Connection, String> {
-        let con = self.client.get_connection_with_timeout(TIMEOUT).map_err(|e| e.to_string())?;
+        let con = self.client.get_connection_with_timeout(TIMEOUT).map_err(|e| redis_error(&e))?;
         con.set_read_timeout(Some(TIMEOUT)).map_err(|e| e.to_string())?;
         con.set_write_timeout(Some(TIMEOUT)).map_err(|e| e.to_string())?;
         Ok(con)
@@ -257,51 +418,89 @@ impl SharedJournal {
 
     /// The JSON a call is stored as: its view, without `seq` (Redis gives
     /// it), with the replica, the metadata as pairs (repeated keys kept
-    /// apart, for filters) and whether no rule answered it.
+    /// apart, for filters) and whether no rule answered it. A view larger
+    /// than [`Self::view_bytes`] loses, in turn and until it fits: long
+    /// metadata values (cut, `@metadata_cut`), the request messages
+    /// (`@omitted`), the metadata but the session's; what is left out is
+    /// listed, so that a filter on it is known to be undecided.
     fn view_of(&self, e: &Entry) -> String {
         let mut v = e.to_json();
-        if let Json::Object(o) = &mut v {
-            o.remove("seq");
-            o.remove("metadata");
-            o.insert("replica".into(), json!(self.replica));
-            o.insert("replica_seq".into(), json!(e.seq));
-            let pairs: Vec<Json> =
-                e.metadata.iter().map(|(k, v)| json!([k.as_ref(), journal::metadata_text(k, v)])).collect();
-            o.insert("@metadata".into(), Json::Array(pairs));
-            o.insert("@unmatched".into(), json!(e.unmatched()));
-        }
-        let text = v.to_string();
+        let Json::Object(o) = &mut v else { return v.to_string() };
+        o.remove("seq");
+        o.remove("metadata");
+        o.insert("replica".into(), json!(self.replica));
+        o.insert("replica_seq".into(), json!(e.seq));
+        let pairs: Vec<(String, String)> =
+            e.metadata.iter().map(|(k, v)| (k.to_string(), journal::metadata_text(k, v))).collect();
+        o.insert("@metadata".into(), pairs_json(&pairs));
+        o.insert("@unmatched".into(), json!(e.unmatched()));
         let most = self.view_bytes();
+        let mut text = v.to_string();
         if text.len() <= most {
             return text;
         }
         self.cut.fetch_add(1, Relaxed);
-        if let Json::Object(o) = &mut v {
-            let had = o.remove("request").is_some() | o.remove("messages").is_some();
-            if had {
-                o.insert(
-                    "request_omitted".into(),
-                    json!(format!(
-                        "the call's JSON view was {} bytes, more than the {} the shared journal keeps of a call; \
-                         its replica's own journal (`?scope=local` there) has it",
-                        text.len(),
-                        most
-                    )),
-                );
-            }
-            if v.to_string().len() > most {
-                if let Json::Object(o) = &mut v {
-                    o.insert("@metadata".into(), json!([]));
-                    o.insert("metadata_omitted".into(), json!(true));
-                }
+        let whole = text.len();
+        let Json::Object(o) = &mut v else { return text };
+        let session = |k: &str| k == wirestub_plan::SESSION_KEY || k == wirestub_plan::SESSION_ALIAS;
+        // 1. Long metadata values, cut.
+        if pairs.iter().any(|(k, v)| v.len() > METADATA_VALUE && !session(k)) {
+            let cut: Vec<(String, String)> = pairs
+                .iter()
+                .map(|(k, v)| match v.len() > METADATA_VALUE && !session(k) {
+                    true => (k.clone(), format!("{}…", v.chars().take(METADATA_VALUE / 4).collect::<String>())),
+                    false => (k.clone(), v.clone()),
+                })
+                .collect();
+            o.insert("@metadata".into(), pairs_json(&cut));
+            o.insert("@metadata_cut".into(), json!(true));
+            text = v.to_string();
+            if text.len() <= most {
+                return text;
             }
         }
+        let Json::Object(o) = &mut v else { return text };
+        let mut omitted = Vec::new();
+        // 2. The request messages.
+        if o.remove("request").is_some() | o.remove("messages").is_some() {
+            omitted.push("request");
+            o.insert(
+                "request_omitted".into(),
+                json!(format!(
+                    "the call's JSON view was {whole} bytes, more than the {most} the shared journal keeps of a \
+                     call; its replica's own journal (`scope=local` there) has it"
+                )),
+            );
+            o.insert("@omitted".into(), json!(omitted));
+            text = v.to_string();
+            if text.len() <= most {
+                return text;
+            }
+        }
+        // 3. The metadata, but the session's.
+        let Json::Object(o) = &mut v else { return text };
+        let kept: Vec<(String, String)> = pairs.iter().filter(|(k, _)| session(k)).cloned().collect();
+        o.insert("@metadata".into(), pairs_json(&kept));
+        o.remove("@metadata_cut");
+        omitted.push("metadata");
+        o.insert("@omitted".into(), json!(omitted));
+        text = v.to_string();
+        if text.len() <= most {
+            return text;
+        }
+        // 4. What identifies the call, and nothing else.
+        let Json::Object(o) = &mut v else { return text };
+        let keep =
+            ["method", "time", "protocol", "status", "latency_ms", "generation", "rule", "replica", "replica_seq"];
+        o.retain(|k, _| keep.contains(&k.as_str()) || k.starts_with('@'));
+        o.insert("@metadata".into(), json!([]));
+        o.insert("@omitted".into(), json!(["request", "metadata", "details"]));
         v.to_string()
     }
 
     /// The largest view stored whole ([`VIEW_BYTES`]).
     fn view_bytes(&self) -> usize {
-        (self.bytes_limit.load(Relaxed) / self.capacity).clamp(VIEW_BYTES.0, VIEW_BYTES.1)
+        (self.bytes_limit.load(Relaxed) / self.stream_cap()).clamp(VIEW_BYTES.0, VIEW_BYTES.1)
     }
 
     /// Visits the shared calls newest first, within `since` and `before`
@@ -313,6 +512,7 @@ impl SharedJournal {
         mut visit: impl FnMut(SharedCall) -> bool,
     ) -> Result<(), String> {
         let mut con = self.connect().map_err(|e| self.unreachable(&e))?;
+        let deadline = std::time::Instant::now() + SCAN_DEADLINE;
         let low = since.map_or(1, |s| s.saturating_add(1));
         let mut high = match before {
             Some(0) | Some(1) => return Ok(()),
@@ -328,7 +528,7 @@ impl SharedJournal {
                 .arg("COUNT")
                 .arg(CHUNK)
                 .query(&mut con)
-                .map_err(|e| self.unreachable(&e.to_string()))?;
+                .map_err(|e| self.unreachable(&redis_error(&e)))?;
             let Some(last) = chunk.last().and_then(|(id, _)| seq_of(id)) else { return Ok(()) };
             for (id, fields) in chunk {
                 let Some(seq) = seq_of(&id) else { continue };
@@ -341,18 +541,71 @@ impl SharedJournal {
             if last <= low {
                 return Ok(());
             }
+            if std::time::Instant::now() > deadline {
+                return Err(format!(
+                    "reading the shared journal took more than {} s; narrow the read with since or before",
+                    SCAN_DEADLINE.as_secs()
+                ));
+            }
             high = last - 1;
         }
         Ok(())
+    }
+
+    /// Asks every replica sharing the journal to append what it recorded
+    /// so far, and waits (at most [`SETTLE`]) until each says it has: what
+    /// a count or a verification reads next has every call made before it
+    /// began, or says which replicas may lack some. `reset` also starts
+    /// their counts of calls left out again (the journal is emptied).
+    pub fn settle(&self, reset: bool) -> Result<Settled, String> {
+        let mut con = self.connect().map_err(|e| self.unreachable(&e))?;
+        let fail = |e: redis::RedisError| self.unreachable(&redis_error(&e));
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
+        let beats: Vec<(String, String)> = redis::cmd("HGETALL").arg(&self.replicas).query(&mut con).map_err(fail)?;
+        let mut expected: Vec<String> = beats
+            .into_iter()
+            .filter_map(|(id, text)| {
+                let v: Json = serde_json::from_str(&text).ok()?;
+                let fresh = now.saturating_sub(v.get("at")?.as_u64()?) <= GONE_AFTER_SECONDS;
+                (fresh && v.get("shared_journal") == Some(&Json::Bool(true))).then_some(id)
+            })
+            .collect();
+        if !expected.contains(&self.replica) {
+            expected.push(self.replica.clone());
+        }
+        let nonce = {
+            use std::hash::{BuildHasher, Hasher};
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_u64(self.appended.load(Relaxed));
+            format!("{:016x}", h.finish())
+        };
+        let kind = if reset { "journal-reset" } else { "journal-settle" };
+        redis::cmd("PUBLISH").arg(&self.channel).arg(format!("{kind}:{nonce}")).query::<u64>(&mut con).map_err(fail)?;
+        // This replica's own calls, without waiting for its subscription
+        // (which may still be coming back after an outage).
+        self.settle_request(&nonce, reset);
+        let key = format!("{}{nonce}", self.acks);
+        let until = std::time::Instant::now() + SETTLE;
+        loop {
+            let acks: Vec<(String, u64)> = redis::cmd("HGETALL").arg(&key).query(&mut con).map_err(fail)?;
+            let missing: Vec<String> =
+                expected.iter().filter(|r| !acks.iter().any(|(a, _)| a == *r)).cloned().collect();
+            if missing.is_empty() || std::time::Instant::now() > until {
+                let left_out = acks.iter().map(|(_, n)| n).sum();
+                let _ = redis::cmd("DEL").arg(&key).query::<u64>(&mut con);
+                return Ok(Settled { missing, left_out });
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     /// How many calls the stream holds, and the last number given.
     pub fn size(&self) -> Result<(u64, u64), String> {
         let mut con = self.connect().map_err(|e| self.unreachable(&e))?;
         let len: u64 =
-            redis::cmd("XLEN").arg(&self.stream).query(&mut con).map_err(|e| self.unreachable(&e.to_string()))?;
+            redis::cmd("XLEN").arg(&self.stream).query(&mut con).map_err(|e| self.unreachable(&redis_error(&e)))?;
         let last: Option<u64> =
-            redis::cmd("GET").arg(&self.counter).query(&mut con).map_err(|e| self.unreachable(&e.to_string()))?;
+            redis::cmd("GET").arg(&self.counter).query(&mut con).map_err(|e| self.unreachable(&redis_error(&e)))?;
         Ok((len, last.unwrap_or(0)))
     }
 
@@ -367,7 +620,7 @@ impl SharedJournal {
             .cmd("DEL")
             .arg(&self.stream)
             .query(&mut con)
-            .map_err(|e| self.unreachable(&e.to_string()))?;
+            .map_err(|e| self.unreachable(&redis_error(&e)))?;
         Ok(len)
     }
 
@@ -380,7 +633,7 @@ impl SharedJournal {
 
     /// The calls the stream keeps.
     pub fn capacity(&self) -> usize {
-        self.capacity
+        self.stream_cap()
     }
 
     /// What `/admin/status` shows under `journal.shared`.
@@ -393,7 +646,9 @@ impl SharedJournal {
             "up": self.up.load(Relaxed),
             "appended": self.appended.load(Relaxed),
             "dropped": self.dropped.load(Relaxed),
+            "left_out": self.left_out.load(Relaxed),
             "cut": self.cut.load(Relaxed),
+            "stream_capacity": self.stream_cap(),
             "waiting_bytes": q.bytes,
             "bytes_limit": self.bytes_limit.load(Relaxed),
             "view_bytes": self.view_bytes(),
@@ -424,6 +679,52 @@ impl SharedJournal {
     }
 }
 
+/// What [`SharedJournal::settle`] found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Settled {
+    /// Replicas that did not say, within [`SETTLE`], that their calls are
+    /// in.
+    pub missing: Vec<String>,
+    /// Calls the replicas left out since the journal was last emptied
+    /// (Redis away while more than `--journal-bytes` waited).
+    pub left_out: u64,
+}
+
+impl Settled {
+    /// Why the shared journal may lack calls made before the read, if it may.
+    pub fn gap(&self) -> Option<String> {
+        let mut why = Vec::new();
+        if !self.missing.is_empty() {
+            why.push(format!(
+                "replica(s) {} did not confirm within {} s that their calls are in the shared journal",
+                self.missing.join(", "),
+                SETTLE.as_secs()
+            ));
+        }
+        if self.left_out > 0 {
+            why.push(format!(
+                "{} call(s) were left out of it while Redis was away (more than --journal-bytes waited; DELETE \
+                 /admin/journal starts again)",
+                self.left_out
+            ));
+        }
+        (!why.is_empty()).then(|| why.join("; "))
+    }
+}
+
+/// A Redis error, a timeout said as one.
+fn redis_error(e: &redis::RedisError) -> String {
+    if e.is_timeout() {
+        return format!("Redis did not answer within {} s", TIMEOUT.as_secs());
+    }
+    e.to_string()
+}
+
+/// Metadata pairs as stored: `[[key, value], ...]`.
+fn pairs_json(pairs: &[(String, String)]) -> Json {
+    Json::Array(pairs.iter().map(|(k, v)| json!([k, v])).collect())
+}
+
 /// The number in a stream id `SEQ-0`.
 fn seq_of(id: &str) -> Option<u64> {
     id.split('-').next()?.parse().ok()
@@ -437,6 +738,17 @@ pub struct SharedCall {
 }
 
 impl SharedCall {
+    /// Whether `part` (`request`, `metadata`) was left out of the stored
+    /// view, or cut (`metadata`), so that a filter on it cannot tell.
+    pub fn lacks(&self, part: &str) -> bool {
+        let omitted = self
+            .doc
+            .get("@omitted")
+            .and_then(Json::as_array)
+            .is_some_and(|l| l.iter().any(|p| p.as_str() == Some(part)));
+        omitted || (part == "metadata" && self.doc.get("@metadata_cut") == Some(&Json::Bool(true)))
+    }
+
     /// A call as stored (a JSON object), numbered `seq`; None when the text
     /// is not an object (a stream written by something else).
     pub fn from_stored(seq: u64, text: &str) -> Option<SharedCall> {
@@ -458,7 +770,10 @@ impl SharedCall {
                     out.insert("metadata".into(), metadata_object(v));
                 }
                 // The number is the stream's, whatever the text says.
-                "@unmatched" | "seq" => {}
+                "@unmatched" | "seq" | "@metadata_cut" => {}
+                "@omitted" => {
+                    out.insert("omitted".into(), v.clone());
+                }
                 _ => {
                     out.insert(k.clone(), v.clone());
                 }

@@ -10,7 +10,9 @@
 //! ```text
 //! PREFIX:files     hash   rule/NAME | proto/NAME | descriptors/NAME  →  {"text": ...} | {"base64": ...} | {"deleted": true}
 //! PREFIX:changes   channel  a replica's id, published after it wrote the hash; or `plan`: a new plan
-//!                           is stored (`runtime::remote`), for the replicas started with `--plan shared:`
+//!                           is stored (`runtime::remote`), for the replicas started with `--plan shared:`;
+//!                           or `journal-settle:NONCE` / `journal-reset:NONCE`: a read of the shared
+//!                           journal waits for every replica's calls (`observe::shared_journal`)
 //! PREFIX:replicas  hash   replica id  →  {"identity", "generation", "listeners", "at"}, written every 2 s
 //! ```
 //!
@@ -280,7 +282,13 @@ impl Peers {
                 m = messages.next() => {
                     let Some(m) = m else { return Err("the subscription ended".into()) };
                     let from: String = m.get_payload().unwrap_or_default();
-                    if from == "plan" {
+                    let settle = from.strip_prefix("journal-settle:").map(|n| (n, false))
+                        .or_else(|| from.strip_prefix("journal-reset:").map(|n| (n, true)));
+                    if let Some((nonce, reset)) = settle {
+                        if let Some(journal) = crate::observe::shared_journal::get() {
+                            journal.settle_request(nonce, reset);
+                        }
+                    } else if from == "plan" {
                         self.reload_plan(state);
                     } else if from != self.id {
                         self.catch_up(&mut con, runtime, state).await?;
@@ -302,6 +310,7 @@ impl Peers {
             "generation": g.number,
             "listeners": listeners,
             "draining": state.is_draining(),
+            "shared_journal": crate::observe::shared_journal::get().is_some(),
             "at": now,
         });
         drop(g);

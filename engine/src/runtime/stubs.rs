@@ -769,12 +769,24 @@ fn verify(state: &State, req: &Request<'_>) -> Response {
     let actual = match crate::observe::shared_journal::get() {
         Some(shared) => {
             let mut n = 0u64;
-            let scan = shared.each(None, None, |c| {
-                n += (in_scope(&c, &session) && wanted(crate::observe::journal::Call::path(&c))) as u64;
-                true
+            let scan = shared.settle(false).and_then(|settled| {
+                shared
+                    .each(None, None, |c| {
+                        n += (in_scope(&c, &session) && wanted(crate::observe::journal::Call::path(&c))) as u64;
+                        true
+                    })
+                    .map(|()| settled)
             });
-            if let Err(e) = scan {
-                return Response::json(503, &json!({"message": e}));
+            match scan {
+                Ok(settled) => {
+                    if let Some(gap) = settled.gap() {
+                        return Response::json(503, &json!({"message": format!("cannot verify: {gap}"), "actual": n}));
+                    }
+                }
+                Err(e) => {
+                    let e = e.split(". `scope=local`").next().unwrap_or_default().to_string();
+                    return Response::json(503, &json!({"message": e}));
+                }
             }
             n
         }
