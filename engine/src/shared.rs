@@ -261,10 +261,13 @@ static WAITING: Mutex<Option<HashMap<String, u64>>> = Mutex::new(None);
 fn went_down(error: &str) {
     if !DOWN.swap(true, Relaxed) {
         OUTAGES.fetch_add(1, Relaxed);
-        let policy = SETTINGS.get().map(|s| s.policy);
+        let policy = match SETTINGS.get().map(|s| s.policy) {
+            Some(Policy::Refuse) => "refuse",
+            _ => "local",
+        };
         tracing::warn!(
             error,
-            ?policy,
+            policy,
             "shared state: Redis unreachable; calls of rules limited by `times` are \
                        counted by the policy until it is back"
         );

@@ -200,15 +200,31 @@ impl State {
         *lock(&self.reloader) = Some(reloader);
     }
 
-    /// Loads the next plan with the reloader and swaps it in.
+    /// Loads the next plan with the reloader and swaps it in (after any
+    /// reload already running).
     pub fn reload(&self) -> Result<Reloaded, String> {
+        self.reload_with(lock(&self.reloader))
+    }
+
+    /// [`State::reload`], unless one is running already (a fetch from a
+    /// slow URL may take a while): then None, at once, so that requests do
+    /// not pile up behind it.
+    pub fn try_reload(&self) -> Option<Result<Reloaded, String>> {
+        match self.reloader.try_lock() {
+            Ok(guard) => Some(self.reload_with(guard)),
+            Err(std::sync::TryLockError::Poisoned(e)) => Some(self.reload_with(e.into_inner())),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        }
+    }
+
+    fn reload_with(&self, reloader: std::sync::MutexGuard<'_, Option<Reloader>>) -> Result<Reloaded, String> {
         let next = {
-            let reloader = lock(&self.reloader);
             let Some(reload) = reloader.as_ref() else {
                 return Err("this engine has no plan source to reload from".into());
             };
             reload()?
         };
+        drop(reloader);
         let (plan, bytes, source) = next;
         self.swap(plan, bytes.as_deref(), source)
     }

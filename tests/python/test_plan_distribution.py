@@ -80,9 +80,13 @@ class PlanServer:
 
             def do_GET(self):
                 outer.requests.append(self.path)
-                if self.path.startswith("/moved/"):
+                if self.path.startswith("/moved/") or self.path.startswith("/to-http/"):
                     self.send_response(302)
-                    self.send_header("Location", self.path[len("/moved"):])
+                    if self.path.startswith("/to-http/"):
+                        port, rest = self.path[len("/to-http/"):].split("/", 1)
+                        self.send_header("Location", f"http://127.0.0.1:{port}/{rest}")
+                    else:
+                        self.send_header("Location", self.path[len("/moved"):])
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
@@ -179,11 +183,18 @@ def test_bad_plan_urls_stop_the_start_with_the_cause(tmp_path):
             (["--plan", f"{base}/plan.bin", "--plan-identity", "0123456789abcdef"], [one_id, "0123456789abcdef"]),
             (["--plan", "shared:"], ["--shared-state"]),
             (["--plan", f"{base}/plan.bin", "--watch"], ["--watch"]),
+            (["--plan", "ftp://127.0.0.1/plan.bin"], ["ftp://", "not a way to fetch a plan"]),
+            (["--plan", f"{base}/plan.bin", "--plan-identity", "xyz"], ["xyz", "16 hex digits"]),
+            (["--plan", "shared:", "--shared-state", "redis://127.0.0.1:1", "--plan-ca", "ca.pem"], ["--plan-ca"]),
+            (["--plan", "shared:", "--shared-state", "http://127.0.0.1:6379"], ["not a Redis URL", "redis://"]),
+            # Credentials in a URL are not shown.
+            (["--plan", f"http://user:s3cret@127.0.0.1:{server.port}/missing.bin?sig=abc"], ["404", "missing.bin"]),
         ]
         for args, words in cases:
             done = run_engine_expecting_failure(["run", *args, "--listen", "127.0.0.1:0", "--admin-listen", "off"])
             for w in words:
                 assert w in done.stderr, (args, done.stderr)
+            assert "s3cret" not in done.stderr and "sig=abc" not in done.stderr, done.stderr
     finally:
         server.stop()
 
@@ -209,6 +220,24 @@ def test_a_plan_from_an_https_url_with_a_private_ca(tmp_path, pki):
              "--admin-listen", "off"]
         )
         assert "cannot fetch" in done.stderr and "certificate" in done.stderr.lower(), done.stderr
+        assert "--plan-ca" in done.stderr, done.stderr
+        # A redirect from https to http is refused.
+        plain = PlanServer(served)
+        try:
+            done = run_engine_expecting_failure(
+                ["run", "--plan", f"https://localhost:{server.port}/to-http/{plain.port}/plan.bin", "--plan-ca",
+                 str(pki.ca.cert_path), "--listen", "127.0.0.1:0", "--admin-listen", "off"]
+            )
+            assert "not https, is refused" in done.stderr, done.stderr
+            assert "/plan.bin" not in plain.requests
+            # An http server asked for https: said so.
+            done = run_engine_expecting_failure(
+                ["run", "--plan", f"https://127.0.0.1:{plain.port}/plan.bin", "--plan-ca", str(pki.ca.cert_path),
+                 "--listen", "127.0.0.1:0", "--admin-listen", "off"]
+            )
+            assert "does not speak TLS" in done.stderr, done.stderr
+        finally:
+            plain.stop()
     finally:
         server.stop()
 
@@ -253,6 +282,19 @@ def test_replicas_serve_the_plan_stored_in_the_shared_state_and_follow_a_new_one
             while time.monotonic() < deadline and identities() != [two_id, two_id]:
                 time.sleep(0.1)
             assert identities() == [two_id, two_id]
+            # Redis restarted empty: the replicas store their plan again, so
+            # that one starting later finds it.
+            redis.stop()
+            redis.start()
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline and cli("EXISTS", "wirestub:plan") != "1":
+                time.sleep(0.2)
+            assert cli("EXISTS", "wirestub:plan") == "1"
+            late, _ = start(tmp_path, "late", "--plan", "shared:", "--shared-state", redis.url)
+            try:
+                assert say(late.port, "version") == "stored v2"
+            finally:
+                engine_process.stop_cleanly(late)
         finally:
             for e, _ in replicas:
                 engine_process.stop_cleanly(e)

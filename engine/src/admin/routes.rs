@@ -489,7 +489,10 @@ fn latency_json(l: wirestub_plan::Latency) -> Json {
 }
 
 fn reload(state: &State) -> Response {
-    match state.reload() {
+    let Some(reloaded) = state.try_reload() else {
+        return Response::error(409, "a reload is running already; ask again once it is done");
+    };
+    match reloaded {
         Ok(r) => Response::json(
             200,
             &json!({

@@ -75,9 +75,12 @@ pub struct Peers {
     status: Mutex<Status>,
     /// Set once the first catch-up is done (or given up).
     synced: (Mutex<bool>, Condvar),
-    /// This replica serves the plan stored in Redis (`--plan shared:`):
-    /// it reloads when one is announced.
-    follows_plan: std::sync::atomic::AtomicBool,
+    /// This replica serves the plan stored in Redis (`--plan shared:`),
+    /// with its local copy: it reloads when one is announced, and stores
+    /// its copy again in a Redis that lost it.
+    follows_plan: std::sync::OnceLock<std::path::PathBuf>,
+    /// A reload of the plan runs (on a thread of its own) or waits.
+    plan_reload: Arc<(Mutex<u8>, Condvar)>,
     /// Connections made so far (the first follows the plan fetched at
     /// start; later ones may have missed an announcement).
     sessions: std::sync::atomic::AtomicU64,
@@ -118,7 +121,8 @@ impl Peers {
             wake: tokio::sync::Notify::new(),
             status: Mutex::default(),
             synced: (Mutex::new(false), Condvar::new()),
-            follows_plan: std::sync::atomic::AtomicBool::new(false),
+            follows_plan: std::sync::OnceLock::new(),
+            plan_reload: Arc::new((Mutex::new(0), Condvar::new())),
             sessions: std::sync::atomic::AtomicU64::new(0),
         })
     }
@@ -156,24 +160,57 @@ impl Peers {
     }
 
     /// Reloads the plan when one is announced on the channel (`plan`), and
-    /// after each reconnection (one may have been announced meanwhile).
-    pub fn follow_plan(&self) {
-        self.follows_plan.store(true, std::sync::atomic::Ordering::Relaxed);
+    /// after each reconnection (one may have been announced meanwhile);
+    /// `local` is the copy of the plan it serves.
+    pub fn follow_plan(&self, local: std::path::PathBuf) {
+        let _ = self.follows_plan.set(local);
     }
 
-    /// Loads the plan stored in Redis again, if this replica follows it.
-    fn reload_plan(&self, state: &State) {
-        if !self.follows_plan.load(std::sync::atomic::Ordering::Relaxed) {
+    /// Loads the plan stored in Redis again, if this replica follows it:
+    /// on a thread of its own (fetching and compiling take a while, and
+    /// this thread beats and shares changes meanwhile); announcements that
+    /// come while one runs make one more reload, not one each.
+    fn reload_plan(&self, state: &Arc<State>) {
+        if self.follows_plan.get().is_none() {
             return;
         }
-        match state.reload() {
-            Ok(r) if r.changed => {
-                tracing::info!(identity = %r.identity, generation = r.number, "shared state: serving the plan announced")
-            }
-            Ok(_) => {}
-            Err(e) => tracing::error!(error = %e, "shared state: the plan announced does not load; this replica keeps \
-                                      its plan"),
+        let (lock, _) = &*self.plan_reload;
+        let mut pending = lock.lock().unwrap_or_else(|e| e.into_inner());
+        *pending += 1;
+        if *pending > 1 {
+            // One runs: it goes round once more.
+            *pending = 2;
+            return;
         }
+        drop(pending);
+        let (gate, state) = (self.plan_reload.clone(), state.clone());
+        let spawned = std::thread::Builder::new().name("wirestub-plan-reload".into()).spawn(move || loop {
+            match state.reload() {
+                Ok(r) if r.changed => tracing::info!(identity = %r.identity, generation = r.number,
+                                                     "shared state: serving the plan announced"),
+                Ok(_) => {}
+                Err(e) => tracing::error!(error = %e, "shared state: the plan announced does not load; this \
+                                          replica keeps its plan"),
+            }
+            let mut pending = gate.0.lock().unwrap_or_else(|e| e.into_inner());
+            *pending -= 1;
+            if *pending == 0 {
+                return;
+            }
+        });
+        if spawned.is_err() {
+            *self.plan_reload.0.lock().unwrap_or_else(|e| e.into_inner()) = 0;
+        }
+    }
+
+    /// Stores this replica's copy of the plan in a Redis that has none (it
+    /// restarted empty), so that replicas starting later find it.
+    async fn refill_plan(&self, con: &mut redis::aio::MultiplexedConnection) -> Result<(), String> {
+        let Some(local) = self.follows_plan.get() else { return Ok(()) };
+        let Ok(bytes) = std::fs::read(local) else { return Ok(()) };
+        let key = self.hash.trim_end_matches(":files").to_string() + ":plan";
+        timed(redis::cmd("SET").arg(&key).arg(bytes).arg("NX").query_async::<Option<String>>(con)).await?;
+        Ok(())
     }
 
     /// This replica's id, as the other replicas see it.
@@ -237,7 +274,7 @@ impl Peers {
     }
 
     /// Connects, and on any failure waits and connects again, forever.
-    async fn run(&self, runtime: &Runtime, state: &State) {
+    async fn run(&self, runtime: &Runtime, state: &Arc<State>) {
         let mut wait = RETRY.0;
         loop {
             let started = Instant::now();
@@ -255,7 +292,7 @@ impl Peers {
 
     /// One connection's life: subscribe, write what waits, catch up, then
     /// follow announcements and local changes until something fails.
-    async fn session(&self, runtime: &Runtime, state: &State) -> Result<(), String> {
+    async fn session(&self, runtime: &Runtime, state: &Arc<State>) -> Result<(), String> {
         let mut pubsub = timed(self.client.get_async_pubsub()).await?;
         timed(pubsub.subscribe(&self.channel)).await?;
         let mut con = timed(self.client.get_multiplexed_async_connection()).await?;
@@ -270,6 +307,7 @@ impl Peers {
             timed(redis::cmd("HSETNX").arg(&self.hash).arg(field).arg(value).query_async::<i64>(&mut con)).await?;
         }
         self.flush(&mut con).await?;
+        self.refill_plan(&mut con).await?;
         if self.sessions.fetch_add(1, std::sync::atomic::Ordering::Relaxed) > 0 {
             self.reload_plan(state);
         }

@@ -76,10 +76,11 @@ impl Fetcher {
         Ok(identity)
     }
 
-    /// Where the plan comes from, for messages.
+    /// Where the plan comes from, for messages: a URL without its user,
+    /// password and query (which may hold credentials).
     pub fn shown(&self) -> String {
         match &self.origin {
-            Origin::Url(url) => url.clone(),
+            Origin::Url(url) => shown_url(url),
             Origin::Shared => match &self.shared {
                 Some((_, prefix)) => format!("the shared state's `{prefix}:plan`"),
                 None => "the shared state".into(),
@@ -95,6 +96,13 @@ impl Fetcher {
             .get_connection_with_timeout(Duration::from_secs(5))
             .map_err(|e| format!("cannot read the plan from the shared state: {e}"))?;
         let _ = con.set_read_timeout(Some(TIMEOUT));
+        let size: u64 = redis::cmd("STRLEN")
+            .arg(format!("{prefix}:plan"))
+            .query(&mut con)
+            .map_err(|e| format!("cannot read the plan from the shared state: {e}"))?;
+        if size > MAX_PLAN_BYTES as u64 {
+            return Err(format!("the plan in the shared state is {size} bytes, more than {MAX_PLAN_BYTES}"));
+        }
         let bytes: Option<Vec<u8>> = redis::cmd("GET")
             .arg(format!("{prefix}:plan"))
             .query(&mut con)
@@ -105,6 +113,30 @@ impl Fetcher {
                  {prefix}:plan < plan.bin`, then `redis-cli -u URL PUBLISH {prefix}:changes plan`"
             )
         })
+    }
+}
+
+/// A URL as logs and messages show it: no user or password, no query.
+pub fn shown_url(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let path = match path.split_once('?') {
+        Some((p, _)) => format!("{p}?…"),
+        None => path.to_string(),
+    };
+    format!("{scheme}://{host}{path}")
+}
+
+/// Checks that `identity` is one: 16 hex digits.
+pub fn check_identity_text(identity: &str) -> Result<(), String> {
+    let t = identity.trim();
+    match t.len() == 16 && t.bytes().all(|b| b.is_ascii_hexdigit()) {
+        true => Ok(()),
+        false => Err(format!(
+            "--plan-identity `{identity}` is not a plan identity: 16 hex digits, as `compiler build` prints and \
+             /admin/status shows"
+        )),
     }
 }
 
@@ -126,9 +158,28 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), String> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| format!("cannot create `{}`: {e}", dir.display()))?;
     }
-    let part = path.with_extension("part");
-    std::fs::write(&part, bytes).map_err(|e| format!("cannot write `{}`: {e}", part.display()))?;
-    std::fs::rename(&part, path).map_err(|e| format!("cannot write `{}`: {e}", path.display()))
+    use std::io::Write;
+    // A name of its own, made new (never a file or link already there).
+    let part = path.with_extension(format!("{}.{:x}.part", std::process::id(), next_part()));
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&part)
+        .and_then(|mut f| f.write_all(bytes).and_then(|()| f.sync_all()));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&part);
+        return Err(format!("cannot write `{}`: {e}", part.display()));
+    }
+    std::fs::rename(&part, path).map_err(|e| {
+        let _ = std::fs::remove_file(&part);
+        format!("cannot write `{}`: {e}", path.display())
+    })
+}
+
+/// A number for the next partial file.
+fn next_part() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 /// GETs `url` (following redirects), on a runtime of its own: the body,
@@ -138,23 +189,38 @@ pub fn get(url: &str, ca: Option<&Path>) -> Result<Vec<u8>, String> {
         .enable_all()
         .build()
         .map_err(|e| format!("cannot fetch `{url}`: {e}"))?;
-    rt.block_on(async {
+    let shown = shown_url(url);
+    let result = rt.block_on(async {
         match tokio::time::timeout(TIMEOUT, get_following(url, ca)).await {
             Ok(result) => result,
-            Err(_) => Err(format!("cannot fetch `{url}`: no whole answer within {} s", TIMEOUT.as_secs())),
+            Err(_) => Err(format!("cannot fetch `{shown}`: no whole answer within {} s", TIMEOUT.as_secs())),
         }
-    })
+    });
+    // A name lookup still running on a blocking thread is left behind,
+    // not waited for.
+    rt.shutdown_background();
+    result
 }
 
 async fn get_following(url: &str, ca: Option<&Path>) -> Result<Vec<u8>, String> {
-    let mut current: http::Uri = url.parse().map_err(|e| format!("`{url}` is not a URL: {e}"))?;
+    let shown = shown_url(url);
+    let mut current: http::Uri = url.parse().map_err(|e| format!("`{shown}` is not a URL: {e}"))?;
     for _ in 0..=REDIRECTS {
         match get_once(&current, ca).await? {
             Answer::Body(bytes) => return Ok(bytes),
-            Answer::Redirect(location) => current = resolve(&current, &location)?,
+            Answer::Redirect(location) => {
+                let next = resolve(&current, &location)?;
+                if current.scheme_str() == Some("https") && next.scheme_str() != Some("https") {
+                    return Err(format!(
+                        "cannot fetch `{shown}`: a redirect from https to `{}`, which is not https, is refused",
+                        shown_url(&next.to_string())
+                    ));
+                }
+                current = next;
+            }
         }
     }
-    Err(format!("cannot fetch `{url}`: more than {REDIRECTS} redirects"))
+    Err(format!("cannot fetch `{shown}`: more than {REDIRECTS} redirects"))
 }
 
 enum Answer {
@@ -179,7 +245,7 @@ trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
 
 async fn get_once(uri: &http::Uri, ca: Option<&Path>) -> Result<Answer, String> {
-    let shown = uri.to_string();
+    let shown = shown_url(&uri.to_string());
     let fail = |what: &dyn std::fmt::Display| format!("cannot fetch `{shown}`: {what}");
     let https = match uri.scheme_str() {
         Some("https") => true,
@@ -191,10 +257,21 @@ async fn get_once(uri: &http::Uri, ca: Option<&Path>) -> Result<Answer, String> 
     let bare = host.trim_start_matches('[').trim_end_matches(']');
     let tcp = tokio::net::TcpStream::connect((bare, port)).await.map_err(|e| fail(&e))?;
     let io: Box<dyn Io> = if https {
-        let mut config = (*crate::transport::tls::client_config(ca, None)?).clone();
+        let config = crate::transport::tls::client_config(ca, None)
+            .map_err(|e| e.replace("--upstream-ca", "--plan-ca").replace("upstream CA", "plan CA"))?;
+        let mut config = (*config).clone();
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         let name = rustls::pki_types::ServerName::try_from(bare.to_string()).map_err(|e| fail(&e))?;
-        let tls = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp).await.map_err(|e| fail(&e))?;
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp).await.map_err(|e| {
+            let hint = match e.to_string() {
+                t if t.contains("InvalidContentType") || t.contains("corrupt message") => {
+                    " (the server does not speak TLS: is it http://?)"
+                }
+                t if t.contains("UnknownIssuer") => " (give the CA that signs its certificate with --plan-ca)",
+                _ => "",
+            };
+            fail(&format_args!("{e}{hint}"))
+        })?;
         Box::new(tls)
     } else {
         Box::new(tcp)
@@ -213,11 +290,10 @@ async fn get_once(uri: &http::Uri, ca: Option<&Path>) -> Result<Answer, String> 
     let status = response.status();
     if status.is_redirection() {
         driver.abort();
-        let location = response
-            .headers()
-            .get(http::header::LOCATION)
-            .and_then(|l| l.to_str().ok())
-            .ok_or_else(|| fail(&format_args!("HTTP {status} without a Location")))?;
+        let location = match response.headers().get(http::header::LOCATION) {
+            None => return Err(fail(&format_args!("HTTP {status} without a Location"))),
+            Some(l) => l.to_str().map_err(|_| fail(&format_args!("HTTP {status} to a Location that is not ASCII")))?,
+        };
         return Ok(Answer::Redirect(location.to_string()));
     }
     if !status.is_success() {
@@ -234,7 +310,8 @@ async fn get_once(uri: &http::Uri, ca: Option<&Path>) -> Result<Answer, String> 
         return Err(fail(&format_args!("the plan is larger than {MAX_PLAN_BYTES} bytes")));
     }
     let mut body = response.into_body();
-    let mut bytes = Vec::with_capacity(announced.unwrap_or(0) as usize);
+    // Reserved as announced, up to 1 MiB: the rest as it arrives.
+    let mut bytes = Vec::with_capacity(announced.unwrap_or(0).min(1 << 20) as usize);
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| fail(&e))?;
         if let Some(data) = frame.data_ref() {
@@ -252,6 +329,14 @@ async fn get_once(uri: &http::Uri, ca: Option<&Path>) -> Result<Answer, String> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn urls_are_shown_without_credentials() {
+        assert_eq!(shown_url("https://u:p@host:8/a/plan.bin?sig=x"), "https://host:8/a/plan.bin?…");
+        assert_eq!(shown_url("http://host/plan.bin"), "http://host/plan.bin");
+        assert!(check_identity_text("0123456789abcdef").is_ok());
+        assert!(check_identity_text("xyz").unwrap_err().contains("16 hex digits"));
+    }
 
     #[test]
     fn origins() {

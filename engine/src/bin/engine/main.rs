@@ -201,8 +201,8 @@ fn run(options: Options) -> Result<ExitCode, String> {
                 let keep = if keep == 0 { options.journal } else { keep };
                 wirestub_engine::observe::shared_journal::start(journal, client, prefix, keep, peers.id())?;
             }
-            if fetcher.as_ref().is_some_and(|f| f.origin == remote::Origin::Shared) {
-                peers.follow_plan();
+            if let Some(f) = fetcher.as_ref().filter(|f| f.origin == remote::Origin::Shared) {
+                peers.follow_plan(f.local.clone());
             }
             peers.start(runtime.clone(), state.clone(), std::time::Duration::from_secs(5))?;
             Some(peers)
@@ -448,6 +448,11 @@ fn second_signal() -> ExitCode {
 /// `rediss://` URL that has them.
 fn redis_client(url: &str, tls: &options::SharedTls) -> Result<redis::Client, String> {
     let shown = wirestub_engine::runtime::peers::without_password(url);
+    if !url.starts_with("redis://") && !url.starts_with("rediss://") {
+        return Err(format!(
+            "--shared-state `{shown}` is not a Redis URL: redis://[:PASSWORD@]HOST:PORT[/DB], or rediss://... for TLS"
+        ));
+    }
     if tls == &options::SharedTls::default() {
         return redis::Client::open(url).map_err(|e| format!("--shared-state `{shown}`: {e}"));
     }
@@ -475,9 +480,22 @@ fn redis_client(url: &str, tls: &options::SharedTls) -> Result<redis::Client, St
 
 /// How `--plan` is fetched when it is a URL or `shared:`; None for a file.
 fn fetcher(options: &Options) -> Result<Option<Fetcher>, String> {
-    let Some(origin) = options.plan.as_deref().and_then(|p| p.to_str()).and_then(remote::Origin::of) else {
+    if let Some(identity) = &options.plan_identity {
+        remote::check_identity_text(identity)?;
+    }
+    let plan = options.plan.as_deref().and_then(|p| p.to_str());
+    let Some(origin) = plan.and_then(remote::Origin::of) else {
+        if let Some((scheme, _)) = plan.and_then(|p| p.split_once("://")) {
+            return Err(format!(
+                "--plan `{}`: {scheme}:// is not a way to fetch a plan (a file, http://, https:// or shared:)",
+                remote::shown_url(plan.unwrap_or_default())
+            ));
+        }
         return Ok(None);
     };
+    if options.plan_ca.is_some() && origin == remote::Origin::Shared {
+        return Err("--plan-ca is for an https:// plan; --plan shared: reads it from --shared-state".into());
+    }
     if options.watch {
         return Err(format!(
             "--watch watches files; a plan from {} is fetched again on each reload (POST /admin/reload{})",

@@ -176,9 +176,11 @@ pub const FLAGS: &[Flag] = &[
         value: "URL",
         kind: Kind::Value,
         default: "",
-        help: "share state with every replica using the same Redis (redis://[:PASSWORD@]HOST:PORT[/DB]): `times` \
-               limits and sequences count calls across replicas, and a runtime API change made on one is applied by \
-               all (a replica that starts later catches up); serving never waits for Redis for long",
+        help: "share state with every replica using the same Redis (redis://[:PASSWORD@]HOST:PORT[/DB], or \
+               rediss:// for TLS): `times` limits and sequences count calls across replicas, a runtime API change \
+               made on one is applied by all (a replica that starts later catches up), the journal's routes read \
+               every replica's calls (with --journal), and --plan shared: serves the plan stored there; serving \
+               never waits for Redis for long",
         section: PLAN,
     },
     Flag {
@@ -386,6 +388,14 @@ pub const FLAGS: &[Flag] = &[
         section: LISTENERS,
     },
     Flag {
+        name: "workers",
+        value: "N",
+        kind: Kind::Value,
+        default: "0",
+        help: "worker threads; 0: one per core",
+        section: LISTENERS,
+    },
+    Flag {
         name: "upstream",
         value: "URL",
         kind: Kind::Value,
@@ -512,14 +522,6 @@ pub const FLAGS: &[Flag] = &[
         default: "268435456",
         help: "most bytes of calls waiting to be written and of recordings held; past it, calls are not recorded",
         section: UPSTREAM,
-    },
-    Flag {
-        name: "workers",
-        value: "N",
-        kind: Kind::Value,
-        default: "0",
-        help: "worker threads; 0: one per core",
-        section: LISTENERS,
     },
     Flag {
         name: "admin-listen",
