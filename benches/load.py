@@ -2041,6 +2041,29 @@ class Redis:
             self.proc.wait(10)
 
 
+def timed_pair(
+    layout: str, label: str, workload: str, servers: dict[str, "Server"], path: str, body: Path,
+    args: argparse.Namespace, loader_cpus: str | None, redis: "Redis", runs: list[RunResult],
+) -> None:  # fmt: skip
+    """The timed runs of a shared-state pair: each server in turn, in every
+    repeat, with Redis's CPU over the same window."""
+    conns, streams = args.shared_cell
+    cell = f"{conns}×{streams}"
+    for rep in range(args.repeats):
+        for name, srv in servers.items():
+            fig, output = h2load(
+                srv, [path], body, conns, streams, args.duration, args.warmup, loader_cpus, upstream=redis
+            )
+            if not srv.alive() or fig["succeeded"] == 0 or fig.get("failed") or fig.get("errored"):
+                raise BenchError(f"{name} failed the {label} cell:\n{output[-2000:]}")
+            res = RunResult.from_h2load(layout, workload, cell, name, rep, fig)
+            runs.append(res)
+            say(
+                f"{layout} {label} {cell} #{rep + 1} {name:14}: {res.rps:>10,.0f} req/s, "
+                f"{res.cpu_us_per_req:6.2f} µs CPU/req, Redis {res.upstream_cpu_us_per_req or 0:6.2f} µs/req"
+            )
+
+
 def timed_shared(
     layout: str, bins: Binaries, plan: Path, work: Path, args: argparse.Namespace, workers: str,
     server_cpus: str | None, loader_cpus: str | None, runs: list[RunResult], notes: list[str],
@@ -2068,19 +2091,7 @@ def timed_shared(
         for name, srv in servers.items():
             say(f"{layout} shared {cell} warm-up {name}")
             h2load(srv, [LIMITED_PATH], body, conns, streams, max(1, args.duration // 3), 0, loader_cpus)
-        for rep in range(args.repeats):
-            for name, srv in servers.items():
-                fig, output = h2load(
-                    srv, [LIMITED_PATH], body, conns, streams, args.duration, args.warmup, loader_cpus, upstream=redis
-                )
-                if not srv.alive() or fig["succeeded"] == 0 or fig.get("failed") or fig.get("errored"):
-                    raise BenchError(f"{name} failed the shared-state cell:\n{output[-2000:]}")
-                res = RunResult.from_h2load(layout, "limited-200B", cell, name, rep, fig)
-                runs.append(res)
-                say(
-                    f"{layout} shared {cell} #{rep + 1} {name:14}: {res.rps:>10,.0f} req/s, "
-                    f"{res.cpu_us_per_req:6.2f} µs CPU/req, Redis {res.upstream_cpu_us_per_req or 0:6.2f} µs/req"
-                )
+        timed_pair(layout, "shared", "limited-200B", servers, LIMITED_PATH, body, args, loader_cpus, redis, runs)
         notes.append(f"{layout}: the engine with --shared-state counted its calls in Redis (keys `PREFIX:times:...`)")
         # The journal: every call of match-200B recorded, by one engine
         # that also appends it to the shared journal, and by one that keeps
@@ -2101,19 +2112,7 @@ def timed_shared(
             h2load(srv, [match.path], mbody, conns, streams, max(1, args.duration // 3), 0, loader_cpus)
         if int(redis.command(b"XLEN", b"wirestub:journal").strip(b":\r\n") or 0) == 0:
             raise BenchError("the engine with --shared-state and --journal appended nothing to the shared journal")
-        for rep in range(args.repeats):
-            for name, srv in servers.items():
-                fig, output = h2load(
-                    srv, [match.path], mbody, conns, streams, args.duration, args.warmup, loader_cpus, upstream=redis
-                )
-                if not srv.alive() or fig["succeeded"] == 0 or fig.get("failed") or fig.get("errored"):
-                    raise BenchError(f"{name} failed the shared-journal cell:\n{output[-2000:]}")
-                res = RunResult.from_h2load(layout, "journal-match-200B", cell, name, rep, fig)
-                runs.append(res)
-                say(
-                    f"{layout} journal {cell} #{rep + 1} {name:14}: {res.rps:>10,.0f} req/s, "
-                    f"{res.cpu_us_per_req:6.2f} µs CPU/req, Redis {res.upstream_cpu_us_per_req or 0:6.2f} µs/req"
-                )
+        timed_pair(layout, "journal", "journal-match-200B", servers, match.path, mbody, args, loader_cpus, redis, runs)
         notes.append(f"{layout}: the engine with --shared-state and --journal appended its calls to `wirestub:journal`")
     finally:
         for srv in servers.values():

@@ -32,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 from test_browser import chromium, node, node_modules  # noqa: F401 - fixtures
-from test_shared_state import LimitedReplica, Nginx, Redis, hello_bytes, reply_text, wait_for
+from test_shared_state import LimitedReplica, Redis, behind_nginx, hello_bytes, reply_text, wait_for
 from test_ui import drive, steps
 
 CALLS = 300
@@ -70,22 +70,8 @@ def count(replica, **query) -> int:
 
 @pytest.fixture
 def journaled(tmp_path):
-    redis = Redis(tmp_path)
-    flags = ("--journal", "2000")
-    replicas = [
-        LimitedReplica(tmp_path, "j0", redis, *flags),
-        LimitedReplica(tmp_path, "j1", redis, "--http2", "h2", *flags),
-        LimitedReplica(tmp_path, "j2", redis, *flags),
-    ]
-    lb = Nginx(tmp_path, [r.port for r in replicas])
-    channel = grpc.insecure_channel(f"127.0.0.1:{lb.port}")
-    grpc.channel_ready_future(channel).result(timeout=30)
-    yield redis, replicas, channel
-    channel.close()
-    lb.stop()
-    for r in replicas:
-        r.stop()
-    redis.stop()
+    with behind_nginx(tmp_path, "j", "--journal", "2000") as cluster:
+        yield cluster
 
 
 def send(channel, names: list[str], threads: int = 16) -> None:

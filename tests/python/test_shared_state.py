@@ -18,6 +18,7 @@ except under CI (CI set), where it fails.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -334,25 +335,34 @@ class LimitedReplica(Replica):
         return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
 
 
-@pytest.fixture
-def balanced(tmp_path):
-    """Three replicas (the middle one on the reference HTTP/2 stack), one
-    Redis, nginx in front."""
+@contextlib.contextmanager
+def behind_nginx(tmp_path, prefix: str, *flags: str):
+    """Three replicas (the middle one on the reference HTTP/2 stack) with
+    `flags`, one Redis, nginx in front: (redis, replicas, a channel to
+    nginx)."""
     redis = Redis(tmp_path)
     replicas = [
-        LimitedReplica(tmp_path, "n0", redis),
-        LimitedReplica(tmp_path, "n1", redis, "--http2", "h2"),
-        LimitedReplica(tmp_path, "n2", redis),
+        LimitedReplica(tmp_path, f"{prefix}0", redis, *flags),
+        LimitedReplica(tmp_path, f"{prefix}1", redis, "--http2", "h2", *flags),
+        LimitedReplica(tmp_path, f"{prefix}2", redis, *flags),
     ]
     lb = Nginx(tmp_path, [r.port for r in replicas])
     channel = grpc.insecure_channel(f"127.0.0.1:{lb.port}")
-    grpc.channel_ready_future(channel).result(timeout=30)
-    yield redis, replicas, channel
-    channel.close()
-    lb.stop()
-    for r in replicas:
-        r.stop()
-    redis.stop()
+    try:
+        grpc.channel_ready_future(channel).result(timeout=30)
+        yield redis, replicas, channel
+    finally:
+        channel.close()
+        lb.stop()
+        for r in replicas:
+            r.stop()
+        redis.stop()
+
+
+@pytest.fixture
+def balanced(tmp_path):
+    with behind_nginx(tmp_path, "n") as cluster:
+        yield cluster
 
 
 def hello_bytes(name: str) -> bytes:
