@@ -2,8 +2,9 @@
 rediss://:PASSWORD@HOST:PORT --shared-state-ca/-cert/-key`), against a
 real redis-server listening only on TLS and asking for a client
 certificate: `times` counts, the shared journal and runtime changes all go
-through it; a wrong password or an untrusted server is an outage the
-replica reports, not a crash.
+through it; a wrong password, database or CA stops the start with the
+cause, while a Redis not there yet is an outage the replica serves
+through.
 
 Needs redis-server (skipped without it, except under CI).
 """
@@ -20,7 +21,9 @@ from pathlib import Path
 
 import pytest
 from test_shared_state import REDIS, LimitedReplica, require, wait_for
-from test_tls import pki  # noqa: F401 (fixture)
+from test_tls import pki, run_engine_expecting_failure  # noqa: F401 (pki: fixture)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 PASSWORD = "s3cret"
 
@@ -108,21 +111,39 @@ def test_times_journal_and_changes_go_through_a_tls_redis_with_a_password(tmp_pa
         redis.stop()
 
 
-def test_a_wrong_password_or_an_untrusted_server_is_an_outage_not_a_crash(tmp_path, pki):
+def test_a_wrong_password_or_an_untrusted_server_stops_the_start_with_the_cause(tmp_path, pki):
+    """Mistakes in the settings are not outages to wait out: the engine
+    does not start, and says why, without the password."""
     redis = TlsRedis(tmp_path, pki)
-    wrong = LimitedReplica(tmp_path, "wrong", Url(redis.url("nope")), "--journal", "10", *tls_flags(pki))
     other_ca = ["--shared-state-ca", str(pki.other_ca.cert_path), "--shared-state-cert", str(pki.client.cert_path),
                 "--shared-state-key", str(pki.client.key_path)]
-    untrusted = LimitedReplica(tmp_path, "untrusted", Url(redis.url()), "--journal", "10", *other_ca)
+    base = ["run", "--protos", str(REPO_ROOT / "protos"), "--rules", str(REPO_ROOT / "rules"), "--listen",
+            "127.0.0.1:0", "--admin-listen", "off"]
     try:
-        for r in (wrong, untrusted):
-            # Served under the `local` policy, counted here.
-            assert r.hello("once") == "the one" and r.hello("once") == "already taken"
-            assert r.hello("Tom") == "Hi Tom (from mock)"
-            state = admin(r, "GET", "/admin/status")["runtime"]["shared_state"]
-            assert state["up"] is False and state["last_error"], state
-            assert PASSWORD not in r.log.read_text() and "nope" not in json.dumps(state)
+        cases = [
+            ([*base, "--shared-state", redis.url("nope"), *tls_flags(pki)], "password"),
+            ([*base, "--shared-state", redis.url(), *other_ca], "--shared-state-ca"),
+            ([*base, "--shared-state", redis.url() + "/99", *tls_flags(pki)], "database number"),
+        ]
+        for args, cause in cases:
+            done = run_engine_expecting_failure(args)
+            assert cause in done.stderr, (args, done.stderr)
+            assert PASSWORD not in done.stderr and "nope" not in done.stderr, done.stderr
     finally:
-        wrong.stop()
-        untrusted.stop()
         redis.stop()
+
+
+def test_redis_away_at_start_is_an_outage_not_a_mistake(tmp_path, pki):
+    """A Redis not there yet is waited out: the replica serves under the
+    `local` policy and reports the outage."""
+    redis = TlsRedis(tmp_path, pki)
+    port = redis.port
+    redis.stop()
+    r = LimitedReplica(tmp_path, "early", Url(f"rediss://:{PASSWORD}@localhost:{port}"), "--journal", "10",
+                       *tls_flags(pki))
+    try:
+        assert r.hello("once") == "the one" and r.hello("once") == "already taken"
+        state = admin(r, "GET", "/admin/status")["runtime"]["shared_state"]
+        assert state["up"] is False and state["last_error"], state
+    finally:
+        r.stop()

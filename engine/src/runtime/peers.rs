@@ -152,7 +152,20 @@ impl Peers {
         let (lock, cv) = &self.synced;
         let done = lock.lock().unwrap_or_else(|e| e.into_inner());
         let (done, _) = cv.wait_timeout_while(done, wait, |d| !*d).unwrap_or_else(|e| e.into_inner());
-        if !*done {
+        let up = self.status.lock().map(|s| (s.up, s.last_error.clone())).unwrap_or((false, None));
+        if let (false, Some(error)) = &up {
+            // A mistake in the settings is not an outage to wait out.
+            if let Some(why) = misconfigured(error) {
+                return Err(format!("--shared-state `{}`: {error} ({why})", self.shown));
+            }
+            if self.shown.starts_with("rediss://") && error.contains("did not answer") {
+                tracing::warn!(url = %self.shown, error = %error, "shared state: Redis not reached yet (is the server \
+                                speaking TLS on that port? rediss:// is TLS, redis:// is not); serving this replica's \
+                                own rules, and catching up once it is");
+                return Ok(());
+            }
+        }
+        if !*done || !up.0 {
             tracing::warn!(url = %self.shown, "shared state: Redis not reached yet; serving this replica's own \
                             rules, and catching up once it is");
         }
@@ -442,6 +455,25 @@ impl Peers {
             }
         }
         Ok(())
+    }
+}
+
+/// Whether a Redis error is a mistake in the settings rather than an
+/// outage: why, if so.
+fn misconfigured(error: &str) -> Option<&'static str> {
+    let e = error.to_ascii_lowercase();
+    if e.contains("authenticationfailed")
+        || e.contains("wrongpass")
+        || e.contains("noauth")
+        || e.contains("invalid password")
+    {
+        Some("the password in the URL is not Redis's")
+    } else if e.contains("db index is out of range") || e.contains("invalid db index") {
+        Some("the database number in the URL does not exist on that Redis")
+    } else if e.contains("invalid peer certificate") || e.contains("unknownissuer") {
+        Some("the server's certificate is not trusted: give the CA that signs it with --shared-state-ca")
+    } else {
+        None
     }
 }
 
