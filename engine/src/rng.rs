@@ -65,6 +65,16 @@ pub fn shuffle<T>(items: &mut [T]) {
     }
 }
 
+/// 16 hex digits no other process or call is likely to draw: for names
+/// (a replica's id, a nonce, a private directory), never from the seeded
+/// sequence (replicas run with the same `--seed`).
+pub fn unique_hex() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    format!("{:016x}", h.finish())
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -353,6 +353,7 @@ impl Journal {
         let mut entry = Arc::new(entry);
         let limit = self.bytes_limit.load(Ordering::Relaxed);
         let mut dropped = Vec::new();
+        let tapped;
         {
             let mut ring = self.lock();
             if let Some(e) = Arc::get_mut(&mut entry) {
@@ -364,7 +365,9 @@ impl Journal {
             if *held == 1 {
                 ring.bytes += generation_cost(&entry.generation);
             }
-            ring.entries.push_back((entry.clone(), size));
+            // Shared with the tap only when there is one.
+            tapped = self.tap.get().is_some().then(|| entry.clone());
+            ring.entries.push_back((entry, size));
             ring.bytes += size;
             while ring.entries.len() > 1 && (ring.entries.len() > self.capacity || ring.bytes > limit) {
                 let Some((old, size)) = ring.entries.pop_front() else { break };
@@ -384,7 +387,7 @@ impl Journal {
         // Freed outside the lock: it may hold the last reference to an old
         // plan generation.
         drop(dropped);
-        if let Some(tap) = self.tap.get() {
+        if let (Some(tap), Some(entry)) = (self.tap.get(), tapped) {
             tap(&entry, limit);
         }
     }

@@ -573,12 +573,7 @@ impl SharedJournal {
         if !expected.contains(&self.replica) {
             expected.push(self.replica.clone());
         }
-        let nonce = {
-            use std::hash::{BuildHasher, Hasher};
-            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-            h.write_u64(self.appended.load(Relaxed));
-            format!("{:016x}", h.finish())
-        };
+        let nonce = crate::rng::unique_hex();
         let kind = if reset { "journal-reset" } else { "journal-settle" };
         redis::cmd("PUBLISH").arg(&self.channel).arg(format!("{kind}:{nonce}")).query::<u64>(&mut con).map_err(fail)?;
         // This replica's own calls, without waiting for its subscription

@@ -101,13 +101,7 @@ impl Peers {
     /// Shares through `client` (no connection yet); `url` is its address,
     /// shown without its password.
     pub fn new(client: redis::Client, url: &str, prefix: &str) -> Result<Peers, String> {
-        // Not from `crate::rng`: replicas run with the same --seed.
-        let id = {
-            use std::hash::{BuildHasher, Hasher};
-            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-            h.write_u32(std::process::id());
-            format!("{:016x}", h.finish())
-        };
+        let id = crate::rng::unique_hex();
         Ok(Peers {
             client,
             shown: without_password(url),

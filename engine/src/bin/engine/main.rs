@@ -521,13 +521,10 @@ fn fetcher(options: &Options) -> Result<Option<Fetcher>, String> {
 /// its user may enter it), for the copy of a fetched plan: nobody else can
 /// have put a file or a link where the copy is written.
 fn private_dir() -> Result<std::path::PathBuf, String> {
-    use std::hash::{BuildHasher, Hasher};
     let base = std::env::temp_dir();
     let mut last = None;
     for _ in 0..16 {
-        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        h.write_u32(std::process::id());
-        let dir = base.join(format!("wirestub-plan-{}-{:016x}", std::process::id(), h.finish()));
+        let dir = base.join(format!("wirestub-plan-{}-{}", std::process::id(), wirestub_engine::rng::unique_hex()));
         let mut builder = std::fs::DirBuilder::new();
         #[cfg(unix)]
         std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
